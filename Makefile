@@ -1,0 +1,39 @@
+# dtl_kernels — `make test` and `make demo` set everything up on a fresh machine.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# PyTorch guesses the CUDA home from nvcc's place on PATH; name the toolkit root.
+CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
+export CUDA_HOME
+
+CSRC := $(shell find csrc -type f 2>/dev/null)
+
+.PHONY: venv build test demo bench bench-full lint clean info
+
+venv: $(VENV)/.deps-stamp
+$(VENV)/.deps-stamp: requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -r requirements.txt
+	touch $@
+
+# Editable install: compiles the CPU extension (and CUDA when possible) in place.
+build: $(VENV)/.build-stamp
+$(VENV)/.build-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml $(CSRC)
+	$(BIN)/python -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+info: build
+	$(BIN)/python -m dtl_kernels.info
+
+test: build
+	$(BIN)/python -m dtl_kernels.info
+	$(BIN)/python -m pytest -q tests
+
+lint: venv
+	$(BIN)/python -m pip install -q ruff
+	$(BIN)/ruff check dtl_kernels tests benchmarks python
+	$(BIN)/ruff format --check dtl_kernels tests benchmarks python
+
+clean:
+	rm -rf build dist *.egg-info dtl_kernels/*.so $(VENV)/.build-stamp

@@ -1,0 +1,57 @@
+"""``python -m dtl_kernels.info``: versions, built backends, and which backend runs.
+
+Never initialises CUDA unless a GPU is actually usable (``torch.cuda.is_available()``
+is only called here, at run time, not at import of the package)."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from . import __version__
+from .ops import _ext
+from .ops.side import resolve_backend
+
+
+def report() -> str:
+    lines = [
+        f"dtl_kernels {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} "
+        f"(CUDA build: {torch.version.cuda or 'no'})",
+    ]
+    try:
+        import timm
+
+        lines.append(f"timm {timm.__version__}")
+    except ImportError:
+        lines.append("timm: not installed")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    lines.append("backends:")
+    lines.append("  reference  available (pure PyTorch)")
+    lines.append(f"  cpu        {'built' if _ext.cpu_built() else 'NOT BUILT: ' + str(_ext.CPU_ERROR)}")
+    lines.append(
+        f"  triton     {'importable (triton ' + triton_version + ')' if triton_version else 'triton not installed'}"
+        + (", TRITON_INTERPRET=1" if _ext.triton_interpret() else "")
+    )
+    lines.append(f"  cuda       {'built' if _ext.cuda_built() else 'NOT BUILT: ' + str(_ext.CUDA_ERROR)}")
+    gpu = torch.cuda.is_available()
+    lines.append(f"GPU visible: {torch.cuda.get_device_name(0) if gpu else 'no'}")
+    lines.append("side op backend used:")
+    lines.append(f"  cpu tensors  -> {resolve_backend(torch.empty(0))}")
+    if gpu:
+        lines.append(f"  cuda tensors -> {resolve_backend(torch.empty(0, device='cuda'))}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

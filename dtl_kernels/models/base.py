@@ -1,0 +1,293 @@
+"""What every DTL model wrapper shares: freezing, parameter accounting, published
+checkpoints and adapter files. Wrappers (ViT, Swin, CNN) only say how to walk their
+backbone; they hold no kernel math (that is in :mod:`dtl_kernels.ops`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .._io import atomic_write
+from .._version import __version__
+from ..csn import CompactSideNetwork, CSNConfig
+
+ADAPTER_FORMAT = "dtl_kernels.adapter/1"
+HEAD_MODES = ("published", "backbone")
+
+
+class DTLModel(nn.Module):
+    """Base of :class:`DTLViT`, :class:`DTLSwin` and the CNN wrapper.
+
+    Subclasses set ``backbone``, ``csn`` (or ``None`` for the linear / full baselines),
+    ``head`` and implement :meth:`forward_features`, :meth:`forward_head` and
+    :meth:`backbone_identity`.
+    """
+
+    #: ViT has one shared conv (``lora_fusion``); staged backbones one per stage.
+    per_stage_convs = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.csn: CompactSideNetwork | None = None
+        self.head_mode = "published"
+        self.method = "dtl"
+
+    # -- freezing and accounting ------------------------------------------------------
+    def _freeze(self, train_backbone: bool, trainable_backbone_prefixes: tuple[str, ...] = ()):
+        """Freeze the backbone except ``trainable_backbone_prefixes`` (its own head when
+        ``head="backbone"``); everything outside the backbone stays trainable."""
+        for name, p in self.backbone.named_parameters():
+            p.requires_grad_(train_backbone or name.startswith(trainable_backbone_prefixes))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should see (CSN + head, or more for baselines)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        params = self.trainable_parameters() if trainable_only else list(self.parameters())
+        return sum(p.numel() for p in params)
+
+    def summary(self) -> str:
+        """One line: method, trainable and total parameter counts and their ratio."""
+        trainable, total = self.num_parameters(True), self.num_parameters()
+        cfg = self.csn.config if self.csn is not None else None
+        side = (
+            f"rank={cfg.rank} adapt_from={cfg.adapt_from} tap_from={cfg.tap_from} "
+            f"conv_kernel={cfg.conv_kernel} beta={cfg.beta}"
+            if cfg
+            else "no side network"
+        )
+        return (
+            f"{type(self).__name__} [{self.method}; {side}; head={self.head_mode}]: "
+            f"{trainable:,} trainable / {total:,} total parameters "
+            f"({100.0 * trainable / max(total, 1):.3f}%)"
+        )
+
+    def print_summary(self) -> None:
+        print(self.summary())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: ``(batch, 3, H, W)`` float → logits ``(batch, num_classes)``."""
+        return self.forward_head(self.forward_features(images))
+
+    # -- identity ------------------------------------------------------------------------
+    def backbone_identity(self) -> dict:
+        raise NotImplementedError
+
+    def adapter_config(self) -> dict:
+        return {
+            "method": self.method,
+            "head_mode": self.head_mode,
+            "num_classes": self.num_classes,
+            "csn": self.csn.config.to_dict() if self.csn is not None else None,
+        }
+
+    # -- published checkpoints (SPEC §6) ---------------------------------------------------
+    def _official_mapping(self) -> dict[str, str]:
+        """Published key → our state-dict key, for the CSN and the head."""
+        mapping = {}
+        if self.csn is not None:
+            for theirs, ours in self.csn.official_to_local(self.per_stage_convs).items():
+                mapping[theirs] = f"csn.{ours}"
+        for name, _ in self._head_parameters():
+            mapping[name.removeprefix("backbone.")] = name
+        return mapping
+
+    def _head_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        prefix = "head." if self.head_mode == "published" else "backbone.head."
+        return [(n, p) for n, p in self.named_parameters() if n.startswith(prefix)]
+
+    def official_state_dict(self, include_backbone: bool = False) -> dict[str, torch.Tensor]:
+        """Our weights under the published implementation's key names.
+
+        Args:
+            include_backbone: also write the frozen backbone's own keys.
+        """
+        own = self.state_dict()
+        out = {theirs: own[ours].detach().clone() for theirs, ours in self._official_mapping().items()}
+        if include_backbone:
+            for k, v in self.backbone.state_dict().items():
+                out.setdefault(k, v.detach().clone())
+        return out
+
+    def load_official_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Load a checkpoint of the published implementation.
+
+        Keys ``lora_dict.<i>.lora_A/B``, ``lora_fusion.weight`` / ``lora_fusions.<s>.weight``
+        and ``head.*`` go to the CSN and head; any other key that names a backbone tensor is
+        loaded into the (frozen) backbone. Raises ``ValueError`` listing missing (strict),
+        unexpected (strict) and mis-shaped (always) keys.
+        """
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"expected a state dict (dict), got {type(state_dict).__name__}")
+        state_dict = _unwrap_checkpoint(state_dict)
+        mapping = self._official_mapping()
+        own = self.state_dict()
+        backbone_keys = self.backbone.state_dict()
+        ignorable = self._ignorable_official_keys()
+        missing = [k for k in mapping if k not in state_dict]
+        misshaped, to_load, rest = [], {}, {}
+        for key, value in state_dict.items():
+            if key in mapping:
+                target = own[mapping[key]]
+                if tuple(value.shape) != tuple(target.shape):
+                    misshaped.append(f"{key}: {tuple(value.shape)} != {tuple(target.shape)}")
+                else:
+                    to_load[mapping[key]] = value
+            elif not ignorable(key):
+                rest[key] = value
+        # Everything else should be the backbone's own weights (possibly old-style names).
+        backbone_part = self._filter_backbone_checkpoint(rest) if rest else {}
+        unexpected = [k for k in backbone_part if k not in backbone_keys]
+        for key, value in backbone_part.items():
+            target = backbone_keys.get(key)
+            if target is not None and tuple(value.shape) != tuple(target.shape):
+                misshaped.append(f"{key}: {tuple(value.shape)} != {tuple(target.shape)}")
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys: {', '.join(missing)}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        if misshaped:
+            problems.append(f"mis-shaped keys: {'; '.join(misshaped)}")
+        if problems:
+            raise ValueError("cannot load the published checkpoint: " + " | ".join(problems))
+        with torch.no_grad():
+            for name, value in to_load.items():
+                own[name].copy_(value)
+            known = {k: v for k, v in backbone_part.items() if k in backbone_keys}
+            if known:
+                self.backbone.load_state_dict(known, strict=False)
+        return {"missing": missing, "unexpected": unexpected}
+
+    def _ignorable_official_keys(self):
+        """Keys the published code writes that never affect this model's output."""
+        return lambda key: False
+
+    def _filter_backbone_checkpoint(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return sd
+
+    # -- adapter files -------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained part only: CSN + head (+ backbone for ``method="full"``)."""
+        return {
+            n: p.detach().contiguous().cpu()
+            for n, p in self.named_parameters()
+            if p.requires_grad or n.startswith("csn.")
+        }
+
+    def save_adapter(self, path: str | os.PathLike) -> Path:
+        """Write the CSN + head as safetensors (atomically), with config and backbone
+        identity as metadata. Returns the path."""
+        from safetensors.torch import save_file
+
+        metadata = {
+            "format": ADAPTER_FORMAT,
+            "dtl_kernels_version": __version__,
+            "config": json.dumps(self.adapter_config(), sort_keys=True),
+            "backbone": json.dumps(self.backbone_identity(), sort_keys=True),
+        }
+        tensors = self.adapter_state_dict()
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def load_adapter(self, path: str | os.PathLike) -> None:
+        """Load an adapter written by :meth:`save_adapter`.
+
+        Raises ``FileNotFoundError`` if absent, ``ValueError`` if the file is not an
+        adapter (or is truncated), or if its backbone or configuration differ from this
+        model's (the message lists each difference).
+        """
+        tensors, metadata = read_adapter(path)
+        diffs = _diff("backbone", json.loads(metadata["backbone"]), self.backbone_identity())
+        diffs += _diff("config", json.loads(metadata["config"]), self.adapter_config())
+        if diffs:
+            raise ValueError(f"adapter {path} does not fit this model: " + "; ".join(diffs))
+        own = self.state_dict()
+        expected = set(self.adapter_state_dict())
+        missing = sorted(expected - set(tensors))
+        unexpected = sorted(set(tensors) - expected)
+        misshaped = [
+            f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
+            for k, v in tensors.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if missing or unexpected or misshaped:
+            raise ValueError(
+                f"adapter {path} has missing keys {missing}, unexpected keys {unexpected}, "
+                f"mis-shaped keys {misshaped}"
+            )
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v)
+
+
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read an adapter file: ``(tensors, metadata)``; clear errors for anything else."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for bad files
+        raise ValueError(f"{path} is not a readable safetensors adapter file ({exc})") from exc
+    if metadata.get("format") != ADAPTER_FORMAT or not {"config", "backbone"} <= set(metadata):
+        raise ValueError(
+            f"{path} is a safetensors file but not a dtl_kernels adapter "
+            f"(format={metadata.get('format')!r})"
+        )
+    return tensors, metadata
+
+
+def _diff(what: str, theirs: dict | None, ours: dict | None) -> list[str]:
+    theirs, ours = theirs or {}, ours or {}
+    out = []
+    for key in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(key), ours.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            out += _diff(f"{what}.{key}", a, b)
+        elif _normal(a) != _normal(b):
+            out.append(f"{what}.{key}: file has {a!r}, model has {b!r}")
+    return out
+
+
+def _normal(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _unwrap_checkpoint(sd: dict) -> dict:
+    """Published / timm checkpoints sometimes nest the weights under one key."""
+    for key in ("model", "state_dict", "model_state"):
+        if key in sd and isinstance(sd[key], dict):
+            return sd[key]
+    return sd
+
+
+def validate_head_mode(head: str) -> str:
+    if head not in HEAD_MODES:
+        raise ValueError(f"head must be one of {HEAD_MODES}, got {head!r}")
+    return head
+
+
+def new_head(width: int, num_classes: int) -> nn.Module:
+    """Published head: Linear with trunc-normal(std 0.02) weight and zero bias."""
+    if num_classes <= 0:
+        return nn.Identity()
+    head = nn.Linear(width, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def csn_config(rank, beta, tap_from, adapt_from, conv_kernel) -> CSNConfig:
+    return CSNConfig(
+        rank=rank, beta=float(beta) if isinstance(beta, int) and not isinstance(beta, bool) else beta,
+        tap_from=tap_from, adapt_from=adapt_from, conv_kernel=conv_kernel,
+    )

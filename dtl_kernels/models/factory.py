@@ -1,0 +1,173 @@
+"""``create_model``: a timm name in, a ready DTL (or baseline) model out."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import _unwrap_checkpoint
+from .swin import DTLSwin
+from .vit import DTLViT
+
+METHODS = ("dtl", "dtl+", "dtl+*", "linear", "full")
+_WRAPPER_OPTIONS = ("rank", "beta", "adapt_from", "tap_from", "conv_kernel", "head")
+# DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
+_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLSwin: 5}
+
+
+def wrapper_for(backbone: nn.Module) -> type:
+    """The DTL wrapper class for a timm backbone instance (``TypeError`` if none)."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(backbone, VisionTransformer):
+        return DTLViT
+    if isinstance(backbone, SwinTransformer):
+        return DTLSwin
+    raise TypeError(
+        f"no DTL wrapper for {type(backbone).__name__}: supported are timm VisionTransformer "
+        "and SwinTransformer"
+    )
+
+
+def create_model(
+    name: str,
+    method: str = "dtl",
+    num_classes: int | None = None,
+    pretrained: bool | str | os.PathLike = False,
+    **options,
+) -> nn.Module:
+    """Build a timm backbone and wrap it for ``method``.
+
+    Args:
+        name: a timm model name (``vit_base_patch16_224``, ``swin_tiny_patch4_window7_224``…).
+        method: ``dtl``, ``dtl+`` (conv, default k: 3 for ViT, 5 for Swin), ``dtl+*``
+            (DTL+ with ``adapt_from=1``), ``linear`` (head only) or ``full`` (everything).
+        num_classes: classes of the new head (default: timm's default for ``name``).
+        pretrained: ``False``; ``True`` (timm hub, needs a network); or a path to a
+            ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` timm checkpoint or Google's
+            original ViT ``.npz``.
+        options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
+            go to the wrapper; anything else (``drop_path_rate``, ``img_size``,
+            ``dynamic_img_size``…) goes to ``timm.create_model``.
+    """
+    import timm
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    wrapper_kwargs = {k: options.pop(k) for k in _WRAPPER_OPTIONS if k in options}
+    try:
+        backbone = timm.create_model(name, pretrained=pretrained is True, **options)
+    except RuntimeError as exc:
+        if pretrained is True:
+            raise RuntimeError(
+                f"could not fetch pretrained weights for {name!r} from the hub ({exc}). "
+                "Offline, pass pretrained=PATH to a local checkpoint (.pth/.bin/.safetensors, "
+                "or Google's .npz for ViT)"
+            ) from exc
+        raise
+    except Exception as exc:
+        if pretrained is True and "timm" not in str(type(exc)):
+            raise RuntimeError(
+                f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
+                "Offline, pass pretrained=PATH to a local checkpoint"
+            ) from exc
+        raise
+    if pretrained not in (False, True, None):
+        load_backbone_weights(backbone, pretrained)
+    cls = wrapper_for(backbone)
+    _apply_method(cls, method, wrapper_kwargs)
+    return cls(backbone, num_classes=num_classes, **wrapper_kwargs)
+
+
+def _apply_method(cls: type, method: str, kw: dict) -> None:
+    conv = kw.get("conv_kernel")
+    if method == "dtl":
+        if conv:
+            raise ValueError("method='dtl' has no convolution; use method='dtl+' with conv_kernel")
+        kw["conv_kernel"] = 0
+    elif method in ("dtl+", "dtl+*"):
+        if conv is not None and conv <= 0:
+            raise ValueError(f"method={method!r} needs conv_kernel > 0, got {conv}")
+        kw.setdefault("conv_kernel", _DEFAULT_CONV_KERNEL[cls])
+        if method == "dtl+*":
+            if kw.get("adapt_from", 1) != 1:
+                raise ValueError("method='dtl+*' adapts every block: adapt_from must be 1")
+            kw["adapt_from"] = 1
+            kw.setdefault("tap_from", 1)
+    else:
+        side_opts = [k for k in ("rank", "adapt_from", "tap_from", "conv_kernel") if k in kw]
+        if side_opts:
+            raise ValueError(f"method={method!r} has no side network; drop {side_opts}")
+        kw.pop("beta", None)
+        kw["side"] = False
+        kw["train_backbone"] = method == "full"
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local checkpoint into a timm backbone, through timm's own key filter
+    (old names, resized position embeddings). A classifier head whose class count differs
+    is skipped (DTL trains a new one). ``ValueError`` lists missing / unexpected keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        if not hasattr(backbone, "load_pretrained"):
+            raise ValueError(f"{path}: .npz checkpoints are only supported for ViT backbones")
+        try:
+            backbone.load_pretrained(str(path))
+        except Exception as exc:
+            raise ValueError(f"could not load Google ViT checkpoint {path}: {exc}") from exc
+        return
+    state = read_state_dict(path)
+    module = sys.modules.get(type(backbone).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, backbone)
+    own = backbone.state_dict()
+    for key in [k for k in state if k.startswith("head") and k in own]:
+        if state[key].shape != own[key].shape:
+            del state[key]
+    misshaped = [
+        f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in state and not k.startswith("head")]
+    unexpected = [k for k in state if k not in own]
+    if misshaped or missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit {type(backbone).__name__}: missing {missing[:20]}, "
+            f"unexpected {unexpected[:20]}, mis-shaped {misshaped[:20]}"
+        )
+    backbone.load_state_dict(state, strict=False)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` state dict."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(
+                f"{path}: unsupported checkpoint type {suffix!r} "
+                "(use .safetensors, .pth, .pt, .bin, .ckpt or .npz)"
+            )
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return dict(_unwrap_checkpoint(state))

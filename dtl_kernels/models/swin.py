@@ -1,0 +1,174 @@
+"""DTL / DTL+ around a timm ``SwinTransformer`` (hierarchical: ``h`` restarts per stage)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from ..csn import CompactSideNetwork
+from .base import DTLModel, csn_config, new_head, validate_head_mode
+from .vit import _architecture, _method_name
+
+# Published Swin-B (depths 2,2,18,2): taps on blocks 5…24, add-back after 15…24.
+_PUBLISHED_ADAPTED_FRACTION = 10 / 24
+
+
+def default_swin_blocks(depths: list[int]) -> tuple[int, int]:
+    """``(tap_from, adapt_from)`` (1-based) for any Swin depths.
+
+    Taps start at the first block of the third stage (or the first block when there are
+    fewer than three stages); the last ``round(10/24 · N)`` blocks are adapted (at least
+    one, never before the first tap). For Swin-B this gives the published ``(5, 15)``.
+    """
+    n = sum(depths)
+    tap_from = sum(depths[:2]) + 1 if len(depths) >= 3 else 1
+    adapted = max(1, round(_PUBLISHED_ADAPTED_FRACTION * n))
+    return tap_from, max(tap_from, n - adapted + 1)
+
+
+def _swin_type():
+    from timm.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer
+
+
+class DTLSwin(DTLModel):
+    """A frozen timm Swin Transformer with a per-stage Compact Side Network.
+
+    Args:
+        backbone: a timm ``SwinTransformer`` (any depths).
+        rank: ``r`` of every tap (published Swin-B: 4).
+        beta: β of θ.
+        adapt_from: 1-based ``M`` over all blocks (global numbering); default
+            :func:`default_swin_blocks` (15 for Swin-B).
+        tap_from: first tapped block, 1-based global; default :func:`default_swin_blocks`
+            (5 for Swin-B).
+        conv_kernel: ``k`` of the per-stage depthwise conv (DTL+; published 5); 0 = DTL.
+        num_classes, head, side, train_backbone: as :class:`DTLViT`. The published head is
+            final norm → average pool over all tokens → new Linear.
+
+    Input: ``(batch, in_chans, H, W)``. Output: ``(batch, num_classes)``.
+    """
+
+    per_stage_convs = True
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rank: int = 4,
+        beta: float = 100.0,
+        adapt_from: int | None = None,
+        tap_from: int | None = None,
+        conv_kernel: int = 0,
+        num_classes: int | None = None,
+        head: str = "published",
+        side: bool = True,
+        train_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, _swin_type()):
+            raise TypeError(
+                f"DTLSwin needs a timm SwinTransformer, got {type(backbone).__name__}; "
+                "use DTLViT for ViT, or dtl_kernels.create_model(name) to pick the wrapper"
+            )
+        self.backbone = backbone
+        self.head_mode = validate_head_mode(head)
+        self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
+        self.depths = [len(stage.blocks) for stage in backbone.layers]
+        default_tap, default_adapt = default_swin_blocks(self.depths)
+        tap_from = default_tap if tap_from is None else tap_from
+        adapt_from = default_adapt if adapt_from is None else adapt_from
+        widths, stages = [], []
+        for s, stage in enumerate(backbone.layers):
+            width = stage.blocks[0].norm1.normalized_shape[0]
+            widths += [width] * len(stage.blocks)
+            stages += [s] * len(stage.blocks)
+        if side:
+            config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
+            self.csn = CompactSideNetwork(widths, stages, config)
+        self.method = _method_name(side, train_backbone, self.csn)
+        if self.head_mode == "published":
+            if backbone.num_classes:
+                backbone.reset_classifier(0)
+            self.head = new_head(backbone.num_features, self.num_classes)
+            self._freeze(train_backbone)
+        else:
+            if backbone.num_classes != self.num_classes:
+                backbone.reset_classifier(self.num_classes)
+            self._freeze(train_backbone, ("head.",))
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError("images must be a (batch, channels, H, W) tensor")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        pe = self.backbone.patch_embed
+        if images.shape[1] != pe.proj.in_channels:
+            raise ValueError(
+                f"images have {images.shape[1]} channels, the backbone expects {pe.proj.in_channels}"
+            )
+        size = tuple(images.shape[-2:])
+        if getattr(pe, "strict_img_size", False) and size != tuple(pe.img_size):
+            raise ValueError(
+                f"images are {size[0]}x{size[1]} but this Swin is fixed to "
+                f"{pe.img_size[0]}x{pe.img_size[1]} (create it with strict_img_size=False "
+                "to accept other sizes)"
+            )
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(batch, 3, H, W)`` → ``(batch, H', W', C)`` after the last stage (before the
+        final norm)."""
+        self._check_images(images)
+        bb, csn = self.backbone, self.csn
+        x = bb.patch_embed(images)
+        state = csn.start() if csn is not None else None
+        i = 0
+        for stage in bb.layers:
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                b, h, w, c = x.shape
+                if csn is not None and csn.is_tapped(i):
+                    csn.tap(state, i, x.reshape(b, h * w, c))
+                y = block(x)
+                if csn is not None and csn.is_adapted(i):
+                    flat = csn.add_back(state, i, y.reshape(b, h * w, c), (h, w), 0)
+                    y = flat.reshape(b, h, w, c)
+                x = y
+                i += 1
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone.norm(x)
+        if self.head_mode == "published":
+            return self.head(x.mean(dim=(1, 2)))
+        return self.backbone.forward_head(x)
+
+    def backbone_identity(self) -> dict:
+        bb = self.backbone
+        pe = bb.patch_embed
+        return {
+            "family": "swin",
+            "architecture": _architecture(bb),
+            "depths": self.depths,
+            "widths": [stage.blocks[0].norm1.normalized_shape[0] for stage in bb.layers],
+            "patch": list(pe.patch_size),
+            "grid": list(pe.grid_size) if pe.grid_size is not None else None,
+        }
+
+    def _ignorable_official_keys(self):
+        # The published code builds a fusion conv for every stage; those of stages
+        # without adapted blocks are never used.
+        used = set(self.csn.convs) if self.csn is not None else set()
+
+        def ignorable(key: str) -> bool:
+            m = re.fullmatch(r"lora_fusions\.(\d+)\.weight", key)
+            return bool(m) and m.group(1) not in used
+
+        return ignorable
+
+    def _filter_backbone_checkpoint(self, sd):
+        from timm.models.swin_transformer import checkpoint_filter_fn
+
+        return checkpoint_filter_fn(sd, self.backbone)

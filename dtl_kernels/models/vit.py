@@ -1,0 +1,172 @@
+"""DTL / DTL+ around a timm ``VisionTransformer`` (the published ViT setting)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..csn import CompactSideNetwork
+from .base import DTLModel, csn_config, new_head, validate_head_mode
+
+
+def _vision_transformer_type():
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer
+
+
+class DTLViT(DTLModel):
+    """A frozen timm ViT with a Compact Side Network beside it.
+
+    Args:
+        backbone: a timm ``VisionTransformer`` (any size, patch, image size, class /
+            register / distillation tokens, ``dynamic_img_size``).
+        rank: ``r`` of every tap (published: 2).
+        beta: β of θ (published: 100).
+        adapt_from: the paper's 1-based ``M``: add-back after blocks ``M … N``. ``1`` is
+            DTL+* (every block adapted).
+        conv_kernel: ``k`` of the shared depthwise conv (DTL+); ``0`` is plain DTL.
+        tap_from: first tapped block (1-based; published: 1, all blocks).
+        num_classes: classes of the new head; default: the backbone's ``num_classes``
+            (``0`` returns pooled features).
+        head: ``"published"`` (mean over patch tokens → the pretrained final norm →
+            new Linear) or ``"backbone"`` (the backbone's own pooling and head, trained).
+        side: build the CSN (``False`` gives the linear-probe / full baselines).
+        train_backbone: leave the backbone trainable (full fine-tuning baseline).
+
+    Input: ``(batch, in_chans, H, W)`` float images. Output: ``(batch, num_classes)``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rank: int = 2,
+        beta: float = 100.0,
+        adapt_from: int = 7,
+        conv_kernel: int = 0,
+        tap_from: int = 1,
+        num_classes: int | None = None,
+        head: str = "published",
+        side: bool = True,
+        train_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, _vision_transformer_type()):
+            raise TypeError(
+                f"DTLViT needs a timm VisionTransformer, got {type(backbone).__name__}; "
+                "use DTLSwin for Swin, or dtl_kernels.create_model(name) to pick the wrapper"
+            )
+        self.backbone = backbone
+        self.head_mode = validate_head_mode(head)
+        self.num_prefix = int(getattr(backbone, "num_prefix_tokens", 1))
+        self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
+        depth, width = len(backbone.blocks), backbone.embed_dim
+        if side:
+            config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
+            self.csn = CompactSideNetwork([width] * depth, [0] * depth, config)
+        self.method = _method_name(side, train_backbone, self.csn)
+        if self.head_mode == "published":
+            if backbone.num_classes:
+                backbone.reset_classifier(0)  # the published head replaces it
+            self.head = new_head(width, self.num_classes)
+            self._freeze(train_backbone)
+        else:
+            if backbone.num_classes != self.num_classes:
+                backbone.reset_classifier(self.num_classes)
+            self._freeze(train_backbone, ("head.",))
+
+    # -- structure -------------------------------------------------------------------
+    @property
+    def final_norm(self) -> nn.Module:
+        """The pretrained final LayerNorm (``fc_norm`` for timm's avg-pool variants)."""
+        bb = self.backbone
+        if isinstance(bb.norm, nn.Identity) and not isinstance(bb.fc_norm, nn.Identity):
+            return bb.fc_norm
+        return bb.norm
+
+    def patch_grid(self, images: torch.Tensor) -> tuple[int, int]:
+        """``(H, W)`` of the patch grid for these images; ``ValueError`` if they do not fit."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError(
+                f"images must be a (batch, channels, H, W) tensor, got "
+                f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)}"
+            )
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        pe = self.backbone.patch_embed
+        channels = pe.proj.in_channels
+        if images.shape[1] != channels:
+            raise ValueError(f"images have {images.shape[1]} channels, the backbone expects {channels}")
+        size = tuple(images.shape[-2:])
+        if getattr(pe, "strict_img_size", False) and pe.img_size is not None:
+            if size != tuple(pe.img_size):
+                raise ValueError(
+                    f"images are {size[0]}x{size[1]} but this backbone is fixed to "
+                    f"{pe.img_size[0]}x{pe.img_size[1]} (create it with dynamic_img_size=True "
+                    "to accept other sizes)"
+                )
+        if not getattr(pe, "dynamic_img_pad", False):
+            ph, pw = pe.patch_size
+            if size[0] % ph or size[1] % pw:
+                raise ValueError(f"image size {size} is not a multiple of the patch size {pe.patch_size}")
+        return tuple(pe.dynamic_feat_size(size)) if hasattr(pe, "dynamic_feat_size") else tuple(pe.grid_size)
+
+    # -- forward -----------------------------------------------------------------------
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(batch, 3, H, W)`` → token features ``(batch, prefix + H'·W', width)``
+        (after the last block, before the final norm)."""
+        grid = self.patch_grid(images)
+        bb = self.backbone
+        x = bb.patch_embed(images)
+        x = bb._pos_embed(x)
+        x = bb.patch_drop(x)
+        x = bb.norm_pre(x)
+        csn = self.csn
+        state = csn.start() if csn is not None else None
+        for i, block in enumerate(bb.blocks):
+            if csn is not None and csn.is_tapped(i):
+                csn.tap(state, i, x)
+            y = block(x)
+            if csn is not None and csn.is_adapted(i):
+                y = csn.add_back(state, i, y, grid, self.num_prefix)
+            x = y
+        return x
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head_mode == "published":
+            pooled = x[:, self.num_prefix :].mean(dim=1)
+            return self.head(self.final_norm(pooled))
+        return self.backbone.forward_head(self.backbone.norm(x))
+
+    def backbone_identity(self) -> dict:
+        bb = self.backbone
+        pe = bb.patch_embed
+        return {
+            "family": "vit",
+            "architecture": _architecture(bb),
+            "depth": len(bb.blocks),
+            "width": bb.embed_dim,
+            "patch": list(pe.patch_size),
+            "grid": list(pe.grid_size) if pe.grid_size is not None else None,
+            "num_prefix_tokens": self.num_prefix,
+        }
+
+
+    def _filter_backbone_checkpoint(self, sd):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        return checkpoint_filter_fn(sd, self.backbone)
+
+
+def _architecture(backbone: nn.Module) -> str:
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(backbone).__name__
+
+
+def _method_name(side: bool, train_backbone: bool, csn: CompactSideNetwork | None) -> str:
+    if not side:
+        return "full" if train_backbone else "linear"
+    c = csn.config
+    if c.conv_kernel == 0:
+        return "dtl"
+    return "dtl+*" if c.adapt_from == 1 else "dtl+"

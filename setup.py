@@ -1,0 +1,123 @@
+"""Build of dtl_kernels: the CPU extension always, the CUDA extension when possible.
+
+Install with ``pip install --no-build-isolation .`` (the build needs the installed torch).
+
+Environment switches:
+    DTL_KERNELS_CUDA=auto|0|1   auto (default): build the CUDA ops when a toolkit and a CUDA
+                                build of PyTorch are present; 0: skip; 1: required (error if
+                                impossible).
+    DTL_KERNELS_NATIVE=1|0      1 (default): compile the CPU kernels with -march=native.
+    TORCH_CUDA_ARCH_LIST        CUDA archs; defaults to "8.0;9.0" (no GPU is queried).
+    CUDA_HOME                   toolkit root; defaults to /usr/local/cuda when it exists.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import site
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _cuda_mode() -> str:
+    mode = os.environ.get("DTL_KERNELS_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"DTL_KERNELS_CUDA must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+def _default_cuda_home() -> None:
+    """PyTorch guesses the CUDA home from nvcc's place on PATH, which can be a wrapper
+    script; prefer an explicit CUDA_HOME, else the conventional toolkit root."""
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        for candidate in ("/usr/local/cuda",):
+            if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+                os.environ["CUDA_HOME"] = candidate
+                return
+        nvcc = shutil.which("nvcc")
+        if nvcc:
+            os.environ["CUDA_HOME"] = str(Path(os.path.realpath(nvcc)).parent.parent)
+
+
+def _nvidia_wheel_includes() -> list[str]:
+    """Library headers (cusparse.h, cublas_v2.h, …) that PyTorch's CUDA headers include
+    and that ship in the nvidia-* wheels rather than in the toolkit."""
+    roots = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path
+    found = []
+    for root in roots:
+        for inc in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if inc not in found and os.path.isdir(inc):
+                found.append(inc)
+    return found
+
+
+def _extensions():
+    mode = _cuda_mode()
+    if mode != "0":
+        _default_cuda_home()
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    import torch
+    from torch.utils import cpp_extension
+
+    native = os.environ.get("DTL_KERNELS_NATIVE", "1") != "0"
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + (["-march=native"] if native else [])
+    cpu_sources = ["csrc/ops.cpp", "csrc/cpu/module.cpp"] + sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
+        if p.name != "module.cpp"
+    )
+    exts = [
+        cpp_extension.CppExtension(
+            "dtl_kernels._C",
+            cpu_sources,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+    cuda_home = cpp_extension.CUDA_HOME
+    can_cuda = torch.version.cuda is not None and cuda_home is not None
+    if mode == "1" and not can_cuda:
+        sys.exit(
+            "DTL_KERNELS_CUDA=1 but the CUDA extension cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={cuda_home!r}. "
+            "Install a CUDA build of PyTorch and a CUDA toolkit, or set DTL_KERNELS_CUDA=0."
+        )
+    if mode != "0" and can_cuda:
+        cuda_sources = ["csrc/cuda/module.cpp"] + sorted(
+            str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cuda").glob("*.cu")
+        )
+        print(f"dtl_kernels: building CUDA ops with CUDA_HOME={cuda_home}", file=sys.stderr)
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "dtl_kernels._C_cuda",
+                cuda_sources,
+                include_dirs=_nvidia_wheel_includes(),
+                extra_compile_args={
+                    "cxx": ["-O3", "-std=c++20"],
+                    "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"],
+                },
+            )
+        )
+    else:
+        print("dtl_kernels: CUDA ops not built (CPU and Triton only)", file=sys.stderr)
+    return exts, cpp_extension.BuildExtension
+
+
+def _version() -> str:
+    for line in (ROOT / "dtl_kernels" / "_version.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=")[1].strip().strip("\"'")
+    raise RuntimeError("no __version__ in dtl_kernels/_version.py")
+
+
+ext_modules, build_ext = _extensions()
+setup(
+    version=_version(),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": build_ext.with_options(use_ninja=True)},
+)
