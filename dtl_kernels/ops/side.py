@@ -63,7 +63,15 @@ def _auto_backend(x: torch.Tensor) -> str:
 
 
 def _fused_ready(name: str) -> bool:
-    """Whether the fused side op of this backend exists (filled in as backends land)."""
+    """Whether the fused side op of backend ``name`` is implemented and importable."""
+    if name in ("cpu", "cuda"):
+        from . import compiled_side
+
+        return compiled_side.available(name)
+    if name == "triton":
+        from . import triton_side
+
+        return triton_side.available()
     return False
 
 
@@ -81,4 +89,12 @@ def side_add(
     name = resolve_backend(y, backend)
     if name == "reference":
         return reference.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
-    raise _ext.BackendUnavailable(f"the fused side op has no {name!r} backend yet")
+    if not _fused_ready(name):
+        raise _ext.BackendUnavailable(f"the fused side op has no {name!r} backend yet")
+    if name == "triton":
+        from . import triton_side
+
+        return triton_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
+    from . import compiled_side
+
+    return compiled_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
