@@ -74,6 +74,52 @@ class DTLModel(nn.Module):
         """``images``: ``(batch, 3, H, W)`` float → logits ``(batch, num_classes)``."""
         return self.forward_head(self.forward_features(images))
 
+    # -- the block walk every wrapper shares -------------------------------------------
+    # A wrapper describes its backbone with: ``embed`` (images → input of block 0 and a
+    # context), ``blocks`` (the frozen blocks in order), ``block_input`` (anything that
+    # runs between blocks, e.g. Swin's patch merging) and ``tokens`` / ``untokens`` (the
+    # backbone's feature layout ↔ the CSN's ``(batch, tokens, d)``).
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def block_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def tokens(self, x: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """Features → ``(tokens (batch, N, d), grid (H, W), num_prefix)``."""
+        raise NotImplementedError
+
+    def untokens(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.reshape(like.shape)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → features after the last block (before the final norm)."""
+        x, ctx = self.embed(images)
+        state = self.csn.start() if self.csn is not None else None
+        return self.run_blocks(x, ctx, state, 0, len(self.blocks))
+
+    def run_blocks(self, x: torch.Tensor, ctx: dict, state, start: int, stop: int) -> torch.Tensor:
+        """Run blocks ``start … stop-1`` (0-based) with taps and add-backs.
+
+        ``state`` is the CSN's side state (``None`` without a CSN); it is updated in place,
+        so a walk can be split (shared trunk, cached trunk) and resumed.
+        """
+        csn = self.csn
+        for i in range(start, stop):
+            x = self.block_input(i, x)
+            if csn is not None and csn.is_tapped(i):
+                csn.tap(state, i, self.tokens(x, ctx)[0])
+            y = self.blocks[i](x)
+            if csn is not None and csn.is_adapted(i):
+                t, grid, num_prefix = self.tokens(y, ctx)
+                y = self.untokens(csn.add_back(state, i, t, grid, num_prefix), y)
+            x = y
+        return x
+
     # -- identity ------------------------------------------------------------------------
     def backbone_identity(self) -> dict:
         raise NotImplementedError

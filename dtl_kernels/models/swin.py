@@ -77,6 +77,8 @@ class DTLSwin(DTLModel):
         self.head_mode = validate_head_mode(head)
         self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         self.depths = [len(stage.blocks) for stage in backbone.layers]
+        starts = [sum(self.depths[:s]) for s in range(len(self.depths))]
+        self._stage_starts = {start: s for s, start in enumerate(starts)}
         default_tap, default_adapt = default_swin_blocks(self.depths)
         tap_from = default_tap if tap_from is None else tap_from
         adapt_from = default_adapt if adapt_from is None else adapt_from
@@ -117,27 +119,24 @@ class DTLSwin(DTLModel):
                 "to accept other sizes)"
             )
 
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(batch, 3, H, W)`` → ``(batch, H', W', C)`` after the last stage (before the
-        final norm)."""
+    # -- the block walk (see DTLModel.run_blocks) ----------------------------------------
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``(batch, 3, H, W)`` → ``(batch, H', W', C)`` patch features before block 0."""
         self._check_images(images)
-        bb, csn = self.backbone, self.csn
-        x = bb.patch_embed(images)
-        state = csn.start() if csn is not None else None
-        i = 0
-        for stage in bb.layers:
-            x = stage.downsample(x)
-            for block in stage.blocks:
-                b, h, w, c = x.shape
-                if csn is not None and csn.is_tapped(i):
-                    csn.tap(state, i, x.reshape(b, h * w, c))
-                y = block(x)
-                if csn is not None and csn.is_adapted(i):
-                    flat = csn.add_back(state, i, y.reshape(b, h * w, c), (h, w), 0)
-                    y = flat.reshape(b, h, w, c)
-                x = y
-                i += 1
-        return x
+        return self.backbone.patch_embed(images), {}
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [block for stage in self.backbone.layers for block in stage.blocks]
+
+    def block_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        # Patch merging runs at the start of a stage (timm layout), on adapted features.
+        stage = self._stage_starts.get(i)
+        return x if stage is None else self.backbone.layers[stage].downsample(x)
+
+    def tokens(self, x: torch.Tensor, ctx: dict):
+        b, h, w, c = x.shape
+        return x.reshape(b, h * w, c), (h, w), 0
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.backbone.norm(x)

@@ -111,26 +111,26 @@ class DTLViT(DTLModel):
                 raise ValueError(f"image size {size} is not a multiple of the patch size {pe.patch_size}")
         return tuple(pe.dynamic_feat_size(size)) if hasattr(pe, "dynamic_feat_size") else tuple(pe.grid_size)
 
-    # -- forward -----------------------------------------------------------------------
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """``(batch, 3, H, W)`` → token features ``(batch, prefix + H'·W', width)``
-        (after the last block, before the final norm)."""
+    # -- the block walk (see DTLModel.run_blocks) ----------------------------------------
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``(batch, 3, H, W)`` → tokens ``(batch, prefix + H'·W', width)`` before block 0."""
         grid = self.patch_grid(images)
         bb = self.backbone
         x = bb.patch_embed(images)
         x = bb._pos_embed(x)
         x = bb.patch_drop(x)
         x = bb.norm_pre(x)
-        csn = self.csn
-        state = csn.start() if csn is not None else None
-        for i, block in enumerate(bb.blocks):
-            if csn is not None and csn.is_tapped(i):
-                csn.tap(state, i, x)
-            y = block(x)
-            if csn is not None and csn.is_adapted(i):
-                y = csn.add_back(state, i, y, grid, self.num_prefix)
-            x = y
-        return x
+        return x, {"grid": grid}
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return list(self.backbone.blocks)
+
+    def tokens(self, x: torch.Tensor, ctx: dict):
+        return x, ctx["grid"], self.num_prefix
+
+    def untokens(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         if self.head_mode == "published":
