@@ -108,12 +108,12 @@ class DTLModel(nn.Module):
         ``state`` is the CSN's side state (``None`` without a CSN); it is updated in place,
         so a walk can be split (shared trunk, cached trunk) and resumed.
         """
-        csn = self.csn
+        csn, blocks = self.csn, self.blocks
         for i in range(start, stop):
             x = self.block_input(i, x)
             if csn is not None and csn.is_tapped(i):
                 csn.tap(state, i, self.tokens(x, ctx)[0])
-            y = self.blocks[i](x)
+            y = blocks[i](x)
             if csn is not None and csn.is_adapted(i):
                 t, grid, num_prefix = self.tokens(y, ctx)
                 y = self.untokens(csn.add_back(state, i, t, grid, num_prefix), y)
