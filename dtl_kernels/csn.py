@@ -65,27 +65,41 @@ class CompactSideNetwork(nn.Module):
         block_stages: stage id of each block (non-decreasing); ``h`` restarts per stage
             and each stage with adapted blocks gets its own depthwise conv.
         config: :class:`CSNConfig`.
+        tappable: per block, whether it can be tapped / adapted at all (default: all).
+            Blocks whose input and output shapes differ (a CNN block with a stride or a
+            channel change) are not tappable: they get no ``A``/``B``, no tap and no
+            add-back, whatever ``tap_from`` / ``adapt_from`` say.
     """
 
-    def __init__(self, block_widths: list[int], block_stages: list[int], config: CSNConfig):
+    def __init__(
+        self,
+        block_widths: list[int],
+        block_stages: list[int],
+        config: CSNConfig,
+        tappable: list[bool] | None = None,
+    ):
         super().__init__()
         depth = len(block_widths)
-        _validate(config, block_widths, block_stages)
+        tappable = [True] * depth if tappable is None else [bool(t) for t in tappable]
+        _validate(config, block_widths, block_stages, tappable)
         self.config = config
         self.block_widths = list(block_widths)
         self.block_stages = list(block_stages)
+        self.tappable = tappable
         self.backend = "auto"
         r, k = config.rank, config.conv_kernel
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
         for i in range(config.tap_from - 1, depth):
+            if not tappable[i]:
+                continue
             self.down[str(i)] = nn.Parameter(torch.empty(r, block_widths[i]))
             self.up[str(i)] = nn.Parameter(torch.empty(block_widths[i], r))
         self.convs = nn.ParameterDict()
         if k > 0:
             for i in range(config.adapt_from - 1, depth):
                 s = str(block_stages[i])
-                if s not in self.convs:
+                if tappable[i] and s not in self.convs:
                     self.convs[s] = nn.Parameter(torch.empty(block_widths[i], 1, k, k))
         self.reset_parameters()
 
@@ -104,10 +118,10 @@ class CompactSideNetwork(nn.Module):
         return len(self.block_widths)
 
     def is_tapped(self, i: int) -> bool:
-        return i >= self.config.tap_from - 1
+        return i >= self.config.tap_from - 1 and self.tappable[i]
 
     def is_adapted(self, i: int) -> bool:
-        return i >= self.config.adapt_from - 1
+        return i >= self.config.adapt_from - 1 and self.tappable[i]
 
     # -- forward ---------------------------------------------------------------------
     def start(self) -> SideState:
@@ -187,10 +201,15 @@ class CompactSideNetwork(nn.Module):
         )
 
 
-def _validate(config: CSNConfig, widths: list[int], stages: list[int]) -> None:
+def _validate(
+    config: CSNConfig, widths: list[int], stages: list[int], tappable: list[bool] | None = None
+) -> None:
     depth = len(widths)
     if depth == 0 or len(stages) != depth:
         raise ValueError("block_widths and block_stages must be non-empty and equally long")
+    tappable = [True] * depth if tappable is None else tappable
+    if len(tappable) != depth:
+        raise ValueError(f"tappable has {len(tappable)} entries for {depth} blocks")
     if any(b < a for a, b in zip(stages, stages[1:])):
         raise ValueError(f"block_stages must be non-decreasing, got {stages}")
     for name in ("rank", "tap_from", "adapt_from", "conv_kernel"):
@@ -208,7 +227,14 @@ def _validate(config: CSNConfig, widths: list[int], stages: list[int]) -> None:
             f"adapt_from={config.adapt_from} < tap_from={config.tap_from}: a block cannot add "
             "back a side state that has no tap yet"
         )
-    min_width = min(widths[config.tap_from - 1 :])
+    first = config.tap_from - 1
+    tapped = [w for w, t in zip(widths[first:], tappable[first:]) if t]
+    if not any(tappable[config.adapt_from - 1 :]):
+        raise ValueError(
+            f"adapt_from={config.adapt_from}: no block from there on can be adapted "
+            "(all change their feature shape)"
+        )
+    min_width = min(tapped)
     if not 1 <= config.rank <= min_width:
         raise ValueError(f"rank={config.rank} must be in 1…{min_width} (the smallest tapped width)")
     if config.conv_kernel < 0:
