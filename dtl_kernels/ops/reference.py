@@ -74,7 +74,9 @@ def depthwise_same(x: torch.Tensor, weight: torch.Tensor, grid: Grid) -> torch.T
     b, n, d = x.shape
     hgt, wid = grid
     img = x.transpose(1, 2).reshape(b, d, hgt, wid)
-    out = F.conv2d(img, weight, padding="same", groups=d)
+    k = weight.shape[-1]
+    lo = (k - 1) // 2  # PyTorch's "same": the odd extra pad goes bottom / right
+    out = F.conv2d(F.pad(img, (lo, k - 1 - lo, lo, k - 1 - lo)), weight, groups=d)
     return out.reshape(b, d, n).transpose(1, 2)
 
 

@@ -1,0 +1,131 @@
+"""Many DTL tasks on one frozen backbone: the trunk runs once (SPEC §3).
+
+Blocks ``1 … M`` see the same input whatever the task (a task's CSN only adds back
+after block ``M``), so ``T`` tasks share them: the trunk runs up to each task's ``M``,
+then each task continues on its own tail. Tails of all tasks that have branched are
+run as one batch through each frozen block (bigger GEMMs; the frozen weights are read
+once), then split again for each task's add-back.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .base import DTLModel
+from .factory import model_from_adapter, wrapper_for
+
+
+class MultiTaskDTL(nn.Module):
+    """Serve several fine-tuned DTL tasks on one backbone.
+
+    Args:
+        backbone: the frozen timm backbone every task was trained on.
+        tasks: name → adapter file (written by ``save_adapter``) or a ``DTLViT`` /
+            ``DTLSwin`` built on this backbone (the same module, or one with identical
+            weights).
+        batch_tails: run the tails of all branched tasks as one batch per block.
+
+    ``forward(images)`` returns ``{name: logits (batch, num_classes_of_task)}``. Inference
+    only: call ``.eval()`` (dropout/drop-path would differ between tasks otherwise).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        tasks: Mapping[str, str | os.PathLike | DTLModel],
+        batch_tails: bool = True,
+    ) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("MultiTaskDTL needs at least one task")
+        self.backbone = backbone
+        walker_cls = wrapper_for(backbone)
+        self.batch_tails = batch_tails
+        self.tasks = nn.ModuleDict()
+        for name, task in tasks.items():
+            if isinstance(task, (str, os.PathLike)):
+                model = model_from_adapter(task, backbone)
+            elif isinstance(task, DTLModel):
+                model = task
+                self._check_same_backbone(name, model)
+            else:
+                raise TypeError(
+                    f"task {name!r}: expected an adapter path or a DTL model, got {type(task).__name__}"
+                )
+            if model.method == "full":
+                raise ValueError(f"task {name!r} fine-tunes the whole backbone: it shares no trunk")
+            self.tasks[name] = model
+            if not isinstance(model, walker_cls):
+                raise TypeError(f"task {name!r} is a {type(model).__name__}, not a {walker_cls.__name__}")
+
+    @property
+    def _walker(self) -> DTLModel:
+        """Any task model can walk the shared backbone (embed / blocks / tokens)."""
+        return next(iter(self.tasks.values()))
+
+    def _check_same_backbone(self, name: str, model: DTLModel) -> None:
+        if model.backbone is self.backbone:
+            return
+        own = {k: v for k, v in self.backbone.state_dict().items() if not k.startswith("head")}
+        theirs = {k: v for k, v in model.backbone.state_dict().items() if not k.startswith("head")}
+        if own.keys() != theirs.keys():
+            diff = sorted(set(own) ^ set(theirs))[:10]
+            raise ValueError(f"task {name!r} was built on another backbone (keys differ: {diff})")
+        for key, value in theirs.items():
+            if value.shape != own[key].shape or not torch.equal(value.to(own[key].device), own[key]):
+                raise ValueError(f"task {name!r}: backbone weight {key} differs from the shared one")
+
+    def _branch_block(self, model: DTLModel) -> int:
+        """0-based index of the block after which the task leaves the trunk."""
+        if model.csn is None:
+            return len(self._walker.blocks)  # linear probe: never leaves
+        return model.csn.config.adapt_from - 1
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        walker = self._walker
+        blocks = walker.blocks
+        x, ctx = walker.embed(images)
+        batch = images.shape[0]
+        states = {n: m.csn.start() for n, m in self.tasks.items() if m.csn is not None}
+        branch_at = {n: self._branch_block(m) for n, m in self.tasks.items()}
+        tails: dict[str, torch.Tensor] = {}
+        for i in range(len(blocks)):
+            running = [n for n in tails]  # tasks that left the trunk before block i
+            on_trunk = [n for n in self.tasks if branch_at[n] >= i]
+            if on_trunk:
+                x = walker.block_input(i, x)
+                for n in on_trunk:
+                    self._tap(n, i, x, ctx, states)
+                y = blocks[i](x)
+                for n in on_trunk:
+                    if branch_at[n] == i:
+                        tails[n] = self._add_back(n, i, y, ctx, states)
+                x = y
+            if running:
+                inputs = [walker.block_input(i, tails[n]) for n in running]
+                for n, xin in zip(running, inputs):
+                    self._tap(n, i, xin, ctx, states)
+                if self.batch_tails and len(running) > 1:
+                    outputs = blocks[i](torch.cat(inputs)).split(batch)
+                else:
+                    outputs = [blocks[i](xin) for xin in inputs]
+                for n, y_n in zip(running, outputs):
+                    tails[n] = self._add_back(n, i, y_n, ctx, states)
+        return {n: m.forward_head(tails.get(n, x)) for n, m in self.tasks.items()}
+
+    def _tap(self, name, i, x, ctx, states):
+        csn = self.tasks[name].csn
+        if csn is not None and csn.is_tapped(i):
+            csn.tap(states[name], i, self._walker.tokens(x, ctx)[0])
+
+    def _add_back(self, name, i, y, ctx, states):
+        csn = self.tasks[name].csn
+        if csn is None or not csn.is_adapted(i):
+            return y
+        t, grid, num_prefix = self._walker.tokens(y, ctx)
+        return self._walker.untokens(csn.add_back(states[name], i, t, grid, num_prefix), y)

@@ -1,0 +1,86 @@
+"""MultiTaskDTL: one shared trunk, outputs equal to the separate task models."""
+
+import pytest
+import timm
+import torch
+
+from dtl_kernels import DTLSwin, DTLViT
+from dtl_kernels.models.multitask import MultiTaskDTL
+
+
+def _vit_tasks(dtype):
+    torch.manual_seed(0)
+    bb = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).to(dtype).eval()
+    tasks = {}
+    for t, (m, k) in enumerate([(7, 0), (7, 3), (3, 0), (12, 4), (1, 5)]):
+        model = DTLViT(bb, adapt_from=m, conv_kernel=k, num_classes=3 + t).to(dtype).eval()
+        for p in model.csn.up.values():
+            torch.nn.init.normal_(p, std=0.5)
+        tasks[f"task{t}"] = model
+    tasks["probe"] = DTLViT(bb, side=False, num_classes=2).to(dtype).eval()
+    return bb, tasks
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("batch_tails", [True, False])
+def test_vit_equals_separate_models(dtype, batch_tails):
+    bb, tasks = _vit_tasks(dtype)
+    multi = MultiTaskDTL(bb, tasks, batch_tails=batch_tails).eval()
+    x = torch.randn(3, 3, 64, 64, dtype=dtype)
+    out = multi(x)
+    assert set(out) == set(tasks)
+    tol = dict(atol=0, rtol=0) if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-4)
+    for name, model in tasks.items():
+        with torch.no_grad():
+            torch.testing.assert_close(out[name], model(x), **tol)
+
+
+def test_adapter_files_equal_models(tmp_path):
+    bb, tasks = _vit_tasks(torch.float64)
+    paths = {}
+    for name, model in tasks.items():
+        paths[name] = tmp_path / f"{name}.safetensors"
+        model.save_adapter(paths[name])
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    from_models = MultiTaskDTL(bb, tasks).eval()(x)
+    from_files = MultiTaskDTL(bb, paths).eval()(x)
+    for name in tasks:
+        torch.testing.assert_close(from_files[name], from_models[name], atol=0, rtol=0)
+
+
+def test_swin_equals_separate_models():
+    torch.manual_seed(0)
+    bb = timm.create_model(
+        "swin_tiny_patch4_window7_224", img_size=112, window_size=7, num_classes=0
+    ).double().eval()
+    tasks = {}
+    for t, (m, k) in enumerate([(8, 5), (10, 0), (5, 3)]):
+        model = DTLSwin(bb, adapt_from=m, conv_kernel=k, num_classes=4).double().eval()
+        for p in model.csn.up.values():
+            torch.nn.init.normal_(p, std=0.5)
+        tasks[str(t)] = model
+    x = torch.randn(2, 3, 112, 112, dtype=torch.float64)
+    out = MultiTaskDTL(bb, tasks).eval()(x)
+    for name, model in tasks.items():
+        with torch.no_grad():  # batched window attention reorders fp64 sums: ~1e-16
+            torch.testing.assert_close(out[name], model(x), atol=1e-12, rtol=1e-12)
+
+
+def test_bad_tasks_are_clear_errors(tmp_path):
+    bb, tasks = _vit_tasks(torch.float32)
+    with pytest.raises(ValueError, match="at least one task"):
+        MultiTaskDTL(bb, {})
+    with pytest.raises(TypeError, match="adapter path or a DTL model"):
+        MultiTaskDTL(bb, {"x": 3})
+    other = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).eval()
+    foreign = DTLViT(other, num_classes=3)
+    with pytest.raises(ValueError, match="differs from the shared one"):
+        MultiTaskDTL(bb, {"foreign": foreign})
+    deeper = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=0)
+    path = tmp_path / "small.safetensors"
+    DTLViT(deeper, num_classes=3).save_adapter(path)
+    with pytest.raises(ValueError, match="does not fit"):
+        MultiTaskDTL(bb, {"small": path})
+    full = DTLViT(bb, side=False, train_backbone=True, num_classes=3)
+    with pytest.raises(ValueError, match="whole backbone"):
+        MultiTaskDTL(bb, {"full": full})
