@@ -5,7 +5,15 @@
 
 from ._version import __version__
 from .csn import CompactSideNetwork, CSNConfig
-from .models import DTLModel, DTLSwin, DTLViT, create_model, read_adapter
+from .models import (
+    DTLModel,
+    DTLSwin,
+    DTLViT,
+    MultiTaskDTL,
+    create_model,
+    model_from_adapter,
+    read_adapter,
+)
 from .ops import BackendUnavailable
 
 __all__ = [
@@ -15,7 +23,9 @@ __all__ = [
     "DTLModel",
     "DTLSwin",
     "DTLViT",
+    "MultiTaskDTL",
     "__version__",
     "create_model",
+    "model_from_adapter",
     "read_adapter",
 ]

@@ -1,7 +1,8 @@
 """Model wrappers: they compose the CSN with a frozen timm backbone; no kernel math."""
 
 from .base import DTLModel, read_adapter
-from .factory import METHODS, create_model, load_backbone_weights, wrapper_for
+from .factory import METHODS, create_model, load_backbone_weights, model_from_adapter, wrapper_for
+from .multitask import MultiTaskDTL
 from .swin import DTLSwin, default_swin_blocks
 from .vit import DTLViT
 
@@ -10,9 +11,11 @@ __all__ = [
     "DTLModel",
     "DTLSwin",
     "DTLViT",
+    "MultiTaskDTL",
     "create_model",
     "default_swin_blocks",
     "load_backbone_weights",
+    "model_from_adapter",
     "read_adapter",
     "wrapper_for",
 ]
