@@ -39,3 +39,13 @@ DTL_HOST_DEVICE T theta_grad(T x, T beta) {
 }
 
 }  // namespace dtl
+
+// --- fused side op (csrc/cpu/side.cpp, csrc/cuda/side.cu) ---------------------------------
+namespace dtl {
+
+// Leading (top / left) padding of PyTorch's padding="same" for a stride-1, k-tap
+// convolution: the total k - 1 is split with the extra one at the end (bottom / right),
+// so output p reads inputs p - same_pad_before(k) … p - same_pad_before(k) + k - 1.
+DTL_HOST_DEVICE int same_pad_before(int k) { return (k - 1) / 2; }
+
+}  // namespace dtl

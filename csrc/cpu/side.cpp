@@ -1,0 +1,624 @@
+// CPU kernels of the fused side op (see dtl_kernels/ops/compiled_side.py for the math):
+//
+//   side_forward : out = y + mix(h),  h = taps · upsᵀ rebuilt on the fly, never stored
+//   side_backward: S = θ'(h) ⊙ (gᵀ(G) on patch rows | G on prefix rows / DTL)
+//                  grad_taps = S · ups, grad_ups = Sᵀ · taps, grad_conv = Σ corr(θ(h), G)
+//
+// Work is split into tasks (unit, channel chunk). A unit is one image for DTL+ (the conv
+// needs the image's whole grid) and a block of rows for DTL. A task rebuilds h for the
+// unit's rows × a chunk of CH channels in a thread-local tile (≤ ~64 KiB) and finishes
+// everything there: θ, the depthwise conv, the residual add (forward), or S and its three
+// reductions (backward). Global memory sees: y read once, out written once, taps read
+// (forward); G read once, grad_taps written once, taps read (backward).
+//
+// Determinism: every task writes its own fp32 partial sums (grad_ups, grad_conv per
+// unit; grad_taps per channel group when a unit's channels are split), which are then
+// summed in a fixed order. The split depends on the shapes only, never on the thread
+// count, so gradients are bit-identical from run to run (and across thread counts).
+
+// Pick the widest at::vec implementation the compiler targets (-march=native); the
+// vector exp comes from the Sleef symbols libtorch_cpu exports.
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/irange.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "../side_math.h"
+
+namespace dtl {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kTileBytes = 64 * 1024;  // one thread-local rows × CH tile
+constexpr int64_t kMaxChunk = 64;          // channels per task at most
+constexpr int64_t kRowBlock = 256;         // rows per unit for DTL (no grid)
+constexpr int64_t kTargetTasks = 32;       // backward: split channels below this many units
+
+// ---------------------------------------------------------------------------------------
+// Vector math (compute dtype acc_t: float, or double for double I/O)
+// ---------------------------------------------------------------------------------------
+template <typename acc_t>
+inline Vectorized<acc_t> vec_sigmoid_beta(Vectorized<acc_t> x, Vectorized<acc_t> beta) {
+  using Vec = Vectorized<acc_t>;
+  // exp(-βx) with its argument clamped so that no lane overflows; σ saturates anyway.
+  const Vec lim(std::is_same_v<acc_t, float> ? acc_t(80) : acc_t(700));
+  Vec u = at::vec::minimum(at::vec::maximum(Vec(acc_t(0)) - beta * x, Vec(acc_t(0)) - lim), lim);
+  Vec e;
+  if constexpr (std::is_same_v<acc_t, float>) {
+    e = u.exp_u20();
+  } else {
+    e = u.exp();
+  }
+  return Vec(acc_t(1)) / (Vec(acc_t(1)) + e);
+}
+
+// In place: x ← θ(x) over n (a multiple of the vector size) values.
+template <typename acc_t>
+void theta_tile(acc_t* x, int64_t n, acc_t beta) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vb(beta);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    Vec v = Vec::loadu(x + i);
+    (v * vec_sigmoid_beta(v, vb)).store(x + i);
+  }
+}
+
+// In place: x ← θ'(x); th ← θ(x) (when th is not null).
+template <typename acc_t>
+void theta_grad_tile(acc_t* x, acc_t* th, int64_t n, acc_t beta) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vb(beta);
+  const Vec one(acc_t(1));
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    Vec v = Vec::loadu(x + i);
+    Vec s = vec_sigmoid_beta(v, vb);
+    if (th != nullptr) (v * s).store(th + i);
+    (s + vb * v * s * (one - s)).store(x + i);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tiles: loads with conversion to acc_t, stores with the residual add
+// ---------------------------------------------------------------------------------------
+// dst (nr × ld) ← src rows (stride sstride), first w columns; columns w…ld are zeroed.
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* src, int64_t sstride, int64_t nr, int64_t w, int64_t ld,
+               acc_t* dst) {
+  for (int64_t n = 0; n < nr; ++n) {
+    const scalar_t* s = src + n * sstride;
+    acc_t* d = dst + n * ld;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      std::memcpy(d, s, sizeof(acc_t) * w);
+    } else {
+      for (int64_t i = 0; i < w; ++i) d[i] = static_cast<acc_t>(s[i]);
+    }
+    for (int64_t i = w; i < ld; ++i) d[i] = acc_t(0);
+  }
+}
+
+// out[0:w] = y[0:w] + r[0:w] (computed in acc_t, stored in scalar_t).
+template <typename scalar_t, typename acc_t>
+inline void store_add_row(const scalar_t* y, const acc_t* r, scalar_t* out, int64_t w) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = Vectorized<acc_t>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= w; i += Vec::size()) {
+      (Vec::loadu(y + i) + Vec::loadu(r + i)).store(out + i);
+    }
+    if (i < w) (Vec::loadu(y + i, w - i) + Vec::loadu(r + i, w - i)).store(out + i, w - i);
+  } else {
+    for (int64_t i = 0; i < w; ++i) {
+      out[i] = static_cast<scalar_t>(static_cast<acc_t>(y[i]) + r[i]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// h = T · Uᵀ for nr rows × CH channels
+// ---------------------------------------------------------------------------------------
+// T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
+// H: nr × CH. Register-blocked 4 vectors of channels at a time.
+template <typename acc_t>
+void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
+               int64_t dpad, int64_t CH, acc_t* H) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  for (int64_t n = 0; n < nr; ++n) {
+    const acc_t* t = T + n * ldt;
+    acc_t* h = H + n * CH;
+    int64_t c = 0;
+    for (; c + 4 * V <= CH; c += 4 * V) {
+      Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec tk(t[k]);
+        const acc_t* u = ut + k * dpad + c;
+        a0 = at::vec::fmadd(tk, Vec::loadu(u), a0);
+        a1 = at::vec::fmadd(tk, Vec::loadu(u + V), a1);
+        a2 = at::vec::fmadd(tk, Vec::loadu(u + 2 * V), a2);
+        a3 = at::vec::fmadd(tk, Vec::loadu(u + 3 * V), a3);
+      }
+      a0.store(h + c);
+      a1.store(h + c + V);
+      a2.store(h + c + 2 * V);
+      a3.store(h + c + 3 * V);
+    }
+    for (; c < CH; c += V) {
+      Vec a(acc_t(0));
+      for (int64_t k = 0; k < K; ++k) a = at::vec::fmadd(Vec(t[k]), Vec::loadu(ut + k * dpad + c), a);
+      a.store(h + c);
+    }
+  }
+}
+
+// out[0:CH] = Σ_j w_j[0:CH] * a_j[0:CH] over m (w, a) pointer pairs.
+template <typename acc_t>
+inline void gather_sum(const acc_t* const* wp, const acc_t* const* ap, int64_t m, int64_t CH,
+                       acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  int64_t c = 0;
+  for (; c + 4 * V <= CH; c += 4 * V) {
+    Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
+    for (int64_t j = 0; j < m; ++j) {
+      const acc_t* w = wp[j] + c;
+      const acc_t* a = ap[j] + c;
+      a0 = at::vec::fmadd(Vec::loadu(w), Vec::loadu(a), a0);
+      a1 = at::vec::fmadd(Vec::loadu(w + V), Vec::loadu(a + V), a1);
+      a2 = at::vec::fmadd(Vec::loadu(w + 2 * V), Vec::loadu(a + 2 * V), a2);
+      a3 = at::vec::fmadd(Vec::loadu(w + 3 * V), Vec::loadu(a + 3 * V), a3);
+    }
+    a0.store(out + c);
+    a1.store(out + c + V);
+    a2.store(out + c + 2 * V);
+    a3.store(out + c + 3 * V);
+  }
+  for (; c < CH; c += V) {
+    Vec a(acc_t(0));
+    for (int64_t j = 0; j < m; ++j) {
+      a = at::vec::fmadd(Vec::loadu(wp[j] + c), Vec::loadu(ap[j] + c), a);
+    }
+    a.store(out + c);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Plan: shapes, tiling and packed parameters
+// ---------------------------------------------------------------------------------------
+struct Plan {
+  int64_t B, N, d, K;
+  bool conv;
+  int64_t k, kk, gh, gw, P, pad_t, pad_l;
+  int64_t rows, unit_rows, units;
+  int64_t CH, nchunks, dpad, Kp;
+
+  int64_t unit_begin(int64_t u) const { return u * unit_rows; }
+  int64_t unit_size(int64_t u) const { return std::min(unit_rows, rows - u * unit_rows); }
+};
+
+template <typename acc_t>
+Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<at::Tensor>& conv,
+               int64_t gh, int64_t gw, int64_t P) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  Plan p;
+  p.B = y.size(0);
+  p.N = y.size(1);
+  p.d = y.size(2);
+  p.K = taps.size(2);
+  p.conv = conv.has_value();
+  p.k = p.conv ? conv->size(2) : 0;
+  p.kk = p.k * p.k;
+  p.gh = gh;
+  p.gw = gw;
+  p.P = p.conv ? P : 0;
+  p.pad_t = same_pad_before(p.k);
+  p.pad_l = p.pad_t;
+  p.rows = p.B * p.N;
+  p.unit_rows = p.conv ? p.N : std::min<int64_t>(kRowBlock, std::max<int64_t>(p.rows, 1));
+  p.units = p.rows == 0 ? 0 : (p.rows + p.unit_rows - 1) / p.unit_rows;
+  const int64_t fit = kTileBytes / (std::max<int64_t>(p.unit_rows, 1) * int64_t(sizeof(acc_t)));
+  const int64_t dvec = (p.d + V - 1) / V * V;
+  p.CH = std::clamp<int64_t>(fit / V * V, V, std::max<int64_t>(kMaxChunk, V));
+  p.CH = std::min(p.CH, dvec);
+  p.nchunks = (p.d + p.CH - 1) / p.CH;
+  p.dpad = p.nchunks * p.CH;
+  const int64_t kq = std::max<int64_t>(V, 8);
+  p.Kp = (p.K + kq - 1) / kq * kq;
+  return p;
+}
+
+// Uᵀ (K × dpad), zero beyond d.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> pack_ups_t(const at::Tensor& ups, const Plan& p) {
+  std::vector<acc_t> ut(p.K * p.dpad, acc_t(0));
+  const scalar_t* u = ups.const_data_ptr<scalar_t>();
+  for (int64_t c = 0; c < p.d; ++c)
+    for (int64_t k = 0; k < p.K; ++k) ut[k * p.dpad + c] = static_cast<acc_t>(u[c * p.K + k]);
+  return ut;
+}
+
+// U (dpad × Kp), zero beyond d and K.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> pack_ups(const at::Tensor& ups, const Plan& p) {
+  std::vector<acc_t> up(p.dpad * p.Kp, acc_t(0));
+  const scalar_t* u = ups.const_data_ptr<scalar_t>();
+  for (int64_t c = 0; c < p.d; ++c)
+    for (int64_t k = 0; k < p.K; ++k) up[c * p.Kp + k] = static_cast<acc_t>(u[c * p.K + k]);
+  return up;
+}
+
+// conv weight (d, 1, k, k) → (k·k × dpad), zero beyond d.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> pack_conv(const at::Tensor& w, const Plan& p) {
+  std::vector<acc_t> wt(p.kk * p.dpad, acc_t(0));
+  const scalar_t* src = w.const_data_ptr<scalar_t>();
+  for (int64_t c = 0; c < p.d; ++c)
+    for (int64_t t = 0; t < p.kk; ++t) wt[t * p.dpad + c] = static_cast<acc_t>(src[c * p.kk + t]);
+  return wt;
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t>
+void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
+                       const std::optional<at::Tensor>& conv, const Plan& p, double beta_in,
+                       at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t beta = static_cast<acc_t>(beta_in);
+  const std::vector<acc_t> ut = pack_ups_t<scalar_t, acc_t>(ups, p);
+  const std::vector<acc_t> wt = p.conv ? pack_conv<scalar_t, acc_t>(*conv, p) : std::vector<acc_t>();
+  const scalar_t* yp = y.const_data_ptr<scalar_t>();
+  const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, p.units * p.nchunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> tb(p.unit_rows * p.K), act(p.unit_rows * p.CH), tmp(p.CH);
+    std::vector<const acc_t*> wp(p.kk), ap(p.kk);
+    int64_t loaded_unit = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t u = task / p.nchunks, j = task % p.nchunks;
+      const int64_t row0 = p.unit_begin(u), nr = p.unit_size(u);
+      const int64_t c0 = j * p.CH, w = std::min(p.CH, p.d - c0);
+      if (u != loaded_unit) {
+        load_tile(tp + row0 * p.K, p.K, nr, p.K, p.K, tb.data());
+        loaded_unit = u;
+      }
+      rebuild_h(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad, p.CH, act.data());
+      theta_tile(act.data(), nr * p.CH, beta);
+      const scalar_t* yu = yp + row0 * p.d + c0;
+      scalar_t* ou = op + row0 * p.d + c0;
+      const int64_t direct = p.conv ? p.P : nr;  // rows that get θ(h) only
+      for (int64_t n = 0; n < direct; ++n) {
+        store_add_row(yu + n * p.d, act.data() + n * p.CH, ou + n * p.d, w);
+      }
+      if (!p.conv) continue;
+      const acc_t* patches = act.data() + p.P * p.CH;
+      for (int64_t py = 0; py < p.gh; ++py) {
+        const int64_t dy0 = std::max<int64_t>(0, p.pad_t - py);
+        const int64_t dy1 = std::min<int64_t>(p.k, p.gh + p.pad_t - py);
+        for (int64_t px = 0; px < p.gw; ++px) {
+          const int64_t dx0 = std::max<int64_t>(0, p.pad_l - px);
+          const int64_t dx1 = std::min<int64_t>(p.k, p.gw + p.pad_l - px);
+          int64_t m = 0;
+          for (int64_t dy = dy0; dy < dy1; ++dy) {
+            for (int64_t dx = dx0; dx < dx1; ++dx) {
+              const int64_t q = (py + dy - p.pad_t) * p.gw + (px + dx - p.pad_l);
+              wp[m] = wt.data() + (dy * p.k + dx) * p.dpad + c0;
+              ap[m] = patches + q * p.CH;
+              ++m;
+            }
+          }
+          gather_sum(wp.data(), ap.data(), m, p.CH, tmp.data());
+          const int64_t n = p.P + py * p.gw + px;
+          store_add_row(yu + n * p.d, tmp.data(), ou + n * p.d, w);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------
+template <typename scalar_t>
+void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::Tensor& ups,
+                        const std::optional<at::Tensor>& conv, const Plan& p, double beta_in,
+                        at::Tensor& grad_taps, at::Tensor& grad_ups, at::Tensor& grad_conv) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const acc_t beta = static_cast<acc_t>(beta_in);
+  const std::vector<acc_t> up = pack_ups<scalar_t, acc_t>(ups, p);
+  const std::vector<acc_t> ut = pack_ups_t<scalar_t, acc_t>(ups, p);
+  const std::vector<acc_t> wt = p.conv ? pack_conv<scalar_t, acc_t>(*conv, p) : std::vector<acc_t>();
+  const scalar_t* gp = g.const_data_ptr<scalar_t>();
+  const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+
+  // Channel groups per unit (shape-only choice, so results never depend on threads).
+  const int64_t groups = std::min<int64_t>(
+      p.nchunks, std::max<int64_t>(1, (kTargetTasks + p.units - 1) / std::max<int64_t>(p.units, 1)));
+  const int64_t chunks_per_group = (p.nchunks + groups - 1) / groups;
+  // Per-task fp32 partials, summed in a fixed order below.
+  std::vector<acc_t> gu_part(p.units * p.Kp * p.dpad, acc_t(0));
+  std::vector<acc_t> gw_part(p.conv ? p.units * p.kk * p.dpad : 0, acc_t(0));
+  std::vector<acc_t> gt_part(groups > 1 ? groups * p.rows * p.Kp : 0, acc_t(0));
+  scalar_t* gtp = grad_taps.mutable_data_ptr<scalar_t>();
+
+  at::parallel_for(0, p.units * groups, 1, [&](int64_t begin, int64_t end) {
+    const int64_t R = p.unit_rows;
+    std::vector<acc_t> tb(R * p.Kp), hb(R * p.CH), gb(R * p.CH), gt_acc(R * p.Kp), tmp(p.CH);
+    std::vector<acc_t> th(p.conv ? R * p.CH : 0), gtr(p.conv ? R * p.CH : 0);
+    std::vector<const acc_t*> wp(p.kk), ap(p.kk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t u = task / groups, grp = task % groups;
+      const int64_t row0 = p.unit_begin(u), nr = p.unit_size(u);
+      load_tile(tp + row0 * p.K, p.K, nr, p.K, p.Kp, tb.data());
+      std::fill(gt_acc.begin(), gt_acc.end(), acc_t(0));
+      const int64_t j0 = grp * chunks_per_group;
+      const int64_t j1 = std::min(p.nchunks, j0 + chunks_per_group);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t c0 = j * p.CH, w = std::min(p.CH, p.d - c0);
+        rebuild_h(tb.data(), p.Kp, nr, p.K, ut.data() + c0, p.dpad, p.CH, hb.data());
+        load_tile(gp + row0 * p.d + c0, p.d, nr, w, p.CH, gb.data());
+        // hb ← θ'(h); th ← θ(h) (DTL+ only, for grad_conv)
+        theta_grad_tile(hb.data(), p.conv ? th.data() : nullptr, nr * p.CH, beta);
+        const acc_t* gsrc = gb.data();  // G as seen by θ' (gᵀ(G) on patch rows for DTL+)
+        if (p.conv) {
+          const acc_t* thp = th.data() + p.P * p.CH;
+          const acc_t* gpatch = gb.data() + p.P * p.CH;
+          // grad_conv[t][c] = Σ_p θ(h)[p + off_t][c] · G[p][c] over outputs p whose tap
+          // t lands inside the grid.
+          acc_t* gw_u = gw_part.data() + u * p.kk * p.dpad + c0;
+          for (int64_t dy = 0; dy < p.k; ++dy) {
+            const int64_t py0 = std::max<int64_t>(0, p.pad_t - dy);
+            const int64_t py1 = std::min<int64_t>(p.gh, p.gh + p.pad_t - dy);
+            for (int64_t dx = 0; dx < p.k; ++dx) {
+              const int64_t px0 = std::max<int64_t>(0, p.pad_l - dx);
+              const int64_t px1 = std::min<int64_t>(p.gw, p.gw + p.pad_l - dx);
+              acc_t* dst = gw_u + (dy * p.k + dx) * p.dpad;
+              for (int64_t c = 0; c < p.CH; c += V) {
+                Vec a(acc_t(0));
+                for (int64_t py = py0; py < py1; ++py) {
+                  const acc_t* grow = gpatch + (py * p.gw) * p.CH + c;
+                  const acc_t* trow = thp + ((py + dy - p.pad_t) * p.gw + dx - p.pad_l) * p.CH + c;
+                  for (int64_t px = px0; px < px1; ++px) {
+                    a = at::vec::fmadd(Vec::loadu(trow + px * p.CH), Vec::loadu(grow + px * p.CH), a);
+                  }
+                }
+                (Vec::loadu(dst + c) + a).store(dst + c);
+              }
+            }
+          }
+          // gᵀ(G)[q] = Σ_t w_t · G[q − off_t]: the convolution's transpose (gather form).
+          std::memcpy(gtr.data(), gb.data(), sizeof(acc_t) * p.P * p.CH);
+          acc_t* gtpatch = gtr.data() + p.P * p.CH;
+          for (int64_t qy = 0; qy < p.gh; ++qy) {
+            const int64_t dy0 = std::max<int64_t>(0, qy + p.pad_t - p.gh + 1);
+            const int64_t dy1 = std::min<int64_t>(p.k, qy + p.pad_t + 1);
+            for (int64_t qx = 0; qx < p.gw; ++qx) {
+              const int64_t dx0 = std::max<int64_t>(0, qx + p.pad_l - p.gw + 1);
+              const int64_t dx1 = std::min<int64_t>(p.k, qx + p.pad_l + 1);
+              int64_t m = 0;
+              for (int64_t dy = dy0; dy < dy1; ++dy) {
+                for (int64_t dx = dx0; dx < dx1; ++dx) {
+                  const int64_t pidx = (qy - dy + p.pad_t) * p.gw + (qx - dx + p.pad_l);
+                  wp[m] = wt.data() + (dy * p.k + dx) * p.dpad + c0;
+                  ap[m] = gpatch + pidx * p.CH;
+                  ++m;
+                }
+              }
+              gather_sum(wp.data(), ap.data(), m, p.CH, gtpatch + (qy * p.gw + qx) * p.CH);
+            }
+          }
+          gsrc = gtr.data();
+        }
+        // S = θ'(h) ⊙ G' (in hb)
+        for (int64_t i = 0; i < nr * p.CH; i += V) {
+          (Vec::loadu(hb.data() + i) * Vec::loadu(gsrc + i)).store(hb.data() + i);
+        }
+        const acc_t* S = hb.data();
+        // grad_ups partial: [k][c] = Σ_n S[n][c] · T[n][k], 8 columns k at a time.
+        acc_t* gu_u = gu_part.data() + u * p.Kp * p.dpad + c0;
+        for (int64_t c = 0; c < p.CH; c += V) {
+          for (int64_t k = 0; k < p.K; k += 8) {
+            Vec a[8];
+            for (int i = 0; i < 8; ++i) a[i] = Vec(acc_t(0));
+            for (int64_t n = 0; n < nr; ++n) {
+              const Vec s = Vec::loadu(S + n * p.CH + c);
+              const acc_t* t = tb.data() + n * p.Kp + k;
+              for (int i = 0; i < 8; ++i) a[i] = at::vec::fmadd(s, Vec(t[i]), a[i]);
+            }
+            for (int i = 0; i < 8; ++i) a[i].store(gu_u + (k + i) * p.dpad + c);
+          }
+        }
+        // grad_taps (this group's channels): gt_acc[n][:] += Σ_c S[n][c] · U[c][:].
+        const acc_t* upc = up.data() + c0 * p.Kp;
+        for (int64_t n = 0; n < nr; ++n) {
+          const acc_t* srow = S + n * p.CH;
+          acc_t* grow = gt_acc.data() + n * p.Kp;
+          int64_t kv = 0;
+          for (; kv + 2 * V <= p.Kp; kv += 2 * V) {
+            Vec a0 = Vec::loadu(grow + kv), a1 = Vec::loadu(grow + kv + V);
+            for (int64_t c = 0; c < w; ++c) {
+              const Vec s(srow[c]);
+              a0 = at::vec::fmadd(s, Vec::loadu(upc + c * p.Kp + kv), a0);
+              a1 = at::vec::fmadd(s, Vec::loadu(upc + c * p.Kp + kv + V), a1);
+            }
+            a0.store(grow + kv);
+            a1.store(grow + kv + V);
+          }
+          for (; kv < p.Kp; kv += V) {
+            Vec a = Vec::loadu(grow + kv);
+            for (int64_t c = 0; c < w; ++c) {
+              a = at::vec::fmadd(Vec(srow[c]), Vec::loadu(upc + c * p.Kp + kv), a);
+            }
+            a.store(grow + kv);
+          }
+        }
+      }
+      if (groups == 1) {
+        for (int64_t n = 0; n < nr; ++n)
+          for (int64_t k = 0; k < p.K; ++k)
+            gtp[(row0 + n) * p.K + k] = static_cast<scalar_t>(gt_acc[n * p.Kp + k]);
+      } else {
+        std::memcpy(gt_part.data() + (grp * p.rows + row0) * p.Kp, gt_acc.data(),
+                    sizeof(acc_t) * nr * p.Kp);
+      }
+    }
+  });
+
+  // Fixed-order reductions of the partials.
+  if (groups > 1) {
+    at::parallel_for(0, p.rows, 256, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r)
+        for (int64_t k = 0; k < p.K; ++k) {
+          acc_t s(0);
+          for (int64_t grp = 0; grp < groups; ++grp) s += gt_part[(grp * p.rows + r) * p.Kp + k];
+          gtp[r * p.K + k] = static_cast<scalar_t>(s);
+        }
+    });
+  }
+  scalar_t* gup = grad_ups.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, p.d, 16, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c)
+      for (int64_t k = 0; k < p.K; ++k) {
+        acc_t s(0);
+        for (int64_t u = 0; u < p.units; ++u) s += gu_part[(u * p.Kp + k) * p.dpad + c];
+        gup[c * p.K + k] = static_cast<scalar_t>(s);
+      }
+  });
+  if (p.conv) {
+    scalar_t* gwp = grad_conv.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < p.d; ++c)
+      for (int64_t t = 0; t < p.kk; ++t) {
+        acc_t s(0);
+        for (int64_t u = 0; u < p.units; ++u) s += gw_part[(u * p.kk + t) * p.dpad + c];
+        gwp[c * p.kk + t] = static_cast<scalar_t>(s);
+      }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Checks and entry points
+// ---------------------------------------------------------------------------------------
+void check_inputs(const char* op, const at::Tensor& y, const at::Tensor& taps,
+                  const at::Tensor& ups, const std::optional<at::Tensor>& conv, int64_t gh,
+                  int64_t gw, int64_t P, double beta) {
+  const auto check_cpu = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
+                t.device());
+    TORCH_CHECK(t.scalar_type() == y.scalar_type(), op, ": ", name, " has dtype ",
+                t.scalar_type(), " but the first argument has ", y.scalar_type(),
+                " (all tensors must share one dtype)");
+  };
+  TORCH_CHECK(y.defined(), op, ": first argument is undefined");
+  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble ||
+                  y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
+              op, ": dtype must be float32, float64, bfloat16 or float16, got ", y.scalar_type());
+  check_cpu(y, "y / grad_out");
+  check_cpu(taps, "taps");
+  check_cpu(ups, "ups");
+  TORCH_CHECK(y.dim() == 3, op, ": y must be (B, N, d), got shape ", y.sizes());
+  TORCH_CHECK(taps.dim() == 3, op, ": taps must be (B, N, K), got shape ", taps.sizes());
+  TORCH_CHECK(ups.dim() == 2, op, ": ups must be (d, K), got shape ", ups.sizes());
+  TORCH_CHECK(taps.size(0) == y.size(0) && taps.size(1) == y.size(1), op, ": taps ",
+              taps.sizes(), " do not match y ", y.sizes(), " in (B, N)");
+  TORCH_CHECK(ups.size(0) == y.size(2), op, ": ups has ", ups.size(0), " rows but y has d = ",
+              y.size(2));
+  TORCH_CHECK(ups.size(1) == taps.size(2), op, ": ups has ", ups.size(1),
+              " columns but taps have K = ", taps.size(2));
+  TORCH_CHECK(taps.size(2) >= 1, op, ": taps need K >= 1 columns");
+  TORCH_CHECK(std::isfinite(beta), op, ": beta must be finite, got ", beta);
+  if (conv.has_value()) {
+    const at::Tensor& w = *conv;
+    check_cpu(w, "conv_weight");
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == y.size(2) && w.size(1) == 1 && w.size(2) >= 1 &&
+                    w.size(2) == w.size(3),
+                op, ": conv_weight must be (d, 1, k, k) with d = ", y.size(2), ", got ",
+                w.sizes());
+    TORCH_CHECK(gh >= 1 && gw >= 1, op, ": grid must be positive, got ", gh, "x", gw);
+    TORCH_CHECK(P >= 0 && P <= y.size(1) && gh * gw == y.size(1) - P, op, ": ", y.size(1),
+                " tokens do not hold ", P, " prefix tokens plus a ", gh, "x", gw, " patch grid");
+  } else {
+    TORCH_CHECK(P >= 0, op, ": num_prefix must be >= 0, got ", P);
+  }
+}
+
+at::Tensor side_forward_cpu(const at::Tensor& y_in, const at::Tensor& taps_in,
+                            const at::Tensor& ups_in, const std::optional<at::Tensor>& conv_in,
+                            int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta) {
+  check_inputs("dtl_kernels::side_forward", y_in, taps_in, ups_in, conv_in, grid_h, grid_w,
+               num_prefix, beta);
+  const at::Tensor y = y_in.contiguous(), taps = taps_in.contiguous(), ups = ups_in.contiguous();
+  std::optional<at::Tensor> conv;
+  if (conv_in.has_value()) conv = conv_in->contiguous();
+  at::Tensor out = at::empty(y.sizes(), y.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "side_forward_cpu",
+                                  [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    const Plan p = make_plan<acc_t>(y, taps, conv, grid_h, grid_w,
+                                                                    num_prefix);
+                                    side_forward_impl<scalar_t>(y, taps, ups, conv, p, beta, out);
+                                  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& taps_in, const at::Tensor& ups_in,
+    const std::optional<at::Tensor>& conv_in, int64_t grid_h, int64_t grid_w, int64_t num_prefix,
+    double beta) {
+  check_inputs("dtl_kernels::side_backward", grad_in, taps_in, ups_in, conv_in, grid_h, grid_w,
+               num_prefix, beta);
+  const at::Tensor g = grad_in.contiguous(), taps = taps_in.contiguous(),
+                   ups = ups_in.contiguous();
+  std::optional<at::Tensor> conv;
+  if (conv_in.has_value()) conv = conv_in->contiguous();
+  at::Tensor grad_taps = at::empty(taps.sizes(), taps.options());
+  at::Tensor grad_ups = at::zeros(ups.sizes(), ups.options());
+  at::Tensor grad_conv =
+      conv.has_value() ? at::zeros(conv->sizes(), conv->options()) : at::empty({0}, ups.options());
+  if (g.numel() == 0) return {grad_taps.zero_(), grad_ups, grad_conv};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "side_backward_cpu",
+                                  [&] {
+                                    using acc_t = at::opmath_type<scalar_t>;
+                                    const Plan p = make_plan<acc_t>(g, taps, conv, grid_h, grid_w,
+                                                                    num_prefix);
+                                    side_backward_impl<scalar_t>(g, taps, ups, conv, p, beta,
+                                                                 grad_taps, grad_ups, grad_conv);
+                                  });
+  return {grad_taps, grad_ups, grad_conv};
+}
+
+}  // namespace
+}  // namespace dtl
+
+TORCH_LIBRARY_IMPL(dtl_kernels, CPU, m) {
+  m.impl("side_forward", &dtl::side_forward_cpu);
+  m.impl("side_backward", &dtl::side_backward_cpu);
+}
