@@ -39,8 +39,6 @@ Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, no
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import _ext
@@ -81,8 +79,7 @@ def side_add(
         grid_h, grid_w = int(grid[0]), int(grid[1])
     else:
         grid_h, grid_w = 0, 0
-    ops = _ops()
-    return ops.forward(y, taps, ups, conv_weight, grid_h, grid_w, int(num_prefix), float(beta))
+    return _forward_op(y, taps, ups, conv_weight, grid_h, grid_w, int(num_prefix), float(beta))
 
 
 # --------------------------------------------------------------------------------------
@@ -327,22 +324,15 @@ def _check(
     return k
 
 
-def _launch_ready(*tensors: torch.Tensor) -> bool:
-    """Whether to launch the kernel on these tensors.
-
-    CUDA tensors always launch through ``wrap_triton`` (which also records the kernel when
-    ``torch.compile`` / ``make_fx`` trace with fake tensors). CPU tensors run only under
-    ``TRITON_INTERPRET=1``, and fake CPU tensors (the op's fake kernel) launch nothing.
-    """
-    from torch._subclasses.fake_tensor import is_fake
-
-    if tensors[0].is_cuda:
-        return True
-    if not _ext.triton_interpret():
+def _require_launchable(x: torch.Tensor) -> None:
+    """Triton runs CUDA tensors, and CPU tensors only under its interpreter."""
+    if triton is None:
+        raise _ext.BackendUnavailable("the triton backend needs `pip install triton`")
+    if not x.is_cuda and not _ext.triton_interpret():
         raise _ext.BackendUnavailable(
-            "the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+            "the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 "
+            "set before dtl_kernels.ops.triton_side is imported)"
         )
-    return not any(is_fake(t) for t in tensors)
 
 
 def _config(d: int, kw: int, device: torch.device) -> dict:
@@ -392,16 +382,16 @@ def side_fwd(
     if kw == 0:  # h = 0 and θ(0) = 0: nothing is added
         return y.clone(memory_format=torch.contiguous_format)
     out = torch.empty((bsz, n, d), dtype=y.dtype, device=y.device)
-    if out.numel() == 0 or not _launch_ready(y, taps, ups):
+    if out.numel() == 0:
         return out
-    from torch.library import wrap_triton
+    _require_launchable(y)
 
     cfg = _config(d, kw, y.device)
     ups_c = ups.contiguous()
     w = conv_weight.reshape(d, k * k).contiguous() if k else ups_c
     tiles = -(-n // cfg["BLOCK_M"])
     grid = (bsz * tiles, -(-d // cfg["BLOCK_D"]))
-    wrap_triton(_side_fwd_kernel)[grid](
+    _side_fwd_kernel[grid](
         y, *y.stride(), taps, *taps.stride(), ups_c, w, out, *out.stride(),
         n, d, kw, num_prefix, max(grid_h, 1), max(grid_w, 1), float(beta), tiles,
         KSIZE=k, NATIVE_DOT=_native_dot(y),
@@ -427,10 +417,10 @@ def side_bwd(
     bsz, n, d = grad_out.shape
     kw = taps.shape[2]
     dev = grad_out.device
-    grad_conv = (torch.zeros_like(conv_weight) if k else grad_out.new_empty((0,)))
-    if grad_out.numel() == 0 or kw == 0 or not _launch_ready(grad_out, taps, ups):
-        return torch.zeros_like(taps), torch.zeros_like(ups), grad_conv
-    from torch.library import wrap_triton
+    grad_conv = conv_weight.new_zeros(conv_weight.shape) if k else grad_out.new_empty((0,))
+    if grad_out.numel() == 0 or kw == 0:
+        return taps.new_zeros(taps.shape), ups.new_zeros(ups.shape), grad_conv
+    _require_launchable(grad_out)
 
     cfg = _config(d, kw, dev)
     acc = torch.float64 if grad_out.dtype == torch.float64 else torch.float32
@@ -444,7 +434,7 @@ def side_bwd(
     part_w = torch.empty((progs, d, block_kk) if k else (1,), dtype=acc, device=dev)
     ups_c = ups.contiguous()
     w = conv_weight.reshape(d, k * k).contiguous() if k else ups_c
-    wrap_triton(_side_bwd_kernel)[(progs, n_dchunks)](
+    _side_bwd_kernel[(progs, n_dchunks)](
         grad_out, *grad_out.stride(), taps, *taps.stride(), ups_c, w,
         part_taps, part_ups, part_w,
         n, d, kw, num_prefix, max(grid_h, 1), max(grid_w, 1), float(beta), tiles, total,
@@ -455,7 +445,7 @@ def side_bwd(
     grad_taps = part_taps.sum(0).to(taps.dtype)
     grad_ups = part_ups.sum(0).to(ups.dtype)
     if k:
-        grad_conv = part_w.sum(0)[:, : k * k].reshape(d, 1, k, k).to(conv_weight.dtype)
+        grad_conv = part_w.sum(0)[:, : k * k].contiguous().view(d, 1, k, k).to(conv_weight.dtype)
     return grad_taps, grad_ups, grad_conv
 
 
@@ -464,68 +454,66 @@ def side_bwd(
 # --------------------------------------------------------------------------------------
 
 
-class _Ops:
-    """The registered ``dtl_kernels::triton_side_forward`` / ``…_backward`` ops."""
-
-    def __init__(self) -> None:
-        from torch.library import triton_op
-
-        @triton_op(OP_FORWARD, mutates_args=())
-        def forward(
-            y: torch.Tensor,
-            taps: torch.Tensor,
-            ups: torch.Tensor,
-            conv_weight: torch.Tensor | None,
-            grid_h: int,
-            grid_w: int,
-            num_prefix: int,
-            beta: float,
-        ) -> torch.Tensor:
-            return side_fwd(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
-
-        @triton_op(OP_BACKWARD, mutates_args=())
-        def backward(
-            grad_out: torch.Tensor,
-            taps: torch.Tensor,
-            ups: torch.Tensor,
-            conv_weight: torch.Tensor | None,
-            grid_h: int,
-            grid_w: int,
-            num_prefix: int,
-            beta: float,
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            return side_bwd(grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
-
-        def setup_context(ctx, inputs, output):
-            _, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta = inputs
-            ctx.save_for_backward(taps, ups, conv_weight)
-            ctx.args = (grid_h, grid_w, num_prefix, beta)
-
-        def forward_grad(ctx, grad):
-            taps, ups, conv_weight = ctx.saved_tensors
-            grad_taps, grad_ups, grad_conv = backward(grad, taps, ups, conv_weight, *ctx.args)
-            return (
-                grad,
-                grad_taps,
-                grad_ups,
-                grad_conv if conv_weight is not None else None,
-                None,
-                None,
-                None,
-                None,
-            )
-
-        forward.register_autograd(forward_grad, setup_context=setup_context)
-        self.forward = forward
-        self.backward = backward
+@torch.library.custom_op(OP_FORWARD, mutates_args=(), device_types="cuda")
+def _forward_op(
+    y: torch.Tensor,
+    taps: torch.Tensor,
+    ups: torch.Tensor,
+    conv_weight: torch.Tensor | None,
+    grid_h: int,
+    grid_w: int,
+    num_prefix: int,
+    beta: float,
+) -> torch.Tensor:
+    return side_fwd(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
 
 
-@functools.cache
-def _ops() -> _Ops:
-    return _Ops()
+@torch.library.custom_op(OP_BACKWARD, mutates_args=(), device_types="cuda")
+def _backward_op(
+    grad_out: torch.Tensor,
+    taps: torch.Tensor,
+    ups: torch.Tensor,
+    conv_weight: torch.Tensor | None,
+    grid_h: int,
+    grid_w: int,
+    num_prefix: int,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return side_bwd(grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
 
 
-def register() -> None:
-    """Register the Triton ops (idempotent); :func:`side_add` does it on first use."""
-    _ops()
+# CPU tensors run the same kernels through Triton's interpreter (TRITON_INTERPRET=1).
+_forward_op.register_kernel("cpu")(side_fwd)
+_backward_op.register_kernel("cpu")(side_bwd)
 
+
+@_forward_op.register_fake
+def _forward_fake(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta):
+    _check("triton_side_forward", y, taps, ups, conv_weight, grid_h, grid_w, num_prefix)
+    return y.new_empty(y.shape)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta):
+    _check("triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix)
+    grad_conv = conv_weight.new_empty(conv_weight.shape) if conv_weight is not None else (
+        grad_out.new_empty((0,)))
+    return taps.new_empty(taps.shape), ups.new_empty(ups.shape), grad_conv
+
+
+def _setup_context(ctx, inputs, output):
+    # Only the K-wide taps, the ups and the conv kernel are saved: h is rebuilt in backward.
+    _, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta = inputs
+    ctx.save_for_backward(taps, ups, conv_weight)
+    ctx.args = (grid_h, grid_w, num_prefix, beta)
+
+
+def _autograd_backward(ctx, grad):
+    taps, ups, conv_weight = ctx.saved_tensors
+    grad_taps, grad_ups, grad_conv = _backward_op(grad, taps, ups, conv_weight, *ctx.args)
+    grad_conv = grad_conv if conv_weight is not None else None
+    # ∂L/∂y = G (residual); no gradient for the ints and β.
+    return grad, grad_taps, grad_ups, grad_conv, None, None, None, None
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
