@@ -102,6 +102,51 @@ class DTLModel(nn.Module):
         state = self.csn.start() if self.csn is not None else None
         return self.run_blocks(x, ctx, state, 0, len(self.blocks))
 
+    # -- trunk / tail split (feature reuse, trunk caching; SPEC §3) -------------------------
+    @property
+    def trunk_depth(self) -> int:
+        """Blocks ``0 … trunk_depth-1`` (0-based) see task-independent inputs: up to and
+        including the first adapted block ``M``."""
+        if self.csn is None:
+            return len(self.blocks)
+        return self.csn.config.adapt_from
+
+    @torch.no_grad()
+    def trunk_forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        """Run the frozen trunk once, with no autograd.
+
+        Returns ``(taps_inputs, y, ctx)``: the token tensors ``z_i`` ``(batch, N_i, d_i)``
+        of the tapped blocks before ``M`` and of block ``M`` itself, the output ``y`` of
+        block ``M`` before its add-back (the backbone's own layout), and the walk
+        context. Everything training needs from the trunk: feed it to
+        :meth:`forward_from_trunk`.
+        """
+        x, ctx = self.embed(images)
+        blocks, csn, inputs = self.blocks, self.csn, []
+        y = x
+        for i in range(self.trunk_depth):
+            x = self.block_input(i, x)
+            if csn is not None and csn.is_tapped(i):
+                inputs.append(self.tokens(x, ctx)[0])
+            y = x = blocks[i](x)
+        return inputs, y, ctx
+
+    def forward_from_trunk(self, taps_inputs: list[torch.Tensor], y: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Logits from :meth:`trunk_forward`'s outputs: the CSN taps, block ``M``'s add-back,
+        the tail blocks and the head. Equals ``forward(images)``."""
+        csn, depth = self.csn, self.trunk_depth
+        state = csn.start() if csn is not None else None
+        if csn is not None:
+            tapped = [i for i in range(depth) if csn.is_tapped(i)]
+            if len(tapped) != len(taps_inputs):
+                raise ValueError(f"expected {len(tapped)} trunk tap inputs, got {len(taps_inputs)}")
+            for i, z in zip(tapped, taps_inputs):
+                csn.tap(state, i, z)
+            t, grid, num_prefix = self.tokens(y, ctx)
+            y = self.untokens(csn.add_back(state, depth - 1, t, grid, num_prefix), y)
+        x = self.run_blocks(y, ctx, state, depth, len(self.blocks))
+        return self.forward_head(x)
+
     def run_blocks(self, x: torch.Tensor, ctx: dict, state, start: int, stop: int) -> torch.Tensor:
         """Run blocks ``start … stop-1`` (0-based) with taps and add-backs.
 

@@ -1,0 +1,44 @@
+"""trunk_forward + forward_from_trunk equal forward (the basis of trunk caching)."""
+
+import pytest
+import torch
+
+from dtl_kernels import create_model
+
+CASES = [
+    ("vit_tiny_patch16_224", dict(img_size=64), "dtl"),
+    ("vit_tiny_patch16_224", dict(img_size=64), "dtl+"),
+    ("vit_tiny_patch16_224", dict(img_size=64), "dtl+*"),
+    ("vit_tiny_patch16_224", dict(img_size=64), "linear"),
+    ("swin_tiny_patch4_window7_224", dict(img_size=112, drop_path_rate=0.0), "dtl+"),
+    ("swin_tiny_patch4_window7_224", dict(img_size=112, drop_path_rate=0.0), "dtl"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,method", CASES)
+def test_split_walk_equals_forward(name, kwargs, method):
+    model = create_model(name, method=method, num_classes=3, **kwargs).double()
+    if model.csn is not None:
+        for up in model.csn.up.values():
+            torch.nn.init.normal_(up, std=0.5)
+    size = kwargs["img_size"]
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    expected = model(x)
+    expected.square().sum().backward()
+    grads = [p.grad.clone() for p in model.trainable_parameters()]
+    model.zero_grad()
+
+    inputs, y, ctx = model.trunk_forward(x)
+    assert all(not z.requires_grad for z in inputs) and not y.requires_grad
+    got = model.forward_from_trunk(inputs, y, ctx)
+    got.square().sum().backward()
+    torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    for g, p in zip(grads, model.trainable_parameters()):
+        torch.testing.assert_close(p.grad, g, atol=1e-12, rtol=1e-12)
+
+
+def test_wrong_number_of_trunk_inputs():
+    model = create_model("vit_tiny_patch16_224", method="dtl", num_classes=3, img_size=32)
+    inputs, y, ctx = model.trunk_forward(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="trunk tap inputs"):
+        model.forward_from_trunk(inputs[:-1], y, ctx)
