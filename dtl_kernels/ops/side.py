@@ -12,6 +12,7 @@ concatenated up projections; ``conv_weight`` ``(d, 1, k, k)`` or ``None`` (DTL);
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -85,7 +86,12 @@ def side_add(
     num_prefix: int = 0,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``y + mix(T·Uᵀ)`` on the chosen backend; see the module docstring for shapes."""
+    """``y + mix(T·Uᵀ)`` on the chosen backend; see the module docstring for shapes.
+
+    Raises ``TypeError`` (not tensors, non-floating or mismatched dtypes) or
+    ``ValueError`` (shapes, devices, grid / prefix inconsistent) before any kernel runs.
+    """
+    validate(y, taps, ups, beta, conv_weight, grid, num_prefix)
     name = resolve_backend(y, backend)
     if name == "reference":
         return reference.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
@@ -98,3 +104,60 @@ def side_add(
     from . import compiled_side
 
     return compiled_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
+
+
+def validate(
+    y: torch.Tensor,
+    taps: torch.Tensor,
+    ups: torch.Tensor,
+    beta: float,
+    conv_weight: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    num_prefix: int = 0,
+) -> None:
+    """Check the side op's inputs; the message names the argument and what is wrong.
+
+    ``y`` and ``taps`` must share a floating dtype; ``ups`` / ``conv_weight`` may differ
+    (parameters kept in float32 under bfloat16 activations): backends cast them.
+    """
+    named = [("y", y), ("taps", taps), ("ups", ups)]
+    if conv_weight is not None:
+        named.append(("conv_weight", conv_weight))
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"side_add: {name} must be a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"side_add: {name} must be floating point, got {t.dtype}")
+        if t.device != y.device:
+            raise ValueError(f"side_add: {name} is on device {t.device} but y is on {y.device}")
+    if taps.dtype != y.dtype:
+        raise TypeError(f"side_add: taps have dtype {taps.dtype} but y has {y.dtype}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise TypeError(f"side_add: beta must be a finite number, got {beta!r}")
+    if y.dim() != 3:
+        raise ValueError(f"side_add: y must be (batch, tokens, d), got shape {tuple(y.shape)}")
+    b, n, d = y.shape
+    if taps.dim() != 3 or tuple(taps.shape[:2]) != (b, n) or taps.shape[2] < 1:
+        raise ValueError(
+            f"side_add: taps must be ({b}, {n}, K) with K >= 1 to match y, got {tuple(taps.shape)}"
+        )
+    k_cols = taps.shape[2]
+    if ups.dim() != 2 or tuple(ups.shape) != (d, k_cols):
+        raise ValueError(f"side_add: ups must be (d, K) = ({d}, {k_cols}), got {tuple(ups.shape)}")
+    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= n:
+        raise ValueError(f"side_add: num_prefix must be an int in 0…{n}, got {num_prefix!r}")
+    if conv_weight is None:
+        return
+    w = conv_weight
+    if w.dim() != 4 or w.shape[0] != d or w.shape[1] != 1 or w.shape[2] != w.shape[3] or w.shape[2] < 1:
+        raise ValueError(
+            f"side_add: conv_weight must be a depthwise (d, 1, k, k) = ({d}, 1, k, k) kernel, "
+            f"got {tuple(w.shape)}"
+        )
+    if grid is None or len(grid) != 2 or any(int(g) < 1 for g in grid):
+        raise ValueError(f"side_add: DTL+ needs a positive patch grid (H, W), got {grid!r}")
+    if grid[0] * grid[1] != n - num_prefix:
+        raise ValueError(
+            f"side_add: {n} tokens do not hold {num_prefix} prefix tokens plus a "
+            f"{grid[0]}x{grid[1]} patch grid"
+        )

@@ -1,0 +1,285 @@
+"""The fused CPU side op (csrc/cpu/side.cpp) against the reference, forward and backward."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from dtl_kernels.ops import compiled_side, reference, side
+
+pytestmark = pytest.mark.skipif(
+    not compiled_side.available("cpu"), reason="the CPU extension is not built (make build)"
+)
+
+OP = torch.ops.dtl_kernels
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# (batch, prefix, grid) → rows = batch · (prefix + H·W): 1, 7, 197, 1023 and more.
+SHAPES = [
+    (1, 0, (1, 1)),  # 1 row
+    (1, 1, (2, 3)),  # 7 rows
+    (1, 1, (14, 14)),  # 197 rows (ViT-B/16 at 224)
+    (3, 5, (16, 21)),  # 1023 rows, 5 register/prefix tokens
+    (2, 0, (5, 7)),  # Swin-like: no prefix, odd grid
+]
+WIDTHS = [13, 40, 100]
+KERNELS = [0, 3, 4, 5]
+
+
+def make_inputs(batch, prefix, grid, d, k_cols, k, dtype, h_scale=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = prefix + grid[0] * grid[1]
+    y = torch.randn(batch, n, d, generator=g, dtype=torch.float64)
+    taps = torch.randn(batch, n, k_cols, generator=g, dtype=torch.float64)
+    ups = torch.randn(d, k_cols, generator=g, dtype=torch.float64) * (h_scale / k_cols**0.5)
+    conv = torch.randn(d, 1, k, k, generator=g, dtype=torch.float64) / k if k else None
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(y), cast(taps), cast(ups), cast(conv)
+
+
+def run_reference(y, taps, ups, beta, conv, grid, prefix, grad, dtype):
+    """Reference output and gradients, computed in ``dtype``."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (taps, ups)]
+    w = None if conv is None else conv.detach().to(dtype).requires_grad_()
+    out = reference.side_add(y.to(dtype), *leaves, beta, w, grid if w is not None else None, prefix)
+    grads = torch.autograd.grad(out, leaves + ([w] if w is not None else []), grad.to(dtype))
+    return [out.detach()] + list(grads)
+
+
+def run_fused(y, taps, ups, beta, conv, grid, prefix, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in (y, taps, ups)]
+    w = None if conv is None else conv.detach().clone().requires_grad_()
+    out = side.side_add(*leaves, beta, w, grid if w is not None else None, prefix, backend="cpu")
+    wanted = leaves + ([w] if w is not None else [])
+    grads = torch.autograd.grad(out, wanted, grad)
+    assert grads[0] is grad or torch.equal(grads[0], grad)  # ∂y = G, pass-through
+    return [out.detach()] + list(grads[1:])
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def scale(t):
+    return max(t.double().abs().max().item(), 1e-3)
+
+
+CASES = [
+    (shape, d, k, r, beta)
+    for (shape, d, k), r, beta in zip(
+        itertools.product(SHAPES, WIDTHS, KERNELS),
+        itertools.cycle([1, 2, 4, 8]),
+        itertools.cycle([100.0, 100.0, 1.0]),
+    )
+]
+
+
+# float32 on every case; float64 on two widths; bfloat16 on one (its eager reference is slow).
+DTYPE_CASES = [
+    (*case, dtype)
+    for dtype, widths in [
+        (torch.float32, WIDTHS),
+        (torch.float64, WIDTHS[:2]),
+        (torch.bfloat16, WIDTHS[1:2]),
+    ]
+    for case in CASES
+    if case[1] in widths
+]
+
+
+@pytest.mark.parametrize("shape,d,k,r,beta,dtype", DTYPE_CASES)
+def test_matches_reference(shape, d, k, r, beta, dtype):
+    batch, prefix, grid = shape
+    taps_per_stage = 3
+    y, taps, ups, conv = make_inputs(batch, prefix, grid, d, r * taps_per_stage, k, dtype)
+    grad = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    got = run_fused(y, taps, ups, beta, conv, grid, prefix, grad)
+    exact = run_reference(y, taps, ups, beta, conv, grid, prefix, grad, torch.float64)
+    names = ["out", "grad_taps", "grad_ups", "grad_conv"]
+    if dtype == torch.bfloat16:
+        # flash-attention's rule: at most a small multiple of the error of the same
+        # computation done by PyTorch in bfloat16 (plus a few bf16 ulps of the value).
+        low = run_reference(y, taps, ups, beta, conv, grid, prefix, grad, torch.bfloat16)
+        for name, g, e, lo in zip(names, got, exact, low):
+            bound = 2 * max_err(lo, e) + 2**-7 * scale(e)
+            assert max_err(g, e) <= bound, f"{name}: {max_err(g, e)} > {bound}"
+        return
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    for name, g, e in zip(names, got, exact):
+        assert g.dtype == dtype and g.shape == e.shape
+        assert max_err(g, e) <= rtol * scale(e) * (1 + r), f"{name}: {max_err(g, e)}"
+
+
+@pytest.mark.parametrize("k", [0, 3, 4])
+def test_noncontiguous_inputs(k):
+    batch, prefix, grid, d = 2, 1, (4, 5), 24
+    n = prefix + 20
+    y = torch.randn(n, batch, d + 3, dtype=torch.float64)[:, :, :d].transpose(0, 1)
+    taps = torch.randn(batch, 6, n, dtype=torch.float64).transpose(1, 2)
+    ups = (torch.randn(6, d, dtype=torch.float64) * 0.01).t()
+    conv = torch.randn(d, 1, k, k, dtype=torch.float64)[:, :, :, :].transpose(2, 3) if k else None
+    assert not y.is_contiguous() and not taps.is_contiguous() and not ups.is_contiguous()
+    grad = torch.randn(batch, n, d, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    got = run_fused(y, taps, ups, 100.0, conv, grid, prefix, grad)
+    exact = run_reference(y, taps, ups, 100.0, conv, grid, prefix, grad, torch.float64)
+    for g, e in zip(got, exact):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturated_theta(k, dtype):
+    """|βh| up to ~10⁴: σ saturates, no inf/nan, still equal to the reference."""
+    y, taps, ups, conv = make_inputs(2, 1, (3, 3), 32, 6, k, dtype, h_scale=50.0)
+    grad = torch.randn(y.shape, dtype=dtype)
+    got = run_fused(y, taps, ups, 100.0, conv, (3, 3), 1, grad)
+    exact = run_reference(y, taps, ups, 100.0, conv, (3, 3), 1, grad, torch.float64)
+    for g, e in zip(got, exact):
+        assert torch.isfinite(g).all()
+        assert max_err(g, e) <= (1e-10 if dtype == torch.float64 else 1e-5) * scale(e)
+
+
+GRADCHECK_CASES = [(0, 0, (2, 3)), (3, 1, (3, 3)), (4, 0, (2, 5)), (5, 2, (3, 2))]
+
+
+@pytest.mark.parametrize("k,prefix,grid", GRADCHECK_CASES)
+def test_gradcheck_float64(k, prefix, grid):
+    y, taps, ups, conv = make_inputs(2, prefix, grid, 11, 4, k, torch.float64, h_scale=0.5)
+    gh, gw = grid
+
+    def f(y, taps, ups, *w):
+        return OP.side_forward(y, taps, ups, w[0] if w else None, gh, gw, prefix, 3.0)
+
+    inputs = [t.requires_grad_() for t in (y, taps, ups)] + ([conv.requires_grad_()] if k else [])
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+@pytest.mark.parametrize("k", [0, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(k, dtype):
+    y, taps, ups, conv = make_inputs(2, 1, (3, 4), 20, 6, k, dtype)
+    for t in (y, taps, ups) + ((conv,) if k else ()):
+        t.requires_grad_()
+    args = (y, taps, ups, conv, 3, 4, 1, 100.0)
+    result = torch.library.opcheck(OP.side_forward.default, args)
+    assert all(v == "SUCCESS" for v in result.values()), result
+    grad = torch.randn_like(y).detach()
+    bwd_args = (grad, taps.detach(), ups.detach(), None if conv is None else conv.detach(), 3, 4, 1, 100.0)
+    result = torch.library.opcheck(
+        OP.side_backward.default, bwd_args, test_utils=("test_schema", "test_faketensor")
+    )
+    assert all(v == "SUCCESS" for v in result.values()), result
+
+
+@pytest.mark.parametrize(
+    "batch,prefix,grid,k",
+    [(1, 0, (31, 33), 0), (1, 3, (30, 34), 4), (6, 1, (14, 14), 3)],
+)
+def test_backward_is_deterministic(batch, prefix, grid, k):
+    """Bit-identical gradients from run to run, and with 1 or 2 threads."""
+    y, taps, ups, conv = make_inputs(batch, prefix, grid, 72, 12, k, torch.float32, h_scale=1.0)
+    grad = torch.randn(y.shape)
+    first = run_fused(y, taps, ups, 100.0, conv, grid, prefix, grad)
+    again = run_fused(y, taps, ups, 100.0, conv, grid, prefix, grad)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run_fused(y, taps, ups, 100.0, conv, grid, prefix, grad)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, again, single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_empty_batch():
+    y, taps, ups, conv = make_inputs(1, 1, (2, 2), 8, 2, 3, torch.float32)
+    y, taps = y[:0], taps[:0]
+    out = OP.side_forward(y, taps, ups, conv, 2, 2, 1, 100.0)
+    assert out.shape == y.shape
+    gt, gu, gw = OP.side_backward(y, taps, ups, conv, 2, 2, 1, 100.0)
+    assert gt.shape == taps.shape and not gu.any() and not gw.any()
+
+
+# -- bad input: clear errors, never a crash --------------------------------------------
+def _good():
+    y, taps, ups, conv = make_inputs(2, 1, (3, 3), 8, 4, 3, torch.float32)
+    return dict(y=y, taps=taps, ups=ups, beta=100.0, conv_weight=conv, grid=(3, 3), num_prefix=1)
+
+
+BAD = [
+    ("y", lambda a: a["y"][0], ValueError, "y must be"),
+    ("taps", lambda a: a["taps"][:, :5], ValueError, "taps must be"),
+    ("ups", lambda a: a["ups"][:7], ValueError, "ups must be"),
+    ("ups", lambda a: a["ups"][:, :3], ValueError, "ups must be"),
+    ("conv_weight", lambda a: a["conv_weight"][:, :, :2], ValueError, "conv_weight"),
+    ("conv_weight", lambda a: a["conv_weight"][:4], ValueError, "conv_weight"),
+    ("grid", lambda a: (2, 3), ValueError, "patch grid"),
+    ("grid", lambda a: None, ValueError, "grid"),
+    ("num_prefix", lambda a: 11, ValueError, "num_prefix"),
+    ("num_prefix", lambda a: -1, ValueError, "num_prefix"),
+    ("taps", lambda a: a["taps"].double(), TypeError, "dtype"),
+    ("y", lambda a: a["y"].int(), TypeError, "floating"),
+    ("ups", lambda a: a["ups"].tolist(), TypeError, "tensor"),
+    ("beta", lambda a: float("nan"), TypeError, "beta"),
+    ("ups", lambda a: a["ups"].to("meta"), ValueError, "device"),
+]
+
+
+@pytest.mark.parametrize("name,make,exc,match", BAD)
+def test_bad_inputs_raise_clear_errors(name, make, exc, match):
+    args = _good()
+    args[name] = make(args)
+    with pytest.raises(exc, match=match):
+        side.side_add(**args, backend="cpu")
+
+
+def test_raw_op_checks_its_inputs():
+    """The C++ op itself rejects inconsistent input with RuntimeError (no crash)."""
+    a = _good()
+    y, taps, ups, w = a["y"], a["taps"], a["ups"], a["conv_weight"]
+    bad_calls = [
+        (y[0], taps, ups, w, 3, 3, 1),
+        (y, taps[:, :4], ups, w, 3, 3, 1),
+        (y, taps, ups[:5], w, 3, 3, 1),
+        (y, taps, ups.double(), w, 3, 3, 1),
+        (y, taps, ups, w[:, :, :2], 3, 3, 1),
+        (y, taps, ups, w, 2, 3, 1),
+        (y, taps, ups, w, 3, 3, -1),
+        (y, taps, ups, w, 0, 3, 1),
+        (y.int(), taps.int(), ups.int(), None, 0, 0, 0),
+        (y, taps[..., :0], ups[:, :0], None, 0, 0, 0),
+    ]
+    for call in bad_calls:
+        with pytest.raises(RuntimeError):
+            OP.side_forward(*call, 100.0)
+        with pytest.raises(RuntimeError):
+            OP.side_backward(*call, 100.0)
+
+
+# -- dispatch -------------------------------------------------------------------------
+def test_auto_dispatch_uses_the_cpu_kernel(monkeypatch):
+    x = torch.zeros(1, 1, 4)
+    monkeypatch.delenv("DTL_KERNELS_BACKEND", raising=False)
+    assert side.resolve_backend(x) == "cpu"
+    monkeypatch.setenv("DTL_KERNELS_BACKEND", "reference")
+    assert side.resolve_backend(x) == "reference"
+    monkeypatch.setenv("DTL_KERNELS_BACKEND", "cpu")
+    assert side.resolve_backend(x) == "cpu"
+
+
+def test_ups_in_float32_with_bfloat16_activations():
+    """Parameters stay float32 under bfloat16 activations: ups is cast, its grad is fp32."""
+    y, taps, ups, conv = make_inputs(1, 1, (3, 3), 16, 4, 3, torch.bfloat16)
+    ups32 = ups.float().requires_grad_()
+    conv32 = conv.float().requires_grad_()
+    out = side.side_add(y, taps, ups32, 100.0, conv32, (3, 3), 1, backend="cpu")
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert ups32.grad.dtype == torch.float32 and conv32.grad.dtype == torch.float32
