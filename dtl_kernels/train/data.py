@@ -1,0 +1,305 @@
+"""Datasets for ``dtl-train``: built-in offline sets and the usual folder layouts.
+
+* ``elpv`` / ``elpv-binary`` — PyPI ``elpv-dataset``: 2,624 grayscale 300×300 solar-cell
+  electroluminescence images with a defect probability in {0, 1/3, 2/3, 1}. ``elpv`` maps
+  it to 4 classes (``round(3·p)``); ``elpv-binary`` to functional (p < 0.5) / defective.
+  Split: fixed, stratified, 75 % train / 25 % test, seed 0 (independent of ``--seed``).
+* ``fashion-mnist`` — Debian ``dataset-fashion-mnist`` (idx files): 60k / 10k, 10 classes.
+* ``vtab:NAME`` — VTAB-1K: ``<root>/NAME/{train800val200,test}.txt`` (SPEC §5).
+* ``fewshot:NAME`` — ``<root>/NAME/annotations/train_meta.list.num_shot_<k>.seed_<s>`` and
+  ``test_meta.list`` (paths relative to ``<root>/NAME``).
+* ``folder`` — an ImageFolder tree ``<root>/{train,test}/<class>/<image>`` (``val`` is
+  accepted for ``test``).
+
+Transform (no augmentation): gray → 3 channels, resize to the model input (bicubic,
+antialiased), scale to [0, 1], normalise (ImageNet mean/std or 0.5/0.5). All problems
+(missing list file, unreadable image, label out of range, empty split) are raised before
+training starts, naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+ELPV_TEST_FRACTION = 0.25
+ELPV_SPLIT_SEED = 0
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+
+class DataError(ValueError):
+    """A dataset problem found before training: names the file and what is wrong."""
+
+
+def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else (HALF, HALF)
+
+
+# -- tensors in memory ---------------------------------------------------------------------
+class TensorImages(Dataset):
+    """Images already decoded and resized, kept as ``uint8`` ``(N, C, S, S)`` (C = 1 or 3);
+    normalised to float on access (gray is repeated to 3 channels)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, classes=None):
+        if len(images) == 0:
+            raise DataError("empty split")
+        self.images, self.labels = images, labels.long()
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index: torch.Tensor) -> TensorImages:
+        out = TensorImages.__new__(TensorImages)
+        out.images, out.labels = self.images[index], self.labels[index]
+        out.mean, out.std, out.classes = self.mean, self.std, self.classes
+        return out
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float().div_(255)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
+    """``(N, C, H, W)`` uint8 → ``(N, C, size, size)`` uint8, bicubic with antialiasing."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = []
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].float()
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+# -- image files ---------------------------------------------------------------------------
+def load_image(path: Path, size: int) -> torch.Tensor:
+    """Read one image file → ``(3, size, size)`` uint8; ``DataError`` naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+            arr = np.asarray(img, dtype=np.uint8).copy()
+    except FileNotFoundError as exc:
+        raise DataError(f"image file not found: {path}") from exc
+    except Exception as exc:  # PIL raises several types for corrupt files
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    return torch.from_numpy(arr).permute(2, 0, 1)
+
+
+def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=None):
+    """Decode and check every file of ``(path, label)`` now (a corrupt image stops the run
+    before training, naming the file) → :class:`TensorImages`."""
+    if not samples:
+        raise DataError("empty split")
+    images = torch.stack([load_image(p, size) for p, _ in samples])
+    labels = torch.tensor([label for _, label in samples])
+    return TensorImages(images, labels, mean, std, classes)
+
+
+def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
+    """Lines ``<relative path> <label>`` → samples; ``DataError`` for a missing file or a
+    malformed line (with its number)."""
+    if not path.is_file():
+        raise DataError(f"list file not found: {path}")
+    samples = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.rsplit(maxsplit=1)
+        try:
+            samples.append((base / parts[0], int(parts[1])))
+        except (IndexError, ValueError) as exc:
+            raise DataError(f"{path}:{n}: expected '<path> <label>', got {line!r}") from exc
+    if not samples:
+        raise DataError(f"list file {path} is empty")
+    return samples
+
+
+def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    samples = []
+    for label, name in enumerate(classes):
+        for f in sorted((root / name).rglob("*")):
+            if f.suffix.lower() in IMAGE_EXTENSIONS:
+                samples.append((f, label))
+    if not samples:
+        raise DataError(f"no images under {root} (expected {root}/<class>/<image>)")
+    return samples, classes
+
+
+def check_labels(splits: dict[str, torch.Tensor], num_classes: int | None, where: str) -> int:
+    """``num_classes`` (given or ``max label + 1``); ``DataError`` if a label is outside."""
+    top = max(int(lab.max()) for lab in splits.values())
+    n = top + 1 if num_classes is None else num_classes
+    for name, lab in splits.items():
+        bad = ((lab < 0) | (lab >= n)).nonzero().flatten()
+        if len(bad):
+            raise DataError(
+                f"{where}: {name} split has label {int(lab[bad[0]])} (sample {int(bad[0])}) "
+                f"outside the class range 0…{n - 1}"
+            )
+    return n
+
+
+# -- built-in datasets ----------------------------------------------------------------------
+def elpv_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """``(images (2624, 300, 300) uint8, defect probabilities)`` from ``elpv-dataset``."""
+    try:
+        from elpv_dataset.utils import load_dataset
+    except ImportError as exc:
+        raise DataError("the elpv dataset needs the PyPI package: pip install elpv-dataset") from exc
+    images, probs, _types = load_dataset()
+    return images, probs
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
+    """Indices ``(train, test)``: per class, a seeded shuffle, the first share is test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        k = int(round(test_fraction * len(idx)))
+        test += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return np.sort(train), np.sort(test)
+
+
+def elpv(size: int, mean, std, binary: bool = False):
+    images, probs = elpv_arrays()
+    labels = (probs >= 0.5).astype(np.int64) if binary else np.rint(probs * 3).astype(np.int64)
+    classes = ["functional", "defective"] if binary else ["p=0", "p=1/3", "p=2/3", "p=1"]
+    train_idx, test_idx = stratified_split(labels, ELPV_TEST_FRACTION, ELPV_SPLIT_SEED)
+    x = resize_uint8(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1), size)
+    y = torch.from_numpy(labels)
+    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+    return (
+        TensorImages(x[tr], y[tr], mean, std, classes),
+        TensorImages(x[te], y[te], mean, std, classes),
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def fashion_mnist_dir(root: str | None = None) -> Path:
+    candidates = [Path(root)] if root else [Path(d) for d in FASHION_MNIST_DIRS]
+    for d in candidates:
+        if d.is_dir() and list(d.rglob("train-images-idx3-ubyte*")):
+            return d
+    raise DataError(
+        f"Fashion-MNIST idx files not found in {[str(c) for c in candidates]}. Install them with "
+        "`sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist` (Debian/Ubuntu), "
+        "or pass --data-root to a folder holding {train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]"
+    )
+
+
+def fashion_mnist(size: int, mean, std, root: str | None = None):
+    d = fashion_mnist_dir(root)
+
+    def load(prefix):
+        img = _read_idx(next(d.rglob(f"{prefix}-images-idx3-ubyte*")))
+        lab = _read_idx(next(d.rglob(f"{prefix}-labels-idx1-ubyte*")))
+        x = resize_uint8(torch.from_numpy(img.copy()).unsqueeze(1), size)
+        return TensorImages(x, torch.from_numpy(lab.astype(np.int64)), mean, std, FASHION_MNIST_CLASSES)
+
+    return load("train"), load("t10k")
+
+
+# -- entry point ------------------------------------------------------------------------------
+def build_datasets(cfg, size: int, norm: str):
+    """``(train, test, num_classes)`` for ``cfg.dataset``; every check runs here."""
+    mean, std = normalization(norm)
+    name = cfg.dataset
+    root = Path(cfg.data_root) if cfg.data_root else None
+    if name in ("elpv", "elpv-binary"):
+        train, test = elpv(size, mean, std, binary=name == "elpv-binary")
+    elif name == "fashion-mnist":
+        train, test = fashion_mnist(size, mean, std, cfg.data_root)
+    elif name.startswith(("vtab:", "fewshot:", "folder")):
+        if root is None:
+            raise DataError(f"--dataset {name} needs --data-root")
+        train_s, test_s, classes = _file_samples(name, root, cfg)
+        check_labels(
+            {"train": torch.tensor([s[1] for s in train_s]), "test": torch.tensor([s[1] for s in test_s])},
+            cfg.num_classes,
+            f"{name} in {root}",
+        )
+        train_s, test_s = _limit_list(train_s, cfg.max_train), _limit_list(test_s, cfg.max_test)
+        train = file_images(train_s, size, mean, std, classes)
+        test = file_images(test_s, size, mean, std, classes)
+    else:
+        raise DataError(
+            f"unknown dataset {name!r}: use elpv, elpv-binary, fashion-mnist, vtab:NAME, "
+            "fewshot:NAME or folder (with --data-root)"
+        )
+    train, test = _limit_ds(train, cfg.max_train), _limit_ds(test, cfg.max_test)
+    for split, ds in (("train", train), ("test", test)):
+        if len(ds) == 0:
+            raise DataError(f"{name}: the {split} split is empty")
+    num_classes = check_labels({"train": train.labels, "test": test.labels}, cfg.num_classes, name)
+    return train, test, num_classes
+
+
+def _file_samples(name: str, root: Path, cfg):
+    if name.startswith("vtab:"):
+        base = root / name.split(":", 1)[1]
+        train = read_list(base / f"{cfg.train_split}.txt", base)
+        test = read_list(base / f"{cfg.test_split}.txt", base)
+        return train, test, None
+    if name.startswith("fewshot:"):
+        base = root / name.split(":", 1)[1]
+        ann = base / "annotations"
+        train = read_list(ann / f"train_meta.list.num_shot_{cfg.shots}.seed_{cfg.shot_seed}", base)
+        test = read_list(ann / "test_meta.list", base)
+        return train, test, None
+    train, classes = scan_folder(root / "train")
+    test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+    test, test_classes = scan_folder(test_dir)
+    if test_classes != classes:
+        raise DataError(f"class folders differ between {root / 'train'} and {test_dir}")
+    return train, test, classes
+
+
+def _keep(length: int, n: int) -> torch.Tensor:
+    return torch.randperm(length, generator=torch.Generator().manual_seed(0))[:n].sort().values
+
+
+def _limit_list(samples, n):
+    if n is None or n >= len(samples):
+        return samples
+    return [samples[i] for i in _keep(len(samples), n).tolist()]
+
+
+def _limit_ds(ds, n):
+    """A fixed random subset of ``n`` samples (seed 0), in the original order."""
+    if n is None or n >= len(ds):
+        return ds
+    return ds.subset(_keep(len(ds), n))
