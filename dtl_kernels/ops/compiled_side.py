@@ -24,6 +24,8 @@ its reductions over rows are deterministic (fixed-order sums of per-task partial
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _ext
@@ -32,8 +34,8 @@ _OP = "dtl_kernels::side_forward"
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-def available(device_type: str) -> bool:
-    """Whether the compiled side op has a kernel for ``device_type`` (``"cpu"``/``"cuda"``)."""
+@functools.lru_cache(maxsize=None)
+def _has_kernel(device_type: str) -> bool:
     key = _DISPATCH_KEY.get(device_type)
     if key is None or not _ext.cpu_built():
         return False
@@ -43,6 +45,14 @@ def available(device_type: str) -> bool:
         return torch._C._dispatch_has_kernel_for_dispatch_key(_OP, key)
     except RuntimeError:  # the schema is not registered (an old build)
         return False
+
+
+@torch.compiler.assume_constant_result
+def available(device_type: str) -> bool:
+    """Whether the compiled side op has a kernel for ``device_type`` (``"cpu"``/``"cuda"``).
+
+    A constant for ``torch.compile`` (registrations do not change during a trace)."""
+    return _has_kernel(device_type)
 
 
 if _ext.cpu_built():
