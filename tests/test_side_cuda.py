@@ -1,0 +1,248 @@
+"""The CUDA C++ side op (csrc/cuda/side.cu).
+
+Without a GPU (this machine, CI) the checks are: the CUDA extension was built when it
+should have been and imports; the CUDA kernels are registered for the
+``dtl_kernels::side_forward`` / ``side_backward`` schemas and are in the binary; and the
+registered host functions run and reject bad inputs (called straight at the CUDA
+dispatch key with CPU tensors: every input check fires before any GPU work).
+
+With a GPU, the kernels are compared with the float64 reference, forward and backward,
+in float32 / bfloat16 / float16 / float64, on odd shapes, strided inputs and saturated θ,
+and their backward is checked bitwise deterministic. ``torch.cuda.is_available()`` is
+called inside the tests only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+
+import dtl_kernels
+from dtl_kernels.ops import _ext, reference
+
+PKG_DIR = os.path.dirname(dtl_kernels.__file__)
+OPS = ("side_forward", "side_backward")
+KERNELS = (b"side_rows_fwd_kernel", b"side_conv_fwd_kernel", b"side_bwd_kernel",
+           b"sum_partials_kernel")
+
+
+def _cuda_expected() -> bool:
+    """Whether setup.py builds the CUDA extension here (its DTL_KERNELS_CUDA=auto rule)."""
+    if os.environ.get("DTL_KERNELS_CUDA", "auto").strip() == "0" or torch.version.cuda is None:
+        return False
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    return os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def _cuda_so() -> list[str]:
+    return glob.glob(os.path.join(PKG_DIR, "_C_cuda*.so")) + glob.glob(
+        os.path.join(PKG_DIR, "_C_cuda*.pyd"))
+
+
+def _need_cuda_build():
+    if not _ext.cuda_built():
+        pytest.skip(f"the CUDA extension is not built here ({_ext.CUDA_ERROR})")
+
+
+# ------------------------------------------------------------------------------------
+# Checks that need no GPU
+# ------------------------------------------------------------------------------------
+
+
+def test_cuda_extension_built_and_imports():
+    libs = _cuda_so()
+    if not libs and not _cuda_expected():
+        pytest.skip("no CUDA toolkit / CUDA build of torch: the CUDA extension is not built")
+    assert libs, "setup.py should have built dtl_kernels._C_cuda (toolkit and CUDA torch found)"
+    assert _ext.cuda_built(), f"dtl_kernels._C_cuda does not import: {_ext.CUDA_ERROR}"
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_kernels_registered(op):
+    _need_cuda_build()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", "CPU")
+
+
+def test_cuda_kernels_in_binary():
+    """The device code was compiled in (kernel names of the host-side launch stubs)."""
+    _need_cuda_build()
+    data = b"".join(open(p, "rb").read() for p in _cuda_so())
+    missing = [k.decode() for k in KERNELS if k not in data]
+    assert not missing, f"kernels missing from {_cuda_so()}: {missing}"
+
+
+def test_schemas():
+    _need_cuda_build()
+    fwd = str(torch.ops.dtl_kernels.side_forward.default._schema)
+    bwd = str(torch.ops.dtl_kernels.side_backward.default._schema)
+    assert "Tensor? conv_weight, int grid_h, int grid_w, int num_prefix, float beta" in fwd
+    assert bwd.endswith("-> (Tensor, Tensor, Tensor)")
+
+
+def _call_cuda_kernel(op, *args):
+    """Run the CUDA registration of ``op`` whatever the inputs' device (here: CPU tensors,
+    so only its host-side input checks can run)."""
+    ks = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    return getattr(torch.ops.dtl_kernels, op).default.redispatch(ks, *args)
+
+
+def _small(dtype=torch.float32, k=3):
+    y = torch.zeros(2, 7, 16, dtype=dtype)
+    taps = torch.zeros(2, 7, 4, dtype=dtype)
+    ups = torch.zeros(16, 4, dtype=dtype)
+    w = torch.zeros(16, 1, k, k, dtype=dtype) if k else None
+    return y, taps, ups, w
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_cuda_host_checks_reject_cpu_tensors(op):
+    _need_cuda_build()
+    y, taps, ups, w = _small()
+    with pytest.raises(RuntimeError, match="must be a CUDA tensor"):
+        _call_cuda_kernel(op, y, taps, ups, w, 2, 3, 1, 100.0)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16, bfloat16 or float64"):
+        _call_cuda_kernel(op, y.int(), taps, ups, w, 2, 3, 1, 100.0)
+
+
+# ------------------------------------------------------------------------------------
+# GPU checks (skipped without a GPU)
+# ------------------------------------------------------------------------------------
+
+
+def _need_gpu():
+    _need_cuda_build()
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible): CUDA kernels compiled but not run here")
+
+
+# (B, prefix, grid or N, d, K, k): rows 1, 7, 37, 197, 1023; d not a power of two
+SHAPES = [
+    (2, 0, 1, 24, 2, 0),
+    (2, 0, 7, 40, 6, 0),
+    (3, 0, 197, 100, 24, 0),
+    (1, 0, (1, 1), 24, 2, 3),
+    (2, 1, (2, 3), 40, 6, 3),
+    (2, 5, (4, 8), 72, 6, 4),
+    (1, 1, (14, 14), 100, 24, 5),
+    (3, 5, (16, 21), 40, 4, 3),
+    (2, 0, (5, 7), 130, 48, 4),
+    (1, 0, (9, 17), 33, 128, 7),
+]
+FLOOR = {torch.float32: 2e-6, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _case_inputs(shape, dtype, device, scale=0.3, seed=0):
+    bsz, prefix, grid, d, kw, k = shape
+    n = prefix + grid[0] * grid[1] if isinstance(grid, tuple) else grid
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g, dtype=torch.float64)
+
+    y, taps, ups = rnd(bsz, n, d), rnd(bsz, n, kw) * scale, rnd(d, kw) * 0.3 / (kw / 6) ** 0.5
+    w = rnd(d, 1, k, k) / k if k else None
+    grad = rnd(bsz, n, d)
+    return [t.to(device) if t is not None else None for t in (y, taps, ups, w, grad)]
+
+
+def _reference(y, taps, ups, w, grad, beta, grid, prefix, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None
+              for t in (y, taps, ups, w)]
+    out = reference.side_add(*leaves[:3], beta, leaves[3], grid if w is not None else None,
+                             prefix)
+    wanted = [t for t in leaves if t is not None]
+    return [out.detach()] + list(torch.autograd.grad(out, wanted, grad.to(dtype)))
+
+
+def _cuda_op(y, taps, ups, w, grad, beta, grid, prefix, dtype, strided=False):
+    cast = [t.to(dtype) if t is not None else None for t in (y, taps, ups, w, grad)]
+    if strided:  # same values, non-contiguous y / taps / grad (unit last stride) and ups
+        cast[0] = torch.cat([cast[0], cast[0]], dim=-1)[..., : y.shape[-1]]
+        cast[1] = cast[1].transpose(0, 1).contiguous().transpose(0, 1)
+        cast[2] = cast[2].t().contiguous().t()
+        cast[4] = torch.cat([cast[4], cast[4]], dim=-1)[..., : y.shape[-1]]
+    gh, gw = grid if w is not None else (0, 0)
+    args = (cast[1], cast[2], cast[3], gh, gw, prefix, beta)
+    out = torch.ops.dtl_kernels.side_forward(cast[0], *args)
+    gt, gu, gc = torch.ops.dtl_kernels.side_backward(cast[4], *args)
+    return [out, cast[4]] + [gt, gu] + ([gc] if w is not None else [])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("beta", [1.0, 100.0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}p{s[1]}g{s[2]}d{s[3]}K{s[4]}k{s[5]}")
+def test_cuda_matches_reference(shape, beta, dtype):
+    _need_gpu()
+    _check_against_reference(shape, beta, dtype, strided=False, scale=0.3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flags", ["strided", "saturated"])
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5], SHAPES[6]])
+def test_cuda_strided_and_saturated(shape, flags):
+    _need_gpu()
+    _check_against_reference(shape, 100.0, torch.float32, strided=flags == "strided",
+                             scale=1e3 if flags == "saturated" else 0.3)
+
+
+def _check_against_reference(shape, beta, dtype, strided, scale):
+    prefix, grid = shape[1], shape[2]
+    y, taps, ups, w, grad = _case_inputs(shape, dtype, "cuda", scale=scale)
+    exact = _reference(y, taps, ups, w, grad, beta, grid, prefix, torch.float64)
+    torch_lp = _reference(y, taps, ups, w, grad, beta, grid, prefix, dtype)
+    ours = _cuda_op(y, taps, ups, w, grad, beta, grid, prefix, dtype, strided=strided)
+    names = ["out", "grad_y", "grad_taps", "grad_ups", "grad_conv"]
+    for nm, e, t, o in zip(names, exact, torch_lp, ours):
+        assert o.dtype == dtype and o.shape == e.shape, nm
+        assert torch.isfinite(o).all(), nm
+        err = (o.double() - e).abs().max().item()
+        err_torch = (t.double() - e).abs().max().item()
+        tol = 4 * err_torch + FLOOR[dtype] * max(1.0, e.abs().max().item())
+        assert err <= tol, f"{nm}: error {err:.3e} > {tol:.3e} (torch at {dtype}: {err_torch:.3e})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[6], SHAPES[7]])
+def test_cuda_backward_deterministic(shape):
+    _need_gpu()
+    y, taps, ups, w, grad = _case_inputs(shape, torch.float32, "cuda")
+    runs = [_cuda_op(y, taps, ups, w, grad, 100.0, shape[2], shape[1], torch.float32)
+            for _ in range(3)]
+    for a, b in zip(runs[0], runs[1]):
+        assert torch.equal(a, b)
+    for a, b in zip(runs[0], runs[2]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_autograd_and_opcheck():
+    """End to end through the dispatch (``backend="cuda"``) and the registered autograd."""
+    _need_gpu()
+    from dtl_kernels.ops import side
+
+    shape = SHAPES[5]
+    y, taps, ups, w, grad = _case_inputs(shape, torch.float32, "cuda")
+    leaves = [t.float().requires_grad_() for t in (y, taps, ups, w)]
+    out = side.side_add(*leaves[:3], 100.0, leaves[3], shape[2], shape[1], backend="cuda")
+    out.backward(grad.float())
+    exact = _reference(y, taps, ups, w, grad, 100.0, shape[2], shape[1], torch.float64)
+    for e, t in zip(exact[1:], leaves):
+        torch.testing.assert_close(t.grad.double(), e, rtol=1e-4, atol=1e-4)
+    args = (y.float(), taps.float(), ups.float(), w.float(), 4, 8, 5, 100.0)
+    torch.library.opcheck(torch.ops.dtl_kernels.side_forward.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+def test_cuda_rejects_mixed_devices_and_bad_grid():
+    _need_gpu()
+    y, taps, ups, w = (t.cuda() for t in _small())
+    with pytest.raises(RuntimeError, match="patch grid"):
+        torch.ops.dtl_kernels.side_forward(y, taps, ups, w, 3, 3, 1, 100.0)
+    with pytest.raises(RuntimeError, match="CUDA tensor"):
+        torch.ops.dtl_kernels.side_forward(y, taps.cpu(), ups, w, 2, 3, 1, 100.0)
