@@ -77,7 +77,7 @@ def _inputs(case, seed=0):
 def _noncontig(x: torch.Tensor, how: int) -> torch.Tensor:
     """The same values in a strided layout (checked non-contiguous)."""
     if x.dim() == 3 and how == 0:  # y, grad: a slice of a wider tensor
-        big = torch.zeros(*x.shape[:-1], x.shape[-1] + 5, dtype=x.dtype)
+        big = x.new_zeros(*x.shape[:-1], x.shape[-1] + 5)
         big[..., 2 : 2 + x.shape[-1]] = x
         out = big[..., 2 : 2 + x.shape[-1]]
     elif x.dim() == 3:  # taps: last dim strided (a transposed buffer)
@@ -88,12 +88,12 @@ def _noncontig(x: torch.Tensor, how: int) -> torch.Tensor:
     return out
 
 
-def _run(fn, case, dtype, y, taps, ups, w, grad):
+def _run(fn, case, dtype, y, taps, ups, w, grad, device="cpu"):
     bsz, n, d, kw, beta, k, prefix, grid, _, flags = case
-    leaves = [t.detach().to(dtype).clone().requires_grad_() if t is not None else None
+    leaves = [t.detach().to(device, dtype).clone().requires_grad_() if t is not None else None
               for t in (y, taps, ups, w)]
     args = list(leaves)
-    g = grad.to(dtype)
+    g = grad.to(device, dtype)
     if "noncontig" in flags:
         args[0] = _noncontig(args[0], 0)
         args[1] = _noncontig(args[1], 1)
@@ -104,14 +104,14 @@ def _run(fn, case, dtype, y, taps, ups, w, grad):
     return [out.detach()] + [t.grad for t in leaves if t is not None]
 
 
-def _check_case(name, case):
+def _check_case(name, case, device="cpu"):
     from dtl_kernels.ops import reference, triton_side
 
     dtype = getattr(torch, case[8])
     y, taps, ups, w, grad = _inputs(case)
-    exact = _run(reference.side_add, case, torch.float64, y, taps, ups, w, grad)
-    ours = _run(triton_side.side_add, case, dtype, y, taps, ups, w, grad)
-    torch_lp = _run(reference.side_add, case, dtype, y, taps, ups, w, grad)
+    exact = _run(reference.side_add, case, torch.float64, y, taps, ups, w, grad, device)
+    ours = _run(triton_side.side_add, case, dtype, y, taps, ups, w, grad, device)
+    torch_lp = _run(reference.side_add, case, dtype, y, taps, ups, w, grad, device)
     names = ["out", "grad_y", "grad_taps", "grad_ups", "grad_conv"]
     report, ok = {}, True
     for nm, e, o, t in zip(names, exact, ours, torch_lp):
@@ -123,7 +123,7 @@ def _check_case(name, case):
         ok &= good
         report[nm] = f"err {err:.2e} (torch {err_torch:.2e}, tol {tol:.2e}){'' if good else ' FAIL'}"
     if "saturated" in case[9]:
-        report["saturated"] = "θ saturates: |h| max %.0f" % (
+        report["saturated"] = "theta saturates: |h| max %.0f" % (
             torch.matmul(taps, ups.t()).abs().max().item()
         )
     return ok, report
@@ -252,6 +252,29 @@ def test_cpu_tensors_need_interpreter():
     y = torch.zeros(1, 1, 16)
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
         triton_side.side_add(y, torch.zeros(1, 1, 2), torch.zeros(16, 2), 100.0)
+
+
+# Same checks on a GPU, compiled (not interpreted), plus ViT-B-sized shapes.
+GPU_CASES = dict(CASES)
+GPU_CASES.update({
+    "vit-b-dtl-fp32": (4, 197, 768, 24, 100.0, 0, 0, None, "float32", ""),
+    "vit-b-dtl+k5-bf16": (4, 197, 768, 24, 100.0, 5, 1, (14, 14), "bfloat16", ""),
+    "vit-b-dtl+k3-fp16-noncontig": (2, 197, 768, 12, 100.0, 3, 1, (14, 14), "float16",
+                                    "noncontig"),
+    "swin-dtl+k5-K64": (2, 196, 512, 64, 100.0, 5, 0, (14, 14), "float32", ""),
+})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_triton_gpu(name):
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs Triton interpreted")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible): compiled Triton kernels not run here")
+    ok, report = _check_case(name, GPU_CASES[name], device="cuda")
+    assert ok, json.dumps(report, indent=1)
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
