@@ -31,11 +31,12 @@ DTL_HOST_DEVICE T theta(T x, T beta) {
   return x * sigmoid_beta(x, beta);
 }
 
-// theta'(x) = s + beta * x * s * (1 - s) with s = sigma(beta * x).
+// theta'(x) = s + beta * x * s * (1 - s) with s = sigma(beta * x). beta multiplies last:
+// for |x| > max/beta, (beta * x) would be inf and inf * 0 = NaN where sigma saturates.
 template <typename T>
 DTL_HOST_DEVICE T theta_grad(T x, T beta) {
   T s = sigmoid_beta(x, beta);
-  return s + beta * x * s * (T(1) - s);
+  return s + beta * (x * s * (T(1) - s));
 }
 
 }  // namespace dtl

@@ -52,7 +52,7 @@ void theta_backward_range(const scalar_t* g, const scalar_t* x, scalar_t* out, i
     for (; i + Vec::size() <= end; i += Vec::size()) {
       Vec v = Vec::loadu(x + i);
       Vec s = vec_sigmoid_beta(v, beta);
-      Vec d = s + vbeta * v * s * (one - s);
+      Vec d = s + vbeta * (v * s * (one - s));  // β last: no inf·0 for |x| > max/β
       (Vec::loadu(g + i) * d).store(out + i);
     }
   }

@@ -33,7 +33,7 @@ def theta(x: torch.Tensor, beta: float) -> torch.Tensor:
 def theta_grad(x: torch.Tensor, beta: float) -> torch.Tensor:
     """``θ'(x) = σ(βx) + βx·σ(βx)·(1 − σ(βx))``, the derivative of :func:`theta`."""
     s = torch.sigmoid(beta * x)
-    return s + beta * x * s * (1 - s)
+    return s + beta * (x * s * (1 - s))  # β last: no inf·0 = NaN for |x| > max/β
 
 
 def tap(z: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
