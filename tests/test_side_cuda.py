@@ -175,7 +175,7 @@ def _cuda_op(y, taps, ups, w, grad, beta, grid, prefix, dtype, strided=False):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("beta", [1.0, 100.0])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}p{s[1]}g{s[2]}d{s[3]}K{s[4]}k{s[5]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}p{}g{}d{}K{}k{}".format(*s))
 def test_cuda_matches_reference(shape, beta, dtype):
     _need_gpu()
     _check_against_reference(shape, beta, dtype, strided=False, scale=0.3)

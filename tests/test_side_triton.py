@@ -121,7 +121,8 @@ def _check_case(name, case, device="cpu"):
         tol = MULTIPLE * err_torch + FLOOR[case[8]] * max(1.0, e.abs().max().item())
         good = finite and o.dtype == dtype and o.shape == e.shape and err <= tol
         ok &= good
-        report[nm] = f"err {err:.2e} (torch {err_torch:.2e}, tol {tol:.2e}){'' if good else ' FAIL'}"
+        verdict = "" if good else " FAIL"
+        report[nm] = f"err {err:.2e} (torch {err_torch:.2e}, tol {tol:.2e}){verdict}"
     if "saturated" in case[9]:
         report["saturated"] = "theta saturates: |h| max %.0f" % (
             torch.matmul(taps, ups.t()).abs().max().item()

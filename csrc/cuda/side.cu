@@ -358,8 +358,8 @@ int64_t check_inputs(const char* op, const at::Tensor& y, const at::Tensor& taps
   TORCH_CHECK(taps.size(0) == y.size(0) && taps.size(1) == y.size(1), op, ": taps ",
               taps.sizes(), " do not match y ", y.sizes(), " in (B, N)");
   TORCH_CHECK(ups.size(0) == y.size(2), op, ": ups has ", ups.size(0), " rows but d = ", y.size(2));
-  TORCH_CHECK(ups.size(1) == taps.size(2), op, ": ups has ", ups.size(1), " columns but taps have K = ",
-              taps.size(2));
+  TORCH_CHECK(ups.size(1) == taps.size(2), op, ": ups has ", ups.size(1),
+              " columns but taps have K = ", taps.size(2));
   TORCH_CHECK(taps.size(2) >= 1 && taps.size(2) <= kMaxK, op, " (CUDA): taps need 1 <= K <= ",
               kMaxK, " columns, got ", taps.size(2));
   TORCH_CHECK(std::isfinite(beta), op, ": beta must be finite, got ", beta);
@@ -411,7 +411,8 @@ at::Tensor side_forward_cuda(const at::Tensor& y_in, const at::Tensor& taps_in,
   const dim3 block(kBD, kTY);
   const int64_t dchunks = cdiv(D, kBD);
   TORCH_CHECK(dchunks <= 65535, op, ": d = ", D, " is too large");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "side_forward_cuda", [&] {
+  const auto dtype = y.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "side_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t rows = ksize ? num_prefix : N;  // rows that get θ(h) only
     if (rows > 0) {
@@ -468,11 +469,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cuda(
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const int64_t B = grad_in.size(0), N = grad_in.size(1), D = grad_in.size(2), K = taps_in.size(2);
   const int64_t kk = ksize * ksize;
-  at::Tensor grad_taps = at::empty({B, N, K}, taps_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_ups = at::empty({D, K}, ups_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_conv = ksize ? at::empty({D, 1, ksize, ksize}, conv_weight->options().memory_format(
-                                                                     at::MemoryFormat::Contiguous))
-                               : at::empty({0}, grad_in.options());
+  const auto contiguous = at::MemoryFormat::Contiguous;
+  at::Tensor grad_taps = at::empty({B, N, K}, taps_in.options().memory_format(contiguous));
+  at::Tensor grad_ups = at::empty({D, K}, ups_in.options().memory_format(contiguous));
+  at::Tensor grad_conv =
+      ksize ? at::empty({D, 1, ksize, ksize}, conv_weight->options().memory_format(contiguous))
+            : at::empty({0}, grad_in.options());
   if (B * N == 0 || D == 0) {
     grad_taps.zero_();
     grad_ups.zero_();
@@ -495,7 +497,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cuda(
   at::Tensor part_taps = at::empty({dchunks, B * N, K}, acc_opts);
   at::Tensor part_ups = at::empty({slots, D, K}, acc_opts);
   at::Tensor part_w = at::empty({ksize ? slots : 0, D, kk}, acc_opts);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "side_backward_cuda", [&] {
+  const auto dtype = g.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "side_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = sizeof(acc_t) * (K * kPitch + kk * kPitch + kBM * K + 2 * kBM * kPitch);
     auto kernel = side_bwd_kernel<scalar_t>;
