@@ -324,14 +324,19 @@ def _check(
     return k
 
 
+def _interpreted() -> bool:
+    """Whether the kernels were defined by Triton's interpreter (decided at import time)."""
+    return type(_side_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def _require_launchable(x: torch.Tensor) -> None:
     """Triton runs CUDA tensors, and CPU tensors only under its interpreter."""
     if triton is None:
         raise _ext.BackendUnavailable("the triton backend needs `pip install triton`")
-    if not x.is_cuda and not _ext.triton_interpret():
+    if not x.is_cuda and not _interpreted():
         raise _ext.BackendUnavailable(
-            "the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1 "
-            "set before dtl_kernels.ops.triton_side is imported)"
+            "the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, "
+            "set before dtl_kernels.ops.triton_side is first imported)"
         )
 
 
