@@ -53,9 +53,12 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kTileBytes = 64 * 1024;  // one thread-local rows × CH tile
-constexpr int64_t kMaxChunk = 64;          // channels per task at most
-constexpr int64_t kRowBlock = 256;         // rows per unit for DTL (no grid)
+// Thread-local rows × CH tiles: forward keeps one, backward four (h/S, G, θ(h), gᵀ(G)).
+constexpr int64_t kTileBytesFwd = 256 * 1024;
+constexpr int64_t kTileBytesBwd = 96 * 1024;
+constexpr int64_t kMaxChunk = 512;   // channels per DTL+ task at most
+constexpr int64_t kMaxWidth = 2048;  // DTL forward: whole rows up to this width
+constexpr int64_t kRowBlock = 256;   // rows per unit for the DTL backward (no grid)
 constexpr int64_t kTargetTasks = 32;       // backward: split channels below this many units
 
 // ---------------------------------------------------------------------------------------
@@ -74,17 +77,6 @@ inline Vectorized<acc_t> vec_sigmoid_beta(Vectorized<acc_t> x, Vectorized<acc_t>
     e = u.exp();
   }
   return Vec(acc_t(1)) / (Vec(acc_t(1)) + e);
-}
-
-// In place: x ← θ(x) over n (a multiple of the vector size) values.
-template <typename acc_t>
-void theta_tile(acc_t* x, int64_t n, acc_t beta) {
-  using Vec = Vectorized<acc_t>;
-  const Vec vb(beta);
-  for (int64_t i = 0; i < n; i += Vec::size()) {
-    Vec v = Vec::loadu(x + i);
-    (v * vec_sigmoid_beta(v, vb)).store(x + i);
-  }
 }
 
 // In place: x ← θ'(x); th ← θ(x) (when th is not null).
@@ -138,39 +130,60 @@ inline void store_add_row(const scalar_t* y, const acc_t* r, scalar_t* out, int6
 }
 
 // ---------------------------------------------------------------------------------------
-// h = T · Uᵀ for nr rows × CH channels
+// h = T · Uᵀ for nr rows × CH channels (θ(h) when kTheta)
 // ---------------------------------------------------------------------------------------
 // T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
-// H: nr × CH. Register-blocked 4 vectors of channels at a time.
-template <typename acc_t>
-void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
-               int64_t dpad, int64_t CH, acc_t* H) {
+// H: nr × CH. Register-blocked: 4 rows × 2 vectors of channels share every load of Uᵀ.
+template <typename acc_t, bool kTheta, int64_t RB>
+inline void rebuild_h_rows(const acc_t* T, int64_t ldt, int64_t K, const acc_t* ut,
+                           int64_t dpad, int64_t CH, acc_t* H, acc_t beta) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
-  for (int64_t n = 0; n < nr; ++n) {
-    const acc_t* t = T + n * ldt;
-    acc_t* h = H + n * CH;
-    int64_t c = 0;
-    for (; c + 4 * V <= CH; c += 4 * V) {
-      Vec a0(acc_t(0)), a1(acc_t(0)), a2(acc_t(0)), a3(acc_t(0));
-      for (int64_t k = 0; k < K; ++k) {
-        const Vec tk(t[k]);
-        const acc_t* u = ut + k * dpad + c;
-        a0 = at::vec::fmadd(tk, Vec::loadu(u), a0);
-        a1 = at::vec::fmadd(tk, Vec::loadu(u + V), a1);
-        a2 = at::vec::fmadd(tk, Vec::loadu(u + 2 * V), a2);
-        a3 = at::vec::fmadd(tk, Vec::loadu(u + 3 * V), a3);
+  const Vec vb(beta);
+  int64_t c = 0;
+  for (; c + 2 * V <= CH; c += 2 * V) {
+    Vec a[RB][2];
+    for (int64_t r = 0; r < RB; ++r) a[r][0] = a[r][1] = Vec(acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec u0 = Vec::loadu(ut + k * dpad + c), u1 = Vec::loadu(ut + k * dpad + c + V);
+      for (int64_t r = 0; r < RB; ++r) {
+        const Vec tk(T[r * ldt + k]);
+        a[r][0] = at::vec::fmadd(tk, u0, a[r][0]);
+        a[r][1] = at::vec::fmadd(tk, u1, a[r][1]);
       }
-      a0.store(h + c);
-      a1.store(h + c + V);
-      a2.store(h + c + 2 * V);
-      a3.store(h + c + 3 * V);
     }
-    for (; c < CH; c += V) {
-      Vec a(acc_t(0));
-      for (int64_t k = 0; k < K; ++k) a = at::vec::fmadd(Vec(t[k]), Vec::loadu(ut + k * dpad + c), a);
-      a.store(h + c);
+    for (int64_t r = 0; r < RB; ++r) {
+      for (int64_t i = 0; i < 2; ++i) {
+        Vec v = a[r][i];
+        if constexpr (kTheta) v = v * vec_sigmoid_beta(v, vb);
+        v.store(H + r * CH + c + i * V);
+      }
     }
+  }
+  for (; c < CH; c += V) {
+    Vec a[RB];
+    for (int64_t r = 0; r < RB; ++r) a[r] = Vec(acc_t(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec u0 = Vec::loadu(ut + k * dpad + c);
+      for (int64_t r = 0; r < RB; ++r) a[r] = at::vec::fmadd(Vec(T[r * ldt + k]), u0, a[r]);
+    }
+    for (int64_t r = 0; r < RB; ++r) {
+      Vec v = a[r];
+      if constexpr (kTheta) v = v * vec_sigmoid_beta(v, vb);
+      v.store(H + r * CH + c);
+    }
+  }
+}
+
+template <typename acc_t, bool kTheta = false>
+void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
+               int64_t dpad, int64_t CH, acc_t* H, acc_t beta = acc_t(0)) {
+  int64_t n = 0;
+  for (; n + 4 <= nr; n += 4) {
+    rebuild_h_rows<acc_t, kTheta, 4>(T + n * ldt, ldt, K, ut, dpad, CH, H + n * CH, beta);
+  }
+  for (; n < nr; ++n) {
+    rebuild_h_rows<acc_t, kTheta, 1>(T + n * ldt, ldt, K, ut, dpad, CH, H + n * CH, beta);
   }
 }
 
@@ -219,9 +232,12 @@ struct Plan {
   int64_t unit_size(int64_t u) const { return std::min(unit_rows, rows - u * unit_rows); }
 };
 
+// Tiling. DTL+: one unit per image, channel chunks as wide as the tile allows. DTL
+// forward: blocks of whole rows (contiguous streams of y and out). DTL backward: blocks of
+// kRowBlock rows (few per-unit partials of grad_ups), channel chunks.
 template <typename acc_t>
 Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<at::Tensor>& conv,
-               int64_t gh, int64_t gw, int64_t P) {
+               int64_t gh, int64_t gw, int64_t P, bool backward) {
   constexpr int64_t V = Vectorized<acc_t>::size();
   Plan p;
   p.B = y.size(0);
@@ -237,11 +253,22 @@ Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<
   p.pad_t = same_pad_before(p.k);
   p.pad_l = p.pad_t;
   p.rows = p.B * p.N;
-  p.unit_rows = p.conv ? p.N : std::min<int64_t>(kRowBlock, std::max<int64_t>(p.rows, 1));
-  p.units = p.rows == 0 ? 0 : (p.rows + p.unit_rows - 1) / p.unit_rows;
-  const int64_t fit = kTileBytes / (std::max<int64_t>(p.unit_rows, 1) * int64_t(sizeof(acc_t)));
+  const int64_t tile = (backward ? kTileBytesBwd : kTileBytesFwd) / int64_t(sizeof(acc_t));
   const int64_t dvec = (p.d + V - 1) / V * V;
-  p.CH = std::clamp<int64_t>(fit / V * V, V, std::max<int64_t>(kMaxChunk, V));
+  const int64_t rows1 = std::max<int64_t>(p.rows, 1);
+  if (p.conv) {
+    p.unit_rows = p.N;
+  } else if (!backward) {
+    const int64_t width = std::min(dvec, kMaxWidth);
+    p.unit_rows = std::clamp<int64_t>(tile / width, 8, kRowBlock);
+  } else {
+    p.unit_rows = kRowBlock;
+  }
+  p.unit_rows = std::min(p.unit_rows, rows1);
+  p.units = p.rows == 0 ? 0 : (p.rows + p.unit_rows - 1) / p.unit_rows;
+  const int64_t fit = tile / std::max<int64_t>(p.unit_rows, 1);
+  const int64_t max_chunk = (!p.conv && !backward) ? kMaxWidth : kMaxChunk;
+  p.CH = std::clamp<int64_t>(fit / V * V, V, std::max<int64_t>(max_chunk, V));
   p.CH = std::min(p.CH, dvec);
   p.nchunks = (p.d + p.CH - 1) / p.CH;
   p.dpad = p.nchunks * p.CH;
@@ -307,8 +334,8 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
         load_tile(tp + row0 * p.K, p.K, nr, p.K, p.K, tb.data());
         loaded_unit = u;
       }
-      rebuild_h(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad, p.CH, act.data());
-      theta_tile(act.data(), nr * p.CH, beta);
+      rebuild_h<acc_t, true>(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad, p.CH, act.data(),
+                             beta);
       const scalar_t* yu = yp + row0 * p.d + c0;
       scalar_t* ou = op + row0 * p.d + c0;
       const int64_t direct = p.conv ? p.P : nr;  // rows that get θ(h) only
@@ -583,7 +610,7 @@ at::Tensor side_forward_cpu(const at::Tensor& y_in, const at::Tensor& taps_in,
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
                                     const Plan p = make_plan<acc_t>(y, taps, conv, grid_h, grid_w,
-                                                                    num_prefix);
+                                                                    num_prefix, false);
                                     side_forward_impl<scalar_t>(y, taps, ups, conv, p, beta, out);
                                   });
   return out;
@@ -608,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cpu(
                                   [&] {
                                     using acc_t = at::opmath_type<scalar_t>;
                                     const Plan p = make_plan<acc_t>(g, taps, conv, grid_h, grid_w,
-                                                                    num_prefix);
+                                                                    num_prefix, true);
                                     side_backward_impl<scalar_t>(g, taps, ups, conv, p, beta,
                                                                  grad_taps, grad_ups, grad_conv);
                                   });

@@ -1,0 +1,110 @@
+"""Fused side op ``y + mix(T·Uᵀ)`` on CPU: ours (compiled C++) vs the eager reference vs
+``torch.compile`` of the reference, forward and forward+backward, DTL and DTL+ (k=3).
+
+ViT-B/16 shapes: rows = 32·197, d = 768, r = 2 at the last adapted block (K = 12·2 = 24).
+Effective bandwidth = bytes the op must move / time, next to a plain copy measured in the
+same run. Run: ``python benchmarks/bench_side_op.py [--batch 32] [--reps 15]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, time_fn  # noqa: E402
+
+from dtl_kernels.ops import compiled_side, reference  # noqa: E402
+
+
+def op_bytes(rows: int, d: int, k_cols: int, mode: str, elem: int) -> int:
+    """Minimum traffic: forward reads y and T, writes out; backward reads G and T, writes
+    ∂T (∂y is G itself, no copy). Parameters (d·K, d·k²) are negligible but counted."""
+    params = 2 * d * k_cols * elem
+    fwd = (2 * rows * d + rows * k_cols) * elem + params
+    bwd = (rows * d + 2 * rows * k_cols) * elem + params
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=197)
+    ap.add_argument("--width", type=int, default=768)
+    ap.add_argument("--taps", type=int, default=24, help="K = (blocks tapped so far) · r")
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    args = ap.parse_args()
+    if not compiled_side.available("cpu"):
+        sys.exit("the CPU extension is not built: run `make build`")
+
+    torch.manual_seed(0)
+    b, n, d, kc = args.batch, args.tokens, args.width, args.taps
+    rows, grid, prefix = b * n, (14, 14), 1
+    dtype = torch.float32
+    res = Results("side_op")
+    shape = f"rows={rows},d={d},K={kc}"
+
+    src = torch.randn(rows, d)
+    dst = torch.empty_like(src)
+    copy_ms = time_fn(lambda: dst.copy_(src), reps=args.reps * 3)
+    copy_gbs = 2 * src.numel() * 4 / (copy_ms[0] * 1e-3) / 1e9
+    res.add("copy", "copy", "-", b, dtype, f"rows={rows},d={d}", copy_ms, "ms")
+    res.add("copy", "copy", "-", b, dtype, f"rows={rows},d={d}", copy_gbs, "GB/s")
+
+    y = torch.randn(b, n, d)
+    taps = torch.randn(b, n, kc)
+    ups = torch.randn(d, kc) * 0.02
+    grad = torch.randn(b, n, d)
+    summary = []
+    for k in (0, 3):
+        model = "dtl" if k == 0 else f"dtl+k{k}"
+        conv = torch.randn(d, 1, k, k) / k if k else None
+        g = grid if k else None
+
+        def ref_fn(y, t, u, w):
+            return reference.side_add(y, t, u, 100.0, w, g, prefix)
+
+        def ours_fn(y, t, u, w):
+            return compiled_side.side_add(y, t, u, 100.0, w, g, prefix)
+
+        providers = {"ours": ours_fn, "torch": ref_fn}
+        if not args.no_compile:
+            providers["torch_compile"] = torch.compile(ref_fn, fullgraph=True)
+        times = {}
+        for name, fn in providers.items():
+            leaves = [t.clone().requires_grad_() for t in (y, taps, ups)]
+            w = conv.clone().requires_grad_() if k else None
+
+            def fwd():
+                with torch.no_grad():
+                    return fn(y, taps, ups, conv)
+
+            def full():
+                out = fn(*leaves, w)
+                out.backward(grad)
+
+            for mode, f in (("fwd", fwd), ("full", full)):
+                stats = time_fn(f, warmup=3, reps=args.reps)
+                times[(name, mode)] = stats[0]
+                res.add(name, mode, model, b, dtype, shape, stats, "ms")
+                gbs = op_bytes(rows, d, kc, mode, 4) / (stats[0] * 1e-3) / 1e9
+                res.add(name, mode, model, b, dtype, shape, gbs, "GB/s")
+                res.add(name, mode, model, b, dtype, shape, gbs / copy_gbs, "x_copy_bw")
+        for mode in ("fwd", "full"):
+            line = f"{model:8s} {mode:4s}: ours {times[('ours', mode)]:.2f} ms; "
+            line += f"{times[('torch', mode)] / times[('ours', mode)]:.1f}x vs eager"
+            if ("torch_compile", mode) in times:
+                line += f", {times[('torch_compile', mode)] / times[('ours', mode)]:.1f}x vs compile"
+            gbs = op_bytes(rows, d, kc, mode, 4) / (times[("ours", mode)] * 1e-3) / 1e9
+            line += f"; {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy ({copy_gbs:.1f} GB/s)"
+            summary.append(line)
+    res.write()
+    print("\n" + "\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()

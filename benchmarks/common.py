@@ -1,0 +1,127 @@
+"""Shared helpers of the benchmark scripts: timing, environment description, CSV rows.
+
+Every script writes rows with the columns of :data:`COLUMNS` to
+``benchmarks/results/<name>.csv`` (overwritten per run) and prints a table.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+COLUMNS = [
+    "benchmark", "provider", "mode", "model", "batch", "dtype", "shape",
+    "median", "p20", "p80", "unit", "machine", "torch", "version", "git_rev",
+]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """CPU model and thread count (or the GPU name for CUDA runs)."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}; {torch.get_num_threads()} threads; {torch.backends.cpu.get_cpu_capability()}"
+
+
+def git_rev() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+            cwd=Path(__file__).resolve().parent, check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def package_version() -> str:
+    from dtl_kernels import __version__
+
+    return __version__
+
+
+def quantiles(samples: list[float]) -> tuple[float, float, float]:
+    """(median, p20, p80) of ``samples``."""
+    s = sorted(samples)
+    if len(s) == 1:
+        return s[0], s[0], s[0]
+    q = statistics.quantiles(s, n=10, method="inclusive")
+    return statistics.median(s), q[1], q[7]
+
+
+def time_fn(
+    fn: Callable[[], object], warmup: int = 3, reps: int = 15, min_time: float = 0.0
+) -> tuple[float, float, float]:
+    """Wall time of ``fn()`` in milliseconds: (median, p20, p80) over ``reps`` runs (more
+    if ``min_time`` seconds have not passed), after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return quantiles(samples)
+
+
+class Results:
+    """Collects rows of one benchmark; :meth:`write` saves the CSV and prints a table."""
+
+    def __init__(self, benchmark: str):
+        self.benchmark = benchmark
+        self.rows: list[dict] = []
+        self.env = dict(
+            machine=machine(), torch=torch.__version__, version=package_version(),
+            git_rev=git_rev(),
+        )
+
+    def add(self, provider, mode, model, batch, dtype, shape, stats, unit) -> dict:
+        median, p20, p80 = stats if isinstance(stats, tuple) else (stats, stats, stats)
+        row = dict(
+            benchmark=self.benchmark, provider=provider, mode=mode, model=model, batch=batch,
+            dtype=str(dtype).replace("torch.", ""), shape=shape, median=median, p20=p20,
+            p80=p80, unit=unit, **self.env,
+        )
+        self.rows.append(row)
+        return row
+
+    def write(self, name: str | None = None) -> Path:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        path = RESULTS / f"{name or self.benchmark}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            for row in self.rows:
+                writer.writerow({k: _fmt(row[k]) for k in COLUMNS})
+        self.print_table()
+        print(f"\n{len(self.rows)} rows -> {os.path.relpath(path)}  [{self.env['machine']}]")
+        return path
+
+    def print_table(self) -> None:
+        cols = ["provider", "mode", "model", "batch", "dtype", "shape", "median", "p20", "p80", "unit"]
+        table = [[_fmt(r[c]) for c in cols] for r in self.rows]
+        widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        for t in table:
+            print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
