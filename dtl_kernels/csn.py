@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from . import memory
 from .ops import reference, side
 
 
@@ -87,6 +88,9 @@ class CompactSideNetwork(nn.Module):
         self.block_stages = list(block_stages)
         self.tappable = tappable
         self.backend = "auto"
+        # Memory option (see dtl_kernels.memory): dtype in which trunk taps (inputs that
+        # need no gradient) keep z_i for ∂A_i; None keeps z_i as it is.
+        self.trunk_dtype: torch.dtype | None = None
         r, k = config.rank, config.conv_kernel
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
@@ -133,7 +137,11 @@ class CompactSideNetwork(nn.Module):
         stage = self.block_stages[i]
         if stage != state.stage:  # h restarts at every stage
             state.stage, state.taps, state.ups, state.h = stage, [], [], None
-        t = reference.tap(z, self.down[str(i)])
+        down = self.down[str(i)]
+        if self.trunk_dtype is not None and not z.requires_grad and z.dtype != self.trunk_dtype:
+            t = memory.low_precision_tap(z, down, self.trunk_dtype)
+        else:
+            t = reference.tap(z, down)
         up = self.up[str(i)]
         if self._uses_reference(z):
             state.h = reference.accumulate(state.h, t, up)

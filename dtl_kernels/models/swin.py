@@ -7,6 +7,7 @@ import re
 import torch
 from torch import nn
 
+from .. import memory
 from ..csn import CompactSideNetwork
 from .base import DTLModel, csn_config, new_head, validate_head_mode
 from .vit import _architecture, _method_name
@@ -46,7 +47,8 @@ class DTLSwin(DTLModel):
         tap_from: first tapped block, 1-based global; default :func:`default_swin_blocks`
             (5 for Swin-B).
         conv_kernel: ``k`` of the per-stage depthwise conv (DTL+; published 5); 0 = DTL.
-        num_classes, head, side, train_backbone: as :class:`DTLViT`. The published head is
+        num_classes, head, side, train_backbone, trunk_dtype, checkpoint_tail: as
+            :class:`DTLViT`. The published head is
             final norm → average pool over all tokens → new Linear.
 
     Input: ``(batch, in_chans, H, W)``. Output: ``(batch, num_classes)``.
@@ -66,6 +68,8 @@ class DTLSwin(DTLModel):
         head: str = "published",
         side: bool = True,
         train_backbone: bool = False,
+        trunk_dtype: torch.dtype | str | None = None,
+        checkpoint_tail: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, _swin_type()):
@@ -91,6 +95,10 @@ class DTLSwin(DTLModel):
             config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
             self.csn = CompactSideNetwork(widths, stages, config)
         self.method = _method_name(side, train_backbone, self.csn)
+        self._tail = []  # checkpointed wrappers of the tail blocks (memory option)
+        self._tail = memory.checkpointed_tail(self, checkpoint_tail)
+        if self.csn is not None:
+            self.csn.trunk_dtype = memory.resolve_trunk_dtype(trunk_dtype)
         if self.head_mode == "published":
             if backbone.num_classes:
                 backbone.reset_classifier(0)
@@ -127,7 +135,8 @@ class DTLSwin(DTLModel):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        return [block for stage in self.backbone.layers for block in stage.blocks]
+        blocks = [block for stage in self.backbone.layers for block in stage.blocks]
+        return memory.with_tail(blocks, self._tail)
 
     def block_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
         # Patch merging runs at the start of a stage (timm layout), on adapted features.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import memory
 from ..csn import CompactSideNetwork
 from .base import DTLModel, csn_config, new_head, validate_head_mode
 
@@ -33,6 +34,10 @@ class DTLViT(DTLModel):
             new Linear) or ``"backbone"`` (the backbone's own pooling and head, trained).
         side: build the CSN (``False`` gives the linear-probe / full baselines).
         train_backbone: leave the backbone trainable (full fine-tuning baseline).
+        trunk_dtype: memory option: keep the trunk taps' inputs ``z_i`` (``i ≤ M``, only
+            needed for ``∂A_i``) in this dtype (e.g. ``torch.bfloat16``); ``None``: as they are.
+        checkpoint_tail: memory option: recompute the frozen blocks after ``M`` in backward
+            (``torch.utils.checkpoint``) instead of storing their activations.
 
     Input: ``(batch, in_chans, H, W)`` float images. Output: ``(batch, num_classes)``.
     """
@@ -49,6 +54,8 @@ class DTLViT(DTLModel):
         head: str = "published",
         side: bool = True,
         train_backbone: bool = False,
+        trunk_dtype: torch.dtype | str | None = None,
+        checkpoint_tail: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, _vision_transformer_type()):
@@ -65,6 +72,10 @@ class DTLViT(DTLModel):
             config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
             self.csn = CompactSideNetwork([width] * depth, [0] * depth, config)
         self.method = _method_name(side, train_backbone, self.csn)
+        self._tail = []  # checkpointed wrappers of the tail blocks (memory option)
+        self._tail = memory.checkpointed_tail(self, checkpoint_tail)
+        if self.csn is not None:
+            self.csn.trunk_dtype = memory.resolve_trunk_dtype(trunk_dtype)
         if self.head_mode == "published":
             if backbone.num_classes:
                 backbone.reset_classifier(0)  # the published head replaces it
@@ -124,7 +135,7 @@ class DTLViT(DTLModel):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        return list(self.backbone.blocks)
+        return memory.with_tail(list(self.backbone.blocks), self._tail)
 
     def tokens(self, x: torch.Tensor, ctx: dict):
         return x, ctx["grid"], self.num_prefix

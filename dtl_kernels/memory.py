@@ -1,0 +1,100 @@
+"""Memory options of the DTL models (SPEC §2, "further levers"); both off by default.
+
+``trunk_dtype``: a tap ``t_i = z_i · A_iᵀ`` on a trunk block (``i ≤ M``: its input ``z_i``
+needs no gradient) makes autograd keep ``z_i`` (``rows × d``) only for
+``∂L/∂A_i = (∂L/∂t_i)ᵀ · z_i``. :func:`low_precision_tap` keeps it in a lower dtype
+(bfloat16) instead: half the bytes, and ``∂A_i`` gets bfloat16-rounded inputs (relative
+error ~2⁻⁸ per element, averaged over rows).
+
+``checkpoint_tail``: the frozen blocks after ``M`` run on inputs that need gradients, so
+autograd stores their activations (attention, MLP) for the input-gradient pass.
+:class:`CheckpointedBlock` keeps only the block input and recomputes the block in
+backward (``torch.utils.checkpoint``, non-reentrant, RNG state preserved so DropPath
+draws the same mask): exact gradients, about one more forward of the tail.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+           "fp16": torch.float16, "float32": torch.float32}
+
+
+def resolve_trunk_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``None`` (off), a floating ``torch.dtype`` or its name (``"bfloat16"``)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"trunk_dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
+        return _DTYPES[dtype]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"trunk_dtype must be a floating torch.dtype or None, got {dtype!r}")
+    return dtype
+
+
+class _LowPrecisionTap(torch.autograd.Function):
+    """``t = z · Aᵀ``, saving ``z`` in ``dtype`` for ``∂A = (∂t)ᵀ · z``.
+
+    Gradients: ``∂L/∂A = Σ_rows (∂L/∂t)ᵀ z_low`` (in ∂t's dtype), ``∂L/∂z = (∂L/∂t) · A``
+    (exact; only when ``z`` needs it, which the CSN avoids by using this for trunk taps).
+    """
+
+    @staticmethod
+    def forward(ctx, z, down, dtype):
+        ctx.save_for_backward(z.to(dtype), down)
+        return torch.matmul(z, down.t())
+
+    @staticmethod
+    def backward(ctx, grad_t):
+        z_low, down = ctx.saved_tensors
+        grad_z = grad_down = None
+        if ctx.needs_input_grad[1]:
+            g2 = grad_t.reshape(-1, grad_t.shape[-1])
+            grad_down = torch.matmul(g2.t(), z_low.reshape(-1, z_low.shape[-1]).to(g2.dtype))
+            grad_down = grad_down.to(down.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_z = torch.matmul(grad_t, down.to(grad_t.dtype))
+        return grad_z, grad_down, None
+
+
+def low_precision_tap(z: torch.Tensor, down: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Tap ``z · downᵀ`` (``z``: ``(..., d)``, ``down``: ``(r, d)``) that keeps ``z`` in
+    ``dtype`` for backward. Same forward value as :func:`dtl_kernels.ops.reference.tap`."""
+    return _LowPrecisionTap.apply(z, down, dtype)
+
+
+class CheckpointedBlock(nn.Module):
+    """Runs ``block`` under ``torch.utils.checkpoint`` when its input needs a gradient.
+
+    Not registered in the model that uses it (state dicts are unchanged): it only holds
+    a reference to the backbone's block.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return checkpoint(self.block, x, use_reentrant=False)
+        return self.block(x)
+
+
+def checkpointed_tail(model: nn.Module, enabled: bool) -> list[CheckpointedBlock]:
+    """Wrappers for the blocks after the first adapted one (0-based ``M … N-1``) of a DTL
+    model, or ``[]`` when disabled or without a side network. Use with :func:`with_tail`."""
+    if not enabled or getattr(model, "csn", None) is None:
+        return []
+    blocks = model.blocks  # the unwrapped list: model._tail is not set yet
+    return [CheckpointedBlock(b) for b in blocks[model.csn.config.adapt_from :]]
+
+
+def with_tail(blocks: list[nn.Module], tail: list[CheckpointedBlock]) -> list[nn.Module]:
+    """``blocks`` with its last ``len(tail)`` entries replaced by the wrappers."""
+    if tail:
+        blocks[len(blocks) - len(tail) :] = tail
+    return blocks

@@ -1,0 +1,122 @@
+"""Memory options of DTLViT / DTLSwin: ``trunk_dtype`` and ``checkpoint_tail``.
+
+Both must leave the forward unchanged and the gradients equal to the reference backend's
+within what their precision implies: exact recomputation for ``checkpoint_tail``;
+bfloat16-rounded trunk inputs (``∂A_i`` of trunk blocks only) for ``trunk_dtype``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtl_kernels import create_model
+
+
+@pytest.fixture(autouse=True)
+def _seed(monkeypatch):
+    monkeypatch.delenv("DTL_KERNELS_BACKEND", raising=False)
+    torch.manual_seed(0)
+
+
+def build(family, **opts):
+    if family == "vit":
+        return create_model(
+            "vit_tiny_patch16_224", method="dtl+", num_classes=5, img_size=64, depth=4,
+            adapt_from=2, **opts,
+        )
+    return create_model(
+        "swin_tiny_patch4_window7_224", method="dtl+", num_classes=5, img_size=64,
+        window_size=4, depths=(1, 1, 2, 1), embed_dim=24, num_heads=(1, 1, 2, 2), tap_from=1,
+        adapt_from=3, **opts,
+    )
+
+
+def run(model, images):
+    model.zero_grad(set_to_none=True)
+    out = model(images)
+    out.square().sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def saved_bytes(model, images):
+    """Bytes autograd saves for backward (by storage, parameters excluded)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            s = t.untyped_storage()
+            if s.data_ptr() not in params:
+                seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(images).sum().backward()
+    return sum(seen.values())
+
+
+@pytest.fixture(scope="module", params=["vit", "swin"])
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def reference_run(family):
+    torch.manual_seed(0)
+    model = build(family)
+    with torch.no_grad():
+        for p in model.csn.up.values():
+            p.normal_(0, 0.05)
+    model.train()
+    ref = build(family)
+    ref.load_state_dict(model.state_dict())
+    ref.csn.backend = "reference"
+    images = torch.randn(2, 3, 64, 64)
+    return model.state_dict(), images, run(ref, images)
+
+
+def test_checkpoint_tail_is_exact(family, reference_run):
+    state, images, (ref_out, ref_grads) = reference_run
+    model = build(family, checkpoint_tail=True)
+    assert model._tail and set(model.state_dict()) == set(state)
+    model.load_state_dict(state)
+    out, grads = run(model, images)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_trunk_dtype_bfloat16(family, reference_run):
+    state, images, (ref_out, ref_grads) = reference_run
+    model = build(family, trunk_dtype=torch.bfloat16)
+    model.load_state_dict(state)
+    out, grads = run(model, images)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)  # forward untouched
+    cfg = model.csn.config
+    for name in grads:
+        g, r = grads[name], ref_grads[name]
+        i = int(name.rsplit(".", 1)[1]) if name.startswith("csn.down.") else None
+        if i is not None and i < cfg.adapt_from:  # inputs of blocks ≤ M need no grad
+            # ∂A_i = (∂t_i)ᵀ z_i with z_i rounded to bfloat16 (8 mantissa bits): a relative
+            # error of a few 2⁻⁹ per element, far less after the sum over rows.
+            err = (g - r).norm() / r.norm()
+            assert err < 2**-7, f"{name}: relative error {err:.2e}"
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_options_save_memory(family):
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    plain = saved_bytes(build(family), images)
+    assert saved_bytes(build(family, checkpoint_tail=True), images) < plain
+    assert saved_bytes(build(family, trunk_dtype="bfloat16"), images) < plain
+
+
+def test_bad_trunk_dtype():
+    with pytest.raises(TypeError, match="trunk_dtype"):
+        build("vit", trunk_dtype=torch.int8)
+    with pytest.raises(ValueError, match="trunk_dtype"):
+        build("vit", trunk_dtype="bfloat17")
