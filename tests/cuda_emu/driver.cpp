@@ -110,7 +110,8 @@ int main(int argc, char** argv) {
   const double beta = read_vec<double>(f, 1)[0];
   const int64_t B = hdr[0], N = hdr[1], D = hdr[2], K = hdr[3], kk = hdr[4] * hdr[4];
   std::vector<std::vector<float>> in;
-  for (int64_t n : {B * N * D, B * N * K, D * K, D * kk, B * N * D}) in.push_back(read_vec<float>(f, n));
+  for (int64_t n : {B * N * D, B * N * K, D * K, D * kk, B * N * D})
+    in.push_back(read_vec<float>(f, n));
   std::ofstream o(argv[2], std::ios::binary);
   switch (hdr[9]) {
     case 0: run<float>(hdr, beta, in, o); break;
