@@ -37,7 +37,10 @@ def main() -> None:
     ap.add_argument("--taps", type=int, default=24, help="K = (blocks tapped so far) · r")
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not compiled_side.available("cpu"):
         sys.exit("the CPU extension is not built: run `make build`")
 
@@ -46,6 +49,7 @@ def main() -> None:
     rows, grid, prefix = b * n, (14, 14), 1
     dtype = torch.float32
     res = Results("side_op")
+    name = "side_op" if not args.threads else f"side_op_t{args.threads}"
     shape = f"rows={rows},d={d},K={kc}"
 
     src = torch.randn(rows, d)
@@ -102,7 +106,7 @@ def main() -> None:
             gbs = op_bytes(rows, d, kc, mode, 4) / (times[("ours", mode)] * 1e-3) / 1e9
             line += f"; {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy ({copy_gbs:.1f} GB/s)"
             summary.append(line)
-    res.write()
+    res.write(name)
     print("\n" + "\n".join(summary))
 
 

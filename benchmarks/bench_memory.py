@@ -1,0 +1,151 @@
+"""Activation memory of DTL training: bytes autograd saves for backward.
+
+Measured with ``torch.autograd.graph.saved_tensors_hooks`` over one forward of a training
+step, deduplicated by storage, parameters excluded (SPEC §2's protocol):
+
+* ``csn``: the bytes the Compact Side Network itself adds — tensors saved by the CSN's
+  taps / add-backs whose storage the backbone does not save anyway — fused vs reference
+  (targets ≤ 0.4× for DTL, ≤ 0.3× for DTL+).
+* ``model``: a whole DTLViT ViT-B/16 step (M = 7) as a fraction of full fine-tuning
+  (targets ≤ 0.30×, ≤ 0.28× with ``trunk_dtype=bfloat16``), and with ``checkpoint_tail``.
+
+The counts are exactly linear in the batch, so a small batch (default 4) gives the same
+fractions as 32. Run: ``python benchmarks/bench_memory.py [--batch 4]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results  # noqa: E402
+
+from dtl_kernels import create_model  # noqa: E402
+from dtl_kernels.csn import CompactSideNetwork  # noqa: E402
+
+
+class SavedBytes:
+    """Records storages saved for backward, and which of them the CSN saved."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+        self.by_csn: set[int] = set()
+        self.by_backbone: set[int] = set()
+        self.in_csn = False
+
+    def pack(self, t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            ptr = s.data_ptr()
+            if ptr not in self.params:
+                self.storages[ptr] = s.nbytes()
+                (self.by_csn if self.in_csn else self.by_backbone).add(ptr)
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    @property
+    def csn_only(self) -> int:
+        return sum(self.storages[p] for p in self.by_csn - self.by_backbone)
+
+    @contextlib.contextmanager
+    def csn_calls(self):
+        """Flag the CSN's tap / add_back while they run."""
+        originals = CompactSideNetwork.tap, CompactSideNetwork.add_back
+
+        def wrap(fn):
+            def inner(*args, **kwargs):
+                self.in_csn = True
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self.in_csn = False
+
+            return inner
+
+        CompactSideNetwork.tap, CompactSideNetwork.add_back = wrap(originals[0]), wrap(originals[1])
+        try:
+            yield
+        finally:
+            CompactSideNetwork.tap, CompactSideNetwork.add_back = originals
+
+
+def measure(model: torch.nn.Module, images: torch.Tensor) -> SavedBytes:
+    rec = SavedBytes(model)
+    model.train()
+    with rec.csn_calls(), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
+        loss = model(images).float().square().mean()
+    loss.backward()
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="vit_base_patch16_224")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--img", type=int, default=224)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    images = torch.randn(args.batch, 3, args.img, args.img)
+    res = Results("memory")
+    shape = f"{args.img}x{args.img}"
+    mb = 1 / 2**20
+
+    def build(method, backend="auto", **opts):
+        model = create_model(args.model, method=method, num_classes=10, **opts)
+        if model.csn is not None:
+            model.csn.backend = backend
+            with torch.no_grad():  # B = 0 at init; any values do for memory, keep it honest
+                for p in model.csn.up.values():
+                    p.normal_(0, 0.02)
+        return model
+
+    full = measure(build("full"), images).total
+    res.add("full_finetune", "model", args.model, args.batch, "float32", shape, full * mb, "MB")
+    summary = [f"full fine-tuning: {full * mb:.1f} MB saved for backward"]
+    configs = [
+        ("dtl", "reference", {}),
+        ("dtl", "auto", {}),
+        ("dtl", "auto", {"trunk_dtype": torch.bfloat16}),
+        ("dtl", "auto", {"checkpoint_tail": True}),
+        ("dtl", "auto", {"trunk_dtype": torch.bfloat16, "checkpoint_tail": True}),
+        ("dtl+", "reference", {}),
+        ("dtl+", "auto", {}),
+        ("dtl+", "auto", {"trunk_dtype": torch.bfloat16}),
+    ]
+    csn_ref = {}
+    for method, backend, opts in configs:
+        model = build(method, backend, adapt_from=7, **opts)
+        rec = measure(model, images)
+        provider = "reference" if backend == "reference" else "ours"
+        tag = method + "".join(
+            f"+{k}={str(v).replace('torch.', '')}" for k, v in opts.items()
+        )
+        res.add(provider, "model", tag, args.batch, "float32", shape, rec.total * mb, "MB")
+        res.add(provider, "model", tag, args.batch, "float32", shape, rec.total / full, "x_full")
+        res.add(provider, "csn", tag, args.batch, "float32", shape, rec.csn_only * mb, "MB")
+        line = (
+            f"{provider:9s} {tag:45s} model {rec.total * mb:8.1f} MB = {rec.total / full:.3f}x full;"
+            f" CSN itself {rec.csn_only * mb:7.1f} MB"
+        )
+        if backend == "reference" and not opts:
+            csn_ref[method] = rec.csn_only
+        elif method in csn_ref:
+            ratio = rec.csn_only / csn_ref[method]
+            res.add(provider, "csn", tag, args.batch, "float32", shape, ratio, "x_reference")
+            line += f" = {ratio:.3f}x reference"
+        summary.append(line)
+    res.write()
+    print("\n" + "\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
