@@ -96,9 +96,10 @@ def _theta(x, beta):
 
 @_jit
 def _theta_grad(x, beta):
-    # θ'(x) = s + βx·s·(1 − s), s = σ(βx).
+    # θ'(x) = s + βx·s·(1 − s), s = σ(βx); β multiplies last, as in side_math.h: for
+    # |x| > max/β, βx is inf and inf·0 would be NaN where σ saturates.
     s = tl.sigmoid(beta * x)
-    return s + beta * x * s * (1.0 - s)
+    return s + beta * (x * s * (1.0 - s))
 
 
 @_jit
