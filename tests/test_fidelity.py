@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dtl_kernels import DTLSwin, DTLViT
+from dtl_kernels.ops import _ext
 
 BETA = 100.0
 BATCH = 2
@@ -53,8 +54,14 @@ def ref_vit_logits(
     tap_from: int = 1,
     conv: bool,
     beta: float = BETA,
+    variant: str | None = None,
 ) -> torch.Tensor:
-    """Published ViT forward. ``params`` uses the official names (SPEC §6)."""
+    """Published ViT forward. ``params`` uses the official names (SPEC §6).
+
+    ``variant`` names a deliberately wrong reading of the method (used only to show that
+    the comparison can tell them apart): ``"h_without_own_term"``, ``"conv_on_prefix"``,
+    ``"norm_then_mean"``.
+    """
     z = bb.patch_embed(images)
     if z.ndim == 4:  # dynamic_img_size: timm's patch_embed keeps B×H×W×C
         grid = (z.shape[1], z.shape[2])
@@ -70,6 +77,7 @@ def ref_vit_logits(
 
     h = None
     for i, block in enumerate(bb.blocks, start=1):  # 1-based block index
+        h_before = h
         if i >= tap_from:
             a = params[f"lora_dict.{i - 1}.lora_A"]  # r×d
             b = params[f"lora_dict.{i - 1}.lora_B"]  # d×r
@@ -77,8 +85,16 @@ def ref_vit_logits(
             h = term if h is None else h + term  # h_i includes block i's own term
         out = block(z)
         if i >= adapt_from:
-            side = ref_theta(h, beta)
-            if conv:
+            if variant == "h_without_own_term":
+                side = ref_theta(h_before if h_before is not None else torch.zeros_like(h), beta)
+            else:
+                side = ref_theta(h, beta)
+            if conv and variant == "conv_on_prefix":
+                grid_all = (1, tokens)  # everything, prefix included, as one row
+                patches = side.transpose(1, 2).reshape(batch, dim, *grid_all)
+                mixed = ref_depthwise_same(patches, params["lora_fusion.weight"])
+                side = mixed.reshape(batch, dim, tokens).transpose(1, 2)
+            elif conv:
                 patches = side[:, npre:].transpose(1, 2).reshape(batch, dim, *grid)
                 mixed = ref_depthwise_same(patches, params["lora_fusion.weight"])
                 mixed = mixed.reshape(batch, dim, grid[0] * grid[1]).transpose(1, 2)
@@ -86,11 +102,13 @@ def ref_vit_logits(
             z = out + side
         else:
             z = out
-    pooled = z[:, npre:].mean(dim=1)  # patch tokens only
     # The pretrained final LayerNorm, on the pooled vector (timm's avg-pool ViTs keep it
     # as ``fc_norm`` and leave ``norm`` an Identity).
     final_norm = bb.fc_norm if isinstance(bb.norm, torch.nn.Identity) else bb.norm
-    pooled = final_norm(pooled)
+    if variant == "norm_then_mean":
+        pooled = final_norm(z[:, npre:]).mean(dim=1)
+    else:
+        pooled = final_norm(z[:, npre:].mean(dim=1))  # patch tokens only
     return F.linear(pooled, params["head.weight"], params["head.bias"])
 
 
@@ -236,6 +254,22 @@ def _images(shape, seed=2):
     return torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
+# The side op runs on the pure-PyTorch reference backend or the compiled CPU kernels
+# (the default on CPU when built); both must compute the published model.
+BACKENDS = [
+    "reference",
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(not _ext.cpu_built(), reason="CPU extension not built")
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def side_backend(request, monkeypatch):
+    monkeypatch.setenv("DTL_KERNELS_BACKEND", request.param)
+    return request.param
+
+
 # --------------------------------------------------------------------------------------
 # ViT
 # --------------------------------------------------------------------------------------
@@ -243,7 +277,7 @@ def _images(shape, seed=2):
 
 @pytest.mark.parametrize("adapt_from", [1, 7, 12])
 @pytest.mark.parametrize("conv_kernel", [0, 3, 4, 5])
-def test_vit_matches_reference(adapt_from, conv_kernel):
+def test_vit_matches_reference(adapt_from, conv_kernel, side_backend):
     bb_ref, bb_pkg = _vit_pair()
     model = DTLViT(bb_pkg, adapt_from=adapt_from, conv_kernel=conv_kernel, num_classes=7)
     model = model.double().eval()
@@ -260,7 +294,7 @@ def test_vit_matches_reference(adapt_from, conv_kernel):
 @pytest.mark.parametrize(
     "tap_from,adapt_from,rank,conv_kernel", [(3, 7, 2, 4), (5, 5, 3, 0), (1, 1, 1, 5)]
 )
-def test_vit_tap_from_and_rank(tap_from, adapt_from, rank, conv_kernel):
+def test_vit_tap_from_and_rank(tap_from, adapt_from, rank, conv_kernel, side_backend):
     bb_ref, bb_pkg = _vit_pair()
     model = DTLViT(
         bb_pkg,
@@ -293,7 +327,7 @@ def test_vit_tap_from_and_rank(tap_from, adapt_from, rank, conv_kernel):
         (VIT, dict(class_token=False, global_pool="avg"), 3, 7),  # no prefix at all
     ],
 )
-def test_vit_prefix_tokens_match_reference(name, timm_kw, conv_kernel, adapt_from):
+def test_vit_prefix_tokens_match_reference(name, timm_kw, conv_kernel, adapt_from, side_backend):
     bb_ref, bb_pkg = _vit_pair(name, **timm_kw)
     model = DTLViT(bb_pkg, adapt_from=adapt_from, conv_kernel=conv_kernel, num_classes=4)
     model = model.double().eval()
@@ -307,7 +341,7 @@ def test_vit_prefix_tokens_match_reference(name, timm_kw, conv_kernel, adapt_fro
 
 
 @pytest.mark.parametrize("conv_kernel", [0, 4])
-def test_vit_dynamic_img_size_matches_reference(conv_kernel):
+def test_vit_dynamic_img_size_matches_reference(conv_kernel, side_backend):
     bb_ref, bb_pkg = _vit_pair(img_size=64, dynamic_img_size=True)
     model = DTLViT(bb_pkg, adapt_from=4, conv_kernel=conv_kernel, num_classes=3)
     model = model.double().eval()
@@ -319,6 +353,24 @@ def test_vit_dynamic_img_size_matches_reference(conv_kernel):
         _images((BATCH, 3, 48, 96)),
         dict(adapt_from=4, conv=conv_kernel > 0),
     )
+
+
+@pytest.mark.parametrize("variant", ["h_without_own_term", "conv_on_prefix", "norm_then_mean"])
+def test_comparison_tells_wrong_readings_apart(variant):
+    """Negative control: plausible misreadings of SPEC §1 give clearly different logits."""
+    bb_ref, bb_pkg = _vit_pair()
+    model = DTLViT(bb_pkg, adapt_from=7, conv_kernel=3, num_classes=7).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    official = random_official(model, gen)
+    model.load_official_state_dict(official)
+    images = _images((BATCH, 3, *VIT_IMG))
+    with torch.no_grad():
+        logits = model(images)
+        kw = dict(adapt_from=7, conv=True)
+        right = ref_vit_logits(bb_ref, images, official, **kw)
+        wrong = ref_vit_logits(bb_ref, images, official, variant=variant, **kw)
+    assert_close64(logits, right, "logits")
+    assert (wrong - right).abs().max() > 1e-4 * right.abs().max()
 
 
 # --------------------------------------------------------------------------------------
@@ -340,7 +392,7 @@ SWIN_CASES = [
 
 
 @pytest.mark.parametrize("tap_from,adapt_from,conv_kernel", SWIN_CASES)
-def test_swin_matches_reference(tap_from, adapt_from, conv_kernel):
+def test_swin_matches_reference(tap_from, adapt_from, conv_kernel, side_backend):
     bb_ref, bb_pkg = _swin_pair()
     kw = {} if tap_from is None else dict(tap_from=tap_from, adapt_from=adapt_from)
     model = DTLSwin(bb_pkg, conv_kernel=conv_kernel, num_classes=5, **kw).double().eval()
@@ -420,7 +472,7 @@ def _record_blocks(blocks):
 
 
 @pytest.mark.parametrize("adapt_from", [1, 4, 7, 12])
-def test_vit_trunk_records_no_autograd(adapt_from):
+def test_vit_trunk_records_no_autograd(adapt_from, side_backend):
     bb = timm.create_model(VIT, pretrained=False, num_classes=0, img_size=32, drop_path_rate=0.1)
     model = DTLViT(bb, adapt_from=adapt_from, conv_kernel=3, num_classes=4).train()
     seen, handles = _record_blocks(model.backbone.blocks)
@@ -437,7 +489,7 @@ def test_vit_trunk_records_no_autograd(adapt_from):
             assert in_grad and out_grad and grad_fn is not None, f"block {i}"
 
 
-def test_swin_trunk_records_no_autograd():
+def test_swin_trunk_records_no_autograd(side_backend):
     bb = timm.create_model(SWIN, pretrained=False, num_classes=0, **SWIN_KW)
     model = DTLSwin(bb, conv_kernel=5, num_classes=4).train()  # defaults: taps 5…, M = 8
     blocks = [b for layer in model.backbone.layers for b in layer.blocks]
