@@ -355,6 +355,17 @@ def test_vit_dynamic_img_size_matches_reference(conv_kernel, side_backend):
     )
 
 
+def test_vit_dynamic_img_pad_matches_reference():
+    # Images that are not a patch multiple, padded by timm: a 3×3 grid from 40×36.
+    bb_ref, bb_pkg = _vit_pair(img_size=32, dynamic_img_size=True, dynamic_img_pad=True)
+    model = DTLViT(bb_pkg, adapt_from=3, conv_kernel=4, num_classes=3).double().eval()
+    images = _images((BATCH, 3, 40, 36))
+    assert model.patch_grid(images) == (3, 3)
+    check_against_reference(
+        model, ref_vit_logits, bb_ref, images, dict(adapt_from=3, conv=True)
+    )
+
+
 @pytest.mark.parametrize("variant", ["h_without_own_term", "conv_on_prefix", "norm_then_mean"])
 def test_comparison_tells_wrong_readings_apart(variant):
     """Negative control: plausible misreadings of SPEC §1 give clearly different logits."""
@@ -411,6 +422,19 @@ def test_swin_matches_reference(tap_from, adapt_from, conv_kernel, side_backend)
     else:
         assert not fusions
     check_against_reference(model, ref_swin_logits, bb_ref, _images((BATCH, 3, 64, 64)), ref_kw)
+
+
+def test_swin_other_image_size_matches_reference():
+    # strict_img_size=False: a 96×64 input gives non-square stage grids 24×16 … 3×2.
+    bb_ref, bb_pkg = _swin_pair(strict_img_size=False)
+    model = DTLSwin(bb_pkg, conv_kernel=3, num_classes=3).double().eval()
+    check_against_reference(
+        model,
+        ref_swin_logits,
+        bb_ref,
+        _images((BATCH, 3, 96, 64)),
+        dict(tap_from=5, adapt_from=8, conv=True),
+    )
 
 
 # --------------------------------------------------------------------------------------
