@@ -254,7 +254,8 @@ def test_pretrained_path_vit(tmp_path, suffix):
     nested = tmp_path / f"nested{suffix}"
     if suffix != ".safetensors":
         torch.save({"model": source.state_dict(), "epoch": 3}, nested)
-        _assert_backbone_equal(create_model(VIT, num_classes=5, pretrained=str(nested), **SMALL_VIT), source)
+        loaded = create_model(VIT, num_classes=5, pretrained=str(nested), **SMALL_VIT)
+        _assert_backbone_equal(loaded, source)
 
 
 def test_pretrained_path_resizes_position_embedding(tmp_path):
@@ -295,10 +296,12 @@ def _write_google_npz(model, path):
         for j, name in enumerate(("query", "key", "value")):
             w[mha + f"{name}/kernel"] = qkv_w[j].T.reshape(d, heads, d // heads)
             w[mha + f"{name}/bias"] = qkv_b[j].reshape(heads, d // heads)
-        w[mha + "out/kernel"] = sd[b + "attn.proj.weight"].reshape(d, heads, d // heads).transpose(1, 2, 0)
+        proj = sd[b + "attn.proj.weight"].reshape(d, heads, d // heads)
+        w[mha + "out/kernel"] = proj.transpose(1, 2, 0)
         w[mha + "out/bias"] = sd[b + "attn.proj.bias"]
-        w[p + "LayerNorm_0/scale"], w[p + "LayerNorm_0/bias"] = sd[b + "norm1.weight"], sd[b + "norm1.bias"]
-        w[p + "LayerNorm_2/scale"], w[p + "LayerNorm_2/bias"] = sd[b + "norm2.weight"], sd[b + "norm2.bias"]
+        for ln, norm in (("LayerNorm_0", "norm1"), ("LayerNorm_2", "norm2")):
+            w[p + f"{ln}/scale"] = sd[b + f"{norm}.weight"]
+            w[p + f"{ln}/bias"] = sd[b + f"{norm}.bias"]
         for r in range(2):
             w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
             w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
@@ -415,7 +418,8 @@ def test_official_strict_loading_errors():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # A failed load changes nothing.
     with pytest.raises(ValueError):
-        model.load_official_state_dict(dict(misshaped, **{"lora_dict.0.lora_B": torch.ones(192, 2)}))
+        bad = dict(misshaped, **{"lora_dict.0.lora_B": torch.ones(192, 2)})
+        model.load_official_state_dict(bad)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -539,7 +543,8 @@ def test_head_backbone_mode(family):
         "backbone.head.fc.bias",
     } <= trainable
     assert all(n.startswith(("csn.", "backbone.head.")) for n in trainable)
-    assert "head.weight" in model.official_state_dict() or "head.fc.weight" in model.official_state_dict()
+    official = model.official_state_dict()
+    assert "head.weight" in official or "head.fc.weight" in official
     model.train()
     model(images).sum().backward()
 
