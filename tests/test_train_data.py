@@ -1,0 +1,164 @@
+"""dtl-train data: layouts, built-in sets and the errors raised before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dtl_kernels.train import data as D
+from dtl_kernels.train import make_config
+
+
+def write_image(path: Path, value: int = 128, size: int = 20) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(path)
+
+
+def folder_tree(root: Path, classes=("a", "b"), per_class=3) -> Path:
+    for split in ("train", "test"):
+        for c, name in enumerate(classes):
+            for k in range(per_class):
+                write_image(root / split / name / f"{k}.png", 40 * c + k)
+    return root
+
+
+def vtab_tree(root: Path, labels_train=(0, 1, 2, 1), labels_test=(2, 0)) -> Path:
+    base = root / "toy"
+    for split, labels in (("train800val200", labels_train), ("test", labels_test)):
+        lines = []
+        for k, lab in enumerate(labels):
+            rel = f"images/{split}/{k}.jpg"
+            write_image(base / rel, 10 * k)
+            lines.append(f"{rel} {lab}")
+        (base / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def build(**kw):
+    return D.build_datasets(make_config(kw), 16, "half")
+
+
+def test_folder_layout(tmp_path):
+    root = folder_tree(tmp_path)
+    train, test, n = build(dataset="folder", data_root=str(root))
+    assert (len(train), len(test), n) == (6, 6, 2)
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and y == 0
+    assert train.classes == ["a", "b"]
+
+
+def test_vtab_layout_and_label_range(tmp_path):
+    root = vtab_tree(tmp_path)
+    train, test, n = build(dataset="vtab:toy", data_root=str(root))
+    assert (len(train), len(test), n) == (4, 2, 3)
+    with pytest.raises(D.DataError, match=r"label 2 .* outside the class range 0…1"):
+        build(dataset="vtab:toy", data_root=str(root), num_classes=2)
+
+
+def test_negative_label_is_an_error(tmp_path):
+    root = vtab_tree(tmp_path, labels_test=(-1, 0))
+    with pytest.raises(D.DataError, match="label -1"):
+        build(dataset="vtab:toy", data_root=str(root))
+
+
+def test_missing_list_file(tmp_path):
+    root = vtab_tree(tmp_path)
+    (root / "toy" / "test.txt").unlink()
+    with pytest.raises(D.DataError, match=r"list file not found: .*toy/test\.txt"):
+        build(dataset="vtab:toy", data_root=str(root))
+
+
+def test_malformed_list_line(tmp_path):
+    root = vtab_tree(tmp_path)
+    (root / "toy" / "test.txt").write_text("images/test/0.jpg zero\n")
+    with pytest.raises(D.DataError, match=r"test\.txt:1"):
+        build(dataset="vtab:toy", data_root=str(root))
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    root = folder_tree(tmp_path)
+    bad = root / "train" / "b" / "1.png"
+    bad.write_bytes(b"not a png at all")
+    with pytest.raises(D.DataError, match=r"cannot read image .*train/b/1\.png"):
+        build(dataset="folder", data_root=str(root))
+
+
+def test_missing_image_names_the_file(tmp_path):
+    root = vtab_tree(tmp_path)
+    (root / "toy" / "images" / "test" / "1.jpg").unlink()
+    with pytest.raises(D.DataError, match=r"image file not found: .*images/test/1\.jpg"):
+        build(dataset="vtab:toy", data_root=str(root))
+
+
+def test_empty_split(tmp_path):
+    root = folder_tree(tmp_path)
+    for f in (root / "test").rglob("*.png"):
+        f.unlink()
+    with pytest.raises(D.DataError, match="no images under"):
+        build(dataset="folder", data_root=str(root))
+    (root / "toy").mkdir()
+    (root / "toy" / "test.txt").write_text("\n")
+    (root / "toy" / "train800val200.txt").write_text("x.png 0\n")
+    with pytest.raises(D.DataError, match="is empty"):
+        build(dataset="vtab:toy", data_root=str(root))
+
+
+def test_fewshot_layout(tmp_path):
+    base = tmp_path / "toy"
+    for split, name in (("train", "train_meta.list.num_shot_2.seed_0"), ("test", "test_meta.list")):
+        lines = []
+        for k, lab in enumerate((0, 1, 1, 0)):
+            write_image(base / "imgs" / f"{split}{k}.png", 30 * k)
+            lines.append(f"imgs/{split}{k}.png {lab}")
+        (base / "annotations").mkdir(exist_ok=True)
+        (base / "annotations" / name).write_text("\n".join(lines))
+    train, test, n = build(dataset="fewshot:toy", data_root=str(tmp_path), shots=2, shot_seed=0)
+    assert (len(train), len(test), n) == (4, 4, 2)
+    with pytest.raises(D.DataError, match="num_shot_4.seed_0"):
+        build(dataset="fewshot:toy", data_root=str(tmp_path), shots=4, shot_seed=0)
+
+
+def test_unknown_dataset_and_missing_root():
+    with pytest.raises(D.DataError, match="unknown dataset"):
+        build(dataset="imagenet-21k")
+    with pytest.raises(D.DataError, match="needs --data-root"):
+        build(dataset="folder")
+
+
+def test_stratified_split_is_fixed_and_stratified():
+    labels = np.repeat(np.arange(4), [40, 8, 4, 20])
+    a = D.stratified_split(labels, 0.25, 0)
+    b = D.stratified_split(labels, 0.25, 0)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    train, test = a
+    assert len(set(train) & set(test)) == 0 and len(train) + len(test) == len(labels)
+    assert np.bincount(labels[test]).tolist() == [10, 2, 1, 5]
+
+
+def test_elpv():
+    pytest.importorskip("elpv_dataset")
+    train, test, n = build(dataset="elpv", max_train=40, max_test=12)
+    assert n == 4 and (len(train), len(test)) == (40, 12)
+    x, _ = train[0]
+    assert x.shape == (3, 16, 16) and torch.equal(x[0], x[1])  # gray → 3 channels
+    images, probs = D.elpv_arrays()
+    assert images.shape == (2624, 300, 300) and np.allclose(probs * 3, np.rint(probs * 3))
+    binary, _, n2 = build(dataset="elpv-binary", max_train=40, max_test=12)
+    assert n2 == 2 and torch.equal(binary.labels, (train.labels >= 2).long())
+
+
+def test_fashion_mnist(monkeypatch, tmp_path):
+    monkeypatch.setattr(D, "FASHION_MNIST_DIRS", (str(tmp_path / "nowhere"),))
+    with pytest.raises(D.DataError, match="apt-get install -y dataset-fashion-mnist"):
+        build(dataset="fashion-mnist")
+    monkeypatch.undo()
+    try:
+        D.fashion_mnist_dir()
+    except D.DataError:
+        pytest.skip("dataset-fashion-mnist not installed")
+    train, test, n = build(dataset="fashion-mnist", max_train=30, max_test=10)
+    assert n == 10 and (len(train), len(test)) == (30, 10)
