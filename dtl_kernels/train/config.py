@@ -61,6 +61,7 @@ class TrainConfig:
     channels_last: str = "auto"  # auto | on | off
     keep_checkpoints: int = 2
     progress: bool = True
+    stop_after: int | None = None  # stop after N epochs of this process (as if interrupted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,7 +100,7 @@ _HELP = {
     "num_classes": "number of classes (default: inferred from the labels)",
     "max_train": "use only the first N training samples (quick runs)",
     "max_test": "use only the first N test samples (quick runs)",
-    "normalize": "input normalisation: auto (ImageNet for CNNs, 0.5 for ViT/Swin) | imagenet | half",
+    "normalize": "input normalisation: auto (ImageNet: CNNs; 0.5: ViT/Swin) | imagenet | half",
     "precision": "fp32 | bf16 (autocast; CPU or CUDA) | fp16 (CUDA only)",
     "output": "output folder",
     "resume": "resume from the latest checkpoint in --output",
@@ -107,6 +108,7 @@ _HELP = {
     "adapter": "adapter file for --eval-only",
     "cache_trunk": "cache the frozen trunk's outputs across epochs: auto | on | off",
     "channels_last": "channels-last memory format for CNNs: auto | on | off",
+    "stop_after": "stop after N epochs of this process, as if interrupted (--resume continues)",
 }
 
 

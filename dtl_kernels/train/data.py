@@ -19,12 +19,12 @@ training starts, naming the file.
 
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,16 +77,19 @@ class TensorImages(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
 
-def resize_uint8(images: torch.Tensor, size: int, chunk: int = 256) -> torch.Tensor:
-    """``(N, C, H, W)`` uint8 → ``(N, C, size, size)`` uint8, bicubic with antialiasing."""
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """``(N, C, H, W)`` uint8 → ``(N, C, size, size)`` uint8 with PIL's bicubic filter (the
+    same resampling as for image files)."""
+    from PIL import Image
+
     if images.shape[-2:] == (size, size):
         return images
-    out = []
-    for start in range(0, len(images), chunk):
-        x = images[start : start + chunk].float()
-        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-        out.append(x.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out)
+    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
+    for i, img in enumerate(images.numpy()):
+        for c in range(img.shape[0]):
+            small = Image.fromarray(img[c]).resize((size, size), Image.BICUBIC)
+            out[i, c] = torch.from_numpy(np.array(small))
+    return out
 
 
 # -- image files ---------------------------------------------------------------------------
@@ -163,12 +166,15 @@ def check_labels(splits: dict[str, torch.Tensor], num_classes: int | None, where
 
 
 # -- built-in datasets ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def elpv_arrays() -> tuple[np.ndarray, np.ndarray]:
     """``(images (2624, 300, 300) uint8, defect probabilities)`` from ``elpv-dataset``."""
     try:
         from elpv_dataset.utils import load_dataset
     except ImportError as exc:
-        raise DataError("the elpv dataset needs the PyPI package: pip install elpv-dataset") from exc
+        raise DataError(
+            "the elpv dataset needs the PyPI package: pip install elpv-dataset"
+        ) from exc
     images, probs, _types = load_dataset()
     return images, probs
 
@@ -221,16 +227,21 @@ def fashion_mnist_dir(root: str | None = None) -> Path:
     )
 
 
-def fashion_mnist(size: int, mean, std, root: str | None = None):
+def fashion_mnist(size: int, mean, std, root: str | None = None, max_train=None, max_test=None):
     d = fashion_mnist_dir(root)
 
-    def load(prefix):
+    def load(prefix, limit):
         img = _read_idx(next(d.rglob(f"{prefix}-images-idx3-ubyte*")))
         lab = _read_idx(next(d.rglob(f"{prefix}-labels-idx1-ubyte*")))
+        if limit is not None and limit < len(lab):  # subset before resizing
+            keep = _keep(len(lab), limit).numpy()
+            img, lab = img[keep], lab[keep]
         x = resize_uint8(torch.from_numpy(img.copy()).unsqueeze(1), size)
-        return TensorImages(x, torch.from_numpy(lab.astype(np.int64)), mean, std, FASHION_MNIST_CLASSES)
+        return TensorImages(
+            x, torch.from_numpy(lab.astype(np.int64)), mean, std, FASHION_MNIST_CLASSES
+        )
 
-    return load("train"), load("t10k")
+    return load("train", max_train), load("t10k", max_test)
 
 
 # -- entry point ------------------------------------------------------------------------------
@@ -242,13 +253,16 @@ def build_datasets(cfg, size: int, norm: str):
     if name in ("elpv", "elpv-binary"):
         train, test = elpv(size, mean, std, binary=name == "elpv-binary")
     elif name == "fashion-mnist":
-        train, test = fashion_mnist(size, mean, std, cfg.data_root)
+        train, test = fashion_mnist(size, mean, std, cfg.data_root, cfg.max_train, cfg.max_test)
     elif name.startswith(("vtab:", "fewshot:", "folder")):
         if root is None:
             raise DataError(f"--dataset {name} needs --data-root")
         train_s, test_s, classes = _file_samples(name, root, cfg)
         check_labels(
-            {"train": torch.tensor([s[1] for s in train_s]), "test": torch.tensor([s[1] for s in test_s])},
+            {
+                "train": torch.tensor([s[1] for s in train_s]),
+                "test": torch.tensor([s[1] for s in test_s]),
+            },
             cfg.num_classes,
             f"{name} in {root}",
         )

@@ -292,7 +292,11 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     out = Path(cfg.output)
     family = backbone_family(cfg.model)
     size = input_size(cfg)
-    norm = cfg.normalize if cfg.normalize != "auto" else ("half" if family in ("vit", "swin") else "imagenet")
+    norm = (
+        cfg.normalize
+        if cfg.normalize != "auto"
+        else ("half" if family in ("vit", "swin") else "imagenet")
+    )
     if cfg.eval_only:
         _adapter_into_config(cfg)
     if d.world > 1 and cfg.batch_size % d.world:
@@ -304,7 +308,9 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     pretrained = resolve_pretrained(cfg, family) if d.main else _quiet_pretrained(cfg)
     seed_everything(cfg.seed)
     model = build_model(cfg, num_classes, pretrained).to(d.device)
-    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and family == "convnet")
+    channels_last = cfg.channels_last == "on" or (
+        cfg.channels_last == "auto" and family == "convnet"
+    )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast = autocast_for(cfg.precision, d.device)
@@ -320,7 +326,9 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
         model.load_adapter(cfg.adapter)
         test_loss, test_acc = evaluate(model, test_set, local_batch, d, autocast, channels_last)
         summary = _summary(cfg, model, d, t_start, num_classes, size, len(train_set), len(test_set))
-        summary.update(eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss)
+        summary.update(
+            eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss
+        )
         if d.main:
             _write_json(out / "summary.json", summary)
             print(f"test accuracy {100 * test_acc:.2f}% ({cfg.adapter})", flush=True)
@@ -333,14 +341,26 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     if split and cfg.cache_trunk == "auto":
         x0, _ = train_set[0]
         with torch.no_grad():
-            f0, _ = compute_trunk(model, split, Indexed(x0[None], torch.zeros(1)), 1, d.device, autocast, channels_last)
+            f0, _ = compute_trunk(
+                model,
+                split,
+                Indexed(x0[None], torch.zeros(1)),
+                1,
+                d.device,
+                autocast,
+                channels_last,
+            )
         need = f0.numel() * f0.element_size() * (len(train_set) + len(test_set))
         if need > _CACHE_LIMIT_BYTES:
             split = 0
     if split:
         t0 = time.time()
-        ftr, ctx = compute_trunk(model, split, train_set, local_batch, d.device, autocast, channels_last)
-        fte, _ = compute_trunk(model, split, test_set, local_batch, d.device, autocast, channels_last)
+        ftr, ctx = compute_trunk(
+            model, split, train_set, local_batch, d.device, autocast, channels_last
+        )
+        fte, _ = compute_trunk(
+            model, split, test_set, local_batch, d.device, autocast, channels_last
+        )
         train_data, test_data = Indexed(ftr, train_set.labels), Indexed(fte, test_set.labels)
         net = Tail(model, split, ctx)
         if d.main:
@@ -368,7 +388,9 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     )
     steps = len(loader)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    schedule = WarmupCosine(cfg.lr, cfg.warmup_lr, cfg.min_lr, cfg.warmup_epochs * steps, cfg.epochs * steps)
+    schedule = WarmupCosine(
+        cfg.lr, cfg.warmup_lr, cfg.min_lr, cfg.warmup_epochs * steps, cfg.epochs * steps
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
@@ -386,8 +408,11 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
             if d.main:
                 print(f"resumed from {path} (epoch {start_epoch} done)", flush=True)
     elif d.main and ckpt.list_checkpoints(out):
-        print(f"note: {ckpt.checkpoint_dir(out)} holds checkpoints of an earlier run; "
-              "they will be replaced (use --resume to continue it)", flush=True)
+        print(
+            f"note: {ckpt.checkpoint_dir(out)} holds checkpoints of an earlier run; "
+            "they will be replaced (use --resume to continue it)",
+            flush=True,
+        )
 
     memory = PeakMemory(d.device)
     memory.start()
@@ -419,7 +444,11 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
             seen += n
             if d.main and hasattr(bar, "set_postfix"):
                 rate = seen * d.world / max(time.time() - t0, 1e-9)
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{100 * correct / seen:.1f}%", img_s=f"{rate:.1f}")
+                bar.set_postfix(
+                    loss=f"{loss_sum / seen:.4f}",
+                    acc=f"{100 * correct / seen:.1f}%",
+                    img_s=f"{rate:.1f}",
+                )
         train_time = time.time() - t0
         loss_sum, correct, seen = d.sum(loss_sum, correct, seen)
         speeds.append(seen / max(train_time, 1e-9))
@@ -441,7 +470,11 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
             print(
                 f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                 f"acc {100 * row['train_acc']:.2f}% | "
-                + (f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}% | " if row["test_acc"] is not None else "")
+                + (
+                    f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}% | "
+                    if row["test_acc"] is not None
+                    else ""
+                )
                 + f"{speeds[-1]:.1f} img/s",
                 flush=True,
             )
@@ -451,6 +484,13 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
             )  # fmt: skip
             log.write()
         d.barrier()
+        if cfg.stop_after is not None and len(speeds) >= cfg.stop_after and epoch + 1 < cfg.epochs:
+            if d.main:
+                print(
+                    f"stopping after epoch {epoch + 1} (--stop-after); --resume continues",
+                    flush=True,
+                )
+            return {"stopped_after_epoch": epoch + 1}
     peak = memory.peak()
 
     if test_acc is None:  # resumed after the last epoch: evaluate the restored model
@@ -471,7 +511,10 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
         log.write()
         log.plot(out / "curves.png", f"{cfg.model} {cfg.method} on {cfg.dataset}")
         _write_json(out / "summary.json", summary)
-        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
+        atomic_write(
+            out / "config.json",
+            lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)),
+        )
     d.barrier()
     return summary
 
@@ -492,7 +535,13 @@ def _progress(loader, cfg, d, epoch):
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False, dynamic_ncols=True)
+    return tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{cfg.epochs}",
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+    )
 
 
 def _adapter_into_config(cfg: TrainConfig) -> None:

@@ -118,7 +118,9 @@ class MetricsLog:
         test = [r for r in self.rows if r.get("test_acc") is not None]
         if test:
             ax1.plot([r["epoch"] for r in test], [r["test_loss"] for r in test], "s-", label="test")
-            ax2.plot([r["epoch"] for r in test], [100 * r["test_acc"] for r in test], "s-", label="test")
+            ax2.plot(
+                [r["epoch"] for r in test], [100 * r["test_acc"] for r in test], "s-", label="test"
+            )
         ax1.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
         ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
         for ax in (ax1, ax2):
