@@ -49,7 +49,7 @@ def main() -> None:
     rows, grid, prefix = b * n, (14, 14), 1
     dtype = torch.float32
     res = Results("side_op")
-    name = "side_op" if not args.threads else f"side_op_t{args.threads}"
+    csv_name = "side_op" if not args.threads else f"side_op_t{args.threads}"
     shape = f"rows={rows},d={d},K={kc}"
 
     src = torch.randn(rows, d)
@@ -106,7 +106,7 @@ def main() -> None:
             gbs = op_bytes(rows, d, kc, mode, 4) / (times[("ours", mode)] * 1e-3) / 1e9
             line += f"; {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy ({copy_gbs:.1f} GB/s)"
             summary.append(line)
-    res.write(name)
+    res.write(csv_name)
     print("\n" + "\n".join(summary))
 
 

@@ -130,60 +130,79 @@ inline void store_add_row(const scalar_t* y, const acc_t* r, scalar_t* out, int6
 }
 
 // ---------------------------------------------------------------------------------------
-// h = T · Uᵀ for nr rows × CH channels (θ(h) when kTheta)
+// h = T · Uᵀ for nr rows × CH channels, with a fused epilogue
 // ---------------------------------------------------------------------------------------
-// T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
-// H: nr × CH. Register-blocked: 4 rows × 2 vectors of channels share every load of Uᵀ.
-template <typename acc_t, bool kTheta, int64_t RB>
-inline void rebuild_h_rows(const acc_t* T, int64_t ldt, int64_t K, const acc_t* ut,
-                           int64_t dpad, int64_t CH, acc_t* H, acc_t beta) {
+enum class Epilogue {
+  kH,       // H ← h
+  kTheta,   // H ← θ(h)
+  kSGrad,   // H ← θ'(h) ⊙ G (G: a tile like H) — S of DTL
+};
+
+template <typename acc_t, Epilogue E>
+inline Vectorized<acc_t> finish(Vectorized<acc_t> h, Vectorized<acc_t> vb, const acc_t* g) {
   using Vec = Vectorized<acc_t>;
-  constexpr int64_t V = Vec::size();
-  const Vec vb(beta);
-  int64_t c = 0;
-  for (; c + 2 * V <= CH; c += 2 * V) {
-    Vec a[RB][2];
-    for (int64_t r = 0; r < RB; ++r) a[r][0] = a[r][1] = Vec(acc_t(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const Vec u0 = Vec::loadu(ut + k * dpad + c), u1 = Vec::loadu(ut + k * dpad + c + V);
-      for (int64_t r = 0; r < RB; ++r) {
-        const Vec tk(T[r * ldt + k]);
-        a[r][0] = at::vec::fmadd(tk, u0, a[r][0]);
-        a[r][1] = at::vec::fmadd(tk, u1, a[r][1]);
-      }
-    }
-    for (int64_t r = 0; r < RB; ++r) {
-      for (int64_t i = 0; i < 2; ++i) {
-        Vec v = a[r][i];
-        if constexpr (kTheta) v = v * vec_sigmoid_beta(v, vb);
-        v.store(H + r * CH + c + i * V);
-      }
-    }
-  }
-  for (; c < CH; c += V) {
-    Vec a[RB];
-    for (int64_t r = 0; r < RB; ++r) a[r] = Vec(acc_t(0));
-    for (int64_t k = 0; k < K; ++k) {
-      const Vec u0 = Vec::loadu(ut + k * dpad + c);
-      for (int64_t r = 0; r < RB; ++r) a[r] = at::vec::fmadd(Vec(T[r * ldt + k]), u0, a[r]);
-    }
-    for (int64_t r = 0; r < RB; ++r) {
-      Vec v = a[r];
-      if constexpr (kTheta) v = v * vec_sigmoid_beta(v, vb);
-      v.store(H + r * CH + c);
-    }
+  if constexpr (E == Epilogue::kH) {
+    return h;
+  } else if constexpr (E == Epilogue::kTheta) {
+    return h * vec_sigmoid_beta(h, vb);
+  } else {
+    const Vec s = vec_sigmoid_beta(h, vb);
+    return (s + vb * h * s * (Vec(acc_t(1)) - s)) * Vec::loadu(g);
   }
 }
 
-template <typename acc_t, bool kTheta = false>
-void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
-               int64_t dpad, int64_t CH, acc_t* H, acc_t beta = acc_t(0)) {
-  int64_t n = 0;
-  for (; n + 4 <= nr; n += 4) {
-    rebuild_h_rows<acc_t, kTheta, 4>(T + n * ldt, ldt, K, ut, dpad, CH, H + n * CH, beta);
+// RB rows × NV vectors of channels at column c: every load of Uᵀ serves RB rows.
+template <typename acc_t, Epilogue E, int64_t RB, int64_t NV>
+inline void rebuild_block(const acc_t* T, int64_t ldt, int64_t K, const acc_t* ut, int64_t dpad,
+                          int64_t CH, int64_t c, acc_t* H, const acc_t* G, acc_t beta) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  Vec a[RB][NV];
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t i = 0; i < NV; ++i) a[r][i] = Vec(acc_t(0));
+  for (int64_t k = 0; k < K; ++k) {
+    Vec u[NV];
+    for (int64_t i = 0; i < NV; ++i) u[i] = Vec::loadu(ut + k * dpad + c + i * V);
+    for (int64_t r = 0; r < RB; ++r) {
+      const Vec tk(T[r * ldt + k]);
+      for (int64_t i = 0; i < NV; ++i) a[r][i] = at::vec::fmadd(tk, u[i], a[r][i]);
+    }
   }
-  for (; n < nr; ++n) {
-    rebuild_h_rows<acc_t, kTheta, 1>(T + n * ldt, ldt, K, ut, dpad, CH, H + n * CH, beta);
+  const Vec vb(beta);
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t i = 0; i < NV; ++i) {
+      const int64_t off = r * CH + c + i * V;
+      finish<acc_t, E>(a[r][i], vb, G + off).store(H + off);
+    }
+}
+
+// T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
+// H (and G for kSGrad): nr × CH. Channel blocks outer, so the block's slice of Uᵀ
+// (K × 2 vectors) stays in L1 while all rows pass.
+template <typename acc_t, Epilogue E>
+void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
+               int64_t dpad, int64_t CH, acc_t* H, acc_t beta = acc_t(0),
+               const acc_t* G = nullptr) {
+  constexpr int64_t V = Vectorized<acc_t>::size();
+  if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
+  int64_t c = 0;
+  for (; c + 2 * V <= CH; c += 2 * V) {
+    int64_t n = 0;
+    for (; n + 4 <= nr; n += 4)
+      rebuild_block<acc_t, E, 4, 2>(T + n * ldt, ldt, K, ut, dpad, CH, c, H + n * CH,
+                                    G + n * CH, beta);
+    for (; n < nr; ++n)
+      rebuild_block<acc_t, E, 1, 2>(T + n * ldt, ldt, K, ut, dpad, CH, c, H + n * CH,
+                                    G + n * CH, beta);
+  }
+  for (; c < CH; c += V) {
+    int64_t n = 0;
+    for (; n + 4 <= nr; n += 4)
+      rebuild_block<acc_t, E, 4, 1>(T + n * ldt, ldt, K, ut, dpad, CH, c, H + n * CH,
+                                    G + n * CH, beta);
+    for (; n < nr; ++n)
+      rebuild_block<acc_t, E, 1, 1>(T + n * ldt, ldt, K, ut, dpad, CH, c, H + n * CH,
+                                    G + n * CH, beta);
   }
 }
 
@@ -334,8 +353,8 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
         load_tile(tp + row0 * p.K, p.K, nr, p.K, p.K, tb.data());
         loaded_unit = u;
       }
-      rebuild_h<acc_t, true>(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad, p.CH, act.data(),
-                             beta);
+      rebuild_h<acc_t, Epilogue::kTheta>(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad, p.CH,
+                                         act.data(), beta);
       const scalar_t* yu = yp + row0 * p.d + c0;
       scalar_t* ou = op + row0 * p.d + c0;
       const int64_t direct = p.conv ? p.P : nr;  // rows that get θ(h) only
@@ -409,11 +428,17 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
       const int64_t j1 = std::min(p.nchunks, j0 + chunks_per_group);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t c0 = j * p.CH, w = std::min(p.CH, p.d - c0);
-        rebuild_h(tb.data(), p.Kp, nr, p.K, ut.data() + c0, p.dpad, p.CH, hb.data());
         load_tile(gp + row0 * p.d + c0, p.d, nr, w, p.CH, gb.data());
-        // hb ← θ'(h); th ← θ(h) (DTL+ only, for grad_conv)
-        theta_grad_tile(hb.data(), p.conv ? th.data() : nullptr, nr * p.CH, beta);
-        const acc_t* gsrc = gb.data();  // G as seen by θ' (gᵀ(G) on patch rows for DTL+)
+        if (!p.conv) {
+          // DTL: S = θ'(h) ⊙ G straight from the h rebuild.
+          rebuild_h<acc_t, Epilogue::kSGrad>(tb.data(), p.Kp, nr, p.K, ut.data() + c0, p.dpad,
+                                             p.CH, hb.data(), beta, gb.data());
+        } else {
+          rebuild_h<acc_t, Epilogue::kH>(tb.data(), p.Kp, nr, p.K, ut.data() + c0, p.dpad, p.CH,
+                                         hb.data());
+          // hb ← θ'(h); th ← θ(h) (for grad_conv)
+          theta_grad_tile(hb.data(), th.data(), nr * p.CH, beta);
+        }
         if (p.conv) {
           const acc_t* thp = th.data() + p.P * p.CH;
           const acc_t* gpatch = gb.data() + p.P * p.CH;
@@ -461,11 +486,10 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
               gather_sum(wp.data(), ap.data(), m, p.CH, gtpatch + (qy * p.gw + qx) * p.CH);
             }
           }
-          gsrc = gtr.data();
-        }
-        // S = θ'(h) ⊙ G' (in hb)
-        for (int64_t i = 0; i < nr * p.CH; i += V) {
-          (Vec::loadu(hb.data() + i) * Vec::loadu(gsrc + i)).store(hb.data() + i);
+          // S = θ'(h) ⊙ G' (in hb), G' = gᵀ(G) on patch rows, G on prefix rows
+          for (int64_t i = 0; i < nr * p.CH; i += V) {
+            (Vec::loadu(hb.data() + i) * Vec::loadu(gtr.data() + i)).store(hb.data() + i);
+          }
         }
         const acc_t* S = hb.data();
         // grad_ups partial: [k][c] = Σ_n S[n][c] · T[n][k], 8 columns k at a time.
