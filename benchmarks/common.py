@@ -113,12 +113,13 @@ class Results:
         return path
 
     def print_table(self) -> None:
-        cols = ["provider", "mode", "model", "batch", "dtype", "shape", "median", "p20", "p80", "unit"]
+        cols = ["provider", "mode", "model", "batch", "dtype", "shape"]
+        cols += ["median", "p20", "p80", "unit"]
         table = [[_fmt(r[c]) for c in cols] for r in self.rows]
-        widths = [max(len(c), *(len(t[i]) for t in table)) if table else len(c) for i, c in enumerate(cols)]
-        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
         for t in table:
-            print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+            print("  ".join(v.ljust(w) for v, w in zip(t, widths, strict=True)))
 
 
 def _fmt(v) -> str:

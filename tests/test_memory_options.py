@@ -36,7 +36,8 @@ def run(model, images):
     model.zero_grad(set_to_none=True)
     out = model(images)
     out.square().sum().backward()
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), grads
 
 
 def saved_bytes(model, images):

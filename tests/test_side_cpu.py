@@ -40,7 +40,9 @@ def make_inputs(batch, prefix, grid, d, k_cols, k, dtype, h_scale=0.02, seed=0):
     taps = torch.randn(batch, n, k_cols, generator=g, dtype=torch.float64)
     ups = torch.randn(d, k_cols, generator=g, dtype=torch.float64) * (h_scale / k_cols**0.5)
     conv = torch.randn(d, 1, k, k, generator=g, dtype=torch.float64) / k if k else None
-    cast = (lambda t: None if t is None else t.to(dtype))
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
     return cast(y), cast(taps), cast(ups), cast(conv)
 
 
@@ -107,12 +109,12 @@ def test_matches_reference(shape, d, k, r, beta, dtype):
         # flash-attention's rule: at most a small multiple of the error of the same
         # computation done by PyTorch in bfloat16 (plus a few bf16 ulps of the value).
         low = run_reference(y, taps, ups, beta, conv, grid, prefix, grad, torch.bfloat16)
-        for name, g, e, lo in zip(names, got, exact, low):
+        for name, g, e, lo in zip(names, got, exact, low, strict=False):
             bound = 2 * max_err(lo, e) + 2**-7 * scale(e)
             assert max_err(g, e) <= bound, f"{name}: {max_err(g, e)} > {bound}"
         return
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
-    for name, g, e in zip(names, got, exact):
+    for name, g, e in zip(names, got, exact, strict=False):
         assert g.dtype == dtype and g.shape == e.shape
         assert max_err(g, e) <= rtol * scale(e) * (1 + r), f"{name}: {max_err(g, e)}"
 
@@ -124,12 +126,12 @@ def test_noncontiguous_inputs(k):
     y = torch.randn(n, batch, d + 3, dtype=torch.float64)[:, :, :d].transpose(0, 1)
     taps = torch.randn(batch, 6, n, dtype=torch.float64).transpose(1, 2)
     ups = (torch.randn(6, d, dtype=torch.float64) * 0.01).t()
-    conv = torch.randn(d, 1, k, k, dtype=torch.float64)[:, :, :, :].transpose(2, 3) if k else None
+    conv = torch.randn(d, 1, k, k, dtype=torch.float64).transpose(2, 3) if k else None
     assert not y.is_contiguous() and not taps.is_contiguous() and not ups.is_contiguous()
-    grad = torch.randn(batch, n, d, dtype=torch.float64).transpose(1, 2).contiguous().transpose(1, 2)
+    grad = torch.randn(batch, d, n, dtype=torch.float64).transpose(1, 2)  # strided G too
     got = run_fused(y, taps, ups, 100.0, conv, grid, prefix, grad)
     exact = run_reference(y, taps, ups, 100.0, conv, grid, prefix, grad, torch.float64)
-    for g, e in zip(got, exact):
+    for g, e in zip(got, exact, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
 
 
@@ -141,7 +143,7 @@ def test_saturated_theta(k, dtype):
     grad = torch.randn(y.shape, dtype=dtype)
     got = run_fused(y, taps, ups, 100.0, conv, (3, 3), 1, grad)
     exact = run_reference(y, taps, ups, 100.0, conv, (3, 3), 1, grad, torch.float64)
-    for g, e in zip(got, exact):
+    for g, e in zip(got, exact, strict=True):
         assert torch.isfinite(g).all()
         assert max_err(g, e) <= (1e-10 if dtype == torch.float64 else 1e-5) * scale(e)
 
@@ -171,7 +173,8 @@ def test_opcheck(k, dtype):
     result = torch.library.opcheck(OP.side_forward.default, args)
     assert all(v == "SUCCESS" for v in result.values()), result
     grad = torch.randn_like(y).detach()
-    bwd_args = (grad, taps.detach(), ups.detach(), None if conv is None else conv.detach(), 3, 4, 1, 100.0)
+    w = None if conv is None else conv.detach()
+    bwd_args = (grad, taps.detach(), ups.detach(), w, 3, 4, 1, 100.0)
     result = torch.library.opcheck(
         OP.side_backward.default, bwd_args, test_utils=("test_schema", "test_faketensor")
     )
@@ -194,7 +197,7 @@ def test_backward_is_deterministic(batch, prefix, grid, k):
         single = run_fused(y, taps, ups, 100.0, conv, grid, prefix, grad)
     finally:
         torch.set_num_threads(threads)
-    for a, b, c in zip(first, again, single):
+    for a, b, c in zip(first, again, single, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 

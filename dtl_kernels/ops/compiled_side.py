@@ -34,7 +34,7 @@ _OP = "dtl_kernels::side_forward"
 _DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _has_kernel(device_type: str) -> bool:
     key = _DISPATCH_KEY.get(device_type)
     if key is None or not _ext.cpu_built():

@@ -149,7 +149,8 @@ def validate(
     if conv_weight is None:
         return
     w = conv_weight
-    if w.dim() != 4 or w.shape[0] != d or w.shape[1] != 1 or w.shape[2] != w.shape[3] or w.shape[2] < 1:
+    square = w.dim() == 4 and w.shape[2] == w.shape[3] >= 1
+    if not square or w.shape[0] != d or w.shape[1] != 1:
         raise ValueError(
             f"side_add: conv_weight must be a depthwise (d, 1, k, k) = ({d}, 1, k, k) kernel, "
             f"got {tuple(w.shape)}"
