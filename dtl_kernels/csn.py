@@ -172,6 +172,8 @@ class CompactSideNetwork(nn.Module):
             return reference.add_back(y, state.h, beta, conv, grid, num_prefix)
         taps = torch.cat(state.taps, dim=-1) if len(state.taps) > 1 else state.taps[0]
         ups = torch.cat(state.ups, dim=-1) if len(state.ups) > 1 else state.ups[0]
+        if taps.dtype != y.dtype:  # autocast: bf16 taps (a matmul) beside an fp32 residual
+            taps = taps.to(y.dtype)
         return side.side_add(y, taps, ups, beta, conv, grid, num_prefix, backend=self.backend)
 
     def _uses_reference(self, x: torch.Tensor) -> bool:
