@@ -185,3 +185,15 @@ def test_ddp_two_processes_match_one(toy, tmp_path):
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_vit_with_bf16_autocast(toy, tmp_path):
+    """A ViT through the same loop (img_size goes to timm, mean/std 0.5), bf16 on CPU."""
+    out = tmp_path / "vit"
+    s = run(
+        make_config(
+            options(toy, out, model="vit_tiny_patch16_224", img_size=32, epochs=1, precision="bf16")
+        )
+    )
+    assert s["method"] == "dtl+" and s["img_size"] == 32 and 0 <= s["test_acc"] <= 1
+    assert s["cached_trunk_blocks"] == 0  # ViT taps every block from the first
