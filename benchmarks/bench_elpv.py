@@ -48,6 +48,8 @@ def run_method(method: str, args, out: Path) -> dict:
         "--warmup-epochs", str(args.warmup_epochs), "--seed", str(args.seed),
         "--output", str(out / method.replace("*", "star")), "--no-progress",
     ]  # fmt: skip
+    if args.eval_every:
+        cmd += ["--eval-every", str(args.eval_every)]
     if args.max_train:
         cmd += ["--max-train", str(args.max_train)]
     if args.max_test:
@@ -119,6 +121,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup-epochs", type=float, default=1)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-every", type=int, default=None, help="epochs between test evaluations")
     p.add_argument("--max-train", type=int, default=None)
     p.add_argument("--max-test", type=int, default=None)
     p.add_argument("--lr", type=json.loads, default=DEFAULT_LR, help="JSON {method: lr}")
