@@ -237,6 +237,44 @@ inline void gather_sum(const acc_t* const* wp, const acc_t* const* ap, int64_t m
   }
 }
 
+// G[r][0:Kp] += Σ_{c<w} S[r][c] · U[c][0:Kp] for RB rows: every load of U serves RB rows,
+// and RB × (vectors per block) independent accumulators hide the FMA latency.
+template <typename acc_t, int64_t RB>
+inline void grad_taps_rows(const acc_t* S, int64_t lds, const acc_t* U, int64_t Kp, int64_t w,
+                           acc_t* G) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  int64_t kv = 0;
+  for (; kv + 2 * V <= Kp; kv += 2 * V) {
+    Vec a[RB][2];
+    for (int64_t r = 0; r < RB; ++r) {
+      a[r][0] = Vec::loadu(G + r * Kp + kv);
+      a[r][1] = Vec::loadu(G + r * Kp + kv + V);
+    }
+    for (int64_t c = 0; c < w; ++c) {
+      const Vec u0 = Vec::loadu(U + c * Kp + kv), u1 = Vec::loadu(U + c * Kp + kv + V);
+      for (int64_t r = 0; r < RB; ++r) {
+        const Vec sv(S[r * lds + c]);
+        a[r][0] = at::vec::fmadd(sv, u0, a[r][0]);
+        a[r][1] = at::vec::fmadd(sv, u1, a[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < RB; ++r) {
+      a[r][0].store(G + r * Kp + kv);
+      a[r][1].store(G + r * Kp + kv + V);
+    }
+  }
+  for (; kv < Kp; kv += V) {
+    Vec a[RB];
+    for (int64_t r = 0; r < RB; ++r) a[r] = Vec::loadu(G + r * Kp + kv);
+    for (int64_t c = 0; c < w; ++c) {
+      const Vec u0 = Vec::loadu(U + c * Kp + kv);
+      for (int64_t r = 0; r < RB; ++r) a[r] = at::vec::fmadd(Vec(S[r * lds + c]), u0, a[r]);
+    }
+    for (int64_t r = 0; r < RB; ++r) a[r].store(G + r * Kp + kv);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Plan: shapes, tiling and packed parameters
 // ---------------------------------------------------------------------------------------
@@ -453,15 +491,22 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
               const int64_t px1 = std::min<int64_t>(p.gw, p.gw + p.pad_l - dx);
               acc_t* dst = gw_u + (dy * p.k + dx) * p.dpad;
               for (int64_t c = 0; c < p.CH; c += V) {
-                Vec a(acc_t(0));
+                // two independent chains (even / odd px) hide the FMA latency
+                Vec a0(acc_t(0)), a1(acc_t(0));
                 for (int64_t py = py0; py < py1; ++py) {
                   const acc_t* grow = gpatch + (py * p.gw) * p.CH + c;
                   const acc_t* trow = thp + ((py + dy - p.pad_t) * p.gw + dx - p.pad_l) * p.CH + c;
-                  for (int64_t px = px0; px < px1; ++px) {
-                    a = at::vec::fmadd(Vec::loadu(trow + px * p.CH), Vec::loadu(grow + px * p.CH), a);
+                  int64_t px = px0;
+                  for (; px + 2 <= px1; px += 2) {
+                    a0 = at::vec::fmadd(Vec::loadu(trow + px * p.CH), Vec::loadu(grow + px * p.CH), a0);
+                    a1 = at::vec::fmadd(Vec::loadu(trow + (px + 1) * p.CH),
+                                        Vec::loadu(grow + (px + 1) * p.CH), a1);
+                  }
+                  if (px < px1) {
+                    a0 = at::vec::fmadd(Vec::loadu(trow + px * p.CH), Vec::loadu(grow + px * p.CH), a0);
                   }
                 }
-                (Vec::loadu(dst + c) + a).store(dst + c);
+                (Vec::loadu(dst + c) + (a0 + a1)).store(dst + c);
               }
             }
           }
@@ -508,27 +553,12 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
         }
         // grad_taps (this group's channels): gt_acc[n][:] += Σ_c S[n][c] · U[c][:].
         const acc_t* upc = up.data() + c0 * p.Kp;
-        for (int64_t n = 0; n < nr; ++n) {
-          const acc_t* srow = S + n * p.CH;
-          acc_t* grow = gt_acc.data() + n * p.Kp;
-          int64_t kv = 0;
-          for (; kv + 2 * V <= p.Kp; kv += 2 * V) {
-            Vec a0 = Vec::loadu(grow + kv), a1 = Vec::loadu(grow + kv + V);
-            for (int64_t c = 0; c < w; ++c) {
-              const Vec s(srow[c]);
-              a0 = at::vec::fmadd(s, Vec::loadu(upc + c * p.Kp + kv), a0);
-              a1 = at::vec::fmadd(s, Vec::loadu(upc + c * p.Kp + kv + V), a1);
-            }
-            a0.store(grow + kv);
-            a1.store(grow + kv + V);
-          }
-          for (; kv < p.Kp; kv += V) {
-            Vec a = Vec::loadu(grow + kv);
-            for (int64_t c = 0; c < w; ++c) {
-              a = at::vec::fmadd(Vec(srow[c]), Vec::loadu(upc + c * p.Kp + kv), a);
-            }
-            a.store(grow + kv);
-          }
+        int64_t n = 0;
+        for (; n + 4 <= nr; n += 4) {
+          grad_taps_rows<acc_t, 4>(S + n * p.CH, p.CH, upc, p.Kp, w, gt_acc.data() + n * p.Kp);
+        }
+        for (; n < nr; ++n) {
+          grad_taps_rows<acc_t, 1>(S + n * p.CH, p.CH, upc, p.Kp, w, gt_acc.data() + n * p.Kp);
         }
       }
       if (groups == 1) {
