@@ -23,7 +23,10 @@ What is measured, per provider and batch (``mode`` column of the CSV):
   ``prof.profiler.kineto_results.events()`` (signed ``nbytes()``: + allocation,
   − free) are sorted by ``start_ns()`` and summed; the peak is the largest prefix sum.
   It is therefore the peak *above what was live when the step started* (weights, AdamW
-  state of an earlier warm-up step, the input batch), nothing subtracted or added.
+  state of an earlier warm-up step, the input batch), nothing subtracted or added. The
+  previous step's gradients are released (``zero_grad(set_to_none=True)``) before the
+  profiled step starts, because the profiler does not report frees of blocks allocated
+  before it started; the new gradients are therefore inside the peak.
 * ``step_time`` (ms): median (p20, p80) wall time of a training step after a warm-up step;
   ``step_x_full`` and ``step_x_lora`` are ratios of medians measured in the same run.
 * ``trainable`` (count): trainable parameters.
@@ -57,7 +60,17 @@ from common import RESULTS, Results, quantiles  # noqa: E402
 from dtl_kernels import create_model  # noqa: E402
 
 NUM_CLASSES = 10
-PROVIDERS = ["full", "linear", "lora", "dtl_ref", "dtl", "dtl+", "dtl+*", "dtl_bf16trunk", "dtl_ckpt"]
+PROVIDERS = [
+    "full",
+    "linear",
+    "lora",
+    "dtl_ref",
+    "dtl",
+    "dtl+",
+    "dtl+*",
+    "dtl_bf16trunk",
+    "dtl_ckpt",
+]
 MB = 1 / 2**20
 
 
@@ -171,30 +184,53 @@ def wall_time_ms(fn, reps: int) -> tuple[float, float, float]:
     return quantiles(samples)
 
 
-def measure_step(name: str, provider: str, batch: int, img: int, reps: int, device: str, **opts):
-    """dict(saved, peak, time=(median, p20, p80), trainable) of one provider / batch."""
+def measure_step(
+    name: str,
+    provider: str,
+    batch: int,
+    img: int,
+    reps: int,
+    device: str,
+    profile: bool = True,
+    **opts,
+) -> dict:
+    """dict(saved, peak, time=(median, p20, p80), trainable) of one provider / batch.
+
+    The warm-up step (it creates the AdamW state) also counts the saved bytes (they do not
+    depend on the optimizer); ``profile`` adds one step for the peak memory (else ``peak`` is
+    ``None``); then ``reps`` timed steps."""
     torch.manual_seed(0)
     model = build(name, provider, **opts)
     step = Step(model, batch, img, device)
-    step()  # warm-up: AdamW state, kernel caches
     rec = SavedBytes(step.model)
+    step(rec)  # warm-up: AdamW state, kernel caches; saved bytes
+    peak = None
     if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(rec)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
+        if profile:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
         times = cuda_time_ms(step, reps)
     else:
-        peak = cpu_peak_bytes(lambda: step(rec))
+        if profile:
+            # free the previous step's gradients first: the profiler reports no free of a
+            # block allocated before it started, so such frees would be missed
+            step.opt.zero_grad(set_to_none=True)
+            peak = cpu_peak_bytes(step)
         times = wall_time_ms(step, reps)
-    out = dict(saved=rec.total, peak=peak, time=times, trainable=sum(p.numel() for p in trainable(model)))
+    out = dict(
+        saved=rec.total, peak=peak, time=times, trainable=sum(p.numel() for p in trainable(model))
+    )
     del step, model
     return out
 
 
-def measure_infer(name: str, provider: str, batch: int, img: int, reps: int, device: str) -> tuple:
+def measure_infer(
+    name: str, provider: str, batch: int, img: int, reps: int, device: str, warmup: int = 2
+) -> tuple:
     """Images/s (median, p20, p80) of an eval forward under no_grad."""
     torch.manual_seed(0)
     model = build(name, provider).to(device).eval()
@@ -204,7 +240,7 @@ def measure_infer(name: str, provider: str, batch: int, img: int, reps: int, dev
         with torch.no_grad():
             model(x)
 
-    for _ in range(2):
+    for _ in range(warmup):
         fwd()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -217,15 +253,33 @@ def measure_infer(name: str, provider: str, batch: int, img: int, reps: int, dev
 
 # -- the benchmark -----------------------------------------------------------------------
 def short(name: str) -> str:
-    return {"vit_base_patch16_224": "ViT-B/16", "swin_base_patch4_window7_224": "Swin-B"}.get(name, name)
+    return {"vit_base_patch16_224": "ViT-B/16", "swin_base_patch4_window7_224": "Swin-B"}.get(
+        name, name
+    )
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="ViT-B only, fewer points and repetitions")
     ap.add_argument("--models", nargs="+", default=None)
     ap.add_argument("--providers", nargs="+", default=PROVIDERS)
-    ap.add_argument("--batches", nargs="+", type=int, default=None, help="step-table batches")
+    ap.add_argument(
+        "--batches",
+        nargs="+",
+        type=int,
+        default=None,
+        help="step-table batches, every provider (default: 8 32; quick: 8)",
+    )
+    ap.add_argument(
+        "--time-batches",
+        nargs="+",
+        type=int,
+        default=None,
+        help="extra batches for the time targets: full, lora, dtl only, no profiled "
+        "step (default: none; quick: 32)",
+    )
     ap.add_argument("--sweep-batches", nargs="+", type=int, default=None, help="(f): batch sweep")
     ap.add_argument("--sweep-providers", nargs="+", default=["full", "lora", "dtl", "dtl+"])
     ap.add_argument("--m-values", nargs="+", type=int, default=None, help="(g): M sweep")
@@ -234,18 +288,25 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="timed training steps")
     ap.add_argument("--infer-reps", type=int, default=None)
     ap.add_argument("--img", type=int, default=224)
-    ap.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
-                    help="'all': CPU, plus CUDA when a GPU is present")
+    ap.add_argument(
+        "--device",
+        choices=["cpu", "cuda", "all"],
+        default="all",
+        help="'all': CPU, plus CUDA when a GPU is present",
+    )
     ap.add_argument("--out", default="e2e", help="CSV / PNG name stem in benchmarks/results")
     args = ap.parse_args()
     q = args.quick
-    models = args.models or (["vit_base_patch16_224"] if q else ["vit_base_patch16_224", "swin_base_patch4_window7_224"])
-    batches = args.batches or [8, 32]
+    models = args.models or (
+        ["vit_base_patch16_224"] if q else ["vit_base_patch16_224", "swin_base_patch4_window7_224"]
+    )
+    batches = args.batches or ([8] if q else [8, 32])
+    time_batches = args.time_batches if args.time_batches is not None else ([32] if q else [])
     sweep_batches = args.sweep_batches or ([] if q else [1, 2, 4, 8, 16, 32])
     m_values = args.m_values or ([1, 4, 7, 10, 12] if q else list(range(1, 13)))
     m_batch = args.m_batch or (8 if q else 32)
     reps = args.reps or (2 if q else 5)
-    infer_reps = args.infer_reps or (5 if q else 15)
+    infer_reps = args.infer_reps or (3 if q else 15)
     devices = ["cpu"] if args.device == "cpu" else []
     if args.device in ("cuda", "all") and torch.cuda.is_available():
         devices.append("cuda")
@@ -260,7 +321,16 @@ def main() -> None:
     plots: dict = {}
 
     def add(device, provider, mode, model, batch, value, unit, shp=shape, dtype="float32"):
-        row = res.add(provider, mode if device == "cpu" else f"{device}:{mode}", model, batch, dtype, shp, value, unit)
+        row = res.add(
+            provider,
+            mode if device == "cpu" else f"{device}:{mode}",
+            model,
+            batch,
+            dtype,
+            shp,
+            value,
+            unit,
+        )
         if device == "cuda":
             row["machine"] = torch.cuda.get_device_name()
         return row
@@ -270,92 +340,168 @@ def main() -> None:
             vit = name.startswith("vit")
             steps: dict[tuple[str, int], dict] = {}
             # (a)-(d): the step table; (f): the batch sweep shares its points
-            plan = [(p, b) for b in batches for p in args.providers]
-            plan += [(p, b) for b in sweep_batches for p in args.sweep_providers if (p, b) not in plan]
-            for provider, batch in plan:
+            plan = [(p, b, True) for b in batches for p in args.providers]
+            plan += [
+                (p, b, True)
+                for b in sweep_batches
+                for p in args.sweep_providers
+                if (p, b, True) not in plan
+            ]
+            plan += [
+                (p, b, False)
+                for b in time_batches
+                for p in ("full", "lora", "dtl")
+                if p in args.providers and (p, b, True) not in plan
+            ]
+            for provider, batch, profiled in plan:
                 if provider == "lora" and not _has_peft():
-                    print("peft is not installed: skipping lora (pip install -r requirements-bench.txt)")
+                    print(
+                        "peft is not installed: skipping lora "
+                        "(pip install -r requirements-bench.txt)"
+                    )
                     continue
                 t0 = time.perf_counter()
-                r = measure_step(name, provider, batch, args.img, reps, device)
+                r = measure_step(name, provider, batch, args.img, reps, device, profile=profiled)
                 steps[provider, batch] = r
                 print(
-                    f"[{device} {short(name)} b={batch}] {provider:14s} saved {r['saved'] * MB:8.1f} MB"
-                    f"  peak {r['peak'] * MB:8.1f} MB  step {r['time'][0]:9.1f} ms"
+                    f"[{device} {short(name)} b={batch}] {provider:14s}"
+                    f" saved {r['saved'] * MB:8.1f} MB"
+                    f"  peak {mb(r['peak']):>8s} MB  step {r['time'][0]:9.1f} ms"
                     f"  trainable {r['trainable']:,}  ({time.perf_counter() - t0:.0f} s)",
                     flush=True,
                 )
             for (provider, batch), r in steps.items():
                 add(device, provider, "saved_bytes", name, batch, r["saved"] * MB, "MB")
-                add(device, provider, "cpu_peak" if device == "cpu" else "peak", name, batch, r["peak"] * MB, "MB")
+                if r["peak"] is not None:
+                    add(
+                        device,
+                        provider,
+                        "cpu_peak" if device == "cpu" else "peak",
+                        name,
+                        batch,
+                        r["peak"] * MB,
+                        "MB",
+                    )
                 add(device, provider, "step_time", name, batch, r["time"], "ms")
                 add(device, provider, "trainable", name, batch, r["trainable"], "count")
                 full, lora = steps.get(("full", batch)), steps.get(("lora", batch))
                 if full:
-                    add(device, provider, "saved_x_full", name, batch, r["saved"] / full["saved"], "x")
-                    add(device, provider, "peak_x_full", name, batch, r["peak"] / full["peak"], "x")
-                    add(device, provider, "step_x_full", name, batch, r["time"][0] / full["time"][0], "x")
+                    add(
+                        device,
+                        provider,
+                        "saved_x_full",
+                        name,
+                        batch,
+                        r["saved"] / full["saved"],
+                        "x",
+                    )
+                    if r["peak"] is not None and full["peak"]:
+                        add(
+                            device,
+                            provider,
+                            "peak_x_full",
+                            name,
+                            batch,
+                            r["peak"] / full["peak"],
+                            "x",
+                        )
+                    add(
+                        device,
+                        provider,
+                        "step_x_full",
+                        name,
+                        batch,
+                        r["time"][0] / full["time"][0],
+                        "x",
+                    )
                 if lora:
-                    add(device, provider, "step_x_lora", name, batch, r["time"][0] / lora["time"][0], "x")
+                    add(
+                        device,
+                        provider,
+                        "step_x_lora",
+                        name,
+                        batch,
+                        r["time"][0] / lora["time"][0],
+                        "x",
+                    )
             plots[device, name] = steps
             print_step_table(device, name, steps)
-            # targets (ViT-B/16: time at batch 32; bytes at the largest batch measured)
+            # targets (ViT-B/16): time at batch 32 (else the largest batch with both
+            # providers); saved bytes at the largest batch with both (they are linear in it)
             if vit:
-                top = max(b for _, b in steps)
-                tb = 32 if ("dtl", 32) in steps else top
-
-                def ratio(p, ref, key, b):
-                    if (p, b) not in steps or (ref, b) not in steps:
-                        return None
-                    a, c = steps[p, b][key], steps[ref, b][key]
-                    return (a[0] / c[0]) if key == "time" else a / c
-
                 tag = f"{device} {short(name)}"
-                for what, p, ref, key, b, lim in [
-                    (f"DTL step time vs full (b={tb})", "dtl", "full", "time", tb, 0.45),
-                    (f"DTL step time vs PEFT LoRA (b={tb})", "dtl", "lora", "time", tb, 0.60),
-                    (f"DTL saved bytes vs full (b={top})", "dtl", "full", "saved", top, 0.30),
-                    (f"DTL bf16 trunk saved bytes vs full (b={top})", "dtl_bf16trunk", "full", "saved", top, 0.28),
-                    (f"DTL checkpoint_tail saved bytes vs full (b={top})", "dtl_ckpt", "full", "saved", top, 0.08),
+                for what, p, ref, key, lim in [
+                    ("DTL step time vs full", "dtl", "full", "time", 0.45),
+                    ("DTL step time vs PEFT LoRA", "dtl", "lora", "time", 0.60),
+                    ("DTL saved bytes vs full", "dtl", "full", "saved", 0.30),
+                    ("DTL bf16 trunk saved bytes vs full", "dtl_bf16trunk", "full", "saved", 0.28),
+                    ("DTL checkpoint_tail saved bytes vs full", "dtl_ckpt", "full", "saved", 0.08),
                 ]:
-                    v = ratio(p, ref, key, b)
-                    if v is not None:
-                        checks.append((f"[{tag}] {what}", v, lim, "<="))
+                    both = [b for (q_, b) in steps if q_ == p and (ref, b) in steps]
+                    if not both:
+                        continue
+                    b = 32 if key == "time" and 32 in both else max(both)
+                    a, c = steps[p, b][key], steps[ref, b][key]
+                    v = a[0] / c[0] if key == "time" else a / c
+                    checks.append((f"[{tag}] {what} (b={b})", v, lim, "<="))
 
             # (e) inference throughput
             rates = {}
             for batch in args.infer_batches:
                 for provider in ("timm", "dtl", "dtl+"):
-                    rates[provider, batch] = r = measure_infer(name, provider, batch, args.img, infer_reps, device)
+                    rates[provider, batch] = r = measure_infer(
+                        name, provider, batch, args.img, infer_reps, device, warmup=1 if q else 2
+                    )
                     add(device, provider, "infer", name, batch, r, "img/s")
                 for provider in ("dtl", "dtl+"):
                     x = rates[provider, batch][0] / rates["timm", batch][0]
                     add(device, provider, "infer_x_timm", name, batch, x, "x")
+                t, d, dp = (rates[p, batch][0] for p in ("timm", "dtl", "dtl+"))
                 print(
-                    f"[{device} {short(name)} infer b={batch}] img/s: timm {rates['timm', batch][0]:.2f}"
-                    f"  DTL {rates['dtl', batch][0]:.2f} ({rates['dtl', batch][0] / rates['timm', batch][0]:.3f}x)"
-                    f"  DTL+ {rates['dtl+', batch][0]:.2f} ({rates['dtl+', batch][0] / rates['timm', batch][0]:.3f}x)",
+                    f"[{device} {short(name)} infer b={batch}] img/s: timm {t:.2f}"
+                    f"  DTL {d:.2f} ({d / t:.3f}x)  DTL+ {dp:.2f} ({dp / t:.3f}x)",
                     flush=True,
                 )
             if vit:
                 for b, lim in [(16, 0.98), (1, 0.95)]:
                     if ("dtl", b) in rates:
                         v = rates["dtl", b][0] / rates["timm", b][0]
-                        checks.append((f"[{device} {short(name)}] DTL inference vs plain timm (b={b})", v, lim, ">="))
+                        checks.append(
+                            (
+                                f"[{device} {short(name)}] DTL inference vs plain timm (b={b})",
+                                v,
+                                lim,
+                                ">=",
+                            )
+                        )
 
             # (g) M sweep (ViT only: Fig. 4)
             if vit and m_values:
                 msweep = {}
+                default_m = plots[device, name].get(("dtl", m_batch))
                 for m in m_values:
-                    r = measure_step(name, "dtl", m_batch, args.img, reps, device, adapt_from=m)
+                    if m == 7 and default_m is not None and default_m["peak"] is not None:
+                        r = default_m  # the step table's dtl (M = 7 is the default)
+                    else:
+                        r = measure_step(name, "dtl", m_batch, args.img, reps, device, adapt_from=m)
                     msweep[m] = r
                     shp = f"M={m}"
                     add(device, "dtl", "saved_bytes", name, m_batch, r["saved"] * MB, "MB", shp)
-                    add(device, "dtl", "cpu_peak" if device == "cpu" else "peak", name, m_batch, r["peak"] * MB, "MB", shp)
+                    add(
+                        device,
+                        "dtl",
+                        "cpu_peak" if device == "cpu" else "peak",
+                        name,
+                        m_batch,
+                        r["peak"] * MB,
+                        "MB",
+                        shp,
+                    )
                     add(device, "dtl", "step_time", name, m_batch, r["time"], "ms", shp)
                     print(
-                        f"[{device} {short(name)} M={m:2d} b={m_batch}] saved {r['saved'] * MB:8.1f} MB"
-                        f"  peak {r['peak'] * MB:8.1f} MB  step {r['time'][0]:9.1f} ms",
+                        f"[{device} {short(name)} M={m:2d} b={m_batch}]"
+                        f" saved {r['saved'] * MB:8.1f} MB"
+                        f"  peak {mb(r['peak']):>8s} MB  step {r['time'][0]:9.1f} ms",
                         flush=True,
                     )
                 plots[device, name, "M"] = (m_batch, msweep)
@@ -370,6 +516,10 @@ def main() -> None:
         print("  (none measured: the targets are for ViT-B/16 with full, lora and dtl providers)")
 
 
+def mb(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes * MB:.1f}"
+
+
 def _has_peft() -> bool:
     try:
         import peft  # noqa: F401
@@ -380,18 +530,25 @@ def _has_peft() -> bool:
 
 def print_step_table(device: str, name: str, steps: dict) -> None:
     print(f"\n{device} {short(name)}: one training step (forward + backward + AdamW)")
-    head = f"{'provider':14s} {'batch':>5s} {'trainable':>11s} {'saved MB':>9s} {'x full':>7s} {'peak MB':>9s} {'x full':>7s} {'step ms':>9s} {'x full':>7s} {'x lora':>7s}"
-    print(head)
+    cols = ["saved MB", "x full", "peak MB", "x full", "step ms", "x full", "x lora"]
+    widths = [9, 7, 9, 7, 9, 7, 7]
+    print(
+        f"{'provider':14s} {'batch':>5s} {'trainable':>11s} "
+        + " ".join(f"{c:>{w}s}" for c, w in zip(cols, widths, strict=True))
+    )
     for (provider, batch), r in steps.items():
         full, lora = steps.get(("full", batch)), steps.get(("lora", batch))
 
         def f(v):
             return f"{v:7.3f}" if v is not None else f"{'-':>7s}"
 
+        saved_x = full and r["saved"] / full["saved"]
+        peak_x = full and full["peak"] and r["peak"] and r["peak"] / full["peak"]
+        time_x = full and r["time"][0] / full["time"][0]
+        lora_x = lora and r["time"][0] / lora["time"][0]
         print(
-            f"{provider:14s} {batch:5d} {r['trainable']:11,d} {r['saved'] * MB:9.1f} {f(full and r['saved'] / full['saved'])}"
-            f" {r['peak'] * MB:9.1f} {f(full and r['peak'] / full['peak'])} {r['time'][0]:9.1f}"
-            f" {f(full and r['time'][0] / full['time'][0])} {f(lora and r['time'][0] / lora['time'][0])}"
+            f"{provider:14s} {batch:5d} {r['trainable']:11,d} {r['saved'] * MB:9.1f} {f(saved_x)}"
+            f" {mb(r['peak']):>9s} {f(peak_x)} {r['time'][0]:9.1f} {f(time_x)} {f(lora_x)}"
         )
     print()
 
@@ -405,18 +562,32 @@ def save_plots(plots: dict, stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     batch_panels = [(k, v) for k, v in plots.items() if len(k) == 2]
     if batch_panels:
-        fig, axes = plt.subplots(len(batch_panels), 3, figsize=(15, 4 * len(batch_panels)), squeeze=False)
-        for row, ((device, name), steps) in zip(axes, batch_panels):
-            providers = sorted({p for p, _ in steps}, key=lambda p: PROVIDERS.index(p) if p in PROVIDERS else 99)
+        fig, axes = plt.subplots(
+            len(batch_panels), 3, figsize=(15, 4 * len(batch_panels)), squeeze=False
+        )
+        for row, ((device, name), steps) in zip(axes, batch_panels, strict=True):
+            providers = sorted(
+                {p for p, _ in steps}, key=lambda p: PROVIDERS.index(p) if p in PROVIDERS else 99
+            )
             for provider in providers:
                 pts = sorted((b, r) for (p, b), r in steps.items() if p == provider)
                 if not pts:
                     continue
                 bs = [b for b, _ in pts]
                 row[0].plot(bs, [r["saved"] * MB for _, r in pts], "o-", label=provider)
-                row[1].plot(bs, [r["peak"] * MB for _, r in pts], "o-", label=provider)
+                pk = [(b, r["peak"] * MB) for b, r in pts if r["peak"] is not None]
+                if pk:
+                    row[1].plot([b for b, _ in pk], [v for _, v in pk], "o-", label=provider)
                 row[2].plot(bs, [r["time"][0] / 1e3 for _, r in pts], "o-", label=provider)
-            for ax, title in zip(row, ["saved for backward (MB)", "peak allocator memory of a step (MB)", "step time (s)"]):
+            for ax, title in zip(
+                row,
+                [
+                    "saved for backward (MB)",
+                    "peak allocator memory of a step (MB)",
+                    "step time (s)",
+                ],
+                strict=True,
+            ):
                 ax.set_title(f"{short(name)} {device}: {title}", fontsize=9)
                 ax.set_xlabel("batch")
                 ax.set_xscale("log", base=2)
@@ -428,7 +599,7 @@ def save_plots(plots: dict, stem: str) -> None:
     m_panels = [(k, v) for k, v in plots.items() if len(k) == 3]
     if m_panels:
         fig, axes = plt.subplots(len(m_panels), 2, figsize=(10, 4 * len(m_panels)), squeeze=False)
-        for row, ((device, name, _), (b, sweep)) in zip(axes, m_panels):
+        for row, ((device, name, _), (b, sweep)) in zip(axes, m_panels, strict=True):
             ms = sorted(sweep)
             row[0].plot(ms, [sweep[m]["saved"] * MB for m in ms], "o-", label="saved for backward")
             row[0].plot(ms, [sweep[m]["peak"] * MB for m in ms], "s-", label="CPU peak of a step")

@@ -29,7 +29,9 @@ from common import Results, quantiles  # noqa: E402
 from dtl_kernels import DTLViT, MultiTaskDTL  # noqa: E402
 
 
-def build_tasks(name: str, n: int, m: int, k: int, num_classes: int) -> tuple[torch.nn.Module, dict]:
+def build_tasks(
+    name: str, n: int, m: int, k: int, num_classes: int
+) -> tuple[torch.nn.Module, dict]:
     import timm
 
     torch.manual_seed(0)
@@ -45,7 +47,9 @@ def build_tasks(name: str, n: int, m: int, k: int, num_classes: int) -> tuple[to
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--tasks", type=int, default=19)
@@ -55,7 +59,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (each runs all three)")
     ap.add_argument("--img", type=int, default=224)
     args = ap.parse_args()
-    reps = args.reps or (3 if args.quick else 7)
+    reps = args.reps or (2 if args.quick else 7)
 
     backbone, tasks = build_tasks(args.model, args.tasks, args.adapt_from, args.conv_kernel, 10)
     providers = {
@@ -71,7 +75,9 @@ def main() -> None:
     shape = f"{args.tasks} tasks,M={args.adapt_from},k={args.conv_kernel}"
     checks = []
     for batch in args.batches:
-        x = torch.randn(batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(batch))
+        x = torch.randn(
+            batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(batch)
+        )
         fns = {p: (sequential if mt is None else mt) for p, mt in providers.items()}
         with torch.no_grad():  # warm-up round, and the outputs must agree
             ref = sequential(x)
@@ -96,7 +102,8 @@ def main() -> None:
         print(
             f"[b={batch}] sequential {seq:.0f} ms; multitask {stats['multitask'][0]:.0f} ms"
             f" ({stats['multitask'][0] / seq:.3f}x); batch_tails=False"
-            f" {stats['multitask_unbatched'][0]:.0f} ms ({stats['multitask_unbatched'][0] / seq:.3f}x)",
+            f" {stats['multitask_unbatched'][0]:.0f} ms"
+            f" ({stats['multitask_unbatched'][0] / seq:.3f}x)",
             flush=True,
         )
         for p in ("multitask", "multitask_unbatched"):
