@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test demo bench bench-full lint clean info
+.PHONY: venv build test demo bench bench-full bench-deps lint clean info
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt
@@ -51,3 +51,22 @@ demo: build
 .PHONY: bench-elpv
 bench-elpv: build
 	$(BIN)/python benchmarks/bench_elpv.py
+
+# Benchmarks (benchmarks/README.md): CSVs and PNGs in benchmarks/results/.
+# `bench` is the quick set (≤ 15 min on 2 CPU cores); `bench-full` the full one (hours on CPU).
+bench-deps: $(VENV)/.bench-stamp
+$(VENV)/.bench-stamp: requirements-bench.txt $(VENV)/.deps-stamp
+	$(BIN)/python -m pip install -r requirements-bench.txt
+	touch $@
+
+bench: build bench-deps
+	$(BIN)/python benchmarks/bench_side_op.py --reps 5
+	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_e2e.py --quick
+	$(BIN)/python benchmarks/bench_multitask.py --quick
+
+bench-full: build bench-deps
+	$(BIN)/python benchmarks/bench_side_op.py
+	$(BIN)/python benchmarks/bench_memory.py
+	$(BIN)/python benchmarks/bench_e2e.py
+	$(BIN)/python benchmarks/bench_multitask.py
