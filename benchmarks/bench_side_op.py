@@ -58,6 +58,12 @@ def main() -> None:
     copy_gbs = 2 * src.numel() * 4 / (copy_ms[0] * 1e-3) / 1e9
     res.add("copy", "copy", "-", b, dtype, f"rows={rows},d={d}", copy_ms, "ms")
     res.add("copy", "copy", "-", b, dtype, f"rows={rows},d={d}", copy_gbs, "GB/s")
+    # A copy into a fresh tensor (what any op returning a new tensor pays: the first touch
+    # of newly allocated pages), for comparison.
+    clone_ms = time_fn(lambda: src.clone(), reps=args.reps * 3)
+    clone_gbs = 2 * src.numel() * 4 / (clone_ms[0] * 1e-3) / 1e9
+    res.add("clone", "copy", "-", b, dtype, f"rows={rows},d={d}", clone_ms, "ms")
+    res.add("clone", "copy", "-", b, dtype, f"rows={rows},d={d}", clone_gbs, "GB/s")
 
     y = torch.randn(b, n, d)
     taps = torch.randn(b, n, kc)
@@ -105,6 +111,7 @@ def main() -> None:
                 line += f", {times[('torch_compile', mode)] / times[('ours', mode)]:.1f}x vs compile"
             gbs = op_bytes(rows, d, kc, mode, 4) / (times[("ours", mode)] * 1e-3) / 1e9
             line += f"; {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy ({copy_gbs:.1f} GB/s)"
+            line += f", {100 * gbs / clone_gbs:.0f}% of clone ({clone_gbs:.1f} GB/s)"
             summary.append(line)
     res.write(csv_name)
     print("\n" + "\n".join(summary))
