@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, quantiles  # noqa: E402
+from common import RESULTS, Results, quantiles  # noqa: E402
 
 from dtl_kernels import DTLViT, MultiTaskDTL  # noqa: E402
 
@@ -74,6 +74,7 @@ def main() -> None:
     res = Results("multitask")
     shape = f"{args.tasks} tasks,M={args.adapt_from},k={args.conv_kernel}"
     checks = []
+    medians: dict[int, dict[str, float]] = {}
     for batch in args.batches:
         x = torch.randn(
             batch, 3, args.img, args.img, generator=torch.Generator().manual_seed(batch)
@@ -96,6 +97,7 @@ def main() -> None:
                     samples[p].append((time.perf_counter() - t0) * 1e3)
         stats = {p: quantiles(s) for p, s in samples.items()}
         seq = stats["sequential"][0]
+        medians[batch] = {p: st[0] for p, st in stats.items()}
         for p, st in stats.items():
             res.add(p, "latency", args.model, batch, "float32", shape, st, "ms")
             res.add(p, "x_sequential", args.model, batch, "float32", shape, st[0] / seq, "x")
@@ -109,6 +111,7 @@ def main() -> None:
         for p in ("multitask", "multitask_unbatched"):
             checks.append((batch, p, 1 - stats[p][0] / seq))
     res.write()
+    save_plot(medians, shape)
     blocks = len(backbone.blocks)
     best = 1 - (args.adapt_from + args.tasks * (blocks - args.adapt_from)) / (args.tasks * blocks)
     print(f"\nTarget: >= 50% less latency than sequential (block-count limit {100 * best:.1f}%):")
@@ -118,6 +121,39 @@ def main() -> None:
         if p != "multitask":
             tag = "info"
         print(f"  {tag}  b={batch} {p}: {100 * saving:.1f}% less latency")
+
+
+def save_plot(medians: dict[int, dict[str, float]], title: str) -> None:
+    """Bars of the median latency per batch, each relative to sequential (1.0)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    providers = ["sequential", "multitask", "multitask_unbatched"]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / len(providers)
+    for j, p in enumerate(providers):
+        xs = [i + j * width for i in range(len(medians))]
+        ys = [m[p] / m["sequential"] for m in medians.values()]
+        bars = ax.bar(xs, ys, width, label=p)
+        for bar, b in zip(bars, medians, strict=True):
+            ax.annotate(
+                f"{medians[b][p] / 1e3:.1f}s",
+                (bar.get_x() + width / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    ax.axhline(0.5, color="k", lw=0.8, ls="--", label="target 0.5")
+    ax.set_xticks([i + width for i in range(len(medians))], [f"batch {b}" for b in medians])
+    ax.set_ylabel("latency / sequential")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "multitask.png", dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
