@@ -274,7 +274,7 @@ def main() -> None:
     )
     ap.add_argument(
         "--time-batches",
-        nargs="+",
+        nargs="*",
         type=int,
         default=None,
         help="extra batches for the time targets: full, lora, dtl only, no profiled "
