@@ -19,6 +19,16 @@ BETA = 100.0
 F64 = dict(dtype=torch.float64)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall badly when the cores
+    are shared), so this module runs on one thread and restores the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _side_state(shape, scale=0.03):
     """Values around θ's knee (|βx| ~ 3) so both sides of the sigmoid are exercised."""
     return (torch.randn(shape, **F64) * scale).requires_grad_(True)

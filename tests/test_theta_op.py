@@ -20,6 +20,16 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 SHAPES = [(1,), (7,), (1023,), (7, 197, 3), (2, 1023)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and stall badly when the cores
+    are shared), so this module runs on one thread and restores the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _op(x, beta=BETA):
     return torch.ops.dtl_kernels.theta(x, beta)
 
