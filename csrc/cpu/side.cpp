@@ -178,7 +178,7 @@ inline void rebuild_block(const acc_t* T, int64_t ldt, int64_t K, const acc_t* u
 
 // T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
 // H (and G for kSGrad): nr × CH. Channel blocks outer, so the block's slice of Uᵀ
-// (K × 2 vectors) stays in L1 while all rows pass.
+// (K × 4 vectors) stays in L1 while all rows pass.
 template <typename acc_t, Epilogue E>
 void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
                int64_t dpad, int64_t CH, acc_t* H, acc_t beta = acc_t(0),
@@ -186,6 +186,15 @@ void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* 
   constexpr int64_t V = Vectorized<acc_t>::size();
   if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
   int64_t c = 0;
+  for (; c + 4 * V <= CH; c += 4 * V) {  // 16 accumulators: 4 loads + 4 broadcasts per 16 FMAs
+    int64_t n = 0;
+    for (; n + 4 <= nr; n += 4)
+      rebuild_block<acc_t, E, 4, 4>(T + n * ldt, ldt, K, ut, dpad, CH, c, H + n * CH,
+                                    G + n * CH, beta);
+    for (; n < nr; ++n)
+      rebuild_block<acc_t, E, 1, 4>(T + n * ldt, ldt, K, ut, dpad, CH, c, H + n * CH,
+                                    G + n * CH, beta);
+  }
   for (; c + 2 * V <= CH; c += 2 * V) {
     int64_t n = 0;
     for (; n + 4 <= nr; n += 4)
