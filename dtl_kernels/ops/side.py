@@ -45,9 +45,13 @@ def resolve_backend(x: torch.Tensor, requested: str = "auto") -> str:
     elif name == "triton":
         if not _ext.triton_importable():
             raise _ext.BackendUnavailable("the triton backend needs `pip install triton`")
-        if not x.is_cuda and not _ext.triton_interpret():
+        from . import triton_side
+
+        # Whether CPU tensors can run is fixed when the kernels were defined (import time).
+        if not x.is_cuda and not triton_side._interpreted():
             raise _ext.BackendUnavailable(
-                "the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1)"
+                "the triton backend runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 "
+                "was set before dtl_kernels.ops.triton_side was imported)"
             )
     return name
 
