@@ -102,8 +102,9 @@ def markdown(rows: list[dict], args) -> str:
         )
     note = (
         "\n\nPeak memory: " + rows[0]["peak_memory_method"] + " of the training loop. "
-        "DTL / DTL+ / linear cache the frozen trunk's outputs (blocks before the first tap) "
-        "once, so their img/s counts only the blocks that run every step.\n"
+        "DTL / DTL+ / linear cache the frozen trunk's outputs (blocks 1…M: the tapped block "
+        "inputs and block M's output; --cache-trunk auto) once, so their img/s counts only the "
+        "blocks that run every step.\n"
     )
     return head + "\n".join(lines) + note
 

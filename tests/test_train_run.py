@@ -196,4 +196,4 @@ def test_vit_with_bf16_autocast(toy, tmp_path):
         )
     )
     assert s["method"] == "dtl+" and s["img_size"] == 32 and 0 <= s["test_acc"] <= 1
-    assert s["cached_trunk_blocks"] == 0  # ViT taps every block from the first
+    assert s["cached_trunk_blocks"] == 7  # taps before M = 7 and block 7's output are cached

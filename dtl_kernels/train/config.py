@@ -57,7 +57,10 @@ class TrainConfig:
     eval_only: bool = False
     adapter: str | None = None
     eval_every: int = 1
-    cache_trunk: str = "auto"  # auto | on | off: cache the frozen trunk's features
+    cache_trunk: str = "auto"  # off | auto | ram | disk ("on" = ram): see train/cache.py
+    cache_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the stored trunk outputs
+    cache_max_bytes: str | int | None = None  # budget (e.g. 6GiB); None = 6 GiB
+    cache_dir: str | None = None  # disk cache folder; None = <output>/trunk-cache
     channels_last: str = "auto"  # auto | on | off
     keep_checkpoints: int = 2
     progress: bool = True
@@ -78,9 +81,15 @@ class TrainConfig:
             raise ValueError("--lr must be > 0, --weight-decay and --warmup-epochs ≥ 0")
         if self.normalize not in ("auto", "imagenet", "half"):
             raise ValueError("--normalize must be auto, imagenet or half")
-        for name in ("cache_trunk", "channels_last"):
-            if getattr(self, name) not in ("auto", "on", "off"):
-                raise ValueError(f"--{name.replace('_', '-')} must be auto, on or off")
+        if self.channels_last not in ("auto", "on", "off"):
+            raise ValueError("--channels-last must be auto, on or off")
+        from .cache import DTYPES, parse_bytes, resolve_mode
+
+        resolve_mode(self.cache_trunk)
+        if self.cache_dtype not in DTYPES:
+            raise ValueError(f"--cache-dtype must be one of {tuple(DTYPES)}")
+        if (parse_bytes(self.cache_max_bytes) or 0) < 0:
+            raise ValueError("--cache-max-bytes must be ≥ 0")
         if self.eval_only and not self.adapter:
             raise ValueError("--eval-only needs --adapter FILE (an adapter.safetensors)")
         return self
@@ -106,7 +115,12 @@ _HELP = {
     "resume": "resume from the latest checkpoint in --output",
     "eval_only": "only evaluate --adapter on the test split",
     "adapter": "adapter file for --eval-only",
-    "cache_trunk": "cache the frozen trunk's outputs across epochs: auto | on | off",
+    "cache_trunk": "cache the frozen trunk's outputs (taps before M, block M's output) "
+    "across epochs: off | auto (RAM when allowed and within budget, else off) | ram | disk",
+    "cache_dtype": "precision of the trunk cache: fp32 (exact) | bf16 | fp16",
+    "cache_max_bytes": "trunk cache budget, e.g. 6GiB or 500MB (default 6 GiB); over it, "
+    "ram/disk is an error and auto trains uncached",
+    "cache_dir": "folder of the disk trunk cache (default OUTPUT/trunk-cache)",
     "channels_last": "channels-last memory format for CNNs: auto | on | off",
     "stop_after": "stop after N epochs of this process, as if interrupted (--resume continues)",
 }

@@ -3,12 +3,14 @@ with checkpoints → adapter, metrics, summary. Uses only the models' public API
 (:func:`dtl_kernels.create_model`, ``embed`` / ``run_blocks`` / ``forward_head``,
 ``save_adapter`` / ``load_adapter``); it holds no model logic.
 
-Frozen-trunk cache (``--cache-trunk``, SPEC §2 "further levers"): with a frozen backbone,
-no augmentation and no drop-path, the blocks before the first tapped block see the same
-input every epoch and nothing of theirs is trained, so their output is computed once per
-image (eval mode, no autograd) and each step runs only the rest of the walk. The result
-is the same computation; the linear probe caches the whole backbone walk. ``full``
-fine-tuning never caches.
+Trunk cache (``--cache-trunk off|auto|ram|disk``, SPEC §2 "further levers";
+:mod:`dtl_kernels.train.cache`): with a frozen backbone, no augmentation and no random
+layers in the trunk, what training needs from blocks ``1 … M`` (the tapped block inputs
+and block ``M``'s output, :meth:`DTLModel.trunk_forward`) is computed once per sample
+before training and each step runs only :meth:`DTLModel.forward_from_trunk`. With an fp32
+cache it is the same computation; the linear probe caches the whole backbone walk.
+``full`` fine-tuning never caches. Default ``auto``: RAM when allowed and within
+``--cache-max-bytes``, else uncached (one line says why).
 
 Distributed: under ``torchrun`` each process takes ``batch_size / world_size`` images of
 every global batch (``DistributedSampler``; gloo on CPU, nccl on CUDA) and DDP averages
@@ -31,19 +33,18 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import create_model
 from .._io import atomic_write
 from .._version import __version__
 from ..models import read_adapter
+from . import cache as trunk_cache
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_datasets
 from .metrics import MetricsLog, PeakMemory
-
-_CACHE_LIMIT_BYTES = 6 * 2**30
 
 
 # -- process setup -------------------------------------------------------------------------
@@ -156,63 +157,9 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
     return create_model(cfg.model, cfg.method, num_classes, pretrained, **options)
 
 
-class Indexed(Dataset):
-    """Cached features and labels as a dataset (same indices as the image dataset)."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor):
-        self.features, self.labels = features, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.features[i], int(self.labels[i])
-
-
-class Tail(nn.Module):
-    """The model from block ``split`` on (input: cached trunk features)."""
-
-    def __init__(self, model: nn.Module, split: int, ctx: dict):
-        super().__init__()
-        self.model, self.split, self.ctx = model, split, ctx
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        state = m.csn.start() if m.csn is not None else None
-        return m.forward_head(m.run_blocks(x, self.ctx, state, self.split, len(m.blocks)))
-
-
-def trunk_split(model: nn.Module, cfg: TrainConfig) -> int:
-    """Blocks that can be cached (0: none): all before the first tapped block."""
-    if cfg.cache_trunk == "off" or cfg.method == "full" or cfg.drop_path > 0:
-        return 0
-    if not hasattr(model, "run_blocks"):
-        return 0
-    csn, depth = model.csn, len(model.blocks)
-    if csn is None:
-        return depth
-    return next((i for i in range(depth) if csn.is_tapped(i)), depth)
-
-
-@torch.no_grad()
-def compute_trunk(model, split, dataset, batch_size, device, autocast, channels_last):
-    """Features after blocks ``0 … split-1`` for every image, in order (eval mode)."""
-    was = model.training
-    model.eval()
-    out = []
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for images, _ in loader:
-        images = _to(images, device, channels_last)
-        with autocast():
-            x, ctx = model.embed(images)
-            state = model.csn.start() if model.csn is not None else None
-            x = model.run_blocks(x, ctx, state, 0, split)
-        out.append(x.contiguous().cpu())
-    model.train(was)
-    return torch.cat(out), ctx
-
-
 def _to(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    if isinstance(x, (list, tuple)):  # a cached batch: [z_1 … z_k, y]
+        return [_to(t, device, channels_last) for t in x]
     x = x.to(device, non_blocking=True)
     if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -334,41 +281,19 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
             print(f"test accuracy {100 * test_acc:.2f}% ({cfg.adapter})", flush=True)
         return summary
 
-    # frozen-trunk cache
-    split = trunk_split(model, cfg)
+    # trunk cache (train/cache.py): train and evaluate from the stored trunk outputs
     net: nn.Module = model
-    train_data, test_data = train_set, test_set
-    if split and cfg.cache_trunk == "auto":
-        x0, _ = train_set[0]
-        with torch.no_grad():
-            f0, _ = compute_trunk(
-                model,
-                split,
-                Indexed(x0[None], torch.zeros(1)),
-                1,
-                d.device,
-                autocast,
-                channels_last,
-            )
-        need = f0.numel() * f0.element_size() * (len(train_set) + len(test_set))
-        if need > _CACHE_LIMIT_BYTES:
-            split = 0
-    if split:
-        t0 = time.time()
-        ftr, ctx = compute_trunk(
-            model, split, train_set, local_batch, d.device, autocast, channels_last
-        )
-        fte, _ = compute_trunk(
-            model, split, test_set, local_batch, d.device, autocast, channels_last
-        )
-        train_data, test_data = Indexed(ftr, train_set.labels), Indexed(fte, test_set.labels)
-        net = Tail(model, split, ctx)
-        if d.main:
-            print(
-                f"cached the frozen trunk (blocks 1…{split}) for {len(ftr) + len(fte)} images "
-                f"in {time.time() - t0:.1f}s ({(ftr.nbytes + fte.nbytes) / 2**20:.0f} MiB)",
-                flush=True,
-            )
+    eval_net, train_data, test_data = model, train_set, test_set
+    cache = trunk_cache.prepare(
+        cfg, model, {"train": train_set, "test": test_set},
+        {s: trunk_cache.dataset_identity(cfg, s, size, norm) for s in ("train", "test")},
+        d, autocast, channels_last, local_batch, say=lambda m: print(m, flush=True),
+    )  # fmt: skip
+    if cache is not None:
+        net = cache.tail
+        train_data = cache.view("train")
+        if cache.view("test") is not None:
+            eval_net, test_data = cache.tail, cache.view("test")
     train_net = net
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -382,7 +307,7 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
         train_data,
         batch_size=local_batch,
         sampler=sampler,
-        num_workers=cfg.workers if not split else 0,
+        num_workers=cfg.workers if cache is None else 0,
         generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=False,
     )
@@ -463,7 +388,9 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
             "epoch_time_s": train_time,
         }
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            test_loss, test_acc = evaluate(net, test_data, local_batch, d, autocast, channels_last)
+            test_loss, test_acc = evaluate(
+                eval_net, test_data, local_batch, d, autocast, channels_last
+            )
             row.update(test_loss=test_loss, test_acc=test_acc)
         log.append(row)
         if d.main:
@@ -494,7 +421,7 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     peak = memory.peak()
 
     if test_acc is None:  # resumed after the last epoch: evaluate the restored model
-        test_loss, test_acc = evaluate(net, test_data, local_batch, d, autocast, channels_last)
+        test_loss, test_acc = evaluate(eval_net, test_data, local_batch, d, autocast, channels_last)
     summary = _summary(cfg, model, d, t_start, num_classes, size, len(train_set), len(test_set))
     summary.update(
         test_acc=test_acc,
@@ -502,7 +429,8 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
         peak_memory_bytes=peak,
         peak_memory_method=memory.method,
         images_per_s=sum(speeds) / len(speeds) if speeds else None,
-        cached_trunk_blocks=split,
+        cached_trunk_blocks=cache.trunk_depth if cache is not None else 0,
+        trunk_cache=cache.mode if cache is not None else "off",
         epochs_run_here=len(speeds),
     )
     if d.main:

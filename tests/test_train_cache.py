@@ -1,0 +1,278 @@
+"""Trunk feature cache (dtl_kernels/train/cache.py): key, rebuilds, atomic disk files,
+refusals, size estimate and budget, and training identical to the uncached run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from dtl_kernels import create_model
+from dtl_kernels.train import cache as tc
+from dtl_kernels.train import make_config, run
+from dtl_kernels.train.data import HALF, TensorImages
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
+
+VIT = "vit_tiny_patch16_224"
+CNN = "tf_efficientnet_lite0"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """3 classes of 32×32 images (12 train / 6 test)."""
+    root = tmp_path_factory.mktemp("toy")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 6)):
+        for k in range(n):
+            c = k % 3
+            img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+            img[..., c] += 150
+            path = root / split / f"class{c}" / f"{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(path)
+    return root
+
+
+def options(toy: Path, out: Path, **kw) -> dict:
+    base = dict(
+        model=VIT, pretrained="none", method="dtl+", dataset="folder", data_root=str(toy),
+        img_size=32, epochs=2, batch_size=4, lr=1e-2, warmup_epochs=1, output=str(out),
+        progress=False,
+    )  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def images(n=6, size=32, seed=0) -> TensorImages:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    return TensorImages(x, torch.arange(n) % 3, HALF, HALF)
+
+
+def vit(**kw):
+    torch.manual_seed(0)
+    return create_model(VIT, method=kw.pop("method", "dtl+"), num_classes=3, img_size=32, **kw)
+
+
+IDENT = {"name": "toy", "split": "train"}
+
+
+# -- key -----------------------------------------------------------------------------------------
+def test_key_changes_with_everything_that_changes_the_values():
+    base = tc.TrunkCache(vit(), images(), "train", IDENT).key_hash
+    assert tc.TrunkCache(vit(), images(), "train", IDENT).key_hash == base  # reproducible
+    m = vit()
+    with torch.no_grad():
+        m.backbone.blocks[0].mlp.fc1.weight[0, 0] += 1e-3
+    variants = {
+        "weights": tc.TrunkCache(m, images(), "train", IDENT),
+        "M": tc.TrunkCache(vit(adapt_from=5), images(), "train", IDENT),
+        "taps": tc.TrunkCache(vit(tap_from=3), images(), "train", IDENT),
+        "content": tc.TrunkCache(vit(), images(seed=1), "train", IDENT),
+        "count": tc.TrunkCache(vit(), images(n=5), "train", IDENT),
+        "identity": tc.TrunkCache(vit(), images(), "train", {**IDENT, "split": "test"}),
+        "dtype": tc.TrunkCache(vit(), images(), "train", IDENT, dtype="bf16"),
+        "precision": tc.TrunkCache(vit(), images(), "train", IDENT, setup={"precision": "bf16"}),
+    }
+    norm = images()
+    norm.mean = torch.full((3, 1, 1), 0.4)
+    variants["normalisation"] = tc.TrunkCache(vit(), norm, "train", IDENT)
+    hashes = {k: c.key_hash for k, c in variants.items()}
+    assert base not in hashes.values(), hashes
+    assert len(set(hashes.values())) == len(hashes)
+
+
+def test_size_estimate_is_exact(tmp_path):
+    c = tc.TrunkCache(vit(), images(n=5), "train", IDENT)
+    # ViT-tiny at 32: 5 tokens × 192; M = 7: z_1 … z_7 and block 7's output
+    assert c.shapes == [(5, 192)] * 8
+    assert c.bytes_per_sample == 8 * 5 * 192 * 4 and c.estimate() == 5 * c.bytes_per_sample
+    path = c.build_disk(tmp_path)
+    assert path.stat().st_size == c.estimate()
+    h = tc.TrunkCache(vit(), images(n=5), "train", IDENT, dtype="fp16")
+    assert h.estimate() * 2 == c.estimate()
+
+
+def test_cache_values_are_trunk_forward():
+    model, ds = vit(), images(n=5)
+    c = tc.TrunkCache(model, ds, "train", IDENT, batch_size=2).build_ram()
+    x = torch.stack([ds[i][0] for i in range(5)])
+    model.eval()
+    taps, y, _ = model.trunk_forward(x)
+    for i in range(5):
+        for got, want in zip(c.sample(i), [*taps, y], strict=True):
+            torch.testing.assert_close(got, want[i], rtol=1e-6, atol=1e-6)
+    assert c.view()[3][1] == int(ds.labels[3])
+
+
+# -- disk: atomic, reused, rebuilt -------------------------------------------------------------
+def test_disk_cache_is_atomic_reused_and_rebuilt(tmp_path, monkeypatch):
+    ds = images()
+    c = tc.TrunkCache(vit(), ds, "train", IDENT)
+    assert c.load_disk(tmp_path) == "no cache file yet"
+    c.build_disk(tmp_path)
+    data, key = c.files(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "train.key.json"]
+    meta = json.loads(key.read_text())
+    assert meta["key_sha256"] == c.key_hash and meta["bytes"] == data.stat().st_size
+
+    again = tc.TrunkCache(vit(), ds, "train", IDENT)
+    assert again.load_disk(tmp_path) is None and not again.built
+    for a, b in zip(again.sample(2), c.sample(2), strict=True):
+        assert torch.equal(a, b)
+
+    # another M: the key differs, the reason names what changed
+    other = tc.TrunkCache(vit(adapt_from=5), ds, "train", IDENT)
+    reason = other.load_disk(tmp_path)
+    assert reason.startswith("the key changed") and "trunk_depth_M" in reason
+
+    # a crash while writing leaves no file under the final names and no temporary file
+    calls = {"n": 0}
+    original = other.model.trunk_forward
+
+    def dying(x):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("power cut")
+        return original(x)
+
+    monkeypatch.setattr(other.model, "trunk_forward", dying)
+    other.batch_size = 2
+    with pytest.raises(RuntimeError, match="power cut"):
+        other.build_disk(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin"]  # key file gone first
+    assert data.stat().st_size == c.estimate()  # the old data file is untouched
+    assert tc.TrunkCache(vit(), ds, "train", IDENT).load_disk(tmp_path) == "no cache file yet"
+    monkeypatch.undo()
+
+    # a truncated data file with a matching key file is not used
+    c.build_disk(tmp_path)
+    data.write_bytes(data.read_bytes()[:100])
+    assert "bytes, expected" in tc.TrunkCache(vit(), ds, "train", IDENT).load_disk(tmp_path)
+
+
+def test_disk_run_reuses_cache_and_rebuilds_on_key_change(toy, tmp_path, capsys):
+    cache_dir = tmp_path / "cache"
+    opts = dict(cache_trunk="disk", cache_dir=str(cache_dir), epochs=1)
+    run(make_config(options(toy, tmp_path / "a", **opts)))
+    assert "building" in capsys.readouterr().out
+    run(make_config(options(toy, tmp_path / "b", **opts)))
+    out = capsys.readouterr().out
+    assert "reusing" in out and "building" not in out
+    run(make_config(options(toy, tmp_path / "c", adapt_from=9, **opts)))
+    assert "the key changed" in capsys.readouterr().out
+
+
+# -- refusals ------------------------------------------------------------------------------------
+class Noisy(TensorImages):
+    def __getitem__(self, i):
+        x, y = super().__getitem__(i)
+        return x + 0.01 * torch.randn_like(x), y
+
+
+def test_refusal_reasons():
+    ds = images()
+    assert tc.refusal(vit(), "dtl+", 0.0, [ds]) is None
+    assert "full" in tc.refusal(vit(method="full"), "full", 0.0, [ds])
+    assert "drop-path" in tc.refusal(vit(), "dtl+", 0.1, [ds])
+    assert "drop-path" in tc.refusal(vit(drop_path_rate=0.1), "dtl+", 0.0, [ds])
+    assert "dropout" in tc.refusal(vit(proj_drop_rate=0.1), "dtl+", 0.0, [ds])
+    noisy = Noisy(ds.images, ds.labels, HALF, HALF)
+    assert "random" in tc.refusal(vit(), "dtl+", 0.0, [noisy])
+    # dropout only in the tail (after block M) does not change the trunk: allowed
+    m = vit()
+    m.backbone.blocks[10].mlp.drop1.p = 0.5
+    assert tc.refusal(m, "dtl+", 0.0, [ds]) is None
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(method="full"), "trains the backbone"),
+        (dict(drop_path=0.1), "drop-path"),
+        (dict(cache_max_bytes="10KiB"), "over the --cache-max-bytes budget"),
+    ],
+)
+def test_explicit_cache_refused_auto_falls_back(toy, tmp_path, capsys, kw, match):
+    with pytest.raises(tc.CacheRefused, match=match):
+        run(make_config(options(toy, tmp_path / "x", cache_trunk="ram", epochs=1, **kw)))
+    s = run(make_config(options(toy, tmp_path / "y", cache_trunk="auto", epochs=1, **kw)))
+    assert s["trunk_cache"] == "off" and s["cached_trunk_blocks"] == 0
+    assert "trunk cache: off" in capsys.readouterr().out
+
+
+def test_budget_keeps_train_drops_test(toy, tmp_path, capsys):
+    # ViT-tiny at 32: 30 KiB a sample; 12 train (360 KiB) fit 400 KiB, 6 more test do not
+    s = run(make_config(options(toy, tmp_path / "x", cache_trunk="ram", epochs=1,
+                                cache_max_bytes="400KiB")))  # fmt: skip
+    assert s["trunk_cache"] == "ram" and s["cached_trunk_blocks"] == 7
+    assert "test split not cached" in capsys.readouterr().out
+
+
+def test_bytes_parsing_and_config():
+    assert tc.parse_bytes("6GiB") == 6 * 2**30 and tc.parse_bytes("500MB") == 500 * 10**6
+    assert tc.parse_bytes("2e9") == 2 * 10**9 and tc.parse_bytes(None) is None
+    with pytest.raises(ValueError, match="cache-max-bytes"):
+        tc.parse_bytes("lots")
+    with pytest.raises(ValueError, match="cache-trunk"):
+        make_config({"cache_trunk": "yes"})
+    with pytest.raises(ValueError, match="cache-dtype"):
+        make_config({"cache_dtype": "int8"})
+    assert make_config({"cache_trunk": "on"}).cache_trunk == "on"  # earlier spelling of ram
+
+
+# -- training is unchanged ------------------------------------------------------------------------
+@pytest.mark.parametrize("model,size", [(VIT, 32), (CNN, 64)])
+def test_fp32_cache_trains_identically(toy, tmp_path, model, size):
+    adapters = {}
+    for mode in ("off", "ram", "disk"):
+        out = tmp_path / mode
+        s = run(make_config(options(toy, out, model=model, img_size=size, cache_trunk=mode)))
+        assert s["trunk_cache"] == mode
+        adapters[mode] = (load_file(str(out / "adapter.safetensors")), s["test_acc"])
+    ref, ref_acc = adapters["off"]
+    for mode in ("ram", "disk"):
+        got, acc = adapters[mode]
+        assert acc == ref_acc
+        for k in ref:
+            assert torch.equal(got[k], ref[k]), (mode, k)
+
+
+def test_half_caches_train_closely(toy, tmp_path):
+    ref = None
+    for dtype in ("fp32", "bf16", "fp16"):
+        out = tmp_path / dtype
+        run(make_config(options(toy, out, cache_trunk="ram", cache_dtype=dtype)))
+        got = load_file(str(out / "adapter.safetensors"))
+        if ref is None:
+            ref = got
+            continue
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=0.05, atol=0.02)
+
+
+def test_resume_with_disk_cache_is_bit_identical(toy, tmp_path, capsys):
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(make_config(options(toy, full, cache_trunk="disk")))
+    run(make_config(options(toy, part, cache_trunk="disk", stop_after=1)))
+    capsys.readouterr()
+    run(make_config(options(toy, part, cache_trunk="disk", resume=True)))
+    assert "reusing" in capsys.readouterr().out
+    a = load_file(str(full / "adapter.safetensors"))
+    b = load_file(str(part / "adapter.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
