@@ -142,8 +142,9 @@ class DTLModel(nn.Module):
                 raise ValueError(f"expected {len(tapped)} trunk tap inputs, got {len(taps_inputs)}")
             for i, z in zip(tapped, taps_inputs):
                 csn.tap(state, i, z)
-            t, grid, num_prefix = self.tokens(y, ctx)
-            y = self.untokens(csn.add_back(state, depth - 1, t, grid, num_prefix), y)
+            if csn.is_adapted(depth - 1):  # a CNN's block M may change shape: no add-back
+                t, grid, num_prefix = self.tokens(y, ctx)
+                y = self.untokens(csn.add_back(state, depth - 1, t, grid, num_prefix), y)
         x = self.run_blocks(y, ctx, state, depth, len(self.blocks))
         return self.forward_head(x)
 

@@ -471,21 +471,7 @@ class TrunkTail(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         *taps, y = feats
-        return from_trunk(self.model, taps, y, self.ctx)
-
-
-def from_trunk(model: nn.Module, taps: list[torch.Tensor], y: torch.Tensor, ctx: dict):
-    """``model.forward_from_trunk``, guarded for a CNN whose block ``M`` cannot be adapted
-    (a shape-changing first block of a stage): ``forward_from_trunk`` adds back after
-    block ``M`` unconditionally and the CSN refuses. Same walk, add-back only where the
-    CSN adapts (``forward`` does the same)."""
-    csn, depth = model.csn, model.trunk_depth
-    if csn is None or csn.is_adapted(depth - 1):
-        return model.forward_from_trunk(taps, y, ctx)
-    state = csn.start()
-    for i, z in zip([i for i in range(depth) if csn.is_tapped(i)], taps, strict=True):
-        csn.tap(state, i, z)
-    return model.forward_head(model.run_blocks(y, ctx, state, depth, len(model.blocks)))
+        return self.model.forward_from_trunk(taps, y, self.ctx)
 
 
 # -- what the loop calls -------------------------------------------------------------------------
