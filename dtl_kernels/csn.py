@@ -138,8 +138,10 @@ class CompactSideNetwork(nn.Module):
         if stage != state.stage:  # h restarts at every stage
             state.stage, state.taps, state.ups, state.h = stage, [], [], None
         down = self.down[str(i)]
-        if self.trunk_dtype is not None and not z.requires_grad and z.dtype != self.trunk_dtype:
-            t = memory.low_precision_tap(z, down, self.trunk_dtype)
+        keeps_z = torch.is_grad_enabled() and down.requires_grad  # only ∂A needs z
+        low = self.trunk_dtype
+        if low is not None and keeps_z and not z.requires_grad and z.dtype != low:
+            t = memory.low_precision_tap(z, down, low)
         else:
             t = reference.tap(z, down)
         up = self.up[str(i)]

@@ -121,3 +121,23 @@ def test_bad_trunk_dtype():
         build("vit", trunk_dtype=torch.int8)
     with pytest.raises(ValueError, match="trunk_dtype"):
         build("vit", trunk_dtype="bfloat17")
+
+
+def test_trunk_dtype_makes_no_copy_without_autograd(monkeypatch):
+    """Inference (no_grad) never saves z, so the low-precision copy must not be made."""
+    from dtl_kernels import create_model
+    from dtl_kernels import memory as memory_mod
+
+    model = create_model(
+        "vit_tiny_patch16_224", method="dtl", num_classes=3, img_size=32,
+        trunk_dtype=torch.bfloat16,
+    ).eval()
+
+    def boom(*args, **kwargs):
+        raise AssertionError("low-precision tap used without autograd")
+
+    monkeypatch.setattr(memory_mod, "low_precision_tap", boom)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(AssertionError, match="without autograd"):
+        model(torch.randn(1, 3, 32, 32))

@@ -84,3 +84,16 @@ def test_bad_tasks_are_clear_errors(tmp_path):
     full = DTLViT(bb, side=False, train_backbone=True, num_classes=3)
     with pytest.raises(ValueError, match="whole backbone"):
         MultiTaskDTL(bb, {"full": full})
+
+
+def test_backbone_head_tasks_are_refused(tmp_path):
+    bb, _ = _vit_tasks(torch.float32)
+    own_head = DTLViT(bb, head="backbone", num_classes=4)
+    with pytest.raises(ValueError, match="head='backbone'"):
+        MultiTaskDTL(bb, {"own": own_head})
+    path = tmp_path / "own.safetensors"
+    own_head.save_adapter(path)
+    other = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0)
+    with pytest.raises(ValueError, match="head='backbone'"):
+        MultiTaskDTL(other, {"own": path})
+    assert other.num_classes == 0  # refused before anything touched the shared backbone

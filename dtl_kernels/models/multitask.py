@@ -9,14 +9,22 @@ once), then split again for each task's add-back.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .base import DTLModel
+from .base import DTLModel, read_adapter
 from .factory import model_from_adapter, wrapper_for
+
+
+# A backbone-head task trains the backbone's own classifier, which every task shares.
+_OWN_HEAD = (
+    "task {name!r} uses head='backbone' (the backbone's own classifier, which all tasks would "
+    "share); MultiTaskDTL serves tasks with the published head"
+)
 
 
 class MultiTaskDTL(nn.Module):
@@ -48,6 +56,9 @@ class MultiTaskDTL(nn.Module):
         self.tasks = nn.ModuleDict()
         for name, task in tasks.items():
             if isinstance(task, (str, os.PathLike)):
+                head_mode = json.loads(read_adapter(task)[1]["config"]).get("head_mode")
+                if head_mode != "published":
+                    raise ValueError(_OWN_HEAD.format(name=name))
                 model = model_from_adapter(task, backbone)
             elif isinstance(task, DTLModel):
                 model = task
@@ -56,6 +67,8 @@ class MultiTaskDTL(nn.Module):
                 raise TypeError(
                     f"task {name!r}: expected an adapter path or a DTL model, got {type(task).__name__}"
                 )
+            if model.head_mode != "published":
+                raise ValueError(_OWN_HEAD.format(name=name))
             if model.method == "full":
                 raise ValueError(f"task {name!r} fine-tunes the whole backbone: it shares no trunk")
             self.tasks[name] = model

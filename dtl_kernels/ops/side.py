@@ -67,6 +67,15 @@ def _auto_backend(x: torch.Tensor) -> str:
     return "reference"
 
 
+# Limits of the CUDA C++ kernels (csrc/cuda/side.cu): larger shapes go elsewhere under auto.
+_CUDA_MAX_K, _CUDA_MAX_CONV = 128, 7
+
+
+def _cuda_fits(taps: torch.Tensor, conv_weight: torch.Tensor | None) -> bool:
+    k = conv_weight.shape[-1] if conv_weight is not None else 0
+    return taps.shape[-1] <= _CUDA_MAX_K and k <= _CUDA_MAX_CONV
+
+
 def _fused_ready(name: str) -> bool:
     """Whether the fused side op of backend ``name`` is implemented and importable."""
     if name in ("cpu", "cuda"):
@@ -97,6 +106,11 @@ def side_add(
     """
     validate(y, taps, ups, beta, conv_weight, grid, num_prefix)
     name = resolve_backend(y, backend)
+    if name == "cuda" and backend == "auto" and not _cuda_fits(taps, conv_weight):
+        name = "triton" if _ext.triton_importable() and _fused_ready("triton") else "reference"
+    if name != "reference":  # autocast: fp32 parameters beside low-precision activations
+        ups = ups.to(y.dtype)
+        conv_weight = conv_weight.to(y.dtype) if conv_weight is not None else None
     if name == "reference":
         return reference.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
     if not _fused_ready(name):

@@ -34,6 +34,17 @@ def checkpoint_dir(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
 
 
+def set_aside(output: str | Path) -> Path:
+    """Move an earlier run's checkpoint folder to ``checkpoints.old-<n>`` (never delete a
+    user's work): a fresh run must not rotate them with its own or resume into them."""
+    folder = checkpoint_dir(output)
+    n = 1
+    while (target := folder.with_name(f"{folder.name}.old-{n}")).exists():
+        n += 1
+    folder.rename(target)
+    return target
+
+
 def list_checkpoints(output: str | Path) -> list[Path]:
     """Checkpoint files of a run, oldest first."""
     folder = checkpoint_dir(output)

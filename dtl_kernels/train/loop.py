@@ -333,9 +333,10 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
             if d.main:
                 print(f"resumed from {path} (epoch {start_epoch} done)", flush=True)
     elif d.main and ckpt.list_checkpoints(out):
+        moved = ckpt.set_aside(out)
         print(
-            f"note: {ckpt.checkpoint_dir(out)} holds checkpoints of an earlier run; "
-            "they will be replaced (use --resume to continue it)",
+            f"note: {ckpt.checkpoint_dir(out)} held checkpoints of an earlier run; moved them to "
+            f"{moved} (use --resume to continue a run)",
             flush=True,
         )
 
