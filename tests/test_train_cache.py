@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
+from toy_images import make_toy_folder
 
 from dtl_kernels import create_model
 from dtl_kernels.train import cache as tc
@@ -37,17 +36,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     """3 classes of 32×32 images (12 train / 6 test)."""
-    root = tmp_path_factory.mktemp("toy")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("test", 6)):
-        for k in range(n):
-            c = k % 3
-            img = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
-            img[..., c] += 150
-            path = root / split / f"class{c}" / f"{k}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(path)
-    return root
+    return make_toy_folder(tmp_path_factory.mktemp("toy"), 12, 6)
 
 
 def options(toy: Path, out: Path, **kw) -> dict:

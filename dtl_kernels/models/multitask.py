@@ -19,7 +19,6 @@ from torch import nn
 from .base import DTLModel, read_adapter
 from .factory import model_from_adapter, wrapper_for
 
-
 # A backbone-head task trains the backbone's own classifier, which every task shares.
 _OWN_HEAD = (
     "task {name!r} uses head='backbone' (the backbone's own classifier, which all tasks would "
