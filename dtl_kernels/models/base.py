@@ -383,3 +383,17 @@ def csn_config(rank, beta, tap_from, adapt_from, conv_kernel) -> CSNConfig:
         rank=rank, beta=float(beta) if isinstance(beta, int) and not isinstance(beta, bool) else beta,
         tap_from=tap_from, adapt_from=adapt_from, conv_kernel=conv_kernel,
     )
+
+
+def _architecture(backbone: nn.Module) -> str:
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(backbone).__name__
+
+
+def _method_name(side: bool, train_backbone: bool, csn: CompactSideNetwork | None) -> str:
+    if not side:
+        return "full" if train_backbone else "linear"
+    c = csn.config
+    if c.conv_kernel == 0:
+        return "dtl"
+    return "dtl+*" if c.adapt_from == 1 else "dtl+"

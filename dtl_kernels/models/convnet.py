@@ -28,8 +28,7 @@ import torch
 from torch import nn
 
 from ..csn import CompactSideNetwork
-from .base import DTLModel, csn_config, new_head, validate_head_mode
-from .vit import _architecture, _method_name
+from .base import DTLModel, _architecture, _method_name, csn_config, new_head, validate_head_mode
 
 #: Side of the dummy image used to find shape-changing blocks (large enough that every
 #: stride-2 block still halves a map bigger than 1×1).

@@ -9,8 +9,7 @@ from torch import nn
 
 from .. import memory
 from ..csn import CompactSideNetwork
-from .base import DTLModel, csn_config, new_head, validate_head_mode
-from .vit import _architecture, _method_name
+from .base import DTLModel, _architecture, _method_name, csn_config, new_head, validate_head_mode
 
 # Published Swin-B (depths 2,2,18,2): taps on blocks 5…24, add-back after 15…24.
 _PUBLISHED_ADAPTED_FRACTION = 10 / 24

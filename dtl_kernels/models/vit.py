@@ -7,7 +7,7 @@ from torch import nn
 
 from .. import memory
 from ..csn import CompactSideNetwork
-from .base import DTLModel, csn_config, new_head, validate_head_mode
+from .base import DTLModel, _architecture, _method_name, csn_config, new_head, validate_head_mode
 
 
 def _vision_transformer_type():
@@ -167,17 +167,3 @@ class DTLViT(DTLModel):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
         return checkpoint_filter_fn(sd, self.backbone)
-
-
-def _architecture(backbone: nn.Module) -> str:
-    cfg = getattr(backbone, "pretrained_cfg", None) or {}
-    return cfg.get("architecture") or type(backbone).__name__
-
-
-def _method_name(side: bool, train_backbone: bool, csn: CompactSideNetwork | None) -> str:
-    if not side:
-        return "full" if train_backbone else "linear"
-    c = csn.config
-    if c.conv_kernel == 0:
-        return "dtl"
-    return "dtl+*" if c.adapt_from == 1 else "dtl+"

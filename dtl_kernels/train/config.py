@@ -11,7 +11,8 @@ import argparse
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-METHODS = ("dtl", "dtl+", "dtl+*", "linear", "full")
+from ..models import METHODS
+
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
