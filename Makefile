@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test demo bench bench-full bench-deps lint clean info
+.PHONY: venv build test demo bench bench-full bench-deps lint clean info gpu-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt
@@ -70,3 +70,11 @@ bench-full: build bench-deps
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_e2e.py
 	$(BIN)/python benchmarks/bench_multitask.py
+
+# On a GPU machine (its own python3 + torch; no venv): build in place for that GPU, check
+# correctness (+ compute-sanitizer), time the kernels and the end-to-end steps. ≤ 8 min.
+# CPU dry run of the same script (tested in CI): make gpu-check PY=.venv/bin/python GPU_ARGS=--dry-run
+GPU_OUT  ?= gpu-check-out
+GPU_ARGS ?=
+gpu-check:
+	$(PY) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)

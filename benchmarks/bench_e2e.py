@@ -46,6 +46,7 @@ Run: ``python benchmarks/bench_e2e.py [--quick]``; tiny smoke run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -81,8 +82,15 @@ def _randomize_side(model: torch.nn.Module) -> None:
             p.normal_(0, 0.02)
 
 
-def build(name: str, provider: str, **opts) -> torch.nn.Module:
-    """The model of ``provider`` on timm model ``name`` (random weights, 10 classes)."""
+def build(name: str, provider: str, device: str = "cpu", **opts) -> torch.nn.Module:
+    """The model of ``provider`` on timm model ``name`` (random weights, 10 classes), its
+    parameters created on ``device`` (a GPU initialises ViT-B in a fraction of the CPU's
+    time)."""
+    with torch.device(device) if device != "cpu" else contextlib.nullcontext():
+        return _build(name, provider, **opts)
+
+
+def _build(name: str, provider: str, **opts) -> torch.nn.Module:
     if provider in ("timm", "lora"):
         import timm
 
@@ -119,19 +127,28 @@ def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 # -- one training step -------------------------------------------------------------------
+def autocast(device: str, amp: torch.dtype | None):
+    """Mixed precision in ``amp`` (e.g. bfloat16), or nothing when ``amp`` is None."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=amp)
+
+
 class Step:
     """forward + cross-entropy + backward + AdamW step of ``model`` on a fixed batch."""
 
-    def __init__(self, model, batch: int, img: int, device: str):
+    def __init__(self, model, batch: int, img: int, device: str, amp: torch.dtype | None = None):
         self.model = model.to(device).train()
         self.device = device
+        self.amp = amp
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(batch, 3, img, img, generator=gen).to(device)
         self.y = torch.randint(0, NUM_CLASSES, (batch,), generator=gen).to(device)
         self.opt = torch.optim.AdamW(trainable(self.model), lr=1e-4, weight_decay=0.05)
 
     def forward_loss(self) -> torch.Tensor:
-        return F.cross_entropy(self.model(self.x).float(), self.y)
+        with autocast(self.device, self.amp):
+            return F.cross_entropy(self.model(self.x).float(), self.y)
 
     def __call__(self, rec: SavedBytes | None = None) -> None:
         self.opt.zero_grad(set_to_none=True)
@@ -192,6 +209,7 @@ def measure_step(
     reps: int,
     device: str,
     profile: bool = True,
+    amp: torch.dtype | None = None,
     **opts,
 ) -> dict:
     """dict(saved, peak, time=(median, p20, p80), trainable) of one provider / batch.
@@ -200,11 +218,11 @@ def measure_step(
     depend on the optimizer); ``profile`` adds one step for the peak memory (else ``peak`` is
     ``None``); then ``reps`` timed steps."""
     torch.manual_seed(0)
-    model = build(name, provider, **opts)
-    step = Step(model, batch, img, device)
+    model = build(name, provider, device, **opts)
+    step = Step(model, batch, img, device, amp)
     rec = SavedBytes(step.model)
     step(rec)  # warm-up: AdamW state, kernel caches; saved bytes
-    peak = None
+    peak = peak_total = None
     if device == "cuda":
         if profile:
             torch.cuda.synchronize()
@@ -212,7 +230,8 @@ def measure_step(
             torch.cuda.reset_peak_memory_stats()
             step()
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - base
+            peak_total = torch.cuda.max_memory_allocated()  # weights + AdamW state included
+            peak = peak_total - base
         times = cuda_time_ms(step, reps)
     else:
         if profile:
@@ -222,22 +241,24 @@ def measure_step(
             peak = cpu_peak_bytes(step)
         times = wall_time_ms(step, reps)
     out = dict(
-        saved=rec.total, peak=peak, time=times, trainable=sum(p.numel() for p in trainable(model))
+        saved=rec.total, peak=peak, peak_total=peak_total, time=times,
+        trainable=sum(p.numel() for p in trainable(model)),
     )
     del step, model
     return out
 
 
 def measure_infer(
-    name: str, provider: str, batch: int, img: int, reps: int, device: str, warmup: int = 2
+    name: str, provider: str, batch: int, img: int, reps: int, device: str, warmup: int = 2,
+    amp: torch.dtype | None = None,
 ) -> tuple:
     """Images/s (median, p20, p80) of an eval forward under no_grad."""
     torch.manual_seed(0)
-    model = build(name, provider).to(device).eval()
+    model = build(name, provider, device).to(device).eval()
     x = torch.randn(batch, 3, img, img, device=device)
 
     def fwd():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             model(x)
 
     for _ in range(warmup):
@@ -280,9 +301,11 @@ def main() -> None:
         help="extra batches for the time targets: full, lora, dtl only, no profiled "
         "step (default: none; quick: 32)",
     )
-    ap.add_argument("--sweep-batches", nargs="+", type=int, default=None, help="(f): batch sweep")
+    ap.add_argument("--sweep-batches", nargs="*", type=int, default=None,
+                    help="(f): batch sweep (none when given empty)")
     ap.add_argument("--sweep-providers", nargs="+", default=["full", "lora", "dtl", "dtl+"])
-    ap.add_argument("--m-values", nargs="+", type=int, default=None, help="(g): M sweep")
+    ap.add_argument("--m-values", nargs="*", type=int, default=None,
+                    help="(g): M sweep (none when given empty)")
     ap.add_argument("--m-batch", type=int, default=None)
     ap.add_argument("--infer-batches", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--reps", type=int, default=None, help="timed training steps")
@@ -295,15 +318,22 @@ def main() -> None:
         help="'all': CPU, plus CUDA when a GPU is present",
     )
     ap.add_argument("--out", default="e2e", help="CSV / PNG name stem in benchmarks/results")
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where CSV / PNG go")
+    ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
+                    help="autocast dtype of the steps and inference (CUDA runs: bf16)")
     args = ap.parse_args()
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     q = args.quick
     models = args.models or (
         ["vit_base_patch16_224"] if q else ["vit_base_patch16_224", "swin_base_patch4_window7_224"]
     )
     batches = args.batches or ([8] if q else [8, 32])
     time_batches = args.time_batches if args.time_batches is not None else ([32] if q else [])
-    sweep_batches = args.sweep_batches or ([] if q else [1, 2, 4, 8, 16, 32])
-    m_values = args.m_values or ([1, 4, 7, 10, 12] if q else list(range(1, 13)))
+    sweep_batches = (args.sweep_batches if args.sweep_batches is not None
+                     else [] if q else [1, 2, 4, 8, 16, 32])
+    m_values = (args.m_values if args.m_values is not None
+                else [1, 4, 7, 10, 12] if q else list(range(1, 13)))
     m_batch = args.m_batch or (8 if q else 32)
     reps = args.reps or (2 if q else 5)
     infer_reps = args.infer_reps or (3 if q else 15)
@@ -315,12 +345,14 @@ def main() -> None:
     if not devices:
         sys.exit("no device to run on (asked for CUDA without a GPU)")
 
-    res = Results("e2e")
+    res = Results("e2e", device="cuda" if devices == ["cuda"] else "cpu")
     shape = f"{args.img}x{args.img}"
     checks: list[tuple[str, float, float, str]] = []  # (what, measured ratio, limit, "<=" / ">=")
     plots: dict = {}
 
-    def add(device, provider, mode, model, batch, value, unit, shp=shape, dtype="float32"):
+    amp_name = str(amp).replace("torch.", "") if amp else "float32"
+
+    def add(device, provider, mode, model, batch, value, unit, shp=shape, dtype=amp_name):
         row = res.add(
             provider,
             mode if device == "cpu" else f"{device}:{mode}",
@@ -361,7 +393,9 @@ def main() -> None:
                     )
                     continue
                 t0 = time.perf_counter()
-                r = measure_step(name, provider, batch, args.img, reps, device, profile=profiled)
+                r = measure_step(
+                    name, provider, batch, args.img, reps, device, profile=profiled, amp=amp
+                )
                 steps[provider, batch] = r
                 print(
                     f"[{device} {short(name)} b={batch}] {provider:14s}"
@@ -382,6 +416,8 @@ def main() -> None:
                         r["peak"] * MB,
                         "MB",
                     )
+                if r.get("peak_total") is not None:
+                    add(device, provider, "peak_total", name, batch, r["peak_total"] * MB, "MB")
                 add(device, provider, "step_time", name, batch, r["time"], "ms")
                 add(device, provider, "trainable", name, batch, r["trainable"], "count")
                 full, lora = steps.get(("full", batch)), steps.get(("lora", batch))
@@ -405,6 +441,9 @@ def main() -> None:
                             r["peak"] / full["peak"],
                             "x",
                         )
+                    if r.get("peak_total") and full.get("peak_total"):
+                        add(device, provider, "peak_total_x_full", name, batch,
+                            r["peak_total"] / full["peak_total"], "x")
                     add(
                         device,
                         provider,
@@ -444,13 +483,30 @@ def main() -> None:
                     a, c = steps[p, b][key], steps[ref, b][key]
                     v = a[0] / c[0] if key == "time" else a / c
                     checks.append((f"[{tag}] {what} (b={b})", v, lim, "<="))
+                # GPU memory (issue 9, the paper's Table 2): peak of a step, weights and
+                # AdamW state included, as a fraction of full fine-tuning's
+                for what, p, lim in [
+                    ("DTL peak memory vs full", "dtl", 0.25),
+                    ("DTL+ peak memory vs full", "dtl+", 0.26),
+                    ("DTL checkpoint_tail peak memory vs full", "dtl_ckpt", 0.12),
+                ]:
+                    both = [
+                        b for (q_, b) in steps
+                        if q_ == p and ("full", b) in steps and steps[p, b].get("peak_total")
+                        and steps["full", b].get("peak_total")
+                    ]
+                    if both:
+                        b = 32 if 32 in both else max(both)
+                        v = steps[p, b]["peak_total"] / steps["full", b]["peak_total"]
+                        checks.append((f"[{tag}] {what} (b={b})", v, lim, "<="))
 
             # (e) inference throughput
             rates = {}
             for batch in args.infer_batches:
                 for provider in ("timm", "dtl", "dtl+"):
                     rates[provider, batch] = r = measure_infer(
-                        name, provider, batch, args.img, infer_reps, device, warmup=1 if q else 2
+                        name, provider, batch, args.img, infer_reps, device,
+                        warmup=1 if q else 2, amp=amp,
                     )
                     add(device, provider, "infer", name, batch, r, "img/s")
                 for provider in ("dtl", "dtl+"):
@@ -483,7 +539,9 @@ def main() -> None:
                     if m == 7 and default_m is not None and default_m["peak"] is not None:
                         r = default_m  # the step table's dtl (M = 7 is the default)
                     else:
-                        r = measure_step(name, "dtl", m_batch, args.img, reps, device, adapt_from=m)
+                        r = measure_step(
+                            name, "dtl", m_batch, args.img, reps, device, amp=amp, adapt_from=m
+                        )
                     msweep[m] = r
                     shp = f"M={m}"
                     add(device, "dtl", "saved_bytes", name, m_batch, r["saved"] * MB, "MB", shp)
@@ -506,8 +564,9 @@ def main() -> None:
                     )
                 plots[device, name, "M"] = (m_batch, msweep)
 
-    res.write(args.out)
-    save_plots(plots, args.out)
+    res.write(args.out, directory=args.results_dir)
+    if not args.no_plots:
+        save_plots(plots, args.out, args.results_dir)
     print("\nTargets (ratios measured in this run):")
     for what, v, lim, op in checks:
         ok = v <= lim if op == "<=" else v >= lim
@@ -553,13 +612,13 @@ def print_step_table(device: str, name: str, steps: dict) -> None:
     print()
 
 
-def save_plots(plots: dict, stem: str) -> None:
+def save_plots(plots: dict, stem: str, directory: Path = RESULTS) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     batch_panels = [(k, v) for k, v in plots.items() if len(k) == 2]
     if batch_panels:
         fig, axes = plt.subplots(
@@ -594,7 +653,7 @@ def save_plots(plots: dict, stem: str) -> None:
                 ax.grid(alpha=0.3)
             row[0].legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(RESULTS / f"{stem}_batch.png", dpi=110)
+        fig.savefig(directory / f"{stem}_batch.png", dpi=110)
         plt.close(fig)
     m_panels = [(k, v) for k, v in plots.items() if len(k) == 3]
     if m_panels:
@@ -612,7 +671,7 @@ def save_plots(plots: dict, stem: str) -> None:
                 ax.set_title(f"{short(name)} DTL, batch {b}, {device}", fontsize=9)
                 ax.grid(alpha=0.3)
         fig.tight_layout()
-        fig.savefig(RESULTS / f"{stem}_m_sweep.png", dpi=110)
+        fig.savefig(directory / f"{stem}_m_sweep.png", dpi=110)
         plt.close(fig)
 
 

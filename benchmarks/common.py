@@ -19,7 +19,7 @@ import torch
 
 COLUMNS = [
     "benchmark", "provider", "mode", "model", "batch", "dtype", "shape",
-    "median", "p20", "p80", "unit", "machine", "torch", "version", "git_rev",
+    "median", "p20", "p80", "unit", "machine", "torch", "version", "git_rev", "triton", "date",
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,6 +38,9 @@ def machine() -> str:
 
 
 def git_rev() -> str:
+    """The commit measured (``DTL_GIT_REV`` names it where the tree has no .git)."""
+    if os.environ.get("DTL_GIT_REV"):
+        return os.environ["DTL_GIT_REV"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -46,6 +49,25 @@ def git_rev() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def env_columns(device: str = "cpu") -> dict[str, str]:
+    """Where and when a result was measured: device name, torch / triton versions, date, rev.
+
+    ``device`` ``"cuda"`` names the current GPU (CUDA is touched only then)."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    return dict(
+        device=torch.cuda.get_device_name() if device == "cuda" else machine(),
+        torch=torch.__version__,
+        triton=triton_version,
+        date=time.strftime("%Y-%m-%d"),
+        git_rev=git_rev(),
+    )
 
 
 def package_version() -> str:
@@ -82,12 +104,13 @@ def time_fn(
 class Results:
     """Collects rows of one benchmark; :meth:`write` saves the CSV and prints a table."""
 
-    def __init__(self, benchmark: str):
+    def __init__(self, benchmark: str, device: str = "cpu"):
         self.benchmark = benchmark
         self.rows: list[dict] = []
+        env = env_columns(device)
         self.env = dict(
-            machine=machine(), torch=torch.__version__, version=package_version(),
-            git_rev=git_rev(),
+            machine=env["device"], torch=env["torch"], version=package_version(),
+            git_rev=env["git_rev"], triton=env["triton"], date=env["date"],
         )
 
     def add(self, provider, mode, model, batch, dtype, shape, stats, unit) -> dict:
@@ -100,14 +123,17 @@ class Results:
         self.rows.append(row)
         return row
 
-    def write(self, name: str | None = None) -> Path:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"{name or self.benchmark}.csv"
-        with open(path, "w", newline="") as f:
+    def write(self, name: str | None = None, directory: Path | None = None) -> Path:
+        directory = Path(directory) if directory is not None else RESULTS
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name or self.benchmark}.csv"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=COLUMNS)
             writer.writeheader()
             for row in self.rows:
                 writer.writerow({k: _fmt(row[k]) for k in COLUMNS})
+        os.replace(tmp, path)  # a crash leaves the previous CSV, never half of one
         self.print_table()
         print(f"\n{len(self.rows)} rows -> {os.path.relpath(path)}  [{self.env['machine']}]")
         return path

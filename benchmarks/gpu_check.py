@@ -1,0 +1,433 @@
+"""``make gpu-check``: everything a lent GPU should tell us, in one command of ≤ 8 minutes.
+
+    python benchmarks/gpu_check.py --out DIR [--dry-run] [--stages ...] [--deadline S]
+
+Stages (each a subprocess with a timeout, so one CUDA fault cannot poison the rest; their
+output goes to ``DIR/log.txt``):
+
+1. ``build``: the extension in place against this machine's torch, for this GPU's arch
+   only, all cores (``setup.py build_ext --inplace``), then ``python -m dtl_kernels.info``.
+2. At once, as they only check: ``correct`` (``gpu_correct.py`` for ``cuda`` and ``triton``:
+   float64 reference, forward and every gradient, ViT-B / Swin-B shapes, fp32 / bf16 / fp16,
+   strided, bit-identical repeats), ``pytest`` (the suite's GPU-marked tests),
+   ``sanitize`` (compute-sanitizer memcheck on both backends, racecheck on the CUDA C++,
+   a ViT-B shape with several row tiles per CTA / program) and a warm-up that fills the
+   compile caches for the timing stage.
+3. ``kernels``: ``gpu_kernels.py`` (eager, torch.compile, cuda, triton; fwd and fwd+bwd;
+   CUDA graphs of 100 calls, L2 flushed; plain copy beside).
+4. ``e2e``: ``bench_e2e.py`` on ViT-B/16 and Swin-B, batch 32, bf16 autocast: peak memory
+   and step time of full / linear / LoRA / DTL variants, inference at batch 1 / 4 / 16.
+
+Outputs in ``DIR``: ``correctness.csv``, ``kernels.csv``, ``e2e.csv`` (device, torch, date
+in every row), ``log.txt``, and ``summary.txt`` (also printed last): pass counts, the
+kernel table, and every target with its measured ratio and by how much it is missed.
+
+``--dry-run`` runs the same stages on the CPU with tiny shapes (C++ kernels, Triton under
+its interpreter, no sanitizer, no build) so the script itself is tested in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = Path("/tmp/dtl_kernels_gpu_cache")  # inductor + triton caches of this run
+STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "e2e")
+
+E2E_PROVIDERS = [
+    "full",
+    "linear",
+    "lora",
+    "dtl_ref",
+    "dtl",
+    "dtl+",
+    "dtl+*",
+    "dtl_bf16trunk",
+    "dtl_ckpt",
+]
+
+
+class Log:
+    """Appends to ``log.txt``; ``say`` also prints (the reply shows the end of stdout)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        path.write_text("")
+
+    def write(self, text: str) -> None:
+        with self.lock, open(self.path, "a") as f:
+            f.write(text if text.endswith("\n") else text + "\n")
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+        self.write(text)
+
+
+class Runner:
+    def __init__(self, log: Log, env: dict, deadline: float):
+        self.log = log
+        self.env = env
+        self.deadline = deadline
+        self.records: list[tuple[str, str, float, str]] = []  # stage, status, seconds, note
+        self.outputs: dict[str, str] = {}
+        self.lock = threading.Lock()
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def run(
+        self,
+        name: str,
+        cmd: list[str],
+        timeout: float,
+        env: dict | None = None,
+        min_time: float = 10,
+    ) -> int | None:
+        """Run ``cmd``; its output goes to the log under a header. None: not run / timed out."""
+        budget = min(timeout, self.left())
+        if budget < min_time:
+            self._record(name, "SKIPPED", 0.0, f"deadline: {self.left():.0f}s left")
+            return None
+        t0 = time.monotonic()
+        proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        timer = threading.Timer(budget, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        timer.start()
+        out, _ = proc.communicate()
+        timer.cancel()
+        secs = time.monotonic() - t0
+        self.outputs[name] = out
+        timed_out = proc.returncode == -signal.SIGKILL and secs >= budget - 1
+        self.log.write(
+            f"\n===== {name} ({secs:.0f}s, rc={proc.returncode}"
+            f"{', TIMED OUT' if timed_out else ''}): {' '.join(cmd)}\n{out}"
+        )
+        status = "TIMEOUT" if timed_out else ("ok" if proc.returncode == 0 else "FAILED")
+        self._record(name, status, secs, f"rc={proc.returncode}")
+        return None if timed_out else proc.returncode
+
+    def _record(self, name, status, secs, note):
+        with self.lock:
+            self.records.append((name, status, secs, note))
+        self.log.say(f"[{time.strftime('%H:%M:%S')}] {name:22s} {status:8s} {secs:5.0f}s  {note}")
+
+    def parallel(self, jobs: list[tuple]) -> None:
+        threads = [threading.Thread(target=self.run, args=job) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def gpu_arch(py: str, env: dict) -> str | None:
+    code = "import torch; print('%d.%d' % torch.cuda.get_device_capability())"
+    try:
+        out = subprocess.run([py, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def sanitizer_jobs(py: str) -> list[tuple]:
+    tool = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
+    if not os.path.exists(tool):
+        return []
+    case = [py, "benchmarks/gpu_correct.py", "--cases", "sanitize", "--out", "/tmp/dtl_sanitize"]
+    jobs = []
+    for tool_name, backend in (("memcheck", "cuda"), ("racecheck", "cuda"), ("memcheck", "triton")):
+        cmd = (
+            [
+                tool,
+                "--tool",
+                tool_name,
+                "--error-exitcode",
+                "9",
+                "--kernel-name",
+                "kns=side",
+                "--print-limit",
+                "20",
+            ]
+            + case
+            + ["--backend", backend]
+        )
+        jobs.append((f"sanitize-{tool_name}-{backend}", cmd))
+    return jobs
+
+
+def run_sanitizers(runner: Runner, jobs: list[tuple]) -> None:
+    for name, cmd in jobs:  # one after another: each instruments its own process
+        rc = runner.run(name, cmd, 200)
+        if rc not in (0, 9, None) and "SUMMARY" not in runner.outputs.get(name, ""):
+            # an older compute-sanitizer without --kernel-name: check every kernel instead
+            i = cmd.index("--kernel-name")
+            runner.run(name, cmd[:i] + cmd[i + 2 :], 200)
+
+
+def merge_csvs(parts: list[Path], dest: Path) -> None:
+    rows, fields = [], []
+    for p in parts:
+        if not p.exists():
+            continue
+        with open(p, newline="") as f:
+            reader = csv.DictReader(f)
+            fields += [c for c in reader.fieldnames or [] if c not in fields]
+            rows += list(reader)
+        p.unlink()
+    if not rows:
+        return
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, dest)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", required=True, type=Path, help="folder for CSVs, log, summary")
+    ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (tests the script)")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    ap.add_argument("--deadline", type=float, default=470, help="seconds for the whole run")
+    ap.add_argument(
+        "--e2e-models", nargs="+", default=["vit_base_patch16_224", "swin_base_patch4_window7_224"]
+    )
+    ap.add_argument("--e2e-providers", nargs="+", default=E2E_PROVIDERS)
+    ap.add_argument("--load-cache", type=Path, help="a compile_cache.tgz of an earlier run")
+    ap.add_argument(
+        "--save-cache",
+        action="store_true",
+        help="write DIR/compile_cache.tgz (inductor + triton caches)",
+    )
+    args = ap.parse_args()
+    t_start = time.monotonic()
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.csv"), out / "summary.txt"]:  # an earlier run's results
+        stale.unlink(missing_ok=True)
+    log = Log(out / "log.txt")
+    py = sys.executable
+    env = dict(
+        os.environ,
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+    )
+    if not args.dry_run:
+        if args.load_cache and args.load_cache.exists():
+            with tarfile.open(args.load_cache) as tar:
+                tar.extractall(CACHE.parent, filter="data")
+        env.update(
+            TORCHINDUCTOR_CACHE_DIR=str(CACHE / "inductor"), TRITON_CACHE_DIR=str(CACHE / "triton")
+        )
+    runner = Runner(log, env, t_start + args.deadline)
+    stages = set(args.stages)
+    dry = ["--dry-run"] if args.dry_run else []
+    log.say(
+        f"gpu_check: {'dry run (CPU)' if args.dry_run else 'GPU'}; stages {args.stages}; "
+        f"deadline {args.deadline:.0f}s; out {out}"
+    )
+
+    # 1. build + info
+    if "build" in stages and not args.dry_run:
+        arch = gpu_arch(py, env)
+        if arch is None:
+            log.say("no CUDA GPU visible to torch: nothing to check on a GPU (use --dry-run)")
+            return 2
+        benv = dict(
+            TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 4), DTL_KERNELS_CUDA="1"
+        )
+        if runner.run("build", [py, "setup.py", "build_ext", "--inplace"], 300, benv) != 0:
+            log.say("build failed: see log.txt")
+            return summarize(out, runner, log)
+    if shutil.which("nvidia-smi") and not args.dry_run:  # the card as found: clocks, power
+        runner.run(
+            "nvidia-smi",
+            [
+                "nvidia-smi",
+                "--query-gpu=name,driver_version,memory.total,"
+                "clocks.sm,clocks.max.sm,power.draw,power.limit,"
+                "temperature.gpu,utilization.gpu",
+                "--format=csv",
+            ],
+            30,
+        )
+    runner.run("info", [py, "-m", "dtl_kernels.info"], 60)
+    info = out / "log.txt"
+    log.say(section(info.read_text(), "info"))
+
+    # 2. checks, side by side
+    jobs = []
+    if "correct" in stages:
+        backends = ["cpu", "triton"] if args.dry_run else ["cuda", "triton"]
+        for b in backends:
+            extra = {"TRITON_INTERPRET": "1"} if args.dry_run and b == "triton" else None
+            jobs.append(
+                (
+                    f"correct-{b}",
+                    [py, "benchmarks/gpu_correct.py", "--backend", b, "--out", str(out)] + dry,
+                    300,
+                    extra,
+                )
+            )
+    if "pytest" in stages and not args.dry_run:
+        jobs.append(
+            (
+                "pytest-gpu",
+                [
+                    py,
+                    "-m",
+                    "pytest",
+                    "-q",
+                    "-m",
+                    "gpu",
+                    "-p",
+                    "no:cacheprovider",
+                    "tests/test_side_cuda.py",
+                    "tests/test_side_triton.py",
+                    "tests/test_theta_op.py",
+                ],
+                300,
+            )
+        )
+    if "kernels" in stages and not args.dry_run:
+        jobs.append(
+            (
+                "warm-compile",
+                [py, "benchmarks/gpu_kernels.py", "--out", str(out), "--warm-only"],
+                300,
+            )
+        )
+    san = sanitizer_jobs(py) if "sanitize" in stages and not args.dry_run else []
+    threads = [threading.Thread(target=runner.parallel, args=(jobs,))]
+    if san:
+        threads.append(threading.Thread(target=run_sanitizers, args=(runner, san)))
+    elif "sanitize" in stages:
+        runner._record(
+            "sanitize", "SKIPPED", 0, "dry run" if args.dry_run else "compute-sanitizer not found"
+        )
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    merge_csvs(
+        [out / f"correct_{b}.csv" for b in ("cuda", "triton", "cpu")], out / "correctness.csv"
+    )
+
+    # 3. kernel timing, alone on the device
+    if "kernels" in stages:
+        runner.run("kernels", [py, "benchmarks/gpu_kernels.py", "--out", str(out)] + dry, 240)
+
+    # 4. end to end, one model per process (a model cut off by the deadline loses only itself)
+    if "e2e" in stages:
+        if args.dry_run:
+            models = ["vit_tiny_patch16_224"]
+            e2e = [
+                "--device",
+                "cpu",
+                "--batches",
+                "2",
+                "--providers",
+                "full",
+                "dtl",
+                "--reps",
+                "1",
+                "--infer-batches",
+                "1",
+                "--infer-reps",
+                "1",
+            ]
+        else:
+            models = args.e2e_models
+            e2e = [
+                "--device",
+                "cuda",
+                "--batches",
+                "32",
+                "--providers",
+                *args.e2e_providers,
+                "--reps",
+                "10",
+                "--infer-batches",
+                "1",
+                "4",
+                "16",
+                "--infer-reps",
+                "20",
+                "--amp",
+                "bf16",
+            ]
+        for i, model in enumerate(models):
+            runner.run(
+                f"e2e-{model}",
+                [
+                    py,
+                    "benchmarks/bench_e2e.py",
+                    "--models",
+                    model,
+                    *e2e,
+                    "--time-batches",
+                    "--sweep-batches",
+                    "--m-values",
+                    "--no-plots",
+                    "--results-dir",
+                    str(out),
+                    "--out",
+                    f"e2e_{i}",
+                ],
+                200,
+                min_time=30,
+            )
+        merge_csvs([out / f"e2e_{i}.csv" for i in range(len(models))], out / "e2e.csv")
+
+    if args.save_cache and CACHE.exists():
+        dest = out / "compile_cache.tgz"
+        with tarfile.open(dest, "w:gz") as tar:
+            tar.add(CACHE, arcname=CACHE.name)
+        if dest.stat().st_size > 15 * 2**20:  # the device tool brings back ≤ 16 MB a file
+            dest.unlink()
+    log.say(f"total {time.monotonic() - t_start:.0f}s")
+    return summarize(out, runner, log)
+
+
+def section(text: str, name: str) -> str:
+    """The output of stage ``name`` in the log."""
+    start = text.rfind(f"===== {name} ")
+    return text[start:].split("\n=====", 1)[0].strip() if start >= 0 else ""
+
+
+def summarize(out: Path, runner: Runner, log: Log) -> int:
+    from gpu_summary import summary  # noqa: PLC0415 (keeps the orchestrator import-light)
+
+    text, ok = summary(out, runner.records, (out / "log.txt").read_text())
+    tmp = out / "summary.txt.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out / "summary.txt")
+    log.write(text)
+    print(text, flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Speed and temporary memory of the fused side op ``y + mix(T·Uᵀ)`` on a GPU (a worker of
+``gpu_check.py``; alone: ``python benchmarks/gpu_kernels.py --out DIR``).
+
+Providers: ``eager`` (the pure-PyTorch reference), ``compile`` (``torch.compile`` of it),
+``cuda`` (our CUDA C++) and ``triton`` (our Triton); modes ``fwd`` (forward under no_grad)
+and ``full`` (forward + backward: ``torch.autograd.grad`` for y, T, U and w); DTL (k=0) and
+DTL+ (k=3, 5) at the ViT-B/16 training shape (B=32, N=197, d=768, K=24), float32 and
+bfloat16, and Swin-B stage 3 (B=32, 14×14, d=512, K=72, k=5) in bfloat16.
+
+How it is timed: 100 calls are captured in one CUDA graph (launch overhead out of the
+picture) and the graph is replayed 5 times (CUDA events; median per call). The calls cycle
+over enough distinct input sets that their bytes exceed twice the L2 cache, so every call
+reads its inputs from device memory ("L2 flushed"). A provider whose calls cannot be
+captured is timed as 100 back-to-back calls between two events instead (column
+``method``). The plain device copy of ``y`` is timed the same way in the same run.
+
+Bytes a call must move (one formula, :func:`op_bytes`): forward y, T in, out; backward G, T
+in, ∂T out (the gradients of U and w are tiny). GB/s = those bytes / time; ``x_copy`` = that
+over the copy's GB/s. ``temp`` = the peak memory of one call above what was live before
+it plus what it returns (the kernels' scratch), and ``temp_x_y`` that over ``y``'s bytes.
+
+``--dry-run``: tiny shapes on the CPU (eager and the C++ kernels, wall clock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results, quantiles  # noqa: E402
+
+from dtl_kernels.ops import reference  # noqa: E402
+
+CALLS, REPLAYS = 100, 5
+
+
+def op_bytes(rows: int, d: int, k_cols: int, mode: str, elem: int) -> int:
+    """Fewest bytes one call must move through device memory (see the module docstring)."""
+    fwd = (2 * rows * d + rows * k_cols) * elem
+    bwd = (rows * d + 2 * rows * k_cols) * elem
+    return fwd if mode == "fwd" else fwd + bwd
+
+
+# -- providers -------------------------------------------------------------------------
+def providers(device: str, dry_run: bool, want: list[str]) -> dict:
+    """name -> side_add-like callable (y, taps, ups, beta, w, grid, prefix)."""
+    out = {"eager": reference.side_add}
+    if "compile" in want and not dry_run:
+        import torch._dynamo
+
+        for knob in ("cache_size_limit", "recompile_limit"):  # one entry per config
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
+        out["compile"] = torch.compile(reference.side_add, dynamic=False)
+    from dtl_kernels.ops import _ext, compiled_side
+
+    # our compiled kernels: the CUDA C++ ones on a GPU, the C++ CPU ones in a dry run
+    compiled = "cpu" if device == "cpu" else "cuda"
+    built = _ext.cuda_built() if compiled == "cuda" else _ext.cpu_built()
+    if "cuda" in want and built and compiled_side.available(compiled):
+        out[compiled] = compiled_side.side_add
+    if "triton" in want and device == "cuda" and _ext.triton_importable():
+        from dtl_kernels.ops import triton_side
+
+        out["triton"] = triton_side.side_add
+    want = set(want) | {"cpu"}
+    return {k: v for k, v in out.items() if k in want}
+
+
+# -- inputs ------------------------------------------------------------------------------
+class Inputs:
+    """``sets`` independent (y, taps, G) triples (plus shared U, w) of one config."""
+
+    def __init__(self, b, prefix, grid, d, k_cols, ksize, dtype, device, sets):
+        n = prefix + grid[0] * grid[1]
+        gen = torch.Generator(device=device).manual_seed(0)
+
+        def rnd(*s, scale=1.0):
+            return (torch.randn(*s, generator=gen, device=device) * scale).to(dtype)
+
+        self.ys = [rnd(b, n, d) for _ in range(sets)]
+        self.taps = [rnd(b, n, k_cols, scale=0.3) for _ in range(sets)]
+        self.gs = [rnd(b, n, d) for _ in range(sets)]
+        self.ups = rnd(d, k_cols, scale=0.3 / math.sqrt(k_cols / 6))
+        self.w = rnd(d, 1, ksize, ksize, scale=1 / ksize) if ksize else None
+        self.grid = grid if ksize else None
+        self.prefix = prefix
+        self.sets = sets
+
+    def call(self, fn, i: int, mode: str):
+        y, t, g = self.ys[i % self.sets], self.taps[i % self.sets], self.gs[i % self.sets]
+        if mode == "fwd":
+            with torch.no_grad():
+                return fn(y, t, self.ups, 100.0, self.w, self.grid, self.prefix)
+        leaves = [
+            y.detach().requires_grad_(),
+            t.detach().requires_grad_(),
+            self.ups.detach().requires_grad_(),
+        ]
+        if self.w is not None:
+            leaves.append(self.w.detach().requires_grad_())
+        w = leaves[3] if self.w is not None else None
+        out = fn(*leaves[:3], 100.0, w, self.grid, self.prefix)
+        return torch.autograd.grad(out, leaves, g)
+
+
+# -- timing ------------------------------------------------------------------------------
+def time_calls(call, device: str, calls: int = CALLS, replays: int = REPLAYS):
+    """((median, p20, p80) µs per call, method)."""
+    if device != "cuda":
+        samples = []
+        for i in range(3 + replays):
+            t0 = time.perf_counter()
+            call(i)
+            if i >= 3:
+                samples.append((time.perf_counter() - t0) * 1e6)
+        return quantiles(samples), "wall"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            call(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                call(i)
+        run, method = graph.replay, "cuda_graph"
+    except Exception as exc:  # noqa: BLE001 — a provider that cannot be captured
+        print(f"    (no CUDA graph: {type(exc).__name__}: {str(exc)[:120]}; timing a loop)")
+        torch.cuda.synchronize()
+
+        def run():
+            for i in range(calls):
+                call(i)
+
+        method = "loop"
+    run()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3 / calls)
+    return quantiles(samples), method
+
+
+def temp_bytes(call, device: str) -> int | None:
+    """Peak bytes of one call above what was live before it plus what it returns."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = call(0)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    kept = result if isinstance(result, (tuple, list)) else [result]
+    kept_bytes = sum(
+        {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in kept
+            if t is not None
+        }.values()
+    )
+    return max(0, peak - kept_bytes)
+
+
+def configs(dry_run: bool):
+    """(label, B, prefix, grid, d, K, k, dtype)."""
+    if dry_run:
+        return [("tiny", 2, 1, (4, 5), 40, 6, k, torch.float32) for k in (0, 3)]
+    vit = [
+        ("vitb", 32, 1, (14, 14), 768, 24, k, dt)
+        for dt in (torch.bfloat16, torch.float32)
+        for k in (0, 3, 5)
+    ]
+    return vit + [("swinb-s3", 32, 0, (14, 14), 512, 72, 5, torch.bfloat16)]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--providers", nargs="+", default=["eager", "compile", "cuda", "triton"])
+    ap.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="run each compiled provider once per config (fills the compile caches)",
+    )
+    args = ap.parse_args()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("gpu_kernels: no CUDA device visible", file=sys.stderr)
+        return 2
+    want = args.providers
+    if args.warm_only:
+        want = [p for p in want if p in ("compile", "triton")]
+    provs = providers(device, args.dry_run, want)
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
+    res = Results("kernels", device=device)
+    copy_gbs_of: dict = {}
+    for label, b, prefix, grid, d, k_cols, ksize, dtype in configs(args.dry_run):
+        rows = b * (prefix + grid[0] * grid[1])
+        elem = torch.empty((), dtype=dtype).element_size()
+        set_bytes = (2 * rows * d + rows * k_cols) * elem
+        sets = max(2, math.ceil(2 * l2 / set_bytes)) if l2 else 2
+        inp = Inputs(b, prefix, grid, d, k_cols, ksize, dtype, device, sets)
+        model = "DTL" if ksize == 0 else f"DTL+k{ksize}"
+        shape = f"{label}:B{b},N={rows // b},d={d},K={k_cols}"
+        if args.warm_only:
+            for fn in provs.values():
+                for mode in ("fwd", "full"):
+                    inp.call(fn, 0, mode)
+            torch.cuda.synchronize()
+            print(f"warmed {shape} {model} {dtype}", flush=True)
+            continue
+        if (shape, dtype) not in copy_gbs_of:  # the copy baseline, once per shape and dtype
+            dst = torch.empty_like(inp.ys[0])
+            us, _ = time_calls(lambda i, dst=dst, ys=inp.ys: dst.copy_(ys[i % len(ys)]), device)
+            copy_gbs_of[shape, dtype] = 2 * inp.ys[0].nbytes / (us[0] * 1e-6) / 1e9
+            res.add("copy", "copy", "-", b, dtype, shape, us, "us")
+            res.add("copy", "copy", "-", b, dtype, shape, copy_gbs_of[shape, dtype], "GB/s")
+            del dst
+        copy_gbs = copy_gbs_of[shape, dtype]
+        times = {}
+        for mode in ("fwd", "full"):
+            nbytes = op_bytes(rows, d, k_cols, mode, elem)
+            for name, fn in provs.items():
+                t0 = time.perf_counter()
+
+                def call(i, fn=fn, inp=inp, mode=mode):
+                    return inp.call(fn, i, mode)
+
+                try:
+                    us, method = time_calls(call, device)
+                    temp = temp_bytes(call, device)
+                except Exception as exc:  # noqa: BLE001 — reported, the others still run
+                    print(f"  {name} {model} {mode} {dtype}: {type(exc).__name__}: {exc}")
+                    continue
+                times[name, mode] = us[0]
+                gbs = nbytes / (us[0] * 1e-6) / 1e9
+                res.add(name, mode, model, b, dtype, shape, us, "us")
+                res.add(name, mode, model, b, dtype, shape, gbs, "GB/s")
+                res.add(name, mode, model, b, dtype, shape, gbs / copy_gbs, "x_copy")
+                res.add(name, mode, model, b, dtype, shape, method, "method")
+                if temp is not None:
+                    res.add(name, mode, model, b, dtype, shape, temp / 2**20, "temp_MB")
+                    res.add(name, mode, model, b, dtype, shape, temp / inp.ys[0].nbytes, "temp_x_y")
+                print(
+                    f"  {shape} {model:7s} {str(dtype)[6:]:8s} {mode:4s} {name:7s} "
+                    f"{us[0]:9.1f} us  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.2f}x copy  "
+                    f"({method}, {time.perf_counter() - t0:.0f}s)",
+                    flush=True,
+                )
+            for name in provs:
+                for ref in ("eager", "compile"):
+                    if name != ref and (name, mode) in times and (ref, mode) in times:
+                        res.add(
+                            name,
+                            mode,
+                            model,
+                            b,
+                            dtype,
+                            shape,
+                            times[ref, mode] / times[name, mode],
+                            f"speedup_vs_{ref}",
+                        )
+        del inp
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if not args.warm_only:
+        res.write("kernels", directory=args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
