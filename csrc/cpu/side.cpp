@@ -46,6 +46,7 @@
 #include <optional>
 #include <vector>
 
+#include "../side_checks.h"
 #include "../side_math.h"
 
 namespace dtl {
@@ -615,55 +616,14 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
 // ---------------------------------------------------------------------------------------
 // Checks and entry points
 // ---------------------------------------------------------------------------------------
-void check_inputs(const char* op, const at::Tensor& y, const at::Tensor& taps,
-                  const at::Tensor& ups, const std::optional<at::Tensor>& conv, int64_t gh,
-                  int64_t gw, int64_t P, double beta) {
-  const auto check_cpu = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK(t.defined(), op, ": ", name, " is undefined");
-    TORCH_CHECK(t.device().is_cpu(), op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
-                t.device());
-    TORCH_CHECK(t.scalar_type() == y.scalar_type(), op, ": ", name, " has dtype ",
-                t.scalar_type(), " but the first argument has ", y.scalar_type(),
-                " (all tensors must share one dtype)");
-  };
-  TORCH_CHECK(y.defined(), op, ": first argument is undefined");
-  TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble ||
-                  y.scalar_type() == at::kBFloat16 || y.scalar_type() == at::kHalf,
-              op, ": dtype must be float32, float64, bfloat16 or float16, got ", y.scalar_type());
-  check_cpu(y, "y / grad_out");
-  check_cpu(taps, "taps");
-  check_cpu(ups, "ups");
-  TORCH_CHECK(y.dim() == 3, op, ": y must be (B, N, d), got shape ", y.sizes());
-  TORCH_CHECK(taps.dim() == 3, op, ": taps must be (B, N, K), got shape ", taps.sizes());
-  TORCH_CHECK(ups.dim() == 2, op, ": ups must be (d, K), got shape ", ups.sizes());
-  TORCH_CHECK(taps.size(0) == y.size(0) && taps.size(1) == y.size(1), op, ": taps ",
-              taps.sizes(), " do not match y ", y.sizes(), " in (B, N)");
-  TORCH_CHECK(ups.size(0) == y.size(2), op, ": ups has ", ups.size(0), " rows but y has d = ",
-              y.size(2));
-  TORCH_CHECK(ups.size(1) == taps.size(2), op, ": ups has ", ups.size(1),
-              " columns but taps have K = ", taps.size(2));
-  TORCH_CHECK(taps.size(2) >= 1, op, ": taps need K >= 1 columns");
-  TORCH_CHECK(std::isfinite(beta), op, ": beta must be finite, got ", beta);
-  if (conv.has_value()) {
-    const at::Tensor& w = *conv;
-    check_cpu(w, "conv_weight");
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == y.size(2) && w.size(1) == 1 && w.size(2) >= 1 &&
-                    w.size(2) == w.size(3),
-                op, ": conv_weight must be (d, 1, k, k) with d = ", y.size(2), ", got ",
-                w.sizes());
-    TORCH_CHECK(gh >= 1 && gw >= 1, op, ": grid must be positive, got ", gh, "x", gw);
-    TORCH_CHECK(P >= 0 && P <= y.size(1) && gh * gw == y.size(1) - P, op, ": ", y.size(1),
-                " tokens do not hold ", P, " prefix tokens plus a ", gh, "x", gw, " patch grid");
-  } else {
-    TORCH_CHECK(P >= 0, op, ": num_prefix must be >= 0, got ", P);
-  }
-}
+// The CPU kernels take any K and conv size.
+constexpr SideLimits kCpuLimits{int64_t(1) << 30, int64_t(1) << 15};
 
 at::Tensor side_forward_cpu(const at::Tensor& y_in, const at::Tensor& taps_in,
                             const at::Tensor& ups_in, const std::optional<at::Tensor>& conv_in,
                             int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta) {
-  check_inputs("dtl_kernels::side_forward", y_in, taps_in, ups_in, conv_in, grid_h, grid_w,
-               num_prefix, beta);
+  check_side_inputs("dtl_kernels::side_forward", c10::DeviceType::CPU, kCpuLimits, y_in, taps_in,
+                    ups_in, conv_in, grid_h, grid_w, num_prefix, beta);
   const at::Tensor y = y_in.contiguous(), taps = taps_in.contiguous(), ups = ups_in.contiguous();
   std::optional<at::Tensor> conv;
   if (conv_in.has_value()) conv = conv_in->contiguous();
@@ -683,8 +643,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& taps_in, const at::Tensor& ups_in,
     const std::optional<at::Tensor>& conv_in, int64_t grid_h, int64_t grid_w, int64_t num_prefix,
     double beta) {
-  check_inputs("dtl_kernels::side_backward", grad_in, taps_in, ups_in, conv_in, grid_h, grid_w,
-               num_prefix, beta);
+  check_side_inputs("dtl_kernels::side_backward", c10::DeviceType::CPU, kCpuLimits, grad_in,
+                    taps_in, ups_in, conv_in, grid_h, grid_w, num_prefix, beta);
   const at::Tensor g = grad_in.contiguous(), taps = taps_in.contiguous(),
                    ups = ups_in.contiguous();
   std::optional<at::Tensor> conv;

@@ -1,20 +1,18 @@
-// Runs the kernels of csrc/cuda/side.cu under the host emulation (emu_prelude.h), with
-// the launch configuration of its host functions mirrored here, on inputs from a file.
+// Runs the kernels of csrc/cuda/side_kernels.cuh under the host emulation (emu_prelude.h),
+// with the GPU's plan (side_plan.h) and launch sequence (side_launch.h), on inputs from a file.
 //
 //   driver IN OUT    IN: int64 B N D K k P H W sms dtype, float64 beta, then float32
 //                    y, taps, ups, w, grad (contiguous); OUT: float64 out, grad_taps,
 //                    grad_ups, grad_conv. dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16.
-//
-// side_kernels_emu.h is cut from csrc/cuda/side.cu by the test (the kernels, unchanged).
 #include <fstream>
+#include <type_traits>
 
-#include "side_kernels_emu.h"
+#include "emu_prelude.h"
+#include "side_launch.h"
 
-using namespace dtl::emu_kernels;
+using namespace dtl::cuda_side;
 
 namespace {
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 template <typename T>
 std::vector<T> read_vec(std::ifstream& f, size_t n) {
@@ -33,68 +31,49 @@ std::vector<T> cast_vec(const std::vector<float>& v) {
 template <typename T>
 void write_vec(std::ofstream& o, const std::vector<T>& v) {
   for (const T& x : v) {
-    double v;  // exact for every dtype
-    if constexpr (std::is_same_v<T, double>) v = x; else v = static_cast<float>(x);
-    o.write(reinterpret_cast<const char*>(&v), sizeof(double));
+    double d;  // exact for every dtype
+    if constexpr (std::is_same_v<T, double>) d = x; else d = static_cast<float>(x);
+    o.write(reinterpret_cast<const char*>(&d), sizeof(double));
   }
 }
+
+// Runs a kernel on the emulated GPU (side_launch.h's launcher interface).
+struct EmuLaunch {
+  template <typename Kernel, typename... Args>
+  void operator()(Kernel kernel, dim3 grid, size_t smem, const Args&... args) const {
+    emu::launch(grid, dim3(kThreads), smem, [&] { kernel(args...); });
+  }
+};
 
 template <typename scalar_t>
 void run(const std::vector<int64_t>& hdr, double beta, std::vector<std::vector<float>>& in,
          std::ofstream& o) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = hdr[0], N = hdr[1], D = hdr[2], K = hdr[3], ksize = hdr[4], P = hdr[5];
-  const int64_t gh = hdr[6], gw = hdr[7], sms = hdr[8], kk = ksize * ksize;
+  const int64_t B = hdr[0], N = hdr[1], D = hdr[2], K = hdr[3], ks = hdr[4], P = hdr[5];
+  const int64_t H = hdr[6], W = hdr[7], sms = hdr[8], kk = ks * ks;
   auto y = cast_vec<scalar_t>(in[0]), taps = cast_vec<scalar_t>(in[1]);
   auto ups = cast_vec<scalar_t>(in[2]), w = cast_vec<scalar_t>(in[3]);
   auto g = cast_vec<scalar_t>(in[4]);
+  const Plan p = make_plan(B, N, D, int(K), int(ks), int(ks ? P : 0), int(H), int(W),
+                           sizeof(scalar_t), sizeof(acc_t), int(sms), 227 * 1024);
+  if (max_smem(p) > 227 * 1024) std::abort();
+  SideArgs<scalar_t> a{};
+  a.y = y.data(), a.y_sb = N * D, a.y_sn = D;
+  a.taps = taps.data(), a.t_sb = N * K, a.t_sn = K;
+  a.ups = ups.data(), a.w = ks ? w.data() : nullptr;
+  a.B = B, a.N = N, a.D = D, a.K = int(K), a.Kp = p.Kp, a.P = p.P, a.H = int(H), a.W = int(W);
+  a.beta = beta;
+  a.vec = D % 4 == 0;
+  // forward (side_forward_cuda)
   std::vector<scalar_t> out(B * N * D, static_cast<scalar_t>(NAN));
-  const dim3 block(kBD, kTY);
-  const int64_t dchunks = cdiv(D, kBD);
-  // side_forward_cuda
-  const int64_t rows = ksize ? P : N;
-  if (rows > 0) {
-    const size_t smem = sizeof(acc_t) * (K * kPitch + kBM * K);
-    emu::launch(dim3(cdiv(B * rows, kBM), dchunks), block, smem, [&] {
-      side_rows_fwd_kernel<scalar_t>(y.data(), N * D, D, taps.data(), N * K, K, ups.data(),
-                                     out.data(), B, rows, N, D, int(K), beta);
-    });
-  }
-  if (ksize) {
-    const int64_t halo = kTile + ksize - 1, tiles_w = cdiv(gw, kTile);
-    const int64_t tiles = cdiv(gh, kTile) * tiles_w;
-    const size_t smem = sizeof(acc_t) * kPitch * (K + kk + halo * halo);
-    emu::launch(dim3(B * tiles, dchunks), block, smem, [&] {
-      side_conv_fwd_kernel<scalar_t>(y.data(), N * D, D, taps.data(), N * K, K, ups.data(),
-                                     w.data(), out.data(), N, D, int(K), int(P), int(gh),
-                                     int(gw), int(ksize), int(tiles_w), int(tiles), beta);
-    });
-  }
-  // side_backward_cuda
-  const int64_t tiles_per_image = cdiv(N, kBM), total = B * tiles_per_image;
-  const int64_t slots = std::max<int64_t>(1, std::min<int64_t>(total, (4 * sms) / dchunks));
-  std::vector<acc_t> pt(dchunks * B * N * K, NAN), pu(slots * D * K, NAN);
-  std::vector<acc_t> pw(ksize ? slots * D * kk : 0, NAN);
-  {
-    const size_t smem = sizeof(acc_t) * (K * kPitch + kk * kPitch + kBM * K + 2 * kBM * kPitch);
-    emu::launch(dim3(slots, dchunks), block, smem, [&] {
-      side_bwd_kernel<scalar_t>(g.data(), N * D, D, taps.data(), N * K, K, ups.data(),
-                                ksize ? w.data() : nullptr, pt.data(), pu.data(),
-                                ksize ? pw.data() : nullptr, B, N, D, int(K), int(P), int(gh),
-                                int(gw), int(ksize), tiles_per_image, beta);
-    });
-  }
-  std::vector<scalar_t> gt(B * N * K), gu(D * K), gc(D * kk);
-  auto sum = [&](std::vector<acc_t>& part, std::vector<scalar_t>& res, int64_t n_slots) {
-    const int64_t m = res.size();
-    if (m == 0) return;
-    emu::launch(dim3(std::min<int64_t>(cdiv(m, 256), 65535)), dim3(256), 0, [&] {
-      sum_partials_kernel<acc_t, scalar_t>(part.data(), res.data(), n_slots, m);
-    });
-  };
-  sum(pt, gt, dchunks);
-  sum(pu, gu, slots);
-  if (ksize) sum(pw, gc, slots);
+  a.out = out.data();
+  run_side_forward(p, a, EmuLaunch{});
+  // backward (side_backward_cuda), G in place of y
+  a.y = g.data();
+  std::vector<scalar_t> gt(B * N * K, static_cast<scalar_t>(NAN)), gu(D * K), gc(D * kk);
+  std::vector<acc_t> pu(p.slots() * D * K, NAN), pw(ks ? p.slots_conv * D * kk : 0, NAN);
+  a.grad_taps = gt.data(), a.part_ups = pu.data(), a.part_w = ks ? pw.data() : nullptr;
+  run_side_backward(p, a, gu.data(), ks ? gc.data() : nullptr, EmuLaunch{});
   write_vec(o, out);
   write_vec(o, gt);
   write_vec(o, gu);

@@ -1,0 +1,9 @@
+// The side-op kernels for c10::BFloat16 (see side_cuda.cuh).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "side_cuda.cuh"
+
+namespace dtl::cuda_side {
+DTL_SIDE_CUDA_INSTANTIATE(c10::BFloat16)
+}  // namespace dtl::cuda_side

@@ -1,0 +1,737 @@
+// Device code of the fused side op (SPEC §2); launched by side.cu as side_plan.h plans it.
+//
+//   out = y + mix(h),  h = T·Uᵀ,  mix = θ (DTL; prefix rows of DTL+) or, on the H×W patch
+//   grid, the depthwise k×k "same" convolution of θ(h) (DTL+);  θ(x) = x·σ(βx).
+//   Backward, G = ∂L/∂out:  D = G (rows) or gᵀ(G) (patch grid: Σ_ab w[ab]·G[p − s_ab]);
+//   S = θ'(h) ⊙ D;  ∂T = S·U;  ∂U = Sᵀ·T;  ∂w[ab] = Σ_p θ(h[p]) ⊙ G[p − s_ab].
+//
+// h is never stored: each block rebuilds the BM × BD tile it needs from the taps. The three
+// small products (h = T·Uᵀ, ∂T = S·U, ∂U = Sᵀ·T) run on CUDA cores from shared memory as
+// 4×4 register micro tiles (gemm_accumulate: two 4-wide shared loads per 16 FMAs), so every
+// dtype computes in its opmath type (fp32; fp64 for fp64) with a fixed summation order: the
+// results are bit-identical run to run, and no reduction uses atomics.
+//
+// Shared-memory layouts (acc_t; "ld" = padded row length):
+//   T_s  [k][row]   taps of the tile, for h          T2_s [row][k]   taps, for ∂U
+//   U_s  [k][ch]    ups of the chunk, for h          U2_s [ch][k]    ups, for ∂T
+//   A_s / G_s [pos][ch]  θ(h) (forward) / G (backward) of a tile plus its halo
+//   S_s  [ch][row] (∂T kernels) or [row][ch] (∂U kernels)
+// This file is included by side.cu and, unchanged, by the CPU emulation in tests/cuda_emu.
+#pragma once
+
+#include <ATen/OpMathType.h>
+
+#include "../side_math.h"
+#include "side_plan.h"
+
+#ifndef DTL_SMEM
+#define DTL_SMEM(name) extern __shared__ __align__(32) unsigned char name[]
+#endif
+
+namespace dtl::cuda_side {
+
+template <typename T, int N>
+struct alignas(N * sizeof(T)) Vec {
+  T v[N];
+};
+
+template <typename scalar_t>
+struct SideArgs {
+  const scalar_t* y;  // (B, N, D) block output (forward) or ∂L/∂out (backward), unit channel stride
+  int64_t y_sb, y_sn;
+  const scalar_t* taps;  // (B, N, K), unit last stride
+  int64_t t_sb, t_sn;
+  const scalar_t* ups;  // (D, K) contiguous
+  const scalar_t* w;    // (D, ks·ks) contiguous, or null
+  scalar_t* out;        // forward: (B, N, D) contiguous
+  scalar_t* grad_taps;  // backward: (B, N, K) contiguous
+  at::opmath_type<scalar_t>* part_ups;  // backward: (slots, D, K)
+  at::opmath_type<scalar_t>* part_w;    // backward: (conv slots, D, ks·ks)
+  int64_t B, N, D;
+  int K, Kp, P, H, W;
+  double beta;
+  bool vec;  // y / G rows allow aligned 4-channel vector access (D % 4 == 0, aligned)
+};
+
+// -- small helpers -------------------------------------------------------------------------
+
+template <int N, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void load_ch(const scalar_t* row, int64_t c, int64_t D, bool vec,
+                                        acc_t (&v)[N]) {
+  if (vec && c + N <= D) {
+    const Vec<scalar_t, N> q = *reinterpret_cast<const Vec<scalar_t, N>*>(row + c);
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = static_cast<acc_t>(q.v[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = c + j < D ? static_cast<acc_t>(row[c + j]) : acc_t(0);
+  }
+}
+
+template <int N, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void store_ch(scalar_t* row, int64_t c, int64_t D, bool vec,
+                                         const acc_t (&v)[N]) {
+  if (vec && c + N <= D) {
+    Vec<scalar_t, N> q;
+#pragma unroll
+    for (int j = 0; j < N; ++j) q.v[j] = static_cast<scalar_t>(v[j]);
+    *reinterpret_cast<Vec<scalar_t, N>*>(row + c) = q;
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+      if (c + j < D) row[c + j] = static_cast<scalar_t>(v[j]);
+  }
+}
+
+template <typename acc_t>
+__device__ __forceinline__ Vec<acc_t, 4> lds4(const acc_t* p) {
+  return *reinterpret_cast<const Vec<acc_t, 4>*>(p);
+}
+
+// Which token a tile row is. Rows mode: rows r0 + i of the B·rpb selected rows (the first
+// rpb tokens of every image). Grid mode: position i of an hh×hw window of image b's patch
+// grid whose corner is (oi0, oj0); positions off the grid are not rows (taps read as 0).
+struct RowsMap {
+  int64_t r0, total, rpb;
+  __device__ __forceinline__ bool at(int i, int64_t& b, int64_t& n) const {
+    const int64_t r = r0 + i;
+    if (r >= total) return false;
+    b = r / rpb;
+    n = r - b * rpb;
+    return true;
+  }
+};
+
+struct GridMap {
+  int64_t b;
+  int oi0, oj0, hh, hw, H, W, P;
+  __device__ __forceinline__ bool at(int i, int64_t& bb, int64_t& n) const {
+    if (i >= hh * hw) return false;
+    const int gi = oi0 + i / hw, gj = oj0 + i % hw;
+    if (gi < 0 || gi >= H || gj < 0 || gj >= W) return false;
+    bb = b;
+    n = P + int64_t(gi) * W + gj;
+    return true;
+  }
+};
+
+// U_s[k][j] = U[c0 + j][k] (ld ldu), zero past D.
+template <typename acc_t, typename scalar_t>
+__device__ void stage_ups_kc(acc_t* U_s, int ldu, const scalar_t* ups, int64_t c0, int bd,
+                             int64_t D, int K) {
+  for (int i = threadIdx.x; i < bd * K; i += kThreads) {
+    const int j = i / K, k = i - j * K;
+    U_s[k * ldu + j] = c0 + j < D ? static_cast<acc_t>(ups[(c0 + j) * K + k]) : acc_t(0);
+  }
+}
+
+// U2_s[j][k] = U[c0 + j][k] (ld Kp), zero past D and past K.
+template <typename acc_t, typename scalar_t>
+__device__ void stage_ups_ck(acc_t* U2_s, int Kp, const scalar_t* ups, int64_t c0, int bd,
+                             int64_t D, int K) {
+  for (int i = threadIdx.x; i < bd * Kp; i += kThreads) {
+    const int j = i / Kp, k = i - j * Kp;
+    U2_s[i] = (c0 + j < D && k < K) ? static_cast<acc_t>(ups[(c0 + j) * K + k]) : acc_t(0);
+  }
+}
+
+// w_s[ab][j] = w[c0 + j][ab] (ld bd), zero past D.
+template <typename acc_t, typename scalar_t>
+__device__ void stage_conv(acc_t* w_s, const scalar_t* w, int64_t c0, int bd, int64_t D, int kk) {
+  for (int i = threadIdx.x; i < bd * kk; i += kThreads) {
+    const int j = i / kk, ab = i - j * kk;
+    w_s[ab * bd + j] = c0 + j < D ? static_cast<acc_t>(w[(c0 + j) * kk + ab]) : acc_t(0);
+  }
+}
+
+// Taps of rows 0..bm-1 of `map`: T_s[k][i] (ld ldt) and, if T2_s, T2_s[i][k] (ld Kp).
+template <typename acc_t, typename scalar_t, typename Map>
+__device__ void stage_taps(acc_t* T_s, int ldt, acc_t* T2_s, int Kp, const SideArgs<scalar_t>& a,
+                           const Map& map, int bm) {
+  for (int idx = threadIdx.x; idx < bm * Kp; idx += kThreads) {
+    const int i = idx / Kp, k = idx - i * Kp;
+    int64_t b, n;
+    acc_t v = 0;
+    if (k < a.K && map.at(i, b, n)) v = static_cast<acc_t>(a.taps[b * a.t_sb + n * a.t_sn + k]);
+    if (k < a.K) T_s[k * ldt + i] = v;
+    if (T2_s != nullptr) T2_s[idx] = v;
+  }
+}
+
+// A (channels) tile of G rows of `map` into G_s[pos][ch] (ld bd), zero off the grid / past D.
+template <typename acc_t, typename scalar_t, typename Map>
+__device__ void stage_rows_ch(acc_t* G_s, const SideArgs<scalar_t>& a, const Map& map, int npos,
+                              int64_t c0, int bd) {
+  const int quads = bd / 4;
+  for (int idx = threadIdx.x; idx < npos * quads; idx += kThreads) {
+    const int i = idx / quads, q = idx - i * quads;
+    int64_t b, n;
+    acc_t v[4] = {0, 0, 0, 0};
+    if (map.at(i, b, n)) load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c0 + 4 * q, a.D, a.vec, v);
+    *reinterpret_cast<Vec<acc_t, 4>*>(G_s + i * bd + 4 * q) = Vec<acc_t, 4>{{v[0], v[1], v[2], v[3]}};
+  }
+}
+
+// -- the micro-tiled product -----------------------------------------------------------------
+// OUT (M×N, both multiples of 4) = Σ_{s<S} A[s·lda + m] · B[s·ldb + n]. Micro tile t covers
+// rows 4·(t / (N/4)) … +3 and columns 4·(t % (N/4)) … +3 (n fastest: a warp's global accesses
+// of the epilogue follow the channels). With fewer micro tiles than threads, `groups` threads
+// share a tile, each summing a contiguous part of s; combine_groups adds their results in
+// group order (deterministic).
+struct Gemm {
+  int M, N, S, tiles, groups;
+  __device__ Gemm(int m, int n, int s) : M(m), N(n), S(s) {
+    tiles = (m / 4) * (n / 4);
+    groups = tiles >= kThreads ? 1 : kThreads / tiles;
+  }
+  __device__ int group() const { return groups == 1 ? 0 : threadIdx.x / tiles; }
+  __device__ int tile(int u) const {
+    return groups == 1 ? threadIdx.x + u * kThreads : (u == 0 ? threadIdx.x % tiles : tiles);
+  }
+  __device__ int m0(int t) const { return 4 * (t / (N / 4)); }
+  __device__ int n0(int t) const { return 4 * (t % (N / 4)); }
+};
+
+template <int U, typename acc_t>
+__device__ __forceinline__ void zero_tiles(acc_t (&acc)[U][4][4]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[u][i][j] = 0;
+}
+
+template <int U, typename acc_t>
+__device__ void gemm_accumulate(const acc_t* A, int lda, const acc_t* B, int ldb, const Gemm& g,
+                                acc_t (&acc)[U][4][4]) {
+  const int grp = g.group();
+  if (grp >= g.groups) return;
+  const int s0 = int(int64_t(g.S) * grp / g.groups), s1 = int(int64_t(g.S) * (grp + 1) / g.groups);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int t = g.tile(u);
+    if (t >= g.tiles) continue;
+    const acc_t* pa = A + g.m0(t);
+    const acc_t* pb = B + g.n0(t);
+#pragma unroll 4
+    for (int s = s0; s < s1; ++s) {
+      const Vec<acc_t, 4> x = lds4(pa + s * lda), z = lds4(pb + s * ldb);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[u][i][j] += x.v[i] * z.v[j];
+    }
+  }
+}
+
+// out[m·ldo + n] += the groups' sums, group 0 first; out must be zero (or hold a running
+// total). Every thread of the block must call it.
+template <int U, typename acc_t>
+__device__ void combine_groups(const Gemm& g, const acc_t (&acc)[U][4][4], acc_t* out, int ldo) {
+  for (int grp = 0; grp < g.groups; ++grp) {
+    if (g.group() == grp) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int t = g.tile(u);
+        if (t >= g.tiles) continue;
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) out[(g.m0(t) + i) * ldo + g.n0(t) + j] += acc[u][i][j];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename acc_t>
+__device__ void zero_smem(acc_t* p, int n) {
+  for (int i = threadIdx.x; i < n; i += kThreads) p[i] = 0;
+}
+
+// -- depthwise k×k on a tile in shared memory -----------------------------------------------
+// For each output (oi, oj) of a th×tw tile and each channel j < bd:
+//   v = Σ_{a,b<KS} wk[a][b][j] · src[((oi + a)·sw + oj + b)·bd + j]
+// with wk = w (FLIP false) or w rotated by 180° (FLIP true: the transposed convolution).
+// Each thread handles VC channels × RO outputs down a column, sliding over the window rows,
+// and hands every result to emit(oi, oj, j, v[VC]).
+template <int KS>
+struct ConvShape {
+  static constexpr int VC = KS <= 3 ? 4 : (KS <= 5 ? 2 : 1);  // weights in registers: ≤ 50
+  static constexpr int RO = 4;
+};
+
+template <int KS, bool FLIP, typename acc_t, typename Emit>
+__device__ void conv_tile(const acc_t* src, int sw, int sh, const acc_t* w_s, int bd, int th,
+                          int tw, Emit emit) {
+  constexpr int VC = ConvShape<KS>::VC, RO = ConvShape<KS>::RO;
+  const int groups = bd / VC, blocks = (th + RO - 1) / RO;
+  for (int item = threadIdx.x; item < groups * tw * blocks; item += kThreads) {
+    const int cg = item % groups, rest = item / groups;
+    const int oj = rest % tw, i0 = (rest / tw) * RO;
+    const int j0 = cg * VC;
+    acc_t wk[KS][KS][VC];
+#pragma unroll
+    for (int x = 0; x < KS; ++x)
+#pragma unroll
+      for (int z = 0; z < KS; ++z)
+#pragma unroll
+        for (int v = 0; v < VC; ++v) {
+          const int ab = FLIP ? (KS - 1 - x) * KS + (KS - 1 - z) : x * KS + z;
+          wk[x][z][v] = w_s[ab * bd + j0 + v];
+        }
+    acc_t acc[RO][VC];
+#pragma unroll
+    for (int o = 0; o < RO; ++o)
+#pragma unroll
+      for (int v = 0; v < VC; ++v) acc[o][v] = 0;
+#pragma unroll
+    for (int wr = 0; wr < RO + KS - 1; ++wr) {
+      const int r = i0 + wr;
+      if (r >= sh) break;
+      acc_t row[KS][VC];
+#pragma unroll
+      for (int z = 0; z < KS; ++z)
+#pragma unroll
+        for (int v = 0; v < VC; ++v) row[z][v] = src[(r * sw + oj + z) * bd + j0 + v];
+#pragma unroll
+      for (int x = 0; x < KS; ++x) {
+        const int o = wr - x;  // output row (in the block) that window row x of r feeds
+        if (o < 0 || o >= RO) continue;
+#pragma unroll
+        for (int z = 0; z < KS; ++z)
+#pragma unroll
+          for (int v = 0; v < VC; ++v) acc[o][v] += wk[x][z][v] * row[z][v];
+      }
+    }
+#pragma unroll
+    for (int o = 0; o < RO; ++o)
+      if (i0 + o < th) emit(i0 + o, oj, j0, acc[o]);
+  }
+}
+
+// Tile `tile` of `tiles` in image b: corner and size (clipped at the grid's edge).
+struct TileAt {
+  int64_t b;
+  int ti0, tj0, th, tw;
+};
+__device__ __forceinline__ TileAt tile_at(int64_t tile, const Tiles& t, int H, int W) {
+  TileAt r;
+  const int64_t per = int64_t(t.rows) * t.cols;
+  r.b = tile / per;
+  const int tt = int(tile - r.b * per);
+  r.ti0 = (tt / t.cols) * t.th;
+  r.tj0 = (tt % t.cols) * t.tw;
+  r.th = t.th < H - r.ti0 ? t.th : H - r.ti0;
+  r.tw = t.tw < W - r.tj0 ? t.tw : W - r.tj0;
+  return r;
+}
+
+// =========================================================================================
+// Forward
+// =========================================================================================
+
+// Rows (DTL, or the prefix rows of DTL+): out = y + θ(h). grid (cdiv(rows, bm), cdiv(D, bd)).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    fwd_rows_kernel(const SideArgs<scalar_t> a, int64_t rpb, int bm, int bd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  DTL_SMEM(smem_raw);
+  const int ldt = bm + kPad, ldu = bd + kPad;
+  acc_t* T_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* U_s = T_s + a.K * ldt;
+  const RowsMap map{int64_t(blockIdx.x) * bm, a.B * rpb, rpb};
+  const int64_t c0 = int64_t(blockIdx.y) * bd;
+  stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
+  stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
+  __syncthreads();
+  const Gemm g(bm, bd, a.K);
+  acc_t h[1][4][4];
+  zero_tiles(h);
+  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  const acc_t beta = static_cast<acc_t>(a.beta);
+  const int t = g.tile(0);
+  const int64_t c = c0 + g.n0(t);
+  for (int i = 0; i < 4; ++i) {
+    int64_t b, n;
+    if (!map.at(g.m0(t) + i, b, n)) break;
+    acc_t v[4];
+    load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c, a.D, a.vec, v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[j] += theta<acc_t>(h[0][i][j], beta);
+    store_ch<4>(a.out + (b * a.N + n) * a.D, c, a.D, a.vec, v);
+  }
+}
+
+// Patch grid of DTL+: out[p] = y[p] + Σ_ab w[ab]·θ(h[p + s_ab]). One block per spatial tile
+// and chunk of bd channels: θ(h) of the tile plus its halo (zero off the grid) is built in
+// shared memory in passes of bm positions, then convolved. grid (B·tiles, cdiv(D, bd)).
+template <typename scalar_t, int KS>
+__global__ void __launch_bounds__(kThreads)
+    fwd_conv_kernel(const SideArgs<scalar_t> a, const Tiles tiles, int bm, int bd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  DTL_SMEM(smem_raw);
+  const int ldt = bm + kPad, ldu = bd + kPad, pad = same_pad_before(KS);
+  const TileAt tl = tile_at(blockIdx.x, tiles, a.H, a.W);
+  const int hh = tl.th + KS - 1, hw = tl.tw + KS - 1;
+  acc_t* T_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* U_s = T_s + a.K * ldt;
+  acc_t* w_s = U_s + a.K * ldu;
+  acc_t* A_s = w_s + KS * KS * bd;  // [hh·hw][bd]
+  const int64_t c0 = int64_t(blockIdx.y) * bd;
+  stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
+  stage_conv(w_s, a.w, c0, bd, a.D, KS * KS);
+  const GridMap halo{tl.b, tl.ti0 - pad, tl.tj0 - pad, hh, hw, a.H, a.W, a.P};
+  const acc_t beta = static_cast<acc_t>(a.beta);
+  const Gemm g(bm, bd, a.K);
+  for (int p0 = 0; p0 < hh * hw; p0 += bm) {
+    __syncthreads();  // T_s of the previous pass is no longer read
+    // taps of halo positions p0 … p0 + bm − 1 (a shifted view of the halo map)
+    for (int idx = threadIdx.x; idx < bm * a.K; idx += kThreads) {
+      const int i = idx / a.K, k = idx - i * a.K;
+      int64_t b, n;
+      acc_t v = 0;
+      if (halo.at(p0 + i, b, n)) v = static_cast<acc_t>(a.taps[b * a.t_sb + n * a.t_sn + k]);
+      T_s[k * ldt + i] = v;
+    }
+    __syncthreads();
+    acc_t h[1][4][4];
+    zero_tiles(h);
+    gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+    const int t = g.tile(0);
+    for (int i = 0; i < 4; ++i) {
+      const int pos = p0 + g.m0(t) + i;
+      if (pos >= hh * hw) break;
+      Vec<acc_t, 4> v;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v.v[j] = theta<acc_t>(h[0][i][j], beta);  // θ(0) = 0 off grid
+      *reinterpret_cast<Vec<acc_t, 4>*>(A_s + pos * bd + g.n0(t)) = v;
+    }
+  }
+  __syncthreads();
+  constexpr int VC = ConvShape<KS>::VC;
+  conv_tile<KS, false>(A_s, hw, hh, w_s, bd, tl.th, tl.tw,
+                       [&](int oi, int oj, int j0, const acc_t (&v)[VC]) {
+                         const int64_t n = a.P + int64_t(tl.ti0 + oi) * a.W + tl.tj0 + oj;
+                         acc_t o[VC];
+                         load_ch<VC>(a.y + tl.b * a.y_sb + n * a.y_sn, c0 + j0, a.D, a.vec, o);
+#pragma unroll
+                         for (int x = 0; x < VC; ++x) o[x] += v[x];
+                         store_ch<VC>(a.out + (tl.b * a.N + n) * a.D, c0 + j0, a.D, a.vec, o);
+                       });
+}
+
+// =========================================================================================
+// Backward, ∂T: a block covers all D channels of its rows (steps of bd), so ∂T = S·U is
+// summed on chip: no partial buffer.
+// =========================================================================================
+
+// S of one step for the rows of `map` into S_s[ch][row] (ld lds); D of the thread's micro
+// tile element (i, j) (row m0 + i, channel n0 + j) is dval(i, j, row, channel).
+template <typename acc_t, typename scalar_t, typename DVal>
+__device__ void rows_S_ck(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
+                          int ldu, int bm, int bd, acc_t* S_s, int lds, DVal dval) {
+  const Gemm g(bm, bd, a.K);
+  acc_t h[1][4][4];
+  zero_tiles(h);
+  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  const acc_t beta = static_cast<acc_t>(a.beta);
+  const int t = g.tile(0);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    Vec<acc_t, 4> s;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const acc_t d = dval(i, j, g.m0(t) + i, g.n0(t) + j);
+      s.v[i] = theta_grad<acc_t>(h[0][i][j], beta) * d;
+    }
+    *reinterpret_cast<Vec<acc_t, 4>*>(S_s + (g.n0(t) + j) * lds + g.m0(t)) = s;
+  }
+}
+
+// Write ∂T of the tile: sums in dT_s[row][k] (ld Kp).
+template <typename acc_t, typename scalar_t, typename Map>
+__device__ void write_grad_taps(const SideArgs<scalar_t>& a, const acc_t* dT_s, const Map& map,
+                                int bm) {
+  for (int idx = threadIdx.x; idx < bm * a.K; idx += kThreads) {
+    const int i = idx / a.K, k = idx - i * a.K;
+    int64_t b, n;
+    if (map.at(i, b, n)) a.grad_taps[(b * a.N + n) * a.K + k] = static_cast<scalar_t>(dT_s[i * a.Kp + k]);
+  }
+}
+
+// Rows: S = θ'(h)·G. grid (cdiv(rows, bm)).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    dt_rows_kernel(const SideArgs<scalar_t> a, int64_t rpb, int bm, int bd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  DTL_SMEM(smem_raw);
+  const int ldt = bm + kPad, ldu = bd + kPad, lds = bm + kPad;
+  acc_t* T_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* U_s = T_s + a.K * ldt;
+  acc_t* U2_s = U_s + a.K * ldu;
+  acc_t* S_s = U2_s + bd * a.Kp;
+  acc_t* dT_s = S_s + bd * lds;
+  const RowsMap map{int64_t(blockIdx.x) * bm, a.B * rpb, rpb};
+  stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
+  const Gemm gt(bm, a.Kp, bd);
+  acc_t dt[2][4][4];
+  zero_tiles(dt);
+  const Gemm gh(bm, bd, a.K);
+  const int t = gh.tile(0);
+  for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
+    // G of the thread's own 4 rows × 4 channels (the micro tile of h), issued first so the
+    // loads are in flight while the step's U is staged
+    acc_t gv[4][4];
+    for (int i = 0; i < 4; ++i) {
+      int64_t b, n;
+      for (int j = 0; j < 4; ++j) gv[i][j] = 0;
+      if (map.at(gh.m0(t) + i, b, n))
+        load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c0 + gh.n0(t), a.D, a.vec, gv[i]);
+    }
+    __syncthreads();  // the previous step's U_s / U2_s / S_s are no longer read
+    stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
+    stage_ups_ck(U2_s, a.Kp, a.ups, c0, bd, a.D, a.K);
+    __syncthreads();
+    rows_S_ck(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds,
+              [&](int i, int j, int, int) { return gv[i][j]; });
+    __syncthreads();
+    gemm_accumulate(S_s, lds, U2_s, a.Kp, gt, dt);
+  }
+  __syncthreads();
+  zero_smem(dT_s, bm * a.Kp);
+  __syncthreads();
+  combine_groups(gt, dt, dT_s, a.Kp);
+  write_grad_taps(a, dT_s, map, bm);
+}
+
+// Patch grid: D = gᵀ(G) from the tile's G halo. grid (B·tiles).
+template <typename scalar_t, int KS>
+__global__ void __launch_bounds__(kThreads)
+    dt_conv_kernel(const SideArgs<scalar_t> a, const Tiles tiles, int bm, int bd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  DTL_SMEM(smem_raw);
+  const int ldt = bm + kPad, ldu = bd + kPad, lds = bm + kPad, back = KS - 1 - same_pad_before(KS);
+  const TileAt tl = tile_at(blockIdx.x, tiles, a.H, a.W);
+  const int gh = tl.th + KS - 1, gw = tl.tw + KS - 1;
+  acc_t* T_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* U_s = T_s + a.K * ldt;
+  acc_t* U2_s = U_s + a.K * ldu;
+  acc_t* w_s = U2_s + bd * a.Kp;
+  acc_t* G_s = w_s + KS * KS * bd;  // [gh·gw][bd]
+  acc_t* S_s = G_s + gh * gw * bd;  // [bd][lds]: D, then S
+  acc_t* dT_s = S_s + bd * lds;
+  const GridMap own{tl.b, tl.ti0, tl.tj0, tl.th, tl.tw, a.H, a.W, a.P};
+  const GridMap halo{tl.b, tl.ti0 - back, tl.tj0 - back, gh, gw, a.H, a.W, a.P};
+  stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, own, bm);
+  const Gemm gt(bm, a.Kp, bd);
+  acc_t dt[2][4][4];
+  zero_tiles(dt);
+  constexpr int VC = ConvShape<KS>::VC;
+  for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
+    __syncthreads();
+    stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
+    stage_ups_ck(U2_s, a.Kp, a.ups, c0, bd, a.D, a.K);
+    stage_conv(w_s, a.w, c0, bd, a.D, KS * KS);
+    stage_rows_ch(G_s, a, halo, gh * gw, c0, bd);
+    for (int i = threadIdx.x; i < bd * lds; i += kThreads) S_s[i] = 0;  // rows past th·tw
+    __syncthreads();
+    conv_tile<KS, true>(G_s, gw, gh, w_s, bd, tl.th, tl.tw,
+                        [&](int oi, int oj, int j0, const acc_t (&v)[VC]) {
+                          for (int x = 0; x < VC; ++x) S_s[(j0 + x) * lds + oi * tl.tw + oj] = v[x];
+                        });
+    __syncthreads();
+    // S = θ'(h)·D in place: each element is read and written by the same thread
+    rows_S_ck(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds,
+              [&](int, int, int row, int ch) { return S_s[ch * lds + row]; });
+    __syncthreads();
+    gemm_accumulate(S_s, lds, U2_s, a.Kp, gt, dt);
+  }
+  __syncthreads();
+  zero_smem(dT_s, bm * a.Kp);
+  __syncthreads();
+  combine_groups(gt, dt, dT_s, a.Kp);
+  write_grad_taps(a, dT_s, own, bm);
+}
+
+// =========================================================================================
+// Backward, ∂U and ∂w: block (g, chunk) walks the tiles g, g + G, … for bd channels and
+// writes its fp32 partial sums to slot `slot0 + g`; sum_partials_kernel adds the slots in
+// order.
+// =========================================================================================
+
+// S (and θ(h) when A_s) of a tile into S_s[row][ch] (ld lds) / A_s[row][ch] (ld bd).
+template <typename acc_t, typename scalar_t, typename DVal>
+__device__ void rows_S_rc(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
+                          int ldu, int bm, int bd, acc_t* S_s, int lds, acc_t* A_s, DVal dval) {
+  const Gemm g(bm, bd, a.K);
+  acc_t h[1][4][4];
+  zero_tiles(h);
+  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  const acc_t beta = static_cast<acc_t>(a.beta);
+  const int t = g.tile(0);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    Vec<acc_t, 4> s, th;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const acc_t d = dval(i, j, g.m0(t) + i, g.n0(t) + j);
+      s.v[j] = theta_grad<acc_t>(h[0][i][j], beta) * d;
+      th.v[j] = theta<acc_t>(h[0][i][j], beta);
+    }
+    *reinterpret_cast<Vec<acc_t, 4>*>(S_s + (g.m0(t) + i) * lds + g.n0(t)) = s;
+    if (A_s != nullptr) *reinterpret_cast<Vec<acc_t, 4>*>(A_s + (g.m0(t) + i) * bd + g.n0(t)) = th;
+  }
+}
+
+// out_s[ch][k] (ld Kp) → part_ups[slot][c0 + ch][k]
+template <typename acc_t, typename scalar_t>
+__device__ void write_part_ups(const SideArgs<scalar_t>& a, const acc_t* out_s, int64_t slot,
+                               int64_t c0, int bd) {
+  for (int idx = threadIdx.x; idx < bd * a.K; idx += kThreads) {
+    const int j = idx / a.K, k = idx - j * a.K;
+    if (c0 + j < a.D) a.part_ups[(slot * a.D + c0 + j) * a.K + k] = out_s[j * a.Kp + k];
+  }
+}
+
+// Rows: ∂U partial of rows tiles g, g + G, …. grid (G, cdiv(D, bd)).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    du_rows_kernel(const SideArgs<scalar_t> a, int64_t rpb, int bm, int bd, int64_t slot0) {
+  using acc_t = at::opmath_type<scalar_t>;
+  DTL_SMEM(smem_raw);
+  const int ldt = bm + kPad, ldu = bd + kPad, lds = bd + kPad;
+  acc_t* U_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* T_s = U_s + a.K * ldu;
+  acc_t* T2_s = T_s + a.K * ldt;
+  acc_t* S_s = T2_s + bm * a.Kp;
+  acc_t* out_s = S_s + bm * lds;
+  const int64_t c0 = int64_t(blockIdx.y) * bd, total = a.B * rpb;
+  stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
+  const Gemm gu(bd, a.Kp, bm);
+  acc_t du[2][4][4];
+  zero_tiles(du);
+  const Gemm gh(bm, bd, a.K);
+  const int t = gh.tile(0);
+  for (int64_t tile = blockIdx.x; tile * bm < total; tile += gridDim.x) {
+    const RowsMap map{tile * bm, total, rpb};
+    acc_t gv[4][4];  // G of the thread's micro tile, in flight while the taps are staged
+    for (int i = 0; i < 4; ++i) {
+      int64_t b, n;
+      for (int j = 0; j < 4; ++j) gv[i][j] = 0;
+      if (map.at(gh.m0(t) + i, b, n))
+        load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c0 + gh.n0(t), a.D, a.vec, gv[i]);
+    }
+    __syncthreads();
+    stage_taps(T_s, ldt, T2_s, a.Kp, a, map, bm);
+    __syncthreads();
+    rows_S_rc(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds, static_cast<acc_t*>(nullptr),
+              [&](int i, int j, int, int) { return gv[i][j]; });
+    __syncthreads();
+    gemm_accumulate(S_s, lds, T2_s, a.Kp, gu, du);  // Σ_rows S[row][ch]·T[row][k]
+  }
+  __syncthreads();
+  zero_smem(out_s, bd * a.Kp);
+  __syncthreads();
+  combine_groups(gu, du, out_s, a.Kp);
+  write_part_ups(a, out_s, slot0 + blockIdx.x, c0, bd);
+}
+
+// Patch grid: ∂U and ∂w partials of conv tiles g, g + G, …. grid (G, cdiv(D, bd)).
+template <typename scalar_t, int KS>
+__global__ void __launch_bounds__(kThreads)
+    du_conv_kernel(const SideArgs<scalar_t> a, const Tiles tiles, int bm, int bd) {
+  using acc_t = at::opmath_type<scalar_t>;
+  DTL_SMEM(smem_raw);
+  constexpr int kk = KS * KS;
+  const int ldt = bm + kPad, ldu = bd + kPad, lds = bd + kPad, back = KS - 1 - same_pad_before(KS);
+  const int mgh = tiles.th + KS - 1, mgw = tiles.tw + KS - 1;  // largest halo
+  acc_t* U_s = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* w_s = U_s + a.K * ldu;
+  acc_t* T_s = w_s + kk * bd;
+  acc_t* T2_s = T_s + a.K * ldt;
+  acc_t* G_s = T2_s + bm * a.Kp;  // [gh·gw][bd]
+  acc_t* S_s = G_s + mgh * mgw * bd;  // [bm][lds]: D, then S
+  acc_t* A_s = S_s + bm * lds;        // [bm][bd]: θ(h)
+  acc_t* out_s = A_s + bm * bd;       // [bd][Kp]
+  acc_t* wout_s = out_s + bd * a.Kp;  // [bd][kk]
+  const int64_t c0 = int64_t(blockIdx.y) * bd;
+  stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
+  stage_conv(w_s, a.w, c0, bd, a.D, kk);
+  const Gemm gu(bd, a.Kp, bm);
+  acc_t du[2][4][4];
+  zero_tiles(du);
+  // ∂w: item (channel quad q, window row x) sums over its group's share of the positions
+  const int quads = bd / 4, items = quads * KS;
+  const int wgroups = items >= kThreads ? 1 : kThreads / items;
+  const int witem = threadIdx.x % items, wgrp = threadIdx.x / items;
+  const int wq = witem % quads, wx = witem / quads;
+  acc_t dw[KS][4];
+  for (int z = 0; z < KS; ++z)
+    for (int v = 0; v < 4; ++v) dw[z][v] = 0;
+  constexpr int VC = ConvShape<KS>::VC;
+  const int64_t ntiles = a.B * tiles.rows * tiles.cols;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const TileAt tl = tile_at(tile, tiles, a.H, a.W);
+    const int gh = tl.th + KS - 1, gw = tl.tw + KS - 1, np = tl.th * tl.tw;
+    const GridMap own{tl.b, tl.ti0, tl.tj0, tl.th, tl.tw, a.H, a.W, a.P};
+    const GridMap halo{tl.b, tl.ti0 - back, tl.tj0 - back, gh, gw, a.H, a.W, a.P};
+    __syncthreads();
+    stage_taps(T_s, ldt, T2_s, a.Kp, a, own, bm);
+    stage_rows_ch(G_s, a, halo, gh * gw, c0, bd);
+    for (int i = threadIdx.x; i < bm * lds; i += kThreads) S_s[i] = 0;
+    __syncthreads();
+    conv_tile<KS, true>(G_s, gw, gh, w_s, bd, tl.th, tl.tw,
+                        [&](int oi, int oj, int j0, const acc_t (&v)[VC]) {
+                          for (int x = 0; x < VC; ++x) S_s[(oi * tl.tw + oj) * lds + j0 + x] = v[x];
+                        });
+    __syncthreads();
+    rows_S_rc(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds, A_s,
+              [&](int, int, int row, int ch) { return S_s[row * lds + ch]; });
+    __syncthreads();
+    gemm_accumulate(S_s, lds, T2_s, a.Kp, gu, du);
+    // ∂w[ab] += Σ_p θ(h[p])·G[p − s_ab]: G[p − s_ab] is G_s at (oi + KS−1−a, oj + KS−1−b)
+    if (wgrp < wgroups) {
+      const int p0 = np * wgrp / wgroups, p1 = np * (wgrp + 1) / wgroups;
+      for (int p = p0; p < p1; ++p) {
+        const int oi = p / tl.tw, oj = p - oi * tl.tw;
+        const Vec<acc_t, 4> th = lds4(A_s + p * bd + 4 * wq);
+        const acc_t* grow = G_s + ((oi + KS - 1 - wx) * gw + oj + KS - 1) * bd + 4 * wq;
+#pragma unroll
+        for (int z = 0; z < KS; ++z) {
+          const Vec<acc_t, 4> gv = lds4(grow - z * bd);
+#pragma unroll
+          for (int v = 0; v < 4; ++v) dw[z][v] += th.v[v] * gv.v[v];
+        }
+      }
+    }
+  }
+  __syncthreads();
+  zero_smem(out_s, bd * a.Kp + bd * kk);
+  __syncthreads();
+  combine_groups(gu, du, out_s, a.Kp);
+  for (int grp = 0; grp < wgroups; ++grp) {  // ∂w partials, group 0 first
+    if (wgrp == grp)
+      for (int z = 0; z < KS; ++z)
+        for (int v = 0; v < 4; ++v) wout_s[(4 * wq + v) * kk + wx * KS + z] += dw[z][v];
+    __syncthreads();
+  }
+  write_part_ups(a, out_s, blockIdx.x, c0, bd);
+  for (int idx = threadIdx.x; idx < bd * kk; idx += kThreads) {
+    const int j = idx / kk, ab = idx - j * kk;
+    if (c0 + j < a.D) a.part_w[(int64_t(blockIdx.x) * a.D + c0 + j) * kk + ab] = wout_s[idx];
+  }
+}
+
+// out[j] = Σ_{s < slots} part[s·m + j], in slot order, cast to the output dtype.
+template <typename acc_t, typename out_t>
+__global__ void sum_partials_kernel(const acc_t* __restrict__ part, out_t* __restrict__ out,
+                                    int64_t slots, int64_t m) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < m;
+       j += int64_t(gridDim.x) * blockDim.x) {
+    acc_t s = 0;
+    for (int64_t p = 0; p < slots; ++p) s += part[p * m + j];
+    out[j] = static_cast<out_t>(s);
+  }
+}
+
+}  // namespace dtl::cuda_side
