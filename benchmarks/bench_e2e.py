@@ -9,7 +9,8 @@ Providers (one training step = forward + cross-entropy + backward + AdamW step):
 * ``dtl_ref``: DTL with the eager published formulation (``csn.backend = "reference"``).
 * ``dtl``: DTL, fused kernel (``backend = "auto"``); ``dtl+``: k = 3 (ViT) / 5 (Swin);
   ``dtl+*``: DTL+ with M = 1; ``dtl_bf16trunk``: ``trunk_dtype=torch.bfloat16``;
-  ``dtl_ckpt``: ``checkpoint_tail=True``.
+  ``dtl_ckpt``: ``checkpoint_tail=True``; ``dtl_bf16w``: ``backbone_dtype=torch.bfloat16``
+  (frozen weights in bfloat16); ``dtl_bf16w_ckpt``: both.
 
 DTL models get non-zero ``B`` (N(0, 0.02)) so nothing is short-circuited by zeros.
 
@@ -71,6 +72,8 @@ PROVIDERS = [
     "dtl+*",
     "dtl_bf16trunk",
     "dtl_ckpt",
+    "dtl_bf16w",
+    "dtl_bf16w_ckpt",
 ]
 MB = 1 / 2**20
 
@@ -110,11 +113,15 @@ def _build(name: str, provider: str, **opts) -> torch.nn.Module:
         "dtl+*": ("dtl+*", "auto"),
         "dtl_bf16trunk": ("dtl", "auto"),
         "dtl_ckpt": ("dtl", "auto"),
+        "dtl_bf16w": ("dtl", "auto"),
+        "dtl_bf16w_ckpt": ("dtl", "auto"),
     }[provider]
     if provider == "dtl_bf16trunk":
         opts["trunk_dtype"] = torch.bfloat16
-    if provider == "dtl_ckpt":
+    if provider in ("dtl_ckpt", "dtl_bf16w_ckpt"):
         opts["checkpoint_tail"] = True
+    if provider in ("dtl_bf16w", "dtl_bf16w_ckpt"):
+        opts["backbone_dtype"] = torch.bfloat16
     model = create_model(name, method=method, num_classes=NUM_CLASSES, **opts)
     if model.csn is not None:
         model.csn.backend = backend
@@ -489,6 +496,9 @@ def main() -> None:
                     ("DTL peak memory vs full", "dtl", 0.25),
                     ("DTL+ peak memory vs full", "dtl+", 0.26),
                     ("DTL checkpoint_tail peak memory vs full", "dtl_ckpt", 0.12),
+                    ("DTL, bf16 frozen weights, peak memory vs full", "dtl_bf16w", 0.25),
+                    ("DTL checkpoint_tail + bf16 frozen weights peak vs full", "dtl_bf16w_ckpt",
+                     0.12),
                 ]:
                     both = [
                         b for (q_, b) in steps

@@ -55,6 +55,8 @@ E2E_PROVIDERS = [
     "dtl+*",
     "dtl_bf16trunk",
     "dtl_ckpt",
+    "dtl_bf16w",
+    "dtl_bf16w_ckpt",
 ]
 
 

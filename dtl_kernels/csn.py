@@ -49,9 +49,11 @@ class SideState:
     """What one forward pass carries from block to block (never a parameter).
 
     The reference backend keeps the running ``h`` (the published eager formulation);
-    fused backends keep only the rank-r taps and rebuild ``h`` inside the kernel.
+    fused backends keep only the rank-r taps and rebuild ``h`` inside the kernel. The
+    backend is chosen once, at the first tap of the pass.
     """
 
+    backend: str | None = None
     stage: int = -1
     taps: list[torch.Tensor] = field(default_factory=list)
     ups: list[torch.Tensor] = field(default_factory=list)
@@ -137,7 +139,11 @@ class CompactSideNetwork(nn.Module):
         stage = self.block_stages[i]
         if stage != state.stage:  # h restarts at every stage
             state.stage, state.taps, state.ups, state.h = stage, [], [], None
+        if state.backend is None:
+            state.backend = side.select(z, self.backend)
         down = self.down[str(i)]
+        if down.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
+            down = down.to(z.dtype)  # a low-precision frozen backbone (backbone_dtype)
         keeps_z = torch.is_grad_enabled() and down.requires_grad  # only ∂A needs z
         low = self.trunk_dtype
         if low is not None and keeps_z and not z.requires_grad and z.dtype != low:
@@ -145,7 +151,9 @@ class CompactSideNetwork(nn.Module):
         else:
             t = reference.tap(z, down)
         up = self.up[str(i)]
-        if self._uses_reference(z):
+        if state.backend == "reference" and up.dtype != t.dtype:
+            up = up.to(t.dtype)
+        if state.backend == "reference":
             state.h = reference.accumulate(state.h, t, up)
         else:
             state.taps.append(t)
@@ -170,16 +178,17 @@ class CompactSideNetwork(nn.Module):
             raise RuntimeError(f"block {i} is adapted but its stage has no tap before it")
         conv = self.convs[str(self.block_stages[i])] if len(self.convs) else None
         beta = self.config.beta
-        if self._uses_reference(y):
+        if state.backend == "reference":
             return reference.add_back(y, state.h, beta, conv, grid, num_prefix)
         taps = torch.cat(state.taps, dim=-1) if len(state.taps) > 1 else state.taps[0]
         ups = torch.cat(state.ups, dim=-1) if len(state.ups) > 1 else state.ups[0]
         if taps.dtype != y.dtype:  # autocast: bf16 taps (a matmul) beside an fp32 residual
             taps = taps.to(y.dtype)
-        return side.side_add(y, taps, ups, beta, conv, grid, num_prefix, backend=self.backend)
-
-    def _uses_reference(self, x: torch.Tensor) -> bool:
-        return side.resolve_backend(x, self.backend) == "reference"
+        name = state.backend
+        if self.backend == "auto" and not side.BACKENDS[name].fits(y, taps, conv, grid, num_prefix):
+            name = side.select(y, "auto", taps, conv, grid, num_prefix)  # e.g. K beyond a kernel
+        # the wrappers build these inputs, so the op's own checks suffice (no validate())
+        return side.run(name, y, taps, ups, beta, conv, grid, num_prefix)
 
     # -- published checkpoint names (SPEC §6) ---------------------------------------------
     def official_state_dict(self, per_stage_convs: bool) -> dict[str, torch.Tensor]:

@@ -98,3 +98,41 @@ def with_tail(blocks: list[nn.Module], tail: list[CheckpointedBlock]) -> list[nn
     if tail:
         blocks[len(blocks) - len(tail) :] = tail
     return blocks
+
+
+# -- frozen weights in low precision ---------------------------------------------------
+def set_backbone_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> None:
+    """Keep the frozen backbone's parameters and floating buffers in ``dtype`` (bfloat16 or
+    float16); trainable ones (the CSN, the head, a trainable backbone head) stay in their
+    dtype. DTL needs no fp32 master copy of weights it never updates: this halves the
+    largest remaining part of its memory. The model then feeds the backbone ``dtype``
+    images, and trainable modules get their inputs cast to their own dtype (a pre-hook).
+    """
+    dtype = resolve_trunk_dtype(dtype)
+    if dtype is None:
+        return
+    backbone = model.backbone
+    frozen = [p for p in backbone.parameters() if not p.requires_grad]
+    if not frozen:
+        raise ValueError(
+            f"backbone_dtype keeps frozen weights in {dtype}; method {model.method!r} trains "
+            "every backbone weight (use a DTL or linear method)"
+        )
+    for p in frozen:
+        p.data = p.data.to(dtype)
+    for module in backbone.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                module._buffers[name] = buf.to(dtype)
+    for module in [model.get_submodule("head")] if hasattr(model, "head") else []:
+        module.register_forward_pre_hook(_cast_inputs_to_own_dtype)
+    for module in backbone.modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            module.register_forward_pre_hook(_cast_inputs_to_own_dtype)
+    model.backbone_dtype = dtype
+
+
+def _cast_inputs_to_own_dtype(module: nn.Module, args: tuple) -> tuple:
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                 for a in args)

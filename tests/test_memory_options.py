@@ -141,3 +141,46 @@ def test_trunk_dtype_makes_no_copy_without_autograd(monkeypatch):
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(AssertionError, match="without autograd"):
         model(torch.randn(1, 3, 32, 32))
+
+
+# -- backbone_dtype: frozen weights in low precision ------------------------------------
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_backbone_dtype_bf16_matches_fp32_within_bf16(family):
+    torch.manual_seed(0)
+    ref = build(family).eval()
+    with torch.no_grad():
+        for p in ref.csn.up.values():
+            p.normal_(0, 0.05)
+    torch.manual_seed(0)
+    low = build(family, backbone_dtype=torch.bfloat16).eval()
+    low.load_state_dict({k: v.to(low.state_dict()[k].dtype) for k, v in ref.state_dict().items()})
+    images = torch.randn(2, 3, 64, 64)
+    out_ref, g_ref = run(ref, images)
+    out_low, g_low = run(low, images)
+    assert out_low.dtype == torch.float32  # the head is float32
+    scale = out_ref.abs().max().item()
+    assert (out_low - out_ref).abs().max().item() <= 3e-2 * scale
+    for name, g in g_ref.items():  # every trainable gradient, float32, within bf16 rounding
+        assert g_low[name].dtype == torch.float32, name
+        rel = ((g_low[name] - g).norm() / g.norm().clamp_min(1e-12)).item()
+        assert rel < 6e-2, f"{name}: relative error {rel:.3g}"
+    frozen = [p for p in low.backbone.parameters() if not p.requires_grad]
+    trainable = low.trainable_parameters()
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+def test_backbone_dtype_halves_the_frozen_weights_and_refuses_full():
+    fp32 = build("vit")
+    bf16 = build("vit", backbone_dtype="bfloat16")
+
+    def frozen_bytes(m):
+        return sum(p.numel() * p.element_size() for p in m.backbone.parameters()
+                   if not p.requires_grad)
+
+    assert frozen_bytes(bf16) * 2 == frozen_bytes(fp32)
+    with pytest.raises(ValueError, match="trains every backbone weight"):
+        create_model("vit_tiny_patch16_224", method="full", num_classes=5, img_size=64, depth=2,
+                     backbone_dtype=torch.bfloat16)
+    with pytest.raises((TypeError, ValueError)):
+        build("vit", backbone_dtype="int8")

@@ -1,16 +1,54 @@
 """Dispatch details of the side op that hold on any machine."""
 
+import dataclasses
+
+import pytest
 import torch
 
 from dtl_kernels.ops import side
 
 
-def test_cuda_limits_route_large_shapes_elsewhere():
-    taps = torch.empty(1, 4, 24)
-    assert side._cuda_fits(taps, None)
-    assert side._cuda_fits(taps, torch.empty(8, 1, 7, 7))
-    assert not side._cuda_fits(taps, torch.empty(8, 1, 9, 9))
-    assert not side._cuda_fits(torch.empty(1, 4, 192), None)  # ViT-L, 24 taps of r = 8
+def test_cuda_limits_come_from_the_extension():
+    """The CUDA backend's shape limits are the extension's own (K ≤ MAX_K, k ≤ MAX_KSIZE)."""
+    from dtl_kernels.ops import _ext
+
+    mod = _ext.cuda_module()
+    if mod is None:
+        pytest.skip(f"the CUDA extension is not built here ({_ext.CUDA_ERROR})")
+    y = torch.empty(1, 4, 8)
+    fits = side.BACKENDS["cuda"].fits
+    assert fits(y, torch.empty(1, 4, 24), None)
+    assert fits(y, torch.empty(1, 4, mod.MAX_K), torch.empty(8, 1, mod.MAX_KSIZE, mod.MAX_KSIZE))
+    assert not fits(y, torch.empty(1, 4, 24), torch.empty(8, 1, mod.MAX_KSIZE + 2,
+                                                              mod.MAX_KSIZE + 2))
+    assert not fits(y, torch.empty(1, 4, mod.MAX_K + 64), None)  # e.g. ViT-L, 24 taps of r = 8
+
+
+def test_cuda_plan_answers_shared_memory():
+    """plan_fits: the launch plan of the kernels decides, per dtype and device limits."""
+    from dtl_kernels.ops import _ext
+
+    mod = _ext.cuda_module()
+    if mod is None:
+        pytest.skip(f"the CUDA extension is not built here ({_ext.CUDA_ERROR})")
+    h100 = dict(sms=132, smem=227 * 1024)
+    args = (32, 197, 768, 24, 3, 1, 14, 14)
+    assert mod.plan_fits(*args, 2, 4, h100["sms"], h100["smem"])  # ViT-B, bf16
+    assert mod.plan_fits(*args, 4, 4, h100["sms"], h100["smem"])  # ViT-B, fp32
+    assert not mod.plan_fits(2, 50, 64, 128, 7, 1, 7, 7, 8, 8, 132, 227 * 1024)  # fp64, K=128
+    assert not mod.plan_fits(*args, 2, 4, 132, 8 * 1024)  # a device with 8 KB per block
+    assert not mod.plan_fits(32, 197, 768, 0, 0, 0, 0, 0, 2, 4, 132, 227 * 1024)  # K = 0
+
+
+def test_auto_falls_back_when_a_backend_does_not_fit(monkeypatch):
+    """auto skips a backend whose fits() says no, in AUTO_ORDER."""
+    x = torch.zeros(1, 2, 8)
+    taps = torch.zeros(1, 2, 4)
+    monkeypatch.delenv("DTL_KERNELS_BACKEND", raising=False)
+    real = side.BACKENDS["cpu"]
+    monkeypatch.setitem(side.BACKENDS, "cpu", dataclasses.replace(real, fits=lambda *a: False))
+    assert side.select(x, "auto", taps) == "reference"
+    assert side.select(x, "auto") == "cpu"  # no shapes given: fits is not asked
 
 
 def test_fp32_parameters_beside_bf16_activations():

