@@ -307,7 +307,6 @@ def main() -> int:
                     "no:cacheprovider",
                     "tests/test_side_cuda.py",
                     "tests/test_side_triton.py",
-                    "tests/test_theta_op.py",
                 ],
                 300,
             )

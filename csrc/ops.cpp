@@ -4,11 +4,6 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(dtl_kernels, m) {
-  // theta(x) = x * sigmoid(beta * x), elementwise.
-  m.def("theta(Tensor x, float beta) -> Tensor");
-  // grad_x = grad * theta'(x).
-  m.def("theta_backward(Tensor grad, Tensor x, float beta) -> Tensor");
-
   // Fused side op (see dtl_kernels/ops/side.py for the math):
   //   out = y + mix(taps @ ups^T)   with mix = theta (DTL) or depthwise conv of theta on
   //   the patch grid, prefix tokens theta only (DTL+; conv_weight given).

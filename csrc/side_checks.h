@@ -52,7 +52,10 @@ inline int64_t check_side_inputs(const char* op, c10::DeviceType device, const S
               " columns but taps have K = ", taps.size(2));
   TORCH_CHECK(taps.size(2) >= 1 && taps.size(2) <= lim.max_k, op, where, ": taps need 1 <= K <= ",
               lim.max_k, " columns, got ", taps.size(2));
-  TORCH_CHECK(std::isfinite(beta), op, ": beta must be finite, got ", beta);
+  // β is used in the compute type (float; double for float64 I/O): it must be finite there
+  TORCH_CHECK(std::isfinite(beta) && (dt == at::kDouble || std::isfinite(static_cast<float>(beta))),
+              op, ": beta must be a finite number of the compute type (|beta| <= ",
+              dt == at::kDouble ? "1.8e308" : "3.4e38", "), got ", beta);
   TORCH_CHECK(num_prefix >= 0 && num_prefix <= y.size(1), op, ": num_prefix must be in 0..",
               y.size(1), ", got ", num_prefix);
   if (!conv_weight) return 0;

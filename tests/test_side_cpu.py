@@ -286,3 +286,28 @@ def test_ups_in_float32_with_bfloat16_activations():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert ups32.grad.dtype == torch.float32 and conv32.grad.dtype == torch.float32
+
+
+# -- extreme β ----------------------------------------------------------------------------
+@pytest.mark.parametrize("k", [0, 3])
+def test_extreme_beta_multiplies_last_like_the_reference(k):
+    """β = 1e38 (near float32's max): θ'(h) = s + β·(h·s·(1 − s)) stays finite because β
+    multiplies last (side_math.h); the CPU vector code must follow the same order."""
+    y, taps, ups, conv = make_inputs(2, 1, (3, 4), 24, 6, k, torch.float32, h_scale=10.0)
+    grid = (3, 4)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    ours = run_fused(y, taps, ups, 1e38, conv, grid, 1, grad)
+    ref = run_reference(y, taps, ups, 1e38, conv, grid, 1, grad, torch.float64)
+    for o, r in zip(ours, ref, strict=True):
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o.double(), r, rtol=1e-4, atol=1e-4)
+
+
+def test_beta_beyond_the_compute_type_is_refused():
+    y, taps, ups, _ = make_inputs(1, 0, (2, 2), 8, 2, 0, torch.float32)
+    with pytest.raises(ValueError, match="beta"):
+        side.side_add(y, taps, ups, 1e39, backend="cpu")  # inf in float32
+    with pytest.raises(RuntimeError, match="beta"):
+        OP.side_forward(y, taps, ups, None, 0, 0, 0, 1e39)
+    out = side.side_add(y.double(), taps.double(), ups.double(), 1e39, backend="cpu")
+    assert torch.isfinite(out).all()  # float64 computes in float64: 1e39 is fine

@@ -68,8 +68,10 @@ constexpr int64_t kTargetTasks = 32;       // backward: split channels below thi
 template <typename acc_t>
 inline Vectorized<acc_t> vec_sigmoid_beta(Vectorized<acc_t> x, Vectorized<acc_t> beta) {
   using Vec = Vectorized<acc_t>;
-  // exp(-βx) with its argument clamped so that no lane overflows; σ saturates anyway.
-  const Vec lim(std::is_same_v<acc_t, float> ? acc_t(80) : acc_t(700));
+  // exp(-βx) with its argument clamped where exp is already inf (or 0): σ then saturates to
+  // exactly 0 (or 1), as the scalar side_math.h does; a smaller clamp would leave σ ~1e-35,
+  // which β·(h·σ·(1 − σ)) turns into a wrong θ' for very large β.
+  const Vec lim(std::is_same_v<acc_t, float> ? acc_t(100) : acc_t(800));
   Vec u = at::vec::minimum(at::vec::maximum(Vec(acc_t(0)) - beta * x, Vec(acc_t(0)) - lim), lim);
   Vec e;
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -90,7 +92,7 @@ void theta_grad_tile(acc_t* x, acc_t* th, int64_t n, acc_t beta) {
     Vec v = Vec::loadu(x + i);
     Vec s = vec_sigmoid_beta(v, vb);
     if (th != nullptr) (v * s).store(th + i);
-    (s + vb * v * s * (one - s)).store(x + i);
+    (s + vb * (v * s * (one - s))).store(x + i);  // β last: see side_math.h
   }
 }
 
@@ -148,7 +150,7 @@ inline Vectorized<acc_t> finish(Vectorized<acc_t> h, Vectorized<acc_t> vb, const
     return h * vec_sigmoid_beta(h, vb);
   } else {
     const Vec s = vec_sigmoid_beta(h, vb);
-    return (s + vb * h * s * (Vec(acc_t(1)) - s)) * Vec::loadu(g);
+    return (s + vb * (h * s * (Vec(acc_t(1)) - s))) * Vec::loadu(g);  // β last
   }
 }
 

@@ -3,6 +3,5 @@
 from . import reference
 from ._ext import BackendUnavailable
 from .side import resolve_backend, side_add
-from .theta import theta
 
-__all__ = ["BackendUnavailable", "reference", "resolve_backend", "side_add", "theta"]
+__all__ = ["BackendUnavailable", "reference", "resolve_backend", "side_add"]

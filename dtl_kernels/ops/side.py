@@ -242,6 +242,11 @@ def validate(
         raise TypeError(f"side_add: taps have dtype {taps.dtype} but y has {y.dtype}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
         raise TypeError(f"side_add: beta must be a finite number, got {beta!r}")
+    # the kernels compute in float32 (float64 for float64 inputs): β must be finite there
+    limit = torch.finfo(torch.float64 if y.dtype == torch.float64 else torch.float32).max
+    if abs(beta) > limit:
+        raise ValueError(f"side_add: |beta| must be <= {limit:.3g} for {y.dtype} inputs, "
+                         f"got {beta!r}")
     if y.dim() != 3:
         raise ValueError(f"side_add: y must be (batch, tokens, d), got shape {tuple(y.shape)}")
     b, n, d = y.shape
