@@ -16,8 +16,9 @@ captured is timed as 100 back-to-back calls between two events instead (column
 
 Bytes a call must move (one formula, :func:`op_bytes`): forward y, T in, out; backward G, T
 in, ∂T out (the gradients of U and w are tiny). GB/s = those bytes / time; ``x_copy`` = that
-over the copy's GB/s. ``temp`` = the peak memory of one call above what was live before
-it plus what it returns (the kernels' scratch), and ``temp_x_y`` that over ``y``'s bytes.
+over the copy's GB/s. ``temp`` (:func:`temp_bytes`) = the scratch memory of the forward
+(``fwd`` rows) or of the backward alone (``full`` rows), and ``temp_x_y`` that over ``y``'s
+bytes.
 
 ``--dry-run``: tiny shapes on the CPU (eager and the C++ kernels, wall clock).
 """
@@ -156,25 +157,45 @@ def time_calls(call, device: str, calls: int = CALLS, replays: int = REPLAYS):
     return quantiles(samples), method
 
 
-def temp_bytes(call, device: str) -> int | None:
-    """Peak bytes of one call above what was live before it plus what it returns."""
+def _new_bytes(tensors, before: set[int]) -> int:
+    """Bytes of the storages among ``tensors`` that did not exist before (by data pointer)."""
+    seen = {}
+    for t in tensors:
+        if t is not None and t.untyped_storage().data_ptr() not in before:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def temp_bytes(inp: Inputs, fn, mode: str, device: str) -> int | None:
+    """Scratch memory of the op: the peak above what was live, minus what the op returns.
+
+    ``fwd``: one forward under no_grad. ``full``: the BACKWARD only (the forward's output
+    and what autograd saved are live before it), so the number is the backward's own
+    temporaries — the partial sums a fused kernel allocates, or the intermediates of the
+    eager formula."""
     if device != "cuda":
         return None
+    y, t, g = inp.ys[0], inp.taps[0], inp.gs[0]
+    before = {x.untyped_storage().data_ptr() for x in (y, t, g, inp.ups) if x is not None}
+    if mode == "fwd":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.no_grad():
+            out = fn(y, t, inp.ups, 100.0, inp.w, inp.grid, inp.prefix)
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - base - _new_bytes([out], before))
+    leaves = [y.detach().requires_grad_(), t.detach().requires_grad_(),
+              inp.ups.detach().requires_grad_()]
+    if inp.w is not None:
+        leaves.append(inp.w.detach().requires_grad_())
+    out = fn(*leaves[:3], 100.0, leaves[3] if inp.w is not None else None, inp.grid, inp.prefix)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    result = call(0)
+    grads = torch.autograd.grad(out, leaves, g)
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
-    kept = result if isinstance(result, (tuple, list)) else [result]
-    kept_bytes = sum(
-        {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-            for t in kept
-            if t is not None
-        }.values()
-    )
-    return max(0, peak - kept_bytes)
+    return max(0, torch.cuda.max_memory_allocated() - base - _new_bytes(grads, before))
 
 
 def configs(dry_run: bool):
@@ -247,7 +268,7 @@ def main() -> int:
 
                 try:
                     us, method = time_calls(call, device)
-                    temp = temp_bytes(call, device)
+                    temp = temp_bytes(inp, fn, mode, device)
                 except Exception as exc:  # noqa: BLE001 — reported, the others still run
                     print(f"  {name} {model} {mode} {dtype}: {type(exc).__name__}: {exc}")
                     continue
