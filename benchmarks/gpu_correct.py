@@ -88,11 +88,11 @@ def gpu_cases() -> list[Case]:
 
 
 def sanitize_cases() -> list[Case]:
-    """For compute-sanitizer: the ViT-B shape (the CUDA backward's CTAs and the Triton
-    backward's programs each walk several row tiles), DTL+ and DTL."""
+    """For compute-sanitizer: the ViT-B width at batch 8 (the ∂U blocks / programs each
+    walk several row tiles, the ∂T blocks several channel steps), DTL+ and DTL."""
     return [
-        Case("sanitize", 32, 1, (14, 14), 768, 24, 3, F32),
-        Case("sanitize", 32, 1, (14, 14), 768, 24, 0, BF16),
+        Case("sanitize", 8, 1, (14, 14), 768, 24, 3, F32),
+        Case("sanitize", 8, 1, (14, 14), 768, 24, 0, BF16),
     ]
 
 
@@ -213,6 +213,7 @@ def main() -> int:
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--cases", choices=["gpu", "sanitize"], default="gpu")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th case from the i-th")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference at float32 is exact fp32
     torch.backends.cudnn.allow_tf32 = False
@@ -224,8 +225,10 @@ def main() -> int:
         cases = dry_cases(args.backend)
     else:
         cases = sanitize_cases() if args.cases == "sanitize" else gpu_cases()
+    shard, shards = (int(v) for v in args.shard.split("/"))
+    cases = cases[shard::shards]
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"correct_{args.backend}.csv"
+    path = args.out / f"correct_{args.backend}_{shard}.csv"
     env = env_columns(device)
     failed = 0
     with open(path, "w", newline="") as f:
