@@ -219,6 +219,9 @@ def main() -> int:
     )
     ap.add_argument("--e2e-providers", nargs="+", default=E2E_PROVIDERS)
     ap.add_argument(
+        "--correct-backends", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"]
+    )
+    ap.add_argument(
         "--check-seconds",
         type=float,
         default=210,
@@ -290,7 +293,7 @@ def main() -> int:
     box = min(args.check_seconds, runner.left() - 60)
     jobs = []
     if "correct" in stages:
-        backends = ["cpu", "triton"] if args.dry_run else ["cuda", "triton"]
+        backends = ["cpu", "triton"] if args.dry_run else args.correct_backends
         for b in backends:
             extra = {"TRITON_INTERPRET": "1"} if args.dry_run and b == "triton" else None
             # Triton compiles a kernel per dtype / k / grid: two shards halve the wait

@@ -53,8 +53,9 @@ struct Problem {
 // checked before any product, so nothing here can overflow).
 void check_sizes(const char* op, const Problem& q) {
   constexpr int64_t kInt = (int64_t(1) << 31) - 1;
-  TORCH_CHECK(q.N <= kInt && q.B <= kInt / q.N, op, " (CUDA): ", q.B, " x ", q.N,
-              " tokens are more than the kernels index (2^31 - 1)");
+  // rows are counted in int (with a tile's worth of headroom)
+  TORCH_CHECK(q.N <= kInt && q.B <= (kInt - 4096) / q.N, op, " (CUDA): ", q.B, " x ", q.N,
+              " tokens are more than the kernels index (2^31 - 4097)");
   TORCH_CHECK(cdiv(q.D, 32) <= 65535, op, " (CUDA): d = ", q.D, " is too large (at most ",
               65535 * 32, ")");
 }

@@ -91,13 +91,16 @@ __device__ __forceinline__ Vec<acc_t, 4> lds4(const acc_t* p) {
 // Which token a tile row is. Rows mode: rows r0 + i of the B·rpb selected rows (the first
 // rpb tokens of every image). Grid mode: position i of an hh×hw window of image b's patch
 // grid whose corner is (oi0, oj0); positions off the grid are not rows (taps read as 0).
+// Rows mode counts in 32 bits (the host checks B·N < 2^31): a 64-bit division costs ~5×
+// more and runs once per staged element.
 struct RowsMap {
   int64_t r0, total, rpb;
   __device__ __forceinline__ bool at(int i, int64_t& b, int64_t& n) const {
-    const int64_t r = r0 + i;
-    if (r >= total) return false;
-    b = r / rpb;
-    n = r - b * rpb;
+    const int r = int(r0) + i;
+    if (r >= int(total)) return false;
+    const int bb = r / int(rpb);
+    b = bb;
+    n = r - bb * int(rpb);
     return true;
   }
 };
