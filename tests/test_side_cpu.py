@@ -311,3 +311,17 @@ def test_beta_beyond_the_compute_type_is_refused():
         OP.side_forward(y, taps, ups, None, 0, 0, 0, 1e39)
     out = side.side_add(y.double(), taps.double(), ups.double(), 1e39, backend="cpu")
     assert torch.isfinite(out).all()  # float64 computes in float64: 1e39 is fine
+
+
+def test_raw_op_errors_name_the_numbers_without_overflow():
+    """Integer arguments are bounded before any product (no wrap-around that would pass the
+    check and crash in the kernel), and the message names the values (built without
+    iostreams: see csrc/side_checks.h)."""
+    z = torch.zeros
+    with pytest.raises(RuntimeError, match=r"4 tokens do not hold 0 prefix tokens plus a "
+                                           r"4611686018427387905x4 patch grid"):
+        OP.side_forward(z(1, 4, 8), z(1, 4, 1), z(8, 1), z(8, 1, 3, 3), 2**62 + 1, 4, 0, 100.0)
+    with pytest.raises(RuntimeError, match=r"taps \[1, 3, 1\] do not match y \[1, 4, 8\]"):
+        OP.side_forward(z(1, 4, 8), z(1, 3, 1), z(8, 1), None, 0, 0, 0, 100.0)
+    with pytest.raises(RuntimeError, match=r"got 1e\+39"):
+        OP.side_forward(z(1, 4, 8), z(1, 4, 1), z(8, 1), None, 0, 0, 0, 1e39)

@@ -54,10 +54,11 @@ struct Problem {
 void check_sizes(const char* op, const Problem& q) {
   constexpr int64_t kInt = (int64_t(1) << 31) - 1;
   // rows are counted in int (with a tile's worth of headroom)
-  TORCH_CHECK(q.N <= kInt && q.B <= (kInt - 4096) / q.N, op, " (CUDA): ", q.B, " x ", q.N,
-              " tokens are more than the kernels index (2^31 - 4097)");
-  TORCH_CHECK(cdiv(q.D, 32) <= 65535, op, " (CUDA): d = ", q.D, " is too large (at most ",
-              65535 * 32, ")");
+  TORCH_CHECK(q.N <= kInt && q.B <= (kInt - 4096) / q.N,
+              msg(op, " (CUDA): ", q.B, " x ", q.N,
+                  " tokens are more than the kernels index (2^31 - 4097)"));
+  TORCH_CHECK(cdiv(q.D, 32) <= 65535,
+              msg(op, " (CUDA): d = ", q.D, " is too large (at most ", 65535 * 32, ")"));
 }
 
 template <typename scalar_t>
@@ -83,9 +84,10 @@ Plan plan_for(const char* op, const Problem& q, int64_t P, int64_t gh, int64_t g
   const size_t limit = prop->sharedMemPerBlockOptin;
   const Plan p = make_plan(q.B, q.N, q.D, int(q.K), int(q.ks), int(P), int(gh), int(gw), io_size,
                            acc_size, prop->multiProcessorCount, limit);
-  TORCH_CHECK(max_smem(p) <= limit, op, " (CUDA): K = ", q.K, " taps in this dtype need ",
-              max_smem(p), " bytes of shared memory per block, the device has ", limit,
-              " (use float32 / bfloat16, or fewer taps)");
+  TORCH_CHECK(max_smem(p) <= limit,
+              msg(op, " (CUDA): K = ", q.K, " taps in this dtype need ", max_smem(p),
+                  " bytes of shared memory per block, the device has ", limit,
+                  " (use float32 / bfloat16, or fewer taps)"));
   return p;
 }
 
