@@ -1,31 +1,182 @@
-"""Atomic file writes: a crash never leaves a half-written file under the final name."""
+"""Durable file writes: a crash never leaves a half-written file under the final name.
+
+* :func:`atomic_write` writes to a temporary file in the destination folder, fsyncs it,
+  gives it the mode a normal ``open()`` would (``0o666 & ~umask``, or the replaced
+  file's mode), renames it onto the final name and fsyncs the folder, so the rename
+  itself survives a power cut.
+* Temporary files are named ``.<name>.<pid>.<random>.tmp``. A process killed during a
+  write leaves one behind; :func:`remove_stale_temps` deletes those whose writer is gone.
+* :func:`reserve_space` allocates a file's blocks before it is filled, so a full disk is
+  an ``OSError`` up front instead of a ``SIGBUS`` in a memory map or a half-written file.
+* :func:`json_text` writes strict JSON: NaN and ±inf become ``null``.
+"""
 
 from __future__ import annotations
 
+import errno
+import json
+import math
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+TEMP_SUFFIX = ".tmp"
+# .<name>.<pid>.<random>.tmp (this module) and .<name>.<random>.tmp (versions before the pid)
+_TEMP_WITH_PID = re.compile(r"\..+\.(\d+)\.[A-Za-z0-9_]{8}\.tmp")
+_TEMP_WITHOUT_PID = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+# errors of fsync / fallocate that only mean "this filesystem does not do that"
+_UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync the file, then rename it onto ``path``.
+    """Call ``write(tmp_path)``, fsync the file, rename it onto ``path``, fsync the folder.
 
     The temporary file lives in the destination folder so the rename is atomic; on any
-    error it is removed and ``path`` keeps its previous content.
+    error (or ``KeyboardInterrupt``) it is removed and ``path`` keeps its previous content.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent
+    )
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            f.flush()
-            os.fsync(f.fileno())
+        fsync_file(tmp)
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    fsync_dir(path.parent)
     return path
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    with open(path, "rb+") as f:
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make a rename or a deletion in ``folder`` durable (no-op where not supported)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _mode_for(path: Path) -> int:
+    """The mode ``path`` would get from ``open(path, "w")``: kept if it exists, else
+    ``0o666`` less the umask (``mkstemp`` alone would give ``0o600``)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Temporary files of :func:`atomic_write` in ``folder`` whose writer process is gone
+    (or that predate the pid in the name)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in sorted(folder.iterdir()):
+        if not p.name.endswith(TEMP_SUFFIX) or not p.is_file():
+            continue
+        m = _TEMP_WITH_PID.fullmatch(p.name)
+        if m is not None:
+            pid = int(m.group(1))
+            if pid != os.getpid() and not _writer_alive(pid):
+                found.append(p)
+        elif _TEMP_WITHOUT_PID.fullmatch(p.name):
+            found.append(p)
+    return found
+
+
+def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
+    """Delete the stale temporary files (see :func:`stale_temps`) of ``folders``."""
+    removed = []
+    for folder in folders:
+        found = stale_temps(folder)
+        for p in found:
+            p.unlink(missing_ok=True)
+        if found:
+            fsync_dir(folder)
+        removed += found
+    return removed
+
+
+def reserve_space(fd: int, nbytes: int) -> bool:
+    """Allocate ``nbytes`` for the open file ``fd`` now (``posix_fallocate``).
+
+    Raises ``OSError`` (``ENOSPC``, ``EFBIG``, ``EDQUOT``…) when they do not fit. Returns
+    ``False`` where the filesystem cannot reserve (later writes still fail cleanly with
+    an ``OSError``; nothing is memory-mapped for writing).
+    """
+    if nbytes <= 0 or not hasattr(os, "posix_fallocate"):
+        return False
+    try:
+        os.posix_fallocate(fd, 0, nbytes)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            return False
+        raise
+    return True
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """An ``OSError`` that means the disk, the quota or the file-size limit is full."""
+    codes = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+    return isinstance(exc, OSError) and exc.errno in codes
+
+
+def finite_or_none(value):
+    """``value`` with every non-finite float (NaN, ±inf) replaced by ``None``, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def json_text(value, indent: int | None = 2, default=None) -> str:
+    """Strict JSON (``NaN`` / ``Infinity`` never appear: they are written as ``null``)."""
+    return json.dumps(finite_or_none(value), indent=indent, allow_nan=False, default=default)

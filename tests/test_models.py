@@ -452,6 +452,38 @@ def test_official_checkpoint_wrapped_under_model_key():
         assert torch.equal(fresh(images), model(images))
 
 
+def _published_swin_state_dict(model) -> dict:
+    """What the published Swin's ``state_dict()`` holds: the LoRA tensors at the top level
+    (a fusion conv for every stage) and again under each stage, ``layers.<s>.…``."""
+    sd = model.official_state_dict()
+    for s in range(len(model.depths)):
+        sd.setdefault(f"lora_fusions.{s}.weight", torch.zeros_like(sd["lora_fusions.2.weight"]))
+    lora = [k for k in sd if k.startswith(("lora_dict.", "lora_fusions."))]
+    for s in range(len(model.depths)):
+        sd.update({f"layers.{s}.{k}": sd[k].clone() for k in lora})
+    return sd
+
+
+def test_published_swin_stage_aliases():
+    model = DTLSwin(_swin_backbone(), conv_kernel=3, num_classes=4).eval()
+    _randomize_side(model)
+    sd = _published_swin_state_dict(model)
+    assert sum(k.startswith(("lora_", "layers.")) for k in sd) == 100  # Swin-T, 8 taps
+    fresh = DTLSwin(copy.deepcopy(model.backbone), conv_kernel=3, num_classes=4).eval()
+    fresh.load_official_state_dict(sd)  # strict
+    images = _images(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), model(images))
+
+    only_aliases = {k: v for k, v in sd.items() if not k.startswith("lora_")}
+    fresh.load_official_state_dict(only_aliases)  # the stage copies alone are enough
+
+    bad = dict(sd)
+    bad["layers.1.lora_dict.6.lora_B"] = bad["layers.1.lora_dict.6.lora_B"] + 1
+    with pytest.raises(ValueError, match=r"layers\.1\.lora_dict\.6\.lora_B differs from lora_dict"):
+        fresh.load_official_state_dict(bad, strict=False)
+
+
 # ---------------------------------------------------------------------- adapters
 
 
@@ -613,3 +645,92 @@ def test_float64_and_eval_determinism():
         outs = [model(images) for _ in range(4)]
     assert any(not torch.equal(outs[0], o) for o in outs[1:])
     assert math.isfinite(outs[0].sum().item())
+
+
+def _rewritten_adapter(src, dst, metadata_edit):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    metadata_edit(meta)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def _without(field):
+    def edit(meta):
+        import json
+
+        config = json.loads(meta["config"])
+        config.pop(field)
+        meta["config"] = json.dumps(config)
+
+    return edit
+
+
+def _set_config(field, value):
+    def edit(meta):
+        import json
+
+        meta["config"] = json.dumps(dict(json.loads(meta["config"]), **{field: value}))
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (_without("method"), "config has no 'method'"),
+        (_without("num_classes"), "config has no 'num_classes'"),
+        (_set_config("method", "lora"), "config 'method' is 'lora', expected one of"),
+        (_set_config("num_classes", "4"), "config 'num_classes' is '4'"),
+        (_set_config("csn", {"rank": 2}), r"config 'csn\.tap_from' is None"),
+        (lambda m: m.update(config="{not json"), "metadata 'config' is not JSON"),
+        (lambda m: m.pop("backbone"), "metadata has no 'backbone'"),
+        (lambda m: m.update(backbone_sha256="abc"), "'backbone_sha256' is not a sha256"),
+        (lambda m: m.update(format="dtl_kernels.adapter/9"), "not a dtl_kernels adapter"),
+    ],
+)
+def test_adapter_metadata_schema(tmp_path, edit, message):
+    model = _vit_model()
+    good = model.save_adapter(tmp_path / "good.safetensors")
+    bad = _rewritten_adapter(good, tmp_path / "bad.safetensors", edit)
+    with pytest.raises(dtl_kernels.models.base.AdapterError, match=message) as info:
+        model.load_adapter(bad)
+    assert "bad.safetensors" in str(info.value)
+    with pytest.raises(ValueError, match=message):
+        dtl_kernels.model_from_adapter(bad, _vit_backbone())
+
+
+def test_adapter_backbone_fingerprint(tmp_path):
+    torch.manual_seed(0)
+    bb = _vit_backbone()
+    model = _vit_model(copy.deepcopy(bb))
+    _randomize_side(model)
+    path = model.save_adapter(tmp_path / "a.safetensors")
+    assert dtl_kernels.read_adapter(path)[1]["backbone_sha256"] == model.backbone_fingerprint()
+
+    same = _vit_model(copy.deepcopy(bb).to(torch.bfloat16).float())  # a bf16 copy: same weights
+    same.load_adapter(path)
+    other = _vit_model(_vit_backbone())  # same architecture, other weights
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="trained on other backbone weights"):
+        other.load_adapter(path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.warns(UserWarning, match="trained on other backbone weights"):
+        other.load_adapter(path, backbone_mismatch="warn")
+    assert torch.equal(other.head.weight, model.head.weight)
+
+    old_format = _rewritten_adapter(path, tmp_path / "v1.safetensors", lambda m: m.update(
+        format="dtl_kernels.adapter/1") or m.pop("backbone_sha256"))  # fmt: skip
+    other.load_adapter(old_format)  # written before fingerprints: nothing to compare
+
+
+def test_adapter_with_non_finite_values_is_refused(tmp_path):
+    model = _vit_model()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    path = model.save_adapter(tmp_path / "inf.safetensors")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in \['head\.weight'\]"):
+        _vit_model().load_adapter(path)

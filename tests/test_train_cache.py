@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -297,3 +298,83 @@ def test_ddp_disk_cache_matches_one_process(toy, tmp_path):
     b = load_file(str(tmp_path / "two" / "adapter.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+# -- disk space ------------------------------------------------------------------------------------
+def test_disk_build_reserves_space_and_never_writes_through_a_map(tmp_path, monkeypatch):
+    reserved = []
+    real_map, real_fallocate = tc.np.memmap, os.posix_fallocate
+
+    def read_only_map(*a, **k):
+        assert k.get("mode", "r+") in ("r", "c"), "the build wrote through a memory map"
+        return real_map(*a, **k)
+
+    def fallocate(fd, offset, size):
+        reserved.append(size)
+        return real_fallocate(fd, offset, size)
+
+    monkeypatch.setattr(tc.np, "memmap", read_only_map)
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    c = tc.TrunkCache(vit(), images(), "train", IDENT)
+    c.build_disk(tmp_path)
+    assert reserved == [c.estimate()]
+    assert tc.TrunkCache(vit(), images(), "train", IDENT).load_disk(tmp_path) is None
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_old_cache(tmp_path, monkeypatch):
+    import errno
+
+    c = tc.TrunkCache(vit(), images(), "train", IDENT)
+    c.build_disk(tmp_path)
+    old = (tmp_path / "train.bin").read_bytes()
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    other = tc.TrunkCache(vit(adapt_from=5), images(), "train", IDENT)
+    with pytest.raises(tc.CacheRefused, match=r"no room for .*train\.bin .*No space left"):
+        other.build_disk(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin"]  # no temp file
+    assert (tmp_path / "train.bin").read_bytes() == old
+
+
+def test_free_space_check_does_not_count_the_old_file(toy, tmp_path, monkeypatch):
+    import shutil
+
+    opts = dict(cache_trunk="disk", cache_dir=str(tmp_path / "cache"), epochs=1)
+    run(make_config(options(toy, tmp_path / "a", **opts)))
+    old = (tmp_path / "cache" / "train.bin").stat().st_size
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(tc.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    # another normalisation: a new key, the same size; the old file lives until the rename
+    with pytest.raises(tc.CacheRefused, match=r"only 1000 B free .*old train\.bin .*delete it"):
+        run(make_config(options(toy, tmp_path / "b", normalize="imagenet", **opts)))
+    assert (tmp_path / "cache" / "train.bin").stat().st_size == old
+
+
+class OneProcess:
+    """The loop's process info for one process, recording the waits it is asked for."""
+
+    def __init__(self):
+        self.world, self.rank, self.main, self.device = 1, 0, True, torch.device("cpu")
+        self.waits = []
+
+    def agree(self, error, what, extra_timeout_s=0.0):
+        self.waits.append((what, extra_timeout_s))
+        if error is not None:
+            raise error
+
+    def run_agreed(self, what, fn, *args, **kwargs):
+        return fn(*args, **kwargs)
+
+
+def test_ddp_wait_for_the_disk_build_is_sized_to_the_work(toy, tmp_path):
+    cfg = make_config(options(toy, tmp_path, cache_trunk="disk"))
+    d, splits = OneProcess(), {"train": images(n=6), "test": images(n=3)}
+    idents = {s: {**IDENT, "split": s} for s in splits}
+    tc.prepare(cfg, vit(), splits, idents, d, nullcontext, False, 4, say=lambda m: None)
+    ((what, wait),) = d.waits
+    assert what == "building the disk trunk cache"
+    small = tc.TrunkCache(vit(), images(n=6), "train", IDENT)
+    assert wait >= 6 * small.probe_seconds and wait > small.build_seconds() / 2

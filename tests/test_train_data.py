@@ -164,3 +164,101 @@ def test_fashion_mnist(monkeypatch, tmp_path):
         pytest.skip("dataset-fashion-mnist not installed")
     train, test, n = build(dataset="fashion-mnist", max_train=30, max_test=10)
     assert n == 10 and (len(train), len(test)) == (30, 10)
+
+
+# -- idx files (Fashion-MNIST) ------------------------------------------------------------------
+def write_idx(path: Path, array: np.ndarray, magic: bytes | None = None, extra: int = 0) -> Path:
+    header = (magic or bytes([0, 0, 8, array.ndim])) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    data = header + array.astype(np.uint8).tobytes()
+    data = data[: len(data) + extra] if extra < 0 else data + b"\0" * extra
+    path.write_bytes(data)
+    return path
+
+
+def idx_tree(root: Path, n_train=6, n_test=4) -> Path:
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    return root
+
+
+def test_fashion_mnist_idx_files_from_a_folder(tmp_path):
+    root = idx_tree(tmp_path / "fm")
+    train, test, n = build(dataset="fashion-mnist", data_root=str(root), num_classes=10)
+    assert (len(train), len(test), n) == (6, 4, 10)
+    assert train[0][0].shape == (3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        (lambda r: (r / "t10k-labels-idx1-ubyte").unlink(),
+         r"t10k-labels-idx1-ubyte\[\.gz\] not found"),
+        (lambda r: write_idx(r / "train-images-idx3-ubyte", np.zeros((6, 28, 28)), magic=b"PK\3\4"),
+         r"train-images-idx3-ubyte is not an idx file \(bad magic"),
+        (lambda r: write_idx(r / "train-images-idx3-ubyte", np.zeros((6, 28, 28)), extra=-10),
+         r"train-images-idx3-ubyte is truncated: 4710 bytes, expected 4720"),
+        (lambda r: write_idx(r / "train-labels-idx1-ubyte", np.zeros(6), extra=3),
+         "train-labels-idx1-ubyte is longer than its header says"),
+        (lambda r: write_idx(r / "train-labels-idx1-ubyte", np.zeros(5)),
+         "train-images-idx3-ubyte holds 6 images but .*train-labels-idx1-ubyte holds 5 labels"),
+        (lambda r: write_idx(r / "t10k-labels-idx1-ubyte", np.zeros((4, 1))),
+         "idx file of 2 dimensions, expected 1"),
+        (lambda r: (r / "t10k-images-idx3-ubyte").write_bytes(b"\0\0"), "not an idx file"),
+    ],
+)  # fmt: skip
+def test_damaged_idx_files_name_the_file(tmp_path, damage, message):
+    root = idx_tree(tmp_path / "fm")
+    damage(root)
+    with pytest.raises(D.DataError, match=message):
+        build(dataset="fashion-mnist", data_root=str(root))
+
+
+# -- image depth ------------------------------------------------------------------------------
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    gray16 = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16).repeat(4, 0)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    x = D.load_image(tmp_path / "g16.png", 4)
+    assert x.dtype == torch.uint8 and torch.equal(x[0], x[1])
+    assert x[0, 0].tolist() == [0, 4, 128, 255]  # not [0, 255, 255, 255]
+
+    unit = np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32).repeat(4, 0)
+    Image.fromarray(unit).save(tmp_path / "f.tiff")
+    assert D.load_image(tmp_path / "f.tiff", 4)[0, 0].tolist() == [0, 64, 128, 255]
+    wide = np.array([[-2.0, 0.0, 2.0, 6.0]], dtype=np.float32).repeat(4, 0)
+    Image.fromarray(wide).save(tmp_path / "w.tiff")  # outside [0, 1]: its own min…max
+    assert D.load_image(tmp_path / "w.tiff", 4)[0, 0].tolist() == [0, 64, 128, 255]
+
+
+# -- streaming --------------------------------------------------------------------------------
+def test_folder_data_is_streamed_not_decoded_up_front(tmp_path, monkeypatch):
+    root = folder_tree(tmp_path, per_class=4)
+    decoded = []
+    real = D.load_image
+
+    def counting(path, size):
+        decoded.append(path)
+        return real(path, size)
+
+    monkeypatch.setattr(D, "load_image", counting)
+    train, test, _ = build(dataset="folder", data_root=str(root))
+    assert decoded == [] and not hasattr(train, "images")
+    x, y = train[5]
+    assert len(decoded) == 1 and x.shape == (3, 16, 16) and y == 1
+    monkeypatch.undo()
+    loader = torch.utils.data.DataLoader(train, batch_size=4, num_workers=1)
+    batches = list(loader)
+    assert [len(b[1]) for b in batches] == [4, 4] and batches[0][0].shape == (4, 3, 16, 16)
+
+
+def test_truncated_image_fails_when_decoded_naming_the_file(tmp_path):
+    root = folder_tree(tmp_path)
+    bad = root / "train" / "b" / "2.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # the header still reads
+    train, _, _ = build(dataset="folder", data_root=str(root))
+    with pytest.raises(D.DataError, match=r"cannot read image .*train/b/2\.png"):
+        train[5]

@@ -4,8 +4,11 @@ backbone; they hold no kernel math (that is in :mod:`dtl_kernels.ops`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,8 +18,17 @@ from .._io import atomic_write
 from .._version import __version__
 from ..csn import CompactSideNetwork, CSNConfig
 
-ADAPTER_FORMAT = "dtl_kernels.adapter/1"
+# Adapter metadata schema: /2 adds ``backbone_sha256`` (see DTLModel.backbone_fingerprint).
+ADAPTER_FORMAT = "dtl_kernels.adapter/2"
+ADAPTER_FORMATS = ("dtl_kernels.adapter/1", ADAPTER_FORMAT)
+BACKBONE_MISMATCH = ("error", "warn")
 HEAD_MODES = ("published", "backbone")
+# The published Swin registers its shared LoRA modules in every stage as well.
+_STAGE_ALIAS = re.compile(r"layers\.\d+\.(lora_dict\.\d+\.lora_[AB]|lora_fusions\.\d+\.weight)")
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be used; the message names the file and the problem."""
 
 
 class DTLModel(nn.Module):
@@ -218,12 +230,15 @@ class DTLModel(nn.Module):
 
         Keys ``lora_dict.<i>.lora_A/B``, ``lora_fusion.weight`` / ``lora_fusions.<s>.weight``
         and ``head.*`` go to the CSN and head; any other key that names a backbone tensor is
-        loaded into the (frozen) backbone. Raises ``ValueError`` listing missing (strict),
-        unexpected (strict) and mis-shaped (always) keys.
+        loaded into the (frozen) backbone. The published Swin's per-stage aliases
+        ``layers.<s>.lora_dict.<i>.lora_A/B`` and ``layers.<s>.lora_fusions.<j>.weight``
+        are accepted when equal to their top-level tensor. Raises ``ValueError`` listing
+        missing (strict), unexpected (strict), mis-shaped (always) keys and aliases that
+        differ from their top-level tensor (always).
         """
         if not isinstance(state_dict, dict):
             raise TypeError(f"expected a state dict (dict), got {type(state_dict).__name__}")
-        state_dict = _unwrap_checkpoint(state_dict)
+        state_dict = _fold_stage_aliases(_unwrap_checkpoint(state_dict))
         mapping = self._official_mapping()
         own = self.state_dict()
         backbone_keys = self.backbone.state_dict()
@@ -279,9 +294,25 @@ class DTLModel(nn.Module):
             if p.requires_grad or n.startswith("csn.")
         }
 
+    def backbone_fingerprint(self) -> str | None:
+        """sha256 of the frozen backbone parameters (name, shape and value rounded to
+        bfloat16, so a bf16 copy of the same weights matches); ``None`` when nothing in the
+        backbone is frozen (``full``: the adapter carries the whole backbone)."""
+        frozen = sorted((n, p) for n, p in self.backbone.named_parameters() if not p.requires_grad)
+        if not frozen:
+            return None
+        h = hashlib.sha256()
+        for name, p in frozen:
+            t = p.detach().to("cpu")
+            t = (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous()
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        return h.hexdigest()
+
     def save_adapter(self, path: str | os.PathLike) -> Path:
-        """Write the CSN + head as safetensors (atomically), with config and backbone
-        identity as metadata. Returns the path."""
+        """Write the CSN + head as safetensors (atomically), with config, backbone identity
+        and backbone weights fingerprint as metadata (schema ``ADAPTER_FORMAT``)."""
         from safetensors.torch import save_file
 
         metadata = {
@@ -290,21 +321,42 @@ class DTLModel(nn.Module):
             "config": json.dumps(self.adapter_config(), sort_keys=True),
             "backbone": json.dumps(self.backbone_identity(), sort_keys=True),
         }
+        fingerprint = self.backbone_fingerprint()
+        if fingerprint is not None:
+            metadata["backbone_sha256"] = fingerprint
         tensors = self.adapter_state_dict()
         return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
-    def load_adapter(self, path: str | os.PathLike) -> None:
+    def load_adapter(self, path: str | os.PathLike, backbone_mismatch: str = "error") -> None:
         """Load an adapter written by :meth:`save_adapter`.
 
-        Raises ``FileNotFoundError`` if absent, ``ValueError`` if the file is not an
-        adapter (or is truncated), or if its backbone or configuration differ from this
-        model's (the message lists each difference).
+        Args:
+            path: the ``.safetensors`` file.
+            backbone_mismatch: ``"error"`` (default) or ``"warn"``: what to do when the
+                file's backbone weights fingerprint differs from this model's (an adapter
+                trained on other weights of the same architecture).
+
+        Raises ``FileNotFoundError`` if absent, :class:`AdapterError` (a ``ValueError``) if
+        the file is not an adapter, is truncated, breaks the metadata schema, holds
+        non-finite values, or if its backbone or configuration differ from this model's
+        (the message lists each difference). Nothing is loaded unless everything fits.
         """
+        if backbone_mismatch not in BACKBONE_MISMATCH:
+            raise ValueError(f"backbone_mismatch must be one of {BACKBONE_MISMATCH}")
         tensors, metadata = read_adapter(path)
-        diffs = _diff("backbone", json.loads(metadata["backbone"]), self.backbone_identity())
-        diffs += _diff("config", json.loads(metadata["config"]), self.adapter_config())
+        info = adapter_info(metadata, path)
+        diffs = _diff("backbone", info["backbone"], self.backbone_identity())
+        diffs += _diff("config", info["config"], self.adapter_config())
         if diffs:
-            raise ValueError(f"adapter {path} does not fit this model: " + "; ".join(diffs))
+            raise AdapterError(f"adapter {path} does not fit this model: " + "; ".join(diffs))
+        self._check_adapter_tensors(tensors, path)
+        self._check_backbone_fingerprint(info["backbone_sha256"], path, backbone_mismatch)
+        own = self.state_dict()
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v)
+
+    def _check_adapter_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
         own = self.state_dict()
         expected = set(self.adapter_state_dict())
         missing = sorted(expected - set(tensors))
@@ -315,17 +367,34 @@ class DTLModel(nn.Module):
             if k in own and tuple(v.shape) != tuple(own[k].shape)
         ]
         if missing or unexpected or misshaped:
-            raise ValueError(
+            raise AdapterError(
                 f"adapter {path} has missing keys {missing}, unexpected keys {unexpected}, "
                 f"mis-shaped keys {misshaped}"
             )
-        with torch.no_grad():
-            for k, v in tensors.items():
-                own[k].copy_(v)
+        bad = sorted(
+            k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()
+        )
+        if bad:
+            raise AdapterError(f"adapter {path} holds NaN or infinite values in {bad[:8]}")
+
+    def _check_backbone_fingerprint(self, theirs: str | None, path, on_mismatch: str) -> None:
+        ours = self.backbone_fingerprint()
+        if theirs is None or ours is None or theirs == ours:
+            return
+        message = (
+            f"adapter {path} was trained on other backbone weights (fingerprint "
+            f"{theirs[:12]}…, this backbone {ours[:12]}…): same architecture, different "
+            "pretrained weights? Load the backbone it was trained on, or pass "
+            "backbone_mismatch='warn' (dtl-train: --allow-backbone-mismatch) to load it anyway"
+        )
+        if on_mismatch == "error":
+            raise AdapterError(message)
+        warnings.warn(message, stacklevel=3)
 
 
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Read an adapter file: ``(tensors, metadata)``; clear errors for anything else."""
+    """Read an adapter file: ``(tensors, metadata)``; the metadata passed the schema check
+    of :func:`adapter_info`. Clear errors for anything else."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -336,13 +405,102 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for bad files
-        raise ValueError(f"{path} is not a readable safetensors adapter file ({exc})") from exc
-    if metadata.get("format") != ADAPTER_FORMAT or not {"config", "backbone"} <= set(metadata):
-        raise ValueError(
+        raise AdapterError(f"{path} is not a readable safetensors adapter file ({exc})") from exc
+    if metadata.get("format") not in ADAPTER_FORMATS:
+        raise AdapterError(
             f"{path} is a safetensors file but not a dtl_kernels adapter "
-            f"(format={metadata.get('format')!r})"
+            f"(format={metadata.get('format')!r}; this version reads {ADAPTER_FORMATS})"
         )
+    adapter_info(metadata, path)
     return tensors, metadata
+
+
+def adapter_info(metadata: dict[str, str], path: str | os.PathLike = "adapter") -> dict:
+    """The adapter metadata, parsed and schema-checked: ``{"format", "config": {method,
+    head_mode, num_classes, csn}, "backbone": {family, …}, "backbone_sha256": str | None}``.
+    :class:`AdapterError` naming the file and the field for anything missing or mistyped."""
+    from .factory import METHODS
+
+    def fail(problem: str):
+        raise AdapterError(f"adapter {path}: {problem} (schema {metadata.get('format')})")
+
+    def parsed(field: str) -> dict:
+        if field not in metadata:
+            fail(f"metadata has no '{field}'")
+        try:
+            value = json.loads(metadata[field])
+        except (TypeError, ValueError):
+            fail(f"metadata '{field}' is not JSON")
+        if not isinstance(value, dict):
+            fail(f"metadata '{field}' is not a mapping")
+        return value
+
+    config, backbone = parsed("config"), parsed("backbone")
+    for key, ok, want in (
+        ("method", lambda v: v in METHODS, f"one of {METHODS}"),
+        ("head_mode", lambda v: v in HEAD_MODES, f"one of {HEAD_MODES}"),
+        ("num_classes", lambda v: _is_int(v) and v >= 0, "a whole number ≥ 0"),
+        ("csn", lambda v: v is None or isinstance(v, dict), "a mapping or null"),
+    ):
+        if key not in config:
+            fail(f"config has no '{key}'")
+        if not ok(config[key]):
+            fail(f"config '{key}' is {config[key]!r}, expected {want}")
+    _check_csn_fields(config["csn"], fail)
+    if not isinstance(backbone.get("family"), str):
+        fail("backbone has no 'family'")
+    fingerprint = metadata.get("backbone_sha256")
+    if fingerprint is not None and not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        fail(f"'backbone_sha256' is not a sha256 hex digest: {fingerprint[:70]!r}")
+    return {
+        "format": metadata["format"],
+        "config": config,
+        "backbone": backbone,
+        "backbone_sha256": fingerprint,
+    }
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_csn_fields(csn: dict | None, fail) -> None:
+    if csn is None:
+        return
+    for key, low in (("rank", 1), ("tap_from", 1), ("adapt_from", 1), ("conv_kernel", 0)):
+        if not _is_int(csn.get(key)) or csn[key] < low:
+            fail(f"config 'csn.{key}' is {csn.get(key)!r}, expected a whole number ≥ {low}")
+    beta = csn.get("beta")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        fail(f"config 'csn.beta' is {beta!r}, expected a number")
+
+
+def _fold_stage_aliases(sd: dict) -> dict:
+    """Drop the published Swin's per-stage copies (``layers.<s>.<shared key>``) of its
+    shared LoRA tensors after checking each equals its top-level tensor (taken from the
+    copies when the top-level key is absent). ``ValueError`` naming a copy that differs."""
+    out, copies = {}, {}
+    for key, value in sd.items():
+        m = _STAGE_ALIAS.fullmatch(key) if isinstance(key, str) else None
+        if m is None:
+            out[key] = value
+        else:
+            copies.setdefault(m.group(1), []).append((key, value))
+    for top, aliases in copies.items():
+        ref = out.setdefault(top, aliases[0][1])
+        for key, value in aliases:
+            same = (
+                isinstance(value, torch.Tensor)
+                and isinstance(ref, torch.Tensor)
+                and value.shape == ref.shape
+                and torch.equal(value.to(ref.dtype), ref)
+            )
+            if not same:
+                raise ValueError(
+                    f"cannot load the published checkpoint: {key} differs from {top} "
+                    "(the per-stage copies of the shared LoRA tensors must be equal)"
+                )
+    return out
 
 
 def _diff(what: str, theirs: dict | None, ours: dict | None) -> list[str]:

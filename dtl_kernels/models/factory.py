@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import memory
-from .base import _unwrap_checkpoint, read_adapter
+from .base import _unwrap_checkpoint, adapter_info, read_adapter
 from .convnet import (
     DTLConvNet,
     is_positional_efficientnet_checkpoint,
@@ -112,13 +111,16 @@ def create_model(
     return model
 
 
-def model_from_adapter(path: str | os.PathLike, backbone: nn.Module) -> nn.Module:
+def model_from_adapter(
+    path: str | os.PathLike, backbone: nn.Module, backbone_mismatch: str = "error"
+) -> nn.Module:
     """Build the wrapper an adapter file describes on ``backbone`` and load its weights.
 
     The backbone must be the one the adapter was trained on (checked by
-    :meth:`DTLModel.load_adapter`, which names any difference)."""
+    :meth:`DTLModel.load_adapter`, which names any difference; ``backbone_mismatch="warn"``
+    accepts other weights of the same architecture with a warning)."""
     _, metadata = read_adapter(path)
-    config = json.loads(metadata["config"])
+    config = adapter_info(metadata, path)["config"]
     kwargs = {"num_classes": config["num_classes"], "head": config["head_mode"]}
     if config.get("csn"):
         kwargs.update(config["csn"])
@@ -127,7 +129,7 @@ def model_from_adapter(path: str | os.PathLike, backbone: nn.Module) -> nn.Modul
     model = wrapper_for(backbone)(backbone, **kwargs)
     ref = next(backbone.parameters())
     model.to(device=ref.device, dtype=ref.dtype)  # the new CSN / head follow the backbone
-    model.load_adapter(path)
+    model.load_adapter(path, backbone_mismatch=backbone_mismatch)
     return model
 
 

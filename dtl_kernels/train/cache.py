@@ -34,9 +34,17 @@ before a rebuild, written after the data): a key file always describes a complet
 file. A cache whose key differs is rebuilt; on load, sample 0 is recomputed and
 compared as a last check.
 
+Disk space: the build needs the whole file's size free besides the old file, which lives
+until the new one is renamed over it. It is checked first, then reserved
+(``posix_fallocate``) and the rows are written with ``write()`` (never through a memory
+map, where a full disk is a ``SIGBUS``): no room is a :class:`CacheRefused` saying how
+much is needed and free, and no temporary file stays behind.
+
 Distributed: the sampler gives every process different samples each epoch, so every
 process needs the whole cache. ``ram``: each process builds its own. ``disk``: rank 0
-builds the files, the others wait at a barrier and map them (shared page cache).
+builds the files while the others wait (for ``--ddp-timeout`` plus an estimate of the
+build time from the probe pass), then map them (shared page cache). A failure of rank
+0's build is raised on every rank, naming it.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ import math
 import os
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
@@ -56,7 +65,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .._io import atomic_write
+from .._io import atomic_write, is_out_of_space, json_text, reserve_space
 
 FORMAT = "dtl_kernels.trunk-cache/1"
 MODES = ("off", "auto", "ram", "disk")
@@ -206,7 +215,10 @@ def dataset_fingerprint(dataset: Dataset) -> dict:
     holds them as tensors (``images`` / ``labels``), else of its first and last samples."""
     h = hashlib.sha256()
     images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
-    if isinstance(images, torch.Tensor):
+    if callable(getattr(dataset, "fingerprint", None)):  # files: paths, sizes, mtimes, labels
+        h.update(dataset.fingerprint().encode())
+        content = "files"
+    elif isinstance(images, torch.Tensor):
         h.update(f"{images.dtype}|{tuple(images.shape)}|".encode())
         h.update(images.contiguous().reshape(-1).view(torch.uint8).numpy().data)
         for attr in ("mean", "std"):
@@ -250,6 +262,11 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# Slack for the DDP wait on rank 0's build: the probe ran one sample without batching.
+_BUILD_TIME_FACTOR = 4.0
+_MIN_WRITE_BYTES_PER_S = 20e6
+
+
 # -- the cache ---------------------------------------------------------------------------------
 class TrunkCache:
     """The trunk outputs of every sample of one dataset split.
@@ -291,7 +308,9 @@ class TrunkCache:
         self.labels = _labels(dataset)
         self.key = cache_key(model, dataset, identity, dtype, dict(setup or {}))
         self.key_hash = key_hash(self.key)
+        t0 = time.perf_counter()
         probe, _, self.ctx = self._trunk(_sample(dataset, 0)[None])
+        self.probe_seconds = time.perf_counter() - t0
         self.shapes = [tuple(t.shape[1:]) for t in probe]
         self.src_dtypes = [t.dtype for t in probe]
         self.numels = [math.prod(s) for s in self.shapes]
@@ -309,6 +328,11 @@ class TrunkCache:
     def estimate(self) -> int:
         """Bytes of the whole cache (exactly the disk file's size)."""
         return self.bytes_per_sample * len(self.dataset)
+
+    def build_seconds(self) -> float:
+        """A generous estimate of the build time (from the probe pass and the file size)."""
+        compute = _BUILD_TIME_FACTOR * self.probe_seconds * len(self.dataset)
+        return compute + self.estimate() / _MIN_WRITE_BYTES_PER_S
 
     def describe(self) -> str:
         return (
@@ -330,25 +354,34 @@ class TrunkCache:
         return torch.cat([t.reshape(b, -1).to(self.dtype) for t in tensors], dim=1).cpu()
 
     @torch.no_grad()
-    def _fill(self, out: torch.Tensor) -> None:
-        """Trunk outputs of every sample into ``out`` (``samples × row``), in order."""
+    def _batches(self):
+        """Yield the trunk outputs of every sample as ``(batch, row)`` rows, in order."""
         was = self.model.training
         self.model.eval()
         loader = DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.workers,
             generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
         )  # fmt: skip
-        start = 0
+        done = 0
         try:
             for images, _ in loader:
                 tensors, _, _ = self._trunk(images)
                 rows = self._rows(tensors)
-                out[start : start + len(rows)] = rows
-                start += len(rows)
+                done += len(rows)
+                yield rows
         finally:
             self.model.train(was)
-        if start != len(out):
-            raise RuntimeError(f"trunk cache {self.name}: {start} samples, expected {len(out)}")
+        if done != len(self.dataset):
+            raise RuntimeError(
+                f"trunk cache {self.name}: {done} samples, expected {len(self.dataset)}"
+            )
+
+    def _fill(self, out: torch.Tensor) -> None:
+        """Trunk outputs of every sample into ``out`` (``samples × row``), in order."""
+        start = 0
+        for rows in self._batches():
+            out[start : start + len(rows)] = rows
+            start += len(rows)
 
     def build_ram(self) -> TrunkCache:
         self.data = torch.empty(len(self.dataset), self.row, dtype=self.dtype)
@@ -360,20 +393,36 @@ class TrunkCache:
         folder = Path(folder)
         return folder / f"{self.name}.bin", folder / f"{self.name}.key.json"
 
+    def _write_file(self, tmp: str) -> None:
+        """Reserve the file's bytes, then write every row with ``write()``."""
+        crc = 0
+        with open(tmp, "r+b") as f:
+            reserve_space(f.fileno(), self.estimate())
+            for rows in self._batches():
+                chunk = rows.contiguous().view(torch.uint8).numpy().data
+                f.write(chunk)
+                crc = zlib.crc32(chunk, crc)
+            self._written_crc32 = crc
+            if f.tell() != self.estimate():
+                raise RuntimeError(f"trunk cache {self.name}: wrote {f.tell()} bytes, "
+                                   f"expected {self.estimate()}")  # fmt: skip
+
     def build_disk(self, folder: str | os.PathLike) -> Path:
-        """Write ``<split>.bin`` atomically, then ``<split>.key.json``; map it."""
+        """Write ``<split>.bin`` atomically (space reserved first), then
+        ``<split>.key.json``; map it. :class:`CacheRefused` when the disk is full."""
         data_path, key_path = self.files(folder)
         data_path.parent.mkdir(parents=True, exist_ok=True)
         key_path.unlink(missing_ok=True)  # no key file may describe a half-replaced cache
-
-        def write(tmp: str) -> None:
-            mm = np.memmap(tmp, dtype=_NUMPY[self.dtype], mode="w+",
-                           shape=(len(self.dataset), self.row))  # fmt: skip
-            self._fill(torch.from_numpy(mm).view(self.dtype))
-            mm.flush()
-            del mm
-
-        atomic_write(data_path, write)
+        try:
+            atomic_write(data_path, self._write_file)
+        except OSError as exc:
+            if not is_out_of_space(exc):
+                raise
+            raise CacheRefused(
+                f"--cache-trunk disk: no room for {data_path} ({human(self.estimate())}): "
+                f"{exc.strerror}; free space, point --cache-dir elsewhere or use "
+                "--cache-trunk ram/off"
+            ) from exc
         meta = {
             "format": FORMAT,
             "key_sha256": self.key_hash,
@@ -383,10 +432,10 @@ class TrunkCache:
             "shapes": [list(s) for s in self.shapes],
             "source_dtypes": [_DTYPE_NAMES.get(d, str(d)) for d in self.src_dtypes],
             "bytes": self.estimate(),
+            "crc32": self._written_crc32,
         }
         atomic_write(
-            key_path,
-            lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1, default=str) + "\n"),
+            key_path, lambda tmp: Path(tmp).write_text(json_text(meta, 1, default=str) + "\n")
         )
         reason = self.load_disk(folder)
         if reason is not None:
@@ -403,6 +452,8 @@ class TrunkCache:
             meta = json.loads(key_path.read_text())
         except (OSError, ValueError):
             return f"unreadable key file {key_path}"
+        if not isinstance(meta, dict):
+            return f"unreadable key file {key_path}"
         if meta.get("key_sha256") != self.key_hash:
             ours = json.loads(json.dumps(self.key, default=str))
             theirs = meta.get("key") or {}
@@ -412,6 +463,8 @@ class TrunkCache:
             return "the layout changed"
         if data_path.stat().st_size != self.estimate():
             return f"{data_path} has {data_path.stat().st_size} bytes, expected {self.estimate()}"
+        if "crc32" in meta and file_crc32(data_path) != meta["crc32"]:
+            return f"{data_path} is damaged (its checksum differs from the key file's)"
         mm = np.memmap(data_path, dtype=_NUMPY[self.dtype], mode="c",
                        shape=(len(self.dataset), self.row))  # fmt: skip
         data = torch.from_numpy(mm).view(self.dtype)
@@ -509,13 +562,39 @@ def prepare(
 ) -> Prepared | None:
     """Decide, estimate, build or load the trunk cache for ``splits`` (``train`` first).
 
-    ``d``: the loop's process info (``main``, ``world``, ``barrier()``, ``device``).
-    Returns ``None`` when training runs uncached. Raises :class:`CacheRefused` when an
-    explicit ``ram`` / ``disk`` cache is not allowed or does not fit the budget.
+    ``d``: the loop's process info (``main``, ``world``, ``agree()``, ``run_agreed()``,
+    ``device``). Returns ``None`` when training runs uncached. Raises
+    :class:`CacheRefused` when an explicit ``ram`` / ``disk`` cache is not allowed, does
+    not fit the budget or the disk; under DDP every rank raises when one fails.
     """
     mode = resolve_mode(cfg.cache_trunk)
     if mode == "off":
         return None
+    plan = d.run_agreed(
+        "planning the trunk cache", _plan, cfg, model, splits, identities, d, autocast,
+        channels_last, batch_size, say,
+    )  # fmt: skip
+    if plan is None:
+        return None
+    kind, chosen = plan
+    t0 = time.time()
+    if kind == "disk":
+        _disk_cache(cfg, chosen, d, say)
+    else:
+        for c in chosen.values():
+            c.build_ram()
+    if d.main and any(c.built for c in chosen.values()):
+        say(f"trunk cache: built in {time.time() - t0:.1f}s")
+    return Prepared(chosen, kind)
+
+
+def cache_folder(cfg) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output) / "trunk-cache"
+
+
+def _plan(cfg, model, splits, identities, d, autocast, channels_last, batch_size, say):
+    """``(kind, {split: TrunkCache})`` within the budget, or ``None`` (uncached, said)."""
+    mode = resolve_mode(cfg.cache_trunk)
     explicit = mode != "auto"
 
     def no(reason: str):
@@ -557,45 +636,66 @@ def prepare(
             continue
         total += c.estimate()
         chosen[name] = c
-    folder = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output) / "trunk-cache"
     if d.main:
-        where = f" in {folder}" if kind == "disk" else ""
+        where = f" in {cache_folder(cfg)}" if kind == "disk" else ""
         say(
             f"trunk cache ({kind}{where}, {cfg.cache_dtype}, blocks 1…{model.trunk_depth}): "
             + "; ".join(c.describe() for c in chosen.values())
             + f"; total {human(total)} of a {human(budget)} budget"
         )
-    t0 = time.time()
-    if kind == "disk":
-        folder.mkdir(parents=True, exist_ok=True)
-        if d.main:
+    return kind, chosen
+
+
+def _disk_cache(cfg, chosen: dict[str, TrunkCache], d, say) -> None:
+    """Rank 0 loads or builds the files while the others wait (``--ddp-timeout`` plus the
+    build estimate); its failure is raised on every rank; then the others map them."""
+    folder = cache_folder(cfg)
+    error = None
+    if d.main:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
             for c in chosen.values():
-                reason = c.load_disk(folder)
-                if reason is None:
-                    say(f"trunk cache: reusing {c.path}")
-                    continue
-                existing = c.files(folder)[0]
-                old = existing.stat().st_size if existing.is_file() else 0
-                free = shutil.disk_usage(folder).free + old
-                if c.estimate() > free:
-                    raise CacheRefused(
-                        f"--cache-trunk disk: {c.describe()}, but only {human(free)} free "
-                        f"in {folder}"
-                    )
-                say(f"trunk cache: building {c.files(folder)[0]} ({reason})")
-                c.build_disk(folder)
-        d.barrier()
-        if not d.main:
-            for c in chosen.values():
-                reason = c.load_disk(folder)
-                if reason is not None:
-                    raise RuntimeError(f"trunk cache {c.name} written by rank 0 unusable: {reason}")
-    else:
+                _load_or_build(c, folder, say)
+        except Exception as exc:  # raised on every rank by d.agree
+            error = exc
+    wait = sum(c.build_seconds() for c in chosen.values())
+    d.agree(error, "building the disk trunk cache", extra_timeout_s=wait)
+    if not d.main:
         for c in chosen.values():
-            c.build_ram()
-    if d.main and any(c.built for c in chosen.values()):
-        say(f"trunk cache: built in {time.time() - t0:.1f}s")
-    return Prepared(chosen, kind)
+            reason = c.load_disk(folder)
+            if reason is not None:
+                raise RuntimeError(f"trunk cache {c.name} written by rank 0 unusable: {reason}")
+
+
+def file_crc32(path: Path, chunk: int = 16 * 2**20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _load_or_build(c: TrunkCache, folder: Path, say: Callable[[str], None]) -> None:
+    """Map ``c``'s disk file when its key matches; else check the free space and build it."""
+    reason = c.load_disk(folder)
+    if reason is None:
+        say(f"trunk cache: reusing {c.path}")
+        return
+    existing = c.files(folder)[0]
+    free = shutil.disk_usage(folder).free
+    if c.estimate() > free:
+        old = existing.stat().st_size if existing.is_file() else 0
+        kept = (
+            f"; the old {existing.name} ({human(old)}) is kept until the new one is complete: "
+            "delete it to make room"
+            if old
+            else ""
+        )
+        raise CacheRefused(
+            f"--cache-trunk disk: {c.describe()}, but only {human(free)} free in {folder}{kept}"
+        )
+    say(f"trunk cache: building {existing} ({reason})")
+    c.build_disk(folder)
 
 
 def dataset_identity(cfg, split: str, size: int, norm: str) -> dict:

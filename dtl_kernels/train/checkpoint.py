@@ -8,7 +8,13 @@ the metric rows so far. The frozen backbone is rebuilt from its pretrained weigh
 Files: ``OUTPUT/checkpoints/epoch_<NNNN>.pt``, written with
 :func:`dtl_kernels._io.atomic_write` (temporary file, flush, fsync, rename) after being
 read back once, so a crash or a full disk never leaves a broken file under a checkpoint
-name and never replaces the last good one. The newest ``keep`` files are kept.
+name and never replaces the last good one. The newest ``keep`` files are kept; a model
+with non-finite weights is never saved (so the rotation never drops the last finite one).
+
+Resuming (:func:`resume_plan`) compares the checkpoint's configuration with the current
+one: ``--lr`` / ``--epochs`` may change (the warm-up/cosine schedule is recomputed for
+the new values and continues at the checkpoint's step); any other option that defines
+the run (:data:`RUN_OPTIONS`) is refused, naming it, unless ``--force-resume``.
 """
 
 from __future__ import annotations
@@ -20,10 +26,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, fsync_dir
 
 FORMAT = "dtl_kernels.train-checkpoint/1"
 _NAME = re.compile(r"epoch_(\d{4,})\.pt")
+# What a resumed run may not change without --force-resume: everything that changes which
+# model is trained, on which data, or how (lr and epochs are applied instead).
+RUN_OPTIONS = (
+    "model", "pretrained", "method", "rank", "adapt_from", "tap_from", "conv_kernel", "beta",
+    "drop_path", "img_size", "dataset", "data_root", "num_classes", "train_split",
+    "test_split", "shots", "shot_seed", "max_train", "max_test", "normalize", "batch_size",
+    "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "seed", "precision",
+    "label_smoothing", "cache_dtype",
+)  # fmt: skip
+SCHEDULE_OPTIONS = ("lr", "epochs")
+_PAYLOAD = {"epoch": int, "trained": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
+            "metrics": list, "config": dict}  # fmt: skip
 
 
 class CheckpointError(ValueError):
@@ -34,14 +52,23 @@ def checkpoint_dir(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
 
 
-def set_aside(output: str | Path) -> Path:
+def set_aside(output: str | Path, also: tuple[str, ...] = ()) -> Path:
     """Move an earlier run's checkpoint folder to ``checkpoints.old-<n>`` (never delete a
-    user's work): a fresh run must not rotate them with its own or resume into them."""
+    user's work): a fresh run must not rotate them with its own or resume into them.
+    Files of ``output`` named in ``also`` (its adapter, summary, metrics…) move into that
+    folder too (created when there is no checkpoint folder)."""
     folder = checkpoint_dir(output)
     n = 1
     while (target := folder.with_name(f"{folder.name}.old-{n}")).exists():
         n += 1
-    folder.rename(target)
+    if folder.is_dir():
+        folder.rename(target)
+    else:
+        target.mkdir(parents=True)
+    for name in also:
+        if (Path(output) / name).is_file():
+            (Path(output) / name).rename(target / name)
+    fsync_dir(output)
     return target
 
 
@@ -98,11 +125,19 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write ``epoch_<epoch>.pt`` atomically (verified by reading it back), then delete
-    all but the newest ``keep`` checkpoints."""
+    all but the newest ``keep`` checkpoints. ``CheckpointError`` (nothing written, nothing
+    deleted) when a trained tensor holds NaN or inf."""
+    trained = trained_state(model, with_buffers)
+    bad = [n for n, t in trained.items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise CheckpointError(
+            f"not saving epoch {epoch}: non-finite values in {bad[:4]}; the last finite "
+            f"checkpoint is kept"
+        )
     payload = {
         "format": FORMAT,
         "epoch": int(epoch),
-        "trained": trained_state(model, with_buffers),
+        "trained": trained,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
@@ -130,6 +165,9 @@ def _read(path: Path) -> dict:
         ) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dtl-train checkpoint")
+    for key, kind in _PAYLOAD.items():
+        if not isinstance(payload.get(key), kind):
+            raise CheckpointError(f"checkpoint {path} is damaged: '{key}' is missing or mistyped")
     return payload
 
 
@@ -150,8 +188,15 @@ def load_latest(output: str | Path) -> tuple[Path, dict] | None:
 
 
 def restore(payload: dict, path: Path, model, optimizer, scheduler) -> None:
-    """Load a checkpoint's trained tensors and states; ``CheckpointError`` names any key
-    that does not fit the model built from the current configuration."""
+    """Load a checkpoint's trained tensors, optimizer state, schedule position and RNG
+    states; ``CheckpointError`` names any key that does not fit the model built from the
+    current configuration.
+
+    The schedule itself (``scheduler``'s lr function and base lr) is the current
+    configuration's: only the step count comes from the checkpoint, and every parameter
+    group's lr is set to the schedule's value at that step (for an unchanged
+    configuration that is the value the uninterrupted run had, bit for bit).
+    """
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     trained = payload["trained"]
     missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in trained)
@@ -162,9 +207,67 @@ def restore(payload: dict, path: Path, model, optimizer, scheduler) -> None:
             f"checkpoint {path} does not fit this model (same --model/--method/--dataset?): "
             f"missing {missing[:8]}, unknown {unknown[:8]}, mis-shaped {misshaped[:8]}"
         )
+    try:
+        optimizer.load_state_dict(payload["optimizer"])
+        step = int(payload["scheduler"]["last_epoch"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from exc
     with torch.no_grad():
         for n, t in trained.items():
             own[n].copy_(t)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
+    set_schedule_step(scheduler, step)
     set_rng_state(payload["rng"])
+
+
+def set_schedule_step(scheduler, step: int) -> None:
+    """Put a ``LambdaLR`` at ``step`` of its own schedule (``lr = base_lr · λ(step)`` in
+    every parameter group, as ``scheduler.step()`` computes it)."""
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1
+    lrs = [
+        base * fn(step) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)
+    ]
+    for group, base, lr in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, lrs, strict=True
+    ):
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = lrs
+
+
+def resume_plan(saved: dict, current: dict, done_epochs: int, force: bool) -> list[str]:
+    """Compare a checkpoint's configuration (``saved``) with the current one.
+
+    Returns the lines to print: one for a changed ``--lr`` / ``--epochs`` (the schedule
+    is recomputed for them), one per overridden option under ``force``. Raises
+    ``CheckpointError`` naming every changed option of :data:`RUN_OPTIONS` (unless
+    ``force``), or an ``--epochs`` below the epochs already done. Options the saved
+    configuration lacks (older versions) are not compared.
+    """
+    changed = [k for k in RUN_OPTIONS if k in saved and saved[k] != current.get(k)]
+    described = [f"{_flag(k)} was {saved[k]!r}, now {current.get(k)!r}" for k in changed]
+    if changed and not force:
+        raise CheckpointError(
+            "--resume: options that define the run differ from the checkpoint's: "
+            + "; ".join(described)
+            + ". Use the checkpoint's values, start a fresh run (another --output), or pass "
+            "--force-resume to continue with the new values"
+        )
+    if current["epochs"] < done_epochs:
+        raise CheckpointError(
+            f"--resume: --epochs {current['epochs']} is below the {done_epochs} epochs the "
+            "checkpoint has already trained"
+        )
+    notes = [f"--force-resume: continuing with {d}" for d in described]
+    schedule = [k for k in SCHEDULE_OPTIONS if k in saved and saved[k] != current.get(k)]
+    if schedule:
+        notes.append(
+            "--resume: "
+            + ", ".join(f"{_flag(k)} {saved[k]} → {current[k]}" for k in schedule)
+            + f": the warm-up/cosine schedule is recomputed for {current['epochs']} epochs at "
+            f"peak lr {current['lr']} and continues after epoch {done_epochs}"
+        )
+    return notes
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")

@@ -1,4 +1,10 @@
-"""Command line of ``dtl-train`` (flags and/or ``--config FILE.yaml``; flags win)."""
+"""Command line of ``dtl-train`` (flags and/or ``--config FILE.yaml``; flags win).
+
+Exit status: 0 done; 2 bad options or config file (nothing was started); 1 an error
+during the run (data, checkpoint, adapter, disk full, another rank's failure…); 3 the
+training diverged (non-finite loss or gradient); 130 interrupted (Ctrl-C). Every error is
+one line on stderr, ``dtl-train: error: …``, without a traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +12,60 @@ import sys
 
 from .config import load_config
 
+EXIT_OPTIONS, EXIT_RUN, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 1, 3, 130
+
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .loop import run
+    from .loop import DivergenceError, run
 
     try:
         cfg = load_config(argv)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"dtl-train: error: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:  # argparse printed the usage and the error
+        return exc.code if isinstance(exc.code, int) else EXIT_OPTIONS
+    except (ValueError, OSError) as exc:
+        return _error(exc, EXIT_OPTIONS)
     try:
         summary = run(cfg)
-    except (DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"dtl-train: error: {exc}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        print("dtl-train: interrupted (completed epochs are checkpointed: --resume continues)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return EXIT_INTERRUPTED
+    except DivergenceError as exc:
+        return _error(exc, EXIT_DIVERGED)
+    except (ValueError, OSError, RuntimeError) as exc:
+        if not _expected(exc):
+            raise
+        return _error(exc, EXIT_RUN)
     if summary.get("test_acc") is not None and summary.get("world_size", 1) >= 1:
         _report(summary, cfg.output)
     return 0
+
+
+def _expected(exc: BaseException) -> bool:
+    """Errors about the user's input or environment (one line); anything else is a bug
+    and keeps its traceback."""
+    from .checkpoint import CheckpointError
+    from .dist import RankFailed
+
+    if isinstance(exc, (ValueError, OSError, CheckpointError, RankFailed)):
+        return True
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; for an error re-raised from a ``DataLoader``
+    worker, the original message (its last line) instead of the worker's traceback."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _error(exc: BaseException, code: int) -> int:
+    print(f"dtl-train: error: {one_line(exc)}", file=sys.stderr, flush=True)
+    return code
 
 
 def _report(s: dict, output: str) -> None:

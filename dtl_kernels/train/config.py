@@ -3,11 +3,18 @@
 Defaults follow the published recipe (SPEC §5): AdamW, weight decay 0.05 (none on biases
 and other 1-D parameters), cosine schedule with a linear warm-up from 1e-7 and a floor of
 1e-8, seed 42. Epochs and batch size default to a short CPU-sized run.
+
+Values are coerced to each option's type whatever their spelling (YAML 1.1 reads ``1e-3``
+as a string; ``1_000``, ``0x10``, ``8.0`` for an int, ``yes`` / ``off`` for a bool), then
+:meth:`TrainConfig.validate` checks every option's range and combination before any
+work; each error is one line naming the option (and the YAML file).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -51,12 +58,16 @@ class TrainConfig:
     seed: int = 42
     precision: str = "fp32"
     label_smoothing: float = 0.0
+    max_nonfinite_steps: int = 10  # consecutive skipped non-finite steps before stopping
     # run
     workers: int = 0
     output: str = "runs/dtl"
     resume: bool = False
+    force_resume: bool = False  # resume although options that define the run changed
+    overwrite: bool = False  # a fresh run deletes (not moves aside) an earlier run's outputs
     eval_only: bool = False
     adapter: str | None = None
+    allow_backbone_mismatch: bool = False  # --eval-only: warn (not refuse) on another backbone
     eval_every: int = 1
     cache_trunk: str = "auto"  # off | auto | ram | disk ("on" = ram): see train/cache.py
     cache_dtype: str = "fp32"  # fp32 | bf16 | fp16: precision of the stored trunk outputs
@@ -66,34 +77,112 @@ class TrainConfig:
     keep_checkpoints: int = 2
     progress: bool = True
     stop_after: int | None = None  # stop after N epochs of this process (as if interrupted)
+    ddp_timeout: float = 1800.0  # seconds a collective may wait under torchrun
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def validate(self) -> TrainConfig:
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("epochs", "batch_size", "eval_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be ≥ 1")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0:
-            raise ValueError("--lr must be > 0, --weight-decay and --warmup-epochs ≥ 0")
-        if self.normalize not in ("auto", "imagenet", "half"):
-            raise ValueError("--normalize must be auto, imagenet or half")
-        if self.channels_last not in ("auto", "on", "off"):
-            raise ValueError("--channels-last must be auto, on or off")
-        from .cache import DTYPES, parse_bytes, resolve_mode
-
-        resolve_mode(self.cache_trunk)
-        if self.cache_dtype not in DTYPES:
-            raise ValueError(f"--cache-dtype must be one of {tuple(DTYPES)}")
-        if (parse_bytes(self.cache_max_bytes) or 0) < 0:
-            raise ValueError("--cache-max-bytes must be ≥ 0")
+        """Check every option (types were coerced by :func:`make_config`); ``ValueError``
+        (``DataError`` for the dataset options) naming the option, before any work."""
+        _check_choices(self)
+        _check_counts(self)
+        _check_rates(self)
+        _check_dataset(self)
+        _check_cache(self)
         if self.eval_only and not self.adapter:
             raise ValueError("--eval-only needs --adapter FILE (an adapter.safetensors)")
+        if not str(self.output).strip():
+            raise ValueError("--output must name a folder")
+        if not str(self.model).strip():
+            raise ValueError("--model must name a timm model")
         return self
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_choices(c: TrainConfig) -> None:
+    choices = {
+        "method": METHODS,
+        "precision": PRECISIONS,
+        "normalize": ("auto", "imagenet", "half"),
+        "channels_last": ("auto", "on", "off"),
+    }
+    for name, allowed in choices.items():
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"{_flag(name)} must be one of {allowed}, got {getattr(c, name)!r}")
+
+
+# option → smallest allowed value (None: the option may be unset)
+_INT_MINIMUM = {
+    "epochs": 1, "batch_size": 1, "eval_every": 1, "keep_checkpoints": 1, "shots": 1,
+    "shot_seed": 0, "seed": 0, "workers": 0, "max_nonfinite_steps": 0, "rank": 1,
+    "adapt_from": 1, "tap_from": 1, "conv_kernel": 0, "img_size": 1, "num_classes": 1,
+    "max_train": 1, "max_test": 1, "stop_after": 1,
+}  # fmt: skip
+
+
+# option → largest allowed value (far beyond any real run; keeps products of sizes sane)
+_INT_MAXIMUM = {
+    "epochs": 10**6, "batch_size": 2**24, "img_size": 2**14, "workers": 1024,
+    "keep_checkpoints": 10**6, "seed": 2**63 - 1, "shot_seed": 2**63 - 1, "rank": 2**16,
+    "adapt_from": 2**16, "tap_from": 2**16, "conv_kernel": 2**10, "num_classes": 2**24,
+}  # fmt: skip
+_FP32_MAX = 3.4028234663852886e38
+
+
+def _check_counts(c: TrainConfig) -> None:
+    for name, low in _INT_MINIMUM.items():
+        value = getattr(c, name)
+        if value is not None and value < low:
+            raise ValueError(f"{_flag(name)} must be ≥ {low}, got {value}")
+    for name, high in _INT_MAXIMUM.items():
+        value = getattr(c, name)
+        if value is not None and value > high:
+            raise ValueError(f"{_flag(name)} must be ≤ {high}, got {value}")
+
+
+def _check_rates(c: TrainConfig) -> None:
+    for name in ("lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "drop_path",
+                 "label_smoothing", "ddp_timeout", "beta"):  # fmt: skip
+        value = getattr(c, name)
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
+    if c.lr <= 0:
+        raise ValueError(f"--lr must be > 0, got {c.lr}")
+    for name in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"{_flag(name)} must be ≥ 0, got {getattr(c, name)}")
+    for name in ("warmup_lr", "min_lr"):
+        if getattr(c, name) > c.lr:
+            raise ValueError(f"{_flag(name)} ({getattr(c, name)}) must not exceed --lr ({c.lr})")
+    for name in ("drop_path", "label_smoothing"):
+        if not 0 <= getattr(c, name) < 1:
+            raise ValueError(f"{_flag(name)} must be in [0, 1), got {getattr(c, name)}")
+    if c.ddp_timeout <= 0:
+        raise ValueError(f"--ddp-timeout must be > 0 seconds, got {c.ddp_timeout}")
+    if c.beta is not None and abs(c.beta) > _FP32_MAX:
+        raise ValueError(f"--beta must fit the kernels' float32 (|beta| ≤ 3.4e38), got {c.beta}")
+
+
+def _check_dataset(c: TrainConfig) -> None:
+    from .data import DataError, dataset_kind
+
+    kind = dataset_kind(c.dataset)
+    if kind in ("vtab", "fewshot", "folder") and not c.data_root:
+        raise DataError(f"--dataset {c.dataset} needs --data-root")
+
+
+def _check_cache(c: TrainConfig) -> None:
+    from .cache import DTYPES, parse_bytes, resolve_mode
+
+    resolve_mode(c.cache_trunk)
+    if c.cache_dtype not in DTYPES:
+        raise ValueError(f"--cache-dtype must be one of {tuple(DTYPES)}, got {c.cache_dtype!r}")
+    if (parse_bytes(c.cache_max_bytes) or 0) < 0:
+        raise ValueError("--cache-max-bytes must be ≥ 0")
 
 
 _HELP = {
@@ -113,7 +202,17 @@ _HELP = {
     "normalize": "input normalisation: auto (ImageNet: CNNs; 0.5: ViT/Swin) | imagenet | half",
     "precision": "fp32 | bf16 (autocast; CPU or CUDA) | fp16 (CUDA only)",
     "output": "output folder",
-    "resume": "resume from the latest checkpoint in --output",
+    "resume": "resume from the latest checkpoint in --output (a changed --lr / --epochs "
+    "recomputes the schedule; other changed options that define the run are refused)",
+    "force_resume": "resume even though options that define the run differ from the checkpoint",
+    "overwrite": "delete an earlier run's outputs and checkpoints in --output (by default a fresh "
+    "run moves them to OUTPUT/checkpoints.old-<n>)",
+    "max_nonfinite_steps": "consecutive steps with a non-finite loss or gradient that are skipped "
+    "before the run stops with an error (0: stop at the first)",
+    "allow_backbone_mismatch": "--eval-only: load an adapter trained on other backbone weights "
+    "(a warning instead of an error)",
+    "ddp_timeout": "seconds a collective operation may wait under torchrun (the disk trunk-cache "
+    "build adds its own estimate)",
     "eval_only": "only evaluate --adapter on the test split",
     "adapter": "adapter file for --eval-only",
     "cache_trunk": "cache the frozen trunk's outputs (taps before M, block M's output) "
@@ -134,20 +233,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", help="YAML file with any of the options below (flags win)")
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        flag = _flag(f.name)
         help_ = _HELP.get(f.name, "")
-        if f.type in ("bool", bool):
+        if _base_type(f.type) == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue
-        kind = {"int": int, "float": float, "int | None": int, "float | None": float}.get(
-            str(f.type), str
-        )
-        p.add_argument(flag, type=kind, default=None, help=help_)
+        p.add_argument(flag, type=_flag_type(f.name, f.type), default=None, help=help_)
     return p
 
 
+def _flag_type(name: str, kind: str):
+    def convert(text: str):
+        try:
+            return coerce_value(name, text, kind)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{_flag(name)}: ")) from None
+
+    convert.__name__ = _base_type(kind)
+    return convert
+
+
 def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults ← YAML ← flags; validated."""
+    """Defaults ← YAML ← flags; coerced and validated."""
     args = build_parser().parse_args(argv)
     values = {}
     if args.config:
@@ -160,20 +267,137 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def make_config(values: dict) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    """A validated :class:`TrainConfig` from option values of any spelling a YAML file or
+    a Python caller gives (``"1e-3"`` for a float, ``10.0`` for an int, ``"yes"``…)."""
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ValueError(f"unknown config keys: {unknown}")
-    return TrainConfig(**values).validate()
+        hints = [
+            f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, types, 1))
+            else repr(k)
+            for k in unknown
+        ]  # fmt: skip
+        raise ValueError(f"unknown config keys: {', '.join(hints)}")
+    coerced = {k: coerce_value(k, v, types[k]) for k, v in values.items()}
+    return TrainConfig(**coerced).validate()
+
+
+# -- values of any spelling --------------------------------------------------------------------
+_TRUE = ("true", "yes", "on", "1", "y")
+_FALSE = ("false", "no", "off", "0", "n")
+
+
+def _base_type(kind) -> str:
+    return str(kind).replace(" | None", "").strip()
+
+
+def coerce_value(name: str, value, kind: str):
+    """``value`` as the option's type (``kind``: the dataclass annotation); ``ValueError``
+    naming the option. Numbers may be written as YAML 1.1 reads them (``1e-3`` is a string
+    there), with ``_`` separators or in hex (ints)."""
+    base = _base_type(kind)
+    if value is None:
+        if "None" in str(kind):
+            return None
+        raise ValueError(f"{_flag(name)}: needs a value")
+    if isinstance(value, (list, dict, tuple, set)):
+        raise ValueError(f"{_flag(name)}: expected one value, got a {type(value).__name__}")
+    convert = {"bool": _as_bool, "int": _as_int, "float": _as_float, "str": _as_str}.get(base)
+    if convert is None:  # "str | int": a byte count
+        return _as_bytes(name, value)
+    return convert(name, value)
+
+
+def _as_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"{_flag(name)}: expected true or false, got {value!r}")
+
+
+def _number_text(value) -> str:
+    return str(value).strip().replace("_", "")
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{_flag(name)}: expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(_number_text(value))
+    except ValueError:
+        raise ValueError(f"{_flag(name)}: expected a number, got {value!r}") from None
+
+
+def _as_int(name: str, value) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{_flag(name)}: expected a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(_number_text(value), 0)
+        except ValueError:
+            pass
+    try:
+        number = _as_float(name, value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError(f"{_flag(name)}: expected a whole number, got {value!r}")
+    return int(number)
+
+
+def _as_str(name: str, value) -> str:
+    if isinstance(value, bool):
+        raise ValueError(f"{_flag(name)}: expected a name, got {value!r}")
+    return value if isinstance(value, str) else str(value)
+
+
+def _as_bytes(name: str, value) -> int | str:
+    if isinstance(value, bool):
+        raise ValueError(f"{_flag(name)}: expected a size such as 6GiB, got {value!r}")
+    if isinstance(value, float):
+        return _as_int(name, value)
+    return value
 
 
 def read_yaml(path: str | Path) -> dict:
+    """The options of a YAML file, keys with ``-`` or ``_``; ``ValueError`` naming the file
+    (and the line, for a syntax error)."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ValueError(f"config file {path} is not valid YAML: {problem}{where}") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a mapping of options")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        raise ValueError(f"config file {path} must hold a mapping of options, not a "
+                         f"{type(data).__name__}")  # fmt: skip
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"config file {path}: option names must be text, got {bad[0]!r}")
+    out = {}
+    for key, value in data.items():
+        name = key.strip().replace("-", "_")
+        try:
+            out[name] = coerce_value(name, value, _TYPES[name]) if name in _TYPES else value
+        except ValueError as exc:
+            raise ValueError(f"config file {path}: {exc}") from None
+    return out
+
+
+_TYPES = {f.name: f.type for f in fields(TrainConfig)}

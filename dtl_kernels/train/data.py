@@ -12,15 +12,24 @@
   accepted for ``test``).
 
 Transform (no augmentation): gray → 3 channels, resize to the model input (bicubic,
-antialiased), scale to [0, 1], normalise (ImageNet mean/std or 0.5/0.5). All problems
-(missing list file, unreadable image, label out of range, empty split) are raised before
-training starts, naming the file.
+antialiased), scale to [0, 1], normalise (ImageNet mean/std or 0.5/0.5). 16-bit images
+are scaled to 8 bits (``v · 255 / 65535``), float images from [0, 1] (or, outside that
+range, from their own min…max), never clipped.
+
+File-based datasets (``vtab:`` / ``fewshot:`` / ``folder``) are streamed: the file list
+is read and every image's header checked up front (missing, unreadable or non-image files
+stop the run before training, naming the file), and images are decoded per batch (in
+``--workers`` processes), so a split larger than RAM trains. A file that fails to decode
+later (a truncated body) is a :class:`DataError` naming it. Built-in sets live in memory.
+Every other problem (missing list file, malformed line, label out of range, empty split,
+a bad idx file) is raised before training starts, naming the file.
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import math
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +102,36 @@ def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # -- image files ---------------------------------------------------------------------------
+_HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def eight_bit(img):
+    """A PIL image as 8-bit ``RGB``: 16-bit gray scaled by 255/65535, float gray from
+    [0, 1] (or from its own min…max when outside), never clipped as ``convert("RGB")``
+    alone would; other modes through ``convert("RGB")``."""
+    from PIL import Image
+
+    if img.mode not in _HIGH_BIT_MODES:
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("the image holds NaN or infinite values")
+    if img.mode == "F":
+        low, high = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (arr.min(), arr.max())
+    else:  # 16-bit (PNG / TIFF open as I;16 or I)
+        low, high = 0.0, 65535.0
+    scaled = (arr - low) * (255.0 / max(high - low, 1e-12))
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
 def load_image(path: Path, size: int) -> torch.Tensor:
     """Read one image file → ``(3, size, size)`` uint8; ``DataError`` naming the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB").resize((size, size), Image.BICUBIC)
+            img = eight_bit(img).resize((size, size), Image.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8).copy()
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
@@ -108,14 +140,72 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
+def check_image_header(path: Path) -> None:
+    """Open ``path`` far enough to know it is an image (no decoding); ``DataError``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.width < 1 or img.height < 1:
+                raise ValueError(f"{img.width}x{img.height} pixels")
+    except FileNotFoundError as exc:
+        raise DataError(f"image file not found: {path}") from exc
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+class FileImages(Dataset):
+    """Image files decoded on access: item ``i`` is ``(image (3, S, S) float32, label)``.
+
+    Holds only the paths and labels (``labels``: ``(N,)`` int64), so memory does not grow
+    with the split; a ``DataLoader`` with workers decodes batches in parallel.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], size: int, mean, std, classes=None):
+        if not samples:
+            raise DataError("empty split")
+        self.paths = [Path(p) for p, _ in samples]
+        self.labels = torch.tensor([int(label) for _, label in samples], dtype=torch.long)
+        self.size = int(size)
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def subset(self, index: torch.Tensor) -> FileImages:
+        out = FileImages.__new__(FileImages)
+        out.__dict__.update(self.__dict__)
+        out.paths = [self.paths[i] for i in index.tolist()]
+        out.labels = self.labels[index]
+        return out
+
+    def __getitem__(self, i: int):
+        x = load_image(self.paths[i], self.size).float().div_(255)
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+    def fingerprint(self) -> str:
+        """sha256 over every file's path, size, modification time and label (for cache
+        keys: a replaced or edited file changes it without decoding anything)."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.size}|{self.mean.flatten().tolist()}|"
+                           f"{self.std.flatten().tolist()}|".encode())  # fmt: skip
+        for p, label in zip(self.paths, self.labels.tolist(), strict=True):
+            st = p.stat()
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+        return h.hexdigest()
+
+
 def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=None):
-    """Decode and check every file of ``(path, label)`` now (a corrupt image stops the run
-    before training, naming the file) → :class:`TensorImages`."""
+    """Check every file of ``(path, label)`` now (exists, has an image header: a bad one
+    stops the run before training, naming the file) → a streaming :class:`FileImages`."""
     if not samples:
         raise DataError("empty split")
-    images = torch.stack([load_image(p, size) for p, _ in samples])
-    labels = torch.tensor([label for _, label in samples])
-    return TensorImages(images, labels, mean, std, classes)
+    for p, _ in samples:
+        check_image_header(p)
+    return FileImages(samples, size, mean, std, classes)
 
 
 def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
@@ -123,8 +213,12 @@ def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
     malformed line (with its number)."""
     if not path.is_file():
         raise DataError(f"list file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"list file {path} is not UTF-8 text") from None
     samples = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
@@ -206,13 +300,61 @@ def elpv(size: int, mean, std, binary: bool = False):
     )
 
 
-def _read_idx(path: Path) -> np.ndarray:
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}  # fmt: skip
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An idx file (``.gz`` or raw) → array of ``ndim`` dimensions; ``DataError`` naming the
+    file for a missing, unreadable, truncated or over-long file or a bad magic number."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise DataError(f"idx file not found: {path}") from None
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"cannot read idx file {path}: {type(exc).__name__}: {exc}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an idx file (bad magic number {data[:4].hex() or '∅'})")
+    if data[3] != ndim:
+        raise DataError(f"{path}: idx file of {data[3]} dimensions, expected {ndim}")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path} is truncated: {len(data)} bytes, the header alone needs {header}")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = header + math.prod(dims) * dtype.itemsize
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "longer than its header says"
+        raise DataError(
+            f"{path} is {what}: {len(data)} bytes, expected {expected} for shape {tuple(dims)}"
+        )
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    found = sorted(folder.rglob(f"{stem}*"))
+    if not found:
+        raise DataError(f"Fashion-MNIST file {stem}[.gz] not found under {folder}")
+    return found[0]
+
+
+def idx_split(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(images (N, 28, 28) uint8, labels (N,) uint8)`` of one Fashion-MNIST split;
+    ``DataError`` when the two files disagree on the sample count."""
+    img_path = _idx_file(folder, f"{prefix}-images-idx3-ubyte")
+    lab_path = _idx_file(folder, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(img_path, 3), read_idx(lab_path, 1)
+    if images.dtype != np.uint8 or labels.dtype != np.uint8:
+        raise DataError(f"{img_path} / {lab_path}: expected unsigned-byte idx files")
+    if len(images) != len(labels):
+        raise DataError(
+            f"{img_path} holds {len(images)} images but {lab_path} holds {len(labels)} labels"
+        )
+    if len(images) == 0:
+        raise DataError(f"{img_path} holds no images")
+    return images, labels
 
 
 def fashion_mnist_dir(root: str | None = None) -> Path:
@@ -231,8 +373,7 @@ def fashion_mnist(size: int, mean, std, root: str | None = None, max_train=None,
     d = fashion_mnist_dir(root)
 
     def load(prefix, limit):
-        img = _read_idx(next(d.rglob(f"{prefix}-images-idx3-ubyte*")))
-        lab = _read_idx(next(d.rglob(f"{prefix}-labels-idx1-ubyte*")))
+        img, lab = idx_split(d, prefix)
         if limit is not None and limit < len(lab):  # subset before resizing
             keep = _keep(len(lab), limit).numpy()
             img, lab = img[keep], lab[keep]
@@ -250,11 +391,12 @@ def build_datasets(cfg, size: int, norm: str):
     mean, std = normalization(norm)
     name = cfg.dataset
     root = Path(cfg.data_root) if cfg.data_root else None
-    if name in ("elpv", "elpv-binary"):
+    kind = dataset_kind(name)
+    if kind == "elpv":
         train, test = elpv(size, mean, std, binary=name == "elpv-binary")
-    elif name == "fashion-mnist":
+    elif kind == "fashion-mnist":
         train, test = fashion_mnist(size, mean, std, cfg.data_root, cfg.max_train, cfg.max_test)
-    elif name.startswith(("vtab:", "fewshot:", "folder")):
+    else:
         if root is None:
             raise DataError(f"--dataset {name} needs --data-root")
         train_s, test_s, classes = _file_samples(name, root, cfg)
@@ -269,17 +411,26 @@ def build_datasets(cfg, size: int, norm: str):
         train_s, test_s = _limit_list(train_s, cfg.max_train), _limit_list(test_s, cfg.max_test)
         train = file_images(train_s, size, mean, std, classes)
         test = file_images(test_s, size, mean, std, classes)
-    else:
-        raise DataError(
-            f"unknown dataset {name!r}: use elpv, elpv-binary, fashion-mnist, vtab:NAME, "
-            "fewshot:NAME or folder (with --data-root)"
-        )
     train, test = _limit_ds(train, cfg.max_train), _limit_ds(test, cfg.max_test)
     for split, ds in (("train", train), ("test", test)):
         if len(ds) == 0:
             raise DataError(f"{name}: the {split} split is empty")
     num_classes = check_labels({"train": train.labels, "test": test.labels}, cfg.num_classes, name)
     return train, test, num_classes
+
+
+def dataset_kind(name: str) -> str:
+    """``elpv`` / ``fashion-mnist`` / ``vtab`` / ``fewshot`` / ``folder`` for a ``--dataset``
+    value; ``DataError`` for anything else."""
+    if name in ("elpv", "elpv-binary", "fashion-mnist", "folder"):
+        return "elpv" if name.startswith("elpv") else name
+    prefix, _, rest = str(name).partition(":")
+    if prefix in ("vtab", "fewshot") and rest.strip():
+        return prefix
+    raise DataError(
+        f"unknown dataset {name!r}: use elpv, elpv-binary, fashion-mnist, vtab:NAME, "
+        "fewshot:NAME or folder (with --data-root)"
+    )
 
 
 def _file_samples(name: str, root: Path, cfg):

@@ -15,12 +15,22 @@ cache it is the same computation; the linear probe caches the whole backbone wal
 Distributed: under ``torchrun`` each process takes ``batch_size / world_size`` images of
 every global batch (``DistributedSampler``; gloo on CPU, nccl on CUDA) and DDP averages
 the gradients, so the run matches one process with the same global batch. Only rank 0
-writes files.
+writes files. Collectives have explicit timeouts and a failure of one rank in setup, the
+cache build or a save is raised on every rank (:mod:`dtl_kernels.train.dist`).
+
+What the loop guarantees (README, "What the trainer guarantees"):
+
+* Before any work, every option is checked, and so are the output folder (an earlier
+  run's outputs are moved aside, never replaced without ``--overwrite``; stale temporary
+  files of killed writes are removed) and, for ``--resume``, the checkpoint's options
+  (:func:`checkpoint.resume_plan`).
+* A step whose loss or gradients are not finite is skipped (no update); more than
+  ``--max-nonfinite-steps`` in a row stop the run with :class:`DivergenceError`, keeping
+  the last finite checkpoint and writing no adapter. Every JSON file stays strict JSON.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -30,55 +40,35 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from .. import create_model
-from .._io import atomic_write
+from .._io import atomic_write, json_text, remove_stale_temps
 from .._version import __version__
-from ..models import read_adapter
+from ..models.base import adapter_info, read_adapter
 from . import cache as trunk_cache
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import build_datasets
+from .dist import Dist, RankFailed
 from .metrics import MetricsLog, PeakMemory
 
+#: What a run writes in OUTPUT; a fresh run moves an earlier run's aside (never deletes
+#: them unless --overwrite).
+RUN_OUTPUTS = (
+    "adapter.safetensors", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png",
+    "config.json",
+)  # fmt: skip
+_SPECIAL_PRETRAINED = ("none", "hub", "efficientnet-lite0")
 
-# -- process setup -------------------------------------------------------------------------
-class Dist:
-    """Rank / world size / device; ``torchrun`` sets ``WORLD_SIZE`` and friends."""
+__all__ = ["DivergenceError", "Dist", "RankFailed", "run"]
 
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        use_cuda = torch.cuda.is_available()
-        self.device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if use_cuda else "gloo")
 
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, *values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+class DivergenceError(RuntimeError):
+    """Training stopped: too many consecutive steps had a non-finite loss or gradient."""
 
 
 def loud_warning(message: str) -> None:
@@ -102,6 +92,10 @@ def backbone_family(model_name: str) -> str:
     """``vit`` / ``swin`` / ``convnet`` / ``other`` from timm's registry (no model built)."""
     import timm
 
+    if not timm.is_model(model_name):
+        raise ValueError(
+            f"--model {model_name!r} is not a timm model name (see timm.list_models())"
+        )
     module = timm.models.model_entrypoint(model_name).__module__
     if module.endswith("vision_transformer"):
         return "vit"
@@ -139,6 +133,15 @@ def resolve_pretrained(cfg: TrainConfig, family: str):
 
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
+    """The model ``cfg`` describes; an option combination timm or the wrapper rejects is a
+    ``ValueError`` naming the model."""
+    try:
+        return _create(cfg, num_classes, pretrained)
+    except (TypeError, AssertionError) as exc:
+        raise ValueError(f"cannot build --model {cfg.model} with these options: {exc}") from exc
+
+
+def _create(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
     options = {
         k: getattr(cfg, k)
         for k in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta")
@@ -207,13 +210,15 @@ def autocast_for(precision: str, device: torch.device):
 
 # -- evaluation --------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(net, dataset, batch_size, d: Dist, autocast, channels_last) -> tuple[float, float]:
+def evaluate(
+    net, dataset, batch_size, d: Dist, autocast, channels_last, workers: int = 0
+) -> tuple[float, float]:
     """``(loss, accuracy)`` over the whole dataset; each rank takes every world-th sample."""
     was = net.training
     net.eval()
     shard = torch.utils.data.Subset(dataset, range(d.rank, len(dataset), d.world))
     loss_sum, correct = 0.0, 0
-    for x, y in DataLoader(shard, batch_size=batch_size, shuffle=False):
+    for x, y in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers):
         x, y = _to(x, d.device, channels_last), y.to(d.device)
         with autocast():
             logits = net(x)
@@ -224,76 +229,142 @@ def evaluate(net, dataset, batch_size, d: Dist, autocast, channels_last) -> tupl
     return loss_sum / max(n, 1), correct / max(n, 1)
 
 
+# -- before any work ---------------------------------------------------------------------------
+def check_pretrained(cfg: TrainConfig) -> None:
+    """A ``--pretrained`` path must exist (checked before the data is read)."""
+    p = cfg.pretrained
+    if p is None or str(p).lower() in _SPECIAL_PRETRAINED:
+        return
+    if not Path(p).is_file():
+        raise FileNotFoundError(f"--pretrained: checkpoint not found: {p}")
+
+
+def resume_point(cfg: TrainConfig) -> tuple[Path, dict, list[str]] | None:
+    """``--resume``: the newest checkpoint, its payload and the lines to print about changed
+    options (``CheckpointError`` for a refused change); ``None`` without one."""
+    if not cfg.resume or cfg.eval_only:
+        return None
+    found = ckpt.load_latest(cfg.output)
+    if found is None:
+        return None
+    path, payload = found
+    notes = ckpt.resume_plan(payload["config"], cfg.to_dict(), payload["epoch"], cfg.force_resume)
+    return path, payload, notes
+
+
+def prepare_output(cfg: TrainConfig, resumed: bool, say) -> None:
+    """Rank 0, before any work: remove stale temporary files; keep an earlier run's outputs.
+
+    A fresh run moves the earlier run's checkpoints and outputs (adapter, summary, metrics,
+    curves, config) to ``checkpoints.old-<n>`` (``--overwrite``: deletes them instead);
+    ``--eval-only`` moves an earlier ``summary.json`` to ``summary.old-<n>.json``.
+    """
+    out = Path(cfg.output)
+    folders = [out, ckpt.checkpoint_dir(out), trunk_cache.cache_folder(cfg)]
+    for p in remove_stale_temps(*folders):
+        say(f"removed {p} (left by an interrupted write)")
+    if resumed:
+        return
+    if cfg.eval_only:
+        _keep_earlier_summary(out, cfg.overwrite, say)
+        return
+    earlier = [out / n for n in RUN_OUTPUTS if (out / n).is_file()] + ckpt.list_checkpoints(out)
+    if earlier and cfg.overwrite:
+        for path in earlier:
+            path.unlink()
+        say(f"--overwrite: deleted the earlier run's outputs and checkpoints in {out}")
+    elif earlier:
+        moved = ckpt.set_aside(out, also=RUN_OUTPUTS)
+        say(
+            f"note: {out} held an earlier run; moved its checkpoints and outputs to {moved} "
+            "(use --resume to continue a run, --overwrite to delete them instead)"
+        )
+
+
+def _keep_earlier_summary(out: Path, overwrite: bool, say) -> None:
+    summary = out / "summary.json"
+    if not summary.is_file() or overwrite:
+        return
+    n = 1
+    while (target := out / f"summary.old-{n}.json").exists():
+        n += 1
+    summary.rename(target)
+    say(f"note: moved the earlier {summary} to {target}")
+
+
 # -- the run ----------------------------------------------------------------------------------
 def run(cfg: TrainConfig) -> dict:
     """Train (or ``--eval-only``) as configured; returns the summary (rank 0 writes it)."""
     t_start = time.time()
-    d = Dist()
+    d = Dist(cfg.ddp_timeout)
     try:
         return _run(cfg, d, t_start)
     finally:
         d.close()
 
 
+def _say(d: Dist):
+    return (lambda m: print(m, flush=True)) if d.main else (lambda m: None)
+
+
 def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     out = Path(cfg.output)
-    family = backbone_family(cfg.model)
+    say = _say(d)
+    family = d.run_agreed("checking the options", _preflight, cfg)
+    found = d.run_agreed("reading the checkpoint", resume_point, cfg)
+    if cfg.resume and found is None:
+        say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(out)}, starting fresh")
+    d.main_then_agree("preparing the output folder", prepare_output, cfg, found is not None, say)
+    for note in found[2] if found else ():
+        say(note)
     size = input_size(cfg)
     norm = (
         cfg.normalize
         if cfg.normalize != "auto"
         else ("half" if family in ("vit", "swin") else "imagenet")
     )
-    if cfg.eval_only:
-        _adapter_into_config(cfg)
-    if d.world > 1 and cfg.batch_size % d.world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {d.world} processes")
     local_batch = cfg.batch_size // d.world
 
     seed_everything(cfg.seed)
-    train_set, test_set, num_classes = build_datasets(cfg, size, norm)
+    train_set, test_set, num_classes = d.run_agreed(
+        "reading the data", build_datasets, cfg, size, norm
+    )
     pretrained = resolve_pretrained(cfg, family) if d.main else _quiet_pretrained(cfg)
     seed_everything(cfg.seed)
-    model = build_model(cfg, num_classes, pretrained).to(d.device)
+    model = d.run_agreed("building the model", build_model, cfg, num_classes, pretrained)
+    model = model.to(d.device)
     channels_last = cfg.channels_last == "on" or (
         cfg.channels_last == "auto" and family == "convnet"
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast = autocast_for(cfg.precision, d.device)
-    if d.main:
-        print(model.summary(), flush=True)
-        print(
-            f"data: {cfg.dataset}: {len(train_set)} train / {len(test_set)} test images, "
-            f"{num_classes} classes, {size}x{size}, normalise={norm}; world={d.world}",
-            flush=True,
-        )
+    say(model.summary())
+    say(
+        f"data: {cfg.dataset}: {len(train_set)} train / {len(test_set)} test images, "
+        f"{num_classes} classes, {size}x{size}, normalise={norm}; world={d.world}"
+    )
 
     if cfg.eval_only:
-        model.load_adapter(cfg.adapter)
-        test_loss, test_acc = evaluate(model, test_set, local_batch, d, autocast, channels_last)
-        summary = _summary(cfg, model, d, t_start, num_classes, size, len(train_set), len(test_set))
-        summary.update(
-            eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss
-        )
-        if d.main:
-            _write_json(out / "summary.json", summary)
-            print(f"test accuracy {100 * test_acc:.2f}% ({cfg.adapter})", flush=True)
-        return summary
+        return _eval_only(cfg, d, model, test_set, local_batch, autocast, channels_last,
+                          t_start, num_classes, size, len(train_set))  # fmt: skip
 
     # trunk cache (train/cache.py): train and evaluate from the stored trunk outputs
     net: nn.Module = model
     eval_net, train_data, test_data = model, train_set, test_set
-    cache = trunk_cache.prepare(
+    cache = d.run_agreed(
+        "preparing the trunk cache", trunk_cache.prepare,
         cfg, model, {"train": train_set, "test": test_set},
         {s: trunk_cache.dataset_identity(cfg, s, size, norm) for s in ("train", "test")},
-        d, autocast, channels_last, local_batch, say=lambda m: print(m, flush=True),
+        d, autocast, channels_last, local_batch, say=say,
     )  # fmt: skip
     if cache is not None:
         net = cache.tail
         train_data = cache.view("train")
         if cache.view("test") is not None:
             eval_net, test_data = cache.tail, cache.view("test")
+    workers = cfg.workers if cache is None else 0
+    eval_workers = cfg.workers if test_data is test_set else 0
     train_net = net
     if d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -307,7 +378,7 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
         train_data,
         batch_size=local_batch,
         sampler=sampler,
-        num_workers=cfg.workers if cache is None else 0,
+        num_workers=workers,
         generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=False,
     )
@@ -321,52 +392,36 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
 
     log = MetricsLog(out)
     start_epoch = 0
-    if cfg.resume:
-        found = ckpt.load_latest(out)
-        if found is None:
-            if d.main:
-                print(f"--resume: no checkpoint in {ckpt.checkpoint_dir(out)}, starting fresh")
-        else:
-            path, payload = found
-            ckpt.restore(payload, path, model, optimizer, scheduler)
-            start_epoch, log.rows = payload["epoch"], list(payload["metrics"])
-            if d.main:
-                print(f"resumed from {path} (epoch {start_epoch} done)", flush=True)
-    elif d.main and ckpt.list_checkpoints(out):
-        moved = ckpt.set_aside(out)
-        print(
-            f"note: {ckpt.checkpoint_dir(out)} held checkpoints of an earlier run; moved them to "
-            f"{moved} (use --resume to continue a run)",
-            flush=True,
-        )
+    if found is not None:
+        path, payload, _ = found
+        d.run_agreed("restoring the checkpoint", ckpt.restore, payload, path, model, optimizer,
+                     scheduler)  # fmt: skip
+        start_epoch, log.rows = payload["epoch"], list(payload["metrics"])
+        say(f"resumed from {path} (epoch {start_epoch} done)")
 
     memory = PeakMemory(d.device)
     memory.start()
     speeds = []
     test_loss = test_acc = None
+    step = Stepper(train_net, model, optimizer, scheduler, scaler, cfg, autocast, d)
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         train_net.train()
         t0 = time.time()
-        loss_sum = correct = seen = 0.0
+        loss_sum = correct = seen = skipped = 0.0
         bar = _progress(loader, cfg, d, epoch)
         for x, y in bar:
             x, y = _to(x, d.device, channels_last), y.to(d.device)
-            with autocast():
-                logits = train_net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            scheduler.step()
+            result = step(x, y)
+            if result is None:
+                skipped += 1
+                if step.bad_streak > cfg.max_nonfinite_steps:
+                    raise DivergenceError(_divergence_message(cfg, epoch, step, out))
+                continue
+            loss, hits = result
             n = len(y)
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(-1) == y).sum().item()
+            loss_sum += loss * n
+            correct += hits
             seen += n
             if d.main and hasattr(bar, "set_postfix"):
                 rate = seen * d.world / max(time.time() - t0, 1e-9)
@@ -377,52 +432,46 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
                 )
         train_time = time.time() - t0
         loss_sum, correct, seen = d.sum(loss_sum, correct, seen)
+        if not _weights_finite(model):
+            raise DivergenceError(
+                f"the trained weights became non-finite in epoch {epoch + 1} (lower --lr, now "
+                f"{cfg.lr}); {_last_checkpoint_note(out)}"
+            )
         speeds.append(seen / max(train_time, 1e-9))
         row = {
             "epoch": epoch + 1,
             "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
+            "train_loss": loss_sum / seen if seen else None,
+            "train_acc": correct / seen if seen else None,
             "test_loss": None,
             "test_acc": None,
             "images_per_s": speeds[-1],
             "epoch_time_s": train_time,
+            "skipped_steps": int(skipped),
         }
+        if skipped:
+            say(f"epoch {epoch + 1}: skipped {int(skipped)} step(s) with a non-finite loss "
+                "or gradient")  # fmt: skip
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
             test_loss, test_acc = evaluate(
-                eval_net, test_data, local_batch, d, autocast, channels_last
+                eval_net, test_data, local_batch, d, autocast, channels_last, eval_workers
             )
             row.update(test_loss=test_loss, test_acc=test_acc)
         log.append(row)
-        if d.main:
-            print(
-                f"epoch {epoch + 1}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                f"acc {100 * row['train_acc']:.2f}% | "
-                + (
-                    f"test loss {test_loss:.4f} acc {100 * test_acc:.2f}% | "
-                    if row["test_acc"] is not None
-                    else ""
-                )
-                + f"{speeds[-1]:.1f} img/s",
-                flush=True,
-            )
-            ckpt.save_checkpoint(
-                out, epoch + 1, model, optimizer, scheduler, log.rows, cfg.to_dict(),
-                with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints,
-            )  # fmt: skip
-            log.write()
-        d.barrier()
+        say(_epoch_line(cfg, epoch, row, speeds[-1]))
+        d.main_then_agree(
+            "saving the checkpoint", _save_epoch, out, epoch + 1, model, optimizer, scheduler,
+            log, cfg,
+        )  # fmt: skip
         if cfg.stop_after is not None and len(speeds) >= cfg.stop_after and epoch + 1 < cfg.epochs:
-            if d.main:
-                print(
-                    f"stopping after epoch {epoch + 1} (--stop-after); --resume continues",
-                    flush=True,
-                )
+            say(f"stopping after epoch {epoch + 1} (--stop-after); --resume continues")
             return {"stopped_after_epoch": epoch + 1}
     peak = memory.peak()
 
     if test_acc is None:  # resumed after the last epoch: evaluate the restored model
-        test_loss, test_acc = evaluate(eval_net, test_data, local_batch, d, autocast, channels_last)
+        test_loss, test_acc = evaluate(
+            eval_net, test_data, local_batch, d, autocast, channels_last, eval_workers
+        )
     summary = _summary(cfg, model, d, t_start, num_classes, size, len(train_set), len(test_set))
     summary.update(
         test_acc=test_acc,
@@ -433,18 +482,146 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
         cached_trunk_blocks=cache.trunk_depth if cache is not None else 0,
         trunk_cache=cache.mode if cache is not None else "off",
         epochs_run_here=len(speeds),
+        skipped_steps=sum(int(r.get("skipped_steps") or 0) for r in log.rows),
+    )
+    d.main_then_agree("writing the outputs", _write_outputs, out, model, log, cfg, summary)
+    return summary
+
+
+def _preflight(cfg: TrainConfig) -> str:
+    """Checks that need no data: the model name, the pretrained path, the adapter of
+    ``--eval-only``, the world size. Returns the backbone family."""
+    family = backbone_family(cfg.model)
+    check_pretrained(cfg)
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--precision fp16 needs CUDA; use bf16 (or fp32) on CPU")
+    if cfg.eval_only:
+        _adapter_into_config(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
+    return family
+
+
+class Stepper:
+    """One optimisation step that skips non-finite ones.
+
+    ``step(x, y)`` → ``(loss, correct predictions)``, or ``None`` when the loss or a
+    gradient was NaN / inf on any rank (no update; ``bad_streak`` counts such steps in a
+    row). The LR schedule advances either way.
+    """
+
+    def __init__(self, train_net, model, optimizer, scheduler, scaler, cfg, autocast, d):
+        self.train_net, self.optimizer, self.scheduler = train_net, optimizer, scheduler
+        self.scaler, self.cfg, self.autocast, self.d = scaler, cfg, autocast, d
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bad_streak = 0
+        self.steps = 0
+
+    def __call__(self, x, y) -> tuple[float, int] | None:
+        self.steps += 1
+        with self.autocast():
+            logits = self.train_net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            ok = self._scaled_step(loss)
+        else:
+            loss.backward()
+            ok = self.d.all_true(bool(torch.isfinite(loss)) and self._grads_finite())
+            if ok:
+                self.optimizer.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if not ok:
+            self.bad_streak += 1
+            return None
+        self.bad_streak = 0
+        return loss.item(), int((logits.argmax(-1) == y).sum().item())
+
+    def _scaled_step(self, loss) -> bool:
+        """fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale)."""
+        self.scaler.scale(loss).backward()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.d.all_true(bool(torch.isfinite(loss)) and self.scaler.get_scale() >= scale)
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def _weights_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+
+
+def _last_checkpoint_note(out: Path) -> str:
+    files = ckpt.list_checkpoints(out)
+    if not files:
+        return "no checkpoint was written before"
+    return f"the last finite checkpoint is {files[-1]} (--resume continues from it)"
+
+
+def _divergence_message(cfg: TrainConfig, epoch: int, step: Stepper, out: Path) -> str:
+    return (
+        f"training diverged: {step.bad_streak} consecutive steps with a non-finite loss or "
+        f"gradient (epoch {epoch + 1}, step {step.steps} of this process; "
+        f"--max-nonfinite-steps {cfg.max_nonfinite_steps}). No adapter was written; "
+        f"{_last_checkpoint_note(out)}. Lower --lr (now {cfg.lr}) or check the data"
+    )
+
+
+def _epoch_line(cfg: TrainConfig, epoch: int, row: dict, speed: float) -> str:
+    def num(v, fmt):
+        return format(v, fmt) if v is not None and math.isfinite(v) else "n/a"
+
+    test = (
+        f"test loss {num(row['test_loss'], '.4f')} acc {num(100 * row['test_acc'], '.2f')}% | "
+        if row["test_acc"] is not None
+        else ""
+    )
+    train_acc = None if row["train_acc"] is None else 100 * row["train_acc"]
+    return (
+        f"epoch {epoch + 1}/{cfg.epochs}: train loss {num(row['train_loss'], '.4f')} "
+        f"acc {num(train_acc, '.2f')}% | {test}{speed:.1f} img/s"
+    )
+
+
+def _save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg) -> None:
+    ckpt.save_checkpoint(
+        out, epoch, model, optimizer, scheduler, log.rows, cfg.to_dict(),
+        with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints,
+    )  # fmt: skip
+    log.write()
+
+
+def _write_outputs(out: Path, model, log: MetricsLog, cfg: TrainConfig, summary: dict) -> None:
+    adapter = model.save_adapter(out / "adapter.safetensors")
+    summary.update(adapter=str(adapter), adapter_bytes=adapter.stat().st_size)
+    log.write()
+    log.plot(out / "curves.png", f"{cfg.model} {cfg.method} on {cfg.dataset}")
+    _write_json(out / "summary.json", summary)
+    _write_json(out / "config.json", cfg.to_dict())
+
+
+def _eval_only(cfg, d, model, test_set, local_batch, autocast, channels_last, t_start,
+               num_classes, size, n_train) -> dict:  # fmt: skip
+    mismatch = "warn" if cfg.allow_backbone_mismatch else "error"
+    d.run_agreed("loading the adapter", model.load_adapter, cfg.adapter, mismatch)
+    test_loss, test_acc = evaluate(
+        model, test_set, local_batch, d, autocast, channels_last, cfg.workers
+    )
+    summary = _summary(cfg, model, d, t_start, num_classes, size, n_train, len(test_set))
+    summary.update(eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss)
+    d.main_then_agree(
+        "writing the summary", _write_json, Path(cfg.output) / "summary.json", summary
     )
     if d.main:
-        adapter = model.save_adapter(out / "adapter.safetensors")
-        summary.update(adapter=str(adapter), adapter_bytes=adapter.stat().st_size)
-        log.write()
-        log.plot(out / "curves.png", f"{cfg.model} {cfg.method} on {cfg.dataset}")
-        _write_json(out / "summary.json", summary)
-        atomic_write(
-            out / "config.json",
-            lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)),
-        )
-    d.barrier()
+        print(f"test accuracy {100 * test_acc:.2f}% ({cfg.adapter})", flush=True)
     return summary
 
 
@@ -474,9 +651,10 @@ def _progress(loader, cfg, d, epoch):
 
 
 def _adapter_into_config(cfg: TrainConfig) -> None:
-    """``--eval-only``: take method, side-network options and class count from the adapter."""
+    """``--eval-only``: take method, side-network options and class count from the adapter
+    (its metadata schema-checked: ``AdapterError`` naming the file and field)."""
     _, meta = read_adapter(cfg.adapter)
-    conf = json.loads(meta["config"])
+    conf = adapter_info(meta, cfg.adapter)["config"]
     cfg.method = conf["method"]
     cfg.num_classes = conf["num_classes"]
     for key in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta"):
@@ -510,4 +688,5 @@ def _summary(cfg, model, d, t_start, num_classes, size, n_train, n_test) -> dict
 
 
 def _write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+    """Strict JSON (NaN / inf written as null), atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json_text(data) + "\n"))

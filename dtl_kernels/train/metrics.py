@@ -16,8 +16,6 @@ Peak memory (``peak_memory_bytes`` in ``summary.json``):
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -74,7 +72,7 @@ class MetricsLog:
 
     FIELDS = (
         "epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-        "images_per_s", "epoch_time_s",
+        "images_per_s", "epoch_time_s", "skipped_steps",
     )  # fmt: skip
 
     def __init__(self, folder: Path, rows: list[dict] | None = None):
@@ -85,13 +83,14 @@ class MetricsLog:
         self.rows.append(row)
 
     def write(self) -> None:
-        """Rewrite both files from ``rows`` (so a resumed run never duplicates epochs)."""
-        from .._io import atomic_write
+        """Rewrite both files from ``rows`` (so a resumed run never duplicates epochs);
+        strict JSON lines (a non-finite number is written as ``null``)."""
+        from .._io import atomic_write, json_text
 
         def jsonl(tmp):
             with open(tmp, "w") as f:
                 for r in self.rows:
-                    f.write(json.dumps(r) + "\n")
+                    f.write(json_text(r, indent=None) + "\n")
 
         def csv_file(tmp):
             with open(tmp, "w", newline="") as f:
@@ -111,13 +110,18 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        def value(r, key, scale=1.0):
+            v = r.get(key)
+            return float("nan") if v is None else scale * v
+
         ep = [r["epoch"] for r in self.rows]
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-        ax1.plot(ep, [r["train_loss"] for r in self.rows], "o-", label="train")
-        ax2.plot(ep, [100 * r["train_acc"] for r in self.rows], "o-", label="train")
+        ax1.plot(ep, [value(r, "train_loss") for r in self.rows], "o-", label="train")
+        ax2.plot(ep, [value(r, "train_acc", 100) for r in self.rows], "o-", label="train")
         test = [r for r in self.rows if r.get("test_acc") is not None]
         if test:
-            ax1.plot([r["epoch"] for r in test], [r["test_loss"] for r in test], "s-", label="test")
+            ax1.plot([r["epoch"] for r in test], [value(r, "test_loss") for r in test], "s-",
+                     label="test")  # fmt: skip
             ax2.plot(
                 [r["epoch"] for r in test], [100 * r["test_acc"] for r in test], "s-", label="test"
             )
@@ -128,8 +132,10 @@ class MetricsLog:
             ax.legend()
         fig.suptitle(title)
         fig.tight_layout()
-        tmp = Path(path).with_suffix(".tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
+        from .._io import atomic_write
+
+        try:
+            atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+        finally:
+            plt.close(fig)
         return Path(path)

@@ -1,0 +1,96 @@
+"""Out of disk: a real file-size limit (RLIMIT_FSIZE) for the trunk cache, injected
+ENOSPC for a checkpoint and for the adapter. Each is one clear error,
+leaves no temporary file and loses nothing: the run resumes to the uninterrupted result."""
+
+from __future__ import annotations
+
+import errno
+import resource
+from contextlib import contextmanager
+
+import pytest
+import torch
+from fault_kit import (
+    assert_same_adapter,
+    flags,
+    metric_rows,
+    options,
+    strict_json,
+    temp_files,
+)
+
+from dtl_kernels.train import checkpoint as ckpt
+from dtl_kernels.train import make_config, run
+from dtl_kernels.train.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
+
+
+@contextmanager
+def file_size_limit(nbytes: int):
+    """A real size limit on every file this process writes (``RLIMIT_FSIZE``; Python
+    ignores ``SIGXFSZ``, so a write past it fails with ``EFBIG``)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def one_error_line(err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip() and not x.startswith(("!!", "\n"))]
+    errors = [x for x in lines if x.startswith("dtl-train: error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_trunk_cache_beyond_the_file_size_limit(toy, tmp_path, capsys):
+    out = tmp_path / "run"  # the train split's cache file needs 360 KiB
+    with file_size_limit(150_000):
+        code = main(flags(options(toy, out, cache_trunk="disk")))
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "no room for" in line and "train.bin" in line and "File too large" in line
+    assert temp_files(out) == [] and not (out / "trunk-cache" / "train.bin").exists()
+
+
+def test_checkpoint_write_out_of_space(toy, tmp_path, reference, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:
+            enospc()
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(flags(options(toy, out))) == 1
+    assert "No space left on device" in one_error_line(capsys.readouterr().err)
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["epoch_0001.pt"]
+    assert temp_files(out) == [] and not (out / "adapter.safetensors").exists()
+    assert [r["epoch"] for r in metric_rows(out)] == [1]
+
+    run(make_config(options(toy, out, resume=True)))
+    assert_same_adapter(reference, out)
+
+
+def test_adapter_write_out_of_space(toy, tmp_path, reference, monkeypatch, capsys):
+    import safetensors.torch
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(safetensors.torch, "save_file", enospc)
+    assert main(flags(options(toy, out))) == 1
+    assert "No space left on device" in one_error_line(capsys.readouterr().err)
+    monkeypatch.undo()
+    assert temp_files(out) == [] and not (out / "adapter.safetensors").exists()
+    assert not (out / "summary.json").exists()
+
+    run(make_config(options(toy, out, resume=True)))  # evaluates the last checkpoint
+    assert_same_adapter(reference, out)
+    assert strict_json((out / "summary.json").read_text())["epochs"] == 3

@@ -1,0 +1,128 @@
+"""Durable outputs: atomic writes fsync the folder too and give normal file modes; stale
+temporary files of killed writers are removed at start; a fresh run never replaces an
+earlier run's outputs (it moves them aside) unless told to (--overwrite)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from toy_images import make_toy_folder
+
+from dtl_kernels import _io
+from dtl_kernels.train import checkpoint as ckpt
+from dtl_kernels.train import make_config, run
+from dtl_kernels.train.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
+
+
+def test_atomic_write_fsyncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    _io.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+    assert synced == [False, True]  # the file, then the folder after the rename
+
+
+def test_atomic_write_gives_normal_file_modes(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = _io.atomic_write(tmp_path / "a.txt", lambda tmp: Path(tmp).write_text("x"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0o600
+        os.chmod(path, 0o640)
+        _io.atomic_write(path, lambda tmp: Path(tmp).write_text("y"))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640  # a replaced file keeps its mode
+    finally:
+        os.umask(umask)
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {
+            "dead": f".epoch_0002.pt.{dead}.ab12cd34.tmp",
+            "old": ".summary.json.x1y2z3w4.tmp",  # written before the pid was in the name
+            "alive": f".metrics.jsonl.{alive.pid}.ab12cd34.tmp",
+            "own": f".config.json.{os.getpid()}.ab12cd34.tmp",
+            "user": "notes.tmp",
+        }
+        for name in names.values():
+            (tmp_path / name).write_text("partial")
+        removed = _io.remove_stale_temps(tmp_path)
+        assert sorted(p.name for p in removed) == sorted([names["dead"], names["old"]])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [names["alive"], names["own"], names["user"]]
+        )
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    return make_toy_folder(tmp_path_factory.mktemp("toy"), 12, 6)
+
+
+def options(toy: Path, out: Path, **kw) -> dict:
+    base = dict(
+        model="vit_tiny_patch16_224", pretrained="none", method="dtl+", dataset="folder",
+        data_root=str(toy), img_size=32, epochs=1, batch_size=4, lr=1e-2, output=str(out),
+        progress=False, cache_trunk="ram",
+    )  # fmt: skip
+    base.update(kw)
+    return base
+
+
+def argv(opts: dict) -> list[str]:
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    return [flag(k) if v is True else f"--no-{flag(k)[2:]}" if v is False else f"{flag(k)}={v}"
+            for k, v in opts.items()]  # fmt: skip
+
+
+def test_a_fresh_run_never_replaces_a_finished_one(toy, tmp_path, capsys, one_thread):
+    out = tmp_path / "run"
+    run(make_config(options(toy, out)))
+    outputs = ("adapter.safetensors", "summary.json", "metrics.jsonl", "config.json")
+    before = {n: (out / n).read_bytes() for n in outputs}
+    stale = out / f".summary.json.{2**22 + 12345}.ab12cd34.tmp"  # a pid that cannot exist
+    stale.write_text("{")
+    capsys.readouterr()
+
+    assert main(argv(options(toy, out, seed=7))) == 0  # a fresh run in the same folder
+    assert "moved its checkpoints and outputs to" in capsys.readouterr().out
+    kept = out / "checkpoints.old-1"
+    assert {n: (kept / n).read_bytes() for n in outputs} == before
+    assert (kept / "epoch_0001.pt").is_file() and not stale.exists()
+    assert json.loads((out / "summary.json").read_text())["seed"] == 7
+
+    second = (out / "summary.json").read_bytes()
+    ev = options(toy, out, eval_only=True, adapter=str(kept / "adapter.safetensors"))
+    assert main(argv(ev)) == 0
+    assert (out / "summary.old-1.json").read_bytes() == second
+
+    run(make_config(options(toy, out, seed=8, overwrite=True)))  # told to: deleted, not kept
+    assert not (out / "checkpoints.old-2").exists()
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["epoch_0001.pt"]
+    assert json.loads((out / "summary.json").read_text())["seed"] == 8
