@@ -139,8 +139,9 @@ class CompactSideNetwork(nn.Module):
         stage = self.block_stages[i]
         if stage != state.stage:  # h restarts at every stage
             state.stage, state.taps, state.ups, state.h = stage, [], [], None
-        if state.backend is None:
-            state.backend = side.select(z, self.backend)
+        if state.backend is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
+            conv = next(iter(self.convs.values())) if len(self.convs) else None
+            state.backend = side.select(z, self.backend, conv_weight=conv)
         down = self.down[str(i)]
         if down.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
             down = down.to(z.dtype)  # a low-precision frozen backbone (backbone_dtype)

@@ -60,3 +60,16 @@ def test_fp32_parameters_beside_bf16_activations():
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert ups.grad.dtype == torch.float32 and conv.grad.dtype == torch.float32
+
+
+def test_auto_order_on_cuda_follows_the_h100_measurements():
+    """Triton first for DTL and 16-bit DTL+ k ≤ 3, the CUDA C++ kernels first otherwise."""
+    y32 = torch.empty(1, 1, 8, device="meta")  # a device type is all the rule reads
+    cuda_like = type("X", (), {"device": torch.device("cuda"), "dtype": torch.float32})()
+    bf16_like = type("X", (), {"device": torch.device("cuda"), "dtype": torch.bfloat16})()
+    w3, w5 = torch.empty(8, 1, 3, 3), torch.empty(8, 1, 5, 5)
+    assert side._auto_order(cuda_like, None)[0] == "triton"
+    assert side._auto_order(bf16_like, w3)[0] == "triton"
+    assert side._auto_order(bf16_like, w5)[0] == "cuda"
+    assert side._auto_order(cuda_like, w3)[0] == "cuda"
+    assert side._auto_order(y32, None) == ("reference",)

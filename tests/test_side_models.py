@@ -69,7 +69,7 @@ def test_fused_by_default_and_equal_to_reference(build, method):
     ref.csn.backend = "reference"
     state, first = model.csn.start(), model.csn.config.tap_from - 1
     model.csn.tap(state, first, torch.zeros(1, 2, model.csn.block_widths[first]))
-    assert model.csn.backend == "auto" and state.backend == "cpu"  # chosen once, at the first tap
+    assert model.csn.backend == "auto" and state.backend == "cpu"  # chosen at the first tap
     images = torch.randn(2, 3, 64, 64)
     assert_same(loss_and_grads(model, images), loss_and_grads(ref, images))
 

@@ -6,8 +6,9 @@ kernels.
 
 Backends: ``reference`` (pure PyTorch, always there), ``cpu`` (compiled C++, CPU tensors),
 ``cuda`` (compiled CUDA C++) and ``triton`` (CUDA tensors, or CPU tensors under
-``TRITON_INTERPRET=1``). ``auto`` takes the first of :data:`AUTO_ORDER` for the tensors'
-device that is built and takes the shapes; ``DTL_KERNELS_BACKEND`` overrides ``auto``.
+``TRITON_INTERPRET=1``). ``auto`` takes the first backend, in the order for the tensors'
+device (:data:`AUTO_ORDER`; on CUDA the one the H100 measured faster for the case first),
+that is built and takes the shapes; ``DTL_KERNELS_BACKEND`` overrides ``auto``.
 
 Shapes (all backends): ``y`` ``(B, N, d)`` block output; ``taps`` ``(B, N, K)``
 concatenated rank-r taps of the stage so far (``K = i·r``); ``ups`` ``(d, K)``
@@ -139,6 +140,21 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
     "cpu": ("cpu", "reference"),
     "cuda": ("cuda", "triton", "reference"),
 }
+# On CUDA, where the H100 measured Triton faster for forward + backward (ViT-B/16 shapes,
+# benchmarks/results/gpu/run3-final/kernels.csv): plain DTL in every dtype (fp32 145 vs
+# 202 µs, bf16 54 vs 212 µs) and 16-bit DTL+ with k ≤ 3 (561 vs 672 µs). The CUDA C++
+# kernels stay first for the other DTL+ cases (fp32 k = 3: 580 vs 824 µs; k = 5: 656 vs
+# 1697 µs fp32, 694 vs 1604 µs bf16).
+TRITON_FIRST_ON_CUDA = ("triton", "cuda", "reference")
+
+
+def _auto_order(x: torch.Tensor, conv_weight: torch.Tensor | None) -> tuple[str, ...]:
+    order = AUTO_ORDER.get(x.device.type, ("reference",))
+    if x.device.type == "cuda":
+        k = conv_weight.shape[-1] if conv_weight is not None else 0
+        if k == 0 or (x.dtype in (torch.float16, torch.bfloat16) and k <= 3):
+            return TRITON_FIRST_ON_CUDA
+    return order
 
 
 def select(
@@ -154,11 +170,11 @@ def select(
     ``requested`` (or ``DTL_KERNELS_BACKEND`` when ``"auto"``) may name a backend; one that
     cannot run ``x`` raises :class:`~dtl_kernels.ops.BackendUnavailable` saying how to get
     it. Under ``auto`` the shapes (``taps``, ``conv_weight``, ``grid``, when given) must
-    fit too.
+    fit too, and ``conv_weight`` (given or not) picks the measured-faster order on CUDA.
     """
     name = requested if requested != "auto" else os.environ.get("DTL_KERNELS_BACKEND", "auto")
     if name == "auto":
-        for candidate in AUTO_ORDER.get(x.device.type, ("reference",)):
+        for candidate in _auto_order(x, conv_weight):
             b = BACKENDS[candidate]
             if b.runs(x) and (taps is None or b.fits(x, taps, conv_weight, grid, num_prefix)):
                 return candidate
