@@ -31,7 +31,7 @@ test: build
 	$(BIN)/python -m pytest -q tests
 
 lint: venv
-	$(BIN)/python -m pip install -q ruff
+	$(BIN)/python -m pip install -q ruff==0.17.6
 	$(BIN)/ruff check dtl_kernels tests benchmarks python
 	$(BIN)/ruff format --check dtl_kernels tests benchmarks python
 

@@ -248,7 +248,10 @@ def measure_step(
             peak = cpu_peak_bytes(step)
         times = wall_time_ms(step, reps)
     out = dict(
-        saved=rec.total, peak=peak, peak_total=peak_total, time=times,
+        saved=rec.total,
+        peak=peak,
+        peak_total=peak_total,
+        time=times,
         trainable=sum(p.numel() for p in trainable(model)),
     )
     del step, model
@@ -256,7 +259,13 @@ def measure_step(
 
 
 def measure_infer(
-    name: str, provider: str, batch: int, img: int, reps: int, device: str, warmup: int = 2,
+    name: str,
+    provider: str,
+    batch: int,
+    img: int,
+    reps: int,
+    device: str,
+    warmup: int = 2,
     amp: torch.dtype | None = None,
 ) -> tuple:
     """Images/s (median, p20, p80) of an eval forward under no_grad."""
@@ -308,11 +317,17 @@ def main() -> None:
         help="extra batches for the time targets: full, lora, dtl only, no profiled "
         "step (default: none; quick: 32)",
     )
-    ap.add_argument("--sweep-batches", nargs="*", type=int, default=None,
-                    help="(f): batch sweep (none when given empty)")
+    ap.add_argument(
+        "--sweep-batches",
+        nargs="*",
+        type=int,
+        default=None,
+        help="(f): batch sweep (none when given empty)",
+    )
     ap.add_argument("--sweep-providers", nargs="+", default=["full", "lora", "dtl", "dtl+"])
-    ap.add_argument("--m-values", nargs="*", type=int, default=None,
-                    help="(g): M sweep (none when given empty)")
+    ap.add_argument(
+        "--m-values", nargs="*", type=int, default=None, help="(g): M sweep (none when given empty)"
+    )
     ap.add_argument("--m-batch", type=int, default=None)
     ap.add_argument("--infer-batches", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--reps", type=int, default=None, help="timed training steps")
@@ -327,8 +342,12 @@ def main() -> None:
     ap.add_argument("--out", default="e2e", help="CSV / PNG name stem in benchmarks/results")
     ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where CSV / PNG go")
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none",
-                    help="autocast dtype of the steps and inference (CUDA runs: bf16)")
+    ap.add_argument(
+        "--amp",
+        choices=["none", "bf16", "fp16"],
+        default="none",
+        help="autocast dtype of the steps and inference (CUDA runs: bf16)",
+    )
     args = ap.parse_args()
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     q = args.quick
@@ -337,10 +356,16 @@ def main() -> None:
     )
     batches = args.batches or ([8] if q else [8, 32])
     time_batches = args.time_batches if args.time_batches is not None else ([32] if q else [])
-    sweep_batches = (args.sweep_batches if args.sweep_batches is not None
-                     else [] if q else [1, 2, 4, 8, 16, 32])
-    m_values = (args.m_values if args.m_values is not None
-                else [1, 4, 7, 10, 12] if q else list(range(1, 13)))
+    sweep_batches = (
+        args.sweep_batches if args.sweep_batches is not None else [] if q else [1, 2, 4, 8, 16, 32]
+    )
+    m_values = (
+        args.m_values
+        if args.m_values is not None
+        else [1, 4, 7, 10, 12]
+        if q
+        else list(range(1, 13))
+    )
     m_batch = args.m_batch or (8 if q else 32)
     reps = args.reps or (2 if q else 5)
     infer_reps = args.infer_reps or (3 if q else 15)
@@ -449,8 +474,15 @@ def main() -> None:
                             "x",
                         )
                     if r.get("peak_total") and full.get("peak_total"):
-                        add(device, provider, "peak_total_x_full", name, batch,
-                            r["peak_total"] / full["peak_total"], "x")
+                        add(
+                            device,
+                            provider,
+                            "peak_total_x_full",
+                            name,
+                            batch,
+                            r["peak_total"] / full["peak_total"],
+                            "x",
+                        )
                     add(
                         device,
                         provider,
@@ -497,12 +529,18 @@ def main() -> None:
                     ("DTL+ peak memory vs full", "dtl+", 0.26),
                     ("DTL checkpoint_tail peak memory vs full", "dtl_ckpt", 0.12),
                     ("DTL, bf16 frozen weights, peak memory vs full", "dtl_bf16w", 0.25),
-                    ("DTL checkpoint_tail + bf16 frozen weights peak vs full", "dtl_bf16w_ckpt",
-                     0.12),
+                    (
+                        "DTL checkpoint_tail + bf16 frozen weights peak vs full",
+                        "dtl_bf16w_ckpt",
+                        0.12,
+                    ),
                 ]:
                     both = [
-                        b for (q_, b) in steps
-                        if q_ == p and ("full", b) in steps and steps[p, b].get("peak_total")
+                        b
+                        for (q_, b) in steps
+                        if q_ == p
+                        and ("full", b) in steps
+                        and steps[p, b].get("peak_total")
                         and steps["full", b].get("peak_total")
                     ]
                     if both:
@@ -515,8 +553,14 @@ def main() -> None:
             for batch in args.infer_batches:
                 for provider in ("timm", "dtl", "dtl+"):
                     rates[provider, batch] = r = measure_infer(
-                        name, provider, batch, args.img, infer_reps, device,
-                        warmup=1 if q else 2, amp=amp,
+                        name,
+                        provider,
+                        batch,
+                        args.img,
+                        infer_reps,
+                        device,
+                        warmup=1 if q else 2,
+                        amp=amp,
                     )
                     add(device, provider, "infer", name, batch, r, "img/s")
                 for provider in ("dtl", "dtl+"):

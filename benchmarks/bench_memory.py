@@ -126,14 +126,13 @@ def main() -> None:
         model = build(method, backend, adapt_from=7, **opts)
         rec = measure(model, images)
         provider = "reference" if backend == "reference" else "ours"
-        tag = method + "".join(
-            f"+{k}={str(v).replace('torch.', '')}" for k, v in opts.items()
-        )
+        tag = method + "".join(f"+{k}={str(v).replace('torch.', '')}" for k, v in opts.items())
         res.add(provider, "model", tag, args.batch, "float32", shape, rec.total * mb, "MB")
         res.add(provider, "model", tag, args.batch, "float32", shape, rec.total / full, "x_full")
         res.add(provider, "csn", tag, args.batch, "float32", shape, rec.csn_only * mb, "MB")
         line = (
-            f"{provider:9s} {tag:45s} model {rec.total * mb:8.1f} MB = {rec.total / full:.3f}x full;"
+            f"{provider:9s} {tag:45s} model {rec.total * mb:8.1f} MB"
+            f" = {rec.total / full:.3f}x full;"
             f" CSN itself {rec.csn_only * mb:7.1f} MB"
         )
         if backend == "reference" and not opts:

@@ -71,8 +71,16 @@ def main() -> None:
     dst = torch.empty_like(src)
     copy_ms = cuda_time(lambda: dst.copy_(src), reps=args.reps)
     res.add("copy", "copy", "-", b, dtype, f"rows={rows},d={d}", copy_ms, "ms")
-    res.add("copy", "copy", "-", b, dtype, f"rows={rows},d={d}",
-            2 * src.numel() * src.element_size() / (copy_ms[0] * 1e-3) / 1e9, "GB/s")
+    res.add(
+        "copy",
+        "copy",
+        "-",
+        b,
+        dtype,
+        f"rows={rows},d={d}",
+        2 * src.numel() * src.element_size() / (copy_ms[0] * 1e-3) / 1e9,
+        "GB/s",
+    )
 
     y = torch.randn(b, n, d, device="cuda", dtype=dtype)
     taps = torch.randn(b, n, kc, device="cuda", dtype=dtype)

@@ -75,10 +75,10 @@ def main() -> None:
         conv = torch.randn(d, 1, k, k) / k if k else None
         g = grid if k else None
 
-        def ref_fn(y, t, u, w):
+        def ref_fn(y, t, u, w, g=g):
             return reference.side_add(y, t, u, 100.0, w, g, prefix)
 
-        def ours_fn(y, t, u, w):
+        def ours_fn(y, t, u, w, g=g):
             return compiled_side.side_add(y, t, u, 100.0, w, g, prefix)
 
         providers = {"ours": ours_fn, "torch": ref_fn}
@@ -89,11 +89,11 @@ def main() -> None:
             leaves = [t.clone().requires_grad_() for t in (y, taps, ups)]
             w = conv.clone().requires_grad_() if k else None
 
-            def fwd():
+            def fwd(fn=fn, conv=conv):
                 with torch.no_grad():
                     return fn(y, taps, ups, conv)
 
-            def full():
+            def full(fn=fn, leaves=leaves, w=w):
                 out = fn(*leaves, w)
                 out.backward(grad)
 
@@ -108,7 +108,9 @@ def main() -> None:
             line = f"{model:8s} {mode:4s}: ours {times[('ours', mode)]:.2f} ms; "
             line += f"{times[('torch', mode)] / times[('ours', mode)]:.1f}x vs eager"
             if ("torch_compile", mode) in times:
-                line += f", {times[('torch_compile', mode)] / times[('ours', mode)]:.1f}x vs compile"
+                line += (
+                    f", {times[('torch_compile', mode)] / times[('ours', mode)]:.1f}x vs compile"
+                )
             gbs = op_bytes(rows, d, kc, mode, 4) / (times[("ours", mode)] * 1e-3) / 1e9
             line += f"; {gbs:.1f} GB/s = {100 * gbs / copy_gbs:.0f}% of copy ({copy_gbs:.1f} GB/s)"
             line += f", {100 * gbs / clone_gbs:.0f}% of clone ({clone_gbs:.1f} GB/s)"

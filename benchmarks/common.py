@@ -18,8 +18,23 @@ from pathlib import Path
 import torch
 
 COLUMNS = [
-    "benchmark", "provider", "mode", "model", "batch", "dtype", "shape",
-    "median", "p20", "p80", "unit", "machine", "torch", "version", "git_rev", "triton", "date",
+    "benchmark",
+    "provider",
+    "mode",
+    "model",
+    "batch",
+    "dtype",
+    "shape",
+    "median",
+    "p20",
+    "p80",
+    "unit",
+    "machine",
+    "torch",
+    "version",
+    "git_rev",
+    "triton",
+    "date",
 ]
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -43,8 +58,11 @@ def git_rev() -> str:
         return os.environ["DTL_GIT_REV"]
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=Path(__file__).resolve().parent, check=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -109,16 +127,29 @@ class Results:
         self.rows: list[dict] = []
         env = env_columns(device)
         self.env = dict(
-            machine=env["device"], torch=env["torch"], version=package_version(),
-            git_rev=env["git_rev"], triton=env["triton"], date=env["date"],
+            machine=env["device"],
+            torch=env["torch"],
+            version=package_version(),
+            git_rev=env["git_rev"],
+            triton=env["triton"],
+            date=env["date"],
         )
 
     def add(self, provider, mode, model, batch, dtype, shape, stats, unit) -> dict:
         median, p20, p80 = stats if isinstance(stats, tuple) else (stats, stats, stats)
         row = dict(
-            benchmark=self.benchmark, provider=provider, mode=mode, model=model, batch=batch,
-            dtype=str(dtype).replace("torch.", ""), shape=shape, median=median, p20=p20,
-            p80=p80, unit=unit, **self.env,
+            benchmark=self.benchmark,
+            provider=provider,
+            mode=mode,
+            model=model,
+            batch=batch,
+            dtype=str(dtype).replace("torch.", ""),
+            shape=shape,
+            median=median,
+            p20=p20,
+            p80=p80,
+            unit=unit,
+            **self.env,
         )
         self.rows.append(row)
         return row

@@ -185,8 +185,11 @@ def temp_bytes(inp: Inputs, fn, mode: str, device: str) -> int | None:
             out = fn(y, t, inp.ups, 100.0, inp.w, inp.grid, inp.prefix)
         torch.cuda.synchronize()
         return max(0, torch.cuda.max_memory_allocated() - base - _new_bytes([out], before))
-    leaves = [y.detach().requires_grad_(), t.detach().requires_grad_(),
-              inp.ups.detach().requires_grad_()]
+    leaves = [
+        y.detach().requires_grad_(),
+        t.detach().requires_grad_(),
+        inp.ups.detach().requires_grad_(),
+    ]
     if inp.w is not None:
         leaves.append(inp.w.detach().requires_grad_())
     out = fn(*leaves[:3], 100.0, leaves[3] if inp.w is not None else None, inp.grid, inp.prefix)

@@ -1,6 +1,6 @@
 """dtl_kernels: Disentangled Transfer Learning (DTL / DTL+) with fused kernels.
 
-    from dtl_kernels import DTLViT, DTLSwin, create_model
+from dtl_kernels import DTLViT, DTLSwin, create_model
 """
 
 from ._version import __version__

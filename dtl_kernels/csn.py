@@ -232,7 +232,7 @@ def _validate(
     tappable = [True] * depth if tappable is None else tappable
     if len(tappable) != depth:
         raise ValueError(f"tappable has {len(tappable)} entries for {depth} blocks")
-    if any(b < a for a, b in zip(stages, stages[1:])):
+    if any(b < a for a, b in zip(stages, stages[1:], strict=False)):
         raise ValueError(f"block_stages must be non-decreasing, got {stages}")
     for name in ("rank", "tap_from", "adapt_from", "conv_kernel"):
         value = getattr(config, name)
@@ -250,7 +250,7 @@ def _validate(
             "back a side state that has no tap yet"
         )
     first = config.tap_from - 1
-    tapped = [w for w, t in zip(widths[first:], tappable[first:]) if t]
+    tapped = [w for w, t in zip(widths[first:], tappable[first:], strict=False) if t]
     if not any(tappable[config.adapt_from - 1 :]):
         raise ValueError(
             f"adapt_from={config.adapt_from}: no block from there on can be adapted "

@@ -34,12 +34,17 @@ def report() -> str:
         triton_version = None
     lines.append("backends:")
     lines.append("  reference  available (pure PyTorch)")
-    lines.append(f"  cpu        {'built' if _ext.cpu_built() else 'NOT BUILT: ' + str(_ext.CPU_ERROR)}")
     lines.append(
-        f"  triton     {'importable (triton ' + triton_version + ')' if triton_version else 'triton not installed'}"
+        f"  cpu        {'built' if _ext.cpu_built() else 'NOT BUILT: ' + str(_ext.CPU_ERROR)}"
+    )
+    lines.append(
+        "  triton     "
+        + (f"importable (triton {triton_version})" if triton_version else "triton not installed")
         + (", TRITON_INTERPRET=1" if _ext.triton_interpret() else "")
     )
-    lines.append(f"  cuda       {'built' if _ext.cuda_built() else 'NOT BUILT: ' + str(_ext.CUDA_ERROR)}")
+    lines.append(
+        f"  cuda       {'built' if _ext.cuda_built() else 'NOT BUILT: ' + str(_ext.CUDA_ERROR)}"
+    )
     gpu = torch.cuda.is_available()
     lines.append(f"GPU visible: {torch.cuda.get_device_name(0) if gpu else 'no'}")
     lines.append("side op backend used:")

@@ -19,8 +19,13 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-           "fp16": torch.float16, "float32": torch.float32}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+}
 
 
 def resolve_trunk_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -134,5 +139,6 @@ def set_backbone_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> Non
 
 def _cast_inputs_to_own_dtype(module: nn.Module, args: tuple) -> tuple:
     dtype = next(module.parameters()).dtype
-    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
-                 for a in args)
+    return tuple(
+        a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )

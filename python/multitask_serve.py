@@ -48,7 +48,9 @@ def main() -> None:
     for name, logits in outputs.items():
         err = (logits - expected[name]).abs().max().item()
         print(f"{name}: logits {tuple(logits.shape)}, max |shared - separate| = {err:.2e}")
-    print(f"shared trunk: {shared_s * 1e3:.0f} ms, one model after another: {separate_s * 1e3:.0f} ms")
+    print(
+        f"shared trunk: {shared_s * 1e3:.0f} ms, one model after another: {separate_s * 1e3:.0f} ms"
+    )
     print(f"adapters in {folder}")
 
 

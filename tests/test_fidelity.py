@@ -202,7 +202,7 @@ def package_grads_official(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             p.data = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
         return {k: v.detach().clone() for k, v in model.official_state_dict().items()}
     finally:
-        for p, s in zip(params, saved):
+        for p, s in zip(params, saved, strict=False):
             p.data = s
 
 
@@ -237,7 +237,7 @@ def check_against_reference(model, ref_fn, bb_ref, images, ref_kwargs, seed=1):
     assert_close64(logits.detach(), ref_logits.detach(), "logits")
     # Non-trivial: the side network changed the output.
     assert logits.abs().max() > 0
-    for key, grad in zip(keys, grads):
+    for key, grad in zip(keys, grads, strict=False):
         expected = torch.zeros_like(params[key]) if grad is None else grad
         assert_close64(got[key], expected, f"grad of {key}")
     # Every trainable tensor of the package is one of the official tensors.
@@ -371,9 +371,7 @@ def test_vit_dynamic_img_pad_matches_reference():
     model = DTLViT(bb_pkg, adapt_from=3, conv_kernel=4, num_classes=3).double().eval()
     images = _images((BATCH, 3, 40, 36))
     assert model.patch_grid(images) == (3, 3)
-    check_against_reference(
-        model, ref_vit_logits, bb_ref, images, dict(adapt_from=3, conv=True)
-    )
+    check_against_reference(model, ref_vit_logits, bb_ref, images, dict(adapt_from=3, conv=True))
 
 
 @pytest.mark.parametrize("variant", ["h_without_own_term", "conv_on_prefix", "norm_then_mean"])

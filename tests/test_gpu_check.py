@@ -23,9 +23,12 @@ def dry_run(tmp_path_factory):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("DTL_KERNELS_BACKEND", None)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out",
-         str(out)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
     )
     return proc, out
 
@@ -61,15 +64,45 @@ def test_summary_reports_failures_and_misses(tmp_path):
     """A failing correctness row, a crashed stage and a missed target are all visible."""
     from gpu_summary import summary, verdict
 
-    fields = ["backend", "case", "tensor", "err", "tol", "err_torch", "finite", "bit_identical",
-              "passed", "seconds", "device", "torch", "triton", "date", "git_rev"]
+    fields = [
+        "backend",
+        "case",
+        "tensor",
+        "err",
+        "tol",
+        "err_torch",
+        "finite",
+        "bit_identical",
+        "passed",
+        "seconds",
+        "device",
+        "torch",
+        "triton",
+        "date",
+        "git_rev",
+    ]
     with open(tmp_path / "correctness.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
-        w.writerow(dict(backend="cuda", case="c1", tensor="out", err="1", tol="0.1",
-                        err_torch="0.01", finite="True", bit_identical="True", passed="False",
-                        seconds="1", device="gpu", torch="x", triton="y", date="d",
-                        git_rev="r"))
+        w.writerow(
+            dict(
+                backend="cuda",
+                case="c1",
+                tensor="out",
+                err="1",
+                tol="0.1",
+                err_torch="0.01",
+                finite="True",
+                bit_identical="True",
+                passed="False",
+                seconds="1",
+                device="gpu",
+                torch="x",
+                triton="y",
+                date="d",
+                git_rev="r",
+            )
+        )
     text, ok = summary(tmp_path, [("correct-cuda", "TIMEOUT", 300.0, "rc=None")], "")
     assert not ok and "0/1 cases pass" in text and "FAILED: c1" in text
     assert verdict(0.35, 0.7, ">=").startswith("MISS") and "2.00x" in verdict(0.35, 0.7, ">=")

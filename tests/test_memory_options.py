@@ -22,13 +22,26 @@ def _seed(monkeypatch):
 def build(family, **opts):
     if family == "vit":
         return create_model(
-            "vit_tiny_patch16_224", method="dtl+", num_classes=5, img_size=64, depth=4,
-            adapt_from=2, **opts,
+            "vit_tiny_patch16_224",
+            method="dtl+",
+            num_classes=5,
+            img_size=64,
+            depth=4,
+            adapt_from=2,
+            **opts,
         )
     return create_model(
-        "swin_tiny_patch4_window7_224", method="dtl+", num_classes=5, img_size=64,
-        window_size=4, depths=(1, 1, 2, 1), embed_dim=24, num_heads=(1, 1, 2, 2), tap_from=1,
-        adapt_from=3, **opts,
+        "swin_tiny_patch4_window7_224",
+        method="dtl+",
+        num_classes=5,
+        img_size=64,
+        window_size=4,
+        depths=(1, 1, 2, 1),
+        embed_dim=24,
+        num_heads=(1, 1, 2, 2),
+        tap_from=1,
+        adapt_from=3,
+        **opts,
     )
 
 
@@ -129,7 +142,10 @@ def test_trunk_dtype_makes_no_copy_without_autograd(monkeypatch):
     from dtl_kernels import memory as memory_mod
 
     model = create_model(
-        "vit_tiny_patch16_224", method="dtl", num_classes=3, img_size=32,
+        "vit_tiny_patch16_224",
+        method="dtl",
+        num_classes=3,
+        img_size=32,
         trunk_dtype=torch.bfloat16,
     ).eval()
 
@@ -175,12 +191,19 @@ def test_backbone_dtype_halves_the_frozen_weights_and_refuses_full():
     bf16 = build("vit", backbone_dtype="bfloat16")
 
     def frozen_bytes(m):
-        return sum(p.numel() * p.element_size() for p in m.backbone.parameters()
-                   if not p.requires_grad)
+        return sum(
+            p.numel() * p.element_size() for p in m.backbone.parameters() if not p.requires_grad
+        )
 
     assert frozen_bytes(bf16) * 2 == frozen_bytes(fp32)
     with pytest.raises(ValueError, match="trains every backbone weight"):
-        create_model("vit_tiny_patch16_224", method="full", num_classes=5, img_size=64, depth=2,
-                     backbone_dtype=torch.bfloat16)
+        create_model(
+            "vit_tiny_patch16_224",
+            method="full",
+            num_classes=5,
+            img_size=64,
+            depth=2,
+            backbone_dtype=torch.bfloat16,
+        )
     with pytest.raises((TypeError, ValueError)):
         build("vit", backbone_dtype="int8")

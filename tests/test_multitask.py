@@ -50,9 +50,13 @@ def test_adapter_files_equal_models(tmp_path):
 
 def test_swin_equals_separate_models():
     torch.manual_seed(0)
-    bb = timm.create_model(
-        "swin_tiny_patch4_window7_224", img_size=112, window_size=7, num_classes=0
-    ).double().eval()
+    bb = (
+        timm.create_model(
+            "swin_tiny_patch4_window7_224", img_size=112, window_size=7, num_classes=0
+        )
+        .double()
+        .eval()
+    )
     tasks = {}
     for t, (m, k) in enumerate([(8, 5), (10, 0), (5, 3)]):
         model = DTLSwin(bb, adapt_from=m, conv_kernel=k, num_classes=4).double().eval()

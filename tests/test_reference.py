@@ -199,10 +199,10 @@ def test_side_add_equals_stepwise_accumulation(k, grid, num_prefix):
     y = torch.randn(batch, tokens, d, **F64)
     w = torch.randn(d, 1, k, k, **F64) if k else None
     h = None
-    for z, a, b in zip(zs, downs, ups):
+    for z, a, b in zip(zs, downs, ups, strict=False):
         h = ref.accumulate(h, ref.tap(z, a), b)
     stepwise = ref.add_back(y, h, BETA, w, grid, num_prefix)
-    taps = torch.cat([ref.tap(z, a) for z, a in zip(zs, downs)], dim=-1)
+    taps = torch.cat([ref.tap(z, a) for z, a in zip(zs, downs, strict=False)], dim=-1)
     stateless = ref.side_add(y, taps, torch.cat(ups, dim=1), BETA, w, grid, num_prefix)
     torch.testing.assert_close(stateless, stepwise)
 

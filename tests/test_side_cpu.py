@@ -40,6 +40,7 @@ def make_inputs(batch, prefix, grid, d, k_cols, k, dtype, h_scale=0.02, seed=0):
     taps = torch.randn(batch, n, k_cols, generator=g, dtype=torch.float64)
     ups = torch.randn(d, k_cols, generator=g, dtype=torch.float64) * (h_scale / k_cols**0.5)
     conv = torch.randn(d, 1, k, k, generator=g, dtype=torch.float64) / k if k else None
+
     def cast(t):
         return None if t is None else t.to(dtype)
 
@@ -318,8 +319,11 @@ def test_raw_op_errors_name_the_numbers_without_overflow():
     check and crash in the kernel), and the message names the values (built without
     iostreams: see csrc/side_checks.h)."""
     z = torch.zeros
-    with pytest.raises(RuntimeError, match=r"4 tokens do not hold 0 prefix tokens plus a "
-                                           r"4611686018427387905x4 patch grid"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"4 tokens do not hold 0 prefix tokens plus a "
+        r"4611686018427387905x4 patch grid",
+    ):
         OP.side_forward(z(1, 4, 8), z(1, 4, 1), z(8, 1), z(8, 1, 3, 3), 2**62 + 1, 4, 0, 100.0)
     with pytest.raises(RuntimeError, match=r"taps \[1, 3, 1\] do not match y \[1, 4, 8\]"):
         OP.side_forward(z(1, 4, 8), z(1, 3, 1), z(8, 1), None, 0, 0, 0, 100.0)

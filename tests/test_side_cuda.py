@@ -35,8 +35,15 @@ from dtl_kernels.ops import _ext, reference
 
 PKG_DIR = os.path.dirname(dtl_kernels.__file__)
 OPS = ("side_forward", "side_backward")
-KERNELS = (b"fwd_rows_kernel", b"fwd_conv_kernel", b"dt_rows_kernel", b"dt_conv_kernel",
-           b"du_rows_kernel", b"du_conv_kernel", b"sum_partials_kernel")
+KERNELS = (
+    b"fwd_rows_kernel",
+    b"fwd_conv_kernel",
+    b"dt_rows_kernel",
+    b"dt_conv_kernel",
+    b"du_rows_kernel",
+    b"du_conv_kernel",
+    b"sum_partials_kernel",
+)
 
 
 def _cuda_expected() -> bool:
@@ -49,7 +56,8 @@ def _cuda_expected() -> bool:
 
 def _cuda_so() -> list[str]:
     return glob.glob(os.path.join(PKG_DIR, "_C_cuda*.so")) + glob.glob(
-        os.path.join(PKG_DIR, "_C_cuda*.pyd"))
+        os.path.join(PKG_DIR, "_C_cuda*.pyd")
+    )
 
 
 def _need_cuda_build():
@@ -137,9 +145,21 @@ def emulator(tmp_path_factory):
     exe = out / "driver"
     torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
     proc = subprocess.run(
-        [cxx, "-std=c++20", "-O1", "-pthread", f"-I{EMU_DIR}", f"-I{os.path.dirname(KERNELS_CUH)}",
-         f"-I{torch_inc}", os.path.join(EMU_DIR, "driver.cpp"), "-o", str(exe)],
-        capture_output=True, text=True, timeout=600,
+        [
+            cxx,
+            "-std=c++20",
+            "-O1",
+            "-pthread",
+            f"-I{EMU_DIR}",
+            f"-I{os.path.dirname(KERNELS_CUH)}",
+            f"-I{torch_inc}",
+            os.path.join(EMU_DIR, "driver.cpp"),
+            "-o",
+            str(exe),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, f"the emulated kernels do not compile:\n{proc.stderr[-4000:]}"
     return exe
@@ -152,19 +172,25 @@ def _emulate(exe, shape, beta, dtype, sms, scale, tmp_path):
 
     bsz, prefix, grid, d, kw, k = shape
     # the file holds float32: round there first, then to dtype (the kernels see these values)
-    y, taps, ups, w, grad = (t.float().to(dtype).double() if t is not None else None
-                             for t in _case_inputs(shape, torch.float64, "cpu", scale=scale))
+    y, taps, ups, w, grad = (
+        t.float().to(dtype).double() if t is not None else None
+        for t in _case_inputs(shape, torch.float64, "cpu", scale=scale)
+    )
     n = y.shape[1]
     gh, gw = grid if k else (0, 0)
     inp, res = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
-        f.write(np.array([bsz, n, d, kw, k, prefix, gh, gw, sms, EMU_DTYPES[dtype]],
-                         dtype=np.int64).tobytes())
+        f.write(
+            np.array(
+                [bsz, n, d, kw, k, prefix, gh, gw, sms, EMU_DTYPES[dtype]], dtype=np.int64
+            ).tobytes()
+        )
         f.write(np.array([beta], dtype=np.float64).tobytes())
         for t in (y, taps, ups, w if k else torch.zeros(0), grad):
             f.write(t.float().numpy().tobytes())
-    proc = subprocess.run([str(exe), str(inp), str(res)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [str(exe), str(inp), str(res)], capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr
     data = torch.from_numpy(np.fromfile(res, dtype=np.float64).copy())
     shapes = [y.shape, taps.shape, ups.shape] + ([w.shape] if k else [])
@@ -206,9 +232,13 @@ EMU_CASES = [
 
 
 @pytest.mark.parametrize(
-    "case", EMU_CASES,
-    ids=lambda c: "B{}p{}g{}d{}K{}k{}".format(*c[0]) + f"-b{c[1]:g}-{str(c[2])[6:]}-sm{c[3]}"
-    + ("-saturated" if c[4] > 1 else ""),
+    "case",
+    EMU_CASES,
+    ids=lambda c: (
+        "B{}p{}g{}d{}K{}k{}".format(*c[0])
+        + f"-b{c[1]:g}-{str(c[2])[6:]}-sm{c[3]}"
+        + ("-saturated" if c[4] > 1 else "")
+    ),
 )
 def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path):
     shape, beta, dtype, sms, scale = case
@@ -217,7 +247,8 @@ def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path):
     exact = _reference(y, taps, ups, w, grad, beta, grid, prefix, torch.float64)
     torch_lp = _reference(y, taps, ups, w, grad, beta, grid, prefix, dtype)
     del exact[1], torch_lp[1]  # grad_y is G itself: not computed by side_backward
-    for nm, e, t, o in zip(["out", "grad_taps", "grad_ups", "grad_conv"], exact, torch_lp, ours):
+    names = ["out", "grad_taps", "grad_ups", "grad_conv"]
+    for nm, e, t, o in zip(names, exact, torch_lp, ours, strict=False):
         assert torch.isfinite(o).all(), nm
         err = (o - e).abs().max().item()
         err_torch = (t.double() - e).abs().max().item()
@@ -283,10 +314,10 @@ def _case_inputs(shape, dtype, device, scale=0.3, seed=0):
 
 
 def _reference(y, taps, ups, w, grad, beta, grid, prefix, dtype):
-    leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None
-              for t in (y, taps, ups, w)]
-    out = reference.side_add(*leaves[:3], beta, leaves[3], grid if w is not None else None,
-                             prefix)
+    leaves = [
+        t.detach().to(dtype).requires_grad_() if t is not None else None for t in (y, taps, ups, w)
+    ]
+    out = reference.side_add(*leaves[:3], beta, leaves[3], grid if w is not None else None, prefix)
     wanted = [t for t in leaves if t is not None]
     return [out.detach()] + list(torch.autograd.grad(out, wanted, grad.to(dtype)))
 
@@ -319,8 +350,13 @@ def test_cuda_matches_reference(shape, beta, dtype):
 @pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[5], SHAPES[6], SHAPES[10]])
 def test_cuda_strided_and_saturated(shape, flags):
     _need_gpu()
-    _check_against_reference(shape, 100.0, torch.float32, strided=flags == "strided",
-                             scale=1e3 if flags == "saturated" else 0.3)
+    _check_against_reference(
+        shape,
+        100.0,
+        torch.float32,
+        strided=flags == "strided",
+        scale=1e3 if flags == "saturated" else 0.3,
+    )
 
 
 def _check_against_reference(shape, beta, dtype, strided, scale):
@@ -330,7 +366,7 @@ def _check_against_reference(shape, beta, dtype, strided, scale):
     torch_lp = _reference(y, taps, ups, w, grad, beta, grid, prefix, dtype)
     ours = _cuda_op(y, taps, ups, w, grad, beta, grid, prefix, dtype, strided=strided)
     names = ["out", "grad_y", "grad_taps", "grad_ups", "grad_conv"]
-    for nm, e, t, o in zip(names, exact, torch_lp, ours):
+    for nm, e, t, o in zip(names, exact, torch_lp, ours, strict=False):
         assert o.dtype == dtype and o.shape == e.shape, nm
         assert torch.isfinite(o).all(), nm
         err = (o.double() - e).abs().max().item()
@@ -344,11 +380,12 @@ def _check_against_reference(shape, beta, dtype, strided, scale):
 def test_cuda_backward_deterministic(shape):
     _need_gpu()
     y, taps, ups, w, grad = _case_inputs(shape, torch.float32, "cuda")
-    runs = [_cuda_op(y, taps, ups, w, grad, 100.0, shape[2], shape[1], torch.float32)
-            for _ in range(3)]
-    for a, b in zip(runs[0], runs[1]):
+    runs = [
+        _cuda_op(y, taps, ups, w, grad, 100.0, shape[2], shape[1], torch.float32) for _ in range(3)
+    ]
+    for a, b in zip(runs[0], runs[1], strict=False):
         assert torch.equal(a, b)
-    for a, b in zip(runs[0], runs[2]):
+    for a, b in zip(runs[0], runs[2], strict=False):
         assert torch.equal(a, b)
 
 
@@ -364,11 +401,14 @@ def test_cuda_backend_autograd_and_opcheck():
     out = side.side_add(*leaves[:3], 100.0, leaves[3], shape[2], shape[1], backend="cuda")
     out.backward(grad.float())
     exact = _reference(y, taps, ups, w, grad, 100.0, shape[2], shape[1], torch.float64)
-    for e, t in zip(exact[1:], leaves):
+    for e, t in zip(exact[1:], leaves, strict=False):
         torch.testing.assert_close(t.grad.double(), e, rtol=1e-4, atol=1e-4)
     args = (y.float(), taps.float(), ups.float(), w.float(), 4, 8, 5, 100.0)
-    torch.library.opcheck(torch.ops.dtl_kernels.side_forward.default, args,
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.dtl_kernels.side_forward.default,
+        args,
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 @pytest.mark.gpu

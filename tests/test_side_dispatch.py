@@ -19,8 +19,9 @@ def test_cuda_limits_come_from_the_extension():
     fits = side.BACKENDS["cuda"].fits
     assert fits(y, torch.empty(1, 4, 24), None)
     assert fits(y, torch.empty(1, 4, mod.MAX_K), torch.empty(8, 1, mod.MAX_KSIZE, mod.MAX_KSIZE))
-    assert not fits(y, torch.empty(1, 4, 24), torch.empty(8, 1, mod.MAX_KSIZE + 2,
-                                                              mod.MAX_KSIZE + 2))
+    assert not fits(
+        y, torch.empty(1, 4, 24), torch.empty(8, 1, mod.MAX_KSIZE + 2, mod.MAX_KSIZE + 2)
+    )
     assert not fits(y, torch.empty(1, 4, mod.MAX_K + 64), None)  # e.g. ViT-L, 24 taps of r = 8
 
 

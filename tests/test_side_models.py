@@ -31,8 +31,15 @@ def small_vit(method="dtl+", **kw):
 
 def small_swin(method="dtl+", **kw):
     return create_model(
-        "swin_tiny_patch4_window7_224", method=method, num_classes=5, img_size=64,
-        window_size=4, depths=(1, 1, 1, 1), embed_dim=24, num_heads=(1, 1, 2, 2), **kw,
+        "swin_tiny_patch4_window7_224",
+        method=method,
+        num_classes=5,
+        img_size=64,
+        window_size=4,
+        depths=(1, 1, 1, 1),
+        embed_dim=24,
+        num_heads=(1, 1, 2, 2),
+        **kw,
     )
 
 

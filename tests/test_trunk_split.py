@@ -36,7 +36,7 @@ def test_split_walk_equals_forward(name, kwargs, method):
     got = model.forward_from_trunk(inputs, y, ctx)
     got.square().sum().backward()
     torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
-    for g, p in zip(grads, model.trainable_parameters()):
+    for g, p in zip(grads, model.trainable_parameters(), strict=False):
         torch.testing.assert_close(p.grad, g, atol=1e-12, rtol=1e-12)
 
 

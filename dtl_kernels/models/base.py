@@ -150,7 +150,9 @@ class DTLModel(nn.Module):
             y = x = blocks[i](x)
         return inputs, y, ctx
 
-    def forward_from_trunk(self, taps_inputs: list[torch.Tensor], y: torch.Tensor, ctx: dict) -> torch.Tensor:
+    def forward_from_trunk(
+        self, taps_inputs: list[torch.Tensor], y: torch.Tensor, ctx: dict
+    ) -> torch.Tensor:
         """Logits from :meth:`trunk_forward`'s outputs: the CSN taps, block ``M``'s add-back,
         the tail blocks and the head. Equals ``forward(images)``."""
         csn, depth = self.csn, self.trunk_depth
@@ -159,7 +161,7 @@ class DTLModel(nn.Module):
             tapped = [i for i in range(depth) if csn.is_tapped(i)]
             if len(tapped) != len(taps_inputs):
                 raise ValueError(f"expected {len(tapped)} trunk tap inputs, got {len(taps_inputs)}")
-            for i, z in zip(tapped, taps_inputs):
+            for i, z in zip(tapped, taps_inputs, strict=False):
                 csn.tap(state, i, z)
             if csn.is_adapted(depth - 1):  # a CNN's block M may change shape: no add-back
                 t, grid, num_prefix = self.tokens(y, ctx)
@@ -219,7 +221,9 @@ class DTLModel(nn.Module):
             include_backbone: also write the frozen backbone's own keys.
         """
         own = self.state_dict()
-        out = {theirs: own[ours].detach().clone() for theirs, ours in self._official_mapping().items()}
+        out = {
+            theirs: own[ours].detach().clone() for theirs, ours in self._official_mapping().items()
+        }
         if include_backbone:
             for k, v in self.backbone.state_dict().items():
                 out.setdefault(k, v.detach().clone())
@@ -545,8 +549,11 @@ def new_head(width: int, num_classes: int) -> nn.Module:
 
 def csn_config(rank, beta, tap_from, adapt_from, conv_kernel) -> CSNConfig:
     return CSNConfig(
-        rank=rank, beta=float(beta) if isinstance(beta, int) and not isinstance(beta, bool) else beta,
-        tap_from=tap_from, adapt_from=adapt_from, conv_kernel=conv_kernel,
+        rank=rank,
+        beta=float(beta) if isinstance(beta, int) and not isinstance(beta, bool) else beta,
+        tap_from=tap_from,
+        adapt_from=adapt_from,
+        conv_kernel=conv_kernel,
     )
 
 

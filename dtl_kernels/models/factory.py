@@ -22,7 +22,14 @@ from .vit import DTLViT
 
 METHODS = ("dtl", "dtl+", "dtl+*", "linear", "full")
 _WRAPPER_OPTIONS = (
-    "rank", "beta", "adapt_from", "tap_from", "conv_kernel", "head", "trunk_dtype", "checkpoint_tail",
+    "rank",
+    "beta",
+    "adapt_from",
+    "tap_from",
+    "conv_kernel",
+    "head",
+    "trunk_dtype",
+    "checkpoint_tail",
 )
 # applied after the wrapper is built (it needs to know what is frozen)
 _AFTER_OPTIONS = ("backbone_dtype",)
@@ -70,8 +77,9 @@ def create_model(
         options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
             and the memory options ``trunk_dtype``, ``checkpoint_tail`` (ViT, Swin) go to
             the wrapper; ``backbone_dtype`` (``torch.bfloat16`` / ``float16``) keeps the
-            frozen backbone weights in that dtype (CSN and head stay float32); anything else (``drop_path_rate``, ``img_size``,
-            ``dynamic_img_size``…) goes to ``timm.create_model``.
+            frozen backbone weights in that dtype (CSN and head stay float32); anything else
+            (``drop_path_rate``, ``img_size``, ``dynamic_img_size``…) goes to
+            ``timm.create_model``.
     """
     import timm
 
@@ -83,9 +91,7 @@ def create_model(
         backbone = timm.create_model(name, pretrained=pretrained is True, **options)
     except RuntimeError as exc:
         if str(exc).startswith("Unknown model"):
-            raise ValueError(
-                f"{name!r} is not a timm model name (see timm.list_models())"
-            ) from exc
+            raise ValueError(f"{name!r} is not a timm model name (see timm.list_models())") from exc
         if pretrained is True:
             raise RuntimeError(
                 f"could not fetch pretrained weights for {name!r} from the hub ({exc}). "

@@ -64,7 +64,8 @@ class MultiTaskDTL(nn.Module):
                 self._check_same_backbone(name, model)
             else:
                 raise TypeError(
-                    f"task {name!r}: expected an adapter path or a DTL model, got {type(task).__name__}"
+                    f"task {name!r}: expected an adapter path or a DTL model, "
+                    f"got {type(task).__name__}"
                 )
             if model.head_mode != "published":
                 raise ValueError(_OWN_HEAD.format(name=name))
@@ -72,7 +73,9 @@ class MultiTaskDTL(nn.Module):
                 raise ValueError(f"task {name!r} fine-tunes the whole backbone: it shares no trunk")
             self.tasks[name] = model
             if not isinstance(model, walker_cls):
-                raise TypeError(f"task {name!r} is a {type(model).__name__}, not a {walker_cls.__name__}")
+                raise TypeError(
+                    f"task {name!r} is a {type(model).__name__}, not a {walker_cls.__name__}"
+                )
 
     @property
     def _walker(self) -> DTLModel:
@@ -88,8 +91,12 @@ class MultiTaskDTL(nn.Module):
             diff = sorted(set(own) ^ set(theirs))[:10]
             raise ValueError(f"task {name!r} was built on another backbone (keys differ: {diff})")
         for key, value in theirs.items():
-            if value.shape != own[key].shape or not torch.equal(value.to(own[key].device), own[key]):
-                raise ValueError(f"task {name!r}: backbone weight {key} differs from the shared one")
+            if value.shape != own[key].shape or not torch.equal(
+                value.to(own[key].device), own[key]
+            ):
+                raise ValueError(
+                    f"task {name!r}: backbone weight {key} differs from the shared one"
+                )
 
     def _branch_block(self, model: DTLModel) -> int:
         """0-based index of the block after which the task leaves the trunk."""
@@ -120,13 +127,13 @@ class MultiTaskDTL(nn.Module):
                 x = y
             if running:
                 inputs = [walker.block_input(i, tails[n]) for n in running]
-                for n, xin in zip(running, inputs):
+                for n, xin in zip(running, inputs, strict=False):
                     self._tap(n, i, xin, ctx, states)
                 if self.batch_tails and len(running) > 1:
                     outputs = blocks[i](torch.cat(inputs)).split(batch)
                 else:
                     outputs = [blocks[i](xin) for xin in inputs]
-                for n, y_n in zip(running, outputs):
+                for n, y_n in zip(running, outputs, strict=False):
                     tails[n] = self._add_back(n, i, y_n, ctx, states)
         return {n: m.forward_head(tails.get(n, x)) for n, m in self.tasks.items()}
 

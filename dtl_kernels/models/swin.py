@@ -116,7 +116,8 @@ class DTLSwin(DTLModel):
         pe = self.backbone.patch_embed
         if images.shape[1] != pe.proj.in_channels:
             raise ValueError(
-                f"images have {images.shape[1]} channels, the backbone expects {pe.proj.in_channels}"
+                f"images have {images.shape[1]} channels, "
+                f"the backbone expects {pe.proj.in_channels}"
             )
         size = tuple(images.shape[-2:])
         if getattr(pe, "strict_img_size", False) and size != tuple(pe.img_size):

@@ -107,7 +107,9 @@ class DTLViT(DTLModel):
         pe = self.backbone.patch_embed
         channels = pe.proj.in_channels
         if images.shape[1] != channels:
-            raise ValueError(f"images have {images.shape[1]} channels, the backbone expects {channels}")
+            raise ValueError(
+                f"images have {images.shape[1]} channels, the backbone expects {channels}"
+            )
         size = tuple(images.shape[-2:])
         if getattr(pe, "strict_img_size", False) and pe.img_size is not None:
             if size != tuple(pe.img_size):
@@ -119,8 +121,14 @@ class DTLViT(DTLModel):
         if not getattr(pe, "dynamic_img_pad", False):
             ph, pw = pe.patch_size
             if size[0] % ph or size[1] % pw:
-                raise ValueError(f"image size {size} is not a multiple of the patch size {pe.patch_size}")
-        return tuple(pe.dynamic_feat_size(size)) if hasattr(pe, "dynamic_feat_size") else tuple(pe.grid_size)
+                raise ValueError(
+                    f"image size {size} is not a multiple of the patch size {pe.patch_size}"
+                )
+        return (
+            tuple(pe.dynamic_feat_size(size))
+            if hasattr(pe, "dynamic_feat_size")
+            else tuple(pe.grid_size)
+        )
 
     # -- the block walk (see DTLModel.run_blocks) ----------------------------------------
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -161,7 +169,6 @@ class DTLViT(DTLModel):
             "grid": list(pe.grid_size) if pe.grid_size is not None else None,
             "num_prefix_tokens": self.num_prefix,
         }
-
 
     def _filter_backbone_checkpoint(self, sd):
         from timm.models.vision_transformer import checkpoint_filter_fn

@@ -13,8 +13,7 @@ import importlib.util
 import os
 
 BUILD_HINT = (
-    "rebuild the package with `pip install --no-build-isolation -e .` "
-    "(see README, 'Install')"
+    "rebuild the package with `pip install --no-build-isolation -e .` (see README, 'Install')"
 )
 
 
@@ -31,9 +30,7 @@ def _try_import(name: str) -> str | None:
 
 
 CPU_ERROR = _try_import("dtl_kernels._C")
-CUDA_ERROR = (
-    "the CPU extension is missing" if CPU_ERROR else _try_import("dtl_kernels._C_cuda")
-)
+CUDA_ERROR = "the CPU extension is missing" if CPU_ERROR else _try_import("dtl_kernels._C_cuda")
 
 
 def cpu_built() -> bool:

@@ -67,9 +67,11 @@ def _compiled_why_not(device_type: str) -> Callable[[torch.Tensor], str]:
         if device_type == "cpu" and _ext.CPU_ERROR:
             return f"the CPU extension is not built ({_ext.CPU_ERROR}); {_ext.BUILD_HINT}"
         if device_type == "cuda" and _ext.CUDA_ERROR:
-            return (f"the CUDA extension is not built ({_ext.CUDA_ERROR}); it needs a CUDA "
-                    f"toolkit and a CUDA build of PyTorch: {_ext.BUILD_HINT} with "
-                    "DTL_KERNELS_CUDA=1")
+            return (
+                f"the CUDA extension is not built ({_ext.CUDA_ERROR}); it needs a CUDA "
+                f"toolkit and a CUDA build of PyTorch: {_ext.BUILD_HINT} with "
+                "DTL_KERNELS_CUDA=1"
+            )
         return f"the {device_type} backend cannot run {x.device} tensors"
 
     return why_not
@@ -93,8 +95,10 @@ def _triton_runs(x: torch.Tensor) -> bool:
 def _triton_why_not(x: torch.Tensor) -> str:
     if not _ext.triton_importable():
         return "the triton backend needs `pip install triton`"
-    return ("the triton backend runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 "
-            "was set before dtl_kernels.ops.triton_side was imported)")
+    return (
+        "the triton backend runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 "
+        "was set before dtl_kernels.ops.triton_side was imported)"
+    )
 
 
 def _triton_run(y, taps, ups, beta, conv_weight, grid, num_prefix):
@@ -107,8 +111,11 @@ def _triton_run(y, taps, ups, beta, conv_weight, grid, num_prefix):
 def _cuda_plan_fits(b, n, d, k_cols, ksize, prefix, gh, gw, io, acc, device_index) -> bool:
     props = torch.cuda.get_device_properties(device_index)
     smem = getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024
-    return bool(_ext.cuda_module().plan_fits(b, n, d, k_cols, ksize, prefix, gh, gw, io, acc,
-                                             props.multi_processor_count, smem))
+    return bool(
+        _ext.cuda_module().plan_fits(
+            b, n, d, k_cols, ksize, prefix, gh, gw, io, acc, props.multi_processor_count, smem
+        )
+    )
 
 
 def _cuda_fits(y, taps, conv_weight=None, grid=None, num_prefix=0) -> bool:
@@ -122,17 +129,29 @@ def _cuda_fits(y, taps, conv_weight=None, grid=None, num_prefix=0) -> bool:
     b, n, d = y.shape
     gh, gw = (int(grid[0]), int(grid[1])) if ksize and grid is not None else (0, 0)
     acc = 8 if y.dtype == torch.float64 else 4
-    return _cuda_plan_fits(b, n, d, k_cols, ksize, int(num_prefix) if ksize else 0, gh, gw,
-                           y.element_size(), acc, y.device.index or 0)
+    return _cuda_plan_fits(
+        b,
+        n,
+        d,
+        k_cols,
+        ksize,
+        int(num_prefix) if ksize else 0,
+        gh,
+        gw,
+        y.element_size(),
+        acc,
+        y.device.index or 0,
+    )
 
 
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", _always, lambda x: "", _always, reference.side_add,
-                         casts_params=False),
-    "cpu": Backend("cpu", _compiled_runs("cpu"), _compiled_why_not("cpu"), _always,
-                   _compiled_run),
-    "cuda": Backend("cuda", _compiled_runs("cuda"), _compiled_why_not("cuda"), _cuda_fits,
-                    _compiled_run),
+    "reference": Backend(
+        "reference", _always, lambda x: "", _always, reference.side_add, casts_params=False
+    ),
+    "cpu": Backend("cpu", _compiled_runs("cpu"), _compiled_why_not("cpu"), _always, _compiled_run),
+    "cuda": Backend(
+        "cuda", _compiled_runs("cuda"), _compiled_why_not("cuda"), _cuda_fits, _compiled_run
+    ),
     "triton": Backend("triton", _triton_runs, _triton_why_not, _always, _triton_run),
 }
 # auto: the first of these that runs the tensors and takes the shapes
@@ -261,8 +280,9 @@ def validate(
     # the kernels compute in float32 (float64 for float64 inputs): β must be finite there
     limit = torch.finfo(torch.float64 if y.dtype == torch.float64 else torch.float32).max
     if abs(beta) > limit:
-        raise ValueError(f"side_add: |beta| must be <= {limit:.3g} for {y.dtype} inputs, "
-                         f"got {beta!r}")
+        raise ValueError(
+            f"side_add: |beta| must be <= {limit:.3g} for {y.dtype} inputs, got {beta!r}"
+        )
     if y.dim() != 3:
         raise ValueError(f"side_add: y must be (batch, tokens, d), got shape {tuple(y.shape)}")
     b, n, d = y.shape
