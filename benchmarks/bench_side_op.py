@@ -15,18 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, time_fn  # noqa: E402
+from common import Results, op_bytes, time_fn  # noqa: E402
 
 from dtl_kernels.ops import compiled_side, reference  # noqa: E402
-
-
-def op_bytes(rows: int, d: int, k_cols: int, mode: str, elem: int) -> int:
-    """Minimum traffic: forward reads y and T, writes out; backward reads G and T, writes
-    ∂T (∂y is G itself, no copy). Parameters (d·K, d·k²) are negligible but counted."""
-    params = 2 * d * k_cols * elem
-    fwd = (2 * rows * d + rows * k_cols) * elem + params
-    bwd = (rows * d + 2 * rows * k_cols) * elem + params
-    return fwd if mode == "fwd" else fwd + bwd
 
 
 def main() -> None:

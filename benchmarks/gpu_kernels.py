@@ -34,18 +34,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, quantiles  # noqa: E402
+from common import Results, op_bytes, quantiles  # noqa: E402
 
 from dtl_kernels.ops import reference  # noqa: E402
 
 CALLS, REPLAYS = 100, 5
-
-
-def op_bytes(rows: int, d: int, k_cols: int, mode: str, elem: int) -> int:
-    """Fewest bytes one call must move through device memory (see the module docstring)."""
-    fwd = (2 * rows * d + rows * k_cols) * elem
-    bwd = (rows * d + 2 * rows * k_cols) * elem
-    return fwd if mode == "fwd" else fwd + bwd
 
 
 # -- providers -------------------------------------------------------------------------
