@@ -46,20 +46,6 @@ ROOT = HERE.parent
 CACHE = Path("/tmp/dtl_kernels_gpu_cache")  # inductor + triton caches of this run
 STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "e2e")
 
-E2E_PROVIDERS = [
-    "full",
-    "linear",
-    "lora",
-    "dtl_ref",
-    "dtl",
-    "dtl+",
-    "dtl+*",
-    "dtl_bf16trunk",
-    "dtl_ckpt",
-    "dtl_bf16w",
-    "dtl_bf16w_ckpt",
-]
-
 
 class Log:
     """Appends to ``log.txt``; ``say`` also prints (the reply shows the end of stdout)."""
@@ -217,7 +203,12 @@ def main() -> int:
     ap.add_argument(
         "--e2e-models", nargs="+", default=["vit_base_patch16_224", "swin_base_patch4_window7_224"]
     )
-    ap.add_argument("--e2e-providers", nargs="+", default=E2E_PROVIDERS)
+    ap.add_argument(
+        "--e2e-providers",
+        nargs="+",
+        default=None,
+        help="bench_e2e.py providers (default: all of its PROVIDERS)",
+    )
     ap.add_argument(
         "--correct-backends", nargs="+", default=["cuda", "triton"], choices=["cuda", "triton"]
     )
@@ -383,8 +374,7 @@ def main() -> int:
                 "cuda",
                 "--batches",
                 "32",
-                "--providers",
-                *args.e2e_providers,
+                *(["--providers", *args.e2e_providers] if args.e2e_providers else []),
                 "--reps",
                 "10",
                 "--infer-batches",

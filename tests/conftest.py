@@ -1,11 +1,31 @@
-"""Shared test setup: every test starts from the same random state."""
+"""Shared test setup: every test starts from the same random state; fixtures that several
+test modules use (one intra-op thread, a toy image folder)."""
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors and models: intra-op threads only add overhead (and stall badly when the
+    cores are shared), so a module that asks runs on one thread; the setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """3 classes of 32×32 images (12 train / 6 test), an ImageFolder layout."""
+    from toy_images import make_toy_folder
+
+    return make_toy_folder(tmp_path_factory.mktemp("toy"), 12, 6)
 
 
 @pytest.fixture(autouse=True)

@@ -62,25 +62,10 @@ def test_every_row_says_where_and_when(dry_run):
 
 def test_summary_reports_failures_and_misses(tmp_path):
     """A failing correctness row, a crashed stage and a missed target are all visible."""
+    from gpu_correct import COLUMNS
     from gpu_summary import summary, verdict
 
-    fields = [
-        "backend",
-        "case",
-        "tensor",
-        "err",
-        "tol",
-        "err_torch",
-        "finite",
-        "bit_identical",
-        "passed",
-        "seconds",
-        "device",
-        "torch",
-        "triton",
-        "date",
-        "git_rev",
-    ]
+    fields = COLUMNS + ["device", "torch", "triton", "date", "git_rev"]
     with open(tmp_path / "correctness.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()

@@ -25,14 +25,7 @@ SMALL_VIT = dict(img_size=32)  # 2×2 patch grid
 SMALL_SWIN = dict(img_size=64, window_size=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models: intra-op threads only add overhead (and stall badly when the
-    cores are shared), so this module runs on one thread and restores the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vit_backbone(**kw):

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from toy_images import make_toy_folder
 
 from dtl_kernels import create_model
 from dtl_kernels.train import cache as tc
@@ -26,18 +25,7 @@ VIT = "vit_tiny_patch16_224"
 CNN = "tf_efficientnet_lite0"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    """3 classes of 32×32 images (12 train / 6 test)."""
-    return make_toy_folder(tmp_path_factory.mktemp("toy"), 12, 6)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def options(toy: Path, out: Path, **kw) -> dict:

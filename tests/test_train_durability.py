@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from toy_images import make_toy_folder
 
 from dtl_kernels import _io
 from dtl_kernels.train import checkpoint as ckpt
@@ -70,19 +68,6 @@ def test_stale_temp_files_are_removed(tmp_path):
     finally:
         alive.kill()
         alive.wait()
-
-
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    return make_toy_folder(tmp_path_factory.mktemp("toy"), 12, 6)
 
 
 def options(toy: Path, out: Path, **kw) -> dict:

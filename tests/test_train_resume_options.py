@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from toy_images import make_toy_folder
 
 from dtl_kernels.train import checkpoint as ckpt
@@ -20,17 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
 STEPS = 3  # 12 images, batch 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    return make_toy_folder(tmp_path_factory.mktemp("toy"), 12, 6)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def options(toy: Path, out: Path, **kw) -> dict:

@@ -251,6 +251,30 @@ __device__ void zero_smem(acc_t* p, int n) {
   for (int i = threadIdx.x; i < n; i += kThreads) p[i] = 0;
 }
 
+// h = T·Uᵀ for the thread's 4×4 micro tile of a bm × bd tile (taps T_s[k][row], ups
+// U_s[k][ch]); returns the product's plan, whose tile(0) / m0 / n0 place the micro tile.
+template <typename acc_t, typename scalar_t>
+__device__ Gemm micro_h(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
+                        int ldu, int bm, int bd, acc_t (&h)[1][4][4]) {
+  const Gemm g(bm, bd, a.K);
+  zero_tiles(h);
+  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  return g;
+}
+
+// G (or y) of the thread's micro tile, 4 rows × 4 channels from c0 + n0, zero off the rows.
+template <typename acc_t, typename scalar_t, typename Map>
+__device__ void load_micro_tile(const SideArgs<scalar_t>& a, const Map& map, const Gemm& g,
+                                int64_t c0, acc_t (&v)[4][4]) {
+  const int t = g.tile(0);
+  for (int i = 0; i < 4; ++i) {
+    int64_t b, n;
+    for (int j = 0; j < 4; ++j) v[i][j] = 0;
+    if (map.at(g.m0(t) + i, b, n))
+      load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c0 + g.n0(t), a.D, a.vec, v[i]);
+  }
+}
+
 // -- depthwise k×k on a tile in shared memory -----------------------------------------------
 // For each output (oi, oj) of a th×tw tile and each channel j < bd:
 //   v = Σ_{a,b<KS} wk[a][b][j] · src[((oi + a)·sw + oj + b)·bd + j]
@@ -347,10 +371,8 @@ __global__ void __launch_bounds__(kThreads)
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
   __syncthreads();
-  const Gemm g(bm, bd, a.K);
   acc_t h[1][4][4];
-  zero_tiles(h);
-  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
   const acc_t beta = static_cast<acc_t>(a.beta);
   const int t = g.tile(0);
   const int64_t c = c0 + g.n0(t);
@@ -385,7 +407,6 @@ __global__ void __launch_bounds__(kThreads)
   stage_conv(w_s, a.w, c0, bd, a.D, KS * KS);
   const GridMap halo{tl.b, tl.ti0 - pad, tl.tj0 - pad, hh, hw, a.H, a.W, a.P};
   const acc_t beta = static_cast<acc_t>(a.beta);
-  const Gemm g(bm, bd, a.K);
   for (int p0 = 0; p0 < hh * hw; p0 += bm) {
     __syncthreads();  // T_s of the previous pass is no longer read
     // taps of halo positions p0 … p0 + bm − 1 (a shifted view of the halo map)
@@ -398,8 +419,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     acc_t h[1][4][4];
-    zero_tiles(h);
-    gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+    const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
     const int t = g.tile(0);
     for (int i = 0; i < 4; ++i) {
       const int pos = p0 + g.m0(t) + i;
@@ -433,10 +453,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename acc_t, typename scalar_t, typename DVal>
 __device__ void rows_S_ck(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                           int ldu, int bm, int bd, acc_t* S_s, int lds, DVal dval) {
-  const Gemm g(bm, bd, a.K);
   acc_t h[1][4][4];
-  zero_tiles(h);
-  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
   const acc_t beta = static_cast<acc_t>(a.beta);
   const int t = g.tile(0);
 #pragma unroll
@@ -480,17 +498,11 @@ __global__ void __launch_bounds__(kThreads)
   acc_t dt[2][4][4];
   zero_tiles(dt);
   const Gemm gh(bm, bd, a.K);
-  const int t = gh.tile(0);
   for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
     // G of the thread's own 4 rows × 4 channels (the micro tile of h), issued first so the
     // loads are in flight while the step's U is staged
     acc_t gv[4][4];
-    for (int i = 0; i < 4; ++i) {
-      int64_t b, n;
-      for (int j = 0; j < 4; ++j) gv[i][j] = 0;
-      if (map.at(gh.m0(t) + i, b, n))
-        load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c0 + gh.n0(t), a.D, a.vec, gv[i]);
-    }
+    load_micro_tile(a, map, gh, c0, gv);
     __syncthreads();  // the previous step's U_s / U2_s / S_s are no longer read
     stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
     stage_ups_ck(U2_s, a.Kp, a.ups, c0, bd, a.D, a.K);
@@ -566,10 +578,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename acc_t, typename scalar_t, typename DVal>
 __device__ void rows_S_rc(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                           int ldu, int bm, int bd, acc_t* S_s, int lds, acc_t* A_s, DVal dval) {
-  const Gemm g(bm, bd, a.K);
   acc_t h[1][4][4];
-  zero_tiles(h);
-  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
   const acc_t beta = static_cast<acc_t>(a.beta);
   const int t = g.tile(0);
 #pragma unroll
@@ -614,16 +624,10 @@ __global__ void __launch_bounds__(kThreads)
   acc_t du[2][4][4];
   zero_tiles(du);
   const Gemm gh(bm, bd, a.K);
-  const int t = gh.tile(0);
   for (int64_t tile = blockIdx.x; tile * bm < total; tile += gridDim.x) {
     const RowsMap map{tile * bm, total, rpb};
     acc_t gv[4][4];  // G of the thread's micro tile, in flight while the taps are staged
-    for (int i = 0; i < 4; ++i) {
-      int64_t b, n;
-      for (int j = 0; j < 4; ++j) gv[i][j] = 0;
-      if (map.at(gh.m0(t) + i, b, n))
-        load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c0 + gh.n0(t), a.D, a.vec, gv[i]);
-    }
+    load_micro_tile(a, map, gh, c0, gv);
     __syncthreads();
     stage_taps(T_s, ldt, T2_s, a.Kp, a, map, bm);
     __syncthreads();

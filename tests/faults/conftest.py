@@ -13,11 +13,9 @@ from dtl_kernels.train import make_config, run
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
+    """Every fault test on one intra-op thread (tests/conftest.py)."""
     yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="session")
