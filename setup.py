@@ -69,7 +69,8 @@ def _extensions():
     native = os.environ.get("DTL_KERNELS_NATIVE", "1") != "0"
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + (["-march=native"] if native else [])
     cpu_sources = ["csrc/ops.cpp", "csrc/cpu/module.cpp"] + sorted(
-        str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
         if p.name != "module.cpp"
     )
     exts = [
@@ -111,6 +112,21 @@ def _extensions():
     return exts, cpp_extension.BuildExtension
 
 
+def _write_build_info() -> None:
+    """dtl_kernels/_build_info.json: the torch and (with -march=native) the CPU ISA this build
+    is for; dtl_kernels/_build_check.py refuses to load the extension elsewhere."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location(
+        "_build_check", ROOT / "dtl_kernels" / "_build_check.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.write_build_info(torch.__version__, os.environ.get("DTL_KERNELS_NATIVE", "1") != "0")
+
+
 def _version() -> str:
     for line in (ROOT / "dtl_kernels" / "_version.py").read_text().splitlines():
         if line.startswith("__version__"):
@@ -119,6 +135,7 @@ def _version() -> str:
 
 
 ext_modules, build_ext = _extensions()
+_write_build_info()
 setup(
     version=_version(),
     ext_modules=ext_modules,

@@ -32,6 +32,19 @@ def report() -> str:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    from . import _build_check
+
+    built = _build_check.build_info()
+    if built:
+        isa = built.get("native_isa")
+        lines.append(
+            f"built against torch {built.get('torch')}; CPU kernels "
+            + (
+                f"for this build machine's CPU (-march=native: {', '.join(isa)})"
+                if isa
+                else "portable (no -march=native)"
+            )
+        )
     lines.append("backends:")
     lines.append("  reference  available (pure PyTorch)")
     lines.append(

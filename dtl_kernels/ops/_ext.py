@@ -11,6 +11,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import warnings
+
+import torch
+
+from .. import _build_check
 
 BUILD_HINT = (
     "rebuild the package with `pip install --no-build-isolation -e .` (see README, 'Install')"
@@ -22,11 +27,20 @@ class BackendUnavailable(RuntimeError):
 
 
 def _try_import(name: str) -> str | None:
-    try:
-        importlib.import_module(name)
-    except ImportError as exc:  # not built, or built against another torch
-        return f"{type(exc).__name__}: {exc}"
-    return None
+    if importlib.util.find_spec(name) is None:
+        return f"{name} is not built"
+    reason = _build_check.mismatch(
+        _build_check.build_info(), torch.__version__, _build_check.cpu_flags()
+    )
+    if reason is None:
+        try:
+            importlib.import_module(name)
+            return None
+        except ImportError as exc:  # e.g. an undefined symbol of another torch
+            reason = f"{type(exc).__name__}: {exc}; {_build_check.REBUILD}"
+    # built but unusable here: say so loudly once (auto falls back to slower backends)
+    warnings.warn(f"dtl_kernels: {name} cannot be used: {reason}", RuntimeWarning, stacklevel=2)
+    return reason
 
 
 CPU_ERROR = _try_import("dtl_kernels._C")
