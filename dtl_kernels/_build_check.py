@@ -59,8 +59,8 @@ def mismatch(info: dict | None, torch_version: str, flags: set[str] | None) -> s
         if missing:
             return (
                 f"the CPU kernels were compiled with -march=native on a CPU with "
-                f"{', '.join(missing)}, which this CPU lacks (they would crash with an "
-                f"illegal instruction); {REBUILD}, or build portable code with "
+                f"{', '.join(missing)}, which this CPU lacks (code using them would crash "
+                f"with an illegal instruction); {REBUILD}, or build portable code with "
                 "DTL_KERNELS_NATIVE=0"
             )
     return None
