@@ -17,7 +17,6 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 
 #include "../side_checks.h"
 #include "side_kernels.cuh"

@@ -25,7 +25,6 @@
 namespace dtl::cuda_side {
 
 constexpr int kThreads = 256;
-constexpr int kTileArea = 4096;  // BM · BD
 constexpr int kMaxK = 128;       // widest taps
 constexpr int kMaxKS = 7;        // largest conv
 constexpr int kPad = 4;          // shared-memory row padding (elements): quads stay aligned
