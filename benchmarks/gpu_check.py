@@ -14,13 +14,15 @@ output goes to ``DIR/log.txt``):
    a ViT-B shape with several row tiles per CTA / program) and a warm-up that fills the
    compile caches for the timing stage.
 3. ``kernels``: ``gpu_kernels.py`` (eager, torch.compile, cuda, triton; fwd and fwd+bwd;
-   CUDA graphs of 100 calls, L2 flushed; plain copy beside).
+   CUDA graphs of 100 calls, L2 flushed; plain copy beside), then a profiler breakdown of
+   our fwd+bwd into its kernels (``kernel_profile.csv``).
 4. ``e2e``: ``bench_e2e.py`` on ViT-B/16 and Swin-B, batch 32, bf16 autocast: peak memory
    and step time of full / linear / LoRA / DTL variants, inference at batch 1 / 4 / 16.
 
-Outputs in ``DIR``: ``correctness.csv``, ``kernels.csv``, ``e2e.csv`` (device, torch, date
-in every row), ``log.txt``, and ``summary.txt`` (also printed last): pass counts, the
-kernel table, and every target with its measured ratio and by how much it is missed.
+Outputs in ``DIR``: ``correctness.csv``, ``kernels.csv``, ``kernel_profile.csv``,
+``e2e.csv`` (device, torch, date in every row), ``log.txt``, and ``summary.txt`` (also
+printed last): pass counts, the kernel table, and every target with its measured ratio and
+by how much it is missed.
 
 ``--dry-run`` runs the same stages on the CPU with tiny shapes (C++ kernels, Triton under
 its interpreter, no sanitizer, no build) so the script itself is tested in CI.
@@ -45,6 +47,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path("/tmp/dtl_kernels_gpu_cache")  # inductor + triton caches of this run
 STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "e2e")
+SANITIZE_CASES = 3  # len(gpu_correct.sanitize_cases()); kept import-light (no torch here)
 
 
 class Log:
@@ -142,7 +145,11 @@ def sanitizer_jobs(py: str) -> list[tuple]:
         return []
     case = [py, "benchmarks/gpu_correct.py", "--cases", "sanitize", "--out", "/tmp/dtl_sanitize"]
     jobs = []
-    for tool_name, backend in (("memcheck", "cuda"), ("racecheck", "cuda"), ("memcheck", "triton")):
+    # racecheck: one process per case (run 2's second case in the same process met a
+    # sanitizer-internal error after the first had passed)
+    runs = [("memcheck", "cuda", "0/1"), ("memcheck", "triton", "0/1")]
+    runs += [("racecheck", "cuda", f"{i}/{SANITIZE_CASES}") for i in range(SANITIZE_CASES)]
+    for tool_name, backend, shard in runs:
         cmd = (
             [
                 tool,
@@ -156,9 +163,10 @@ def sanitizer_jobs(py: str) -> list[tuple]:
                 "20",
             ]
             + case
-            + ["--backend", backend]
+            + ["--backend", backend, "--shard", shard]
         )
-        jobs.append((f"sanitize-{tool_name}-{backend}", cmd))
+        part = "" if shard == "0/1" else "-" + shard.split("/")[0]
+        jobs.append((f"sanitize-{tool_name}-{backend}{part}", cmd))
     return jobs
 
 
@@ -277,8 +285,10 @@ def main() -> int:
             30,
         )
     runner.run("info", [py, "-m", "dtl_kernels.info"], 60)
+    from gpu_summary import section  # noqa: PLC0415
+
     info = out / "log.txt"
-    log.say(section(info.read_text(), "info"))
+    log.say(section(info.read_text(), "info").strip())
 
     # 2. checks, side by side, within one time box (they only check; timing comes after)
     box = min(args.check_seconds, runner.left() - 60)
@@ -417,12 +427,6 @@ def main() -> int:
             dest.unlink()
     log.say(f"total {time.monotonic() - t_start:.0f}s")
     return summarize(out, runner, log)
-
-
-def section(text: str, name: str) -> str:
-    """The output of stage ``name`` in the log."""
-    start = text.rfind(f"===== {name} ")
-    return text[start:].split("\n=====", 1)[0].strip() if start >= 0 else ""
 
 
 def summarize(out: Path, runner: Runner, log: Log) -> int:

@@ -92,6 +92,7 @@ def sanitize_cases() -> list[Case]:
     walk several row tiles, the ∂T blocks several channel steps), DTL+ and DTL."""
     return [
         Case("sanitize", 8, 1, (14, 14), 768, 24, 3, F32),
+        Case("sanitize", 8, 1, (14, 14), 768, 24, 3, BF16),
         Case("sanitize", 8, 1, (14, 14), 768, 24, 0, BF16),
     ]
 

@@ -20,6 +20,10 @@ over the copy's GB/s. ``temp`` (:func:`temp_bytes`) = the scratch memory of the 
 (``fwd`` rows) or of the backward alone (``full`` rows), and ``temp_x_y`` that over ``y``'s
 bytes.
 
+``kernel_profile.csv``: torch.profiler's breakdown of our fused fwd+bwd (``cuda``, ``triton``)
+into its kernels, µs and launches per op (the shape column ends in ``| kernel``): where the
+backward's time goes.
+
 ``--dry-run``: tiny shapes on the CPU (eager and the C++ kernels, wall clock).
 """
 
@@ -194,6 +198,31 @@ def temp_bytes(inp: Inputs, fn, mode: str, device: str) -> int | None:
     return max(0, torch.cuda.max_memory_allocated() - base - _new_bytes(grads, before))
 
 
+def kernel_breakdown(call, device: str, reps: int = 10, top: int = 8) -> list[tuple]:
+    """Where the time of one op goes: [(kernel, launches per op, µs per op)], the ``top``
+    costliest device kernels (CPU ops in a dry run) of ``reps`` profiled calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device == "cuda"
+    call(0)  # compiled and cached before the profiled calls
+    with profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+        for i in range(reps):
+            call(i)
+        if gpu:
+            torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = (
+            getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+            if gpu
+            else e.self_cpu_time_total
+        )
+        if us > 0:  # short names: no return type, template or argument list
+            name = e.key.removeprefix("void ").split("<")[0].split("(")[0]
+            rows.append((name[-60:], e.count / reps, us / reps))
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def configs(dry_run: bool):
     """(label, B, prefix, grid, d, K, k, dtype)."""
     if dry_run:
@@ -229,6 +258,7 @@ def main() -> int:
     provs = providers(device, args.dry_run, want)
     l2 = torch.cuda.get_device_properties(0).L2_cache_size if device == "cuda" else 0
     res = Results("kernels", device=device)
+    prof = Results("kernel_profile", device=device)  # shape column: "<shape> | <kernel>"
     copy_gbs_of: dict = {}
     for label, b, prefix, grid, d, k_cols, ksize, dtype in configs(args.dry_run):
         rows = b * (prefix + grid[0] * grid[1])
@@ -296,11 +326,31 @@ def main() -> int:
                             times[ref, mode] / times[name, mode],
                             f"speedup_vs_{ref}",
                         )
+        for name, fn in provs.items():
+            if name in ("cuda", "triton", "cpu"):  # our kernels, fwd + bwd: who costs what
+                try:
+                    parts = kernel_breakdown(
+                        lambda i, fn=fn, inp=inp: inp.call(fn, i, "full"), device
+                    )
+                except Exception as exc:  # noqa: BLE001 — a diagnostic only
+                    print(f"  (no profile of {name}: {type(exc).__name__}: {exc})")
+                    continue
+                for kernel, launches, us in parts:
+                    prof.add(name, "full", model, b, dtype, f"{shape} | {kernel}", us, "us")
+                    prof.add(
+                        name, "full", model, b, dtype, f"{shape} | {kernel}", launches, "launches"
+                    )
+                print(
+                    f"  profile {name} {model} {str(dtype)[6:]}: "
+                    + ", ".join(f"{k} {us:.1f}us" for k, _, us in parts[:6]),
+                    flush=True,
+                )
         del inp
         if device == "cuda":
             torch.cuda.empty_cache()
     if not args.warm_only:
         res.write("kernels", directory=args.out)
+        prof.write("kernel_profile", directory=args.out)
     return 0
 
 

@@ -31,8 +31,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def section(log: str, name: str) -> str:
+    """The output of stage ``name`` in the log: from its header to the next stage's.
+    Headers are exactly five '=' and a space; compute-sanitizer's lines start with nine."""
     start = log.rfind(f"===== {name} ")
-    return log[start:].split("\n=====", 1)[0] if start >= 0 else ""
+    return log[start:].split("\n===== ", 1)[0] if start >= 0 else ""
 
 
 def verdict(value: float, target: float, op: str) -> str:
@@ -81,7 +83,7 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
         if text:
             tail = [ln for ln in text.strip().splitlines() if re.search(r"passed|failed|error", ln)]
             lines.append(f"{name}: {tail[-1].strip() if tail else '(no summary line)'}")
-    for name in ("sanitize-memcheck-cuda", "sanitize-racecheck-cuda", "sanitize-memcheck-triton"):
+    for name in dict.fromkeys(re.findall(r"===== (sanitize-\S+) ", log)):
         text = section(log, name)
         if not text:
             continue

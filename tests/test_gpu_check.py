@@ -41,7 +41,14 @@ def read(path: Path) -> list[dict]:
 def test_dry_run_writes_every_result(dry_run):
     proc, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for name in ("correctness.csv", "kernels.csv", "e2e.csv", "log.txt", "summary.txt"):
+    for name in (
+        "correctness.csv",
+        "kernels.csv",
+        "kernel_profile.csv",
+        "e2e.csv",
+        "log.txt",
+        "summary.txt",
+    ):
         assert (out / name).exists(), name
     summary = (out / "summary.txt").read_text()
     assert "cpu      3/3 cases pass" in summary and "triton   2/2 cases pass" in summary
@@ -56,6 +63,9 @@ def test_every_row_says_where_and_when(dry_run):
     kernels = read(out / "kernels.csv")
     assert {r["provider"] for r in kernels} >= {"eager", "cpu", "copy"}
     assert all(r["machine"] and r["torch"] and r["date"] for r in kernels)
+    profile = read(out / "kernel_profile.csv")
+    assert {r["provider"] for r in profile} == {"cpu"} and all(" | " in r["shape"] for r in profile)
+    assert all(float(r["median"]) > 0 for r in profile)
     e2e = read(out / "e2e.csv")
     assert {r["provider"] for r in e2e} >= {"full", "dtl"}
 
@@ -92,3 +102,29 @@ def test_summary_reports_failures_and_misses(tmp_path):
     assert not ok and "0/1 cases pass" in text and "FAILED: c1" in text
     assert verdict(0.35, 0.7, ">=").startswith("MISS") and "2.00x" in verdict(0.35, 0.7, ">=")
     assert verdict(0.05, 0.1, "<=").startswith("PASS")
+
+
+def test_summary_reads_sanitizer_verdicts(tmp_path):
+    """compute-sanitizer's own lines start with nine '=': the stage's section must not stop
+    at them, and a hazard anywhere fails the run."""
+    from gpu_summary import summary
+
+    log = (
+        "\n===== sanitize-racecheck-cuda-0 (20s, rc=0): cmd\n"
+        "========= COMPUTE-SANITIZER\n[cuda] case PASS\n"
+        "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n"
+        "\n===== sanitize-racecheck-cuda-1 (20s, rc=9): cmd\n"
+        "========= COMPUTE-SANITIZER\n"
+        "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n"
+    )
+    text, ok = summary(tmp_path, [], log)
+    assert "sanitize-racecheck-cuda-0: RACECHECK SUMMARY: 0 hazards" in text
+    assert "sanitize-racecheck-cuda-1: RACECHECK SUMMARY: 2 hazards" in text
+    assert not ok
+
+
+def test_one_racecheck_process_per_sanitize_case():
+    import gpu_check
+    from gpu_correct import sanitize_cases
+
+    assert gpu_check.SANITIZE_CASES == len(sanitize_cases())
