@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import dtl_kernels
-from dtl_kernels.ops import _ext, reference
+from dtl_kernels.ops import _ext, reference, side
 
 PKG_DIR = os.path.dirname(dtl_kernels.__file__)
 OPS = ("side_forward", "side_backward")
@@ -362,6 +362,15 @@ def test_cuda_strided_and_saturated(shape, flags):
 def _check_against_reference(shape, beta, dtype, strided, scale):
     prefix, grid = shape[1], shape[2]
     y, taps, ups, w, grad = _case_inputs(shape, dtype, "cuda", scale=scale)
+    if not side.BACKENDS["cuda"].fits(y, taps, w, grid, prefix):
+        # beyond this GPU's shared memory (K = 128, k = 7 in float64 on an H100): a clear
+        # error, never a launch, and `auto` picks another backend
+        with pytest.raises(RuntimeError, match="shared memory"):
+            _cuda_op(y, taps, ups, w, grad, beta, grid, prefix, dtype, strided=strided)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("DTL_KERNELS_BACKEND", raising=False)
+            assert side.select(y, "auto", taps, w, grid, prefix) != "cuda"
+        return
     exact = _reference(y, taps, ups, w, grad, beta, grid, prefix, torch.float64)
     torch_lp = _reference(y, taps, ups, w, grad, beta, grid, prefix, dtype)
     ours = _cuda_op(y, taps, ups, w, grad, beta, grid, prefix, dtype, strided=strided)
