@@ -362,14 +362,15 @@ def test_cuda_strided_and_saturated(shape, flags):
 def _check_against_reference(shape, beta, dtype, strided, scale):
     prefix, grid = shape[1], shape[2]
     y, taps, ups, w, grad = _case_inputs(shape, dtype, "cuda", scale=scale)
-    if not side.BACKENDS["cuda"].fits(y, taps, w, grid, prefix):
+    low = [t.to(dtype) if t is not None else None for t in (y, taps, w)]
+    if not side.BACKENDS["cuda"].fits(low[0], low[1], low[2], grid, prefix):
         # beyond this GPU's shared memory (K = 128, k = 7 in float64 on an H100): a clear
         # error, never a launch, and `auto` picks another backend
         with pytest.raises(RuntimeError, match="shared memory"):
             _cuda_op(y, taps, ups, w, grad, beta, grid, prefix, dtype, strided=strided)
         with pytest.MonkeyPatch.context() as mp:
             mp.delenv("DTL_KERNELS_BACKEND", raising=False)
-            assert side.select(y, "auto", taps, w, grid, prefix) != "cuda"
+            assert side.select(low[0], "auto", low[1], low[2], grid, prefix) != "cuda"
         return
     exact = _reference(y, taps, ups, w, grad, beta, grid, prefix, torch.float64)
     torch_lp = _reference(y, taps, ups, w, grad, beta, grid, prefix, dtype)
