@@ -11,10 +11,11 @@ CSRC := $(shell find csrc -type f 2>/dev/null)
 .PHONY: venv build test demo bench bench-full bench-deps lint clean info gpu-check
 
 venv: $(VENV)/.deps-stamp
-$(VENV)/.deps-stamp: requirements.txt
+$(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -r requirements.txt
+	$(BIN)/python -m pip install --no-deps -r requirements-nodeps.txt
 	touch $@
 
 # Editable install: compiles the CPU extension (and CUDA when possible) in place.

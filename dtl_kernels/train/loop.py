@@ -48,6 +48,7 @@ from torch.utils.data.distributed import DistributedSampler
 from .. import create_model
 from .._io import atomic_write, json_text, remove_stale_temps
 from .._version import __version__
+from ..models import offline_weights
 from ..models.base import adapter_info, read_adapter
 from . import cache as trunk_cache
 from . import checkpoint as ckpt
@@ -62,7 +63,7 @@ RUN_OUTPUTS = (
     "adapter.safetensors", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png",
     "config.json",
 )  # fmt: skip
-_SPECIAL_PRETRAINED = ("none", "hub", "efficientnet-lite0")
+_SPECIAL_PRETRAINED = ("none", "hub", *offline_weights.OFFLINE)
 
 __all__ = ["DivergenceError", "Dist", "RankFailed", "run"]
 
@@ -115,11 +116,28 @@ def input_size(cfg: TrainConfig) -> int:
     return int(size[-1])
 
 
+def offline_weights_of(cfg: TrainConfig) -> offline_weights.OfflineWeights | None:
+    """The offline weights this run loads: named by --pretrained, or the model's default."""
+    if cfg.pretrained is None:
+        return offline_weights.for_arch(cfg.model)
+    return offline_weights.OFFLINE.get(cfg.pretrained)
+
+
+def auto_normalize(cfg: TrainConfig, family: str) -> str:
+    """--normalize auto: what the offline weights were trained with; else 0.5 / 0.5 for
+    ViT and Swin, ImageNet mean / std for CNNs."""
+    offline = offline_weights_of(cfg)
+    if offline is not None:
+        return offline.normalize
+    return "half" if family in ("vit", "swin") else "imagenet"
+
+
 def resolve_pretrained(cfg: TrainConfig, family: str):
     """What ``create_model(pretrained=…)`` gets; warns loudly for a random backbone."""
     p = cfg.pretrained
-    if p is None and cfg.model == "tf_efficientnet_lite0":
-        p = "efficientnet-lite0"
+    offline = offline_weights_of(cfg)
+    if p is None and offline is not None:  # weights that install offline: the default
+        p = offline.name
     if p is None or str(p).lower() == "none":
         loud_warning(
             f"{cfg.model} has a RANDOM backbone (no --pretrained PATH, no 'hub'). DTL fine-tunes "
@@ -233,6 +251,11 @@ def evaluate(
 def check_pretrained(cfg: TrainConfig) -> None:
     """A ``--pretrained`` path must exist (checked before the data is read)."""
     p = cfg.pretrained
+    if p in offline_weights.OFFLINE and offline_weights.OFFLINE[p].arch != cfg.model:
+        raise ValueError(
+            f"--pretrained {p} holds {offline_weights.OFFLINE[p].arch} weights; "
+            f"--model is {cfg.model}"
+        )
     if p is None or str(p).lower() in _SPECIAL_PRETRAINED:
         return
     if not Path(p).is_file():
@@ -318,11 +341,7 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     for note in found[2] if found else ():
         say(note)
     size = input_size(cfg)
-    norm = (
-        cfg.normalize
-        if cfg.normalize != "auto"
-        else ("half" if family in ("vit", "swin") else "imagenet")
-    )
+    norm = cfg.normalize if cfg.normalize != "auto" else auto_normalize(cfg, family)
     local_batch = cfg.batch_size // d.world
 
     seed_everything(cfg.seed)
