@@ -21,7 +21,6 @@ freezing its normalisation statistics too. ``method="full"`` trains them as usua
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 

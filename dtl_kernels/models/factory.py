@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from .. import memory
-from .base import _unwrap_checkpoint, adapter_info, read_adapter
 from . import offline_weights
+from .base import _unwrap_checkpoint, adapter_info, read_adapter
 from .convnet import (
     DTLConvNet,
     is_positional_efficientnet_checkpoint,
