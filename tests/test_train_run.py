@@ -144,7 +144,7 @@ def test_cli_flags_and_yaml(toy, tmp_path, capsys):
     s = json.loads((out / "summary.json").read_text())
     assert s["epochs"] == 1 and s["method"] == "linear"
     assert "test accuracy" in capsys.readouterr().out
-    assert main(["--method", "lora"]) == 2
+    assert main(["--method", "prompt-tuning"]) == 2
     fp16_on_cpu = ["--precision", "fp16", "--dataset", "folder", "--data-root", str(toy),
                    "--pretrained", "none", "--output", str(tmp_path / "x")]  # fmt: skip
     assert main(fp16_on_cpu) != 0

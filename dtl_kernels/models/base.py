@@ -197,6 +197,7 @@ class DTLModel(nn.Module):
             "head_mode": self.head_mode,
             "num_classes": self.num_classes,
             "csn": self.csn.config.to_dict() if self.csn is not None else None,
+            **({"lora": self.lora} if getattr(self, "lora", None) else {}),
         }
 
     # -- published checkpoints (SPEC §6) ---------------------------------------------------

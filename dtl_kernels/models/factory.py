@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .. import memory
-from . import offline_weights
+from . import lora, offline_weights
 from .base import _unwrap_checkpoint, adapter_info, read_adapter
 from .convnet import (
     DTLConvNet,
@@ -20,7 +20,7 @@ from .convnet import (
 from .swin import DTLSwin
 from .vit import DTLViT
 
-METHODS = ("dtl", "dtl+", "dtl+*", "linear", "full")
+METHODS = ("dtl", "dtl+", "dtl+*", "linear", "lora", "full")
 _WRAPPER_OPTIONS = (
     "rank",
     "beta",
@@ -67,7 +67,9 @@ def create_model(
     Args:
         name: a timm model name (``vit_base_patch16_224``, ``swin_tiny_patch4_window7_224``…).
         method: ``dtl``, ``dtl+`` (conv, default k: 3 for ViT, 5 for Swin), ``dtl+*``
-            (DTL+ with ``adapt_from=1``), ``linear`` (head only) or ``full`` (everything).
+            (DTL+ with ``adapt_from=1``), ``linear`` (head only), ``lora`` (PEFT LoRA on the
+            backbone's ``qkv`` layers + head; ``lora_rank``, default 8; needs ``peft``) or
+            ``full`` (everything).
         num_classes: classes of the new head (default: timm's default for ``name``).
         pretrained: ``False``; ``True`` (timm hub, needs a network); or a path to a
             ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` timm checkpoint or Google's
@@ -88,6 +90,9 @@ def create_model(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wrapper_kwargs = {k: options.pop(k) for k in _WRAPPER_OPTIONS if k in options}
+    lora_rank = options.pop("lora_rank", None)
+    if lora_rank is not None and method != "lora":
+        raise ValueError(f"lora_rank is an option of method='lora', not {method!r}")
     after = {k: options.pop(k) for k in _AFTER_OPTIONS if k in options}
     try:
         backbone = timm.create_model(name, pretrained=pretrained is True, **options)
@@ -115,6 +120,8 @@ def create_model(
     cls = wrapper_for(backbone)
     _apply_method(cls, method, wrapper_kwargs)
     model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
+    if method == "lora":
+        _add_lora(model, {"rank": lora.DEFAULT_RANK if lora_rank is None else lora_rank})
     if after.get("backbone_dtype") is not None:
         memory.set_backbone_dtype(model, after["backbone_dtype"])
     return model
@@ -136,10 +143,22 @@ def model_from_adapter(
     else:
         kwargs.update(side=False, train_backbone=config["method"] == "full")
     model = wrapper_for(backbone)(backbone, **kwargs)
+    if config["method"] == "lora":
+        _add_lora(model, config.get("lora") or {})
     ref = next(backbone.parameters())
     model.to(device=ref.device, dtype=ref.dtype)  # the new CSN / head follow the backbone
     model.load_adapter(path, backbone_mismatch=backbone_mismatch)
     return model
+
+
+def _add_lora(model: nn.Module, settings: dict) -> None:
+    """PEFT LoRA in the (frozen) backbone of a side-less wrapper: ``method="lora"``."""
+    model.lora = lora.inject_lora(
+        model.backbone,
+        settings.get("rank", lora.DEFAULT_RANK),
+        tuple(settings.get("targets", lora.DEFAULT_TARGETS)),
+    )
+    model.method = "lora"
 
 
 def _apply_method(cls: type, method: str, kw: dict) -> None:

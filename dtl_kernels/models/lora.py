@@ -1,0 +1,43 @@
+"""The LoRA baseline (``method="lora"``): Hugging Face PEFT's LoRA layers injected into the
+frozen backbone, trained with the head — the parameter-efficient method DTL is compared with.
+
+PEFT replaces each target ``nn.Linear`` by a layer holding the frozen original and a
+low-rank update ``B·A`` (``A``: r × in, random; ``B``: out × r, zero, so the model starts as
+the pretrained one). Only ``A``, ``B`` and the head train. Unlike DTL, the update sits inside
+the backbone, so its backward runs through every block after the first adapted one.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+DEFAULT_RANK = 8
+DEFAULT_TARGETS = ("qkv",)  # timm ViT / Swin attention input projections
+
+
+def inject_lora(backbone: nn.Module, rank: int = DEFAULT_RANK, targets=DEFAULT_TARGETS) -> dict:
+    """Add LoRA of ``rank`` to every ``nn.Linear`` of ``backbone`` whose name ends in one of
+    ``targets``; returns the settings to record in an adapter (``{"rank", "targets"}``)."""
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"lora_rank must be a positive int, got {rank!r}")
+    names = [
+        n
+        for n, m in backbone.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets
+    ]
+    if not names:
+        raise ValueError(
+            f"method='lora': {type(backbone).__name__} has no nn.Linear named {list(targets)}"
+        )
+    try:
+        import peft
+    except ImportError as exc:
+        raise ImportError("method='lora' needs Hugging Face PEFT: pip install peft") from exc
+    trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
+    peft.inject_adapter_in_model(config, backbone)
+    # PEFT freezes all but its own factors: give back what trained before (a backbone head
+    # with head="backbone"); the wrapped originals (renamed …base_layer…) stay frozen
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(".lora_" in name or trainable.get(name, False))
+    return {"rank": rank, "targets": list(targets)}
