@@ -51,6 +51,20 @@ def test_folder_layout(tmp_path):
     assert train.classes == ["a", "b"]
 
 
+def test_val_split_holds_out_training_samples(tmp_path):
+    """--val-split N: N training samples become the evaluation split (the same draw for
+    every --seed), the rest train; the test split is not touched."""
+    root = folder_tree(tmp_path, per_class=5)
+    train, val, n = build(dataset="folder", data_root=str(root), val_split=4)
+    assert (len(train), len(val), n) == (6, 4, 2)
+    again_train, again_val, _ = build(dataset="folder", data_root=str(root), val_split=4, seed=7)
+    assert again_val.paths == val.paths and again_train.paths == train.paths
+    assert not set(val.paths) & set(train.paths)
+    assert all(p.parent.parent.name == "train" for p in val.paths)
+    with pytest.raises(D.DataError, match="--val-split 10: the training split has only 10"):
+        build(dataset="folder", data_root=str(root), val_split=10)
+
+
 def test_vtab_layout_and_label_range(tmp_path):
     root = vtab_tree(tmp_path)
     train, test, n = build(dataset="vtab:toy", data_root=str(root))

@@ -707,6 +707,7 @@ def dataset_identity(cfg, split: str, size: int, norm: str) -> dict:
         "split": split,
         "list": cfg.train_split if split == "train" else cfg.test_split,
         "max": cfg.max_train if split == "train" else cfg.max_test,
+        "val_split": cfg.val_split,
         "img_size": size,
         "normalize": norm,
     }

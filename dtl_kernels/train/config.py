@@ -46,6 +46,7 @@ class TrainConfig:
     shot_seed: int = 1
     max_train: int | None = None  # keep the first N training samples (stratified-free)
     max_test: int | None = None
+    val_split: int | None = None  # hold out N training samples as the evaluation split
     normalize: str = "auto"  # auto | imagenet | half
     # optimisation
     epochs: int = 10
@@ -120,7 +121,7 @@ _INT_MINIMUM = {
     "epochs": 1, "batch_size": 1, "eval_every": 1, "keep_checkpoints": 1, "shots": 1,
     "shot_seed": 0, "seed": 0, "workers": 0, "max_nonfinite_steps": 0, "rank": 1,
     "adapt_from": 1, "tap_from": 1, "conv_kernel": 0, "img_size": 1, "num_classes": 1,
-    "max_train": 1, "max_test": 1, "stop_after": 1,
+    "max_train": 1, "max_test": 1, "val_split": 1, "stop_after": 1,
 }  # fmt: skip
 
 
@@ -200,6 +201,8 @@ _HELP = {
     "num_classes": "number of classes (default: inferred from the labels)",
     "max_train": "use only the first N training samples (quick runs)",
     "max_test": "use only the first N test samples (quick runs)",
+    "val_split": "hold out N training samples (a fixed draw, seed 1) and evaluate on them "
+    "instead of the test split: choosing hyper-parameters without touching the test set",
     "normalize": "input normalisation: auto (what offline weights were trained with; else "
     "ImageNet: CNNs, 0.5: ViT/Swin) | imagenet | half",
     "precision": "fp32 | bf16 (autocast; CPU or CUDA) | fp16 (CUDA only)",

@@ -412,6 +412,8 @@ def build_datasets(cfg, size: int, norm: str):
         train = file_images(train_s, size, mean, std, classes)
         test = file_images(test_s, size, mean, std, classes)
     train, test = _limit_ds(train, cfg.max_train), _limit_ds(test, cfg.max_test)
+    if cfg.val_split:  # the evaluation split comes out of the training split
+        train, test = hold_out(train, cfg.val_split)
     for split, ds in (("train", train), ("test", test)):
         if len(ds) == 0:
             raise DataError(f"{name}: the {split} split is empty")
@@ -461,6 +463,16 @@ def _limit_list(samples, n):
     if n is None or n >= len(samples):
         return samples
     return [samples[i] for i in _keep(len(samples), n).tolist()]
+
+
+def hold_out(ds, n: int):
+    """``(rest, held)``: ``n`` samples of ``ds`` drawn once (seed 1, whatever the run's
+    --seed, so every run of a study sees the same validation set), both in the original
+    order."""
+    if n >= len(ds):
+        raise DataError(f"--val-split {n}: the training split has only {len(ds)} samples")
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1))
+    return ds.subset(order[n:].sort().values), ds.subset(order[:n].sort().values)
 
 
 def _limit_ds(ds, n):

@@ -689,6 +689,7 @@ def _summary(cfg, model, d, t_start, num_classes, size, n_train, n_test) -> dict
         "img_size": size,
         "train_images": n_train,
         "test_images": n_test,
+        "evaluated_on": f"val ({cfg.val_split} held out of train)" if cfg.val_split else "test",
         "trainable_params": model.num_parameters(trainable_only=True),
         "total_params": model.num_parameters(),
         "model_summary": model.summary(),
