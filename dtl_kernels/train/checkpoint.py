@@ -35,8 +35,8 @@ _NAME = re.compile(r"epoch_(\d{4,})\.pt")
 RUN_OPTIONS = (
     "model", "pretrained", "method", "rank", "adapt_from", "tap_from", "conv_kernel", "beta",
     "drop_path", "img_size", "dataset", "data_root", "num_classes", "train_split",
-    "test_split", "shots", "shot_seed", "max_train", "max_test", "val_split", "normalize", "batch_size",
-    "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "seed", "precision",
+    "test_split", "shots", "shot_seed", "max_train", "max_test", "val_split", "normalize",
+    "batch_size", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "seed", "precision",
     "label_smoothing", "cache_dtype",
 )  # fmt: skip
 SCHEDULE_OPTIONS = ("lr", "epochs")
