@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test demo bench bench-full bench-deps lint clean info gpu-check
+.PHONY: venv build test demo bench bench-full bench-deps bench-accuracy lint clean info gpu-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -47,6 +47,11 @@ DEMO_ARGS ?= --model tf_efficientnet_lite0 --pretrained efficientnet-lite0 --met
 demo: build
 	$(BIN)/python -m dtl_kernels.train $(DEMO_ARGS) --output $(DEMO_OUT)
 
+# linear / LoRA / DTL / DTL+ / full on real backbones and data: lr chosen on a validation
+# split, 3 seeds on the test split → benchmarks/results/accuracy.{csv,md,png}
+bench-accuracy: build bench-deps
+	$(BIN)/python benchmarks/bench_accuracy.py
+
 # linear / dtl / dtl+ / full on elpv: accuracy, trainable params, peak memory, time
 # → benchmarks/results/bench_elpv.{csv,md}
 .PHONY: bench-elpv
@@ -65,6 +70,7 @@ bench: build bench-deps
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_e2e.py --quick
 	$(BIN)/python benchmarks/bench_multitask.py --quick
+	$(BIN)/python benchmarks/bench_accuracy.py --quick
 
 bench-full: build bench-deps
 	$(BIN)/python benchmarks/bench_side_op.py
