@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import RESULTS, env_columns  # noqa: E402
+
+from dtl_kernels._io import atomic_write  # noqa: E402
 
 BACKBONES = {
     "dinov2": dict(
@@ -70,24 +71,44 @@ QUICK_LR = {"linear": 1e-2, "lora": 1e-3, "dtl": 3e-3, "dtl+": 3e-3, "full": 1e-
 RUN_FIELDS = [
     "backbone", "dataset", "method", "phase", "lr", "seed", "acc", "evaluated_on",
     "trainable_params", "peak_memory_mib", "images_per_s", "wall_s", "epochs", "img_size",
-    "batch_size", "train_images", "eval_images", "precision",
+    "batch_size", "train_images", "eval_images", "precision", "device", "peak_memory_method",
 ]  # fmt: skip
+
+
+def run_tag(args) -> str:
+    """What sets this study apart from the default one (3 epochs, whole splits, fp32), in
+    the run folders' names: a quick study never reuses a full study's runs."""
+    tag = "" if args.epochs == 3 else f"-e{args.epochs}"
+    tag += f"-n{args.max_train}" if args.max_train else ""
+    return tag + ("" if args.precision == "fp32" else f"-{args.precision}")
+
+
+def _reusable(summary_path: Path, args, opts: dict) -> bool:
+    """An earlier run of exactly this configuration (else it runs again)."""
+    if not summary_path.is_file():
+        return False
+    s = json.loads(summary_path.read_text())
+    same = (s["epochs"], s["precision"], s["img_size"]) == (
+        args.epochs,
+        args.precision,
+        opts["img_size"],
+    )
+    return same and s.get("evaluated_on", "test").startswith("val") == ("val_split" in opts)
 
 
 def run_one(args, backbone: str, dataset: str, method: str, phase: str, lr: float, seed: int):
     """One dtl-train run (or its earlier result); returns its row."""
-    folder = (
-        args.out / backbone / dataset / method.replace("+", "plus") / f"{phase}-lr{lr:g}-s{seed}"
-    )
+    name = f"{phase}-lr{lr:g}-s{seed}{run_tag(args)}"
+    folder = args.out / backbone / dataset / method.replace("+", "plus") / name
     summary_path = folder / "summary.json"
-    if not summary_path.is_file():
-        opts = {**BACKBONES[backbone], **DATASETS[dataset]}
-        if phase == "test":
-            opts.pop("val_split")
-        if args.max_train:
-            opts["max_train"] = min(args.max_train, opts.get("max_train", args.max_train))
-            if "val_split" in opts:  # a capped split keeps 4/5 of itself for training
-                opts["val_split"] = min(opts["val_split"], opts["max_train"] // 5)
+    opts = {**BACKBONES[backbone], **DATASETS[dataset]}
+    if phase == "test":
+        opts.pop("val_split")
+    if args.max_train:
+        opts["max_train"] = min(args.max_train, opts.get("max_train", args.max_train))
+        if "val_split" in opts:  # a capped split keeps 4/5 of itself for training
+            opts["val_split"] = max(1, min(opts["val_split"], opts["max_train"] // 5))
+    if not _reusable(summary_path, args, opts):
         cmd = [sys.executable, "-m", "dtl_kernels.train", "--method", method, "--lr", f"{lr:g}",
                "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", "32",
                "--warmup-epochs", "1", "--precision", args.precision, "--output", str(folder),
@@ -116,6 +137,8 @@ def run_one(args, backbone: str, dataset: str, method: str, phase: str, lr: floa
         "epochs": s["epochs"], "img_size": s["img_size"], "batch_size": s["batch_size"],
         "train_images": s["train_images"], "eval_images": s["test_images"],
         "precision": s.get("precision", ""),
+        "device": s.get("device", ""),
+        "peak_memory_method": s.get("peak_memory_method", ""),
     }  # fmt: skip
 
 
@@ -154,16 +177,24 @@ def study(args) -> list[dict]:
     return rows
 
 
+def _write_csv(path: Path, fields: list[str], rows: list[dict], env: dict) -> None:
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows({**r, **env} for r in rows)
+
+    atomic_write(path, write)  # a crash leaves the previous file whole
+
+
+def _device(rows: list[dict]) -> str:
+    """Where the runs trained ("cpu" / "cuda"): dtl-train picks CUDA when it is there."""
+    return next((r["device"] for r in rows if r.get("device")), "cpu")
+
+
 def write_runs(args, rows: list[dict]) -> None:
-    env = env_columns("cpu")
-    path = args.results / "accuracy_runs.csv"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RUN_FIELDS + list(env))
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, **env})
-    os.replace(tmp, path)
+    env = env_columns(_device(rows))
+    _write_csv(args.results / "accuracy_runs.csv", RUN_FIELDS + list(env), rows, env)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -196,17 +227,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_tables(args, summary: list[dict]) -> None:
-    env = env_columns("cpu")
-    path = args.results / "accuracy.csv"
-    fields = list(summary[0]) + list(env)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in summary:
-            w.writerow({**r, **env})
-    os.replace(tmp, path)
+def write_tables(args, summary: list[dict], device: str = "cpu") -> None:
+    env = env_columns(device)
+    _write_csv(args.results / "accuracy.csv", list(summary[0]) + list(env), summary, env)
     lines = [
         f"Accuracy study ({'quick' if args.quick else 'full'}; {args.epochs} epochs, batch 32, "
         f"{args.precision}; {env['device']}; torch {env['torch']}; {env['date']}; "
@@ -225,10 +248,10 @@ def write_tables(args, summary: list[dict]) -> None:
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    (args.results / "accuracy.md").write_text(text)
+    atomic_write(args.results / "accuracy.md", lambda tmp: Path(tmp).write_text(text))
 
 
-def plot(args, summary: list[dict]) -> None:
+def plot(args, summary: list[dict], device: str = "cpu") -> None:
     try:
         import matplotlib
 
@@ -247,7 +270,7 @@ def plot(args, summary: list[dict]) -> None:
             )  # fmt: skip
             ax.annotate(r["method"], (r["peak_memory_mib"], r["acc_mean"]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")  # fmt: skip
-        ax.set_xlabel("peak training memory (MiB, CPU)")
+        ax.set_xlabel(f"peak training memory (MiB, {device})")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{backbone} on {dataset}")
         ax.grid(alpha=0.3)
@@ -284,8 +307,8 @@ def main() -> int:
         print("no test runs")
         return 1
     write_runs(args, rows)
-    write_tables(args, summary)
-    plot(args, summary)
+    write_tables(args, summary, _device(rows))
+    plot(args, summary, _device(rows))
     return 0
 
 

@@ -41,3 +41,17 @@ def test_lr_chosen_on_validation_then_seeds_on_test(tmp_path, monkeypatch):
     table = (tmp_path / "accuracy.md").read_text()
     assert "| lite0 | elpv | dtl | 71.00 ± 1.00 (3) |" in table
     assert (tmp_path / "accuracy.csv").is_file()
+
+
+def test_run_folders_name_what_differs_and_are_reused_only_when_equal(tmp_path):
+    import json
+
+    full = argparse.Namespace(epochs=3, max_train=None, precision="fp32")
+    quick = argparse.Namespace(epochs=2, max_train=800, precision="fp32")
+    assert B.run_tag(full) == "" and B.run_tag(quick) == "-e2-n800"
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps(dict(epochs=3, precision="fp32", img_size=112, evaluated_on="test")))
+    assert B._reusable(path, full, {"img_size": 112})
+    assert not B._reusable(path, full, {"img_size": 112, "val_split": 400})  # a val run is not
+    assert not B._reusable(path, quick, {"img_size": 112})
+    assert not B._reusable(tmp_path / "missing.json", full, {"img_size": 112})

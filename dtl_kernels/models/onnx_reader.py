@@ -9,8 +9,9 @@ length-delimited fields) instead of adding a dependency:
     GraphProto.initializer (5) → TensorProto: dims (1), data_type (2), float_data (4),
                                   name (8), raw_data (9), data_location (14)
 
-Only float32 tensors stored inside the file are supported (what exporters write for
-weights); anything else raises ``ValueError`` naming the tensor.
+Float32 tensors stored inside the file are read (what exporters write for weights); others
+(int64 shape constants, external data) are listed in ``OnnxGraph.skipped`` with the reason,
+for the caller to raise on if it needs one of them.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class OnnxNode:
 class OnnxGraph:
     initializers: dict[str, torch.Tensor]
     nodes: list[OnnxNode]
+    skipped: dict[str, str] = field(default_factory=dict)  # name → why it was not read
 
 
 def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
@@ -86,7 +88,8 @@ def _packed_varints(buf: memoryview) -> list[int]:
     return out
 
 
-def _tensor(buf: memoryview) -> tuple[str, torch.Tensor]:
+def _tensor(buf: memoryview) -> tuple[str, torch.Tensor | str]:
+    """(name, tensor), or (name, why it is not read)."""
     dims: list[int] = []
     name, dtype, raw, floats, location = "", 0, None, [], 0
     for number, wire, value in _fields(buf):
@@ -107,9 +110,9 @@ def _tensor(buf: memoryview) -> tuple[str, torch.Tensor]:
         elif number == 14:
             location = value
     if location == _EXTERNAL:
-        raise ValueError(f"ONNX tensor {name!r} is stored outside the file: not supported")
+        return name, "stored outside the file (external data is not read)"
     if dtype != _FLOAT:
-        raise ValueError(f"ONNX tensor {name!r} has data type {dtype}; only float32 is read")
+        return name, f"data type {dtype}; only float32 (1) is read"
     data = np.frombuffer(raw, dtype="<f4") if raw is not None else np.concatenate(floats or [[]])
     count = int(np.prod(dims)) if dims else 1
     if data.size != count:
@@ -137,12 +140,14 @@ def read_onnx(path: str | Path) -> OnnxGraph:
     graph = next((v for n, w, v in _fields(data) if n == 7 and w == 2), None)
     if graph is None:
         raise ValueError(f"{path}: no graph in this file (is it an ONNX model?)")
-    inits: dict[str, torch.Tensor] = {}
-    nodes: list[OnnxNode] = []
+    out = OnnxGraph({}, [])
     for number, wire, value in _fields(graph):
         if number == 5 and wire == 2:
             name, tensor = _tensor(value)
-            inits[name] = tensor
+            if isinstance(tensor, str):
+                out.skipped[name] = tensor
+            else:
+                out.initializers[name] = tensor
         elif number == 1 and wire == 2:
-            nodes.append(_node(value))
-    return OnnxGraph(inits, nodes)
+            out.nodes.append(_node(value))
+    return out

@@ -33,8 +33,9 @@ _NAME = re.compile(r"epoch_(\d{4,})\.pt")
 # What a resumed run may not change without --force-resume: everything that changes which
 # model is trained, on which data, or how (lr and epochs are applied instead).
 RUN_OPTIONS = (
-    "model", "pretrained", "method", "rank", "adapt_from", "tap_from", "conv_kernel", "beta",
-    "drop_path", "img_size", "dataset", "data_root", "num_classes", "train_split",
+    "model", "pretrained", "method", "rank", "lora_rank", "adapt_from", "tap_from",
+    "conv_kernel", "beta", "drop_path", "img_size", "dataset", "data_root", "num_classes",
+    "train_split",
     "test_split", "shots", "shot_seed", "max_train", "max_test", "val_split", "normalize",
     "batch_size", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "seed", "precision",
     "label_smoothing", "cache_dtype",

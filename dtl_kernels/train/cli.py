@@ -75,7 +75,8 @@ def _report(s: dict, output: str) -> None:
         return
     peak = s.get("peak_memory_bytes")
     lines = [
-        f"test accuracy     {100 * s['test_acc']:.2f}%  "
+        f"{'test' if s.get('evaluated_on', 'test') == 'test' else 'val'} accuracy".ljust(18)
+        + f"{100 * s['test_acc']:.2f}%  "
         f"({s['method']}, {s['model']}, {s['dataset']})",
         f"trainable params  {s['trainable_params']:,} of {s['total_params']:,}",
     ]

