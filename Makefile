@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test demo demo-vit bench bench-full bench-deps bench-accuracy lint clean info gpu-check
+.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy lint clean info gpu-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -35,6 +35,15 @@ lint: venv
 	$(BIN)/python -m pip install -q ruff==0.17.6
 	$(BIN)/ruff check dtl_kernels tests benchmarks python
 	$(BIN)/ruff format --check dtl_kernels tests benchmarks python
+
+# A CPU-only wheel, installed outside the source tree and used from there: it must carry
+# every kernel variant and load with no file of the checkout (CI runs this).
+WHEEL_DIR := build/wheel-check
+wheel-check: venv
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	DTL_KERNELS_CUDA=0 $(BIN)/python -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR)/dist .
+	$(BIN)/python -m pip install -q --no-deps --target $(WHEEL_DIR)/site $(WHEEL_DIR)/dist/*.whl
+	cd /tmp && PYTHONPATH=$(CURDIR)/$(WHEEL_DIR)/site $(CURDIR)/$(BIN)/python $(CURDIR)/tests/wheel_smoke.py $(CURDIR)/$(WHEEL_DIR)/site
 
 clean:
 	rm -rf build dist *.egg-info dtl_kernels/*.so $(VENV)/.build-stamp

@@ -6,7 +6,10 @@ Environment switches:
     DTL_KERNELS_CUDA=auto|0|1   auto (default): build the CUDA ops when a toolkit and a CUDA
                                 build of PyTorch are present; 0: skip; 1: required (error if
                                 impossible).
-    DTL_KERNELS_NATIVE=1|0      1 (default): compile the CPU kernels with -march=native.
+    DTL_KERNELS_NATIVE=0|1      0 (default): build the CPU kernels three times — x86-64
+                                baseline, AVX2 and AVX-512 — and pick the widest this CPU
+                                runs at import (as ATen does); 1: one build with
+                                -march=native for this machine only (refused elsewhere).
     TORCH_CUDA_ARCH_LIST        CUDA archs; defaults to "8.0;9.0+PTX" (no GPU is queried; the
                                 PTX lets newer GPUs compile the kernels at load time).
     CUDA_HOME                   toolkit root; defaults to /usr/local/cuda when it exists.
@@ -58,6 +61,38 @@ def _nvidia_wheel_includes() -> list[str]:
     return found
 
 
+# The CPU kernels' instruction-set variants (module name → compiler flags): the kernels pick
+# their at::vec width from these flags; dtl_kernels/ops/_ext.py imports the widest one this
+# CPU runs (torch's own CPU capability, checked against /proc/cpuinfo).
+CPU_VARIANTS = {
+    "_C": [],
+    "_C_avx2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
+    "_C_avx512": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mavx512f", "-mavx512bw",
+                  "-mavx512dq", "-mavx512vl", "-mavx512cd"],
+}  # fmt: skip
+
+
+def _native() -> bool:
+    return os.environ.get("DTL_KERNELS_NATIVE", "0") != "0"
+
+
+def _variant_sources(name: str, sources: list[str]) -> list[str]:
+    """Per-variant copies of the CPU sources' names (one-line files that #include the real
+    ones), so that each variant's objects get their own paths and flags."""
+    if name == "_C":
+        return sources
+    folder = ROOT / "build" / "cpu_variants" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for src in sources:
+        wrapper = folder / src.replace("/", "__")
+        text = f'#include "{(ROOT / src).as_posix()}"\n'
+        if not wrapper.is_file() or wrapper.read_text() != text:
+            wrapper.write_text(text)
+        out.append(str(wrapper.relative_to(ROOT)))
+    return out
+
+
 def _extensions():
     mode = _cuda_mode()
     if mode != "0":
@@ -66,20 +101,21 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    native = os.environ.get("DTL_KERNELS_NATIVE", "1") != "0"
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"] + (["-march=native"] if native else [])
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
     cpu_sources = ["csrc/ops.cpp", "csrc/cpu/module.cpp"] + sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
         if p.name != "module.cpp"
     )
+    variants = {"_C": ["-march=native"]} if _native() else CPU_VARIANTS
     exts = [
         cpp_extension.CppExtension(
-            "dtl_kernels._C",
-            cpu_sources,
-            extra_compile_args={"cxx": cxx_flags},
+            f"dtl_kernels.{name}",
+            _variant_sources(name, cpu_sources),
+            extra_compile_args={"cxx": cxx_flags + flags + [f"-DDTL_CPU_MODULE={name}"]},
             extra_link_args=["-fopenmp"],
         )
+        for name, flags in variants.items()
     ]
     cuda_home = cpp_extension.CUDA_HOME
     can_cuda = torch.version.cuda is not None and cuda_home is not None
@@ -124,7 +160,7 @@ def _write_build_info() -> None:
     )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    mod.write_build_info(torch.__version__, os.environ.get("DTL_KERNELS_NATIVE", "1") != "0")
+    mod.write_build_info(torch.__version__, _native())
 
 
 def _version() -> str:

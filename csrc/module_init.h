@@ -4,9 +4,13 @@
 
 #include <Python.h>
 
-#define DTL_PYTHON_MODULE(name)                                              \
+// DTL_PYTHON_MODULE(NAME) defines PyInit_NAME; NAME may itself be a macro (the CPU
+// kernels are built once per instruction-set variant, each its own module).
+#define DTL_PYTHON_MODULE(name) DTL_PYTHON_MODULE_(name)
+#define DTL_STRINGIFY_(x) #x
+#define DTL_PYTHON_MODULE_(name)                                             \
   extern "C" PyMODINIT_FUNC PyInit_##name(void) {                            \
-    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, #name,           \
+    static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, DTL_STRINGIFY_(name), \
                                      "dtl_kernels compiled ops", -1, nullptr}; \
     return PyModule_Create(&def);                                            \
   }

@@ -48,7 +48,13 @@ def report() -> str:
     lines.append("backends:")
     lines.append("  reference  available (pure PyTorch)")
     lines.append(
-        f"  cpu        {'built' if _ext.cpu_built() else 'NOT BUILT: ' + str(_ext.CPU_ERROR)}"
+        f"  cpu        "
+        + (
+            f"built (kernel variant {_ext.CPU_VARIANT}; torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()})"
+            if _ext.cpu_built()
+            else "NOT BUILT: " + str(_ext.CPU_ERROR)
+        )
     )
     lines.append(
         "  triton     "

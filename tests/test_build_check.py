@@ -38,3 +38,71 @@ def test_this_build_matches_this_machine():
         pytest.skip("no _build_info.json (not built by setup.py here)")
     assert bc.mismatch(info, torch.__version__, bc.cpu_flags()) is None
     assert set(info["native_isa"]) <= set(bc.ISA_FLAGS)
+
+
+VARIANT_CHECK = """
+import torch
+from dtl_kernels.ops import _ext, compiled_side, reference
+torch.manual_seed(0)
+for k, grid, prefix in ((0, None, 0), (3, (4, 4), 1)):
+    y = torch.randn(2, 17, 40, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 17, 6, dtype=torch.float64, requires_grad=True)
+    u = (torch.randn(40, 6, dtype=torch.float64) * 0.3).requires_grad_()
+    w = (torch.randn(40, 1, k, k, dtype=torch.float64) / k).requires_grad_() if k else None
+    leaves = [x for x in (y, t, u, w) if x is not None]
+    g = torch.randn(2, 17, 40, dtype=torch.float64)
+    ours = compiled_side.side_add(y, t, u, 100.0, w, grid, prefix)
+    ref = reference.side_add(y, t, u, 100.0, w, grid, prefix)
+    for a, b in zip(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(ref, leaves, g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+print(_ext.CPU_VARIANT)
+"""
+
+
+@pytest.mark.parametrize("variant, module", [("avx2", "_C_avx2"), ("default", "_C")])
+def test_every_cpu_kernel_variant_matches_the_reference(variant, module):
+    """The portable build carries the CPU kernels per instruction set (setup.py); capped by
+    DTL_KERNELS_CPU_VARIANT, a narrower one is loaded and must compute the same (the
+    widest this CPU runs is what the rest of the suite tests)."""
+    import os
+    import subprocess
+    import sys
+
+    from dtl_kernels.ops import _ext
+
+    if _ext.CPU_VARIANT is None or bc.build_info().get("native_isa"):
+        pytest.skip("a -march=native build has one variant")
+    if module not in _ext.cpu_variant_order() and variant != "default":
+        pytest.skip(f"this CPU cannot run {module}")
+    env = dict(os.environ, DTL_KERNELS_CPU_VARIANT=variant)
+    out = subprocess.run(
+        [sys.executable, "-c", VARIANT_CHECK], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == module
+
+
+def test_variant_order_follows_the_cpu_and_the_caps(monkeypatch):
+    import torch
+
+    from dtl_kernels.ops import _ext
+
+    avx2 = {"avx2", "fma", "f16c", "bmi2", "sse4_2"}
+    avx512 = avx2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
+    monkeypatch.delenv("DTL_KERNELS_CPU_VARIANT", raising=False)
+    for flags, capability, env, want in [
+        (avx512, "AVX512", None, ["_C_avx512", "_C_avx2", "_C"]),
+        (avx2, "AVX2", None, ["_C_avx2", "_C"]),
+        (avx512, "AVX2", None, ["_C_avx2", "_C"]),  # torch capped (ATEN_CPU_CAPABILITY)
+        (avx512, "AVX512", "avx2", ["_C_avx2", "_C"]),
+        (avx512, "AVX512", "default", ["_C"]),
+        (None, "AVX512", None, ["_C"]),  # flags unknown: only the baseline is safe
+    ]:
+        monkeypatch.setattr(_ext._build_check, "cpu_flags", lambda f=flags: f)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        if env:
+            monkeypatch.setenv("DTL_KERNELS_CPU_VARIANT", env)
+        else:
+            monkeypatch.delenv("DTL_KERNELS_CPU_VARIANT", raising=False)
+        assert _ext.cpu_variant_order() == want, (flags, capability, env)

@@ -1,3 +1,7 @@
 #include "../module_init.h"
 
-DTL_PYTHON_MODULE(_C)
+// one module per instruction-set variant (setup.py): _C, _C_avx2, _C_avx512
+#ifndef DTL_CPU_MODULE
+#define DTL_CPU_MODULE _C
+#endif
+DTL_PYTHON_MODULE(DTL_CPU_MODULE)

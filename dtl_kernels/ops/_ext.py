@@ -27,7 +27,11 @@ class BackendUnavailable(RuntimeError):
 
 
 def _try_import(name: str) -> str | None:
-    if importlib.util.find_spec(name) is None:
+    try:
+        spec = importlib.util.find_spec(name)
+    except ModuleNotFoundError:
+        spec = None
+    if spec is None:
         return f"{name} is not built"
     reason = _build_check.mismatch(
         _build_check.build_info(), torch.__version__, _build_check.cpu_flags()
@@ -38,13 +42,58 @@ def _try_import(name: str) -> str | None:
             return None
         except ImportError as exc:  # e.g. an undefined symbol of another torch
             reason = f"{type(exc).__name__}: {exc}; {_build_check.REBUILD}"
-    # built but unusable here: say so loudly once (auto falls back to slower backends)
-    warnings.warn(f"dtl_kernels: {name} cannot be used: {reason}", RuntimeWarning, stacklevel=2)
+    return f"{name} cannot be used: {reason}"
+
+
+def _warn(reason: str | None) -> str | None:
+    """Built but unusable here: say so loudly, once (auto falls back to slower backends)."""
+    if reason and "cannot be used" in reason:
+        warnings.warn(f"dtl_kernels: {reason}", RuntimeWarning, stacklevel=3)
     return reason
 
 
-CPU_ERROR = _try_import("dtl_kernels._C")
-CUDA_ERROR = "the CPU extension is missing" if CPU_ERROR else _try_import("dtl_kernels._C_cuda")
+# CPU kernel variants, widest first: (module, instructions it needs as /proc/cpuinfo names them)
+CPU_VARIANTS = (
+    ("_C_avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2", "fma"}),
+    ("_C_avx2", {"avx2", "fma", "f16c", "bmi2"}),
+    ("_C", set()),
+)
+
+
+def cpu_variant_order() -> list[str]:
+    """The CPU variants this machine can run, widest first. ``DTL_KERNELS_CPU_VARIANT``
+    (``avx512`` / ``avx2`` / ``default``) caps the choice, as ``ATEN_CPU_CAPABILITY`` does
+    for torch; torch's own capability caps it too (so both use the same vector width)."""
+    flags = _build_check.cpu_flags()
+    capability = torch.backends.cpu.get_cpu_capability().upper()
+    cap = os.environ.get("DTL_KERNELS_CPU_VARIANT", "").strip().lower()
+    allowed = {"avx512": 0, "avx2": 1, "default": 2}.get(cap, 0)
+    if not capability.startswith("AVX512"):
+        allowed = max(allowed, 1 if capability.startswith("AVX2") else 2)
+    return [
+        name
+        for i, (name, needs) in enumerate(CPU_VARIANTS)
+        if i >= allowed and (not needs or (flags is not None and needs <= flags))
+    ]
+
+
+def _import_cpu() -> tuple[str | None, str | None]:
+    """(the imported variant, None) or (None, why none could be imported). Exactly one
+    variant is imported: each registers the same ops."""
+    reasons = []
+    for name in cpu_variant_order():
+        err = _try_import(f"dtl_kernels.{name}")
+        if err is None:
+            return name, None
+        reasons.append(err)
+    unusable = [r for r in reasons if "cannot be used" in r]
+    return None, _warn(unusable[0] if unusable else "dtl_kernels._C is not built")
+
+
+CPU_VARIANT, CPU_ERROR = _import_cpu()
+CUDA_ERROR = (
+    "the CPU extension is missing" if CPU_ERROR else _warn(_try_import("dtl_kernels._C_cuda"))
+)
 
 
 def cpu_built() -> bool:

@@ -1,0 +1,26 @@
+"""`make wheel-check`: run from outside the checkout against an installed wheel (argument:
+its site folder). The package must come from there, load its CPU kernels and compute the
+side op like the reference."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import dtl_kernels
+from dtl_kernels.ops import _ext, compiled_side, reference
+
+site = Path(sys.argv[1]).resolve()
+where = Path(dtl_kernels.__file__).resolve()
+assert site in where.parents, f"dtl_kernels imported from {where}, not from the wheel in {site}"
+assert _ext.cpu_built(), f"the wheel's CPU kernels do not load: {_ext.CPU_ERROR}"
+variants = sorted(p.name.split(".")[0] for p in where.parent.glob("_C*.so"))
+assert {"_C", "_C_avx2", "_C_avx512"} <= set(variants), f"the wheel carries {variants}"
+torch.manual_seed(0)
+y, t = torch.randn(2, 17, 40, dtype=torch.float64), torch.randn(2, 17, 6, dtype=torch.float64)
+u, w = torch.randn(40, 6, dtype=torch.float64) * 0.3, torch.randn(40, 1, 3, 3, dtype=torch.float64)
+ours = compiled_side.side_add(y, t, u, 100.0, w, (4, 4), 1)
+torch.testing.assert_close(ours, reference.side_add(y, t, u, 100.0, w, (4, 4), 1))
+print(f"wheel check: ok ({where.parent}; CPU kernels {_ext.CPU_VARIANT}; {len(variants)} variants)")
