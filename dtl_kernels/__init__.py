@@ -6,6 +6,8 @@ from dtl_kernels import DTLViT, DTLSwin, create_model
 from ._version import __version__
 from .csn import CompactSideNetwork, CSNConfig
 from .models import (
+    DTLConvNet,
+    DTLEva,
     DTLModel,
     DTLSwin,
     DTLViT,
@@ -20,6 +22,8 @@ __all__ = [
     "BackendUnavailable",
     "CSNConfig",
     "CompactSideNetwork",
+    "DTLConvNet",
+    "DTLEva",
     "DTLModel",
     "DTLSwin",
     "DTLViT",

@@ -48,7 +48,7 @@ def report() -> str:
     lines.append("backends:")
     lines.append("  reference  available (pure PyTorch)")
     lines.append(
-        f"  cpu        "
+        "  cpu        "
         + (
             f"built (kernel variant {_ext.CPU_VARIANT}; torch CPU capability "
             f"{torch.backends.cpu.get_cpu_capability()})"

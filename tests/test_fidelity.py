@@ -72,7 +72,11 @@ def ref_vit_logits(
         ph, pw = bb.patch_embed.patch_size
         grid = (images.shape[-2] // ph, images.shape[-1] // pw)
     z = bb._pos_embed(z)
-    z = bb.patch_drop(z)
+    rope = None
+    if isinstance(z, tuple):  # EVA: tokens and the blocks' rotary embedding
+        z, rope = z
+    else:
+        z = bb.patch_drop(z)
     z = bb.norm_pre(z)
     npre = bb.num_prefix_tokens
     batch, tokens, dim = z.shape
@@ -86,7 +90,7 @@ def ref_vit_logits(
             b = params[f"lora_dict.{i - 1}.lora_B"]  # d×r
             term = (z @ a.t()) @ b.t()
             h = term if h is None else h + term  # h_i includes block i's own term
-        out = block(z)
+        out = block(z) if rope is None else block(z, rope=rope)
         if i >= adapt_from:
             if variant == "h_without_own_term":
                 side = ref_theta(h_before if h_before is not None else torch.zeros_like(h), beta)
@@ -425,6 +429,23 @@ def test_swin_matches_reference(tap_from, adapt_from, conv_kernel, side_backend)
     check_against_reference(model, ref_swin_logits, bb_ref, _images((BATCH, 3, 64, 64)), ref_kw)
 
 
+@pytest.mark.parametrize(
+    "tap_from,adapt_from,conv_kernel", [(None, None, 3), (1, 3, 4), (11, 12, 0)]
+)
+def test_swinv2_matches_reference(tap_from, adapt_from, conv_kernel, side_backend):
+    """timm's SwinTransformerV2 (post-norm blocks, cosine attention) has Swin's layout:
+    the same wrapper and the same published reference."""
+    kw = dict(SWIN_KW, num_classes=0)
+    bb_ref = timm.create_model("swinv2_tiny_window8_256", pretrained=False, **kw).double().eval()
+    bb_pkg = copy.deepcopy(bb_ref)
+    opts = {} if tap_from is None else dict(tap_from=tap_from, adapt_from=adapt_from)
+    model = DTLSwin(bb_pkg, conv_kernel=conv_kernel, num_classes=5, **opts).double().eval()
+    if tap_from is None:
+        tap_from, adapt_from = 5, 8
+    ref_kw = dict(tap_from=tap_from, adapt_from=adapt_from, conv=conv_kernel > 0)
+    check_against_reference(model, ref_swin_logits, bb_ref, _images((BATCH, 3, 64, 64)), ref_kw)
+
+
 def test_swin_other_image_size_matches_reference():
     # strict_img_size=False: a 96×64 input gives non-square stage grids 24×16 … 3×2.
     bb_ref, bb_pkg = _swin_pair(strict_img_size=False)
@@ -556,3 +577,16 @@ def test_only_side_network_and_head_train(family):
     grads = package_grads_official(model)
     for key in ("head.weight", *[k for k in grads if k.endswith("lora_B")]):
         assert grads[key].abs().max() > 0, f"{key} got no gradient"
+
+
+@pytest.mark.parametrize("adapt_from,conv_kernel", [(7, 0), (7, 3), (1, 4)])
+def test_eva_matches_reference(adapt_from, conv_kernel, side_backend):
+    """timm's Eva (EVA-02: rotary embeddings handed to every block) through DTLEva against
+    the published ViT formulation with the blocks called as timm calls them."""
+    from dtl_kernels import DTLEva
+
+    bb_ref, bb_pkg = _vit_pair("eva02_tiny_patch14_224", img_size=(56, 70))
+    model = DTLEva(bb_pkg, adapt_from=adapt_from, conv_kernel=conv_kernel, num_classes=5)
+    model = model.double().eval()
+    ref_kw = dict(adapt_from=adapt_from, conv=conv_kernel > 0)
+    check_against_reference(model, ref_vit_logits, bb_ref, _images((BATCH, 3, 56, 70)), ref_kw)

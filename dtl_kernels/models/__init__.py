@@ -1,13 +1,16 @@
 """Model wrappers: they compose the CSN with a frozen timm backbone; no kernel math."""
 
 from .base import DTLModel, read_adapter
+from .convnet import DTLConvNet
 from .factory import METHODS, create_model, load_backbone_weights, model_from_adapter, wrapper_for
 from .multitask import MultiTaskDTL
 from .swin import DTLSwin, default_swin_blocks
-from .vit import DTLViT
+from .vit import DTLEva, DTLViT
 
 __all__ = [
     "METHODS",
+    "DTLConvNet",
+    "DTLEva",
     "DTLModel",
     "DTLSwin",
     "DTLViT",

@@ -147,7 +147,7 @@ class DTLModel(nn.Module):
             x = self.block_input(i, x)
             if csn is not None and csn.is_tapped(i):
                 inputs.append(self.tokens(x, ctx)[0])
-            y = x = blocks[i](x)
+            y = x = self.call_block(blocks[i], i, x, ctx)
         return inputs, y, ctx
 
     def forward_from_trunk(
@@ -169,6 +169,11 @@ class DTLModel(nn.Module):
         x = self.run_blocks(y, ctx, state, depth, len(self.blocks))
         return self.forward_head(x)
 
+    def call_block(self, block: nn.Module, i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Block ``i`` (0-based) on ``x``; a backbone whose blocks take more than the tokens
+        (EVA's rotary embedding) passes it from ``ctx`` here."""
+        return block(x)
+
     def run_blocks(self, x: torch.Tensor, ctx: dict, state, start: int, stop: int) -> torch.Tensor:
         """Run blocks ``start … stop-1`` (0-based) with taps and add-backs.
 
@@ -180,7 +185,7 @@ class DTLModel(nn.Module):
             x = self.block_input(i, x)
             if csn is not None and csn.is_tapped(i):
                 csn.tap(state, i, self.tokens(x, ctx)[0])
-            y = blocks[i](x)
+            y = self.call_block(blocks[i], i, x, ctx)
             if csn is not None and csn.is_adapted(i):
                 t, grid, num_prefix = self.tokens(y, ctx)
                 y = self.untokens(csn.add_back(state, i, t, grid, num_prefix), y)

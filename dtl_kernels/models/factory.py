@@ -19,7 +19,7 @@ from .convnet import (
     map_positional_efficientnet,
 )
 from .swin import DTLSwin
-from .vit import DTLViT
+from .vit import DTLEva, DTLViT
 
 METHODS = ("dtl", "dtl+", "dtl+*", "linear", "lora", "full")
 _WRAPPER_OPTIONS = (
@@ -35,23 +35,27 @@ _WRAPPER_OPTIONS = (
 # applied after the wrapper is built (it needs to know what is frozen)
 _AFTER_OPTIONS = ("backbone_dtype",)
 # DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
-_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLSwin: 5, DTLConvNet: 3}
+_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLEva: 3, DTLSwin: 5, DTLConvNet: 3}
 
 
 def wrapper_for(backbone: nn.Module) -> type:
     """The DTL wrapper class for a timm backbone instance (``TypeError`` if none)."""
+    from timm.models.eva import Eva
     from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
     from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(backbone, VisionTransformer):
         return DTLViT
-    if isinstance(backbone, SwinTransformer):
+    if isinstance(backbone, Eva):
+        return DTLEva
+    if isinstance(backbone, (SwinTransformer, SwinTransformerV2)):
         return DTLSwin
     if layout_of(backbone) is not None:
         return DTLConvNet
     raise TypeError(
         f"no DTL wrapper for {type(backbone).__name__}: supported are timm VisionTransformer, "
-        "SwinTransformer, EfficientNet, ResNet and ConvNeXt"
+        "Eva, SwinTransformer, SwinTransformerV2, EfficientNet, ResNet and ConvNeXt"
     )
 
 

@@ -120,7 +120,7 @@ class MultiTaskDTL(nn.Module):
                 x = walker.block_input(i, x)
                 for n in on_trunk:
                     self._tap(n, i, x, ctx, states)
-                y = blocks[i](x)
+                y = walker.call_block(blocks[i], i, x, ctx)
                 for n in on_trunk:
                     if branch_at[n] == i:
                         tails[n] = self._add_back(n, i, y, ctx, states)
@@ -130,9 +130,9 @@ class MultiTaskDTL(nn.Module):
                 for n, xin in zip(running, inputs, strict=False):
                     self._tap(n, i, xin, ctx, states)
                 if self.batch_tails and len(running) > 1:
-                    outputs = blocks[i](torch.cat(inputs)).split(batch)
+                    outputs = walker.call_block(blocks[i], i, torch.cat(inputs), ctx).split(batch)
                 else:
-                    outputs = [blocks[i](xin) for xin in inputs]
+                    outputs = [walker.call_block(blocks[i], i, xin, ctx) for xin in inputs]
                 for n, y_n in zip(running, outputs, strict=False):
                     tails[n] = self._add_back(n, i, y_n, ctx, states)
         return {n: m.forward_head(tails.get(n, x)) for n, m in self.tasks.items()}

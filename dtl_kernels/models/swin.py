@@ -1,4 +1,7 @@
-"""DTL / DTL+ around a timm ``SwinTransformer`` (hierarchical: ``h`` restarts per stage)."""
+"""DTL / DTL+ around a timm ``SwinTransformer`` or ``SwinTransformerV2`` (hierarchical: ``h``
+restarts per stage). Both keep the same layout — patch merging at the start of each stage,
+``(batch, H, W, C)`` maps, a final norm — so one wrapper walks both; V2's post-norm blocks
+and scaled cosine attention stay inside the blocks."""
 
 from __future__ import annotations
 
@@ -28,17 +31,18 @@ def default_swin_blocks(depths: list[int]) -> tuple[int, int]:
     return tap_from, max(tap_from, n - adapted + 1)
 
 
-def _swin_type():
+def _swin_types() -> tuple[type, ...]:
     from timm.models.swin_transformer import SwinTransformer
+    from timm.models.swin_transformer_v2 import SwinTransformerV2
 
-    return SwinTransformer
+    return SwinTransformer, SwinTransformerV2
 
 
 class DTLSwin(DTLModel):
     """A frozen timm Swin Transformer with a per-stage Compact Side Network.
 
     Args:
-        backbone: a timm ``SwinTransformer`` (any depths).
+        backbone: a timm ``SwinTransformer`` or ``SwinTransformerV2`` (any depths).
         rank: ``r`` of every tap (published Swin-B: 4).
         beta: β of θ.
         adapt_from: 1-based ``M`` over all blocks (global numbering); default
@@ -71,9 +75,10 @@ class DTLSwin(DTLModel):
         checkpoint_tail: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, _swin_type()):
+        if not isinstance(backbone, _swin_types()):
             raise TypeError(
-                f"DTLSwin needs a timm SwinTransformer, got {type(backbone).__name__}; "
+                "DTLSwin needs a timm SwinTransformer or SwinTransformerV2, got "
+                f"{type(backbone).__name__}; "
                 "use DTLViT for ViT, or dtl_kernels.create_model(name) to pick the wrapper"
             )
         self.backbone = backbone
@@ -177,6 +182,7 @@ class DTLSwin(DTLModel):
         return ignorable
 
     def _filter_backbone_checkpoint(self, sd):
-        from timm.models.swin_transformer import checkpoint_filter_fn
+        import sys
 
-        return checkpoint_filter_fn(sd, self.backbone)
+        module = sys.modules[type(self.backbone).__module__]  # v1's or v2's own filter
+        return module.checkpoint_filter_fn(sd, self.backbone)

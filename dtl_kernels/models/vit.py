@@ -58,10 +58,10 @@ class DTLViT(DTLModel):
         checkpoint_tail: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(backbone, _vision_transformer_type()):
+        if not isinstance(backbone, self._backbone_type()):
             raise TypeError(
-                f"DTLViT needs a timm VisionTransformer, got {type(backbone).__name__}; "
-                "use DTLSwin for Swin, or dtl_kernels.create_model(name) to pick the wrapper"
+                f"{type(self).__name__} needs a timm {self._backbone_type().__name__}, got "
+                f"{type(backbone).__name__}; use dtl_kernels.create_model(name) to pick the wrapper"
             )
         self.backbone = backbone
         self.head_mode = validate_head_mode(head)
@@ -85,6 +85,10 @@ class DTLViT(DTLModel):
             if backbone.num_classes != self.num_classes:
                 backbone.reset_classifier(self.num_classes)
             self._freeze(train_backbone, ("head.",))
+
+    @staticmethod
+    def _backbone_type() -> type:
+        return _vision_transformer_type()
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -172,5 +176,41 @@ class DTLViT(DTLModel):
 
     def _filter_backbone_checkpoint(self, sd):
         from timm.models.vision_transformer import checkpoint_filter_fn
+
+        return checkpoint_filter_fn(sd, self.backbone)
+
+
+class DTLEva(DTLViT):
+    """A frozen timm ``Eva`` (EVA-02 and its relatives) with a Compact Side Network.
+
+    The same method and options as :class:`DTLViT`: EVA is a plain ViT whose blocks also
+    take a rotary position embedding (and use SwiGLU MLPs and sub-LayerNorms inside, which
+    the side network never sees). The rotary embedding is computed once per image size in
+    :meth:`embed` and handed to every block (per block where the backbone mixes them).
+    """
+
+    @staticmethod
+    def _backbone_type() -> type:
+        from timm.models.eva import Eva
+
+        return Eva
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        grid = self.patch_grid(images)
+        bb = self.backbone
+        x, rope = bb._pos_embed(bb.patch_embed(images))
+        return bb.norm_pre(x), {"grid": grid, "rope": rope}
+
+    def call_block(self, block: nn.Module, i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        rope = ctx["rope"]
+        if rope is not None and getattr(self.backbone, "rope_mixed", False):
+            rope = rope[i]  # one embedding per block
+        return block(x, rope=rope)
+
+    def backbone_identity(self) -> dict:
+        return {**super().backbone_identity(), "family": "eva"}
+
+    def _filter_backbone_checkpoint(self, sd):
+        from timm.models.eva import checkpoint_filter_fn
 
         return checkpoint_filter_fn(sd, self.backbone)
