@@ -11,6 +11,10 @@ step, deduplicated by storage, parameters excluded (SPEC §2's protocol):
 
 The counts are exactly linear in the batch, so a small batch (default 4) gives the same
 fractions as 32. Run: ``python benchmarks/bench_memory.py [--batch 4]``.
+
+``--backbones NAME …``: instead, every wrapped backbone family at its default ``M`` and its
+timm input size — full fine-tuning, PEFT LoRA (transformers), DTL, DTL+ — into
+``memory_backbones.csv`` (the README's per-family rows).
 """
 
 from __future__ import annotations
@@ -87,12 +91,50 @@ def measure(model: torch.nn.Module, images: torch.Tensor) -> SavedBytes:
     return rec
 
 
+FAMILIES = [
+    "vit_base_patch16_224", "eva02_base_patch14_224", "swin_tiny_patch4_window7_224",
+    "swinv2_tiny_window8_256", "tf_efficientnet_lite0", "resnet50", "convnext_tiny",
+]  # fmt: skip
+
+
+def backbone_rows(names: list[str], batch: int) -> None:
+    """Saved bytes of full / LoRA / DTL / DTL+ per backbone family, default M."""
+    import timm
+
+    res = Results("memory_backbones")
+    lines = []
+    for name in names:
+        size = int((timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224))[-1])
+        torch.manual_seed(0)
+        images = torch.randn(batch, 3, size, size)
+        shape = f"{size}x{size}"
+        full = measure(create_model(name, method="full", num_classes=10), images).total
+        res.add("full", "model", name, batch, "float32", shape, full / 2**20, "MB")
+        row = [f"{name:30s} full {full / 2**20:7.1f} MB"]
+        for method in ("lora", "dtl", "dtl+"):
+            try:
+                model = create_model(name, method=method, num_classes=10)
+            except ValueError as exc:  # LoRA on a CNN: no qkv layers
+                row.append(f"{method} -")
+                print(f"  ({name} {method}: {exc})")
+                continue
+            rec = measure(model, images)
+            res.add(method, "model", name, batch, "float32", shape, rec.total / full, "x_full")
+            row.append(f"{method} {rec.total / full:.3f}x")
+        lines.append(", ".join(row))
+        print(lines[-1], flush=True)
+    res.write()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default="vit_base_patch16_224")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--img", type=int, default=224)
+    ap.add_argument("--backbones", nargs="*", default=None, help=f"default: {FAMILIES}")
     args = ap.parse_args()
+    if args.backbones is not None:
+        return backbone_rows(args.backbones or FAMILIES, args.batch)
     torch.manual_seed(0)
     images = torch.randn(args.batch, 3, args.img, args.img)
     res = Results("memory")

@@ -71,3 +71,15 @@ def test_errors_name_the_problem():
         tiny("lora", lora_rank=0)
     with pytest.raises(ValueError, match="has no nn.Linear named"):
         create_model("tf_efficientnet_lite0", method="lora", num_classes=3)
+
+
+@pytest.mark.parametrize(
+    "name, kw",
+    [("swinv2_tiny_window8_256", dict(img_size=64, window_size=4)), ("eva02_tiny_patch14_224", {})],
+)
+def test_backbones_that_bypass_their_linear_layers_are_refused(name, kw):
+    """Swin V2 and EVA-02 use their qkv layer's weight directly (adding q / v biases):
+    PEFT's LoRA there would never run, so never train. That must be an error, not a
+    silently frozen model."""
+    with pytest.raises(ValueError, match="bypasses the forward of 12 of its 12 LoRA layers"):
+        create_model(name, method="lora", num_classes=3, **kw)

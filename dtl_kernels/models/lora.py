@@ -9,10 +9,12 @@ the backbone, so its backward runs through every block after the first adapted o
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 DEFAULT_RANK = 8
-DEFAULT_TARGETS = ("qkv",)  # timm ViT / Swin attention input projections
+# attention input projections: fused (timm ViT, Swin) or separate (EVA-02)
+DEFAULT_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj")
 
 
 def inject_lora(backbone: nn.Module, rank: int = DEFAULT_RANK, targets=DEFAULT_TARGETS) -> dict:
@@ -38,11 +40,44 @@ def inject_lora(backbone: nn.Module, rank: int = DEFAULT_RANK, targets=DEFAULT_T
         import peft
     except ImportError as exc:
         raise ImportError("method='lora' needs Hugging Face PEFT: pip install peft") from exc
+    found = sorted({n.rsplit(".", 1)[-1] for n in names})  # the targets this backbone has
     trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets))
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=found)
     peft.inject_adapter_in_model(config, backbone)
     # PEFT freezes all but its own factors: give back what trained before (a backbone head
     # with head="backbone"); the wrapped originals (renamed …base_layer…) stay frozen
     for name, p in backbone.named_parameters():
         p.requires_grad_(".lora_" in name or trainable.get(name, False))
-    return {"rank": rank, "targets": list(targets)}
+    _check_lora_runs(backbone)
+    return {"rank": rank, "targets": found}
+
+
+def _check_lora_runs(backbone: nn.Module) -> None:
+    """Every LoRA layer must run in the backbone's forward. Some blocks read a Linear's
+    ``weight`` directly instead of calling it (timm's Swin V2 adds its q / v biases that
+    way): LoRA there would never train, silently. One forward of a small dummy batch."""
+    lora_a = {n: m for n, m in backbone.named_modules() if n.endswith(".lora_A.default")}
+    called: set[str] = set()
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: called.add(n)) for n, m in lora_a.items()
+    ]
+    param = next(backbone.parameters())
+    size = getattr(getattr(backbone, "patch_embed", None), "img_size", None) or (224, 224)
+    modes = {m: m.training for m in backbone.modules()}
+    try:
+        backbone.eval()
+        with torch.no_grad():
+            backbone(torch.zeros(1, 3, *size, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    unused = sorted(set(lora_a) - called)
+    if unused:
+        raise ValueError(
+            f"method='lora': {type(backbone).__name__} bypasses the forward of "
+            f"{len(unused)} of its {len(lora_a)} LoRA layers (e.g. "
+            f"{unused[0].removesuffix('.lora_A.default')}): their updates would never "
+            "reach the output or train. LoRA is not supported for this backbone."
+        )
