@@ -109,6 +109,8 @@ def run_one(args, backbone: str, dataset: str, method: str, phase: str, lr: floa
         if "val_split" in opts:  # a capped split keeps 4/5 of itself for training
             opts["val_split"] = max(1, min(opts["val_split"], opts["max_train"] // 5))
     if not _reusable(summary_path, args, opts):
+        if args.reuse_only:
+            return None
         cmd = [sys.executable, "-m", "dtl_kernels.train", "--method", method, "--lr", f"{lr:g}",
                "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", "32",
                "--warmup-epochs", "1", "--precision", args.precision, "--output", str(folder),
@@ -162,18 +164,25 @@ def study(args) -> list[dict]:
             for method in args.methods:
                 if method == "lora" and backbone == "lite0":
                     continue  # no qkv layers in a CNN
+                grid = args.lrs.get(method, LR_GRID[method])
                 if args.quick:
                     best = QUICK_LR[method]
+                elif len(grid) == 1:  # nothing to choose: no validation run
+                    best = grid[0]
                 else:
                     picks = [
-                        run_one(args, backbone, dataset, method, "select", lr, 0)
-                        for lr in LR_GRID[method]
+                        run_one(args, backbone, dataset, method, "select", lr, 0) for lr in grid
                     ]
+                    picks = [p for p in picks if p is not None]
+                    if not picks:
+                        continue  # --reuse-only and nothing run yet
                     rows += picks
                     best = max(picks, key=lambda r: (r["acc"], -r["lr"]))["lr"]
                 for seed in range(args.seeds):
-                    rows.append(run_one(args, backbone, dataset, method, "test", best, seed))
-                    write_runs(args, rows)
+                    row = run_one(args, backbone, dataset, method, "test", best, seed)
+                    if row is not None:
+                        rows.append(row)
+                        write_runs(args, rows)
     return rows
 
 
@@ -291,9 +300,26 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 2)")
     ap.add_argument("--max-train", type=int, default=None, help="cap the training split")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument(
+        "--lrs",
+        nargs="*",
+        default=[],
+        metavar="METHOD=LR,LR",
+        help="replace a method's learning-rate grid, e.g. full=1e-4",
+    )
+    ap.add_argument(
+        "--reuse-only", action="store_true", help="tables from earlier runs only; run nothing"
+    )
     ap.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="run folders")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
+    try:
+        args.lrs = {
+            m: tuple(float(v) for v in lrs.split(","))
+            for m, lrs in (item.split("=", 1) for item in args.lrs)
+        }
+    except ValueError:
+        ap.error("--lrs takes METHOD=LR[,LR…], e.g. full=1e-4")
     args.backbones = args.backbones or (["dinov2"] if args.quick else list(BACKBONES))
     args.datasets = args.datasets or (["elpv"] if args.quick else list(DATASETS))
     args.seeds = args.seeds or (1 if args.quick else 3)

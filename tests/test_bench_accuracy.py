@@ -26,13 +26,14 @@ def test_lr_chosen_on_validation_then_seeds_on_test(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "run_one", fake)
     args = argparse.Namespace(
         quick=False, backbones=["lite0"], datasets=["elpv"], methods=["lora", "dtl", "full"],
-        seeds=3, epochs=1, results=tmp_path, precision="fp32",
+        seeds=3, epochs=1, results=tmp_path, precision="fp32", lrs={"full": (1e-4,)},
     )  # fmt: skip
     monkeypatch.setattr(B, "write_runs", lambda *a: None)
     rows = B.study(args)
     assert not [c for c in calls if c[0] == "lora"]  # a CNN has no qkv to adapt
     test_lrs = {(m, lr) for m, phase, lr, _ in calls if phase == "test"}
-    assert test_lrs == {("dtl", max(B.LR_GRID["dtl"])), ("full", max(B.LR_GRID["full"]))}
+    assert test_lrs == {("dtl", max(B.LR_GRID["dtl"])), ("full", 1e-4)}  # full: --lrs grid
+    assert not [c for c in calls if c[0] == "full" and c[1] == "select"]  # one lr: no search
     summary = B.aggregate(rows)
     dtl = next(r for r in summary if r["method"] == "dtl")
     assert (dtl["acc_mean"], dtl["acc_std"], dtl["seeds"]) == (71.0, 1.0, 3)
