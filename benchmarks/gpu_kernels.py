@@ -91,21 +91,22 @@ class Inputs:
         self.prefix = prefix
         self.sets = sets
 
+    def leaves(self, y, t) -> list[torch.Tensor]:
+        """Fresh autograd leaves: y, taps, ups and (DTL+) w."""
+        params = [self.ups] + ([self.w] if self.w is not None else [])
+        return [x.detach().requires_grad_() for x in [y, t, *params]]
+
+    def forward(self, fn, leaves):
+        w = leaves[3] if self.w is not None else None
+        return fn(*leaves[:3], 100.0, w, self.grid, self.prefix)
+
     def call(self, fn, i: int, mode: str):
         y, t, g = self.ys[i % self.sets], self.taps[i % self.sets], self.gs[i % self.sets]
         if mode == "fwd":
             with torch.no_grad():
                 return fn(y, t, self.ups, 100.0, self.w, self.grid, self.prefix)
-        leaves = [
-            y.detach().requires_grad_(),
-            t.detach().requires_grad_(),
-            self.ups.detach().requires_grad_(),
-        ]
-        if self.w is not None:
-            leaves.append(self.w.detach().requires_grad_())
-        w = leaves[3] if self.w is not None else None
-        out = fn(*leaves[:3], 100.0, w, self.grid, self.prefix)
-        return torch.autograd.grad(out, leaves, g)
+        leaves = self.leaves(y, t)
+        return torch.autograd.grad(self.forward(fn, leaves), leaves, g)
 
 
 # -- timing ------------------------------------------------------------------------------
@@ -182,14 +183,8 @@ def temp_bytes(inp: Inputs, fn, mode: str, device: str) -> int | None:
             out = fn(y, t, inp.ups, 100.0, inp.w, inp.grid, inp.prefix)
         torch.cuda.synchronize()
         return max(0, torch.cuda.max_memory_allocated() - base - _new_bytes([out], before))
-    leaves = [
-        y.detach().requires_grad_(),
-        t.detach().requires_grad_(),
-        inp.ups.detach().requires_grad_(),
-    ]
-    if inp.w is not None:
-        leaves.append(inp.w.detach().requires_grad_())
-    out = fn(*leaves[:3], 100.0, leaves[3] if inp.w is not None else None, inp.grid, inp.prefix)
+    leaves = inp.leaves(y, t)
+    out = inp.forward(fn, leaves)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

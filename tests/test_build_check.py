@@ -45,7 +45,8 @@ import torch
 from dtl_kernels.ops import _ext, compiled_side, reference
 torch.manual_seed(0)
 for k, grid, prefix in ((0, None, 0), (3, (4, 4), 1)):
-    y = torch.randn(2, 17, 40, dtype=torch.float64, requires_grad=True)
+    # y non-contiguous (a transposed view), an odd token count
+    y = torch.randn(2, 40, 17, dtype=torch.float64).transpose(1, 2).requires_grad_()
     t = torch.randn(2, 17, 6, dtype=torch.float64, requires_grad=True)
     u = (torch.randn(40, 6, dtype=torch.float64) * 0.3).requires_grad_()
     w = (torch.randn(40, 1, k, k, dtype=torch.float64) / k).requires_grad_() if k else None

@@ -62,12 +62,15 @@ def _check_lora_runs(backbone: nn.Module) -> None:
         m.register_forward_hook(lambda mod, inp, out, n=n: called.add(n)) for n, m in lora_a.items()
     ]
     param = next(backbone.parameters())
-    size = getattr(getattr(backbone, "patch_embed", None), "img_size", None) or (224, 224)
+    patch_embed = getattr(backbone, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None) or (224, 224)
+    proj = getattr(patch_embed, "proj", None)
+    channels = getattr(proj, "in_channels", 3)
     modes = {m: m.training for m in backbone.modules()}
     try:
         backbone.eval()
         with torch.no_grad():
-            backbone(torch.zeros(1, 3, *size, dtype=param.dtype, device=param.device))
+            backbone(torch.zeros(1, channels, *size, dtype=param.dtype, device=param.device))
     finally:
         for h in hooks:
             h.remove()

@@ -18,6 +18,7 @@ safetensors in the user cache directory (``$DTL_KERNELS_CACHE`` or
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -132,6 +133,13 @@ def imgfocus_onnx() -> Path:
 
 
 def _sha256(path: Path) -> str:
+    """SHA-256 of a file, hashed once per process for a given size and modification time."""
+    st = path.stat()
+    return _sha256_of(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
