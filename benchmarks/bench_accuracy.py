@@ -72,6 +72,7 @@ RUN_FIELDS = [
     "backbone", "dataset", "method", "phase", "lr", "seed", "acc", "evaluated_on",
     "trainable_params", "peak_memory_mib", "images_per_s", "wall_s", "epochs", "img_size",
     "batch_size", "train_images", "eval_images", "precision", "device", "peak_memory_method",
+    "torch_threads",
 ]  # fmt: skip
 
 
@@ -141,6 +142,7 @@ def run_one(args, backbone: str, dataset: str, method: str, phase: str, lr: floa
         "precision": s.get("precision", ""),
         "device": s.get("device", ""),
         "peak_memory_method": s.get("peak_memory_method", ""),
+        "torch_threads": s.get("torch_threads", ""),
     }  # fmt: skip
 
 
@@ -186,7 +188,14 @@ def study(args) -> list[dict]:
     return rows
 
 
+def stem(args) -> str:
+    """Output file names: ``accuracy`` for the fp32 study, ``accuracy_bf16`` for bf16."""
+    return "accuracy" if args.precision == "fp32" else f"accuracy_{args.precision}"
+
+
 def _write_csv(path: Path, fields: list[str], rows: list[dict], env: dict) -> None:
+    fields = list(dict.fromkeys(fields))  # a run's own column wins over the same env column
+
     def write(tmp):
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
@@ -203,7 +212,7 @@ def _device(rows: list[dict]) -> str:
 
 def write_runs(args, rows: list[dict]) -> None:
     env = env_columns(_device(rows))
-    _write_csv(args.results / "accuracy_runs.csv", RUN_FIELDS + list(env), rows, env)
+    _write_csv(args.results / f"{stem(args)}_runs.csv", RUN_FIELDS + list(env), rows, env)
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -230,6 +239,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 trainable_params=tests[0]["trainable_params"],
                 peak_memory_mib=round(statistics.median(r["peak_memory_mib"] for r in tests), 1),
                 images_per_s=round(statistics.median(r["images_per_s"] for r in tests), 1),
+                threads="/".join(sorted({str(r.get("torch_threads", "")) for r in tests})),
                 wall_s=round(statistics.median(float(r["wall_s"] or 0) for r in tests), 1),
             )
         )  # fmt: skip
@@ -238,26 +248,26 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 def write_tables(args, summary: list[dict], device: str = "cpu") -> None:
     env = env_columns(device)
-    _write_csv(args.results / "accuracy.csv", list(summary[0]) + list(env), summary, env)
+    _write_csv(args.results / f"{stem(args)}.csv", list(summary[0]) + list(env), summary, env)
     lines = [
         f"Accuracy study ({'quick' if args.quick else 'full'}; {args.epochs} epochs, batch 32, "
         f"{args.precision}; {env['device']}; torch {env['torch']}; {env['date']}; "
         f"rev {env['git_rev']})",
         "",
         "| backbone | dataset | method | test acc % (mean ± std, n) | lr (val acc % per lr) "
-        "| trainable | peak MiB | img/s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| trainable | peak MiB | img/s | wall s | threads |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
         lines.append(
             f"| {r['backbone']} | {r['dataset']} | {r['method']} | {r['acc_mean']:.2f} ± "
             f"{r['acc_std']:.2f} ({r['seeds']}) | {r['lr']:g} ({r['val_acc_by_lr'] or '-'}) | "
             f"{r['trainable_params']:,} | {r['peak_memory_mib']:.0f} | {r['images_per_s']:.0f} | "
-            f"{r['wall_s']:.0f} |"
+            f"{r['wall_s']:.0f} | {r['threads']} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
-    atomic_write(args.results / "accuracy.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(args.results / f"{stem(args)}.md", lambda tmp: Path(tmp).write_text(text))
 
 
 def plot(args, summary: list[dict], device: str = "cpu") -> None:
@@ -284,8 +294,8 @@ def plot(args, summary: list[dict], device: str = "cpu") -> None:
         ax.set_title(f"{backbone} on {dataset}")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.results / "accuracy.png", dpi=120)
-    print(f"plot -> {args.results / 'accuracy.png'}")
+    fig.savefig(args.results / f"{stem(args)}.png", dpi=120)
+    print(f"plot -> {args.results / f'{stem(args)}.png'}")
 
 
 def main() -> int:
