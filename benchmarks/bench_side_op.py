@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, op_bytes, time_fn  # noqa: E402
 
-from dtl_kernels.ops import compiled_side, reference  # noqa: E402
+from dtl_kernels.ops import compiled_side, reference, side  # noqa: E402
 
 
 def main() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
             return reference.side_add(y, t, u, 100.0, w, g, prefix)
 
         def ours_fn(y, t, u, w, g=g):
-            return compiled_side.side_add(y, t, u, 100.0, w, g, prefix)
+            return side.side_add(y, t, u, 100.0, w, g, prefix, backend="cpu")
 
         providers = {"ours": ours_fn, "torch": ref_fn}
         if not args.no_compile:

@@ -30,6 +30,7 @@ backward's time goes.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
@@ -56,17 +57,15 @@ def providers(device: str, dry_run: bool, want: list[str]) -> dict:
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 256)
         out["compile"] = torch.compile(reference.side_add, dynamic=False)
-    from dtl_kernels.ops import _ext, compiled_side
+    from dtl_kernels.ops import _ext, compiled_side, side
 
     # our compiled kernels: the CUDA C++ ones on a GPU, the C++ CPU ones in a dry run
     compiled = "cpu" if device == "cpu" else "cuda"
     built = _ext.cuda_built() if compiled == "cuda" else _ext.cpu_built()
     if "cuda" in want and built and compiled_side.available(compiled):
-        out[compiled] = compiled_side.side_add
+        out[compiled] = functools.partial(side.side_add, backend=compiled)
     if "triton" in want and device == "cuda" and _ext.triton_importable():
-        from dtl_kernels.ops import triton_side
-
-        out["triton"] = triton_side.side_add
+        out["triton"] = functools.partial(side.side_add, backend="triton")
     want = set(want) | {"cpu"}
     return {k: v for k, v in out.items() if k in want}
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from . import memory
 from .ops import reference, side
+from .ops.contract import SideArgs
 
 
 @dataclass(frozen=True)
@@ -185,11 +186,12 @@ class CompactSideNetwork(nn.Module):
         ups = torch.cat(state.ups, dim=-1) if len(state.ups) > 1 else state.ups[0]
         if taps.dtype != y.dtype:  # autocast: bf16 taps (a matmul) beside an fp32 residual
             taps = taps.to(y.dtype)
-        name = state.backend
-        if self.backend == "auto" and not side.BACKENDS[name].fits(y, taps, conv, grid, num_prefix):
-            name = side.select(y, "auto", taps, conv, grid, num_prefix)  # e.g. K beyond a kernel
-        # the wrappers build these inputs, so the op's own checks suffice (no validate())
-        return side.run(name, y, taps, ups, beta, conv, grid, num_prefix)
+        # the wrappers build these inputs, so the kernels' own checks suffice
+        args = SideArgs.trusted(y, taps, ups, beta, conv, grid, num_prefix)
+        backend = side.BACKENDS[state.backend]
+        if self.backend == "auto" and not backend.fits(args):
+            backend = side.BACKENDS[side.select(y, "auto", args)]  # e.g. K beyond a kernel
+        return backend.run(args)
 
     # -- published checkpoint names (SPEC §6) ---------------------------------------------
     def official_state_dict(self, per_stage_convs: bool) -> dict[str, torch.Tensor]:

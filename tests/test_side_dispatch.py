@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dtl_kernels.ops import side
+from dtl_kernels.ops.contract import SideArgs
 
 
 def test_cuda_limits_come_from_the_extension():
@@ -16,13 +17,17 @@ def test_cuda_limits_come_from_the_extension():
     if mod is None:
         pytest.skip(f"the CUDA extension is not built here ({_ext.CUDA_ERROR})")
     y = torch.empty(1, 4, 8)
-    fits = side.BACKENDS["cuda"].fits
-    assert fits(y, torch.empty(1, 4, 24), None)
-    assert fits(y, torch.empty(1, 4, mod.MAX_K), torch.empty(8, 1, mod.MAX_KSIZE, mod.MAX_KSIZE))
-    assert not fits(
-        y, torch.empty(1, 4, 24), torch.empty(8, 1, mod.MAX_KSIZE + 2, mod.MAX_KSIZE + 2)
-    )
-    assert not fits(y, torch.empty(1, 4, mod.MAX_K + 64), None)  # e.g. ViT-L, 24 taps of r = 8
+
+    def fits(k_cols: int, ksize: int) -> bool:
+        conv = torch.empty(8, 1, ksize, ksize) if ksize else None
+        args = SideArgs.trusted(y, torch.empty(1, 4, k_cols), torch.empty(8, k_cols), 1.0, conv,
+                                (2, 2), 0)  # fmt: skip
+        return side.BACKENDS["cuda"].fits(args)
+
+    assert fits(24, 0)
+    assert fits(mod.MAX_K, mod.MAX_KSIZE)
+    assert not fits(24, mod.MAX_KSIZE + 2)
+    assert not fits(mod.MAX_K + 64, 0)  # e.g. ViT-L, 24 taps of r = 8
 
 
 def test_cuda_plan_answers_shared_memory():
@@ -48,7 +53,8 @@ def test_auto_falls_back_when_a_backend_does_not_fit(monkeypatch):
     monkeypatch.delenv("DTL_KERNELS_BACKEND", raising=False)
     real = side.BACKENDS["cpu"]
     monkeypatch.setitem(side.BACKENDS, "cpu", dataclasses.replace(real, fits=lambda *a: False))
-    assert side.select(x, "auto", taps) == "reference"
+    args = SideArgs.trusted(x, taps, torch.zeros(8, 4), 100.0)
+    assert side.select(x, "auto", args) == "reference"
     assert side.select(x, "auto") == "cpu"  # no shapes given: fits is not asked
 
 

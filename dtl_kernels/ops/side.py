@@ -1,8 +1,8 @@
 """The fused side op ``out = y + mix(T·Uᵀ)``: its contract, its backends, and which one runs.
 
-One contract (:func:`validate`), one registry (:data:`BACKENDS`: name → :class:`Backend`)
-and one selection rule (:func:`select`). Adding a backend is one registry entry plus its
-kernels.
+One contract (:class:`~dtl_kernels.ops.contract.SideArgs`), one registry
+(:data:`BACKENDS`: name → :class:`Backend`) and one selection rule (:func:`select`).
+Adding a backend is one registry entry plus its kernels.
 
 Backends: ``reference`` (pure PyTorch, always there), ``cpu`` (compiled C++, CPU tensors),
 ``cuda`` (compiled CUDA C++) and ``triton`` (CUDA tensors, or CPU tensors under
@@ -14,14 +14,13 @@ Shapes (all backends): ``y`` ``(B, N, d)`` block output; ``taps`` ``(B, N, K)``
 concatenated rank-r taps of the stage so far (``K = i·r``); ``ups`` ``(d, K)``
 concatenated up projections; ``conv_weight`` ``(d, 1, k, k)`` or ``None`` (DTL);
 ``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``ups`` / ``conv_weight`` may
-be float32 beside 16-bit activations (autocast): fused backends cast them to ``y``'s dtype
-and their gradients flow back in float32.
+be float32 beside 16-bit activations (autocast): fused backends get them cast to ``y``'s
+dtype (:meth:`SideArgs.kernel_args`) and their gradients flow back in float32.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from . import _ext, reference
+from .contract import SideArgs
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,15 @@ class Backend:
     """One implementation of the side op.
 
     ``runs(x)``: whether it can run tensors like ``x`` in this process (built, importable,
-    right device); ``why_not(x)``: the reason and the fix when it cannot; ``fits(y, taps,
-    conv_weight, grid, num_prefix)``: whether it takes these shapes; ``run(...)``: the op,
-    on inputs that passed :func:`validate` (parameters already cast when ``casts_params``).
+    right device); ``why_not(x)``: the reason and the fix when it cannot; ``fits(args)``:
+    whether it takes these shapes; ``run(args)``: the op, differentiable in every tensor.
     """
 
     name: str
     runs: Callable[[torch.Tensor], bool]
     why_not: Callable[[torch.Tensor], str]
-    fits: Callable[..., bool]  # (y, taps, conv_weight, grid, num_prefix)
-    run: Callable[..., torch.Tensor]
-    casts_params: bool = True
+    fits: Callable[[SideArgs], bool]
+    run: Callable[[SideArgs], torch.Tensor]
 
 
 def _always(*_args) -> bool:
@@ -77,10 +75,10 @@ def _compiled_why_not(device_type: str) -> Callable[[torch.Tensor], str]:
     return why_not
 
 
-def _compiled_run(y, taps, ups, beta, conv_weight, grid, num_prefix):
+def _compiled_run(args: SideArgs) -> torch.Tensor:
     from . import compiled_side
 
-    return compiled_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
+    return compiled_side.forward(args)
 
 
 def _triton_runs(x: torch.Tensor) -> bool:
@@ -101,10 +99,15 @@ def _triton_why_not(x: torch.Tensor) -> str:
     )
 
 
-def _triton_run(y, taps, ups, beta, conv_weight, grid, num_prefix):
+def _triton_run(args: SideArgs) -> torch.Tensor:
     from . import triton_side
 
-    return triton_side.side_add(y, taps, ups, beta, conv_weight, grid, num_prefix)
+    return triton_side.forward(args)
+
+
+def _reference_run(args: SideArgs) -> torch.Tensor:
+    a = args  # the spec casts nothing: autograd's own casts keep float32 parameter grads
+    return reference.side_add(a.y, a.taps, a.ups, a.beta, a.conv_weight, a.grid, a.num_prefix)
 
 
 @functools.lru_cache(maxsize=256)
@@ -118,36 +121,25 @@ def _cuda_plan_fits(b, n, d, k_cols, ksize, prefix, gh, gw, io, acc, device_inde
     )
 
 
-def _cuda_fits(y, taps, conv_weight=None, grid=None, num_prefix=0) -> bool:
+def _cuda_fits(args: SideArgs) -> bool:
     """Asks the CUDA extension's own launch plan (side_plan.h) whether it takes the shape."""
     mod = _ext.cuda_module()
-    k_cols, ksize = taps.shape[-1], conv_weight.shape[-1] if conv_weight is not None else 0
+    y, k_cols, ksize = args.y, args.taps.shape[-1], args.conv_size
     if mod is None or k_cols > mod.MAX_K or ksize > mod.MAX_KSIZE:
         return False
     if not y.is_cuda:  # shape limits only (no device to ask about shared memory)
         return True
     b, n, d = y.shape
-    gh, gw = (int(grid[0]), int(grid[1])) if ksize and grid is not None else (0, 0)
+    prefix = args.num_prefix if ksize else 0
     acc = 8 if y.dtype == torch.float64 else 4
+    io, device = y.element_size(), y.device.index or 0
     return _cuda_plan_fits(
-        b,
-        n,
-        d,
-        k_cols,
-        ksize,
-        int(num_prefix) if ksize else 0,
-        gh,
-        gw,
-        y.element_size(),
-        acc,
-        y.device.index or 0,
+        b, n, d, k_cols, ksize, prefix, args.grid_h, args.grid_w, io, acc, device
     )
 
 
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend(
-        "reference", _always, lambda x: "", _always, reference.side_add, casts_params=False
-    ),
+    "reference": Backend("reference", _always, lambda x: "", _always, _reference_run),
     "cpu": Backend("cpu", _compiled_runs("cpu"), _compiled_why_not("cpu"), _always, _compiled_run),
     "cuda": Backend(
         "cuda", _compiled_runs("cuda"), _compiled_why_not("cuda"), _cuda_fits, _compiled_run
@@ -179,23 +171,22 @@ def _auto_order(x: torch.Tensor, conv_weight: torch.Tensor | None) -> tuple[str,
 def select(
     x: torch.Tensor,
     requested: str = "auto",
-    taps: torch.Tensor | None = None,
+    args: SideArgs | None = None,
     conv_weight: torch.Tensor | None = None,
-    grid: tuple[int, int] | None = None,
-    num_prefix: int = 0,
 ) -> str:
     """The backend that runs the side op for tensors like ``x``.
 
     ``requested`` (or ``DTL_KERNELS_BACKEND`` when ``"auto"``) may name a backend; one that
     cannot run ``x`` raises :class:`~dtl_kernels.ops.BackendUnavailable` saying how to get
-    it. Under ``auto`` the shapes (``taps``, ``conv_weight``, ``grid``, when given) must
-    fit too, and ``conv_weight`` (given or not) picks the measured-faster order on CUDA.
+    it. Under ``auto``, ``args`` (when given) must fit the backend too, and the conv
+    (``args``' or ``conv_weight``, DTL+ or not) picks the measured-faster order on CUDA.
     """
     name = requested if requested != "auto" else os.environ.get("DTL_KERNELS_BACKEND", "auto")
     if name == "auto":
-        for candidate in _auto_order(x, conv_weight):
+        conv = args.conv_weight if args is not None else conv_weight
+        for candidate in _auto_order(x, conv):
             b = BACKENDS[candidate]
-            if b.runs(x) and (taps is None or b.fits(x, taps, conv_weight, grid, num_prefix)):
+            if b.runs(x) and (args is None or b.fits(args)):
                 return candidate
         return "reference"
     if name not in BACKENDS:
@@ -208,25 +199,6 @@ def select(
 def resolve_backend(x: torch.Tensor, requested: str = "auto") -> str:
     """The backend for tensors like ``x`` before shapes are known (see :func:`select`)."""
     return select(x, requested)
-
-
-def run(
-    name: str,
-    y: torch.Tensor,
-    taps: torch.Tensor,
-    ups: torch.Tensor,
-    beta: float,
-    conv_weight: torch.Tensor | None = None,
-    grid: tuple[int, int] | None = None,
-    num_prefix: int = 0,
-) -> torch.Tensor:
-    """Backend ``name`` on inputs that already passed :func:`validate` (the model wrappers
-    build them; the kernels still check what they index)."""
-    backend = BACKENDS[name]
-    if backend.casts_params:  # autocast: fp32 parameters beside low-precision activations
-        ups = ups.to(y.dtype)
-        conv_weight = conv_weight.to(y.dtype) if conv_weight is not None else None
-    return backend.run(y, taps, ups, beta, conv_weight, grid, num_prefix)
 
 
 def side_add(
@@ -244,70 +216,5 @@ def side_add(
     Raises ``TypeError`` (not tensors, non-floating or mismatched dtypes) or
     ``ValueError`` (shapes, devices, grid / prefix inconsistent) before any kernel runs.
     """
-    validate(y, taps, ups, beta, conv_weight, grid, num_prefix)
-    name = select(y, backend, taps, conv_weight, grid, num_prefix)
-    return run(name, y, taps, ups, beta, conv_weight, grid, num_prefix)
-
-
-def validate(
-    y: torch.Tensor,
-    taps: torch.Tensor,
-    ups: torch.Tensor,
-    beta: float,
-    conv_weight: torch.Tensor | None = None,
-    grid: tuple[int, int] | None = None,
-    num_prefix: int = 0,
-) -> None:
-    """Check the side op's inputs; the message names the argument and what is wrong.
-
-    ``y`` and ``taps`` must share a floating dtype; ``ups`` / ``conv_weight`` may differ
-    (parameters kept in float32 under bfloat16 activations): backends cast them.
-    """
-    named = [("y", y), ("taps", taps), ("ups", ups)]
-    if conv_weight is not None:
-        named.append(("conv_weight", conv_weight))
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"side_add: {name} must be a tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"side_add: {name} must be floating point, got {t.dtype}")
-        if t.device != y.device:
-            raise ValueError(f"side_add: {name} is on device {t.device} but y is on {y.device}")
-    if taps.dtype != y.dtype:
-        raise TypeError(f"side_add: taps have dtype {taps.dtype} but y has {y.dtype}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-        raise TypeError(f"side_add: beta must be a finite number, got {beta!r}")
-    # the kernels compute in float32 (float64 for float64 inputs): β must be finite there
-    limit = torch.finfo(torch.float64 if y.dtype == torch.float64 else torch.float32).max
-    if abs(beta) > limit:
-        raise ValueError(
-            f"side_add: |beta| must be <= {limit:.3g} for {y.dtype} inputs, got {beta!r}"
-        )
-    if y.dim() != 3:
-        raise ValueError(f"side_add: y must be (batch, tokens, d), got shape {tuple(y.shape)}")
-    b, n, d = y.shape
-    if taps.dim() != 3 or tuple(taps.shape[:2]) != (b, n) or taps.shape[2] < 1:
-        raise ValueError(
-            f"side_add: taps must be ({b}, {n}, K) with K >= 1 to match y, got {tuple(taps.shape)}"
-        )
-    k_cols = taps.shape[2]
-    if ups.dim() != 2 or tuple(ups.shape) != (d, k_cols):
-        raise ValueError(f"side_add: ups must be (d, K) = ({d}, {k_cols}), got {tuple(ups.shape)}")
-    if isinstance(num_prefix, bool) or not isinstance(num_prefix, int) or not 0 <= num_prefix <= n:
-        raise ValueError(f"side_add: num_prefix must be an int in 0…{n}, got {num_prefix!r}")
-    if conv_weight is None:
-        return
-    w = conv_weight
-    square = w.dim() == 4 and w.shape[2] == w.shape[3] >= 1
-    if not square or w.shape[0] != d or w.shape[1] != 1:
-        raise ValueError(
-            f"side_add: conv_weight must be a depthwise (d, 1, k, k) = ({d}, 1, k, k) kernel, "
-            f"got {tuple(w.shape)}"
-        )
-    if grid is None or len(grid) != 2 or any(int(g) < 1 for g in grid):
-        raise ValueError(f"side_add: DTL+ needs a positive patch grid (H, W), got {grid!r}")
-    if grid[0] * grid[1] != n - num_prefix:
-        raise ValueError(
-            f"side_add: {n} tokens do not hold {num_prefix} prefix tokens plus a "
-            f"{grid[0]}x{grid[1]} patch grid"
-        )
+    args = SideArgs.checked(y, taps, ups, beta, conv_weight, grid, num_prefix)
+    return BACKENDS[select(y, backend, args)].run(args)

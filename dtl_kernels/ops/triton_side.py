@@ -75,7 +75,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from . import _ext, contract
 
 try:
     import triton
@@ -94,26 +94,9 @@ def available() -> bool:
     return triton is not None
 
 
-def side_add(
-    y: torch.Tensor,
-    taps: torch.Tensor,
-    ups: torch.Tensor,
-    beta: float,
-    conv_weight: torch.Tensor | None = None,
-    grid: tuple[int, int] | None = None,
-    num_prefix: int = 0,
-) -> torch.Tensor:
-    """``y + mix(taps · upsᵀ)`` on the Triton kernels, differentiable in every input.
-
-    Same contract as :func:`dtl_kernels.ops.reference.side_add`; see the module docstring.
-    """
-    if conv_weight is not None:
-        if grid is None:
-            raise ValueError("a convolution (DTL+) needs the patch grid (H, W)")
-        grid_h, grid_w = int(grid[0]), int(grid[1])
-    else:
-        grid_h, grid_w = 0, 0
-    return _forward_op(y, taps, ups, conv_weight, grid_h, grid_w, int(num_prefix), float(beta))
+def forward(args: contract.SideArgs) -> torch.Tensor:
+    """``y + mix(taps · upsᵀ)`` on the Triton kernels, differentiable in every tensor."""
+    return _forward_op(*args.kernel_args())
 
 
 # --------------------------------------------------------------------------------------
@@ -705,8 +688,6 @@ def _sum_parts_kernel(
 # Planning: tiles, grids and temporaries per shape class (no GPU needed)
 # --------------------------------------------------------------------------------------
 
-_SIDE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 #: the backward's temporaries (the fp32 ∂U / ∂w partials of the row groups and the (k², d)
 #: copy of the conv kernel) may take this share of y's bytes (the limit is 10 %)
 PARTIAL_BUDGET = 0.095
@@ -912,53 +893,6 @@ def plan(
 # --------------------------------------------------------------------------------------
 
 
-def _check(
-    name: str,
-    y: torch.Tensor,
-    taps: torch.Tensor,
-    ups: torch.Tensor,
-    conv_weight: torch.Tensor | None,
-    grid_h: int,
-    grid_w: int,
-    num_prefix: int,
-) -> int:
-    """Validate the side-op inputs; return the conv size ``k`` (0 for DTL)."""
-    if y.dim() != 3 or taps.dim() != 3 or ups.dim() != 2:
-        raise ValueError(
-            f"{name}: expected y (B, N, d), taps (B, N, K), ups (d, K); got "
-            f"{tuple(y.shape)}, {tuple(taps.shape)}, {tuple(ups.shape)}"
-        )
-    bsz, n, d = y.shape
-    kw = taps.shape[2]
-    if tuple(taps.shape[:2]) != (bsz, n) or tuple(ups.shape) != (d, kw):
-        raise ValueError(
-            f"{name}: shapes disagree: y {tuple(y.shape)}, taps {tuple(taps.shape)}, "
-            f"ups {tuple(ups.shape)} (need taps (B, N, K), ups (d, K))"
-        )
-    tensors = [y, taps, ups] + ([conv_weight] if conv_weight is not None else [])
-    if any(t.dtype != y.dtype for t in tensors) or y.dtype not in _SIDE_DTYPES:
-        raise TypeError(
-            f"{name}: y, taps, ups, conv_weight must share one dtype of float32/float16/"
-            f"bfloat16/float64; got {[t.dtype for t in tensors]}"
-        )
-    if any(t.device != y.device for t in tensors):
-        raise ValueError(f"{name}: inputs on different devices {[t.device for t in tensors]}")
-    if conv_weight is None:
-        return 0
-    k = conv_weight.shape[-1]
-    if conv_weight.dim() != 4 or tuple(conv_weight.shape) != (d, 1, k, k) or k < 1:
-        raise ValueError(
-            f"{name}: conv_weight must be (d, 1, k, k) = ({d}, 1, k, k), got "
-            f"{tuple(conv_weight.shape)}"
-        )
-    if num_prefix < 0 or grid_h < 1 or grid_w < 1 or n - num_prefix != grid_h * grid_w:
-        raise ValueError(
-            f"{name}: {n} tokens do not hold {num_prefix} prefix tokens plus a "
-            f"{grid_h}x{grid_w} patch grid"
-        )
-    return k
-
-
 def _interpreted() -> bool:
     """Whether the kernels were defined by Triton's interpreter (decided at import time)."""
     return type(_fwd_kernel).__name__ == "InterpretedFunction"
@@ -1056,11 +990,11 @@ def side_fwd(
     beta: float,
 ) -> torch.Tensor:
     """Launch the forward kernel; returns ``out`` ``(B, N, d)`` in ``y``'s dtype."""
-    k = _check("triton_side_forward", y, taps, ups, conv_weight, grid_h, grid_w, num_prefix)
+    k = contract.check_kernel_inputs(
+        "triton_side_forward", y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
+    )
     bsz, n, d = y.shape
     kw = taps.shape[2]
-    if kw == 0:  # h = 0 and θ(0) = 0: nothing is added
-        return y.clone(memory_format=torch.contiguous_format)
     out = torch.empty((bsz, n, d), dtype=y.dtype, device=y.device)
     if out.numel() == 0:
         return out
@@ -1123,11 +1057,13 @@ def side_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels; returns ``(grad_taps, grad_ups, grad_conv)`` in the
     dtypes of ``taps``, ``ups`` and ``conv_weight`` (``grad_conv`` empty for DTL)."""
-    k = _check("triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix)
+    k = contract.check_kernel_inputs(
+        "triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
+    )
     bsz, n, d = grad_out.shape
     kw = taps.shape[2]
     dev = grad_out.device
-    if grad_out.numel() == 0 or kw == 0:
+    if grad_out.numel() == 0:
         grad_conv = conv_weight.new_zeros(conv_weight.shape) if k else grad_out.new_empty((0,))
         return taps.new_zeros(taps.shape), ups.new_zeros(ups.shape), grad_conv
     _require_launchable(grad_out)
@@ -1201,36 +1137,4 @@ _forward_op.register_kernel("cpu")(side_fwd)
 _backward_op.register_kernel("cpu")(side_bwd)
 
 
-@_forward_op.register_fake
-def _forward_fake(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta):
-    _check("triton_side_forward", y, taps, ups, conv_weight, grid_h, grid_w, num_prefix)
-    return y.new_empty(y.shape)
-
-
-@_backward_op.register_fake
-def _backward_fake(grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta):
-    _check("triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix)
-    grad_conv = (
-        conv_weight.new_empty(conv_weight.shape)
-        if conv_weight is not None
-        else (grad_out.new_empty((0,)))
-    )
-    return taps.new_empty(taps.shape), ups.new_empty(ups.shape), grad_conv
-
-
-def _setup_context(ctx, inputs, output):
-    # Only the K-wide taps, the ups and the conv kernel are saved: h is rebuilt in backward.
-    _, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta = inputs
-    ctx.save_for_backward(taps, ups, conv_weight)
-    ctx.args = (grid_h, grid_w, num_prefix, beta)
-
-
-def _autograd_backward(ctx, grad):
-    taps, ups, conv_weight = ctx.saved_tensors
-    grad_taps, grad_ups, grad_conv = _backward_op(grad, taps, ups, conv_weight, *ctx.args)
-    grad_conv = grad_conv if conv_weight is not None else None
-    # ∂L/∂y = G (residual); no gradient for the ints and β.
-    return grad, grad_taps, grad_ups, grad_conv, None, None, None, None
-
-
-_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+contract.register_glue("triton_side", _forward_op, _backward_op, _backward_op)
