@@ -1,4 +1,6 @@
-"""The Triton side op against the reference, on CPU tensors under ``TRITON_INTERPRET=1``.
+"""The Triton side op on CPU tensors under ``TRITON_INTERPRET=1``, over the shared case
+table (``side_cases.py``: every case not marked ``big``, in its own dtype, one accuracy
+rule), plus checks of its own.
 
 Triton decides at kernel-definition time whether a kernel is interpreted, and the whole
 suite runs in one pytest process, so the interpreted checks run in ONE subprocess with
@@ -6,20 +8,18 @@ suite runs in one pytest process, so the interpreted checks run in ONE subproces
 --worker``). It prints one JSON line per check; each pytest test below asserts one line.
 The parent process never sets the variable, so other test files are unaffected.
 
-Accuracy rule (flash-attention's): for every output (out, ∂y, ∂taps, ∂ups, ∂w) the
-kernel's error against a float64 reference may be at most a small multiple of the error
-of the same computation done by the PyTorch reference at the kernel's dtype, plus a floor.
-
 The interpreter runs the kernels with small tiles (``triton_side.plan`` for a CPU device:
 32-row tiles, 32-column d chunks, 3 row groups, 2 persistent forward programs), so the
-cases below give programs several row tiles, d chunks, row groups and forward items.
+table's cases give programs several row tiles, d chunks, row groups and forward items.
 Without a GPU, ``test_triton_kernels_compile_for_gpu`` lowers every kernel to sm_80 /
 sm_90 cubin with the tiles the planner picks for the benchmark shapes, and
 ``test_backward_temporaries_small`` checks the planned temporaries at ViT-B / Swin-B.
+On a GPU, ``test_side_backends.py`` runs the whole table compiled.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -30,54 +30,13 @@ import warnings
 import pytest
 import torch
 
-# name: (B, N, d, K, beta, k, num_prefix, grid, dtype, flags)
-# flags: "noncontig" (strided y / taps / ups / grad: last dims sliced or transposed),
-# "rowslice" (y, taps, grad are slices along N of longer tensors: stride_b != N·stride_n),
-# "saturated" (|h| ~ 1e3).
-CASES: dict[str, tuple] = {
-    "dtl-rows1": (2, 1, 24, 2, 1.0, 0, 0, None, "float32", ""),
-    "dtl-rows7-K6-beta100": (2, 7, 24, 6, 100.0, 0, 0, None, "float32", ""),
-    "dtl-rows37-d40-beta100": (3, 37, 40, 2, 100.0, 0, 0, None, "float32", ""),
-    "dtl-rows37-d72-noncontig": (1, 37, 72, 6, 1.0, 0, 0, None, "float32", "noncontig"),
-    "dtl-saturated": (2, 7, 24, 6, 100.0, 0, 0, None, "float32", "saturated"),
-    "dtl+k3-rows1-grid1x1": (2, 1, 24, 2, 1.0, 3, 0, (1, 1), "float32", ""),
-    "dtl+k3-prefix1-grid2x3": (2, 7, 24, 6, 100.0, 3, 1, (2, 3), "float32", ""),
-    "dtl+k3-grid1x7": (1, 7, 17, 2, 100.0, 3, 0, (1, 7), "float32", ""),
-    "dtl+k4-grid7x1": (1, 7, 24, 6, 1.0, 4, 0, (7, 1), "float32", ""),
-    "dtl+k4-prefix5-grid4x8": (2, 37, 40, 6, 100.0, 4, 5, (4, 8), "float32", ""),
-    "dtl+k4-prefix1-grid6x6": (1, 37, 24, 2, 1.0, 4, 1, (6, 6), "float32", ""),
-    "dtl+k3-prefix5-noncontig": (1, 37, 40, 2, 100.0, 3, 5, (4, 8), "float32", "noncontig"),
-    "dtl+k5-prefix1-grid3x4": (1, 13, 24, 6, 100.0, 5, 1, (3, 4), "float32", ""),
-    "dtl+k3-saturated": (1, 37, 24, 6, 100.0, 3, 1, (6, 6), "float32", "saturated"),
-    "dtl+k3-float16": (1, 37, 40, 6, 100.0, 3, 1, (6, 6), "float16", ""),
-    "dtl+k4-bfloat16": (1, 37, 40, 6, 1.0, 4, 5, (4, 8), "bfloat16", ""),
-    "dtl+k3-float64": (1, 7, 24, 6, 100.0, 3, 1, (2, 3), "float64", ""),
-    "dtl-bfloat16": (2, 37, 40, 6, 100.0, 0, 0, None, "bfloat16", ""),
-    # 111 rows: 4 row tiles (crossing images), 3 d chunks (72 = 32 + 32 + 8), K = 8
-    "dtl-multitile-B3-d72-K8": (3, 37, 72, 8, 1.0, 0, 0, None, "float32", ""),
-    # float16: the split (hi + lo) tensor-core path runs under the interpreter too
-    "dtl-float16-noncontig": (2, 37, 40, 6, 100.0, 0, 0, None, "float16", "noncontig"),
-    "dtl-float64-rowslice": (2, 7, 24, 6, 1.0, 0, 0, None, "float64", "rowslice"),
-    "dtl+k1-prefix1-grid3x4": (2, 13, 24, 2, 100.0, 1, 1, (3, 4), "float32", ""),
-    # even k = 2: no pad top / left, one row / column bottom / right; 5 images per tile
-    "dtl+k2-grid5x3": (2, 15, 40, 6, 1.0, 2, 0, (5, 3), "float32", ""),
-    "dtl+k4-prefix5-rowslice": (1, 37, 40, 6, 100.0, 4, 5, (4, 8), "float32", "rowslice"),
-    "dtl+k3-float16-noncontig": (1, 37, 40, 6, 100.0, 3, 1, (6, 6), "float16", "noncontig"),
-    "dtl+k5-prefix1-B2-K8": (2, 37, 40, 8, 100.0, 5, 1, (6, 6), "float32", ""),
-}
-# Extra checks of the worker, beyond accuracy.
-EXTRA = (
-    "deterministic",
-    "opcheck-dtl",
-    "opcheck-dtl+",
-    "bad-inputs",
-    "k-zero-width",
-    "temporaries",
-)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the worker runs as a script
+from side_cases import BY_NAME, CASES, compare, inputs, references, run_autograd  # noqa: E402
 
-# error floors relative to max|reference| of each output, per dtype
-FLOOR = {"float32": 2e-6, "float64": 1e-12, "float16": 2e-3, "bfloat16": 2e-2}
-MULTIPLE = 4.0
+INTERPRETED = [c.name for c in CASES if not c.big]
+# Extra checks of the worker, beyond accuracy.
+EXTRA = ("deterministic", "opcheck-dtl", "opcheck-dtl+", "bad-inputs", "k-zero-refused",
+         "temporaries")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------
@@ -85,134 +44,52 @@ MULTIPLE = 4.0
 # ------------------------------------------------------------------------------------
 
 
-def _inputs(case, seed=0):
-    bsz, n, d, kw, beta, k, prefix, grid, dtype, flags = case
-    g = torch.Generator().manual_seed(seed)
-    scale = 1e3 if "saturated" in flags else 0.3
+def _triton_side_add():
+    from dtl_kernels.ops import side
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64)
-
-    y = rnd(bsz, n, d)
-    taps = rnd(bsz, n, kw) * scale
-    ups = rnd(d, kw) * 0.3
-    w = rnd(d, 1, k, k) * 0.3 if k else None
-    grad = rnd(bsz, n, d)
-    return y, taps, ups, w, grad
+    return functools.partial(side.side_add, backend="triton")
 
 
-def _noncontig(x: torch.Tensor, how: int) -> torch.Tensor:
-    """The same values in a strided layout (checked non-contiguous)."""
-    if x.dim() == 3 and how == 0:  # y, grad: a slice of a wider tensor
-        big = x.new_zeros(*x.shape[:-1], x.shape[-1] + 5)
-        big[..., 2 : 2 + x.shape[-1]] = x
-        out = big[..., 2 : 2 + x.shape[-1]]
-    elif x.dim() == 3:  # taps: last dim strided (a transposed buffer)
-        out = x.transpose(1, 2).contiguous().transpose(1, 2)
-    else:  # ups (d, K) as the transpose of a (K, d) buffer
-        out = x.t().contiguous().t()
-    assert not out.is_contiguous() and torch.equal(out, x)
-    return out
-
-
-def _rowslice(x: torch.Tensor) -> torch.Tensor:
-    """The same values as rows 1 … N of an (B, N + 3, ·) tensor (stride_b != N·stride_n)."""
-    big = x.new_zeros(x.shape[0], x.shape[1] + 3, x.shape[2])
-    big[:, 1 : 1 + x.shape[1]] = x
-    out = big[:, 1 : 1 + x.shape[1]]
-    assert out.stride(0) != x.shape[1] * out.stride(1) and torch.equal(out, x)
-    return out
-
-
-def _run(fn, case, dtype, y, taps, ups, w, grad, device="cpu"):
-    bsz, n, d, kw, beta, k, prefix, grid, _, flags = case
-    leaves = [
-        t.detach().to(device, dtype).clone().requires_grad_() if t is not None else None
-        for t in (y, taps, ups, w)
-    ]
-    args = list(leaves)
-    g = grad.to(device, dtype)
-    if "noncontig" in flags:
-        args[0] = _noncontig(args[0], 0)
-        args[1] = _noncontig(args[1], 1)
-        args[2] = _noncontig(args[2], 2)
-        g = _noncontig(g, 0)
-    if "rowslice" in flags:
-        args[0], args[1], g = _rowslice(args[0]), _rowslice(args[1]), _rowslice(g)
-    out = fn(args[0], args[1], args[2], beta, args[3], grid, prefix)
-    out.backward(g)
-    return [out.detach()] + [t.grad for t in leaves if t is not None]
-
-
-def _check_case(name, case, device="cpu"):
-    from dtl_kernels.ops import reference, triton_side
-
-    dtype = getattr(torch, case[8])
-    y, taps, ups, w, grad = _inputs(case)
-    exact = _run(reference.side_add, case, torch.float64, y, taps, ups, w, grad, device)
-    ours = _run(triton_side.side_add, case, dtype, y, taps, ups, w, grad, device)
-    torch_lp = _run(reference.side_add, case, dtype, y, taps, ups, w, grad, device)
-    names = ["out", "grad_y", "grad_taps", "grad_ups", "grad_conv"]
-    report, ok = {}, True
-    for nm, e, o, t in zip(names, exact, ours, torch_lp, strict=False):  # DTL: no ∂w
-        finite = bool(torch.isfinite(o).all())
-        err = (o.double() - e).abs().max().item()
-        err_torch = (t.double() - e).abs().max().item()
-        tol = MULTIPLE * err_torch + FLOOR[case[8]] * max(1.0, e.abs().max().item())
-        good = finite and o.dtype == dtype and o.shape == e.shape and err <= tol
-        ok &= good
-        verdict = "" if good else " FAIL"
-        report[nm] = f"err {err:.2e} (torch {err_torch:.2e}, tol {tol:.2e}){verdict}"
-    if "saturated" in case[9]:
-        h_max = torch.matmul(taps, ups.t()).abs().max().item()
-        report["saturated"] = f"theta saturates: |h| max {h_max:.0f}"
-    return ok, report
+def _check_case(case, device="cpu"):
+    values = inputs(case)
+    exact, at_dtype = references(case, case.dtype, values, device)
+    ours = run_autograd(_triton_side_add(), case, case.dtype, values, device)
+    return compare(case, case.dtype, ours, exact, at_dtype)
 
 
 def _check_extra(name):
-    from dtl_kernels.ops import triton_side
+    from side_cases import C
 
-    case = CASES["dtl+k4-prefix5-grid4x8"]
+    op = torch.ops.dtl_kernels.triton_side_forward
     if name == "deterministic":  # bitwise: fixed row-group order, no atomics
-        case = CASES["dtl+k4-prefix1-grid6x6"]
-        y, taps, ups, w, grad = _inputs(case)
-        runs = [
-            _run(triton_side.side_add, case, torch.float32, y, taps, ups, w, grad) for _ in range(2)
-        ]
+        case = BY_NAME["k4-prefix1-grid6x6"]
+        values = inputs(case)
+        runs = [run_autograd(_triton_side_add(), case, torch.float32, values) for _ in range(2)]
         same = all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
         return same, {"bitwise equal over two runs": same}
     if name.startswith("opcheck"):
         k = 3 if name.endswith("+") else 0
-        c = (1, 7, 16, 2, 100.0, k, 1 if k else 0, (2, 3) if k else None, "float32", "")
-        y, taps, ups, w, grad = _inputs(c)
-        args = (
-            y.float().requires_grad_(),
-            taps.float().requires_grad_(),
-            ups.float().requires_grad_(),
-            w.float().requires_grad_() if k else None,
-            2 if k else 0,
-            3 if k else 0,
-            c[6],
-            100.0,
-        )
-        fwd = torch.ops.dtl_kernels.triton_side_forward.default
-        bwd = torch.ops.dtl_kernels.triton_side_backward.default
-        res = torch.library.opcheck(fwd, args)
+        case = C("opcheck", 1, 1 if k else 0, (2, 3) if k else (1, 7), 16, 2, k)
+        y, taps, ups, w, grad = (t.float() if t is not None else None for t in inputs(case))
+        leaves = [t.requires_grad_() if t is not None else None for t in (y, taps, ups, w)]
+        gh, gw = case.conv_grid or (0, 0)
+        args = (*leaves, gh, gw, case.num_prefix, 100.0)
+        res = torch.library.opcheck(op.default, args)
+        bwd_args = (grad, *(t.detach() if t is not None else None for t in leaves[1:]))
         res2 = torch.library.opcheck(
-            bwd,
-            (grad.float(),)
-            + tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args[1:]),
+            torch.ops.dtl_kernels.triton_side_backward.default, (*bwd_args, gh, gw, k and 1, 100.0)
         )
         ok = all(v == "SUCCESS" for v in list(res.values()) + list(res2.values()))
         return ok, {"forward": res, "backward": res2}
-    if name == "bad-inputs":
-        y, taps, ups, w, grad = (t.float() if t is not None else None for t in _inputs(case))
+    case = C("bad", 2, 5, (4, 8), 40, 6, 4)
+    y, taps, ups, w, _ = (t.float() if t is not None else None for t in inputs(case))
+    if name == "bad-inputs":  # the raw op's own checks (the contract's kernel-level half)
         bad = {
-            "grid mismatch": lambda: triton_side.side_add(y, taps, ups, 1.0, w, (4, 7), 5),
-            "no grid": lambda: triton_side.side_add(y, taps, ups, 1.0, w, None, 5),
-            "ups shape": lambda: triton_side.side_add(y, taps, ups[:, :2], 1.0),
-            "dtype mix": lambda: triton_side.side_add(y, taps.double(), ups, 1.0),
-            "conv shape": lambda: triton_side.side_add(y, taps, ups, 1.0, w[:4], (4, 8), 5),
+            "grid mismatch": lambda: op(y, taps, ups, w, 4, 7, 5, 1.0),
+            "ups shape": lambda: op(y, taps, ups[:, :2], None, 0, 0, 0, 1.0),
+            "dtype mix": lambda: op(y, taps.double(), ups, None, 0, 0, 0, 1.0),
+            "conv shape": lambda: op(y, taps, ups, w[:4], 4, 8, 5, 1.0),
+            "beta": lambda: op(y, taps, ups, None, 0, 0, 0, float("inf")),
         }
         report = {}
         for what, fn in bad.items():
@@ -222,16 +99,12 @@ def _check_extra(name):
             except (ValueError, TypeError) as exc:
                 report[what] = f"ok: {type(exc).__name__}"
         return all(v.startswith("ok") for v in report.values()), report
-    if name == "k-zero-width":  # K = 0 taps: h = 0, out = y, zero grads
-        y, taps, ups, w, grad = _inputs(case)
-        y, w = y.float().requires_grad_(), w.float().requires_grad_()
-        taps0 = torch.zeros(2, 37, 0, requires_grad=True)
-        ups0 = torch.zeros(40, 0, requires_grad=True)
-        out = triton_side.side_add(y, taps0, ups0, 100.0, w, (4, 8), 5)
-        out.backward(grad.float())
-        ok = torch.equal(out, y) and torch.equal(y.grad, grad.float())
-        ok &= not w.grad.abs().any().item()
-        return bool(ok), {"out == y": bool(torch.equal(out, y))}
+    if name == "k-zero-refused":  # K = 0 is outside the contract, as in the C++ kernels
+        try:
+            op(y, taps[..., :0], ups[:, :0], w, 4, 8, 5, 100.0)
+        except ValueError as exc:
+            return "K >= 1" in str(exc), {"error": str(exc)}
+        return False, {"error": "none raised"}
     if name == "temporaries":  # the backward allocates exactly what plan() reports
         return _check_temporaries()
     raise KeyError(name)
@@ -260,12 +133,13 @@ def _check_temporaries():
             return out
 
     report, ok = {}, True
-    for name in ("dtl+k4-prefix5-grid4x8", "dtl-rows37-d40-beta100"):
-        bsz, n, d, kw, beta, k, prefix, grid, dtype, _ = CASES[name]
-        y, taps, ups, w, grad = (t.float() if t is not None else None for t in _inputs(CASES[name]))
+    for name in ("k4-prefix5-grid4x8", "dtl-rows37-d40"):
+        case = BY_NAME[name]
+        bsz, n, d, kw, k, grid = case.batch, case.tokens, case.d, case.K, case.k, case.conv_grid
+        y, taps, ups, w, grad = (t.float() if t is not None else None for t in inputs(case))
         log = Log()
         with log:
-            triton_side.side_bwd(grad, taps, ups, w, *(grid or (0, 0)), prefix, beta)
+            triton_side.side_bwd(grad, taps, ups, w, *(grid or (0, 0)), case.num_prefix, case.beta)
         outputs = {
             ((bsz, n, kw), torch.float32),
             ((d, kw), torch.float32),
@@ -284,10 +158,10 @@ def _worker() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     warnings.simplefilter("ignore", RuntimeWarning)  # numpy exp overflow in the interpreter
     torch.manual_seed(0)
-    for name in list(CASES) + list(EXTRA):
+    for name in INTERPRETED + list(EXTRA):
         t0 = time.time()
         try:
-            ok, report = _check_case(name, CASES[name]) if name in CASES else _check_extra(name)
+            ok, report = _check_case(BY_NAME[name]) if name in BY_NAME else _check_extra(name)
         except Exception as exc:  # reported, not raised: the other checks still run
             ok, report = False, {"error": f"{type(exc).__name__}: {exc}"}
         report["seconds"] = round(time.time() - t0, 1)
@@ -324,7 +198,7 @@ def interpreted():
     return results
 
 
-@pytest.mark.parametrize("name", list(CASES) + list(EXTRA))
+@pytest.mark.parametrize("name", INTERPRETED + list(EXTRA))
 def test_triton_interpreted(interpreted, name):
     row = interpreted.get(name)
     assert row is not None, f"worker did not reach {name}:\n{interpreted['_stderr']}"
@@ -351,11 +225,11 @@ def test_cpu_tensors_need_interpreter():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("this process runs with TRITON_INTERPRET=1")
-    from dtl_kernels.ops import BackendUnavailable, triton_side
+    from dtl_kernels.ops import BackendUnavailable
 
     y = torch.zeros(1, 1, 16)
     with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
-        triton_side.side_add(y, torch.zeros(1, 1, 2), torch.zeros(16, 2), 100.0)
+        _triton_side_add()(y, torch.zeros(1, 1, 2), torch.zeros(16, 2), 100.0)
 
 
 # The GPU code path compiles without a GPU: Triton's ahead-of-time compiler lowers each
@@ -509,44 +383,6 @@ def test_backward_temporaries_small(name, dtype):
     assert plan["bwd_taps"]["grid"] == (-(-bsz * n // plan["bwd_taps"]["meta"]["BLOCK_M"]),)
 
 
-# Same checks on a GPU, compiled (not interpreted), plus ViT-B / Swin-B-sized shapes.
-GPU_CASES = dict(CASES)
-GPU_CASES.update(
-    {
-        "vit-b-dtl-fp32": (4, 197, 768, 24, 100.0, 0, 0, None, "float32", ""),
-        "vit-b-dtl-bf16": (4, 197, 768, 24, 100.0, 0, 0, None, "bfloat16", ""),
-        "vit-b-dtl+k3-fp32": (4, 197, 768, 24, 100.0, 3, 1, (14, 14), "float32", ""),
-        "vit-b-dtl+k5-bf16": (4, 197, 768, 24, 100.0, 5, 1, (14, 14), "bfloat16", ""),
-        "vit-b-dtl+k3-fp16-noncontig": (
-            2,
-            197,
-            768,
-            12,
-            100.0,
-            3,
-            1,
-            (14, 14),
-            "float16",
-            "noncontig",
-        ),
-        "vit-b-dtl+k4-bf16-rowslice": (
-            2,
-            197,
-            768,
-            24,
-            100.0,
-            4,
-            1,
-            (14, 14),
-            "bfloat16",
-            "rowslice",
-        ),
-        "swin-dtl+k5-K64": (2, 196, 512, 64, 100.0, 5, 0, (14, 14), "float32", ""),
-        "swin-dtl+k5-K72-bf16": (4, 196, 512, 72, 100.0, 5, 0, (14, 14), "bfloat16", ""),
-    }
-)
-
-
 def _need_gpu():
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -556,26 +392,14 @@ def _need_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", list(GPU_CASES))
-def test_triton_gpu(name):
-    _need_gpu()
-    ok, report = _check_case(name, GPU_CASES[name], device="cuda")
-    assert ok, json.dumps(report, indent=1)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", ["vit-b-dtl-bf16", "vit-b-dtl+k5-bf16", "vit-b-dtl+k3-fp32"])
-def test_triton_gpu_deterministic(name):
+@pytest.mark.parametrize("name", ["vit-b-dtl", "vit-b-k5-prefix1", "vit-b-k3"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_triton_gpu_deterministic(name, dtype):
     """Bit-identical repeats (fixed reduction order, no atomics)."""
     _need_gpu()
-    from dtl_kernels.ops import triton_side
-
-    case = GPU_CASES[name]
-    y, taps, ups, w, grad = _inputs(case)
-    runs = [
-        _run(triton_side.side_add, case, getattr(torch, case[8]), y, taps, ups, w, grad, "cuda")
-        for _ in range(3)
-    ]
+    case = BY_NAME[name]
+    values = inputs(case)
+    runs = [run_autograd(_triton_side_add(), case, dtype, values, "cuda") for _ in range(3)]
     assert all(torch.equal(a, b) for r in runs[1:] for a, b in zip(runs[0], r, strict=True))
 
 
@@ -612,13 +436,13 @@ def test_triton_gpu_launches_on_tensor_device():
     _need_gpu()
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    from dtl_kernels.ops import reference, triton_side
+    from dtl_kernels.ops import reference
 
-    case = GPU_CASES["vit-b-dtl+k3-fp32"]
-    y, taps, ups, w, grad = _inputs(case)
+    case = BY_NAME["vit-b-k3"]
+    values = inputs(case)
     with torch.cuda.device(0):
-        ours = _run(triton_side.side_add, case, torch.float32, y, taps, ups, w, grad, "cuda:1")
-        ref = _run(reference.side_add, case, torch.float32, y, taps, ups, w, grad, "cuda:1")
+        ours = run_autograd(_triton_side_add(), case, torch.float32, values, "cuda:1")
+        ref = run_autograd(reference.side_add, case, torch.float32, values, "cuda:1")
     for o, r in zip(ours, ref, strict=True):
         assert o.device == torch.device("cuda:1")
         torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
