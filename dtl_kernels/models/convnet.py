@@ -33,8 +33,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..csn import CompactSideNetwork
-from .base import DTLModel, _architecture, _method_name, csn_config, new_head, validate_head_mode
+from .backbone_files import (  # noqa: F401 (re-exported: the mapping was defined here)
+    is_positional_efficientnet_checkpoint,
+    map_positional_efficientnet,
+)
+from .base import DTLModel, _architecture
 
 #: Side of the dummy image used to find shape-changing blocks (large enough that every
 #: stride-2 block still halves a map bigger than 1×1).
@@ -211,32 +214,29 @@ class DTLConvNet(DTLModel):
                 f"{type(backbone).__name__}; use dtl_kernels.create_model(name) to pick the wrapper"
             )
         self.layout = layout
-        self.backbone = backbone
-        self.head_mode = validate_head_mode(head)
-        self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         self.train_backbone = bool(train_backbone)
         stages = layout.stages(backbone)
         self.depths = [len(stage) for stage in stages]
         self._blocks = [block for stage in stages for block in stage]
         widths, self.tappable = _probe_blocks(backbone, layout, self._blocks)
         self.csn_widths = widths
-        stages = [s for s, n in enumerate(self.depths) for _ in range(n)]
-        default_tap, default_adapt = default_convnet_blocks(self.depths, self.tappable)
-        tap_from = default_tap if tap_from is None else tap_from
-        adapt_from = default_adapt if adapt_from is None else adapt_from
-        if side:
-            config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
-            self.csn = CompactSideNetwork(widths, stages, config, self.tappable)
-        self.method = _method_name(side, train_backbone, self.csn)
-        if self.head_mode == "published":
-            if backbone.num_classes:
-                backbone.reset_classifier(0)
-            self.head = new_head(backbone.num_features, self.num_classes)
-            self._freeze(train_backbone)
-        else:
-            if backbone.num_classes != self.num_classes:
-                backbone.reset_classifier(self.num_classes)
-            self._freeze(train_backbone, (layout.classifier,))
+        self._set_up(
+            backbone,
+            head=head,
+            num_classes=num_classes,
+            head_width=backbone.num_features,
+            side=side,
+            train_backbone=train_backbone,
+            widths=widths,
+            stages=[s for s, n in enumerate(self.depths) for _ in range(n)],
+            tappable=self.tappable,
+            rank=rank,
+            beta=beta,
+            tap_from=tap_from,
+            adapt_from=adapt_from,
+            conv_kernel=conv_kernel,
+            default_blocks=default_convnet_blocks(self.depths, self.tappable),
+        )
         self.train(self.training)
 
     def train(self, mode: bool = True) -> DTLConvNet:
@@ -248,9 +248,9 @@ class DTLConvNet(DTLModel):
                     m.eval()
         return self
 
-    def _head_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        prefix = "head." if self.head_mode == "published" else f"backbone.{self.layout.classifier}"
-        return [(n, p) for n, p in self.named_parameters() if n.startswith(prefix)]
+    @property
+    def backbone_classifier(self) -> str:
+        return self.layout.classifier
 
     # -- the block walk (see DTLModel.run_blocks) ----------------------------------------
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -332,33 +332,3 @@ def _probe_blocks(
     if not any(tappable):
         raise ValueError("no block of this backbone preserves its feature shape: nothing to tap")
     return widths, tappable
-
-
-def is_positional_efficientnet_checkpoint(state: dict) -> bool:
-    """True for EfficientNet-PyTorch style keys (``_conv_stem``, ``_blocks.<i>.…``)."""
-    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
-
-
-def map_positional_efficientnet(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict:
-    """Rename an EfficientNet-PyTorch state dict onto a timm EfficientNet, by position.
-
-    Both list the same tensors in the same order (stem, every block's convs and norms,
-    head conv, head norm, classifier), only under other names. Every pair must have the
-    same shape and the counts must agree, else ``ValueError`` names the first mismatch.
-    """
-    own = backbone.state_dict()
-    theirs = list(state.items())
-    if len(theirs) != len(own):
-        raise ValueError(
-            f"checkpoint has {len(theirs)} tensors, {_architecture(backbone)} has {len(own)}: "
-            "it is not the same architecture"
-        )
-    out = {}
-    for (their_key, value), (our_key, target) in zip(theirs, own.items(), strict=True):
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(
-                f"checkpoint tensor {their_key} {tuple(value.shape)} does not line up with "
-                f"{our_key} {tuple(target.shape)} of {_architecture(backbone)}"
-            )
-        out[our_key] = value
-    return out

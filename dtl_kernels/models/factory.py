@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
-import torch
 from torch import nn
 
 from .. import memory
 from . import lora, offline_weights
-from .base import _unwrap_checkpoint, adapter_info, read_adapter
-from .convnet import (
-    DTLConvNet,
-    is_positional_efficientnet_checkpoint,
-    layout_of,
-    map_positional_efficientnet,
-)
+from .adapters import adapter_info, read_adapter
+from .backbone_files import load_backbone_weights, read_state_dict  # noqa: F401 (re-export)
+from .convnet import DTLConvNet, layout_of
 from .swin import DTLSwin
 from .vit import DTLEva, DTLViT
 
@@ -187,71 +180,3 @@ def _apply_method(cls: type, method: str, kw: dict) -> None:
         kw.pop("beta", None)
         kw["side"] = False
         kw["train_backbone"] = method == "full"
-
-
-def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
-    """Load a local checkpoint into a timm backbone, through timm's own key filter
-    (old names, resized position embeddings). A classifier head whose class count differs
-    is skipped (DTL trains a new one). ``ValueError`` lists missing / unexpected keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        if not hasattr(backbone, "load_pretrained"):
-            raise ValueError(f"{path}: .npz checkpoints are only supported for ViT backbones")
-        try:
-            backbone.load_pretrained(str(path))
-        except Exception as exc:
-            raise ValueError(f"could not load Google ViT checkpoint {path}: {exc}") from exc
-        return
-    state = read_state_dict(path)
-    if is_positional_efficientnet_checkpoint(state):  # EfficientNet-PyTorch names
-        backbone.load_state_dict(map_positional_efficientnet(state, backbone))
-        return
-    module = sys.modules.get(type(backbone).__module__)
-    filter_fn = getattr(module, "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, backbone)
-    own = backbone.state_dict()
-    for key in [k for k in state if k.startswith("head") and k in own]:
-        if state[key].shape != own[key].shape:
-            del state[key]
-    misshaped = [
-        f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    ]
-    missing = [k for k in own if k not in state and not k.startswith("head")]
-    unexpected = [k for k in state if k not in own]
-    if misshaped or missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit {type(backbone).__name__}: missing {missing[:20]}, "
-            f"unexpected {unexpected[:20]}, mis-shaped {misshaped[:20]}"
-        )
-    backbone.load_state_dict(state, strict=False)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` state dict."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(
-                f"{path}: unsupported checkpoint type {suffix!r} "
-                "(use .safetensors, .pth, .pt, .bin, .ckpt or .npz)"
-            )
-    except ValueError:
-        raise
-    except Exception as exc:
-        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    return dict(_unwrap_checkpoint(state))

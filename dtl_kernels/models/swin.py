@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 from .. import memory
-from ..csn import CompactSideNetwork
-from .base import DTLModel, _architecture, _method_name, csn_config, new_head, validate_head_mode
+from .base import DTLModel, _architecture
 
 # Published Swin-B (depths 2,2,18,2): taps on blocks 5…24, add-back after 15…24.
 _PUBLISHED_ADAPTED_FRACTION = 10 / 24
@@ -81,37 +80,32 @@ class DTLSwin(DTLModel):
                 f"{type(backbone).__name__}; "
                 "use DTLViT for ViT, or dtl_kernels.create_model(name) to pick the wrapper"
             )
-        self.backbone = backbone
-        self.head_mode = validate_head_mode(head)
-        self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         self.depths = [len(stage.blocks) for stage in backbone.layers]
         starts = [sum(self.depths[:s]) for s in range(len(self.depths))]
         self._stage_starts = {start: s for s, start in enumerate(starts)}
-        default_tap, default_adapt = default_swin_blocks(self.depths)
-        tap_from = default_tap if tap_from is None else tap_from
-        adapt_from = default_adapt if adapt_from is None else adapt_from
         widths, stages = [], []
         for s, stage in enumerate(backbone.layers):
             width = stage.blocks[0].norm1.normalized_shape[0]
             widths += [width] * len(stage.blocks)
             stages += [s] * len(stage.blocks)
-        if side:
-            config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
-            self.csn = CompactSideNetwork(widths, stages, config)
-        self.method = _method_name(side, train_backbone, self.csn)
-        self._tail = []  # checkpointed wrappers of the tail blocks (memory option)
-        self._tail = memory.checkpointed_tail(self, checkpoint_tail)
-        if self.csn is not None:
-            self.csn.trunk_dtype = memory.resolve_trunk_dtype(trunk_dtype)
-        if self.head_mode == "published":
-            if backbone.num_classes:
-                backbone.reset_classifier(0)
-            self.head = new_head(backbone.num_features, self.num_classes)
-            self._freeze(train_backbone)
-        else:
-            if backbone.num_classes != self.num_classes:
-                backbone.reset_classifier(self.num_classes)
-            self._freeze(train_backbone, ("head.",))
+        self._set_up(
+            backbone,
+            head=head,
+            num_classes=num_classes,
+            head_width=backbone.num_features,
+            side=side,
+            train_backbone=train_backbone,
+            widths=widths,
+            stages=stages,
+            rank=rank,
+            beta=beta,
+            tap_from=tap_from,
+            adapt_from=adapt_from,
+            conv_kernel=conv_kernel,
+            default_blocks=default_swin_blocks(self.depths),
+            trunk_dtype=trunk_dtype,
+            checkpoint_tail=checkpoint_tail,
+        )
 
     def _check_images(self, images: torch.Tensor) -> None:
         if not isinstance(images, torch.Tensor) or images.dim() != 4:

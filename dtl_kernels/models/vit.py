@@ -6,8 +6,7 @@ import torch
 from torch import nn
 
 from .. import memory
-from ..csn import CompactSideNetwork
-from .base import DTLModel, _architecture, _method_name, csn_config, new_head, validate_head_mode
+from .base import DTLModel, _architecture
 
 
 def _vision_transformer_type():
@@ -63,28 +62,25 @@ class DTLViT(DTLModel):
                 f"{type(self).__name__} needs a timm {self._backbone_type().__name__}, got "
                 f"{type(backbone).__name__}; use dtl_kernels.create_model(name) to pick the wrapper"
             )
-        self.backbone = backbone
-        self.head_mode = validate_head_mode(head)
         self.num_prefix = int(getattr(backbone, "num_prefix_tokens", 1))
-        self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         depth, width = len(backbone.blocks), backbone.embed_dim
-        if side:
-            config = csn_config(rank, beta, tap_from, adapt_from, conv_kernel)
-            self.csn = CompactSideNetwork([width] * depth, [0] * depth, config)
-        self.method = _method_name(side, train_backbone, self.csn)
-        self._tail = []  # checkpointed wrappers of the tail blocks (memory option)
-        self._tail = memory.checkpointed_tail(self, checkpoint_tail)
-        if self.csn is not None:
-            self.csn.trunk_dtype = memory.resolve_trunk_dtype(trunk_dtype)
-        if self.head_mode == "published":
-            if backbone.num_classes:
-                backbone.reset_classifier(0)  # the published head replaces it
-            self.head = new_head(width, self.num_classes)
-            self._freeze(train_backbone)
-        else:
-            if backbone.num_classes != self.num_classes:
-                backbone.reset_classifier(self.num_classes)
-            self._freeze(train_backbone, ("head.",))
+        self._set_up(
+            backbone,
+            head=head,
+            num_classes=num_classes,
+            head_width=width,
+            side=side,
+            train_backbone=train_backbone,
+            widths=[width] * depth,
+            stages=[0] * depth,
+            rank=rank,
+            beta=beta,
+            tap_from=tap_from,
+            adapt_from=adapt_from,
+            conv_kernel=conv_kernel,
+            trunk_dtype=trunk_dtype,
+            checkpoint_tail=checkpoint_tail,
+        )
 
     @staticmethod
     def _backbone_type() -> type:

@@ -1,0 +1,113 @@
+"""Backbone files: a local checkpoint (timm ``.safetensors`` / ``.pth`` / ``.bin``…,
+Google's ViT ``.npz``, an EfficientNet-PyTorch ``.pth`` mapped by position) loaded into a
+timm backbone before it is wrapped."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import _architecture
+from .published import _unwrap_checkpoint
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
+    """Load a local checkpoint into a timm backbone, through timm's own key filter
+    (old names, resized position embeddings). A classifier head whose class count differs
+    is skipped (DTL trains a new one). ``ValueError`` lists missing / unexpected keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        if not hasattr(backbone, "load_pretrained"):
+            raise ValueError(f"{path}: .npz checkpoints are only supported for ViT backbones")
+        try:
+            backbone.load_pretrained(str(path))
+        except Exception as exc:
+            raise ValueError(f"could not load Google ViT checkpoint {path}: {exc}") from exc
+        return
+    state = read_state_dict(path)
+    if is_positional_efficientnet_checkpoint(state):  # EfficientNet-PyTorch names
+        backbone.load_state_dict(map_positional_efficientnet(state, backbone))
+        return
+    module = sys.modules.get(type(backbone).__module__)
+    filter_fn = getattr(module, "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, backbone)
+    own = backbone.state_dict()
+    for key in [k for k in state if k.startswith("head") and k in own]:
+        if state[key].shape != own[key].shape:
+            del state[key]
+    misshaped = [
+        f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = [k for k in own if k not in state and not k.startswith("head")]
+    unexpected = [k for k in state if k not in own]
+    if misshaped or missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit {type(backbone).__name__}: missing {missing[:20]}, "
+            f"unexpected {unexpected[:20]}, mis-shaped {misshaped[:20]}"
+        )
+    backbone.load_state_dict(state, strict=False)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` state dict."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            raise ValueError(
+                f"{path}: unsupported checkpoint type {suffix!r} "
+                "(use .safetensors, .pth, .pt, .bin, .ckpt or .npz)"
+            )
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    return dict(_unwrap_checkpoint(state))
+
+
+def is_positional_efficientnet_checkpoint(state: dict) -> bool:
+    """True for EfficientNet-PyTorch style keys (``_conv_stem``, ``_blocks.<i>.…``)."""
+    return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
+
+
+def map_positional_efficientnet(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict:
+    """Rename an EfficientNet-PyTorch state dict onto a timm EfficientNet, by position.
+
+    Both list the same tensors in the same order (stem, every block's convs and norms,
+    head conv, head norm, classifier), only under other names. Every pair must have the
+    same shape and the counts must agree, else ``ValueError`` names the first mismatch.
+    """
+    own = backbone.state_dict()
+    theirs = list(state.items())
+    if len(theirs) != len(own):
+        raise ValueError(
+            f"checkpoint has {len(theirs)} tensors, {_architecture(backbone)} has {len(own)}: "
+            "it is not the same architecture"
+        )
+    out = {}
+    for (their_key, value), (our_key, target) in zip(theirs, own.items(), strict=True):
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(
+                f"checkpoint tensor {their_key} {tuple(value.shape)} does not line up with "
+                f"{our_key} {tuple(target.shape)} of {_architecture(backbone)}"
+            )
+        out[our_key] = value
+    return out

@@ -1,0 +1,118 @@
+"""The block walk every DTL wrapper shares: frozen blocks in order, the CSN's taps before a
+block and its add-backs after it, and the trunk / tail split (SPEC §3)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class BlockWalk:
+    """Mixin of :class:`~dtl_kernels.models.base.DTLModel`: ``forward`` and the walk.
+
+    A wrapper describes its backbone with: ``embed`` (images → input of block 0 and a
+    context), ``blocks`` (the frozen blocks in order), ``block_input`` (anything that runs
+    between blocks, e.g. Swin's patch merging) and ``tokens`` / ``untokens`` (the
+    backbone's feature layout ↔ the CSN's ``(batch, tokens, d)``). The walk also uses the
+    model's ``csn`` (``None``: no side network), ``backbone_images`` and ``forward_head``.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: ``(batch, 3, H, W)`` float → logits ``(batch, num_classes)``."""
+        return self.forward_head(self.forward_features(images))
+
+    # -- what a wrapper says about its backbone ---------------------------------------
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def block_input(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def tokens(self, x: torch.Tensor, ctx: dict) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """Features → ``(tokens (batch, N, d), grid (H, W), num_prefix)``."""
+        raise NotImplementedError
+
+    def untokens(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.reshape(like.shape)
+
+    def call_block(self, block: nn.Module, i: int, x: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """Block ``i`` (0-based) on ``x``; a backbone whose blocks take more than the tokens
+        (EVA's rotary embedding) passes it from ``ctx`` here."""
+        return block(x)
+
+    # -- the walk ------------------------------------------------------------------------
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Images → features after the last block (before the final norm)."""
+        x, ctx = self.embed(self.backbone_images(images))
+        state = self.csn.start() if self.csn is not None else None
+        return self.run_blocks(x, ctx, state, 0, len(self.blocks))
+
+    def run_blocks(self, x: torch.Tensor, ctx: dict, state, start: int, stop: int) -> torch.Tensor:
+        """Run blocks ``start … stop-1`` (0-based) with taps and add-backs.
+
+        ``state`` is the CSN's side state (``None`` without a CSN); it is updated in place,
+        so a walk can be split (shared trunk, cached trunk) and resumed.
+        """
+        csn, blocks = self.csn, self.blocks
+        for i in range(start, stop):
+            x = self.block_input(i, x)
+            if csn is not None and csn.is_tapped(i):
+                csn.tap(state, i, self.tokens(x, ctx)[0])
+            y = self.call_block(blocks[i], i, x, ctx)
+            if csn is not None and csn.is_adapted(i):
+                t, grid, num_prefix = self.tokens(y, ctx)
+                y = self.untokens(csn.add_back(state, i, t, grid, num_prefix), y)
+            x = y
+        return x
+
+    # -- trunk / tail split (feature reuse, trunk caching; SPEC §3) -------------------------
+    @property
+    def trunk_depth(self) -> int:
+        """Blocks ``0 … trunk_depth-1`` (0-based) see task-independent inputs: up to and
+        including the first adapted block ``M``."""
+        if self.csn is None:
+            return len(self.blocks)
+        return self.csn.config.adapt_from
+
+    @torch.no_grad()
+    def trunk_forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, dict]:
+        """Run the frozen trunk once, with no autograd.
+
+        Returns ``(taps_inputs, y, ctx)``: the token tensors ``z_i`` ``(batch, N_i, d_i)``
+        of the tapped blocks before ``M`` and of block ``M`` itself, the output ``y`` of
+        block ``M`` before its add-back (the backbone's own layout), and the walk
+        context. Everything training needs from the trunk: feed it to
+        :meth:`forward_from_trunk`.
+        """
+        x, ctx = self.embed(self.backbone_images(images))
+        blocks, csn, inputs = self.blocks, self.csn, []
+        y = x
+        for i in range(self.trunk_depth):
+            x = self.block_input(i, x)
+            if csn is not None and csn.is_tapped(i):
+                inputs.append(self.tokens(x, ctx)[0])
+            y = x = self.call_block(blocks[i], i, x, ctx)
+        return inputs, y, ctx
+
+    def forward_from_trunk(
+        self, taps_inputs: list[torch.Tensor], y: torch.Tensor, ctx: dict
+    ) -> torch.Tensor:
+        """Logits from :meth:`trunk_forward`'s outputs: the CSN taps, block ``M``'s add-back,
+        the tail blocks and the head. Equals ``forward(images)``."""
+        csn, depth = self.csn, self.trunk_depth
+        state = csn.start() if csn is not None else None
+        if csn is not None:
+            tapped = [i for i in range(depth) if csn.is_tapped(i)]
+            if len(tapped) != len(taps_inputs):
+                raise ValueError(f"expected {len(tapped)} trunk tap inputs, got {len(taps_inputs)}")
+            for i, z in zip(tapped, taps_inputs, strict=False):
+                csn.tap(state, i, z)
+            if csn.is_adapted(depth - 1):  # a CNN's block M may change shape: no add-back
+                t, grid, num_prefix = self.tokens(y, ctx)
+                y = self.untokens(csn.add_back(state, depth - 1, t, grid, num_prefix), y)
+        x = self.run_blocks(y, ctx, state, depth, len(self.blocks))
+        return self.forward_head(x)
