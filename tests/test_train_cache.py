@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from dtl_kernels import create_model
 from dtl_kernels.train import cache as tc
-from dtl_kernels.train import make_config, run
+from dtl_kernels.train import cache_store, make_config, run
 from dtl_kernels.train.data import HALF, TensorImages
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
@@ -291,7 +291,7 @@ def test_ddp_disk_cache_matches_one_process(toy, tmp_path):
 # -- disk space ------------------------------------------------------------------------------------
 def test_disk_build_reserves_space_and_never_writes_through_a_map(tmp_path, monkeypatch):
     reserved = []
-    real_map, real_fallocate = tc.np.memmap, os.posix_fallocate
+    real_map, real_fallocate = cache_store.np.memmap, os.posix_fallocate
 
     def read_only_map(*a, **k):
         assert k.get("mode", "r+") in ("r", "c"), "the build wrote through a memory map"
@@ -301,7 +301,7 @@ def test_disk_build_reserves_space_and_never_writes_through_a_map(tmp_path, monk
         reserved.append(size)
         return real_fallocate(fd, offset, size)
 
-    monkeypatch.setattr(tc.np, "memmap", read_only_map)
+    monkeypatch.setattr(cache_store.np, "memmap", read_only_map)
     monkeypatch.setattr(os, "posix_fallocate", fallocate)
     c = tc.TrunkCache(vit(), images(), "train", IDENT)
     c.build_disk(tmp_path)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from dtl_kernels.train import config as C
-from dtl_kernels.train import loop, make_config
+from dtl_kernels.train import make_config
+from dtl_kernels.train import setup as train_setup
 from dtl_kernels.train.cli import main
 
 
@@ -59,7 +60,7 @@ def test_errors_come_before_any_work(tmp_path, monkeypatch, capsys):
     def no_work(*a, **k):
         raise AssertionError("data was read before the options were checked")
 
-    monkeypatch.setattr(loop, "build_datasets", no_work)
+    monkeypatch.setattr(train_setup, "build_datasets", no_work)  # where the data is read
     out = str(tmp_path / "o")
     assert main(["--min-lr", "-1", "--output", out]) == 2
     assert main(["--epochs", "ten", "--output", out]) == 2

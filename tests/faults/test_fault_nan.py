@@ -12,6 +12,7 @@ from fault_kit import flags, metric_rows, options, strict_json
 
 from dtl_kernels.train import checkpoint as ckpt
 from dtl_kernels.train import loop, make_config, run
+from dtl_kernels.train import step as train_step
 from dtl_kernels.train.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
@@ -38,7 +39,7 @@ class PoisonedLoss:
 
 def test_one_nan_step_is_skipped(toy, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    monkeypatch.setattr(loop, "F", PoisonedLoss({5}, eval_value=float("inf")))
+    monkeypatch.setattr(train_step, "F", PoisonedLoss({5}, eval_value=float("inf")))
     summary = run(make_config(options(toy, out)))
     rows = metric_rows(out)  # strict JSON: the infinite test loss is null
     assert [r["skipped_steps"] for r in rows] == [0, 1, 0]
@@ -53,7 +54,7 @@ def test_one_nan_step_is_skipped(toy, tmp_path, monkeypatch):
 
 def test_persistent_nan_stops_with_the_last_finite_checkpoint(toy, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    monkeypatch.setattr(loop, "F", PoisonedLoss(range(STEPS_PER_EPOCH + 1, 100)))
+    monkeypatch.setattr(train_step, "F", PoisonedLoss(range(STEPS_PER_EPOCH + 1, 100)))
     code = main(flags(options(toy, out, max_nonfinite_steps=2, keep_checkpoints=1)))
     err = capsys.readouterr().err
     assert code == 3, err[-2000:]
@@ -67,6 +68,6 @@ def test_persistent_nan_stops_with_the_last_finite_checkpoint(toy, tmp_path, mon
 
 
 def test_zero_tolerance_stops_at_the_first_nan(toy, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "F", PoisonedLoss({2}))
+    monkeypatch.setattr(train_step, "F", PoisonedLoss({2}))
     with pytest.raises(loop.DivergenceError, match="no checkpoint was written"):
         run(make_config(options(toy, tmp_path / "run", max_nonfinite_steps=0)))

@@ -1,0 +1,104 @@
+"""Trunk cache key: everything that changes the cached values, hashed.
+
+The backbone class, identity and a hash of all its weights and buffers, ``M`` and the
+tapped blocks, the dataset (name, root, split, subset options, sample count, input size,
+normalisation and a content hash of the decoded images when the dataset holds them), the
+cache dtype, autocast precision, channels-last and the device type. A stored cache whose
+key differs is rebuilt (:mod:`dtl_kernels.train.cache_store`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from .cache_policy import sample_tensor
+
+# Part of the key and of every disk file: a new layout invalidates the old caches.
+FORMAT = "dtl_kernels.trunk-cache/1"
+
+
+def weights_hash(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def dataset_fingerprint(dataset: Dataset) -> dict:
+    """Sample count and a content hash: of all decoded images and labels when the dataset
+    holds them as tensors (``images`` / ``labels``), else of its first and last samples."""
+    h = hashlib.sha256()
+    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if callable(getattr(dataset, "fingerprint", None)):  # files: paths, sizes, mtimes, labels
+        h.update(dataset.fingerprint().encode())
+        content = "files"
+    elif isinstance(images, torch.Tensor):
+        h.update(f"{images.dtype}|{tuple(images.shape)}|".encode())
+        h.update(images.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for attr in ("mean", "std"):
+            v = getattr(dataset, attr, None)
+            if isinstance(v, torch.Tensor):
+                h.update(f"{attr}={v.flatten().tolist()}".encode())
+        content = "images"
+    else:
+        for i in sorted({0, len(dataset) - 1}):
+            x = sample_tensor(dataset, i).contiguous()
+            h.update(f"{x.dtype}|{tuple(x.shape)}|".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy().data)
+        content = "first+last samples"
+    if isinstance(labels, torch.Tensor):
+        h.update(labels.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return {"samples": len(dataset), "content": content, "content_sha256": h.hexdigest()}
+
+
+def cache_key(model: nn.Module, dataset: Dataset, identity: dict, dtype: str, setup: dict) -> dict:
+    """Everything that changes the cached values (see the module docstring)."""
+    csn = model.csn
+    depth = model.trunk_depth
+    x0 = sample_tensor(dataset, 0)
+    return {
+        "format": FORMAT,
+        "model_class": type(model).__name__,
+        "backbone": model.backbone_identity(),
+        "backbone_weights_sha256": weights_hash(model.backbone),
+        "trunk_depth_M": depth,
+        "tapped_blocks": [i + 1 for i in range(depth) if csn is not None and csn.is_tapped(i)],
+        "dataset": dict(identity),
+        "data": dataset_fingerprint(dataset),
+        "input_shape": list(x0.shape),
+        "cache_dtype": dtype,
+        **setup,
+        "torch": torch.__version__.split("+")[0],
+    }
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_identity(cfg, split: str, size: int, norm: str) -> dict:
+    """What names one split of ``cfg``'s dataset (the data's content is hashed as well)."""
+    root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
+    ident = {
+        "name": cfg.dataset,
+        "root": root,
+        "split": split,
+        "list": cfg.train_split if split == "train" else cfg.test_split,
+        "max": cfg.max_train if split == "train" else cfg.max_test,
+        "val_split": cfg.val_split,
+        "img_size": size,
+        "normalize": norm,
+    }
+    if cfg.dataset.startswith("fewshot:"):
+        ident.update(shots=cfg.shots, shot_seed=cfg.shot_seed)
+    return ident

@@ -1,0 +1,142 @@
+"""The output folder of a ``dtl-train`` run: what a run writes there, the earlier run's
+outputs moved aside before any work, the ``--resume`` point, a checkpoint per epoch and,
+at the end, the adapter, metrics, curves, config and summary (strict JSON, atomic)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_write, json_text, remove_stale_temps
+from .._version import __version__
+from . import cache as trunk_cache
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .metrics import MetricsLog
+
+#: What a run writes in OUTPUT; a fresh run moves an earlier run's aside (never deletes
+#: them unless --overwrite).
+RUN_OUTPUTS = (
+    "adapter.safetensors", "summary.json", "metrics.jsonl", "metrics.csv", "curves.png",
+    "config.json",
+)  # fmt: skip
+
+
+# -- before any work ---------------------------------------------------------------------------
+def resume_point(cfg: TrainConfig) -> tuple[Path, dict, list[str]] | None:
+    """``--resume``: the newest checkpoint, its payload and the lines to print about changed
+    options (``CheckpointError`` for a refused change); ``None`` without one."""
+    if not cfg.resume or cfg.eval_only:
+        return None
+    found = ckpt.load_latest(cfg.output)
+    if found is None:
+        return None
+    path, payload = found
+    notes = ckpt.resume_plan(payload["config"], cfg.to_dict(), payload["epoch"], cfg.force_resume)
+    return path, payload, notes
+
+
+def prepare_output(cfg: TrainConfig, resumed: bool, say) -> None:
+    """Rank 0, before any work: remove stale temporary files; keep an earlier run's outputs.
+
+    A fresh run moves the earlier run's checkpoints and outputs (adapter, summary, metrics,
+    curves, config) to ``checkpoints.old-<n>`` (``--overwrite``: deletes them instead);
+    ``--eval-only`` moves an earlier ``summary.json`` to ``summary.old-<n>.json``.
+    """
+    out = Path(cfg.output)
+    folders = [out, ckpt.checkpoint_dir(out), trunk_cache.cache_folder(cfg)]
+    for p in remove_stale_temps(*folders):
+        say(f"removed {p} (left by an interrupted write)")
+    if resumed:
+        return
+    if cfg.eval_only:
+        _keep_earlier_summary(out, cfg.overwrite, say)
+        return
+    earlier = [out / n for n in RUN_OUTPUTS if (out / n).is_file()] + ckpt.list_checkpoints(out)
+    if earlier and cfg.overwrite:
+        for path in earlier:
+            path.unlink()
+        say(f"--overwrite: deleted the earlier run's outputs and checkpoints in {out}")
+    elif earlier:
+        moved = ckpt.set_aside(out, also=RUN_OUTPUTS)
+        say(
+            f"note: {out} held an earlier run; moved its checkpoints and outputs to {moved} "
+            "(use --resume to continue a run, --overwrite to delete them instead)"
+        )
+
+
+def _keep_earlier_summary(out: Path, overwrite: bool, say) -> None:
+    summary = out / "summary.json"
+    if not summary.is_file() or overwrite:
+        return
+    n = 1
+    while (target := out / f"summary.old-{n}.json").exists():
+        n += 1
+    summary.rename(target)
+    say(f"note: moved the earlier {summary} to {target}")
+
+
+# -- while training ----------------------------------------------------------------------------
+def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg) -> None:
+    """Rank 0, after each epoch: the checkpoint (the newest ``--keep-checkpoints`` kept),
+    then the metrics so far."""
+    ckpt.save_checkpoint(
+        out, epoch, model, optimizer, scheduler, log.rows, cfg.to_dict(),
+        with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints,
+    )  # fmt: skip
+    log.write()
+
+
+def last_checkpoint_note(out: Path) -> str:
+    """Where a stopped run can ``--resume`` from (for the divergence errors)."""
+    files = ckpt.list_checkpoints(out)
+    if not files:
+        return "no checkpoint was written before"
+    return f"the last finite checkpoint is {files[-1]} (--resume continues from it)"
+
+
+# -- at the end --------------------------------------------------------------------------------
+def write_outputs(out: Path, model, log: MetricsLog, cfg: TrainConfig, summary: dict) -> None:
+    """Rank 0, after training: adapter, metrics, curves, summary (with the adapter's path
+    and size added), config."""
+    adapter = model.save_adapter(out / "adapter.safetensors")
+    summary.update(adapter=str(adapter), adapter_bytes=adapter.stat().st_size)
+    log.write()
+    log.plot(out / "curves.png", f"{cfg.model} {cfg.method} on {cfg.dataset}")
+    write_json(out / "summary.json", summary)
+    write_json(out / "config.json", cfg.to_dict())
+
+
+def run_summary(cfg, model, d, t_start, num_classes, size, n_train, n_test) -> dict:
+    """The summary's fields shared by training and ``--eval-only`` (results added later)."""
+    return {
+        "model": cfg.model,
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "num_classes": num_classes,
+        "img_size": size,
+        "train_images": n_train,
+        "test_images": n_test,
+        "evaluated_on": f"val ({cfg.val_split} held out of train)" if cfg.val_split else "test",
+        "trainable_params": model.num_parameters(trainable_only=True),
+        "total_params": model.num_parameters(),
+        "model_summary": model.summary(),
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "lr": cfg.lr,
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+        "world_size": d.world,
+        "device": str(d.device),
+        "torch_threads": torch.get_num_threads(),
+        "wall_time_s": time.time() - t_start,
+        "dtl_kernels_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Strict JSON (NaN / inf written as null), atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json_text(data) + "\n"))

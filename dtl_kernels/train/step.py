@@ -1,0 +1,156 @@
+"""Training steps of a ``dtl-train`` run: AdamW's parameter groups and the warm-up +
+cosine LR schedule, the optimisation step that skips non-finite ones (:class:`Stepper`),
+the divergence stop (:class:`DivergenceError`) and the evaluation pass."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .config import TrainConfig
+from .dist import Dist
+from .outputs import last_checkpoint_note
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped: too many consecutive steps had a non-finite loss or gradient."""
+
+
+def to_device(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
+    """A batch's tensor (or the list of a cached batch) on ``device``, in the model's
+    memory format."""
+    if isinstance(x, (list, tuple)):  # a cached batch: [z_1 … z_k, y]
+        return [to_device(t, device, channels_last) for t in x]
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# -- optimisation ------------------------------------------------------------------------------
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and other 1-D parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class WarmupCosine:
+    """LR factor per step: linear warm-up ``warmup_lr → lr``, then cosine to ``min_lr``."""
+
+    def __init__(self, lr, warmup_lr, min_lr, warmup_steps, total_steps):
+        self.lr, self.warmup_lr, self.min_lr = lr, warmup_lr, min_lr
+        self.warmup_steps, self.total_steps = int(warmup_steps), int(total_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            lr = self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
+        else:
+            t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            lr = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+        return lr / self.lr
+
+
+# -- the step --------------------------------------------------------------------------------
+class Stepper:
+    """One optimisation step that skips non-finite ones.
+
+    ``step(x, y)`` → ``(loss, correct predictions)``, or ``None`` when the loss or a
+    gradient was NaN / inf on any rank (no update; ``bad_streak`` counts such steps in a
+    row). The LR schedule advances either way.
+    """
+
+    def __init__(self, train_net, model, optimizer, scheduler, scaler, cfg, autocast, d):
+        self.train_net, self.optimizer, self.scheduler = train_net, optimizer, scheduler
+        self.scaler, self.cfg, self.autocast, self.d = scaler, cfg, autocast, d
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.bad_streak = 0
+        self.steps = 0
+
+    def __call__(self, x, y) -> tuple[float, int] | None:
+        self.steps += 1
+        with self.autocast():
+            logits = self.train_net(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            ok = self._scaled_step(loss)
+        else:
+            loss.backward()
+            ok = self.d.all_true(bool(torch.isfinite(loss)) and self._grads_finite())
+            if ok:
+                self.optimizer.step()
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if not ok:
+            self.bad_streak += 1
+            return None
+        self.bad_streak = 0
+        return loss.item(), int((logits.argmax(-1) == y).sum().item())
+
+    def _scaled_step(self, loss) -> bool:
+        """fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale)."""
+        self.scaler.scale(loss).backward()
+        scale = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return self.d.all_true(bool(torch.isfinite(loss)) and self.scaler.get_scale() >= scale)
+
+    def _grads_finite(self) -> bool:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+def check_weights_finite(model: nn.Module, cfg: TrainConfig, epoch: int, out: Path) -> None:
+    """After an epoch: trained weights that became non-finite stop the run (a step with
+    finite gradients can still overflow them)."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+        raise DivergenceError(
+            f"the trained weights became non-finite in epoch {epoch + 1} (lower --lr, now "
+            f"{cfg.lr}); {last_checkpoint_note(out)}"
+        )
+
+
+def divergence_message(cfg: TrainConfig, epoch: int, step: Stepper, out: Path) -> str:
+    """Why the run stopped after more than ``--max-nonfinite-steps`` skipped steps in a row."""
+    return (
+        f"training diverged: {step.bad_streak} consecutive steps with a non-finite loss or "
+        f"gradient (epoch {epoch + 1}, step {step.steps} of this process; "
+        f"--max-nonfinite-steps {cfg.max_nonfinite_steps}). No adapter was written; "
+        f"{last_checkpoint_note(out)}. Lower --lr (now {cfg.lr}) or check the data"
+    )
+
+
+# -- evaluation --------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(
+    net, dataset, batch_size, d: Dist, autocast, channels_last, workers: int = 0
+) -> tuple[float, float]:
+    """``(loss, accuracy)`` over the whole dataset; each rank takes every world-th sample."""
+    was = net.training
+    net.eval()
+    shard = torch.utils.data.Subset(dataset, range(d.rank, len(dataset), d.world))
+    loss_sum, correct = 0.0, 0
+    for x, y in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers):
+        x, y = to_device(x, d.device, channels_last), y.to(d.device)
+        with autocast():
+            logits = net(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(-1) == y).sum().item()
+    net.train(was)
+    loss_sum, correct, n = d.sum(loss_sum, correct, len(shard))
+    return loss_sum / max(n, 1), correct / max(n, 1)
