@@ -187,7 +187,7 @@ class CompactSideNetwork(nn.Module):
         if taps.dtype != y.dtype:  # autocast: bf16 taps (a matmul) beside an fp32 residual
             taps = taps.to(y.dtype)
         # the wrappers build these inputs, so the kernels' own checks suffice
-        args = SideArgs.trusted(y, taps, ups, beta, conv, grid, num_prefix)
+        args = SideArgs.of(y, taps, ups, beta, conv, grid, num_prefix, check=False)
         backend = side.BACKENDS[state.backend]
         if self.backend == "auto" and not backend.fits(args):
             backend = side.BACKENDS[side.select(y, "auto", args)]  # e.g. K beyond a kernel

@@ -39,8 +39,8 @@ def _check(backend: str, case, dtype) -> None:
     values = inputs(case)
     if backend == "cuda":
         low = [t.to(device, dtype) if t is not None else None for t in values]
-        args = SideArgs.trusted(low[0], low[1], low[2], case.beta, low[3], case.conv_grid,
-                                case.num_prefix)  # fmt: skip
+        y, taps, ups, w, _ = low
+        args = SideArgs.of(y, taps, ups, case.beta, w, case.conv_grid, case.num_prefix, check=False)
         if not side.BACKENDS["cuda"].fits(args):
             # beyond this GPU's shared memory (K = 128, k = 7 in float64 on an H100): a clear
             # error, never a launch, and `auto` picks another backend

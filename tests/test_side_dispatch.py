@@ -20,8 +20,8 @@ def test_cuda_limits_come_from_the_extension():
 
     def fits(k_cols: int, ksize: int) -> bool:
         conv = torch.empty(8, 1, ksize, ksize) if ksize else None
-        args = SideArgs.trusted(y, torch.empty(1, 4, k_cols), torch.empty(8, k_cols), 1.0, conv,
-                                (2, 2), 0)  # fmt: skip
+        taps, ups = torch.empty(1, 4, k_cols), torch.empty(8, k_cols)
+        args = SideArgs.of(y, taps, ups, 1.0, conv, (2, 2), 0, check=False)
         return side.BACKENDS["cuda"].fits(args)
 
     assert fits(24, 0)
@@ -53,7 +53,7 @@ def test_auto_falls_back_when_a_backend_does_not_fit(monkeypatch):
     monkeypatch.delenv("DTL_KERNELS_BACKEND", raising=False)
     real = side.BACKENDS["cpu"]
     monkeypatch.setitem(side.BACKENDS, "cpu", dataclasses.replace(real, fits=lambda *a: False))
-    args = SideArgs.trusted(x, taps, torch.zeros(8, 4), 100.0)
+    args = SideArgs.of(x, taps, torch.zeros(8, 4), 100.0, check=False)
     assert side.select(x, "auto", args) == "reference"
     assert side.select(x, "auto") == "cpu"  # no shapes given: fits is not asked
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from train_cli import train_cli
 
 from dtl_kernels import create_model
 from dtl_kernels.train import cache as tc
@@ -263,22 +262,12 @@ def test_ddp_disk_cache_matches_one_process(toy, tmp_path):
     """torchrun, 2 CPU processes: rank 0 writes the disk cache, rank 1 maps it; the result
     matches one uncached process with the same global batch."""
     common = [
-        "-m", "dtl_kernels.train", "--model", VIT, "--pretrained", "none", "--method", "dtl+",
+        "--model", VIT, "--pretrained", "none", "--method", "dtl+",
         "--dataset", "folder", "--data-root", str(toy), "--img-size", "32", "--epochs", "2",
         "--batch-size", "4", "--lr", "1e-2", "--no-progress",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run(
-        [sys.executable, *common, "--cache-trunk", "off", "--output", str(tmp_path / "one")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         *common, "--cache-trunk", "disk", "--output", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_cli([*common, "--cache-trunk", "off", "--output", str(tmp_path / "one")])
+    two = train_cli([*common, "--cache-trunk", "disk", "--output", str(tmp_path / "two")], nproc=2)
     assert two.stdout.count("trunk cache: building") == 2  # train + test, by rank 0 only
     s = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s["world_size"] == 2 and s["trunk_cache"] == "disk"

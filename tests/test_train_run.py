@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from toy_images import make_toy_folder
+from train_cli import train_cli
 
 from dtl_kernels.train import checkpoint as ckpt
 from dtl_kernels.train import make_config, run
@@ -153,22 +151,12 @@ def test_cli_flags_and_yaml(toy, tmp_path, capsys):
 def test_ddp_two_processes_match_one(toy, tmp_path):
     """torchrun with 2 CPU processes (gloo) ≈ 1 process with the same global batch."""
     common = [
-        "-m", "dtl_kernels.train", "--model", MODEL, "--pretrained", "none", "--method", "dtl+",
+        "--model", MODEL, "--pretrained", "none", "--method", "dtl+",
         "--dataset", "folder", "--data-root", str(toy), "--img-size", "64", "--epochs", "2",
         "--batch-size", "8", "--lr", "1e-2", "--no-progress",
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run(
-        [sys.executable, *common, "--output", str(tmp_path / "one")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         *common, "--output", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert two.returncode == 0, two.stderr[-3000:]
+    train_cli([*common, "--output", str(tmp_path / "one")])
+    train_cli([*common, "--output", str(tmp_path / "two")], nproc=2)
     s = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s["world_size"] == 2
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")

@@ -1,10 +1,10 @@
 """The side op's contract, written once in Python (its C++ twin is ``csrc/side_checks.h``).
 
-* :class:`SideArgs`: the arguments of ``y + mix(T·Uᵀ)`` in the kernels' order. User input
-  goes through :meth:`SideArgs.checked`, which raises an error naming the argument and the
-  problem; the model wrappers, which build these tensors themselves, use
-  :meth:`SideArgs.trusted`. :meth:`SideArgs.kernel_args` is the one place parameters are
-  cast to the activations' dtype (autocast keeps them float32 beside bfloat16).
+* :class:`SideArgs`: the arguments of ``y + mix(T·Uᵀ)`` in the kernels' order, built by
+  :meth:`SideArgs.of`. User input is checked there (an error naming the argument and the
+  problem); the model wrappers, which build these tensors themselves, skip the check.
+  :meth:`SideArgs.kernel_args` is the one place parameters are cast to the activations'
+  dtype (autocast keeps them float32 beside bfloat16).
 * :func:`check_kernel_inputs`: what a kernel-level op takes (every tensor in one dtype,
   ``K >= 1``, a consistent grid). The same checks, in the same order, as
   ``check_side_inputs`` in ``side_checks.h``; the Triton launchers and every backend's fake
@@ -42,7 +42,7 @@ class SideArgs:
     beta: float
 
     @classmethod
-    def checked(
+    def of(
         cls,
         y: torch.Tensor,
         taps: torch.Tensor,
@@ -51,27 +51,19 @@ class SideArgs:
         conv_weight: torch.Tensor | None = None,
         grid: tuple[int, int] | None = None,
         num_prefix: int = 0,
+        check: bool = True,
     ) -> SideArgs:
-        """Check user input; raises ``TypeError`` (not tensors, non-floating or mismatched
-        dtypes, β not a finite number) or ``ValueError`` (shapes, devices, grid / prefix
-        inconsistent). ``ups`` / ``conv_weight`` may have another floating dtype than
-        ``y`` (float32 parameters beside bfloat16 activations)."""
-        _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix)
-        return cls.trusted(y, taps, ups, beta, conv_weight, grid, num_prefix)
+        """The arguments of ``y + mix(T·Uᵀ)``; ``grid`` / ``num_prefix`` matter for DTL+ only.
 
-    @classmethod
-    def trusted(
-        cls,
-        y: torch.Tensor,
-        taps: torch.Tensor,
-        ups: torch.Tensor,
-        beta: float,
-        conv_weight: torch.Tensor | None = None,
-        grid: tuple[int, int] | None = None,
-        num_prefix: int = 0,
-    ) -> SideArgs:
-        """Inputs the caller built itself (no Python checks; the kernels still check what
-        they index)."""
+        ``check=True`` (user input) raises ``TypeError`` (not tensors, non-floating or
+        mismatched dtypes, β not a finite number) or ``ValueError`` (shapes, devices, grid /
+        prefix inconsistent). ``ups`` / ``conv_weight`` may have another floating dtype than
+        ``y`` (float32 parameters beside bfloat16 activations). ``check=False`` is for
+        inputs the caller built itself (the model wrappers); the kernels still check what
+        they index.
+        """
+        if check:
+            _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix)
         gh, gw = (int(grid[0]), int(grid[1])) if conv_weight is not None else (0, 0)
         return cls(y, taps, ups, conv_weight, gh, gw, int(num_prefix), float(beta))
 

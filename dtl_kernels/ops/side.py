@@ -216,5 +216,5 @@ def side_add(
     Raises ``TypeError`` (not tensors, non-floating or mismatched dtypes) or
     ``ValueError`` (shapes, devices, grid / prefix inconsistent) before any kernel runs.
     """
-    args = SideArgs.checked(y, taps, ups, beta, conv_weight, grid, num_prefix)
+    args = SideArgs.of(y, taps, ups, beta, conv_weight, grid, num_prefix)
     return BACKENDS[select(y, backend, args)].run(args)
