@@ -346,34 +346,31 @@ Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<
   return p;
 }
 
-// Uᵀ (K × dpad), zero beyond d.
+// A row-major (rows × cols) parameter in acc_t, zero-padded to a (rows_to × cols_to) layout,
+// transposed (cols × rows_to) when `transpose`: the layouts the tile loops read.
+template <typename scalar_t, typename acc_t>
+std::vector<acc_t> pack(const at::Tensor& t, int64_t rows, int64_t cols, int64_t rows_to,
+                        int64_t cols_to, bool transpose) {
+  std::vector<acc_t> out(rows_to * cols_to, acc_t(0));
+  const scalar_t* src = t.const_data_ptr<scalar_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      out[transpose ? c * rows_to + r : r * cols_to + c] = static_cast<acc_t>(src[r * cols + c]);
+  return out;
+}
+
+// Uᵀ (K × dpad), U (dpad × Kp) and the conv weight (d, 1, k, k) as (k·k × dpad).
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> pack_ups_t(const at::Tensor& ups, const Plan& p) {
-  std::vector<acc_t> ut(p.K * p.dpad, acc_t(0));
-  const scalar_t* u = ups.const_data_ptr<scalar_t>();
-  for (int64_t c = 0; c < p.d; ++c)
-    for (int64_t k = 0; k < p.K; ++k) ut[k * p.dpad + c] = static_cast<acc_t>(u[c * p.K + k]);
-  return ut;
+  return pack<scalar_t, acc_t>(ups, p.d, p.K, p.dpad, p.K, true);
 }
-
-// U (dpad × Kp), zero beyond d and K.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> pack_ups(const at::Tensor& ups, const Plan& p) {
-  std::vector<acc_t> up(p.dpad * p.Kp, acc_t(0));
-  const scalar_t* u = ups.const_data_ptr<scalar_t>();
-  for (int64_t c = 0; c < p.d; ++c)
-    for (int64_t k = 0; k < p.K; ++k) up[c * p.Kp + k] = static_cast<acc_t>(u[c * p.K + k]);
-  return up;
+  return pack<scalar_t, acc_t>(ups, p.d, p.K, p.dpad, p.Kp, false);
 }
-
-// conv weight (d, 1, k, k) → (k·k × dpad), zero beyond d.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> pack_conv(const at::Tensor& w, const Plan& p) {
-  std::vector<acc_t> wt(p.kk * p.dpad, acc_t(0));
-  const scalar_t* src = w.const_data_ptr<scalar_t>();
-  for (int64_t c = 0; c < p.d; ++c)
-    for (int64_t t = 0; t < p.kk; ++t) wt[t * p.dpad + c] = static_cast<acc_t>(src[c * p.kk + t]);
-  return wt;
+  return pack<scalar_t, acc_t>(w, p.d, p.kk, p.dpad, p.kk, true);
 }
 
 // ---------------------------------------------------------------------------------------
