@@ -94,26 +94,42 @@ def measure(model: torch.nn.Module, images: torch.Tensor) -> SavedBytes:
 FAMILIES = [
     "vit_base_patch16_224", "eva02_base_patch14_224", "swin_tiny_patch4_window7_224",
     "swinv2_tiny_window8_256", "tf_efficientnet_lite0", "resnet50", "convnext_tiny",
+    "hf:ViTModel", "hf:Dinov2Model", "hf:CLIPVisionModel", "hf:SiglipVisionModel",
 ]  # fmt: skip
+
+
+def _backbone(name: str):
+    """``(backbone or timm name, input size)``: ``hf:CLASS`` is that Hugging Face model in
+    its default configuration (the base size), random weights."""
+    if not name.startswith("hf:"):
+        import timm
+
+        return name, int((timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224))[-1])
+    import transformers
+
+    cls = getattr(transformers, name[3:])
+    config = getattr(transformers, name[3:].replace("Model", "Config"))(image_size=224)
+    kwargs = {"add_pooling_layer": False} if cls is transformers.ViTModel else {}
+    return cls(config, **kwargs), 224
 
 
 def backbone_rows(names: list[str], batch: int) -> None:
     """Saved bytes of full / LoRA / DTL / DTL+ per backbone family, default M."""
-    import timm
-
     res = Results("memory_backbones")
     lines = []
     for name in names:
-        size = int((timm.models.get_pretrained_cfg_value(name, "input_size") or (3, 224))[-1])
         torch.manual_seed(0)
+        size = _backbone(name)[1]
         images = torch.randn(batch, 3, size, size)
         shape = f"{size}x{size}"
-        full = measure(create_model(name, method="full", num_classes=10), images).total
+        full = measure(
+            create_model(_backbone(name)[0], method="full", num_classes=10), images
+        ).total
         res.add("full", "model", name, batch, "float32", shape, full / 2**20, "MB")
         row = [f"{name:30s} full {full / 2**20:7.1f} MB"]
         for method in ("lora", "dtl", "dtl+"):
             try:
-                model = create_model(name, method=method, num_classes=10)
+                model = create_model(_backbone(name)[0], method=method, num_classes=10)
             except ValueError as exc:  # LoRA on a CNN: no qkv layers
                 row.append(f"{method} -")
                 print(f"  ({name} {method}: {exc})")

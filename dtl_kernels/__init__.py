@@ -8,6 +8,7 @@ from .csn import CompactSideNetwork, CSNConfig
 from .models import (
     DTLConvNet,
     DTLEva,
+    DTLHFViT,
     DTLModel,
     DTLSwin,
     DTLViT,
@@ -24,6 +25,7 @@ __all__ = [
     "CompactSideNetwork",
     "DTLConvNet",
     "DTLEva",
+    "DTLHFViT",
     "DTLModel",
     "DTLSwin",
     "DTLViT",

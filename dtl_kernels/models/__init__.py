@@ -3,6 +3,7 @@
 from .base import DTLModel, read_adapter
 from .convnet import DTLConvNet
 from .factory import METHODS, create_model, load_backbone_weights, model_from_adapter, wrapper_for
+from .hf import DTLHFViT
 from .multitask import MultiTaskDTL
 from .swin import DTLSwin, default_swin_blocks
 from .vit import DTLEva, DTLViT
@@ -11,6 +12,7 @@ __all__ = [
     "METHODS",
     "DTLConvNet",
     "DTLEva",
+    "DTLHFViT",
     "DTLModel",
     "DTLSwin",
     "DTLViT",

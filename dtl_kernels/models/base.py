@@ -46,6 +46,8 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
         self.head_mode = "published"
         self.method = "dtl"
         self.backbone_dtype: torch.dtype | None = None  # memory.set_backbone_dtype
+        self._new_head = True  # a head of ours (else the backbone's own classifier trains)
+        self._trained_backbone_parts: tuple[str, ...] = ()
 
     def _set_up(
         self,
@@ -67,6 +69,7 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
         tappable: list[bool] | None = None,
         trunk_dtype: torch.dtype | str | None = None,
         checkpoint_tail: bool = False,
+        trainable_backbone_prefixes: tuple[str, ...] = (),
     ) -> None:
         """The constructor part every wrapper shares: attach ``backbone``, build the CSN
         (when ``side``), the head (per ``head``) and freeze the backbone.
@@ -78,9 +81,17 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
             rank, beta, tap_from, adapt_from, conv_kernel: the CSN's configuration; a
                 ``tap_from`` / ``adapt_from`` of ``None`` takes ``default_blocks``.
             trunk_dtype, checkpoint_tail: the memory options (:mod:`dtl_kernels.memory`).
+            trainable_backbone_prefixes: backbone parts trained with the head (SigLIP's
+                attention pooling under ``head="backbone"``).
+
+        A backbone without a classifier of its own (no ``reset_classifier``: Hugging Face
+        encoders) always gets a new head; ``num_classes`` must then be given.
         """
         self.backbone = backbone
         self.head_mode = validate_head_mode(head)
+        own = callable(getattr(backbone, "reset_classifier", None))
+        if num_classes is None and not own:
+            raise ValueError(f"{type(backbone).__name__} has no classifier: give num_classes")
         self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         if default_blocks is not None:
             tap_from = default_blocks[0] if tap_from is None else tap_from
@@ -93,11 +104,13 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
         self._tail = memory.checkpointed_tail(self, checkpoint_tail)
         if self.csn is not None:
             self.csn.trunk_dtype = memory.resolve_trunk_dtype(trunk_dtype)
-        if self.head_mode == "published":
-            if backbone.num_classes:
+        self._new_head = self.head_mode == "published" or not own
+        self._trained_backbone_parts = tuple(trainable_backbone_prefixes)
+        if self._new_head:
+            if own and backbone.num_classes:
                 backbone.reset_classifier(0)  # the published head replaces it
             self.head = new_head(head_width, self.num_classes)
-            self._freeze(train_backbone)
+            self._freeze(train_backbone, self._trained_backbone_parts)
         else:
             if backbone.num_classes != self.num_classes:
                 backbone.reset_classifier(self.num_classes)
@@ -123,9 +136,10 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
 
     def _head_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The trained head's parameters: the new one, or the backbone's own classifier."""
-        prefix = (
-            "head." if self.head_mode == "published" else f"backbone.{self.backbone_classifier}"
-        )
+        if self._new_head:
+            prefix = ("head.",) + tuple(f"backbone.{p}" for p in self._trained_backbone_parts)
+        else:
+            prefix = (f"backbone.{self.backbone_classifier}",)
         return [(n, p) for n, p in self.named_parameters() if n.startswith(prefix)]
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -11,6 +11,8 @@ from . import lora, offline_weights
 from .adapters import adapter_info, read_adapter
 from .backbone_files import load_backbone_weights, read_state_dict  # noqa: F401 (re-export)
 from .convnet import DTLConvNet, layout_of
+from .hf import LAYOUTS as HF_LAYOUTS
+from .hf import DTLHFViT, hf_layout_of
 from .swin import DTLSwin
 from .vit import DTLEva, DTLViT
 
@@ -28,7 +30,7 @@ _WRAPPER_OPTIONS = (
 # applied after the wrapper is built (it needs to know what is frozen)
 _AFTER_OPTIONS = ("backbone_dtype",)
 # DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
-_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLEva: 3, DTLSwin: 5, DTLConvNet: 3}
+_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLEva: 3, DTLSwin: 5, DTLConvNet: 3, DTLHFViT: 3}
 
 
 def wrapper_for(backbone: nn.Module) -> type:
@@ -46,23 +48,29 @@ def wrapper_for(backbone: nn.Module) -> type:
         return DTLSwin
     if layout_of(backbone) is not None:
         return DTLConvNet
+    if hf_layout_of(backbone) is not None:
+        return DTLHFViT
     raise TypeError(
         f"no DTL wrapper for {type(backbone).__name__}: supported are timm VisionTransformer, "
-        "Eva, SwinTransformer, SwinTransformerV2, EfficientNet, ResNet and ConvNeXt"
+        "Eva, SwinTransformer, SwinTransformerV2, EfficientNet, ResNet and ConvNeXt, and "
+        f"Hugging Face {', '.join(HF_LAYOUTS)}"
     )
 
 
 def create_model(
-    name: str,
+    name: str | nn.Module,
     method: str = "dtl",
     num_classes: int | None = None,
     pretrained: bool | str | os.PathLike = False,
     **options,
 ) -> nn.Module:
-    """Build a timm backbone and wrap it for ``method``.
+    """Build a timm backbone (or take a built one) and wrap it for ``method``.
 
     Args:
-        name: a timm model name (``vit_base_patch16_224``, ``swin_tiny_patch4_window7_224``…).
+        name: a timm model name (``vit_base_patch16_224``, ``swin_tiny_patch4_window7_224``…),
+            or a backbone already built: a timm model or a Hugging Face ``ViTModel`` /
+            ``Dinov2Model`` / ``CLIPVisionModel`` / ``SiglipVisionModel`` (e.g. from
+            ``from_pretrained``; ``num_classes`` is then required and ``pretrained`` unused).
         method: ``dtl``, ``dtl+`` (conv, default k: 3 for ViT, 5 for Swin), ``dtl+*``
             (DTL+ with ``adapt_from=1``), ``linear`` (head only), ``lora`` (PEFT LoRA on the
             backbone's ``qkv`` layers + head; ``lora_rank``, default 8; needs ``peft``) or
@@ -82,8 +90,6 @@ def create_model(
             (``drop_path_rate``, ``img_size``, ``dynamic_img_size``…) goes to
             ``timm.create_model``.
     """
-    import timm
-
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wrapper_kwargs = {k: options.pop(k) for k in _WRAPPER_OPTIONS if k in options}
@@ -91,6 +97,29 @@ def create_model(
     if lora_rank is not None and method != "lora":
         raise ValueError(f"lora_rank is an option of method='lora', not {method!r}")
     after = {k: options.pop(k) for k in _AFTER_OPTIONS if k in options}
+    if isinstance(name, nn.Module):
+        if options or pretrained not in (False, None):
+            raise ValueError(
+                "a built backbone takes no timm options or pretrained weights; got "
+                f"{sorted(options) + (['pretrained'] if pretrained else [])}"
+            )
+        backbone = name
+    else:
+        backbone = _timm_backbone(name, pretrained, options)
+    cls = wrapper_for(backbone)
+    _apply_method(cls, method, wrapper_kwargs)
+    model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
+    if method == "lora":
+        _add_lora(model, {"rank": lora.DEFAULT_RANK if lora_rank is None else lora_rank})
+    if after.get("backbone_dtype") is not None:
+        memory.set_backbone_dtype(model, after["backbone_dtype"])
+    return model
+
+
+def _timm_backbone(name: str, pretrained, options: dict) -> nn.Module:
+    """``timm.create_model(name, **options)`` with ``pretrained`` weights loaded."""
+    import timm
+
     try:
         backbone = timm.create_model(name, pretrained=pretrained is True, **options)
     except RuntimeError as exc:
@@ -114,14 +143,7 @@ def create_model(
         pretrained = offline_weights.weights_path(pretrained, name)
     if pretrained not in (False, True, None):
         load_backbone_weights(backbone, pretrained)
-    cls = wrapper_for(backbone)
-    _apply_method(cls, method, wrapper_kwargs)
-    model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
-    if method == "lora":
-        _add_lora(model, {"rank": lora.DEFAULT_RANK if lora_rank is None else lora_rank})
-    if after.get("backbone_dtype") is not None:
-        memory.set_backbone_dtype(model, after["backbone_dtype"])
-    return model
+    return backbone
 
 
 def model_from_adapter(

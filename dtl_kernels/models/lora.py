@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 DEFAULT_RANK = 8
-# attention input projections: fused (timm ViT, Swin) or separate (EVA-02)
-DEFAULT_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj")
+# attention input projections: fused (timm ViT, Swin) or separate (EVA-02, Hugging Face
+# CLIP / SigLIP: *_proj; Hugging Face ViT / DINOv2: query / key / value)
+DEFAULT_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj", "query", "key", "value")
 
 
 def inject_lora(backbone: nn.Module, rank: int = DEFAULT_RANK, targets=DEFAULT_TARGETS) -> dict:
@@ -63,9 +64,10 @@ def _check_lora_runs(backbone: nn.Module) -> None:
     ]
     param = next(backbone.parameters())
     patch_embed = getattr(backbone, "patch_embed", None)
-    size = getattr(patch_embed, "img_size", None) or (224, 224)
+    config = getattr(backbone, "config", None)  # a Hugging Face model
+    size = getattr(patch_embed, "img_size", None) or (getattr(config, "image_size", 224),) * 2
     proj = getattr(patch_embed, "proj", None)
-    channels = getattr(proj, "in_channels", 3)
+    channels = getattr(proj, "in_channels", getattr(config, "num_channels", 3))
     modes = {m: m.training for m in backbone.modules()}
     try:
         backbone.eval()
