@@ -5,6 +5,7 @@ from dtl_kernels import DTLViT, DTLSwin, create_model
 
 from ._version import __version__
 from .csn import CompactSideNetwork, CSNConfig
+from .estimate import MemoryEstimate, estimate_memory
 from .models import (
     DTLConvNet,
     DTLEva,
@@ -29,9 +30,11 @@ __all__ = [
     "DTLModel",
     "DTLSwin",
     "DTLViT",
+    "MemoryEstimate",
     "MultiTaskDTL",
     "__version__",
     "create_model",
+    "estimate_memory",
     "model_from_adapter",
     "read_adapter",
 ]

@@ -24,6 +24,11 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_OPTIONS
     except (ValueError, OSError) as exc:
         return _error(exc, EXIT_OPTIONS)
+    if cfg.estimate_memory:
+        try:
+            return _estimate(cfg)
+        except (ValueError, OSError) as exc:
+            return _error(exc, EXIT_OPTIONS)
     try:
         summary = run(cfg)
     except KeyboardInterrupt:
@@ -38,6 +43,20 @@ def main(argv: list[str] | None = None) -> int:
         return _error(exc, EXIT_RUN)
     if summary.get("test_acc") is not None and summary.get("world_size", 1) >= 1:
         _report(summary, cfg.output)
+    return 0
+
+
+def _estimate(cfg) -> int:
+    """``--estimate-memory``: the model the options describe, one simulated step (see
+    :func:`dtl_kernels.estimate_memory`); the data is not read, so the head gets
+    ``--num-classes`` classes (10 if not given: its bytes hardly matter)."""
+    from ..estimate import estimate_memory
+    from .setup import _quiet_pretrained, build_model, input_size
+
+    # the weights' values do not matter here: no "random backbone" warning
+    model = build_model(cfg, cfg.num_classes or 10, _quiet_pretrained(cfg))
+    print(model.summary())
+    print(estimate_memory(model, cfg.batch_size, input_size(cfg), cfg.precision), flush=True)
     return 0
 
 

@@ -68,6 +68,7 @@ class TrainConfig:
     force_resume: bool = False  # resume although options that define the run changed
     overwrite: bool = False  # a fresh run deletes (not moves aside) an earlier run's outputs
     eval_only: bool = False
+    estimate_memory: bool = False  # print the predicted peak memory of a step and exit
     adapter: str | None = None
     allow_backbone_mismatch: bool = False  # --eval-only: warn (not refuse) on another backbone
     eval_every: int = 1
@@ -223,6 +224,8 @@ _HELP = {
     "ddp_timeout": "seconds a collective operation may wait under torchrun (the disk trunk-cache "
     "build adds its own estimate)",
     "eval_only": "only evaluate --adapter on the test split",
+    "estimate_memory": "predict the peak memory of a training step (no data read, no step "
+    "run) and exit",
     "adapter": "adapter file for --eval-only",
     "cache_trunk": "cache the frozen trunk's outputs (taps before M, block M's output) "
     "across epochs: off | auto (RAM when allowed and within budget, else off) | ram | disk",

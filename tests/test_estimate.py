@@ -1,0 +1,93 @@
+"""estimate_memory: the fake-tensor simulation of two training steps against two real
+ones, storage by storage (the live tensor bytes' peak), per backbone family, batch size,
+method, precision and memory option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dtl_kernels import create_model, estimate_memory
+from dtl_kernels.estimate import _LiveBytes
+
+# (timm name, image size, create_model options): small inputs, real architectures
+FAMILIES = [
+    ("vit_small_patch16_224", 112, {"img_size": 112}),
+    ("vit_base_patch16_224", 112, {"img_size": 112}),
+    ("swin_tiny_patch4_window7_224", 224, {}),
+    ("tf_efficientnet_lite0", 128, {}),
+]
+
+
+def real_peak(model, batch: int, size: int, precision: str = "fp32") -> int:
+    """Peak live tensor bytes of two real AdamW steps (parameters and input excluded)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    x = torch.randn(batch, 3, size, size)
+    y = torch.zeros(batch, dtype=torch.long)
+    tracker = _LiveBytes(list(model.parameters()) + list(model.buffers()) + [x])
+    with tracker:
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = F.cross_entropy(model(x).float(), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del loss
+    return tracker.peak
+
+
+@pytest.mark.parametrize("method", ["dtl+", "full"])
+@pytest.mark.parametrize("batch", [2, 4])
+@pytest.mark.parametrize("name,size,options", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_estimate_equals_a_real_step(name, size, options, batch, method, one_thread):
+    torch.manual_seed(0)
+    model = create_model(name, method, num_classes=10, **options)
+    est = estimate_memory(model, batch, size)
+    real = real_peak(model, batch, size)
+    assert abs(est.training_peak - real) <= 0.01 * real, (est.training_peak, real)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert est.parameters == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert est.optimizer_state in (0, 2 * trainable)  # AdamW's moments, if live at the peak
+    assert est.activations > 0
+
+
+@pytest.mark.parametrize(
+    "options,precision",
+    [({}, "bf16"), ({"checkpoint_tail": True}, "fp32"), ({"trunk_dtype": "bf16"}, "fp32"),
+     ({"backbone_dtype": torch.bfloat16}, "fp32")],
+)  # fmt: skip
+def test_precision_and_memory_options(options, precision, one_thread):
+    torch.manual_seed(0)
+    model = create_model("vit_small_patch16_224", "dtl+", num_classes=10, img_size=112,
+                         **options)  # fmt: skip
+    est = estimate_memory(model, 4, 112, precision)
+    assert abs(est.training_peak - real_peak(model, 4, 112, precision)) <= 0.01 * est.training_peak
+
+
+def test_the_estimate_leaves_the_model_alone(one_thread):
+    model = create_model("vit_small_patch16_224", "dtl", num_classes=3, img_size=112)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    est = estimate_memory(model, 2, 112)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in model.parameters())
+    assert "peak" in str(est) and est.peak == est.parameters + est.training_peak
+
+
+def test_bad_arguments():
+    model = create_model("vit_small_patch16_224", "dtl", num_classes=3, img_size=112)
+    with pytest.raises(ValueError, match="batch_size"):
+        estimate_memory(model, 0, 112)
+    with pytest.raises(ValueError, match="precision"):
+        estimate_memory(model, 2, 112, "fp8")
+
+
+def test_dtl_train_estimate_memory(capsys):
+    from dtl_kernels.train.cli import main
+
+    code = main(["--model", "vit_small_patch16_224", "--method", "dtl+", "--img-size", "112",
+                 "--batch-size", "4", "--pretrained", "none", "--estimate-memory"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "estimated training memory: batch 4, 112 px, fp32" in out
+    assert "activations and temporaries" in out and "peak" in out
