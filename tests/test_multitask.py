@@ -103,3 +103,29 @@ def test_backbone_head_tasks_are_refused(tmp_path):
     with pytest.raises(ValueError, match="head='backbone'"):
         MultiTaskDTL(other, {"own": path})
     assert other.num_classes == 0  # refused before anything touched the shared backbone
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,size",
+    [("eva02_tiny_patch14_224", dict(img_size=56), 56),
+     ("swinv2_tiny_window8_256", dict(img_size=64, window_size=2), 64),
+     ("resnet18", {}, 64), ("convnext_atto", {}, 64)],
+)  # fmt: skip
+def test_other_families_equal_separate_models(name, kwargs, size):
+    """Every wrapper family serves tasks through the same shared walk."""
+    from dtl_kernels.models.factory import wrapper_for
+
+    torch.manual_seed(0)
+    bb = timm.create_model(name, num_classes=0, **kwargs).double().eval()
+    cls = wrapper_for(bb)
+    tasks = {}
+    for t, k in enumerate([0, 3]):
+        model = cls(bb, conv_kernel=k, num_classes=3 + t).double().eval()
+        for p in model.csn.up.values():
+            torch.nn.init.normal_(p, std=0.5)
+        tasks[f"t{t}"] = model
+    x = torch.randn(2, 3, size, size, dtype=torch.float64)
+    out = MultiTaskDTL(bb, tasks).eval()(x)
+    for task, model in tasks.items():
+        with torch.no_grad():
+            torch.testing.assert_close(out[task], model(x), atol=1e-12, rtol=1e-12)

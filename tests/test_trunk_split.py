@@ -14,13 +14,19 @@ CASES = [
     ("swin_tiny_patch4_window7_224", dict(img_size=112, drop_path_rate=0.0), "dtl"),
     # EfficientNet: block M (first of a stage) changes shape, so it gets no add-back.
     ("tf_efficientnet_lite0", dict(img_size=64), "dtl+"),
+    # the other families: rotary embeddings per block, Swin V2, staged CNNs
+    ("eva02_tiny_patch14_224", dict(img_size=56), "dtl+"),
+    ("swinv2_tiny_window8_256", dict(img_size=64, window_size=2), "dtl+"),
+    ("resnet18", dict(img_size=64), "dtl+"),
+    ("convnext_atto", dict(img_size=64), "dtl"),
 ]
+CNN = ("tf_", "resnet", "convnext")  # timm takes no img_size for these
 
 
 @pytest.mark.parametrize("name,kwargs,method", CASES)
 def test_split_walk_equals_forward(name, kwargs, method):
     kwargs = dict(kwargs)
-    size = kwargs.pop("img_size") if name.startswith("tf_") else kwargs["img_size"]
+    size = kwargs.pop("img_size") if name.startswith(CNN) else kwargs["img_size"]
     model = create_model(name, method=method, num_classes=3, **kwargs).double().eval()
     if model.csn is not None:
         for up in model.csn.up.values():
