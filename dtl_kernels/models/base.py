@@ -27,6 +27,14 @@ from .published import PublishedCheckpoint, _fold_stage_aliases, _unwrap_checkpo
 from .walk import BlockWalk
 
 HEAD_MODES = ("published", "backbone")
+# The constructor arguments every wrapper passes on to DTLModel._set_up unchanged.
+SHARED_OPTIONS = ("head", "num_classes", "side", "train_backbone", "rank", "beta", "tap_from",
+                  "adapt_from", "conv_kernel", "trunk_dtype", "checkpoint_tail")  # fmt: skip
+
+
+def shared_options(arguments: dict) -> dict:
+    """The :data:`SHARED_OPTIONS` among a wrapper constructor's ``locals()``."""
+    return {k: arguments[k] for k in SHARED_OPTIONS if k in arguments}
 
 
 class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):

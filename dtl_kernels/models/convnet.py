@@ -37,7 +37,7 @@ from .backbone_files import (  # noqa: F401 (re-exported: the mapping was define
     is_positional_efficientnet_checkpoint,
     map_positional_efficientnet,
 )
-from .base import DTLModel, _architecture
+from .base import DTLModel, _architecture, shared_options
 
 #: Side of the dummy image used to find shape-changing blocks (large enough that every
 #: stride-2 block still halves a map bigger than 1×1).
@@ -222,20 +222,12 @@ class DTLConvNet(DTLModel):
         self.csn_widths = widths
         self._set_up(
             backbone,
-            head=head,
-            num_classes=num_classes,
             head_width=backbone.num_features,
-            side=side,
-            train_backbone=train_backbone,
             widths=widths,
             stages=[s for s, n in enumerate(self.depths) for _ in range(n)],
             tappable=self.tappable,
-            rank=rank,
-            beta=beta,
-            tap_from=tap_from,
-            adapt_from=adapt_from,
-            conv_kernel=conv_kernel,
             default_blocks=default_convnet_blocks(self.depths, self.tappable),
+            **shared_options(locals()),
         )
         self.train(self.training)
 

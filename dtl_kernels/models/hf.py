@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import DTLModel
+from .base import DTLModel, shared_options
 
 
 @dataclass(frozen=True)
@@ -128,22 +128,12 @@ class DTLHFViT(DTLModel):
         )  # SigLIP's MAP head is the model's own pooling: trained with head="backbone"
         self._set_up(
             backbone,
-            head=head,
-            num_classes=num_classes,
             head_width=width,
-            side=side,
-            train_backbone=train_backbone,
             widths=[width] * depth,
             stages=[0] * depth,
-            rank=rank,
-            beta=beta,
-            tap_from=tap_from,
-            adapt_from=adapt_from,
-            conv_kernel=conv_kernel,
             default_blocks=(1, depth // 2 + 1),
-            trunk_dtype=trunk_dtype,
-            checkpoint_tail=checkpoint_tail,
             trainable_backbone_prefixes=tuple(f"{p}." for p in own_pooling),
+            **shared_options(locals()),
         )
 
     def _parts(self, backbone: nn.Module | None = None) -> dict:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .. import memory
-from .base import DTLModel, _architecture
+from .base import DTLModel, _architecture, shared_options
 
 # Published Swin-B (depths 2,2,18,2): taps on blocks 5…24, add-back after 15…24.
 _PUBLISHED_ADAPTED_FRACTION = 10 / 24
@@ -90,21 +90,11 @@ class DTLSwin(DTLModel):
             stages += [s] * len(stage.blocks)
         self._set_up(
             backbone,
-            head=head,
-            num_classes=num_classes,
             head_width=backbone.num_features,
-            side=side,
-            train_backbone=train_backbone,
             widths=widths,
             stages=stages,
-            rank=rank,
-            beta=beta,
-            tap_from=tap_from,
-            adapt_from=adapt_from,
-            conv_kernel=conv_kernel,
             default_blocks=default_swin_blocks(self.depths),
-            trunk_dtype=trunk_dtype,
-            checkpoint_tail=checkpoint_tail,
+            **shared_options(locals()),
         )
 
     def _check_images(self, images: torch.Tensor) -> None:

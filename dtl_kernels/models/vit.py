@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .. import memory
-from .base import DTLModel, _architecture
+from .base import DTLModel, _architecture, shared_options
 
 
 def _vision_transformer_type():
@@ -66,20 +66,10 @@ class DTLViT(DTLModel):
         depth, width = len(backbone.blocks), backbone.embed_dim
         self._set_up(
             backbone,
-            head=head,
-            num_classes=num_classes,
             head_width=width,
-            side=side,
-            train_backbone=train_backbone,
             widths=[width] * depth,
             stages=[0] * depth,
-            rank=rank,
-            beta=beta,
-            tap_from=tap_from,
-            adapt_from=adapt_from,
-            conv_kernel=conv_kernel,
-            trunk_dtype=trunk_dtype,
-            checkpoint_tail=checkpoint_tail,
+            **shared_options(locals()),
         )
 
     @staticmethod
