@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import SavedBytes  # noqa: E402
-from common import RESULTS, Results, quantiles  # noqa: E402
+from common import RESULTS, Results, quantiles, time_fn  # noqa: E402
 
 from dtl_kernels import create_model  # noqa: E402
 
@@ -199,15 +199,6 @@ def cuda_time_ms(fn, reps: int) -> tuple[float, float, float]:
     return quantiles(samples)
 
 
-def wall_time_ms(fn, reps: int) -> tuple[float, float, float]:
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return quantiles(samples)
-
-
 def measure_step(
     name: str,
     provider: str,
@@ -246,7 +237,7 @@ def measure_step(
             # block allocated before it started, so such frees would be missed
             step.opt.zero_grad(set_to_none=True)
             peak = cpu_peak_bytes(step)
-        times = wall_time_ms(step, reps)
+        times = time_fn(step, warmup=0, reps=reps)
     out = dict(
         saved=rec.total,
         peak=peak,
@@ -283,7 +274,7 @@ def measure_infer(
         torch.cuda.synchronize()
         ms = cuda_time_ms(fwd, reps)
     else:
-        ms = wall_time_ms(fwd, reps)
+        ms = time_fn(fwd, warmup=0, reps=reps)
     # images/s: the median time gives the median rate; p20 of time is p80 of rate
     return batch / ms[0] * 1e3, batch / ms[2] * 1e3, batch / ms[1] * 1e3
 
