@@ -18,6 +18,9 @@ output goes to ``DIR/log.txt``):
    our fwd+bwd into its kernels (``kernel_profile.csv``).
 4. ``e2e``: ``bench_e2e.py`` on ViT-B/16 and Swin-B, batch 32, bf16 autocast: peak memory
    and step time of full / linear / LoRA / DTL variants, inference at batch 1 / 4 / 16.
+5. ``fit``: ``bench_estimate.py fit``: ``estimate_memory``'s prediction beside the measured
+   peak of two bf16 steps, ViT-B / ViT-L and the 1.1 B-parameter ViT-g/14 moonshot
+   (DTL+, bf16 frozen weights, ``checkpoint_tail``, batch 32) → ``estimate_gpu.csv``.
 
 Outputs in ``DIR``: ``correctness.csv``, ``kernels.csv``, ``kernel_profile.csv``,
 ``e2e.csv`` (device, torch, date in every row), ``log.txt``, and ``summary.txt`` (also
@@ -46,7 +49,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path("/tmp/dtl_kernels_gpu_cache")  # inductor + triton caches of this run
-STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "e2e")
+STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "e2e", "fit")
 SANITIZE_CASES = 3  # len(gpu_correct.sanitize_cases()); kept import-light (no torch here)
 
 
@@ -421,6 +424,11 @@ def main() -> int:
                 min_time=30,
             )
         merge_csvs([out / f"e2e_{i}.csv" for i in range(len(models))], out / "e2e.csv")
+
+    # 5. will it fit: the memory estimator against the GPU's own count
+    if "fit" in stages:
+        runner.run("fit", [py, "benchmarks/bench_estimate.py", "fit", "--out", str(out)] + dry,
+                   150)  # fmt: skip
 
     if args.save_cache and CACHE.exists():
         dest = out / "compile_cache.tgz"
