@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, op_bytes, time_fn  # noqa: E402
+from common import Results, op_bytes, side_kernel, time_fn  # noqa: E402
 
-from dtl_kernels.ops import compiled_side, reference, side  # noqa: E402
+from dtl_kernels.ops import compiled_side, reference  # noqa: E402
 
 
 def main() -> None:
@@ -34,6 +34,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not compiled_side.available("cpu"):
         sys.exit("the CPU extension is not built: run `make build`")
+    cpu_kernel = side_kernel("cpu")
 
     torch.manual_seed(0)
     b, n, d, kc = args.batch, args.tokens, args.width, args.taps
@@ -70,7 +71,7 @@ def main() -> None:
             return reference.side_add(y, t, u, 100.0, w, g, prefix)
 
         def ours_fn(y, t, u, w, g=g):
-            return side.side_add(y, t, u, 100.0, w, g, prefix, backend="cpu")
+            return cpu_kernel(y, t, u, 100.0, w, g, prefix)
 
         providers = {"ours": ours_fn, "torch": ref_fn}
         if not args.no_compile:

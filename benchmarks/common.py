@@ -104,6 +104,20 @@ def op_bytes(rows: int, d: int, k_cols: int, mode: str, elem: int) -> int:
     return fwd if mode == "fwd" else fwd + bwd
 
 
+def side_kernel(backend: str) -> Callable:
+    """``side_add``-like ``(y, taps, ups, beta, w, grid, prefix)`` on one backend without the
+    user-input checks (kernel timing: the op as the model wrappers call it)."""
+    from dtl_kernels.ops import side
+    from dtl_kernels.ops.contract import SideArgs
+
+    run = side.BACKENDS[backend].run
+
+    def call(y, taps, ups, beta, w=None, grid=None, prefix=0):
+        return run(SideArgs.of(y, taps, ups, beta, w, grid, prefix, check=False))
+
+    return call
+
+
 def quantiles(samples: list[float]) -> tuple[float, float, float]:
     """(median, p20, p80) of ``samples``."""
     s = sorted(samples)

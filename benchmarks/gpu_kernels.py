@@ -30,7 +30,6 @@ backward's time goes.
 from __future__ import annotations
 
 import argparse
-import functools
 import math
 import sys
 import time
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, op_bytes, quantiles  # noqa: E402
+from common import Results, op_bytes, quantiles, side_kernel  # noqa: E402
 
 from dtl_kernels.ops import reference  # noqa: E402
 
@@ -57,15 +56,15 @@ def providers(device: str, dry_run: bool, want: list[str]) -> dict:
             if hasattr(torch._dynamo.config, knob):
                 setattr(torch._dynamo.config, knob, 256)
         out["compile"] = torch.compile(reference.side_add, dynamic=False)
-    from dtl_kernels.ops import _ext, compiled_side, side
+    from dtl_kernels.ops import _ext, compiled_side
 
     # our compiled kernels: the CUDA C++ ones on a GPU, the C++ CPU ones in a dry run
     compiled = "cpu" if device == "cpu" else "cuda"
     built = _ext.cuda_built() if compiled == "cuda" else _ext.cpu_built()
     if "cuda" in want and built and compiled_side.available(compiled):
-        out[compiled] = functools.partial(side.side_add, backend=compiled)
+        out[compiled] = side_kernel(compiled)
     if "triton" in want and device == "cuda" and _ext.triton_importable():
-        out["triton"] = functools.partial(side.side_add, backend="triton")
+        out["triton"] = side_kernel("triton")
     want = set(want) | {"cpu"}
     return {k: v for k, v in out.items() if k in want}
 

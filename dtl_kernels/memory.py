@@ -83,10 +83,10 @@ class CheckpointedBlock(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(self.block, x, use_reentrant=False, **kwargs)
-        return self.block(x, **kwargs)
+            return checkpoint(self.block, x, *args, use_reentrant=False, **kwargs)
+        return self.block(x, *args, **kwargs)
 
 
 def checkpointed_tail(model: nn.Module, enabled: bool) -> list[CheckpointedBlock]:

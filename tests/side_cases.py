@@ -211,6 +211,7 @@ def compare(
     """The accuracy rule over every output; ``(all good, report per output)``. ``out_dtype``:
     the dtype ``ours`` must have (default ``dtype``)."""
     multiple = SATURATED_MULTIPLE if case.saturated else MULTIPLE
+    assert len(ours) == len(exact) == len(at_dtype), (len(ours), len(exact), len(at_dtype))
     ok, report = True, {}
     for name, o, e, t in zip(names, ours, exact, at_dtype, strict=False):
         err = (o.double().cpu() - e.cpu()).abs().max().item() if o.numel() else 0.0

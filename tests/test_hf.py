@@ -162,3 +162,22 @@ def test_lora_baseline(family):
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(".lora_" in n or n.startswith("head.") for n, _ in trained)
     assert all(p.grad is not None for n, p in trained if ".lora_B" in n)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_memory_options(family):
+    """checkpoint_tail and trunk_dtype change what is kept for backward, not the result."""
+    x = _images((2, 3, 32, 32))
+    grads = []
+    for options in ({}, {"checkpoint_tail": True}, {"trunk_dtype": torch.float32}):
+        torch.manual_seed(0)
+        model = create_model(tiny(family), "dtl+", num_classes=3, adapt_from=2, **options)
+        model = model.double()
+        for p in model.csn.up.values():
+            torch.nn.init.normal_(p, std=0.5)
+        model(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.trainable_parameters()])
+    for a, b in zip(grads[0], grads[1], strict=True):  # recomputed: the same float64 values
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads[0], grads[2], strict=True):  # z for ∂A rounded to float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

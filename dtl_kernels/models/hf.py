@@ -1,5 +1,6 @@
 """DTL / DTL+ around Hugging Face ``transformers`` vision encoders (optional extra:
-``pip install dtl-kernels[hf]``; ``transformers`` is imported only when one is wrapped).
+``pip install dtl-kernels[hf]``, ``transformers`` 5; tested with 5.24; ``transformers`` is
+imported only when one is wrapped).
 
 ``ViTModel``, ``Dinov2Model``, ``Dinov2WithRegistersModel``, ``CLIPVisionModel`` and
 ``SiglipVisionModel`` are plain ViTs to the side network: patch embedding, a stack of
@@ -61,7 +62,8 @@ def hf_layout_of(backbone: nn.Module) -> HFLayout | None:
     return LAYOUTS.get(type(backbone).__name__)
 
 
-def _find(module: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
+def _find_path(module: nn.Module, paths: tuple[str, ...]) -> str | None:
+    """The first of ``paths`` (dotted attribute names) that ``module`` has."""
     for path in paths:
         obj = module
         for part in path.split("."):
@@ -69,8 +71,13 @@ def _find(module: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
             if obj is None:
                 break
         if obj is not None:
-            return obj
+            return path
     return None
+
+
+def _find(module: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
+    path = _find_path(module, paths)
+    return module.get_submodule(path) if path is not None else None
 
 
 class DTLHFViT(DTLModel):
@@ -123,9 +130,10 @@ class DTLHFViT(DTLModel):
             0 if layout.family == "hf-siglip" else 1 + int(getattr(cfg, "num_register_tokens", 0))
         )
         depth, width = len(self._parts(backbone)["layers"]), int(cfg.hidden_size)
-        own_pooling = (
-            [layout.pool_head[0]] if layout.pool == "map" and head == "backbone" else []
-        )  # SigLIP's MAP head is the model's own pooling: trained with head="backbone"
+        # SigLIP's attention-pooling head is the model's own pooling: trained with
+        # head="backbone" (wherever this transformers release keeps it)
+        pool_path = _find_path(backbone, layout.pool_head) if layout.pool == "map" else None
+        own_pooling = [pool_path] if pool_path is not None and head == "backbone" else []
         self._set_up(
             backbone,
             head_width=width,

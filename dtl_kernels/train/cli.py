@@ -47,16 +47,30 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _estimate(cfg) -> int:
-    """``--estimate-memory``: the model the options describe, one simulated step (see
-    :func:`dtl_kernels.estimate_memory`); the data is not read, so the head gets
-    ``--num-classes`` classes (10 if not given: its bytes hardly matter)."""
-    from ..estimate import estimate_memory
-    from .setup import _quiet_pretrained, build_model, input_size
+    """``--estimate-memory``: the model the options describe on the device training would
+    use, one simulated step per process (see :func:`dtl_kernels.estimate_memory`). No data
+    is read and no weights are loaded (their values do not change the memory), so the head
+    gets ``--num-classes`` classes (10 if not given: its bytes hardly matter)."""
+    import os
 
-    # the weights' values do not matter here: no "random backbone" warning
-    model = build_model(cfg, cfg.num_classes or 10, _quiet_pretrained(cfg))
-    print(model.summary())
-    print(estimate_memory(model, cfg.batch_size, input_size(cfg), cfg.precision), flush=True)
+    import torch
+
+    from ..estimate import estimate_memory
+    from .setup import backbone_family, build_model, input_size
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    model = build_model(cfg, cfg.num_classes or 10, False).to(device)
+    family = backbone_family(cfg.model)
+    channels_last = cfg.channels_last == "on" or (
+        cfg.channels_last == "auto" and family == "convnet"
+    )
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    print(f"{model.summary()}\non {device}, {max(1, cfg.batch_size // world)} images per process")
+    est = estimate_memory(model, max(1, cfg.batch_size // world), input_size(cfg), cfg.precision,
+                          channels_last=channels_last)  # fmt: skip
+    print(est, flush=True)
     return 0
 
 
