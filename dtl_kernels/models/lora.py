@@ -14,7 +14,7 @@ from torch import nn
 
 DEFAULT_RANK = 8
 # attention input projections: fused (timm ViT, Swin) or separate (EVA-02, Hugging Face
-# CLIP / SigLIP: *_proj; Hugging Face ViT / DINOv2: query / key / value)
+# CLIP / SigLIP / ViT / DINOv2 in transformers 5: *_proj; query / key / value in older ones)
 DEFAULT_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj", "query", "key", "value")
 
 
