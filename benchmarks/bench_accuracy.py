@@ -67,6 +67,7 @@ LR_GRID = {
     "dtl+": (3e-3, 1e-2),
     "full": (1e-4, 3e-4),
 }
+COLORS = {"linear": "C0", "lora": "C1", "dtl": "C2", "dtl+": "C3", "full": "C4"}  # every panel
 QUICK_LR = {"linear": 1e-2, "lora": 1e-3, "dtl": 3e-3, "dtl+": 3e-3, "full": 1e-4}
 RUN_FIELDS = [
     "backbone", "dataset", "method", "phase", "lr", "seed", "acc", "evaluated_on",
@@ -285,7 +286,7 @@ def plot(args, summary: list[dict], device: str = "cpu") -> None:
         for r in (r for r in summary if (r["backbone"], r["dataset"]) == (backbone, dataset)):
             ax.errorbar(
                 r["peak_memory_mib"], r["acc_mean"], yerr=r["acc_std"], fmt="o", capsize=4,
-                label=r["method"],
+                label=r["method"], color=COLORS[r["method"]],
             )  # fmt: skip
             ax.annotate(r["method"], (r["peak_memory_mib"], r["acc_mean"]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")  # fmt: skip
