@@ -144,6 +144,8 @@ def test_clear_errors():
         create_model(bb, "dtl")
     with pytest.raises(ValueError, match="multiple of the patch"):
         create_model(bb, "dtl", num_classes=2)(torch.randn(1, 3, 30, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="1 channels, the model takes 3"):
+        create_model(bb, "dtl", num_classes=2)(torch.randn(1, 1, 32, 32, dtype=torch.float64))
     with pytest.raises(ValueError, match="no timm options"):
         create_model(bb, "dtl", num_classes=2, img_size=64)
     t = transformers

@@ -75,11 +75,6 @@ def _find_path(module: nn.Module, paths: tuple[str, ...]) -> str | None:
     return None
 
 
-def _find(module: nn.Module, paths: tuple[str, ...]) -> nn.Module | None:
-    path = _find_path(module, paths)
-    return module.get_submodule(path) if path is not None else None
-
-
 class DTLHFViT(DTLModel):
     """A frozen Hugging Face vision encoder with a Compact Side Network beside it.
 
@@ -123,16 +118,35 @@ class DTLHFViT(DTLModel):
                 f"{type(backbone).__module__}.{type(backbone).__name__}"
             )
         self.layout = layout
+        # where this transformers release keeps each part, found once (paths, not modules:
+        # the backbone stays the only owner of its submodules)
+        self._paths = {
+            "embeddings": _find_path(backbone, layout.embeddings),
+            "layers": _find_path(backbone, layout.layers),
+            "final_norm": _find_path(backbone, layout.final_norm),
+            "pre_norm": _find_path(backbone, layout.pre_norm),
+            "pool_head": _find_path(backbone, layout.pool_head) if layout.pool == "map" else None,
+        }
+        missing = [k for k in ("embeddings", "layers", "final_norm") if self._paths[k] is None]
+        if missing:
+            raise TypeError(
+                f"{type(backbone).__name__}: no {', '.join(missing)} found at the known "
+                "attribute paths (an unsupported transformers release?)"
+            )
         cfg = backbone.config
         self.patch = int(cfg.patch_size)
         self.image_size = int(cfg.image_size)
+        self.channels = int(getattr(cfg, "num_channels", 3))
         self.num_prefix = (
             0 if layout.family == "hf-siglip" else 1 + int(getattr(cfg, "num_register_tokens", 0))
         )
-        depth, width = len(self._parts(backbone)["layers"]), int(cfg.hidden_size)
+        emb = backbone.get_submodule(self._paths["embeddings"])
+        self._interpolates = "interpolate_pos_encoding" in inspect.signature(emb.forward).parameters
+        depth = len(backbone.get_submodule(self._paths["layers"]))
+        width = int(cfg.hidden_size)
         # SigLIP's attention-pooling head is the model's own pooling: trained with
         # head="backbone" (wherever this transformers release keeps it)
-        pool_path = _find_path(backbone, layout.pool_head) if layout.pool == "map" else None
+        pool_path = self._paths["pool_head"]
         own_pooling = [pool_path] if pool_path is not None and head == "backbone" else []
         self._set_up(
             backbone,
@@ -144,23 +158,10 @@ class DTLHFViT(DTLModel):
             **shared_options(locals()),
         )
 
-    def _parts(self, backbone: nn.Module | None = None) -> dict:
-        bb = self.backbone if backbone is None else backbone
-        lay = self.layout
-        parts = {
-            "embeddings": _find(bb, lay.embeddings),
-            "layers": _find(bb, lay.layers),
-            "final_norm": _find(bb, lay.final_norm),
-            "pre_norm": _find(bb, lay.pre_norm),
-            "pool_head": _find(bb, lay.pool_head) if lay.pool == "map" else None,
-        }
-        missing = [k for k in ("embeddings", "layers", "final_norm") if parts[k] is None]
-        if missing:
-            raise TypeError(
-                f"{type(bb).__name__}: no {', '.join(missing)} found at the known attribute "
-                "paths (an unsupported transformers release?)"
-            )
-        return parts
+    def _parts(self) -> dict:
+        """The backbone's parts (``None`` where this model has none)."""
+        bb = self.backbone
+        return {k: bb.get_submodule(v) if v is not None else None for k, v in self._paths.items()}
 
     # -- the block walk ----------------------------------------------------------------
     def patch_grid(self, images: torch.Tensor) -> tuple[int, int]:
@@ -168,6 +169,10 @@ class DTLHFViT(DTLModel):
             raise ValueError("images must be a (batch, channels, H, W) tensor")
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
+        if images.shape[1] != self.channels:
+            raise ValueError(
+                f"images have {images.shape[1]} channels, the model takes {self.channels}"
+            )
         h, w = images.shape[-2:]
         if h % self.patch or w % self.patch:
             raise ValueError(f"image size {(h, w)} is not a multiple of the patch {self.patch}")
@@ -178,11 +183,9 @@ class DTLHFViT(DTLModel):
         parts = self._parts()
         emb = parts["embeddings"]
         kwargs = {}
-        if "interpolate_pos_encoding" in inspect.signature(emb.forward).parameters:
-            kwargs["interpolate_pos_encoding"] = tuple(images.shape[-2:]) != (
-                self.image_size,
-                self.image_size,
-            )
+        if self._interpolates:  # DINOv2's embedding always interpolates and takes no flag
+            size = (self.image_size, self.image_size)
+            kwargs["interpolate_pos_encoding"] = tuple(images.shape[-2:]) != size
         x = emb(images, **kwargs)
         if parts["pre_norm"] is not None:
             x = parts["pre_norm"](x)
