@@ -1,0 +1,113 @@
+"""One accuracy-study run: what it is (:class:`Run`), where its folder lives, and running it
+as its own ``dtl-train`` process (or reading the result of an earlier, identical run).
+
+A run folder is reused only when its ``config.json`` holds exactly the options this run asks
+for, so a changed protocol never silently reuses old results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BACKBONES = {
+    "dinov2": dict(
+        model="vit_small_patch14_dinov2", pretrained="dinov2-vits14-imgfocus", img_size=112
+    ),
+    "lite0": dict(model="tf_efficientnet_lite0", pretrained="efficientnet-lite0", img_size=128),
+}
+DATASETS = {
+    "elpv": dict(dataset="elpv", val_split=400),
+    "fashion-mnist": dict(dataset="fashion-mnist", max_train=1000, val_split=200),
+}
+# The study's rows: a dtl-train method and the options that make the variant what it is.
+VARIANTS = {
+    "linear": ("linear", {}),
+    "lora": ("lora", {"lora_rank": 8}),  # PEFT LoRA r = 8 on q, k, v of every block
+    "lora-r1": ("lora", {"lora_rank": 1}),  # parameter-matched (≈ DTL's trainable count)
+    "lora-tail": ("lora", {"lora_rank": 8, "lora_blocks": "7-12"}),  # memory-matched
+    "dtl": ("dtl", {}),
+    "dtl+": ("dtl+", {"conv_kernel": 3}),
+    "dtl+k5": ("dtl+", {"conv_kernel": 5}),
+    "full": ("full", {}),
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One ``dtl-train`` run of the study (``phase``: select on the validation split, test on
+    the test split, or sweep: the epoch sweep, on the test split)."""
+
+    backbone: str
+    dataset: str
+    variant: str
+    phase: str
+    lr: float
+    seed: int
+    epochs: int
+    drop_path: float = 0.0
+    max_train: int | None = None
+    precision: str = "bf16"
+    warmup_share: float = 0.1  # warm-up epochs = share × epochs
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def options(self) -> dict:
+        """Every dtl-train option of this run (config names), the protocol's included."""
+        method, fixed = VARIANTS[self.variant]
+        opts = {**BACKBONES[self.backbone], **DATASETS[self.dataset], **fixed, **self.extra}
+        if self.phase != "select":
+            opts.pop("val_split")
+        if self.max_train:
+            opts["max_train"] = min(self.max_train, opts.get("max_train", self.max_train))
+            if "val_split" in opts:  # a capped split keeps 4/5 of itself for training
+                opts["val_split"] = max(1, min(opts["val_split"], opts["max_train"] // 5))
+        opts.update(
+            method=method, lr=self.lr, seed=self.seed, epochs=self.epochs, batch_size=32,
+            warmup_epochs=round(self.warmup_share * self.epochs, 4), precision=self.precision,
+            drop_path=self.drop_path, eval_every=self.epochs, cache_trunk="off",
+        )  # fmt: skip
+        return opts
+
+    def folder(self, root: Path) -> Path:
+        name = f"{self.phase}-lr{self.lr:g}-s{self.seed}-e{self.epochs}"
+        name += f"-dp{self.drop_path:g}" if self.drop_path else ""
+        name += f"-n{self.max_train}" if self.max_train else ""
+        name += f"-w{self.warmup_share:g}-{self.precision}"
+        return root / self.backbone / self.dataset / self.variant.replace("+", "plus") / name
+
+
+def _same_run(folder: Path, opts: dict) -> bool:
+    """An earlier run in ``folder`` finished with exactly these options."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all(config.get(k) == v for k, v in opts.items())
+
+
+def execute(run: Run, root: Path, reuse_only: bool = False) -> dict | None:
+    """The run's summary (its ``summary.json``): read when an identical run finished
+    before, else trained now in its own process with one thread. ``None`` when
+    ``reuse_only`` and it has not run."""
+    folder = run.folder(root)
+    opts = run.options()
+    if not _same_run(folder, opts):
+        if reuse_only:
+            return None
+        cmd = [sys.executable, "-m", "dtl_kernels.train", "--output", str(folder),
+               "--overwrite", "--no-progress"]  # fmt: skip
+        for key, value in opts.items():
+            cmd += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float)
+                    else str(value)]  # fmt: skip
+        print("$", " ".join(cmd), flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+            raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}")
+    return json.loads((folder / "summary.json").read_text())
