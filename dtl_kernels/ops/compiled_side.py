@@ -20,6 +20,7 @@ Gradients (``G = ∂L/∂out``; SPEC §2)::
 with ``θ'(x) = σ(βx) + βx·σ(βx)(1 − σ(βx))`` and ``gᵀ`` the transposed convolution (the
 correlation with the flipped kernel). ``side_backward`` computes all three in one pass;
 its reductions over rows are deterministic (fixed-order sums of per-task partials).
+Autograd is registered in C++ (``csrc/autograd.cpp``), fake kernels in Python.
 """
 
 from __future__ import annotations
@@ -55,23 +56,12 @@ def available(device_type: str) -> bool:
     return _has_kernel(device_type)
 
 
-if _ext.cpu_built():
-    contract.register_glue(
-        "side_forward",
-        "dtl_kernels::side_forward",
-        "dtl_kernels::side_backward",
-        lambda *args: torch.ops.dtl_kernels.side_backward(*args),
-    )
+if _ext.cpu_built():  # autograd: csrc/autograd.cpp
+    contract.register_fakes("side_forward", _OP, "dtl_kernels::side_backward")
 
 
 def forward(args: contract.SideArgs) -> torch.Tensor:
     """``y + mix(taps · upsᵀ)`` on the compiled kernel of ``y``'s device, differentiable in
     every tensor; ``(B, N, d)`` contiguous, ``y``'s dtype. The kernels check what they index
     and raise ``RuntimeError`` on anything inconsistent."""
-    kernel_args = args.kernel_args()
-    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        # nothing to differentiate: skip the Python autograd wrapper of the op (its cost is
-        # a visible share of a batch-1 inference step)
-        with torch._C._AutoDispatchBelowAutograd():
-            return torch.ops.dtl_kernels.side_forward(*kernel_args)
-    return torch.ops.dtl_kernels.side_forward(*kernel_args)
+    return torch.ops.dtl_kernels.side_forward.default(*args.kernel_args())

@@ -9,9 +9,10 @@
   ``K >= 1``, a consistent grid). The same checks, in the same order, as
   ``check_side_inputs`` in ``side_checks.h``; the Triton launchers and every backend's fake
   kernels call it, so tracing on the meta device refuses what the kernels refuse.
-* :func:`register_glue`: fake kernels and autograd for a forward / backward op pair with the
-  side-op schema ``(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)``; the
-  compiled (C++ / CUDA) ops and the Triton ops share it.
+* :func:`register_fakes`: fake kernels for a forward / backward op pair with the side-op
+  schema ``(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)``; the compiled
+  (C++ / CUDA) ops and the Triton ops share it. :func:`register_python_autograd`: the
+  Triton ops' autograd (the compiled ops' is C++, ``csrc/autograd.cpp``).
 
 Shapes: ``y`` ``(B, N, d)``; ``taps`` ``(B, N, K)``; ``ups`` ``(d, K)``; ``conv_weight``
 ``(d, 1, k, k)`` or ``None`` (DTL); ``grid = (H, W)`` with ``H·W = N − num_prefix`` (DTL+).
@@ -207,18 +208,12 @@ def check_kernel_inputs(
     return k
 
 
-def register_glue(
-    op_name: str,
-    forward,
-    backward,
-    call_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> None:
-    """Fake kernels and autograd for a forward / backward pair with the side-op schema.
+def register_fakes(op_name: str, forward, backward) -> None:
+    """Fake (meta) kernels for a forward / backward op pair with the side-op schema: they
+    run :func:`check_kernel_inputs`, so tracing refuses what the kernels refuse.
 
     ``forward`` / ``backward``: the ops (qualified names or ``torch.library.custom_op``
-    objects); ``call_backward``: calls the backward op. Autograd saves only the rank-K
-    ``taps``, ``ups`` and ``conv_weight`` (``h`` is rebuilt in backward); ``∂y = G``.
-    """
+    objects)."""
 
     def fake_forward(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta):
         check_kernel_inputs(op_name, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
@@ -237,6 +232,18 @@ def register_glue(
             grad_ups,
             torch.empty_like(conv_weight, memory_format=torch.contiguous_format),
         )
+
+    torch.library.register_fake(forward)(fake_forward)
+    torch.library.register_fake(backward)(fake_backward)
+
+
+def register_python_autograd(
+    forward, call_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> None:
+    """Autograd for a forward op with the side-op schema whose backward is ``call_backward``
+    (the Triton ops; the compiled ops have theirs in C++, ``csrc/autograd.cpp``). Autograd
+    saves only the rank-K ``taps``, ``ups`` and ``conv_weight`` (``h`` is rebuilt in
+    backward); ``∂y = G``."""
 
     def setup_context(ctx, inputs, output):
         _y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta = inputs
@@ -262,6 +269,4 @@ def register_glue(
             None,
         )
 
-    torch.library.register_fake(forward)(fake_forward)
-    torch.library.register_fake(backward)(fake_backward)
     torch.library.register_autograd(forward, autograd_backward, setup_context=setup_context)

@@ -1137,4 +1137,5 @@ _forward_op.register_kernel("cpu")(side_fwd)
 _backward_op.register_kernel("cpu")(side_bwd)
 
 
-contract.register_glue("triton_side", _forward_op, _backward_op, _backward_op)
+contract.register_fakes("triton_side", _forward_op, _backward_op)
+contract.register_python_autograd(_forward_op, _backward_op)
