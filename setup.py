@@ -102,7 +102,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
-    cpu_sources = ["csrc/ops.cpp", "csrc/cpu/module.cpp"] + sorted(
+    cpu_sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/step.cpp", "csrc/cpu/module.cpp"] + sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
         if p.name != "module.cpp"

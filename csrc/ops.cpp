@@ -1,6 +1,6 @@
 // Schemas of every compiled op. Backends register implementations in their own files
-// (cpu/*.cpp, cuda/*.cu); autograd and fake (meta) kernels are registered in Python
-// (dtl_kernels/ops/), next to the code that documents the gradient.
+// (cpu/*.cpp, cuda/*.cu), autograd in autograd.cpp (one for every device); fake (meta)
+// kernels are registered in Python (dtl_kernels/ops/contract.py).
 #include <torch/library.h>
 
 TORCH_LIBRARY(dtl_kernels, m) {
@@ -17,4 +17,14 @@ TORCH_LIBRARY(dtl_kernels, m) {
   m.def(
       "side_backward(Tensor grad_out, Tensor taps, Tensor ups, Tensor? conv_weight, "
       "int grid_h, int grid_w, int num_prefix, float beta) -> (Tensor, Tensor, Tensor)");
+  // One add-back step of the side network (step.cpp): the taps inputs[j] · downs[j]^T written
+  // into columns first_col… of a copy of taps (B, N, K), then the side op on it with kernel
+  // 0 (side_forward) or 1 (triton_side_forward). Returns (out, the new taps).
+  m.def(
+      "side_step(Tensor y, Tensor taps, Tensor[] inputs, Tensor[] downs, int first_col, "
+      "Tensor ups, Tensor? conv_weight, int grid_h, int grid_w, int num_prefix, float beta, "
+      "int kernel, ScalarType? save_dtype=None) -> (Tensor, Tensor)");
+  // taps[:, :, c_j : c_j + r_j] = inputs[j] @ downs[j]^T in the taps' dtype, c_0 = first_col
+  // (step.cpp for every device, cpu/taps.cpp for CPU tensors).
+  m.def("write_taps_(Tensor(a!) taps, Tensor[] inputs, Tensor[] downs, int first_col) -> ()");
 }

@@ -121,4 +121,44 @@ inline int64_t check_side_inputs(const char* op, c10::DeviceType device, const S
   return k;
 }
 
+// write_taps_ / side_step: taps (B, N, K) floating; inputs[j] (B, N, d_j) and downs[j] (r_j, d_j)
+// on its device, floating; their columns first_col … first_col + Σ r_j inside K.
+inline void check_taps_inputs(const at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+                              int64_t first_col) {
+  const char* op = "dtl_kernels::write_taps_";
+  TORCH_CHECK(taps.dim() == 3, msg(op, ": taps must be (B, N, K), got shape ", taps.sizes()));
+  const auto tdt = taps.scalar_type();
+  TORCH_CHECK(tdt == at::kFloat || tdt == at::kHalf || tdt == at::kBFloat16 || tdt == at::kDouble,
+              msg(op, ": taps must be float32, float16, bfloat16 or float64, got ", tdt));
+  TORCH_CHECK(inputs.size() == downs.size(),
+              msg(op, ": ", inputs.size(), " inputs but ", downs.size(), " downs"));
+  const int64_t k_cols = taps.size(2);
+  TORCH_CHECK(first_col >= 0 && first_col <= k_cols,
+              msg(op, ": first_col must be in 0..", k_cols, ", got ", first_col));
+  int64_t col = first_col;
+  for (size_t j = 0; j < inputs.size(); ++j) {
+    const at::Tensor& z = inputs[j];
+    const at::Tensor& a = downs[j];
+    TORCH_CHECK(z.dim() == 3 && z.size(0) == taps.size(0) && z.size(1) == taps.size(1),
+                msg(op, ": inputs[", j, "] must be (B, N, d) with (B, N) = (", taps.size(0), ", ",
+                    taps.size(1), "), got ", z.sizes()));
+    TORCH_CHECK(a.dim() == 2 && a.size(1) == z.size(2) && a.size(0) >= 1,
+                msg(op, ": downs[", j, "] must be (r, d) with d = ", z.size(2), ", got ",
+                    a.sizes()));
+    for (const at::Tensor* t : {&z, &a}) {
+      const auto dt = t->scalar_type();
+      TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+                  msg(op, ": inputs[", j, "] and downs[", j, "] must be floating point, got ", dt));
+      TORCH_CHECK(t->device() == taps.device(),
+                  msg(op, ": inputs[", j, "] / downs[", j, "] are on ", t->device(),
+                      ", the taps on ", taps.device()));
+    }
+    // col <= k_cols and r <= k_cols - col: the sum cannot overflow
+    TORCH_CHECK(a.size(0) <= k_cols - col,
+                msg(op, ": the taps of inputs 0..", j, " end after column ", col + a.size(0),
+                    " of ", k_cols));
+    col += a.size(0);
+  }
+}
+
 }  // namespace dtl

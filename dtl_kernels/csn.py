@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import memory
-from .ops import reference, side
+from .ops import reference, side, step
 from .ops.contract import SideArgs
 
 
@@ -49,16 +49,30 @@ class CSNConfig:
 class SideState:
     """What one forward pass carries from block to block (never a parameter).
 
-    The reference backend keeps the running ``h`` (the published eager formulation);
-    fused backends keep only the rank-r taps and rebuild ``h`` inside the kernel. The
-    backend is chosen once, at the first tap of the pass.
+    The reference backend keeps the running ``h`` (the published eager formulation). Fused
+    backends keep the stage's taps in ONE ``(batch, tokens, K_stage)`` tensor whose columns
+    of blocks not tapped yet are zero, so ``taps · upsᵀ`` over the whole stage equals the
+    sum over the blocks tapped so far and every add-back of a stage runs the kernel on the
+    same shapes. A tap only records its block input; the next add-back computes the pending
+    taps and the side op in one call (:func:`dtl_kernels.ops.step.side_step`). The backend
+    is chosen at the first tap of the pass, the stage's kernel at its first add-back.
     """
 
     backend: str | None = None
     stage: int = -1
-    taps: list[torch.Tensor] = field(default_factory=list)
-    ups: list[torch.Tensor] = field(default_factory=list)
-    h: torch.Tensor | None = None
+    taps: torch.Tensor | None = None  # fused: (B, N, K_stage), later blocks' columns zero
+    inputs: list = field(default_factory=list)  # fused: block inputs z_j not tapped yet
+    downs: list = field(default_factory=list)  # … and their A_j
+    first_col: int = 0  # fused: the column of the first pending tap
+    pending_bytes: int = 0
+    ups: torch.Tensor | None = None  # fused: (d, K_stage) the stage's B_i side by side
+    kernel: str | None = None  # fused: the backend running this stage's side op
+    h: torch.Tensor | None = None  # reference: the running side state
+
+
+#: without autograd (which keeps tap inputs anyway), pending tap inputs are computed at once
+#: rather than held for the next add-back once they hold more than this many bytes
+PENDING_BYTES = 64 * 2**20
 
 
 class CompactSideNetwork(nn.Module):
@@ -102,6 +116,21 @@ class CompactSideNetwork(nn.Module):
                 continue
             self.down[str(i)] = nn.Parameter(torch.empty(r, block_widths[i]))
             self.up[str(i)] = nn.Parameter(torch.empty(block_widths[i], r))
+        # per block (the walk asks for every block of every forward)
+        self._tapped = [i >= config.tap_from - 1 and tappable[i] for i in range(depth)]
+        self._adapted = [i >= config.adapt_from - 1 and tappable[i] for i in range(depth)]
+        self._keys = [str(i) for i in range(depth)]
+        # fused backends: each tapped block's columns in its stage's taps, the stage's blocks
+        self._columns: dict[int, tuple[int, int]] = {}
+        self._stage_keys: dict[int, list[str]] = {}
+        self._stage_width: dict[int, int] = {}
+        for i in range(config.tap_from - 1, depth):
+            if tappable[i]:
+                s = block_stages[i]
+                first = self._stage_width.get(s, 0)
+                self._columns[i] = (first, first + r)
+                self._stage_width[s] = first + r
+                self._stage_keys.setdefault(s, []).append(str(i))
         self.convs = nn.ParameterDict()
         if k > 0:
             for i in range(config.adapt_from - 1, depth):
@@ -109,6 +138,12 @@ class CompactSideNetwork(nn.Module):
                 if tappable[i] and s not in self.convs:
                     self.convs[s] = nn.Parameter(torch.empty(block_widths[i], 1, k, k))
         self.reset_parameters()
+        # The parameter dicts' own storage, for the per-block lookups of every forward
+        # (nn.Module.__getattr__ + ParameterDict.__getitem__ cost ~1 µs each; these dicts are
+        # the same objects for the module's lifetime, entries are still looked up per call).
+        self._down_params = self.down._parameters
+        self._up_params = self.up._parameters
+        self._conv_params = self.convs._parameters
 
     def reset_parameters(self) -> None:
         """Published init: ``A ~ U(±1/√d)``, ``B = 0``, conv as PyTorch's Conv2d default."""
@@ -125,10 +160,10 @@ class CompactSideNetwork(nn.Module):
         return len(self.block_widths)
 
     def is_tapped(self, i: int) -> bool:
-        return i >= self.config.tap_from - 1 and self.tappable[i]
+        return self._tapped[i]
 
     def is_adapted(self, i: int) -> bool:
-        return i >= self.config.adapt_from - 1 and self.tappable[i]
+        return self._adapted[i]
 
     # -- forward ---------------------------------------------------------------------
     def start(self) -> SideState:
@@ -139,11 +174,31 @@ class CompactSideNetwork(nn.Module):
         """Record block ``i``'s tap ``z · A_iᵀ``. ``z``: ``(batch, tokens, d_i)``."""
         stage = self.block_stages[i]
         if stage != state.stage:  # h restarts at every stage
-            state.stage, state.taps, state.ups, state.h = stage, [], [], None
+            state.stage, state.taps, state.ups, state.kernel, state.h = (
+                stage,
+                None,
+                None,
+                None,
+                None,
+            )
+            state.inputs, state.downs, state.pending_bytes = [], [], 0
         if state.backend is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
-            conv = next(iter(self.convs.values())) if len(self.convs) else None
+            conv = next(iter(self._conv_params.values()), None)
             state.backend = side.select(z, self.backend, conv_weight=conv)
-        down = self.down[str(i)]
+        down = self._down_params[self._keys[i]]
+        if state.backend != "reference":
+            if state.taps is None:
+                shape = (*z.shape[:-1], self._stage_width[stage])
+                state.taps = z.new_zeros(shape, dtype=_tap_dtype(z))
+            if not state.inputs:
+                state.first_col = self._columns[i][0]
+            state.inputs.append(z)
+            state.downs.append(down)
+            if not torch.is_grad_enabled():
+                state.pending_bytes += z.numel() * z.element_size()
+                if state.pending_bytes > PENDING_BYTES:
+                    self._flush_taps(state)
+            return
         if down.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
             down = down.to(z.dtype)  # a low-precision frozen backbone (backbone_dtype)
         keeps_z = torch.is_grad_enabled() and down.requires_grad  # only ∂A needs z
@@ -152,14 +207,19 @@ class CompactSideNetwork(nn.Module):
             t = memory.low_precision_tap(z, down, low)
         else:
             t = reference.tap(z, down)
-        up = self.up[str(i)]
-        if state.backend == "reference" and up.dtype != t.dtype:
-            up = up.to(t.dtype)
-        if state.backend == "reference":
-            state.h = reference.accumulate(state.h, t, up)
-        else:
-            state.taps.append(t)
-            state.ups.append(up)
+        up = self._up_params[self._keys[i]]
+        state.h = reference.accumulate(state.h, t, up if up.dtype == t.dtype else up.to(t.dtype))
+
+    def _flush_taps(self, state: SideState) -> None:
+        """Without autograd: the pending taps now, into the stage's taps (frees the inputs)."""
+        col = state.first_col
+        for z, down in zip(state.inputs, state.downs, strict=True):
+            r = down.shape[0]
+            state.taps[..., col : col + r] = torch.matmul(
+                z.to(state.taps.dtype), down.to(state.taps.dtype).t()
+            )
+            col += r
+        state.first_col, state.inputs, state.downs, state.pending_bytes = col, [], [], 0
 
     def add_back(
         self,
@@ -176,22 +236,52 @@ class CompactSideNetwork(nn.Module):
             grid: ``(H, W)`` of the patch tokens.
             num_prefix: leading tokens that are not on the grid.
         """
-        if state.stage != self.block_stages[i] or (state.h is None and not state.taps):
+        stage = self.block_stages[i]
+        if state.stage != stage or (state.h is None and state.taps is None):
             raise RuntimeError(f"block {i} is adapted but its stage has no tap before it")
-        conv = self.convs[str(self.block_stages[i])] if len(self.convs) else None
+        conv = self._conv_params.get(str(stage))
         beta = self.config.beta
         if state.backend == "reference":
             return reference.add_back(y, state.h, beta, conv, grid, num_prefix)
-        taps = torch.cat(state.taps, dim=-1) if len(state.taps) > 1 else state.taps[0]
-        ups = torch.cat(state.ups, dim=-1) if len(state.ups) > 1 else state.ups[0]
-        if taps.dtype != y.dtype:  # autocast: bf16 taps (a matmul) beside an fp32 residual
-            taps = taps.to(y.dtype)
-        # the wrappers build these inputs, so the kernels' own checks suffice
-        args = SideArgs.of(y, taps, ups, beta, conv, grid, num_prefix, check=False)
-        backend = side.BACKENDS[state.backend]
-        if self.backend == "auto" and not backend.fits(args):
-            backend = side.BACKENDS[side.select(y, "auto", args)]  # e.g. K beyond a kernel
-        return backend.run(args)
+        if state.kernel is None:
+            self._start_stage_kernel(state, stage, y, conv, grid, num_prefix)
+        if state.kernel in step.STEP_KERNELS:
+            out, state.taps = step.side_step(
+                y, state.taps, state.inputs, state.downs, state.first_col, state.ups, conv, grid,
+                num_prefix, beta, state.kernel, self.trunk_dtype,
+            )  # fmt: skip
+        else:  # a kernel without the one-call step (the reference, as a fallback)
+            out = self._step_in_python(state, y, conv, grid, num_prefix)
+        state.first_col = self._columns[i][1]  # block i was the last pending tap
+        state.inputs, state.downs, state.pending_bytes = [], [], 0
+        return out
+
+    def _start_stage_kernel(self, state: SideState, stage: int, y, conv, grid, num_prefix):
+        """At a stage's first add-back: its ``ups`` side by side (once per pass) and the
+        backend that takes these shapes."""
+        ups = self._up_params
+        state.ups = torch.cat([ups[key] for key in self._stage_keys[stage]], dim=-1)
+        kernel = state.backend
+        if self.backend == "auto":
+            args = SideArgs.of(y, state.taps, state.ups, self.config.beta, conv, grid,
+                               num_prefix, check=False)  # fmt: skip
+            if not side.BACKENDS[kernel].fits(args):
+                kernel = side.select(y, "auto", args)  # e.g. K beyond a kernel's limit
+        state.kernel = kernel if side.has_step(kernel) else f"python:{kernel}"
+
+    def _step_in_python(self, state: SideState, y, conv, grid, num_prefix) -> torch.Tensor:
+        """The step as separate PyTorch calls, then the backend's side op (what
+        :func:`~dtl_kernels.ops.step.side_step` does in one call)."""
+        col = state.first_col
+        for z, down in zip(state.inputs, state.downs, strict=True):
+            t = reference.tap(z.to(state.taps.dtype), down.to(state.taps.dtype))
+            end = col + t.shape[-1]
+            state.taps = torch.slice_scatter(state.taps, t, dim=-1, start=col, end=end)
+            col = end
+        taps = state.taps if state.taps.dtype == y.dtype else state.taps.to(y.dtype)
+        args = SideArgs.of(y, taps, state.ups, self.config.beta, conv, grid, num_prefix,
+                           check=False)  # fmt: skip
+        return side.BACKENDS[state.kernel.removeprefix("python:")].run(args)
 
     # -- published checkpoint names (SPEC §6) ---------------------------------------------
     def official_state_dict(self, per_stage_convs: bool) -> dict[str, torch.Tensor]:
@@ -263,3 +353,12 @@ def _validate(
         raise ValueError(f"rank={config.rank} must be in 1…{min_width} (the smallest tapped width)")
     if config.conv_kernel < 0:
         raise ValueError(f"conv_kernel={config.conv_kernel} must be ≥ 0 (0 means plain DTL)")
+
+
+def _tap_dtype(z: torch.Tensor) -> torch.dtype:
+    """The dtype of ``z · Aᵀ`` as the model runs it: autocast's for a float32 ``z`` under
+    autocast, else ``z``'s (the CSN casts ``A`` to a low-precision backbone's dtype)."""
+    device = z.device.type
+    if z.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return z.dtype

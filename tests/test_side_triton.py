@@ -36,7 +36,7 @@ from side_cases import BY_NAME, CASES, compare, inputs, references, run_autograd
 INTERPRETED = [c.name for c in CASES if not c.big]
 # Extra checks of the worker, beyond accuracy.
 EXTRA = ("deterministic", "opcheck-dtl", "opcheck-dtl+", "bad-inputs", "k-zero-refused",
-         "temporaries")  # fmt: skip
+         "temporaries", "model-dtl", "model-dtl+", "step-gradcheck")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------
@@ -107,7 +107,63 @@ def _check_extra(name):
         return False, {"error": "none raised"}
     if name == "temporaries":  # the backward allocates exactly what plan() reports
         return _check_temporaries()
+    if name.startswith("model-"):  # a whole model on Triton (one side_step per add-back)
+        return _check_model(conv_kernel=3 if name.endswith("+") else 0)
+    if name == "step-gradcheck":  # side_step with the Triton kernels, float64
+        return _check_step_gradcheck()
     raise KeyError(name)
+
+
+def _check_model(conv_kernel: int):
+    """A tiny DTLViT (DTL / DTL+) with the Triton kernels equals the reference backend:
+    logits and every trainable gradient, float32."""
+    import timm
+
+    from dtl_kernels import DTLViT
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0)
+    model = DTLViT(backbone, conv_kernel=conv_kernel, adapt_from=3, num_classes=4)
+    with torch.no_grad():
+        for p in model.csn.up.values():
+            p.normal_(0, 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for backend in ("reference", "triton"):
+        model.csn.backend = backend
+        model.zero_grad(set_to_none=True)
+        logits = model(x)
+        logits.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[backend] = (logits.detach(), grads)
+    (ref_out, ref_g), (tri_out, tri_g) = results["reference"], results["triton"]
+    worst = {"logits": (tri_out - ref_out).abs().max().item() / ref_out.abs().max().item()}
+    for n, g in ref_g.items():
+        worst[n] = (tri_g[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+    ok = set(ref_g) == set(tri_g) and max(worst.values()) < 1e-4
+    return ok, {"worst relative error": max(worst.values()), "grads": len(ref_g)}
+
+
+def _check_step_gradcheck():
+    from dtl_kernels.ops import step
+
+    torch.manual_seed(0)
+    dt = torch.float64
+    b, n, d, k_cols = 2, 7, 6, 6
+    y = torch.randn(b, n, d, dtype=dt, requires_grad=True)
+    taps = torch.zeros(b, n, k_cols, dtype=dt)
+    taps[..., :2] = torch.randn(b, n, 2, dtype=dt)
+    taps.requires_grad_()
+    zs = [torch.randn(b, n, d, dtype=dt, requires_grad=True) for _ in range(2)]
+    downs = [(0.5 * torch.randn(2, d, dtype=dt)).requires_grad_() for _ in range(2)]
+    ups = (0.5 * torch.randn(d, k_cols, dtype=dt)).requires_grad_()
+    w = torch.randn(d, 1, 3, 3, dtype=dt, requires_grad=True)
+
+    def f(y, taps, z0, z1, a0, a1, ups, w):
+        return step.side_step(y, taps, [z0, z1], [a0, a1], 2, ups, w, (2, 3), 1, 3.0, "triton")
+
+    ok = torch.autograd.gradcheck(f, (y, taps, *zs, *downs, ups, w), raise_exception=False)
+    return bool(ok), {"gradcheck": bool(ok)}
 
 
 def _check_temporaries():

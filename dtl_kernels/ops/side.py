@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import _ext, reference
+from . import _ext, reference, step
 from .contract import SideArgs
 
 
@@ -194,6 +194,11 @@ def select(
     if not BACKENDS[name].runs(x):
         raise _ext.BackendUnavailable(BACKENDS[name].why_not(x))
     return name
+
+
+def has_step(name: str) -> bool:
+    """Whether backend ``name`` runs the one-call add-back step (:mod:`.step`)."""
+    return name in step.STEP_KERNELS and _ext.cpu_built()
 
 
 def resolve_backend(x: torch.Tensor, requested: str = "auto") -> str:

@@ -1,0 +1,99 @@
+// CPU kernel of write_taps_ (schema in ../ops.cpp, generic version in ../step.cpp):
+//
+//   taps[:, :, c_j : c_j + r_j] = inputs[j] · downs[j]ᵀ     c_j = first_col + Σ_{i<j} r_i
+//
+// computed as a matmul in the taps' dtype would (inputs and downs rounded to it, products
+// summed in float / double). One short loop instead of ATen's matmul + copy per block: the
+// side network's taps are rank-r (r ≈ 2–8) products whose host-side call chain costs more
+// than their arithmetic at the batch sizes where the host is the bottleneck.
+#if !defined(CPU_CAPABILITY)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+#endif
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../side_checks.h"
+
+namespace dtl {
+namespace {
+
+using at::vec::Vectorized;
+
+// One block's taps: rows of z (any strides) times the r rows of a, into r columns of taps.
+template <typename t_t, typename z_t>
+void taps_of_block(at::Tensor& taps, const at::Tensor& z, const at::Tensor& a_in, int64_t col) {
+  using acc_t = at::opmath_type<t_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t V = Vec::size();
+  const int64_t n_tok = taps.size(1), k_cols = taps.size(2), rows = taps.size(0) * n_tok;
+  const int64_t d = z.size(2), r = a_in.size(0), dp = (d + V - 1) / V * V;
+  // a rounded to the taps' dtype, as acc_t rows zero-padded to a whole number of vectors
+  const at::Tensor a = a_in.to(taps.scalar_type()).contiguous();
+  const t_t* ap = a.const_data_ptr<t_t>();
+  std::vector<acc_t> packed(r * dp, acc_t(0));
+  for (int64_t k = 0; k < r; ++k)
+    for (int64_t c = 0; c < d; ++c) packed[k * dp + c] = static_cast<acc_t>(ap[k * d + c]);
+  const z_t* zp = z.const_data_ptr<z_t>();
+  const int64_t sb = z.stride(0), sn = z.stride(1), sc = z.stride(2);
+  t_t* tp = taps.mutable_data_ptr<t_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> zr(dp, acc_t(0));
+    for (int64_t row = begin; row < end; ++row) {
+      const z_t* src = zp + (row / n_tok) * sb + (row % n_tok) * sn;
+      for (int64_t c = 0; c < d; ++c)  // rounded to the taps' dtype first, as a matmul in it
+        zr[c] = static_cast<acc_t>(static_cast<t_t>(src[c * sc]));
+      for (int64_t k = 0; k < r; ++k) {
+        Vec s0(acc_t(0)), s1(acc_t(0));
+        const acc_t* ak = packed.data() + k * dp;
+        int64_t c = 0;
+        for (; c + 2 * V <= dp; c += 2 * V) {
+          s0 = at::vec::fmadd(Vec::loadu(zr.data() + c), Vec::loadu(ak + c), s0);
+          s1 = at::vec::fmadd(Vec::loadu(zr.data() + c + V), Vec::loadu(ak + c + V), s1);
+        }
+        if (c < dp) s0 = at::vec::fmadd(Vec::loadu(zr.data() + c), Vec::loadu(ak + c), s0);
+        const acc_t dot = at::vec::vec_reduce_all<acc_t>(
+            [](Vec& x, Vec& y) { return x + y; }, s0 + s1);
+        tp[row * k_cols + col + k] = static_cast<t_t>(dot);
+      }
+    }
+  });
+}
+
+void write_taps_cpu(at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+                    int64_t first_col) {
+  check_taps_inputs(taps, inputs, downs, first_col);
+  TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::write_taps_: taps must be contiguous");
+  int64_t col = first_col;
+  for (size_t j = 0; j < inputs.size(); ++j) {
+    const at::Tensor& z = inputs[j];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, taps.scalar_type(), "write_taps", [&] {
+      using t_t = scalar_t;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "write_taps_z", [&] {
+        taps_of_block<t_t, scalar_t>(taps, z, downs[j], col);
+      });
+    });
+    col += downs[j].size(0);
+  }
+}
+
+}  // namespace
+}  // namespace dtl
+
+TORCH_LIBRARY_IMPL(dtl_kernels, CPU, m) {
+  m.impl("write_taps_", &dtl::write_taps_cpu);
+}

@@ -1,0 +1,240 @@
+// side_step: one call (and one autograd node) per add-back of the side network.
+//
+//   taps_out = taps with columns [first_col, first_col + Σ r_j) set to inputs[j] · downs[j]ᵀ
+//   out      = side op (y, taps_out, ups, conv_weight)           (kernel: 0 compiled, 1 Triton)
+//
+// The taps of the blocks since the previous add-back are computed here, in one call, instead
+// of one Python-level matmul and buffer write per block: the host time of a DTL forward and
+// backward is dominated by such small calls (benchmarks/bench_host.py). `taps` is the stage's
+// (B, N, K) buffer whose columns of blocks not tapped yet are zero (dtl_kernels/csn.py), so
+// every add-back of a stage runs the kernel on the same shapes.
+//
+// Gradients (G = ∂L/∂out, G_T = ∂L/∂taps_out, t_j = inputs[j] · downs[j]ᵀ):
+//   ∂y = G;  (∂T', ∂U, ∂w) = side_backward(G, taps_out, ups, w);  ∂T = ∂T' + G_T
+//   ∂downs[j] = ∂T[:, :, cols_j]ᵀ · inputs[j];  ∂inputs[j] = ∂T[:, :, cols_j] · downs[j]
+//   ∂taps = ∂T with cols_j zeroed (those columns of `taps` are overwritten).
+// The taps are computed in the dtype of `taps` (bfloat16 under autocast, as a matmul there
+// is); `save_dtype` keeps inputs that need no gradient in that dtype for ∂downs (the
+// trunk_dtype memory option, dtl_kernels/memory.py).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "side_checks.h"
+
+namespace dtl {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, double);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    int64_t, int64_t, int64_t, double);
+
+// The side op's kernels: 0 = the compiled ones (CPU / CUDA by device), 1 = Triton's (registered
+// from Python by dtl_kernels/ops/triton_side.py).
+const char* forward_name(int64_t kernel) {
+  return kernel == 1 ? "dtl_kernels::triton_side_forward" : "dtl_kernels::side_forward";
+}
+const char* backward_name(int64_t kernel) {
+  return kernel == 1 ? "dtl_kernels::triton_side_backward" : "dtl_kernels::side_backward";
+}
+
+// Looked up once per kernel (Triton's ops exist only once their Python module is imported).
+c10::TypedOperatorHandle<ForwardSig> forward_op(int64_t kernel) {
+  static std::optional<c10::TypedOperatorHandle<ForwardSig>> ops[2];
+  if (!ops[kernel])
+    ops[kernel] = c10::Dispatcher::singleton().findSchemaOrThrow(forward_name(kernel), "").typed<ForwardSig>();
+  return *ops[kernel];
+}
+c10::TypedOperatorHandle<BackwardSig> backward_op(int64_t kernel) {
+  static std::optional<c10::TypedOperatorHandle<BackwardSig>> ops[2];
+  if (!ops[kernel])
+    ops[kernel] =
+        c10::Dispatcher::singleton().findSchemaOrThrow(backward_name(kernel), "").typed<BackwardSig>();
+  return *ops[kernel];
+}
+
+// What the kernels run on: taps / ups / conv in y's dtype.
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t : t.to(dt);
+}
+std::optional<at::Tensor> as_dtype(const std::optional<at::Tensor>& t, at::ScalarType dt) {
+  if (!t.has_value()) return t;
+  return as_dtype(*t, dt);
+}
+
+c10::TypedOperatorHandle<void(at::Tensor&, at::TensorList, at::TensorList, int64_t)>
+write_taps_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dtl_kernels::write_taps_", "")
+          .typed<void(at::Tensor&, at::TensorList, at::TensorList, int64_t)>();
+  return op;
+}
+
+// write_taps_ for every device (CPU has its own loop, cpu/taps.cpp): a matmul in the taps'
+// dtype per block, copied into its columns.
+void write_taps_generic(at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+                        int64_t first_col) {
+  check_taps_inputs(taps, inputs, downs, first_col);
+  const at::ScalarType tdt = taps.scalar_type();
+  int64_t col = first_col;
+  for (size_t j = 0; j < inputs.size(); ++j) {
+    const int64_t r = downs[j].size(0);
+    taps.narrow(2, col, r).copy_(at::matmul(as_dtype(inputs[j], tdt), as_dtype(downs[j], tdt).t()));
+    col += r;
+  }
+}
+
+// The forward, without autograd (every device: it only calls other ops).
+std::tuple<at::Tensor, at::Tensor> side_step_impl(
+    const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+    int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
+    int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
+    std::optional<at::ScalarType> save_dtype) {
+  (void)save_dtype;  // what autograd keeps; no effect on values
+  TORCH_CHECK(kernel == 0 || kernel == 1,
+              msg("dtl_kernels::side_step: kernel must be 0 or 1, got ", kernel));
+  at::Tensor taps_out = taps.clone(at::MemoryFormat::Contiguous);
+  if (!inputs.empty()) write_taps_op().call(taps_out, inputs, downs, first_col);
+  const at::ScalarType ydt = y.scalar_type();
+  at::Tensor out = forward_op(kernel).call(y, as_dtype(taps_out, ydt), as_dtype(ups, ydt),
+                                           as_dtype(conv, ydt), grid_h, grid_w, num_prefix, beta);
+  return {out, taps_out};
+}
+
+class SideStep : public torch::autograd::Function<SideStep> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& taps,
+                               at::TensorList inputs, at::TensorList downs, int64_t first_col,
+                               const at::Tensor& ups, const std::optional<at::Tensor>& conv,
+                               int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta,
+                               int64_t kernel, std::optional<at::ScalarType> save_dtype,
+                               bool recording) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [out, taps_out] = side_step_impl(y, taps, inputs, downs, first_col, ups, conv, grid_h,
+                                          grid_w, num_prefix, beta, kernel, save_dtype);
+    std::vector<at::Tensor> saved{taps_out, ups, conv.value_or(at::Tensor())};
+    for (size_t j = 0; j < inputs.size(); ++j) {
+      const at::Tensor& z = inputs[j];
+      // a low-precision copy only where autograd will keep it (for ∂downs[j] only)
+      const bool low = recording && save_dtype.has_value() && downs[j].requires_grad() &&
+                       !z.requires_grad() && z.scalar_type() != *save_dtype;
+      saved.push_back(low ? z.to(*save_dtype) : z);
+    }
+    for (const at::Tensor& a : downs) saved.push_back(a);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["n"] = static_cast<int64_t>(inputs.size());
+    ctx->saved_data["first_col"] = first_col;
+    ctx->saved_data["grid_h"] = grid_h;
+    ctx->saved_data["grid_w"] = grid_w;
+    ctx->saved_data["num_prefix"] = num_prefix;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["kernel"] = kernel;
+    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
+    std::vector<int64_t> input_dtypes;
+    for (const at::Tensor& z : inputs) input_dtypes.push_back(static_cast<int64_t>(z.scalar_type()));
+    ctx->saved_data["input_dtypes"] = input_dtypes;
+    ctx->set_materialize_grads(false);  // an unused taps_out (the stage's last step) costs nothing
+    return {out, taps_out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor& g = grads[0];
+    const at::Tensor& g_taps = grads[1];
+    const variable_list s = ctx->get_saved_variables();
+    const int64_t n = ctx->saved_data["n"].toInt();
+    const at::Tensor& taps_out = s[0];
+    const at::Tensor& ups = s[1];
+    std::optional<at::Tensor> conv;
+    if (s[2].defined()) conv = s[2];
+    const auto ydt = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
+    const auto input_dtypes = ctx->saved_data["input_dtypes"].toIntVector();
+    // Positions in the returned list (every forward argument) and, for needs_input_grad,
+    // in the autograd edges (the defined tensor arguments only): y, taps, inputs[n], downs[n],
+    // then first_col (no edge), ups, conv (an edge only when given), …
+    const int64_t i_inputs = 2, i_downs = 2 + n, i_ups = 3 + 2 * n, i_conv = 4 + 2 * n;
+    const int64_t e_ups = 2 + 2 * n, e_conv = 3 + 2 * n;
+    variable_list out(12 + 2 * n);  // + `recording` (SideStep::forward's own argument)
+    if (ctx->needs_input_grad(0)) out[0] = g;  // the residual: ∂y = G, no copy
+
+    const bool need_w = conv.has_value() && ctx->needs_input_grad(e_conv);
+    const bool need_u = ctx->needs_input_grad(e_ups);
+    at::Tensor g_t;  // ∂taps_out in the taps' dtype
+    if (g.defined()) {
+      auto [gt, gu, gw] = backward_op(ctx->saved_data["kernel"].toInt())
+                              .call(g, as_dtype(taps_out, ydt), as_dtype(ups, ydt),
+                                    as_dtype(conv, ydt), ctx->saved_data["grid_h"].toInt(),
+                                    ctx->saved_data["grid_w"].toInt(),
+                                    ctx->saved_data["num_prefix"].toInt(),
+                                    ctx->saved_data["beta"].toDouble());
+      g_t = as_dtype(gt, taps_out.scalar_type());
+      if (need_u) out[i_ups] = as_dtype(gu, ups.scalar_type());
+      if (need_w) out[i_conv] = as_dtype(gw, conv->scalar_type());
+    }
+    if (g_taps.defined()) g_t = g_t.defined() ? g_t + g_taps : g_taps;
+    if (!g_t.defined()) return out;
+
+    int64_t col = ctx->saved_data["first_col"].toInt();
+    const int64_t first = col;
+    for (int64_t j = 0; j < n; ++j) {
+      const at::Tensor& z = s[3 + j];
+      const at::Tensor& a = s[3 + n + j];
+      const int64_t r = a.size(0);
+      const at::Tensor gj = g_t.narrow(2, col, r);  // (B, N, r)
+      if (ctx->needs_input_grad(i_downs + j)) {  // edge index == position before ups
+        const at::Tensor g2 = gj.reshape({-1, r});
+        const at::Tensor z2 = as_dtype(z, g2.scalar_type()).reshape({-1, z.size(-1)});
+        out[i_downs + j] = as_dtype(at::mm(g2.t(), z2), a.scalar_type());
+      }
+      if (ctx->needs_input_grad(i_inputs + j)) {
+        const auto zdt = static_cast<at::ScalarType>(input_dtypes[j]);
+        out[i_inputs + j] = as_dtype(at::matmul(gj, as_dtype(a, gj.scalar_type())), zdt);
+      }
+      col += r;
+    }
+    if (ctx->needs_input_grad(1)) {  // the overwritten columns of `taps` get no gradient
+      at::Tensor g_in = g_t.clone();
+      g_in.narrow(2, first, col - first).zero_();
+      out[1] = g_in;
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> side_step_autograd(
+    const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+    int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
+    int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
+    std::optional<at::ScalarType> save_dtype) {
+  // apply() runs forward with grad mode off: whether autograd records is decided here
+  const bool recording = at::GradMode::is_enabled();
+  if (!recording) {  // nothing to record: skip the autograd node's set-up (host time)
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return side_step_impl(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w, num_prefix,
+                          beta, kernel, save_dtype);
+  }
+  variable_list r = SideStep::apply(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
+                                    num_prefix, beta, kernel, save_dtype, recording);
+  return {r[0], r[1]};
+}
+
+}  // namespace
+}  // namespace dtl
+
+TORCH_LIBRARY_IMPL(dtl_kernels, CompositeExplicitAutograd, m) {
+  m.impl("side_step", &dtl::side_step_impl);
+  m.impl("write_taps_", &dtl::write_taps_generic);
+}
+
+TORCH_LIBRARY_IMPL(dtl_kernels, Autograd, m) {
+  m.impl("side_step", &dtl::side_step_autograd);
+}

@@ -1,0 +1,171 @@
+"""The one-call add-back step (``dtl_kernels::side_step``, ``write_taps_``) on the CPU: values
+and float64 gradients against the reference formulation, its checks, and the host-overhead
+contract of the side network: a constant number of dispatched operations per add-back,
+forward and backward, whatever the block (no growing concatenation).
+"""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtl_kernels import DTLViT
+from dtl_kernels.ops import reference, step
+
+DT = torch.float64
+
+
+def _step_inputs(conv: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    b, n, d, k_cols = 2, 7, 6, 8
+    y = torch.randn(b, n, d, dtype=DT, generator=g)
+    taps = torch.zeros(b, n, k_cols, dtype=DT)
+    taps[..., :2] = torch.randn(b, n, 2, dtype=DT, generator=g)
+    zs = [torch.randn(b, n, d, dtype=DT, generator=g) for _ in range(2)]
+    downs = [0.5 * torch.randn(2, d, dtype=DT, generator=g) for _ in range(2)]
+    ups = 0.5 * torch.randn(d, k_cols, dtype=DT, generator=g)
+    w = torch.randn(d, 1, 3, 3, dtype=DT, generator=g) if conv else None
+    return y, taps, zs, downs, ups, w
+
+
+def _spec(y, taps, zs, downs, ups, w):
+    """The step written with the reference ops: taps of zs into columns 2…5, then side_add."""
+    new = [reference.tap(z, a) for z, a in zip(zs, downs, strict=True)]
+    full = torch.cat([taps[..., :2], *new, taps[..., 6:]], dim=-1)
+    grid = (2, 3) if w is not None else None
+    return reference.side_add(y, full, ups, 3.0, w, grid, 1 if w is not None else 0), full
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["dtl", "dtl+"])
+def test_step_equals_spec_and_gradcheck(conv):
+    y, taps, zs, downs, ups, w = _step_inputs(conv)
+    grid, prefix = ((2, 3), 1) if conv else (None, 0)
+
+    def ours(y, taps, z0, z1, a0, a1, ups, *w):
+        return step.side_step(y, taps, [z0, z1], [a0, a1], 2, ups, w[0] if w else None, grid,
+                              prefix, 3.0, "cpu")  # fmt: skip
+
+    args = [y, taps, *zs, *downs, ups] + ([w] if conv else [])
+    out, new_taps = ours(*args)
+    want_out, want_taps = _spec(y, taps, zs, downs, ups, w)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_taps, want_taps, rtol=1e-12, atol=1e-12)
+    leaves = [t.clone().requires_grad_() for t in args]
+    assert torch.autograd.gradcheck(ours, leaves)
+
+
+def test_step_without_autograd_and_in_inference_mode():
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    want, _ = _spec(y, taps, zs, downs, ups, None)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            out, _ = step.side_step(y, taps, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
+        torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_write_taps_cpu_matches_a_matmul_in_the_taps_dtype(dtype, strided):
+    """The CPU loop (cpu/taps.cpp) against the generic version (a matmul in the taps' dtype,
+    step.cpp): float32 inputs beside 16-bit taps (autocast) and channel-strided inputs."""
+    g = torch.Generator().manual_seed(1)
+    b, n, k_cols = 3, 11, 9
+    zs = [torch.randn(b, n, d, generator=g) for d in (37, 37, 37)]
+    if strided:  # channels not unit-stride, as a CNN's (B, C, H, W) features seen as tokens
+        zs = [torch.randn(b, d, n, generator=g).transpose(1, 2) for d in (37, 37, 37)]
+    downs = [torch.randn(r, 37, generator=g) for r in (2, 3, 2)]
+    taps = torch.zeros(b, n, k_cols, dtype=dtype)
+    torch.ops.dtl_kernels.write_taps_(taps, zs, downs, 1)
+    want = torch.zeros(b, n, k_cols, dtype=dtype)
+    col = 1
+    for z, a in zip(zs, downs, strict=True):
+        want[..., col : col + a.shape[0]] = torch.matmul(z.to(dtype), a.to(dtype).t())
+        col += a.shape[0]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(taps.float(), want.float(), rtol=tol, atol=tol)
+    assert taps[..., 0].abs().max() == 0 and taps[..., 8].abs().max() == 0  # untouched
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(first_col=7), "end after column"),
+        (dict(first_col=-1), "first_col must be in"),
+        (dict(downs_d=5), r"downs\[0\] must be \(r, d\)"),
+        (dict(drop_down=True), "inputs but"),
+        (dict(kernel=7), "kernel must be 0 or 1"),
+    ],
+)
+def test_step_refuses_bad_input(bad, match):
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    if "downs_d" in bad:
+        downs = [torch.randn(2, bad["downs_d"], dtype=DT), downs[1]]
+    if bad.get("drop_down"):
+        downs = downs[:1]
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.dtl_kernels.side_step(y, taps, zs, downs, bad.get("first_col", 2), ups, None, 0,
+                                        0, 0, 3.0, bad.get("kernel", 0))  # fmt: skip
+
+
+# -- host overhead: operation counts ------------------------------------------------------
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _model(adapt_from: int, conv_kernel: int = 0) -> DTLViT:
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "vit_base_patch16_224", img_size=32, embed_dim=32, num_heads=2, num_classes=0
+    )
+    model = DTLViT(backbone, adapt_from=adapt_from, conv_kernel=conv_kernel, num_classes=3)
+    model.csn.backend = "cpu"
+    return model
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3])
+def test_every_add_back_dispatches_the_same_operations(conv_kernel):
+    """Block 7's add-back (which also computes the trunk's 7 taps) and block 12's dispatch
+    the same number of operations: the taps are one buffer, not a growing concatenation.
+    The stage's first add-back also concatenates its ups, once per forward pass."""
+    model = _model(7, conv_kernel)
+    counts = {}
+    original = model.csn.add_back
+
+    def counted(state, i, *args, **kwargs):
+        with _Count() as c:
+            out = original(state, i, *args, **kwargs)
+        counts[i] = c.n
+        return out
+
+    model.csn.add_back = counted
+    model(torch.randn(1, 3, 32, 32))
+    assert sorted(counts) == list(range(6, 12))
+    assert len({counts[i] for i in range(7, 12)}) == 1, counts
+    assert counts[6] == counts[7] + 1, counts  # + the stage's ups, side by side (torch.cat)
+    assert counts[7] <= 4, counts  # the taps' copy, write_taps_, the kernel
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3])
+def test_backward_operations_grow_by_a_constant_per_adapted_block(conv_kernel):
+    """Each further adapted block adds the same number of dispatched operations to the
+    forward and to the backward (its frozen block's backward plus one step's), whatever its
+    position: no slices and sums that grow with the number of taps."""
+    fwd, bwd = {}, {}
+    for m in (8, 9, 10):
+        model = _model(m, conv_kernel)
+        x = torch.randn(1, 3, 32, 32)
+        with _Count() as f:
+            loss = model(x).square().sum()
+        with _Count() as b:
+            loss.backward()
+        fwd[m], bwd[m] = f.n, b.n
+    assert fwd[8] - fwd[9] == fwd[9] - fwd[10], fwd
+    assert bwd[8] - bwd[9] == bwd[9] - bwd[10], bwd
