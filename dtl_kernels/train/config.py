@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..models import METHODS
+from ..models import METHODS, lora
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -31,6 +31,7 @@ class TrainConfig:
     method: str = "dtl+"
     rank: int | None = None
     lora_rank: int | None = None  # method lora: r of the low-rank factors (default 8)
+    lora_blocks: str | None = None  # method lora: only blocks "M-N" (1-based); None = all
     adapt_from: int | None = None
     tap_from: int | None = None
     conv_kernel: int | None = None
@@ -89,6 +90,7 @@ class TrainConfig:
         """Check every option (types were coerced by :func:`make_config`); ``ValueError``
         (``DataError`` for the dataset options) naming the option, before any work."""
         _check_choices(self)
+        _check_lora_blocks(self)
         _check_counts(self)
         _check_rates(self)
         _check_dataset(self)
@@ -116,6 +118,19 @@ def _check_choices(c: TrainConfig) -> None:
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{_flag(name)} must be one of {allowed}, got {getattr(c, name)!r}")
+
+
+def _check_lora_blocks(c: TrainConfig) -> None:
+    """``--lora-blocks``: well-formed (then spelt ``M-N``) and only with ``--method lora``;
+    the range is checked against the backbone's depth when the model is built."""
+    if c.lora_blocks is None:
+        return
+    if c.method != "lora":
+        raise ValueError(f"--lora-blocks is an option of --method lora, not {c.method!r}")
+    try:
+        c.lora_blocks = lora.format_blocks(lora.parse_blocks(c.lora_blocks))
+    except ValueError as exc:
+        raise ValueError("--lora-blocks" + str(exc).removeprefix("lora_blocks")) from None
 
 
 # option → smallest allowed value (None: the option may be unset)
@@ -196,6 +211,8 @@ _HELP = {
     "PyPI: 'efficientnet-lite0/1/2', 'dinov2-vits14-imgfocus' (default for their timm models)",
     "method": "dtl | dtl+ | dtl+* | linear | lora | full",
     "lora_rank": "--method lora: rank of the LoRA factors (default 8)",
+    "lora_blocks": "--method lora: LoRA only on the attention projections of blocks M-N "
+    "(1-based, inclusive, e.g. 7-12; default: every block)",
     "rank": "rank r of the side network",
     "adapt_from": "M: first adapted block (1-based)",
     "tap_from": "first tapped block (1-based)",
