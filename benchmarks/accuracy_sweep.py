@@ -31,7 +31,8 @@ BEST_LR = {
     ("fashion-mnist", "lora"): 3e-3,
 }  # fmt: skip
 FIELDS = ["dataset", "variant", "epochs", "lr", "seed", "acc", "test_loss", "trainable_params",
-          "peak_memory_mib", "images_per_s", "wall_s", "train_images", "eval_images", "torch_threads"]  # fmt: skip
+          "peak_memory_mib", "images_per_s", "wall_s", "train_images", "eval_images",
+          "torch_threads"]  # fmt: skip
 
 
 def sweep(args) -> list[dict]:
@@ -42,8 +43,8 @@ def sweep(args) -> list[dict]:
                 run = Run("dinov2", dataset, variant, "sweep", BEST_LR[dataset, variant], 0,
                           epochs, max_train=args.max_train)  # fmt: skip
                 s = execute(run, args.out, args.reuse_only)
-                if s is None:
-                    continue
+                if s is None or s.get("diverged"):
+                    continue  # not run yet (--reuse-only), or diverged: no accuracy
                 rows.append(dict(
                     dataset=dataset, variant=variant, epochs=epochs, lr=run.lr, seed=0,
                     acc=round(100 * s["test_acc"], 2), test_loss=s.get("test_loss"),
@@ -54,7 +55,9 @@ def sweep(args) -> list[dict]:
                     torch_threads=s.get("torch_threads", ""),
                 ))  # fmt: skip
                 print(f"  {dataset} {variant} {epochs} epochs: {rows[-1]['acc']:.2f}%", flush=True)
-                write_csv(args.results / "accuracy_sweep_runs.csv", FIELDS, rows, env_columns("cpu"))
+                write_csv(
+                    args.results / "accuracy_sweep_runs.csv", FIELDS, rows, env_columns("cpu")
+                )
     return rows
 
 
