@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy lint clean info gpu-check
+.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-sweep lint clean info gpu-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -63,10 +63,18 @@ VIT_DEMO_ARGS ?= --model vit_small_patch14_dinov2 --pretrained dinov2-vits14-img
 demo-vit: build
 	$(BIN)/python -m dtl_kernels.train $(VIT_DEMO_ARGS) --output runs/demo-vit
 
-# linear / LoRA / DTL / DTL+ / full on real backbones and data: lr chosen on a validation
-# split, 3 seeds on the test split → benchmarks/results/accuracy.{csv,md,png}
+# linear / LoRA (r 8, r 1, blocks 7-12) / DTL / DTL+ (k 3, 5) / full on real backbones and
+# data, 30 epochs: lr (and drop path) chosen on a validation split, 3 seeds on the test
+# split → benchmarks/results/accuracy_study.{csv,md,png}, accuracy_study_runs.csv. Hours of
+# CPU; resumable. ACCURACY_ARGS, e.g. "--plan", "--reuse-only", "--jobs 2 --backbones dinov2"
+ACCURACY_ARGS ?=
 bench-accuracy: build bench-deps
-	$(BIN)/python benchmarks/bench_accuracy.py
+	$(BIN)/python benchmarks/bench_accuracy.py $(ACCURACY_ARGS)
+
+# DTL / DTL+ / LoRA at 3, 10, 30 epochs (one seed): does the gap close with training?
+# → benchmarks/results/accuracy_sweep.{md,png}, accuracy_sweep_runs.csv
+bench-accuracy-sweep: build bench-deps
+	$(BIN)/python benchmarks/accuracy_sweep.py
 
 # linear / dtl / dtl+ / full on elpv: accuracy, trainable params, peak memory, time
 # → benchmarks/results/bench_elpv.{csv,md}

@@ -2,7 +2,9 @@
 as its own ``dtl-train`` process (or reading the result of an earlier, identical run).
 
 A run folder is reused only when its ``config.json`` holds exactly the options this run asks
-for, so a changed protocol never silently reuses old results.
+for, so a changed protocol never silently reuses old results. A run that diverged
+(``dtl-train`` exit status 3: too many non-finite steps, e.g. at a grid's largest lr) is a
+result too: its folder gets ``diverged.json`` (the options), and it is not tried again.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from accuracy_tables import write_text
 
 BACKBONES = {
     "dinov2": dict(
@@ -90,24 +94,52 @@ def _same_run(folder: Path, opts: dict) -> bool:
     return all(config.get(k) == v for k, v in opts.items())
 
 
+DIVERGED = {"diverged": True, "test_acc": None, "test_loss": None}  # a diverged run's summary
+_EXIT_DIVERGED = 3  # dtl_kernels.train.cli.EXIT_DIVERGED
+
+
+def _same_divergence(folder: Path, opts: dict) -> bool:
+    """An earlier run in ``folder`` with exactly these options diverged."""
+    try:
+        marker = json.loads((folder / "diverged.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("options") == json.loads(json.dumps(opts))
+
+
+def finished(run: Run, root: Path) -> dict | None:
+    """The summary of an identical earlier run (:data:`DIVERGED` if it diverged), else
+    ``None``. Reads only: runs nothing, writes nothing."""
+    folder, opts = run.folder(root), run.options()
+    if _same_run(folder, opts):
+        return json.loads((folder / "summary.json").read_text())
+    return dict(DIVERGED) if _same_divergence(folder, opts) else None
+
+
 def execute(run: Run, root: Path, reuse_only: bool = False) -> dict | None:
     """The run's summary (its ``summary.json``): read when an identical run finished
     before, else trained now in its own process with one thread. ``None`` when
-    ``reuse_only`` and it has not run."""
+    ``reuse_only`` and it has not run; :data:`DIVERGED` when it diverged."""
     folder = run.folder(root)
     opts = run.options()
-    if not _same_run(folder, opts):
-        if reuse_only:
-            return None
-        cmd = [sys.executable, "-m", "dtl_kernels.train", "--output", str(folder),
-               "--overwrite", "--no-progress"]  # fmt: skip
-        for key, value in opts.items():
-            cmd += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float)
-                    else str(value)]  # fmt: skip
-        print("$", " ".join(cmd), flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
-            raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}")
+    if (done := finished(run, root)) is not None:
+        return done
+    if reuse_only:
+        return None
+    cmd = [sys.executable, "-m", "dtl_kernels.train", "--output", str(folder),
+           "--overwrite", "--no-progress"]  # fmt: skip
+    for key, value in opts.items():
+        cmd += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float)
+                else str(value)]  # fmt: skip
+    print("$", " ".join(cmd), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode == _EXIT_DIVERGED:
+        print(f"  diverged: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / "diverged.json", json.dumps({"options": opts}, indent=1))
+        return dict(DIVERGED)
+    if proc.returncode != 0:
+        print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}")
     return json.loads((folder / "summary.json").read_text())

@@ -43,8 +43,8 @@ def sweep(args) -> list[dict]:
                 run = Run("dinov2", dataset, variant, "sweep", BEST_LR[dataset, variant], 0,
                           epochs, max_train=args.max_train)  # fmt: skip
                 s = execute(run, args.out, args.reuse_only)
-                if s is None:
-                    continue
+                if s is None or s.get("diverged"):
+                    continue  # not run yet (--reuse-only), or diverged: no accuracy
                 rows.append(dict(
                     dataset=dataset, variant=variant, epochs=epochs, lr=run.lr, seed=0,
                     acc=round(100 * s["test_acc"], 2), test_loss=s.get("test_loss"),

@@ -1,150 +1,81 @@
-"""Accuracy study: linear probe, PEFT LoRA, DTL, DTL+ and full fine-tuning on real
-pretrained backbones and real data, with learning rates chosen on a validation split and
-several seeds on the test split (``make bench-accuracy``; ``--quick`` for ``make bench``).
+"""Accuracy study: which fine-tuning method gives the best accuracy for its memory?
+Linear probe, PEFT LoRA (r = 8; r = 1, parameter-matched; r = 8 on blocks 7-12 only,
+memory-matched), DTL, DTL+ (k = 3 and 5) and full fine-tuning on real pretrained backbones
+and real data (``make bench-accuracy``; ``--quick`` for ``make bench``).
 
-Protocol, per backbone × dataset × method (each run is ``python -m dtl_kernels.train`` in
-its own process, so its peak memory is its own):
+Protocol, per backbone × dataset × variant (each run is ``python -m dtl_kernels.train`` in
+its own process with one thread, so its peak memory is its own; ``--epochs`` epochs, 10 %
+of them warm-up, batch 32, trunk cache off, evaluated once at the end):
 
-1. **select**: for every learning rate of the method's grid, train with ``--val-split``
-   (training samples held out, the same for every run) and seed 0; keep the learning rate
-   with the best validation accuracy. The test split is not looked at.
-2. **test**: with that learning rate, train on the whole training split with seeds
-   0 … S−1 and evaluate on the test split: mean ± sample std of the accuracy, the peak
-   memory of training (CPU: resident-set growth, see ``dtl_kernels.train.metrics``), the
-   training throughput and the wall time.
+1. **select** (``accuracy_search``), on a validation split held out of the training
+   images, seed 0; the test split is never looked at. The learning rate over about two
+   decades in half-decade steps (dtl / dtl+ / dtl+k5 {1e-3 … 3e-2}, lora / lora-r1 /
+   lora-tail {3e-4 … 1e-2}, linear {1e-3 … 1e-1}, full {1e-5 … 1e-4}) at drop path 0,
+   extended by one step whenever the winner sits at an edge (at most twice). Then drop
+   path by **coordinate search**, to keep the compute affordable: 0.1 at the winning lr,
+   and at its two lr neighbours only if 0.1 wins there; the linear probe gets no drop-path
+   search. Ties in validation accuracy go to the lower validation loss.
+2. **test**: with the pick, ``--seeds`` seeds train on the whole training split and are
+   tested on the test split: mean ± std, a bootstrap 95 % CI of the mean, and the
+   per-seed difference to DTL on the same seeds with a paired bootstrap 95 % CI
+   (``accuracy_stats``), with peak memory, throughput and wall time.
 
-Every run has ``--cache-trunk off``, so the peak memory is that of training itself (the
-trunk cache would hold the frozen blocks' outputs in RAM, outside the measured loop).
+Runs are resumable: a run folder is reused when an identical run finished there
+(``accuracy_runs.Run``); the tables are rewritten as cells finish — but never replaced by
+tables with fewer test runs than the committed ones (``--replace-results`` to do so).
+``--reuse-only`` builds them from what has finished (the Markdown lists what is still to
+run); ``--plan`` prints every run the study would do, and how many, without running
+anything.
 
-Runs are resumable: a run whose ``summary.json`` exists is read, not repeated, so an
-interrupted study continues where it stopped (``--out`` keeps the run folders).
-
-Outputs (``--results``, default ``benchmarks/results/``): ``accuracy_runs.csv`` (every
-run), ``accuracy.csv`` (per method: mean, std, n, chosen lr, peak memory, time),
-``accuracy.md`` (the table) and ``accuracy.png`` (accuracy vs peak memory, error bars).
+Outputs (``--results``): ``accuracy_study.{csv,md,png}`` and ``accuracy_study_runs.csv``.
+``--quick`` (DINOv2 on elpv, 2 epochs, 800 images, one seed, fixed lrs, no search) writes
+only ``accuracy_quick.*``, into its own run folders: it never touches the committed study,
+and no mode writes the older committed results (``accuracy.*``, ``accuracy_bf16*``).
 
 Backbones: ``dinov2`` = DINOv2 ViT-S/14 (``vit_small_patch14_dinov2`` with the offline
-weights ``dinov2-vits14-imgfocus``), ``lite0`` = ImageNet EfficientNet-Lite0 (LoRA has no
-``qkv`` layers to adapt there and is left out). Datasets: ``elpv`` (solar cells, 4 classes,
-the package's train / test split) and ``fashion-mnist`` (VTAB-1k style: 1000 training
-samples, 200 of them the validation split, the official 10 000 test images; needs the
-Debian package ``dataset-fashion-mnist``).
+weights ``dinov2-vits14-imgfocus``, 112 px), ``lite0`` = ImageNet EfficientNet-Lite0 (128
+px; no attention layers, so no LoRA variants). Datasets: ``elpv`` (solar cells, 4 classes;
+validation 400 images) and ``fashion-mnist`` (VTAB-1k style: 1000 training images, 200 of
+them the validation split, the official 10 000 test images; needs the Debian package
+``dataset-fashion-mnist``). ``--max-train N`` caps the training split (the validation
+split then is N // 5).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
-import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from accuracy_report import Cell, fmt_lr, write_all  # noqa: E402
+from accuracy_runs import BACKBONES, DATASETS, VARIANTS, Run, execute, finished  # noqa: E402
+from accuracy_search import select  # noqa: E402
 from common import RESULTS, env_columns  # noqa: E402
 
-from dtl_kernels._io import atomic_write  # noqa: E402
-
-BACKBONES = {
-    "dinov2": dict(
-        model="vit_small_patch14_dinov2", pretrained="dinov2-vits14-imgfocus", img_size=112
-    ),
-    "lite0": dict(model="tf_efficientnet_lite0", pretrained="efficientnet-lite0", img_size=128),
-}
-DATASETS = {
-    "elpv": dict(dataset="elpv", val_split=400),
-    "fashion-mnist": dict(dataset="fashion-mnist", max_train=1000, val_split=200),
-}
-METHODS = ("linear", "lora", "dtl", "dtl+", "full")
-# AdamW learning rates: a new head / side network / low-rank factors take large steps, the
-# whole backbone small ones
-LR_GRID = {
-    "linear": (3e-3, 1e-2),
-    "lora": (1e-3, 3e-3),
-    "dtl": (3e-3, 1e-2),
-    "dtl+": (3e-3, 1e-2),
-    "full": (1e-4, 3e-4),
-}
-COLORS = {"linear": "C0", "lora": "C1", "dtl": "C2", "dtl+": "C3", "full": "C4"}  # every panel
-QUICK_LR = {"linear": 1e-2, "lora": 1e-3, "dtl": 3e-3, "dtl+": 3e-3, "full": 1e-4}
-RUN_FIELDS = [
-    "backbone", "dataset", "method", "phase", "lr", "seed", "acc", "evaluated_on",
-    "trainable_params", "peak_memory_mib", "images_per_s", "wall_s", "epochs", "img_size",
-    "batch_size", "train_images", "eval_images", "precision", "device", "peak_memory_method",
-    "torch_threads",
-]  # fmt: skip
+DEFAULT_EPOCHS = 30  # the epoch sweep's longest schedule (accuracy_sweep.py)
+QUICK_VARIANTS = ("linear", "lora", "dtl", "dtl+", "full")
+QUICK_LR = {
+    "linear": 1e-2, "lora": 1e-3, "lora-r1": 3e-3, "lora-tail": 1e-3, "dtl": 3e-3,
+    "dtl+": 3e-3, "dtl+k5": 3e-3, "full": 1e-4,
+}  # fmt: skip
 
 
-def run_tag(args) -> str:
-    """What sets this study apart from the default one (3 epochs, whole splits, fp32), in
-    the run folders' names: a quick study never reuses a full study's runs."""
-    tag = "" if args.epochs == 3 else f"-e{args.epochs}"
-    tag += f"-n{args.max_train}" if args.max_train else ""
-    return tag + ("" if args.precision == "fp32" else f"-{args.precision}")
-
-
-def _reusable(summary_path: Path, args, opts: dict) -> bool:
-    """An earlier run of exactly this configuration (else it runs again)."""
-    if not summary_path.is_file():
-        return False
-    s = json.loads(summary_path.read_text())
-    same = (s["epochs"], s["precision"], s["img_size"]) == (
-        args.epochs,
-        args.precision,
-        opts["img_size"],
-    )
-    return same and s.get("evaluated_on", "test").startswith("val") == ("val_split" in opts)
-
-
-def run_one(args, backbone: str, dataset: str, method: str, phase: str, lr: float, seed: int):
-    """One dtl-train run (or its earlier result); returns its row."""
-    name = f"{phase}-lr{lr:g}-s{seed}{run_tag(args)}"
-    folder = args.out / backbone / dataset / method.replace("+", "plus") / name
-    summary_path = folder / "summary.json"
-    opts = {**BACKBONES[backbone], **DATASETS[dataset]}
-    if phase == "test":
-        opts.pop("val_split")
-    if args.max_train:
-        opts["max_train"] = min(args.max_train, opts.get("max_train", args.max_train))
-        if "val_split" in opts:  # a capped split keeps 4/5 of itself for training
-            opts["val_split"] = max(1, min(opts["val_split"], opts["max_train"] // 5))
-    if not _reusable(summary_path, args, opts):
-        if args.reuse_only:
-            return None
-        cmd = [sys.executable, "-m", "dtl_kernels.train", "--method", method, "--lr", f"{lr:g}",
-               "--seed", str(seed), "--epochs", str(args.epochs), "--batch-size", "32",
-               "--warmup-epochs", "1", "--precision", args.precision, "--output", str(folder),
-               "--cache-trunk", "off", "--overwrite", "--no-progress"]  # fmt: skip
-        for key, value in opts.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
-        print("$", " ".join(cmd), flush=True)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
-            raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}")
-    s = json.loads(summary_path.read_text())
-    print(
-        f"  {backbone} {dataset} {method} {phase} lr {lr:g} seed {seed}: "
-        f"{100 * s['test_acc']:.2f}% on {s.get('evaluated_on', 'test')}",
-        flush=True,
-    )
-    return {
-        "backbone": backbone, "dataset": dataset, "method": method, "phase": phase, "lr": lr,
-        "seed": seed, "acc": round(100 * s["test_acc"], 2),
-        "evaluated_on": s.get("evaluated_on", "test"),
-        "trainable_params": s["trainable_params"],
-        "peak_memory_mib": round(s["peak_memory_bytes"] / 2**20, 1),
-        "images_per_s": round(s["images_per_s"], 1),
-        "wall_s": round(s["wall_time_s"], 1),
-        "epochs": s["epochs"], "img_size": s["img_size"], "batch_size": s["batch_size"],
-        "train_images": s["train_images"], "eval_images": s["test_images"],
-        "precision": s.get("precision", ""),
-        "device": s.get("device", ""),
-        "peak_memory_method": s.get("peak_memory_method", ""),
-        "torch_threads": s.get("torch_threads", ""),
-    }  # fmt: skip
+def cells_of(args) -> list[Cell]:
+    cells = []
+    for backbone in args.backbones:
+        for dataset in filter(available, args.datasets):
+            for variant in args.variants:
+                if VARIANTS[variant][0] == "lora" and backbone == "lite0":
+                    continue  # no attention projections in a CNN
+                cells.append(Cell(backbone, dataset, variant))
+    return cells
 
 
 def available(dataset: str) -> bool:
@@ -160,193 +91,218 @@ def available(dataset: str) -> bool:
     return True
 
 
-def study(args) -> list[dict]:
-    rows = []
-    for backbone in args.backbones:
-        for dataset in filter(available, args.datasets):
-            for method in args.methods:
-                if method == "lora" and backbone == "lite0":
-                    continue  # no qkv layers in a CNN
-                grid = args.lrs.get(method, LR_GRID[method])
-                if args.quick:
-                    best = QUICK_LR[method]
-                elif len(grid) == 1:  # nothing to choose: no validation run
-                    best = grid[0]
-                else:
-                    picks = [
-                        run_one(args, backbone, dataset, method, "select", lr, 0) for lr in grid
-                    ]
-                    picks = [p for p in picks if p is not None]
-                    if not picks:
-                        continue  # --reuse-only and nothing run yet
-                    rows += picks
-                    best = max(picks, key=lambda r: (r["acc"], -r["lr"]))["lr"]
-                for seed in range(args.seeds):
-                    row = run_one(args, backbone, dataset, method, "test", best, seed)
-                    if row is not None:
-                        rows.append(row)
-                        write_runs(args, rows)
-    return rows
+def run_of(args, cell: Cell, phase: str, lr: float, seed: int, drop_path: float = 0.0) -> Run:
+    return Run(cell.backbone, cell.dataset, cell.variant, phase, lr, seed, args.epochs,
+               drop_path=drop_path, max_train=args.max_train, precision=args.precision)  # fmt: skip
 
 
-def stem(args) -> str:
-    """Output file names: ``accuracy`` for the fp32 study, ``accuracy_bf16`` for bf16."""
-    return "accuracy" if args.precision == "fp32" else f"accuracy_{args.precision}"
+def study_cell(args, cell: Cell, evaluate) -> Cell:
+    """Select (unless quick), then the test seeds at the pick; fills ``cell``."""
+    if args.quick:
+        cell.pick = run_of(args, cell, "quick", QUICK_LR[cell.variant], 0)
+    else:
+        make = lambda lr, dp: run_of(args, cell, "select", lr, 0, dp)  # noqa: E731
+        cell.selection = select(cell.variant, make, evaluate, args.lrs.get(cell.variant))
+        cell.pick = cell.selection.pick
+    if cell.pick is None:
+        return cell
+    phase = "quick" if args.quick else "test"
+    runs = [replace(cell.pick, phase=phase, seed=seed) for seed in range(args.seeds)]
+    got = evaluate(runs)
+    cell.tests = {r: s for r, s in got.items() if s is not None}
+    cell.missing_tests = [r for r in runs if got.get(r) is None]
+    return cell
 
 
-def _write_csv(path: Path, fields: list[str], rows: list[dict], env: dict) -> None:
-    fields = list(dict.fromkeys(fields))  # a run's own column wins over the same env column
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows({**r, **env} for r in rows)
-
-    atomic_write(path, write)  # a crash leaves the previous file whole
+def executing(args):
+    """Evaluate runs by running them (or reading an identical earlier run)."""
+    return lambda runs: {r: execute(r, args.out, args.reuse_only) for r in runs}
 
 
-def _device(rows: list[dict]) -> str:
-    """Where the runs trained ("cpu" / "cuda"): dtl-train picks CUDA when it is there."""
-    return next((r["device"] for r in rows if r.get("device")), "cpu")
+def study(args, cells: list[Cell]) -> list[Cell]:
+    """Every cell, ``--jobs`` at a time (each runs its runs one after another); the
+    outputs are rewritten after each cell. A failed run (not a divergence) marks its
+    cell and the others go on."""
+    evaluate, lock = executing(args), threading.Lock()
+
+    def work(cell: Cell) -> None:
+        try:
+            study_cell(args, cell, evaluate)
+        except RuntimeError as exc:
+            cell.error = str(exc).splitlines()[0][:300]
+            print(f"!! {cell.backbone} / {cell.dataset} / {cell.variant}: {cell.error}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        with lock:
+            write_outputs(args, cells)
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        list(pool.map(work, cells))
+    return cells
 
 
-def write_runs(args, rows: list[dict]) -> None:
-    env = env_columns(_device(rows))
-    _write_csv(args.results / f"{stem(args)}_runs.csv", RUN_FIELDS + list(env), rows, env)
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    out = []
-    keys = dict.fromkeys((r["backbone"], r["dataset"], r["method"]) for r in rows)
-    for backbone, dataset, method in keys:
-        mine = [
-            r
-            for r in rows
-            if (r["backbone"], r["dataset"], r["method"]) == (backbone, dataset, method)
-        ]
-        tests = [r for r in mine if r["phase"] == "test"]
-        if not tests:
-            continue
-        accs = [r["acc"] for r in tests]
-        sel = {r["lr"]: r["acc"] for r in mine if r["phase"] == "select"}
-        out.append(
-            dict(
-                backbone=backbone, dataset=dataset, method=method,
-                acc_mean=round(statistics.mean(accs), 2),
-                acc_std=round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
-                seeds=len(accs), lr=tests[0]["lr"],
-                val_acc_by_lr=" ".join(f"{lr:g}:{a}" for lr, a in sel.items()),
-                trainable_params=tests[0]["trainable_params"],
-                peak_memory_mib=round(statistics.median(r["peak_memory_mib"] for r in tests), 1),
-                images_per_s=round(statistics.median(r["images_per_s"] for r in tests), 1),
-                threads="/".join(sorted({str(r.get("torch_threads", "")) for r in tests})),
-                wall_s=round(statistics.median(float(r["wall_s"] or 0) for r in tests), 1),
-            )
-        )  # fmt: skip
-    return out
-
-
-def write_tables(args, summary: list[dict], device: str = "cpu") -> None:
+def write_outputs(args, cells: list[Cell]) -> list[dict]:
+    summaries = [s for c in cells for s in c.tests.values()]
+    device = next((s["device"] for s in summaries if s.get("device")), "cpu")
     env = env_columns(device)
-    _write_csv(args.results / f"{stem(args)}.csv", list(summary[0]) + list(env), summary, env)
-    lines = [
-        f"Accuracy study ({'quick' if args.quick else 'full'}; {args.epochs} epochs, batch 32, "
-        f"{args.precision}; {env['device']}; torch {env['torch']}; {env['date']}; "
-        f"rev {env['git_rev']})",
-        "",
-        "| backbone | dataset | method | test acc % (mean ± std, n) | lr (val acc % per lr) "
-        "| trainable | peak MiB | img/s | wall s | threads |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in summary:
-        lines.append(
-            f"| {r['backbone']} | {r['dataset']} | {r['method']} | {r['acc_mean']:.2f} ± "
-            f"{r['acc_std']:.2f} ({r['seeds']}) | {r['lr']:g} ({r['val_acc_by_lr'] or '-'}) | "
-            f"{r['trainable_params']:,} | {r['peak_memory_mib']:.0f} | {r['images_per_s']:.0f} | "
-            f"{r['wall_s']:.0f} | {r['threads']} |"
-        )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    atomic_write(args.results / f"{stem(args)}.md", lambda tmp: Path(tmp).write_text(text))
+    warmup = round(100 * Run.warmup_share)
+    header = (
+        f"Accuracy study ({'quick' if args.quick else 'main'}; {args.epochs} epochs, {warmup} % "
+        f"warm-up, batch 32, {args.precision}"
+        + (f", training split capped at {args.max_train}" if args.max_train else "")
+        + f"; {env['device']}; torch {env['torch']}; {env['date']}; rev {env['git_rev']})"
+    )
+    return write_all(cells, args.results, args.quick, header, env, device, args.replace_results)
 
 
-def plot(args, summary: list[dict], device: str = "cpu") -> None:
-    try:
-        import matplotlib
+# -- --plan ------------------------------------------------------------------------------------
+class Planner:
+    """An ``evaluate`` that runs nothing: finished runs give their results (so the search
+    goes as far as they decide it), the others are listed as to do."""
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("(matplotlib not installed: no plot)")
-        return
-    groups = dict.fromkeys((r["backbone"], r["dataset"]) for r in summary)
-    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
-    for ax, (backbone, dataset) in zip(axes[0], groups, strict=True):
-        for r in (r for r in summary if (r["backbone"], r["dataset"]) == (backbone, dataset)):
-            ax.errorbar(
-                r["peak_memory_mib"], r["acc_mean"], yerr=r["acc_std"], fmt="o", capsize=4,
-                label=r["method"], color=COLORS[r["method"]],
-            )  # fmt: skip
-            ax.annotate(r["method"], (r["peak_memory_mib"], r["acc_mean"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
-        ax.set_xlabel(f"peak training memory (MiB, {device})")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{backbone} on {dataset}")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(args.results / f"{stem(args)}.png", dpi=120)
-    print(f"plot -> {args.results / f'{stem(args)}.png'}")
+    def __init__(self, root: Path):
+        self.root, self.done, self.todo = root, {}, []
+
+    def __call__(self, runs: list[Run]) -> dict[Run, dict | None]:
+        out = {}
+        for r in runs:
+            out[r] = finished(r, self.root)
+            if out[r] is None:
+                self.todo.append(r)
+            else:
+                self.done[r] = out[r]
+        return out
 
 
-def main() -> int:
+def plan(args, cells: list[Cell]) -> int:
+    """Print every run the study would do now, and bounds on the runs that depend on
+    results not there yet; run nothing, write nothing."""
+    planner = Planner(args.out)
+    low = high = 0
+    for cell in cells:
+        before = len(planner.todo), len(planner.done)
+        study_cell(args, cell, planner)
+        print(f"{cell.backbone} / {cell.dataset} / {cell.variant}")
+        for r in planner.todo[before[0] :]:
+            print(f"  todo  {_describe(r)}  {r.folder(args.out)}")
+        print(f"        ({len(planner.done) - before[1]} run(s) already done)")
+        more_low, more_high = _later(args, cell)
+        low, high = low + more_low, high + more_high
+        if more_high:
+            print(
+                f"  later between {more_low} and {more_high} more run(s), depending on the "
+                "results above (grid-edge extensions, drop-path runs, the test seeds)"
+            )
+    now = len(planner.todo)
+    print(f"\n{now} run(s) to do now, {len(planner.done)} already done; "
+          f"estimated {now + low}-{now + high} run(s) to do in all")  # fmt: skip
+    hours = _hours(args, planner)
+    if hours:
+        print(hours)
+    return 0
+
+
+def _later(args, cell: Cell) -> tuple[int, int]:
+    """(at least, at most) how many runs this cell needs beyond those listed now."""
+    if cell.pick is not None:
+        return 0, 0
+    sel = cell.selection
+    return sel.more_at_least + args.seeds, sel.more_at_most + args.seeds
+
+
+def _describe(r: Run) -> str:
+    return f"{r.phase:6s} lr {fmt_lr(r.lr):<5s} drop path {r.drop_path:g}  seed {r.seed}"
+
+
+def _hours(args, planner: Planner) -> str:
+    """Rough CPU time of the runs to do now: seconds per epoch of the finished runs in the
+    same backbone / dataset / variant folder (any phase, the epoch sweep's included)."""
+    rates: dict[tuple, float] = {}
+    for key in {(r.backbone, r.dataset, r.variant) for r in planner.todo}:
+        folder = variant_folder(args.out, *key)
+        speeds = []
+        for path in folder.glob("*/summary.json"):
+            try:
+                s = json.loads(path.read_text())
+                speeds.append(s["wall_time_s"] / s["epochs"])
+            except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError):
+                continue
+        if speeds:
+            rates[key] = statistics.median(speeds)
+    known = [r for r in planner.todo if (r.backbone, r.dataset, r.variant) in rates]
+    if not known:
+        return ""
+    seconds = sum(rates[r.backbone, r.dataset, r.variant] * r.epochs for r in known)
+    return (f"≈ {seconds / 3600:.0f} h of one core for {len(known)} of them, from the speed "
+            "of finished runs of the same variant (rough; the others unknown)")  # fmt: skip
+
+
+def variant_folder(root: Path, backbone: str, dataset: str, variant: str) -> Path:
+    """The folder holding a variant's run folders (as :meth:`Run.folder` names it)."""
+    return Run(backbone, dataset, variant, "x", 1.0, 0, 1).folder(root).parent
+
+
+# -- command line ------------------------------------------------------------------------------
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--quick", action="store_true", help="dinov2 on elpv, 1 seed, no lr search")
-    ap.add_argument("--backbones", nargs="+", choices=list(BACKBONES), default=None)
-    ap.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=None)
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    ap.add_argument("--seeds", type=int, default=None, help="test runs per method (default 3)")
-    ap.add_argument("--epochs", type=int, default=None, help="default 3 (quick: 2)")
-    ap.add_argument("--max-train", type=int, default=None, help="cap the training split")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument(
-        "--lrs",
-        nargs="*",
-        default=[],
-        metavar="METHOD=LR,LR",
-        help="replace a method's learning-rate grid, e.g. full=1e-4",
-    )
-    ap.add_argument(
-        "--reuse-only", action="store_true", help="tables from earlier runs only; run nothing"
-    )
-    ap.add_argument("--out", type=Path, default=Path("runs/accuracy"), help="run folders")
+    ap.add_argument("--quick", action="store_true",
+                    help="dinov2 on elpv, 2 epochs, 800 images, 1 seed, fixed lrs, no search; "
+                    "writes only accuracy_quick.*")  # fmt: skip
+    ap.add_argument("--plan", action="store_true", help="print the runs it would do; run nothing")
+    ap.add_argument("--reuse-only", action="store_true",
+                    help="tables from finished runs only; run nothing")  # fmt: skip
+    ap.add_argument("--backbones", nargs="+", choices=list(BACKBONES))
+    ap.add_argument("--datasets", nargs="+", choices=list(DATASETS))
+    ap.add_argument("--variants", "--methods", nargs="+", choices=list(VARIANTS))
+    ap.add_argument("--seeds", type=int, help="test seeds per variant (default 3; quick: 1)")
+    ap.add_argument("--epochs", type=int,
+                    help=f"default {DEFAULT_EPOCHS} (quick: 2); 10 %% of them warm-up")  # fmt: skip
+    ap.add_argument("--max-train", type=int, help="cap the training split (quick: 800)")
+    ap.add_argument("--precision", default="bf16", choices=["fp32", "bf16"])
+    ap.add_argument("--jobs", type=int, default=1, help="cells run at a time (one thread each)")
+    ap.add_argument("--lrs", nargs="*", default=[], metavar="VARIANT=LR,LR",
+                    help="replace a variant's lr grid, e.g. full=1e-4 (one value: no "
+                    "search)")  # fmt: skip
+    ap.add_argument("--out", type=Path, help="run folders (default runs/accuracy; quick: "
+                    "runs/accuracy-quick)")  # fmt: skip
     ap.add_argument("--results", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    ap.add_argument("--replace-results", action="store_true",
+                    help="write the tables even when they hold fewer test runs than the "
+                    "committed accuracy_study_runs.csv (a changed protocol)")  # fmt: skip
+    args = ap.parse_args(argv)
     try:
         args.lrs = {
-            m: tuple(float(v) for v in lrs.split(","))
-            for m, lrs in (item.split("=", 1) for item in args.lrs)
+            v: tuple(float(x) for x in lrs.split(","))
+            for v, lrs in (item.split("=", 1) for item in args.lrs)
         }
     except ValueError:
-        ap.error("--lrs takes METHOD=LR[,LR…], e.g. full=1e-4")
-    args.backbones = args.backbones or (["dinov2"] if args.quick else list(BACKBONES))
-    args.datasets = args.datasets or (["elpv"] if args.quick else list(DATASETS))
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.epochs = args.epochs or (2 if args.quick else 3)
-    if args.quick and args.max_train is None:
-        args.max_train = 800
+        ap.error("--lrs takes VARIANT=LR[,LR…], e.g. full=1e-4")
+    if set(args.lrs) - set(VARIANTS):
+        ap.error(f"--lrs: unknown variant(s) {sorted(set(args.lrs) - set(VARIANTS))}")
+    quick = args.quick
+    args.backbones = args.backbones or (["dinov2"] if quick else list(BACKBONES))
+    args.datasets = args.datasets or (["elpv"] if quick else list(DATASETS))
+    args.variants = args.variants or list(QUICK_VARIANTS if quick else VARIANTS)
+    args.seeds = args.seeds or (1 if quick else 3)
+    args.epochs = args.epochs or (2 if quick else DEFAULT_EPOCHS)
+    args.max_train = args.max_train or (800 if quick else None)
+    args.out = args.out or Path("runs/accuracy-quick" if quick else "runs/accuracy")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cells = cells_of(args)
+    if args.plan:
+        return plan(args, cells)
     args.results.mkdir(parents=True, exist_ok=True)
-    rows = study(args)
-    summary = aggregate(rows)
-    if not summary:
-        print("no test runs")
+    study(args, cells)
+    failed = [c for c in cells if c.error]
+    if not any(c.tests for c in cells):
+        print("no finished test runs yet")
         return 1
-    write_runs(args, rows)
-    write_tables(args, summary, _device(rows))
-    plot(args, summary, _device(rows))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,58 +1,339 @@
-"""The accuracy study's protocol (benchmarks/bench_accuracy.py) with the training runs
-replaced by a fake: learning rates are chosen on the validation runs only, the seeds run
-on the test split with that rate, and the tables report mean ± std."""
+"""The accuracy study's logic (benchmarks/bench_accuracy.py and its accuracy_* modules) with
+the training runs replaced by a fake: the lr grid grows past an edge winner, drop path by
+coordinate search, ties go to the lower validation loss, the paired bootstrap CI, the
+test split only after selection, which files each mode may write, and ``--plan``."""
 
 from __future__ import annotations
 
-import argparse
+import json
+import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import accuracy_report as R  # noqa: E402
+import accuracy_runs as AR  # noqa: E402
+import accuracy_search as S  # noqa: E402
 import bench_accuracy as B  # noqa: E402
+from accuracy_stats import bootstrap_ci, paired_bootstrap_ci  # noqa: E402
+
+# the older committed results, which no mode of the new driver may write
+OLDER = ["accuracy.csv", "accuracy.md", "accuracy.png", "accuracy_runs.csv",
+         "accuracy_bf16.csv", "accuracy_bf16.md", "accuracy_bf16.png", "accuracy_bf16_runs.csv",
+         "accuracy_bf16_check.md", "accuracy_bf16_check_runs.csv"]  # fmt: skip
+STUDY = ["accuracy_study.csv", "accuracy_study.md", "accuracy_study.png",
+         "accuracy_study_runs.csv"]  # fmt: skip
+QUICK = ["accuracy_quick.csv", "accuracy_quick.md", "accuracy_quick.png",
+         "accuracy_quick_runs.csv"]  # fmt: skip
 
 
-def test_lr_chosen_on_validation_then_seeds_on_test(tmp_path, monkeypatch):
+def summary(acc: float, loss: float = 0.5, **kw) -> dict:
+    """A dtl-train summary.json as the study reads it."""
+    base = dict(test_acc=acc, test_loss=loss, trainable_params=1000, peak_memory_bytes=2**27,
+                images_per_s=10.0, wall_time_s=100.0, train_images=800, test_images=200,
+                epochs=30, device="cpu", evaluated_on="val")  # fmt: skip
+    return {**base, **kw}
+
+
+def make_run(variant="dtl"):
+    return lambda lr, dp: AR.Run("dinov2", "elpv", variant, "select", lr, 0, 30, drop_path=dp)
+
+
+class Fake:
+    """``evaluate`` with a made-up validation accuracy per (lr, drop path); records calls."""
+
+    def __init__(self, acc, loss=lambda lr, dp: 0.5):
+        self.acc, self.loss, self.asked = acc, loss, []
+
+    def __call__(self, runs):
+        self.asked += runs
+        return {r: summary(self.acc(r.lr, r.drop_path), self.loss(r.lr, r.drop_path)) for r in runs}
+
+
+def peaked_at(best: float, dp_gain: float = -0.01):
+    """Accuracy falling with the log-distance from ``best``; drop path adds ``dp_gain``."""
+    return lambda lr, dp: 0.8 - 0.01 * abs(math.log10(lr / best)) + (dp_gain if dp else 0)
+
+
+def grid_of(fake, dp=0.0):
+    return sorted(r.lr for r in fake.asked if r.drop_path == dp)
+
+
+# -- the search -----------------------------------------------------------------------------------
+def test_half_decade_steps_give_clean_values():
+    assert [S.half_decade(x, 1) for x in (1e-2, 3e-2, 1e-1)] == [3e-2, 1e-1, 3e-1]
+    assert [S.half_decade(x, -1) for x in (1e-3, 3e-4, 1e-5)] == [3e-4, 1e-4, 3e-6]
+    assert f"{S.half_decade(1e-4, -1):g}" == "3e-05"  # run folder names stay short
+
+
+def test_an_interior_winner_needs_no_extension():
+    fake = Fake(peaked_at(3e-3))
+    sel = S.select("dtl", make_run(), fake)
+    assert grid_of(fake) == [1e-3, 3e-3, 1e-2, 3e-2] and sel.extensions == 0
+    assert sel.pick.lr == 3e-3 and not sel.at_edge
+
+
+def test_the_grid_grows_past_an_edge_winner_until_it_is_inside():
+    fake = Fake(peaked_at(1e-1))  # above the dtl grid's top (3e-2)
+    sel = S.select("dtl", make_run(), fake)
+    assert grid_of(fake) == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # 1e-1 wins, then inside
+    assert (sel.pick.lr, sel.extensions, sel.at_edge) == (1e-1, 2, False)
+    fake = Fake(peaked_at(1e-3 / 10**0.5))  # 3e-4, below the bottom: one step is enough…
+    sel = S.select("dtl", make_run(), fake)
+    assert grid_of(fake)[:2] == [1e-4, 3e-4] and sel.pick.lr == 3e-4  # …1e-4 confirms it
+
+
+def test_extensions_stop_after_two_and_the_edge_is_reported():
+    fake = Fake(lambda lr, dp: min(0.9, 0.5 + lr))  # better and better with lr
+    sel = S.select("full", make_run("full"), fake)
+    assert grid_of(fake) == [1e-5, 3e-5, 1e-4, 3e-4, 1e-3]
+    assert (sel.extensions, sel.pick.lr, sel.at_edge) == (2, 1e-3, True)
+
+
+def test_drop_path_is_a_coordinate_search():
+    fake = Fake(peaked_at(1e-2, dp_gain=-0.01))  # drop path hurts: one run at the best lr
+    sel = S.select("dtl", make_run(), fake)
+    assert [r.lr for r in fake.asked if r.drop_path] == [1e-2]
+    assert (sel.pick.lr, sel.pick.drop_path) == (1e-2, 0.0)
+    fake = Fake(peaked_at(1e-2, dp_gain=0.02))  # it helps: its lr neighbours too
+    sel = S.select("dtl", make_run(), fake)
+    assert grid_of(fake, dp=S.DROP_PATH) == [3e-3, 1e-2, 3e-2]
+    assert (sel.pick.lr, sel.pick.drop_path) == (1e-2, 0.1)
+    gain = {1e-2: 0.001, 3e-3: 0.05}  # drop path helps at the best lr, more at a neighbour
+    fake = Fake(lambda lr, dp: 0.8 - abs(lr - 1e-2) + (gain.get(lr, 0) if dp else 0))
+    sel = S.select("dtl", make_run(), fake)
+    assert (sel.pick.lr, sel.pick.drop_path) == (3e-3, 0.1)
+    fake = Fake(peaked_at(1e-2, dp_gain=0.02))
+    S.select("linear", make_run("linear"), fake)
+    assert not [r for r in fake.asked if r.drop_path]  # no drop-path search for linear
+
+
+def test_ties_in_accuracy_go_to_the_lower_validation_loss():
+    acc = lambda lr, dp: 0.75 if lr in (3e-3, 1e-2) else 0.7  # noqa: E731
+    for low in (3e-3, 1e-2):
+        fake = Fake(acc, loss=lambda lr, dp, low=low: 0.4 if lr == low else 0.6)
+        sel = S.select("lora", make_run("lora"), fake)
+        assert (sel.pick.lr, sel.pick.drop_path) == (low, 0.0)
+    run = make_run()(1e-2, 0.0)
+    assert S.selection_key(run, dict(AR.DIVERGED)) < S.selection_key(run, summary(0.0, 99.0))
+
+
+def test_one_value_grid_has_nothing_to_choose():
+    fake = Fake(peaked_at(1e-4))
+    sel = S.select("full", make_run("full"), fake, grid=(1e-4,))
+    assert fake.asked == [] and sel.pick.lr == 1e-4 and not sel.results
+
+
+# -- statistics -----------------------------------------------------------------------------------
+def test_paired_bootstrap_ci():
+    # per-seed differences 1, 2, 3: a resample of three 1s (p = 1/27 > 2.5 %) bounds the CI
+    a, b = {0: 80.0, 1: 82.0, 2: 84.0, 7: 50.0}, {0: 79.0, 1: 80.0, 2: 81.0}
+    mean, low, high, n = paired_bootstrap_ci(a, b)
+    assert (mean, low, high, n) == (2.0, 1.0, 3.0, 3)  # seed 7 has no pair
+    assert paired_bootstrap_ci(a, b) == (mean, low, high, n)  # a fixed RNG
+    # pairing matters: unpaired, the spread of each method would widen the interval
+    _, ulow, uhigh = bootstrap_ci([80.0, 82.0, 84.0])
+    assert uhigh - ulow > high - low
+    assert paired_bootstrap_ci({0: 70.0, 1: 72.0}, {0: 69.5, 1: 71.5})[:3] == (0.5, 0.5, 0.5)
+    m, lo, hi, _ = paired_bootstrap_ci({s: s % 3 + 0.1 * s for s in range(20)},
+                                       {s: 0.0 for s in range(20)})  # fmt: skip
+    assert lo < m < hi and hi - lo < 2
+    assert paired_bootstrap_ci({0: 1.0}, {1: 1.0}) is None
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+# -- the study end to end, with a fake dtl-train ------------------------------------------------
+VAL = {"linear": 0.70, "lora": 0.78, "dtl": 0.76, "full": 0.74}
+
+
+def fake_execute(log):
+    """accuracy_runs.execute stand-in: a validation accuracy peaked per variant, test
+    accuracy by variant and seed (never seen by the selection)."""
+
+    def execute(run, root, reuse_only=False):
+        if reuse_only:
+            return None  # this fake keeps no run folders
+        log.append(run)
+        if run.phase == "select":
+            best = S.LR_GRIDS[run.variant][1]
+            return summary(VAL[run.variant] - 0.01 * abs(math.log10(run.lr / best)))
+        return summary(VAL[run.variant] + 0.01 * run.seed, evaluated_on="test")
+
+    return execute
+
+
+def fill(folder: Path, names: list[str]) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(f"committed {n}".encode())
+    return {n: (folder / n).read_bytes() for n in names}
+
+
+def test_main_study_selects_on_validation_then_tests_and_reports(tmp_path, monkeypatch):
+    log = []
+    monkeypatch.setattr(B, "execute", fake_execute(log))
+    results = tmp_path / "results"
+    before = fill(results, OLDER + QUICK)
+    code = B.main(["--backbones", "dinov2", "--datasets", "elpv", "--variants", "linear", "lora",
+                   "dtl", "full", "--seeds", "3", "--results", str(results), "--out",
+                   str(tmp_path / "runs")])  # fmt: skip
+    assert code == 0
+    tests = [r for r in log if r.phase == "test"]
+    for variant in VAL:  # each tested at the lr its validation runs picked, seeds 0-2
+        picked = {(r.lr, r.drop_path, r.seed) for r in tests if r.variant == variant}
+        assert picked == {(S.LR_GRIDS[variant][1], 0.0, s) for s in range(3)}, variant
+        first_test = log.index(next(r for r in tests if r.variant == variant))
+        assert all(r.phase == "select" for r in log[:first_test] if r.variant == variant)
+    assert {n: (results / n).read_bytes() for n in before} == before  # untouched
+    assert sorted(p.name for p in results.iterdir()) == sorted(OLDER + QUICK + STUDY)
+    rows = (results / "accuracy_study.csv").read_text().splitlines()
+    lora = next(x for x in rows if ",lora," in x)
+    assert lora.startswith("dinov2,elpv,lora,79.0,1.0,3,") and ",2.0,2.0,2.0,3," in lora
+    text = (results / "accuracy_study.md").read_text()
+    assert "| dinov2 | elpv | lora | 79.00 ± 1.00 (3) |" in text
+    assert "+2.00 [2.00, 2.00] (3)" in text  # lora − dtl on the same seeds
+    assert "coordinate search" in text and "no drop-path search" in text
+    assert "this CI is coarse" in text and "Not finished" not in text
+    runs_csv = (results / "accuracy_study_runs.csv").read_text()
+    assert runs_csv.count(",select,") == len([r for r in log if r.phase == "select"])
+
+
+def test_quick_writes_only_its_own_files(tmp_path, monkeypatch):
+    log = []
+    monkeypatch.setattr(B, "execute", fake_execute(log))
+    results = tmp_path / "results"
+    before = fill(results, OLDER + STUDY)
+    assert B.main(["--quick", "--variants", "dtl", "lora", "--results", str(results)]) == 0
+    assert {r.phase for r in log} == {"quick"} and {r.seed for r in log} == {0}
+    assert {n: (results / n).read_bytes() for n in before} == before
+    assert sorted(p.name for p in results.iterdir()) == sorted(OLDER + STUDY + QUICK)
+    assert B.parse_args(["--quick"]).out == Path("runs/accuracy-quick")  # its own run folders
+
+
+def test_no_mode_can_name_another_modes_files(tmp_path):
+    quick = {p.name for p in R.output_paths(tmp_path, True).values()}
+    main = {p.name for p in R.output_paths(tmp_path, False).values()}
+    assert quick == set(QUICK) and main == set(STUDY)
+    for name in STUDY + OLDER:
+        with pytest.raises(ValueError, match="quick accuracy study does not write"):
+            R.write_output(tmp_path / name, True, lambda p: p.write_text("x"))
+    for name in QUICK + OLDER:
+        with pytest.raises(ValueError, match="main accuracy study does not write"):
+            R.write_output(tmp_path / name, False, lambda p: p.write_text("x"))
+    assert not list(tmp_path.iterdir())
+
+
+def finish(root: Path, run: AR.Run, s: dict) -> None:
+    """Lay out a finished run's folder as dtl-train leaves it."""
+    folder = run.folder(root)
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(run.options()))
+    (folder / "summary.json").write_text(json.dumps(s))
+
+
+def test_plan_prints_every_run_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    def refuse(*a, **k):
+        raise AssertionError("--plan ran something")
+
+    monkeypatch.setattr(B, "execute", refuse)
+    root, results = tmp_path / "runs", tmp_path / "results"
+    done = AR.Run("dinov2", "elpv", "dtl", "select", 1e-3, 0, 30)
+    finish(root, done, summary(0.7))
+    argv = ["--plan", "--backbones", "dinov2", "--datasets", "elpv", "--variants", "dtl",
+            "linear", "--out", str(root), "--results", str(results)]  # fmt: skip
+    assert B.main(argv) == 0
+    out = capsys.readouterr().out
+    todo = [x for x in out.splitlines() if x.strip().startswith("todo")]
+    assert len(todo) == 3 + 5  # dtl: 3 of its 4 lrs (one is done); linear: 5
+    assert str(done.folder(root)) not in out and str(AR.Run(
+        "dinov2", "elpv", "dtl", "select", 3e-3, 0, 30).folder(root)) in out  # fmt: skip
+    # later: dtl ≥ 1 drop-path run + 3 seeds, ≤ 2 extensions + 3 drop-path runs + 3 seeds;
+    # linear ≥ 3 seeds, ≤ 2 extensions + 3 seeds
+    assert "estimated 15-21 run(s) to do in all" in out
+    assert "1 already done" in out and "of one core" in out
+    assert not results.exists()
+
+
+def test_reuse_only_tables_from_what_has_finished(tmp_path, monkeypatch):
+    root, results = tmp_path / "runs", tmp_path / "results"
+    for lr in (3e-4, 1e-3, 3e-3, 1e-2):  # lora's selection has finished…
+        finish(root, AR.Run("dinov2", "elpv", "lora", "select", lr, 0, 30),
+               summary(0.8 - abs(lr - 3e-3)))  # fmt: skip
+    finish(root, AR.Run("dinov2", "elpv", "lora", "select", 3e-3, 0, 30, drop_path=0.1),
+           summary(0.7))  # fmt: skip
+    finish(root, AR.Run("dinov2", "elpv", "lora", "test", 3e-3, 1, 30), summary(0.81))
+    argv = ["--reuse-only", "--backbones", "dinov2", "--datasets", "elpv", "--variants",
+            "lora", "dtl", "--out", str(root), "--results", str(results)]  # fmt: skip
+    assert B.main(argv) == 0
+    text = (results / "accuracy_study.md").read_text()
+    assert "| dinov2 | elpv | lora | 81.00 ± 0.00 (1) |" in text
+    assert "dinov2 / elpv / lora: test: 2 seed(s)" in text
+    assert "dinov2 / elpv / dtl: selection: 4 run(s) to do" in text
+
+
+def test_fewer_test_runs_never_replace_the_committed_tables(tmp_path, monkeypatch):
+    """A fresh clone (no run folders) must not overwrite the committed study with a
+    partial one; --replace-results does, on purpose."""
+    monkeypatch.setattr(B, "execute", fake_execute([]))
+    results = tmp_path / "results"
+
+    def study(*extra, out="runs"):
+        return B.main(["--backbones", "dinov2", "--datasets", "elpv", "--results", str(results),
+                       "--out", str(tmp_path / out), *extra])  # fmt: skip
+
+    assert study("--variants", "dtl", "linear") == 0  # 6 test runs
+    committed = {n: (results / n).read_bytes() for n in STUDY}
+    assert study("--variants", "dtl", "--seeds", "2") == 0  # 2 test runs
+    assert {n: (results / n).read_bytes() for n in STUDY} == committed
+    assert study("--reuse-only", "--variants", "dtl", out="empty") == 1  # nothing finished
+    assert {n: (results / n).read_bytes() for n in STUDY} == committed
+    assert study("--variants", "dtl", "--seeds", "2", "--replace-results") == 0
+    assert R.committed_test_runs(results / "accuracy_study_runs.csv") == 2
+
+
+# -- run folders --------------------------------------------------------------------------------
+def test_run_folders_are_reused_only_for_identical_options(tmp_path):
+    run = AR.Run("dinov2", "elpv", "lora-tail", "select", 1e-3, 0, 30)
+    finish(tmp_path, run, summary(0.7))
+    assert AR.finished(run, tmp_path)["test_acc"] == 0.7
+    other = AR.Run("dinov2", "elpv", "lora-tail", "select", 1e-3, 0, 30, warmup_share=0.2)
+    assert other.folder(tmp_path) != run.folder(tmp_path)
+    config = run.folder(tmp_path) / "config.json"
+    config.write_text(json.dumps({**run.options(), "lora_blocks": "1-12"}))
+    assert AR.finished(run, tmp_path) is None  # same folder, other options: not reused
+    (run.folder(tmp_path) / "diverged.json").write_text(json.dumps({"options": run.options()}))
+    assert AR.finished(run, tmp_path)["diverged"] is True
+
+
+def test_variant_options_are_spelt_as_dtl_train_records_them():
+    """Reuse compares a run's options with its config.json: lora-tail's blocks must come
+    back from dtl-train exactly as the Run spells them."""
+    from dtl_kernels.train import make_config
+
+    opts = AR.Run("dinov2", "elpv", "lora-tail", "test", 1e-3, 0, 30).options()
+    cfg = make_config({"method": "lora", "lora_blocks": opts["lora_blocks"]})
+    assert cfg.lora_blocks == opts["lora_blocks"] == "7-12"
+
+
+def test_a_diverged_run_is_recorded_once_and_ranks_last(tmp_path, monkeypatch):
+    import subprocess
+
     calls = []
 
-    def fake(args, backbone, dataset, method, phase, lr, seed):
-        calls.append((method, phase, lr, seed))
-        # validation prefers the larger lr; test accuracy varies with the seed
-        acc = (80.0 + 1000 * lr) if phase == "select" else (70.0 + seed)
-        return {"backbone": backbone, "dataset": dataset, "method": method, "phase": phase,
-                "lr": lr, "seed": seed, "acc": acc, "trainable_params": 10,
-                "peak_memory_mib": 100.0 + seed, "images_per_s": 5.0, "wall_s": 2.0}  # fmt: skip
+    def diverging(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 3, "", "dtl-train: error: non-finite loss")
 
-    monkeypatch.setattr(B, "run_one", fake)
-    args = argparse.Namespace(
-        quick=False, backbones=["lite0"], datasets=["elpv"], methods=["lora", "dtl", "full"],
-        seeds=3, epochs=1, results=tmp_path, precision="fp32", lrs={"full": (1e-4,)},
-    )  # fmt: skip
-    monkeypatch.setattr(B, "write_runs", lambda *a: None)
-    rows = B.study(args)
-    assert not [c for c in calls if c[0] == "lora"]  # a CNN has no qkv to adapt
-    test_lrs = {(m, lr) for m, phase, lr, _ in calls if phase == "test"}
-    assert test_lrs == {("dtl", max(B.LR_GRID["dtl"])), ("full", 1e-4)}  # full: --lrs grid
-    assert not [c for c in calls if c[0] == "full" and c[1] == "select"]  # one lr: no search
-    summary = B.aggregate(rows)
-    dtl = next(r for r in summary if r["method"] == "dtl")
-    assert (dtl["acc_mean"], dtl["acc_std"], dtl["seeds"]) == (71.0, 1.0, 3)
-    assert dtl["peak_memory_mib"] == 101.0
-    B.write_tables(args, summary)
-    table = (tmp_path / "accuracy.md").read_text()
-    assert "| lite0 | elpv | dtl | 71.00 ± 1.00 (3) |" in table
-    assert (tmp_path / "accuracy.csv").is_file()
+    monkeypatch.setattr(AR.subprocess, "run", diverging)
+    run = AR.Run("dinov2", "elpv", "linear", "select", 1e-1, 0, 30)
+    assert AR.execute(run, tmp_path)["diverged"] and len(calls) == 1
+    assert AR.execute(run, tmp_path)["diverged"] and len(calls) == 1  # not tried again
+    assert AR.finished(run, tmp_path)["diverged"]
 
-
-def test_run_folders_name_what_differs_and_are_reused_only_when_equal(tmp_path):
-    import json
-
-    full = argparse.Namespace(epochs=3, max_train=None, precision="fp32")
-    quick = argparse.Namespace(epochs=2, max_train=800, precision="fp32")
-    assert B.run_tag(full) == "" and B.run_tag(quick) == "-e2-n800"
-    path = tmp_path / "summary.json"
-    path.write_text(json.dumps(dict(epochs=3, precision="fp32", img_size=112, evaluated_on="test")))
-    assert B._reusable(path, full, {"img_size": 112})
-    assert not B._reusable(path, full, {"img_size": 112, "val_split": 400})  # a val run is not
-    assert not B._reusable(path, quick, {"img_size": 112})
-    assert not B._reusable(tmp_path / "missing.json", full, {"img_size": 112})
+    fake = Fake(peaked_at(3e-2))  # 1e-1 would be next best, but diverges
+    evaluate = lambda runs: {r: dict(AR.DIVERGED) if r.lr == 1e-1 else fake([r])[r] for r in runs}  # noqa: E731
+    sel = S.select("linear", make_run("linear"), evaluate)
+    assert sel.pick.lr == 3e-2 and "1e-1@0: diverged" in R.describe_selection(sel)

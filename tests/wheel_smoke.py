@@ -18,6 +18,8 @@ assert site in where.parents, f"dtl_kernels imported from {where}, not from the 
 assert _ext.cpu_built(), f"the wheel's CPU kernels do not load: {_ext.CPU_ERROR}"
 variants = sorted(p.name.split(".")[0] for p in where.parent.glob("_C*.so"))
 assert {"_C", "_C_avx2", "_C_avx512"} <= set(variants), f"the wheel carries {variants}"
+recipes = [p.name for p in (where.parent / "train" / "recipes").glob("*.yaml")]
+assert "published.yaml" in recipes, f"the wheel carries the recipes {recipes}"  # --recipe
 torch.manual_seed(0)
 y, t = torch.randn(2, 17, 40, dtype=torch.float64), torch.randn(2, 17, 6, dtype=torch.float64)
 u, w = torch.randn(40, 6, dtype=torch.float64) * 0.3, torch.randn(40, 1, 3, 3, dtype=torch.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from torch import nn
@@ -73,8 +74,9 @@ def create_model(
             ``from_pretrained``; ``num_classes`` is then required and ``pretrained`` unused).
         method: ``dtl``, ``dtl+`` (conv, default k: 3 for ViT, 5 for Swin), ``dtl+*``
             (DTL+ with ``adapt_from=1``), ``linear`` (head only), ``lora`` (PEFT LoRA on the
-            backbone's ``qkv`` layers + head; ``lora_rank``, default 8; needs ``peft``) or
-            ``full`` (everything).
+            backbone's ``qkv`` layers + head; ``lora_rank``, default 8; ``lora_blocks=(M, N)``
+            or ``"M-N"``: only in blocks M … N, 1-based; needs ``peft``) or ``full``
+            (everything).
         num_classes: classes of the new head (default: timm's default for ``name``).
         pretrained: ``False``; ``True`` (timm hub, needs a network); or a path to a
             ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` timm checkpoint or Google's
@@ -93,9 +95,13 @@ def create_model(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wrapper_kwargs = {k: options.pop(k) for k in _WRAPPER_OPTIONS if k in options}
-    lora_rank = options.pop("lora_rank", None)
-    if lora_rank is not None and method != "lora":
-        raise ValueError(f"lora_rank is an option of method='lora', not {method!r}")
+    lora_settings = {k: options.pop(k) for k in ("lora_rank", "lora_blocks") if k in options}
+    lora_settings = {k: v for k, v in lora_settings.items() if v is not None}
+    if lora_settings and method != "lora":
+        raise ValueError(
+            f"{next(iter(lora_settings))} is an option of method='lora', not {method!r}"
+        )
+    lora_blocks = lora.parse_blocks(lora_settings.get("lora_blocks"))  # bad text: before any build
     after = {k: options.pop(k) for k in _AFTER_OPTIONS if k in options}
     if isinstance(name, nn.Module):
         if options or pretrained not in (False, None):
@@ -110,7 +116,10 @@ def create_model(
     _apply_method(cls, method, wrapper_kwargs)
     model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
     if method == "lora":
-        _add_lora(model, {"rank": lora.DEFAULT_RANK if lora_rank is None else lora_rank})
+        _add_lora(
+            model,
+            {"rank": lora_settings.get("lora_rank", lora.DEFAULT_RANK), "blocks": lora_blocks},
+        )
     if after.get("backbone_dtype") is not None:
         memory.set_backbone_dtype(model, after["backbone_dtype"])
     return model
@@ -171,13 +180,23 @@ def model_from_adapter(
 
 
 def _add_lora(model: nn.Module, settings: dict) -> None:
-    """PEFT LoRA in the (frozen) backbone of a side-less wrapper: ``method="lora"``."""
+    """PEFT LoRA in the (frozen) backbone of a side-less wrapper: ``method="lora"``
+    (``settings`` as an adapter records them; ``blocks`` counts the wrapper's blocks)."""
     model.lora = lora.inject_lora(
         model.backbone,
         settings.get("rank", lora.DEFAULT_RANK),
         tuple(settings.get("targets", lora.DEFAULT_TARGETS)),
+        blocks=settings.get("blocks"),
+        block_modules=list(model.blocks),
     )
     model.method = "lora"
+    # The wrappers' summary() describes only a side network; this model's says where its
+    # LoRA sits. (An instance attribute: the shared DTLModel.summary stays unchanged.)
+    model.summary = functools.partial(_lora_summary, model)
+
+
+def _lora_summary(model: nn.Module) -> str:
+    return type(model).summary(model).replace("no side network", lora.describe(model.lora), 1)
 
 
 def _apply_method(cls: type, method: str, kw: dict) -> None:

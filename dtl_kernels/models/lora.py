@@ -5,9 +5,16 @@ PEFT replaces each target ``nn.Linear`` by a layer holding the frozen original a
 low-rank update ``B·A`` (``A``: r × in, random; ``B``: out × r, zero, so the model starts as
 the pretrained one). Only ``A``, ``B`` and the head train. Unlike DTL, the update sits inside
 the backbone, so its backward runs through every block after the first adapted one.
+
+``blocks=(M, N)`` (1-based, inclusive, as the paper numbers blocks) restricts LoRA to the
+attention projections of blocks ``M … N``: PEFT is given those layers' full names, so the
+forward is PEFT's on exactly those layers, and blocks before ``M`` hold nothing trainable
+(their forward records no autograd graph, their backward never runs).
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from torch import nn
@@ -18,11 +25,57 @@ DEFAULT_RANK = 8
 DEFAULT_TARGETS = ("qkv", "q_proj", "k_proj", "v_proj", "query", "key", "value")
 
 
-def inject_lora(backbone: nn.Module, rank: int = DEFAULT_RANK, targets=DEFAULT_TARGETS) -> dict:
+def parse_blocks(value) -> tuple[int, int] | None:
+    """``lora_blocks`` as ``(M, N)``, 1-based and inclusive: from ``"7-12"``, ``"7"``,
+    ``(7, 12)`` / ``[7, 12]`` or ``None`` (every block). ``ValueError`` (one line) for
+    anything else, or when ``M > N`` or ``M < 1``; the range against the backbone's depth
+    is checked by :func:`block_range` (the depth is known only then)."""
+    if value is None:
+        return None
+    pair = None
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+        if m:
+            pair = (int(m[1]), int(m[2] or m[1]))
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            pair = (value[0], value[1])
+    if pair is None:
+        raise ValueError(f"lora_blocks must be M-N (1-based blocks, e.g. 7-12), got {value!r}")
+    if not 1 <= pair[0] <= pair[1]:
+        raise ValueError(f"lora_blocks {pair[0]}-{pair[1]}: need 1 ≤ M ≤ N (1-based blocks)")
+    return pair
+
+
+def format_blocks(blocks: tuple[int, int]) -> str:
+    """``(7, 12)`` → ``"7-12"`` (how the command line and configs spell it)."""
+    return f"{blocks[0]}-{blocks[1]}"
+
+
+def block_range(blocks: tuple[int, int], depth: int) -> range:
+    """0-based indices of blocks ``M … N`` of a backbone with ``depth`` blocks."""
+    first, last = blocks
+    if last > depth:
+        raise ValueError(
+            f"lora_blocks {first}-{last} is outside the backbone's {depth} blocks (1-{depth})"
+        )
+    return range(first - 1, last)
+
+
+def inject_lora(
+    backbone: nn.Module,
+    rank: int = DEFAULT_RANK,
+    targets=DEFAULT_TARGETS,
+    blocks: tuple[int, int] | None = None,
+    block_modules: list[nn.Module] | None = None,
+) -> dict:
     """Add LoRA of ``rank`` to every ``nn.Linear`` of ``backbone`` whose name ends in one of
-    ``targets``; returns the settings to record in an adapter (``{"rank", "targets"}``)."""
+    ``targets`` — only inside blocks ``M … N`` when ``blocks=(M, N)`` is given, with
+    ``block_modules`` the backbone's blocks in order (the wrapper's walk). Returns the
+    settings to record in an adapter: ``{"rank", "targets"}`` (and ``"blocks": [M, N]``)."""
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"lora_rank must be a positive int, got {rank!r}")
+    blocks = parse_blocks(blocks)
     if any(".lora_" in n for n, _ in backbone.named_parameters()):
         raise ValueError(
             "method='lora': this backbone already holds LoRA layers (PEFT changes it in place); "
@@ -41,16 +94,55 @@ def inject_lora(backbone: nn.Module, rank: int = DEFAULT_RANK, targets=DEFAULT_T
         import peft
     except ImportError as exc:
         raise ImportError("method='lora' needs Hugging Face PEFT: pip install peft") from exc
+    if blocks is not None:
+        names = _names_in_blocks(backbone, names, blocks, block_modules)
     found = sorted({n.rsplit(".", 1)[-1] for n in names})  # the targets this backbone has
+    # PEFT matches a list entry exactly (or as a dotted suffix): full names pick exactly the
+    # layers of blocks M … N, which then run PEFT's own LoRA layer
+    target_modules = found if blocks is None else names
     trainable = {n: p.requires_grad for n, p in backbone.named_parameters()}
-    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=found)
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=target_modules)
     peft.inject_adapter_in_model(config, backbone)
+    if blocks is not None:  # PEFT's name matching must have picked exactly these layers
+        adapted = sorted(n.removesuffix(".lora_A") for n, _ in backbone.named_modules()
+                         if n.endswith(".lora_A"))  # fmt: skip
+        if adapted != sorted(names):
+            raise RuntimeError(f"PEFT adapted {adapted}, expected {sorted(names)}")
     # PEFT freezes all but its own factors: give back what trained before (a backbone head
     # with head="backbone"); the wrapped originals (renamed …base_layer…) stay frozen
     for name, p in backbone.named_parameters():
         p.requires_grad_(".lora_" in name or trainable.get(name, False))
     _check_lora_runs(backbone)
-    return {"rank": rank, "targets": found}
+    settings = {"rank": rank, "targets": found}
+    if blocks is not None:
+        settings["blocks"] = list(blocks)  # a list: the adapter's JSON metadata reads back equal
+    return settings
+
+
+def _names_in_blocks(backbone, names: list[str], blocks, block_modules) -> list[str]:
+    """The target layers (full names, of ``names``) that sit inside blocks ``M … N``."""
+    if block_modules is None:
+        raise ValueError("lora_blocks needs the backbone's blocks in order (block_modules)")
+    inside = {
+        id(m)
+        for i in block_range(blocks, len(block_modules))
+        for m in block_modules[i].modules()  # a checkpointed tail block holds the original
+    }
+    modules = dict(backbone.named_modules())
+    chosen = [n for n in names if id(modules[n]) in inside]
+    if not chosen:
+        raise ValueError(
+            f"lora_blocks {format_blocks(blocks)}: no attention projection in those blocks"
+        )
+    return chosen
+
+
+def describe(settings: dict) -> str:
+    """``settings`` (as :func:`inject_lora` returns them) in words, for a model summary."""
+    where = (
+        f"blocks {format_blocks(settings['blocks'])}" if settings.get("blocks") else "all blocks"
+    )
+    return f"LoRA r={settings['rank']} on {'/'.join(settings['targets'])} of {where}"
 
 
 def _check_lora_runs(backbone: nn.Module) -> None:

@@ -1,8 +1,13 @@
-"""Training configuration: one dataclass, filled from defaults ← YAML (``--config``) ← flags.
+"""Training configuration: one dataclass, filled from defaults ← recipe (``--recipe``) ←
+YAML (``--config``) ← flags: a flag wins over the user's YAML file, which wins over the named
+recipe, which wins over the defaults (a recipe is a set of defaults; a file and a flag say
+what this run wants).
 
 Defaults follow the published recipe (SPEC §5): AdamW, weight decay 0.05 (none on biases
 and other 1-D parameters), cosine schedule with a linear warm-up from 1e-7 and a floor of
-1e-8, seed 42. Epochs and batch size default to a short CPU-sized run.
+1e-8, seed 42. Epochs, warm-up and batch size default to a short CPU-sized run, and the lr
+changes every step. ``--recipe published`` (``recipes/published.yaml``, shipped in the
+package) is the published protocol itself: see :func:`recipe_changes` for how it differs.
 
 Values are coerced to each option's type whatever their spelling (YAML 1.1 reads ``1e-3``
 as a string; ``1_000``, ``0x10``, ``8.0`` for an int, ``yes`` / ``off`` for a bool), then
@@ -18,9 +23,11 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..models import METHODS
+from ..models import METHODS, lora
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LR_STEPS = ("step", "epoch")
+RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets (--recipe NAME)
 
 
 @dataclass
@@ -31,6 +38,7 @@ class TrainConfig:
     method: str = "dtl+"
     rank: int | None = None
     lora_rank: int | None = None  # method lora: r of the low-rank factors (default 8)
+    lora_blocks: str | None = None  # method lora: only blocks "M-N" (1-based); None = all
     adapt_from: int | None = None
     tap_from: int | None = None
     conv_kernel: int | None = None
@@ -57,6 +65,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     warmup_lr: float = 1e-7
     min_lr: float = 1e-8
+    lr_step: str = "step"  # step | epoch: the lr changes every step, or once per epoch
     seed: int = 42
     precision: str = "fp32"
     label_smoothing: float = 0.0
@@ -89,6 +98,7 @@ class TrainConfig:
         """Check every option (types were coerced by :func:`make_config`); ``ValueError``
         (``DataError`` for the dataset options) naming the option, before any work."""
         _check_choices(self)
+        _check_lora_blocks(self)
         _check_counts(self)
         _check_rates(self)
         _check_dataset(self)
@@ -112,10 +122,24 @@ def _check_choices(c: TrainConfig) -> None:
         "precision": PRECISIONS,
         "normalize": ("auto", "imagenet", "half"),
         "channels_last": ("auto", "on", "off"),
+        "lr_step": LR_STEPS,
     }
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             raise ValueError(f"{_flag(name)} must be one of {allowed}, got {getattr(c, name)!r}")
+
+
+def _check_lora_blocks(c: TrainConfig) -> None:
+    """``--lora-blocks``: well-formed (then spelt ``M-N``) and only with ``--method lora``;
+    the range is checked against the backbone's depth when the model is built."""
+    if c.lora_blocks is None:
+        return
+    if c.method != "lora":
+        raise ValueError(f"--lora-blocks is an option of --method lora, not {c.method!r}")
+    try:
+        c.lora_blocks = lora.format_blocks(lora.parse_blocks(c.lora_blocks))
+    except ValueError as exc:
+        raise ValueError("--lora-blocks" + str(exc).removeprefix("lora_blocks")) from None
 
 
 # option → smallest allowed value (None: the option may be unset)
@@ -196,6 +220,12 @@ _HELP = {
     "PyPI: 'efficientnet-lite0/1/2', 'dinov2-vits14-imgfocus' (default for their timm models)",
     "method": "dtl | dtl+ | dtl+* | linear | lora | full",
     "lora_rank": "--method lora: rank of the LoRA factors (default 8)",
+    "lora_blocks": "--method lora: LoRA only on the attention projections of blocks M-N "
+    "(1-based, inclusive, e.g. 7-12; default: every block)",
+    "lr_step": "when the lr changes: step (after every optimisation step; default) | epoch "
+    "(once per epoch, constant within it: timm's CosineLRScheduler stepped per epoch as the "
+    "published loop does; its cosine runs from epoch 0, so it starts below --lr after the "
+    "warm-up)",
     "rank": "rank r of the side network",
     "adapt_from": "M: first adapted block (1-based)",
     "tap_from": "first tapped block (1-based)",
@@ -243,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dtl-train",
         description="Fine-tune a frozen backbone with DTL / DTL+ (or the linear / full baselines).",
     )
-    p.add_argument("--config", help="YAML file with any of the options below (flags win)")
+    p.add_argument(
+        "--config", help="YAML file with any of the options below (flags win over it; it wins "
+        "over --recipe)",
+    )  # fmt: skip
+    p.add_argument("--recipe", choices=recipe_names(), help=_recipe_help())
     for f in fields(TrainConfig):
         flag = _flag(f.name)
         help_ = _HELP.get(f.name, "")
@@ -266,9 +300,11 @@ def _flag_type(name: str, kind: str):
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
-    """Defaults ← YAML ← flags; coerced and validated."""
+    """Defaults ← recipe ← YAML ← flags; coerced and validated."""
     args = build_parser().parse_args(argv)
     values = {}
+    if args.recipe:
+        values.update(read_yaml(recipe_path(args.recipe)))
     if args.config:
         values.update(read_yaml(args.config))
     for f in fields(TrainConfig):
@@ -413,3 +449,37 @@ def read_yaml(path: str | Path) -> dict:
 
 
 _TYPES = {f.name: f.type for f in fields(TrainConfig)}
+
+
+# -- recipes: named option sets shipped in the package -----------------------------------------
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    path = RECIPES / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"--recipe must be one of {recipe_names()}, got {name!r}")
+    return path
+
+
+def recipe_changes(name: str) -> dict[str, tuple]:
+    """What recipe ``name`` changes: ``{option: (recipe value, default value)}``."""
+    defaults = TrainConfig()
+    return {
+        k: (v, getattr(defaults, k))
+        for k, v in read_yaml(recipe_path(name)).items()
+        if v != getattr(defaults, k)
+    }
+
+
+def _recipe_help() -> str:
+    parts = []
+    for name in recipe_names():
+        changes = ", ".join(
+            f"{_flag(k)} {v:g} (default {d:g})" if isinstance(v, float) else f"{_flag(k)} {v} "
+            f"(default {d})"
+            for k, (v, d) in recipe_changes(name).items()
+        )  # fmt: skip
+        parts.append(f"{name}: {changes}")
+    return ("named option set, below --config and flags; " + "; ".join(parts)).replace("%", "%%")

@@ -82,6 +82,7 @@ from .step import (
     check_weights_finite,
     divergence_message,
     evaluate,
+    lr_schedule,
     param_groups,
     to_device,
 )
@@ -226,10 +227,7 @@ def _optimisation(
     """AdamW with the warm-up + cosine schedule over ``steps`` per epoch; on ``--resume``
     the model, optimiser, schedule and metrics are restored from the checkpoint."""
     optimizer = torch.optim.AdamW(param_groups(s.model, cfg.weight_decay), lr=cfg.lr)
-    schedule = WarmupCosine(
-        cfg.lr, cfg.warmup_lr, cfg.min_lr, cfg.warmup_epochs * steps, cfg.epochs * steps
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
     log = MetricsLog(Path(cfg.output))

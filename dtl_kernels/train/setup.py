@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import create_model
-from ..models import offline_weights
+from ..models import lora, offline_weights
 from ..models.base import adapter_info, read_adapter
 from .config import TrainConfig
 from .data import build_datasets
@@ -62,6 +62,8 @@ def _adapter_into_config(cfg: TrainConfig) -> None:
     for key in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta"):
         setattr(cfg, key, (conf.get("csn") or {}).get(key))
     cfg.lora_rank = (conf.get("lora") or {}).get("rank")
+    blocks = (conf.get("lora") or {}).get("blocks")
+    cfg.lora_blocks = lora.format_blocks(blocks) if blocks else None
 
 
 # -- data and model ----------------------------------------------------------------------------
@@ -223,6 +225,8 @@ def _create(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
     }
     if cfg.lora_rank is not None:
         options["lora_rank"] = cfg.lora_rank
+    if cfg.lora_blocks is not None:
+        options["lora_blocks"] = cfg.lora_blocks
     if cfg.drop_path:
         options["drop_path_rate"] = cfg.drop_path
     if cfg.img_size:

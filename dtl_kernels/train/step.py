@@ -1,6 +1,7 @@
 """Training steps of a ``dtl-train`` run: AdamW's parameter groups and the warm-up +
-cosine LR schedule, the optimisation step that skips non-finite ones (:class:`Stepper`),
-the divergence stop (:class:`DivergenceError`) and the evaluation pass."""
+cosine LR schedule (per step, or per epoch as published), the optimisation step that skips
+non-finite ones (:class:`Stepper`), the divergence stop (:class:`DivergenceError`) and the
+evaluation pass."""
 
 from __future__ import annotations
 
@@ -60,6 +61,40 @@ class WarmupCosine:
             t = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
             lr = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
         return lr / self.lr
+
+
+class EpochWarmupCosine:
+    """LR factor per step, constant within an epoch (``--lr-step epoch``): timm's
+    ``CosineLRScheduler(t_initial=epochs, warmup_t=warmup_epochs, warmup_lr_init=warmup_lr,
+    lr_min=min_lr)`` stepped once per epoch, as the published loop does. Epoch ``t``
+    (0-based) trains at ``warmup_lr + t·(lr − warmup_lr)/warmup_epochs`` while
+    ``t < warmup_epochs``, then at ``min_lr + ½(lr − min_lr)(1 + cos(π·t/epochs))``: timm's
+    cosine counts the warm-up epochs too (``warmup_prefix=False``), so after the warm-up
+    it starts a little below ``lr``."""
+
+    def __init__(self, lr, warmup_lr, min_lr, warmup_epochs, epochs, steps_per_epoch):
+        self.lr, self.warmup_lr, self.min_lr = lr, warmup_lr, min_lr
+        self.warmup_epochs, self.epochs = warmup_epochs, epochs
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+
+    def epoch_lr(self, t: int) -> float:
+        if t < self.warmup_epochs:
+            return self.warmup_lr + t * (self.lr - self.warmup_lr) / self.warmup_epochs
+        cos = math.cos(math.pi * min(t, self.epochs) / self.epochs)  # past the end: the floor
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + cos)
+
+    def __call__(self, step: int) -> float:
+        return self.epoch_lr(step // self.steps_per_epoch) / self.lr
+
+
+def lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
+    """The LR factor per step that ``cfg`` asks for (``--lr-step``), for a ``LambdaLR``
+    stepped after every optimisation step (so a checkpoint's step count places either)."""
+    if cfg.lr_step == "epoch":
+        return EpochWarmupCosine(cfg.lr, cfg.warmup_lr, cfg.min_lr, cfg.warmup_epochs,
+                                 cfg.epochs, steps_per_epoch)  # fmt: skip
+    return WarmupCosine(cfg.lr, cfg.warmup_lr, cfg.min_lr, cfg.warmup_epochs * steps_per_epoch,
+                        cfg.epochs * steps_per_epoch)  # fmt: skip
 
 
 # -- the step --------------------------------------------------------------------------------
