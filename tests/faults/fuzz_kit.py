@@ -14,9 +14,12 @@ _SPECIAL = (0x00, 0x01, 0x7F, 0x80, 0xFF, 0x0A, 0x12, 0x22, 0x3A, 0x42, 0x4A)
 _HUGE = (b"\xff\xff\xff\xff\x7f", b"\x80\x80\x80\x80\x80\x80\x80\x80\x40")
 
 
-def _mutate_once(data: bytearray, rng: random.Random) -> None:
+_IN_PLACE = (0, 1, 7)  # the edits that keep the file's length and layout
+
+
+def _mutate_once(data: bytearray, rng: random.Random, in_place: bool) -> None:
     n = len(data)
-    op = rng.randrange(8)
+    op = rng.choice(_IN_PLACE) if in_place else rng.randrange(8)
     i = rng.randrange(n) if n else 0
     if op == 0 and n:  # flip bits
         data[i] ^= 1 << rng.randrange(8)
@@ -34,16 +37,20 @@ def _mutate_once(data: bytearray, rng: random.Random) -> None:
     elif op == 6:  # a huge varint
         data[i:i] = rng.choice(_HUGE)
     elif n:  # overwrite a range with one repeated byte
-        data[i : i + rng.randrange(1, 9)] = bytes([rng.choice(_SPECIAL)]) * rng.randrange(1, 9)
+        k = min(rng.randrange(1, 9), n - i)
+        data[i : i + k] = bytes([rng.choice(_SPECIAL)]) * k
 
 
-def mutants(valid: bytes, count: int, seed: int, max_edits: int = 3) -> Iterator[bytes]:
-    """``count`` mutated copies of ``valid``, each with 1…``max_edits`` random edits."""
+def mutants(
+    valid: bytes, count: int, seed: int, max_edits: int = 3, in_place: bool = False
+) -> Iterator[bytes]:
+    """``count`` mutated copies of ``valid``, each with 1…``max_edits`` random edits
+    (``in_place``: only edits that keep the length: flips and overwritten bytes)."""
     rng = random.Random(seed)
     for _ in range(count):
         data = bytearray(valid)
         for _ in range(rng.randint(1, max_edits)):
-            _mutate_once(data, rng)
+            _mutate_once(data, rng, in_place)
         yield bytes(data)
 
 
@@ -59,3 +66,48 @@ def python_peak(fn: Callable[[], object]) -> tuple[object, int]:
         return result, tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+
+
+class AllocationGuard:
+    """Refuse (``MemoryError``, before any memory is taken) every torch factory call
+    (``empty``, ``zeros``, ``randn``…) that would allocate more than ``max_bytes`` at once:
+    a reader that builds from unchecked sizes fails fast here instead of taking gigabytes.
+    ``largest`` is the largest allocation seen."""
+
+    def __init__(self, max_bytes: int):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        guard = self
+        self.max_bytes, self.largest = int(max_bytes), 0
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func.__name__.split(".")[0] in _FACTORIES and args:
+                    guard._check(args[0], kwargs.get("dtype"))
+                return func(*args, **kwargs)
+
+        self._mode = _Mode()
+
+    def _check(self, size, dtype) -> None:
+        import math
+
+        import torch
+
+        if not isinstance(size, (list, tuple)):
+            return
+        itemsize = (dtype or torch.get_default_dtype()).itemsize
+        nbytes = math.prod(int(s) for s in size) * itemsize
+        self.largest = max(self.largest, nbytes)
+        if nbytes > self.max_bytes:
+            raise MemoryError(f"allocation of {nbytes} bytes (over {self.max_bytes}) for {size}")
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+_FACTORIES = {"empty", "empty_strided", "zeros", "ones", "full", "rand", "randn", "randint"}
