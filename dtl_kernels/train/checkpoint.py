@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, fsync_dir
+from .._untrusted import check_torch_archive
 
 FORMAT = "dtl_kernels.train-checkpoint/1"
 _NAME = re.compile(r"epoch_(\d{4,})\.pt")
@@ -41,6 +42,7 @@ RUN_OPTIONS = (
     "label_smoothing", "cache_dtype",
 )  # fmt: skip
 SCHEDULE_OPTIONS = ("lr", "epochs")
+MAX_EPOCHS = 10**6  # --epochs' limit
 _PAYLOAD = {"epoch": int, "trained": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
             "metrics": list, "config": dict}  # fmt: skip
 
@@ -158,7 +160,10 @@ def save_checkpoint(
 
 
 def _read(path: Path) -> dict:
+    """The payload of a checkpoint file, every field checked (a checkpoint may come from
+    elsewhere: its bytes are untrusted); ``CheckpointError`` naming the file and field."""
     try:
+        check_torch_archive(path)  # before torch.load allocates anything the file declares
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
@@ -169,7 +174,42 @@ def _read(path: Path) -> dict:
     for key, kind in _PAYLOAD.items():
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"checkpoint {path} is damaged: '{key}' is missing or mistyped")
+    problem = _payload_problem(payload)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     return payload
+
+
+def _payload_problem(payload: dict) -> str | None:
+    """What is wrong with a loaded payload's fields (``None``: nothing)."""
+    epoch = payload["epoch"]
+    if isinstance(epoch, bool) or not 1 <= epoch <= MAX_EPOCHS:
+        return f"'epoch' is {epoch!r}, expected 1…{MAX_EPOCHS}"
+    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in
+               payload["trained"].items()):  # fmt: skip
+        return "'trained' is not a mapping of names to tensors"
+    rows = payload["metrics"]
+    if len(rows) != epoch or not all(_flat_record(r) for r in rows):
+        return f"'metrics' is not {epoch} rows of numbers"
+    if not _flat_record(payload["config"]):
+        return "'config' is not a mapping of option names to values"
+    step = payload["scheduler"].get("last_epoch")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 2**62:
+        return f"'scheduler.last_epoch' is {str(step)[:40]}, expected a step count"
+    data = payload.get("data")
+    if data is not None and not (
+        isinstance(data, dict) and all(_flat_record(v) for v in data.values())
+    ):
+        return "'data' is not a mapping of split names to fingerprints"
+    return None
+
+
+def _flat_record(value) -> bool:
+    """A mapping of names to plain values (what metrics rows and configurations hold)."""
+    plain = (str, int, float, bool, type(None))
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, plain) for k, v in value.items()
+    )
 
 
 def load_latest(output: str | Path) -> tuple[Path, dict] | None:
@@ -211,13 +251,30 @@ def restore(payload: dict, path: Path, model, optimizer, scheduler) -> None:
     try:
         optimizer.load_state_dict(payload["optimizer"])
         step = int(payload["scheduler"]["last_epoch"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 — any failure on untrusted state: it does not fit
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from exc
+    misfit = _optimizer_state_misfit(optimizer)
+    if misfit:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({misfit})")
     with torch.no_grad():
         for n, t in trained.items():
             own[n].copy_(t)
     set_schedule_step(scheduler, step)
-    set_rng_state(payload["rng"])
+    try:
+        set_rng_state(payload["rng"])
+    except Exception as exc:  # noqa: BLE001 — any failure on untrusted state: damaged
+        raise CheckpointError(f"checkpoint {path} is damaged: 'rng' ({exc})") from exc
+
+
+def _optimizer_state_misfit(optimizer) -> str | None:
+    """A per-parameter optimizer state tensor (AdamW's moments) whose shape is not its
+    parameter's (``load_state_dict`` does not check; the next step would fail)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    return f"'{key}' of shape {tuple(value.shape)} for a {tuple(p.shape)} parameter"
+    return None
 
 
 def set_schedule_step(scheduler, step: int) -> None:
