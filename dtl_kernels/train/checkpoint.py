@@ -55,6 +55,11 @@ def checkpoint_dir(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
 
 
+def checkpoint_path(output: str | Path, epoch: int) -> Path:
+    """Where the checkpoint after ``epoch`` epochs is written."""
+    return checkpoint_dir(output) / f"epoch_{epoch:04d}.pt"
+
+
 def set_aside(output: str | Path, also: tuple[str, ...] = ()) -> Path:
     """Move an earlier run's checkpoint folder to ``checkpoints.old-<n>`` (never delete a
     user's work): a fresh run must not rotate them with its own or resume into them.
@@ -147,7 +152,7 @@ def save_checkpoint(
         "metrics": metrics,
         "config": config,
     }
-    path = checkpoint_dir(output) / f"epoch_{epoch:04d}.pt"
+    path = checkpoint_path(output, epoch)
 
     def write(tmp: str) -> None:
         torch.save(payload, tmp)

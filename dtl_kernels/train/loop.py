@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,6 +61,7 @@ from . import outputs, setup
 from .config import TrainConfig
 from .dist import Dist, RankFailed
 from .metrics import MetricsLog, PeakMemory
+from .output_lock import OutputLock
 
 # Names that lived in this module before it was split by phase; still importable from here.
 from .outputs import RUN_OUTPUTS, prepare_output, resume_point
@@ -98,20 +100,19 @@ __all__ = [
 def run(cfg: TrainConfig) -> dict:
     """Train (or ``--eval-only``) as configured; returns the summary (rank 0 writes it)."""
     t_start = time.time()
-    d = Dist(cfg.ddp_timeout)
-    try:
-        return _run(cfg, d, t_start)
-    finally:
-        d.close()
+    with ExitStack() as held:  # released in reverse on any exit: the lock, then the group
+        d = Dist(cfg.ddp_timeout)
+        held.callback(d.close)
+        return _run(cfg, d, t_start, held)
 
 
 def _say(d: Dist):
     return (lambda m: print(m, flush=True)) if d.main else (lambda m: None)
 
 
-def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
+def _run(cfg: TrainConfig, d: Dist, t_start: float, held: ExitStack) -> dict:
     say = _say(d)
-    family, found = _before_any_work(cfg, d, say)
+    family, found = _before_any_work(cfg, d, say, held)
     s = setup.build(cfg, d, family, say)
     if cfg.eval_only:
         return _eval_only(cfg, d, s, t_start)
@@ -124,10 +125,14 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
 
 
 # -- before any work ---------------------------------------------------------------------------
-def _before_any_work(cfg: TrainConfig, d: Dist, say) -> tuple[str, tuple | None]:
-    """Check the options, read the ``--resume`` point, prepare the output folder. Returns
-    the backbone family and the resume point (:func:`outputs.resume_point`)."""
+def _before_any_work(cfg: TrainConfig, d: Dist, say, held: ExitStack) -> tuple[str, tuple | None]:
+    """Check the options, lock the output folder for this run (rank 0; released when
+    ``held`` closes), read the ``--resume`` point, prepare the folder. Returns the backbone
+    family and the resume point (:func:`outputs.resume_point`)."""
     family = d.run_agreed("checking the options", setup.preflight, cfg)
+    lock = d.main_then_agree("locking the output folder", OutputLock.acquire, Path(cfg.output))
+    if lock is not None:
+        held.callback(lock.release)
     found = d.run_agreed("reading the checkpoint", outputs.resume_point, cfg)
     if cfg.resume and found is None:
         say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(Path(cfg.output))}, starting fresh")
@@ -149,9 +154,7 @@ def _eval_only(cfg: TrainConfig, d: Dist, s: setup.Setup, t_start: float) -> dic
     summary = outputs.run_summary(cfg, s.model, d, t_start, s.num_classes, s.size,
                                   len(s.train_set), len(s.test_set))  # fmt: skip
     summary.update(eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss)
-    d.main_then_agree(
-        "writing the summary", outputs.write_json, Path(cfg.output) / "summary.json", summary
-    )
+    d.main_then_agree("writing the summary", outputs.write_eval_summary, Path(cfg.output), summary)
     if d.main:
         print(f"test accuracy {100 * test_acc:.2f}% ({cfg.adapter})", flush=True)
     return summary
