@@ -131,10 +131,13 @@ def save_checkpoint(
     config: dict,
     with_buffers: bool = False,
     keep: int = 2,
+    data: dict | None = None,
 ) -> Path:
     """Write ``epoch_<epoch>.pt`` atomically (verified by reading it back), then delete
-    all but the newest ``keep`` checkpoints. ``CheckpointError`` (nothing written, nothing
-    deleted) when a trained tensor holds NaN or inf."""
+    all but the newest ``keep`` checkpoints. ``data``: the fingerprint of each split the
+    run trains and evaluates on (compared on ``--resume``: :func:`data_plan`).
+    ``CheckpointError`` (nothing written, nothing deleted) when a trained tensor holds NaN
+    or inf."""
     trained = trained_state(model, with_buffers)
     bad = [n for n, t in trained.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
@@ -151,6 +154,7 @@ def save_checkpoint(
         "rng": rng_state(),
         "metrics": metrics,
         "config": config,
+        **({"data": data} if data is not None else {}),
     }
     path = checkpoint_path(output, epoch)
 
@@ -233,15 +237,18 @@ def load_latest(output: str | Path) -> tuple[Path, dict] | None:
         raise CheckpointError(f"{exc}{prev}") from exc
 
 
-def restore(payload: dict, path: Path, model, optimizer, scheduler) -> None:
+def restore(
+    payload: dict, path: Path, model, optimizer, scheduler, step: int | None = None
+) -> None:
     """Load a checkpoint's trained tensors, optimizer state, schedule position and RNG
     states; ``CheckpointError`` names any key that does not fit the model built from the
     current configuration.
 
     The schedule itself (``scheduler``'s lr function and base lr) is the current
-    configuration's: only the step count comes from the checkpoint, and every parameter
-    group's lr is set to the schedule's value at that step (for an unchanged
-    configuration that is the value the uninterrupted run had, bit for bit).
+    configuration's: only the step count comes from the checkpoint (or ``step``, from
+    :func:`schedule_step`), and every parameter group's lr is set to the schedule's value
+    at that step (for an unchanged configuration that is the value the uninterrupted run
+    had, bit for bit).
     """
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     trained = payload["trained"]
@@ -255,7 +262,7 @@ def restore(payload: dict, path: Path, model, optimizer, scheduler) -> None:
         )
     try:
         optimizer.load_state_dict(payload["optimizer"])
-        step = int(payload["scheduler"]["last_epoch"])
+        step = int(payload["scheduler"]["last_epoch"]) if step is None else step
     except Exception as exc:  # noqa: BLE001 — any failure on untrusted state: it does not fit
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from exc
     misfit = _optimizer_state_misfit(optimizer)
@@ -334,3 +341,49 @@ def resume_plan(saved: dict, current: dict, done_epochs: int, force: bool) -> li
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def data_plan(path: Path, saved: dict | None, current: dict, force: bool) -> list[str]:
+    """Compare the data fingerprints a checkpoint stored (``saved``: split → fingerprint,
+    ``None`` for checkpoints of older versions) with the current data's.
+
+    Returns the lines to print. Raises ``CheckpointError`` naming each changed split
+    (images added, removed or edited since the checkpoint) unless ``force``: resuming would
+    otherwise continue on other data with a step count that belongs to the old data.
+    """
+    if saved is None:
+        return [f"--resume: {path} stores no data fingerprint (an older version): the data "
+                "is not compared"]  # fmt: skip
+    changed = []
+    for split in sorted(set(saved) | set(current)):
+        was, now = saved.get(split) or {}, current.get(split) or {}
+        if was.get("samples") != now.get("samples"):
+            changed.append(f"{split}: {was.get('samples')} → {now.get('samples')} samples")
+        elif was.get("content_sha256") != now.get("content_sha256"):
+            changed.append(f"{split}: the same {now.get('samples')} samples, other content")
+    if not changed:
+        return []
+    described = "; ".join(changed)
+    if not force:
+        raise CheckpointError(
+            f"--resume: the data changed since {path} ({described}): the run would continue "
+            "on other data. Start a fresh run (another --output), or pass --force-resume to "
+            "continue on the new data (the schedule is then rebuilt for it)"
+        )
+    return [f"--force-resume: continuing on changed data ({described})"]
+
+
+def schedule_step(payload: dict, steps_per_epoch: int) -> tuple[int, str | None]:
+    """The step the schedule continues at: the checkpoint's, when it is its epochs times
+    the current steps per epoch (always, unless the data or the batch size changed under
+    ``--force-resume``); else that product — the schedule is rebuilt for the new steps per
+    epoch, after the epochs done — and a line saying so."""
+    saved, epoch = int(payload["scheduler"]["last_epoch"]), int(payload["epoch"])
+    step = epoch * steps_per_epoch
+    if saved == step:
+        return saved, None
+    was = f"{saved // epoch}" if saved % epoch == 0 else f"{saved / epoch:.1f}"
+    return step, (
+        f"--resume: the warm-up/cosine schedule is rebuilt for {steps_per_epoch} steps "
+        f"per epoch (the checkpoint had {was}) and continues at step {step}, after epoch {epoch}"
+    )

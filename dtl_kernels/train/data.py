@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,7 @@ class FileImages(Dataset):
     def subset(self, index: torch.Tensor) -> FileImages:
         out = FileImages.__new__(FileImages)
         out.__dict__.update(self.__dict__)
+        out.__dict__.pop("_data_fingerprint", None)  # another subset, another fingerprint
         out.paths = [self.paths[i] for i in index.tolist()]
         out.labels = self.labels[index]
         return out
@@ -186,16 +188,80 @@ class FileImages(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
     def fingerprint(self) -> str:
-        """sha256 over every file's path, size, modification time and label (for cache
-        keys: a replaced or edited file changes it without decoding anything)."""
+        """sha256 over every file's path, size, modification time, label and a sampled
+        hash of its bytes (:func:`sampled_file_hash`): a replaced or edited file changes
+        it, even one of the same size whose modification time was put back, without
+        decoding anything."""
         import hashlib
 
         h = hashlib.sha256(f"{self.size}|{self.mean.flatten().tolist()}|"
                            f"{self.std.flatten().tolist()}|".encode())  # fmt: skip
         for p, label in zip(self.paths, self.labels.tolist(), strict=True):
             st = p.stat()
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{label}|{sampled_file_hash(p)}\n"
+                     .encode())  # fmt: skip
         return h.hexdigest()
+
+
+SAMPLE_BYTES = 4096  # per sampled range of a file's content
+
+
+def sampled_file_hash(path: Path, chunk: int = SAMPLE_BYTES) -> str:
+    """sha256 of a file's first, middle and last ``chunk`` bytes (all of a small file):
+    cheap for large datasets, and a changed image almost always differs there (its
+    header, or compressed data that changes throughout)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        starts = [0] if size <= 3 * chunk else [0, (size - chunk) // 2, size - chunk]
+        for start in starts:
+            f.seek(start)
+            h.update(f.read(chunk if len(starts) > 1 else size))
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset: Dataset) -> dict:
+    """What identifies a split's data (cache keys, ``--resume``): the sample count and a
+    content hash: of every file (:meth:`FileImages.fingerprint`), of all decoded images and
+    labels when the dataset holds them as tensors (``images`` / ``labels``), else of its
+    first and last samples. Computed once per dataset object."""
+    memo = getattr(dataset, "_data_fingerprint", None)
+    if memo is not None:
+        return dict(memo)
+    import hashlib
+
+    h = hashlib.sha256()
+    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if callable(getattr(dataset, "fingerprint", None)):  # files
+        h.update(dataset.fingerprint().encode())
+        content = "files"
+    elif isinstance(images, torch.Tensor):
+        h.update(f"{images.dtype}|{tuple(images.shape)}|".encode())
+        h.update(images.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for attr in ("mean", "std"):
+            v = getattr(dataset, attr, None)
+            if isinstance(v, torch.Tensor):
+                h.update(f"{attr}={v.flatten().tolist()}".encode())
+        content = "images"
+    else:
+        for i in sorted({0, len(dataset) - 1}):
+            x = dataset[i][0]
+            if not isinstance(x, torch.Tensor):
+                raise DataError(f"the dataset returns {type(x).__name__}, not a tensor")
+            x = x.contiguous()
+            h.update(f"{x.dtype}|{tuple(x.shape)}|".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy().data)
+        content = "first+last samples"
+    if isinstance(labels, torch.Tensor):
+        h.update(labels.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    memo = {"samples": len(dataset), "content": content, "content_sha256": h.hexdigest()}
+    try:
+        dataset._data_fingerprint = memo
+    except AttributeError:  # a dataset with __slots__: computed again next time
+        pass
+    return dict(memo)
 
 
 def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=None):

@@ -59,6 +59,7 @@ from . import cache as trunk_cache
 from . import checkpoint as ckpt
 from . import outputs, setup
 from .config import TrainConfig
+from .data import data_fingerprint
 from .dist import Dist, RankFailed
 from .metrics import MetricsLog, PeakMemory
 from .output_lock import OutputLock
@@ -116,8 +117,9 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float, held: ExitStack) -> dict:
     s = setup.build(cfg, d, family, say)
     if cfg.eval_only:
         return _eval_only(cfg, d, s, t_start)
+    data = _data(cfg, d, s, found, say)
     feed = _feed(cfg, d, s, say)
-    opt = _optimisation(cfg, d, s, len(feed.loader), found, say)
+    opt = _optimisation(cfg, d, s, len(feed.loader), found, data, say)
     done = _epochs(cfg, d, s, feed, opt, say)
     if done.stopped_after is not None:  # --stop-after: no final evaluation, no outputs
         return {"stopped_after_epoch": done.stopped_after}
@@ -221,10 +223,24 @@ class Optimisation:
     scaler: torch.amp.GradScaler | None  # fp16 only
     log: MetricsLog
     start_epoch: int  # epochs already done (--resume)
+    data: dict  # split → fingerprint of the data (saved with each checkpoint)
+
+
+def _data(cfg: TrainConfig, d: Dist, s: setup.Setup, found, say) -> dict:
+    """The fingerprint of each split (saved with every checkpoint); on ``--resume``
+    compared with the checkpoint's before any work is spent on the data (a change is
+    refused unless ``--force-resume``)."""
+    data = {"train": data_fingerprint(s.train_set), "test": data_fingerprint(s.test_set)}
+    if found is not None:
+        path, payload, _ = found
+        for note in d.run_agreed("comparing the data", ckpt.data_plan, path,
+                                 payload.get("data"), data, cfg.force_resume):  # fmt: skip
+            say(note)
+    return data
 
 
 def _optimisation(
-    cfg: TrainConfig, d: Dist, s: setup.Setup, steps: int, found, say
+    cfg: TrainConfig, d: Dist, s: setup.Setup, steps: int, found, data: dict, say
 ) -> Optimisation:
     """AdamW with the warm-up + cosine schedule over ``steps`` per epoch; on ``--resume``
     the model, optimiser, schedule and metrics are restored from the checkpoint."""
@@ -239,11 +255,14 @@ def _optimisation(
     start_epoch = 0
     if found is not None:
         path, payload, _ = found
+        step, rebuilt = ckpt.schedule_step(payload, steps)
+        if rebuilt:
+            say(rebuilt)
         d.run_agreed("restoring the checkpoint", ckpt.restore, payload, path, s.model,
-                     optimizer, scheduler)  # fmt: skip
+                     optimizer, scheduler, step)  # fmt: skip
         start_epoch, log.rows = payload["epoch"], list(payload["metrics"])
         say(f"resumed from {path} (epoch {start_epoch} done)")
-    return Optimisation(optimizer, scheduler, scaler, log, start_epoch)
+    return Optimisation(optimizer, scheduler, scaler, log, start_epoch, data)
 
 
 # -- the epochs --------------------------------------------------------------------------------
@@ -283,7 +302,7 @@ def _epochs(
         say(_epoch_line(cfg, epoch, row, row["images_per_s"]))
         d.main_then_agree(
             "saving the checkpoint", outputs.save_epoch, out, epoch + 1, s.model, opt.optimizer,
-            opt.scheduler, opt.log, cfg,
+            opt.scheduler, opt.log, cfg, opt.data,
         )  # fmt: skip
         if (
             cfg.stop_after is not None

@@ -104,13 +104,13 @@ def _keep_earlier_summary(out: Path, overwrite: bool, say) -> None:
 
 
 # -- while training ----------------------------------------------------------------------------
-def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg) -> None:
-    """Rank 0, after each epoch: the checkpoint (the newest ``--keep-checkpoints`` kept),
-    then the metrics so far."""
+def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg, data=None) -> None:
+    """Rank 0, after each epoch: the checkpoint (the newest ``--keep-checkpoints`` kept,
+    with the ``data`` fingerprints), then the metrics so far."""
     manifest.record(out, ckpt.checkpoint_path(out, epoch), *log.paths())
     ckpt.save_checkpoint(
         out, epoch, model, optimizer, scheduler, log.rows, cfg.to_dict(),
-        with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints,
+        with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints, data=data,
     )  # fmt: skip
     log.write()
 
