@@ -137,6 +137,9 @@ _INT_MAXIMUM = {
     "adapt_from": 2**16, "tap_from": 2**16, "conv_kernel": 2**10, "num_classes": 2**24,
 }  # fmt: skip
 _FP32_MAX = 3.4028234663852886e38
+# option → largest allowed value of floats the optimiser applies in float32 arithmetic (AdamW's
+# step is lr / (1 - β₁) and its decay factor 1 - lr·weight_decay: both must stay finite)
+_FLOAT_MAXIMUM = {"lr": 1e30, "weight_decay": 1e6, "ddp_timeout": 1e9}
 
 
 def _check_counts(c: TrainConfig) -> None:
@@ -158,6 +161,9 @@ def _check_rates(c: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
     if c.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {c.lr}")
+    for name, high in _FLOAT_MAXIMUM.items():
+        if getattr(c, name) > high:
+            raise ValueError(f"{_flag(name)} must be ≤ {high:g}, got {getattr(c, name):g}")
     for name in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr"):
         if getattr(c, name) < 0:
             raise ValueError(f"{_flag(name)} must be ≥ 0, got {getattr(c, name)}")

@@ -82,6 +82,7 @@ from .step import (
     DivergenceError,
     Stepper,
     WarmupCosine,
+    check_epoch_had_a_finite_step,
     check_weights_finite,
     divergence_message,
     evaluate,
@@ -150,9 +151,12 @@ def _eval_only(cfg: TrainConfig, d: Dist, s: setup.Setup, t_start: float) -> dic
     """``--eval-only``: load the adapter, evaluate, write the summary."""
     mismatch = "warn" if cfg.allow_backbone_mismatch else "error"
     d.run_agreed("loading the adapter", s.model.load_adapter, cfg.adapter, mismatch)
-    test_loss, test_acc = evaluate(
-        s.model, s.test_set, s.local_batch, d, s.autocast, s.channels_last, cfg.workers
-    )
+    try:
+        test_loss, test_acc = evaluate(
+            s.model, s.test_set, s.local_batch, d, s.autocast, s.channels_last, cfg.workers
+        )
+    except DivergenceError as exc:
+        raise DivergenceError(f"--eval-only {cfg.adapter}: {exc}") from None
     summary = outputs.run_summary(cfg, s.model, d, t_start, s.num_classes, s.size,
                                   len(s.train_set), len(s.test_set))  # fmt: skip
     summary.update(eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss)
@@ -296,7 +300,7 @@ def _epochs(
             say(f"epoch {epoch + 1}: skipped {row['skipped_steps']} step(s) with a non-finite "
                 "loss or gradient")  # fmt: skip
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            done.test_loss, done.test_acc = _evaluate(d, s, feed)
+            done.test_loss, done.test_acc = _evaluate(cfg, d, s, feed)
             row.update(test_loss=done.test_loss, test_acc=done.test_acc)
         opt.log.append(row)
         say(_epoch_line(cfg, epoch, row, row["images_per_s"]))
@@ -347,6 +351,7 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
             )
     train_time = time.time() - t0
     loss_sum, correct, seen = d.sum(loss_sum, correct, seen)
+    check_epoch_had_a_finite_step(cfg, epoch, seen, int(skipped), Path(cfg.output))
     check_weights_finite(s.model, cfg, epoch, Path(cfg.output))
     return {
         "epoch": epoch + 1,
@@ -361,9 +366,16 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
     }
 
 
-def _evaluate(d: Dist, s: setup.Setup, feed: Feed) -> tuple[float, float]:
-    return evaluate(feed.eval_net, feed.test_data, s.local_batch, d, s.autocast, s.channels_last,
-                    feed.eval_workers)  # fmt: skip
+def _evaluate(cfg: TrainConfig, d: Dist, s: setup.Setup, feed: Feed) -> tuple[float, float]:
+    """The test metrics of the model now; non-finite outputs stop the run (diverged)."""
+    try:
+        return evaluate(feed.eval_net, feed.test_data, s.local_batch, d, s.autocast,
+                        s.channels_last, feed.eval_workers)  # fmt: skip
+    except DivergenceError as exc:
+        raise DivergenceError(
+            f"training diverged: {exc}. No adapter was written; "
+            f"{outputs.last_checkpoint_note(Path(cfg.output))}. Lower --lr (now {cfg.lr})"
+        ) from None
 
 
 def _epoch_line(cfg: TrainConfig, epoch: int, row: dict, speed: float) -> str:
@@ -402,7 +414,7 @@ def _finish(cfg: TrainConfig, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisa
     """The final test metrics, the summary and, on rank 0, the outputs."""
     test_loss, test_acc = done.test_loss, done.test_acc
     if test_acc is None:  # resumed after the last epoch: evaluate the restored model
-        test_loss, test_acc = _evaluate(d, s, feed)
+        test_loss, test_acc = _evaluate(cfg, d, s, feed)
     summary = outputs.run_summary(cfg, s.model, d, t_start, s.num_classes, s.size,
                                   len(s.train_set), len(s.test_set))  # fmt: skip
     cache = feed.cache
