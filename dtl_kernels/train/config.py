@@ -124,7 +124,7 @@ _INT_MINIMUM = {
     "epochs": 1, "batch_size": 1, "eval_every": 1, "keep_checkpoints": 1, "shots": 1,
     "shot_seed": 0, "seed": 0, "workers": 0, "max_nonfinite_steps": 0, "rank": 1,
     "lora_rank": 1, "adapt_from": 1, "tap_from": 1, "conv_kernel": 0, "img_size": 1,
-    "num_classes": 1,
+    "num_classes": 2,
     "max_train": 1, "max_test": 1, "val_split": 1, "stop_after": 1,
 }  # fmt: skip
 

@@ -108,8 +108,9 @@ _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def eight_bit(img):
     """A PIL image as 8-bit ``RGB``: 16-bit gray scaled by 255/65535, float gray from
-    [0, 1] (or from its own min…max when outside), never clipped as ``convert("RGB")``
-    alone would; other modes through ``convert("RGB")``."""
+    [0, 1] (or from its own min…max when outside), 32-bit integer gray beyond the 16-bit
+    range from its own min…max, never clipped as ``convert("RGB")`` alone would; other
+    modes through ``convert("RGB")``."""
     from PIL import Image
 
     if img.mode not in _HIGH_BIT_MODES:
@@ -119,6 +120,8 @@ def eight_bit(img):
         raise ValueError("the image holds NaN or infinite values")
     if img.mode == "F":
         low, high = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (arr.min(), arr.max())
+    elif img.mode == "I" and (arr.min() < 0 or arr.max() > 65535):  # 32-bit integers
+        low, high = arr.min(), arr.max()
     else:  # 16-bit (PNG / TIFF open as I;16 or I)
         low, high = 0.0, 65535.0
     scaled = (arr - low) * (255.0 / max(high - low, 1e-12))
@@ -303,9 +306,13 @@ def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     samples = []
     for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append((f, label))
+        found = [f for f in sorted((root / name).rglob("*"))
+                 if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]  # fmt: skip
+        if not found:  # a label of its own would shift every later class's
+            raise DataError(
+                f"class folder {root / name} holds no images: add some or remove the folder"
+            )
+        samples += [(f, label) for f in found]
     if not samples:
         raise DataError(f"no images under {root} (expected {root}/<class>/<image>)")
     return samples, classes
@@ -484,6 +491,11 @@ def build_datasets(cfg, size: int, norm: str):
         if len(ds) == 0:
             raise DataError(f"{name}: the {split} split is empty")
     num_classes = check_labels({"train": train.labels, "test": test.labels}, cfg.num_classes, name)
+    if num_classes < 2:
+        raise DataError(
+            f"{name}: one class only: every prediction would be right (100 % accuracy whatever "
+            "the model); a classifier needs at least 2 classes"
+        )
     return train, test, num_classes
 
 
