@@ -304,17 +304,19 @@ def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    samples = []
-    for label, name in enumerate(classes):
-        found = [f for f in sorted((root / name).rglob("*"))
-                 if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]  # fmt: skip
-        if not found:  # a label of its own would shift every later class's
+    found = {
+        name: [f for f in sorted((root / name).rglob("*"))
+               if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        for name in classes
+    }  # fmt: skip
+    if not any(found.values()):
+        raise DataError(f"no images under {root} (expected {root}/<class>/<image>)")
+    for name in classes:  # an empty class's label would shift every later class's
+        if not found[name]:
             raise DataError(
                 f"class folder {root / name} holds no images: add some or remove the folder"
             )
-        samples += [(f, label) for f in found]
-    if not samples:
-        raise DataError(f"no images under {root} (expected {root}/<class>/<image>)")
+    samples = [(f, label) for label, name in enumerate(classes) for f in found[name]]
     return samples, classes
 
 
