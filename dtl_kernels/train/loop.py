@@ -33,13 +33,17 @@ cache build or a save is raised on every rank (:mod:`dtl_kernels.train.dist`).
 
 What the loop guarantees (README, "What the trainer guarantees"):
 
-* Before any work, every option is checked, and so are the output folder (an earlier
-  run's outputs are moved aside, never replaced without ``--overwrite``; stale temporary
-  files of killed writes are removed) and, for ``--resume``, the checkpoint's options
-  (:func:`checkpoint.resume_plan`).
+* Before any work, every option is checked; the output folder is locked for the whole run
+  (:mod:`~dtl_kernels.train.output_lock`: one run per folder); an earlier run's outputs
+  are moved aside, or under ``--overwrite`` deleted when its manifest records them
+  (:mod:`~dtl_kernels.train.manifest`); stale temporary files of killed writes are
+  removed; for ``--resume``, the checkpoint's options (:func:`checkpoint.resume_plan`)
+  and, once the data is read, its fingerprint (:func:`checkpoint.data_plan`) are compared.
 * A step whose loss or gradients are not finite is skipped (no update); more than
-  ``--max-nonfinite-steps`` in a row stop the run with :class:`DivergenceError`, keeping
-  the last finite checkpoint and writing no adapter. Every JSON file stays strict JSON.
+  ``--max-nonfinite-steps`` in a row, an epoch without a finite step, exploded or
+  non-finite weights and non-finite evaluation outputs stop the run with
+  :class:`DivergenceError`, keeping the last good checkpoint and writing no adapter. Every
+  JSON file stays strict JSON.
 """
 
 from __future__ import annotations
