@@ -398,7 +398,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())  # noqa: S506
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except UnicodeDecodeError:
         raise ValueError(f"config file {path} is not UTF-8 text") from None
     except RecursionError:
