@@ -132,17 +132,16 @@ def _text(value: memoryview, where: str) -> str:
 
 
 def _add_dims(dims: list[int], value, wire: int, where: str) -> None:
-    """Append one ``dims`` field (a varint, or packed varints) to ``dims``, at most
-    :data:`MAX_DIMS` in all."""
-    values = [value] if wire == _VARINT else None
-    pos = 0
-    while values is None and pos < len(value):
-        if len(dims) >= MAX_DIMS:
-            break
-        v, pos = _varint(value, pos, where)
-        dims.append(v)
-    dims += values or []
-    if len(dims) > MAX_DIMS or (values is None and pos < len(value)):
+    """Append one ``dims`` field (a varint, or packed varints) to ``dims``; more than
+    :data:`MAX_DIMS` in all is malformed (found before more are stored)."""
+    if wire == _VARINT:
+        dims.append(value)
+    else:
+        pos = 0
+        while pos < len(value) and len(dims) <= MAX_DIMS:
+            v, pos = _varint(value, pos, where)
+            dims.append(v)
+    if len(dims) > MAX_DIMS:
         raise _Malformed(f"{where}: more than {MAX_DIMS} dimensions")
 
 

@@ -27,8 +27,10 @@ def recorded(out: str | Path) -> set[str]:
         data = parse_json(path.read_bytes(), f"manifest {path}")
     except (OSError, ValueError):
         return set()
-    files = data.get("files") if isinstance(data, dict) else None
-    if data.get("format") != FORMAT or not isinstance(files, list) or len(files) > _MAX_FILES:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return set()
+    files = data.get("files")
+    if not isinstance(files, list) or len(files) > _MAX_FILES:
         return set()
     return {f for f in files if isinstance(f, str) and _plain(f)}
 

@@ -80,3 +80,23 @@ def test_overwrite_deletes_exactly_the_earlier_runs_files_and_names_them(toy, tm
         "config.json", "checkpoints/epoch_0002.pt",
     ])  # fmt: skip
     assert (out / "notes.txt").read_text() == "mine" and not list(out.glob("checkpoints.old-*"))
+
+
+def test_fuzzed_manifests_never_name_a_file_outside_the_folder(tmp_path):
+    from pathlib import PurePosixPath
+
+    from fuzz_kit import mutants
+
+    from dtl_kernels.train import manifest
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter.safetensors").write_bytes(b"x")
+    manifest.record(out, out / "adapter.safetensors", out / "checkpoints" / "epoch_0001.pt")
+    good = (out / manifest.MANIFEST_NAME).read_bytes()
+    hostile = good.replace(b'"adapter.safetensors"', b'"../../etc/passwd", "/etc/passwd"')
+    for data in [hostile, b"[]", b'"text"', *mutants(good, count=150, seed=22)]:
+        (out / manifest.MANIFEST_NAME).write_bytes(data)
+        for name in manifest.recorded(out):  # never raises; only plain names inside OUTPUT
+            p = PurePosixPath(name)
+            assert not p.is_absolute() and ".." not in p.parts, name
