@@ -99,7 +99,8 @@ def _mode_for(path: Path) -> int:
         return 0o666 & ~_umask()
 
 
-def _writer_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (owned by anyone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -122,7 +123,7 @@ def stale_temps(folder: str | os.PathLike) -> list[Path]:
         m = _TEMP_WITH_PID.fullmatch(p.name)
         if m is not None:
             pid = int(m.group(1))
-            if pid != os.getpid() and not _writer_alive(pid):
+            if pid != os.getpid() and not process_alive(pid):
                 found.append(p)
         elif _TEMP_WITHOUT_PID.fullmatch(p.name):
             found.append(p)

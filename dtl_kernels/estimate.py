@@ -134,6 +134,18 @@ def _bytes(tensors) -> int:
     return total
 
 
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _image_size(image_size) -> tuple[int, int]:
+    """``(H, W)`` from ``H`` or ``(H, W)``: positive ints, else ``ValueError``."""
+    size = (image_size, image_size) if not isinstance(image_size, (tuple, list)) else image_size
+    if len(size) != 2 or not all(_positive_int(v) for v in size):
+        raise ValueError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+    return int(size[0]), int(size[1])
+
+
 def estimate_memory(
     model: nn.Module,
     batch_size: int,
@@ -161,7 +173,10 @@ def estimate_memory(
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    h, w = _image_size(image_size)
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+        if value is not None and not _positive_int(value):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in autocast:
         raise ValueError(f"precision must be one of {list(autocast)}, got {precision!r}")

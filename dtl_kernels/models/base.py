@@ -100,6 +100,10 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
         own = callable(getattr(backbone, "reset_classifier", None))
         if num_classes is None and not own:
             raise ValueError(f"{type(backbone).__name__} has no classifier: give num_classes")
+        if num_classes is not None and (
+            isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0
+        ):  # 0 is timm's "features, no head"; a negative count is a mistake, not that
+            raise ValueError(f"num_classes must be a whole number ≥ 0, got {num_classes!r}")
         self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         if default_blocks is not None:
             tap_from = default_blocks[0] if tap_from is None else tap_from
@@ -176,6 +180,27 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
 
     def print_summary(self) -> None:
         print(self.summary())
+
+    # -- validation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def side_grids(self, images: torch.Tensor) -> list[tuple[int, int]]:
+        """The token grid ``(H, W)`` after each adapted block for ``images``: what DTL+'s
+        convolution runs on. The frozen blocks run once in eval mode, without the side
+        network (so a huge ``conv_kernel`` costs nothing here)."""
+        if self.csn is None:
+            return []
+        was = self.training
+        self.eval()
+        try:
+            x, ctx = self.embed(self.backbone_images(images))
+            grids = []
+            for i, block in enumerate(self.blocks):
+                x = self.call_block(block, i, self.block_input(i, x), ctx)
+                if self.csn.is_adapted(i):
+                    grids.append(tuple(self.tokens(x, ctx)[1]))
+        finally:
+            self.train(was)
+        return grids
 
     # -- identity ------------------------------------------------------------------------
     def backbone_identity(self) -> dict:

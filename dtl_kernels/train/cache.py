@@ -60,12 +60,12 @@ from .cache_policy import (
     refusal,
     resolve_mode,
 )
-from .cache_store import DTYPES, CachedTrunkSet, TrunkCache, file_crc32
+from .cache_store import DTYPES, CachedTrunkSet, TrunkCache, file_crc32, file_sha256
 
 __all__ = [
     "ALIASES", "DEFAULT_MAX_BYTES", "DTYPES", "FORMAT", "MODES", "CacheRefused",
     "CachedTrunkSet", "Prepared", "TrunkCache", "TrunkTail", "cache_folder", "cache_key",
-    "dataset_fingerprint", "dataset_identity", "file_crc32", "human", "key_hash",
+    "dataset_fingerprint", "dataset_identity", "file_crc32", "file_sha256", "human", "key_hash",
     "parse_bytes", "prepare", "refusal", "resolve_mode", "weights_hash",
 ]  # fmt: skip
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .cache_policy import sample_tensor
+from .data import data_fingerprint as dataset_fingerprint  # the data's one fingerprint
 
 # Part of the key and of every disk file: a new layout invalidates the old caches.
 FORMAT = "dtl_kernels.trunk-cache/1"
@@ -32,33 +33,6 @@ def weights_hash(module: nn.Module) -> str:
         if t.numel():
             h.update(t.reshape(-1).view(torch.uint8).numpy().data)
     return h.hexdigest()
-
-
-def dataset_fingerprint(dataset: Dataset) -> dict:
-    """Sample count and a content hash: of all decoded images and labels when the dataset
-    holds them as tensors (``images`` / ``labels``), else of its first and last samples."""
-    h = hashlib.sha256()
-    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
-    if callable(getattr(dataset, "fingerprint", None)):  # files: paths, sizes, mtimes, labels
-        h.update(dataset.fingerprint().encode())
-        content = "files"
-    elif isinstance(images, torch.Tensor):
-        h.update(f"{images.dtype}|{tuple(images.shape)}|".encode())
-        h.update(images.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        for attr in ("mean", "std"):
-            v = getattr(dataset, attr, None)
-            if isinstance(v, torch.Tensor):
-                h.update(f"{attr}={v.flatten().tolist()}".encode())
-        content = "images"
-    else:
-        for i in sorted({0, len(dataset) - 1}):
-            x = sample_tensor(dataset, i).contiguous()
-            h.update(f"{x.dtype}|{tuple(x.shape)}|".encode())
-            h.update(x.reshape(-1).view(torch.uint8).numpy().data)
-        content = "first+last samples"
-    if isinstance(labels, torch.Tensor):
-        h.update(labels.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    return {"samples": len(dataset), "content": content, "content_sha256": h.hexdigest()}
 
 
 def cache_key(model: nn.Module, dataset: Dataset, identity: dict, dtype: str, setup: dict) -> dict:

@@ -16,6 +16,8 @@ then trains uncached (:func:`dtl_kernels.train.cache.prepare` decides).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -23,6 +25,7 @@ from torch.utils.data import Dataset
 MODES = ("off", "auto", "ram", "disk")
 ALIASES = {"on": "ram"}  # the flag's earlier spelling
 DEFAULT_MAX_BYTES = 6 * 2**30
+MAX_BYTES = 2**62  # a budget beyond any machine; keeps the arithmetic in integers
 
 
 class CacheRefused(ValueError):
@@ -42,10 +45,14 @@ def parse_bytes(value) -> int | None:
     try:
         if unit not in units:
             raise ValueError
-        return int(float(number) * units[unit])
+        size = float(number) * units[unit]
+        if not math.isfinite(size) or size > MAX_BYTES:  # inf, nan, 1e400: no byte count
+            raise ValueError
+        return int(size)
     except ValueError:
         raise ValueError(
-            f"--cache-max-bytes: cannot read {value!r} (e.g. 6GiB, 500MB, 2e9)"
+            f"--cache-max-bytes: cannot read {value!r} (a byte count up to 2^62, e.g. 6GiB, "
+            "500MB, 2e9)"
         ) from None
 
 

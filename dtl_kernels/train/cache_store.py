@@ -4,8 +4,10 @@ dataset split, in RAM or in a disk file, and reads them back.
 Disk format: one raw file per split, ``<split>.bin`` (``samples × elements`` in the cache
 dtype, read back through a copy-on-write memory map), written to a temporary file and
 renamed (:func:`dtl_kernels._io.atomic_write`), with ``<split>.key.json`` beside it (the
-key, layout and a CRC-32 of the data; deleted before a rebuild, written after the data):
-a key file always describes a complete data file. On load, a key or checksum mismatch
+key, layout and the SHA-256 of the data computed while writing it; deleted before a
+rebuild, written after the data): a key file always describes a complete data file. On
+load the whole data file is hashed and compared (a key file without the digest is an older
+cache), so a damaged or altered file is rebuilt, never used; a key or digest mismatch
 means a rebuild, and sample 0 is recomputed and compared as a last check.
 
 Disk space: the build needs the whole file's size free besides the old file, which lives
@@ -17,6 +19,7 @@ temporary file stays behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,6 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .._io import atomic_write, is_out_of_space, json_text, reserve_space
+from .._untrusted import parse_json
 from .cache_key import FORMAT, cache_key, key_hash
 from .cache_policy import CacheRefused, human, sample_tensor
 
@@ -172,14 +176,14 @@ class TrunkCache:
 
     def _write_file(self, tmp: str) -> None:
         """Reserve the file's bytes, then write every row with ``write()``."""
-        crc = 0
+        digest = hashlib.sha256()
         with open(tmp, "r+b") as f:
             reserve_space(f.fileno(), self.estimate())
             for rows in self._batches():
                 chunk = rows.contiguous().view(torch.uint8).numpy().data
                 f.write(chunk)
-                crc = zlib.crc32(chunk, crc)
-            self._written_crc32 = crc
+                digest.update(chunk)
+            self._written_sha256 = digest.hexdigest()
             if f.tell() != self.estimate():
                 raise RuntimeError(f"trunk cache {self.name}: wrote {f.tell()} bytes, "
                                    f"expected {self.estimate()}")  # fmt: skip
@@ -209,7 +213,7 @@ class TrunkCache:
             "shapes": [list(s) for s in self.shapes],
             "source_dtypes": [_DTYPE_NAMES.get(d, str(d)) for d in self.src_dtypes],
             "bytes": self.estimate(),
-            "crc32": self._written_crc32,
+            "sha256": self._written_sha256,
         }
         atomic_write(
             key_path, lambda tmp: Path(tmp).write_text(json_text(meta, 1, default=str) + "\n")
@@ -226,22 +230,24 @@ class TrunkCache:
         if not key_path.is_file() or not data_path.is_file():
             return "no cache file yet"
         try:
-            meta = json.loads(key_path.read_text())
+            meta = parse_json(key_path.read_bytes(), f"key file {key_path}")
         except (OSError, ValueError):
             return f"unreadable key file {key_path}"
         if not isinstance(meta, dict):
             return f"unreadable key file {key_path}"
         if meta.get("key_sha256") != self.key_hash:
             ours = json.loads(json.dumps(self.key, default=str))
-            theirs = meta.get("key") or {}
+            theirs = meta["key"] if isinstance(meta.get("key"), dict) else {}
             changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
             return "the key changed: " + ", ".join(changed or ["format"])
         if meta.get("row_elements") != self.row or meta.get("samples") != len(self.dataset):
             return "the layout changed"
         if data_path.stat().st_size != self.estimate():
             return f"{data_path} has {data_path.stat().st_size} bytes, expected {self.estimate()}"
-        if "crc32" in meta and file_crc32(data_path) != meta["crc32"]:
-            return f"{data_path} is damaged (its checksum differs from the key file's)"
+        if not isinstance(meta.get("sha256"), str):
+            return f"{key_path} has no digest of the data (an older cache)"
+        if file_sha256(data_path) != meta["sha256"]:
+            return f"{data_path} is damaged (its SHA-256 differs from the key file's)"
         mm = np.memmap(data_path, dtype=_NUMPY[self.dtype], mode="c",
                        shape=(len(self.dataset), self.row))  # fmt: skip
         data = torch.from_numpy(mm).view(self.dtype)
@@ -289,6 +295,15 @@ def _labels(dataset: Dataset) -> torch.Tensor:
     if isinstance(labels, torch.Tensor) and len(labels) == len(dataset):
         return labels
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+
+
+def file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
+    """SHA-256 of a whole file, read in chunks (the key file stores the data file's)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def file_crc32(path: Path, chunk: int = 16 * 2**20) -> int:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .._io import atomic_write, fsync_dir
+from .._untrusted import check_torch_archive
 
 FORMAT = "dtl_kernels.train-checkpoint/1"
 _NAME = re.compile(r"epoch_(\d{4,})\.pt")
@@ -41,6 +42,7 @@ RUN_OPTIONS = (
     "label_smoothing", "cache_dtype",
 )  # fmt: skip
 SCHEDULE_OPTIONS = ("lr", "epochs")
+MAX_EPOCHS = 10**6  # --epochs' limit
 _PAYLOAD = {"epoch": int, "trained": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
             "metrics": list, "config": dict}  # fmt: skip
 
@@ -51,6 +53,11 @@ class CheckpointError(ValueError):
 
 def checkpoint_dir(output: str | Path) -> Path:
     return Path(output) / "checkpoints"
+
+
+def checkpoint_path(output: str | Path, epoch: int) -> Path:
+    """Where the checkpoint after ``epoch`` epochs is written."""
+    return checkpoint_dir(output) / f"epoch_{epoch:04d}.pt"
 
 
 def set_aside(output: str | Path, also: tuple[str, ...] = ()) -> Path:
@@ -124,10 +131,13 @@ def save_checkpoint(
     config: dict,
     with_buffers: bool = False,
     keep: int = 2,
+    data: dict | None = None,
 ) -> Path:
     """Write ``epoch_<epoch>.pt`` atomically (verified by reading it back), then delete
-    all but the newest ``keep`` checkpoints. ``CheckpointError`` (nothing written, nothing
-    deleted) when a trained tensor holds NaN or inf."""
+    all but the newest ``keep`` checkpoints. ``data``: the fingerprint of each split the
+    run trains and evaluates on (compared on ``--resume``: :func:`data_plan`).
+    ``CheckpointError`` (nothing written, nothing deleted) when a trained tensor holds NaN
+    or inf."""
     trained = trained_state(model, with_buffers)
     bad = [n for n, t in trained.items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
@@ -144,8 +154,9 @@ def save_checkpoint(
         "rng": rng_state(),
         "metrics": metrics,
         "config": config,
+        **({"data": data} if data is not None else {}),
     }
-    path = checkpoint_dir(output) / f"epoch_{epoch:04d}.pt"
+    path = checkpoint_path(output, epoch)
 
     def write(tmp: str) -> None:
         torch.save(payload, tmp)
@@ -158,7 +169,10 @@ def save_checkpoint(
 
 
 def _read(path: Path) -> dict:
+    """The payload of a checkpoint file, every field checked (a checkpoint may come from
+    elsewhere: its bytes are untrusted); ``CheckpointError`` naming the file and field."""
     try:
+        check_torch_archive(path)  # before torch.load allocates anything the file declares
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
@@ -169,7 +183,42 @@ def _read(path: Path) -> dict:
     for key, kind in _PAYLOAD.items():
         if not isinstance(payload.get(key), kind):
             raise CheckpointError(f"checkpoint {path} is damaged: '{key}' is missing or mistyped")
+    problem = _payload_problem(payload)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     return payload
+
+
+def _payload_problem(payload: dict) -> str | None:
+    """What is wrong with a loaded payload's fields (``None``: nothing)."""
+    epoch = payload["epoch"]
+    if isinstance(epoch, bool) or not 1 <= epoch <= MAX_EPOCHS:
+        return f"'epoch' is {epoch!r}, expected 1…{MAX_EPOCHS}"
+    if not all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in
+               payload["trained"].items()):  # fmt: skip
+        return "'trained' is not a mapping of names to tensors"
+    rows = payload["metrics"]
+    if len(rows) != epoch or not all(_flat_record(r) for r in rows):
+        return f"'metrics' is not {epoch} rows of numbers"
+    if not _flat_record(payload["config"]):
+        return "'config' is not a mapping of option names to values"
+    step = payload["scheduler"].get("last_epoch")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 2**62:
+        return f"'scheduler.last_epoch' is {str(step)[:40]}, expected a step count"
+    data = payload.get("data")
+    if data is not None and not (
+        isinstance(data, dict) and all(_flat_record(v) for v in data.values())
+    ):
+        return "'data' is not a mapping of split names to fingerprints"
+    return None
+
+
+def _flat_record(value) -> bool:
+    """A mapping of names to plain values (what metrics rows and configurations hold)."""
+    plain = (str, int, float, bool, type(None))
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(v, plain) for k, v in value.items()
+    )
 
 
 def load_latest(output: str | Path) -> tuple[Path, dict] | None:
@@ -188,15 +237,18 @@ def load_latest(output: str | Path) -> tuple[Path, dict] | None:
         raise CheckpointError(f"{exc}{prev}") from exc
 
 
-def restore(payload: dict, path: Path, model, optimizer, scheduler) -> None:
+def restore(
+    payload: dict, path: Path, model, optimizer, scheduler, step: int | None = None
+) -> None:
     """Load a checkpoint's trained tensors, optimizer state, schedule position and RNG
     states; ``CheckpointError`` names any key that does not fit the model built from the
     current configuration.
 
     The schedule itself (``scheduler``'s lr function and base lr) is the current
-    configuration's: only the step count comes from the checkpoint, and every parameter
-    group's lr is set to the schedule's value at that step (for an unchanged
-    configuration that is the value the uninterrupted run had, bit for bit).
+    configuration's: only the step count comes from the checkpoint (or ``step``, from
+    :func:`schedule_step`), and every parameter group's lr is set to the schedule's value
+    at that step (for an unchanged configuration that is the value the uninterrupted run
+    had, bit for bit).
     """
     own = dict(model.named_parameters()) | dict(model.named_buffers())
     trained = payload["trained"]
@@ -210,14 +262,31 @@ def restore(payload: dict, path: Path, model, optimizer, scheduler) -> None:
         )
     try:
         optimizer.load_state_dict(payload["optimizer"])
-        step = int(payload["scheduler"]["last_epoch"])
-    except (KeyError, TypeError, ValueError) as exc:
+        step = int(payload["scheduler"]["last_epoch"]) if step is None else step
+    except Exception as exc:  # noqa: BLE001 — any failure on untrusted state: it does not fit
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from exc
+    misfit = _optimizer_state_misfit(optimizer)
+    if misfit:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({misfit})")
     with torch.no_grad():
         for n, t in trained.items():
             own[n].copy_(t)
     set_schedule_step(scheduler, step)
-    set_rng_state(payload["rng"])
+    try:
+        set_rng_state(payload["rng"])
+    except Exception as exc:  # noqa: BLE001 — any failure on untrusted state: damaged
+        raise CheckpointError(f"checkpoint {path} is damaged: 'rng' ({exc})") from exc
+
+
+def _optimizer_state_misfit(optimizer) -> str | None:
+    """A per-parameter optimizer state tensor (AdamW's moments) whose shape is not its
+    parameter's (``load_state_dict`` does not check; the next step would fail)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    return f"'{key}' of shape {tuple(value.shape)} for a {tuple(p.shape)} parameter"
+    return None
 
 
 def set_schedule_step(scheduler, step: int) -> None:
@@ -272,3 +341,49 @@ def resume_plan(saved: dict, current: dict, done_epochs: int, force: bool) -> li
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def data_plan(path: Path, saved: dict | None, current: dict, force: bool) -> list[str]:
+    """Compare the data fingerprints a checkpoint stored (``saved``: split → fingerprint,
+    ``None`` for checkpoints of older versions) with the current data's.
+
+    Returns the lines to print. Raises ``CheckpointError`` naming each changed split
+    (images added, removed or edited since the checkpoint) unless ``force``: resuming would
+    otherwise continue on other data with a step count that belongs to the old data.
+    """
+    if saved is None:
+        return [f"--resume: {path} stores no data fingerprint (an older version): the data "
+                "is not compared"]  # fmt: skip
+    changed = []
+    for split in sorted(set(saved) | set(current)):
+        was, now = saved.get(split) or {}, current.get(split) or {}
+        if was.get("samples") != now.get("samples"):
+            changed.append(f"{split}: {was.get('samples')} → {now.get('samples')} samples")
+        elif was.get("content_sha256") != now.get("content_sha256"):
+            changed.append(f"{split}: the same {now.get('samples')} samples, other content")
+    if not changed:
+        return []
+    described = "; ".join(changed)
+    if not force:
+        raise CheckpointError(
+            f"--resume: the data changed since {path} ({described}): the run would continue "
+            "on other data. Start a fresh run (another --output), or pass --force-resume to "
+            "continue on the new data (the schedule is then rebuilt for it)"
+        )
+    return [f"--force-resume: continuing on changed data ({described})"]
+
+
+def schedule_step(payload: dict, steps_per_epoch: int) -> tuple[int, str | None]:
+    """The step the schedule continues at: the checkpoint's, when it is its epochs times
+    the current steps per epoch (always, unless the data or the batch size changed under
+    ``--force-resume``); else that product — the schedule is rebuilt for the new steps per
+    epoch, after the epochs done — and a line saying so."""
+    saved, epoch = int(payload["scheduler"]["last_epoch"]), int(payload["epoch"])
+    step = epoch * steps_per_epoch
+    if saved == step:
+        return saved, None
+    was = f"{saved // epoch}" if saved % epoch == 0 else f"{saved / epoch:.1f}"
+    return step, (
+        f"--resume: the warm-up/cosine schedule is rebuilt for {steps_per_epoch} steps "
+        f"per epoch (the checkpoint had {was}) and continues at step {step}, after epoch {epoch}"
+    )

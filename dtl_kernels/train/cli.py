@@ -1,9 +1,11 @@
 """Command line of ``dtl-train`` (flags and/or ``--config FILE.yaml``; flags win).
 
 Exit status: 0 done; 2 bad options or config file (nothing was started); 1 an error
-during the run (data, checkpoint, adapter, disk full, another rank's failure…); 3 the
-training diverged (non-finite loss or gradient); 130 interrupted (Ctrl-C). Every error is
-one line on stderr, ``dtl-train: error: …``, without a traceback.
+during the run (data, checkpoint, adapter, disk full, an output folder in use by another
+run, another rank's failure…); 3 the run diverged (non-finite losses or gradients, an
+epoch without a finite step, exploded weights, non-finite evaluation outputs, also under
+``--eval-only``); 130 interrupted (Ctrl-C). Every error is one line on stderr,
+``dtl-train: error: …``, without a traceback.
 """
 
 from __future__ import annotations

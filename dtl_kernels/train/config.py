@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -147,7 +148,7 @@ _INT_MINIMUM = {
     "epochs": 1, "batch_size": 1, "eval_every": 1, "keep_checkpoints": 1, "shots": 1,
     "shot_seed": 0, "seed": 0, "workers": 0, "max_nonfinite_steps": 0, "rank": 1,
     "lora_rank": 1, "adapt_from": 1, "tap_from": 1, "conv_kernel": 0, "img_size": 1,
-    "num_classes": 1,
+    "num_classes": 2,
     "max_train": 1, "max_test": 1, "val_split": 1, "stop_after": 1,
 }  # fmt: skip
 
@@ -160,6 +161,9 @@ _INT_MAXIMUM = {
     "adapt_from": 2**16, "tap_from": 2**16, "conv_kernel": 2**10, "num_classes": 2**24,
 }  # fmt: skip
 _FP32_MAX = 3.4028234663852886e38
+# option → largest allowed value of floats the optimiser applies in float32 arithmetic (AdamW's
+# step is lr / (1 - β₁) and its decay factor 1 - lr·weight_decay: both must stay finite)
+_FLOAT_MAXIMUM = {"lr": 1e30, "weight_decay": 1e6, "ddp_timeout": 1e9}
 
 
 def _check_counts(c: TrainConfig) -> None:
@@ -181,6 +185,9 @@ def _check_rates(c: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
     if c.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {c.lr}")
+    for name, high in _FLOAT_MAXIMUM.items():
+        if getattr(c, name) > high:
+            raise ValueError(f"{_flag(name)} must be ≤ {high:g}, got {getattr(c, name):g}")
     for name in ("weight_decay", "warmup_epochs", "warmup_lr", "min_lr"):
         if getattr(c, name) < 0:
             raise ValueError(f"{_flag(name)} must be ≥ 0, got {getattr(c, name)}")
@@ -320,14 +327,18 @@ def make_config(values: dict) -> TrainConfig:
     types = {f.name: f.type for f in fields(TrainConfig)}
     unknown = sorted(set(values) - set(types))
     if unknown:
-        hints = [
-            f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, types, 1))
-            else repr(k)
-            for k in unknown
-        ]  # fmt: skip
-        raise ValueError(f"unknown config keys: {', '.join(hints)}")
+        raise ValueError(_unknown_keys(unknown))
     coerced = {k: coerce_value(k, v, types[k]) for k, v in values.items()}
     return TrainConfig(**coerced).validate()
+
+
+def _unknown_keys(unknown: list[str]) -> str:
+    hints = [
+        f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _TYPES, 1))
+        else repr(k)
+        for k in unknown
+    ]  # fmt: skip
+    return f"unknown config keys: {', '.join(hints)}"
 
 
 # -- values of any spelling --------------------------------------------------------------------
@@ -415,16 +426,21 @@ def _as_bytes(name: str, value) -> int | str:
 
 def read_yaml(path: str | Path) -> dict:
     """The options of a YAML file, keys with ``-`` or ``_``; ``ValueError`` naming the file
-    (and the line, for a syntax error)."""
+    (and the line, for a syntax error). An option given twice (the same key, or
+    ``warmup-epochs`` beside ``warmup_epochs``) is refused: YAML would keep the last."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_unique_key_loader())
     except UnicodeDecodeError:
         raise ValueError(f"config file {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ValueError(f"config file {path} is nested too deeply") from None
+    except _DuplicateKey as exc:
+        raise ValueError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -438,14 +454,50 @@ def read_yaml(path: str | Path) -> dict:
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
         raise ValueError(f"config file {path}: option names must be text, got {bad[0]!r}")
-    out = {}
+    out, spelled = {}, {}
     for key, value in data.items():
         name = key.strip().replace("-", "_")
+        if name in spelled:
+            raise ValueError(
+                f"config file {path}: option {_flag(name)} is given twice ({spelled[name]!r} "
+                f"and {key!r}); keep one"
+            )
+        spelled[name] = key
         try:
             out[name] = coerce_value(name, value, _TYPES[name]) if name in _TYPES else value
         except ValueError as exc:
             raise ValueError(f"config file {path}: {exc}") from None
+    unknown = sorted(set(out) - set(_TYPES))
+    if unknown:
+        raise ValueError(f"config file {path}: {_unknown_keys(unknown)}")
     return out
+
+
+class _DuplicateKey(ValueError):
+    """A YAML mapping with the same key twice."""
+
+
+@functools.lru_cache(maxsize=1)
+def _unique_key_loader():
+    """A safe YAML loader that refuses a mapping with the same key twice (plain PyYAML
+    keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, str) and key in seen:
+                    raise _DuplicateKey(
+                        f"option {key!r} is given twice (lines {seen[key] + 1} and "
+                        f"{key_node.start_mark.line + 1}); keep one"
+                    )
+                if isinstance(key, str):
+                    seen[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
 
 
 _TYPES = {f.name: f.type for f in fields(TrainConfig)}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,8 +108,9 @@ _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def eight_bit(img):
     """A PIL image as 8-bit ``RGB``: 16-bit gray scaled by 255/65535, float gray from
-    [0, 1] (or from its own min…max when outside), never clipped as ``convert("RGB")``
-    alone would; other modes through ``convert("RGB")``."""
+    [0, 1] (or from its own min…max when outside), 32-bit integer gray beyond the 16-bit
+    range from its own min…max, never clipped as ``convert("RGB")`` alone would; other
+    modes through ``convert("RGB")``."""
     from PIL import Image
 
     if img.mode not in _HIGH_BIT_MODES:
@@ -118,6 +120,8 @@ def eight_bit(img):
         raise ValueError("the image holds NaN or infinite values")
     if img.mode == "F":
         low, high = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (arr.min(), arr.max())
+    elif img.mode == "I" and (arr.min() < 0 or arr.max() > 65535):  # 32-bit integers
+        low, high = arr.min(), arr.max()
     else:  # 16-bit (PNG / TIFF open as I;16 or I)
         low, high = 0.0, 65535.0
     scaled = (arr - low) * (255.0 / max(high - low, 1e-12))
@@ -177,6 +181,7 @@ class FileImages(Dataset):
     def subset(self, index: torch.Tensor) -> FileImages:
         out = FileImages.__new__(FileImages)
         out.__dict__.update(self.__dict__)
+        out.__dict__.pop("_data_fingerprint", None)  # another subset, another fingerprint
         out.paths = [self.paths[i] for i in index.tolist()]
         out.labels = self.labels[index]
         return out
@@ -186,16 +191,80 @@ class FileImages(Dataset):
         return (x - self.mean) / self.std, int(self.labels[i])
 
     def fingerprint(self) -> str:
-        """sha256 over every file's path, size, modification time and label (for cache
-        keys: a replaced or edited file changes it without decoding anything)."""
+        """sha256 over every file's path, size, modification time, label and a sampled
+        hash of its bytes (:func:`sampled_file_hash`): a replaced or edited file changes
+        it, even one of the same size whose modification time was put back, without
+        decoding anything."""
         import hashlib
 
         h = hashlib.sha256(f"{self.size}|{self.mean.flatten().tolist()}|"
                            f"{self.std.flatten().tolist()}|".encode())  # fmt: skip
         for p, label in zip(self.paths, self.labels.tolist(), strict=True):
             st = p.stat()
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{label}\n".encode())
+            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{label}|{sampled_file_hash(p)}\n"
+                     .encode())  # fmt: skip
         return h.hexdigest()
+
+
+SAMPLE_BYTES = 4096  # per sampled range of a file's content
+
+
+def sampled_file_hash(path: Path, chunk: int = SAMPLE_BYTES) -> str:
+    """sha256 of a file's first, middle and last ``chunk`` bytes (all of a small file):
+    cheap for large datasets, and a changed image almost always differs there (its
+    header, or compressed data that changes throughout)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        starts = [0] if size <= 3 * chunk else [0, (size - chunk) // 2, size - chunk]
+        for start in starts:
+            f.seek(start)
+            h.update(f.read(chunk if len(starts) > 1 else size))
+    return h.hexdigest()
+
+
+def data_fingerprint(dataset: Dataset) -> dict:
+    """What identifies a split's data (cache keys, ``--resume``): the sample count and a
+    content hash: of every file (:meth:`FileImages.fingerprint`), of all decoded images and
+    labels when the dataset holds them as tensors (``images`` / ``labels``), else of its
+    first and last samples. Computed once per dataset object."""
+    memo = getattr(dataset, "_data_fingerprint", None)
+    if memo is not None:
+        return dict(memo)
+    import hashlib
+
+    h = hashlib.sha256()
+    images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+    if callable(getattr(dataset, "fingerprint", None)):  # files
+        h.update(dataset.fingerprint().encode())
+        content = "files"
+    elif isinstance(images, torch.Tensor):
+        h.update(f"{images.dtype}|{tuple(images.shape)}|".encode())
+        h.update(images.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        for attr in ("mean", "std"):
+            v = getattr(dataset, attr, None)
+            if isinstance(v, torch.Tensor):
+                h.update(f"{attr}={v.flatten().tolist()}".encode())
+        content = "images"
+    else:
+        for i in sorted({0, len(dataset) - 1}):
+            x = dataset[i][0]
+            if not isinstance(x, torch.Tensor):
+                raise DataError(f"the dataset returns {type(x).__name__}, not a tensor")
+            x = x.contiguous()
+            h.update(f"{x.dtype}|{tuple(x.shape)}|".encode())
+            h.update(x.reshape(-1).view(torch.uint8).numpy().data)
+        content = "first+last samples"
+    if isinstance(labels, torch.Tensor):
+        h.update(labels.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    memo = {"samples": len(dataset), "content": content, "content_sha256": h.hexdigest()}
+    try:
+        dataset._data_fingerprint = memo
+    except AttributeError:  # a dataset with __slots__: computed again next time
+        pass
+    return dict(memo)
 
 
 def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=None):
@@ -235,13 +304,19 @@ def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    samples = []
-    for label, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                samples.append((f, label))
-    if not samples:
+    found = {
+        name: [f for f in sorted((root / name).rglob("*"))
+               if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
+        for name in classes
+    }  # fmt: skip
+    if not any(found.values()):
         raise DataError(f"no images under {root} (expected {root}/<class>/<image>)")
+    for name in classes:  # an empty class's label would shift every later class's
+        if not found[name]:
+            raise DataError(
+                f"class folder {root / name} holds no images: add some or remove the folder"
+            )
+    samples = [(f, label) for label, name in enumerate(classes) for f in found[name]]
     return samples, classes
 
 
@@ -418,6 +493,11 @@ def build_datasets(cfg, size: int, norm: str):
         if len(ds) == 0:
             raise DataError(f"{name}: the {split} split is empty")
     num_classes = check_labels({"train": train.labels, "test": test.labels}, cfg.num_classes, name)
+    if num_classes < 2:
+        raise DataError(
+            f"{name}: one class only: every prediction would be right (100 % accuracy whatever "
+            "the model); a classifier needs at least 2 classes"
+        )
     return train, test, num_classes
 
 

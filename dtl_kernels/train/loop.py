@@ -33,19 +33,24 @@ cache build or a save is raised on every rank (:mod:`dtl_kernels.train.dist`).
 
 What the loop guarantees (README, "What the trainer guarantees"):
 
-* Before any work, every option is checked, and so are the output folder (an earlier
-  run's outputs are moved aside, never replaced without ``--overwrite``; stale temporary
-  files of killed writes are removed) and, for ``--resume``, the checkpoint's options
-  (:func:`checkpoint.resume_plan`).
+* Before any work, every option is checked; the output folder is locked for the whole run
+  (:mod:`~dtl_kernels.train.output_lock`: one run per folder); an earlier run's outputs
+  are moved aside, or under ``--overwrite`` deleted when its manifest records them
+  (:mod:`~dtl_kernels.train.manifest`); stale temporary files of killed writes are
+  removed; for ``--resume``, the checkpoint's options (:func:`checkpoint.resume_plan`)
+  and, once the data is read, its fingerprint (:func:`checkpoint.data_plan`) are compared.
 * A step whose loss or gradients are not finite is skipped (no update); more than
-  ``--max-nonfinite-steps`` in a row stop the run with :class:`DivergenceError`, keeping
-  the last finite checkpoint and writing no adapter. Every JSON file stays strict JSON.
+  ``--max-nonfinite-steps`` in a row, an epoch without a finite step, exploded or
+  non-finite weights and non-finite evaluation outputs stop the run with
+  :class:`DivergenceError`, keeping the last good checkpoint and writing no adapter. Every
+  JSON file stays strict JSON.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +63,10 @@ from . import cache as trunk_cache
 from . import checkpoint as ckpt
 from . import outputs, setup
 from .config import TrainConfig
+from .data import data_fingerprint
 from .dist import Dist, RankFailed
 from .metrics import MetricsLog, PeakMemory
+from .output_lock import OutputLock
 
 # Names that lived in this module before it was split by phase; still importable from here.
 from .outputs import RUN_OUTPUTS, prepare_output, resume_point
@@ -79,6 +86,7 @@ from .step import (
     DivergenceError,
     Stepper,
     WarmupCosine,
+    check_epoch_had_a_finite_step,
     check_weights_finite,
     divergence_message,
     evaluate,
@@ -99,25 +107,25 @@ __all__ = [
 def run(cfg: TrainConfig) -> dict:
     """Train (or ``--eval-only``) as configured; returns the summary (rank 0 writes it)."""
     t_start = time.time()
-    d = Dist(cfg.ddp_timeout)
-    try:
-        return _run(cfg, d, t_start)
-    finally:
-        d.close()
+    with ExitStack() as held:  # released in reverse on any exit: the lock, then the group
+        d = Dist(cfg.ddp_timeout)
+        held.callback(d.close)
+        return _run(cfg, d, t_start, held)
 
 
 def _say(d: Dist):
     return (lambda m: print(m, flush=True)) if d.main else (lambda m: None)
 
 
-def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
+def _run(cfg: TrainConfig, d: Dist, t_start: float, held: ExitStack) -> dict:
     say = _say(d)
-    family, found = _before_any_work(cfg, d, say)
+    family, found = _before_any_work(cfg, d, say, held)
     s = setup.build(cfg, d, family, say)
     if cfg.eval_only:
         return _eval_only(cfg, d, s, t_start)
+    data = _data(cfg, d, s, found, say)
     feed = _feed(cfg, d, s, say)
-    opt = _optimisation(cfg, d, s, len(feed.loader), found, say)
+    opt = _optimisation(cfg, d, s, len(feed.loader), found, data, say)
     done = _epochs(cfg, d, s, feed, opt, say)
     if done.stopped_after is not None:  # --stop-after: no final evaluation, no outputs
         return {"stopped_after_epoch": done.stopped_after}
@@ -125,10 +133,14 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float) -> dict:
 
 
 # -- before any work ---------------------------------------------------------------------------
-def _before_any_work(cfg: TrainConfig, d: Dist, say) -> tuple[str, tuple | None]:
-    """Check the options, read the ``--resume`` point, prepare the output folder. Returns
-    the backbone family and the resume point (:func:`outputs.resume_point`)."""
+def _before_any_work(cfg: TrainConfig, d: Dist, say, held: ExitStack) -> tuple[str, tuple | None]:
+    """Check the options, lock the output folder for this run (rank 0; released when
+    ``held`` closes), read the ``--resume`` point, prepare the folder. Returns the backbone
+    family and the resume point (:func:`outputs.resume_point`)."""
     family = d.run_agreed("checking the options", setup.preflight, cfg)
+    lock = d.main_then_agree("locking the output folder", OutputLock.acquire, Path(cfg.output))
+    if lock is not None:
+        held.callback(lock.release)
     found = d.run_agreed("reading the checkpoint", outputs.resume_point, cfg)
     if cfg.resume and found is None:
         say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(Path(cfg.output))}, starting fresh")
@@ -144,15 +156,16 @@ def _eval_only(cfg: TrainConfig, d: Dist, s: setup.Setup, t_start: float) -> dic
     """``--eval-only``: load the adapter, evaluate, write the summary."""
     mismatch = "warn" if cfg.allow_backbone_mismatch else "error"
     d.run_agreed("loading the adapter", s.model.load_adapter, cfg.adapter, mismatch)
-    test_loss, test_acc = evaluate(
-        s.model, s.test_set, s.local_batch, d, s.autocast, s.channels_last, cfg.workers
-    )
+    try:
+        test_loss, test_acc = evaluate(
+            s.model, s.test_set, s.local_batch, d, s.autocast, s.channels_last, cfg.workers
+        )
+    except DivergenceError as exc:
+        raise DivergenceError(f"--eval-only {cfg.adapter}: {exc}") from None
     summary = outputs.run_summary(cfg, s.model, d, t_start, s.num_classes, s.size,
                                   len(s.train_set), len(s.test_set))  # fmt: skip
     summary.update(eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss)
-    d.main_then_agree(
-        "writing the summary", outputs.write_json, Path(cfg.output) / "summary.json", summary
-    )
+    d.main_then_agree("writing the summary", outputs.write_eval_summary, Path(cfg.output), summary)
     if d.main:
         print(f"test accuracy {100 * test_acc:.2f}% ({cfg.adapter})", flush=True)
     return summary
@@ -219,10 +232,24 @@ class Optimisation:
     scaler: torch.amp.GradScaler | None  # fp16 only
     log: MetricsLog
     start_epoch: int  # epochs already done (--resume)
+    data: dict  # split → fingerprint of the data (saved with each checkpoint)
+
+
+def _data(cfg: TrainConfig, d: Dist, s: setup.Setup, found, say) -> dict:
+    """The fingerprint of each split (saved with every checkpoint); on ``--resume``
+    compared with the checkpoint's before any work is spent on the data (a change is
+    refused unless ``--force-resume``)."""
+    data = {"train": data_fingerprint(s.train_set), "test": data_fingerprint(s.test_set)}
+    if found is not None:
+        path, payload, _ = found
+        for note in d.run_agreed("comparing the data", ckpt.data_plan, path,
+                                 payload.get("data"), data, cfg.force_resume):  # fmt: skip
+            say(note)
+    return data
 
 
 def _optimisation(
-    cfg: TrainConfig, d: Dist, s: setup.Setup, steps: int, found, say
+    cfg: TrainConfig, d: Dist, s: setup.Setup, steps: int, found, data: dict, say
 ) -> Optimisation:
     """AdamW with the warm-up + cosine schedule over ``steps`` per epoch; on ``--resume``
     the model, optimiser, schedule and metrics are restored from the checkpoint."""
@@ -234,11 +261,14 @@ def _optimisation(
     start_epoch = 0
     if found is not None:
         path, payload, _ = found
+        step, rebuilt = ckpt.schedule_step(payload, steps)
+        if rebuilt:
+            say(rebuilt)
         d.run_agreed("restoring the checkpoint", ckpt.restore, payload, path, s.model,
-                     optimizer, scheduler)  # fmt: skip
+                     optimizer, scheduler, step)  # fmt: skip
         start_epoch, log.rows = payload["epoch"], list(payload["metrics"])
         say(f"resumed from {path} (epoch {start_epoch} done)")
-    return Optimisation(optimizer, scheduler, scaler, log, start_epoch)
+    return Optimisation(optimizer, scheduler, scaler, log, start_epoch, data)
 
 
 # -- the epochs --------------------------------------------------------------------------------
@@ -272,13 +302,13 @@ def _epochs(
             say(f"epoch {epoch + 1}: skipped {row['skipped_steps']} step(s) with a non-finite "
                 "loss or gradient")  # fmt: skip
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            done.test_loss, done.test_acc = _evaluate(d, s, feed)
+            done.test_loss, done.test_acc = _evaluate(cfg, d, s, feed)
             row.update(test_loss=done.test_loss, test_acc=done.test_acc)
         opt.log.append(row)
         say(_epoch_line(cfg, epoch, row, row["images_per_s"]))
         d.main_then_agree(
             "saving the checkpoint", outputs.save_epoch, out, epoch + 1, s.model, opt.optimizer,
-            opt.scheduler, opt.log, cfg,
+            opt.scheduler, opt.log, cfg, opt.data,
         )  # fmt: skip
         if (
             cfg.stop_after is not None
@@ -323,6 +353,7 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
             )
     train_time = time.time() - t0
     loss_sum, correct, seen = d.sum(loss_sum, correct, seen)
+    check_epoch_had_a_finite_step(cfg, epoch, seen, int(skipped), Path(cfg.output))
     check_weights_finite(s.model, cfg, epoch, Path(cfg.output))
     return {
         "epoch": epoch + 1,
@@ -337,9 +368,16 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
     }
 
 
-def _evaluate(d: Dist, s: setup.Setup, feed: Feed) -> tuple[float, float]:
-    return evaluate(feed.eval_net, feed.test_data, s.local_batch, d, s.autocast, s.channels_last,
-                    feed.eval_workers)  # fmt: skip
+def _evaluate(cfg: TrainConfig, d: Dist, s: setup.Setup, feed: Feed) -> tuple[float, float]:
+    """The test metrics of the model now; non-finite outputs stop the run (diverged)."""
+    try:
+        return evaluate(feed.eval_net, feed.test_data, s.local_batch, d, s.autocast,
+                        s.channels_last, feed.eval_workers)  # fmt: skip
+    except DivergenceError as exc:
+        raise DivergenceError(
+            f"training diverged: {exc}. No adapter was written; "
+            f"{outputs.last_checkpoint_note(Path(cfg.output))}. Lower --lr (now {cfg.lr})"
+        ) from None
 
 
 def _epoch_line(cfg: TrainConfig, epoch: int, row: dict, speed: float) -> str:
@@ -378,7 +416,7 @@ def _finish(cfg: TrainConfig, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisa
     """The final test metrics, the summary and, on rank 0, the outputs."""
     test_loss, test_acc = done.test_loss, done.test_acc
     if test_acc is None:  # resumed after the last epoch: evaluate the restored model
-        test_loss, test_acc = _evaluate(d, s, feed)
+        test_loss, test_acc = _evaluate(cfg, d, s, feed)
     summary = outputs.run_summary(cfg, s.model, d, t_start, s.num_classes, s.size,
                                   len(s.train_set), len(s.test_set))  # fmt: skip
     cache = feed.cache

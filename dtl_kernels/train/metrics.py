@@ -82,6 +82,10 @@ class MetricsLog:
     def append(self, row: dict) -> None:
         self.rows.append(row)
 
+    def paths(self) -> tuple[Path, Path]:
+        """The two files :meth:`write` writes."""
+        return self.folder / "metrics.jsonl", self.folder / "metrics.csv"
+
     def write(self) -> None:
         """Rewrite both files from ``rows`` (so a resumed run never duplicates epochs);
         strict JSON lines (a non-finite number is written as ``null``)."""

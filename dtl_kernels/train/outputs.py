@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, json_text, remove_stale_temps
+from .._io import atomic_write, fsync_dir, json_text, remove_stale_temps
 from .._version import __version__
 from . import cache as trunk_cache
 from . import checkpoint as ckpt
+from . import manifest
 from .config import TrainConfig
 from .metrics import MetricsLog
 
@@ -39,11 +40,15 @@ def resume_point(cfg: TrainConfig) -> tuple[Path, dict, list[str]] | None:
 
 
 def prepare_output(cfg: TrainConfig, resumed: bool, say) -> None:
-    """Rank 0, before any work: remove stale temporary files; keep an earlier run's outputs.
+    """Rank 0, before any work (the folder is locked): remove stale temporary files; keep
+    an earlier run's outputs.
 
     A fresh run moves the earlier run's checkpoints and outputs (adapter, summary, metrics,
-    curves, config) to ``checkpoints.old-<n>`` (``--overwrite``: deletes them instead);
-    ``--eval-only`` moves an earlier ``summary.json`` to ``summary.old-<n>.json``.
+    curves, config) to ``checkpoints.old-<n>``. ``--overwrite`` deletes instead exactly the
+    files the earlier run recorded as its own (:mod:`~dtl_kernels.train.manifest`) and
+    names them; any other file under an output's name (a user's own ``config.json``) is
+    moved aside, never deleted. ``--eval-only`` moves an earlier ``summary.json`` to
+    ``summary.old-<n>.json`` (``--overwrite``: replaces it if a run recorded it).
     """
     out = Path(cfg.output)
     folders = [out, ckpt.checkpoint_dir(out), trunk_cache.cache_folder(cfg)]
@@ -56,20 +61,40 @@ def prepare_output(cfg: TrainConfig, resumed: bool, say) -> None:
         return
     earlier = [out / n for n in RUN_OUTPUTS if (out / n).is_file()] + ckpt.list_checkpoints(out)
     if earlier and cfg.overwrite:
-        for path in earlier:
-            path.unlink()
-        say(f"--overwrite: deleted the earlier run's outputs and checkpoints in {out}")
-    elif earlier:
-        moved = ckpt.set_aside(out, also=RUN_OUTPUTS)
+        earlier = _delete_recorded(out, earlier, say)
+        manifest.forget(out)
+    if earlier:
+        names = ", ".join(_names(out, earlier))
+        moved = ckpt.set_aside(out, also=(*RUN_OUTPUTS, manifest.MANIFEST_NAME))
         say(
-            f"note: {out} held an earlier run; moved its checkpoints and outputs to {moved} "
-            "(use --resume to continue a run, --overwrite to delete them instead)"
+            f"--overwrite: kept {names}: no run recorded them as its own; moved them to {moved}"
+            if cfg.overwrite
+            else f"note: {out} held an earlier run; moved its checkpoints and outputs to "
+            f"{moved} (use --resume to continue a run, --overwrite to delete them instead)"
         )
+    manifest.forget(out)
+
+
+def _names(out: Path, paths: list[Path]) -> list[str]:
+    return [p.relative_to(out).as_posix() for p in paths]
+
+
+def _delete_recorded(out: Path, earlier: list[Path], say) -> list[Path]:
+    """``--overwrite``: delete the files of ``earlier`` the manifest records; the rest."""
+    own = manifest.recorded(out)
+    mine = [p for p in earlier if p.relative_to(out).as_posix() in own]
+    for path in mine:
+        path.unlink()
+    if mine:
+        fsync_dir(out)
+        say(f"--overwrite: deleted {', '.join(_names(out, mine))} in {out} (the earlier run's "
+            "own files, as its manifest records)")  # fmt: skip
+    return [p for p in earlier if p not in mine]
 
 
 def _keep_earlier_summary(out: Path, overwrite: bool, say) -> None:
     summary = out / "summary.json"
-    if not summary.is_file() or overwrite:
+    if not summary.is_file() or (overwrite and "summary.json" in manifest.recorded(out)):
         return
     n = 1
     while (target := out / f"summary.old-{n}.json").exists():
@@ -79,12 +104,13 @@ def _keep_earlier_summary(out: Path, overwrite: bool, say) -> None:
 
 
 # -- while training ----------------------------------------------------------------------------
-def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg) -> None:
-    """Rank 0, after each epoch: the checkpoint (the newest ``--keep-checkpoints`` kept),
-    then the metrics so far."""
+def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg, data=None) -> None:
+    """Rank 0, after each epoch: the checkpoint (the newest ``--keep-checkpoints`` kept,
+    with the ``data`` fingerprints), then the metrics so far."""
+    manifest.record(out, ckpt.checkpoint_path(out, epoch), *log.paths())
     ckpt.save_checkpoint(
         out, epoch, model, optimizer, scheduler, log.rows, cfg.to_dict(),
-        with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints,
+        with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints, data=data,
     )  # fmt: skip
     log.write()
 
@@ -101,6 +127,7 @@ def last_checkpoint_note(out: Path) -> str:
 def write_outputs(out: Path, model, log: MetricsLog, cfg: TrainConfig, summary: dict) -> None:
     """Rank 0, after training: adapter, metrics, curves, summary (with the adapter's path
     and size added), config."""
+    manifest.record(out, *(out / n for n in RUN_OUTPUTS))
     adapter = model.save_adapter(out / "adapter.safetensors")
     summary.update(adapter=str(adapter), adapter_bytes=adapter.stat().st_size)
     log.write()
@@ -135,6 +162,12 @@ def run_summary(cfg, model, d, t_start, num_classes, size, n_train, n_test) -> d
         "dtl_kernels_version": __version__,
         "torch_version": torch.__version__,
     }
+
+
+def write_eval_summary(out: Path, summary: dict) -> None:
+    """Rank 0, ``--eval-only``: ``summary.json``, recorded as this run's."""
+    manifest.record(out, out / "summary.json")
+    write_json(out / "summary.json", summary)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -210,11 +210,40 @@ def resolve_pretrained(cfg: TrainConfig, family: str):
 
 def build_model(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
     """The model ``cfg`` describes; an option combination timm or the wrapper rejects is a
-    ``ValueError`` naming the model."""
+    ``ValueError`` naming the model, and so is a DTL+ kernel wider than its token grids."""
+    size = input_size(cfg)
+    if cfg.conv_kernel is not None and cfg.conv_kernel > 2 * size - 1:  # no grid beats the image
+        _kernel_too_wide(cfg.conv_kernel, size, (size, size), "no token grid exceeds")
     try:
-        return _create(cfg, num_classes, pretrained)
+        model = _create(cfg, num_classes, pretrained)
     except (TypeError, AssertionError) as exc:
         raise ValueError(f"cannot build --model {cfg.model} with these options: {exc}") from exc
+    check_conv_kernel(model, size)
+    return model
+
+
+def check_conv_kernel(model: nn.Module, size: int) -> None:
+    """DTL+'s kernel must reach tokens: on an ``H × W`` grid, taps farther than
+    ``max(H, W) - 1`` from the centre never touch one (they only cost time and memory), so
+    ``k ≤ 2·max(H, W) - 1`` on the largest grid of an adapted block (``ValueError``)."""
+    csn = getattr(model, "csn", None)
+    k = csn.config.conv_kernel if csn is not None else 0
+    if not k or not callable(getattr(model, "side_grids", None)):
+        return
+    ref = next(model.parameters())
+    grids = model.side_grids(torch.zeros(1, 3, size, size, device=ref.device))
+    largest = max(grids, key=max)
+    if k > 2 * max(largest) - 1:
+        _kernel_too_wide(k, size, largest, "the largest token grid of an adapted block is")
+
+
+def _kernel_too_wide(k: int, size: int, grid: tuple[int, int], which: str) -> None:
+    most = 2 * max(grid) - 1
+    raise ValueError(
+        f"--conv-kernel {k} is wider than the token grids it runs on: at --img-size {size} "
+        f"{which} {grid[0]}×{grid[1]}, where a kernel wider than {most} has taps that never "
+        f"reach a token; use --conv-kernel ≤ {most} or larger images"
+    )
 
 
 def _create(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:

@@ -19,7 +19,13 @@ from .outputs import last_checkpoint_note
 
 
 class DivergenceError(RuntimeError):
-    """Training stopped: too many consecutive steps had a non-finite loss or gradient."""
+    """Training stopped: the run diverged (too many consecutive non-finite steps, an epoch
+    without a finite step, exploded or non-finite weights, non-finite evaluation outputs)."""
+
+
+# A trained weight beyond this magnitude means the optimisation exploded (trained models stay
+# many orders of magnitude below; products of two such weights still fit float32).
+EXPLODED_WEIGHT = 1e8
 
 
 def to_device(x: torch.Tensor, device, channels_last: bool) -> torch.Tensor:
@@ -151,12 +157,32 @@ class Stepper:
 
 
 def check_weights_finite(model: nn.Module, cfg: TrainConfig, epoch: int, out: Path) -> None:
-    """After an epoch: trained weights that became non-finite stop the run (a step with
-    finite gradients can still overflow them)."""
-    if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+    """After an epoch: trained weights that became non-finite, or exploded beyond
+    ±:data:`EXPLODED_WEIGHT`, stop the run (a step with finite gradients can still overflow
+    them); the last checkpoint stays the last good one."""
+    trained = [p.detach() for p in model.parameters() if p.requires_grad]
+    if not all(bool(torch.isfinite(p).all()) for p in trained):
+        what = "became non-finite"
+    elif any(p.numel() and float(p.abs().max()) > EXPLODED_WEIGHT for p in trained):
+        what = f"exploded (beyond ±{EXPLODED_WEIGHT:g})"
+    else:
+        return
+    raise DivergenceError(
+        f"training diverged: the trained weights {what} in epoch {epoch + 1}. No adapter was "
+        f"written; {last_checkpoint_note(out)}. Lower --lr (now {cfg.lr})"
+    )
+
+
+def check_epoch_had_a_finite_step(
+    cfg: TrainConfig, epoch: int, seen: float, skipped: int, out: Path
+) -> None:
+    """An epoch whose every step was skipped as non-finite (on all processes: ``seen`` is
+    the total of trained samples) stops the run, whatever ``--max-nonfinite-steps`` says."""
+    if skipped and not seen:
         raise DivergenceError(
-            f"the trained weights became non-finite in epoch {epoch + 1} (lower --lr, now "
-            f"{cfg.lr}); {last_checkpoint_note(out)}"
+            f"training diverged: no step of epoch {epoch + 1} had a finite loss and gradient "
+            f"({skipped} skipped here). No adapter was written; {last_checkpoint_note(out)}. "
+            f"Lower --lr (now {cfg.lr}) or check the data"
         )
 
 
@@ -175,17 +201,26 @@ def divergence_message(cfg: TrainConfig, epoch: int, step: Stepper, out: Path) -
 def evaluate(
     net, dataset, batch_size, d: Dist, autocast, channels_last, workers: int = 0
 ) -> tuple[float, float]:
-    """``(loss, accuracy)`` over the whole dataset; each rank takes every world-th sample."""
+    """``(loss, accuracy)`` over the whole dataset; each rank takes every world-th sample.
+
+    :class:`DivergenceError` (on every rank) when any image's outputs (logits) are not
+    finite: no accuracy is computed from them."""
     was = net.training
     net.eval()
     shard = torch.utils.data.Subset(dataset, range(d.rank, len(dataset), d.world))
-    loss_sum, correct = 0.0, 0
+    loss_sum, correct, bad = 0.0, 0, 0
     for x, y in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers):
         x, y = to_device(x, d.device, channels_last), y.to(d.device)
         with autocast():
             logits = net(x)
+        bad += int((~torch.isfinite(logits)).any(-1).sum())
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
     net.train(was)
-    loss_sum, correct, n = d.sum(loss_sum, correct, len(shard))
+    loss_sum, correct, n, bad = d.sum(loss_sum, correct, len(shard), bad)
+    if bad:
+        raise DivergenceError(
+            f"{int(bad)} of {int(n)} evaluation images got non-finite outputs (logits): no "
+            "accuracy is computed from them"
+        )
     return loss_sum / max(n, 1), correct / max(n, 1)

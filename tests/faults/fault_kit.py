@@ -38,9 +38,7 @@ def flags(opts: dict) -> list[str]:
     return out
 
 
-def run_child(fault: str, opts: dict, timeout: float = 120) -> subprocess.CompletedProcess:
-    """``dtl-train`` with ``opts`` in a child process after running the Python ``fault``
-    (which patches the package to fail, e.g. to SIGKILL itself mid-write)."""
+def _child_command(fault: str, opts: dict) -> tuple[list[str], dict]:
     code = textwrap.dedent(fault) + textwrap.dedent(
         """
         import sys
@@ -49,10 +47,34 @@ def run_child(fault: str, opts: dict, timeout: float = 120) -> subprocess.Comple
         """
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(
-        [sys.executable, "-c", code, *flags(opts)],
-        env=env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+    return [sys.executable, "-c", code, *flags(opts)], env
+
+
+def run_child(fault: str, opts: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``dtl-train`` with ``opts`` in a child process after running the Python ``fault``
+    (which patches the package to fail, e.g. to SIGKILL itself mid-write)."""
+    cmd, env = _child_command(fault, opts)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def start_child(fault: str, opts: dict) -> subprocess.Popen:
+    """:func:`run_child` without waiting: the child runs beside the test."""
+    cmd, env = _child_command(fault, opts)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, child: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until ``path`` exists (the child's signal), failing if the child ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not Path(path).exists():
+        if child.poll() is not None:
+            raise AssertionError(f"the child ended first: {child.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            child.kill()
+            raise AssertionError(f"no {path} after {timeout} s")
+        time.sleep(0.05)
 
 
 def adapter(out: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,77 @@
+"""Reading files that come from others: every byte is untrusted.
+
+One rule for every reader of the package (adapters, checkpoints, caches, YAML; the ONNX
+reader applies it to the protobuf wire format): sizes, counts and nesting are checked
+against the file and sane limits *before* anything is allocated from them, so a hostile
+file costs at most a small multiple of its own size in memory and time, and a bad one ends
+in one error that names the file and the field.
+
+* :func:`parse_json` — JSON text with bounded nesting (``ValueError``, never a
+  ``RecursionError``).
+* :func:`check_torch_archive` — a ``torch.save`` file before ``torch.load`` reads it: a zip
+  archive whose members are stored uncompressed and fit inside the file (a deflated member
+  could expand a small file into gigabytes; the legacy non-zip format allocates what its
+  pickle declares before reading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+MAX_JSON_DEPTH = 16  # the package's own JSON is at most 4 levels deep
+
+
+def json_depth(value) -> int:
+    """How deeply lists and mappings nest in ``value`` (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            children = v.values()
+        elif isinstance(v, (list, tuple)):
+            children = v
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((c, depth + 1) for c in children)
+    return deepest
+
+
+def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads(text)`` for text from a file; ``ValueError`` starting with ``what``
+    (which names the file and the field) for text that is not JSON or nests deeper than
+    ``max_depth``."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply (over {max_depth} levels)") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON ({exc})") from None
+    if json_depth(value) > max_depth:
+        raise ValueError(f"{what} is nested too deeply (over {max_depth} levels)")
+    return value
+
+
+def check_torch_archive(path: str | os.PathLike) -> None:
+    """``ValueError`` unless ``path`` is a zip archive (``torch.save``'s format) whose
+    members are stored uncompressed and together fit inside the file."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path} is not a torch.save zip archive ({exc})") from None
+    total = 0
+    for m in members:
+        if m.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(
+                f"{path}: member {m.filename!r} is compressed (torch.save stores members as "
+                "they are); refusing a file that could expand beyond its size"
+            )
+        total += m.file_size
+        if m.file_size != m.compress_size or total > size:
+            raise ValueError(f"{path}: member {m.filename!r} declares more bytes than the file has")
