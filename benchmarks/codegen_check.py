@@ -99,7 +99,9 @@ def _grid_ctas(grid) -> int:
 def triton_rows(cases, dtypes, arch, workdir, kernels=None, log=print):
     """Rows of the Triton kernels; also returns the (case, dtype, reason) skipped."""
     rows, skipped, gpu = [], [], f"sm_{arch}a"
-    regions = codegen_triton.shift_regions(ROOT / "dtl_kernels" / "ops" / "triton_side.py")
+    from dtl_kernels.ops import triton_side
+
+    regions = codegen_triton.shift_regions(Path(triton_side.__file__))  # the source compiled
     for case in cases:
         for dt in dtypes:
             y_dtype, side_dtype = DTYPES[dt]

@@ -64,12 +64,21 @@ def _setup_function(name: str):
     return scope[name]
 
 
+def _cpp_extension():
+    """torch.utils.cpp_extension, without its warning that no CUDA runtime is found (none
+    is needed to compile)."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    from torch.utils import cpp_extension
+
+    return cpp_extension
+
+
 def include_dirs() -> list[str]:
     """torch's headers and the nvidia-* wheel headers, as setup.py builds with (nvcc adds
     the toolkit's own)."""
-    from torch.utils import cpp_extension
-
-    return cpp_extension.include_paths("cpu") + _setup_function("_nvidia_wheel_includes")()
+    return _cpp_extension().include_paths("cpu") + _setup_function("_nvidia_wheel_includes")()
 
 
 def compile_tu(dtype: str, nvcc: Path, nvdisasm: str, workdir: Path, arch: int = 90):
@@ -100,9 +109,7 @@ def compile_tu(dtype: str, nvcc: Path, nvdisasm: str, workdir: Path, arch: int =
 
 
 def _common_nvcc_flags() -> list[str]:
-    from torch.utils import cpp_extension
-
-    return list(cpp_extension.COMMON_NVCC_FLAGS)
+    return list(_cpp_extension().COMMON_NVCC_FLAGS)
 
 
 def build_launch_recorder(workdir: Path) -> Path:
