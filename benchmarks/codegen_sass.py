@@ -14,9 +14,14 @@ Shift loop. The caller names source regions (file, first line, last line) that h
 per-shift ``(a, b)`` code. The SASS instructions whose line info (any frame of the
 ``inlined at`` chain) falls in a region are that region's code; its barriers are the
 ``BAR.*`` instructions between the region's first and last instruction inside the
-smallest loop that holds at least half of them. That counts the barriers a fully unrolled shift
-loop executes per outer iteration (the compiler's reductions and layout changes in it)
-without counting the barriers that fence the stages before and after it.
+smallest loop that holds at least half of them, except those whose line info points to
+other lines of the region's file (code the compiler placed among the shift code; a
+barrier of a library routine the shift code calls, e.g. ``tl.sum``, counts). When that
+loop is the shift loop itself (a runtime loop: its back-edge branch is region code), every
+barrier in its body counts. That counts
+the barriers a fully unrolled shift loop executes per outer iteration (the compiler's
+reductions and layout changes in it) without counting the barriers that fence the stages
+before and after it.
 """
 
 from __future__ import annotations
@@ -191,9 +196,28 @@ def shift_barriers(fn: Function, regions, body_loops=None) -> int | None:
         held = [(hi - lo, lo, hi) for lo, hi in body_loops
                 if 2 * sum(lo <= a <= hi for a in addrs) >= len(addrs)]  # fmt: skip
         lo, hi = min(held)[1:] if held else (min(addrs), max(addrs))
+        back_edge = next((i for i in fn.instrs if i.addr == hi), None)
+        if held and back_edge is not None and in_regions(back_edge, [region]):
+            # the loop is the shift loop itself (not unrolled): all its barriers count
+            total += _count(fn, lo, hi, is_barrier)
+            continue
         inside = [a for a in addrs if lo <= a <= hi]
-        total += _count(fn, min(inside), max(inside), is_barrier)
+        first, last = min(inside), max(inside)
+        total += sum(
+            1
+            for i in fn.instrs
+            if first <= i.addr <= last and is_barrier(i.op) and _owned(i, region)
+        )
     return total if found else None
+
+
+def _owned(ins: Instr, region) -> bool:
+    """Whether an instruction may belong to the region's code: its line info is in the
+    region, or only in other files (a library routine such as ``tl.sum`` that the region
+    calls). Lines of the region's file outside the region are other code of the kernel
+    that the compiler placed among the region's instructions."""
+    suffix = region[0]
+    return in_regions(ins, [region]) or not any(f.endswith(suffix) for f, _ in ins.src)
 
 
 def metrics(fn: Function, shift_regions=()) -> dict:

@@ -35,7 +35,8 @@ ptxas info    : Used 40 registers, used 1 barriers, 4096 bytes smem, 400 bytes c
 """
 
 # nvdisasm -c -gi style: a loop (.L_x_0 … @P0 BRA), an inline chain over two comment lines,
-# and the trap loop that ends every kernel
+# barriers of the shift code (line 21), of a library routine it calls (standard.py) and of
+# other code placed among it (line 15), and the trap loop that ends every kernel
 SASS = """\
 //--------------------- .text.k                  --------------------------
 \t.section\t.text.k,"ax",@progbits
@@ -48,16 +49,20 @@ k:
 \t//## File "/x/triton_side.py", line 21
         /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0030*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+\t//## File "/x/triton/language/standard.py", line 293
+        /*0040*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+\t//## File "/x/triton_side.py", line 15
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
 \t//## File "/x/helper.h", line 5 inlined at "/x/triton_side.py", line 22
 \t//## File "/x/triton_side.py", line 22
-        /*0040*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0060*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
 \t//## File "/x/triton_side.py", line 30
-        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
-        /*0060*/                   MEMBAR.ALL.CTA ;
-        /*0070*/              @P0 BRA `(.L_x_0) ;
-        /*0080*/                   EXIT ;
+        /*0070*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0080*/                   MEMBAR.ALL.CTA ;
+        /*0090*/              @P0 BRA `(.L_x_0) ;
+        /*00a0*/                   EXIT ;
 .L_x_1:
-        /*0090*/                   BRA `(.L_x_1);
+        /*00b0*/                   BRA `(.L_x_1);
 """
 
 
@@ -71,16 +76,39 @@ def test_parse_ptxas_log():
 
 def test_parse_sass_loops_barriers_and_shift_code():
     (fn,) = codegen_sass.parse_sass(SASS).values()
-    assert [i.addr for i in fn.instrs] == list(range(0, 0xA0, 0x10))
+    assert [i.addr for i in fn.instrs] == list(range(0, 0xC0, 0x10))
     chain = (("/x/helper.h", 5), ("/x/triton_side.py", 22), ("/x/triton_side.py", 22))
-    assert fn.instrs[4].src == chain
-    assert codegen_sass.loops(fn) == [(0x10, 0x70)]  # not the trap at the end
+    assert fn.instrs[6].src == chain
+    assert codegen_sass.loops(fn) == [(0x10, 0x90)]  # not the trap at the end
     m = codegen_sass.metrics(fn, [("triton_side.py", 20, 22)])
-    assert (m["barriers"], m["barriers_main_loop"], m["barriers_shift"]) == (2, 2, 1)
+    assert (m["barriers"], m["barriers_main_loop"], m["barriers_shift"]) == (4, 4, 2)
     assert (m["hmma"], m["wgmma"], m["tensor_core"], m["shfl"]) == (1, 0, 1, 1)
     # a region reached only through the inline chain; a region with no code
     assert codegen_sass.shift_barriers(fn, [("helper.h", 5, 5)]) == 0
     assert codegen_sass.shift_barriers(fn, [("triton_side.py", 100, 200)]) is None
+
+
+# a shift loop the compiler kept as a loop (its back edge is line 20): every barrier in it
+# counts, also one whose line info points elsewhere
+SASS_RUNTIME_LOOP = """\
+\t.section\t.text.k2,"ax",@progbits
+k2:
+\t//## File "/x/triton_side.py", line 10
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+\t//## File "/x/triton_side.py", line 21
+        /*0010*/                   LDG.E R2, desc[UR4][R2.64] ;
+\t//## File "/x/triton_side.py", line 40
+        /*0020*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+\t//## File "/x/triton_side.py", line 20
+        /*0030*/              @P0 BRA `(.L_x_0) ;
+        /*0040*/                   EXIT ;
+"""
+
+
+def test_shift_barriers_of_a_runtime_shift_loop():
+    (fn,) = codegen_sass.parse_sass(SASS_RUNTIME_LOOP).values()
+    assert codegen_sass.shift_barriers(fn, [("triton_side.py", 20, 22)]) == 1
 
 
 def test_occupancy_sm90():
