@@ -31,6 +31,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .optim import adamw
+
 _GiB = 2**30
 
 
@@ -195,7 +197,7 @@ def estimate_memory(
     with mode:
         images = torch.randn(batch_size, channels, h, w, device=device)
         images = images.contiguous(memory_format=layout)
-        optimizer = torch.optim.AdamW(trainable, lr=1e-3, foreach=True)
+        optimizer = adamw(trainable, lr=1e-3)
     tracker = _LiveBytes(params + list(fake.buffers()) + [images])
 
     def parts() -> dict:

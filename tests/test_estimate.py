@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from dtl_kernels import create_model, estimate_memory
 from dtl_kernels.estimate import _LiveBytes
+from dtl_kernels.optim import adamw
 
 # (timm name, image size, create_model options): small inputs, real architectures
 FAMILIES = [
@@ -23,7 +24,7 @@ FAMILIES = [
 def real_peak(model, batch: int, size: int, precision: str = "fp32") -> int:
     """Peak live tensor bytes of two real AdamW steps (parameters and input excluded)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    opt = adamw(params, lr=1e-3)  # as dtl-train and the estimator build it
     x = torch.randn(batch, 3, size, size)
     y = torch.zeros(batch, dtype=torch.long)
     tracker = _LiveBytes(list(model.parameters()) + list(model.buffers()) + [x])

@@ -59,6 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..optim import adamw
 from . import cache as trunk_cache
 from . import checkpoint as ckpt
 from . import outputs, setup
@@ -255,7 +256,7 @@ def _optimisation(
 ) -> Optimisation:
     """AdamW with the warm-up + cosine schedule over ``steps`` per epoch; on ``--resume``
     the model, optimiser, schedule and metrics are restored from the checkpoint."""
-    optimizer = torch.optim.AdamW(param_groups(s.model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = adamw(param_groups(s.model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
