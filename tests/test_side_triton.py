@@ -168,7 +168,8 @@ def _check_step_gradcheck():
 
 def _check_temporaries():
     """Log the tensors side_bwd allocates (interpreted, on CPU) and compare with the
-    planner's report: outputs aside, only the partial buffer and the (k², d) kernel copy."""
+    planner's report: outputs aside, only the partial buffer (the conv kernel is read in
+    place, no transposed copy per call)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from dtl_kernels.ops import triton_side
@@ -203,7 +204,7 @@ def _check_temporaries():
         }
         temps = [s for s in log.shapes if s not in outputs]
         plan = triton_side.plan(bsz, n, d, kw, k, grid, torch.float32, "cpu")
-        want = [plan["temporaries"]["bwd_partials"]] + ([(k * k, d)] if k else [])
+        want = [plan["temporaries"]["bwd_partials"]]  # the conv kernel is read in place
         good = sorted(s for s, _ in temps) == sorted(want)
         ok &= good
         report[name] = f"allocated {temps}, planned {want}" + ("" if good else " FAIL")
@@ -377,12 +378,13 @@ def test_triton_kernels_compile_for_gpu(launch, dtype, k, arch, shape, strided):
         "gtaps_ptr",
         "gups_ptr",
         "gw_ptr",
+        "w_ptr",  # the conv kernel, read in place in y's dtype
     }
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
-        elif name.endswith("_ptr"):  # w_t, the scratch and the partials are in ACC
+        elif name.endswith("_ptr"):  # the scratch and the partials are in ACC
             sig[name] = f"*{dtype}" if name in io_ptrs else f"*{acc}"
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name == "beta":
@@ -425,12 +427,11 @@ def test_backward_temporaries_small(name, dtype):
     y_bytes = bsz * n * d * torch.empty((), dtype=dtype).element_size()
     assert plan["y_bytes"] == y_bytes
     temps = plan["temporaries"]
-    assert set(temps) == {"fwd_scratch", "bwd_partials", "w_t"}
+    assert set(temps) == {"fwd_scratch", "bwd_partials"}  # no copy of the conv kernel
     groups, pd, width = temps["bwd_partials"]
     assert (pd, width) == (d, kw + k * k) and 1 <= groups <= 64
     partial_bytes = 4 * groups * d * width
-    w_bytes = 4 * k * k * d
-    assert plan["bwd_temp_bytes"] == partial_bytes + w_bytes
+    assert plan["bwd_temp_bytes"] == partial_bytes
     assert plan["bwd_temp_bytes"] <= 0.10 * y_bytes, (
         f"{name} {dtype}: backward temporaries {plan['bwd_temp_bytes']} B = "
         f"{plan['bwd_temp_bytes'] / y_bytes:.1%} of y"

@@ -73,6 +73,8 @@ Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, no
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import _ext, contract
@@ -323,7 +325,7 @@ def _fwd_conv_kernel(
     stride_tn,
     stride_tk,  # (B, N, K) concatenated taps T
     ups_ptr,  # (d, K) contiguous ups U
-    w_ptr,  # (KSIZE², d) contiguous depthwise kernel, transposed, ACC dtype
+    w_ptr,  # (d, 1, KSIZE, KSIZE) contiguous depthwise kernel, y's dtype
     out_ptr,
     stride_ob,
     stride_on,
@@ -407,8 +409,8 @@ def _fwd_conv_kernel(
             for bb in tl.static_range(KSIZE):
                 ok = ok_i & ((pj + (bb - PAD)).to(tl.uint32) < GW)  # _axis_ok, inlined
                 act = tl.load(row_a + (bb - PAD) * BLOCK_D, mask=ok[:, None], other=0.0)
-                w = tl.load(w_ptr + (a * KSIZE + bb) * D + cols, mask=col_ok, other=0.0)
-                mixed += act * w[None, :]
+                w = tl.load(w_ptr + cols * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=col_ok)
+                mixed += act * w.to(ACC)[None, :]
         if NPRE > 0:  # prefix rows (class token …) get θ(h) only
             act = tl.load(centre, mask=(row_ok & ~is_patch)[:, None], other=0.0)
             mixed = tl.where(is_patch[:, None], mixed, act)
@@ -456,8 +458,8 @@ def _dmix(
             for bb in tl.static_range(KSIZE):
                 ok = ok_i & ((pj + (PAD - bb)).to(tl.uint32) < GW)  # _axis_ok, inlined
                 gs = tl.load(g_a - (bb - PAD) * SGN, mask=ok[:, None] & col_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + (a * KSIZE + bb) * D + cols, mask=col_ok, other=0.0)
-                dmix += gs.to(ACC) * w[None, :]
+                w = tl.load(w_ptr + cols * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=col_ok)
+                dmix += gs.to(ACC) * w.to(ACC)[None, :]
         return tl.where(is_patch[:, None], dmix, g)
 
 
@@ -472,7 +474,7 @@ def _bwd_taps_kernel(
     stride_tn,
     stride_tk,  # (B, N, K) concatenated taps T
     ups_ptr,  # (d, K) contiguous ups U
-    w_ptr,  # (KSIZE², d) contiguous depthwise kernel, transposed, ACC dtype (DTL: dummy)
+    w_ptr,  # (d, 1, KSIZE, KSIZE) contiguous depthwise kernel, y's dtype (DTL: dummy)
     gtaps_ptr,  # (B·N, K) contiguous ∂L/∂T, taps dtype
     R,
     N,
@@ -549,7 +551,7 @@ def _bwd_ups_kernel(
     stride_tn,
     stride_tk,  # (B, N, K) concatenated taps T
     ups_ptr,  # (d, K) contiguous ups U
-    w_ptr,  # (KSIZE², d) contiguous depthwise kernel, transposed, ACC dtype (DTL: dummy)
+    w_ptr,  # (d, 1, KSIZE, KSIZE) contiguous depthwise kernel, y's dtype (DTL: dummy)
     part_ptr,  # (groups, d, K + KSIZE²) ACC partials: ∂U in [:K], ∂w in [K:]
     R,
     N,
@@ -635,8 +637,8 @@ def _bwd_ups_kernel(
                         mask=ok[:, None, None] & col_ok3,
                         other=0.0,
                     ).to(ACC)
-                    w3 = tl.load(w_ptr + (a * KSIZE + bb) * D + cols3, mask=col_ok2, other=0.0)
-                    dmix3 += gs3 * w3[None, :, :]
+                    w3 = tl.load(w_ptr + cols3 * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=col_ok2)
+                    dmix3 += gs3 * w3.to(ACC)[None, :, :]
                     part = tl.sum(
                         tl.reshape(act3 * gs3, (BLOCK_M // FOLD, FOLD, BLOCK_D // CV, CV)), axis=0
                     )
@@ -721,7 +723,7 @@ def plan(
     ``{"fwd", "bwd_taps", "bwd_ups", "sum"}`` launches (``kernel`` name, ``grid``,
     ``meta``: constexprs and ``num_warps`` / ``num_stages``, ``args``: extra runtime ints),
     ``fwd_scratch`` / ``bwd_partials`` (shapes of the fp32 temporaries, ``None`` if none),
-    ``temporaries`` (those two and ``w_t``, the (k², d) copy of the conv kernel),
+    ``temporaries`` (those two; the conv kernel is read in place, no copy),
     ``fwd_temp_bytes`` / ``bwd_temp_bytes`` (the bytes of each pass's temporaries) and
     ``y_bytes``.
     """
@@ -879,12 +881,9 @@ def plan(
             total += numel * acc_elem
         return total
 
-    w_t = (kk, d) if k else None  # the kernel, transposed to (k², d) in the compute dtype
-    out["fwd_temp_bytes"] = nbytes(out["fwd_scratch"], w_t)
-    out["bwd_temp_bytes"] = nbytes(out["bwd_partials"], w_t)
-    out["temporaries"] = dict(
-        fwd_scratch=out["fwd_scratch"], bwd_partials=out["bwd_partials"], w_t=w_t
-    )
+    out["fwd_temp_bytes"] = nbytes(out["fwd_scratch"])
+    out["bwd_temp_bytes"] = nbytes(out["bwd_partials"])
+    out["temporaries"] = dict(fwd_scratch=out["fwd_scratch"], bwd_partials=out["bwd_partials"])
     return out
 
 
@@ -912,6 +911,13 @@ def _require_launchable(x: torch.Tensor) -> None:
 _SM_COUNT: dict = {}
 
 
+@functools.lru_cache(maxsize=1024)
+def _cached_plan(*args) -> dict:
+    """:func:`plan` once per shape (pure arithmetic, ~20 µs of host time per call; the launch
+    dicts are only read)."""
+    return plan(*args)
+
+
 def _plan_for(x: torch.Tensor, kw: int, k: int, grid_h: int, grid_w: int) -> dict:
     bsz, n, d = x.shape
     sms = 132
@@ -920,7 +926,8 @@ def _plan_for(x: torch.Tensor, kw: int, k: int, grid_h: int, grid_w: int) -> dic
         if index not in _SM_COUNT:
             _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
         sms = _SM_COUNT[index]
-    return plan(bsz, n, d, kw, k, (grid_h, grid_w) if k else None, x.dtype, x.device.type, sms)
+    grid = (grid_h, grid_w) if k else None
+    return _cached_plan(bsz, n, d, kw, k, grid, x.dtype, x.device.type, sms)
 
 
 def _native_dot(x: torch.Tensor) -> bool:
@@ -951,14 +958,6 @@ def _device_of(x: torch.Tensor):
 def _launch(cfg: dict, *args, **consts) -> None:
     kernel = globals()[cfg["kernel"]]
     kernel[cfg["grid"]](*args, *cfg["args"], **{**cfg["meta"], **consts})
-
-
-def _w_t(conv_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The (d, 1, k, k) kernel as a contiguous (k², d) tensor in the compute dtype (one copy):
-    the kernels read w[:, a, b] for consecutive channels as vectors, already converted."""
-    d, kk = conv_weight.shape[0], conv_weight.shape[-1] ** 2
-    w_t = torch.empty((kk, d), dtype=_acc_torch(dtype), device=conv_weight.device)
-    return w_t.copy_(conv_weight.reshape(d, kk).t())
 
 
 def _consts(x: torch.Tensor, taps: torch.Tensor, row_tensors: tuple) -> dict:
@@ -1024,7 +1023,7 @@ def side_fwd(
                 **consts,
             )
         else:
-            w_t = _w_t(conv_weight, y.dtype)
+            w = conv_weight.contiguous()  # read as (d, k²) in place: no per-call transposed copy
             scratch = torch.empty(p["fwd_scratch"], dtype=_acc_torch(y.dtype), device=y.device)
             _launch(
                 p["fwd"],
@@ -1033,7 +1032,7 @@ def side_fwd(
                 taps,
                 *taps.stride(),
                 ups_c,
-                w_t,
+                w,
                 out,
                 *out.stride(),
                 scratch,
@@ -1072,7 +1071,7 @@ def side_bwd(
     p = _plan_for(grad_out, kw, k, grid_h, grid_w)
     consts = dict(_consts(grad_out, taps, (grad_out, taps)), SGN=grad_out.stride(1) if k else 0)
     ups_c = ups.contiguous()
-    w_t = _w_t(conv_weight, grad_out.dtype) if k else ups_c
+    w = conv_weight.contiguous() if k else ups_c  # read as (d, k²) in place (DTL: a dummy)
     grad_taps = torch.empty((bsz, n, kw), dtype=taps.dtype, device=dev)
     grad_ups = torch.empty((d, kw), dtype=ups.dtype, device=dev)
     grad_conv = (
@@ -1082,7 +1081,7 @@ def side_bwd(
     )
     parts = torch.empty(p["bwd_partials"], dtype=_acc_torch(grad_out.dtype), device=dev)
     common = (bsz * n, n, d, kw, float(beta))
-    g_args = (grad_out, *grad_out.stride(), taps, *taps.stride(), ups_c, w_t)
+    g_args = (grad_out, *grad_out.stride(), taps, *taps.stride(), ups_c, w)
     with _device_of(grad_out):
         _launch(p["bwd_taps"], *g_args, grad_taps, *common, **consts)
         _launch(p["bwd_ups"], *g_args, parts, *common, **consts)
