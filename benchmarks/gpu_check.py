@@ -16,8 +16,11 @@ output goes to ``DIR/log.txt``):
 3. ``kernels``: ``gpu_kernels.py`` (eager, torch.compile, cuda, triton; fwd and fwd+bwd;
    CUDA graphs of 100 calls, L2 flushed; plain copy beside), then a profiler breakdown of
    our fwd+bwd into its kernels (``kernel_profile.csv``).
-4. ``e2e``: ``bench_e2e.py`` on ViT-B/16 and Swin-B, batch 32, bf16 autocast: peak memory
-   and step time of full / linear / LoRA / DTL variants, inference at batch 1 / 4 / 16.
+4. ``step``: ``bench_step.py`` on ViT-B/16 and Swin-B, batch 32, bf16 autocast: step time of
+   full / linear / LoRA / DTL (eager reference and fused) / DTL+ interleaved round-robin,
+   ≥ 30 rounds, median and IQR, GPU-busy time from the profiler; inference at batch 1 / 4 /
+   16 eager and replayed from CUDA graphs, one torch.compile(mode="reduce-overhead") point.
+   ``e2e``: ``bench_e2e.py``: peak memory of the same providers and the memory options.
 5. ``fit``: ``bench_estimate.py fit``: ``estimate_memory``'s prediction beside the measured
    peak of two bf16 steps, ViT-B / ViT-L and the 1.1 B-parameter ViT-g/14 moonshot
    (DTL+, bf16 frozen weights, ``checkpoint_tail``, batch 32) → ``estimate_gpu.csv``.
@@ -49,7 +52,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path("/tmp/dtl_kernels_gpu_cache")  # inductor + triton caches of this run
-STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "e2e", "fit")
+STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "step", "e2e", "fit")
 SANITIZE_CASES = 3  # len(gpu_correct.sanitize_cases()); kept import-light (no torch here)
 
 
@@ -364,7 +367,16 @@ def main() -> int:
     if "kernels" in stages:
         runner.run("kernels", [py, "benchmarks/gpu_kernels.py", "--out", str(out)] + dry, 240)
 
-    # 4. end to end, one model per process (a model cut off by the deadline loses only itself)
+    # 4. step and inference time (the interleaved protocol), one model per process
+    if "step" in stages:
+        models = ["vit_tiny_patch16_224"] if args.dry_run else args.e2e_models
+        for i, model in enumerate(models):
+            cmd = [py, "benchmarks/bench_step.py", "--models", model, "--results-dir", str(out),
+                   "--out", f"step_{i}"] + dry  # fmt: skip
+            runner.run(f"step-{model}", cmd, 150, min_time=30)
+        merge_csvs([out / f"step_{i}.csv" for i in range(len(models))], out / "step.csv")
+
+    # end to end memory, one model per process (a model cut off by the deadline loses only itself)
     if "e2e" in stages:
         if args.dry_run:
             models = ["vit_tiny_patch16_224"]
@@ -392,13 +404,11 @@ def main() -> int:
                 "32",
                 *(["--providers", *args.e2e_providers] if args.e2e_providers else []),
                 "--reps",
-                "10",
+                "3",
                 "--infer-batches",
                 "1",
-                "4",
-                "16",
                 "--infer-reps",
-                "20",
+                "3",
                 "--amp",
                 "bf16",
             ]

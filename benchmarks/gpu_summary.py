@@ -110,8 +110,46 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     if targets:
         lines.append("end-to-end targets (bench_e2e):")
         lines += [f"  {t}" for t in targets]
+    step = read_csv(out / "step.csv")
+    if step:
+        lines += step_targets(step)
     lines.append(f"overall: {'OK' if ok else 'PROBLEMS (see above and log.txt)'}")
     return "\n".join(lines) + "\n", ok
+
+
+# Issue 18 item 6 (ViT-B/16 and Swin-B, batch 32, bf16 autocast; bench_step.py's protocol):
+# (provider, row mode, target, op); ratios are of medians of one interleaved run.
+STEP_TARGETS = [
+    ("dtl", "step_x_full", 0.45, "<="),
+    ("dtl", "step_x_lora", 0.6, "<="),
+    ("dtl+", "step_x_full", 0.5, "<="),
+    ("dtl", "step_x_dtl_ref", 1 / 1.3, "<="),  # fused ≥ 1.3× faster than the eager reference
+    ("dtl", "infer_x_timm", 0.95, ">="),
+    ("dtl+", "infer_x_timm", 0.95, ">="),
+    ("dtl", "infer_graph_x_timm", 0.98, ">="),
+    ("dtl+", "infer_graph_x_timm", 0.98, ">="),
+]
+
+
+def step_targets(rows: list[dict]) -> list[str]:
+    out = ["step and inference (bench_step: interleaved, median of ≥ 30; ms, busy = GPU kernels):"]
+    by = defaultdict(dict)
+    for r in rows:
+        by[r["model"], r["provider"], r["batch"]][r["mode"]] = r
+    for (model, provider, batch), d in by.items():
+        cells = [f"{m.removesuffix('_ms')} {float(d[m]['median']):.2f}"
+                 f" [{float(d[m]['p20']):.2f}–{float(d[m]['p80']):.2f}]"
+                 for m in ("step_ms", "step_busy_ms", "infer_ms", "infer_graph_ms",
+                           "infer_busy_ms", "infer_compiled_ms") if m in d]  # fmt: skip
+        if cells:
+            out.append(f"  {model} {provider:8s} b{batch:>3s}: " + "; ".join(cells))
+    out.append("step / inference targets:")
+    for provider, mode, target, op in STEP_TARGETS:
+        for (model, p, batch), d in by.items():
+            if p == provider and mode in d:
+                value = float(d[mode]["median"])
+                out.append(f"  {verdict(value, target, op)}  {model} {provider} b{batch} {mode}")
+    return out
 
 
 def kernel_table(rows: list[dict]) -> list[str]:

@@ -46,6 +46,7 @@ def test_dry_run_writes_every_result(dry_run):
         "kernels.csv",
         "kernel_profile.csv",
         "e2e.csv",
+        "step.csv",
         "log.txt",
         "summary.txt",
     ):
@@ -68,6 +69,11 @@ def test_every_row_says_where_and_when(dry_run):
     assert all(float(r["median"]) > 0 for r in profile)
     e2e = read(out / "e2e.csv")
     assert {r["provider"] for r in e2e} >= {"full", "dtl"}
+    step = read(out / "step.csv")  # the interleaved step / inference protocol (bench_step.py)
+    modes = {(r["provider"], r["mode"]) for r in step}
+    assert {("dtl", "step_ms"), ("full", "step_ms"), ("dtl", "step_x_full"),
+            ("dtl+", "infer_ms"), ("dtl", "infer_x_timm")} <= modes  # fmt: skip
+    assert all(r["machine"] and r["torch"] and r["date"] for r in step)
 
 
 def test_summary_reports_failures_and_misses(tmp_path):
