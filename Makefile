@@ -90,6 +90,7 @@ $(VENV)/.bench-stamp: requirements-bench.txt $(VENV)/.deps-stamp
 	touch $@
 
 bench: build bench-deps
+	$(BIN)/python benchmarks/bench_host.py
 	$(BIN)/python benchmarks/bench_side_op.py --reps 5
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_e2e.py --quick
@@ -97,6 +98,7 @@ bench: build bench-deps
 	$(BIN)/python benchmarks/bench_accuracy.py --quick
 
 bench-full: build bench-deps
+	$(BIN)/python benchmarks/bench_host.py --reps 200
 	$(BIN)/python benchmarks/bench_side_op.py
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_e2e.py

@@ -158,6 +158,9 @@ class SideStep : public torch::autograd::Function<SideStep> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    // below autograd: the kernels' backward ops have no autograd of their own to run (no
+    // double backward through the side op), and Triton's would cost Python glue per call
+    at::AutoDispatchBelowADInplaceOrView guard;
     const at::Tensor& g = grads[0];
     const at::Tensor& g_taps = grads[1];
     const variable_list s = ctx->get_saved_variables();

@@ -55,7 +55,8 @@ class SideState:
     sum over the blocks tapped so far and every add-back of a stage runs the kernel on the
     same shapes. A tap only records its block input; the next add-back computes the pending
     taps and the side op in one call (:func:`dtl_kernels.ops.step.side_step`). The backend
-    is chosen at the first tap of the pass, the stage's kernel at its first add-back.
+    is chosen at the first tap of the pass; the stage's buffers (taps, its ups side by side in
+    the taps' dtype) at its first tap, its kernel at its first add-back.
     """
 
     backend: str | None = None
@@ -138,12 +139,6 @@ class CompactSideNetwork(nn.Module):
                 if tappable[i] and s not in self.convs:
                     self.convs[s] = nn.Parameter(torch.empty(block_widths[i], 1, k, k))
         self.reset_parameters()
-        # The parameter dicts' own storage, for the per-block lookups of every forward
-        # (nn.Module.__getattr__ + ParameterDict.__getitem__ cost ~1 µs each; these dicts are
-        # the same objects for the module's lifetime, entries are still looked up per call).
-        self._down_params = self.down._parameters
-        self._up_params = self.up._parameters
-        self._conv_params = self.convs._parameters
 
     def reset_parameters(self) -> None:
         """Published init: ``A ~ U(±1/√d)``, ``B = 0``, conv as PyTorch's Conv2d default."""
@@ -183,13 +178,15 @@ class CompactSideNetwork(nn.Module):
             )
             state.inputs, state.downs, state.pending_bytes = [], [], 0
         if state.backend is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
-            conv = next(iter(self._conv_params.values()), None)
+            conv = next(iter(self.convs.values())) if len(self.convs) else None
             state.backend = side.select(z, self.backend, conv_weight=conv)
-        down = self._down_params[self._keys[i]]
+        down = self.down[self._keys[i]]
         if state.backend != "reference":
-            if state.taps is None:
-                shape = (*z.shape[:-1], self._stage_width[stage])
-                state.taps = z.new_zeros(shape, dtype=_tap_dtype(z))
+            if state.taps is None:  # the stage's buffers, once per forward pass
+                dtype = _tap_dtype(z)
+                state.taps = z.new_zeros((*z.shape[:-1], self._stage_width[stage]), dtype=dtype)
+                ups = torch.cat([self.up[key] for key in self._stage_keys[stage]], dim=-1)
+                state.ups = ups if ups.dtype == dtype else ups.to(dtype)  # as autocast would
             if not state.inputs:
                 state.first_col = self._columns[i][0]
             state.inputs.append(z)
@@ -207,7 +204,7 @@ class CompactSideNetwork(nn.Module):
             t = memory.low_precision_tap(z, down, low)
         else:
             t = reference.tap(z, down)
-        up = self._up_params[self._keys[i]]
+        up = self.up[self._keys[i]]
         state.h = reference.accumulate(state.h, t, up if up.dtype == t.dtype else up.to(t.dtype))
 
     def _flush_taps(self, state: SideState) -> None:
@@ -239,7 +236,7 @@ class CompactSideNetwork(nn.Module):
         stage = self.block_stages[i]
         if state.stage != stage or (state.h is None and state.taps is None):
             raise RuntimeError(f"block {i} is adapted but its stage has no tap before it")
-        conv = self._conv_params.get(str(stage))
+        conv = self.convs[str(stage)] if len(self.convs) else None
         beta = self.config.beta
         if state.backend == "reference":
             return reference.add_back(y, state.h, beta, conv, grid, num_prefix)
@@ -257,10 +254,7 @@ class CompactSideNetwork(nn.Module):
         return out
 
     def _start_stage_kernel(self, state: SideState, stage: int, y, conv, grid, num_prefix):
-        """At a stage's first add-back: its ``ups`` side by side (once per pass) and the
-        backend that takes these shapes."""
-        ups = self._up_params
-        state.ups = torch.cat([ups[key] for key in self._stage_keys[stage]], dim=-1)
+        """At a stage's first add-back: the backend that takes these shapes."""
         kernel = state.backend
         if self.backend == "auto":
             args = SideArgs.of(y, state.taps, state.ups, self.config.beta, conv, grid,

@@ -133,8 +133,8 @@ def _model(adapt_from: int, conv_kernel: int = 0) -> DTLViT:
 @pytest.mark.parametrize("conv_kernel", [0, 3])
 def test_every_add_back_dispatches_the_same_operations(conv_kernel):
     """Block 7's add-back (which also computes the trunk's 7 taps) and block 12's dispatch
-    the same number of operations: the taps are one buffer, not a growing concatenation.
-    The stage's first add-back also concatenates its ups, once per forward pass."""
+    the same operations: the taps are one buffer, not a growing concatenation (the stage's
+    buffers are made once per pass, at its first tap)."""
     model = _model(7, conv_kernel)
     counts = {}
     original = model.csn.add_back
@@ -148,9 +148,8 @@ def test_every_add_back_dispatches_the_same_operations(conv_kernel):
     model.csn.add_back = counted
     model(torch.randn(1, 3, 32, 32))
     assert sorted(counts) == list(range(6, 12))
-    assert len({counts[i] for i in range(7, 12)}) == 1, counts
-    assert counts[6] == counts[7] + 1, counts  # + the stage's ups, side by side (torch.cat)
-    assert counts[7] <= 4, counts  # the taps' copy, write_taps_, the kernel
+    assert len(set(counts.values())) == 1, counts
+    assert counts[7] <= 4, counts  # the taps' copy, write_taps_, the kernel, a detach (autograd)
 
 
 @pytest.mark.parametrize("conv_kernel", [0, 3])
