@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from dtl_kernels import create_model
+from dtl_kernels import create_model, load_adapter
 from dtl_kernels.train import train
 
 
@@ -44,7 +44,7 @@ def main() -> None:
     model = create_model(
         "tf_efficientnet_lite0", method=args.method, num_classes=4, pretrained="efficientnet-lite0"
     )
-    model.load_adapter(summary["adapter"])
+    load_adapter(model, summary["adapter"])
     model.eval()
     with torch.no_grad():
         logits = model(torch.zeros(1, 3, args.img_size, args.img_size))

@@ -146,7 +146,7 @@ def test_dinov2_mapping_reproduces_the_onnx_backbone(dinov2, size):
     ort = pytest.importorskip("onnxruntime")
     import timm
 
-    from dtl_kernels.models.factory import load_backbone_weights
+    from dtl_kernels.models.backbone_files import load_backbone_weights
 
     onnx_path, path = dinov2
     model = onnx.load(str(onnx_path))

@@ -59,6 +59,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..models.adapters import load_adapter
 from . import cache as trunk_cache
 from . import checkpoint as ckpt
 from . import outputs, setup
@@ -155,7 +156,7 @@ def _before_any_work(cfg: TrainConfig, d: Dist, say, held: ExitStack) -> tuple[s
 def _eval_only(cfg: TrainConfig, d: Dist, s: setup.Setup, t_start: float) -> dict:
     """``--eval-only``: load the adapter, evaluate, write the summary."""
     mismatch = "warn" if cfg.allow_backbone_mismatch else "error"
-    d.run_agreed("loading the adapter", s.model.load_adapter, cfg.adapter, mismatch)
+    d.run_agreed("loading the adapter", load_adapter, s.model, cfg.adapter, mismatch)
     try:
         test_loss, test_acc = evaluate(
             s.model, s.test_set, s.local_batch, d, s.autocast, s.channels_last, cfg.workers

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from .. import create_model
 from ..models import lora, offline_weights
-from ..models.base import adapter_info, read_adapter
+from ..models.adapters import adapter_info, read_adapter
 from .config import TrainConfig
 from .data import build_datasets
 from .dist import Dist

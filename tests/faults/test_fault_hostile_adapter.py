@@ -17,9 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from dtl_kernels import create_model
-from dtl_kernels.models.adapters import AdapterError
-from dtl_kernels.models.factory import model_from_adapter
+from dtl_kernels import AdapterError, create_model, load_adapter, model_from_adapter, save_adapter
 from dtl_kernels.models.multitask import MultiTaskDTL
 
 MIB = 2**20
@@ -41,7 +39,7 @@ def backbone() -> VisionTransformer:
 def good(backbone, tmp_path_factory):
     """A valid DTL+ adapter (rank 2, k 3, 3 classes, adapt_from 2) of ``backbone``."""
     model = create_model(copy.deepcopy(backbone), "dtl+", num_classes=3, adapt_from=2)
-    return model.save_adapter(tmp_path_factory.mktemp("adapters") / "good.safetensors")
+    return save_adapter(model, tmp_path_factory.mktemp("adapters") / "good.safetensors")
 
 
 def rewrite(src, dst, config_text=None, edit=None):
@@ -84,7 +82,7 @@ def fresh_entry_points(path):
     yield "model_from_adapter", lambda: model_from_adapter(path, small_backbone())
     yield "MultiTaskDTL", lambda: MultiTaskDTL(small_backbone(), {"task": path})
     model = create_model(small_backbone(), "dtl+", num_classes=3, adapt_from=2)
-    yield "load_adapter", lambda: model.load_adapter(path)
+    yield "load_adapter", lambda: load_adapter(model, path)
 
 
 @pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
