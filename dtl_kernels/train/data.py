@@ -584,11 +584,11 @@ def _file_samples(name: str, root: Path, cfg, need_train: bool = True):
         train = read_list(train_list, base) if need_train else None
         test = read_list(ann / "test_meta.list", base)
         return train, test, None
+    train, classes = scan_folder(root / "train") if need_train else (None, None)
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     test, test_classes = scan_folder(test_dir)
     if not need_train:
         return None, test, test_classes
-    train, classes = scan_folder(root / "train")
     if test_classes != classes:
         raise DataError(f"class folders differ between {root / 'train'} and {test_dir}")
     return train, test, classes
