@@ -125,6 +125,8 @@ def _say(d: Dist):
 def _run(cfg: TrainConfig, d: Dist, t_start: float, held: ExitStack) -> dict:
     say = _say(d)
     pre, found = _before_any_work(cfg, d, say, held)
+    if d.main:
+        LOGGER.debug("options: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
     s = setup.build(cfg, d, pre, say)
     if cfg.eval_only:
         return _eval_only(cfg, d, s, t_start)

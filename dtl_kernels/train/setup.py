@@ -23,6 +23,7 @@ from .adapter_options import adapter_into_config
 from .config import TrainConfig
 from .data import build_datasets
 from .dist import Dist
+from .log import LOGGER
 from .transforms import NAMED, Augmentation, Preprocessing
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -140,6 +141,8 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     )
     if augment.flags():
         say(f"augmentation: {' '.join(augment.flags())}")
+    if d.main:
+        LOGGER.debug(f"preprocessing (timm data config): {prep.data_config()}")
     return Setup(pre.family, prep, augment, local_batch, train_set, test_set, num_classes, model,
                  channels_last, autocast)  # fmt: skip
 
