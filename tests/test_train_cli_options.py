@@ -64,8 +64,9 @@ def test_grad_accum_takes_the_step_of_the_whole_batch():
 def test_memory_flags_train_and_print_nothing_when_quiet(toy, tmp_path, capsys):
     out, weights = tmp_path / "run", tmp_path / "backbone.pth"
     torch.save(create_model(VIT, "linear", 3, img_size=32).backbone.state_dict(), weights)
-    argv = TINY[:-1] + [str(weights), "--data-root", str(toy), "--epochs", "1", "--batch-size",
-                        "4", "--grad-accum", "2", "--output", str(out), "--quiet"] + MEMORY  # fmt: skip
+    argv = TINY[:-1] + [str(weights), "--data-root", str(toy), "--epochs", "1",
+                        "--batch-size", "4", "--grad-accum", "2", "--output", str(out),
+                        "--quiet"] + MEMORY  # fmt: skip
     capsys.readouterr()
     assert main(argv) == 0
     captured = capsys.readouterr()
