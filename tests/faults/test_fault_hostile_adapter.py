@@ -1,8 +1,9 @@
 """Adapter files from others (``models/adapters.py``, ``models/adapter_description.py``):
-every size, count and hyper-parameter of the metadata — and of what it records for
-predicting: model, preprocessing, class names, training data — is bounded — by sane limits, by the file's own tensor
-shapes, by the backbone — before a model is built from it, through every entry point
-(``model_from_adapter``, ``MultiTaskDTL``, ``load_adapter``); a hostile file ends in one
+every size, count and hyper-parameter of the metadata (what it records for predicting too:
+model, preprocessing, class names, training data) is bounded — by sane limits, by the
+file's own tensor shapes, by the backbone — before a model is built from it, through every
+entry point (``model_from_adapter``, ``MultiTaskDTL``, ``load_adapter``,
+``from_pretrained``); a hostile file ends in one
 :class:`AdapterError` naming the file and the field, without a large allocation."""
 
 from __future__ import annotations
