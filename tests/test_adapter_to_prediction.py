@@ -180,3 +180,17 @@ def test_dtl_predict_gives_the_trainers_predictions(trained, toy, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"dtl-predict: error: no such image or folder: {tmp_path / 'nothing.png'}",
                    "dtl-predict: error: --top-k and --batch-size must be ≥ 1"]  # fmt: skip
+
+
+def test_moved_backbone_weights_are_asked_for(trained, tmp_path, capsys):
+    with safe_open(str(trained["adapter"]), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = json.loads(meta["model"])
+    meta["model"] = json.dumps({**model, "pretrained": str(tmp_path / "gone" / "backbone.pth")})
+    moved = tmp_path / "moved.safetensors"
+    save_file(tensors, str(moved), metadata=meta)
+    argv = ["--eval-only", "--adapter", str(moved), "--output", str(tmp_path / "e")]
+    assert train(argv) == 1
+    assert "which are not there now: pass --pretrained PATH" in capsys.readouterr().err
+    assert train(argv + ["--pretrained", str(trained["weights"])]) == 0

@@ -6,6 +6,8 @@ does not record is asked for by the flag to pass."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..models import lora
 from .config import TrainConfig, _check_dataset
 from .transforms import NAMED
@@ -23,7 +25,13 @@ def adapter_into_config(cfg: TrainConfig, info: dict) -> None:
     _preprocessing_flags(cfg, info, where)
     origin = info["model"]
     if cfg.pretrained is None and origin is not None and origin["pretrained"] is not None:
-        cfg.pretrained = origin["pretrained"]
+        recorded = origin["pretrained"]
+        if "/" in recorded and not Path(recorded).is_file():  # a checkpoint that moved
+            raise ValueError(
+                f"{where} was trained on the backbone weights {recorded}, which are not there "
+                "now: pass --pretrained PATH (where they are)"
+            )
+        cfg.pretrained = recorded
     conf = info["config"]
     cfg.method = conf["method"]
     cfg.num_classes = conf["num_classes"]
