@@ -9,19 +9,25 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-import torch
-
-import dtl_kernels
-from dtl_kernels.ops import _ext, reference, side
-
 parser = argparse.ArgumentParser()
 parser.add_argument("site")
 parser.add_argument("--modules", default="", help="comma-separated module names it must carry")
 args = parser.parse_args()
 site = Path(args.site).resolve()
+modules = [m for m in args.modules.split(",") if m]
+for name in modules:  # each file in the wheel's folder (before any import: a quick refusal)
+    parts = name.split(".")
+    found = (site.joinpath(*parts).with_suffix(".py"), site.joinpath(*parts, "__init__.py"))
+    assert any(f.is_file() for f in found), f"the wheel lacks {name} (no {found[0]})"
+
+import torch  # noqa: E402
+
+import dtl_kernels  # noqa: E402
+from dtl_kernels.ops import _ext, reference, side  # noqa: E402
+
 where = Path(dtl_kernels.__file__).resolve()
 assert site in where.parents, f"dtl_kernels imported from {where}, not from the wheel in {site}"
-for name in filter(None, args.modules.split(",")):  # each file, found in the wheel's folder
+for name in modules:  # and found there by the import system
     spec = importlib.util.find_spec(name)
     origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
     assert origin is not None and site in origin.parents, f"the wheel lacks {name} ({origin})"

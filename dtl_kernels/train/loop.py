@@ -1,7 +1,8 @@
 """The training loop behind ``dtl-train``: data → model → AdamW + warm-up/cosine → epochs
 with checkpoints → adapter, metrics, summary. Uses only the models' public API
 (:func:`dtl_kernels.create_model`, ``embed`` / ``run_blocks`` / ``forward_head``,
-``save_adapter`` / ``load_adapter``); it holds no model logic.
+:func:`dtl_kernels.save_adapter` / :func:`dtl_kernels.load_adapter`); it holds no model
+logic.
 
 :func:`run` goes through the phases of a run, one function each here; the work of each
 phase lives in its own module:
