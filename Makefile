@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-sweep lint clean info gpu-check
+.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-sweep lint clean info gpu-check codegen-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -109,3 +109,17 @@ GPU_OUT  ?= gpu-check-out
 GPU_ARGS ?=
 gpu-check:
 	$(PY) benchmarks/gpu_check.py --out $(GPU_OUT) $(GPU_ARGS)
+
+# Code-generation gates without a GPU (issue 19, item 3; benchmarks/README.md): every Triton
+# kernel compiled for sm_90a by the Triton the GPU machine runs (pinned here, installed
+# beside the venv, never into it) and every CUDA kernel by nvcc -Xptxas -v; registers,
+# spills, occupancy, barriers, tensor-core instructions and PASS / FAIL per gate
+# → benchmarks/results/codegen.{csv,md}. ~1.5 min on 2 cores (plus the first Triton download).
+CODEGEN_TRITON_VERSION := 3.6.0
+CODEGEN_TRITON ?= build/triton-$(CODEGEN_TRITON_VERSION)
+CODEGEN_ARGS   ?=
+$(CODEGEN_TRITON)/.stamp:
+	$(BIN)/python -m pip install -q --no-deps --target $(CODEGEN_TRITON) triton==$(CODEGEN_TRITON_VERSION)
+	touch $@
+codegen-check: build $(CODEGEN_TRITON)/.stamp
+	PYTHONPATH=$(abspath $(CODEGEN_TRITON)):$(CURDIR) $(BIN)/python benchmarks/codegen_check.py $(CODEGEN_ARGS)

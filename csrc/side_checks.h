@@ -59,7 +59,15 @@ std::string msg(const Args&... args) {
 struct SideLimits {
   int64_t max_k;      // widest taps (K) the kernels take
   int64_t max_ksize;  // largest conv the kernels take
+  bool mixed;         // they take 16-bit taps / ups beside a float32 y (the autocast mix)
 };
+
+// The dtypes of the side op: y (and grad_out, out, conv_weight) in one floating dtype; taps
+// and ups in one dtype, y's or — beside a float32 y — bfloat16 / float16 (autocast keeps the
+// residual stream float32 while the taps, a matmul's output, are 16-bit).
+inline bool side_dtypes_ok(at::ScalarType y, at::ScalarType side) {
+  return side == y || (y == at::kFloat && (side == at::kBFloat16 || side == at::kHalf));
+}
 
 // Checks y/grad_out (B, N, d), taps (B, N, K), ups (d, K), conv_weight (d, 1, k, k) or none,
 // the grid and β; `device` is where every tensor must live. Returns k (0 for DTL).
@@ -83,10 +91,17 @@ inline int64_t check_side_inputs(const char* op, c10::DeviceType device, const S
                     " tensor, got ", t.device()));
     TORCH_CHECK(t.device() == y.device(), msg(op, ": ", names[i], " is on ", t.device(),
                                               " but y/grad_out is on ", y.device()));
-    TORCH_CHECK(t.scalar_type() == dt,
-                msg(op, ": ", names[i], " has dtype ", t.scalar_type(), " but y/grad_out has ", dt,
-                    " (all inputs must share one dtype)"));
   }
+  const auto st = taps.scalar_type();
+  TORCH_CHECK(ups.scalar_type() == st, msg(op, ": ups has dtype ", ups.scalar_type(),
+                                           " but taps have ", st, " (they share one dtype)"));
+  TORCH_CHECK(side_dtypes_ok(dt, st) && (st == dt || lim.mixed),
+              msg(op, where, ": taps have dtype ", st, " but y/grad_out has ", dt,
+                  lim.mixed ? " (taps / ups take y's dtype, or bfloat16 / float16 beside float32 y)"
+                            : " (all inputs must share one dtype here)"));
+  TORCH_CHECK(!conv_weight || conv_weight->scalar_type() == dt,
+              msg(op, ": conv_weight has dtype ", conv_weight ? conv_weight->scalar_type() : dt,
+                  " but y/grad_out has ", dt, " (the conv runs in y's dtype)"));
   TORCH_CHECK(y.dim() == 3, msg(op, ": y/grad_out must be (B, N, d), got shape ", y.sizes()));
   TORCH_CHECK(taps.dim() == 3, msg(op, ": taps must be (B, N, K), got shape ", taps.sizes()));
   TORCH_CHECK(ups.dim() == 2, msg(op, ": ups must be (d, K), got shape ", ups.sizes()));

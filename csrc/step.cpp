@@ -94,6 +94,14 @@ void write_taps_generic(at::Tensor& taps, at::TensorList inputs, at::TensorList 
   }
 }
 
+// The dtype the kernel gets the taps and ups in: theirs when it takes 16-bit taps beside a
+// float32 y (the autocast mix: the CPU and Triton kernels), else y's.
+at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t kernel) {
+  const bool takes_mix = kernel == 1 || y.device().is_cpu();
+  return takes_mix && side_dtypes_ok(y.scalar_type(), taps.scalar_type()) ? taps.scalar_type()
+                                                                          : y.scalar_type();
+}
+
 // The forward, without autograd (every device: it only calls other ops).
 std::tuple<at::Tensor, at::Tensor> side_step_impl(
     const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
@@ -105,9 +113,10 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
               msg("dtl_kernels::side_step: kernel must be 0 or 1, got ", kernel));
   at::Tensor taps_out = taps.clone(at::MemoryFormat::Contiguous);
   if (!inputs.empty()) write_taps_op().call(taps_out, inputs, downs, first_col);
-  const at::ScalarType ydt = y.scalar_type();
-  at::Tensor out = forward_op(kernel).call(y, as_dtype(taps_out, ydt), as_dtype(ups, ydt),
-                                           as_dtype(conv, ydt), grid_h, grid_w, num_prefix, beta);
+  const at::ScalarType sdt = side_dtype(y, taps_out, kernel);
+  at::Tensor out = forward_op(kernel).call(y, as_dtype(taps_out, sdt), as_dtype(ups, sdt),
+                                           as_dtype(conv, y.scalar_type()), grid_h, grid_w,
+                                           num_prefix, beta);
   return {out, taps_out};
 }
 
@@ -140,6 +149,7 @@ class SideStep : public torch::autograd::Function<SideStep> {
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["kernel"] = kernel;
     ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
+    ctx->saved_data["side_dtype"] = static_cast<int64_t>(side_dtype(y, taps_out, kernel));
     std::vector<int64_t> input_dtypes;
     for (const at::Tensor& z : inputs) input_dtypes.push_back(static_cast<int64_t>(z.scalar_type()));
     ctx->saved_data["input_dtypes"] = input_dtypes;
@@ -157,6 +167,7 @@ class SideStep : public torch::autograd::Function<SideStep> {
     std::optional<at::Tensor> conv;
     if (s[2].defined()) conv = s[2];
     const auto ydt = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
+    const auto sdt = static_cast<at::ScalarType>(ctx->saved_data["side_dtype"].toInt());
     const auto input_dtypes = ctx->saved_data["input_dtypes"].toIntVector();
     // Positions in the returned list (every forward argument) and, for needs_input_grad,
     // in the autograd edges (the defined tensor arguments only): y, taps, inputs[n], downs[n],
@@ -171,7 +182,7 @@ class SideStep : public torch::autograd::Function<SideStep> {
     at::Tensor g_t;  // ∂taps_out in the taps' dtype
     if (g.defined()) {
       auto [gt, gu, gw] = backward_op(ctx->saved_data["kernel"].toInt())
-                              .call(g, as_dtype(taps_out, ydt), as_dtype(ups, ydt),
+                              .call(g, as_dtype(taps_out, sdt), as_dtype(ups, sdt),
                                     as_dtype(conv, ydt), ctx->saved_data["grid_h"].toInt(),
                                     ctx->saved_data["grid_w"].toInt(),
                                     ctx->saved_data["num_prefix"].toInt(),

@@ -44,6 +44,8 @@ class Case:
     sliced or transposed); ``"rowslice"`` y / taps / grad are slices along N of longer
     tensors (``stride_b != N·stride_n``). ``sms``: SMs of the CUDA emulator (how many
     blocks share the backward's deterministic reduction). ``big``: compiled backends only.
+    ``side``: the dtype of taps and ups beside a float32 ``y`` (the autocast mix), run when
+    the case runs in float32; ``None``: the case's dtype.
     """
 
     name: str
@@ -59,6 +61,11 @@ class Case:
     saturated: bool = False
     sms: int = 1
     big: bool = False
+    side: torch.dtype | None = None
+
+    def side_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The taps' / ups' dtype when the case runs with ``y`` in ``dtype``."""
+        return self.side if self.side is not None and dtype == torch.float32 else dtype
 
     @property
     def tokens(self) -> int:
@@ -122,6 +129,12 @@ CASES = [
     C("k2-bf16-grid11x9", 2, 0, (11, 9), 36, 8, 2, dtype=bf16, sms=3),
     C("k3-fp64", 1, 1, (2, 3), 24, 6, 3, dtype=f64),
     C("k5-fp64-grid9x17", 1, 2, (9, 17), 20, 10, 5, dtype=f64, sms=2),
+    # -- float32 y with 16-bit taps / ups (what bf16 / fp16 autocast training feeds)
+    C("mix-bf16-dtl-rows37", 3, 0, (1, 37), 40, 6, side=bf16),
+    C("mix-fp16-dtl-noncontig", 2, 0, (1, 37), 72, 6, layout="noncontig", side=f16),
+    C("mix-bf16-k3-prefix1-grid6x6", 2, 1, (6, 6), 40, 12, 3, side=bf16),
+    C("mix-fp16-k4-prefix5-rowslice", 1, 5, (4, 8), 40, 6, 4, layout="rowslice", side=f16),
+    C("mix-bf16-k5-grid9x11-saturated", 1, 0, (9, 11), 33, 6, 5, saturated=True, side=bf16),
     # -- ViT-B/16 and Swin-B stage 3 sized: several tiles per program on a GPU
     C("vit-b-dtl", 4, 0, (1, 197), 768, 24, big=True),
     C("vit-b-k3", 4, 1, (14, 14), 768, 24, 3, big=True),
@@ -129,6 +142,8 @@ CASES = [
     C("vit-b-k3-noncontig", 2, 1, (14, 14), 768, 12, 3, layout="noncontig", big=True),
     C("vit-b-k4-rowslice", 2, 1, (14, 14), 768, 24, 4, layout="rowslice", big=True),
     C("swin-b-s3-k5-K72", 4, 0, (14, 14), 512, 72, 5, big=True),
+    C("vit-b-k3-mix-bf16", 4, 1, (14, 14), 768, 24, 3, big=True, side=bf16),
+    C("swin-b-s3-k5-mix-bf16", 2, 0, (14, 14), 512, 72, 5, big=True, side=bf16),
     C("k5-prefix5-grid16x21-d200", 3, 5, (16, 21), 200, 12, 5, big=True),
 ]
 BY_NAME = {c.name: c for c in CASES}
@@ -147,6 +162,8 @@ def inputs(case: Case, seed: int = 0) -> list[torch.Tensor | None]:
     y = rnd(b, n, d)
     taps = rnd(b, n, kw) * (1e3 if case.saturated else 0.3)
     ups = rnd(d, kw) * 0.3 / (kw / 6) ** 0.5
+    if case.side is not None:  # values a 16-bit tensor holds exactly (the exact reference's too)
+        taps, ups = taps.to(case.side).double(), ups.to(case.side).double()
     w = rnd(d, 1, k, k) / k if k else None
     return [y, taps, ups, w, rnd(b, n, d)]
 
@@ -185,9 +202,10 @@ def run_autograd(side_add, case: Case, dtype, values, device="cpu", layout=True)
     """``side_add(y, taps, ups, β, w, grid, prefix)`` and its gradients (``grad`` as ∂L/∂out),
     in ``dtype`` on ``device``; returns ``[out, ∂y, ∂taps, ∂ups(, ∂w)]``."""
     y, taps, ups, w, grad = values
+    side = case.side_dtype(dtype)
     leaves = [
-        t.detach().to(device, dtype).clone().requires_grad_() if t is not None else None
-        for t in (y, taps, ups, w)
+        t.detach().to(device, dt).clone().requires_grad_() if t is not None else None
+        for t, dt in ((y, dtype), (taps, side), (ups, side), (w, dtype))
     ]
     g = grad.to(device, dtype)
     args = leaves[:3] + [g]
@@ -209,16 +227,18 @@ def compare(
     case: Case, dtype, ours, exact, at_dtype, names=OUTPUTS, out_dtype=None
 ) -> tuple[bool, dict]:
     """The accuracy rule over every output; ``(all good, report per output)``. ``out_dtype``:
-    the dtype ``ours`` must have (default ``dtype``)."""
+    the dtype ``ours`` must have (default: ``dtype``, and the taps' dtype for ∂taps / ∂ups
+    of a mixed case); the floor is that of the output's own dtype."""
     multiple = SATURATED_MULTIPLE if case.saturated else MULTIPLE
     assert len(ours) == len(exact) == len(at_dtype), (len(ours), len(exact), len(at_dtype))
     ok, report = True, {}
     for name, o, e, t in zip(names, ours, exact, at_dtype, strict=False):
+        own = case.side_dtype(dtype) if name in ("grad_taps", "grad_ups") else dtype
         err = (o.double().cpu() - e.cpu()).abs().max().item() if o.numel() else 0.0
         err_torch = (t.double().cpu() - e.cpu()).abs().max().item() if t.numel() else 0.0
         scale = e.abs().max().item() if e.numel() else 0.0
-        tol = multiple * err_torch + FLOOR[dtype] * max(1.0, scale)
-        good = bool(torch.isfinite(o).all()) and o.dtype == (out_dtype or dtype)
+        tol = multiple * err_torch + FLOOR[own] * max(1.0, scale)
+        good = bool(torch.isfinite(o).all()) and o.dtype == (out_dtype or own)
         good &= o.shape == e.shape
         good &= err <= tol
         ok &= good

@@ -196,7 +196,10 @@ def _emulate(exe, case, tmp_path):
     return outs, values
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.big], ids=lambda c: c.name)
+# The CUDA C++ kernels take one dtype (the float32 / 16-bit mix runs on CPU and Triton).
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if not c.big and c.side is None], ids=lambda c: c.name
+)
 def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path):
     ours, values = _emulate(emulator, case, tmp_path)
     exact, at_dtype = references(case, case.dtype, values)

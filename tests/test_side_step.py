@@ -169,3 +169,61 @@ def test_backward_operations_grow_by_a_constant_per_adapted_block(conv_kernel):
         fwd[m], bwd[m] = f.n, b.n
     assert fwd[8] - fwd[9] == fwd[9] - fwd[10], fwd
     assert bwd[8] - bwd[9] == bwd[9] - bwd[10], bwd
+
+
+# -- the autocast mix: float32 y, 16-bit taps / ups ----------------------------------------
+@pytest.mark.parametrize("side_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("conv", [False, True], ids=["dtl", "dtl+"])
+def test_cpu_mix_computes_in_float32(side_dtype, conv):
+    """16-bit taps / ups beside a float32 y: the kernel's output and ∂w are float32-accurate
+    against float64 on the same (16-bit) values — nothing is rounded to 16 bits on the way."""
+    from dtl_kernels.ops import side
+
+    y, taps, _, _, ups, w = _step_inputs(conv)
+    taps, ups = taps.to(side_dtype), ups.to(side_dtype)
+    grid, prefix = ((2, 3), 1) if conv else (None, 0)
+    leaves = [t.float().requires_grad_() if t is not None else None for t in (y, w)]
+    out = side.side_add(leaves[0], taps, ups, 3.0, leaves[1], grid, prefix, backend="cpu")
+    assert out.dtype == torch.float32
+    exact = reference.side_add(y, taps.double(), ups.double(), 3.0, w, grid, prefix)
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-6)
+    if conv:
+        out.square().sum().backward()
+        w64 = w.clone().requires_grad_()
+        reference.side_add(
+            y, taps.double(), ups.double(), 3.0, w64, grid, prefix
+        ).square().sum().backward()
+        torch.testing.assert_close(leaves[1].grad.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_model_feeds_the_kernel_16_bit_taps():
+    """Under bf16 autocast the residual stream is float32 and the taps bfloat16: the fused
+    model hands the kernel exactly that (no cast of the taps up), and matches the eager
+    reference run under the same autocast within bfloat16 rounding."""
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.dtl_kernels.side_forward:
+                seen.append((args[0].dtype, args[1].dtype, args[2].dtype))
+            return func(*args, **(kwargs or {}))
+
+    model = _model(7, 3)
+    with torch.no_grad():
+        for p in model.csn.up.values():
+            p.normal_(0, 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    results = {}
+    for backend in ("reference", "cpu"):
+        model.csn.backend = backend
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+            logits = model(x).float()
+        logits.square().sum().backward()
+        results[backend] = (logits.detach(), [p.grad.clone() for p in model.csn.parameters()])
+    assert seen and all(s == (torch.float32, torch.bfloat16, torch.bfloat16) for s in seen), seen
+    (ref, ref_g), (ours, our_g) = results["reference"], results["cpu"]
+    torch.testing.assert_close(ours, ref, rtol=3e-2, atol=3e-2)
+    for a, b in zip(our_g, ref_g, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item() + 1e-6)

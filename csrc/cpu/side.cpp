@@ -376,16 +376,16 @@ std::vector<acc_t> pack_conv(const at::Tensor& w, const Plan& p) {
 // ---------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------
-template <typename scalar_t>
+template <typename scalar_t, typename side_t>
 void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
                        const std::optional<at::Tensor>& conv, const Plan& p, double beta_in,
                        at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t beta = static_cast<acc_t>(beta_in);
-  const std::vector<acc_t> ut = pack_ups_t<scalar_t, acc_t>(ups, p);
+  const std::vector<acc_t> ut = pack_ups_t<side_t, acc_t>(ups, p);
   const std::vector<acc_t> wt = p.conv ? pack_conv<scalar_t, acc_t>(*conv, p) : std::vector<acc_t>();
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
-  const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+  const side_t* tp = taps.const_data_ptr<side_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, p.units * p.nchunks, 1, [&](int64_t begin, int64_t end) {
@@ -437,7 +437,7 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
 // ---------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------
-template <typename scalar_t>
+template <typename scalar_t, typename side_t>
 void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::Tensor& ups,
                         const std::optional<at::Tensor>& conv, const Plan& p, double beta_in,
                         at::Tensor& grad_taps, at::Tensor& grad_ups, at::Tensor& grad_conv) {
@@ -445,11 +445,11 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const acc_t beta = static_cast<acc_t>(beta_in);
-  const std::vector<acc_t> up = pack_ups<scalar_t, acc_t>(ups, p);
-  const std::vector<acc_t> ut = pack_ups_t<scalar_t, acc_t>(ups, p);
+  const std::vector<acc_t> up = pack_ups<side_t, acc_t>(ups, p);
+  const std::vector<acc_t> ut = pack_ups_t<side_t, acc_t>(ups, p);
   const std::vector<acc_t> wt = p.conv ? pack_conv<scalar_t, acc_t>(*conv, p) : std::vector<acc_t>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
-  const scalar_t* tp = taps.const_data_ptr<scalar_t>();
+  const side_t* tp = taps.const_data_ptr<side_t>();
 
   // Channel groups per unit (shape-only choice, so results never depend on threads).
   const int64_t groups = std::min<int64_t>(
@@ -459,7 +459,7 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
   std::vector<acc_t> gu_part(p.units * p.Kp * p.dpad, acc_t(0));
   std::vector<acc_t> gw_part(p.conv ? p.units * p.kk * p.dpad : 0, acc_t(0));
   std::vector<acc_t> gt_part(groups > 1 ? groups * p.rows * p.Kp : 0, acc_t(0));
-  scalar_t* gtp = grad_taps.mutable_data_ptr<scalar_t>();
+  side_t* gtp = grad_taps.mutable_data_ptr<side_t>();
 
   at::parallel_for(0, p.units * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = p.unit_rows;
@@ -573,7 +573,7 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
       if (groups == 1) {
         for (int64_t n = 0; n < nr; ++n)
           for (int64_t k = 0; k < p.K; ++k)
-            gtp[(row0 + n) * p.K + k] = static_cast<scalar_t>(gt_acc[n * p.Kp + k]);
+            gtp[(row0 + n) * p.K + k] = static_cast<side_t>(gt_acc[n * p.Kp + k]);
       } else {
         std::memcpy(gt_part.data() + (grp * p.rows + row0) * p.Kp, gt_acc.data(),
                     sizeof(acc_t) * nr * p.Kp);
@@ -588,17 +588,17 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
         for (int64_t k = 0; k < p.K; ++k) {
           acc_t s(0);
           for (int64_t grp = 0; grp < groups; ++grp) s += gt_part[(grp * p.rows + r) * p.Kp + k];
-          gtp[r * p.K + k] = static_cast<scalar_t>(s);
+          gtp[r * p.K + k] = static_cast<side_t>(s);
         }
     });
   }
-  scalar_t* gup = grad_ups.mutable_data_ptr<scalar_t>();
+  side_t* gup = grad_ups.mutable_data_ptr<side_t>();
   at::parallel_for(0, p.d, 16, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c)
       for (int64_t k = 0; k < p.K; ++k) {
         acc_t s(0);
         for (int64_t u = 0; u < p.units; ++u) s += gu_part[(u * p.Kp + k) * p.dpad + c];
-        gup[c * p.K + k] = static_cast<scalar_t>(s);
+        gup[c * p.K + k] = static_cast<side_t>(s);
       }
   });
   if (p.conv) {
@@ -615,8 +615,19 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
 // ---------------------------------------------------------------------------------------
 // Checks and entry points
 // ---------------------------------------------------------------------------------------
-// The CPU kernels take any K and conv size.
-constexpr SideLimits kCpuLimits{int64_t(1) << 30, int64_t(1) << 15};
+// The CPU kernels take any K and conv size, and 16-bit taps / ups beside float32 y.
+constexpr SideLimits kCpuLimits{int64_t(1) << 30, int64_t(1) << 15, true};
+
+// f(side_t{}) for the taps / ups dtype `s`: scalar_t itself, or bfloat16 / half beside a
+// float32 y (the autocast mix; check_side_inputs admits no other).
+template <typename scalar_t, typename F>
+void with_side_type(at::ScalarType s, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (s == at::kBFloat16) return f(c10::BFloat16{});
+    if (s == at::kHalf) return f(c10::Half{});
+  }
+  f(scalar_t{});
+}
 
 at::Tensor side_forward_cpu(const at::Tensor& y_in, const at::Tensor& taps_in,
                             const at::Tensor& ups_in, const std::optional<at::Tensor>& conv_in,
@@ -633,7 +644,10 @@ at::Tensor side_forward_cpu(const at::Tensor& y_in, const at::Tensor& taps_in,
                                     using acc_t = at::opmath_type<scalar_t>;
                                     const Plan p = make_plan<acc_t>(y, taps, conv, grid_h, grid_w,
                                                                     num_prefix, false);
-                                    side_forward_impl<scalar_t>(y, taps, ups, conv, p, beta, out);
+                                    with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
+                                      side_forward_impl<scalar_t, decltype(tag)>(y, taps, ups, conv,
+                                                                                 p, beta, out);
+                                    });
                                   });
   return out;
 }
@@ -658,8 +672,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cpu(
                                     using acc_t = at::opmath_type<scalar_t>;
                                     const Plan p = make_plan<acc_t>(g, taps, conv, grid_h, grid_w,
                                                                     num_prefix, true);
-                                    side_backward_impl<scalar_t>(g, taps, ups, conv, p, beta,
-                                                                 grad_taps, grad_ups, grad_conv);
+                                    with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
+                                      side_backward_impl<scalar_t, decltype(tag)>(
+                                          g, taps, ups, conv, p, beta, grad_taps, grad_ups,
+                                          grad_conv);
+                                    });
                                   });
   return {grad_taps, grad_ups, grad_conv};
 }

@@ -35,7 +35,7 @@ namespace {
 
 using namespace cuda_side;
 
-constexpr SideLimits kLimits{kMaxK, kMaxKS};
+constexpr SideLimits kLimits{kMaxK, kMaxKS, false};
 
 // A view with unit stride in the last dimension (copies only when it has another one).
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }

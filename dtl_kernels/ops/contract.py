@@ -76,14 +76,29 @@ class SideArgs:
     def conv_size(self) -> int:
         return self.conv_weight.shape[-1] if self.conv_weight is not None else 0
 
-    def kernel_args(self) -> tuple:
-        """The op's arguments, with ``ups`` / ``conv_weight`` in ``y``'s dtype."""
-        dtype = self.y.dtype
-        ups = self.ups if self.ups.dtype == dtype else self.ups.to(dtype)
+    def kernel_args(self, mixed: bool = True) -> tuple:
+        """The op's arguments, with ``ups`` in the taps' dtype and ``conv_weight`` in
+        ``y``'s (the kernels' dtypes, :func:`side_dtypes_ok`). ``mixed=False`` (a kernel that
+        takes one dtype): 16-bit taps beside a float32 ``y`` are cast to ``y``'s dtype too."""
+        side, dtype = self.taps.dtype, self.y.dtype
+        taps = self.taps
+        if not mixed and side != dtype:
+            taps, side = taps.to(dtype), dtype
+        ups = self.ups if self.ups.dtype == side else self.ups.to(side)
         w = self.conv_weight
         if w is not None and w.dtype != dtype:
             w = w.to(dtype)
-        return (self.y, self.taps, ups, w, self.grid_h, self.grid_w, self.num_prefix, self.beta)
+        return (self.y, taps, ups, w, self.grid_h, self.grid_w, self.num_prefix, self.beta)
+
+
+def side_dtypes_ok(y_dtype: torch.dtype, side_dtype: torch.dtype) -> bool:
+    """The side op's dtypes: ``y`` (``grad_out``, ``out``, ``conv_weight``) in one floating
+    dtype; ``taps`` and ``ups`` in one dtype, ``y``'s or — beside a float32 ``y`` — bfloat16
+    / float16 (autocast keeps the residual stream float32 while the taps, a matmul's output,
+    are 16-bit). ``side_checks.h`` has the same rule."""
+    return side_dtype == y_dtype or (
+        y_dtype == torch.float32 and side_dtype in (torch.bfloat16, torch.float16)
+    )
 
 
 def _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix) -> None:
@@ -97,8 +112,11 @@ def _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix) -> Non
             raise TypeError(f"side_add: {name} must be floating point, got {t.dtype}")
         if t.device != y.device:
             raise ValueError(f"side_add: {name} is on device {t.device} but y is on {y.device}")
-    if taps.dtype != y.dtype:
-        raise TypeError(f"side_add: taps have dtype {taps.dtype} but y has {y.dtype}")
+    if not side_dtypes_ok(y.dtype, taps.dtype):
+        raise TypeError(
+            f"side_add: taps have dtype {taps.dtype} but y has {y.dtype} (taps take y's dtype, "
+            "or bfloat16 / float16 beside a float32 y)"
+        )
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
         raise TypeError(f"side_add: beta must be a finite number, got {beta!r}")
     if abs(beta) > _beta_limit(y.dtype):
@@ -162,15 +180,17 @@ def check_kernel_inputs(
         raise TypeError(f"{op}: dtype must be float32, float16, bfloat16 or float64, got {dt}")
     named = [("y/grad_out", y), ("taps", taps), ("ups", ups), ("conv_weight", conv_weight)]
     for name, t in named:
-        if t is None:
-            continue
-        if t.device != y.device:
+        if t is not None and t.device != y.device:
             raise ValueError(f"{op}: {name} is on {t.device} but y/grad_out is on {y.device}")
-        if t.dtype != dt:
-            raise TypeError(
-                f"{op}: {name} has dtype {t.dtype} but y/grad_out has {dt} (all inputs must "
-                "share one dtype)"
-            )
+    if ups.dtype != taps.dtype:
+        raise TypeError(f"{op}: ups has dtype {ups.dtype} but taps have {taps.dtype}")
+    if not side_dtypes_ok(dt, taps.dtype):
+        raise TypeError(
+            f"{op}: taps have dtype {taps.dtype} but y/grad_out has {dt} (taps / ups take y's "
+            "dtype, or bfloat16 / float16 beside float32 y)"
+        )
+    if conv_weight is not None and conv_weight.dtype != dt:
+        raise TypeError(f"{op}: conv_weight has dtype {conv_weight.dtype} but y/grad_out has {dt}")
     if y.dim() != 3 or taps.dim() != 3 or ups.dim() != 2:
         raise ValueError(
             f"{op}: expected y (B, N, d), taps (B, N, K), ups (d, K); got "

@@ -100,6 +100,8 @@ def mix(
     if conv_weight is None:
         return act
     check_grid(h, grid, num_prefix)
+    if conv_weight.dtype != act.dtype:  # a 16-bit h beside a float32 kernel: as autocast would
+        conv_weight = conv_weight.to(act.dtype)
     patches = depthwise_same(act[:, num_prefix:], conv_weight, grid)
     return torch.cat([act[:, :num_prefix], patches], dim=1)
 
@@ -130,10 +132,12 @@ def side_add(
     Args:
         y: ``(batch, tokens, d)`` output of the frozen block.
         taps: ``(batch, tokens, K)`` concatenated taps ``T`` (``K = i·r``).
-        ups: ``(d, K)`` concatenated up projections ``U``.
+        ups: ``(d, K)`` concatenated up projections ``U``, used in the taps' dtype (as
+            autocast would: 16-bit taps beside a float32 ``y`` make ``h`` 16-bit).
         other arguments as :func:`mix`.
     """
-    return add_back(y, torch.matmul(taps, ups.t()), beta, conv_weight, grid, num_prefix)
+    h = torch.matmul(taps, ups.t() if ups.dtype == taps.dtype else ups.to(taps.dtype).t())
+    return add_back(y, h, beta, conv_weight, grid, num_prefix)
 
 
 def check_grid(x: torch.Tensor, grid: Grid | None, num_prefix: int) -> None:

@@ -13,9 +13,14 @@ that is built and takes the shapes; ``DTL_KERNELS_BACKEND`` overrides ``auto``.
 Shapes (all backends): ``y`` ``(B, N, d)`` block output; ``taps`` ``(B, N, K)``
 concatenated rank-r taps of the stage so far (``K = i·r``); ``ups`` ``(d, K)``
 concatenated up projections; ``conv_weight`` ``(d, 1, k, k)`` or ``None`` (DTL);
-``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``ups`` / ``conv_weight`` may
-be float32 beside 16-bit activations (autocast): fused backends get them cast to ``y``'s
-dtype (:meth:`SideArgs.kernel_args`) and their gradients flow back in float32.
+``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+.
+
+Dtypes: ``taps`` in ``y``'s dtype, or 16-bit beside a float32 ``y`` (bf16 / fp16 autocast:
+the residual stream stays float32, the taps are a matmul's 16-bit output). ``ups`` /
+``conv_weight`` may be float32 parameters: fused backends get ``ups`` in the taps' dtype and
+``conv_weight`` in ``y``'s (:meth:`SideArgs.kernel_args`), and their gradients flow back in
+float32. The CPU and Triton kernels take the mix as it is (16-bit products, float32
+accumulation); the CUDA C++ kernels take one dtype, so the taps are cast to ``y``'s for them.
 """
 
 from __future__ import annotations

@@ -924,9 +924,10 @@ def _plan_for(x: torch.Tensor, kw: int, k: int, grid_h: int, grid_w: int) -> dic
 
 
 def _native_dot(x: torch.Tensor) -> bool:
-    """16-bit dots straight on the tensor cores. On CUDA for float16 and bfloat16; under
-    the interpreter for float16 only (triton 3.8's interpreter computes wrong bfloat16
-    dots, so bfloat16 takes the fp32 path there; float16 runs the split path as on GPU)."""
+    """16-bit dots straight on the tensor cores (``x``: the taps, whose dtype the ups share;
+    16-bit also beside a float32 ``y``). On CUDA for float16 and bfloat16; under the
+    interpreter for float16 only (triton 3.8's interpreter computes wrong bfloat16 dots, so
+    bfloat16 takes the fp32 path there; float16 runs the split path as on GPU)."""
     return x.dtype == torch.float16 or (x.is_cuda and x.dtype == torch.bfloat16)
 
 
@@ -964,7 +965,7 @@ def _consts(x: torch.Tensor, taps: torch.Tensor, row_tensors: tuple) -> dict:
     """The launch constants that depend on dtype, device and strides (not on the plan)."""
     n = x.shape[1]
     return dict(
-        NATIVE_DOT=_native_dot(x),
+        NATIVE_DOT=_native_dot(taps),  # the rank-K dots take the taps' / ups' dtype
         ACC=_acc_dtype(x.dtype),
         T_VEC=_t_vec(taps),
         FLAT=all(t.shape[0] == 1 or t.stride(0) == n * t.stride(1) for t in row_tensors),

@@ -108,6 +108,7 @@ class TrainConfig:
     cache_max_bytes: str | int | None = None  # budget (e.g. 6GiB); None = 6 GiB
     cache_dir: str | None = None  # disk cache folder; None = <output>/trunk-cache
     channels_last: str = "auto"  # auto | on | off
+    compile: bool = False  # torch.compile the training and evaluation forward (+ backward)
     keep_checkpoints: int = 2
     progress: bool | None = None  # None: a progress bar only on a terminal
     quiet: bool = False
@@ -375,6 +376,8 @@ _HELP = {
     "ram/disk is an error and auto trains uncached",
     "cache_dir": "folder of the disk trunk cache (default OUTPUT/trunk-cache)",
     "channels_last": "channels-last memory format for CNNs: auto | on | off",
+    "compile": "torch.compile the model for training and evaluation (the whole forward and "
+    "backward, fused side ops included; the first steps pay the compile time)",
     "stop_after": "stop after N epochs of this process, as if interrupted (--resume continues)",
     "drop_path": "drop-path rate of the frozen backbone (a random trunk: no trunk cache)",
     "img_size": "input image size in pixels (default: the model's; --eval-only: the adapter's)",

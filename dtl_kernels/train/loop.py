@@ -218,6 +218,8 @@ def _feed(cfg: TrainConfig, d: Dist, s: setup.Setup, say) -> Feed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_net = DDP(net, find_unused_parameters=s.model.csn is not None)
+    if cfg.compile:  # checkpoints and adapters keep using s.model (the modules themselves)
+        train_net, eval_net = torch.compile(train_net), torch.compile(eval_net)
 
     sampler = DistributedSampler(
         train_data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed, drop_last=False
