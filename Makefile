@@ -36,14 +36,14 @@ lint: venv
 	$(BIN)/ruff check dtl_kernels tests benchmarks python
 	$(BIN)/ruff format --check dtl_kernels tests benchmarks python
 
-# A CPU-only wheel, installed outside the source tree and used from there: it must carry
-# every kernel variant and load with no file of the checkout (CI runs this).
+# A CPU-only wheel, installed into a fresh venv (no editable install, no checkout on its
+# path; dependencies from this venv's site-packages, offline) and used from there: it must
+# carry every module and kernel variant, and a copy without a module must fail (CI runs this).
 WHEEL_DIR := build/wheel-check
 wheel-check: venv
 	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
 	DTL_KERNELS_CUDA=0 $(BIN)/python -m pip wheel -q --no-build-isolation --no-deps -w $(WHEEL_DIR)/dist .
-	$(BIN)/python -m pip install -q --no-deps --target $(WHEEL_DIR)/site $(WHEEL_DIR)/dist/*.whl
-	cd /tmp && PYTHONPATH=$(CURDIR)/$(WHEEL_DIR)/site $(CURDIR)/$(BIN)/python $(CURDIR)/tests/wheel_smoke.py $(CURDIR)/$(WHEEL_DIR)/site
+	cd /tmp && $(CURDIR)/$(BIN)/python $(CURDIR)/tests/wheel_check.py --broken $(CURDIR)/$(WHEEL_DIR)/dist/*.whl
 
 clean:
 	rm -rf build dist *.egg-info dtl_kernels/*.so $(VENV)/.build-stamp

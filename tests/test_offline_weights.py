@@ -146,7 +146,7 @@ def test_dinov2_mapping_reproduces_the_onnx_backbone(dinov2, size):
     ort = pytest.importorskip("onnxruntime")
     import timm
 
-    from dtl_kernels.models.factory import load_backbone_weights
+    from dtl_kernels.models.backbone_files import load_backbone_weights
 
     onnx_path, path = dinov2
     model = onnx.load(str(onnx_path))
@@ -192,14 +192,20 @@ def test_create_model_dinov2_any_size(dinov2):
 
 
 def test_auto_normalize_follows_the_weights():
-    """Offline weights: their own recipe; otherwise timm's pretrained config of the model;
-    otherwise the family's rule."""
-    from dtl_kernels.train.config import TrainConfig
-    from dtl_kernels.train.loop import auto_normalize
+    """Offline weights: their own recipe; otherwise timm's pretrained config of the model
+    (its mean / std as they are, CLIP's too); otherwise the family's rule."""
+    from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    assert auto_normalize(TrainConfig(model="vit_small_patch14_dinov2"), "vit") == "imagenet"
-    assert auto_normalize(TrainConfig(model="tf_efficientnet_lite1"), "convnet") == "half"
-    assert auto_normalize(TrainConfig(model="vit_base_patch16_224"), "vit") == "half"
+    from dtl_kernels.train.config import TrainConfig
+    from dtl_kernels.train.setup import mean_std
+    from dtl_kernels.train.transforms import HALF, IMAGENET
+
+    assert mean_std(TrainConfig(model="vit_small_patch14_dinov2"), "vit") == IMAGENET
+    assert mean_std(TrainConfig(model="tf_efficientnet_lite1"), "convnet") == HALF
+    assert mean_std(TrainConfig(model="vit_base_patch16_224"), "vit") == HALF
     swin = TrainConfig(model="swin_tiny_patch4_window7_224", pretrained="/ckpt/swin.pth")
-    assert auto_normalize(swin, "swin") == "imagenet"  # timm: Microsoft's Swin weights
-    assert auto_normalize(TrainConfig(model="no_such_model"), "vit") == "half"
+    assert mean_std(swin, "swin") == IMAGENET  # timm: Microsoft's Swin weights
+    assert mean_std(TrainConfig(model="no_such_model"), "vit") == HALF
+    clip = TrainConfig(model="vit_base_patch16_clip_224")
+    assert mean_std(clip, "vit") == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)  # neither named set
+    assert mean_std(TrainConfig(model="vit_base_patch16_clip_224", normalize="half"), "vit") == HALF

@@ -11,6 +11,7 @@ from PIL import Image
 
 from dtl_kernels.train import data as D
 from dtl_kernels.train import make_config
+from dtl_kernels.train.transforms import HALF, Preprocessing
 
 
 def write_image(path: Path, value: int = 128, size: int = 20) -> None:
@@ -39,7 +40,7 @@ def vtab_tree(root: Path, labels_train=(0, 1, 2, 1), labels_test=(2, 0)) -> Path
 
 
 def build(**kw):
-    return D.build_datasets(make_config(kw), 16, "half")
+    return D.build_datasets(make_config(kw), Preprocessing(16, *HALF))
 
 
 def test_folder_layout(tmp_path):
@@ -254,9 +255,9 @@ def test_folder_data_is_streamed_not_decoded_up_front(tmp_path, monkeypatch):
     decoded = []
     real = D.load_image
 
-    def counting(path, size):
+    def counting(path, size, *resize):
         decoded.append(path)
-        return real(path, size)
+        return real(path, size, *resize)
 
     monkeypatch.setattr(D, "load_image", counting)
     train, test, _ = build(dataset="folder", data_root=str(root))

@@ -60,7 +60,8 @@ def test_more_epochs_and_a_new_lr_extend_the_schedule(toy, tmp_path, capsys):
 @pytest.mark.parametrize(
     "change,flag",
     [(dict(batch_size=6), "--batch-size"), (dict(max_train=9), "--max-train"),
-     (dict(method="dtl"), "--method"), (dict(seed=1), "--seed")],
+     (dict(method="dtl"), "--method"), (dict(seed=1), "--seed"),
+     (dict(grad_accum=2), "--grad-accum"), (dict(hflip=0.5), "--hflip")],
 )  # fmt: skip
 def test_changed_run_options_are_refused(toy, tmp_path, one_epoch, change, flag):
     out = Path(shutil.copytree(one_epoch, tmp_path / "run"))

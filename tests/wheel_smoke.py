@@ -1,20 +1,36 @@
-"""`make wheel-check`: run from outside the checkout against an installed wheel (argument:
-its site folder). The package must come from there, load its CPU kernels and compute the
-side op like the reference."""
+"""`make wheel-check` (``wheel_check.py``): run from outside the checkout against an
+installed wheel (argument: its site folder; ``--modules``: the package's modules in the
+source tree). The package must come from there, carry every module of the source tree,
+load its CPU kernels and compute the side op like the reference."""
 
 from __future__ import annotations
 
-import sys
+import argparse
+import importlib.util
 from pathlib import Path
 
-import torch
+parser = argparse.ArgumentParser()
+parser.add_argument("site")
+parser.add_argument("--modules", default="", help="comma-separated module names it must carry")
+args = parser.parse_args()
+site = Path(args.site).resolve()
+modules = [m for m in args.modules.split(",") if m]
+for name in modules:  # each file in the wheel's folder (before any import: a quick refusal)
+    parts = name.split(".")
+    found = (site.joinpath(*parts).with_suffix(".py"), site.joinpath(*parts, "__init__.py"))
+    assert any(f.is_file() for f in found), f"the wheel lacks {name} (no {found[0]})"
 
-import dtl_kernels
-from dtl_kernels.ops import _ext, reference, side
+import torch  # noqa: E402
 
-site = Path(sys.argv[1]).resolve()
+import dtl_kernels  # noqa: E402
+from dtl_kernels.ops import _ext, reference, side  # noqa: E402
+
 where = Path(dtl_kernels.__file__).resolve()
 assert site in where.parents, f"dtl_kernels imported from {where}, not from the wheel in {site}"
+for name in modules:  # and found there by the import system
+    spec = importlib.util.find_spec(name)
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    assert origin is not None and site in origin.parents, f"the wheel lacks {name} ({origin})"
 assert _ext.cpu_built(), f"the wheel's CPU kernels do not load: {_ext.CPU_ERROR}"
 variants = sorted(p.name.split(".")[0] for p in where.parent.glob("_C*.so"))
 assert {"_C", "_C_avx2", "_C_avx512"} <= set(variants), f"the wheel carries {variants}"

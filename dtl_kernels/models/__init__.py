@@ -1,15 +1,32 @@
-"""Model wrappers: they compose the CSN with a frozen timm backbone; no kernel math."""
+"""Model wrappers and what builds them. Imports run one way, downward:
 
-from .base import DTLModel, read_adapter
+* ``factory`` (:func:`create_model`) → ``pretrained`` (models rebuilt from adapter files)
+  → ``adapters`` (the file format) and ``build`` (backbones, wrapper choice, LoRA);
+* ``build`` → the wrappers ``vit``, ``swin``, ``convnet``, ``hf`` → ``base``
+  (:class:`DTLModel`) → ``walk``, ``published``, ``adapter_state`` (the adapter in memory);
+* ``multitask`` serves several adapters on one backbone; ``backbone_files``,
+  ``offline_weights`` (+ ``onnx_reader``), ``hub`` and ``lora`` feed ``build``.
+
+The wrappers compose the CSN with a frozen backbone (no kernel math) and know nothing of
+files.
+"""
+
+from .adapter_state import AdapterError
+from .adapters import load_adapter, read_adapter, save_adapter
+from .base import DTLModel
+from .build import wrapper_for
+from .choices import METHODS
 from .convnet import DTLConvNet
-from .factory import METHODS, create_model, load_backbone_weights, model_from_adapter, wrapper_for
+from .factory import create_model
 from .hf import DTLHFViT
 from .multitask import MultiTaskDTL
-from .swin import DTLSwin, default_swin_blocks
+from .pretrained import from_pretrained, model_from_adapter
+from .swin import DTLSwin
 from .vit import DTLEva, DTLViT
 
 __all__ = [
     "METHODS",
+    "AdapterError",
     "DTLConvNet",
     "DTLEva",
     "DTLHFViT",
@@ -18,9 +35,10 @@ __all__ = [
     "DTLViT",
     "MultiTaskDTL",
     "create_model",
-    "default_swin_blocks",
-    "load_backbone_weights",
+    "from_pretrained",
+    "load_adapter",
     "model_from_adapter",
     "read_adapter",
+    "save_adapter",
     "wrapper_for",
 ]

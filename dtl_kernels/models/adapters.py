@@ -1,158 +1,157 @@
-"""Adapter files: the trained part of a model (CSN + head) as safetensors, with its
-configuration, the backbone's identity and a fingerprint of the frozen backbone weights as
-metadata; reading them back with a schema check and clear errors."""
+"""Adapter files: the trained part of a model (CSN + head) as safetensors, with what
+rebuilds and feeds it as metadata: its configuration, the backbone's identity, a
+fingerprint of the frozen backbone weights, how to build the backbone again, the
+preprocessing it was trained with, the class names (:mod:`.adapter_description`); writing
+them (:func:`save_adapter`) and reading them back with a schema check and clear errors
+(:func:`read_adapter`, :func:`adapter_info`, :func:`load_adapter`).
+
+This module sits above the wrappers: they hold their adapter in memory
+(:class:`~.adapter_state.AdapterState`) and know nothing of files.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .._io import atomic_write
 from .._untrusted import parse_json
 from .._version import __version__
+from .adapter_description import check_description
+from .adapter_state import AdapterError
+from .choices import HEAD_MODES, METHODS
 
-# Adapter metadata schema: /2 adds ``backbone_sha256`` (see AdapterFiles.backbone_fingerprint).
-ADAPTER_FORMAT = "dtl_kernels.adapter/2"
-ADAPTER_FORMATS = ("dtl_kernels.adapter/1", ADAPTER_FORMAT)
-BACKBONE_MISMATCH = ("error", "warn")
+# Adapter metadata schema: /2 adds ``backbone_sha256`` (AdapterState.backbone_fingerprint);
+# /3 adds ``model``, ``preprocessing``, ``classes`` and ``training`` (.adapter_description).
+ADAPTER_FORMAT = "dtl_kernels.adapter/3"
+ADAPTER_FORMATS = ("dtl_kernels.adapter/1", "dtl_kernels.adapter/2", ADAPTER_FORMAT)
+DESCRIPTION_FIELDS = ("model", "preprocessing", "classes", "training")
+_DATA_CONFIG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
 
 
-class AdapterError(ValueError):
-    """An adapter file that cannot be used; the message names the file and the problem."""
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, *, training: dict | None = None
+) -> Path:
+    """Write ``model``'s adapter (CSN + head) as safetensors, atomically, with what
+    rebuilds and feeds it as metadata (schema :data:`ADAPTER_FORMAT`).
 
+    Args:
+        model: a DTL model (:class:`~dtl_kernels.models.base.DTLModel`). Its
+            ``pretrained_cfg`` gives the preprocessing (through timm's
+            ``resolve_model_data_config``), its ``class_names`` the classes and its
+            ``origin`` the backbone to build again (derived from the backbone when unset).
+        path: the ``.safetensors`` file to write.
+        training: ``{"dataset", "data_root", "test_split"}`` of the data it was trained on
+            (``dtl-train --eval-only`` evaluates there by default).
 
-class AdapterFiles:
-    """Mixin of :class:`~dtl_kernels.models.base.DTLModel`: save and load adapter files.
-
-    Uses the model's ``backbone``, ``csn``, ``method``, ``head_mode``, ``num_classes``
-    (and ``lora`` when set) and its :meth:`backbone_identity`.
+    Returns the path. :class:`AdapterError` when a field breaks the schema (e.g. a class
+    name over 256 characters): the file would not load.
     """
+    from safetensors.torch import save_file
 
-    def adapter_config(self) -> dict:
-        return {
-            "method": self.method,
-            "head_mode": self.head_mode,
-            "num_classes": self.num_classes,
-            "csn": self.csn.config.to_dict() if self.csn is not None else None,
-            **({"lora": self.lora} if getattr(self, "lora", None) else {}),
-        }
+    metadata = {
+        "format": ADAPTER_FORMAT,
+        "dtl_kernels_version": __version__,
+        "config": json.dumps(model.adapter_config(), sort_keys=True),
+        "backbone": json.dumps(model.backbone_identity(), sort_keys=True),
+        "model": json.dumps(origin_of(model), sort_keys=True),
+        "preprocessing": json.dumps(data_config(model), sort_keys=True),
+    }
+    if model.class_names is not None:
+        metadata["classes"] = json.dumps(list(model.class_names))
+    if training is not None:
+        metadata["training"] = json.dumps(training, sort_keys=True)
+    fingerprint = model.backbone_fingerprint()
+    if fingerprint is not None:
+        metadata["backbone_sha256"] = fingerprint
+    adapter_info(metadata, path)  # what we write, we can read back
+    tensors = model.adapter_state_dict()
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trained part only: CSN + head (+ backbone for ``method="full"``)."""
-        return {
-            n: p.detach().contiguous().cpu()
-            for n, p in self.named_parameters()
-            if p.requires_grad or n.startswith("csn.")
-        }
 
-    def backbone_fingerprint(self) -> str | None:
-        """sha256 of the frozen backbone parameters (name, shape and value rounded to
-        bfloat16, so a bf16 copy of the same weights matches); ``None`` when nothing in the
-        backbone is frozen (``full``: the adapter carries the whole backbone)."""
-        frozen = sorted((n, p) for n, p in self.backbone.named_parameters() if not p.requires_grad)
-        if not frozen:
-            return None
-        h = hashlib.sha256()
-        for name, p in frozen:
-            t = p.detach().to("cpu")
-            t = (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous()
-            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-        return h.hexdigest()
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike, backbone_mismatch: str = "error"
+) -> dict:
+    """Load an adapter file written by :func:`save_adapter` into ``model`` (built with the
+    same backbone and configuration), and its class names and preprocessing with it.
 
-    def save_adapter(self, path: str | os.PathLike) -> Path:
-        """Write the CSN + head as safetensors (atomically), with config, backbone identity
-        and backbone weights fingerprint as metadata (schema ``ADAPTER_FORMAT``)."""
-        from safetensors.torch import save_file
+    Args:
+        backbone_mismatch: ``"error"`` (default) or ``"warn"``: what to do when the file's
+            backbone weights fingerprint differs from the model's.
 
-        metadata = {
-            "format": ADAPTER_FORMAT,
-            "dtl_kernels_version": __version__,
-            "config": json.dumps(self.adapter_config(), sort_keys=True),
-            "backbone": json.dumps(self.backbone_identity(), sort_keys=True),
-        }
-        fingerprint = self.backbone_fingerprint()
-        if fingerprint is not None:
-            metadata["backbone_sha256"] = fingerprint
-        tensors = self.adapter_state_dict()
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    Returns the file's :func:`adapter_info`. Raises ``FileNotFoundError`` if absent,
+    :class:`AdapterError` (a ``ValueError``) if the file is not an adapter, is truncated,
+    breaks the metadata schema, holds non-finite values, or if its backbone or
+    configuration differ from the model's (the message lists each difference). Nothing is
+    loaded unless everything fits.
+    """
+    tensors, metadata = read_adapter(path)
+    info = adapter_info(metadata, path)
+    model.load_adapter_state(tensors, info, str(path), backbone_mismatch)
+    describe(model, info)
+    return info
 
-    def load_adapter(self, path: str | os.PathLike, backbone_mismatch: str = "error") -> None:
-        """Load an adapter written by :meth:`save_adapter`.
 
-        Args:
-            path: the ``.safetensors`` file.
-            backbone_mismatch: ``"error"`` (default) or ``"warn"``: what to do when the
-                file's backbone weights fingerprint differs from this model's (an adapter
-                trained on other weights of the same architecture).
+def describe(model: nn.Module, info: dict) -> None:
+    """Give ``model`` the class names, preprocessing and origin an adapter records."""
+    if info["classes"] is not None:
+        model.class_names = list(info["classes"])
+    if info["preprocessing"] is not None:
+        model.pretrained_cfg = {**model.pretrained_cfg, **_as_timm(info["preprocessing"])}
+    if info["model"] is not None and model.origin is None:
+        model.origin = dict(info["model"])
 
-        Raises ``FileNotFoundError`` if absent, :class:`AdapterError` (a ``ValueError``) if
-        the file is not an adapter, is truncated, breaks the metadata schema, holds
-        non-finite values, or if its backbone or configuration differ from this model's
-        (the message lists each difference). Nothing is loaded unless everything fits.
-        """
-        if backbone_mismatch not in BACKBONE_MISMATCH:
-            raise ValueError(f"backbone_mismatch must be one of {BACKBONE_MISMATCH}")
-        tensors, metadata = read_adapter(path)
-        info = adapter_info(metadata, path)
-        diffs = _diff("backbone", info["backbone"], self.backbone_identity())
-        diffs += _diff("config", info["config"], self.adapter_config())
-        if diffs:
-            raise AdapterError(f"adapter {path} does not fit this model: " + "; ".join(diffs))
-        self._check_adapter_tensors(tensors, path)
-        self._check_backbone_fingerprint(info["backbone_sha256"], path, backbone_mismatch)
-        own = self.state_dict()
-        with torch.no_grad():
-            for k, v in tensors.items():
-                own[k].copy_(v)
 
-    def _check_adapter_tensors(self, tensors: dict[str, torch.Tensor], path) -> None:
-        own = self.state_dict()
-        expected = set(self.adapter_state_dict())
-        missing = sorted(expected - set(tensors))
-        unexpected = sorted(set(tensors) - expected)
-        misshaped = [
-            f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
-            for k, v in tensors.items()
-            if k in own and tuple(v.shape) != tuple(own[k].shape)
-        ]
-        if missing or unexpected or misshaped:
-            raise AdapterError(
-                f"adapter {path} has missing keys {missing}, unexpected keys {unexpected}, "
-                f"mis-shaped keys {misshaped}"
-            )
-        bad = sorted(
-            k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()
-        )
-        if bad:
-            raise AdapterError(f"adapter {path} holds NaN or infinite values in {bad[:8]}")
+def data_config(model: nn.Module) -> dict:
+    """The model's input preprocessing as timm resolves it from ``model.pretrained_cfg``
+    (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``),
+    in JSON types."""
+    from timm.data import resolve_model_data_config
 
-    def _check_backbone_fingerprint(self, theirs: str | None, path, on_mismatch: str) -> None:
-        ours = self.backbone_fingerprint()
-        if theirs is None or ours is None or theirs == ours:
-            return
-        message = (
-            f"adapter {path} was trained on other backbone weights (fingerprint "
-            f"{theirs[:12]}…, this backbone {ours[:12]}…): same architecture, different "
-            "pretrained weights? Load the backbone it was trained on, or pass "
-            "backbone_mismatch='warn' (dtl-train: --allow-backbone-mismatch) to load it anyway"
-        )
-        if on_mismatch == "error":
-            raise AdapterError(message)
-        warnings.warn(message, stacklevel=3)
+    cfg = resolve_model_data_config(model)
+    out = {k: cfg[k] for k in _DATA_CONFIG_KEYS}
+    out["input_size"] = [int(v) for v in out["input_size"]]
+    out["mean"], out["std"] = [float(v) for v in out["mean"]], [float(v) for v in out["std"]]
+    out["crop_pct"] = float(out["crop_pct"])
+    return out
+
+
+def origin_of(model: nn.Module) -> dict:
+    """How to build ``model``'s backbone again: ``model.origin`` (set by ``create_model``),
+    else what the backbone says of itself (its timm architecture and image size, or a
+    Hugging Face model's ``name_or_path``)."""
+    if model.origin is not None:
+        return model.origin
+    bb = model.backbone
+    cfg = getattr(bb, "pretrained_cfg", None) or {}
+    if cfg.get("architecture"):
+        options = {}
+        size = list(model.native_input_size()[1:])
+        if size != list((cfg.get("input_size") or (3, 224, 224))[1:]):
+            options["img_size"] = size[0] if size[0] == size[1] else size
+        return {"library": "timm", "name": cfg["architecture"], "options": options,
+                "pretrained": None}  # fmt: skip
+    name = getattr(getattr(bb, "config", None), "name_or_path", "") or type(bb).__name__
+    return {"library": "transformers", "name": name, "options": {}, "pretrained": None}
+
+
+def _as_timm(preprocessing: dict) -> dict:
+    """A recorded preprocessing as timm keeps it in ``pretrained_cfg`` (tuples)."""
+    out = dict(preprocessing)
+    for key in ("input_size", "mean", "std"):
+        out[key] = tuple(out[key])
+    return out
 
 
 # Sane limits of adapter metadata (those of dtl-train's options): far beyond any real model,
 # they keep every product of sizes sane before the file's tensors are consulted.
 LIMITS = {"num_classes": 2**24, "rank": 2**16, "tap_from": 2**16, "adapt_from": 2**16,
-          "conv_kernel": 2**10, "lora.rank": 2**16}  # fmt: skip
+          "conv_kernel": 2**10, "lora.rank": 2**16, "lora.blocks": 2**16}  # fmt: skip
 CSN_FIELDS = ("rank", "beta", "tap_from", "adapt_from", "conv_kernel")  # CSNConfig's
 _FP32_MAX = 3.4028234663852886e38
 _MAX_LORA_TARGETS, _MAX_NAME = 64, 256
@@ -191,26 +190,26 @@ def adapter_info(
     path: str | os.PathLike = "adapter",
     shapes: dict[str, tuple[int, ...]] | None = None,
 ) -> dict:
-    """The adapter metadata, parsed and schema-checked: ``{"format", "config": {method,
-    head_mode, num_classes, csn[, lora]}, "backbone": {family, …}, "backbone_sha256": str |
-    None}``. Every size is bounded by :data:`LIMITS` and, given the file's tensor
-    ``shapes``, must agree with them (so a model built from it allocates no more than the
-    file holds). :class:`AdapterError` naming the file and the field for anything missing,
-    mistyped, out of range or inconsistent."""
-    from .base import HEAD_MODES
-    from .factory import METHODS
+    """The adapter metadata, parsed and schema-checked: ``{"format", "version", "config":
+    {method, head_mode, num_classes, csn[, lora]}, "backbone": {family, …},
+    "backbone_sha256": str | None, "model", "preprocessing", "classes", "training"}`` (the
+    last four as :mod:`.adapter_description` checks them; ``None`` in older files). Every
+    size is bounded by :data:`LIMITS` and, given the file's tensor ``shapes``, must agree
+    with them (so a model built from it allocates no more than the file holds).
+    :class:`AdapterError` naming the file and the field for anything missing, mistyped, out
+    of range or inconsistent."""
 
     def fail(problem: str):
         raise AdapterError(f"adapter {path}: {problem} (schema {str(metadata.get('format'))[:40]})")
 
-    def parsed(field: str) -> dict:
+    def parsed(field: str, mapping: bool = True):
         if field not in metadata:
             fail(f"metadata has no '{field}'")
         try:
             value = parse_json(metadata[field], f"metadata '{field}'")
         except ValueError as exc:
             fail(str(exc))
-        if not isinstance(value, dict):
+        if mapping and not isinstance(value, dict):
             fail(f"metadata '{field}' is not a mapping")
         return value
 
@@ -235,11 +234,15 @@ def adapter_info(
         fail(f"'backbone_sha256' is not a sha256 hex digest: {fingerprint[:70]!r}")
     if shapes is not None:
         _check_against_shapes(config, shapes, fail)
+    fields = {f: parsed(f, mapping=False) for f in DESCRIPTION_FIELDS if f in metadata}
+    version = metadata.get("dtl_kernels_version")
     return {
         "format": metadata["format"],
+        "version": version[:40] if isinstance(version, str) else None,
         "config": config,
         "backbone": backbone,
         "backbone_sha256": fingerprint,
+        **check_description(fields, config["num_classes"], fail),
     }
 
 
@@ -291,7 +294,7 @@ def _check_csn_fields(method: str, csn: dict | None, fail) -> None:
 def _check_lora_fields(method: str, lora, fail) -> None:
     if lora is None:
         return
-    if method != "lora" or not isinstance(lora, dict) or set(lora) - {"rank", "targets"}:
+    if method != "lora" or not isinstance(lora, dict) or set(lora) - {"rank", "targets", "blocks"}:
         fail(f"config 'lora' is {_short(lora)} for method {method!r}")
     if not _whole(lora.get("rank"), 1, LIMITS["lora.rank"]):
         fail(f"config 'lora.rank' is {_short(lora.get('rank'))}, expected a whole number in "
@@ -303,6 +306,14 @@ def _check_lora_fields(method: str, lora, fail) -> None:
         and all(isinstance(t, str) and 0 < len(t) <= _MAX_NAME for t in targets)
     ):
         fail(f"config 'lora.targets' is {_short(targets)}, expected a list of layer names")
+    blocks = lora.get("blocks")  # LoRA on blocks M … N only (1-based; the depth bounds it later)
+    if blocks is not None and not (
+        isinstance(blocks, list)
+        and len(blocks) == 2
+        and all(_whole(b, 1, LIMITS["lora.blocks"]) for b in blocks)
+        and blocks[0] <= blocks[1]
+    ):
+        fail(f"config 'lora.blocks' is {_short(blocks)}, expected [M, N] with 1 ≤ M ≤ N")
 
 
 def _check_against_shapes(config: dict, shapes: dict[str, tuple[int, ...]], fail) -> None:
@@ -342,19 +353,3 @@ def _check_against_shapes(config: dict, shapes: dict[str, tuple[int, ...]], fail
         if not a or any(len(s) != 2 or s[0] != lora["rank"] for s in a):
             fail(f"config 'lora.rank' is {lora['rank']}, but the file's LoRA factors have "
                  f"shapes {_short(sorted(set(a)))}")  # fmt: skip
-
-
-def _diff(what: str, theirs: dict | None, ours: dict | None) -> list[str]:
-    theirs, ours = theirs or {}, ours or {}
-    out = []
-    for key in sorted(set(theirs) | set(ours)):
-        a, b = theirs.get(key), ours.get(key)
-        if isinstance(a, dict) or isinstance(b, dict):
-            out += _diff(f"{what}.{key}", a, b)
-        elif _normal(a) != _normal(b):
-            out.append(f"{what}.{key}: file has {a!r}, model has {b!r}")
-    return out
-
-
-def _normal(v):
-    return list(v) if isinstance(v, (tuple, list)) else v

@@ -1,6 +1,10 @@
-"""Backbone files: a local checkpoint (timm ``.safetensors`` / ``.pth`` / ``.bin``…,
-Google's ViT ``.npz``, an EfficientNet-PyTorch ``.pth`` mapped by position) loaded into a
-timm backbone before it is wrapped."""
+"""Backbone files: a local checkpoint (timm ``.safetensors`` / ``.pth`` / ``.pth.tar`` /
+``.bin``…, Google's ViT ``.npz``, an EfficientNet-PyTorch ``.pth`` mapped by position)
+loaded into a timm backbone before it is wrapped. Checkpoints are read with timm's own
+``load_state_dict`` (its semantics: ``state_dict_ema`` / ``model_ema`` / ``state_dict`` /
+``model`` keys, ``module.`` and ``_orig_mod.`` prefixes removed, weights only); what this
+module adds is the classifier skip, the position mapping and one error listing every
+mismatch."""
 
 from __future__ import annotations
 
@@ -10,9 +14,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-
-from .base import _architecture
-from .published import _unwrap_checkpoint
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
@@ -59,28 +60,22 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` state dict."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """A checkpoint's state dict, read as ``timm.models.load_checkpoint`` reads it
+    (``timm.models.load_state_dict``: any suffix, safetensors or a torch archive loaded
+    with ``weights_only``; the EMA / ``state_dict`` / ``model`` entry of a training
+    checkpoint; ``module.`` prefixes removed). ``ValueError`` naming the file."""
+    from timm.models import load_state_dict
 
-            state = load_file(str(path))
-        elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        else:
-            raise ValueError(
-                f"{path}: unsupported checkpoint type {suffix!r} "
-                "(use .safetensors, .pth, .pt, .bin, .ckpt or .npz)"
-            )
-    except ValueError:
-        raise
-    except Exception as exc:
+    path = Path(path)
+    try:
+        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
+    except Exception as exc:  # torch / safetensors raise several types for bad files
         raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    return dict(_unwrap_checkpoint(state))
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"{path} does not hold a state dict of tensors")
+    return dict(state)
 
 
 def is_positional_efficientnet_checkpoint(state: dict) -> bool:
@@ -99,7 +94,7 @@ def map_positional_efficientnet(state: dict[str, torch.Tensor], backbone: nn.Mod
     theirs = list(state.items())
     if len(theirs) != len(own):
         raise ValueError(
-            f"checkpoint has {len(theirs)} tensors, {_architecture(backbone)} has {len(own)}: "
+            f"checkpoint has {len(theirs)} tensors, {_name(backbone)} has {len(own)}: "
             "it is not the same architecture"
         )
     out = {}
@@ -107,7 +102,12 @@ def map_positional_efficientnet(state: dict[str, torch.Tensor], backbone: nn.Mod
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(
                 f"checkpoint tensor {their_key} {tuple(value.shape)} does not line up with "
-                f"{our_key} {tuple(target.shape)} of {_architecture(backbone)}"
+                f"{our_key} {tuple(target.shape)} of {_name(backbone)}"
             )
         out[our_key] = value
     return out
+
+
+def _name(backbone: nn.Module) -> str:
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(backbone).__name__

@@ -1,9 +1,11 @@
 """What every DTL model wrapper shares. :class:`DTLModel` holds the wrappers' common
-set-up (CSN, head, freezing) and parameter accounting here, and takes the rest from one
-module per concern: the block walk (:mod:`.walk`), published checkpoints
-(:mod:`.published`) and adapter files (:mod:`.adapters`). Wrappers (ViT, Swin, CNN) only
-say how to walk their backbone; they hold no kernel math (that is in
-:mod:`dtl_kernels.ops`)."""
+set-up (CSN, head, freezing), parameter accounting and timm's model conventions
+(``pretrained_cfg``, ``get_classifier`` / ``reset_classifier``) here, and takes the rest
+from one module per concern: the block walk (:mod:`.walk`), published checkpoint names
+(:mod:`.published`) and the adapter in memory (:mod:`.adapter_state`). Wrappers (ViT,
+Swin, CNN, Hugging Face) only say how to walk their backbone; they hold no kernel math
+(that is in :mod:`dtl_kernels.ops`) and know nothing of files (adapter files, backbone
+checkpoints and the factory are above them)."""
 
 from __future__ import annotations
 
@@ -12,21 +14,11 @@ from torch import nn
 
 from .. import memory
 from ..csn import CompactSideNetwork, CSNConfig
-
-# Names that lived in this module before it was split; importable from here still.
-from .adapters import (  # noqa: F401
-    ADAPTER_FORMAT,
-    ADAPTER_FORMATS,
-    BACKBONE_MISMATCH,
-    AdapterError,
-    AdapterFiles,
-    adapter_info,
-    read_adapter,
-)
-from .published import PublishedCheckpoint, _fold_stage_aliases, _unwrap_checkpoint  # noqa: F401
+from .adapter_state import AdapterState
+from .choices import HEAD_MODES
+from .published import PublishedCheckpoint
 from .walk import BlockWalk
 
-HEAD_MODES = ("published", "backbone")
 # The constructor arguments every wrapper passes on to DTLModel._set_up unchanged.
 SHARED_OPTIONS = ("head", "num_classes", "side", "train_backbone", "rank", "beta", "tap_from",
                   "adapt_from", "conv_kernel", "trunk_dtype", "checkpoint_tail")  # fmt: skip
@@ -37,12 +29,23 @@ def shared_options(arguments: dict) -> dict:
     return {k: arguments[k] for k in SHARED_OPTIONS if k in arguments}
 
 
-class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
+class DTLModel(BlockWalk, PublishedCheckpoint, AdapterState, nn.Module):
     """Base of :class:`DTLViT`, :class:`DTLSwin` and the CNN wrapper.
 
     Subclasses describe their backbone's walk (see :class:`.walk.BlockWalk`), call
     :meth:`_set_up` once in their constructor and implement :meth:`forward_head` and
     :meth:`backbone_identity`.
+
+    Besides its weights a model carries what predicting with it needs (plain attributes,
+    written into adapter files by :func:`dtl_kernels.save_adapter`):
+
+    * ``pretrained_cfg`` — timm's data config of the input (``input_size``,
+      ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``…): the backbone's
+      own, with its real input size, so ``timm.data.resolve_model_data_config(model)``
+      works; the trainer overwrites it with the preprocessing it trained with.
+    * ``class_names`` — the head's classes in label order, or ``None``.
+    * ``origin`` — how to build the backbone again (``{"library", "name", "options",
+      "pretrained"}``; set by :func:`dtl_kernels.create_model`), or ``None``.
     """
 
     #: ViT has one shared conv (``lora_fusion``); staged backbones one per stage.
@@ -56,6 +59,10 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
         self.backbone_dtype: torch.dtype | None = None  # memory.set_backbone_dtype
         self._new_head = True  # a head of ours (else the backbone's own classifier trains)
         self._trained_backbone_parts: tuple[str, ...] = ()
+        self._head_width = 0
+        self.pretrained_cfg: dict = {}
+        self.class_names: list[str] | None = None
+        self.origin: dict | None = None
 
     def _set_up(
         self,
@@ -118,6 +125,11 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
             self.csn.trunk_dtype = memory.resolve_trunk_dtype(trunk_dtype)
         self._new_head = self.head_mode == "published" or not own
         self._trained_backbone_parts = tuple(trainable_backbone_prefixes)
+        self._head_width = head_width
+        self.pretrained_cfg = {
+            **(getattr(backbone, "pretrained_cfg", None) or {}),
+            "input_size": self.native_input_size(),
+        }
         if self._new_head:
             if own and backbone.num_classes:
                 backbone.reset_classifier(0)  # the published head replaces it
@@ -132,6 +144,50 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterFiles, nn.Module):
     def backbone_classifier(self) -> str:
         """Prefix of the backbone's own classifier in ``backbone`` (``head="backbone"``)."""
         return "head."
+
+    # -- timm's model conventions -------------------------------------------------------
+    def native_input_size(self) -> tuple[int, int, int]:
+        """``(channels, H, W)`` the backbone is built for: a patch embedding's fixed image
+        size, else the input size of its timm pretrained config (224 px when none)."""
+        size = getattr(getattr(self.backbone, "patch_embed", None), "img_size", None)
+        cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        channels = int((cfg.get("input_size") or (3,))[0])
+        if size is not None:
+            return (channels, int(size[0]), int(size[1]))
+        return tuple(int(v) for v in (cfg.get("input_size") or (3, 224, 224)))
+
+    @property
+    def default_cfg(self) -> dict:
+        """timm's older name of :attr:`pretrained_cfg`."""
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier that trains: the new head, or the backbone's own
+        (``head="backbone"``), as timm's ``get_classifier``."""
+        return self.head if self._new_head else self.backbone.get_classifier()
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, trainable classifier for ``num_classes`` (``0``: pooled features), as
+        timm's ``reset_classifier``; ``class_names`` are dropped when their count differs.
+        ``global_pool`` only applies to the backbone's own head (``head="backbone"``)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a whole number ≥ 0, got {num_classes!r}")
+        old = self.get_classifier()
+        ref = next(iter(old.parameters()), None)
+        if self._new_head:
+            if global_pool is not None:
+                raise ValueError("the published head pools tokens its own way: no global_pool")
+            self.head = new_head(self._head_width, num_classes)
+            if ref is not None:
+                self.head.to(device=ref.device, dtype=ref.dtype)
+        else:
+            args = (num_classes,) if global_pool is None else (num_classes, global_pool)
+            self.backbone.reset_classifier(*args)
+            for p in self.backbone.get_classifier().parameters():
+                p.requires_grad_(True)
+        self.num_classes = num_classes
+        if self.class_names is not None and len(self.class_names) != num_classes:
+            self.class_names = None
 
     def backbone_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in the frozen backbone's dtype (unchanged unless ``backbone_dtype``)."""

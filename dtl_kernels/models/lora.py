@@ -90,10 +90,7 @@ def inject_lora(
         raise ValueError(
             f"method='lora': {type(backbone).__name__} has no nn.Linear named {list(targets)}"
         )
-    try:
-        import peft
-    except ImportError as exc:
-        raise ImportError("method='lora' needs Hugging Face PEFT: pip install peft") from exc
+    peft = check_peft()
     if blocks is not None:
         names = _names_in_blocks(backbone, names, blocks, block_modules)
     found = sorted({n.rsplit(".", 1)[-1] for n in names})  # the targets this backbone has
@@ -178,3 +175,14 @@ def _check_lora_runs(backbone: nn.Module) -> None:
             f"{unused[0].removesuffix('.lora_A.default')}): their updates would never "
             "reach the output or train. LoRA is not supported for this backbone."
         )
+
+
+def check_peft():
+    """The ``peft`` module; ``ImportError`` with the install command when it is missing."""
+    try:
+        import peft
+    except ImportError:
+        raise ImportError(
+            "method 'lora' needs Hugging Face PEFT, which is not installed: pip install peft"
+        ) from None
+    return peft

@@ -15,8 +15,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .base import DTLModel, adapter_info, read_adapter
-from .factory import model_from_adapter, wrapper_for
+from .adapters import adapter_info, read_adapter
+from .base import DTLModel
+from .build import wrapper_for
+from .pretrained import model_from_adapter
 
 # A backbone-head task trains the backbone's own classifier, which every task shares.
 _OWN_HEAD = (
@@ -30,7 +32,7 @@ class MultiTaskDTL(nn.Module):
 
     Args:
         backbone: the frozen timm backbone every task was trained on.
-        tasks: name → adapter file (written by ``save_adapter``) or a ``DTLViT`` /
+        tasks: name → adapter file (written by :func:`dtl_kernels.save_adapter`) or a ``DTLViT`` /
             ``DTLSwin`` built on this backbone (the same module, or one with identical
             weights).
         batch_tails: run the tails of all branched tasks as one batch per block.

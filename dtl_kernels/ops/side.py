@@ -187,6 +187,8 @@ def select(
     (``args``' or ``conv_weight``, DTL+ or not) picks the measured-faster order on CUDA.
     """
     name = requested if requested != "auto" else os.environ.get("DTL_KERNELS_BACKEND", "auto")
+    if name == "auto" and _exporting():  # ONNX / torch.export know no custom op: plain aten
+        return "reference"
     if name == "auto":
         conv = args.conv_weight if args is not None else conv_weight
         for candidate in _auto_order(x, conv):
@@ -199,6 +201,11 @@ def select(
     if not BACKENDS[name].runs(x):
         raise _ext.BackendUnavailable(BACKENDS[name].why_not(x))
     return name
+
+
+def _exporting() -> bool:
+    """Is a model being exported (``torch.onnx.export``, ``torch.export``)?"""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def has_step(name: str) -> bool:

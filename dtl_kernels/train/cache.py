@@ -61,6 +61,7 @@ from .cache_policy import (
     resolve_mode,
 )
 from .cache_store import DTYPES, CachedTrunkSet, TrunkCache, file_crc32, file_sha256
+from .transforms import Augmentation
 
 __all__ = [
     "ALIASES", "DEFAULT_MAX_BYTES", "DTYPES", "FORMAT", "MODES", "CacheRefused",
@@ -153,6 +154,11 @@ def _plan(cfg, model, splits, identities, d, autocast, channels_last, batch_size
             say(f"trunk cache: off ({reason})")
         return None
 
+    augmentation = Augmentation.from_config(cfg).flags()
+    if augmentation:  # the cached trunk outputs would freeze one draw of the random input
+        return no(f"the input is augmented ({' '.join(augmentation)}): every epoch sees other "
+                  "images, so the trunk's outputs cannot be stored; drop the augmentation flags "
+                  "to cache")  # fmt: skip
     why = refusal(model, cfg.method, cfg.drop_path, list(splits.values()))
     if why:
         return no(why)

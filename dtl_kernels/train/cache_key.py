@@ -60,8 +60,9 @@ def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def dataset_identity(cfg, split: str, size: int, norm: str) -> dict:
-    """What names one split of ``cfg``'s dataset (the data's content is hashed as well)."""
+def dataset_identity(cfg, split: str, size: int, prep) -> dict:
+    """What names one split of ``cfg``'s dataset (the data's content is hashed as well);
+    ``prep``: the :class:`~dtl_kernels.train.transforms.Preprocessing` of its images."""
     root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
     ident = {
         "name": cfg.dataset,
@@ -71,7 +72,7 @@ def dataset_identity(cfg, split: str, size: int, norm: str) -> dict:
         "max": cfg.max_train if split == "train" else cfg.max_test,
         "val_split": cfg.val_split,
         "img_size": size,
-        "normalize": norm,
+        **prep.identity(),
     }
     if cfg.dataset.startswith("fewshot:"):
         ident.update(shots=cfg.shots, shot_seed=cfg.shot_seed)

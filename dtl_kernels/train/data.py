@@ -11,10 +11,11 @@
 * ``folder`` — an ImageFolder tree ``<root>/{train,test}/<class>/<image>`` (``val`` is
   accepted for ``test``).
 
-Transform (no augmentation): gray → 3 channels, resize to the model input (bicubic,
-antialiased), scale to [0, 1], normalise (ImageNet mean/std or 0.5/0.5). 16-bit images
-are scaled to 8 bits (``v · 255 / 65535``), float images from [0, 1] (or, outside that
-range, from their own min…max), never clipped.
+Transform (:mod:`~dtl_kernels.train.transforms`, timm's own): gray → 3 channels, resize to
+the model input (by default the whole image to a square, with the weights' filter),
+scale to [0, 1], normalise with the weights' mean / std; training may add timm's
+augmentation (off by default). 16-bit images are scaled to 8 bits (``v · 255 / 65535``),
+float images from [0, 1] (or, outside that range, from their own min…max), never clipped.
 
 File-based datasets (``vtab:`` / ``fewshot:`` / ``folder``) are streamed: the file list
 is read and every image's header checked up front (missing, unreadable or non-image files
@@ -37,8 +38,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
+
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET
 HALF = (0.5, 0.5, 0.5)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 ELPV_TEST_FRACTION = 0.25
@@ -55,21 +57,25 @@ class DataError(ValueError):
 
 
 def normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean / std of ``--normalize imagenet`` or ``half``."""
     return (IMAGENET_MEAN, IMAGENET_STD) if name == "imagenet" else (HALF, HALF)
 
 
 # -- tensors in memory ---------------------------------------------------------------------
 class TensorImages(Dataset):
     """Images already decoded and resized, kept as ``uint8`` ``(N, C, S, S)`` (C = 1 or 3);
-    normalised to float on access (gray is repeated to 3 channels)."""
+    normalised to float on access (gray is repeated to 3 channels), or first augmented by
+    ``augment`` (a PIL → tensor transform, :meth:`Augmentation.image_transform`)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, classes=None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, classes=None,
+                 augment=None):  # fmt: skip
         if len(images) == 0:
             raise DataError("empty split")
         self.images, self.labels = images, labels.long()
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.classes = classes
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,26 +84,39 @@ class TensorImages(Dataset):
         out = TensorImages.__new__(TensorImages)
         out.images, out.labels = self.images[index], self.labels[index]
         out.mean, out.std, out.classes = self.mean, self.std, self.classes
+        out.augment = self.augment
         return out
 
     def __getitem__(self, i: int):
-        x = self.images[i].float().div_(255)
-        if x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        return (x - self.mean) / self.std, int(self.labels[i])
+        if self.augment is not None:
+            return self.augment(_pil_rgb(self.images[i])), int(self.labels[i])
+        return to_tensor(self.images[i], self.mean, self.std), int(self.labels[i])
 
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``(N, C, H, W)`` uint8 → ``(N, C, size, size)`` uint8 with PIL's bicubic filter (the
-    same resampling as for image files)."""
+def _pil_rgb(image: torch.Tensor):
+    """``(C, S, S)`` uint8 (C = 1 or 3) → an RGB PIL image."""
     from PIL import Image
 
-    if images.shape[-2:] == (size, size):
+    arr = image.numpy()
+    return Image.fromarray(arr[0]).convert("RGB") if arr.shape[0] == 1 else Image.fromarray(
+        np.ascontiguousarray(arr.transpose(1, 2, 0))
+    )  # fmt: skip
+
+
+def resize_uint8(images: torch.Tensor, size: int, resize=None) -> torch.Tensor:
+    """``(N, C, H, W)`` uint8 → ``(N, C, size, size)`` uint8, each channel through
+    ``resize`` (a PIL transform: :meth:`Preprocessing.resize`; default: PIL's bicubic
+    filter on the whole image, the same resampling as for image files)."""
+    from PIL import Image
+
+    if resize is None and images.shape[-2:] == (size, size):
         return images
+    if resize is None:
+        resize = functools.partial(Image.Image.resize, size=(size, size), resample=Image.BICUBIC)
     out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
     for i, img in enumerate(images.numpy()):
         for c in range(img.shape[0]):
-            small = Image.fromarray(img[c]).resize((size, size), Image.BICUBIC)
+            small = resize(Image.fromarray(img[c]))
             out[i, c] = torch.from_numpy(np.array(small))
     return out
 
@@ -129,13 +148,16 @@ def eight_bit(img):
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """Read one image file → ``(3, size, size)`` uint8; ``DataError`` naming the file."""
+def load_image(path: Path, size: int, resize=None) -> torch.Tensor:
+    """Read one image file → ``(3, size, size)`` uint8, resized by ``resize`` (a PIL
+    transform, :meth:`Preprocessing.resize`; default: the whole image, bicubic);
+    ``DataError`` naming the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            img = eight_bit(img).resize((size, size), Image.BICUBIC)
+            img = eight_bit(img)
+            img = resize(img) if resize is not None else img.resize((size, size), Image.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8).copy()
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
@@ -165,7 +187,8 @@ class FileImages(Dataset):
     with the split; a ``DataLoader`` with workers decodes batches in parallel.
     """
 
-    def __init__(self, samples: list[tuple[Path, int]], size: int, mean, std, classes=None):
+    def __init__(self, samples: list[tuple[Path, int]], size: int, mean, std, classes=None,
+                 prep: Preprocessing | None = None, augment=None):  # fmt: skip
         if not samples:
             raise DataError("empty split")
         self.paths = [Path(p) for p, _ in samples]
@@ -174,6 +197,12 @@ class FileImages(Dataset):
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
         self.classes = classes
+        # the resize of ``prep`` (None: the whole image, bicubic); named in the fingerprint
+        # only when it is another (earlier fingerprints stay valid)
+        self.resize = prep.resize() if prep is not None else None
+        default = prep is None or (prep.whole_image() and prep.interpolation == "bicubic")
+        self.resize_id = "" if default else repr(prep.identity().get("resize"))
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -187,8 +216,10 @@ class FileImages(Dataset):
         return out
 
     def __getitem__(self, i: int):
-        x = load_image(self.paths[i], self.size).float().div_(255)
-        return (x - self.mean) / self.std, int(self.labels[i])
+        image = load_image(self.paths[i], self.size, self.resize)
+        if self.augment is not None:
+            return self.augment(_pil_rgb(image)), int(self.labels[i])
+        return to_tensor(image, self.mean, self.std), int(self.labels[i])
 
     def fingerprint(self) -> str:
         """sha256 over every file's path, size, modification time, label and a sampled
@@ -198,7 +229,7 @@ class FileImages(Dataset):
         import hashlib
 
         h = hashlib.sha256(f"{self.size}|{self.mean.flatten().tolist()}|"
-                           f"{self.std.flatten().tolist()}|".encode())  # fmt: skip
+                           f"{self.std.flatten().tolist()}|{self.resize_id}".encode())  # fmt: skip
         for p, label in zip(self.paths, self.labels.tolist(), strict=True):
             st = p.stat()
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{label}|{sampled_file_hash(p)}\n"
@@ -267,14 +298,15 @@ def data_fingerprint(dataset: Dataset) -> dict:
     return dict(memo)
 
 
-def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=None):
+def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=None,
+                prep: Preprocessing | None = None, augment=None):  # fmt: skip
     """Check every file of ``(path, label)`` now (exists, has an image header: a bad one
     stops the run before training, naming the file) → a streaming :class:`FileImages`."""
     if not samples:
         raise DataError("empty split")
     for p, _ in samples:
         check_image_header(p)
-    return FileImages(samples, size, mean, std, classes)
+    return FileImages(samples, size, mean, std, classes, prep, augment)
 
 
 def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
@@ -361,17 +393,26 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
     return np.sort(train), np.sort(test)
 
 
-def elpv(size: int, mean, std, binary: bool = False):
+def elpv(size: int, mean, std, binary: bool = False, resize=None, splits=("train", "test"),
+         augment=None):  # fmt: skip
+    """``(train, test)`` of elpv as :class:`TensorImages` (``None`` for a split not in
+    ``splits``: its images are not resized); ``resize`` as :func:`resize_uint8` takes it,
+    ``augment`` for the training split."""
     images, probs = elpv_arrays()
     labels = (probs >= 0.5).astype(np.int64) if binary else np.rint(probs * 3).astype(np.int64)
     classes = ["functional", "defective"] if binary else ["p=0", "p=1/3", "p=2/3", "p=1"]
     train_idx, test_idx = stratified_split(labels, ELPV_TEST_FRACTION, ELPV_SPLIT_SEED)
-    x = resize_uint8(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1), size)
     y = torch.from_numpy(labels)
-    tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
+
+    def split(index, aug):
+        x = resize_uint8(torch.from_numpy(np.ascontiguousarray(images[index])).unsqueeze(1),
+                         size, resize)  # fmt: skip
+        index = torch.from_numpy(index)
+        return TensorImages(x, y[index], mean, std, classes, aug)
+
     return (
-        TensorImages(x[tr], y[tr], mean, std, classes),
-        TensorImages(x[te], y[te], mean, std, classes),
+        split(train_idx, augment) if "train" in splits else None,
+        split(test_idx, None) if "test" in splits else None,
     )
 
 
@@ -444,55 +485,69 @@ def fashion_mnist_dir(root: str | None = None) -> Path:
     )
 
 
-def fashion_mnist(size: int, mean, std, root: str | None = None, max_train=None, max_test=None):
+def fashion_mnist(size: int, mean, std, root: str | None = None, max_train=None, max_test=None,
+                  resize=None, splits=("train", "test"), augment=None):  # fmt: skip
     d = fashion_mnist_dir(root)
 
-    def load(prefix, limit):
+    def load(prefix, limit, aug):
         img, lab = idx_split(d, prefix)
         if limit is not None and limit < len(lab):  # subset before resizing
             keep = _keep(len(lab), limit).numpy()
             img, lab = img[keep], lab[keep]
-        x = resize_uint8(torch.from_numpy(img.copy()).unsqueeze(1), size)
+        x = resize_uint8(torch.from_numpy(img.copy()).unsqueeze(1), size, resize)
         return TensorImages(
-            x, torch.from_numpy(lab.astype(np.int64)), mean, std, FASHION_MNIST_CLASSES
+            x, torch.from_numpy(lab.astype(np.int64)), mean, std, FASHION_MNIST_CLASSES, aug
         )
 
-    return load("train", max_train), load("t10k", max_test)
+    return (
+        load("train", max_train, augment) if "train" in splits else None,
+        load("t10k", max_test, None) if "test" in splits else None,
+    )
 
 
 # -- entry point ------------------------------------------------------------------------------
-def build_datasets(cfg, size: int, norm: str):
-    """``(train, test, num_classes)`` for ``cfg.dataset``; every check runs here."""
-    mean, std = normalization(norm)
+def build_datasets(cfg, prep: Preprocessing, augment: Augmentation | None = None,
+                   need_train: bool = True):  # fmt: skip
+    """``(train, test, num_classes)`` for ``cfg.dataset`` through ``prep`` (and ``augment``
+    for the training split); every check runs here. Without ``need_train`` (``--eval-only``)
+    the training split is not read (``None``) unless ``--val-split`` holds out of it."""
+    mean, std = prep.mean, prep.std
+    need_train = need_train or bool(cfg.val_split)
+    wanted = ("train", "test") if need_train else ("test",)
+    image_aug = augment.image_transform(prep) if augment is not None else None
     name = cfg.dataset
     root = Path(cfg.data_root) if cfg.data_root else None
     kind = dataset_kind(name)
+    resize = None if prep.whole_image() and prep.interpolation == "bicubic" else prep.resize()
     if kind == "elpv":
-        train, test = elpv(size, mean, std, binary=name == "elpv-binary")
+        train, test = elpv(prep.size, mean, std, name == "elpv-binary", resize, wanted, image_aug)
     elif kind == "fashion-mnist":
-        train, test = fashion_mnist(size, mean, std, cfg.data_root, cfg.max_train, cfg.max_test)
+        train, test = fashion_mnist(prep.size, mean, std, cfg.data_root, cfg.max_train,
+                                    cfg.max_test, resize, wanted, image_aug)  # fmt: skip
     else:
         if root is None:
             raise DataError(f"--dataset {name} needs --data-root")
-        train_s, test_s, classes = _file_samples(name, root, cfg)
+        train_s, test_s, classes = _file_samples(name, root, cfg, need_train)
         check_labels(
-            {
-                "train": torch.tensor([s[1] for s in train_s]),
-                "test": torch.tensor([s[1] for s in test_s]),
-            },
+            {split: torch.tensor([s[1] for s in samples])
+             for split, samples in (("train", train_s), ("test", test_s)) if samples is not None},
             cfg.num_classes,
             f"{name} in {root}",
-        )
+        )  # fmt: skip
         train_s, test_s = _limit_list(train_s, cfg.max_train), _limit_list(test_s, cfg.max_test)
-        train = file_images(train_s, size, mean, std, classes)
-        test = file_images(test_s, size, mean, std, classes)
+        train = (file_images(train_s, prep.size, mean, std, classes, prep, image_aug)
+                 if train_s is not None else None)  # fmt: skip
+        test = file_images(test_s, prep.size, mean, std, classes, prep)
     train, test = _limit_ds(train, cfg.max_train), _limit_ds(test, cfg.max_test)
     if cfg.val_split:  # the evaluation split comes out of the training split
         train, test = hold_out(train, cfg.val_split)
-    for split, ds in (("train", train), ("test", test)):
-        if len(ds) == 0:
+        test.augment = None  # evaluated: never augmented
+    splits = {"train": train, "test": test}
+    for split, ds in splits.items():
+        if ds is not None and len(ds) == 0:
             raise DataError(f"{name}: the {split} split is empty")
-    num_classes = check_labels({"train": train.labels, "test": test.labels}, cfg.num_classes, name)
+    labels = {k: ds.labels for k, ds in splits.items() if ds is not None}
+    num_classes = check_labels(labels, cfg.num_classes, name)
     if num_classes < 2:
         raise DataError(
             f"{name}: one class only: every prediction would be right (100 % accuracy whatever "
@@ -515,21 +570,25 @@ def dataset_kind(name: str) -> str:
     )
 
 
-def _file_samples(name: str, root: Path, cfg):
+def _file_samples(name: str, root: Path, cfg, need_train: bool = True):
+    """``(train samples or None, test samples, class names or None)``."""
     if name.startswith("vtab:"):
         base = root / name.split(":", 1)[1]
-        train = read_list(base / f"{cfg.train_split}.txt", base)
+        train = read_list(base / f"{cfg.train_split}.txt", base) if need_train else None
         test = read_list(base / f"{cfg.test_split}.txt", base)
         return train, test, None
     if name.startswith("fewshot:"):
         base = root / name.split(":", 1)[1]
         ann = base / "annotations"
-        train = read_list(ann / f"train_meta.list.num_shot_{cfg.shots}.seed_{cfg.shot_seed}", base)
+        train_list = ann / f"train_meta.list.num_shot_{cfg.shots}.seed_{cfg.shot_seed}"
+        train = read_list(train_list, base) if need_train else None
         test = read_list(ann / "test_meta.list", base)
         return train, test, None
-    train, classes = scan_folder(root / "train")
+    train, classes = scan_folder(root / "train") if need_train else (None, None)
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     test, test_classes = scan_folder(test_dir)
+    if not need_train:
+        return None, test, test_classes
     if test_classes != classes:
         raise DataError(f"class folders differ between {root / 'train'} and {test_dir}")
     return train, test, classes
@@ -540,7 +599,7 @@ def _keep(length: int, n: int) -> torch.Tensor:
 
 
 def _limit_list(samples, n):
-    if n is None or n >= len(samples):
+    if samples is None or n is None or n >= len(samples):
         return samples
     return [samples[i] for i in _keep(len(samples), n).tolist()]
 
@@ -557,6 +616,6 @@ def hold_out(ds, n: int):
 
 def _limit_ds(ds, n):
     """A fixed random subset of ``n`` samples (seed 0), in the original order."""
-    if n is None or n >= len(ds):
+    if ds is None or n is None or n >= len(ds):
         return ds
     return ds.subset(_keep(len(ds), n))

@@ -1,7 +1,8 @@
 """The training loop behind ``dtl-train``: data → model → AdamW + warm-up/cosine → epochs
 with checkpoints → adapter, metrics, summary. Uses only the models' public API
 (:func:`dtl_kernels.create_model`, ``embed`` / ``run_blocks`` / ``forward_head``,
-``save_adapter`` / ``load_adapter``); it holds no model logic.
+:func:`dtl_kernels.save_adapter` / :func:`dtl_kernels.load_adapter`); it holds no model
+logic.
 
 :func:`run` goes through the phases of a run, one function each here; the work of each
 phase lives in its own module:
@@ -49,6 +50,7 @@ What the loop guarantees (README, "What the trainer guarantees"):
 from __future__ import annotations
 
 import math
+import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -59,6 +61,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..models.adapters import load_adapter
 from ..optim import adamw
 from . import cache as trunk_cache
 from . import checkpoint as ckpt
@@ -66,13 +69,13 @@ from . import outputs, setup
 from .config import TrainConfig
 from .data import data_fingerprint
 from .dist import Dist, RankFailed
+from .log import LOGGER, configure
 from .metrics import MetricsLog, PeakMemory
 from .output_lock import OutputLock
 
 # Names that lived in this module before it was split by phase; still importable from here.
 from .outputs import RUN_OUTPUTS, prepare_output, resume_point
 from .setup import (
-    auto_normalize,
     autocast_for,
     backbone_family,
     build_model,
@@ -92,13 +95,14 @@ from .step import (
     divergence_message,
     evaluate,
     lr_schedule,
+    micro_batches,
     param_groups,
     to_device,
 )
 
 __all__ = [
     "RUN_OUTPUTS", "DivergenceError", "Dist", "RankFailed", "Stepper", "WarmupCosine",
-    "auto_normalize", "autocast_for", "backbone_family", "build_model", "check_pretrained",
+    "autocast_for", "backbone_family", "build_model", "check_pretrained",
     "evaluate", "input_size", "loud_warning", "offline_weights_of", "param_groups",
     "prepare_output", "resolve_pretrained", "resume_point", "run", "seed_everything",
 ]  # fmt: skip
@@ -108,6 +112,7 @@ __all__ = [
 def run(cfg: TrainConfig) -> dict:
     """Train (or ``--eval-only``) as configured; returns the summary (rank 0 writes it)."""
     t_start = time.time()
+    configure(cfg.quiet, cfg.verbose)
     with ExitStack() as held:  # released in reverse on any exit: the lock, then the group
         d = Dist(cfg.ddp_timeout)
         held.callback(d.close)
@@ -115,13 +120,16 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _say(d: Dist):
-    return (lambda m: print(m, flush=True)) if d.main else (lambda m: None)
+    """Rank 0's messages (``logging``: ``--quiet`` hides them)."""
+    return LOGGER.info if d.main else (lambda m: None)
 
 
 def _run(cfg: TrainConfig, d: Dist, t_start: float, held: ExitStack) -> dict:
     say = _say(d)
-    family, found = _before_any_work(cfg, d, say, held)
-    s = setup.build(cfg, d, family, say)
+    pre, found = _before_any_work(cfg, d, say, held)
+    if d.main:
+        LOGGER.debug("options: " + ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items()))
+    s = setup.build(cfg, d, pre, say)
     if cfg.eval_only:
         return _eval_only(cfg, d, s, t_start)
     data = _data(cfg, d, s, found, say)
@@ -134,11 +142,14 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float, held: ExitStack) -> dict:
 
 
 # -- before any work ---------------------------------------------------------------------------
-def _before_any_work(cfg: TrainConfig, d: Dist, say, held: ExitStack) -> tuple[str, tuple | None]:
+def _before_any_work(
+    cfg: TrainConfig, d: Dist, say, held: ExitStack
+) -> tuple[setup.Preflight, tuple | None]:
     """Check the options, lock the output folder for this run (rank 0; released when
-    ``held`` closes), read the ``--resume`` point, prepare the folder. Returns the backbone
-    family and the resume point (:func:`outputs.resume_point`)."""
-    family = d.run_agreed("checking the options", setup.preflight, cfg)
+    ``held`` closes), read the ``--resume`` point, prepare the folder. Returns what the
+    checks found (:class:`setup.Preflight`) and the resume point
+    (:func:`outputs.resume_point`)."""
+    pre = d.run_agreed("checking the options", setup.preflight, cfg)
     lock = d.main_then_agree("locking the output folder", OutputLock.acquire, Path(cfg.output))
     if lock is not None:
         held.callback(lock.release)
@@ -150,25 +161,24 @@ def _before_any_work(cfg: TrainConfig, d: Dist, say, held: ExitStack) -> tuple[s
     )
     for note in found[2] if found else ():
         say(note)
-    return family, found
+    return pre, found
 
 
 def _eval_only(cfg: TrainConfig, d: Dist, s: setup.Setup, t_start: float) -> dict:
     """``--eval-only``: load the adapter, evaluate, write the summary."""
     mismatch = "warn" if cfg.allow_backbone_mismatch else "error"
-    d.run_agreed("loading the adapter", s.model.load_adapter, cfg.adapter, mismatch)
+    d.run_agreed("loading the adapter", load_adapter, s.model, cfg.adapter, mismatch)
     try:
         test_loss, test_acc = evaluate(
             s.model, s.test_set, s.local_batch, d, s.autocast, s.channels_last, cfg.workers
         )
     except DivergenceError as exc:
         raise DivergenceError(f"--eval-only {cfg.adapter}: {exc}") from None
-    summary = outputs.run_summary(cfg, s.model, d, t_start, s.num_classes, s.size,
-                                  len(s.train_set), len(s.test_set))  # fmt: skip
+    n_train = len(s.train_set) if s.train_set is not None else None
+    summary = outputs.run_summary(cfg, s.model, d, t_start, s.num_classes, s.size, n_train,
+                                  len(s.test_set))  # fmt: skip
     summary.update(eval_only=True, adapter=str(cfg.adapter), test_acc=test_acc, test_loss=test_loss)
     d.main_then_agree("writing the summary", outputs.write_eval_summary, Path(cfg.output), summary)
-    if d.main:
-        print(f"test accuracy {100 * test_acc:.2f}% ({cfg.adapter})", flush=True)
     return summary
 
 
@@ -194,7 +204,7 @@ def _feed(cfg: TrainConfig, d: Dist, s: setup.Setup, say) -> Feed:
     cache = d.run_agreed(
         "preparing the trunk cache", trunk_cache.prepare,
         cfg, s.model, {"train": s.train_set, "test": s.test_set},
-        {sp: trunk_cache.dataset_identity(cfg, sp, s.size, s.norm) for sp in ("train", "test")},
+        {sp: trunk_cache.dataset_identity(cfg, sp, s.size, s.prep) for sp in ("train", "test")},
         d, s.autocast, s.channels_last, s.local_batch, say=say,
     )  # fmt: skip
     if cache is not None:
@@ -222,6 +232,7 @@ def _feed(cfg: TrainConfig, d: Dist, s: setup.Setup, say) -> Feed:
         num_workers=workers,
         generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=False,
+        drop_last=bool(cfg.mixup or cfg.cutmix),  # timm's Mixup pairs images: even batches
     )
     return Feed(cache, train_net, sampler, loader, eval_net, test_data, eval_workers)
 
@@ -256,6 +267,7 @@ def _optimisation(
 ) -> Optimisation:
     """AdamW with the warm-up + cosine schedule over ``steps`` per epoch; on ``--resume``
     the model, optimiser, schedule and metrics are restored from the checkpoint."""
+    steps = math.ceil(steps / cfg.grad_accum)  # optimiser steps per epoch
     optimizer = adamw(param_groups(s.model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(cfg, steps))
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
@@ -296,8 +308,9 @@ def _epochs(
     memory = PeakMemory(d.device)
     memory.start()
     done = Epochs(memory_method=memory.method)
+    mixer = s.augment.batch_mixer(s.num_classes, cfg.label_smoothing)
     step = Stepper(feed.train_net, s.model, opt.optimizer, opt.scheduler, opt.scaler, cfg,
-                   s.autocast, d)  # fmt: skip
+                   s.autocast, d, mixer)  # fmt: skip
     for epoch in range(opt.start_epoch, cfg.epochs):
         row = _train_epoch(cfg, d, s, feed, opt, step, epoch)
         done.speeds.append(row["images_per_s"])
@@ -334,16 +347,16 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
     t0 = time.time()
     loss_sum = correct = seen = skipped = 0.0
     bar = _progress(feed.loader, cfg, d, epoch)
-    for x, y in bar:
-        x, y = to_device(x, d.device, s.channels_last), y.to(d.device)
-        result = step(x, y)
+    for group in micro_batches(bar, cfg.grad_accum):
+        group = [(to_device(x, d.device, s.channels_last), y.to(d.device)) for x, y in group]
+        result = step(group)
         if result is None:
             skipped += 1
             if step.bad_streak > cfg.max_nonfinite_steps:
                 raise DivergenceError(divergence_message(cfg, epoch, step, Path(cfg.output)))
             continue
         loss, hits = result
-        n = len(y)
+        n = sum(len(y) for _, y in group)
         loss_sum += loss * n
         correct += hits
         seen += n
@@ -400,7 +413,10 @@ def _epoch_line(cfg: TrainConfig, epoch: int, row: dict, speed: float) -> str:
 
 
 def _progress(loader, cfg, d, epoch):
-    if not (d.main and cfg.progress):
+    """A tqdm bar over the batches: by default only when stderr is a terminal (in a log
+    file its carriage-return frames are noise; each epoch prints one line anyway)."""
+    wanted = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
+    if not (d.main and wanted and not cfg.quiet):
         return loader
     from tqdm import tqdm
 

@@ -11,6 +11,7 @@ import torch
 
 from .._io import atomic_write, fsync_dir, json_text, remove_stale_temps
 from .._version import __version__
+from ..models.adapters import save_adapter
 from . import cache as trunk_cache
 from . import checkpoint as ckpt
 from . import manifest
@@ -128,7 +129,9 @@ def write_outputs(out: Path, model, log: MetricsLog, cfg: TrainConfig, summary: 
     """Rank 0, after training: adapter, metrics, curves, summary (with the adapter's path
     and size added), config."""
     manifest.record(out, *(out / n for n in RUN_OUTPUTS))
-    adapter = model.save_adapter(out / "adapter.safetensors")
+    root = str(Path(cfg.data_root).resolve()) if cfg.data_root else None
+    training = {"dataset": cfg.dataset, "data_root": root, "test_split": cfg.test_split}
+    adapter = save_adapter(model, out / "adapter.safetensors", training=training)
     summary.update(adapter=str(adapter), adapter_bytes=adapter.stat().st_size)
     log.write()
     log.plot(out / "curves.png", f"{cfg.model} {cfg.method} on {cfg.dataset}")

@@ -18,52 +18,68 @@ from torch.utils.data import Dataset
 
 from .. import create_model
 from ..models import lora, offline_weights
-from ..models.base import adapter_info, read_adapter
+from ..models.adapters import adapter_info, read_adapter
+from .adapter_options import adapter_into_config
 from .config import TrainConfig
 from .data import build_datasets
 from .dist import Dist
+from .log import LOGGER
+from .transforms import NAMED, Augmentation, Preprocessing
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # -- before any work ---------------------------------------------------------------------------
-def preflight(cfg: TrainConfig) -> str:
-    """Checks that need no data: the model name, the pretrained path, the adapter of
-    ``--eval-only``, the world size. Returns the backbone family."""
+@dataclass
+class Preflight:
+    """What the checks before any work found: the backbone family and, for ``--eval-only``,
+    the adapter's parsed metadata (:func:`dtl_kernels.models.adapters.adapter_info`)."""
+
+    family: str
+    adapter: dict | None = None
+
+
+def preflight(cfg: TrainConfig) -> Preflight:
+    """Checks that need no data: for ``--eval-only`` the adapter (whose model, weights,
+    preprocessing and data fill what the flags leave open), the model name, the pretrained
+    weights, LoRA's library, the world size."""
+    info = None
+    if cfg.eval_only:
+        _, meta = read_adapter(cfg.adapter)
+        info = adapter_info(meta, cfg.adapter)
+        adapter_into_config(cfg, info)
     family = backbone_family(cfg.model)
     check_pretrained(cfg)
+    if cfg.method == "lora":
+        lora.check_peft()
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--precision fp16 needs CUDA; use bf16 (or fp32) on CPU")
-    if cfg.eval_only:
-        _adapter_into_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and cfg.batch_size % world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is not divisible by {world} processes")
-    return family
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is not divisible by {world} process(es) × "
+            f"--grad-accum {cfg.grad_accum}"
+        )
+    return Preflight(family, info)
 
 
 def check_pretrained(cfg: TrainConfig) -> None:
-    """A ``--pretrained`` path must exist (checked before the data is read)."""
+    """``--pretrained``: a path must exist, offline weights must fit the model, and a model
+    without weights that install offline needs it given (``none`` for a random backbone)."""
     p = cfg.pretrained
     if offline_weights.is_offline_name(p):
         offline_weights.check_fits(p, cfg.model)
         return
+    if p is None and offline_weights.for_arch(cfg.model) is None:
+        raise ValueError(
+            f"--model {cfg.model} has no weights that install offline: pass --pretrained PATH "
+            "(a checkpoint), --pretrained hub (download) or --pretrained none (a random "
+            f"backbone: the accuracy then says nothing){offline_weights.hint()}"
+        )
     if p is None or str(p).lower() in ("none", "hub"):
         return
     if not Path(p).is_file():
         raise FileNotFoundError(f"--pretrained: checkpoint not found: {p}")
-
-
-def _adapter_into_config(cfg: TrainConfig) -> None:
-    """``--eval-only``: take method, side-network options and class count from the adapter
-    (its metadata schema-checked: ``AdapterError`` naming the file and field)."""
-    _, meta = read_adapter(cfg.adapter)
-    conf = adapter_info(meta, cfg.adapter)["config"]
-    cfg.method = conf["method"]
-    cfg.num_classes = conf["num_classes"]
-    for key in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta"):
-        setattr(cfg, key, (conf.get("csn") or {}).get(key))
-    cfg.lora_rank = (conf.get("lora") or {}).get("rank")
-    blocks = (conf.get("lora") or {}).get("blocks")
-    cfg.lora_blocks = lora.format_blocks(blocks) if blocks else None
 
 
 # -- data and model ----------------------------------------------------------------------------
@@ -72,47 +88,87 @@ class Setup:
     """What the later phases work on: the data, the model and how batches reach it."""
 
     family: str  # backbone_family()
-    size: int  # input images are size × size
-    norm: str  # the normalisation ("auto" resolved)
-    local_batch: int  # this process's share of --batch-size
-    train_set: Dataset
+    prep: Preprocessing  # every image's resize, crop and normalisation
+    augment: Augmentation  # training only (off by default)
+    local_batch: int  # this process's micro-batch: --batch-size / (processes × --grad-accum)
+    train_set: Dataset | None  # None under --eval-only
     test_set: Dataset
     num_classes: int
     model: nn.Module
     channels_last: bool
     autocast: Callable  # context-manager factory for every forward pass
 
+    @property
+    def size(self) -> int:
+        """Input images are ``size × size``."""
+        return self.prep.size
 
-def build(cfg: TrainConfig, d: Dist, family: str, say: Callable[[str], None]) -> Setup:
+
+def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None]) -> Setup:
     """Read the data and build the model on ``d.device``, seeded by ``--seed``; a failure
-    on one rank is raised on every rank."""
-    size = input_size(cfg)
-    norm = cfg.normalize if cfg.normalize != "auto" else auto_normalize(cfg, family)
-    local_batch = cfg.batch_size // d.world
+    on one rank is raised on every rank. ``--eval-only`` reads no training split."""
+    prep = preprocessing(cfg, pre.family, pre.adapter)
+    augment = Augmentation.from_config(cfg)
+    local_batch = cfg.batch_size // (d.world * cfg.grad_accum)
 
     seed_everything(cfg.seed)
     train_set, test_set, num_classes = d.run_agreed(
-        "reading the data", build_datasets, cfg, size, norm
+        "reading the data", build_datasets, cfg, prep, augment, not cfg.eval_only
     )
+    classes = getattr(test_set, "classes", None)
+    if pre.adapter is not None:
+        classes = _adapter_classes(cfg, pre.adapter, classes)
     # only rank 0 warns about a random backbone
-    pretrained = resolve_pretrained(cfg, family) if d.main else _quiet_pretrained(cfg)
+    pretrained = resolve_pretrained(cfg, pre.family) if d.main else _quiet_pretrained(cfg)
     seed_everything(cfg.seed)  # the initial weights do not depend on what the data drew
     model = d.run_agreed("building the model", build_model, cfg, num_classes, pretrained)
+    # what predicting needs, recorded in the adapter: the preprocessing and the class names
+    model.pretrained_cfg = {**model.pretrained_cfg, **prep.data_config()}
+    model.class_names = list(classes) if classes is not None else None
     model = model.to(d.device)
     channels_last = cfg.channels_last == "on" or (
-        cfg.channels_last == "auto" and family == "convnet"
+        cfg.channels_last == "auto" and pre.family == "convnet"
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast = autocast_for(cfg.precision, d.device)
     say(model.summary())
+    n_train = f"{len(train_set)} train / " if train_set is not None else ""
     say(
-        f"data: {cfg.dataset}: {len(train_set)} train / {len(test_set)} "
+        f"data: {cfg.dataset}: {n_train}{len(test_set)} "
         f"{'validation (held out of train)' if cfg.val_split else 'test'} images, "
-        f"{num_classes} classes, {size}x{size}, normalise={norm}; world={d.world}"
+        f"{num_classes} classes, {prep.describe()}; world={d.world}"
     )
-    return Setup(family, size, norm, local_batch, train_set, test_set, num_classes, model,
+    if augment.flags():
+        say(f"augmentation: {' '.join(augment.flags())}")
+    if d.main:
+        LOGGER.debug(f"preprocessing (timm data config): {prep.data_config()}")
+    return Setup(pre.family, prep, augment, local_batch, train_set, test_set, num_classes, model,
                  channels_last, autocast)  # fmt: skip
+
+
+def preprocessing(cfg: TrainConfig, family: str, adapter: dict | None = None) -> Preprocessing:
+    """The input pipeline of this run: the adapter's (``--eval-only``, when it records one),
+    else the flags' with the weights' own interpolation and mean / std for ``auto``."""
+    if adapter is not None and adapter["preprocessing"] is not None:
+        return Preprocessing.from_data_config(adapter["preprocessing"])
+    mean, std = mean_std(cfg, family)
+    return Preprocessing(
+        input_size(cfg), mean, std, cfg.interpolation or weights_interpolation(cfg.model),
+        1.0 if cfg.crop_pct is None else cfg.crop_pct, cfg.crop_mode or "squash",
+    )  # fmt: skip
+
+
+def _adapter_classes(cfg: TrainConfig, info: dict, data_classes) -> list[str] | None:
+    """``--eval-only``: the adapter's class names; ``ValueError`` when the dataset names
+    other classes (the adapter's label ``i`` would be scored against another class)."""
+    theirs = info["classes"]
+    if theirs is not None and data_classes is not None and list(data_classes) != theirs:
+        raise ValueError(
+            f"--eval-only: the adapter's classes {theirs[:8]} differ from those of --dataset "
+            f"{cfg.dataset} {list(data_classes)[:8]}: evaluate on the data it was trained for"
+        )
+    return theirs if theirs is not None else data_classes
 
 
 def loud_warning(message: str) -> None:
@@ -165,42 +221,52 @@ def offline_weights_of(cfg: TrainConfig) -> offline_weights.OfflineWeights | Non
     return offline_weights.OFFLINE.get(cfg.pretrained)
 
 
-def auto_normalize(cfg: TrainConfig, family: str) -> str:
-    """--normalize auto: what the offline weights were trained with; else what timm's
-    pretrained config of the model says (0.5 / 0.5 or ImageNet mean / std); else 0.5 / 0.5
-    for ViT and Swin, ImageNet mean / std for CNNs."""
+def mean_std(cfg: TrainConfig, family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean / std of ``--normalize``: a named set, or for ``auto`` what the
+    weights were trained with — the offline weights' own, else the mean / std of timm's
+    pretrained config of ``--model`` (CLIP's, EVA-02's… as they are); for a model timm
+    has none for, 0.5 for ViT and Swin, ImageNet's for the rest."""
+    if cfg.normalize != "auto":
+        return NAMED[cfg.normalize]
     offline = offline_weights_of(cfg)
     if offline is not None:
-        return offline.normalize
+        return NAMED[offline.normalize]
     import timm
 
     try:
         mean = timm.models.get_pretrained_cfg_value(cfg.model, "mean")
+        std = timm.models.get_pretrained_cfg_value(cfg.model, "std")
     except Exception:  # noqa: BLE001 — an unknown name is reported when the model is built
-        mean = None
-    if mean is not None and all(abs(m - 0.5) < 1e-6 for m in mean):
-        return "half"
-    imagenet = (0.485, 0.456, 0.406)
-    if (
-        mean is not None
-        and len(mean) == 3
-        and all(abs(a - b) < 1e-3 for a, b in zip(mean, imagenet, strict=True))
-    ):
-        return "imagenet"
-    return "half" if family in ("vit", "swin") else "imagenet"
+        mean = std = None
+    if mean and std and len(mean) == len(std) == 3:
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return NAMED["half" if family in ("vit", "swin") else "imagenet"]
+
+
+def weights_interpolation(model_name: str) -> str:
+    """The resize filter timm's pretrained config of the model names (bicubic if none)."""
+    import timm
+
+    try:
+        interp = timm.models.get_pretrained_cfg_value(model_name, "interpolation")
+    except Exception:  # noqa: BLE001 — an unknown name is reported when the model is built
+        interp = None
+    return interp if interp in ("bicubic", "bilinear", "nearest", "lanczos", "box", "hamming") \
+        else "bicubic"  # fmt: skip
 
 
 def resolve_pretrained(cfg: TrainConfig, family: str):
-    """What ``create_model(pretrained=…)`` gets; warns loudly for a random backbone."""
+    """What ``create_model(pretrained=…)`` gets; warns loudly for a random backbone (only
+    ``--pretrained none`` asks for one: :func:`check_pretrained`)."""
     p = cfg.pretrained
     offline = offline_weights_of(cfg)
     if p is None and offline is not None:  # weights that install offline: the default
         p = offline.name
     if p is None or str(p).lower() == "none":
         loud_warning(
-            f"{cfg.model} has a RANDOM backbone (no --pretrained PATH, no 'hub'). DTL fine-tunes "
-            "a frozen *pretrained* network: with random weights the method is meaningless and "
-            "the accuracy says nothing. Pass --pretrained PATH (or 'hub' with a network)."
+            f"{cfg.model} has a RANDOM backbone (--pretrained none). DTL fine-tunes a frozen "
+            "*pretrained* network: with random weights the method is meaningless and the "
+            "accuracy says nothing. Pass --pretrained PATH (or 'hub' with a network)."
         )
         return False
     if p == "hub":
@@ -252,6 +318,12 @@ def _create(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
         for k in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta")
         if getattr(cfg, k) is not None
     }
+    if cfg.checkpoint_tail:
+        options["checkpoint_tail"] = True
+    if cfg.trunk_dtype is not None:
+        options["trunk_dtype"] = _DTYPES[cfg.trunk_dtype]
+    if cfg.backbone_dtype is not None:
+        options["backbone_dtype"] = _DTYPES[cfg.backbone_dtype]
     if cfg.lora_rank is not None:
         options["lora_rank"] = cfg.lora_rank
     if cfg.lora_blocks is not None:

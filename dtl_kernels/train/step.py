@@ -6,6 +6,7 @@ evaluation pass."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -104,50 +105,95 @@ def lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
 
 
 # -- the step --------------------------------------------------------------------------------
-class Stepper:
-    """One optimisation step that skips non-finite ones.
+def micro_batches(loader, n: int):
+    """The batches of ``loader`` in groups of ``n`` (``--grad-accum``): the micro-batches of
+    one optimiser step each (the last group of an epoch may be shorter)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
 
-    ``step(x, y)`` → ``(loss, correct predictions)``, or ``None`` when the loss or a
+
+class Stepper:
+    """One optimisation step over the micro-batches of a batch, skipping non-finite ones.
+
+    ``step(group)`` (``group``: the ``(x, y)`` micro-batches of one step; one without
+    ``--grad-accum``) → ``(mean loss, correct predictions)``, or ``None`` when a loss or a
     gradient was NaN / inf on any rank (no update; ``bad_streak`` counts such steps in a
-    row). The LR schedule advances either way.
+    row). Each micro-batch's loss is weighted by its share of the group's samples, so the
+    gradients add up to those of the whole batch in one pass. The LR schedule advances
+    either way. ``mixer`` (timm's ``Mixup``) mixes each micro-batch's images and targets;
+    the loss is then the soft-target cross-entropy, and accuracy counts the original labels.
     """
 
-    def __init__(self, train_net, model, optimizer, scheduler, scaler, cfg, autocast, d):
+    def __init__(self, train_net, model, optimizer, scheduler, scaler, cfg, autocast, d,
+                 mixer=None):  # fmt: skip
         self.train_net, self.optimizer, self.scheduler = train_net, optimizer, scheduler
         self.scaler, self.cfg, self.autocast, self.d = scaler, cfg, autocast, d
+        self.mixer = mixer
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.bad_streak = 0
         self.steps = 0
 
-    def __call__(self, x, y) -> tuple[float, int] | None:
+    def __call__(self, group) -> tuple[float, int] | None:
         self.steps += 1
-        with self.autocast():
-            logits = self.train_net(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.label_smoothing)
+        total = sum(len(y) for _, y in group)
         self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            ok = self._scaled_step(loss)
-        else:
-            loss.backward()
-            ok = self.d.all_true(bool(torch.isfinite(loss)) and self._grads_finite())
-            if ok:
-                self.optimizer.step()
-            else:
-                self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, hits, finite = 0.0, 0, True
+        for k, (x, y) in enumerate(group):
+            with self._sync_after(k == len(group) - 1):
+                target = y
+                if self.mixer is not None:
+                    x, target = self.mixer(x, y)
+                with self.autocast():
+                    logits = self.train_net(x)
+                loss = self._loss(logits, target)
+                weighted = loss * (len(y) / total)
+                if self.scaler is not None:
+                    self.scaler.scale(weighted).backward()
+                else:
+                    weighted.backward()
+            finite = finite and bool(torch.isfinite(loss))
+            loss_sum += loss.item() * len(y)
+            hits += int((logits.argmax(-1) == y).sum().item())
+        ok = self._scaled_step(finite) if self.scaler is not None else self._plain_step(finite)
         self.scheduler.step()
         if not ok:
             self.bad_streak += 1
             return None
         self.bad_streak = 0
-        return loss.item(), int((logits.argmax(-1) == y).sum().item())
+        return loss_sum / total, hits
 
-    def _scaled_step(self, loss) -> bool:
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.mixer is not None:  # soft targets (label smoothing is in them)
+            from timm.loss import SoftTargetCrossEntropy
+
+            return SoftTargetCrossEntropy()(logits.float(), target)
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.cfg.label_smoothing)
+
+    def _sync_after(self, last: bool):
+        """DDP averages gradients once per step: not after the group's earlier micro-batches."""
+        no_sync = getattr(self.train_net, "no_sync", None)
+        return nullcontext() if last or no_sync is None else no_sync()
+
+    def _plain_step(self, finite: bool) -> bool:
+        ok = self.d.all_true(finite and self._grads_finite())
+        if ok:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        return ok
+
+    def _scaled_step(self, finite: bool) -> bool:
         """fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale)."""
-        self.scaler.scale(loss).backward()
         scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return self.d.all_true(bool(torch.isfinite(loss)) and self.scaler.get_scale() >= scale)
+        return self.d.all_true(finite and self.scaler.get_scale() >= scale)
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for p in self.params if p.grad is not None]

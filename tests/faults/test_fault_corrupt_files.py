@@ -143,7 +143,8 @@ def test_truncated_idx_file(tmp_path, capsys):
         write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 3)
     write_idx(root / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (3, 28, 28)), cut=100)
     argv = ["--dataset", "fashion-mnist", "--data-root", str(root), "--model",
-            "vit_tiny_patch16_224", "--output", str(tmp_path / "o")]  # fmt: skip
+            "vit_tiny_patch16_224", "--pretrained", "none",
+            "--output", str(tmp_path / "o")]  # fmt: skip
     line = error_of(argv, capsys)
     assert "t10k-images-idx3-ubyte.gz is truncated" in line
 

@@ -1,0 +1,145 @@
+"""What an adapter holds, in memory: the trained tensors, the configuration that rebuilds
+the wrapper, the backbone's identity and a fingerprint of its frozen weights. The
+wrappers know nothing of files: writing and reading adapter files is
+:mod:`dtl_kernels.models.adapters`, above them."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import torch
+
+BACKBONE_MISMATCH = ("error", "warn")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used; the message names its source and the problem."""
+
+
+class AdapterState:
+    """Mixin of :class:`~dtl_kernels.models.base.DTLModel`: its adapter, in memory.
+
+    Uses the model's ``backbone``, ``csn``, ``method``, ``head_mode``, ``num_classes``
+    (and ``lora`` when set) and its :meth:`backbone_identity`.
+    """
+
+    def adapter_config(self) -> dict:
+        """``{method, head_mode, num_classes, csn[, lora]}``: what rebuilds the wrapper."""
+        return {
+            "method": self.method,
+            "head_mode": self.head_mode,
+            "num_classes": self.num_classes,
+            "csn": self.csn.config.to_dict() if self.csn is not None else None,
+            **({"lora": self.lora} if getattr(self, "lora", None) else {}),
+        }
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained part only: CSN + head (+ backbone for ``method="full"``), on the CPU."""
+        return {
+            n: p.detach().contiguous().cpu()
+            for n, p in self.named_parameters()
+            if p.requires_grad or n.startswith("csn.")
+        }
+
+    def backbone_fingerprint(self) -> str | None:
+        """sha256 of the frozen backbone parameters (name, shape and value rounded to
+        bfloat16, so a bf16 copy of the same weights matches); ``None`` when nothing in the
+        backbone is frozen (``full``: the adapter carries the whole backbone)."""
+        frozen = sorted((n, p) for n, p in self.backbone.named_parameters() if not p.requires_grad)
+        if not frozen:
+            return None
+        h = hashlib.sha256()
+        for name, p in frozen:
+            t = p.detach().to("cpu")
+            t = (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous()
+            h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        return h.hexdigest()
+
+    def load_adapter_state(
+        self,
+        tensors: dict[str, torch.Tensor],
+        info: dict,
+        source: str = "adapter",
+        backbone_mismatch: str = "error",
+    ) -> None:
+        """Copy an adapter's ``tensors`` into this model after checking that it fits.
+
+        Args:
+            tensors: name → tensor, as :meth:`adapter_state_dict` gives them.
+            info: ``{"config", "backbone", "backbone_sha256"}`` of the adapter (as
+                :func:`dtl_kernels.models.adapters.adapter_info` parses them).
+            source: what the errors call the adapter (its file name).
+            backbone_mismatch: ``"error"`` or ``"warn"`` when the adapter's backbone weights
+                fingerprint differs from this model's (other weights, same architecture).
+
+        :class:`AdapterError` lists every difference of backbone or configuration, missing,
+        unexpected and mis-shaped tensors, non-finite values. Nothing is copied unless
+        everything fits.
+        """
+        if backbone_mismatch not in BACKBONE_MISMATCH:
+            raise ValueError(f"backbone_mismatch must be one of {BACKBONE_MISMATCH}")
+        diffs = _diff("backbone", info["backbone"], self.backbone_identity())
+        diffs += _diff("config", info["config"], self.adapter_config())
+        if diffs:
+            raise AdapterError(f"adapter {source} does not fit this model: " + "; ".join(diffs))
+        self._check_adapter_tensors(tensors, source)
+        self._check_backbone_fingerprint(info.get("backbone_sha256"), source, backbone_mismatch)
+        own = self.state_dict()
+        with torch.no_grad():
+            for k, v in tensors.items():
+                own[k].copy_(v)
+
+    def _check_adapter_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        own = self.state_dict()
+        expected = set(self.adapter_state_dict())
+        missing = sorted(expected - set(tensors))
+        unexpected = sorted(set(tensors) - expected)
+        misshaped = [
+            f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
+            for k, v in tensors.items()
+            if k in own and tuple(v.shape) != tuple(own[k].shape)
+        ]
+        if missing or unexpected or misshaped:
+            raise AdapterError(
+                f"adapter {source} has missing keys {missing}, unexpected keys {unexpected}, "
+                f"mis-shaped keys {misshaped}"
+            )
+        bad = sorted(
+            k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()
+        )
+        if bad:
+            raise AdapterError(f"adapter {source} holds NaN or infinite values in {bad[:8]}")
+
+    def _check_backbone_fingerprint(self, theirs: str | None, source: str, on_mismatch: str):
+        ours = self.backbone_fingerprint()
+        if theirs is None or ours is None or theirs == ours:
+            return
+        message = (
+            f"adapter {source} was trained on other backbone weights (fingerprint "
+            f"{theirs[:12]}…, this backbone {ours[:12]}…): same architecture, different "
+            "pretrained weights? Load the backbone it was trained on (dtl-train / dtl-predict: "
+            "--pretrained), or pass backbone_mismatch='warn' (--allow-backbone-mismatch) to "
+            "load it anyway"
+        )
+        if on_mismatch == "error":
+            raise AdapterError(message)
+        warnings.warn(message, stacklevel=4)
+
+
+def _diff(what: str, theirs: dict | None, ours: dict | None) -> list[str]:
+    theirs, ours = theirs or {}, ours or {}
+    out = []
+    for key in sorted(set(theirs) | set(ours)):
+        a, b = theirs.get(key), ours.get(key)
+        if isinstance(a, dict) or isinstance(b, dict):
+            out += _diff(f"{what}.{key}", a, b)
+        elif _normal(a) != _normal(b):
+            out.append(f"{what}.{key}: file has {a!r}, model has {b!r}")
+    return out
+
+
+def _normal(v):
+    return list(v) if isinstance(v, (tuple, list)) else v

@@ -1,0 +1,121 @@
+"""Predictions from an adapter file alone: :class:`Predictor` (Python) and ``dtl-predict``
+(:mod:`dtl_kernels.predict_cli`).
+
+The adapter records everything predicting needs (:func:`dtl_kernels.from_pretrained`): the
+model and its backbone weights, the preprocessing it was trained with and the class names.
+The images go through timm's evaluation transform of that preprocessing
+(``timm.data.create_transform(**timm.data.resolve_model_data_config(model))``), after the
+same 8-bit RGB conversion as in training (16-bit and float images scaled, gray repeated),
+so a prediction sees exactly what the trainer's evaluation saw.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .models.pretrained import from_pretrained
+from .train.data import IMAGE_EXTENSIONS, DataError, eight_bit
+
+
+class Predictor:
+    """Class probabilities of images for a DTL model with its preprocessing.
+
+    Args:
+        model: a DTL model whose ``pretrained_cfg`` holds its preprocessing (as
+            :func:`~dtl_kernels.from_pretrained` sets it) and ``class_names`` its classes
+            (``"0"``, ``"1"``… when it has none).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int = 32) -> None:
+        from timm.data import create_transform, resolve_model_data_config
+
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
+        self.model = model.eval()
+        self.data_config = resolve_model_data_config(model)
+        self.transform = create_transform(**self.data_config)
+        n = model.num_classes
+        self.classes = list(model.class_names or [str(i) for i in range(n)])
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_adapter(
+        cls,
+        path: str | os.PathLike,
+        pretrained=None,
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        backbone_mismatch: str = "error",
+    ) -> Predictor:
+        """The predictor of an adapter file (``pretrained``: as :func:`from_pretrained`)."""
+        model = from_pretrained(path, pretrained, backbone_mismatch=backbone_mismatch,
+                                device=device)  # fmt: skip
+        return cls(model, batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def image_tensor(self, image) -> torch.Tensor:
+        """One image (a path or a PIL image) → ``(3, H, W)`` float32 model input;
+        :class:`DataError` naming an unreadable file."""
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            return self.transform(eight_bit(image))
+        try:
+            with Image.open(image) as img:
+                return self.transform(eight_bit(img))
+        except FileNotFoundError:
+            raise DataError(f"image file not found: {image}") from None
+        except Exception as exc:  # PIL raises several types for corrupt files
+            raise DataError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
+
+    @torch.no_grad()
+    def probabilities(self, images: Sequence) -> torch.Tensor:
+        """``(len(images), num_classes)`` float32 class probabilities (softmax), on the CPU."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            batch = torch.stack(
+                [self.image_tensor(i) for i in images[start : start + self.batch_size]]
+            )
+            logits = self.model(batch.to(self.device)).float()
+            out.append(logits.softmax(-1).cpu())
+        return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def predict(self, images: Sequence, top_k: int = 1) -> list[list[tuple[str, float]]]:
+        """For each image, its ``top_k`` most probable ``(class name, probability)``."""
+        k = min(int(top_k), len(self.classes))
+        if k < 1:
+            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        probs = self.probabilities(images)
+        values, index = probs.topk(k, dim=-1)
+        return [
+            [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist(), strict=True)]
+            for v, ix in zip(values, index, strict=True)
+        ]
+
+
+def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Image files given directly, and those under given folders (recursively, sorted);
+    ``DataError`` for a path that does not exist or a folder without images."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+            if not found:
+                raise DataError(f"no images under {path} ({', '.join(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"no such image or folder: {path}")
+    return files

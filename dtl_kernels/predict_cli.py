@@ -1,0 +1,117 @@
+"""``dtl-predict``: class predictions for images or folders from an adapter file alone.
+
+    dtl-predict --adapter runs/elpv/adapter.safetensors images/ more.png --top-k 2 \
+                --output predictions.csv
+
+Writes one CSV row per image: ``path,class_1,prob_1,…,class_K,prob_K`` (most probable
+first), to ``--output`` or the standard output. Exit status: 0 done; 2 bad options; 1 an
+error (adapter, weights, an unreadable image…), as one ``dtl-predict: error:`` line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+
+EXIT_OPTIONS, EXIT_RUN = 2, 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
+    p = argparse.ArgumentParser(
+        prog="dtl-predict",
+        description="Predict the classes of images with a trained DTL adapter: the model, its "
+        "backbone weights, the preprocessing and the class names come from the adapter.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files, and folders searched recursively for images")  # fmt: skip
+    p.add_argument("--adapter", required=True, help="the adapter file (adapter.safetensors)")
+    p.add_argument("--pretrained", default=None,
+                   help="backbone weights: PATH, 'hub' or an offline weights' name (default: "
+                   "those the adapter records)")  # fmt: skip
+    p.add_argument("--top-k", type=int, default=1, help="classes per image (default: 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available) | cpu | cuda | cuda:N (default: auto)",
+    )
+    p.add_argument("--output", default="-",
+                   help="CSV file to write (default: -, the standard output)")  # fmt: skip
+    p.add_argument("--allow-backbone-mismatch", action="store_true",
+                   help="load an adapter trained on other backbone weights (a warning instead "
+                   "of an error)")  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="print only warnings and errors")
+    p.add_argument(
+        "--version", action="version", version=f"dtl-predict (dtl_kernels) {__version__}"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse printed the usage and the error
+        return exc.code if isinstance(exc.code, int) else EXIT_OPTIONS
+    if args.top_k < 1 or args.batch_size < 1:
+        return _error("--top-k and --batch-size must be ≥ 1", EXIT_OPTIONS)
+    from .train.log import configure
+
+    log = configure(quiet=args.quiet or args.output == "-")
+    try:
+        rows = _predict(args)
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:
+        return _error(str(exc), EXIT_RUN)
+    text = _csv(rows, args.top_k)
+    if args.output == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    else:
+        from pathlib import Path
+
+        from ._io import atomic_write
+
+        atomic_write(args.output, lambda tmp: Path(tmp).write_text(text))
+        log.info(f"wrote {len(rows)} predictions to {args.output}")
+    return 0
+
+
+def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
+    import torch
+
+    from .predict import Predictor, image_files
+
+    files = image_files(args.inputs)  # before the model: a wrong path costs nothing
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    mismatch = "warn" if args.allow_backbone_mismatch else "error"
+    predictor = Predictor.from_adapter(args.adapter, args.pretrained, torch.device(device),
+                                       args.batch_size, mismatch)  # fmt: skip
+    tops = predictor.predict(files, args.top_k)
+    return [(str(f), top) for f, top in zip(files, tops, strict=True)]
+
+
+def _csv(rows, top_k: int) -> str:
+    k = min(top_k, max((len(top) for _, top in rows), default=top_k))
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        ["path"] + [f"{what}_{i}" for i in range(1, k + 1) for what in ("class", "prob")]
+    )
+    for path, top in rows:
+        writer.writerow([path] + [v for name, p in top for v in (name, f"{p:.6f}")])
+    return out.getvalue()
+
+
+def _error(message: str, code: int) -> int:
+    text = " ".join(str(message).split())
+    print(f"dtl-predict: error: {text}", file=sys.stderr, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

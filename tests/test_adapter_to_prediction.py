@@ -1,0 +1,196 @@
+"""From an adapter file to predictions (issue 20, items 1 and 2): the adapter records what
+predicting needs; ``--eval-only --adapter`` needs nothing else and reads only the test
+split; a flag that contradicts the adapter, or what an older adapter lacks, is named;
+``from_pretrained`` / ``create_model(adapter=)`` rebuild the model; ``dtl-predict`` writes
+the trainer's own predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from timm.data import resolve_model_data_config
+
+from dtl_kernels import create_model, from_pretrained, read_adapter, save_adapter
+from dtl_kernels.predict import Predictor
+from dtl_kernels.predict_cli import main as predict
+from dtl_kernels.train.cli import main as train
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
+VIT = "vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def trained(toy, tmp_path_factory):
+    """One epoch of DTL+ on the toy folder, from a backbone checkpoint on disk."""
+    root = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(1)
+    backbone = create_model(VIT, "linear", num_classes=3, img_size=32).backbone
+    weights = root / "backbone.pth"
+    torch.save({"state_dict": backbone.state_dict()}, weights)
+    out = root / "run"
+    argv = ["--model", VIT, "--pretrained", str(weights), "--img-size", "32", "--method", "dtl+",
+            "--adapt-from", "11", "--data-root", str(toy), "--epochs", "1", "--batch-size", "4",
+            "--output", str(out), "--cache-trunk", "off"]  # fmt: skip
+    assert train(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    return {"adapter": out / "adapter.safetensors", "weights": weights, "summary": summary}
+
+
+def test_adapter_records_what_predicting_needs(trained, toy):
+    _, meta = read_adapter(trained["adapter"])
+    assert meta["format"] == "dtl_kernels.adapter/3" and meta["dtl_kernels_version"]
+    model = json.loads(meta["model"])
+    assert model == {"library": "timm", "name": VIT, "options": {"img_size": 32},
+                     "pretrained": str(trained["weights"].resolve())}  # fmt: skip
+    prep = json.loads(meta["preprocessing"])
+    assert prep == {"input_size": [3, 32, 32], "interpolation": "bicubic", "crop_pct": 1.0,
+                    "crop_mode": "squash", "mean": [0.5] * 3, "std": [0.5] * 3}  # fmt: skip
+    assert json.loads(meta["classes"]) == ["class0", "class1", "class2"]  # folder order
+    training = json.loads(meta["training"])
+    assert training == {"dataset": "folder", "data_root": str(Path(toy).resolve()),
+                        "test_split": "test"}  # fmt: skip
+    assert len(meta["backbone_sha256"]) == 64
+
+
+def test_eval_only_needs_only_the_adapter(trained, tmp_path, capsys, monkeypatch):
+    from dtl_kernels.train import data
+
+    read = []
+    real = data.scan_folder
+    monkeypatch.setattr(data, "scan_folder", lambda root: read.append(root.name) or real(root))
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert train(["--eval-only", "--adapter", str(trained["adapter"]), "--output", str(out)]) == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["test_acc"] == pytest.approx(trained["summary"]["test_acc"], abs=1e-9)
+    assert read == ["test"] and s["train_images"] is None  # the training split is not read
+    printed = capsys.readouterr().out
+    assert printed.count("accuracy") == 1 and "adapter.safetensors)" not in printed
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["summary.json"]
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--img-size", "64"], "--img-size 64: adapter .* was trained at 32 px; drop --img-size"),
+        (
+            ["--model", "vit_small_patch16_224"],
+            "--model vit_small_patch16_224: .*trained on " + VIT,
+        ),
+        (["--normalize", "imagenet"], "--normalize imagenet: .*drop --normalize"),
+        (["--crop-mode", "center"], "--crop-mode center: .*drop --crop-mode"),
+    ],
+)
+def test_eval_only_mismatch_names_the_flag(trained, tmp_path, capsys, flags, named):
+    argv = ["--eval-only", "--adapter", str(trained["adapter"]), "--output", str(tmp_path / "e")]
+    assert train(argv + flags) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dtl-train: error:"), err
+    assert re.search(named, err[0]), err[0]
+
+
+def _as_schema_2(src: Path, dst: Path) -> Path:
+    """The adapter as an older version wrote it: no model, preprocessing, classes, data."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key in ("model", "preprocessing", "classes", "training"):
+        meta.pop(key, None)
+    meta["format"] = "dtl_kernels.adapter/2"
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_older_adapters_load_and_ask_for_what_they_lack(trained, toy, tmp_path, capsys):
+    old = _as_schema_2(trained["adapter"], tmp_path / "old.safetensors")
+    argv = ["--eval-only", "--adapter", str(old), "--output", str(tmp_path / "e1"),
+            "--pretrained", str(trained["weights"])]  # fmt: skip
+    assert train(argv) == 1  # the ViT's size comes from its grid; the data is not recorded
+    assert "does not record its dataset: pass --dataset" in capsys.readouterr().err
+    ok = argv + ["--dataset", "folder", "--data-root", str(toy)]
+    assert train(ok) == 0  # model from the backbone's identity, size from its token grid
+    s = json.loads((tmp_path / "e1" / "summary.json").read_text())
+    assert s["test_acc"] == pytest.approx(trained["summary"]["test_acc"], abs=1e-9)
+    cnn = create_model("tf_efficientnet_lite0", "dtl", num_classes=3)  # no grid: no size
+    path = _as_schema_2(save_adapter(cnn, tmp_path / "cnn.safetensors"), tmp_path / "c.safetensors")
+    argv = ["--eval-only", "--adapter", str(path), "--dataset", "folder", "--data-root", str(toy),
+            "--pretrained", "none", "--output", str(tmp_path / "e2")]  # fmt: skip
+    assert train(argv) == 1
+    assert "does not record its image size (schema dtl_kernels.adapter/2): pass --img-size" in (
+        capsys.readouterr().err
+    )
+
+
+def test_from_pretrained_rebuilds_the_model(trained):
+    model = from_pretrained(trained["adapter"])
+    again = create_model(adapter=trained["adapter"])
+    assert model.class_names == ["class0", "class1", "class2"] and not model.training
+    cfg = resolve_model_data_config(model)  # timm's own reading of the model
+    assert cfg["input_size"] == (3, 32, 32) and cfg["crop_pct"] == 1.0
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), again.eval()(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="drop \\['method'\\]"):
+        create_model(adapter=trained["adapter"], method="dtl")
+    with pytest.raises(ValueError, match="was trained on 'vit_tiny_patch16_224', not"):
+        create_model("vit_small_patch16_224", adapter=trained["adapter"])
+
+
+def test_dtl_predict_gives_the_trainers_predictions(trained, toy, tmp_path, capsys):
+    out = tmp_path / "p.csv"
+    argv = [str(toy / "test"), "--adapter", str(trained["adapter"]), "--top-k", "2",
+            "--batch-size", "4", "--output", str(out)]  # fmt: skip
+    assert predict(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    files = sorted((toy / "test").rglob("*.png"))
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    assert list(rows[0]) == ["path", "class_1", "prob_1", "class_2", "prob_2"]
+    # the probabilities the trainer's model gives the trainer's own test tensors
+    from dtl_kernels.train import make_config
+    from dtl_kernels.train.data import build_datasets
+    from dtl_kernels.train.transforms import Preprocessing
+
+    model = from_pretrained(trained["adapter"])
+    prep = Preprocessing.from_data_config(resolve_model_data_config(model))
+    _, test, _ = build_datasets(make_config({"dataset": "folder", "data_root": str(toy)}), prep)
+    with torch.no_grad():
+        probs = model(torch.stack([test[i][0] for i in range(len(test))])).softmax(-1)
+    order = {str(p): i for i, p in enumerate(test.paths)}
+    for r in rows:
+        top = probs[order[r["path"]]].topk(2)
+        assert [r["class_1"], r["class_2"]] == [model.class_names[i] for i in top.indices]
+        assert float(r["prob_1"]) == pytest.approx(float(top.values[0]), abs=2e-6)
+    right = sum(r["class_1"] == Path(r["path"]).parent.name for r in rows)
+    assert right / len(rows) == pytest.approx(trained["summary"]["test_acc"], abs=1e-9)
+    # the same through Python, to the standard output, and errors as one line
+    assert (
+        Predictor.from_adapter(trained["adapter"]).predict(files[:1])[0][0][0] == rows[0]["class_1"]
+    )
+    capsys.readouterr()
+    assert predict([str(files[0]), "--adapter", str(trained["adapter"])]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith(str(files[0]) + ",")
+    assert predict([str(tmp_path / "nothing.png"), "--adapter", str(trained["adapter"])]) == 1
+    assert predict([str(files[0]), "--adapter", str(trained["adapter"]), "--top-k", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"dtl-predict: error: no such image or folder: {tmp_path / 'nothing.png'}",
+                   "dtl-predict: error: --top-k and --batch-size must be ≥ 1"]  # fmt: skip
+
+
+def test_moved_backbone_weights_are_asked_for(trained, tmp_path, capsys):
+    with safe_open(str(trained["adapter"]), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = json.loads(meta["model"])
+    meta["model"] = json.dumps({**model, "pretrained": str(tmp_path / "gone" / "backbone.pth")})
+    moved = tmp_path / "moved.safetensors"
+    save_file(tensors, str(moved), metadata=meta)
+    argv = ["--eval-only", "--adapter", str(moved), "--output", str(tmp_path / "e")]
+    assert train(argv) == 1
+    assert "which are not there now: pass --pretrained PATH" in capsys.readouterr().err
+    assert train(argv + ["--pretrained", str(trained["weights"])]) == 0
