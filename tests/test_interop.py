@@ -48,6 +48,8 @@ def test_torch_export_runs_the_reference_formulation(model):
     exported = torch.export.export(model, (x,))
     assert not [n for n in exported.graph.nodes if "dtl_kernels" in str(n.target)]
     torch.testing.assert_close(exported.module()(x), eager, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the eager model is untouched by the export (real tensors, same values)
+        torch.testing.assert_close(model(x), eager, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("exporter", ["onnx", "torch.export"])
