@@ -94,12 +94,12 @@ void write_taps_generic(at::Tensor& taps, at::TensorList inputs, at::TensorList 
   }
 }
 
-// The dtype the kernel gets the taps and ups in: theirs when it takes 16-bit taps beside a
-// float32 y (the autocast mix: the CPU and Triton kernels), else y's.
+// The dtype the kernels get the taps and ups in: theirs where the kernels take it beside y
+// (16-bit taps beside a float32 y: the autocast mix, every kernel), else y's.
 at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t kernel) {
-  const bool takes_mix = kernel == 1 || y.device().is_cpu();
-  return takes_mix && side_dtypes_ok(y.scalar_type(), taps.scalar_type()) ? taps.scalar_type()
-                                                                          : y.scalar_type();
+  (void)kernel;  // CPU, CUDA C++ and Triton all take the mix
+  return side_dtypes_ok(y.scalar_type(), taps.scalar_type()) ? taps.scalar_type()
+                                                             : y.scalar_type();
 }
 
 // The forward, without autograd (every device: it only calls other ops).

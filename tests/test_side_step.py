@@ -226,3 +226,26 @@ def test_autocast_model_feeds_the_kernel_16_bit_taps():
     for a, b in zip(our_g, ref_g, strict=True):
         assert a.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2 * b.abs().max().item() + 1e-6)
+
+
+def test_a_kernel_without_the_one_call_step_runs_the_same_step(monkeypatch):
+    """A backend without side_step (the fallback when none of the fused ones takes the
+    shapes) gets the same taps through separate calls: values and gradients unchanged."""
+    from dtl_kernels.ops import side
+
+    model = _model(7, 3)
+    with torch.no_grad():
+        for p in model.csn.up.values():
+            p.normal_(0, 0.05)
+    x = torch.randn(2, 3, 32, 32)
+    results = []
+    for one_call in (True, False):
+        monkeypatch.setattr(side, "has_step", lambda name, one_call=one_call: one_call)
+        model.zero_grad(set_to_none=True)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.csn.parameters()]))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for u, v in zip(gb, ga, strict=True):
+        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)

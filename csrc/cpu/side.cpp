@@ -16,18 +16,7 @@
 // summed in a fixed order. The split depends on the shapes only, never on the thread
 // count, so gradients are bit-identical from run to run (and across thread counts).
 
-// Pick the widest at::vec implementation the compiler targets (-march=native); the
-// vector exp comes from the Sleef symbols libtorch_cpu exports.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+#include "vec_capability.h"  // first: before any ATen header
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

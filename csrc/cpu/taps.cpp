@@ -6,16 +6,7 @@
 // summed in float / double). One short loop instead of ATen's matmul + copy per block: the
 // side network's taps are rank-r (r ≈ 2–8) products whose host-side call chain costs more
 // than their arithmetic at the batch sizes where the host is the bottleneck.
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+#include "vec_capability.h"  // first: before any ATen header
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

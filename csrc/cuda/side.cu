@@ -17,16 +17,17 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../side_checks.h"
 #include "side_kernels.cuh"
 
 namespace dtl::cuda_side {
-// Defined in side_cuda.cuh, instantiated per dtype in side_<dtype>.cu.
-template <typename scalar_t>
-void launch_side_forward(const Plan& p, const SideArgs<scalar_t>& a, cudaStream_t stream);
-template <typename scalar_t>
-void launch_side_backward(const Plan& p, const SideArgs<scalar_t>& a, scalar_t* grad_ups,
+// Defined in side_cuda.cuh, instantiated per dtype pair in side_<dtype>.cu.
+template <typename scalar_t, typename side_t>
+void launch_side_forward(const Plan& p, const SideArgs<scalar_t, side_t>& a, cudaStream_t stream);
+template <typename scalar_t, typename side_t>
+void launch_side_backward(const Plan& p, const SideArgs<scalar_t, side_t>& a, side_t* grad_ups,
                           scalar_t* grad_conv, cudaStream_t stream);
 }  // namespace dtl::cuda_side
 
@@ -35,7 +36,18 @@ namespace {
 
 using namespace cuda_side;
 
-constexpr SideLimits kLimits{kMaxK, kMaxKS, false};
+constexpr SideLimits kLimits{kMaxK, kMaxKS, true};
+
+// f(side_t{}) for the taps / ups dtype `s`: scalar_t itself, or bfloat16 / half beside a
+// float y (the autocast mix; check_side_inputs admits no other).
+template <typename scalar_t, typename F>
+void with_side_type(at::ScalarType s, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (s == at::kBFloat16) return f(c10::BFloat16{});
+    if (s == at::kHalf) return f(c10::Half{});
+  }
+  f(scalar_t{});
+}
 
 // A view with unit stride in the last dimension (copies only when it has another one).
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -60,15 +72,16 @@ void check_sizes(const char* op, const Problem& q) {
               msg(op, " (CUDA): d = ", q.D, " is too large (at most ", 65535 * 32, ")"));
 }
 
-template <typename scalar_t>
-SideArgs<scalar_t> make_args(const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
-                             const at::Tensor& w, const Plan& p, double beta) {
-  SideArgs<scalar_t> a{};
+template <typename scalar_t, typename side_t>
+SideArgs<scalar_t, side_t> make_args(const at::Tensor& y, const at::Tensor& taps,
+                                     const at::Tensor& ups, const at::Tensor& w, const Plan& p,
+                                     double beta) {
+  SideArgs<scalar_t, side_t> a{};
   a.y = y.const_data_ptr<scalar_t>();
   a.y_sb = y.stride(0), a.y_sn = y.stride(1);
-  a.taps = taps.const_data_ptr<scalar_t>();
+  a.taps = taps.const_data_ptr<side_t>();
   a.t_sb = taps.stride(0), a.t_sn = taps.stride(1);
-  a.ups = ups.const_data_ptr<scalar_t>();
+  a.ups = ups.const_data_ptr<side_t>();
   a.w = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
   a.B = p.B, a.N = p.N, a.D = p.D;
   a.K = p.K, a.Kp = p.Kp, a.P = p.P, a.H = p.H, a.W = p.W;
@@ -108,9 +121,12 @@ at::Tensor side_forward_cuda(const at::Tensor& y_in, const at::Tensor& taps_in,
     using acc_t = at::opmath_type<scalar_t>;
     const Plan p = plan_for(op, q, ks ? num_prefix : 0, grid_h, grid_w, sizeof(scalar_t),
                             sizeof(acc_t));
-    SideArgs<scalar_t> a = make_args<scalar_t>(y, taps, ups, w, p, beta);
-    a.out = out.mutable_data_ptr<scalar_t>();
-    launch_side_forward(p, a, stream);
+    with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
+      using side_t = decltype(tag);
+      SideArgs<scalar_t, side_t> a = make_args<scalar_t, side_t>(y, taps, ups, w, p, beta);
+      a.out = out.mutable_data_ptr<scalar_t>();
+      launch_side_forward(p, a, stream);
+    });
   });
   return out;
 }
@@ -149,12 +165,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cuda(
     const auto acc_opts = g.options().dtype(acc_type);
     at::Tensor part_ups = at::empty({p.slots(), q.D, q.K}, acc_opts);
     at::Tensor part_w = at::empty({ks ? p.slots_conv : 0, q.D, kk}, acc_opts);
-    SideArgs<scalar_t> a = make_args<scalar_t>(g, taps, ups, w, p, beta);
-    a.grad_taps = grad_taps.mutable_data_ptr<scalar_t>();
-    a.part_ups = part_ups.mutable_data_ptr<acc_t>();
-    a.part_w = ks ? part_w.mutable_data_ptr<acc_t>() : nullptr;
-    launch_side_backward(p, a, grad_ups.mutable_data_ptr<scalar_t>(),
-                         ks ? grad_conv.mutable_data_ptr<scalar_t>() : nullptr, stream);
+    with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
+      using side_t = decltype(tag);
+      SideArgs<scalar_t, side_t> a = make_args<scalar_t, side_t>(g, taps, ups, w, p, beta);
+      a.grad_taps = grad_taps.mutable_data_ptr<side_t>();
+      a.part_ups = part_ups.mutable_data_ptr<acc_t>();
+      a.part_w = ks ? part_w.mutable_data_ptr<acc_t>() : nullptr;
+      launch_side_backward(p, a, grad_ups.mutable_data_ptr<side_t>(),
+                           ks ? grad_conv.mutable_data_ptr<scalar_t>() : nullptr, stream);
+    });
   });
   return {grad_taps, grad_ups, grad_conv};
 }

@@ -5,5 +5,5 @@
 #include "side_cuda.cuh"
 
 namespace dtl::cuda_side {
-DTL_SIDE_CUDA_INSTANTIATE(c10::BFloat16)
+DTL_SIDE_CUDA_INSTANTIATE(c10::BFloat16, c10::BFloat16)
 }  // namespace dtl::cuda_side

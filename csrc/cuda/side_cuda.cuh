@@ -21,20 +21,21 @@ struct GpuLaunch {
   }
 };
 
-template <typename scalar_t>
-void launch_side_forward(const Plan& p, const SideArgs<scalar_t>& a, cudaStream_t stream) {
+template <typename scalar_t, typename side_t>
+void launch_side_forward(const Plan& p, const SideArgs<scalar_t, side_t>& a, cudaStream_t stream) {
   run_side_forward(p, a, GpuLaunch{stream});
 }
 
-template <typename scalar_t>
-void launch_side_backward(const Plan& p, const SideArgs<scalar_t>& a, scalar_t* grad_ups,
+template <typename scalar_t, typename side_t>
+void launch_side_backward(const Plan& p, const SideArgs<scalar_t, side_t>& a, side_t* grad_ups,
                           scalar_t* grad_conv, cudaStream_t stream) {
   run_side_backward(p, a, grad_ups, grad_conv, GpuLaunch{stream});
 }
 
 }  // namespace dtl::cuda_side
 
-// Inside namespace dtl::cuda_side.
-#define DTL_SIDE_CUDA_INSTANTIATE(T)                                                     \
-  template void launch_side_forward<T>(const Plan&, const SideArgs<T>&, cudaStream_t);  \
-  template void launch_side_backward<T>(const Plan&, const SideArgs<T>&, T*, T*, cudaStream_t);
+// Inside namespace dtl::cuda_side: y / out in T, taps / ups in S.
+#define DTL_SIDE_CUDA_INSTANTIATE(T, S)                                                        \
+  template void launch_side_forward<T, S>(const Plan&, const SideArgs<T, S>&, cudaStream_t);  \
+  template void launch_side_backward<T, S>(const Plan&, const SideArgs<T, S>&, S*, T*,        \
+                                           cudaStream_t);

@@ -5,5 +5,5 @@
 #include "side_cuda.cuh"
 
 namespace dtl::cuda_side {
-DTL_SIDE_CUDA_INSTANTIATE(c10::Half)
+DTL_SIDE_CUDA_INSTANTIATE(c10::Half, c10::Half)
 }  // namespace dtl::cuda_side

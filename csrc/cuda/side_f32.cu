@@ -1,9 +1,9 @@
-// The side-op kernels for float (see side_cuda.cuh).
+// The side-op kernels for float (see side_cuda.cuh; float y with 16-bit taps: side_f32_mix.cu).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include "side_cuda.cuh"
 
 namespace dtl::cuda_side {
-DTL_SIDE_CUDA_INSTANTIATE(float)
+DTL_SIDE_CUDA_INSTANTIATE(float, float)
 }  // namespace dtl::cuda_side

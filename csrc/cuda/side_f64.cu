@@ -5,5 +5,5 @@
 #include "side_cuda.cuh"
 
 namespace dtl::cuda_side {
-DTL_SIDE_CUDA_INSTANTIATE(double)
+DTL_SIDE_CUDA_INSTANTIATE(double, double)
 }  // namespace dtl::cuda_side

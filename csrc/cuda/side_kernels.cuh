@@ -35,16 +35,18 @@ struct alignas(N * sizeof(T)) Vec {
   T v[N];
 };
 
-template <typename scalar_t>
+// scalar_t: y, out, G, w; side_t: taps, ups, grad_taps — scalar_t itself, or bfloat16 /
+// half beside a float y (the autocast mix). Everything is computed in opmath(scalar_t).
+template <typename scalar_t, typename side_t = scalar_t>
 struct SideArgs {
   const scalar_t* y;  // (B, N, D) block output (forward) or ∂L/∂out (backward), unit channel stride
   int64_t y_sb, y_sn;
-  const scalar_t* taps;  // (B, N, K), unit last stride
+  const side_t* taps;  // (B, N, K), unit last stride
   int64_t t_sb, t_sn;
-  const scalar_t* ups;  // (D, K) contiguous
+  const side_t* ups;    // (D, K) contiguous
   const scalar_t* w;    // (D, ks·ks) contiguous, or null
   scalar_t* out;        // forward: (B, N, D) contiguous
-  scalar_t* grad_taps;  // backward: (B, N, K) contiguous
+  side_t* grad_taps;    // backward: (B, N, K) contiguous
   at::opmath_type<scalar_t>* part_ups;  // backward: (slots, D, K)
   at::opmath_type<scalar_t>* part_w;    // backward: (conv slots, D, ks·ks)
   int64_t B, N, D;
@@ -148,8 +150,8 @@ __device__ void stage_conv(acc_t* w_s, const scalar_t* w, int64_t c0, int bd, in
 }
 
 // Taps of rows 0..bm-1 of `map`: T_s[k][i] (ld ldt) and, if T2_s, T2_s[i][k] (ld Kp).
-template <typename acc_t, typename scalar_t, typename Map>
-__device__ void stage_taps(acc_t* T_s, int ldt, acc_t* T2_s, int Kp, const SideArgs<scalar_t>& a,
+template <typename acc_t, typename scalar_t, typename side_t, typename Map>
+__device__ void stage_taps(acc_t* T_s, int ldt, acc_t* T2_s, int Kp, const SideArgs<scalar_t, side_t>& a,
                            const Map& map, int bm) {
   for (int idx = threadIdx.x; idx < bm * Kp; idx += kThreads) {
     const int i = idx / Kp, k = idx - i * Kp;
@@ -162,8 +164,8 @@ __device__ void stage_taps(acc_t* T_s, int ldt, acc_t* T2_s, int Kp, const SideA
 }
 
 // A (channels) tile of G rows of `map` into G_s[pos][ch] (ld bd), zero off the grid / past D.
-template <typename acc_t, typename scalar_t, typename Map>
-__device__ void stage_rows_ch(acc_t* G_s, const SideArgs<scalar_t>& a, const Map& map, int npos,
+template <typename acc_t, typename scalar_t, typename side_t, typename Map>
+__device__ void stage_rows_ch(acc_t* G_s, const SideArgs<scalar_t, side_t>& a, const Map& map, int npos,
                               int64_t c0, int bd) {
   const int quads = bd / 4;
   for (int idx = threadIdx.x; idx < npos * quads; idx += kThreads) {
@@ -253,8 +255,8 @@ __device__ void zero_smem(acc_t* p, int n) {
 
 // h = T·Uᵀ for the thread's 4×4 micro tile of a bm × bd tile (taps T_s[k][row], ups
 // U_s[k][ch]); returns the product's plan, whose tile(0) / m0 / n0 place the micro tile.
-template <typename acc_t, typename scalar_t>
-__device__ Gemm micro_h(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
+template <typename acc_t, typename scalar_t, typename side_t>
+__device__ Gemm micro_h(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                         int ldu, int bm, int bd, acc_t (&h)[1][4][4]) {
   const Gemm g(bm, bd, a.K);
   zero_tiles(h);
@@ -263,8 +265,8 @@ __device__ Gemm micro_h(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, 
 }
 
 // G (or y) of the thread's micro tile, 4 rows × 4 channels from c0 + n0, zero off the rows.
-template <typename acc_t, typename scalar_t, typename Map>
-__device__ void load_micro_tile(const SideArgs<scalar_t>& a, const Map& map, const Gemm& g,
+template <typename acc_t, typename scalar_t, typename side_t, typename Map>
+__device__ void load_micro_tile(const SideArgs<scalar_t, side_t>& a, const Map& map, const Gemm& g,
                                 int64_t c0, acc_t (&v)[4][4]) {
   const int t = g.tile(0);
   for (int i = 0; i < 4; ++i) {
@@ -358,9 +360,9 @@ __device__ __forceinline__ TileAt tile_at(int64_t tile, const Tiles& t, int H, i
 // =========================================================================================
 
 // Rows (DTL, or the prefix rows of DTL+): out = y + θ(h). grid (cdiv(rows, bm), cdiv(D, bd)).
-template <typename scalar_t>
+template <typename scalar_t, typename side_t>
 __global__ void __launch_bounds__(kThreads)
-    fwd_rows_kernel(const SideArgs<scalar_t> a, int64_t rpb, int bm, int bd) {
+    fwd_rows_kernel(const SideArgs<scalar_t, side_t> a, int64_t rpb, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   const int ldt = bm + kPad, ldu = bd + kPad;
@@ -390,9 +392,9 @@ __global__ void __launch_bounds__(kThreads)
 // Patch grid of DTL+: out[p] = y[p] + Σ_ab w[ab]·θ(h[p + s_ab]). One block per spatial tile
 // and chunk of bd channels: θ(h) of the tile plus its halo (zero off the grid) is built in
 // shared memory in passes of bm positions, then convolved. grid (B·tiles, cdiv(D, bd)).
-template <typename scalar_t, int KS>
+template <typename scalar_t, typename side_t, int KS>
 __global__ void __launch_bounds__(kThreads)
-    fwd_conv_kernel(const SideArgs<scalar_t> a, const Tiles tiles, int bm, int bd) {
+    fwd_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   const int ldt = bm + kPad, ldu = bd + kPad, pad = same_pad_before(KS);
@@ -450,8 +452,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // S of one step for the rows of `map` into S_s[ch][row] (ld lds); D of the thread's micro
 // tile element (i, j) (row m0 + i, channel n0 + j) is dval(i, j, row, channel).
-template <typename acc_t, typename scalar_t, typename DVal>
-__device__ void rows_S_ck(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
+template <typename acc_t, typename scalar_t, typename side_t, typename DVal>
+__device__ void rows_S_ck(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                           int ldu, int bm, int bd, acc_t* S_s, int lds, DVal dval) {
   acc_t h[1][4][4];
   const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
@@ -470,20 +472,20 @@ __device__ void rows_S_ck(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt
 }
 
 // Write ∂T of the tile: sums in dT_s[row][k] (ld Kp).
-template <typename acc_t, typename scalar_t, typename Map>
-__device__ void write_grad_taps(const SideArgs<scalar_t>& a, const acc_t* dT_s, const Map& map,
+template <typename acc_t, typename scalar_t, typename side_t, typename Map>
+__device__ void write_grad_taps(const SideArgs<scalar_t, side_t>& a, const acc_t* dT_s, const Map& map,
                                 int bm) {
   for (int idx = threadIdx.x; idx < bm * a.K; idx += kThreads) {
     const int i = idx / a.K, k = idx - i * a.K;
     int64_t b, n;
-    if (map.at(i, b, n)) a.grad_taps[(b * a.N + n) * a.K + k] = static_cast<scalar_t>(dT_s[i * a.Kp + k]);
+    if (map.at(i, b, n)) a.grad_taps[(b * a.N + n) * a.K + k] = static_cast<side_t>(dT_s[i * a.Kp + k]);
   }
 }
 
 // Rows: S = θ'(h)·G. grid (cdiv(rows, bm)).
-template <typename scalar_t>
+template <typename scalar_t, typename side_t>
 __global__ void __launch_bounds__(kThreads)
-    dt_rows_kernel(const SideArgs<scalar_t> a, int64_t rpb, int bm, int bd) {
+    dt_rows_kernel(const SideArgs<scalar_t, side_t> a, int64_t rpb, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   const int ldt = bm + kPad, ldu = bd + kPad, lds = bm + kPad;
@@ -520,9 +522,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Patch grid: D = gᵀ(G) from the tile's G halo. grid (B·tiles).
-template <typename scalar_t, int KS>
+template <typename scalar_t, typename side_t, int KS>
 __global__ void __launch_bounds__(kThreads)
-    dt_conv_kernel(const SideArgs<scalar_t> a, const Tiles tiles, int bm, int bd) {
+    dt_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   const int ldt = bm + kPad, ldu = bd + kPad, lds = bm + kPad, back = KS - 1 - same_pad_before(KS);
@@ -575,8 +577,8 @@ __global__ void __launch_bounds__(kThreads)
 // =========================================================================================
 
 // S (and θ(h) when A_s) of a tile into S_s[row][ch] (ld lds) / A_s[row][ch] (ld bd).
-template <typename acc_t, typename scalar_t, typename DVal>
-__device__ void rows_S_rc(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
+template <typename acc_t, typename scalar_t, typename side_t, typename DVal>
+__device__ void rows_S_rc(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                           int ldu, int bm, int bd, acc_t* S_s, int lds, acc_t* A_s, DVal dval) {
   acc_t h[1][4][4];
   const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
@@ -597,8 +599,8 @@ __device__ void rows_S_rc(const SideArgs<scalar_t>& a, const acc_t* T_s, int ldt
 }
 
 // out_s[ch][k] (ld Kp) → part_ups[slot][c0 + ch][k]
-template <typename acc_t, typename scalar_t>
-__device__ void write_part_ups(const SideArgs<scalar_t>& a, const acc_t* out_s, int64_t slot,
+template <typename acc_t, typename scalar_t, typename side_t>
+__device__ void write_part_ups(const SideArgs<scalar_t, side_t>& a, const acc_t* out_s, int64_t slot,
                                int64_t c0, int bd) {
   for (int idx = threadIdx.x; idx < bd * a.K; idx += kThreads) {
     const int j = idx / a.K, k = idx - j * a.K;
@@ -607,9 +609,9 @@ __device__ void write_part_ups(const SideArgs<scalar_t>& a, const acc_t* out_s, 
 }
 
 // Rows: ∂U partial of rows tiles g, g + G, …. grid (G, cdiv(D, bd)).
-template <typename scalar_t>
+template <typename scalar_t, typename side_t>
 __global__ void __launch_bounds__(kThreads)
-    du_rows_kernel(const SideArgs<scalar_t> a, int64_t rpb, int bm, int bd, int64_t slot0) {
+    du_rows_kernel(const SideArgs<scalar_t, side_t> a, int64_t rpb, int bm, int bd, int64_t slot0) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   const int ldt = bm + kPad, ldu = bd + kPad, lds = bd + kPad;
@@ -644,9 +646,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Patch grid: ∂U and ∂w partials of conv tiles g, g + G, …. grid (G, cdiv(D, bd)).
-template <typename scalar_t, int KS>
+template <typename scalar_t, typename side_t, int KS>
 __global__ void __launch_bounds__(kThreads)
-    du_conv_kernel(const SideArgs<scalar_t> a, const Tiles tiles, int bm, int bd) {
+    du_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   constexpr int kk = KS * KS;

@@ -26,15 +26,15 @@ void with_ks(int ks, F&& f) {
 }
 
 // out = y + mix(T·Uᵀ): rows (DTL, or DTL+'s prefix rows), then DTL+'s patch grid.
-template <typename scalar_t, typename Launch>
-void run_side_forward(const Plan& p, const SideArgs<scalar_t>& a, Launch&& launch) {
+template <typename scalar_t, typename side_t, typename Launch>
+void run_side_forward(const Plan& p, const SideArgs<scalar_t, side_t>& a, Launch&& launch) {
   if (p.total_rows() > 0)
-    launch(fwd_rows_kernel<scalar_t>,
+    launch(fwd_rows_kernel<scalar_t, side_t>,
            dim3(unsigned(cdiv(p.total_rows(), p.fr_bm)), unsigned(cdiv(p.D, p.fr_bd))),
            p.smem_fwd_rows(), a, p.rows_per_image(), p.fr_bm, p.fr_bd);
   if (p.ks)
     with_ks(p.ks, [&](auto KS) {
-      launch(fwd_conv_kernel<scalar_t, KS.value>,
+      launch(fwd_conv_kernel<scalar_t, side_t, KS.value>,
              dim3(unsigned(p.B * p.fc.per_image()), unsigned(cdiv(p.D, p.fc_bd))),
              p.smem_fwd_conv(), a, p.fc, p.fc_bm, p.fc_bd);
     });
@@ -42,28 +42,29 @@ void run_side_forward(const Plan& p, const SideArgs<scalar_t>& a, Launch&& launc
 
 // ∂T into a.grad_taps; ∂U (∂w) partials into a.part_ups (a.part_w), then summed in slot
 // order into grad_ups (grad_conv).
-template <typename scalar_t, typename Launch>
-void run_side_backward(const Plan& p, const SideArgs<scalar_t>& a, scalar_t* grad_ups,
+template <typename scalar_t, typename side_t, typename Launch>
+void run_side_backward(const Plan& p, const SideArgs<scalar_t, side_t>& a, side_t* grad_ups,
                        scalar_t* grad_conv, Launch&& launch) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t rpb = p.rows_per_image();
   if (p.total_rows() > 0) {
-    launch(dt_rows_kernel<scalar_t>, dim3(unsigned(cdiv(p.total_rows(), p.ar_bm))),
+    launch(dt_rows_kernel<scalar_t, side_t>, dim3(unsigned(cdiv(p.total_rows(), p.ar_bm))),
            p.smem_dt_rows(), a, rpb, p.ar_bm, p.ar_bd);
-    launch(du_rows_kernel<scalar_t>, dim3(unsigned(p.slots_rows), unsigned(cdiv(p.D, p.br_bd))),
+    launch(du_rows_kernel<scalar_t, side_t>, dim3(unsigned(p.slots_rows), unsigned(cdiv(p.D, p.br_bd))),
            p.smem_du_rows(), a, rpb, p.br_bm, p.br_bd, p.slots_conv);
   }
   if (p.ks)
     with_ks(p.ks, [&](auto KS) {
-      launch(dt_conv_kernel<scalar_t, KS.value>, dim3(unsigned(p.B * p.bc.per_image())),
+      launch(dt_conv_kernel<scalar_t, side_t, KS.value>, dim3(unsigned(p.B * p.bc.per_image())),
              p.smem_dt_conv(), a, p.bc, p.ac_bm, p.ac_bd);
-      launch(du_conv_kernel<scalar_t, KS.value>,
+      launch(du_conv_kernel<scalar_t, side_t, KS.value>,
              dim3(unsigned(p.slots_conv), unsigned(cdiv(p.D, p.bc_bd))), p.smem_du_conv(), a,
              p.bu, p.bc_bm, p.bc_bd);
     });
-  const auto sum = [&](const acc_t* part, scalar_t* out, int64_t slots, int64_t m) {
+  const auto sum = [&](const acc_t* part, auto* out, int64_t slots, int64_t m) {
+    using out_t = std::remove_pointer_t<decltype(out)>;
     if (m > 0)
-      launch(sum_partials_kernel<acc_t, scalar_t>,
+      launch(sum_partials_kernel<acc_t, out_t>,
              dim3(unsigned(std::min<int64_t>(cdiv(m, kThreads), 65535))), size_t(0), part, out,
              slots, m);
   };

@@ -63,7 +63,6 @@ if _ext.cpu_built():  # autograd: csrc/autograd.cpp
 def forward(args: contract.SideArgs) -> torch.Tensor:
     """``y + mix(taps · upsᵀ)`` on the compiled kernel of ``y``'s device, differentiable in
     every tensor; ``(B, N, d)`` contiguous, ``y``'s dtype. The kernels check what they index
-    and raise ``RuntimeError`` on anything inconsistent. The CPU kernels take 16-bit taps /
-    ups beside a float32 ``y``; the CUDA C++ ones get them cast to ``y``'s dtype."""
-    # the CUDA C++ kernels take one dtype: 16-bit taps beside a float32 y are cast to it
-    return torch.ops.dtl_kernels.side_forward.default(*args.kernel_args(mixed=args.y.is_cpu))
+    and raise ``RuntimeError`` on anything inconsistent. The kernels take 16-bit taps / ups
+    beside a float32 ``y`` (the autocast mix) as they are."""
+    return torch.ops.dtl_kernels.side_forward.default(*args.kernel_args())

@@ -76,14 +76,11 @@ class SideArgs:
     def conv_size(self) -> int:
         return self.conv_weight.shape[-1] if self.conv_weight is not None else 0
 
-    def kernel_args(self, mixed: bool = True) -> tuple:
+    def kernel_args(self) -> tuple:
         """The op's arguments, with ``ups`` in the taps' dtype and ``conv_weight`` in
-        ``y``'s (the kernels' dtypes, :func:`side_dtypes_ok`). ``mixed=False`` (a kernel that
-        takes one dtype): 16-bit taps beside a float32 ``y`` are cast to ``y``'s dtype too."""
+        ``y``'s (the kernels' dtypes, :func:`side_dtypes_ok`)."""
         side, dtype = self.taps.dtype, self.y.dtype
         taps = self.taps
-        if not mixed and side != dtype:
-            taps, side = taps.to(dtype), dtype
         ups = self.ups if self.ups.dtype == side else self.ups.to(side)
         w = self.conv_weight
         if w is not None and w.dtype != dtype:

@@ -19,8 +19,7 @@ Dtypes: ``taps`` in ``y``'s dtype, or 16-bit beside a float32 ``y`` (bf16 / fp16
 the residual stream stays float32, the taps are a matmul's 16-bit output). ``ups`` /
 ``conv_weight`` may be float32 parameters: fused backends get ``ups`` in the taps' dtype and
 ``conv_weight`` in ``y``'s (:meth:`SideArgs.kernel_args`), and their gradients flow back in
-float32. The CPU and Triton kernels take the mix as it is (16-bit products, float32
-accumulation); the CUDA C++ kernels take one dtype, so the taps are cast to ``y``'s for them.
+float32. Every kernel takes the mix as it is (16-bit products, float32 accumulation).
 """
 
 from __future__ import annotations

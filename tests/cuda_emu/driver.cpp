@@ -3,7 +3,8 @@
 //
 //   driver IN OUT    IN: int64 B N D K k P H W sms dtype, float64 beta, then float32
 //                    y, taps, ups, w, grad (contiguous); OUT: float64 out, grad_taps,
-//                    grad_ups, grad_conv. dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16.
+//                    grad_ups, grad_conv. dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16;
+//                    4 / 5: float32 y with bfloat16 / float16 taps and ups (the autocast mix).
 #include <fstream>
 #include <type_traits>
 
@@ -45,19 +46,20 @@ struct EmuLaunch {
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, typename side_t = scalar_t>
 void run(const std::vector<int64_t>& hdr, double beta, std::vector<std::vector<float>>& in,
          std::ofstream& o) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = hdr[0], N = hdr[1], D = hdr[2], K = hdr[3], ks = hdr[4], P = hdr[5];
   const int64_t H = hdr[6], W = hdr[7], sms = hdr[8], kk = ks * ks;
-  auto y = cast_vec<scalar_t>(in[0]), taps = cast_vec<scalar_t>(in[1]);
-  auto ups = cast_vec<scalar_t>(in[2]), w = cast_vec<scalar_t>(in[3]);
+  auto y = cast_vec<scalar_t>(in[0]);
+  auto taps = cast_vec<side_t>(in[1]), ups = cast_vec<side_t>(in[2]);
+  auto w = cast_vec<scalar_t>(in[3]);
   auto g = cast_vec<scalar_t>(in[4]);
   const Plan p = make_plan(B, N, D, int(K), int(ks), int(ks ? P : 0), int(H), int(W),
                            sizeof(scalar_t), sizeof(acc_t), int(sms), 227 * 1024);
   if (max_smem(p) > 227 * 1024) std::abort();
-  SideArgs<scalar_t> a{};
+  SideArgs<scalar_t, side_t> a{};
   a.y = y.data(), a.y_sb = N * D, a.y_sn = D;
   a.taps = taps.data(), a.t_sb = N * K, a.t_sn = K;
   a.ups = ups.data(), a.w = ks ? w.data() : nullptr;
@@ -70,7 +72,8 @@ void run(const std::vector<int64_t>& hdr, double beta, std::vector<std::vector<f
   run_side_forward(p, a, EmuLaunch{});
   // backward (side_backward_cuda), G in place of y
   a.y = g.data();
-  std::vector<scalar_t> gt(B * N * K, static_cast<scalar_t>(NAN)), gu(D * K), gc(D * kk);
+  std::vector<side_t> gt(B * N * K, static_cast<side_t>(NAN)), gu(D * K);
+  std::vector<scalar_t> gc(D * kk);
   std::vector<acc_t> pu(p.slots() * D * K, NAN), pw(ks ? p.slots_conv * D * kk : 0, NAN);
   a.grad_taps = gt.data(), a.part_ups = pu.data(), a.part_w = ks ? pw.data() : nullptr;
   run_side_backward(p, a, gu.data(), ks ? gc.data() : nullptr, EmuLaunch{});
@@ -97,6 +100,8 @@ int main(int argc, char** argv) {
     case 1: run<double>(hdr, beta, in, o); break;
     case 2: run<c10::Half>(hdr, beta, in, o); break;
     case 3: run<c10::BFloat16>(hdr, beta, in, o); break;
+    case 4: run<float, c10::BFloat16>(hdr, beta, in, o); break;
+    case 5: run<float, c10::Half>(hdr, beta, in, o); break;
     default: return 3;
   }
   return 0;
