@@ -125,12 +125,17 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     # what predicting needs, recorded in the adapter: the preprocessing and the class names
     model.pretrained_cfg = {**model.pretrained_cfg, **prep.data_config()}
     model.class_names = list(classes) if classes is not None else None
-    model = model.to(d.device)
     channels_last = cfg.channels_last == "on" or (
         cfg.channels_last == "auto" and pre.family == "convnet"
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.fsdp and d.world > 1:  # each block goes to the device as it is sharded
+        from .fsdp import shard
+
+        model = d.run_agreed("sharding the backbone", shard, model, d)
+    else:
+        model = model.to(d.device)
     autocast = autocast_for(cfg.precision, d.device)
     say(model.summary())
     n_train = f"{len(train_set)} train / " if train_set is not None else ""
@@ -141,6 +146,9 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     )
     if augment.flags():
         say(f"augmentation: {' '.join(augment.flags())}")
+    if cfg.fsdp:
+        say(f"--fsdp: the backbone's blocks sharded over {d.world} processes (FSDP2)"
+            if d.world > 1 else "--fsdp: one process, nothing to shard")  # fmt: skip
     if d.main:
         LOGGER.debug(f"preprocessing (timm data config): {prep.data_config()}")
     return Setup(pre.family, prep, augment, local_batch, train_set, test_set, num_classes, model,
