@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from train_cli import train_cli
 
-from dtl_kernels.train import make_config
+from dtl_kernels.train import make_config, run
 
 
 def fsdp_unavailable() -> str | None:
@@ -40,14 +40,16 @@ def test_fsdp_two_processes_match_one(toy, tmp_path):
     """Two epochs of two steps, tiny ViT with the DTL+ side network and checkpoint_tail
     (the sharded tail blocks recompute in backward): the same losses as one process within
     float tolerance, and the same adapter (tensors and the frozen weights' fingerprint)."""
-    common = [
-        "--model", "vit_tiny_patch16_224", "--pretrained", "none", "--method", "dtl+",
-        "--img-size", "32", "--adapt-from", "10", "--checkpoint-tail", "--dataset", "folder",
-        "--data-root", str(toy), "--epochs", "2", "--batch-size", "8", "--lr", "1e-2",
-        "--no-progress",
-    ]  # fmt: skip
-    train_cli([*common, "--output", str(tmp_path / "one")])
-    two = train_cli([*common, "--fsdp", "--output", str(tmp_path / "two")], nproc=2)
+    options = dict(
+        model="vit_tiny_patch16_224", pretrained="none", method="dtl+", img_size=32,
+        adapt_from=10, checkpoint_tail=True, dataset="folder", data_root=str(toy), epochs=2,
+        batch_size=8, lr=1e-2, progress=False,
+    )  # fmt: skip
+    run(make_config({**options, "output": str(tmp_path / "one")}))  # one process, here
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items() if k != "progress"]
+    flags = [f for f in flags if f != "--checkpoint-tail=True"] + ["--checkpoint-tail"]
+    two = train_cli([*flags, "--no-progress", "--fsdp", "--output", str(tmp_path / "two")],
+                    nproc=2)  # fmt: skip
     assert "sharded over 2 processes (FSDP2)" in two.stderr + two.stdout
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
     for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
