@@ -295,6 +295,8 @@ def fit_giant(out: Path, name: str, dry_run: bool, tag: str = "0") -> None:
     device, arch, kw = ("cpu", *STAND_IN[:2]) if dry_run else ("cuda", name, GIANTS[name])
     batch = STAND_IN[2] if dry_run else batch
     options = dict(num_classes=100, backbone_dtype=torch.bfloat16, checkpoint_tail=True, **kw)
+    if device == "cuda":  # the CUDA context's host memory is not the build's
+        torch.zeros(1, device=device)
     host0 = _host_memory(reset_peak=True)
     t0 = time.perf_counter()
     model = create_model(arch, "dtl+", device=device, **options).train()

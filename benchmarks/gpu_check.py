@@ -28,7 +28,9 @@ output goes to ``DIR/log.txt``):
    batch 32 (goal ≤ 8 GB), PE-G/14 at 448 px batch 32 (≤ 24 GB), the ViT-22B shape at batch
    8 (fits 80 GB), built with random weights in bf16 straight on the GPU: build time and
    host memory, the prediction beside ``max_memory_allocated`` (within 10 %), step time →
-   ``fit_giants.csv``. Alone: ``--stages build fit --deadline 560`` (about 8 minutes).
+   ``fit_giants.csv``. Alone: ``--stages fit --deadline 560`` (no build needed: the side
+   op runs on Triton; the giants need timm's meta-device init, ``init_weights(needs_reset=)``
+   as in timm 1.0.31 here: where the GPU's image has an older timm, carry 1.0.31's wheel).
 
 Outputs in ``DIR``: ``correctness.csv``, ``kernels.csv``, ``kernel_profile.csv``,
 ``e2e.csv`` (device, torch, date in every row), ``log.txt``, and ``summary.txt`` (also
@@ -444,17 +446,17 @@ def main() -> int:
             )
         merge_csvs([out / f"e2e_{i}.csv" for i in range(len(models))], out / "e2e.csv")
 
-    # 5. will it fit: the memory estimator against the GPU's own count; then the giants
-    # (issue 21), one process each (its host memory is the build's), the dry run one stand-in
+    # 5. will it fit: the giants first (issue 21), one process each (its host memory is the
+    # build's; the dry run one stand-in), then the estimator against ViT-B / L / g
     if "fit" in stages:
-        runner.run("fit", [py, "benchmarks/bench_estimate.py", "fit", "--out", str(out)] + dry,
-                   150)  # fmt: skip
         giants = GIANT_FITS[-1:] if args.dry_run else GIANT_FITS
         for i, (name, timeout) in enumerate(giants):
             cmd = [py, "benchmarks/bench_estimate.py", "fit-giant", "--model", name,
                    "--tag", str(i), "--out", str(out)] + dry  # fmt: skip
             runner.run(f"fit-{name}", cmd, timeout, min_time=30)
         merge_csvs([out / f"fit_giant_{i}.csv" for i in range(len(giants))], out / "fit_giants.csv")
+        runner.run("fit", [py, "benchmarks/bench_estimate.py", "fit", "--out", str(out)] + dry,
+                   150)  # fmt: skip
 
     if args.save_cache and CACHE.exists():
         dest = out / "compile_cache.tgz"
