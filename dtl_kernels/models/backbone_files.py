@@ -51,14 +51,17 @@ def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> d
     or whose shape differs is skipped (DTL trains a new one). ``ValueError`` (naming
     ``path``) lists missing / unexpected / mis-shaped keys. Shapes only are compared, so
     ``backbone`` may live on the meta device."""
+    own = backbone.state_dict()
+    classifier = ("head", _classifier(backbone))  # DTL trains a new one
     if is_positional_efficientnet_checkpoint(state):  # EfficientNet-PyTorch names
+        if not any(k.startswith(classifier) for k in own):  # a wrapper removed it
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         return map_positional_efficientnet(state, backbone)
     module = sys.modules.get(type(backbone).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, backbone)
-    own = backbone.state_dict()
-    for key in [k for k in state if k.startswith("head")]:  # DTL trains a new head
+    for key in [k for k in state if k.startswith(classifier)]:
         if key not in own or state[key].shape != own[key].shape:
             del state[key]
     misshaped = [
@@ -66,7 +69,7 @@ def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> d
         for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
-    missing = [k for k in own if k not in state and not k.startswith("head")]
+    missing = [k for k in own if k not in state and not k.startswith(classifier)]
     unexpected = [k for k in state if k not in own]
     if misshaped or missing or unexpected:
         raise ValueError(
@@ -93,6 +96,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return dict(state)
+
+
+def _classifier(backbone: nn.Module) -> str:
+    """The key prefix of a timm backbone's classifier (``head``, ``classifier``, ``fc``…)."""
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
+    return f"{name}." if isinstance(name, str) and name else "head"
 
 
 def is_positional_efficientnet_checkpoint(state: dict) -> bool:

@@ -7,8 +7,8 @@ a checkpoint never holds a second copy of the weights (issue 21).
 ``pytorch_model.bin[.index.json]``) or a ``torch.save`` archive (``.pth``, ``.pth.tar``,
 ``.bin``, ``.pt``; read with ``torch.load(mmap=True, weights_only=True)``, the entry timm's
 ``load_checkpoint`` would take: ``state_dict_ema`` / ``model_ema`` / ``state_dict`` /
-``model``, ``module.`` prefixes removed). The tensors it returns are views of the files'
-memory maps; only what a conversion touches is paged in.
+``model``, ``module.`` prefixes removed; a legacy non-zip file is read whole). The tensors it
+returns are views of the files' memory maps; only what a conversion touches is paged in.
 
 Every byte is untrusted (:mod:`dtl_kernels._untrusted`): a safetensors header's dtypes,
 shapes and offsets are checked against the file before any tensor is made; an index may
@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -167,21 +168,29 @@ def _count(v) -> bool:
 
 
 def _torch_archive(file: Path) -> dict[str, torch.Tensor]:
-    """A ``torch.save`` archive's state dict, memory-mapped, with timm's entry selection."""
-    from timm.models import clean_state_dict
+    """A ``torch.save`` archive's state dict, memory-mapped, with timm's entry selection
+    (a file in torch's legacy, non-zip format cannot be mapped: it is read whole, as timm
+    reads it)."""
+    from timm.models import clean_state_dict, load_state_dict
 
-    check_torch_archive(file)
     try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        if zipfile.is_zipfile(file):
+            check_torch_archive(file)
+            ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            if isinstance(ckpt, dict):
+                for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+                    if ckpt.get(key) is not None:
+                        ckpt = ckpt[key]
+                        break
+            state = clean_state_dict(ckpt) if isinstance(ckpt, dict) else ckpt
+        else:
+            state = load_state_dict(str(file), use_ema=True, device="cpu", weights_only=True)
+    except ValueError:
+        raise
     except Exception as exc:  # torch raises several types for bad files
         raise ValueError(f"could not read checkpoint {file}: {exc}") from exc
-    if isinstance(ckpt, dict):
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-            if ckpt.get(key) is not None:
-                ckpt = ckpt[key]
-                break
-    if not isinstance(ckpt, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in ckpt.items()
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
         raise ValueError(f"{file} does not hold a state dict of tensors")
-    return clean_state_dict(ckpt)
+    return dict(state)
