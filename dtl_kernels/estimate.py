@@ -11,6 +11,10 @@ what is saved (the fused side op's own fake kernel, the attention kernel of the 
 the simulation follows the memory options (``trunk_dtype``, ``checkpoint_tail``,
 ``backbone_dtype``) and the precision without a model of them.
 
+A model built on the meta device (``create_model(..., device="meta")``: shapes only, for a
+model larger than this machine) is simulated on the CPU, or on ``device=``, without ever
+being materialised; its prediction is the materialised model's.
+
 It counts tensor memory, as ``torch.cuda.max_memory_allocated`` does on a GPU: not the
 allocator's slack, library workspaces (cuBLAS, oneDNN) or the framework itself; not the
 input batch (data) either, nor temporaries a kernel allocates inside itself that its fake
