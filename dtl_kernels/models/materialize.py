@@ -19,6 +19,7 @@ whatever timm's key filter recomputes); on a GPU the host holds one tensor at a 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ def lean_reason(backbone: nn.Module, weights) -> str | None:
         init = getattr(backbone, "init_weights", None)
         if not callable(init) or "needs_reset" not in inspect.signature(init).parameters:
             return f"{type(backbone).__name__} has no init_weights(needs_reset=...)"
-    elif not str(weights).lower().endswith(LAZY_SUFFIXES) and not _is_dir(weights):
+    elif not str(weights).lower().endswith(LAZY_SUFFIXES) and not Path(weights).is_dir():
         return f"{weights} is not read tensor by tensor"
     for name, module in backbone.named_modules():
         computed = {
@@ -51,12 +52,6 @@ def lean_reason(backbone: nn.Module, weights) -> str | None:
         if computed and not callable(getattr(module, "init_non_persistent_buffers", None)):
             return f"{name or 'the backbone'} has computed buffers {sorted(computed)}"
     return None
-
-
-def _is_dir(path) -> bool:
-    from pathlib import Path
-
-    return Path(path).is_dir()
 
 
 def materialize_backbone(
