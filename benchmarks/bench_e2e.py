@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import SavedBytes  # noqa: E402
-from common import RESULTS, Results, quantiles, time_fn  # noqa: E402
+from common import RESULTS, Results, cpu_peak_bytes, quantiles, time_fn  # noqa: E402
 
 from dtl_kernels import create_model  # noqa: E402
 
@@ -166,25 +166,6 @@ class Step:
                 loss = self.forward_loss()
         loss.backward()
         self.opt.step()
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak CPU allocator bytes of ``fn()`` above what was live at its start: the largest
-    prefix sum, in time order, of the signed sizes of the profiler's ``[memory]`` events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [
-        e
-        for e in prof.profiler.kineto_results.events()
-        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    total = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        total += e.nbytes()
-        peak = max(peak, total)
-    return peak
 
 
 def cuda_time_ms(fn, reps: int) -> tuple[float, float, float]:

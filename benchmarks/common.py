@@ -207,3 +207,22 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak CPU allocator bytes of ``fn()`` above what was live at its start: the largest
+    prefix sum, in time order, of the signed sizes of the profiler's ``[memory]`` events."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    total = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        total += e.nbytes()
+        peak = max(peak, total)
+    return peak

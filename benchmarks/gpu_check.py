@@ -23,7 +23,14 @@ output goes to ``DIR/log.txt``):
    ``e2e``: ``bench_e2e.py``: peak memory of the same providers and the memory options.
 5. ``fit``: ``bench_estimate.py fit``: ``estimate_memory``'s prediction beside the measured
    peak of two bf16 steps, ViT-B / ViT-L and the 1.1 B-parameter ViT-g/14 moonshot
-   (DTL+, bf16 frozen weights, ``checkpoint_tail``, batch 32) → ``estimate_gpu.csv``.
+   (DTL+, bf16 frozen weights, ``checkpoint_tail``, batch 32) → ``estimate_gpu.csv``; then
+   the giants of issue 21, one process each (``bench_estimate.py fit-giant``): ViT-g/14 at
+   batch 32 (goal ≤ 8 GB), PE-G/14 at 448 px batch 32 (≤ 24 GB), the ViT-22B shape at batch
+   8 (fits 80 GB), built with random weights in bf16 straight on the GPU: build time and
+   host memory, the prediction beside ``max_memory_allocated`` (within 10 %), step time →
+   ``fit_giants.csv``. Alone: ``--stages fit --deadline 560`` (no build needed: the side
+   op runs on Triton; the giants need timm's meta-device init, ``init_weights(needs_reset=)``
+   as in timm 1.0.31 here: where the GPU's image has an older timm, carry 1.0.31's wheel).
 
 Outputs in ``DIR``: ``correctness.csv``, ``kernels.csv``, ``kernel_profile.csv``,
 ``e2e.csv`` (device, torch, date in every row), ``log.txt``, and ``summary.txt`` (also
@@ -54,6 +61,10 @@ ROOT = HERE.parent
 CACHE = Path("/tmp/dtl_kernels_gpu_cache")  # inductor + triton caches of this run
 STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "step", "e2e", "fit")
 SANITIZE_CASES = 3  # len(gpu_correct.sanitize_cases()); kept import-light (no torch here)
+# bench_estimate.FIT_GIANTS with each one's time box (s): build, two predictions (the
+# 22B's fake copy alone takes ~10 s), Triton's first compile for its width, 12 steps
+GIANT_FITS = [("vit_giant_patch14_dinov2", 150), ("vit_pe_core_gigantic_patch14_448", 180),
+              ("vit_22b_patch14_224", 240)]  # fmt: skip
 
 
 class Log:
@@ -435,8 +446,15 @@ def main() -> int:
             )
         merge_csvs([out / f"e2e_{i}.csv" for i in range(len(models))], out / "e2e.csv")
 
-    # 5. will it fit: the memory estimator against the GPU's own count
+    # 5. will it fit: the giants first (issue 21), one process each (its host memory is the
+    # build's; the dry run one stand-in), then the estimator against ViT-B / L / g
     if "fit" in stages:
+        giants = GIANT_FITS[-1:] if args.dry_run else GIANT_FITS
+        for i, (name, timeout) in enumerate(giants):
+            cmd = [py, "benchmarks/bench_estimate.py", "fit-giant", "--model", name,
+                   "--tag", str(i), "--out", str(out)] + dry  # fmt: skip
+            runner.run(f"fit-{name}", cmd, timeout, min_time=30)
+        merge_csvs([out / f"fit_giant_{i}.csv" for i in range(len(giants))], out / "fit_giants.csv")
         runner.run("fit", [py, "benchmarks/bench_estimate.py", "fit", "--out", str(out)] + dry,
                    150)  # fmt: skip
 

@@ -113,6 +113,9 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     step = read_csv(out / "step.csv")
     if step:
         lines += step_targets(step)
+    giants = read_csv(out / "fit_giants.csv")
+    if giants:
+        lines += giant_targets(giants)
     lines.append(f"overall: {'OK' if ok else 'PROBLEMS (see above and log.txt)'}")
     return "\n".join(lines) + "\n", ok
 
@@ -214,6 +217,31 @@ def kernel_table(rows: list[dict]) -> list[str]:
                 x = get("temp_x_y")
                 if x is not None:
                     out.append(f"  {tag} temp/y bytes    " + verdict(x, TEMP_X_Y, "<="))
+    return out
+
+
+ESTIMATE_WITHIN = 0.10  # issue 21: the prediction within 10 % of max_memory_allocated
+
+
+def giant_targets(rows: list[dict]) -> list[str]:
+    """Issue 21, item 4: each giant's peak against its goal, the prediction against the
+    measured peak (both the one simulated here and the README's, simulated on a CPU)."""
+    out = ["giants (DTL+, bf16 weights, checkpoint_tail, bf16 autocast; fit_giants.csv):"]
+    for r in rows:
+        name = r["model"] + (f" (as {r['run_as']})" if r["run_as"] != r["model"] else "")
+        out.append(
+            f"  {name} batch {r['batch']} @ {r['image']} px: peak {float(r['peak_gb']):.2f} GB, "
+            f"step {r['step_ms_median']} ms, built in {r['build_s']} s, host peak "
+            f"+{r['host_peak_growth_gib']} GiB"
+        )
+        out.append(
+            "    peak (GB)            " + verdict(float(r["peak_gb"]), float(r["goal_gb"]), "<=")
+        )
+        for col, what in (("estimate_over_measured", "estimate/measured"),
+                          ("estimate_cpu_over_measured", "README's/measured")):  # fmt: skip
+            off = abs(float(r[col]) - 1)
+            out.append(f"    {what:20s} " + verdict(off, ESTIMATE_WITHIN, "<=")
+                       + f" (ratio {r[col]})")  # fmt: skip
     return out
 
 

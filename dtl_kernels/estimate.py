@@ -11,6 +11,10 @@ what is saved (the fused side op's own fake kernel, the attention kernel of the 
 the simulation follows the memory options (``trunk_dtype``, ``checkpoint_tail``,
 ``backbone_dtype``) and the precision without a model of them.
 
+A model built on the meta device (``create_model(..., device="meta")``: shapes only, for a
+model larger than this machine) is simulated on the CPU, or on ``device=``, without ever
+being materialised; its prediction is the materialised model's.
+
 It counts tensor memory, as ``torch.cuda.max_memory_allocated`` does on a GPU: not the
 allocator's slack, library workspaces (cuBLAS, oneDNN) or the framework itself; not the
 input batch (data) either, nor temporaries a kernel allocates inside itself that its fake
@@ -117,12 +121,21 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
-def _fake_copy(model: nn.Module):
+def _fake_copy(model: nn.Module, device: torch.device):
+    """``(mode, fake)``: a copy of ``model`` whose tensors are fake (shapes, dtypes, no
+    data). Tensors on the meta device (a model built with ``device="meta"``) become fake
+    tensors on ``device``, the device the simulated step runs on."""
     from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 
     mode = FakeTensorMode(allow_non_fake_inputs=False)
+    memo = {}  # deepcopy takes these in place of the meta tensors
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_meta and id(t) not in memo:
+            with mode:
+                f = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            memo[id(t)] = nn.Parameter(f, t.requires_grad) if isinstance(t, nn.Parameter) else f
     with FakeCopyMode(mode):
-        fake = copy.deepcopy(model)
+        fake = copy.deepcopy(model, memo)
     return mode, fake
 
 
@@ -157,6 +170,7 @@ def estimate_memory(
     in_channels: int | None = None,
     channels_last: bool = False,
     grad_accum: int = 1,
+    device: torch.device | str | None = None,
 ) -> MemoryEstimate:
     """Predict the peak memory of training ``model`` (as ``dtl-train`` does: AdamW,
     cross entropy) on ``(batch_size, 3, H, W)`` images, without running it.
@@ -174,6 +188,9 @@ def estimate_memory(
         grad_accum: micro-batches of ``batch_size`` images whose gradients add up before
             each optimizer step (``dtl-train --grad-accum``, which trains on micro-batches
             of ``--batch-size / grad_accum``).
+        device: the device the simulated step runs on, whose kernels decide what is saved
+            (default: the model's; the CPU for a model built on the meta device, e.g.
+            ``create_model(..., device="meta")``, whose tensors the copy then places there).
     Returns:
         :class:`MemoryEstimate` (bytes; ``print`` it for a table in GiB).
     """
@@ -190,8 +207,13 @@ def estimate_memory(
     param = next(model.parameters(), None)
     if param is None:
         raise ValueError("the model has no parameters: nothing to train")
-    device = param.device
-    mode, fake = _fake_copy(model)
+    on = param.device if param.device.type != "meta" else torch.device("cpu")
+    device = torch.device(device) if device is not None else on
+    if device.type == "meta":
+        raise ValueError("device: the simulated step needs a real device type (cpu, cuda)")
+    if any(t.device.type != device.type and not t.is_meta for t in model.parameters()):
+        raise ValueError(f"the model has tensors off {device}: build it there or on 'meta'")
+    mode, fake = _fake_copy(model, device)
     fake.train()
     params = list(fake.parameters())
     trainable = [p for p in params if p.requires_grad]

@@ -92,3 +92,18 @@ def test_dtl_train_estimate_memory(capsys):
     out = capsys.readouterr().out
     assert code == 0 and "estimated training memory: batch 4, 112 px, fp32" in out
     assert "activations and temporaries" in out and "peak" in out
+
+
+def test_a_model_built_on_the_meta_device_gets_the_same_estimate(one_thread):
+    """Shapes only (``device="meta"``, what a model too large for this machine needs):
+    the fake copy puts the meta tensors on the simulated device; the prediction is the
+    materialised model's, byte for byte (bf16 frozen and float32 trainable tensors)."""
+    kw = dict(num_classes=10, img_size=112, backbone_dtype=torch.bfloat16, checkpoint_tail=True)
+    real = create_model("vit_small_patch16_224", "dtl+", **kw)
+    meta = create_model("vit_small_patch16_224", "dtl+", device="meta", **kw)
+    assert all(p.is_meta for p in meta.parameters())
+    a, b = estimate_memory(real, 4, 112, "bf16"), estimate_memory(meta, 4, 112, "bf16")
+    assert (a.parameters, a.gradients, a.optimizer_state, a.activations) == (
+        b.parameters, b.gradients, b.optimizer_state, b.activations)  # fmt: skip
+    with pytest.raises(ValueError, match="real device"):
+        estimate_memory(meta, 4, 112, device="meta")

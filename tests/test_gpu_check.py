@@ -47,6 +47,8 @@ def test_dry_run_writes_every_result(dry_run):
         "kernel_profile.csv",
         "e2e.csv",
         "step.csv",
+        "estimate_gpu.csv",
+        "fit_giants.csv",
         "log.txt",
         "summary.txt",
     ):
@@ -74,6 +76,20 @@ def test_every_row_says_where_and_when(dry_run):
     assert {("dtl", "step_ms"), ("full", "step_ms"), ("dtl", "step_x_full"),
             ("dtl+", "infer_ms"), ("dtl", "infer_x_timm")} <= modes  # fmt: skip
     assert all(r["machine"] and r["torch"] and r["date"] for r in step)
+
+
+def test_fit_stage_measures_the_giants_path(dry_run):
+    """Issue 21's fit stage on a stand-in: built in bf16 by name, the prediction beside the
+    measured live bytes, build time, host memory and step time recorded, goals judged."""
+    _, out = dry_run
+    (row,) = read(out / "fit_giants.csv")
+    assert row["model"] == "vit_22b_patch14_224" and row["run_as"] == "vit_tiny_patch16_224"
+    assert abs(float(row["estimate_over_measured"]) - 1) <= 0.01
+    assert float(row["build_s"]) > 0 and float(row["step_ms_median"]) > 0
+    assert float(row["host_peak_growth_gib"]) >= 0 and row["goal_gb"] == "80"
+    summary = (out / "summary.txt").read_text()
+    assert "vit_22b_patch14_224 (as vit_tiny_patch16_224) batch 2" in summary
+    assert "estimate/measured    PASS" in summary
 
 
 def test_summary_reports_failures_and_misses(tmp_path):

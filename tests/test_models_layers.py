@@ -12,7 +12,8 @@ import dtl_kernels.models
 MODELS = Path(dtl_kernels.models.__file__).parent
 WRAPPERS = ("base", "vit", "swin", "convnet", "hf", "walk", "published", "adapter_state")
 FILE_MODULES = ("adapters", "pretrained", "factory", "build", "backbone_files", "hub",
-                "offline_weights", "onnx_reader", "multitask")  # fmt: skip
+                "offline_weights", "onnx_reader", "multitask", "weight_files",
+                "materialize")  # fmt: skip
 
 
 def _imports(path: Path) -> set[str]:

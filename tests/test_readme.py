@@ -63,3 +63,19 @@ def test_memory_ratios_are_the_committed_ones():
     assert f"**{ratio['dtl']:.3f}×**" in intro
     assert f"({ratio['dtl+trunk_dtype=bfloat16']:.3f}× with bf16 trunk taps" in intro
     assert f"{ratio['dtl+checkpoint_tail=True']:.3f}× with the frozen tail" in intro
+
+
+def test_giant_predictions_are_the_committed_ones():
+    """Issue 21: every predicted peak of the giants' table is the committed CSV's."""
+    rows = list(csv.DictReader((RESULTS / "estimate_giants.csv").open()))
+    assert len(rows) == 24
+    table = README.split("**Giants, predicted**")[1].split("What fits where")[0]
+    for r in rows:
+        peak = f"{float(r['peak_gib']):.2f}"
+        line = next(ln for ln in table.splitlines() if f"| {r['config']} |" in ln and (
+            ln.startswith(f"| {_GIANT_LABELS[r['model']]}")))  # fmt: skip
+        assert peak in line, (r["model"], r["config"], r["batch"], peak)
+
+
+_GIANT_LABELS = {"vit_giant_patch14_dinov2": "ViT-g/14", "vit_pe_core_gigantic_patch14_448":
+                 "PE-G/14", "vit_22b_patch14_224": "ViT-22B shape"}  # fmt: skip

@@ -2,10 +2,13 @@
 
 * ``factory`` (:func:`create_model`) → ``pretrained`` (models rebuilt from adapter files)
   → ``adapters`` (the file format) and ``build`` (backbones, wrapper choice, LoRA);
+  ``factory`` → ``materialize`` (a meta-built backbone given its tensors in the frozen
+  weights' dtype) → ``backbone_files`` → ``weight_files`` (checkpoints mapped, not read);
 * ``build`` → the wrappers ``vit``, ``swin``, ``convnet``, ``hf`` → ``base``
   (:class:`DTLModel`) → ``walk``, ``published``, ``adapter_state`` (the adapter in memory);
 * ``multitask`` serves several adapters on one backbone; ``backbone_files``,
-  ``offline_weights`` (+ ``onnx_reader``), ``hub`` and ``lora`` feed ``build``.
+  ``offline_weights`` (+ ``onnx_reader``), ``hub``, ``lora`` and ``giants`` (ViT-22B's shape
+  by name) feed ``build``.
 
 The wrappers compose the CSN with a frozen backbone (no kernel math) and know nothing of
 files.

@@ -15,12 +15,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .weight_files import open_weights
+
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local checkpoint into a timm backbone, through timm's own key filter
-    (old names, resized position embeddings). A classifier head whose class count differs
-    is skipped (DTL trains a new one). ``ValueError`` lists missing / unexpected keys."""
+    (old names, resized position embeddings). A classifier head whose class count differs,
+    or that the backbone does not have, is skipped (DTL trains a new one). ``ValueError``
+    lists missing / unexpected keys. A Hugging Face sharded checkpoint (its index, or its
+    folder) is read through its memory maps (:func:`.weight_files.open_weights`)."""
     path = Path(path)
+    if path.is_dir() or path.name.endswith(".index.json"):
+        state = open_weights(path).tensors
+        backbone.load_state_dict(fitted_state(state, backbone, path), strict=False)
+        return
     if not path.is_file():
         raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
     suffix = path.suffix.lower()
@@ -33,30 +41,42 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
             raise ValueError(f"could not load Google ViT checkpoint {path}: {exc}") from exc
         return
     state = read_state_dict(path)
+    backbone.load_state_dict(fitted_state(state, backbone, path), strict=False)
+
+
+def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> dict:
+    """``state`` (a checkpoint's tensors) as ``backbone`` takes it: an EfficientNet-PyTorch
+    checkpoint mapped by position, anything else through timm's key filter of the
+    backbone's module; a classifier head the backbone no longer has (a wrapper replaced it)
+    or whose shape differs is skipped (DTL trains a new one). ``ValueError`` (naming
+    ``path``) lists missing / unexpected / mis-shaped keys. Shapes only are compared, so
+    ``backbone`` may live on the meta device."""
+    own = backbone.state_dict()
+    classifier = ("head", _classifier(backbone))  # DTL trains a new one
     if is_positional_efficientnet_checkpoint(state):  # EfficientNet-PyTorch names
-        backbone.load_state_dict(map_positional_efficientnet(state, backbone))
-        return
+        if not any(k.startswith(classifier) for k in own):  # a wrapper removed it
+            state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+        return map_positional_efficientnet(state, backbone)
     module = sys.modules.get(type(backbone).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, backbone)
-    own = backbone.state_dict()
-    for key in [k for k in state if k.startswith("head") and k in own]:
-        if state[key].shape != own[key].shape:
+    for key in [k for k in state if k.startswith(classifier)]:
+        if key not in own or state[key].shape != own[key].shape:
             del state[key]
     misshaped = [
         f"{k}: {tuple(v.shape)} != {tuple(own[k].shape)}"
         for k, v in state.items()
         if k in own and v.shape != own[k].shape
     ]
-    missing = [k for k in own if k not in state and not k.startswith("head")]
+    missing = [k for k in own if k not in state and not k.startswith(classifier)]
     unexpected = [k for k in state if k not in own]
     if misshaped or missing or unexpected:
         raise ValueError(
             f"{path} does not fit {type(backbone).__name__}: missing {missing[:20]}, "
             f"unexpected {unexpected[:20]}, mis-shaped {misshaped[:20]}"
         )
-    backbone.load_state_dict(state, strict=False)
+    return state
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -76,6 +96,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ):
         raise ValueError(f"{path} does not hold a state dict of tensors")
     return dict(state)
+
+
+def _classifier(backbone: nn.Module) -> str:
+    """The key prefix of a timm backbone's classifier (``head``, ``classifier``, ``fc``…)."""
+    name = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
+    return f"{name}." if isinstance(name, str) and name else "head"
 
 
 def is_positional_efficientnet_checkpoint(state: dict) -> bool:

@@ -8,9 +8,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from . import lora, offline_weights
+from . import giants, lora, offline_weights
 from .backbone_files import load_backbone_weights
 from .convnet import DTLConvNet, layout_of
 from .hf import LAYOUTS as HF_LAYOUTS
@@ -18,6 +19,9 @@ from .hf import DTLHFViT, hf_layout_of
 from .hub import check_hub_reachable
 from .swin import DTLSwin
 from .vit import DTLEva, DTLViT
+
+# timm knows the giants it lacks (ViT-22B's shape) by name once the models are imported
+giants.register()
 
 # DTL+ kernel size when none is given: ViT runs used 3-5 per task, Swin-B used 5.
 DEFAULT_CONV_KERNEL = {DTLViT: 3, DTLEva: 3, DTLSwin: 5, DTLConvNet: 3, DTLHFViT: 3}
@@ -73,6 +77,33 @@ def timm_backbone(name: str, pretrained, options: dict) -> nn.Module:
     return backbone
 
 
+def meta_timm_backbone(name: str, options: dict) -> nn.Module:
+    """``timm.create_model(name, **options)`` on the meta device: shapes and dtypes, no
+    memory and no initialisation cost (:mod:`.materialize` gives it its tensors)."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"{name!r} is not a timm model name (see timm.list_models())")
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, **options)
+
+
+def weights_file(pretrained, name: str):
+    """The checkpoint a lean build reads for ``pretrained``: a path (offline weights
+    resolved to theirs), ``None`` for random weights; ``False`` when it must be read the
+    classic way (the hub: timm downloads and loads it whole)."""
+    if pretrained is True:
+        return False
+    if pretrained in (False, None):
+        return None
+    if offline_weights.is_offline_name(pretrained):
+        return offline_weights.weights_path(pretrained, name)
+    path = Path(pretrained)
+    if not path.exists():
+        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
+    return path
+
+
 def pretrained_record(pretrained) -> str:
     """How an adapter records the backbone weights ``create_model`` was given: ``"hub"``,
     ``"none"`` (random), an offline weights' name, or a checkpoint's absolute path."""
@@ -121,6 +152,11 @@ def add_lora(model: nn.Module, settings: dict) -> None:
         blocks=settings.get("blocks"),
         block_modules=list(model.blocks),
     )
+    # PEFT gives the factors the dtype of the layer they sit on; like the CSN they train in
+    # float32 whatever dtype the frozen weights are kept in (backbone_dtype)
+    for p in model.backbone.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
     model.method = "lora"
     # The wrappers' summary() describes only a side network; this model's says where its
     # LoRA sits. (An instance attribute: the shared DTLModel.summary stays unchanged.)

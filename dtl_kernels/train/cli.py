@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _estimate(cfg) -> int:
-    """``--estimate-memory``: the model the options describe on the device training would
-    use, one simulated step per process (see :func:`dtl_kernels.estimate_memory`). No data
-    is read and no weights are loaded (their values do not change the memory), so the head
-    gets ``--num-classes`` classes (10 if not given: its bytes hardly matter)."""
+    """``--estimate-memory``: the model the options describe, built on the meta device
+    (shapes only: a model larger than this machine's memory is fine), one simulated step
+    per process on the device training would use (see :func:`dtl_kernels.estimate_memory`).
+    No data is read and no weights are loaded (their values do not change the memory), so
+    the head gets ``--num-classes`` classes (10 if not given: its bytes hardly matter)."""
     import os
 
     import torch
@@ -62,7 +63,7 @@ def _estimate(cfg) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model = build_model(cfg, cfg.num_classes or 10, False).to(device)
+    model = build_model(cfg, cfg.num_classes or 10, False, device="meta")
     family = backbone_family(cfg.model)
     channels_last = cfg.channels_last == "on" or (
         cfg.channels_last == "auto" and family == "convnet"
@@ -72,8 +73,8 @@ def _estimate(cfg) -> int:
     micro = max(1, cfg.batch_size // (world * cfg.grad_accum))
     accum = f" × {cfg.grad_accum} micro-batches per step" if cfg.grad_accum > 1 else ""
     print(f"{model.summary()}\non {device}, {micro} images per process{accum}")
-    est = estimate_memory(model, micro, input_size(cfg), cfg.precision,
-                          channels_last=channels_last, grad_accum=cfg.grad_accum)  # fmt: skip
+    est = estimate_memory(model, micro, input_size(cfg), cfg.precision, channels_last=channels_last,
+                          grad_accum=cfg.grad_accum, device=device)  # fmt: skip
     print(est, flush=True)
     return 0
 

@@ -115,6 +115,7 @@ class TrainConfig:
     verbose: bool = False
     stop_after: int | None = None  # stop after N epochs of this process (as if interrupted)
     ddp_timeout: float = 1800.0  # seconds a collective may wait under torchrun
+    fsdp: bool = False  # torchrun: shard the frozen backbone blocks (FSDP2), not DDP
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +129,7 @@ class TrainConfig:
         _check_rates(self)
         _check_augmentation(self)
         _check_cache(self)
+        _check_fsdp(self)
         if self.eval_only and not self.adapter:
             raise ValueError("--eval-only needs --adapter FILE (an adapter.safetensors)")
         if self.adapter and not self.eval_only:
@@ -321,6 +323,25 @@ def _check_cache(c: TrainConfig) -> None:
         raise ValueError("--cache-max-bytes must be ≥ 0")
 
 
+def _check_fsdp(c: TrainConfig) -> None:
+    """``--fsdp`` shards a frozen backbone; what needs one process to run the backbone
+    alone (the trunk cache's build) or trains the backbone is refused."""
+    if not c.fsdp:
+        return
+    from .fsdp import METHODS
+
+    if c.method not in METHODS:
+        raise ValueError(f"--fsdp shards the frozen backbone: --method one of {METHODS}, "
+                         f"not {c.method!r}")  # fmt: skip
+    if c.cache_trunk in ("ram", "disk", "on"):
+        raise ValueError(
+            f"--cache-trunk {c.cache_trunk} with --fsdp: the trunk cache is built by one "
+            "process, the sharded backbone runs on all (use off or auto)"
+        )
+    if c.compile:
+        raise ValueError("--fsdp with --compile is not supported")
+
+
 _HELP = {
     "model": f"timm model name (default: {DEFAULT_MODEL}; --eval-only: the adapter's)",
     "pretrained": "backbone weights: PATH, 'hub', 'none' or weights that install offline from "
@@ -376,6 +397,10 @@ _HELP = {
     "ram/disk is an error and auto trains uncached",
     "cache_dir": "folder of the disk trunk cache (default OUTPUT/trunk-cache)",
     "channels_last": "channels-last memory format for CNNs: auto | on | off",
+    "fsdp": "under torchrun: shard the frozen backbone's blocks over the processes with "
+    "PyTorch FSDP2 (each holds 1/N of their weights; the CSN and head are replicated) instead "
+    "of DDP, for backbones too large for one device; methods dtl, dtl+, dtl+*, linear; the "
+    "trunk cache is off",
     "compile": "torch.compile the model for training and evaluation (the whole forward and "
     "backward, fused side ops included; the first steps pay the compile time)",
     "stop_after": "stop after N epochs of this process, as if interrupted (--resume continues)",

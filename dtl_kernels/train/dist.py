@@ -38,6 +38,9 @@ class Dist:
         if use_cuda:
             torch.cuda.set_device(self.device)
         self._cpu_group = None
+        # every rank must run the same forwards (a sharded backbone's all-gathers are
+        # collectives): evaluation pads the shorter shards (set by train/fsdp.py)
+        self.lockstep = False
         if self.world > 1:
             if not dist.is_initialized():
                 dist.init_process_group(

@@ -28,7 +28,10 @@ cache it is the same computation; the linear probe caches the whole backbone wal
 
 Distributed: under ``torchrun`` each process takes ``batch_size / world_size`` images of
 every global batch (``DistributedSampler``; gloo on CPU, nccl on CUDA) and DDP averages
-the gradients, so the run matches one process with the same global batch. Only rank 0
+the gradients, so the run matches one process with the same global batch. ``--fsdp``
+instead shards the frozen backbone's blocks over the processes (FSDP2,
+:mod:`~dtl_kernels.train.fsdp`) and averages the replicated trainable gradients once per
+step; the trunk cache is then off. Only rank 0
 writes files. Collectives have explicit timeouts and a failure of one rank in setup, the
 cache build or a save is raised on every rank (:mod:`dtl_kernels.train.dist`).
 
@@ -201,12 +204,17 @@ def _feed(cfg: TrainConfig, d: Dist, s: setup.Setup, say) -> Feed:
     # trunk cache (train/cache.py): train and evaluate from the stored trunk outputs
     net: nn.Module = s.model
     eval_net, train_data, test_data = s.model, s.train_set, s.test_set
-    cache = d.run_agreed(
-        "preparing the trunk cache", trunk_cache.prepare,
-        cfg, s.model, {"train": s.train_set, "test": s.test_set},
-        {sp: trunk_cache.dataset_identity(cfg, sp, s.size, s.prep) for sp in ("train", "test")},
-        d, s.autocast, s.channels_last, s.local_batch, say=say,
-    )  # fmt: skip
+    cache = None
+    if d.lockstep:  # --fsdp: one process cannot run the sharded trunk alone to build it
+        if cfg.cache_trunk != "off":
+            say("trunk cache: off under --fsdp (the sharded trunk runs on every process)")
+    else:
+        cache = d.run_agreed(
+            "preparing the trunk cache", trunk_cache.prepare,
+            cfg, s.model, {"train": s.train_set, "test": s.test_set},
+            {sp: trunk_cache.dataset_identity(cfg, sp, s.size, s.prep) for sp in ("train", "test")},
+            d, s.autocast, s.channels_last, s.local_batch, say=say,
+        )  # fmt: skip
     if cache is not None:
         net = cache.tail
         train_data = cache.view("train")
@@ -215,7 +223,11 @@ def _feed(cfg: TrainConfig, d: Dist, s: setup.Setup, say) -> Feed:
     workers = cfg.workers if cache is None else 0
     eval_workers = cfg.workers if test_data is s.test_set else 0
     train_net = net
-    if d.world > 1:
+    if d.lockstep:  # --fsdp: blocks sharded (setup.build), the rest replicated
+        from .fsdp import ReplicatedGradients
+
+        train_net = ReplicatedGradients(net, d)
+    elif d.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         train_net = DDP(net, find_unused_parameters=s.model.csn is not None)

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from .. import create_model
-from ..models import lora, offline_weights
+from ..models import giants, lora, offline_weights
 from ..models.adapters import adapter_info, read_adapter
 from .adapter_options import adapter_into_config
 from .config import TrainConfig
@@ -125,12 +125,17 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     # what predicting needs, recorded in the adapter: the preprocessing and the class names
     model.pretrained_cfg = {**model.pretrained_cfg, **prep.data_config()}
     model.class_names = list(classes) if classes is not None else None
-    model = model.to(d.device)
     channels_last = cfg.channels_last == "on" or (
         cfg.channels_last == "auto" and pre.family == "convnet"
     )
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.fsdp and d.world > 1:  # each block goes to the device as it is sharded
+        from .fsdp import shard
+
+        model = d.run_agreed("sharding the backbone", shard, model, d)
+    else:
+        model = model.to(d.device)
     autocast = autocast_for(cfg.precision, d.device)
     say(model.summary())
     n_train = f"{len(train_set)} train / " if train_set is not None else ""
@@ -141,6 +146,9 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     )
     if augment.flags():
         say(f"augmentation: {' '.join(augment.flags())}")
+    if cfg.fsdp:
+        say(f"--fsdp: the backbone's blocks sharded over {d.world} processes (FSDP2)"
+            if d.world > 1 else "--fsdp: one process, nothing to shard")  # fmt: skip
     if d.main:
         LOGGER.debug(f"preprocessing (timm data config): {prep.data_config()}")
     return Setup(pre.family, prep, augment, local_batch, train_set, test_set, num_classes, model,
@@ -196,7 +204,7 @@ def backbone_family(model_name: str) -> str:
             f"--model {model_name!r} is not a timm model name (see timm.list_models())"
         )
     module = timm.models.model_entrypoint(model_name).__module__
-    if module.endswith("vision_transformer"):
+    if module.endswith("vision_transformer") or module == giants.__name__:  # ViT-22B's shape
         return "vit"
     if module.endswith("swin_transformer"):
         return "swin"
@@ -274,14 +282,16 @@ def resolve_pretrained(cfg: TrainConfig, family: str):
     return p
 
 
-def build_model(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
-    """The model ``cfg`` describes; an option combination timm or the wrapper rejects is a
-    ``ValueError`` naming the model, and so is a DTL+ kernel wider than its token grids."""
+def build_model(cfg: TrainConfig, num_classes: int, pretrained, device=None) -> nn.Module:
+    """The model ``cfg`` describes, built on ``device`` (``create_model``'s: the CPU by
+    default, ``"meta"`` for shapes only); an option combination timm or the wrapper rejects
+    is a ``ValueError`` naming the model, and so is a DTL+ kernel wider than its token
+    grids."""
     size = input_size(cfg)
     if cfg.conv_kernel is not None and cfg.conv_kernel > 2 * size - 1:  # no grid beats the image
         _kernel_too_wide(cfg.conv_kernel, size, (size, size), "no token grid exceeds")
     try:
-        model = _create(cfg, num_classes, pretrained)
+        model = _create(cfg, num_classes, pretrained, device)
     except (TypeError, AssertionError) as exc:
         raise ValueError(f"cannot build --model {cfg.model} with these options: {exc}") from exc
     check_conv_kernel(model, size)
@@ -312,8 +322,9 @@ def _kernel_too_wide(k: int, size: int, grid: tuple[int, int], which: str) -> No
     )
 
 
-def _create(cfg: TrainConfig, num_classes: int, pretrained) -> nn.Module:
-    options = {
+def _create(cfg: TrainConfig, num_classes: int, pretrained, device=None) -> nn.Module:
+    options = {} if device is None else {"device": device}
+    options |= {
         k: getattr(cfg, k)
         for k in ("rank", "adapt_from", "tap_from", "conv_kernel", "beta")
         if getattr(cfg, k) is not None

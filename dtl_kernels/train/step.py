@@ -160,6 +160,9 @@ class Stepper:
             finite = finite and bool(torch.isfinite(loss))
             loss_sum += loss.item() * len(y)
             hits += int((logits.argmax(-1) == y).sum().item())
+        sync = getattr(self.train_net, "sync_gradients", None)  # --fsdp: replicated grads
+        if sync is not None:
+            sync()
         ok = self._scaled_step(finite) if self.scaler is not None else self._plain_step(finite)
         self.scheduler.step()
         if not ok:
@@ -254,7 +257,7 @@ def evaluate(
     was = net.training
     net.eval()
     shard = torch.utils.data.Subset(dataset, range(d.rank, len(dataset), d.world))
-    loss_sum, correct, bad = 0.0, 0, 0
+    loss_sum, correct, bad, batches = 0.0, 0, 0, 0
     for x, y in DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers):
         x, y = to_device(x, d.device, channels_last), y.to(d.device)
         with autocast():
@@ -262,6 +265,13 @@ def evaluate(
         bad += int((~torch.isfinite(logits)).any(-1).sum())
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
+        batches += 1
+    most = math.ceil(math.ceil(len(dataset) / d.world) / batch_size)
+    if d.lockstep and most > batches:  # as many forwards as the rank with the most batches
+        x = to_device(dataset[0][0][None], d.device, channels_last)  # (outputs unused)
+        for _ in range(most - batches):
+            with autocast():
+                net(x)
     net.train(was)
     loss_sum, correct, n, bad = d.sum(loss_sum, correct, len(shard), bad)
     if bad:
