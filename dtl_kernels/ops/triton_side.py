@@ -922,13 +922,18 @@ def plan(
         if interp:
             split = min(n_chunks, 2)
         else:
+            # d slices: programs for every SM (≥ target where the work allows), then the
+            # least work on the busiest SM slot (waves × (chunks per item + ~1 chunk of
+            # per-item cost: the taps tile, ∂T's store)); ∂T's buffer within budget
+            need = min(target, n_tiles * n_chunks)
             best = None
-            for s in range(1, n_chunks + 1):  # the fewest chunks on the busiest program
+            for s in range(1, n_chunks + 1):
                 if s > 1 and t_buffered and (slot + t_elems) * acc_elem > budget:
                     break
-                span = _cdiv(n_tiles * s, target) * _cdiv(n_chunks, s)
-                if best is None or span < best:
-                    best, split = span, s
+                span = _cdiv(n_tiles * s, target) * (_cdiv(n_chunks, s) + 1)
+                key = (n_tiles * s < need, span)
+                if best is None or key < best:
+                    best, split = key, s
         split = _cdiv(n_chunks, _cdiv(n_chunks, split))  # no empty slice
         progs = n_tiles * split  # one item per program
         slots = 1
