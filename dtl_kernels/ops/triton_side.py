@@ -3,9 +3,11 @@
 Shapes (as every backend, see :mod:`dtl_kernels.ops.side`): ``y`` ``(B, N, d)`` block
 output; ``taps`` ``T`` ``(B, N, K)`` concatenated rank-r taps (``K = i·r``, a few dozen at
 most); ``ups`` ``U`` ``(d, K)``; ``conv_weight`` ``w`` ``(d, 1, k, k)`` or ``None`` (DTL);
-``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``y``, ``taps``, ``ups`` and
+``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``y`` (``grad_out``) and
 ``conv_weight`` share one floating dtype (float32, float16, bfloat16; float64 computes in
-float64, for ``gradcheck``). Math in fp32 (fp64 for fp64), stores in the I/O dtype.
+float64, for ``gradcheck``); ``taps`` and ``ups`` share ``y``'s dtype or, beside a float32
+``y``, bfloat16 / float16 (the autocast mix, :func:`contract.side_dtypes_ok`). Math in fp32
+(fp64 for fp64), stores in each output's own dtype.
 
 Math. ``h = T·Uᵀ`` (never stored), ``A = θ(h)``, ``θ(x) = x·σ(βx)``. DTL: ``out = y + A``.
 DTL+: the first ``num_prefix`` rows of each image get ``y + A``; patch rows get
@@ -39,34 +41,61 @@ waits on a CTA barrier, sums the ``k²`` shifted, masked reads of that slot, and
 again before the next item rewrites the slot. DTL+ costs the halo rows' ``θ`` and ``k²``
 on-chip reads per element, not ``k²`` rank-``K`` dots and ``θ`` evaluations.
 
-Backward (three kernels, no atomics, deterministic, no temporary of the size of ``y``):
+Backward: ONE fused kernel (``_bwd_kernel``) and a tiny one (``_bwd_finish_kernel``).
 
-* ``_bwd_taps_kernel``: one program per row tile, looping over ALL d chunks; ``∂T`` of
-  its rows accumulates in registers (fp32) and is stored once, in the taps dtype.
-* ``_bwd_ups_kernel``: a grid of (row group × d chunk). The row groups are few: their
-  fp32 partials of ``∂U`` and ``∂w`` (``groups × d × (K + k²)``) stay within
-  :data:`PARTIAL_BUDGET` of ``y``'s bytes. Each program walks its group's rows in tiles
-  in a fixed order, accumulating in registers (``∂w`` without per-tile cross-thread
-  reductions, see the kernel).
-* ``_sum_parts_kernel``: sums the group partials in a fixed order and casts.
+* ``_bwd_kernel``: one program per item = (row tile of ``BLOCK_M`` rows, slice of d). Per
+  ``BLOCK_D`` chunk of its slice it reads ``G`` once from DRAM (the ``k²`` shifted reads
+  of its halo are L1 / L2 hits, shared with the neighbouring tiles that run alongside),
+  rebuilds ``h`` with one rank-``K`` dot, takes ``θ(h)`` and ``θ'(h)`` from ONE ``σ``,
+  forms ``D`` (the transposed conv on patch rows, ``G`` on prefix rows) and ``S``, and
+  sends ``∂U = Sᵀ·T`` and ``∂w`` for its rows to a small zeroed fp32 buffer with fp32
+  atomics (``red.global.add``; L2-resident: ``d·(K + k²)`` floats). ``∂T`` accumulates in
+  registers over the slice and is written once: stored in the taps dtype when the slice
+  is all of d, else added with one atomic per item (into the zeroed output for fp32 taps,
+  into the buffer's tail for 16-bit taps). d is sliced only when the row tiles alone
+  would leave SMs idle (:func:`plan`: at least :data:`BWD_CTAS_PER_SM` programs per SM
+  where the work allows, then the fewest chunks on the busiest SM); at large batches each
+  item covers all of d.
+* DTL+ shift loop without barriers: inside the chunk the tile is held as
+  ``(RL, NWD, R_IN, CW)`` = (rows, columns, rows, columns), ``CW = 2`` contiguous columns
+  per load. Triton 3.6 lays a load out from its contiguous axis outwards (``CW``, then the
+  other axes in index order): ``RL`` rows on lanes, ``NWD`` columns on lanes and all the
+  warps, ``R_IN`` rows per thread. ``∂w[:, a, b] = Σ_p A[p] G[p − s_ab]`` over the tile's
+  rows is then ``R_IN`` in-thread adds and ``log2 RL`` warp shuffles, accumulated into a
+  ``(k², cols)`` register tensor whose ``k²`` axis is per thread (the per-shift select
+  folds at compile time) and written once per chunk. ``θ(h)`` / ``θ'(h)`` enter that
+  layout once per chunk; ``S`` leaves it through an opaque identity (``mov``, CUDA only)
+  so the compiler cannot pull the dot operands' layout back into the shift loop.
+* ``_bwd_finish_kernel``: ``∂U`` / ``∂w`` = the buffer's slot(s) in a fixed order, cast to
+  the ups' / conv's dtype; ``∂T``'s buffer (if any) cast to the taps' dtype.
 
-Both backward kernels rebuild ``h`` (one dot) and gather the ``k²`` shifted tiles of ``G``
-(global memory, mostly L1 / L2 hits), so ``G`` is read twice from DRAM; the only
-temporary is the partial buffer (:func:`plan` reports its shape; ``~8–9 %`` of ``y`` at
-ViT-B and Swin-B stage 3, the limit being 10 %).
+Deterministic mode (:func:`deterministic_mode`: ``torch.use_deterministic_algorithms(True)``
+or ``DTL_KERNELS_DETERMINISTIC=1``): the same kernel without atomics. A persistent grid of
+at most ``2·SMs`` programs, each owning a fixed set of row tiles over all of d (``∂T``
+stored once) and its own slot of the buffer (``∂U`` / ``∂w`` added by load + store, one
+writer, a fixed order); ``_bwd_finish_kernel`` sums the slots in slot order. Bit-identical
+runs; fewer programs (as many slots as the temporaries rule allows).
 
-Dots and σ. 16-bit inputs take the tensor cores: ``T·Uᵀ`` is exact (products of 16-bit
-values are exact in fp32 accumulation); ``S·U`` and ``Sᵀ·T`` split the fp32 ``S`` into a
-16-bit high part and a 16-bit remainder (two dots, ~16 significant bits of ``S``).
+Temporaries (:func:`plan` reports them: ``bwd_buffer``, ``bwd_temp_bytes``): at most
+``max(TEMP_FLOOR, TEMP_SHARE · bytes of y)`` = ``max(4 MB, 0.25·y)``; with atomics at
+ViT-B / Swin-B stage 3 (batch 32) 0.07–2 MB, in the deterministic mode up to the 4 MB
+floor (that is what caps its slots). Nothing of the size of ``y``; the conv kernel is
+read in place.
+
+Dots and σ. 16-bit taps / ups take the tensor cores: ``T·Uᵀ`` is exact (products of
+16-bit values are exact in fp32 accumulation); ``S·U`` and ``Tᵀ·S`` (= ``∂Uᵀ``, so that the
+tensor cores' M is ``BLOCK_K``) split the fp32 ``S`` into a 16-bit high part and a 16-bit
+remainder (two dots, ~16 significant bits of ``S``).
 float32 uses the exact ("ieee", FMA) dot, no TF32; float64 the fp64 dot. On CUDA σ runs on
 the SFU's approximate ``ex2`` / ``rcp`` (``FAST``, a few ulp, saturating to exactly 0 / 1);
 the interpreter and fp64 use ``tl.sigmoid``.
 
-Tiles are fixed per shape class (:func:`plan`; no autotuning, so no extra compiles and
-the reduction order, hence the bits, never depend on timing). The table in :func:`plan`
-comes from ahead-of-time compiles for sm_90: no register spills, shared memory well
-within limits (the k² shifted loads are not software-pipelined), loop-body instruction
-counts as low as the formulation allows.
+Tiles are fixed per shape class (:func:`plan`; no autotuning, so no extra compiles; the
+forward's and the deterministic backward's bits never depend on timing, the default
+backward's fp32 atomics add in arrival order). The table in :func:`plan` comes from
+ahead-of-time compiles for sm_90a with Triton 3.6.0 (``benchmarks/codegen_check.py``,
+``benchmarks/results/codegen.md``): no register spills, at least two CTAs per SM, no
+barrier in the shift loop, tensor-core instructions in every 16-bit dot.
 
 Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, not ``y``).
 """
@@ -480,7 +509,19 @@ def _bwd_item(
     NATIVE_DOT: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # one item (row tile, d slice) of _bwd_kernel
+    # One item (row tile, d slice) of _bwd_kernel. Per BLOCK_D chunk: h = T·Uᵀ (one dot),
+    # θ(h) and θ'(h) from one σ, D (G, or the transposed conv of G on patch rows),
+    # S = θ'(h) ⊙ D; ∂T += S·U stays in registers over the slice and is written once;
+    # ∂U = Sᵀ·T and ∂w go to buf.
+    #
+    # DTL+: the chunk is held as (RL, NWD, R_IN, CW) = (rows, cols, rows, cols), CW = 2
+    # contiguous columns per load vector. Triton 3.6 lays a load out from the contiguous
+    # axis outwards (CW, then the other axes in index order), so RL rows sit on lanes, NWD
+    # columns on lanes and on every warp, R_IN rows in each thread: the row sum of
+    # A ⊙ G[· − s_ab] for ∂w[:, a, b] is R_IN in-thread adds and log2(RL) warp shuffles
+    # (no shared memory, no barrier), kept in acc_w's per-thread k² axis (the select on
+    # kk4 == a·k + b folds at compile time) and written once per chunk. Correct for any
+    # layout the compiler picks; the layout only decides the cost (codegen_check.py).
     KK: tl.constexpr = KSIZE * KSIZE
     PAD: tl.constexpr = (KSIZE - 1) // 2
     tile = item % n_tiles
@@ -545,7 +586,7 @@ def _bwd_item(
                 g4 = tl.load(g_p4, mask=row_ok4 & ~is_patch4 & col_ok4, other=0.0).to(ACC)
                 dmix4 = tl.where(is_patch4, dmix4, g4)
             s4 = dact4 * dmix4
-            if FAST:
+            if FAST:  # an opaque identity: the dots' operand layout stays out of the loop
                 s4 = tl.inline_asm_elementwise(
                     "mov.b32 $0, $1;", "=r,r", [s4], dtype=tl.float32, is_pure=False, pack=1
                 )
@@ -612,18 +653,12 @@ def _bwd_kernel(
     NATIVE_DOT: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # The whole backward, persistent: program pid takes items pid, pid + P, …; an item is
-    # (row tile, d slice), the row tile fastest (programs running together share G's halo
-    # rows in L2). Per d chunk of the slice: h = T·Uᵀ (one dot), θ(h) and θ'(h) from one σ,
-    # D (G, or the transposed conv of G on patch rows), S = θ'(h) ⊙ D; ∂T += S·U stays in
-    # registers over the slice and is written once; ∂U = Sᵀ·T and ∂w go to buf.
-    #
-    # DTL+ shift loop layout: the tile is held as (R_IN, NWD, RL, CW) = (rows, cols, rows,
-    # cols) with CW = 2 contiguous columns per load vector. Triton's blocked layout fills
-    # lanes from the contiguous axis outwards (CW, then RL rows, then NWD) and the warps land
-    # on NWD; R_IN rows are per thread. So the row sum of A ⊙ G[· − s_ab] for ∂w[:, a, b] is
-    # R_IN in-thread adds and log2(RL) warp shuffles: no shared memory, no barrier in the
-    # shift loop. (Correct for any layout the compiler picks; the layout only decides the cost.)
+    # The whole backward (module docstring). An item is (row tile, d slice), the row tile
+    # fastest (programs running together share G's halo rows in L2): one item per program,
+    # or (DETERMINISTIC) a persistent grid, program pid taking items pid, pid + P, … into its
+    # own slot of buf. _bwd_item holds the per-item code; the two calls keep the atomic
+    # kernel free of loop state (registers: the unrolled shift loop keeps its loads in
+    # flight).
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     ks = tl.arange(0, BLOCK_K)
@@ -631,7 +666,6 @@ def _bwd_kernel(
     k_ok = ks < K
     beta = tl.cast(beta, ACC)
     KK: tl.constexpr = KSIZE * KSIZE
-    PAD: tl.constexpr = (KSIZE - 1) // 2
     if KSIZE > 0:
         N = NPRE + GH * GW
     if DETERMINISTIC:  # one slot per program; its items, in a fixed order
