@@ -3,9 +3,11 @@
 Shapes (as every backend, see :mod:`dtl_kernels.ops.side`): ``y`` ``(B, N, d)`` block
 output; ``taps`` ``T`` ``(B, N, K)`` concatenated rank-r taps (``K = i·r``, a few dozen at
 most); ``ups`` ``U`` ``(d, K)``; ``conv_weight`` ``w`` ``(d, 1, k, k)`` or ``None`` (DTL);
-``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``y``, ``taps``, ``ups`` and
+``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``y`` (``grad_out``) and
 ``conv_weight`` share one floating dtype (float32, float16, bfloat16; float64 computes in
-float64, for ``gradcheck``). Math in fp32 (fp64 for fp64), stores in the I/O dtype.
+float64, for ``gradcheck``); ``taps`` and ``ups`` share ``y``'s dtype or, beside a float32
+``y``, bfloat16 / float16 (the autocast mix, :func:`contract.side_dtypes_ok`). Math in fp32
+(fp64 for fp64), stores in each output's own dtype.
 
 Math. ``h = T·Uᵀ`` (never stored), ``A = θ(h)``, ``θ(x) = x·σ(βx)``. DTL: ``out = y + A``.
 DTL+: the first ``num_prefix`` rows of each image get ``y + A``; patch rows get
@@ -39,34 +41,61 @@ waits on a CTA barrier, sums the ``k²`` shifted, masked reads of that slot, and
 again before the next item rewrites the slot. DTL+ costs the halo rows' ``θ`` and ``k²``
 on-chip reads per element, not ``k²`` rank-``K`` dots and ``θ`` evaluations.
 
-Backward (three kernels, no atomics, deterministic, no temporary of the size of ``y``):
+Backward: ONE fused kernel (``_bwd_kernel``) and a tiny one (``_bwd_finish_kernel``).
 
-* ``_bwd_taps_kernel``: one program per row tile, looping over ALL d chunks; ``∂T`` of
-  its rows accumulates in registers (fp32) and is stored once, in the taps dtype.
-* ``_bwd_ups_kernel``: a grid of (row group × d chunk). The row groups are few: their
-  fp32 partials of ``∂U`` and ``∂w`` (``groups × d × (K + k²)``) stay within
-  :data:`PARTIAL_BUDGET` of ``y``'s bytes. Each program walks its group's rows in tiles
-  in a fixed order, accumulating in registers (``∂w`` without per-tile cross-thread
-  reductions, see the kernel).
-* ``_sum_parts_kernel``: sums the group partials in a fixed order and casts.
+* ``_bwd_kernel``: one program per item = (row tile of ``BLOCK_M`` rows, slice of d). Per
+  ``BLOCK_D`` chunk of its slice it reads ``G`` once from DRAM (the ``k²`` shifted reads
+  of its halo are L1 / L2 hits, shared with the neighbouring tiles that run alongside),
+  rebuilds ``h`` with one rank-``K`` dot, takes ``θ(h)`` and ``θ'(h)`` from ONE ``σ``,
+  forms ``D`` (the transposed conv on patch rows, ``G`` on prefix rows) and ``S``, and
+  sends ``∂U = Sᵀ·T`` and ``∂w`` for its rows to a small zeroed fp32 buffer with fp32
+  atomics (``red.global.add``; L2-resident: ``d·(K + k²)`` floats). ``∂T`` accumulates in
+  registers over the slice and is written once: stored in the taps dtype when the slice
+  is all of d, else added with one atomic per item (into the zeroed output for fp32 taps,
+  into the buffer's tail for 16-bit taps). d is sliced only when the row tiles alone
+  would leave SMs idle (:func:`plan`: at least :data:`BWD_CTAS_PER_SM` programs per SM
+  where the work allows, then the fewest chunks on the busiest SM); at large batches each
+  item covers all of d.
+* DTL+ shift loop without barriers: inside the chunk the tile is held as
+  ``(RL, NWD, R_IN, CW)`` = (rows, columns, rows, columns), ``CW = 2`` contiguous columns
+  per load. Triton 3.6 lays a load out from its contiguous axis outwards (``CW``, then the
+  other axes in index order): ``RL`` rows on lanes, ``NWD`` columns on lanes and all the
+  warps, ``R_IN`` rows per thread. ``∂w[:, a, b] = Σ_p A[p] G[p − s_ab]`` over the tile's
+  rows is then ``R_IN`` in-thread adds and ``log2 RL`` warp shuffles, accumulated into a
+  ``(k², cols)`` register tensor whose ``k²`` axis is per thread (the per-shift select
+  folds at compile time) and written once per chunk. ``θ(h)`` / ``θ'(h)`` enter that
+  layout once per chunk; ``S`` leaves it through an opaque identity (``mov``, CUDA only)
+  so the compiler cannot pull the dot operands' layout back into the shift loop.
+* ``_bwd_finish_kernel``: ``∂U`` / ``∂w`` = the buffer's slot(s) in a fixed order, cast to
+  the ups' / conv's dtype; ``∂T``'s buffer (if any) cast to the taps' dtype.
 
-Both backward kernels rebuild ``h`` (one dot) and gather the ``k²`` shifted tiles of ``G``
-(global memory, mostly L1 / L2 hits), so ``G`` is read twice from DRAM; the only
-temporary is the partial buffer (:func:`plan` reports its shape; ``~8–9 %`` of ``y`` at
-ViT-B and Swin-B stage 3, the limit being 10 %).
+Deterministic mode (:func:`deterministic_mode`: ``torch.use_deterministic_algorithms(True)``
+or ``DTL_KERNELS_DETERMINISTIC=1``): the same kernel without atomics. A persistent grid of
+at most ``2·SMs`` programs, each owning a fixed set of row tiles over all of d (``∂T``
+stored once) and its own slot of the buffer (``∂U`` / ``∂w`` added by load + store, one
+writer, a fixed order); ``_bwd_finish_kernel`` sums the slots in slot order. Bit-identical
+runs; fewer programs (as many slots as the temporaries rule allows).
 
-Dots and σ. 16-bit inputs take the tensor cores: ``T·Uᵀ`` is exact (products of 16-bit
-values are exact in fp32 accumulation); ``S·U`` and ``Sᵀ·T`` split the fp32 ``S`` into a
-16-bit high part and a 16-bit remainder (two dots, ~16 significant bits of ``S``).
+Temporaries (:func:`plan` reports them: ``bwd_buffer``, ``bwd_temp_bytes``): at most
+``max(TEMP_FLOOR, TEMP_SHARE · bytes of y)`` = ``max(4 MB, 0.25·y)``; with atomics at
+ViT-B / Swin-B stage 3 (batch 32) 0.07–2 MB, in the deterministic mode up to the 4 MB
+floor (that is what caps its slots). Nothing of the size of ``y``; the conv kernel is
+read in place.
+
+Dots and σ. 16-bit taps / ups take the tensor cores: ``T·Uᵀ`` is exact (products of
+16-bit values are exact in fp32 accumulation); ``S·U`` and ``Tᵀ·S`` (= ``∂Uᵀ``, so that the
+tensor cores' M is ``BLOCK_K``) split the fp32 ``S`` into a 16-bit high part and a 16-bit
+remainder (two dots, ~16 significant bits of ``S``).
 float32 uses the exact ("ieee", FMA) dot, no TF32; float64 the fp64 dot. On CUDA σ runs on
 the SFU's approximate ``ex2`` / ``rcp`` (``FAST``, a few ulp, saturating to exactly 0 / 1);
 the interpreter and fp64 use ``tl.sigmoid``.
 
-Tiles are fixed per shape class (:func:`plan`; no autotuning, so no extra compiles and
-the reduction order, hence the bits, never depend on timing). The table in :func:`plan`
-comes from ahead-of-time compiles for sm_90: no register spills, shared memory well
-within limits (the k² shifted loads are not software-pipelined), loop-body instruction
-counts as low as the formulation allows.
+Tiles are fixed per shape class (:func:`plan`; no autotuning, so no extra compiles; the
+forward's and the deterministic backward's bits never depend on timing, the default
+backward's fp32 atomics add in arrival order). The table in :func:`plan` comes from
+ahead-of-time compiles for sm_90a with Triton 3.6.0 (``benchmarks/codegen_check.py``,
+``benchmarks/results/codegen.md``): no register spills, at least two CTAs per SM, no
+barrier in the shift loop, tensor-core instructions in every 16-bit dot.
 
 Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, not ``y``).
 """
@@ -74,6 +103,7 @@ Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, no
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -250,15 +280,12 @@ def _dot_acc(s, u, acc, NATIVE_DOT: tl.constexpr, ACC: tl.constexpr):
 
 
 @_jit
-def _dot_acc_t(s, t, acc, NATIVE_DOT: tl.constexpr, ACC: tl.constexpr):
-    # acc + sᵀ @ t (same operand rules as _dot_acc)
-    if NATIVE_DOT:
-        hi = s.to(t.dtype)
-        lo = (s - hi.to(tl.float32)).to(t.dtype)
-        acc = tl.dot(tl.trans(hi), t, acc, out_dtype=tl.float32)
-        return tl.dot(tl.trans(lo), t, acc, out_dtype=tl.float32)
-    else:
-        return tl.dot(tl.trans(s), t.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
+def _dot_tacc(t, s):
+    # tᵀ @ s on the tensor cores: t 16-bit, s fp32 split as in _dot_acc
+    hi = s.to(t.dtype)
+    lo = (s - hi.to(tl.float32)).to(t.dtype)
+    acc = tl.dot(tl.trans(t), hi, out_dtype=tl.float32)
+    return tl.dot(tl.trans(t), lo, acc, out_dtype=tl.float32)
 
 
 @_jit
@@ -425,67 +452,45 @@ def _fwd_conv_kernel(
 
 
 @_jit
-def _dmix(
+def _put(ptr, val, mask, DETERMINISTIC: tl.constexpr):
+    # ptr[...] += val: an fp32 atomic (relaxed; any order) or, DETERMINISTIC, a load and a
+    # store into the caller's own slot (one writer, a fixed order, the same bits every run)
+    if DETERMINISTIC:
+        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + val, mask=mask)
+    else:
+        tl.atomic_add(ptr, val, mask=mask, sem="relaxed")
+
+
+@_jit
+def _bwd_item(
+    item,
     g_ptr,
-    g_row,
+    stride_gb,
+    stride_gn,
     stride_gd,
-    cols,
-    col_ok,
-    row_ok,
-    n,
+    taps_ptr,
+    stride_tb,
+    stride_tn,
+    stride_tk,
+    ups_ptr,
     w_ptr,
+    gtaps_ptr,
+    buf_ptr,
+    wbuf_ptr,
+    R,
+    N,
     D,
+    K,
+    beta,
+    n_tiles,
+    d_per_item,
+    ks,
+    k_ok,
     KSIZE: tl.constexpr,
     NPRE: tl.constexpr,
     GH: tl.constexpr,
     GW: tl.constexpr,
     SGN: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    # D = ∂L/∂θ(h) for a (rows × cols) tile: G on prefix rows / DTL, the transposed conv
-    # Σ_ab w[:, a, b] · G[q − s_ab] on patch rows (SGN: G's row stride).
-    g_p = g_ptr + g_row[:, None] + cols[None, :] * stride_gd
-    g = tl.load(g_p, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(ACC)
-    if KSIZE == 0:
-        return g
-    else:
-        PAD: tl.constexpr = (KSIZE - 1) // 2
-        is_patch, pi, pj = _grid_pos(n, row_ok, NPRE, GW)
-        dmix = tl.zeros(g.shape, dtype=ACC)
-        for a in range(KSIZE):  # a runtime loop: k loads in flight, not k² (registers)
-            ok_i = _axis_ok(pi, PAD - a, GH)
-            g_a = g_p - (a - PAD) * (GW * SGN)
-            for bb in tl.static_range(KSIZE):
-                ok = ok_i & ((pj + (PAD - bb)).to(tl.uint32) < GW)  # _axis_ok, inlined
-                gs = tl.load(g_a - (bb - PAD) * SGN, mask=ok[:, None] & col_ok[None, :], other=0.0)
-                w = tl.load(w_ptr + cols * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=col_ok)
-                dmix += gs.to(ACC) * w.to(ACC)[None, :]
-        return tl.where(is_patch[:, None], dmix, g)
-
-
-@_jit
-def _bwd_taps_kernel(
-    g_ptr,
-    stride_gb,
-    stride_gn,
-    stride_gd,  # (B, N, d) grad of out, any strides
-    taps_ptr,
-    stride_tb,
-    stride_tn,
-    stride_tk,  # (B, N, K) concatenated taps T
-    ups_ptr,  # (d, K) contiguous ups U
-    w_ptr,  # (d, 1, KSIZE, KSIZE) contiguous depthwise kernel, y's dtype (DTL: dummy)
-    gtaps_ptr,  # (B·N, K) contiguous ∂L/∂T, taps dtype
-    R,
-    N,
-    D,
-    K,  # rows B·N, tokens per image, features, taps width
-    beta,  # Swish β
-    KSIZE: tl.constexpr,  # conv size k; 0 = DTL
-    NPRE: tl.constexpr,
-    GH: tl.constexpr,
-    GW: tl.constexpr,  # DTL+ geometry (0 for DTL)
-    SGN: tl.constexpr,  # DTL+: stride_gn as a constant (shift offsets); 0 for DTL
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -494,54 +499,117 @@ def _bwd_taps_kernel(
     EVEN_D: tl.constexpr,
     FLAT: tl.constexpr,
     FAST: tl.constexpr,
+    R_IN: tl.constexpr,
+    RL: tl.constexpr,
+    NWD: tl.constexpr,
+    CW: tl.constexpr,
+    BLOCK_KK: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
     NATIVE_DOT: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # ∂T = S·U for one row tile over ALL of d (the reduction over d stays on chip).
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.arange(0, BLOCK_K)
+    # One item (row tile, d slice) of _bwd_kernel. Per BLOCK_D chunk: h = T·Uᵀ (one dot),
+    # θ(h) and θ'(h) from one σ, D (G, or the transposed conv of G on patch rows),
+    # S = θ'(h) ⊙ D; ∂T += S·U stays in registers over the slice and is written once;
+    # ∂U = Sᵀ·T and ∂w go to buf.
+    #
+    # DTL+: the chunk is held as (RL, NWD, R_IN, CW) = (rows, cols, rows, cols), CW = 2
+    # contiguous columns per load vector. Triton 3.6 lays a load out from the contiguous
+    # axis outwards (CW, then the other axes in index order), so RL rows sit on lanes, NWD
+    # columns on lanes and on every warp, R_IN rows in each thread: the row sum of
+    # A ⊙ G[· − s_ab] for ∂w[:, a, b] is R_IN in-thread adds and log2(RL) warp shuffles
+    # (no shared memory, no barrier), kept in acc_w's per-thread k² axis (the select on
+    # kk4 == a·k + b folds at compile time) and written once per chunk. Correct for any
+    # layout the compiler picks; the layout only decides the cost (codegen_check.py).
+    KK: tl.constexpr = KSIZE * KSIZE
+    PAD: tl.constexpr = (KSIZE - 1) // 2
+    tile = item % n_tiles
+    c_begin = (item // n_tiles) * d_per_item
+    c_end = tl.minimum(c_begin + d_per_item, D)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
-    K = (K // K_VEC) * K_VEC  # == K: K_VEC divides it (aligned U rows, mask per vector)
-    k_ok = ks < K
-    beta = tl.cast(beta, ACC)
-    if KSIZE > 0:
-        N = NPRE + GH * GW
-    g_row = _off(rows, N, stride_gb, stride_gn, FLAT)
-    t = _load_t(taps_ptr, rows, N, stride_tb, stride_tn, stride_tk, ks, row_ok, k_ok, T_VEC, FLAT)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
-    for c0 in range(0, D, BLOCK_D):
+    t = _load_t(
+        taps_ptr, rows, N, stride_tb, stride_tn, stride_tk, ks, row_ok, k_ok, T_VEC, FLAT
+    )
+    if KSIZE == 0:
+        g_row = _off(rows, N, stride_gb, stride_gn, FLAT)
+    else:
+        rows4 = (
+            tile * BLOCK_M
+            + tl.arange(0, RL)[:, None, None, None] * R_IN
+            + tl.arange(0, R_IN)[None, None, :, None]
+        )  # (RL, 1, R_IN, 1)
+        row_ok4 = rows4 < R
+        g_row4 = _off(rows4, N, stride_gb, stride_gn, FLAT)
+        is_patch4, pi4, pj4 = _grid_pos(rows4 % N, row_ok4, NPRE, GW)
+        kk4 = tl.arange(0, BLOCK_KK)[None, None, :, None]
+        cl4 = tl.arange(0, NWD)[None, :, None, None] * CW + tl.arange(0, CW)[None, None, None, :]
+    acc_t = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for c0 in range(c_begin, c_end, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         col_ok = _cols_ok(cols, D, EVEN_D)
         u = _load_u(ups_ptr, cols, col_ok, ks, k_ok, K)  # U chunk (BD, BK)
         h = _dot_in(t, tl.trans(u), NATIVE_DOT, ACC)
-        dmix = _dmix(
-            g_ptr,
-            g_row,
-            stride_gd,
-            cols,
-            col_ok,
-            row_ok,
-            rows % N,
-            w_ptr,
-            D,
-            KSIZE,
-            NPRE,
-            GH,
-            GW,
-            SGN,
-            ACC,
-        )
-        s = _theta_grad(h, beta, FAST) * dmix  # 0 on masked rows / columns
-        acc = _dot_acc(s, u, acc, NATIVE_DOT, ACC)
-    tl.store(
-        gtaps_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
-        acc.to(gtaps_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & k_ok[None, :],
-    )
+        if KSIZE == 0:
+            g = tl.load(
+                g_ptr + g_row[:, None] + cols[None, :] * stride_gd,
+                mask=row_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            s = _theta_grad(h, beta, FAST) * g.to(ACC)  # 0 on masked rows / columns
+        else:
+            cols4 = c0 + cl4  # (1, NWD, 1, CW)
+            col_ok4 = _cols_ok(cols4, D, EVEN_D)
+            h4 = tl.permute(tl.reshape(h, (RL, R_IN, NWD, CW)), (0, 2, 1, 3))
+            act4, dact4 = _theta_both(h4, beta, FAST)
+            g_p4 = g_ptr + g_row4 + cols4 * stride_gd
+            dmix4 = tl.zeros((RL, NWD, R_IN, CW), dtype=ACC)
+            acc_w = tl.zeros((1, NWD, BLOCK_KK, CW), dtype=ACC)  # ∂w[cols, s] of the tile
+            for a in tl.static_range(KSIZE):
+                ok_i = _axis_ok(pi4, PAD - a, GH)
+                for bb in tl.static_range(KSIZE):
+                    # G[p − s_ab] feeds both gᵀ(G) and ∂w[:, a, b]
+                    ok = ok_i & ((pj4 + (PAD - bb)).to(tl.uint32) < GW)  # _axis_ok, inlined
+                    gs4 = tl.load(
+                        g_p4 - ((a - PAD) * GW + (bb - PAD)) * SGN,
+                        mask=ok & col_ok4,
+                        other=0.0,
+                    ).to(ACC)
+                    w4 = tl.load(w_ptr + cols4 * KK + (a * KSIZE + bb), mask=col_ok4)
+                    dmix4 += gs4 * w4.to(ACC)
+                    part = tl.sum(
+                        tl.sum(act4 * gs4, axis=2, keep_dims=True), axis=0, keep_dims=True
+                    )  # (1, NWD, 1, CW): in-thread adds, then warp shuffles
+                    acc_w = tl.where(kk4 == a * KSIZE + bb, acc_w + part, acc_w)
+            if NPRE > 0:  # prefix rows (class token …): D = G
+                g4 = tl.load(g_p4, mask=row_ok4 & ~is_patch4 & col_ok4, other=0.0).to(ACC)
+                dmix4 = tl.where(is_patch4, dmix4, g4)
+            s4 = dact4 * dmix4
+            if FAST:  # an opaque identity: the dots' operand layout stays out of the loop
+                s4 = tl.inline_asm_elementwise(
+                    "mov.b32 $0, $1;", "=r,r", [s4], dtype=tl.float32, is_pure=False, pack=1
+                )
+            s = tl.reshape(tl.permute(s4, (0, 2, 1, 3)), (BLOCK_M, BLOCK_D))
+            _put(wbuf_ptr + kk4 * D + cols4, acc_w, (kk4 < KK) & col_ok4, DETERMINISTIC)
+        acc_t = _dot_acc(s, u, acc_t, NATIVE_DOT, ACC)
+        if NATIVE_DOT:  # ∂Uᵀ = Tᵀ·S: M = BLOCK_K rows for the tensor cores
+            du_p = buf_ptr + cols[None, :] * K + ks[:, None]
+            _put(du_p, _dot_tacc(t, s), k_ok[:, None] & col_ok[None, :], DETERMINISTIC)
+        else:  # ∂U = Sᵀ·T, the exact dot
+            du = tl.dot(tl.trans(s), t.to(ACC), input_precision="ieee", out_dtype=ACC)
+            du_p = buf_ptr + cols[:, None] * K + ks[None, :]
+            _put(du_p, du, col_ok[:, None] & k_ok[None, :], DETERMINISTIC)
+    t_ptr = gtaps_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]
+    t_mask = row_ok[:, None] & k_ok[None, :]
+    if SPLIT == 1:
+        tl.store(t_ptr, acc_t.to(gtaps_ptr.dtype.element_ty), mask=t_mask)
+    else:
+        tl.atomic_add(t_ptr, acc_t, mask=t_mask, sem="relaxed")
 
 
 @_jit
-def _bwd_ups_kernel(
+def _bwd_kernel(
     g_ptr,
     stride_gb,
     stride_gn,
@@ -552,13 +620,16 @@ def _bwd_ups_kernel(
     stride_tk,  # (B, N, K) concatenated taps T
     ups_ptr,  # (d, K) contiguous ups U
     w_ptr,  # (d, 1, KSIZE, KSIZE) contiguous depthwise kernel, y's dtype (DTL: dummy)
-    part_ptr,  # (groups, d, K + KSIZE²) ACC partials: ∂U in [:K], ∂w in [K:]
+    gtaps_ptr,  # (B·N, K) contiguous ∂T: taps dtype (SPLIT == 1), else a zeroed ACC buffer
+    buf_ptr,  # (slots, d·K + KSIZE²·d) zeroed ACC: ∂U as (d, K), then ∂w as (KSIZE², d)
     R,
     N,
     D,
     K,  # rows B·N, tokens per image, features, taps width
     beta,  # Swish β
-    rows_per_group,  # a multiple of BLOCK_M
+    n_tiles,  # cdiv(R, BLOCK_M)
+    n_items,  # n_tiles · SPLIT
+    d_per_item,  # columns of d per item (a multiple of BLOCK_D)
     KSIZE: tl.constexpr,  # conv size k; 0 = DTL
     NPRE: tl.constexpr,
     GH: tl.constexpr,
@@ -572,127 +643,181 @@ def _bwd_ups_kernel(
     EVEN_D: tl.constexpr,
     FLAT: tl.constexpr,
     FAST: tl.constexpr,
-    BLOCK_KK: tl.constexpr,  # next_pow2(k²) (1 for DTL)
-    CV: tl.constexpr,  # columns per load vector (2 for DTL+, see below; BLOCK_D for DTL)
-    FOLD: tl.constexpr,  # rows of a tile the layout spreads over lanes and warps
+    R_IN: tl.constexpr,  # DTL+ shift layout: BLOCK_M = RL · R_IN rows, BLOCK_D = NWD · CW
+    RL: tl.constexpr,
+    NWD: tl.constexpr,
+    CW: tl.constexpr,
+    BLOCK_KK: tl.constexpr,  # next_pow2(KSIZE²) (1 for DTL)
+    SPLIT: tl.constexpr,  # d slices per row tile (> 1: ∂T through atomics)
+    DETERMINISTIC: tl.constexpr,  # each program adds into its own slot of buf, no atomics
     NATIVE_DOT: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # Grid (row group, d chunk): ∂U = Sᵀ·T and ∂w[:, a, b] = Σ_p A[p] G[p − s_ab] over the
-    # group's rows, in registers, in a fixed order; one ACC partial per group.
-    #
-    # ∂w without per-tile cross-thread reductions: G tiles are loaded as (rows, BD/CV, CV)
-    # with CV = 2 contiguous columns per vector, so a thread holds 2 columns × several
-    # rows and the lanes / warps tile FOLD rows. The products A ⊙ G[· − s_ab] of a tile
-    # are summed over the rows a thread holds (reshape to (BM/FOLD, FOLD, ...), sum over
-    # axis 0: in-thread adds) into a (BLOCK_KK, FOLD, ...) accumulator (2 registers per
-    # shift); the lanes and warps are reduced once, after the last tile. (Correct for any
-    # layout the compiler picks; FOLD only decides whether the sum is in-thread.)
-    grp = tl.program_id(0)
-    c0 = tl.program_id(1) * BLOCK_D
+    # The whole backward (module docstring). An item is (row tile, d slice), the row tile
+    # fastest (programs running together share G's halo rows in L2): one item per program,
+    # or (DETERMINISTIC) a persistent grid, program pid taking items pid, pid + P, … into its
+    # own slot of buf. _bwd_item holds the per-item code; the two calls keep the atomic
+    # kernel free of loop state (registers: the unrolled shift loop keeps its loads in
+    # flight).
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
     ks = tl.arange(0, BLOCK_K)
     K = (K // K_VEC) * K_VEC  # == K: K_VEC divides it (aligned U rows, mask per vector)
     k_ok = ks < K
     beta = tl.cast(beta, ACC)
     KK: tl.constexpr = KSIZE * KSIZE
-    PAD: tl.constexpr = (KSIZE - 1) // 2
     if KSIZE > 0:
         N = NPRE + GH * GW
-    cols3 = c0 + (tl.arange(0, BLOCK_D // CV) * CV)[:, None] + tl.arange(0, CV)[None, :]
-    c_off3 = cols3[None, :, :] * stride_gd
-    col_ok2 = _cols_ok(cols3, D, EVEN_D)
-    col_ok3 = col_ok2[None, :, :]
-    cols = c0 + tl.arange(0, BLOCK_D)
-    col_ok = _cols_ok(cols, D, EVEN_D)
-    u_t = tl.trans(_load_u(ups_ptr, cols, col_ok, ks, k_ok, K))  # Uᵀ chunk
-    acc_u = tl.zeros((BLOCK_D, BLOCK_K), dtype=ACC)
-    acc_w = tl.zeros((BLOCK_KK, FOLD, BLOCK_D // CV, CV), dtype=ACC)
-    kk4 = tl.arange(0, BLOCK_KK)[:, None, None, None]
-    r_begin = grp * rows_per_group
-    r_end = tl.minimum(r_begin + rows_per_group, R)
-    for r0 in range(r_begin, r_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < r_end
-        t = _load_t(
-            taps_ptr, rows, N, stride_tb, stride_tn, stride_tk, ks, row_ok, k_ok, T_VEC, FLAT
-        )
-        act, dact = _theta_both(_dot_in(t, u_t, NATIVE_DOT, ACC), beta, FAST)
-        g_p = g_ptr + _off(rows, N, stride_gb, stride_gn, FLAT)[:, None, None] + c_off3
-        g3 = tl.load(g_p, mask=row_ok[:, None, None] & col_ok3, other=0.0).to(ACC)
-        if KSIZE == 0:
-            s = dact * tl.reshape(g3, (BLOCK_M, BLOCK_D))
-        else:
-            # the shift loop works in the (rows, BD/CV, CV) layout of the G loads; θ(h)
-            # is brought into it once per tile
-            is_patch, pi, pj = _grid_pos(rows % N, row_ok, NPRE, GW)
-            act3 = tl.reshape(act, (BLOCK_M, BLOCK_D // CV, CV))
-            dmix3 = tl.zeros((BLOCK_M, BLOCK_D // CV, CV), dtype=ACC)
-            for a in tl.static_range(KSIZE):
-                ok_i = _axis_ok(pi, PAD - a, GH)
-                for bb in tl.static_range(KSIZE):
-                    # G[p − s_ab] feeds both gᵀ(G) and ∂w[:, a, b]
-                    ok = ok_i & ((pj + (PAD - bb)).to(tl.uint32) < GW)  # _axis_ok, inlined
-                    gs3 = tl.load(
-                        g_p - ((a - PAD) * GW + (bb - PAD)) * SGN,
-                        mask=ok[:, None, None] & col_ok3,
-                        other=0.0,
-                    ).to(ACC)
-                    w3 = tl.load(w_ptr + cols3 * (KSIZE * KSIZE) + (a * KSIZE + bb), mask=col_ok2)
-                    dmix3 += gs3 * w3.to(ACC)[None, :, :]
-                    part = tl.sum(
-                        tl.reshape(act3 * gs3, (BLOCK_M // FOLD, FOLD, BLOCK_D // CV, CV)), axis=0
-                    )
-                    acc_w = tl.where(kk4 == a * KSIZE + bb, acc_w + part[None, :, :, :], acc_w)
-            dmix3 = tl.where(is_patch[:, None, None], dmix3, g3)
-            s = dact * tl.reshape(dmix3, (BLOCK_M, BLOCK_D))
-        acc_u = _dot_acc_t(s, t, acc_u, NATIVE_DOT, ACC)
-    width = K + KK
-    slot = part_ptr + (grp.to(tl.int64) * D + cols[:, None]) * width
-    tl.store(slot + ks[None, :], acc_u, mask=col_ok[:, None] & k_ok[None, :])
-    if KSIZE > 0:
-        kk = tl.arange(0, BLOCK_KK)
-        wsum = tl.reshape(tl.sum(acc_w, axis=1), (BLOCK_KK, BLOCK_D))  # lanes / warps, once
-        tl.store(
-            part_ptr + (grp.to(tl.int64) * D + cols[None, :]) * width + K + kk[:, None],
-            wsum,
-            mask=col_ok[None, :] & (kk[:, None] < KK),
+    if DETERMINISTIC:  # one slot per program; its items, in a fixed order
+        buf_ptr += pid.to(tl.int64) * D * (K + KK)
+        wbuf_ptr = buf_ptr + D * K
+        for item in range(pid, n_items, n_prog):
+            _bwd_item(
+                item,
+                g_ptr,
+                stride_gb,
+                stride_gn,
+                stride_gd,
+                taps_ptr,
+                stride_tb,
+                stride_tn,
+                stride_tk,
+                ups_ptr,
+                w_ptr,
+                gtaps_ptr,
+                buf_ptr,
+                wbuf_ptr,
+                R,
+                N,
+                D,
+                K,
+                beta,
+                n_tiles,
+                d_per_item,
+                ks,
+                k_ok,
+                KSIZE,
+                NPRE,
+                GH,
+                GW,
+                SGN,
+                BLOCK_M,
+                BLOCK_D,
+                BLOCK_K,
+                K_VEC,
+                T_VEC,
+                EVEN_D,
+                FLAT,
+                FAST,
+                R_IN,
+                RL,
+                NWD,
+                CW,
+                BLOCK_KK,
+                SPLIT,
+                DETERMINISTIC,
+                NATIVE_DOT,
+                ACC,
+            )
+    else:  # one item per program: no loop state beside the shift loop's registers
+        wbuf_ptr = buf_ptr + D * K
+        _bwd_item(
+            pid,
+            g_ptr,
+            stride_gb,
+            stride_gn,
+            stride_gd,
+            taps_ptr,
+            stride_tb,
+            stride_tn,
+            stride_tk,
+            ups_ptr,
+            w_ptr,
+            gtaps_ptr,
+            buf_ptr,
+            wbuf_ptr,
+            R,
+            N,
+            D,
+            K,
+            beta,
+            n_tiles,
+            d_per_item,
+            ks,
+            k_ok,
+            KSIZE,
+            NPRE,
+            GH,
+            GW,
+            SGN,
+            BLOCK_M,
+            BLOCK_D,
+            BLOCK_K,
+            K_VEC,
+            T_VEC,
+            EVEN_D,
+            FLAT,
+            FAST,
+            R_IN,
+            RL,
+            NWD,
+            CW,
+            BLOCK_KK,
+            SPLIT,
+            DETERMINISTIC,
+            NATIVE_DOT,
+            ACC,
         )
 
 
 @_jit
-def _sum_parts_kernel(
-    part_ptr,  # (groups, d, K + KK) ACC partials
+def _bwd_finish_kernel(
+    buf_ptr,  # (slots, d·K + KK·d) ACC: ∂U as (d, K), ∂w as (KK, d), one slot per program
     gups_ptr,  # (d, K) ∂L/∂U out, ups dtype
     gw_ptr,  # (d, KK) ∂L/∂w out, conv dtype (dummy when KK == 0)
-    groups,
+    tbuf_ptr,  # (B·N·K,) ACC ∂T buffer (dummy when n_t == 0)
+    gtaps_ptr,  # (B·N·K,) ∂L/∂T out, taps dtype (dummy when n_t == 0)
+    slots,
     D,
     K,
     KK,
+    n_t,  # B·N·K when ∂T went through tbuf, else 0
+    w_progs,  # programs of the ∂U / ∂w part: cdiv(d·(K + KK), BLOCK)
     BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    # ∂U, ∂w = Σ_g partial[g], g = 0, 1, … in order (deterministic), cast to the I/O dtype.
-    width = K + KK
-    numel = D * width
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = idx < numel
-    acc = tl.zeros((BLOCK,), dtype=ACC)
-    for g in range(groups):  # the partials are small: int32 offsets suffice
-        acc += tl.load(part_ptr + g * numel + idx, mask=ok, other=0.0)
-    c = idx // width
-    j = idx - c * width
-    tl.store(gups_ptr + c * K + j, acc.to(gups_ptr.dtype.element_ty), mask=ok & (j < K))
-    if KK > 0:
-        tl.store(gw_ptr + c * KK + (j - K), acc.to(gw_ptr.dtype.element_ty), mask=ok & (j >= K))
+    # ∂U, ∂w = Σ_slot buf[slot], slot = 0, 1, … in order (deterministic), cast to the I/O
+    # dtypes; then (programs w_progs …) ∂T's buffer cast to the taps dtype.
+    pid = tl.program_id(0)
+    if pid < w_progs:
+        numel = D * (K + KK)
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = idx < numel
+        acc = tl.zeros((BLOCK,), dtype=ACC)
+        for sl in range(slots):  # the slots are small: int32 offsets suffice
+            acc += tl.load(buf_ptr + sl * numel + idx, mask=ok, other=0.0)
+        n_u = D * K
+        tl.store(gups_ptr + idx, acc.to(gups_ptr.dtype.element_ty), mask=ok & (idx < n_u))
+        if KK > 0:
+            kk = (idx - n_u) // D
+            c = idx - n_u - kk * D
+            tl.store(gw_ptr + c * KK + kk, acc.to(gw_ptr.dtype.element_ty), mask=ok & (idx >= n_u))
+    else:
+        t_idx = (pid - w_progs).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        t_ok = t_idx < n_t
+        val = tl.load(tbuf_ptr + t_idx, mask=t_ok, other=0.0)
+        tl.store(gtaps_ptr + t_idx, val.to(gtaps_ptr.dtype.element_ty), mask=t_ok)
 
 
 # --------------------------------------------------------------------------------------
 # Planning: tiles, grids and temporaries per shape class (no GPU needed)
 # --------------------------------------------------------------------------------------
 
-#: the backward's temporaries (the fp32 ∂U / ∂w partials of the row groups and the (k², d)
-#: copy of the conv kernel) may take this share of y's bytes (the limit is 10 %)
-PARTIAL_BUDGET = 0.095
+#: the backward's temporaries (its zeroed ACC buffer: ∂U / ∂w slots, and ∂T when d is split
+#: over programs with 16-bit taps) may take max(TEMP_FLOOR, TEMP_SHARE · bytes of y)
+TEMP_FLOOR, TEMP_SHARE = 4 << 20, 0.25
+#: programs per SM of the atomic backward (the compiled kernel's occupancy, codegen.csv)
+BWD_CTAS_PER_SM = 2
 
 
 def _next_pow2(n: int) -> int:
@@ -713,25 +838,31 @@ def plan(
     dtype: torch.dtype = torch.float32,
     device_type: str = "cuda",
     sms: int = 132,
+    side_dtype: torch.dtype | None = None,
+    deterministic: bool = False,
 ) -> dict:
     """Tiles, grids and temporaries of the forward and backward launches for one shape.
 
     ``grid = (H, W)`` for DTL+ (the prefix is ``n − H·W``); contiguous inputs assumed for
     the stride-dependent constants (the launchers override them from the real strides).
     Pure arithmetic, no GPU: ``sms`` is the device's SM count (132 on an H100 SXM);
-    ``device_type != "cuda"`` plans the small tiles used under the interpreter. Returns
-    ``{"fwd", "bwd_taps", "bwd_ups", "sum"}`` launches (``kernel`` name, ``grid``,
-    ``meta``: constexprs and ``num_warps`` / ``num_stages``, ``args``: extra runtime ints),
-    ``fwd_scratch`` / ``bwd_partials`` (shapes of the fp32 temporaries, ``None`` if none),
-    ``temporaries`` (those two; the conv kernel is read in place, no copy),
-    ``fwd_temp_bytes`` / ``bwd_temp_bytes`` (the bytes of each pass's temporaries) and
-    ``y_bytes``.
+    ``device_type != "cuda"`` plans the small tiles used under the interpreter.
+    ``side_dtype``: the taps' / ups' dtype (default ``dtype``; 16-bit beside a float32 ``y``
+    in the autocast mix). ``deterministic``: the backward without atomics (one ∂U / ∂w slot
+    per program, summed in a fixed order). Returns ``{"fwd", "bwd", "finish"}`` launches
+    (``kernel`` name, ``grid``, ``meta``: constexprs and ``num_warps`` / ``num_stages``,
+    ``args``: extra runtime ints), ``fwd_scratch`` / ``bwd_buffer`` (shapes of the ACC
+    temporaries, ``None`` if none; ``bwd_buffer`` = ``bwd_slots`` ∂U / ∂w slots then
+    ``bwd_tbuf`` elements of ∂T), ``temporaries`` (those two; the conv kernel is read in
+    place, no copy), ``fwd_temp_bytes`` / ``bwd_temp_bytes`` (the bytes of each pass's
+    temporaries), ``temp_budget`` (the bytes the backward may allocate) and ``y_bytes``.
     """
     elem = torch.empty((), dtype=dtype).element_size()
+    side_elem = torch.empty((), dtype=side_dtype or dtype).element_size()
     acc_elem = 8 if dtype == torch.float64 else 4
     rows = bsz * n
     block_k = max(16, _next_pow2(kw))
-    k_vec = 16 // elem if kw % (16 // elem) == 0 else 1  # U rows 16-byte aligned
+    k_vec = 16 // side_elem if kw % (16 // side_elem) == 0 else 1  # U rows 16-byte aligned
     kk = k * k
     interp = device_type != "cuda"
     y_bytes = rows * d * elem
@@ -791,86 +922,91 @@ def plan(
         )
         out["fwd_scratch"] = (progs, n_sub * sub, bd)
 
-    # backward ∂T: one program per row tile over all of d (rows per tile: the most that
-    # still gives two programs per SM)
-    stages = 1 if k else 3  # no software pipelining of the k² shifted loads (smem)
-    if interp:
-        bm1, bd1 = 32, 32
+    # backward: one fused kernel (_bwd_kernel) over items = (row tile, d slice), then a
+    # tiny one (_bwd_finish_kernel) that sums the ∂U / ∂w slots in order and casts
+    if k == 0:
+        r_in, rl, nwd, cw = 1, 1, 1, 1  # no shift loop: the 4-D layout is unused
+        bm, bd, nw = (32, 32, 4) if interp else [(64, 64, 4), (64, 32, 4), (32, 32, 4)][cls]
     else:
-        bm1 = 16
-        for cand in (64, 32):  # the (rows, BK) ∂T accumulator and taps tile stay small
-            if _cdiv(rows, cand) >= 2 * sms and cand * block_k <= 2048:
-                bm1 = cand
-                break
-        bd1 = [(128, 128), (64, 32), (32, 16)][cls][1 if k else 0]
-    out["bwd_taps"] = dict(
-        kernel="_bwd_taps_kernel",
-        grid=(_cdiv(rows, bm1),),
+        # (R_IN, RL, NWD, CW): RL · NWD / num_warps = 32 lanes (see _bwd_kernel); the ∂T
+        # accumulator and taps tile grow with BLOCK_K, so wide taps get fewer rows
+        if interp:
+            r_in, rl, nwd, cw = 2, 16, 16, 2
+        elif block_k <= 32 and cls == 0:
+            r_in, rl, nwd, cw = 8, 8, 16, 2
+        elif block_k <= 64 and cls < 2:
+            r_in, rl, nwd, cw = 4, 16, 8, 2
+        else:
+            r_in, rl, nwd, cw = 2, 16, 8, 2
+        bm, bd, nw = r_in * rl, nwd * cw, 4
+    n_tiles = _cdiv(rows, bm)
+    n_chunks = _cdiv(d, bd)
+    slot = d * (kw + kk)  # ∂U (d, K) and ∂w (k², d) of one slot, ACC elements
+    budget = max(TEMP_FLOOR, TEMP_SHARE * y_bytes)  # bytes the backward may allocate
+    t_buffered = side_elem != acc_elem  # ∂T atomics need an ACC buffer (16-bit taps)
+    t_elems = _cdiv(rows * kw, 4) * 4
+    if deterministic:  # one slot per program, at most what the budget holds
+        split = 1
+        progs = 3 if interp else 2 * sms
+        progs = max(1, min(n_tiles, progs, int(budget) // (slot * acc_elem)))
+        slots = progs
+    else:  # one slot, fp32 atomics; d slices until every SM has programs
+        target = 3 if interp else BWD_CTAS_PER_SM * sms
+        split = 1
+        if interp:
+            split = min(n_chunks, 2)
+        else:
+            # d slices: programs for every SM (≥ target where the work allows), then the
+            # least work on the busiest SM slot (waves × (chunks per item + ~1 chunk of
+            # per-item cost: the taps tile, ∂T's store)); ∂T's buffer within budget
+            need = min(target, n_tiles * n_chunks)
+            best = None
+            for s in range(1, n_chunks + 1):
+                if s > 1 and t_buffered and (slot + t_elems) * acc_elem > budget:
+                    break
+                span = _cdiv(n_tiles * s, target) * (_cdiv(n_chunks, s) + 1)
+                key = (n_tiles * s < need, span)
+                if best is None or key < best:
+                    best, split = key, s
+        split = _cdiv(n_chunks, _cdiv(n_chunks, split))  # no empty slice
+        progs = n_tiles * split  # one item per program
+        slots = 1
+    per_item = _cdiv(n_chunks, split) * bd
+    tbuf = t_elems if split > 1 and t_buffered else 0
+    out["bwd"] = dict(
+        kernel="_bwd_kernel",
+        grid=(progs,),
         meta=dict(
             base,
             **geom,
             KSIZE=k,
             SGN=d if k else 0,
-            BLOCK_M=bm1,
-            BLOCK_D=bd1,
-            EVEN_D=d % bd1 == 0,
-            num_warps=4,
-            num_stages=stages,
-        ),
-        args=(),
-    )
-
-    # backward ∂U / ∂w: a few row groups, their partials within the budget; as many d
-    # chunks as it takes to give every SM a program
-    width = kw + kk
-    if interp:
-        bm2, nw2, bd2_max = 32, 4, 32
-    elif k:
-        bm2, nw2, bd2_max = [(128, 8, 32 if kk <= 16 else 16), (64, 8, 16), (32, 4, 16)][cls]
-    else:
-        bm2, nw2, bd2_max = 64, 4, 64
-    tiles = _cdiv(rows, bm2)
-    per_group = d * width * acc_elem
-    budget = PARTIAL_BUDGET * y_bytes - kk * d * acc_elem  # what the (k², d) w copy leaves
-    groups = max(1, min(tiles, 64, int(budget) // per_group))
-    if interp:
-        groups = min(tiles, 3)
-    bd2 = 32 if interp else 16
-    for cand in (64, 32):
-        if cand <= bd2_max and groups * _cdiv(d, cand) >= sms:
-            bd2 = cand
-            break
-    rows_per_group = _cdiv(tiles, groups) * bm2
-    groups = _cdiv(rows, rows_per_group)
-    cv = 2 if k else bd2  # DTL+: 2 columns per thread (see _bwd_ups_kernel)
-    fold = 2 if interp else min(bm2, max(1, 32 // (bd2 // cv)) * nw2)
-    out["bwd_ups"] = dict(
-        kernel="_bwd_ups_kernel",
-        grid=(groups, _cdiv(d, bd2)),
-        meta=dict(
-            base,
-            **geom,
-            KSIZE=k,
-            SGN=d if k else 0,
-            BLOCK_M=bm2,
-            BLOCK_D=bd2,
-            EVEN_D=d % bd2 == 0,
+            BLOCK_M=bm,
+            BLOCK_D=bd,
+            EVEN_D=d % bd == 0,
+            R_IN=r_in,
+            RL=rl,
+            NWD=nwd,
+            CW=cw,
             BLOCK_KK=_next_pow2(kk) if k else 1,
-            CV=cv,
-            FOLD=fold,
-            num_warps=nw2,
-            num_stages=stages,
+            SPLIT=split,
+            DETERMINISTIC=deterministic,
+            num_warps=nw,
+            num_stages=1,
         ),
-        args=(rows_per_group,),
+        args=(n_tiles, n_tiles * split, per_item),
     )
-    out["bwd_partials"] = (groups, d, width)
     block = 64 if interp else 512
-    out["sum"] = dict(
-        kernel="_sum_parts_kernel",
-        grid=(_cdiv(d * width, block),),
+    w_progs = _cdiv(slot, block)
+    out["finish"] = dict(
+        kernel="_bwd_finish_kernel",
+        grid=(w_progs + _cdiv(tbuf, block),),
         meta=dict(BLOCK=block, num_warps=4),
-        args=(),
+        args=(w_progs,),
     )
+    out["bwd_slots"] = slots
+    out["bwd_tbuf"] = tbuf
+    out["bwd_buffer"] = (slots * slot + tbuf,)  # one zeroed ACC allocation
 
     def nbytes(*shapes):
         total = 0
@@ -882,8 +1018,9 @@ def plan(
         return total
 
     out["fwd_temp_bytes"] = nbytes(out["fwd_scratch"])
-    out["bwd_temp_bytes"] = nbytes(out["bwd_partials"])
-    out["temporaries"] = dict(fwd_scratch=out["fwd_scratch"], bwd_partials=out["bwd_partials"])
+    out["bwd_temp_bytes"] = nbytes(out["bwd_buffer"])
+    out["temp_budget"] = budget
+    out["temporaries"] = dict(fwd_scratch=out["fwd_scratch"], bwd_buffer=out["bwd_buffer"])
     return out
 
 
@@ -918,8 +1055,16 @@ def _cached_plan(*args) -> dict:
     return plan(*args)
 
 
-def _plan_for(x: torch.Tensor, kw: int, k: int, grid_h: int, grid_w: int) -> dict:
+def _plan_for(
+    x: torch.Tensor,
+    taps: torch.Tensor,
+    k: int,
+    grid_h: int,
+    grid_w: int,
+    deterministic: bool = False,
+) -> dict:
     bsz, n, d = x.shape
+    kw = taps.shape[2]
     sms = 132
     if x.is_cuda:
         index = x.device.index if x.device.index is not None else torch.cuda.current_device()
@@ -927,7 +1072,17 @@ def _plan_for(x: torch.Tensor, kw: int, k: int, grid_h: int, grid_w: int) -> dic
             _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
         sms = _SM_COUNT[index]
     grid = (grid_h, grid_w) if k else None
-    return _cached_plan(bsz, n, d, kw, k, grid, x.dtype, x.device.type, sms)
+    return _cached_plan(
+        bsz, n, d, kw, k, grid, x.dtype, x.device.type, sms, taps.dtype, deterministic
+    )
+
+
+def deterministic_mode() -> bool:
+    """Whether the backward runs without atomics (bit-identical runs):
+    ``torch.use_deterministic_algorithms(True)`` or ``DTL_KERNELS_DETERMINISTIC=1``."""
+    return torch.are_deterministic_algorithms_enabled() or (
+        os.environ.get("DTL_KERNELS_DETERMINISTIC", "0") not in ("", "0")
+    )
 
 
 def _native_dot(x: torch.Tensor) -> bool:
@@ -1000,7 +1155,7 @@ def side_fwd(
         return out
     _require_launchable(y)
 
-    p = _plan_for(y, kw, k, grid_h, grid_w)
+    p = _plan_for(y, taps, k, grid_h, grid_w)
     consts = _consts(y, taps, (y, taps, out))
     ups_c = ups.contiguous()
     rows = bsz * n
@@ -1056,7 +1211,8 @@ def side_bwd(
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels; returns ``(grad_taps, grad_ups, grad_conv)`` in the
-    dtypes of ``taps``, ``ups`` and ``conv_weight`` (``grad_conv`` empty for DTL)."""
+    dtypes of ``taps``, ``ups`` and ``conv_weight`` (``grad_conv`` empty for DTL).
+    Bit-identical runs in :func:`deterministic_mode`, else fp32 atomics."""
     k = contract.check_kernel_inputs(
         "triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
     )
@@ -1068,32 +1224,57 @@ def side_bwd(
         return taps.new_zeros(taps.shape), ups.new_zeros(ups.shape), grad_conv
     _require_launchable(grad_out)
 
-    p = _plan_for(grad_out, kw, k, grid_h, grid_w)
+    det = deterministic_mode()
+    p = _plan_for(grad_out, taps, k, grid_h, grid_w, det)
     consts = dict(_consts(grad_out, taps, (grad_out, taps)), SGN=grad_out.stride(1) if k else 0)
+    acc = _acc_torch(grad_out.dtype)
     ups_c = ups.contiguous()
     w = conv_weight.contiguous() if k else ups_c  # read as (d, k²) in place (DTL: a dummy)
-    grad_taps = torch.empty((bsz, n, kw), dtype=taps.dtype, device=dev)
+    split = p["bwd"]["meta"]["SPLIT"]
+    # ∂T: written once per row tile, or (d split over programs) added up by atomics: into
+    # the zeroed output when it is ACC, else into the tail of the buffer (cast at the end)
+    if split > 1 and taps.dtype == acc:
+        grad_taps = torch.zeros((bsz, n, kw), dtype=taps.dtype, device=dev)
+    else:
+        grad_taps = torch.empty((bsz, n, kw), dtype=taps.dtype, device=dev)
     grad_ups = torch.empty((d, kw), dtype=ups.dtype, device=dev)
     grad_conv = (
         torch.empty((d, 1, k, k), dtype=conv_weight.dtype, device=dev)
         if k
         else grad_out.new_empty((0,))
     )
-    parts = torch.empty(p["bwd_partials"], dtype=_acc_torch(grad_out.dtype), device=dev)
-    common = (bsz * n, n, d, kw, float(beta))
-    g_args = (grad_out, *grad_out.stride(), taps, *taps.stride(), ups_c, w)
+    buf = torch.zeros(p["bwd_buffer"], dtype=acc, device=dev)
+    tbuf = buf[p["bwd_slots"] * d * (kw + k * k) :] if p["bwd_tbuf"] else buf
     with _device_of(grad_out):
-        _launch(p["bwd_taps"], *g_args, grad_taps, *common, **consts)
-        _launch(p["bwd_ups"], *g_args, parts, *common, **consts)
         _launch(
-            p["sum"],
-            parts,
+            p["bwd"],
+            grad_out,
+            *grad_out.stride(),
+            taps,
+            *taps.stride(),
+            ups_c,
+            w,
+            tbuf if p["bwd_tbuf"] else grad_taps,
+            buf,
+            bsz * n,
+            n,
+            d,
+            kw,
+            float(beta),
+            **consts,
+        )
+        _launch(
+            p["finish"],
+            buf,
             grad_ups,
             grad_conv if k else grad_ups,
-            p["bwd_partials"][0],
+            tbuf,
+            grad_taps,
+            p["bwd_slots"],
             d,
             kw,
             k * k,
+            bsz * n * kw if p["bwd_tbuf"] else 0,
             ACC=_acc_dtype(grad_out.dtype),
         )
     return grad_taps, grad_ups, grad_conv
