@@ -138,8 +138,8 @@ def test_codegen_check_triton_kernels(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(pinned), str(ROOT)]))
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from a cache
     cmd = [sys.executable, str(ROOT / "benchmarks" / "codegen_check.py"), "--skip-cuda",
-           "--cases", "vit-b-dtl+k3", "--dtypes", "bf16", "--kernels", "_bwd_taps_kernel",
-           "_sum_parts_kernel", "--out", str(tmp_path / "codegen"),
+           "--cases", "vit-b-dtl+k3", "--dtypes", "bf16", "--kernels", "_bwd_kernel",
+           "_bwd_finish_kernel", "--out", str(tmp_path / "codegen"),
            "--workdir", str(tmp_path / "work")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -147,8 +147,8 @@ def test_codegen_check_triton_kernels(tmp_path):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == codegen_check.COLUMNS
         rows = {r["kernel"]: r for r in reader}
-    assert set(rows) == {"_bwd_taps_kernel", "_sum_parts_kernel"}
-    taps, summ = rows["_bwd_taps_kernel"], rows["_sum_parts_kernel"]
+    assert set(rows) == {"_bwd_kernel", "_bwd_finish_kernel"}
+    taps, summ = rows["_bwd_kernel"], rows["_bwd_finish_kernel"]
     for r in rows.values():
         assert r["triton"] == codegen_check.PINNED_TRITON and r["arch"] == "sm_90a"
         assert 0 < int(r["regs"]) <= 255 and int(r["threads"]) == 128
