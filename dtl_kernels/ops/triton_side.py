@@ -529,9 +529,7 @@ def _bwd_item(
     c_end = tl.minimum(c_begin + d_per_item, D)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < R
-    t = _load_t(
-        taps_ptr, rows, N, stride_tb, stride_tn, stride_tk, ks, row_ok, k_ok, T_VEC, FLAT
-    )
+    t = _load_t(taps_ptr, rows, N, stride_tb, stride_tn, stride_tk, ks, row_ok, k_ok, T_VEC, FLAT)
     if KSIZE == 0:
         g_row = _off(rows, N, stride_gb, stride_gn, FLAT)
     else:
