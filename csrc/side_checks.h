@@ -11,6 +11,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -67,6 +69,18 @@ struct SideLimits {
 // residual stream float32 while the taps, a matmul's output, are 16-bit).
 inline bool side_dtypes_ok(at::ScalarType y, at::ScalarType side) {
   return side == y || (y == at::kFloat && (side == at::kBFloat16 || side == at::kHalf));
+}
+
+// f(side_t{}) for the taps / ups dtype `s`: scalar_t itself, or bfloat16 / half beside a
+// float32 y (the autocast mix; side_dtypes_ok admits no other). For the dispatch of the CPU
+// and CUDA entry points.
+template <typename scalar_t, typename F>
+void with_side_type(at::ScalarType s, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (s == at::kBFloat16) return f(c10::BFloat16{});
+    if (s == at::kHalf) return f(c10::Half{});
+  }
+  f(scalar_t{});
 }
 
 // Checks y/grad_out (B, N, d), taps (B, N, K), ups (d, K), conv_weight (d, 1, k, k) or none,

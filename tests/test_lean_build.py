@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from tiny_models import SWIN, TINY_SWIN
 
 from dtl_kernels import create_model, memory
 from dtl_kernels.models import DTLEva, DTLViT
@@ -24,19 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 TINY = {  # (timm name, timm options + where the side network sits, image size)
     "vit": ("vit_tiny_patch16_224", {"img_size": 32, "depth": 3, "adapt_from": 2}, 32),
     "eva": ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 3, "adapt_from": 2}, 28),
-    "swin": (
-        "swin_tiny_patch4_window7_224",
-        dict(
-            img_size=64,
-            window_size=4,
-            depths=(1, 1, 2, 1),
-            embed_dim=24,
-            num_heads=(1, 1, 2, 2),
-            tap_from=1,
-            adapt_from=3,
-        ),
-        64,
-    ),
+    "swin": (SWIN, TINY_SWIN, 64),
 }  # fmt: skip  (EVA: rotary tables; Swin: relative indices and masks, computed buffers)
 WRAPPER = ("adapt_from", "tap_from")
 

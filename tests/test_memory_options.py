@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import SWIN, TINY_SWIN
 
 from dtl_kernels import create_model
 
@@ -30,19 +31,7 @@ def build(family, **opts):
             adapt_from=2,
             **opts,
         )
-    return create_model(
-        "swin_tiny_patch4_window7_224",
-        method="dtl+",
-        num_classes=5,
-        img_size=64,
-        window_size=4,
-        depths=(1, 1, 2, 1),
-        embed_dim=24,
-        num_heads=(1, 1, 2, 2),
-        tap_from=1,
-        adapt_from=3,
-        **opts,
-    )
+    return create_model(SWIN, method="dtl+", num_classes=5, **TINY_SWIN, **opts)
 
 
 def run(model, images):

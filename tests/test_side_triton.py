@@ -158,8 +158,12 @@ def _check_step_gradcheck():
     def f(y, taps, z0, z1, a0, a1, ups, w):
         return step.side_step(y, taps, [z0, z1], [a0, a1], 2, ups, w, (2, 3), 1, 3.0, "triton")
 
-    ok = torch.autograd.gradcheck(f, (y, taps, *zs, *downs, ups, w), raise_exception=False)
-    return bool(ok), {"gradcheck": bool(ok)}
+    # fast mode (one random direction per input, float64): the full Jacobian costs ~900
+    # interpreted launches; the C++ and reference paths get the full gradcheck in
+    # test_side_step.py
+    args = (y, taps, *zs, *downs, ups, w)
+    ok = torch.autograd.gradcheck(f, args, fast_mode=True, raise_exception=False)
+    return bool(ok), {"gradcheck (fast mode)": bool(ok)}
 
 
 def _check_deterministic():
@@ -171,7 +175,7 @@ def _check_deterministic():
     from dtl_kernels.ops import triton_side
 
     report, ok = {}, True
-    for name in ("k4-prefix1-grid6x6", "k3-prefix5-grid16x21-d72", "dtl-rows1200"):
+    for name in ("k4-prefix1-grid6x6", "dtl-rows1200"):  # with and without the conv
         case = BY_NAME[name]
         values = inputs(case)
         runs = []

@@ -607,17 +607,6 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
 // The CPU kernels take any K and conv size, and 16-bit taps / ups beside float32 y.
 constexpr SideLimits kCpuLimits{int64_t(1) << 30, int64_t(1) << 15, true};
 
-// f(side_t{}) for the taps / ups dtype `s`: scalar_t itself, or bfloat16 / half beside a
-// float32 y (the autocast mix; check_side_inputs admits no other).
-template <typename scalar_t, typename F>
-void with_side_type(at::ScalarType s, F&& f) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (s == at::kBFloat16) return f(c10::BFloat16{});
-    if (s == at::kHalf) return f(c10::Half{});
-  }
-  f(scalar_t{});
-}
-
 at::Tensor side_forward_cpu(const at::Tensor& y_in, const at::Tensor& taps_in,
                             const at::Tensor& ups_in, const std::optional<at::Tensor>& conv_in,
                             int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta) {

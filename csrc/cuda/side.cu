@@ -38,17 +38,6 @@ using namespace cuda_side;
 
 constexpr SideLimits kLimits{kMaxK, kMaxKS, true};
 
-// f(side_t{}) for the taps / ups dtype `s`: scalar_t itself, or bfloat16 / half beside a
-// float y (the autocast mix; check_side_inputs admits no other).
-template <typename scalar_t, typename F>
-void with_side_type(at::ScalarType s, F&& f) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (s == at::kBFloat16) return f(c10::BFloat16{});
-    if (s == at::kHalf) return f(c10::Half{});
-  }
-  f(scalar_t{});
-}
-
 // A view with unit stride in the last dimension (copies only when it has another one).
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
