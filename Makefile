@@ -27,9 +27,12 @@ $(VENV)/.build-stamp: $(VENV)/.deps-stamp setup.py pyproject.toml $(CSRC)
 info: build
 	$(BIN)/python -m dtl_kernels.info
 
+# Two workers (the CI's two cores), each taking whole test files: a module's fixtures
+# (the interpreted Triton run, the GPU script's dry run) run once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: build
 	$(BIN)/python -m dtl_kernels.info
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: venv
 	$(BIN)/python -m pip install -q ruff==0.17.6

@@ -3,11 +3,21 @@ test modules use (one intra-op thread, a toy image folder)."""
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs two workers on two cores) every worker, and
+    the processes it starts, runs one intra-op thread: two workers of two threads each
+    would fight over the cores. Tests of the threaded kernels set their thread counts."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
