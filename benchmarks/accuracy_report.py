@@ -200,11 +200,12 @@ def markdown(summary: list[dict], cells: list[Cell], header: str, quick: bool) -
             f"{fmt_lr(r['lr'])}, {r['drop_path']:g}{edge} | {val} | {r['trainable_params']:,} | "
             f"{r['peak_memory_mib']:.0f} | {r['images_per_s']:.1f} |"
         )
-    if not quick and summary:
+    selected = [c for c in cells if c.selection is not None and c.selection.results]
+    if not quick and selected:  # every cell's, tested or not: a partial study shows its search
         lines += ["", "Selection runs (validation split, seed 0), `lr@drop path: val acc % / "
                   "val loss`, * = picked:", ""]  # fmt: skip
-        lines += [f"- {r['backbone']} / {r['dataset']} / {r['variant']}: {r['selection']}"
-                  for r in summary if r["selection"]]  # fmt: skip
+        lines += [f"- {c.backbone} / {c.dataset} / {c.variant}: {describe_selection(c.selection)}"
+                  for c in selected]  # fmt: skip
     todo = pending(cells)
     if todo:
         lines += ["", "Not finished yet (these tables hold what has finished):", ""]
@@ -222,7 +223,7 @@ def protocol_text(summary: list[dict]) -> str:
     coarse = (
         f" With {seeds} seeds this CI is coarse (a bootstrap over {seeds} seeds has few "
         "distinct resamples): read it as a rough range, not a precise interval."
-        if seeds <= 5
+        if 0 < seeds <= 5
         else ""
     )
     return (
