@@ -94,12 +94,11 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
         lines.append(f"{name}: {'; '.join(found) if found else 'no sanitizer summary'}")
         ok = ok and clean
 
-    kernels = read_csv(out / "kernels.csv")
-    if kernels:
-        lines += kernel_table(kernels)
-    e2e = read_csv(out / "e2e.csv")
-    if e2e:
-        lines += e2e_table(e2e)
+    tables = (("kernels.csv", kernel_table), ("e2e.csv", e2e_table))
+    for name, table in tables:
+        rows = read_csv(out / name)
+        if rows:
+            lines += table(rows)
     e2e_logs = [section(log, m) for m in dict.fromkeys(re.findall(r"===== (e2e-\S+) ", log))]
     targets = [
         ln.strip()
@@ -110,12 +109,10 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     if targets:
         lines.append("end-to-end targets (bench_e2e):")
         lines += [f"  {t}" for t in targets]
-    step = read_csv(out / "step.csv")
-    if step:
-        lines += step_targets(step)
-    giants = read_csv(out / "fit_giants.csv")
-    if giants:
-        lines += giant_targets(giants)
+    for name, table in (("step.csv", step_targets), ("fit_giants.csv", giant_targets)):
+        rows = read_csv(out / name)
+        if rows:
+            lines += table(rows)
     lines.append(f"overall: {'OK' if ok else 'PROBLEMS (see above and log.txt)'}")
     return "\n".join(lines) + "\n", ok
 
