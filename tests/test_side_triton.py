@@ -36,7 +36,8 @@ from side_cases import BY_NAME, CASES, compare, inputs, references, run_autograd
 INTERPRETED = [c.name for c in CASES if not c.big]
 # Extra checks of the worker, beyond accuracy.
 EXTRA = ("deterministic", "opcheck-dtl", "opcheck-dtl+", "bad-inputs", "k-zero-refused",
-         "temporaries", "model-dtl", "model-dtl+", "step-gradcheck")  # fmt: skip
+         "launch-spec-cache", "temporaries", "model-dtl", "model-dtl+",
+         "step-gradcheck")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------
@@ -95,6 +96,8 @@ def _check_extra(name):
             except (ValueError, TypeError) as exc:
                 report[what] = f"ok: {type(exc).__name__}"
         return all(v.startswith("ok") for v in report.values()), report
+    if name == "launch-spec-cache":
+        return _check_launch_spec_cache(op, y, taps, ups, w)
     if name == "k-zero-refused":  # K = 0 is outside the contract, as in the C++ kernels
         try:
             op(y, taps[..., :0], ups[:, :0], w, 4, 8, 5, 100.0)
@@ -138,6 +141,41 @@ def _check_model(conv_kernel: int):
         worst[n] = (tri_g[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
     ok = set(ref_g) == set(tri_g) and max(worst.values()) < 1e-4
     return ok, {"worst relative error": max(worst.values()), "grads": len(ref_g)}
+
+
+def _check_launch_spec_cache(op, y, taps, ups, w):
+    """The checks, plan and constants are worked out once per shapes / strides / dtypes /
+    scalars: a repeat call skips the checks and gives the same bits; other strides or a
+    bad scalar on the same shapes are checked again (and refused)."""
+    from dtl_kernels.ops import contract, triton_side
+
+    calls = []
+    real = contract.check_kernel_inputs
+    contract.check_kernel_inputs = lambda *a: calls.append(a[0]) or real(*a)
+    triton_side._SPECS.clear()
+    report = {}
+    try:
+        first = op(y, taps, ups, w, 4, 8, 5, 1.0)
+        again = op(y, taps, ups, w, 4, 8, 5, 1.0)
+        report["repeat: checks run"] = len(calls)  # 1
+        report["repeat: same bits"] = torch.equal(first, again)
+        strided = y.transpose(0, 1).contiguous().transpose(0, 1)  # same shape, other strides
+        report["strided: same values"] = torch.equal(op(strided, taps, ups, w, 4, 8, 5, 1.0), first)
+        report["strided: checks run"] = len(calls)  # 2
+        refused = {}
+        for what, args in {"nan beta": (4, 8, 5, float("nan")), "grid": (4, 7, 5, 1.0)}.items():
+            try:
+                op(y, taps, ups, w, *args)
+                refused[what] = False
+            except ValueError:
+                refused[what] = True
+        report["refused after a cached call"] = refused
+    finally:
+        contract.check_kernel_inputs = real
+    ok = (report["repeat: checks run"] == 1 and report["repeat: same bits"]
+          and report["strided: same values"] and report["strided: checks run"] == 2
+          and all(refused.values()))  # fmt: skip
+    return ok, report
 
 
 def _check_step_gradcheck():

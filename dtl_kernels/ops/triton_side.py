@@ -1132,6 +1132,40 @@ def _t_vec(taps: torch.Tensor) -> int:
     return vec if sk == 1 and sn % vec == 0 and sb % vec == 0 else 1
 
 
+# What a launch needs besides the tensors' data (the contract's checks, the plan, the launch
+# constants) depends only on shapes, strides, dtypes, devices and the scalars: worked out once
+# per such key (~20 µs of host time per call otherwise). A key that fails the checks raises
+# and is never stored; a NaN β never equals itself, so it is checked (and refused) each time.
+_SPECS: dict = {}
+_MAX_SPECS = 4096
+
+
+def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta, det=False):
+    """``(k, plan, consts)`` for ``op`` on these inputs (``plan`` / ``consts`` ``None`` when
+    ``y`` is empty); ``y`` may be ``grad_out``."""
+    w = None if conv_weight is None else (conv_weight.shape, conv_weight.dtype, conv_weight.device)
+    key = (op, y.shape, y.stride(), y.dtype, y.device, taps.shape, taps.stride(), taps.dtype,
+           taps.device, ups.shape, ups.dtype, ups.device, w, grid_h, grid_w, num_prefix, beta,
+           det)  # fmt: skip
+    spec = _SPECS.get(key)
+    if spec is not None:
+        return spec
+    k = contract.check_kernel_inputs(
+        op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
+    )
+    if y.numel() == 0:
+        return k, None, None  # nothing to launch (and not stored: no plan for empty shapes)
+    _require_launchable(y)
+    p = _plan_for(y, taps, k, grid_h, grid_w, det)
+    consts = _consts(y, taps, (y, taps))  # the outputs are contiguous: FLAT as for y
+    if op == "triton_side_backward":
+        consts["SGN"] = y.stride(1) if k else 0
+    if len(_SPECS) >= _MAX_SPECS:
+        _SPECS.clear()
+    _SPECS[key] = spec = (k, p, consts)
+    return spec
+
+
 def side_fwd(
     y: torch.Tensor,
     taps: torch.Tensor,
@@ -1143,7 +1177,7 @@ def side_fwd(
     beta: float,
 ) -> torch.Tensor:
     """Launch the forward kernel; returns ``out`` ``(B, N, d)`` in ``y``'s dtype."""
-    k = contract.check_kernel_inputs(
+    k, p, consts = _launch_spec(
         "triton_side_forward", y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
     )
     bsz, n, d = y.shape
@@ -1151,10 +1185,6 @@ def side_fwd(
     out = torch.empty((bsz, n, d), dtype=y.dtype, device=y.device)
     if out.numel() == 0:
         return out
-    _require_launchable(y)
-
-    p = _plan_for(y, taps, k, grid_h, grid_w)
-    consts = _consts(y, taps, (y, taps, out))
     ups_c = ups.contiguous()
     rows = bsz * n
     with _device_of(y):
@@ -1211,20 +1241,16 @@ def side_bwd(
     """Launch the backward kernels; returns ``(grad_taps, grad_ups, grad_conv)`` in the
     dtypes of ``taps``, ``ups`` and ``conv_weight`` (``grad_conv`` empty for DTL).
     Bit-identical runs in :func:`deterministic_mode`, else fp32 atomics."""
-    k = contract.check_kernel_inputs(
-        "triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
-    )
+    k, p, consts = _launch_spec(
+        "triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix,
+        beta, deterministic_mode(),
+    )  # fmt: skip
     bsz, n, d = grad_out.shape
     kw = taps.shape[2]
     dev = grad_out.device
     if grad_out.numel() == 0:
         grad_conv = conv_weight.new_zeros(conv_weight.shape) if k else grad_out.new_empty((0,))
         return taps.new_zeros(taps.shape), ups.new_zeros(ups.shape), grad_conv
-    _require_launchable(grad_out)
-
-    det = deterministic_mode()
-    p = _plan_for(grad_out, taps, k, grid_h, grid_w, det)
-    consts = dict(_consts(grad_out, taps, (grad_out, taps)), SGN=grad_out.stride(1) if k else 0)
     acc = _acc_torch(grad_out.dtype)
     ups_c = ups.contiguous()
     w = conv_weight.contiguous() if k else ups_c  # read as (d, k²) in place (DTL: a dummy)
