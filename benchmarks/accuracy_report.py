@@ -180,7 +180,7 @@ def _ci(low, high) -> str:
 def markdown(summary: list[dict], cells: list[Cell], header: str, quick: bool) -> str:
     lines = [f"# {header}", ""]
     if not quick:
-        lines += [protocol_text(summary), ""]
+        lines += [protocol_text(summary, cells), ""]
     lines += [
         "| backbone | dataset | variant | test acc % (mean ± std, n) | 95 % CI of the mean | "
         f"Δ vs {REFERENCE.upper()} (same seeds: mean, 95 % CI, n) | lr, drop path | "
@@ -213,8 +213,14 @@ def markdown(summary: list[dict], cells: list[Cell], header: str, quick: bool) -
     return "\n".join(lines) + "\n"
 
 
-def protocol_text(summary: list[dict]) -> str:
-    """How the numbers were made, for the Markdown file."""
+def protocol_text(summary: list[dict], cells: list[Cell] | None = None) -> str:
+    """How the numbers were made, for the Markdown file: the lr grids the cells searched
+    (a ``--lrs`` grid where one was given, extensions included), then the default ladders."""
+    used: dict[str, set] = {}
+    for c in cells or []:
+        if c.selection is not None:
+            used.setdefault(c.variant, set()).update(c.selection.grid)
+    ran = "; ".join(f"{v} {{{', '.join(fmt_lr(lr) for lr in sorted(g))}}}" for v, g in used.items())
     grids = "; ".join(
         f"{v} {{{', '.join(fmt_lr(lr) for lr in LR_GRIDS[v])}}}"
         for v in ("dtl", "lora", "linear", "full")
@@ -228,9 +234,11 @@ def protocol_text(summary: list[dict]) -> str:
     )
     return (
         "Protocol. Selection on a validation split held out of the training images (seed 0; "
-        "the test split is never looked at): the lr over about two decades in half-decade "
-        f"steps ({grids}; dtl+ / dtl+k5 as dtl, lora-r1 / lora-tail as lora), extended by one "
-        f"step past an edge winner, at most {MAX_EXTENSIONS} times. Drop path by coordinate "
+        f"the test split is never looked at): the lr over the grids searched here ({ran or '–'}"
+        "; a grid given with `--lrs` where it differs from the default ladders of about two "
+        f"decades in half-decade steps, {grids}; dtl+ / dtl+k5 as dtl, lora-r1 / lora-tail as "
+        f"lora), extended by one step past an edge winner, at most {MAX_EXTENSIONS} times "
+        "(the grids above include the extensions). Drop path by coordinate "
         f"search, to keep the compute affordable: {DROP_PATH:g} at the winning lr, and at its "
         f"two lr neighbours only if {DROP_PATH:g} wins there; the linear probe gets no drop-"
         "path search. Ties in validation accuracy go to the lower validation loss. Then "

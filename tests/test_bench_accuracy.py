@@ -267,12 +267,15 @@ def test_reuse_only_tables_from_what_has_finished(tmp_path, monkeypatch):
     finish(root, AR.Run("dinov2", "elpv", "lora", "test", 3e-3, 1, 30), summary(0.81))
     finish(root, AR.Run("dinov2", "elpv", "dtl", "select", 1e-2, 0, 30), summary(0.75))
     argv = ["--reuse-only", "--backbones", "dinov2", "--datasets", "elpv", "--variants",
-            "lora", "dtl", "--out", str(root), "--results", str(results)]  # fmt: skip
+            "lora", "dtl", "--lrs", "dtl=1e-2,3e-2", "--out", str(root), "--results",
+            str(results)]  # fmt: skip
     assert B.main(argv) == 0
     text = (results / "accuracy_study.md").read_text()
+    # the protocol names the grids searched: dtl's from --lrs, lora's the default ladder
+    assert "grids searched here (lora {3e-4, 1e-3, 3e-3, 1e-2}; dtl {1e-2, 3e-2}" in text
     assert "| dinov2 | elpv | lora | 81.00 ± 0.00 (1) |" in text
     assert "dinov2 / elpv / lora: test: 2 seed(s)" in text
-    assert "dinov2 / elpv / dtl: selection: 3 run(s) to do" in text
+    assert "dinov2 / elpv / dtl: selection: 1 run(s) to do" in text
     # an untested cell's search so far is listed too
     assert "- dinov2 / elpv / dtl: 1e-2@0: 75.00/0.500" in text
     assert "0 seeds" not in text
