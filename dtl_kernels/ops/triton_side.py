@@ -102,7 +102,6 @@ Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, no
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -1046,13 +1045,6 @@ def _require_launchable(x: torch.Tensor) -> None:
 _SM_COUNT: dict = {}
 
 
-@functools.lru_cache(maxsize=1024)
-def _cached_plan(*args) -> dict:
-    """:func:`plan` once per shape (pure arithmetic, ~20 µs of host time per call; the launch
-    dicts are only read)."""
-    return plan(*args)
-
-
 def _plan_for(
     x: torch.Tensor,
     taps: torch.Tensor,
@@ -1070,9 +1062,8 @@ def _plan_for(
             _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
         sms = _SM_COUNT[index]
     grid = (grid_h, grid_w) if k else None
-    return _cached_plan(
-        bsz, n, d, kw, k, grid, x.dtype, x.device.type, sms, taps.dtype, deterministic
-    )
+    # called on a miss of the launch-spec cache only (_launch_spec), which keeps the result
+    return plan(bsz, n, d, kw, k, grid, x.dtype, x.device.type, sms, taps.dtype, deterministic)
 
 
 def deterministic_mode() -> bool:
