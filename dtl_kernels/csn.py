@@ -13,6 +13,7 @@ paper's 1-based numbers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -138,6 +139,11 @@ class CompactSideNetwork(nn.Module):
                 s = str(block_stages[i])
                 if tappable[i] and s not in self.convs:
                     self.convs[s] = nn.Parameter(torch.empty(block_widths[i], 1, k, k))
+        # stage → its conv's key (DTL+), for the add-back's lookup
+        self._conv_keys = {int(s): s for s in self.convs}
+        # what _select_backend and _start_stage_kernel decided, per tensors' kind
+        self._selected: dict[tuple, str] = {}
+        self._kernels: dict[tuple, str] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -169,24 +175,9 @@ class CompactSideNetwork(nn.Module):
         """Record block ``i``'s tap ``z · A_iᵀ``. ``z``: ``(batch, tokens, d_i)``."""
         stage = self.block_stages[i]
         if stage != state.stage:  # h restarts at every stage
-            state.stage, state.taps, state.ups, state.kernel, state.h = (
-                stage,
-                None,
-                None,
-                None,
-                None,
-            )
-            state.inputs, state.downs, state.pending_bytes = [], [], 0
-        if state.backend is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
-            conv = next(iter(self.convs.values())) if len(self.convs) else None
-            state.backend = side.select(z, self.backend, conv_weight=conv)
-        down = self.down[self._keys[i]]
+            self._start_stage(state, stage, z)
+        down = self._param("down", self._keys[i])
         if state.backend != "reference":
-            if state.taps is None:  # the stage's buffers, once per forward pass
-                dtype = _tap_dtype(z)
-                state.taps = z.new_zeros((*z.shape[:-1], self._stage_width[stage]), dtype=dtype)
-                ups = torch.cat([self.up[key] for key in self._stage_keys[stage]], dim=-1)
-                state.ups = ups if ups.dtype == dtype else ups.to(dtype)  # as autocast would
             if not state.inputs:
                 state.first_col = self._columns[i][0]
             state.inputs.append(z)
@@ -204,8 +195,45 @@ class CompactSideNetwork(nn.Module):
             t = memory.low_precision_tap(z, down, low)
         else:
             t = reference.tap(z, down)
-        up = self.up[self._keys[i]]
+        up = self._param("up", self._keys[i])
         state.h = reference.accumulate(state.h, t, up if up.dtype == t.dtype else up.to(t.dtype))
+
+    def _start_stage(self, state: SideState, stage: int, z: torch.Tensor) -> None:
+        """At a stage's first tap: a fresh side state for it and, on a fused backend, the
+        stage's buffers (taps, and its ups side by side in the taps' dtype)."""
+        state.stage, state.kernel, state.h, state.taps, state.ups = stage, None, None, None, None
+        state.inputs, state.downs, state.pending_bytes = [], [], 0
+        if state.backend is None:  # the first tap of the forward pass
+            state.backend = self._select_backend(z)
+        if state.backend == "reference":
+            return
+        dtype = _tap_dtype(z)
+        state.taps = z.new_zeros((*z.shape[:-1], self._stage_width[stage]), dtype=dtype)
+        up = self._modules["up"]._parameters
+        ups = torch.cat([up[key] for key in self._stage_keys[stage]], dim=-1)
+        state.ups = ups if ups.dtype == dtype else ups.to(dtype)  # as autocast would
+
+    def _select_backend(self, z: torch.Tensor) -> str:
+        """:func:`side.select` for tensors like ``z``, remembered per device, dtype, request
+        and export state: selecting costs more host time than a tap (every forward pass)."""
+        conv = next(iter(self.convs.values())) if len(self.convs) else None
+        if torch.compiler.is_compiling():  # traced once; no cache for the graph to guard on
+            return side.select(z, self.backend, conv_weight=conv)
+        key = (z.device, z.dtype, self.backend, os.environ.get(side.BACKEND_ENV),
+               side.exporting())  # fmt: skip
+        name = self._selected.get(key)
+        if name is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
+            name = side.select(z, self.backend, conv_weight=conv)
+            self._selected = _bounded(self._selected)
+            self._selected[key] = name
+        return name
+
+    def _param(self, group: str, key: str) -> nn.Parameter:
+        """``self.<group>[key]`` (``group``: ``down``, ``up`` or ``convs``) by plain dict
+        lookups. A ``ParameterDict``'s own ``[key]`` goes through ``Module.__getattr__``
+        (an ``AttributeError`` raised and caught per call): ≈ 1.4 µs, paid at every tap and
+        add-back of every forward."""
+        return self._modules[group]._parameters[key]
 
     def _flush_taps(self, state: SideState) -> None:
         """Without autograd: the pending taps now, into the stage's taps (frees the inputs)."""
@@ -236,7 +264,7 @@ class CompactSideNetwork(nn.Module):
         stage = self.block_stages[i]
         if state.stage != stage or (state.h is None and state.taps is None):
             raise RuntimeError(f"block {i} is adapted but its stage has no tap before it")
-        conv = self.convs[str(stage)] if len(self.convs) else None
+        conv = self._param("convs", self._conv_keys[stage]) if self._conv_keys else None
         beta = self.config.beta
         if state.backend == "reference":
             return reference.add_back(y, state.h, beta, conv, grid, num_prefix)
@@ -254,14 +282,27 @@ class CompactSideNetwork(nn.Module):
         return out
 
     def _start_stage_kernel(self, state: SideState, stage: int, y, conv, grid, num_prefix):
-        """At a stage's first add-back: the backend that takes these shapes."""
+        """At a stage's first add-back: the backend that takes these shapes (remembered per
+        shapes and dtypes; under ``auto`` a backend's limits may rule it out)."""
         kernel = state.backend
-        if self.backend == "auto":
+        if self.backend != "auto":
+            state.kernel = kernel if side.has_step(kernel) else f"python:{kernel}"
+            return
+        compiling = torch.compiler.is_compiling()
+        key = (kernel, y.shape, y.dtype, y.device, state.taps.shape, state.taps.dtype,
+               None if conv is None else conv.shape, grid, num_prefix)  # fmt: skip
+        if compiling or key not in self._kernels:
             args = SideArgs.of(y, state.taps, state.ups, self.config.beta, conv, grid,
                                num_prefix, check=False)  # fmt: skip
             if not side.BACKENDS[kernel].fits(args):
                 kernel = side.select(y, "auto", args)  # e.g. K beyond a kernel's limit
-        state.kernel = kernel if side.has_step(kernel) else f"python:{kernel}"
+            kernel = kernel if side.has_step(kernel) else f"python:{kernel}"
+            if compiling:
+                state.kernel = kernel
+                return
+            self._kernels = _bounded(self._kernels)
+            self._kernels[key] = kernel
+        state.kernel = self._kernels[key]
 
     def _step_in_python(self, state: SideState, y, conv, grid, num_prefix) -> torch.Tensor:
         """The step as separate PyTorch calls, then the backend's side op (what
@@ -347,6 +388,11 @@ def _validate(
         raise ValueError(f"rank={config.rank} must be in 1…{min_width} (the smallest tapped width)")
     if config.conv_kernel < 0:
         raise ValueError(f"conv_kernel={config.conv_kernel} must be ≥ 0 (0 means plain DTL)")
+
+
+def _bounded(cache: dict, size: int = 64) -> dict:
+    """``cache``, emptied once it holds ``size`` entries (shapes vary with the batch)."""
+    return cache if len(cache) < size else {}
 
 
 def _tap_dtype(z: torch.Tensor) -> torch.dtype:

@@ -152,6 +152,43 @@ def test_every_add_back_dispatches_the_same_operations(conv_kernel):
     assert counts[7] <= 4, counts  # the taps' copy, write_taps_, the kernel, a detach (autograd)
 
 
+class _Names(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_remembered_backend_follows_a_changed_request(monkeypatch):
+    """The CSN remembers which backend runs tensors like these (selecting costs more host
+    time than a tap), keyed on the request: changing ``csn.backend`` or
+    ``DTL_KERNELS_BACKEND`` between passes takes effect at the next pass."""
+    from dtl_kernels.ops import side
+
+    monkeypatch.delenv(side.BACKEND_ENV, raising=False)
+    model = _model(7).eval()
+    model.csn.backend = "auto"
+    x = torch.randn(1, 3, 32, 32)
+
+    def fused() -> bool:
+        with torch.no_grad(), _Names() as spy:
+            model(x)
+        return "dtl_kernels.side_forward" in spy.names  # the CPU kernel (reference: aten only)
+
+    assert fused()
+    monkeypatch.setenv(side.BACKEND_ENV, "reference")
+    assert not fused()
+    monkeypatch.delenv(side.BACKEND_ENV)
+    assert fused()
+    model.csn.backend = "reference"
+    assert not fused()
+    model.csn.backend = "auto"
+    assert fused()
+
+
 @pytest.mark.parametrize("conv_kernel", [0, 3])
 def test_backward_operations_grow_by_a_constant_per_adapted_block(conv_kernel):
     """Each further adapted block adds the same number of dispatched operations to the

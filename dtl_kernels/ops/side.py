@@ -161,6 +161,8 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 # kernels stay first for the other DTL+ cases (fp32 k = 3: 580 vs 824 µs; k = 5: 656 vs
 # 1697 µs fp32, 694 vs 1604 µs bf16).
 TRITON_FIRST_ON_CUDA = ("triton", "cuda", "reference")
+#: the environment variable that overrides ``auto``
+BACKEND_ENV = "DTL_KERNELS_BACKEND"
 
 
 def _auto_order(x: torch.Tensor, conv_weight: torch.Tensor | None) -> tuple[str, ...]:
@@ -185,8 +187,8 @@ def select(
     it. Under ``auto``, ``args`` (when given) must fit the backend too, and the conv
     (``args``' or ``conv_weight``, DTL+ or not) picks the measured-faster order on CUDA.
     """
-    name = requested if requested != "auto" else os.environ.get("DTL_KERNELS_BACKEND", "auto")
-    if name == "auto" and _exporting():  # ONNX / torch.export know no custom op: plain aten
+    name = requested if requested != "auto" else os.environ.get(BACKEND_ENV, "auto")
+    if name == "auto" and exporting():  # ONNX / torch.export know no custom op: plain aten
         return "reference"
     if name == "auto":
         conv = args.conv_weight if args is not None else conv_weight
@@ -202,7 +204,7 @@ def select(
     return name
 
 
-def _exporting() -> bool:
+def exporting() -> bool:
     """Is a model being exported (``torch.onnx.export``, ``torch.export``)?"""
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
