@@ -216,17 +216,19 @@ class CompactSideNetwork(nn.Module):
     def _select_backend(self, z: torch.Tensor) -> str:
         """:func:`side.select` for tensors like ``z``, remembered per device, dtype, request
         and export state: selecting costs more host time than a tap (every forward pass)."""
-        conv = next(iter(self.convs.values())) if len(self.convs) else None
         if torch.compiler.is_compiling():  # traced once; no cache for the graph to guard on
-            return side.select(z, self.backend, conv_weight=conv)
+            return side.select(z, self.backend, conv_weight=self._any_conv())
         key = (z.device, z.dtype, self.backend, os.environ.get(side.BACKEND_ENV),
                side.exporting())  # fmt: skip
         name = self._selected.get(key)
         if name is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
-            name = side.select(z, self.backend, conv_weight=conv)
+            name = side.select(z, self.backend, conv_weight=self._any_conv())
             self._selected = _bounded(self._selected)
             self._selected[key] = name
         return name
+
+    def _any_conv(self) -> nn.Parameter | None:
+        return next(iter(self.convs.values())) if len(self.convs) else None
 
     def _param(self, group: str, key: str) -> nn.Parameter:
         """``self.<group>[key]`` (``group``: ``down``, ``up`` or ``convs``) by plain dict
@@ -398,7 +400,7 @@ def _bounded(cache: dict, size: int = 64) -> dict:
 def _tap_dtype(z: torch.Tensor) -> torch.dtype:
     """The dtype of ``z · Aᵀ`` as the model runs it: autocast's for a float32 ``z`` under
     autocast, else ``z``'s (the CSN casts ``A`` to a low-precision backbone's dtype)."""
+    if z.dtype != torch.float32:
+        return z.dtype
     device = z.device.type
-    if z.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return z.dtype
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else z.dtype
