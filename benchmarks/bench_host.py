@@ -11,7 +11,10 @@ Providers: ``timm`` (the plain timm model), ``linear`` (head only), ``full`` (ev
 trains), ``lora`` (PEFT LoRA r = 8 on every ``qkv``), ``dtl_ref`` (DTL on the eager
 published formulation), ``dtl`` / ``dtl+`` on the compiled C++ kernels (``cpu``) and on the
 Triton launchers with the kernel launch replaced by a no-op (``triton*``: everything the
-Triton path does on the host, nothing on a device).
+Triton path does on the host, nothing on a device). ``tail_floor`` is the host work every DTL
+step does whatever its side network costs: the linear probe's step plus the input-gradient
+backward through the frozen blocks after ``M`` (8–12), with no side network at all; a DTL
+step's ratio to full fine-tuning cannot go below ``tail_floor``'s.
 
 Measured (``bench_host.csv``, ``bench_host.png``):
 
@@ -55,9 +58,10 @@ from dtl_kernels import DTLViT  # noqa: E402
 from dtl_kernels.optim import adamw  # noqa: E402
 
 NUM_CLASSES = 10
+ADAPT_FROM = 7  # M (1-based, the published ViT setting): add-backs after blocks 7…12
 TINY = dict(img_size=32, patch_size=16, embed_dim=32, depth=12, num_heads=2)  # grid 2×2
-PROVIDERS = ("timm", "linear", "dtl_ref", "dtl", "dtl+", "triton_dtl", "triton_dtl+",
-             "full", "lora")  # fmt: skip
+PROVIDERS = ("timm", "linear", "tail_floor", "dtl_ref", "dtl", "dtl+", "triton_dtl",
+             "triton_dtl+", "full", "lora")  # fmt: skip
 
 
 # -- models --------------------------------------------------------------------------------
@@ -76,10 +80,12 @@ def build(provider: str) -> torch.nn.Module:
 
         cfg = peft.LoraConfig(r=8, target_modules=["qkv"], modules_to_save=["head"])
         return peft.get_peft_model(tiny_backbone(), cfg)
-    side = provider not in ("linear", "full")
+    side = provider not in ("linear", "full", "tail_floor")
     k = 3 if provider.endswith("+") else 0
     model = DTLViT(tiny_backbone(), conv_kernel=k, side=side, train_backbone=provider == "full",
-                   num_classes=NUM_CLASSES)  # fmt: skip
+                   adapt_from=ADAPT_FROM, num_classes=NUM_CLASSES)  # fmt: skip
+    if provider == "tail_floor":
+        model.call_block = _gradient_from(model, first=ADAPT_FROM)  # 0-based: block M + 1
     if side:
         model.csn.backend = {"dtl_ref": "reference"}.get(provider, "auto")
         if provider.startswith("triton"):
@@ -88,6 +94,20 @@ def build(provider: str) -> torch.nn.Module:
             for p in model.csn.up.values():
                 p.normal_(0, 0.02)
     return model
+
+
+def _gradient_from(model, first: int):
+    """``model.call_block`` with block ``first``'s input (0-based) made a leaf that needs a
+    gradient in training, as DTL's add-back output does: the blocks from there on run their
+    input-gradient backward, with no side network."""
+    plain = model.call_block
+
+    def call_block(block, i, x, ctx):
+        if i == first and torch.is_grad_enabled():
+            x = x.detach().requires_grad_()
+        return plain(block, i, x, ctx)
+
+    return call_block
 
 
 @contextlib.contextmanager
