@@ -4,7 +4,8 @@
 // forward:  fwd_rows (DTL, or DTL+'s prefix rows) and fwd_conv (DTL+'s patch grid).
 // backward: dt_rows / dt_conv write ∂T (each block covers all of d for its rows: no partial
 //           buffer); du_conv / du_rows write fp32 partial sums of ∂U (and ∂w) per row group
-//           into a few slots (≤ kPartialShare of y's bytes), which sum_partials adds in order.
+//           into a few slots (within max(4 MiB, 0.25 × y's bytes)), which sum_partials adds
+//           in order.
 // Everything runs on the current stream of the inputs' device; results are deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

@@ -15,7 +15,8 @@
 //   backward ∂U / ∂w (row groups × channel chunks; each block walks the tiles
 //                                   g, g + G, … and writes its own fp32 partial slot):
 //                                   rows       BM 128, BD 32;  conv  ≤ 128 outputs, BD 32
-// The slot count G is chosen so that all partials stay under kPartialShare of y's bytes.
+// The slot count G fills the GPU twice, with all partials within max(kTempFloor,
+// kTempShare × y's bytes) — the temporaries rule the Triton backward follows too.
 #pragma once
 
 #include <algorithm>
@@ -28,7 +29,8 @@ constexpr int kThreads = 256;
 constexpr int kMaxK = 128;       // widest taps
 constexpr int kMaxKS = 7;        // largest conv
 constexpr int kPad = 4;          // shared-memory row padding (elements): quads stay aligned
-constexpr double kPartialShare = 0.09;  // ∂U / ∂w partials, as a share of y's bytes
+constexpr double kTempFloor = 4.0 * 1024 * 1024;  // ∂U / ∂w partials may always take 4 MiB,
+constexpr double kTempShare = 0.25;               // or a quarter of y's bytes if that is more
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round4(int64_t x) { return (x + 3) / 4 * 4; }
@@ -135,10 +137,12 @@ inline Plan make_plan(int64_t B, int64_t N, int64_t D, int K, int ks, int P, int
     for (int side = 8; p.smem_du_conv() > smem_limit && side >= 1; side -= 2)
       p.bu = make_tiles(H, W, ks, side, side * side, 1 << 30);
   }
-  // ∂U / ∂w partial slots: enough blocks to fill the GPU twice, partials ≤ kPartialShare·y
+  // ∂U / ∂w partial slots: enough blocks to fill the GPU twice, partials within
+  // max(kTempFloor, kTempShare·y)
   const double y_bytes = double(B) * N * D * io_size;
   const double slot_bytes = double(D) * (K + ks * ks) * acc_size;
-  const int64_t budget = std::max<int64_t>(1, int64_t(kPartialShare * y_bytes / slot_bytes));
+  const double temp_bytes = std::max(kTempFloor, kTempShare * y_bytes);
+  const int64_t budget = std::max<int64_t>(1, int64_t(temp_bytes / slot_bytes));
   const int64_t conv_tiles = ks ? B * p.bu.per_image() : 0;
   const int64_t row_tiles = cdiv(p.total_rows(), p.br_bm);
   const int64_t want = std::max<int64_t>(1, cdiv(2 * int64_t(sms), cdiv(D, p.bc_bd)));
