@@ -20,6 +20,11 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <type_traits>
 
 #include "../side_math.h"
 #include "side_plan.h"
@@ -247,6 +252,142 @@ __device__ void combine_groups(const Gemm& g, const acc_t (&acc)[U][4][4], acc_t
     __syncthreads();
   }
 }
+
+// -- the reduction products of the backward on tensor cores ---------------------------------
+// ∂T = S·U and ∂U = Sᵀ·T are long reductions (over d, over rows) into a narrow K: with
+// 16-bit taps / ups they run on mma.sync m16n8k16 (sm_80+), S rounded to the taps' dtype as
+// the operands of a 16-bit matmul are, sums in fp32. Same contract as gemm_accumulate +
+// combine_groups: OUT (M × N) = Σ_{s<S} A[s·lda + m] · B[s·ldb + n], with M and S multiples
+// of 16 (every plan's tiles are) and N a multiple of 4; columns past N read as 0.
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+constexpr bool kMmaBuilt = false;  // no bf16 mma.sync before sm_80: the CUDA-core product
+#else
+constexpr bool kMmaBuilt = true;
+#endif
+constexpr int kWarps = kThreads / 32;
+
+// Two floats rounded to mma_t (bf16 / half) in one register, the first in the low half.
+template <typename mma_t>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  return uint32_t(mma_t(lo).x) | (uint32_t(mma_t(hi).x) << 16);
+}
+
+// d += A·B for the warp (fragments as PTX lays them out for m16n8k16).
+template <typename mma_t>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
+                                          const uint32_t (&b)[2]) {
+#if defined(DTL_CUDA_EMULATION)
+  emu::mma_m16n8k16<mma_t>(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<mma_t, c10::BFloat16>)
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Warp w owns the 16×8 output tiles w, w + kWarps, … (at most U); with fewer tiles than
+// warps, `groups` warps share a tile, each summing a contiguous share of S (whole 16-steps),
+// and combine() adds their sums in group order: deterministic, like combine_groups.
+template <typename mma_t, int U = 8>
+struct MmaProduct {
+  // every plan's M ≤ 64 and N ≤ kMaxK: at most 4 × 16 tiles, U per warp
+  static_assert(kMaxK <= 128 && U * kWarps >= (64 / 16) * (128 / 8), "tiles past U are lost");
+  int N, tn, tiles, groups, k0, k1;
+  float c[U][4];
+  __device__ MmaProduct(int m, int n, int s) : N(n) {
+    tn = (n + 7) / 8;
+    tiles = (m / 16) * tn;
+    groups = tiles >= kWarps ? 1 : kWarps / tiles;
+    const int steps = s / 16, grp = group();
+    k0 = steps * grp / groups;
+    k1 = steps * (grp + 1) / groups;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[u][i] = 0.f;
+  }
+  __device__ int warp() const { return int(threadIdx.x) / 32; }
+  __device__ int group() const { return groups == 1 ? 0 : warp() / tiles; }
+  __device__ int tile(int u) const {
+    return groups == 1 ? warp() + u * kWarps : (u == 0 ? warp() % tiles : tiles);
+  }
+
+  // Every lane of a warp takes the same branches (warp-uniform), as mma.sync requires.
+  __device__ void accumulate(const float* A, int lda, const float* B, int ldb) {
+    if (group() >= groups) return;
+    const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int tl = tile(u);
+      if (tl >= tiles) break;
+      const int m = 16 * (tl / tn) + g, n = 8 * (tl % tn) + g;
+      for (int ks = k0; ks < k1; ++ks) {
+        const float* pa = A + (16 * ks + t2) * lda + m;
+        uint32_t a[4];
+        a[0] = pack2<mma_t>(pa[0], pa[lda]);
+        a[1] = pack2<mma_t>(pa[8], pa[lda + 8]);
+        a[2] = pack2<mma_t>(pa[8 * lda], pa[9 * lda]);
+        a[3] = pack2<mma_t>(pa[8 * lda + 8], pa[9 * lda + 8]);
+        uint32_t b[2] = {0u, 0u};
+        if (n < N) {
+          const float* pb = B + (16 * ks + t2) * ldb + n;
+          b[0] = pack2<mma_t>(pb[0], pb[ldb]);
+          b[1] = pack2<mma_t>(pb[8 * ldb], pb[9 * ldb]);
+        }
+        mma_16816<mma_t>(c[u], a, b);
+      }
+    }
+  }
+
+  // out[m·ldo + n] += the sums, group 0 first; every thread of the block must call it.
+  __device__ void combine(float* out, int ldo) const {
+    const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
+    for (int grp = 0; grp < groups; ++grp) {
+      if (group() == grp) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int tl = tile(u);
+          if (tl >= tiles) break;
+          const int m = 16 * (tl / tn) + g, n = 8 * (tl % tn) + t2;
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            if (n + (i & 1) < N) out[(m + 8 * (i >> 1)) * ldo + n + (i & 1)] += c[u][i];
+        }
+      }
+      __syncthreads();
+    }
+  }
+};
+
+// The CUDA-core product (4×4 micro tiles, see gemm_accumulate) behind the same interface.
+template <typename acc_t>
+struct CoreProduct {
+  Gemm g;
+  acc_t acc[2][4][4];
+  __device__ CoreProduct(int m, int n, int s) : g(m, n, s) { zero_tiles(acc); }
+  __device__ void accumulate(const acc_t* A, int lda, const acc_t* B, int ldb) {
+    gemm_accumulate(A, lda, B, ldb, g, acc);
+  }
+  __device__ void combine(acc_t* out, int ldo) const { combine_groups(g, acc, out, ldo); }
+};
+
+template <typename T>
+constexpr bool kSixteenBit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+
+// The backward's reduction product for these dtypes: tensor cores for 16-bit taps / ups.
+template <typename acc_t, typename side_t>
+using Product = std::conditional_t<kMmaBuilt && kSixteenBit<side_t> && std::is_same_v<acc_t, float>,
+                                   MmaProduct<side_t>, CoreProduct<acc_t>>;
 
 template <typename acc_t>
 __device__ void zero_smem(acc_t* p, int n) {
@@ -496,9 +637,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* dT_s = S_s + bd * lds;
   const RowsMap map{int64_t(blockIdx.x) * bm, a.B * rpb, rpb};
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
-  const Gemm gt(bm, a.Kp, bd);
-  acc_t dt[2][4][4];
-  zero_tiles(dt);
+  Product<acc_t, side_t> dt(bm, a.Kp, bd);
   const Gemm gh(bm, bd, a.K);
   for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
     // G of the thread's own 4 rows × 4 channels (the micro tile of h), issued first so the
@@ -512,18 +651,24 @@ __global__ void __launch_bounds__(kThreads)
     rows_S_ck(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds,
               [&](int i, int j, int, int) { return gv[i][j]; });
     __syncthreads();
-    gemm_accumulate(S_s, lds, U2_s, a.Kp, gt, dt);
+    dt.accumulate(S_s, lds, U2_s, a.Kp);
   }
   __syncthreads();
   zero_smem(dT_s, bm * a.Kp);
   __syncthreads();
-  combine_groups(gt, dt, dT_s, a.Kp);
+  dt.combine(dT_s, a.Kp);
   write_grad_taps(a, dT_s, map, bm);
 }
 
+// Blocks per SM the conv ∂T kernel is compiled for: 2 (≤ 128 registers), which the
+// float32 kernel meets by itself and the tensor-core product's fragments would otherwise
+// exceed (~160 registers, 1 block per SM); 1 for float64, which would spill under the cap.
+template <typename scalar_t>
+constexpr int kDtConvBlocks = sizeof(at::opmath_type<scalar_t>) == 8 ? 1 : 2;
+
 // Patch grid: D = gᵀ(G) from the tile's G halo. grid (B·tiles).
 template <typename scalar_t, typename side_t, int KS>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kDtConvBlocks<scalar_t>)
     dt_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
@@ -540,9 +685,7 @@ __global__ void __launch_bounds__(kThreads)
   const GridMap own{tl.b, tl.ti0, tl.tj0, tl.th, tl.tw, a.H, a.W, a.P};
   const GridMap halo{tl.b, tl.ti0 - back, tl.tj0 - back, gh, gw, a.H, a.W, a.P};
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, own, bm);
-  const Gemm gt(bm, a.Kp, bd);
-  acc_t dt[2][4][4];
-  zero_tiles(dt);
+  Product<acc_t, side_t> dt(bm, a.Kp, bd);
   constexpr int VC = ConvShape<KS>::VC;
   for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
     __syncthreads();
@@ -561,12 +704,12 @@ __global__ void __launch_bounds__(kThreads)
     rows_S_ck(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds,
               [&](int, int, int row, int ch) { return S_s[ch * lds + row]; });
     __syncthreads();
-    gemm_accumulate(S_s, lds, U2_s, a.Kp, gt, dt);
+    dt.accumulate(S_s, lds, U2_s, a.Kp);
   }
   __syncthreads();
   zero_smem(dT_s, bm * a.Kp);
   __syncthreads();
-  combine_groups(gt, dt, dT_s, a.Kp);
+  dt.combine(dT_s, a.Kp);
   write_grad_taps(a, dT_s, own, bm);
 }
 
@@ -622,9 +765,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* out_s = S_s + bm * lds;
   const int64_t c0 = int64_t(blockIdx.y) * bd, total = a.B * rpb;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
-  const Gemm gu(bd, a.Kp, bm);
-  acc_t du[2][4][4];
-  zero_tiles(du);
+  Product<acc_t, side_t> du(bd, a.Kp, bm);
   const Gemm gh(bm, bd, a.K);
   for (int64_t tile = blockIdx.x; tile * bm < total; tile += gridDim.x) {
     const RowsMap map{tile * bm, total, rpb};
@@ -636,12 +777,12 @@ __global__ void __launch_bounds__(kThreads)
     rows_S_rc(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds, static_cast<acc_t*>(nullptr),
               [&](int i, int j, int, int) { return gv[i][j]; });
     __syncthreads();
-    gemm_accumulate(S_s, lds, T2_s, a.Kp, gu, du);  // Σ_rows S[row][ch]·T[row][k]
+    du.accumulate(S_s, lds, T2_s, a.Kp);  // Σ_rows S[row][ch]·T[row][k]
   }
   __syncthreads();
   zero_smem(out_s, bd * a.Kp);
   __syncthreads();
-  combine_groups(gu, du, out_s, a.Kp);
+  du.combine(out_s, a.Kp);
   write_part_ups(a, out_s, slot0 + blockIdx.x, c0, bd);
 }
 
@@ -666,9 +807,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c0 = int64_t(blockIdx.y) * bd;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
   stage_conv(w_s, a.w, c0, bd, a.D, kk);
-  const Gemm gu(bd, a.Kp, bm);
-  acc_t du[2][4][4];
-  zero_tiles(du);
+  Product<acc_t, side_t> du(bd, a.Kp, bm);
   // ∂w: item (channel quad q, window row x) sums over its group's share of the positions
   const int quads = bd / 4, items = quads * KS;
   const int wgroups = items >= kThreads ? 1 : kThreads / items;
@@ -697,7 +836,7 @@ __global__ void __launch_bounds__(kThreads)
     rows_S_rc(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds, A_s,
               [&](int, int, int row, int ch) { return S_s[row * lds + ch]; });
     __syncthreads();
-    gemm_accumulate(S_s, lds, T2_s, a.Kp, gu, du);
+    du.accumulate(S_s, lds, T2_s, a.Kp);
     // ∂w[ab] += Σ_p θ(h[p])·G[p − s_ab]: G[p − s_ab] is G_s at (oi + KS−1−a, oj + KS−1−b)
     if (wgrp < wgroups) {
       const int p0 = np * wgrp / wgroups, p1 = np * (wgrp + 1) / wgroups;
@@ -717,7 +856,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   zero_smem(out_s, bd * a.Kp + bd * kk);
   __syncthreads();
-  combine_groups(gu, du, out_s, a.Kp);
+  du.combine(out_s, a.Kp);
   for (int grp = 0; grp < wgroups; ++grp) {  // ∂w partials, group 0 first
     if (wgrp == grp)
       for (int z = 0; z < KS; ++z)

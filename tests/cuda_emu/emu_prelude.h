@@ -31,6 +31,13 @@ inline dim3 bDim, gDim;
 inline thread_local unsigned char* smem_ptr = nullptr;
 inline thread_local std::barrier<>* bar = nullptr;
 inline void sync() { bar->arrive_and_wait(); }
+// A warp's registers, exchanged for warp-collective instructions (mma.sync)
+struct Warp {
+  std::barrier<> bar{32};
+  uint32_t a[32][4], b[32][2];
+};
+inline thread_local Warp* warp = nullptr;
+inline thread_local unsigned lane = 0;
 struct AlignedDelete {
   void operator()(unsigned char* p) const { ::operator delete[](p, std::align_val_t(64)); }
 };
@@ -47,6 +54,8 @@ void launch(dim3 grid, dim3 block, size_t smem, F&& body) {
             new (std::align_val_t(64)) unsigned char[smem + 64]);
         std::memset(shared.get(), 0xFF, smem + 64);
         std::barrier<> barrier(nthreads);
+        std::vector<std::unique_ptr<Warp>> warps((nthreads + 31) / 32);
+        for (auto& w : warps) w = std::make_unique<Warp>();
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < nthreads; ++t) {
           ts.emplace_back([&, t] {
@@ -54,13 +63,51 @@ void launch(dim3 grid, dim3 block, size_t smem, F&& body) {
             bIdx = dim3(bx, by, bz);
             smem_ptr = shared.get();
             bar = &barrier;
+            warp = warps[t / 32].get();
+            lane = t % 32;
             body();
           });
         }
         for (auto& th : ts) th.join();
       }
 }
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A·B for the warp, every lane
+// passing its fragment registers as PTX lays them out ("Matrix Fragments for mma.m16n8k16
+// with floating point type"; g = lane / 4, t = lane % 4): A (16×16, row) a[r] holds
+// (row g + 8·(r & 1), cols 2t + 8·(r >> 1) + {0, 1}); B (16×8, col) b[r] holds
+// (rows 2t + 8r + {0, 1}, col g); C / D (16×8) d[i] is (row g + 8·(i >> 1), col 2t + (i & 1)).
+// Products of the 16-bit values are exact in float; they are summed in k order (the
+// hardware's order and internal rounding are its own).
+template <typename mma_t>
+void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  for (int r = 0; r < 4; ++r) warp->a[lane][r] = a[r];
+  for (int r = 0; r < 2; ++r) warp->b[lane][r] = b[r];
+  warp->bar.arrive_and_wait();
+  const auto value = [](uint32_t reg, int half) {
+    mma_t v;
+    v.x = static_cast<uint16_t>(reg >> (16 * half));
+    return static_cast<float>(v);
+  };
+  float A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; ++l) {
+    const unsigned g = l / 4, t = l % 4;
+    for (int r = 0; r < 4; ++r)
+      for (int h = 0; h < 2; ++h) A[g + 8 * (r & 1)][2 * t + 8 * (r >> 1) + h] = value(warp->a[l][r], h);
+    for (int r = 0; r < 2; ++r)
+      for (int h = 0; h < 2; ++h) B[2 * t + 8 * r + h][g] = value(warp->b[l][r], h);
+  }
+  const unsigned g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) {
+    const unsigned m = g + 8 * (i >> 1), n = 2 * t + (i & 1);
+    float s = 0;
+    for (int k = 0; k < 16; ++k) s += A[m][k] * B[k][n];
+    d[i] += s;
+  }
+  warp->bar.arrive_and_wait();  // no lane overwrites the exchange before all have read it
+}
 }  // namespace emu
+#define DTL_CUDA_EMULATION 1
 #define threadIdx emu::tIdx
 #define blockIdx emu::bIdx
 #define blockDim emu::bDim
@@ -71,6 +118,6 @@ void launch(dim3 grid, dim3 block, size_t smem, F&& body) {
 #define __host__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(x)
 #define DTL_SMEM(name) unsigned char* name = emu::smem_ptr
