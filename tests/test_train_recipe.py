@@ -45,10 +45,11 @@ def test_help_says_how_the_recipe_differs_from_the_defaults():
     text = " ".join(C.build_parser().format_help().split())
     for part in ("--epochs 100 (default 10)", "--warmup-epochs 10 (default 1)",
                  "--lr-step epoch (default step)", "--drop-path 0.1 (default 0)",
-                 "--normalize half (default auto)"):  # fmt: skip
+                 "--normalize half (default auto)",
+                 "--lr 0.001 (default: per method)"):  # fmt: skip
         assert part in text, part
     assert set(C.recipe_changes("published")) == {
-        "epochs", "warmup_epochs", "lr_step", "drop_path", "normalize"
+        "epochs", "warmup_epochs", "lr_step", "drop_path", "normalize", "lr"
     }  # fmt: skip
 
 
