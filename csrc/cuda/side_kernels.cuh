@@ -24,6 +24,7 @@
 #include <c10/util/Half.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <type_traits>
 
 #include "../side_math.h"
@@ -295,18 +296,28 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4],
 #endif
 }
 
+#if defined(DTL_CUDA_EMULATION)
+#define DTL_TRAP() std::abort()
+#elif defined(__CUDA_ARCH__)
+#define DTL_TRAP() __trap()
+#else
+#define DTL_TRAP() ((void)0)
+#endif
+
 // Warp w owns the 16×8 output tiles w, w + kWarps, … (at most U); with fewer tiles than
 // warps, `groups` warps share a tile, each summing a contiguous share of S (whole 16-steps),
 // and combine() adds their sums in group order: deterministic, like combine_groups.
-template <typename mma_t, int U = 8>
+// MaxM bounds M (the plans' tiles: ∂T ≤ 64 rows, ∂U 32 channels), so that U — and the
+// accumulator registers, U × 4 — cover M / 16 × kMaxK / 8 tiles and no more.
+template <typename mma_t, int MaxM>
 struct MmaProduct {
-  // every plan's M ≤ 64 and N ≤ kMaxK: at most 4 × 16 tiles, U per warp
-  static_assert(kMaxK <= 128 && U * kWarps >= (64 / 16) * (128 / 8), "tiles past U are lost");
+  static constexpr int U = ((MaxM / 16) * (kMaxK / 8) + kWarps - 1) / kWarps;
   int N, tn, tiles, groups, k0, k1;
   float c[U][4];
   __device__ MmaProduct(int m, int n, int s) : N(n) {
     tn = (n + 7) / 8;
     tiles = (m / 16) * tn;
+    if (m > MaxM || n > kMaxK || m % 16 || s % 16) DTL_TRAP();  // a plan outside these bounds
     groups = tiles >= kWarps ? 1 : kWarps / tiles;
     const int steps = s / 16, grp = group();
     k0 = steps * grp / groups;
@@ -384,10 +395,13 @@ struct CoreProduct {
 template <typename T>
 constexpr bool kSixteenBit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
-// The backward's reduction product for these dtypes: tensor cores for 16-bit taps / ups.
-template <typename acc_t, typename side_t>
+// The backward's reduction product for these dtypes (tensor cores for 16-bit taps / ups),
+// with at most MaxM output rows.
+template <typename acc_t, typename side_t, int MaxM>
 using Product = std::conditional_t<kMmaBuilt && kSixteenBit<side_t> && std::is_same_v<acc_t, float>,
-                                   MmaProduct<side_t>, CoreProduct<acc_t>>;
+                                   MmaProduct<side_t, MaxM>, CoreProduct<acc_t>>;
+constexpr int kDtMaxRows = 64;      // ∂T products: M = the tile's rows (plans: 16 … 64)
+constexpr int kDuMaxChannels = 32;  // ∂U products: M = the chunk's channels (plans: 32)
 
 template <typename acc_t>
 __device__ void zero_smem(acc_t* p, int n) {
@@ -637,7 +651,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* dT_s = S_s + bd * lds;
   const RowsMap map{int64_t(blockIdx.x) * bm, a.B * rpb, rpb};
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
-  Product<acc_t, side_t> dt(bm, a.Kp, bd);
+  Product<acc_t, side_t, kDtMaxRows> dt(bm, a.Kp, bd);
   const Gemm gh(bm, bd, a.K);
   for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
     // G of the thread's own 4 rows × 4 channels (the micro tile of h), issued first so the
@@ -660,11 +674,12 @@ __global__ void __launch_bounds__(kThreads)
   write_grad_taps(a, dT_s, map, bm);
 }
 
-// Blocks per SM the conv ∂T kernel is compiled for: 2 (≤ 128 registers), which the
-// float32 kernel meets by itself and the tensor-core product's fragments would otherwise
-// exceed (~160 registers, 1 block per SM); 1 for float64, which would spill under the cap.
+// Blocks per SM the conv ∂T kernel is compiled for (0: no bound asked): 2 (≤ 128
+// registers), which the float32 kernel meets by itself and the tensor-core product's
+// fragments would otherwise exceed (~160 registers, 1 block per SM); none for float64,
+// which would spill under the cap.
 template <typename scalar_t>
-constexpr int kDtConvBlocks = sizeof(at::opmath_type<scalar_t>) == 8 ? 1 : 2;
+constexpr int kDtConvBlocks = sizeof(at::opmath_type<scalar_t>) == 8 ? 0 : 2;
 
 // Patch grid: D = gᵀ(G) from the tile's G halo. grid (B·tiles).
 template <typename scalar_t, typename side_t, int KS>
@@ -685,7 +700,7 @@ __global__ void __launch_bounds__(kThreads, kDtConvBlocks<scalar_t>)
   const GridMap own{tl.b, tl.ti0, tl.tj0, tl.th, tl.tw, a.H, a.W, a.P};
   const GridMap halo{tl.b, tl.ti0 - back, tl.tj0 - back, gh, gw, a.H, a.W, a.P};
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, own, bm);
-  Product<acc_t, side_t> dt(bm, a.Kp, bd);
+  Product<acc_t, side_t, kDtMaxRows> dt(bm, a.Kp, bd);
   constexpr int VC = ConvShape<KS>::VC;
   for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
     __syncthreads();
@@ -765,7 +780,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* out_s = S_s + bm * lds;
   const int64_t c0 = int64_t(blockIdx.y) * bd, total = a.B * rpb;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
-  Product<acc_t, side_t> du(bd, a.Kp, bm);
+  Product<acc_t, side_t, kDuMaxChannels> du(bd, a.Kp, bm);
   const Gemm gh(bm, bd, a.K);
   for (int64_t tile = blockIdx.x; tile * bm < total; tile += gridDim.x) {
     const RowsMap map{tile * bm, total, rpb};
@@ -786,9 +801,17 @@ __global__ void __launch_bounds__(kThreads)
   write_part_ups(a, out_s, slot0 + blockIdx.x, c0, bd);
 }
 
+// Blocks per SM the conv ∂U / ∂w kernel is compiled for (0: no bound asked): 2 (≤ 128
+// registers, no spills for k ≤ 6) with the tensor-core product; none with the CUDA-core
+// one, which would spill under that cap (155–168 registers in float32 for k = 3, 5, 7).
+template <typename scalar_t, typename side_t>
+constexpr int kDuConvBlocks =
+    std::is_same_v<Product<at::opmath_type<scalar_t>, side_t, kDuMaxChannels>,
+                   CoreProduct<at::opmath_type<scalar_t>>> ? 0 : 2;
+
 // Patch grid: ∂U and ∂w partials of conv tiles g, g + G, …. grid (G, cdiv(D, bd)).
 template <typename scalar_t, typename side_t, int KS>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kDuConvBlocks<scalar_t, side_t>)
     du_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
@@ -807,7 +830,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c0 = int64_t(blockIdx.y) * bd;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
   stage_conv(w_s, a.w, c0, bd, a.D, kk);
-  Product<acc_t, side_t> du(bd, a.Kp, bm);
+  Product<acc_t, side_t, kDuMaxChannels> du(bd, a.Kp, bm);
   // ∂w: item (channel quad q, window row x) sums over its group's share of the positions
   const int quads = bd / 4, items = quads * KS;
   const int wgroups = items >= kThreads ? 1 : kThreads / items;
