@@ -35,8 +35,8 @@ DEFAULT_MODEL = "tf_efficientnet_lite0"
 DEFAULT_DATASET = "elpv"
 # --lr when none is given (by --recipe, --config or the flag): what the accuracy study
 # (benchmarks/results/accuracy_study.md; 30 epochs, selection on a validation split) picked.
-# DTL: 1e-2 on elpv and on Fashion-MNIST over {3e-3, 1e-2, 3e-2}; DTL+: 1e-2 on elpv. The
-# other methods keep 1e-3 (the published scripts' default) until the study has picked theirs.
+# DTL and DTL+: 1e-2 on elpv and on Fashion-MNIST, over {3e-3, 1e-2, 3e-2}. The other
+# methods keep 1e-3 (the published scripts' default) until the study has picked theirs.
 DEFAULT_LR = {"dtl": 1e-2, "dtl+": 1e-2}
 FALLBACK_LR = 1e-3
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # --trunk-dtype / --backbone-dtype
