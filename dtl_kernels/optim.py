@@ -61,7 +61,9 @@ class LeanFusedAdamW(torch.optim.AdamW):
     def _fused_work(self) -> list | None:
         """Per group, the lists the fused kernel takes; ``None`` when the short path does
         not apply (see the class docstring)."""
-        if getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None):
+        # GradScaler hands these over as tensors: test for presence, never their truth
+        # value (a device sync on CUDA)
+        if any(getattr(self, name, None) is not None for name in ("grad_scale", "found_inf")):
             return None
         work = []
         for group in self.param_groups:

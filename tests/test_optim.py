@@ -103,3 +103,18 @@ def test_a_closure_runs_through_torch_adamw():
     before = [p.detach().clone() for p in params]
     assert opt.step(closure) is not None and calls
     assert all(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+def test_amp_grad_scaler_tensors_send_the_step_to_torch(monkeypatch):
+    """GradScaler hands the fused optimizer ``grad_scale`` / ``found_inf`` tensors: the short
+    path (which takes neither) must leave such a step to torch, whatever their values."""
+    params, opt = _run(LeanFusedAdamW, steps=3)  # the state exists: the short path applies
+    calls = []
+    real = torch.optim.AdamW.step
+    counted = lambda self, closure=None: calls.append(1) or real(self, closure)  # noqa: E731
+    monkeypatch.setattr(torch.optim.AdamW, "step", counted)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.grad_scale, opt.found_inf = torch.ones(()), torch.zeros(())  # found_inf reads False
+    opt.step()
+    assert calls == [1]
