@@ -5,6 +5,8 @@ A run folder is reused only when its ``config.json`` holds exactly the options t
 for, so a changed protocol never silently reuses old results. A run that diverged
 (``dtl-train`` exit status 3: too many non-finite steps, e.g. at a grid's largest lr) is a
 result too: its folder gets ``diverged.json`` (the options), and it is not tried again.
+A run stopped part-way (its checkpoints hold exactly these options) continues from its last
+finished epoch with ``dtl-train --resume``.
 """
 
 from __future__ import annotations
@@ -107,6 +109,23 @@ def _same_divergence(folder: Path, opts: dict) -> bool:
     return marker.get("options") == json.loads(json.dumps(opts))
 
 
+def interrupted(run: Run, root: Path) -> bool:
+    """The folder holds an unfinished run with exactly these options: its newest
+    checkpoint's configuration matches them, so ``dtl-train --resume`` continues the same
+    run (a checkpoint that does not read back, or of other options, is started afresh)."""
+    from dtl_kernels.train import checkpoint as ckpt
+
+    folder, opts = run.folder(root), run.options()
+    try:
+        found = ckpt.load_latest(folder)
+    except (ckpt.CheckpointError, OSError):
+        return False
+    if found is None:
+        return False
+    config = found[1].get("config")
+    return isinstance(config, dict) and all(config.get(k) == v for k, v in opts.items())
+
+
 def finished(run: Run, root: Path) -> dict | None:
     """The summary of an identical earlier run (:data:`DIVERGED` if it diverged), else
     ``None``. Reads only: runs nothing, writes nothing."""
@@ -126,8 +145,9 @@ def execute(run: Run, root: Path, reuse_only: bool = False) -> dict | None:
         return done
     if reuse_only:
         return None
-    cmd = [sys.executable, "-m", "dtl_kernels.train", "--output", str(folder),
-           "--overwrite", "--no-progress"]  # fmt: skip
+    start = "--resume" if interrupted(run, root) else "--overwrite"  # keep finished epochs
+    cmd = [sys.executable, "-m", "dtl_kernels.train", "--output", str(folder), start,
+           "--no-progress"]  # fmt: skip
     for key, value in opts.items():
         cmd += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float)
                 else str(value)]  # fmt: skip

@@ -315,6 +315,51 @@ def test_run_folders_are_reused_only_for_identical_options(tmp_path):
     assert AR.finished(run, tmp_path)["diverged"] is True
 
 
+def interrupt(root: Path, run: AR.Run, options: dict) -> None:
+    """Lay out a run stopped after its first epoch: one checkpoint recording ``options``."""
+    import torch
+
+    from dtl_kernels.train import checkpoint as ckpt
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    ckpt.save_checkpoint(run.folder(root), 1, model, opt, sched, [{"epoch": 1}], options)
+
+
+def test_an_interrupted_run_resumes_and_one_of_other_options_starts_afresh(tmp_path, monkeypatch):
+    calls = []
+
+    def train(cmd, **kw):  # dtl-train stand-in: the run finishes in its folder
+        import subprocess
+
+        calls.append(cmd)
+        folder = Path(cmd[cmd.index("--output") + 1])
+        (folder / "config.json").write_text(json.dumps(run.options()))
+        (folder / "summary.json").write_text(json.dumps(summary(0.6)))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(AR.subprocess, "run", train)
+    run = AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 2, 30)
+    assert not AR.interrupted(run, tmp_path)  # no folder yet
+    interrupt(tmp_path, run, run.options())
+    assert AR.interrupted(run, tmp_path) and AR.finished(run, tmp_path) is None
+    assert AR.execute(run, tmp_path)["test_acc"] == 0.6
+    assert "--resume" in calls[-1] and "--overwrite" not in calls[-1]
+
+    other = AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 3, 30)
+    interrupt(tmp_path, other, {**other.options(), "drop_path": 0.1})  # not this run's options
+    assert not AR.interrupted(other, tmp_path)
+    run = other
+    AR.execute(other, tmp_path)
+    assert "--overwrite" in calls[-1] and "--resume" not in calls[-1]
+
+    broken = AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 4, 30)
+    (broken.folder(tmp_path) / "checkpoints").mkdir(parents=True)
+    (broken.folder(tmp_path) / "checkpoints" / "epoch_0001.pt").write_bytes(b"not a checkpoint")
+    assert not AR.interrupted(broken, tmp_path)  # unreadable: started afresh, never trusted
+
+
 def test_variant_options_are_spelt_as_dtl_train_records_them():
     """Reuse compares a run's options with its config.json: lora-tail's blocks must come
     back from dtl-train exactly as the Run spells them."""
