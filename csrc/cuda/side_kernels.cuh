@@ -6,10 +6,12 @@
 //   S = θ'(h) ⊙ D;  ∂T = S·U;  ∂U = Sᵀ·T;  ∂w[ab] = Σ_p θ(h[p]) ⊙ G[p − s_ab].
 //
 // h is never stored: each block rebuilds the BM × BD tile it needs from the taps. The three
-// small products (h = T·Uᵀ, ∂T = S·U, ∂U = Sᵀ·T) run on CUDA cores from shared memory as
-// 4×4 register micro tiles (gemm_accumulate: two 4-wide shared loads per 16 FMAs), so every
-// dtype computes in its opmath type (fp32; fp64 for fp64) with a fixed summation order: the
-// results are bit-identical run to run, and no reduction uses atomics.
+// small products (h = T·Uᵀ, ∂T = S·U, ∂U = Sᵀ·T) read shared memory. With 16-bit taps / ups
+// (sm_80+) the forward's h, ∂T and ∂U run on tensor cores (mma.sync m16n8k16, fp32 sums);
+// otherwise, and for the backward's rebuilt h, on CUDA cores as 4×4 register micro tiles
+// (gemm_accumulate: two 4-wide shared loads per 16 FMAs) in the opmath type (fp32; fp64 for
+// fp64). Every summation order is fixed: results are bit-identical run to run, and no
+// reduction uses atomics.
 //
 // Shared-memory layouts (acc_t; "ld" = padded row length):
 //   T_s  [k][row]   taps of the tile, for h          T2_s [row][k]   taps, for ∂U
@@ -395,13 +397,78 @@ struct CoreProduct {
 template <typename T>
 constexpr bool kSixteenBit = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
 
-// The backward's reduction product for these dtypes (tensor cores for 16-bit taps / ups),
-// with at most MaxM output rows.
+// Products run on tensor cores for 16-bit taps / ups (fp32 sums), on CUDA cores otherwise.
+template <typename acc_t, typename side_t>
+constexpr bool kTensorCores = kMmaBuilt && kSixteenBit<side_t> && std::is_same_v<acc_t, float>;
+
+// The backward's reduction product for these dtypes, with at most MaxM output rows.
 template <typename acc_t, typename side_t, int MaxM>
-using Product = std::conditional_t<kMmaBuilt && kSixteenBit<side_t> && std::is_same_v<acc_t, float>,
-                                   MmaProduct<side_t, MaxM>, CoreProduct<acc_t>>;
+using Product = std::conditional_t<kTensorCores<acc_t, side_t>, MmaProduct<side_t, MaxM>,
+                                   CoreProduct<acc_t>>;
 constexpr int kDtMaxRows = 64;      // ∂T products: M = the tile's rows (plans: 16 … 64)
 constexpr int kDuMaxChannels = 32;  // ∂U products: M = the chunk's channels (plans: 32)
+
+// -- the forward's h on tensor cores ---------------------------------------------------------
+// h = T·Uᵀ of an M × N tile (taps T_s[k][row], ups U_s[k][ch]; K ≤ kMaxK zero-padded to 16)
+// for 16-bit taps / ups: exact 16-bit operands (staged from 16-bit values), fp32 sums. Warp w
+// owns the consecutive 16×8 tiles w·U … w·U + U − 1, n fastest: with the plans' tiles
+// (M·N = 4096, N ≤ 64) they share one row strip, so A's fragment is loaded once per k-step and
+// a warp's epilogue runs along contiguous channels. The CUDA-core micro tile stays for fp32
+// and fp64 taps.
+template <typename mma_t, int U = 4>
+struct MmaH {
+  int tn, tiles;
+  float c[U][4];
+  __device__ MmaH(const float* T_s, int ldt, const float* U_s, int ldu, int m, int n, int K) {
+    tn = n / 8;
+    tiles = (m / 16) * tn;
+    if (m % 16 || n % 8 || tiles > U * kWarps) DTL_TRAP();  // a plan outside these bounds
+    const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
+    const int first = (int(threadIdx.x) / 32) * U;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[u][i] = 0.f;
+    // element (k, i) of a [k][i] tile, zero past K (the rows after K belong to other arrays)
+    const auto at = [K](const float* p, int ld, int k, int i) { return k < K ? p[k * ld + i] : 0.f; };
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      const int k = k0 + t2;
+      int strip = -1;
+      uint32_t a[4];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int tl = first + u;
+        if (tl >= tiles) break;
+        if (tl / tn != strip) {  // warp-uniform
+          strip = tl / tn;
+          const int r = 16 * strip + g;
+          a[0] = pack2<mma_t>(at(T_s, ldt, k, r), at(T_s, ldt, k + 1, r));
+          a[1] = pack2<mma_t>(at(T_s, ldt, k, r + 8), at(T_s, ldt, k + 1, r + 8));
+          a[2] = pack2<mma_t>(at(T_s, ldt, k + 8, r), at(T_s, ldt, k + 9, r));
+          a[3] = pack2<mma_t>(at(T_s, ldt, k + 8, r + 8), at(T_s, ldt, k + 9, r + 8));
+        }
+        const int col = 8 * (tl % tn) + g;
+        const uint32_t b[2] = {pack2<mma_t>(at(U_s, ldu, k, col), at(U_s, ldu, k + 1, col)),
+                               pack2<mma_t>(at(U_s, ldu, k + 8, col), at(U_s, ldu, k + 9, col))};
+        mma_16816<mma_t>(c[u], a, b);
+      }
+    }
+  }
+  // f(row, ch, h0, h1): h at (row, ch) and (row, ch + 1), for each pair the thread holds.
+  template <typename F>
+  __device__ void each(F&& f) const {
+    const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
+    const int first = (int(threadIdx.x) / 32) * U;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int tl = first + u;
+      if (tl >= tiles) break;
+      const int r = 16 * (tl / tn) + g, ch = 8 * (tl % tn) + t2;
+      f(r, ch, c[u][0], c[u][1]);
+      f(r + 8, ch, c[u][2], c[u][3]);
+    }
+  }
+};
 
 template <typename acc_t>
 __device__ void zero_smem(acc_t* p, int n) {
@@ -528,9 +595,22 @@ __global__ void __launch_bounds__(kThreads)
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
   __syncthreads();
+  const acc_t beta = static_cast<acc_t>(a.beta);
+  if constexpr (kTensorCores<acc_t, side_t>) {
+    const MmaH<side_t> h(T_s, ldt, U_s, ldu, bm, bd, a.K);
+    h.each([&](int r, int ch, float h0, float h1) {
+      int64_t b, n;
+      if (!map.at(r, b, n)) return;
+      acc_t v[2];
+      load_ch<2>(a.y + b * a.y_sb + n * a.y_sn, c0 + ch, a.D, a.vec, v);
+      v[0] += theta<acc_t>(h0, beta);
+      v[1] += theta<acc_t>(h1, beta);
+      store_ch<2>(a.out + (b * a.N + n) * a.D, c0 + ch, a.D, a.vec, v);
+    });
+    return;
+  }
   acc_t h[1][4][4];
   const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
-  const acc_t beta = static_cast<acc_t>(a.beta);
   const int t = g.tile(0);
   const int64_t c = c0 + g.n0(t);
   for (int i = 0; i < 4; ++i) {
@@ -575,6 +655,15 @@ __global__ void __launch_bounds__(kThreads)
       T_s[k * ldt + i] = v;
     }
     __syncthreads();
+    if constexpr (kTensorCores<acc_t, side_t>) {
+      const MmaH<side_t> h(T_s, ldt, U_s, ldu, bm, bd, a.K);
+      h.each([&](int r, int ch, float h0, float h1) {
+        if (p0 + r < hh * hw)  // θ(0) = 0 off the grid
+          *reinterpret_cast<Vec<acc_t, 2>*>(A_s + (p0 + r) * bd + ch) =
+              Vec<acc_t, 2>{{theta<acc_t>(h0, beta), theta<acc_t>(h1, beta)}};
+      });
+      continue;
+    }
     acc_t h[1][4][4];
     const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
     const int t = g.tile(0);
