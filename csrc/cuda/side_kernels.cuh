@@ -382,12 +382,18 @@ struct MmaProduct {
   }
 };
 
-// The CUDA-core product (4×4 micro tiles, see gemm_accumulate) behind the same interface.
-template <typename acc_t>
+// The CUDA-core product (4×4 micro tiles, see gemm_accumulate) behind the same interface;
+// MaxM bounds M as for MmaProduct, so a thread holds only the micro tiles M × kMaxK needs
+// (∂U: one, which keeps the conv ∂U kernel within 128 registers).
+template <typename acc_t, int MaxM>
 struct CoreProduct {
+  static constexpr int U = ((MaxM / 4) * (kMaxK / 4) + kThreads - 1) / kThreads;
   Gemm g;
-  acc_t acc[2][4][4];
-  __device__ CoreProduct(int m, int n, int s) : g(m, n, s) { zero_tiles(acc); }
+  acc_t acc[U][4][4];
+  __device__ CoreProduct(int m, int n, int s) : g(m, n, s) {
+    if (m > MaxM || n > kMaxK) DTL_TRAP();  // a plan outside these bounds
+    zero_tiles(acc);
+  }
   __device__ void accumulate(const acc_t* A, int lda, const acc_t* B, int ldb) {
     gemm_accumulate(A, lda, B, ldb, g, acc);
   }
@@ -404,7 +410,7 @@ constexpr bool kTensorCores = kMmaBuilt && kSixteenBit<side_t> && std::is_same_v
 // The backward's reduction product for these dtypes, with at most MaxM output rows.
 template <typename acc_t, typename side_t, int MaxM>
 using Product = std::conditional_t<kTensorCores<acc_t, side_t>, MmaProduct<side_t, MaxM>,
-                                   CoreProduct<acc_t>>;
+                                   CoreProduct<acc_t, MaxM>>;
 constexpr int kDtMaxRows = 64;      // ∂T products: M = the tile's rows (plans: 16 … 64)
 constexpr int kDuMaxChannels = 32;  // ∂U products: M = the chunk's channels (plans: 32)
 
@@ -891,12 +897,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Blocks per SM the conv ∂U / ∂w kernel is compiled for (0: no bound asked): 2 (≤ 128
-// registers, no spills for k ≤ 6) with the tensor-core product; none with the CUDA-core
-// one, which would spill under that cap (155–168 registers in float32 for k = 3, 5, 7).
+// registers), met without spills (k = 3, 5: codegen.csv) by both products now that the
+// CUDA-core one holds a single micro tile (155–168 registers in float32 with two); none
+// for float64.
 template <typename scalar_t, typename side_t>
-constexpr int kDuConvBlocks =
-    std::is_same_v<Product<at::opmath_type<scalar_t>, side_t, kDuMaxChannels>,
-                   CoreProduct<at::opmath_type<scalar_t>>> ? 0 : 2;
+constexpr int kDuConvBlocks = sizeof(at::opmath_type<scalar_t>) == 8 ? 0 : 2;
 
 // Patch grid: ∂U and ∂w partials of conv tiles g, g + G, …. grid (G, cdiv(D, bd)).
 template <typename scalar_t, typename side_t, int KS>
