@@ -69,6 +69,7 @@ def occupancy(regs: int, threads: int, smem: int, arch: dict = SM90) -> dict:
 # --------------------------------------------------------------------------------------
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
+_PROPS_FOR = re.compile(r"Function properties for (\S+)")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
 _SMEM = re.compile(r"(\d+) bytes smem")
@@ -78,14 +79,19 @@ def parse_ptxas_log(text: str) -> dict[str, dict]:
     """``{function: {regs, stack, spill_stores, spill_loads, smem_static}}`` from the
     output of ``ptxas -v`` (also as printed by ``nvcc -Xptxas -v``)."""
     out: dict[str, dict] = {}
-    cur = None
+    cur = None  # the entry function being compiled
+    props_of = None  # whose properties the next "… bytes stack frame" line gives
     for line in text.splitlines():
         if m := _ENTRY.search(line):
             cur = out.setdefault(m.group(1), dict(smem_static=0))
+        elif m := _PROPS_FOR.search(line):
+            # a non-inlined callee's properties follow its caller's: never the entry's
+            props_of = out.get(m.group(1)) if m.group(1) in out else None
         elif cur is None:
             continue
         elif m := _PROPS.search(line):
-            cur.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
+            if props_of is not None:
+                props_of.update(stack=int(m[1]), spill_stores=int(m[2]), spill_loads=int(m[3]))
         elif m := _USED.search(line):
             cur["regs"] = int(m[1])
             if s := _SMEM.search(line):

@@ -28,6 +28,9 @@ ptxas info    : Compiling entry function '_bwd_ups_kernel' for 'sm_90a'
 ptxas info    : Function properties for _bwd_ups_kernel
     968 bytes stack frame, 996 bytes spill stores, 976 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 968 bytes cumulative stack size
+ptxas info    : Compile time = 2473.516 ms
+ptxas info    : Function properties for rows_block_callee
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Compiling entry function 'k2' for 'sm_90a'
 ptxas info    : Function properties for k2
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
@@ -68,7 +71,7 @@ k:
 
 def test_parse_ptxas_log():
     res = codegen_sass.parse_ptxas_log(PTXAS_LOG)
-    assert res["_bwd_ups_kernel"] == dict(
+    assert res["_bwd_ups_kernel"] == dict(  # not overwritten by its callee's properties
         regs=255, stack=968, spill_stores=996, spill_loads=976, smem_static=0
     )
     assert res["k2"]["regs"] == 40 and res["k2"]["smem_static"] == 4096
