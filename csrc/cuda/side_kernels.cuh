@@ -587,17 +587,18 @@ __device__ __forceinline__ TileAt tile_at(int64_t tile, const Tiles& t, int H, i
 // Forward
 // =========================================================================================
 
-// Rows (DTL, or the prefix rows of DTL+): out = y + θ(h). grid (cdiv(rows, bm), cdiv(D, bd)).
+// Rows (DTL, or the prefix rows of DTL+): out = y + θ(h) for the bm × bd tile (bx, by) of
+// the rows' grid (cdiv(rows, bm), cdiv(D, bd)).
 template <typename scalar_t, typename side_t>
-__global__ void __launch_bounds__(kThreads)
-    fwd_rows_kernel(const SideArgs<scalar_t, side_t> a, int64_t rpb, int bm, int bd) {
+__device__ __forceinline__ void fwd_rows_tile(const SideArgs<scalar_t, side_t>& a, int64_t rpb,
+                                              int bm, int bd, int64_t bx, int64_t by) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   const int ldt = bm + kPad, ldu = bd + kPad;
   acc_t* T_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* U_s = T_s + a.K * ldt;
-  const RowsMap map{int64_t(blockIdx.x) * bm, a.B * rpb, rpb};
-  const int64_t c0 = int64_t(blockIdx.y) * bd;
+  const RowsMap map{bx * bm, a.B * rpb, rpb};
+  const int64_t c0 = by * bd;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
   __syncthreads();
@@ -630,16 +631,43 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// grid (cdiv(rows, bm), cdiv(D, bd)).
+template <typename scalar_t, typename side_t>
+__global__ void __launch_bounds__(kThreads)
+    fwd_rows_kernel(const SideArgs<scalar_t, side_t> a, int64_t rpb, int bm, int bd) {
+  fwd_rows_tile(a, rpb, bm, bd, int64_t(blockIdx.x), int64_t(blockIdx.y));
+}
+
+// With 16-bit taps / ups the conv forward also runs DTL+'s prefix rows (one launch fewer),
+// compiled for 3 blocks per SM (≤ 85 registers: what it reaches without them, no spills);
+// float32 / float64 taps keep the rows launch (their rows code would spill under that bound).
+// Host and device agree on it for every architecture (tensor cores or not).
+template <typename scalar_t, typename side_t>
+constexpr bool kFoldPrefixRows = kSixteenBit<side_t> && std::is_same_v<at::opmath_type<scalar_t>, float>;
+template <typename scalar_t, typename side_t>
+constexpr int kFwdConvBlocks = kFoldPrefixRows<scalar_t, side_t> ? 3 : 0;
+
 // Patch grid of DTL+: out[p] = y[p] + Σ_ab w[ab]·θ(h[p + s_ab]). One block per spatial tile
 // and chunk of bd channels: θ(h) of the tile plus its halo (zero off the grid) is built in
-// shared memory in passes of bm positions, then convolved. grid (B·tiles, cdiv(D, bd)).
+// shared memory in passes of bm positions, then convolved. grid (row_blocks + B·tiles,
+// cdiv(D, bd)): where kFoldPrefixRows, the first row_blocks blocks are the prefix rows'
+// (rpb per image, bm × bd tiles): they start first and add no tail.
 template <typename scalar_t, typename side_t, int KS>
-__global__ void __launch_bounds__(kThreads)
-    fwd_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
+__global__ void __launch_bounds__(kThreads, kFwdConvBlocks<scalar_t, side_t>)
+    fwd_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd,
+                    int64_t rpb, int64_t row_blocks) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (kFoldPrefixRows<scalar_t, side_t>) {
+    if (int64_t(blockIdx.x) < row_blocks) {  // block-uniform
+      fwd_rows_tile(a, rpb, bm, bd, int64_t(blockIdx.x), int64_t(blockIdx.y));
+      return;
+    }
+  } else if (row_blocks != 0) {
+    DTL_TRAP();  // a launch that disagrees with kFoldPrefixRows
+  }
   DTL_SMEM(smem_raw);
   const int ldt = bm + kPad, ldu = bd + kPad, pad = same_pad_before(KS);
-  const TileAt tl = tile_at(blockIdx.x, tiles, a.H, a.W);
+  const TileAt tl = tile_at(int64_t(blockIdx.x) - row_blocks, tiles, a.H, a.W);
   const int hh = tl.th + KS - 1, hw = tl.tw + KS - 1;
   acc_t* T_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* U_s = T_s + a.K * ldt;

@@ -25,19 +25,22 @@ void with_ks(int ks, F&& f) {
   }
 }
 
-// out = y + mix(T·Uᵀ): rows (DTL, or DTL+'s prefix rows), then DTL+'s patch grid.
+// out = y + mix(T·Uᵀ): rows (DTL, or DTL+'s prefix rows), then DTL+'s patch grid — with
+// 16-bit taps in one launch (kFoldPrefixRows).
 template <typename scalar_t, typename side_t, typename Launch>
 void run_side_forward(const Plan& p, const SideArgs<scalar_t, side_t>& a, Launch&& launch) {
-  if (p.total_rows() > 0)
+  constexpr bool fold = kFoldPrefixRows<scalar_t, side_t>;
+  if (p.total_rows() > 0 && !(p.ks && fold))
     launch(fwd_rows_kernel<scalar_t, side_t>,
            dim3(unsigned(cdiv(p.total_rows(), p.fr_bm)), unsigned(cdiv(p.D, p.fr_bd))),
            p.smem_fwd_rows(), a, p.rows_per_image(), p.fr_bm, p.fr_bd);
-  if (p.ks)
-    with_ks(p.ks, [&](auto KS) {
-      launch(fwd_conv_kernel<scalar_t, side_t, KS.value>,
-             dim3(unsigned(p.B * p.fc.per_image()), unsigned(cdiv(p.D, p.fc_bd))),
-             p.smem_fwd_conv(), a, p.fc, p.fc_bm, p.fc_bd);
-    });
+  if (!p.ks) return;
+  const int64_t row_blocks = fold ? cdiv(p.total_rows(), p.fc_bm) : 0;  // in fc's tiles
+  with_ks(p.ks, [&](auto KS) {
+    launch(fwd_conv_kernel<scalar_t, side_t, KS.value>,
+           dim3(unsigned(row_blocks + p.B * p.fc.per_image()), unsigned(cdiv(p.D, p.fc_bd))),
+           p.smem_fwd_conv(), a, p.fc, p.fc_bm, p.fc_bd, p.rows_per_image(), row_blocks);
+  });
 }
 
 // ∂T into a.grad_taps; ∂U (∂w) partials into a.part_ups (a.part_w), then summed in slot

@@ -7,7 +7,9 @@
 //   forward, rows (DTL; prefix rows of DTL+)   BM 64 rows,   BD 64 channels
 //   forward, conv (patch grid of DTL+)         up to 14×14 outputs of one image + halo,
 //                                               θ(h) of the halo built in passes of 128,
-//                                               BD 32 channels
+//                                               BD 32 channels; with 16-bit taps the
+//                                               prefix rows in the same launch, as
+//                                               BM 128 × BD 32 row tiles (in its smem)
 //   backward ∂T (a block covers ALL of d for its rows, so ∂T is reduced on chip):
 //                                   rows       BM 16 or 32 rows (≥ ~3 blocks per SM),
 //                                              BD 256 or 128 channels per step
