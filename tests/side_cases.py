@@ -127,6 +127,7 @@ CASES = [
     C("k3-fp16-noncontig", 1, 1, (6, 6), 40, 6, 3, dtype=f16, layout="noncontig"),
     C("k4-bf16-prefix5", 1, 5, (4, 8), 40, 6, 4, beta=1.0, dtype=bf16),
     C("k2-bf16-grid11x9", 2, 0, (11, 9), 36, 8, 2, dtype=bf16, sms=3),
+    C("k3-bf16-prefix1-K40", 1, 1, (6, 6), 40, 40, 3, dtype=bf16),  # K over 2½ mma k-steps
     C("k3-fp64", 1, 1, (2, 3), 24, 6, 3, dtype=f64),
     C("k5-fp64-grid9x17", 1, 2, (9, 17), 20, 10, 5, dtype=f64, sms=2),
     # -- float32 y with 16-bit taps / ups (what bf16 / fp16 autocast training feeds)
@@ -135,6 +136,7 @@ CASES = [
     C("mix-bf16-k3-prefix1-grid6x6", 2, 1, (6, 6), 40, 12, 3, side=bf16),
     C("mix-fp16-k4-prefix5-rowslice", 1, 5, (4, 8), 40, 6, 4, layout="rowslice", side=f16),
     C("mix-bf16-k5-grid9x11-saturated", 1, 0, (9, 11), 33, 6, 5, saturated=True, side=bf16),
+    C("mix-bf16-dtl-rows197-d100-K24", 2, 0, (1, 197), 100, 24, side=bf16),  # ViT's K
     # -- ViT-B/16 and Swin-B stage 3 sized: several tiles per program on a GPU
     C("vit-b-dtl", 4, 0, (1, 197), 768, 24, big=True),
     C("vit-b-k3", 4, 1, (14, 14), 768, 24, 3, big=True),
