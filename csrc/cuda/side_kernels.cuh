@@ -797,16 +797,17 @@ __global__ void __launch_bounds__(kThreads)
   write_grad_taps(a, dT_s, map, bm);
 }
 
-// Blocks per SM the conv ∂T kernel is compiled for (0: no bound asked): 2 (≤ 128
-// registers), which the float32 kernel meets by itself and the tensor-core product's
-// fragments would otherwise exceed (~160 registers, 1 block per SM); none for float64,
-// which would spill under the cap.
+// Blocks per SM the conv backward kernels (∂T; ∂U / ∂w) are compiled for (0: no bound
+// asked): 2 (≤ 128 registers), met without spills (k = 3, 5: codegen.csv). Without it the
+// tensor-core fragments take ~160 registers in ∂T, and the float32 ∂U took 155–168 while
+// its CUDA-core product held two micro tiles (one now). None for float64, which would
+// spill under the cap.
 template <typename scalar_t>
-constexpr int kDtConvBlocks = sizeof(at::opmath_type<scalar_t>) == 8 ? 0 : 2;
+constexpr int kConvBwdBlocks = sizeof(at::opmath_type<scalar_t>) == 8 ? 0 : 2;
 
 // Patch grid: D = gᵀ(G) from the tile's G halo. grid (B·tiles).
 template <typename scalar_t, typename side_t, int KS>
-__global__ void __launch_bounds__(kThreads, kDtConvBlocks<scalar_t>)
+__global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
     dt_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
@@ -924,16 +925,9 @@ __global__ void __launch_bounds__(kThreads)
   write_part_ups(a, out_s, slot0 + blockIdx.x, c0, bd);
 }
 
-// Blocks per SM the conv ∂U / ∂w kernel is compiled for (0: no bound asked): 2 (≤ 128
-// registers), met without spills (k = 3, 5: codegen.csv) by both products now that the
-// CUDA-core one holds a single micro tile (155–168 registers in float32 with two); none
-// for float64.
-template <typename scalar_t, typename side_t>
-constexpr int kDuConvBlocks = sizeof(at::opmath_type<scalar_t>) == 8 ? 0 : 2;
-
 // Patch grid: ∂U and ∂w partials of conv tiles g, g + G, …. grid (G, cdiv(D, bd)).
 template <typename scalar_t, typename side_t, int KS>
-__global__ void __launch_bounds__(kThreads, kDuConvBlocks<scalar_t, side_t>)
+__global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
     du_conv_kernel(const SideArgs<scalar_t, side_t> a, const Tiles tiles, int bm, int bd) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
