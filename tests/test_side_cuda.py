@@ -148,11 +148,15 @@ def emulator(tmp_path_factory):
     out = tmp_path_factory.mktemp("cuda_emu")
     exe = out / "driver"
     torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
+    # DTL_EMU_ASAN=1: AddressSanitizer catches a kernel reaching past the shared memory its
+    # plan asks for (~2.5× slower, so not the default)
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("DTL_EMU_ASAN") == "1" else []
     proc = subprocess.run(
         [
             cxx,
             "-std=c++20",
             "-O1",
+            *asan,
             "-pthread",
             f"-I{EMU_DIR}",
             f"-I{os.path.dirname(KERNELS_CUH)}",

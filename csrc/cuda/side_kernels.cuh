@@ -157,7 +157,8 @@ __device__ void stage_conv(acc_t* w_s, const scalar_t* w, int64_t c0, int bd, in
   }
 }
 
-// Taps of rows 0..bm-1 of `map`: T_s[k][i] (ld ldt) and, if T2_s, T2_s[i][k] (ld Kp).
+// Taps of rows 0..bm-1 of `map`: T_s[k][i] (ld ldt) if T_s, T2_s[i][k] (ld Kp, zero past K)
+// if T2_s.
 template <typename acc_t, typename scalar_t, typename side_t, typename Map>
 __device__ void stage_taps(acc_t* T_s, int ldt, acc_t* T2_s, int Kp, const SideArgs<scalar_t, side_t>& a,
                            const Map& map, int bm) {
@@ -166,7 +167,7 @@ __device__ void stage_taps(acc_t* T_s, int ldt, acc_t* T2_s, int Kp, const SideA
     int64_t b, n;
     acc_t v = 0;
     if (k < a.K && map.at(i, b, n)) v = static_cast<acc_t>(a.taps[b * a.t_sb + n * a.t_sn + k]);
-    if (k < a.K) T_s[k * ldt + i] = v;
+    if (T_s != nullptr && k < a.K) T_s[k * ldt + i] = v;
     if (T2_s != nullptr) T2_s[idx] = v;
   }
 }
@@ -234,6 +235,49 @@ __device__ void gemm_accumulate(const acc_t* A, int lda, const acc_t* B, int ldb
       for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j) acc[u][i][j] += x.v[i] * z.v[j];
+    }
+  }
+}
+
+// gemm_accumulate with A stored [m][s] (ld lda, a multiple of 4) instead of [s][m]: the ∂U
+// kernels rebuild h from the one taps copy [row][k] that their product reads too. Four s per
+// step (four 16-byte loads of A, four of B) keeps gemm_accumulate's loads per FMA, and each
+// sum still runs in s order. With N = 32 (the ∂U tiles) the 8 threads of a quarter warp
+// share m0, so A's loads are broadcasts.
+template <int U, typename acc_t>
+__device__ void gemm_accumulate_ms(const acc_t* A, int lda, const acc_t* B, int ldb, const Gemm& g,
+                                   acc_t (&acc)[U][4][4]) {
+  const int grp = g.group();
+  if (grp >= g.groups) return;
+  const int quads = (g.S + 3) / 4;  // the groups split s in whole quads (aligned loads)
+  const int s0 = 4 * int(int64_t(quads) * grp / g.groups);
+  const int s1q = 4 * int(int64_t(quads) * (grp + 1) / g.groups), s1 = s1q < g.S ? s1q : g.S;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int t = g.tile(u);
+    if (t >= g.tiles) continue;
+    const acc_t* pa = A + g.m0(t) * lda;
+    const acc_t* pb = B + g.n0(t);
+    int s = s0;
+    for (; s + 4 <= s1; s += 4) {
+      Vec<acc_t, 4> x[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = lds4(pa + i * lda + s);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const Vec<acc_t, 4> z = lds4(pb + (s + c) * ldb);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[u][i][j] += x[i].v[c] * z.v[j];
+      }
+    }
+    for (; s < s1; ++s) {  // K not a multiple of 4
+      const Vec<acc_t, 4> z = lds4(pb + s * ldb);
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[u][i][j] += pa[i * lda + s] * z.v[j];
     }
   }
 }
@@ -489,6 +533,16 @@ __device__ Gemm micro_h(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, i
   const Gemm g(bm, bd, a.K);
   zero_tiles(h);
   gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
+  return g;
+}
+
+// The same h from taps staged [row][k] (T2_s, ld Kp), as the ∂U kernels keep them.
+template <typename acc_t, typename scalar_t, typename side_t>
+__device__ Gemm micro_h_rk(const SideArgs<scalar_t, side_t>& a, const acc_t* T2_s, const acc_t* U_s,
+                           int ldu, int bm, int bd, acc_t (&h)[1][4][4]) {
+  const Gemm g(bm, bd, a.K);
+  zero_tiles(h);
+  gemm_accumulate_ms(T2_s, a.Kp, U_s, ldu, g, h);
   return g;
 }
 
@@ -771,7 +825,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* U_s = T_s + a.K * ldt;
   acc_t* U2_s = U_s + a.K * ldu;
   acc_t* S_s = U2_s + bd * a.Kp;
-  acc_t* dT_s = S_s + bd * lds;
+  acc_t* dT_s = T_s;  // [bm][Kp] after the loop, over the buffers it no longer reads
   const RowsMap map{int64_t(blockIdx.x) * bm, a.B * rpb, rpb};
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
   Product<acc_t, side_t, kDtMaxRows> dt(bm, a.Kp, bd);
@@ -820,7 +874,7 @@ __global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
   acc_t* w_s = U2_s + bd * a.Kp;
   acc_t* G_s = w_s + KS * KS * bd;  // [gh·gw][bd]
   acc_t* S_s = G_s + gh * gw * bd;  // [bd][lds]: D, then S
-  acc_t* dT_s = S_s + bd * lds;
+  acc_t* dT_s = T_s;                // [bm][Kp] after the loop, over the buffers it no longer reads
   const GridMap own{tl.b, tl.ti0, tl.tj0, tl.th, tl.tw, a.H, a.W, a.P};
   const GridMap halo{tl.b, tl.ti0 - back, tl.tj0 - back, gh, gw, a.H, a.W, a.P};
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, own, bm);
@@ -858,12 +912,12 @@ __global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
 // order.
 // =========================================================================================
 
-// S (and θ(h) when A_s) of a tile into S_s[row][ch] (ld lds) / A_s[row][ch] (ld bd).
+// S (and θ(h) when A_s) of a tile, from its h (micro tiles of g), into S_s[row][ch] (ld lds)
+// / A_s[row][ch] (ld bd = g.N).
 template <typename acc_t, typename scalar_t, typename side_t, typename DVal>
-__device__ void rows_S_rc(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
-                          int ldu, int bm, int bd, acc_t* S_s, int lds, acc_t* A_s, DVal dval) {
-  acc_t h[1][4][4];
-  const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
+__device__ void rows_S_rc(const SideArgs<scalar_t, side_t>& a, const Gemm& g, const acc_t (&h)[1][4][4],
+                          acc_t* S_s, int lds, acc_t* A_s, DVal dval) {
+  const int bd = g.N;
   const acc_t beta = static_cast<acc_t>(a.beta);
   const int t = g.tile(0);
 #pragma unroll
@@ -913,7 +967,9 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     stage_taps(T_s, ldt, T2_s, a.Kp, a, map, bm);
     __syncthreads();
-    rows_S_rc(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds, static_cast<acc_t*>(nullptr),
+    acc_t h[1][4][4];
+    const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
+    rows_S_rc(a, g, h, S_s, lds, static_cast<acc_t*>(nullptr),
               [&](int i, int j, int, int) { return gv[i][j]; });
     __syncthreads();
     du.accumulate(S_s, lds, T2_s, a.Kp);  // Σ_rows S[row][ch]·T[row][k]
@@ -932,16 +988,16 @@ __global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
   constexpr int kk = KS * KS;
-  const int ldt = bm + kPad, ldu = bd + kPad, lds = bd + kPad, back = KS - 1 - same_pad_before(KS);
+  const int ldu = bd + kPad, lds = bd + kPad, back = KS - 1 - same_pad_before(KS);
   const int mgh = tiles.th + KS - 1, mgw = tiles.tw + KS - 1;  // largest halo
   acc_t* U_s = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* w_s = U_s + a.K * ldu;
-  acc_t* T_s = w_s + kk * bd;
-  acc_t* T2_s = T_s + a.K * ldt;
-  acc_t* G_s = T2_s + bm * a.Kp;  // [gh·gw][bd]
+  acc_t* T2_s = w_s + kk * bd;        // [bm][Kp]: the product's operand, and h's
+  acc_t* G_s = T2_s + bm * a.Kp;      // [gh·gw][bd]
   acc_t* S_s = G_s + mgh * mgw * bd;  // [bm][lds]: D, then S
   acc_t* A_s = S_s + bm * lds;        // [bm][bd]: θ(h)
-  acc_t* out_s = A_s + bm * bd;       // [bd][Kp]
+  // after the loop, over the buffers it no longer reads:
+  acc_t* out_s = U_s;                 // [bd][Kp]
   acc_t* wout_s = out_s + bd * a.Kp;  // [bd][kk]
   const int64_t c0 = int64_t(blockIdx.y) * bd;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
@@ -963,7 +1019,7 @@ __global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
     const GridMap own{tl.b, tl.ti0, tl.tj0, tl.th, tl.tw, a.H, a.W, a.P};
     const GridMap halo{tl.b, tl.ti0 - back, tl.tj0 - back, gh, gw, a.H, a.W, a.P};
     __syncthreads();
-    stage_taps(T_s, ldt, T2_s, a.Kp, a, own, bm);
+    stage_taps(static_cast<acc_t*>(nullptr), 0, T2_s, a.Kp, a, own, bm);
     stage_rows_ch(G_s, a, halo, gh * gw, c0, bd);
     for (int i = threadIdx.x; i < bm * lds; i += kThreads) S_s[i] = 0;
     __syncthreads();
@@ -972,7 +1028,9 @@ __global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
                           for (int x = 0; x < VC; ++x) S_s[(oi * tl.tw + oj) * lds + j0 + x] = v[x];
                         });
     __syncthreads();
-    rows_S_rc(a, T_s, ldt, U_s, ldu, bm, bd, S_s, lds, A_s,
+    acc_t h[1][4][4];
+    const Gemm g = micro_h_rk(a, T2_s, U_s, ldu, bm, bd, h);
+    rows_S_rc(a, g, h, S_s, lds, A_s,
               [&](int, int, int row, int ch) { return S_s[row * lds + ch]; });
     __syncthreads();
     du.accumulate(S_s, lds, T2_s, a.Kp);

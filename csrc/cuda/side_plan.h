@@ -83,26 +83,30 @@ struct Plan {
     return acc_size * (size_t(K) * (fc_bm + kPad) + size_t(K) * (fc_bd + kPad) +
                        size_t(ks) * ks * fc_bd + halo * fc_bd);
   }
+  // The ∂T kernels and the conv ∂U kernel stage their results (∂T; ∂U / ∂w partials) after
+  // the tile loop over the loop's buffers, so they need the larger of the two: that keeps
+  // Swin-B stage 3 (K = 72) at 2 blocks per SM.
   size_t smem_dt_rows() const {
-    return acc_size * (size_t(K) * (ar_bm + kPad) + size_t(K) * (ar_bd + kPad) +
-                       size_t(ar_bd) * Kp + size_t(ar_bd) * (ar_bm + kPad) + size_t(ar_bm) * Kp);
+    const size_t loop = size_t(K) * (ar_bm + kPad) + size_t(K) * (ar_bd + kPad) +
+                        size_t(ar_bd) * Kp + size_t(ar_bd) * (ar_bm + kPad);
+    return acc_size * std::max(loop, size_t(ar_bm) * Kp);
   }
   size_t smem_dt_conv() const {
     const size_t halo = size_t(bc.th + ks - 1) * (bc.tw + ks - 1);
-    return acc_size * (size_t(K) * (ac_bm + kPad) + size_t(K) * (ac_bd + kPad) +
-                       size_t(ac_bd) * Kp + size_t(ks) * ks * ac_bd + halo * ac_bd +
-                       size_t(ac_bd) * (ac_bm + kPad) + size_t(ac_bm) * Kp);
+    const size_t loop = size_t(K) * (ac_bm + kPad) + size_t(K) * (ac_bd + kPad) + size_t(ac_bd) * Kp +
+                        size_t(ks) * ks * ac_bd + halo * ac_bd + size_t(ac_bd) * (ac_bm + kPad);
+    return acc_size * std::max(loop, size_t(ac_bm) * Kp);
   }
   size_t smem_du_rows() const {
     return acc_size * (size_t(K) * (br_bd + kPad) + size_t(K) * (br_bm + kPad) +
                        size_t(br_bm) * Kp + size_t(br_bm) * (br_bd + kPad) + size_t(br_bd) * Kp);
   }
+  // The conv ∂U keeps one copy of the taps, [row][k]: its product's operand, and h's.
   size_t smem_du_conv() const {
     const size_t halo = size_t(bu.th + ks - 1) * (bu.tw + ks - 1);
-    return acc_size * (size_t(K) * (bc_bd + kPad) + size_t(ks) * ks * bc_bd +
-                       size_t(K) * (bc_bm + kPad) + size_t(bc_bm) * Kp + halo * bc_bd +
-                       size_t(bc_bm) * (bc_bd + kPad) + size_t(bc_bm) * bc_bd +
-                       size_t(bc_bd) * Kp + size_t(bc_bd) * ks * ks);
+    const size_t loop = size_t(K) * (bc_bd + kPad) + size_t(ks) * ks * bc_bd + size_t(bc_bm) * Kp +
+                        halo * bc_bd + size_t(bc_bm) * (bc_bd + kPad) + size_t(bc_bm) * bc_bd;
+    return acc_size * std::max(loop, size_t(bc_bd) * Kp + size_t(bc_bd) * ks * ks);
   }
 };
 
