@@ -150,7 +150,9 @@ def emulator(tmp_path_factory):
     torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
     # DTL_EMU_ASAN=1: AddressSanitizer catches a kernel reaching past the shared memory its
     # plan asks for (~2.5× slower, so not the default)
-    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"] if os.environ.get("DTL_EMU_ASAN") == "1" else []
+    asan = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+    if os.environ.get("DTL_EMU_ASAN") != "1":
+        asan = []
     proc = subprocess.run(
         [
             cxx,
