@@ -458,53 +458,23 @@ using Product = std::conditional_t<kTensorCores<acc_t, side_t>, MmaProduct<side_
 constexpr int kDtMaxRows = 64;      // ∂T products: M = the tile's rows (plans: 16 … 64)
 constexpr int kDuMaxChannels = 32;  // ∂U products: M = the chunk's channels (plans: 32)
 
-// -- the forward's h on tensor cores ---------------------------------------------------------
-// h = T·Uᵀ of an M × N tile (taps T_s[k][row], ups U_s[k][ch]; K ≤ kMaxK zero-padded to 16)
-// for 16-bit taps / ups: exact 16-bit operands (staged from 16-bit values), fp32 sums. Warp w
-// owns the consecutive 16×8 tiles w·U … w·U + U − 1, n fastest: with the plans' tiles
-// (M·N = 4096, N ≤ 64) they share one row strip, so A's fragment is loaded once per k-step and
-// a warp's epilogue runs along contiguous channels. The CUDA-core micro tile stays for fp32
-// and fp64 taps.
-template <typename mma_t, int U = 4>
-struct MmaH {
+// -- h on tensor cores (forward, and its rebuild in the backward) ---------------------------
+// h = T·Uᵀ of an M × N tile (taps: element (k, row) at T_s[k·tk + row·tr], i.e. [k][row] with
+// tk = ld, tr = 1, or [row][k] with tk = 1, tr = ld; ups U_s[k][ch]; K ≤ kMaxK zero-padded to
+// 16) for 16-bit taps / ups: exact 16-bit operands (staged from 16-bit values), fp32 sums.
+// Warp w owns the consecutive 16×8 tiles w·U … w·U + U − 1, n fastest: with the plans' tiles
+// (M·N = 4096, N ≤ 256) they share one row strip, so A's fragment is loaded once per k-step
+// and a warp's epilogue runs along contiguous channels. Every element's sum runs over the
+// same k-steps in the same order whatever the tile, so the backward rebuilds the forward's h
+// exactly. The CUDA-core micro tile stays for fp32 and fp64 taps.
+template <int U>
+struct MmaTiles {
   int tn, tiles;
-  float c[U][4];
-  __device__ MmaH(const float* T_s, int ldt, const float* U_s, int ldu, int m, int n, int K) {
-    tn = n / 8;
-    tiles = (m / 16) * tn;
+  __device__ MmaTiles(int m, int n) : tn(n / 8), tiles((m / 16) * (n / 8)) {
     if (m % 16 || n % 8 || tiles > U * kWarps) DTL_TRAP();  // a plan outside these bounds
-    const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
-    const int first = (int(threadIdx.x) / 32) * U;
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) c[u][i] = 0.f;
-    // element (k, i) of a [k][i] tile, zero past K (the rows after K belong to other arrays)
-    const auto at = [K](const float* p, int ld, int k, int i) { return k < K ? p[k * ld + i] : 0.f; };
-    for (int k0 = 0; k0 < K; k0 += 16) {
-      const int k = k0 + t2;
-      int strip = -1;
-      uint32_t a[4];
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int tl = first + u;
-        if (tl >= tiles) break;
-        if (tl / tn != strip) {  // warp-uniform
-          strip = tl / tn;
-          const int r = 16 * strip + g;
-          a[0] = pack2<mma_t>(at(T_s, ldt, k, r), at(T_s, ldt, k + 1, r));
-          a[1] = pack2<mma_t>(at(T_s, ldt, k, r + 8), at(T_s, ldt, k + 1, r + 8));
-          a[2] = pack2<mma_t>(at(T_s, ldt, k + 8, r), at(T_s, ldt, k + 9, r));
-          a[3] = pack2<mma_t>(at(T_s, ldt, k + 8, r + 8), at(T_s, ldt, k + 9, r + 8));
-        }
-        const int col = 8 * (tl % tn) + g;
-        const uint32_t b[2] = {pack2<mma_t>(at(U_s, ldu, k, col), at(U_s, ldu, k + 1, col)),
-                               pack2<mma_t>(at(U_s, ldu, k + 8, col), at(U_s, ldu, k + 9, col))};
-        mma_16816<mma_t>(c[u], a, b);
-      }
-    }
   }
-  // f(row, ch, h0, h1): h at (row, ch) and (row, ch + 1), for each pair the thread holds.
+  // f(u, half, row, ch) for the pairs (row, ch), (row, ch + 1) the thread's tile u holds:
+  // accumulator registers 2·half and 2·half + 1.
   template <typename F>
   __device__ void each(F&& f) const {
     const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
@@ -514,9 +484,60 @@ struct MmaH {
       const int tl = first + u;
       if (tl >= tiles) break;
       const int r = 16 * (tl / tn) + g, ch = 8 * (tl % tn) + t2;
-      f(r, ch, c[u][0], c[u][1]);
-      f(r + 8, ch, c[u][2], c[u][3]);
+      f(u, 0, r, ch);
+      f(u, 1, r + 8, ch);
     }
+  }
+};
+
+template <typename mma_t, int U = 4>
+struct MmaH {
+  MmaTiles<U> lay;
+  float c[U][4];
+  __device__ MmaH(const float* T_s, int tk, int tr, const float* U_s, int ldu, int m, int n, int K)
+      : lay(m, n) {
+    const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
+    const int first = (int(threadIdx.x) / 32) * U;
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) c[u][i] = 0.f;
+    // zero past K (the rows / columns after K belong to other arrays or are padding)
+    const auto t_at = [=](int k, int r) { return k < K ? T_s[k * tk + r * tr] : 0.f; };
+    const auto u_at = [=](int k, int ch) { return k < K ? U_s[k * ldu + ch] : 0.f; };
+    for (int k0 = 0; k0 < K; k0 += 16) {
+      const int k = k0 + t2;
+      int strip = -1;
+      uint32_t a[4];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int tl = first + u;
+        if (tl >= lay.tiles) break;
+        if (tl / lay.tn != strip) {  // warp-uniform
+          strip = tl / lay.tn;
+          const int r = 16 * strip + g;
+          a[0] = pack2<mma_t>(t_at(k, r), t_at(k + 1, r));
+          a[1] = pack2<mma_t>(t_at(k, r + 8), t_at(k + 1, r + 8));
+          a[2] = pack2<mma_t>(t_at(k + 8, r), t_at(k + 9, r));
+          a[3] = pack2<mma_t>(t_at(k + 8, r + 8), t_at(k + 9, r + 8));
+        }
+        const int col = 8 * (tl % lay.tn) + g;
+        const uint32_t b[2] = {pack2<mma_t>(u_at(k, col), u_at(k + 1, col)),
+                               pack2<mma_t>(u_at(k + 8, col), u_at(k + 9, col))};
+        mma_16816<mma_t>(c[u], a, b);
+      }
+    }
+  }
+  // f(u, half, row, ch, h0, h1): h at (row, ch) and (row, ch + 1) for each pair the thread
+  // holds (see MmaTiles::each).
+  template <typename F>
+  __device__ void pairs(F&& f) const {
+    lay.each([&](int u, int half, int r, int ch) { f(u, half, r, ch, c[u][2 * half], c[u][2 * half + 1]); });
+  }
+  // f(row, ch, h0, h1)
+  template <typename F>
+  __device__ void each(F&& f) const {
+    pairs([&](int, int, int r, int ch, float h0, float h1) { f(r, ch, h0, h1); });
   }
 };
 
@@ -557,6 +578,31 @@ __device__ void load_micro_tile(const SideArgs<scalar_t, side_t>& a, const Map& 
     if (map.at(g.m0(t) + i, b, n))
       load_ch<4>(a.y + b * a.y_sb + n * a.y_sn, c0 + g.n0(t), a.D, a.vec, v[i]);
   }
+}
+
+// The same for the pairs a thread holds in MmaH's accumulators: v[u][2·half + {0, 1}].
+template <typename acc_t, typename scalar_t, typename side_t, typename Map>
+__device__ void load_mma_pairs(const SideArgs<scalar_t, side_t>& a, const Map& map, const MmaTiles<4>& lay,
+                               int64_t c0, acc_t (&v)[4][4]) {
+  lay.each([&](int u, int half, int r, int ch) {
+    int64_t b, n;
+    acc_t q[2] = {0, 0};
+    if (map.at(r, b, n)) load_ch<2>(a.y + b * a.y_sb + n * a.y_sn, c0 + ch, a.D, a.vec, q);
+    v[u][2 * half] = q[0];
+    v[u][2 * half + 1] = q[1];
+  });
+}
+
+// G of the thread's elements of h for the step at channel c0, in the layout the step's h
+// will have: the micro tile (CUDA cores) or the mma pairs (tensor cores). Issued before the
+// step's staging so the loads are in flight meanwhile.
+template <typename acc_t, typename scalar_t, typename side_t, typename Map>
+__device__ void load_h_layout(const SideArgs<scalar_t, side_t>& a, const Map& map, int bm, int bd,
+                              int64_t c0, acc_t (&v)[4][4]) {
+  if constexpr (kTensorCores<acc_t, side_t>)
+    load_mma_pairs(a, map, MmaTiles<4>(bm, bd), c0, v);
+  else
+    load_micro_tile(a, map, Gemm(bm, bd, a.K), c0, v);
 }
 
 // -- depthwise k×k on a tile in shared memory -----------------------------------------------
@@ -658,7 +704,7 @@ __device__ __forceinline__ void fwd_rows_tile(const SideArgs<scalar_t, side_t>& 
   __syncthreads();
   const acc_t beta = static_cast<acc_t>(a.beta);
   if constexpr (kTensorCores<acc_t, side_t>) {
-    const MmaH<side_t> h(T_s, ldt, U_s, ldu, bm, bd, a.K);
+    const MmaH<side_t> h(T_s, ldt, 1, U_s, ldu, bm, bd, a.K);
     h.each([&](int r, int ch, float h0, float h1) {
       int64_t b, n;
       if (!map.at(r, b, n)) return;
@@ -744,7 +790,7 @@ __global__ void __launch_bounds__(kThreads, kFwdConvBlocks<scalar_t, side_t>)
     }
     __syncthreads();
     if constexpr (kTensorCores<acc_t, side_t>) {
-      const MmaH<side_t> h(T_s, ldt, U_s, ldu, bm, bd, a.K);
+      const MmaH<side_t> h(T_s, ldt, 1, U_s, ldu, bm, bd, a.K);
       h.each([&](int r, int ch, float h0, float h1) {
         if (p0 + r < hh * hw)  // θ(0) = 0 off the grid
           *reinterpret_cast<Vec<acc_t, 2>*>(A_s + (p0 + r) * bd + ch) =
@@ -782,11 +828,20 @@ __global__ void __launch_bounds__(kThreads, kFwdConvBlocks<scalar_t, side_t>)
 // summed on chip: no partial buffer.
 // =========================================================================================
 
-// S of one step for the rows of `map` into S_s[ch][row] (ld lds); D of the thread's micro
-// tile element (i, j) (row m0 + i, channel n0 + j) is dval(i, j, row, channel).
+// S of one step for the rows of `map` into S_s[ch][row] (ld lds). D at (row, channel) is
+// dval(i, j, row, channel), (i, j) the element's index in load_h_layout's v.
 template <typename acc_t, typename scalar_t, typename side_t, typename DVal>
 __device__ void rows_S_ck(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                           int ldu, int bm, int bd, acc_t* S_s, int lds, DVal dval) {
+  if constexpr (kTensorCores<acc_t, side_t>) {
+    const MmaH<side_t> h(T_s, ldt, 1, U_s, ldu, bm, bd, a.K);
+    const float beta = static_cast<float>(a.beta);
+    h.pairs([&](int u, int half, int r, int ch, float h0, float h1) {
+      S_s[ch * lds + r] = theta_grad<float>(h0, beta) * dval(u, 2 * half, r, ch);
+      S_s[(ch + 1) * lds + r] = theta_grad<float>(h1, beta) * dval(u, 2 * half + 1, r, ch + 1);
+    });
+    return;
+  }
   acc_t h[1][4][4];
   const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
   const acc_t beta = static_cast<acc_t>(a.beta);
@@ -829,12 +884,9 @@ __global__ void __launch_bounds__(kThreads)
   const RowsMap map{int64_t(blockIdx.x) * bm, a.B * rpb, rpb};
   stage_taps(T_s, ldt, static_cast<acc_t*>(nullptr), a.Kp, a, map, bm);
   Product<acc_t, side_t, kDtMaxRows> dt(bm, a.Kp, bd);
-  const Gemm gh(bm, bd, a.K);
   for (int64_t c0 = 0; c0 < a.D; c0 += bd) {
-    // G of the thread's own 4 rows × 4 channels (the micro tile of h), issued first so the
-    // loads are in flight while the step's U is staged
-    acc_t gv[4][4];
-    load_micro_tile(a, map, gh, c0, gv);
+    acc_t gv[4][4];  // G at the thread's elements of h, in flight while U is staged
+    load_h_layout(a, map, bm, bd, c0, gv);
     __syncthreads();  // the previous step's U_s / U2_s / S_s are no longer read
     stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
     stage_ups_ck(U2_s, a.Kp, a.ups, c0, bd, a.D, a.K);
@@ -912,12 +964,32 @@ __global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
 // order.
 // =========================================================================================
 
-// S (and θ(h) when A_s) of a tile, from its h (micro tiles of g), into S_s[row][ch] (ld lds)
-// / A_s[row][ch] (ld bd = g.N).
-template <typename acc_t, typename scalar_t, typename side_t, typename DVal>
-__device__ void rows_S_rc(const SideArgs<scalar_t, side_t>& a, const Gemm& g, const acc_t (&h)[1][4][4],
-                          acc_t* S_s, int lds, acc_t* A_s, DVal dval) {
-  const int bd = g.N;
+// S (and θ(h) when A_s) of a tile into S_s[row][ch] (ld lds) / A_s[row][ch] (ld bd); D as
+// for rows_S_ck. The taps: T2_s[row][k] (ld Kp), and T_s[k][row] (ld ldt) where the kernel
+// stages that copy too (kHasKR; CUDA cores only: tensor cores read T2_s).
+template <bool kHasKR, typename acc_t, typename scalar_t, typename side_t, typename DVal>
+__device__ void rows_S_rc(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* T2_s,
+                          const acc_t* U_s, int ldu, int bm, int bd, acc_t* S_s, int lds, acc_t* A_s,
+                          DVal dval) {
+  if constexpr (kTensorCores<acc_t, side_t>) {
+    const MmaH<side_t> h(T2_s, 1, a.Kp, U_s, ldu, bm, bd, a.K);
+    const float beta = static_cast<float>(a.beta);
+    h.pairs([&](int u, int half, int r, int ch, float h0, float h1) {
+      *reinterpret_cast<Vec<float, 2>*>(S_s + r * lds + ch) =
+          Vec<float, 2>{{theta_grad<float>(h0, beta) * dval(u, 2 * half, r, ch),
+                         theta_grad<float>(h1, beta) * dval(u, 2 * half + 1, r, ch + 1)}};
+      if (A_s != nullptr)
+        *reinterpret_cast<Vec<float, 2>*>(A_s + r * bd + ch) =
+            Vec<float, 2>{{theta<float>(h0, beta), theta<float>(h1, beta)}};
+    });
+    return;
+  }
+  acc_t h[1][4][4];
+  Gemm g(bm, bd, a.K);
+  if constexpr (kHasKR)
+    g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
+  else
+    g = micro_h_rk(a, T2_s, U_s, ldu, bm, bd, h);
   const acc_t beta = static_cast<acc_t>(a.beta);
   const int t = g.tile(0);
 #pragma unroll
@@ -959,17 +1031,18 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t c0 = int64_t(blockIdx.y) * bd, total = a.B * rpb;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
   Product<acc_t, side_t, kDuMaxChannels> du(bd, a.Kp, bm);
-  const Gemm gh(bm, bd, a.K);
+  // h from the [k][row] copy on CUDA cores (fewer registers than from T2_s), from T2_s on
+  // tensor cores, which need no [k][row] copy
+  constexpr bool kHasKR = !kTensorCores<acc_t, side_t>;
+  acc_t* Th_s = kHasKR ? T_s : nullptr;
   for (int64_t tile = blockIdx.x; tile * bm < total; tile += gridDim.x) {
     const RowsMap map{tile * bm, total, rpb};
-    acc_t gv[4][4];  // G of the thread's micro tile, in flight while the taps are staged
-    load_micro_tile(a, map, gh, c0, gv);
+    acc_t gv[4][4];  // G at the thread's elements of h, in flight while the taps are staged
+    load_h_layout(a, map, bm, bd, c0, gv);
     __syncthreads();
-    stage_taps(T_s, ldt, T2_s, a.Kp, a, map, bm);
+    stage_taps(Th_s, ldt, T2_s, a.Kp, a, map, bm);
     __syncthreads();
-    acc_t h[1][4][4];
-    const Gemm g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
-    rows_S_rc(a, g, h, S_s, lds, static_cast<acc_t*>(nullptr),
+    rows_S_rc<kHasKR>(a, Th_s, ldt, T2_s, U_s, ldu, bm, bd, S_s, lds, static_cast<acc_t*>(nullptr),
               [&](int i, int j, int, int) { return gv[i][j]; });
     __syncthreads();
     du.accumulate(S_s, lds, T2_s, a.Kp);  // Σ_rows S[row][ch]·T[row][k]
@@ -1028,9 +1101,7 @@ __global__ void __launch_bounds__(kThreads, kConvBwdBlocks<scalar_t>)
                           for (int x = 0; x < VC; ++x) S_s[(oi * tl.tw + oj) * lds + j0 + x] = v[x];
                         });
     __syncthreads();
-    acc_t h[1][4][4];
-    const Gemm g = micro_h_rk(a, T2_s, U_s, ldu, bm, bd, h);
-    rows_S_rc(a, g, h, S_s, lds, A_s,
+    rows_S_rc<false>(a, static_cast<const acc_t*>(nullptr), 0, T2_s, U_s, ldu, bm, bd, S_s, lds, A_s,
               [&](int, int, int row, int ch) { return S_s[row * lds + ch]; });
     __syncthreads();
     du.accumulate(S_s, lds, T2_s, a.Kp);

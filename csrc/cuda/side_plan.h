@@ -3,7 +3,8 @@
 // (side.cu) and the CPU emulation of the kernels (tests/cuda_emu) launch exactly alike.
 //
 // Every kernel computes h = T·Uᵀ for a tile of BM rows × BD channels with BM·BD = 4096
-// (one 4×4 micro tile per thread of 256). Tiles:
+// (one 4×4 micro tile per thread of 256; with 16-bit taps four 16×8 mma tiles per warp, so
+// BM is a multiple of 16). Tiles:
 //   forward, rows (DTL; prefix rows of DTL+)   BM 64 rows,   BD 64 channels
 //   forward, conv (patch grid of DTL+)         up to 14×14 outputs of one image + halo,
 //                                               θ(h) of the halo built in passes of 128,
