@@ -465,8 +465,8 @@ constexpr int kDuMaxChannels = 32;  // ∂U products: M = the chunk's channels (
 // Warp w owns the consecutive 16×8 tiles w·U … w·U + U − 1, n fastest: with the plans' tiles
 // (M·N = 4096, N ≤ 256) they share one row strip, so A's fragment is loaded once per k-step
 // and a warp's epilogue runs along contiguous channels. Every element's sum runs over the
-// same k-steps in the same order whatever the tile, so the backward rebuilds the forward's h
-// exactly. The CUDA-core micro tile stays for fp32 and fp64 taps.
+// same k-steps in the same order whatever the tile, in the forward and in the backward's
+// rebuild. The CUDA-core micro tile stays for fp32 and fp64 taps.
 template <int U>
 struct MmaTiles {
   int tn, tiles;
