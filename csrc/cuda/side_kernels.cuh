@@ -7,14 +7,16 @@
 //
 // h is never stored: each block rebuilds the BM × BD tile it needs from the taps. The three
 // small products (h = T·Uᵀ, ∂T = S·U, ∂U = Sᵀ·T) read shared memory. With 16-bit taps / ups
-// (sm_80+) the forward's h, ∂T and ∂U run on tensor cores (mma.sync m16n8k16, fp32 sums);
-// otherwise, and for the backward's rebuilt h, on CUDA cores as 4×4 register micro tiles
-// (gemm_accumulate: two 4-wide shared loads per 16 FMAs) in the opmath type (fp32; fp64 for
-// fp64). Every summation order is fixed: results are bit-identical run to run, and no
+// (sm_80+) all three run on tensor cores (mma.sync m16n8k16, fp32 sums), h in the forward
+// and in its rebuild by the backward alike; otherwise on CUDA cores as 4×4 register micro
+// tiles (gemm_accumulate: two 4-wide shared loads per 16 FMAs) in the opmath type (fp32;
+// fp64 for fp64). Every summation order is fixed: results are bit-identical run to run, and no
 // reduction uses atomics.
 //
 // Shared-memory layouts (acc_t; "ld" = padded row length):
-//   T_s  [k][row]   taps of the tile, for h          T2_s [row][k]   taps, for ∂U
+//   T_s  [k][row]   taps of the tile, for h          T2_s [row][k]   taps, for ∂U (and for
+//                                                    h in the ∂U kernels, but the rows
+//                                                    kernel's on CUDA cores)
 //   U_s  [k][ch]    ups of the chunk, for h          U2_s [ch][k]    ups, for ∂T
 //   A_s / G_s [pos][ch]  θ(h) (forward) / G (backward) of a tile plus its halo
 //   S_s  [ch][row] (∂T kernels) or [row][ch] (∂U kernels)
@@ -239,8 +241,8 @@ __device__ void gemm_accumulate(const acc_t* A, int lda, const acc_t* B, int ldb
   }
 }
 
-// gemm_accumulate with A stored [m][s] (ld lda, a multiple of 4) instead of [s][m]: the ∂U
-// kernels rebuild h from the one taps copy [row][k] that their product reads too. Four s per
+// gemm_accumulate with A stored [m][s] (ld lda, a multiple of 4) instead of [s][m]: the conv
+// ∂U kernel rebuilds h from the one taps copy [row][k] that its product reads too. Four s per
 // step (four 16-byte loads of A, four of B) keeps gemm_accumulate's loads per FMA, and each
 // sum still runs in s order. With N = 32 (the ∂U tiles) the 8 threads of a quarter warp
 // share m0, so A's loads are broadcasts.
@@ -490,7 +492,9 @@ struct MmaTiles {
   }
 };
 
-template <typename mma_t, int U = 4>
+constexpr int kMmaHTiles = 4;  // 16×8 tiles of h per warp: U of MmaH and of the G prefetch
+
+template <typename mma_t, int U = kMmaHTiles>
 struct MmaH {
   MmaTiles<U> lay;
   float c[U][4];
@@ -557,7 +561,7 @@ __device__ Gemm micro_h(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, i
   return g;
 }
 
-// The same h from taps staged [row][k] (T2_s, ld Kp), as the ∂U kernels keep them.
+// The same h from taps staged [row][k] (T2_s, ld Kp), as the conv ∂U kernel keeps them.
 template <typename acc_t, typename scalar_t, typename side_t>
 __device__ Gemm micro_h_rk(const SideArgs<scalar_t, side_t>& a, const acc_t* T2_s, const acc_t* U_s,
                            int ldu, int bm, int bd, acc_t (&h)[1][4][4]) {
@@ -582,8 +586,8 @@ __device__ void load_micro_tile(const SideArgs<scalar_t, side_t>& a, const Map& 
 
 // The same for the pairs a thread holds in MmaH's accumulators: v[u][2·half + {0, 1}].
 template <typename acc_t, typename scalar_t, typename side_t, typename Map>
-__device__ void load_mma_pairs(const SideArgs<scalar_t, side_t>& a, const Map& map, const MmaTiles<4>& lay,
-                               int64_t c0, acc_t (&v)[4][4]) {
+__device__ void load_mma_pairs(const SideArgs<scalar_t, side_t>& a, const Map& map,
+                               const MmaTiles<kMmaHTiles>& lay, int64_t c0, acc_t (&v)[kMmaHTiles][4]) {
   lay.each([&](int u, int half, int r, int ch) {
     int64_t b, n;
     acc_t q[2] = {0, 0};
@@ -600,7 +604,7 @@ template <typename acc_t, typename scalar_t, typename side_t, typename Map>
 __device__ void load_h_layout(const SideArgs<scalar_t, side_t>& a, const Map& map, int bm, int bd,
                               int64_t c0, acc_t (&v)[4][4]) {
   if constexpr (kTensorCores<acc_t, side_t>)
-    load_mma_pairs(a, map, MmaTiles<4>(bm, bd), c0, v);
+    load_mma_pairs(a, map, MmaTiles<kMmaHTiles>(bm, bd), c0, v);
   else
     load_micro_tile(a, map, Gemm(bm, bd, a.K), c0, v);
 }
