@@ -461,14 +461,16 @@ constexpr int kDtMaxRows = 64;      // ∂T products: M = the tile's rows (plans
 constexpr int kDuMaxChannels = 32;  // ∂U products: M = the chunk's channels (plans: 32)
 
 // -- h on tensor cores (forward, and its rebuild in the backward) ---------------------------
-// h = T·Uᵀ of an M × N tile (taps: element (k, row) at T_s[k·tk + row·tr], i.e. [k][row] with
-// tk = ld, tr = 1, or [row][k] with tk = 1, tr = ld; ups U_s[k][ch]; K ≤ kMaxK zero-padded to
-// 16) for 16-bit taps / ups: exact 16-bit operands (staged from 16-bit values), fp32 sums.
+// h = T·Uᵀ of an M × N tile (taps T_s[k][row], or T_s[row][k] where kTapsRK; ups U_s[k][ch];
+// K ≤ kMaxK zero-padded to 16) for 16-bit taps / ups: exact 16-bit operands (staged from 16-bit values), fp32 sums.
 // Warp w owns the consecutive 16×8 tiles w·U … w·U + U − 1, n fastest: with the plans' tiles
 // (M·N = 4096, N ≤ 256) they share one row strip, so A's fragment is loaded once per k-step
 // and a warp's epilogue runs along contiguous channels. Every element's sum runs over the
 // same k-steps in the same order whatever the tile, in the forward and in the backward's
-// rebuild. The CUDA-core micro tile stays for fp32 and fp64 taps.
+// rebuild. [row][k] taps need an even ld and zeros in columns K … ld − 1 (stage_taps writes
+// them): a fragment's pair (k, k + 1) is then one 8-byte load, and with ld ≡ 8 or 24
+// (mod 32) — K = 24, 72 — a half warp's pairs fall in distinct banks. The CUDA-core micro
+// tile stays for fp32 and fp64 taps.
 template <int U>
 struct MmaTiles {
   int tn, tiles;
@@ -494,11 +496,11 @@ struct MmaTiles {
 
 constexpr int kMmaHTiles = 4;  // 16×8 tiles of h per warp: U of MmaH and of the G prefetch
 
-template <typename mma_t, int U = kMmaHTiles>
+template <typename mma_t, bool kTapsRK = false, int U = kMmaHTiles>
 struct MmaH {
   MmaTiles<U> lay;
   float c[U][4];
-  __device__ MmaH(const float* T_s, int tk, int tr, const float* U_s, int ldu, int m, int n, int K)
+  __device__ MmaH(const float* T_s, int ldt, const float* U_s, int ldu, int m, int n, int K)
       : lay(m, n) {
     const int lane = int(threadIdx.x) % 32, g = lane / 4, t2 = 2 * (lane % 4);
     const int first = (int(threadIdx.x) / 32) * U;
@@ -507,7 +509,16 @@ struct MmaH {
 #pragma unroll
       for (int i = 0; i < 4; ++i) c[u][i] = 0.f;
     // zero past K (the rows / columns after K belong to other arrays or are padding)
-    const auto t_at = [=](int k, int r) { return k < K ? T_s[k * tk + r * tr] : 0.f; };
+    // taps (k, r) and (k + 1, r) packed; k is even
+    const auto t_pair = [=](int k, int r) -> uint32_t {
+      if constexpr (kTapsRK) {
+        if (k >= K) return 0u;
+        const Vec<float, 2> p = *reinterpret_cast<const Vec<float, 2>*>(T_s + r * ldt + k);
+        return pack2<mma_t>(p.v[0], p.v[1]);
+      } else {
+        return pack2<mma_t>(k < K ? T_s[k * ldt + r] : 0.f, k + 1 < K ? T_s[(k + 1) * ldt + r] : 0.f);
+      }
+    };
     const auto u_at = [=](int k, int ch) { return k < K ? U_s[k * ldu + ch] : 0.f; };
     for (int k0 = 0; k0 < K; k0 += 16) {
       const int k = k0 + t2;
@@ -520,10 +531,10 @@ struct MmaH {
         if (tl / lay.tn != strip) {  // warp-uniform
           strip = tl / lay.tn;
           const int r = 16 * strip + g;
-          a[0] = pack2<mma_t>(t_at(k, r), t_at(k + 1, r));
-          a[1] = pack2<mma_t>(t_at(k, r + 8), t_at(k + 1, r + 8));
-          a[2] = pack2<mma_t>(t_at(k + 8, r), t_at(k + 9, r));
-          a[3] = pack2<mma_t>(t_at(k + 8, r + 8), t_at(k + 9, r + 8));
+          a[0] = t_pair(k, r);
+          a[1] = t_pair(k, r + 8);
+          a[2] = t_pair(k + 8, r);
+          a[3] = t_pair(k + 8, r + 8);
         }
         const int col = 8 * (tl % lay.tn) + g;
         const uint32_t b[2] = {pack2<mma_t>(u_at(k, col), u_at(k + 1, col)),
@@ -708,7 +719,7 @@ __device__ __forceinline__ void fwd_rows_tile(const SideArgs<scalar_t, side_t>& 
   __syncthreads();
   const acc_t beta = static_cast<acc_t>(a.beta);
   if constexpr (kTensorCores<acc_t, side_t>) {
-    const MmaH<side_t> h(T_s, ldt, 1, U_s, ldu, bm, bd, a.K);
+    const MmaH<side_t> h(T_s, ldt, U_s, ldu, bm, bd, a.K);
     h.each([&](int r, int ch, float h0, float h1) {
       int64_t b, n;
       if (!map.at(r, b, n)) return;
@@ -794,7 +805,7 @@ __global__ void __launch_bounds__(kThreads, kFwdConvBlocks<scalar_t, side_t>)
     }
     __syncthreads();
     if constexpr (kTensorCores<acc_t, side_t>) {
-      const MmaH<side_t> h(T_s, ldt, 1, U_s, ldu, bm, bd, a.K);
+      const MmaH<side_t> h(T_s, ldt, U_s, ldu, bm, bd, a.K);
       h.each([&](int r, int ch, float h0, float h1) {
         if (p0 + r < hh * hw)  // θ(0) = 0 off the grid
           *reinterpret_cast<Vec<acc_t, 2>*>(A_s + (p0 + r) * bd + ch) =
@@ -838,7 +849,7 @@ template <typename acc_t, typename scalar_t, typename side_t, typename DVal>
 __device__ void rows_S_ck(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                           int ldu, int bm, int bd, acc_t* S_s, int lds, DVal dval) {
   if constexpr (kTensorCores<acc_t, side_t>) {
-    const MmaH<side_t> h(T_s, ldt, 1, U_s, ldu, bm, bd, a.K);
+    const MmaH<side_t> h(T_s, ldt, U_s, ldu, bm, bd, a.K);
     const float beta = static_cast<float>(a.beta);
     h.pairs([&](int u, int half, int r, int ch, float h0, float h1) {
       S_s[ch * lds + r] = theta_grad<float>(h0, beta) * dval(u, 2 * half, r, ch);
@@ -976,7 +987,7 @@ __device__ void rows_S_rc(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s,
                           const acc_t* U_s, int ldu, int bm, int bd, acc_t* S_s, int lds, acc_t* A_s,
                           DVal dval) {
   if constexpr (kTensorCores<acc_t, side_t>) {
-    const MmaH<side_t> h(T2_s, 1, a.Kp, U_s, ldu, bm, bd, a.K);
+    const MmaH<side_t, true> h(T2_s, a.Kp, U_s, ldu, bm, bd, a.K);
     const float beta = static_cast<float>(a.beta);
     h.pairs([&](int u, int half, int r, int ch, float h0, float h1) {
       *reinterpret_cast<Vec<float, 2>*>(S_s + r * lds + ch) =
