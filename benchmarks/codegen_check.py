@@ -133,7 +133,7 @@ def triton_rows(cases, dtypes, arch, workdir, kernels=None, log=print):
 
 def cuda_rows(cases, dtypes, arch, workdir, nvcc, nvdisasm, log=print):
     """Rows of the CUDA C++ kernels each case launches (one scalar type per kernel)."""
-    rows, skipped, gpu = [], [], f"sm_{arch}a"
+    rows, skipped, gpu = [], [], f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     exe = codegen_cuda.build_launch_recorder(workdir)
     regions = codegen_cuda.shift_regions()
     for dt in dtypes:

@@ -82,13 +82,15 @@ def include_dirs() -> list[str]:
 
 
 def compile_tu(dtype: str, nvcc: Path, nvdisasm: str, workdir: Path, arch: int = 90):
-    """Compile ``TU[dtype]`` for sm_<arch>a; returns (ptxas log, SASS text, cubin path)."""
+    """Compile ``TU[dtype]`` for sm_<arch>a (sm_<arch> below 90, which has no "a" targets);
+    returns (ptxas log, SASS text, cubin path)."""
     src = CUDA_DIR / TU[dtype]
-    cubin = workdir / f"{src.stem}.sm_{arch}a.cubin"
+    sm = f"{arch}a" if arch >= 90 else str(arch)
+    cubin = workdir / f"{src.stem}.sm_{sm}.cubin"
     cmd = [
         str(nvcc),
         "-cubin",
-        f"-gencode=arch=compute_{arch}a,code=sm_{arch}a",
+        f"-gencode=arch=compute_{sm},code=sm_{sm}",
         *NVCC_FLAGS,
         *_common_nvcc_flags(),
         *EXT_DEFINES,

@@ -139,13 +139,11 @@ EMU_DTYPES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat
 EMU_MIXED = {torch.bfloat16: 4, torch.float16: 5}  # float32 y with 16-bit taps / ups
 
 
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory):
+def _build_emulator(out, defines=()):
     """The kernels of side_kernels.cuh, unchanged, built as host code with the emulation."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None or not os.path.exists(KERNELS_CUH):
         pytest.skip("needs a C++20 compiler and the csrc/ sources")
-    out = tmp_path_factory.mktemp("cuda_emu")
     exe = out / "driver"
     torch_inc = os.path.join(os.path.dirname(torch.__file__), "include")
     # DTL_EMU_ASAN=1: AddressSanitizer catches a kernel reaching past the shared memory its
@@ -159,6 +157,7 @@ def emulator(tmp_path_factory):
             "-std=c++20",
             "-O1",
             *asan,
+            *(f"-D{d}" for d in defines),
             "-pthread",
             f"-I{EMU_DIR}",
             f"-I{os.path.dirname(KERNELS_CUH)}",
@@ -173,6 +172,19 @@ def emulator(tmp_path_factory):
     )
     assert proc.returncode == 0, f"the emulated kernels do not compile:\n{proc.stderr[-4000:]}"
     return exe
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    """The kernels as the default architectures (sm_80, sm_90) build them."""
+    return _build_emulator(tmp_path_factory.mktemp("cuda_emu"))
+
+
+@pytest.fixture(scope="module")
+def emulator_no_mma(tmp_path_factory):
+    """The kernels as an architecture without bf16 mma.sync (below sm_80, e.g. a T4 with
+    TORCH_CUDA_ARCH_LIST=7.5) builds them: 16-bit taps on the CUDA-core paths."""
+    return _build_emulator(tmp_path_factory.mktemp("cuda_emu_no_mma"), ["DTL_EMU_NO_MMA"])
 
 
 def _emulate(exe, case, tmp_path):
@@ -212,6 +224,27 @@ def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path):
     names = ("out", "grad_taps", "grad_ups", "grad_conv")
     ok, report = compare(case, case.dtype, ours, exact, at_dtype, names, out_dtype=torch.float64)
     assert ok, json.dumps(report, indent=1)
+
+
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+# 16-bit taps on rows, conv (k 2 … 5, prefix rows), K over 16, the fp32 mix, strided
+NO_MMA_CASES = [
+    "dtl-bf16", "dtl-fp16-noncontig", "k3-fp16", "k5-fp16", "k2-bf16-grid11x9",
+    "k3-bf16-prefix1-K40", "mix-bf16-dtl-rows197-d100-K24", "mix-fp16-k4-prefix5-rowslice",
+]  # fmt: skip
+
+
+def test_no_mma_cases_are_16_bit():
+    for name in NO_MMA_CASES:
+        case = BY_NAME[name]
+        assert not case.big and (case.dtype in SIXTEEN_BIT or case.side in SIXTEEN_BIT), name
+
+
+@pytest.mark.parametrize("name", NO_MMA_CASES)
+def test_cuda_kernels_without_tensor_cores_emulated(emulator_no_mma, name, tmp_path):
+    """The CUDA-core fallback for 16-bit taps (no mma.sync below sm_80) against the same
+    float64 reference: the default build never runs it."""
+    test_cuda_kernels_emulated_on_host(emulator_no_mma, BY_NAME[name], tmp_path)
 
 
 # ------------------------------------------------------------------------------------

@@ -309,7 +309,7 @@ __device__ void combine_groups(const Gemm& g, const acc_t (&acc)[U][4][4], acc_t
 // combine_groups: OUT (M × N) = Σ_{s<S} A[s·lda + m] · B[s·ldb + n], with M and S multiples
 // of 16 (every plan's tiles are) and N a multiple of 4; columns past N read as 0.
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800) || defined(DTL_EMU_NO_MMA)  // (or emulating that)
 constexpr bool kMmaBuilt = false;  // no bf16 mma.sync before sm_80: the CUDA-core product
 #else
 constexpr bool kMmaBuilt = true;
@@ -760,7 +760,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename scalar_t, typename side_t>
 constexpr bool kFoldPrefixRows = kSixteenBit<side_t> && std::is_same_v<at::opmath_type<scalar_t>, float>;
 template <typename scalar_t, typename side_t>
-constexpr int kFwdConvBlocks = kFoldPrefixRows<scalar_t, side_t> ? 3 : 0;
+constexpr int kFwdConvBlocks = kFoldPrefixRows<scalar_t, side_t> && kMmaBuilt ? 3 : 0;  // (below
+// sm_80 the CUDA-core h of the folded rows spilled 4 B under that bound; a device-only choice)
 
 // Patch grid of DTL+: out[p] = y[p] + Σ_ab w[ab]·θ(h[p + s_ab]). One block per spatial tile
 // and chunk of bd channels: θ(h) of the tile plus its halo (zero off the grid) is built in
