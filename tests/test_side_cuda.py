@@ -23,6 +23,7 @@ only.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -31,7 +32,7 @@ import subprocess
 
 import pytest
 import torch
-from side_cases import BY_NAME, CASES, compare, inputs, references
+from side_cases import BY_NAME, CASES, Case, compare, inputs, references
 
 import dtl_kernels
 from dtl_kernels.ops import _ext
@@ -187,9 +188,10 @@ def emulator_no_mma(tmp_path_factory):
     return _build_emulator(tmp_path_factory.mktemp("cuda_emu_no_mma"), ["DTL_EMU_NO_MMA"])
 
 
-def _emulate(exe, case, tmp_path):
+def _emulate(exe, case, tmp_path, smem_limit=0):
     """Run the emulated kernels on the case's inputs rounded to its dtype; returns (out,
-    grad_taps, grad_ups[, grad_conv]) in float64 and the rounded inputs (float64)."""
+    grad_taps, grad_ups[, grad_conv]) in float64 and the rounded inputs (float64).
+    ``smem_limit``: the emulated device's shared memory per block (0: an H100's)."""
     import numpy as np
 
     # the file holds float32: round there first, then to the dtype (the kernels see these)
@@ -200,7 +202,7 @@ def _emulate(exe, case, tmp_path):
     inp, res = tmp_path / "in.bin", tmp_path / "out.bin"
     with open(inp, "wb") as f:
         code = EMU_MIXED[case.side] if case.side is not None else EMU_DTYPES[case.dtype]
-        f.write(np.array(header + [code], dtype=np.int64).tobytes())
+        f.write(np.array(header + [code, smem_limit], dtype=np.int64).tobytes())
         f.write(np.array([case.beta], dtype=np.float64).tobytes())
         for t in (y, taps, ups, w if case.k else torch.zeros(0), grad):
             f.write(t.float().numpy().tobytes())
@@ -217,13 +219,37 @@ def _emulate(exe, case, tmp_path):
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if not c.big], ids=lambda c: c.name)
-def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path):
-    ours, values = _emulate(emulator, case, tmp_path)
+def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path, smem_limit=0):
+    ours, values = _emulate(emulator, case, tmp_path, smem_limit)
     exact, at_dtype = references(case, case.dtype, values)
     del exact[1], at_dtype[1]  # grad_y is G itself: not computed by side_backward
     names = ("out", "grad_taps", "grad_ups", "grad_conv")
     ok, report = compare(case, case.dtype, ours, exact, at_dtype, names, out_dtype=torch.float64)
     assert ok, json.dumps(report, indent=1)
+
+
+# Swin-B stage 3's K = 72 with DTL+ k = 5, no prefix tokens (as Swin), on a small grid
+SWIN_K72 = Case("k5-K72-grid6x6", 1, 0, (6, 6), 40, 72, 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_kernels_fit_a_99kb_device(emulator, dtype, tmp_path):
+    """An RTX 30 / 40, A10 or L4 (99 KB per block): the conv tiles shrink until they fit,
+    and the rows kernels, which run only for prefix tokens, do not count (at K = 72 the
+    rows ∂U alone needs 110 KB)."""
+    case = dataclasses.replace(SWIN_K72, dtype=dtype)
+    test_cuda_kernels_emulated_on_host(emulator, case, tmp_path, smem_limit=99 * 1024)
+
+
+@pytest.mark.parametrize(
+    "prefix, limit_kb", [(0, 64), (1, 99)], ids=["K72-on-64KB", "K72-prefix-on-99KB"]
+)
+def test_cuda_plan_refuses_what_does_not_fit(emulator, prefix, limit_kb, tmp_path):
+    """K = 72 taps do not fit a T4's 64 KB however small the tiles, nor, with a prefix token,
+    the rows ∂U (two copies of the taps) on 99 KB: the plan says so, as side.cu raises."""
+    case = dataclasses.replace(SWIN_K72, prefix=prefix)
+    with pytest.raises(AssertionError, match="bytes of shared memory, the device has"):
+        _emulate(emulator, case, tmp_path, smem_limit=limit_kb * 1024)
 
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)

@@ -111,9 +111,12 @@ struct Plan {
   }
 };
 
-// The largest dynamic shared memory any kernel of the plan asks for.
+// The largest dynamic shared memory any kernel the plan launches asks for (the rows kernels
+// run only where there are rows: not for DTL+ without prefix tokens, e.g. Swin).
 inline size_t max_smem(const Plan& p) {
-  size_t m = std::max(p.smem_fwd_rows(), std::max(p.smem_dt_rows(), p.smem_du_rows()));
+  size_t m = 0;
+  if (p.total_rows() > 0)
+    m = std::max(p.smem_fwd_rows(), std::max(p.smem_dt_rows(), p.smem_du_rows()));
   if (p.ks) m = std::max(m, std::max(p.smem_fwd_conv(), std::max(p.smem_dt_conv(), p.smem_du_conv())));
   return m;
 }

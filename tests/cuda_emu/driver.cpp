@@ -1,10 +1,14 @@
 // Runs the kernels of csrc/cuda/side_kernels.cuh under the host emulation (emu_prelude.h),
 // with the GPU's plan (side_plan.h) and launch sequence (side_launch.h), on inputs from a file.
 //
-//   driver IN OUT    IN: int64 B N D K k P H W sms dtype, float64 beta, then float32
+//   driver IN OUT    IN: int64 B N D K k P H W sms dtype smem, float64 beta, then float32
 //                    y, taps, ups, w, grad (contiguous); OUT: float64 out, grad_taps,
 //                    grad_ups, grad_conv. dtype: 0 float32, 1 float64, 2 float16, 3 bfloat16;
 //                    4 / 5: float32 y with bfloat16 / float16 taps and ups (the autocast mix).
+//                    smem: the device's shared memory per block (bytes; 0: an H100's 227 KB).
+//                    Exit 4, with a message, where the plan does not fit it (side.cu raises).
+#include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <type_traits>
 
@@ -56,9 +60,14 @@ void run(const std::vector<int64_t>& hdr, double beta, std::vector<std::vector<f
   auto taps = cast_vec<side_t>(in[1]), ups = cast_vec<side_t>(in[2]);
   auto w = cast_vec<scalar_t>(in[3]);
   auto g = cast_vec<scalar_t>(in[4]);
+  const size_t limit = hdr[10] > 0 ? size_t(hdr[10]) : size_t(227 * 1024);
   const Plan p = make_plan(B, N, D, int(K), int(ks), int(ks ? P : 0), int(H), int(W),
-                           sizeof(scalar_t), sizeof(acc_t), int(sms), 227 * 1024);
-  if (max_smem(p) > 227 * 1024) std::abort();
+                           sizeof(scalar_t), sizeof(acc_t), int(sms), limit);
+  if (max_smem(p) > limit) {
+    std::fprintf(stderr, "the plan needs %zu bytes of shared memory, the device has %zu\n",
+                 max_smem(p), limit);
+    std::exit(4);
+  }
   SideArgs<scalar_t, side_t> a{};
   a.y = y.data(), a.y_sb = N * D, a.y_sn = D;
   a.taps = taps.data(), a.t_sb = N * K, a.t_sn = K;
@@ -88,7 +97,7 @@ void run(const std::vector<int64_t>& hdr, double beta, std::vector<std::vector<f
 int main(int argc, char** argv) {
   if (argc != 3) return 2;
   std::ifstream f(argv[1], std::ios::binary);
-  const auto hdr = read_vec<int64_t>(f, 10);
+  const auto hdr = read_vec<int64_t>(f, 11);
   const double beta = read_vec<double>(f, 1)[0];
   const int64_t B = hdr[0], N = hdr[1], D = hdr[2], K = hdr[3], kk = hdr[4] * hdr[4];
   std::vector<std::vector<float>> in;
