@@ -232,24 +232,23 @@ def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path, smem_limit=0):
 SWIN_K72 = Case("k5-K72-grid6x6", 1, 0, (6, 6), 40, 72, 5)
 
 
+@pytest.mark.parametrize("prefix", [0, 1], ids=["no-prefix", "prefix1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_cuda_kernels_fit_a_99kb_device(emulator, dtype, tmp_path):
-    """An RTX 30 / 40, A10 or L4 (99 KB per block): the conv tiles shrink until they fit,
-    and the rows kernels, which run only for prefix tokens, do not count (at K = 72 the
-    rows ∂U alone needs 110 KB)."""
-    case = dataclasses.replace(SWIN_K72, dtype=dtype)
+def test_cuda_kernels_fit_a_99kb_device(emulator, dtype, prefix, tmp_path):
+    """An RTX 30 / 40, A10 or L4 (99 KB per block) at K = 72: the conv tiles shrink until
+    they fit; the rows kernels count only where they run (prefix tokens), and there the rows
+    ∂U keeps one taps copy (66 KB, not 110)."""
+    case = dataclasses.replace(SWIN_K72, dtype=dtype, prefix=prefix)
     test_cuda_kernels_emulated_on_host(emulator, case, tmp_path, smem_limit=99 * 1024)
 
 
-@pytest.mark.parametrize(
-    "prefix, limit_kb", [(0, 64), (1, 99)], ids=["K72-on-64KB", "K72-prefix-on-99KB"]
-)
-def test_cuda_plan_refuses_what_does_not_fit(emulator, prefix, limit_kb, tmp_path):
-    """K = 72 taps do not fit a T4's 64 KB however small the tiles, nor, with a prefix token,
-    the rows ∂U (two copies of the taps) on 99 KB: the plan says so, as side.cu raises."""
+@pytest.mark.parametrize("prefix", [0, 1], ids=["no-prefix", "prefix1"])
+def test_cuda_plan_refuses_what_does_not_fit(emulator, prefix, tmp_path):
+    """K = 72 taps do not fit a T4's 64 KB however small the tiles: the plan says so, as
+    side.cu raises (and `auto` picks another backend)."""
     case = dataclasses.replace(SWIN_K72, prefix=prefix)
     with pytest.raises(AssertionError, match="bytes of shared memory, the device has"):
-        _emulate(emulator, case, tmp_path, smem_limit=limit_kb * 1024)
+        _emulate(emulator, case, tmp_path, smem_limit=64 * 1024)
 
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)

@@ -1032,24 +1032,24 @@ __device__ void write_part_ups(const SideArgs<scalar_t, side_t>& a, const acc_t*
   }
 }
 
-// Rows: ∂U partial of rows tiles g, g + G, …. grid (G, cdiv(D, bd)).
-template <typename scalar_t, typename side_t>
+// Rows: ∂U partial of rows tiles g, g + G, …. grid (G, cdiv(D, bd)). KR: the plan gave room
+// for a [k][row] copy of the taps (Plan::du_rows_kr), from which the CUDA-core h takes fewer
+// registers than from T2_s (80 vs 105 in fp32); tensor cores read T2_s and leave it unused.
+template <typename scalar_t, typename side_t, bool KR>
 __global__ void __launch_bounds__(kThreads)
     du_rows_kernel(const SideArgs<scalar_t, side_t> a, int64_t rpb, int bm, int bd, int64_t slot0) {
   using acc_t = at::opmath_type<scalar_t>;
   DTL_SMEM(smem_raw);
+  constexpr bool kHasKR = KR && !kTensorCores<acc_t, side_t>;
   const int ldt = bm + kPad, ldu = bd + kPad, lds = bd + kPad;
   acc_t* U_s = reinterpret_cast<acc_t*>(smem_raw);
-  acc_t* T_s = U_s + a.K * ldu;
-  acc_t* T2_s = T_s + a.K * ldt;
+  acc_t* T_s = U_s + a.K * ldu;                    // [k][row] where KR
+  acc_t* T2_s = T_s + (KR ? a.K * ldt : 0);        // [bm][Kp]
   acc_t* S_s = T2_s + bm * a.Kp;
-  acc_t* out_s = S_s + bm * lds;
+  acc_t* out_s = U_s;  // [bd][Kp] after the loop, over the buffers it no longer reads
   const int64_t c0 = int64_t(blockIdx.y) * bd, total = a.B * rpb;
   stage_ups_kc(U_s, ldu, a.ups, c0, bd, a.D, a.K);
   Product<acc_t, side_t, kDuMaxChannels> du(bd, a.Kp, bm);
-  // h from the [k][row] copy on CUDA cores (fewer registers than from T2_s), from T2_s on
-  // tensor cores, which need no [k][row] copy
-  constexpr bool kHasKR = !kTensorCores<acc_t, side_t>;
   acc_t* Th_s = kHasKR ? T_s : nullptr;
   for (int64_t tile = blockIdx.x; tile * bm < total; tile += gridDim.x) {
     const RowsMap map{tile * bm, total, rpb};

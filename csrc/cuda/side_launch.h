@@ -53,8 +53,13 @@ void run_side_backward(const Plan& p, const SideArgs<scalar_t, side_t>& a, side_
   if (p.total_rows() > 0) {
     launch(dt_rows_kernel<scalar_t, side_t>, dim3(unsigned(cdiv(p.total_rows(), p.ar_bm))),
            p.smem_dt_rows(), a, rpb, p.ar_bm, p.ar_bd);
-    launch(du_rows_kernel<scalar_t, side_t>, dim3(unsigned(p.slots_rows), unsigned(cdiv(p.D, p.br_bd))),
-           p.smem_du_rows(), a, rpb, p.br_bm, p.br_bd, p.slots_conv);
+    const dim3 grid(unsigned(p.slots_rows), unsigned(cdiv(p.D, p.br_bd)));
+    if (p.du_rows_kr)
+      launch(du_rows_kernel<scalar_t, side_t, true>, grid, p.smem_du_rows(), a, rpb, p.br_bm,
+             p.br_bd, p.slots_conv);
+    else
+      launch(du_rows_kernel<scalar_t, side_t, false>, grid, p.smem_du_rows(), a, rpb, p.br_bm,
+             p.br_bd, p.slots_conv);
   }
   if (p.ks)
     with_ks(p.ks, [&](auto KS) {

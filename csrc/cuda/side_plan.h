@@ -69,6 +69,7 @@ struct Plan {
   int ar_bm = 32, ar_bd = 128;
   int ac_bm = 64, ac_bd = 64;
   int br_bm = 128, br_bd = 32;
+  bool du_rows_kr = true;  // room for the rows ∂U's second ([k][row]) taps copy
   int bc_bm = 128, bc_bd = 32;
   Tiles bc;  // ≤ 64 outputs: ∂T (conv)
   Tiles bu;  // ≤ 128 outputs: ∂U / ∂w (conv)
@@ -99,8 +100,9 @@ struct Plan {
     return acc_size * std::max(loop, size_t(ac_bm) * Kp);
   }
   size_t smem_du_rows() const {
-    return acc_size * (size_t(K) * (br_bd + kPad) + size_t(K) * (br_bm + kPad) +
-                       size_t(br_bm) * Kp + size_t(br_bm) * (br_bd + kPad) + size_t(br_bd) * Kp);
+    const size_t loop = size_t(K) * (br_bd + kPad) + (du_rows_kr ? size_t(K) * (br_bm + kPad) : 0) +
+                        size_t(br_bm) * Kp + size_t(br_bm) * (br_bd + kPad);
+    return acc_size * std::max(loop, size_t(br_bd) * Kp);
   }
   // The conv ∂U keeps one copy of the taps, [row][k]: its product's operand, and h's.
   size_t smem_du_conv() const {
@@ -133,6 +135,7 @@ inline Plan make_plan(int64_t B, int64_t N, int64_t D, int K, int ks, int P, int
   // ∂T of rows: a block covers all of d, so thin tiles make enough blocks
   if (cdiv(p.total_rows(), 32) < 3 * int64_t(sms)) p.ar_bm = 16, p.ar_bd = 256;
   if (p.smem_dt_rows() > smem_limit) p.ar_bm = 64, p.ar_bd = 64;  // wide K in float64
+  if (p.smem_du_rows() > smem_limit) p.du_rows_kr = false;         // wide K on a small device
   if (ks) {
     // forward: whole 14×14 grids (ViT-B/16, Swin stages 3-4) in one tile; the halo of θ(h)
     // (32 channels) within ~64 KB of shared memory
