@@ -16,7 +16,7 @@
 // Shared-memory layouts (acc_t; "ld" = padded row length):
 //   T_s  [k][row]   taps of the tile, for h          T2_s [row][k]   taps, for ∂U (and for
 //                                                    h in the ∂U kernels, but the rows
-//                                                    kernel's on CUDA cores)
+//                                                    one's on CUDA cores where it fits T_s)
 //   U_s  [k][ch]    ups of the chunk, for h          U2_s [ch][k]    ups, for ∂T
 //   A_s / G_s [pos][ch]  θ(h) (forward) / G (backward) of a tile plus its halo
 //   S_s  [ch][row] (∂T kernels) or [row][ch] (∂U kernels)
@@ -241,8 +241,8 @@ __device__ void gemm_accumulate(const acc_t* A, int lda, const acc_t* B, int ldb
   }
 }
 
-// gemm_accumulate with A stored [m][s] (ld lda, a multiple of 4) instead of [s][m]: the conv
-// ∂U kernel rebuilds h from the one taps copy [row][k] that its product reads too. Four s per
+// gemm_accumulate with A stored [m][s] (ld lda, a multiple of 4) instead of [s][m]: h rebuilt
+// from the taps copy [row][k] that the ∂U product reads too (micro_h_rk). Four s per
 // step (four 16-byte loads of A, four of B) keeps gemm_accumulate's loads per FMA, and each
 // sum still runs in s order. With N = 32 (the ∂U tiles) the 8 threads of a quarter warp
 // share m0, so A's loads are broadcasts.
@@ -508,8 +508,8 @@ struct MmaH {
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int i = 0; i < 4; ++i) c[u][i] = 0.f;
-    // zero past K (the rows / columns after K belong to other arrays or are padding)
-    // taps (k, r) and (k + 1, r) packed; k is even
+    // taps (k, r) and (k + 1, r) packed (k even); zero past K, where the rows / columns
+    // belong to other arrays or are padding
     const auto t_pair = [=](int k, int r) -> uint32_t {
       if constexpr (kTapsRK) {
         if (k >= K) return 0u;
@@ -572,7 +572,8 @@ __device__ Gemm micro_h(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, i
   return g;
 }
 
-// The same h from taps staged [row][k] (T2_s, ld Kp), as the conv ∂U kernel keeps them.
+// The same h from taps staged [row][k] (T2_s, ld Kp): the conv ∂U kernel's one copy, and the
+// rows ∂U's where its plan has no room for a [k][row] copy.
 template <typename acc_t, typename scalar_t, typename side_t>
 __device__ Gemm micro_h_rk(const SideArgs<scalar_t, side_t>& a, const acc_t* T2_s, const acc_t* U_s,
                            int ldu, int bm, int bd, acc_t (&h)[1][4][4]) {
