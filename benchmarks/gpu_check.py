@@ -60,7 +60,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = Path("/tmp/dtl_kernels_gpu_cache")  # inductor + triton caches of this run
 STAGES = ("build", "correct", "pytest", "sanitize", "kernels", "step", "e2e", "fit")
-SANITIZE_CASES = 3  # len(gpu_correct.sanitize_cases()); kept import-light (no torch here)
+SANITIZE_CASES = 4  # len(gpu_correct.sanitize_cases()); kept import-light (no torch here)
 # bench_estimate.FIT_GIANTS with each one's time box (s): build, two predictions (the
 # 22B's fake copy alone takes ~10 s), Triton's first compile for its width, 12 steps
 GIANT_FITS = [("vit_giant_patch14_dinov2", 150), ("vit_pe_core_gigantic_patch14_448", 180),

@@ -89,11 +89,14 @@ def gpu_cases() -> list[Case]:
 
 def sanitize_cases() -> list[Case]:
     """For compute-sanitizer: the ViT-B width at batch 8 (the ∂U blocks / programs each
-    walk several row tiles, the ∂T blocks several channel steps), DTL+ and DTL."""
+    walk several row tiles, the ∂T blocks several channel steps), DTL+ and DTL; and Swin-B
+    stage 3's K = 72 (the conv backward's largest shared-memory plan, its results staged
+    over the loop's buffers)."""
     return [
         Case("sanitize", 8, 1, (14, 14), 768, 24, 3, F32),
         Case("sanitize", 8, 1, (14, 14), 768, 24, 3, BF16),
         Case("sanitize", 8, 1, (14, 14), 768, 24, 0, BF16),
+        Case("sanitize", 2, 0, (14, 14), 512, 72, 5, BF16),
     ]
 
 
