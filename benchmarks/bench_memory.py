@@ -7,7 +7,8 @@ step, deduplicated by storage, parameters excluded (SPEC §2's protocol):
   taps / add-backs whose storage the backbone does not save anyway — fused vs reference
   (targets ≤ 0.4× for DTL, ≤ 0.3× for DTL+).
 * ``model``: a whole DTLViT ViT-B/16 step (M = 7) as a fraction of full fine-tuning
-  (targets ≤ 0.30×, ≤ 0.28× with ``trunk_dtype=bfloat16``), and with ``checkpoint_tail``.
+  (targets ≤ 0.30×, ≤ 0.28× with ``trunk_dtype=bfloat16``), and with ``checkpoint_tail``;
+  beside it PEFT LoRA r = 8 on every block and on blocks 7-12 only.
 
 The counts are exactly linear in the batch, so a small batch (default 4) gives the same
 fractions as 32. Run: ``python benchmarks/bench_memory.py [--batch 4]``.
@@ -179,6 +180,13 @@ def main() -> None:
         ("dtl+", "auto", {}),
         ("dtl+", "auto", {"trunk_dtype": torch.bfloat16}),
     ]
+    # PEFT LoRA r = 8 on every block, and on blocks 7-12 only (the study's memory-matched
+    # LoRA: its backward runs through the same blocks as DTL's with M = 7)
+    for tag, opts in (("lora", {}), ("lora+lora_blocks=7-12", {"lora_blocks": "7-12"})):
+        total = measure(build("lora", **opts), images).total
+        res.add("peft", "model", tag, args.batch, "float32", shape, total * mb, "MB")
+        res.add("peft", "model", tag, args.batch, "float32", shape, total / full, "x_full")
+        summary.append(f"{'peft':9s} {tag:45s} model {total * mb:8.1f} MB = {total / full:.3f}x full")
     csn_ref = {}
     for method, backend, opts in configs:
         model = build(method, backend, adapt_from=7, **opts)
