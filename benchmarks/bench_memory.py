@@ -186,7 +186,7 @@ def main() -> None:
         total = measure(build("lora", **opts), images).total
         res.add("peft", "model", tag, args.batch, "float32", shape, total * mb, "MB")
         res.add("peft", "model", tag, args.batch, "float32", shape, total / full, "x_full")
-        summary.append(f"{'peft':9s} {tag:45s} model {total * mb:8.1f} MB = {total / full:.3f}x full")
+        summary.append(f"peft      {tag:45s} model {total * mb:8.1f} MB = {total / full:.3f}x full")
     csn_ref = {}
     for method, backend, opts in configs:
         model = build(method, backend, adapt_from=7, **opts)
