@@ -218,14 +218,19 @@ def _emulate(exe, case, tmp_path, smem_limit=0):
     return outs, values
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if not c.big], ids=lambda c: c.name)
-def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path, smem_limit=0):
-    ours, values = _emulate(emulator, case, tmp_path, smem_limit)
+def _check_emulated(exe, case, tmp_path, smem_limit=0):
+    """The emulated kernels against the float64 reference, by the shared accuracy rule."""
+    ours, values = _emulate(exe, case, tmp_path, smem_limit)
     exact, at_dtype = references(case, case.dtype, values)
     del exact[1], at_dtype[1]  # grad_y is G itself: not computed by side_backward
     names = ("out", "grad_taps", "grad_ups", "grad_conv")
     ok, report = compare(case, case.dtype, ours, exact, at_dtype, names, out_dtype=torch.float64)
     assert ok, json.dumps(report, indent=1)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.big], ids=lambda c: c.name)
+def test_cuda_kernels_emulated_on_host(emulator, case, tmp_path):
+    _check_emulated(emulator, case, tmp_path)
 
 
 # Swin-B stage 3's K = 72 with DTL+ k = 5, no prefix tokens (as Swin), on a small grid
@@ -239,7 +244,7 @@ def test_cuda_kernels_fit_a_99kb_device(emulator, dtype, prefix, tmp_path):
     they fit; the rows kernels count only where they run (prefix tokens), and there the rows
     ∂U keeps one taps copy (66 KB, not 110)."""
     case = dataclasses.replace(SWIN_K72, dtype=dtype, prefix=prefix)
-    test_cuda_kernels_emulated_on_host(emulator, case, tmp_path, smem_limit=99 * 1024)
+    _check_emulated(emulator, case, tmp_path, smem_limit=99 * 1024)
 
 
 @pytest.mark.parametrize("prefix", [0, 1], ids=["no-prefix", "prefix1"])
@@ -269,7 +274,7 @@ def test_no_mma_cases_are_16_bit():
 def test_cuda_kernels_without_tensor_cores_emulated(emulator_no_mma, name, tmp_path):
     """The CUDA-core fallback for 16-bit taps (no mma.sync below sm_80) against the same
     float64 reference: the default build never runs it."""
-    test_cuda_kernels_emulated_on_host(emulator_no_mma, BY_NAME[name], tmp_path)
+    _check_emulated(emulator_no_mma, BY_NAME[name], tmp_path)
 
 
 # ------------------------------------------------------------------------------------

@@ -242,7 +242,7 @@ __device__ void gemm_accumulate(const acc_t* A, int lda, const acc_t* B, int ldb
 }
 
 // gemm_accumulate with A stored [m][s] (ld lda, a multiple of 4) instead of [s][m]: h rebuilt
-// from the taps copy [row][k] that the ∂U product reads too (micro_h_rk). Four s per
+// from the taps copy [row][k] that the ∂U product reads too (micro_h<true>). Four s per
 // step (four 16-byte loads of A, four of B) keeps gemm_accumulate's loads per FMA, and each
 // sum still runs in s order. With N = 32 (the ∂U tiles) the 8 threads of a quarter warp
 // share m0, so A's loads are broadcasts.
@@ -462,7 +462,8 @@ constexpr int kDuMaxChannels = 32;  // ∂U products: M = the chunk's channels (
 
 // -- h on tensor cores (forward, and its rebuild in the backward) ---------------------------
 // h = T·Uᵀ of an M × N tile (taps T_s[k][row], or T_s[row][k] where kTapsRK; ups U_s[k][ch];
-// K ≤ kMaxK zero-padded to 16) for 16-bit taps / ups: exact 16-bit operands (staged from 16-bit values), fp32 sums.
+// K ≤ kMaxK zero-padded to 16) for 16-bit taps / ups: exact 16-bit operands (staged from
+// 16-bit values), fp32 sums.
 // Warp w owns the consecutive 16×8 tiles w·U … w·U + U − 1, n fastest: with the plans' tiles
 // (M·N = 4096, N ≤ 256) they share one row strip, so A's fragment is loaded once per k-step
 // and a warp's epilogue runs along contiguous channels. Every element's sum runs over the
@@ -561,25 +562,19 @@ __device__ void zero_smem(acc_t* p, int n) {
   for (int i = threadIdx.x; i < n; i += kThreads) p[i] = 0;
 }
 
-// h = T·Uᵀ for the thread's 4×4 micro tile of a bm × bd tile (taps T_s[k][row], ups
-// U_s[k][ch]); returns the product's plan, whose tile(0) / m0 / n0 place the micro tile.
-template <typename acc_t, typename scalar_t, typename side_t>
+// h = T·Uᵀ for the thread's 4×4 micro tile of a bm × bd tile (taps T_s[k][row], or
+// T_s[row][k] where kTapsRK: the conv ∂U kernel's one copy, and the rows ∂U's where its plan
+// has no room for a [k][row] copy; ups U_s[k][ch]); returns the product's plan, whose
+// tile(0) / m0 / n0 place the micro tile.
+template <bool kTapsRK = false, typename acc_t, typename scalar_t, typename side_t>
 __device__ Gemm micro_h(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s, int ldt, const acc_t* U_s,
                         int ldu, int bm, int bd, acc_t (&h)[1][4][4]) {
   const Gemm g(bm, bd, a.K);
   zero_tiles(h);
-  gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
-  return g;
-}
-
-// The same h from taps staged [row][k] (T2_s, ld Kp): the conv ∂U kernel's one copy, and the
-// rows ∂U's where its plan has no room for a [k][row] copy.
-template <typename acc_t, typename scalar_t, typename side_t>
-__device__ Gemm micro_h_rk(const SideArgs<scalar_t, side_t>& a, const acc_t* T2_s, const acc_t* U_s,
-                           int ldu, int bm, int bd, acc_t (&h)[1][4][4]) {
-  const Gemm g(bm, bd, a.K);
-  zero_tiles(h);
-  gemm_accumulate_ms(T2_s, a.Kp, U_s, ldu, g, h);
+  if constexpr (kTapsRK)
+    gemm_accumulate_ms(T_s, ldt, U_s, ldu, g, h);
+  else
+    gemm_accumulate(T_s, ldt, U_s, ldu, g, h);
   return g;
 }
 
@@ -1002,11 +997,8 @@ __device__ void rows_S_rc(const SideArgs<scalar_t, side_t>& a, const acc_t* T_s,
     return;
   }
   acc_t h[1][4][4];
-  Gemm g(bm, bd, a.K);
-  if constexpr (kHasKR)
-    g = micro_h(a, T_s, ldt, U_s, ldu, bm, bd, h);
-  else
-    g = micro_h_rk(a, T2_s, U_s, ldu, bm, bd, h);
+  const Gemm g = kHasKR ? micro_h<false>(a, T_s, ldt, U_s, ldu, bm, bd, h)
+                        : micro_h<true>(a, T2_s, a.Kp, U_s, ldu, bm, bd, h);
   const acc_t beta = static_cast<acc_t>(a.beta);
   const int t = g.tile(0);
 #pragma unroll
