@@ -194,6 +194,8 @@ class SideStep : public torch::autograd::Function<SideStep> {
       if (need_u) out[i_ups] = as_dtype(gu, ups.scalar_type());
       if (need_w) out[i_conv] = as_dtype(gw, conv->scalar_type());
     }
+    // g_t is this node's own tensor unless it is the incoming g_taps itself (no g)
+    const bool own = g_t.defined();
     if (g_taps.defined()) g_t = g_t.defined() ? g_t + g_taps : g_taps;
     if (!g_t.defined()) return out;
 
@@ -216,7 +218,8 @@ class SideStep : public torch::autograd::Function<SideStep> {
       col += r;
     }
     if (ctx->needs_input_grad(1)) {  // the overwritten columns of `taps` get no gradient
-      at::Tensor g_in = g_t.clone();
+      // in place where g_t is ours (its columns' uses above are done): one op less per step
+      at::Tensor g_in = own ? g_t : g_t.clone();
       g_in.narrow(2, first, col - first).zero_();
       out[1] = g_in;
     }

@@ -67,15 +67,21 @@ def test_step_without_autograd_and_in_inference_mode():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strided", [False, True])
-def test_write_taps_cpu_matches_a_matmul_in_the_taps_dtype(dtype, strided):
+@pytest.mark.parametrize("downs_kind", ["float32", "transposed", "float64", "bfloat16"])
+def test_write_taps_cpu_matches_a_matmul_in_the_taps_dtype(dtype, strided, downs_kind):
     """The CPU loop (cpu/taps.cpp) against the generic version (a matmul in the taps' dtype,
-    step.cpp): float32 inputs beside 16-bit taps (autocast) and channel-strided inputs."""
+    step.cpp): float32 inputs beside 16-bit taps (autocast), channel-strided inputs, and
+    downs in another dtype or layout than the taps (read as they are, rounded to the taps')."""
     g = torch.Generator().manual_seed(1)
     b, n, k_cols = 3, 11, 9
     zs = [torch.randn(b, n, d, generator=g) for d in (37, 37, 37)]
     if strided:  # channels not unit-stride, as a CNN's (B, C, H, W) features seen as tokens
         zs = [torch.randn(b, d, n, generator=g).transpose(1, 2) for d in (37, 37, 37)]
-    downs = [torch.randn(r, 37, generator=g) for r in (2, 3, 2)]
+    if downs_kind == "transposed":  # (r, d) views with stride (1, r)
+        downs = [torch.randn(37, r, generator=g).t() for r in (2, 3, 2)]
+    else:
+        dt = getattr(torch, downs_kind)
+        downs = [torch.randn(r, 37, generator=g).to(dt) for r in (2, 3, 2)]
     taps = torch.zeros(b, n, k_cols, dtype=dtype)
     torch.ops.dtl_kernels.write_taps_(taps, zs, downs, 1)
     want = torch.zeros(b, n, k_cols, dtype=dtype)

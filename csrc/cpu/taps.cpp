@@ -33,12 +33,16 @@ void taps_of_block(at::Tensor& taps, const at::Tensor& z, const at::Tensor& a_in
   constexpr int64_t V = Vec::size();
   const int64_t n_tok = taps.size(1), k_cols = taps.size(2), rows = taps.size(0) * n_tok;
   const int64_t d = z.size(2), r = a_in.size(0), dp = (d + V - 1) / V * V;
-  // a rounded to the taps' dtype, as acc_t rows zero-padded to a whole number of vectors
-  const at::Tensor a = a_in.to(taps.scalar_type()).contiguous();
-  const t_t* ap = a.const_data_ptr<t_t>();
+  // a rounded to the taps' dtype, as acc_t rows zero-padded to a whole number of vectors;
+  // read in its own dtype and strides (no conversion op per block: host time, see above)
   std::vector<acc_t> packed(r * dp, acc_t(0));
-  for (int64_t k = 0; k < r; ++k)
-    for (int64_t c = 0; c < d; ++c) packed[k * dp + c] = static_cast<acc_t>(ap[k * d + c]);
+  const int64_t sk = a_in.stride(0), sd = a_in.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a_in.scalar_type(), "write_taps_a", [&] {
+    const scalar_t* ap = a_in.const_data_ptr<scalar_t>();
+    for (int64_t k = 0; k < r; ++k)
+      for (int64_t c = 0; c < d; ++c)
+        packed[k * dp + c] = static_cast<acc_t>(static_cast<t_t>(ap[k * sk + c * sd]));
+  });
   const z_t* zp = z.const_data_ptr<z_t>();
   const int64_t sb = z.stride(0), sn = z.stride(1), sc = z.stride(2);
   t_t* tp = taps.mutable_data_ptr<t_t>();
