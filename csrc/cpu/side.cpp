@@ -337,14 +337,21 @@ Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<
 
 // A row-major (rows × cols) parameter in acc_t, zero-padded to a (rows_to × cols_to) layout,
 // transposed (cols × rows_to) when `transpose`: the layouts the tile loops read.
+// Runs on every call (the parameters change between calls), so its loops are written for
+// the compiler: contiguous writes, no per-element branch.
 template <typename scalar_t, typename acc_t>
 std::vector<acc_t> pack(const at::Tensor& t, int64_t rows, int64_t cols, int64_t rows_to,
                         int64_t cols_to, bool transpose) {
   std::vector<acc_t> out(rows_to * cols_to, acc_t(0));
   const scalar_t* src = t.const_data_ptr<scalar_t>();
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c)
-      out[transpose ? c * rows_to + r : r * cols_to + c] = static_cast<acc_t>(src[r * cols + c]);
+  acc_t* dst = out.data();
+  if (transpose) {
+    for (int64_t c = 0; c < cols; ++c, dst += rows_to)
+      for (int64_t r = 0; r < rows; ++r) dst[r] = static_cast<acc_t>(src[r * cols + c]);
+  } else {
+    for (int64_t r = 0; r < rows; ++r, dst += cols_to)
+      for (int64_t c = 0; c < cols; ++c) dst[c] = static_cast<acc_t>(src[r * cols + c]);
+  }
   return out;
 }
 
