@@ -232,6 +232,29 @@ def test_fp32_cache_trains_identically(toy, tmp_path, model, size):
             assert torch.equal(got[k], ref[k]), (mode, k)
 
 
+def test_lora_on_the_last_blocks_caches_the_blocks_before_them(toy, tmp_path):
+    """``--lora-blocks 3-12``: blocks 1-2 are frozen and see the images only, so they are
+    the trunk; the cached run trains exactly as the uncached one. LoRA on every block has
+    no trunk to cache."""
+    pytest.importorskip("peft")
+    adapters = {}
+    for mode in ("off", "ram"):
+        out = tmp_path / mode
+        s = run(make_config(options(toy, out, method="lora", lora_blocks="3-12",
+                                    cache_trunk=mode)))  # fmt: skip
+        assert s["trunk_cache"] == mode
+        adapters[mode] = (load_file(str(out / "adapter.safetensors")), s["test_acc"])
+    assert s["cached_trunk_blocks"] == 2
+    (ref, ref_acc), (got, acc) = adapters["off"], adapters["ram"]
+    assert acc == ref_acc and ref.keys() == got.keys()
+    assert any(".lora_" in k for k in ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    every = vit(method="lora")
+    assert every.trunk_depth == 0
+    assert "no frozen block" in tc.refusal(every, "lora", 0.0, [images()])
+
+
 def test_half_caches_train_closely(toy, tmp_path):
     ref = None
     for dtype in ("fp32", "bf16", "fp16"):

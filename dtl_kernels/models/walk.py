@@ -72,11 +72,17 @@ class BlockWalk:
     # -- trunk / tail split (feature reuse, trunk caching; SPEC §3) -------------------------
     @property
     def trunk_depth(self) -> int:
-        """Blocks ``0 … trunk_depth-1`` (0-based) see task-independent inputs: up to and
-        including the first adapted block ``M``."""
-        if self.csn is None:
-            return len(self.blocks)
-        return self.csn.config.adapt_from
+        """Blocks ``0 … trunk_depth-1`` (0-based) whose outputs are task-independent: with a
+        side network, up to and including the first adapted block ``M``; with LoRA
+        (``method="lora"``), the blocks before the first one it adapts (``lora_blocks``
+        ``(M, N)``: ``M − 1``; every block: none); otherwise (linear probe) all."""
+        if self.csn is not None:
+            return self.csn.config.adapt_from
+        lora = getattr(self, "lora", None)  # the settings models.build.add_lora records
+        if lora is not None:
+            blocks = lora.get("blocks")
+            return int(blocks[0]) - 1 if blocks else 0
+        return len(self.blocks)
 
     @torch.no_grad()
     def trunk_forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, dict]:

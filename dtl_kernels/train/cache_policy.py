@@ -3,7 +3,9 @@ which budget.
 
 Caching is allowed (:func:`refusal` returns ``None``) when
 
-* the method is not ``full`` (the backbone is frozen) and no trunk parameter is trainable;
+* the method is not ``full`` (the backbone is frozen), the model has a trunk (blocks before
+  the first trained one: up to ``M`` for DTL, before ``--lora-blocks``' first for LoRA)
+  and no trunk parameter is trainable;
 * ``--drop-path 0`` and the trunk has no active dropout / drop-path / patch dropout: the
   uncached path runs the trunk in *train* mode, so its outputs must equal the eval-mode
   outputs the cache stores (checked on two samples, with the RNG state restored);
@@ -110,6 +112,8 @@ def refusal(model: nn.Module, method: str, drop_path: float, datasets: list[Data
         return f"--drop-path {drop_path} > 0: the trunk runs drop-path in training (random outputs)"
     if not all(hasattr(model, a) for a in ("trunk_forward", "forward_from_trunk", "trunk_depth")):
         return f"{type(model).__name__} has no trunk_forward / forward_from_trunk"
+    if model.trunk_depth == 0:
+        return "no frozen block comes before the first trained one (LoRA on every block?)"
     trunk_blocks = model.blocks[: model.trunk_depth]
     trainable = [n for b in trunk_blocks for n, p in b.named_parameters() if p.requires_grad]
     if trainable:

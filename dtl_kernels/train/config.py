@@ -409,8 +409,9 @@ _HELP = {
     "estimate_memory": "predict the peak memory of a training step with these options (memory "
     "options and --grad-accum included; no data read, no step run) and exit",
     "adapter": "adapter file for --eval-only (dtl-predict predicts with one)",
-    "cache_trunk": "cache the frozen trunk's outputs (taps before M, block M's output) "
-    "across epochs: off | auto (RAM when allowed and within budget, else off) | ram | disk",
+    "cache_trunk": "cache the frozen trunk's outputs (taps before M, block M's output; for "
+    "LoRA with --lora-blocks M-N, block M-1's output) across epochs: off | auto (RAM when "
+    "allowed and within budget, else off) | ram | disk",
     "cache_dtype": "precision of the trunk cache: fp32 (exact) | bf16 | fp16",
     "cache_max_bytes": "trunk cache budget, e.g. 6GiB or 500MB (default 6 GiB); over it, "
     "ram/disk is an error and auto trains uncached",
