@@ -250,6 +250,17 @@ def test_lora_on_the_last_blocks_caches_the_blocks_before_them(toy, tmp_path):
     assert any(".lora_" in k for k in ref)
     for k in ref:
         assert torch.equal(got[k], ref[k]), k
+    # the key hashes frozen weights only: LoRA factors of another seed share the cache
+    keys = set()
+    for seed in (0, 1):
+        m = vit(method="lora", lora_blocks="3-12")
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if ".lora_" in n:
+                    p.normal_()
+        keys.add(tc.TrunkCache(m, images(), "train", IDENT).key_hash)
+    assert len(keys) == 1
     every = vit(method="lora")
     assert every.trunk_depth == 0
     assert "no frozen block" in tc.refusal(every, "lora", 0.0, [images()])

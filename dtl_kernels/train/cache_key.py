@@ -1,6 +1,6 @@
 """Trunk cache key: everything that changes the cached values, hashed.
 
-The backbone class, identity and a hash of all its weights and buffers, ``M`` and the
+The backbone class, identity and a hash of its frozen weights and buffers, ``M`` and the
 tapped blocks, the dataset (name, root, split, subset options, sample count, input size,
 normalisation and a content hash of the decoded images when the dataset holds them), the
 cache dtype, autocast precision, channels-last and the device type. A stored cache whose
@@ -24,10 +24,13 @@ from .data import data_fingerprint as dataset_fingerprint  # the data's one fing
 FORMAT = "dtl_kernels.trunk-cache/1"
 
 
-def weights_hash(module: nn.Module) -> str:
-    """sha256 over every parameter and buffer (name, dtype, shape, bytes)."""
+def weights_hash(module: nn.Module, skip: frozenset[str] = frozenset()) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) but those named in
+    ``skip``."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
+        if name in skip:
+            continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
@@ -44,7 +47,9 @@ def cache_key(model: nn.Module, dataset: Dataset, identity: dict, dtype: str, se
         "format": FORMAT,
         "model_class": type(model).__name__,
         "backbone": model.backbone_identity(),
-        "backbone_weights_sha256": weights_hash(model.backbone),
+        # frozen weights only: the trunk holds no trainable one (cache_policy), so a trained
+        # part (LoRA factors, a backbone head) never changes the cached values
+        "backbone_weights_sha256": weights_hash(model.backbone, _trainable(model.backbone)),
         "trunk_depth_M": depth,
         "tapped_blocks": [i + 1 for i in range(depth) if csn is not None and csn.is_tapped(i)],
         "dataset": dict(identity),
@@ -54,6 +59,10 @@ def cache_key(model: nn.Module, dataset: Dataset, identity: dict, dtype: str, se
         **setup,
         "torch": torch.__version__.split("+")[0],
     }
+
+
+def _trainable(module: nn.Module) -> frozenset[str]:
+    return frozenset(n for n, p in module.named_parameters() if p.requires_grad)
 
 
 def key_hash(key: dict) -> str:
