@@ -120,6 +120,13 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
   return {out, taps_out};
 }
 
+// Positions in SideStep's saved "ints": n, first_col, grid, prefix, kernel, dtypes, then
+// one dtype per input.
+enum : int64_t {
+  kSavedN, kSavedFirstCol, kSavedGridH, kSavedGridW, kSavedPrefix, kSavedKernel, kSavedYDtype,
+  kSavedSideDtype, kSavedInputDtypes
+};
+
 class SideStep : public torch::autograd::Function<SideStep> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& taps,
@@ -141,18 +148,14 @@ class SideStep : public torch::autograd::Function<SideStep> {
     }
     for (const at::Tensor& a : downs) saved.push_back(a);
     ctx->save_for_backward(saved);
-    ctx->saved_data["n"] = static_cast<int64_t>(inputs.size());
-    ctx->saved_data["first_col"] = first_col;
-    ctx->saved_data["grid_h"] = grid_h;
-    ctx->saved_data["grid_w"] = grid_w;
-    ctx->saved_data["num_prefix"] = num_prefix;
+    // Two entries, not one per value: each saved_data entry is a string-keyed hash-map
+    // insert here and a lookup in backward (host time per add-back; bench_host.py).
+    std::vector<int64_t> ints{static_cast<int64_t>(inputs.size()), first_col, grid_h, grid_w,
+                              num_prefix, kernel, static_cast<int64_t>(y.scalar_type()),
+                              static_cast<int64_t>(side_dtype(y, taps_out, kernel))};
+    for (const at::Tensor& z : inputs) ints.push_back(static_cast<int64_t>(z.scalar_type()));
+    ctx->saved_data["ints"] = std::move(ints);  // kSaved* below name the positions
     ctx->saved_data["beta"] = beta;
-    ctx->saved_data["kernel"] = kernel;
-    ctx->saved_data["y_dtype"] = static_cast<int64_t>(y.scalar_type());
-    ctx->saved_data["side_dtype"] = static_cast<int64_t>(side_dtype(y, taps_out, kernel));
-    std::vector<int64_t> input_dtypes;
-    for (const at::Tensor& z : inputs) input_dtypes.push_back(static_cast<int64_t>(z.scalar_type()));
-    ctx->saved_data["input_dtypes"] = input_dtypes;
     ctx->set_materialize_grads(false);  // an unused taps_out (the stage's last step) costs nothing
     return {out, taps_out};
   }
@@ -164,14 +167,15 @@ class SideStep : public torch::autograd::Function<SideStep> {
     const at::Tensor& g = grads[0];
     const at::Tensor& g_taps = grads[1];
     const variable_list s = ctx->get_saved_variables();
-    const int64_t n = ctx->saved_data["n"].toInt();
+    const std::vector<int64_t> ints = ctx->saved_data["ints"].toIntVector();
+    const double beta = ctx->saved_data["beta"].toDouble();
+    const int64_t n = ints[kSavedN];
     const at::Tensor& taps_out = s[0];
     const at::Tensor& ups = s[1];
     std::optional<at::Tensor> conv;
     if (s[2].defined()) conv = s[2];
-    const auto ydt = static_cast<at::ScalarType>(ctx->saved_data["y_dtype"].toInt());
-    const auto sdt = static_cast<at::ScalarType>(ctx->saved_data["side_dtype"].toInt());
-    const auto input_dtypes = ctx->saved_data["input_dtypes"].toIntVector();
+    const auto ydt = static_cast<at::ScalarType>(ints[kSavedYDtype]);
+    const auto sdt = static_cast<at::ScalarType>(ints[kSavedSideDtype]);
     // Positions in the returned list (every forward argument) and, for needs_input_grad,
     // in the autograd edges (the defined tensor arguments only): y, taps, inputs[n], downs[n],
     // then first_col (no edge), ups, conv (an edge only when given), …
@@ -184,12 +188,10 @@ class SideStep : public torch::autograd::Function<SideStep> {
     const bool need_u = ctx->needs_input_grad(e_ups);
     at::Tensor g_t;  // ∂taps_out in the taps' dtype
     if (g.defined()) {
-      auto [gt, gu, gw] = backward_op(ctx->saved_data["kernel"].toInt())
+      auto [gt, gu, gw] = backward_op(ints[kSavedKernel])
                               .call(g, as_dtype(taps_out, sdt), as_dtype(ups, sdt),
-                                    as_dtype(conv, ydt), ctx->saved_data["grid_h"].toInt(),
-                                    ctx->saved_data["grid_w"].toInt(),
-                                    ctx->saved_data["num_prefix"].toInt(),
-                                    ctx->saved_data["beta"].toDouble());
+                                    as_dtype(conv, ydt), ints[kSavedGridH], ints[kSavedGridW],
+                                    ints[kSavedPrefix], beta);
       g_t = as_dtype(gt, taps_out.scalar_type());
       if (need_u) out[i_ups] = as_dtype(gu, ups.scalar_type());
       if (need_w) out[i_conv] = as_dtype(gw, conv->scalar_type());
@@ -199,7 +201,7 @@ class SideStep : public torch::autograd::Function<SideStep> {
     if (g_taps.defined()) g_t = g_t.defined() ? g_t + g_taps : g_taps;
     if (!g_t.defined()) return out;
 
-    int64_t col = ctx->saved_data["first_col"].toInt();
+    int64_t col = ints[kSavedFirstCol];
     const int64_t first = col;
     for (int64_t j = 0; j < n; ++j) {
       const at::Tensor& z = s[3 + j];
@@ -212,7 +214,7 @@ class SideStep : public torch::autograd::Function<SideStep> {
         out[i_downs + j] = as_dtype(at::mm(g2.t(), z2), a.scalar_type());
       }
       if (ctx->needs_input_grad(i_inputs + j)) {
-        const auto zdt = static_cast<at::ScalarType>(input_dtypes[j]);
+        const auto zdt = static_cast<at::ScalarType>(ints[kSavedInputDtypes + j]);
         out[i_inputs + j] = as_dtype(at::matmul(gj, as_dtype(a, gj.scalar_type())), zdt);
       }
       col += r;
