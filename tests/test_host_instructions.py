@@ -45,7 +45,8 @@ def test_counts_one_inference_call(tmp_path):
     """The whole path once (≈ 1 min): a shim, valgrind, one dump per provider."""
     subprocess.run(
         [sys.executable, str(BENCH / "host_instructions.py"), "--providers", "timm",
-         "--calls", "infer", "--reps", "1", "--results", str(tmp_path)],
+         "--calls", "infer", "--precisions", "float32", "--reps", "1",
+         "--results", str(tmp_path)],
         check=True, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     with open(tmp_path / "host_instructions.csv", newline="") as f:
