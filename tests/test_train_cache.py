@@ -380,7 +380,20 @@ class OneProcess:
         return fn(*args, **kwargs)
 
 
-def test_ddp_wait_for_the_disk_build_is_sized_to_the_work(toy, tmp_path):
+class _Clock:
+    """``time`` for cache_store whose every probe takes 0.125 s: the sizes below compare
+    estimates from separate probes, which a loaded machine would otherwise make differ."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 0.125
+        return self.now
+
+
+def test_ddp_wait_for_the_disk_build_is_sized_to_the_work(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache_store, "time", _Clock())
     cfg = make_config(options(toy, tmp_path, cache_trunk="disk"))
     d, splits = OneProcess(), {"train": images(n=6), "test": images(n=3)}
     idents = {s: {**IDENT, "split": s} for s in splits}
