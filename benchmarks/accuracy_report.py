@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accuracy_runs import VARIANTS, Run
+from accuracy_runs import DIVERGED, VARIANTS, Run
 from accuracy_search import DROP_PATH, LR_GRIDS, MAX_EXTENSIONS, Selection
 from accuracy_stats import RESAMPLES, bootstrap_ci, mean_std, paired_bootstrap_ci
 from accuracy_tables import COLORS, write_csv, write_text
@@ -73,8 +73,10 @@ def run_row(run: Run, s: dict) -> dict:
         method=VARIANTS[run.variant][0], phase=run.phase, lr=run.lr, drop_path=run.drop_path,
         seed=run.seed, epochs=run.epochs, diverged=bool(s.get("diverged")),
     )  # fmt: skip
-    if s.get("diverged"):
-        return row
+    key = run.record_key()
+    if s.get("diverged"):  # what identifies the run, so that the row can stand for it
+        return {**row, "precision": run.precision, "train_images": key[-1] if key else "",
+                **s.get("recorded", {})}  # fmt: skip
     row.update(
         acc=round(100 * s["test_acc"], 2),
         loss=None if s.get("test_loss") is None else round(s["test_loss"], 4),
@@ -86,7 +88,61 @@ def run_row(run: Run, s: dict) -> dict:
         peak_memory_method=s.get("peak_memory_method", ""),
         torch_threads=s.get("torch_threads", ""),
     )  # fmt: skip
+    row.update(s.get("recorded", {}))  # a reused row keeps where and when it was measured
     return row
+
+
+PROVENANCE = ("torch", "triton", "date", "git_rev")  # a row's own env columns
+
+
+def recorded_runs(path: Path) -> dict[tuple, dict]:
+    """The finished runs a runs CSV records, as summaries keyed by :meth:`Run.record_key`:
+    a fresh clone (no run folders) goes on from the committed study instead of training
+    its runs again. The file is untrusted: a row that does not read back as a run (a
+    missing or malformed field, an accuracy outside 0-100) is left out, and said so."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return {}
+    out, bad = {}, 0
+    for row in rows:
+        try:
+            key, summary = _row_key(row), _row_summary(row)
+        except (KeyError, ValueError, TypeError, AttributeError):
+            bad += 1
+            continue
+        out.setdefault(key, summary)
+    if bad:
+        print(f"({path.name}: {bad} row(s) that do not read back as runs were left out)")
+    return out
+
+
+def _row_key(row: dict) -> tuple:
+    if row["variant"] not in VARIANTS or row["phase"] not in ("select", "test"):
+        raise ValueError(f"not a study run: {row['variant']} / {row['phase']}")
+    return (row["backbone"], row["dataset"], row["variant"], row["phase"], float(row["lr"]),
+            float(row["drop_path"]), int(row["seed"]), int(row["epochs"]), row["precision"],
+            int(row["train_images"]))  # fmt: skip
+
+
+def _row_summary(row: dict) -> dict:
+    recorded = {k: row.get(k) or "" for k in PROVENANCE}
+    if row["diverged"] == "True":
+        return {**DIVERGED, "recorded": recorded}
+    acc = float(row["acc"])
+    if not 0.0 <= acc <= 100.0:  # also rules out nan
+        raise ValueError(f"accuracy {acc} is not a percentage")
+    return dict(
+        test_acc=acc / 100, test_loss=float(row["loss"]) if row["loss"] else None,
+        evaluated_on=row["evaluated_on"], trainable_params=int(row["trainable_params"]),
+        peak_memory_bytes=float(row["peak_memory_mib"]) * 2**20,
+        images_per_s=float(row["images_per_s"]), wall_time_s=float(row["wall_s"]),
+        train_images=int(row["train_images"]), test_images=int(row["eval_images"]),
+        precision=row["precision"], device=row["device"],
+        peak_memory_method=row["peak_memory_method"], torch_threads=row["torch_threads"],
+        epochs=int(row["epochs"]), recorded=recorded,
+    )  # fmt: skip
 
 
 def run_rows(cells: list[Cell]) -> list[dict]:

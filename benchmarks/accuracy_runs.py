@@ -78,6 +78,18 @@ class Run:
         )  # fmt: skip
         return opts
 
+    def record_key(self) -> tuple | None:
+        """What a row of the runs CSV records of this run (``accuracy_report.run_row``), so
+        that a committed row can stand for a finished run in a fresh clone; ``None`` when a
+        row could not tell this run from another (an uncapped training split, another
+        warm-up share, extra options)."""
+        opts = self.options()
+        if self.extra or self.warmup_share != Run.warmup_share or "max_train" not in opts:
+            return None
+        images = opts["max_train"] - opts.get("val_split", 0)
+        return (self.backbone, self.dataset, self.variant, self.phase, float(self.lr),
+                float(self.drop_path), self.seed, self.epochs, self.precision, images)  # fmt: skip
+
     def folder(self, root: Path) -> Path:
         name = f"{self.phase}-lr{self.lr:g}-s{self.seed}-e{self.epochs}"
         name += f"-dp{self.drop_path:g}" if self.drop_path else ""

@@ -21,8 +21,11 @@ of them warm-up, batch 32, trunk cache off, evaluated once at the end):
    (``accuracy_stats``), with peak memory, throughput and wall time.
 
 Runs are resumable: a run folder is reused when an identical run finished there
-(``accuracy_runs.Run``); the tables are rewritten as cells finish — but never replaced by
-tables with fewer test runs than the committed ones (``--replace-results`` to do so).
+(``accuracy_runs.Run``), and so is a run the committed ``accuracy_study_runs.csv`` records
+(so a fresh clone goes on from the committed study; ``--fresh`` counts run folders only;
+the row keeps the date and revision it was measured at); the tables are rewritten as
+cells finish — but never replaced by tables with fewer test runs than the committed ones
+(``--replace-results`` to do so).
 ``--reuse-only`` builds them from what has finished (the Markdown lists what is still to
 run); ``--plan`` prints every run the study would do, and how many, without running
 anything.
@@ -54,7 +57,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from accuracy_report import Cell, fmt_lr, write_all  # noqa: E402
+from accuracy_report import Cell, fmt_lr, output_paths, recorded_runs, write_all  # noqa: E402
 from accuracy_runs import BACKBONES, DATASETS, VARIANTS, Run, execute, finished  # noqa: E402
 from accuracy_search import select  # noqa: E402
 from common import RESULTS, env_columns  # noqa: E402
@@ -115,8 +118,19 @@ def study_cell(args, cell: Cell, evaluate) -> Cell:
 
 
 def executing(args):
-    """Evaluate runs by running them (or reading an identical earlier run)."""
-    return lambda runs: {r: execute(r, args.out, args.reuse_only) for r in runs}
+    """Evaluate runs by running them (or reading an identical earlier run: a committed
+    row of the runs CSV, or a run folder)."""
+    recorded = recorded_of(args)
+    return lambda runs: {
+        r: recorded.get(r.record_key()) or execute(r, args.out, args.reuse_only) for r in runs
+    }
+
+
+def recorded_of(args) -> dict[tuple, dict]:
+    """The runs the committed runs CSV records (none for ``--quick`` or ``--fresh``)."""
+    if args.quick or args.fresh:
+        return {}
+    return recorded_runs(output_paths(args.results, False)["runs"])
 
 
 def study(args, cells: list[Cell]) -> list[Cell]:
@@ -159,13 +173,13 @@ class Planner:
     """An ``evaluate`` that runs nothing: finished runs give their results (so the search
     goes as far as they decide it), the others are listed as to do."""
 
-    def __init__(self, root: Path):
-        self.root, self.done, self.todo = root, {}, []
+    def __init__(self, root: Path, recorded: dict[tuple, dict]):
+        self.root, self.recorded, self.done, self.todo = root, recorded, {}, []
 
     def __call__(self, runs: list[Run]) -> dict[Run, dict | None]:
         out = {}
         for r in runs:
-            out[r] = finished(r, self.root)
+            out[r] = self.recorded.get(r.record_key()) or finished(r, self.root)
             if out[r] is None:
                 self.todo.append(r)
             else:
@@ -176,7 +190,7 @@ class Planner:
 def plan(args, cells: list[Cell]) -> int:
     """Print every run the study would do now, and bounds on the runs that depend on
     results not there yet; run nothing, write nothing."""
-    planner = Planner(args.out)
+    planner = Planner(args.out, recorded_of(args))
     low = high = 0
     for cell in cells:
         before = len(planner.todo), len(planner.done)
@@ -267,6 +281,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, help="run folders (default runs/accuracy; quick: "
                     "runs/accuracy-quick)")  # fmt: skip
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--fresh", action="store_true",
+                    help="count only run folders, not the runs the committed "
+                    "accuracy_study_runs.csv records")  # fmt: skip
     ap.add_argument("--replace-results", action="store_true",
                     help="write the tables even when they hold fewer test runs than the "
                     "committed accuracy_study_runs.csv (a changed protocol)")  # fmt: skip

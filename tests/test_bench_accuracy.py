@@ -33,7 +33,7 @@ def summary(acc: float, loss: float = 0.5, **kw) -> dict:
     """A dtl-train summary.json as the study reads it."""
     base = dict(test_acc=acc, test_loss=loss, trainable_params=1000, peak_memory_bytes=2**27,
                 images_per_s=10.0, wall_time_s=100.0, train_images=800, test_images=200,
-                epochs=30, device="cpu", evaluated_on="val")  # fmt: skip
+                epochs=30, device="cpu", evaluated_on="val", precision="bf16")  # fmt: skip
     return {**base, **kw}
 
 
@@ -160,7 +160,7 @@ def fake_execute(log):
         if run.phase == "select":
             best = S.LR_GRIDS[run.variant][1]
             return summary(VAL[run.variant] - 0.01 * abs(math.log10(run.lr / best)))
-        return summary(VAL[run.variant] + 0.01 * run.seed, evaluated_on="test")
+        return summary(VAL[run.variant] + 0.01 * run.seed, evaluated_on="test", train_images=1000)
 
     return execute
 
@@ -389,3 +389,84 @@ def test_a_diverged_run_is_recorded_once_and_ranks_last(tmp_path, monkeypatch):
     evaluate = lambda runs: {r: dict(AR.DIVERGED) if r.lr == 1e-1 else fake([r])[r] for r in runs}  # noqa: E731
     sel = S.select("linear", make_run("linear"), evaluate)
     assert sel.pick.lr == 3e-2 and "1e-1@0: diverged" in R.describe_selection(sel)
+
+
+# -- the committed runs CSV stands for finished runs -----------------------------------------------
+def test_a_fresh_clone_goes_on_from_the_runs_the_committed_csv_records(tmp_path, monkeypatch):
+    """Without run folders, the rows of the committed accuracy_study_runs.csv stand for
+    their runs: nothing recorded is trained again, the tables come back unchanged, and a
+    new variant trains only its own runs. ``--fresh`` counts run folders only."""
+    log = []
+    monkeypatch.setattr(B, "execute", fake_execute(log))
+    results = tmp_path / "results"
+
+    def study(*variants, out, extra=()):
+        return B.main(["--backbones", "dinov2", "--datasets", "elpv", "--max-train", "1000",
+                       "--results", str(results), "--out", str(tmp_path / out), "--variants",
+                       *variants, *extra])  # fmt: skip
+
+    assert study("dtl", "lora", out="first") == 0
+    first = len(log)
+    committed = {n: (results / n).read_bytes() for n in STUDY if not n.endswith(".png")}
+    assert study("dtl", "lora", out="clone") == 0
+    assert len(log) == first  # nothing trained again
+    assert {n: (results / n).read_bytes() for n in committed} == committed
+    assert study("dtl", "lora", "linear", out="clone") == 0
+    assert {r.variant for r in log[first:]} == {"linear"}
+    assert "| dinov2 | elpv | lora |" in (results / "accuracy_study.md").read_text()
+    before = len(log)
+    assert study("dtl", out="clone2", extra=["--fresh", "--replace-results"]) == 0
+    assert len(log) > before and {r.variant for r in log[before:]} == {"dtl"}
+
+
+def test_a_recorded_row_keeps_its_own_date_and_revision(tmp_path):
+    run = AR.Run("dinov2", "fashion-mnist", "dtl", "test", 1e-2, 1, 30)
+    s = summary(0.83, evaluated_on="test", train_images=1000, test_images=10000,
+                precision="bf16", torch_threads=1)  # fmt: skip
+    env = dict(device="a machine", torch="9.9", triton="-", date="2026-01-01", git_rev="abc")
+    path = tmp_path / "runs.csv"
+    from accuracy_tables import write_csv
+
+    write_csv(path, R.RUN_FIELDS, [R.run_row(run, s)], env)
+    got = R.recorded_runs(path)[run.record_key()]
+    assert got["test_acc"] == pytest.approx(0.83) and got["trainable_params"] == 1000
+    later = dict(env, date="2027-01-01", git_rev="def")
+    write_csv(path, R.RUN_FIELDS, [R.run_row(run, got)], later)
+    row = path.read_text().splitlines()[1]
+    assert row.endswith(",9.9,-,2026-01-01,abc") and "def" not in row
+    assert R.recorded_runs(path)[run.record_key()]["test_acc"] == pytest.approx(0.83)
+
+
+def test_recorded_rows_are_matched_exactly_and_read_as_untrusted(tmp_path, capsys):
+    run = AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 30, max_train=1000)
+    diverged = AR.Run("dinov2", "elpv", "lora-r1", "select", 1e-2, 0, 30, max_train=1000)
+    rows = [R.run_row(run, summary(0.775)), R.run_row(diverged, dict(AR.DIVERGED))]
+    bad = [dict(rows[0], seed=s, acc=acc) for s, acc in ((5, "nan"), (6, "150"), (7, "x"))]
+    bad.append({**rows[0], "seed": 8, "epochs": ""})
+    from accuracy_tables import write_csv
+
+    write_csv(tmp_path / "runs.csv", R.RUN_FIELDS, rows + bad, {"date": "d"})
+    got = R.recorded_runs(tmp_path / "runs.csv")
+    assert "4 row(s) that do not read back as runs were left out" in capsys.readouterr().out
+    assert got[run.record_key()]["test_acc"] == pytest.approx(0.775)
+    assert got[diverged.record_key()]["diverged"] is True
+    assert len(got) == 2
+    for other in (  # any option that differs: not the recorded run
+        AR.Run("dinov2", "elpv", "lora-r1", "select", 1e-3, 0, 30, max_train=1000),
+        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 30, 0.1, max_train=1000),
+        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 10, max_train=1000),
+        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 30, max_train=500),
+        AR.Run("dinov2", "elpv", "lora-r1", "test", 3e-3, 0, 30, max_train=1000),
+        AR.Run("dinov2", "elpv", "lora", "select", 3e-3, 0, 30, max_train=1000),
+        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 30, max_train=1000,
+               precision="fp32"),
+    ):  # fmt: skip
+        assert other.record_key() not in got
+    # a run a row cannot tell from another is never matched: an uncapped split, another
+    # warm-up share
+    assert AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 0, 30).record_key() is None
+    assert AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 0, 30, max_train=1000,
+                  warmup_share=0.2).record_key() is None  # fmt: skip
+    assert R.recorded_runs(tmp_path / "missing.csv") == {}
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00garbage")
+    assert R.recorded_runs(tmp_path / "binary.csv") == {}
