@@ -117,6 +117,14 @@ def _extensions():
         )
         for name, flags in variants.items()
     ]
+    # one direct Python entry to the ops (any variant's; it only calls the dispatcher)
+    exts.append(
+        cpp_extension.CppExtension(
+            "dtl_kernels._C_bind",
+            ["csrc/bind/step_binding.cpp"],
+            extra_compile_args={"cxx": ["-O2", "-std=c++20"]},
+        )
+    )
     cuda_home = cpp_extension.CUDA_HOME
     can_cuda = torch.version.cuda is not None and cuda_home is not None
     if mode == "1" and not can_cuda:

@@ -64,6 +64,11 @@ def report() -> str:
     lines.append(
         f"  cuda       {'built' if _ext.cuda_built() else 'NOT BUILT: ' + str(_ext.CUDA_ERROR)}"
     )
+    lines.append(
+        "  binding    "
+        + ("built (side_step called directly)" if _ext.BINDING else
+           "NOT BUILT (side_step goes through torch.ops, slower): " + str(_ext.BINDING_ERROR))
+    )  # fmt: skip
     gpu = torch.cuda.is_available()
     lines.append(f"GPU visible: {torch.cuda.get_device_name(0) if gpu else 'no'}")
     lines.append("side op backend used:")

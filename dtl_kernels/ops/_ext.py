@@ -96,6 +96,21 @@ CUDA_ERROR = (
 )
 
 
+def _import_binding():
+    """``dtl_kernels._C_bind`` (a direct entry to ``side_step``, ``csrc/bind``), or None
+    with the reason: without it every call goes through ``torch.ops``, only slower.
+    ``DTL_KERNELS_DIRECT=0`` leaves it out (to compare, or to rule it out)."""
+    if CPU_ERROR:
+        return None, "the CPU extension is missing"
+    if os.environ.get("DTL_KERNELS_DIRECT", "1").strip() == "0":
+        return None, "left out (DTL_KERNELS_DIRECT=0)"
+    err = _try_import("dtl_kernels._C_bind")
+    return (None, err) if err else (importlib.import_module("dtl_kernels._C_bind"), None)
+
+
+BINDING, BINDING_ERROR = _import_binding()
+
+
 def cpu_built() -> bool:
     return CPU_ERROR is None
 

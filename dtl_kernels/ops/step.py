@@ -11,8 +11,10 @@ small calls, and each Python-level call (a tap's matmul, a buffer write, the sid
 argument handling) costs as much host time as the work it launches. This op takes the
 whole step in one call and, in training, one autograd node whose backward runs
 ``side_backward`` and the taps' two matmuls in C++ (gradients in ``csrc/step.cpp``'s
-header). The taps are computed in the dtype of ``taps`` (bfloat16 under bf16 autocast, as
-a matmul there is); ``save_dtype`` keeps inputs that need no gradient in that dtype for
+header). The call goes through ``dtl_kernels._C_bind``'s direct entry where it is built:
+``torch.ops``' generic argument converter costs about as much host time as the op. The
+taps are computed in the dtype of ``taps`` (bfloat16 under bf16 autocast, as a matmul
+there is); ``save_dtype`` keeps inputs that need no gradient in that dtype for
 ``∂downs`` (the ``trunk_dtype`` memory option).
 
 Shapes: ``y`` ``(B, N, d)``; ``taps`` ``(B, N, K)``; ``inputs[j]`` ``(B, N, d_j)``;
@@ -50,10 +52,13 @@ def side_step(
     gh, gw = grid if conv_weight is not None else (0, 0)
     if backend == "triton":
         from . import triton_side  # noqa: F401  (registers the kernels side_step calls)
-    return torch.ops.dtl_kernels.side_step.default(
-        y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
-        STEP_KERNELS[backend], save_dtype,
-    )  # fmt: skip
+    args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
+            STEP_KERNELS[backend], save_dtype)  # fmt: skip
+    if _ext.BINDING is not None and not torch.compiler.is_compiling():
+        got = _ext.BINDING.side_step(*args)  # the same op, without torch.ops' converter
+        if got is not NotImplemented:  # NotImplemented: an argument needs __torch_function__
+            return got
+    return torch.ops.dtl_kernels.side_step.default(*args)
 
 
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
