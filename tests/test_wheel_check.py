@@ -15,6 +15,7 @@ from wheel_check import DROPPED, ROOT, check, source_modules, without
 from dtl_kernels import __version__
 
 VARIANTS = ("_C", "_C_avx2", "_C_avx512")
+COMPILED = (*VARIANTS, "_C_bind")  # the kernel variants and the direct entry (csrc/bind)
 
 
 def _wheel(out: Path) -> Path:
@@ -25,7 +26,7 @@ def _wheel(out: Path) -> Path:
         for p in package.rglob("*")
         if p.is_file()
         and "__pycache__" not in p.parts
-        and (p.suffix in (".py", ".json", ".yaml") or p.name.split(".")[0] in VARIANTS)
+        and (p.suffix in (".py", ".json", ".yaml") or p.name.split(".")[0] in COMPILED)
     ]
     info = f"dtl_kernels-{__version__}.dist-info"
     meta = {
