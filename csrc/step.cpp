@@ -47,19 +47,29 @@ const char* backward_name(int64_t kernel) {
   return kernel == 1 ? "dtl_kernels::triton_side_backward" : "dtl_kernels::side_backward";
 }
 
-// Looked up once per kernel (Triton's ops exist only once their Python module is imported).
+// Looked up once per kernel (Triton's ops exist only once their Python module is imported:
+// until then the lookup throws, and a static whose initialiser throws is tried again on the
+// next call). Function-local statics, so that threads calling with the GIL released never
+// race on the lookup.
+template <class Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
 c10::TypedOperatorHandle<ForwardSig> forward_op(int64_t kernel) {
-  static std::optional<c10::TypedOperatorHandle<ForwardSig>> ops[2];
-  if (!ops[kernel])
-    ops[kernel] = c10::Dispatcher::singleton().findSchemaOrThrow(forward_name(kernel), "").typed<ForwardSig>();
-  return *ops[kernel];
+  if (kernel == 1) {
+    static const auto triton = find_op<ForwardSig>(forward_name(1));
+    return triton;
+  }
+  static const auto compiled = find_op<ForwardSig>(forward_name(0));
+  return compiled;
 }
 c10::TypedOperatorHandle<BackwardSig> backward_op(int64_t kernel) {
-  static std::optional<c10::TypedOperatorHandle<BackwardSig>> ops[2];
-  if (!ops[kernel])
-    ops[kernel] =
-        c10::Dispatcher::singleton().findSchemaOrThrow(backward_name(kernel), "").typed<BackwardSig>();
-  return *ops[kernel];
+  if (kernel == 1) {
+    static const auto triton = find_op<BackwardSig>(backward_name(1));
+    return triton;
+  }
+  static const auto compiled = find_op<BackwardSig>(backward_name(0));
+  return compiled;
 }
 
 // What the kernels run on: taps / ups / conv in y's dtype.

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -133,38 +134,91 @@ def test_torch_function_falls_back_to_torch_ops():
 
 
 @pytest.mark.parametrize(
-    "index, value, error, match",
+    "index, value",
     [
-        (0, 1.0, TypeError, "y must be a Tensor, not float"),
-        (2, torch.zeros(2), TypeError, "inputs must be a list of Tensors"),
-        (3, [None, None], TypeError, "downs must be a Tensor, not NoneType"),
-        (4, 1.0, TypeError, "first_col must be an int, not float"),
-        (4, True, TypeError, "first_col must be an int, not bool"),
-        (7, 2**70, ValueError, "grid_h does not fit in 64 bits"),
-        (10, "2.5", TypeError, "beta must be a float, not str"),
-        (12, "bf16", TypeError, "save_dtype must be a torch.dtype or None"),
-        (11, 7, RuntimeError, "kernel must be 0 or 1"),  # the op's own check
-        (4, 99, RuntimeError, "first_col must be in 0..6, got 99"),
+        (4, np.int64(1)),
+        (4, torch.tensor(1)),
+        (11, False),
+        (10, np.float32(2.5)),
+        (10, torch.tensor(2.5)),
+        (10, True),
     ],
+    ids=["numpy-int", "tensor-int", "bool-int", "numpy-float", "tensor-float", "bool-float"],
 )
-def test_bad_arguments_raise_errors_that_name_them(index, value, error, match):
+def test_scalars_that_are_not_plain_go_to_torch_ops(index, value):
+    """torch.ops converts them (as the op always took them); the direct entry leaves them."""
     args = _args(False)
     args[index] = value
-    with pytest.raises(error, match=match):
+    assert _direct(*args) is NotImplemented
+    plain = _args(False)
+    plain[index] = type(plain[index])(value)  # the same value as a Python int / float
+    torch.testing.assert_close(OP(*args)[0], OP(*plain)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "index, value",
+    [(0, 1.0), (2, torch.zeros(2)), (3, [None, None]), (4, 1.5), (7, 2**70), (12, "bf16")],
+)
+def test_bad_arguments_go_to_torch_ops_which_refuses_them(index, value):
+    args = _args(False)
+    args[index] = value
+    assert _direct(*args) is NotImplemented
+    with pytest.raises((TypeError, RuntimeError)):
+        OP(*args)
+
+
+@pytest.mark.parametrize(
+    "index, value, match",
+    [(11, 7, "kernel must be 0 or 1"), (4, 99, "first_col must be in 0..6, got 99")],
+)
+def test_the_ops_own_checks_raise_through_the_direct_entry(index, value, match):
+    args = _args(False)
+    args[index] = value
+    with pytest.raises(RuntimeError, match=match):
         _direct(*args)
     with pytest.raises(TypeError, match="takes 13 positional arguments, got 12"):
         _direct(*_args(False)[:12])
 
 
-def test_a_16_bit_save_dtype_and_integer_beta_pass_through():
-    args = _args(False, torch.float32)
-    args[10], args[12] = 3, torch.bfloat16
-    for got, want in zip(_direct(*args), OP(*args), strict=True):
+def test_lists_may_be_tuples():
+    args = _args(True)
+    tupled = [*args[:2], tuple(args[2]), tuple(args[3]), *args[4:]]
+    for got, want in zip(_direct(*tupled), OP(*args), strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_16_bit_save_dtype_and_integer_beta_pass_through():
+    """``save_dtype`` reaches autograd: an input that needs no gradient is saved for ∂downs
+    in bfloat16 (the trunk_dtype option); the values equal torch.ops'."""
+    args = _args(False, torch.float32)
+    args[3] = [d.requires_grad_() for d in args[3]]  # ∂downs needs the inputs, saved
+    args[10], args[12] = 3, torch.bfloat16
+    saved = []
+
+    def keep(t):
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        got = _direct(*args)
+    assert torch.bfloat16 in saved
+    want = OP(*args)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    args[12] = None
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        _direct(*args)
+    assert torch.bfloat16 not in saved
+
+
 def test_the_direct_entry_can_be_left_out():
-    code = "from dtl_kernels.ops import _ext; print(_ext.BINDING, _ext.BINDING_ERROR)"
+    code = (
+        "import torch; from dtl_kernels.ops import _ext, step; print(_ext.BINDING, "
+        "_ext.BINDING_ERROR); y = torch.zeros(1, 2, 3); t = torch.zeros(1, 2, 1); "
+        "out, _ = step.side_step(y, t, [], [], 0, torch.zeros(3, 1), None, None, 0, 2.0, 'cpu'); "
+        "assert out.shape == y.shape"
+    )
     env = {**os.environ, "DTL_KERNELS_DIRECT": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout  # fmt: skip

@@ -6,12 +6,15 @@
 // converts the thirteen positional arguments by hand and calls a typed handle of the same op,
 // so dispatch (autograd, autocast, Python modes, fake tensors, every backend) is unchanged.
 //
-// What it does not do: __torch_function__. When any tensor argument is a subclass (which may
-// have one) or a torch-function mode is active, it returns NotImplemented and the caller uses
-// torch.ops, which handles them. The caller also uses torch.ops while torch.compile traces (it cannot see into
-// this function). Bad arguments raise TypeError / ValueError naming the argument.
+// What it does not do: anything but the plain case. When a tensor argument is a subclass
+// (which may have __torch_function__; fake tensors), a torch-function mode is active, or a
+// scalar is not a plain Python int / float (numpy scalars, 0-dim tensors, bools, SymInts,
+// ints beyond 64 bits), it returns NotImplemented and the caller uses torch.ops, which
+// converts or refuses them as it always has. The caller also uses torch.ops while
+// torch.compile traces (it cannot see into this function).
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -21,7 +24,6 @@
 #include <optional>
 #include <tuple>
 
-
 namespace {
 
 using StepSignature = std::tuple<at::Tensor, at::Tensor>(
@@ -29,10 +31,8 @@ using StepSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, double,
     int64_t, std::optional<at::ScalarType>);
 
-constexpr Py_ssize_t kArgs = 13;
-const char* const kNames[kArgs] = {"y", "taps", "inputs", "downs", "first_col", "ups",
-                                   "conv_weight", "grid_h", "grid_w", "num_prefix", "beta",
-                                   "kernel", "save_dtype"};
+constexpr Py_ssize_t kArgs = 13;  // y, taps, inputs, downs, first_col, ups, conv_weight,
+                                  // grid_h, grid_w, num_prefix, beta, kernel, save_dtype
 
 // The op's typed handle, looked up once (the CPU extension registers the schema at import).
 const c10::TypedOperatorHandle<StepSignature>& step_op() {
@@ -42,40 +42,38 @@ const c10::TypedOperatorHandle<StepSignature>& step_op() {
   return op;
 }
 
-struct NeedsTorchFunction {};  // an argument asks for __torch_function__: use torch.ops
+struct UseTorchOps {};  // not the plain case: torch.ops takes it
 
-// A tensor argument: a plain Tensor or Parameter. Any subclass (its __torch_function__,
-// fake tensors) goes to torch.ops, which knows them all.
-const at::Tensor& tensor_arg(PyObject* obj, Py_ssize_t i) {
-  if (THPVariable_CheckExact(obj)) return THPVariable_Unpack(obj);
-  TORCH_CHECK_TYPE(THPVariable_Check(obj), "side_step: ", kNames[i], " must be a Tensor, not ",
-                   Py_TYPE(obj)->tp_name);
-  throw NeedsTorchFunction{};
+// A tensor argument: a plain Tensor or Parameter (any subclass goes to torch.ops).
+const at::Tensor& tensor_arg(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) throw UseTorchOps{};
+  return THPVariable_Unpack(obj);
 }
 
-void tensor_list_arg(PyObject* obj, Py_ssize_t i, c10::SmallVector<at::Tensor, 8>& out) {
-  TORCH_CHECK_TYPE(PyList_Check(obj) || PyTuple_Check(obj), "side_step: ", kNames[i],
-                   " must be a list of Tensors, not ", Py_TYPE(obj)->tp_name);
+void tensor_list_arg(PyObject* obj, c10::SmallVector<at::Tensor, 8>& out) {
+  if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj)) throw UseTorchOps{};
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
   PyObject** items = PySequence_Fast_ITEMS(obj);
   out.reserve(static_cast<size_t>(n));
-  for (Py_ssize_t j = 0; j < n; ++j) out.push_back(tensor_arg(items[j], i));
+  for (Py_ssize_t j = 0; j < n; ++j) out.push_back(tensor_arg(items[j]));
 }
 
-int64_t int_arg(PyObject* obj, Py_ssize_t i) {
-  TORCH_CHECK_TYPE(PyLong_Check(obj) && !PyBool_Check(obj), "side_step: ", kNames[i],
-                   " must be an int, not ", Py_TYPE(obj)->tp_name);
+int64_t int_arg(PyObject* obj) {
+  if (!PyLong_CheckExact(obj)) throw UseTorchOps{};  // also rules out bool
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
-  TORCH_CHECK_VALUE(overflow == 0, "side_step: ", kNames[i], " does not fit in 64 bits");
+  if (overflow != 0) throw UseTorchOps{};
   return static_cast<int64_t>(v);
 }
 
-double float_arg(PyObject* obj, Py_ssize_t i) {
-  TORCH_CHECK_TYPE(PyFloat_Check(obj) || (PyLong_Check(obj) && !PyBool_Check(obj)),
-                   "side_step: ", kNames[i], " must be a float, not ", Py_TYPE(obj)->tp_name);
-  const double v = PyFloat_AsDouble(obj);
-  if (v == -1.0 && PyErr_Occurred()) throw python_error();
+double float_arg(PyObject* obj) {
+  if (PyFloat_CheckExact(obj)) return PyFloat_AS_DOUBLE(obj);
+  if (!PyLong_CheckExact(obj)) throw UseTorchOps{};
+  const double v = PyLong_AsDouble(obj);
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();  // too large for a double: let torch.ops say so
+    throw UseTorchOps{};
+  }
   return v;
 }
 
@@ -84,25 +82,23 @@ PyObject* side_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   TORCH_CHECK_TYPE(nargs == kArgs, "side_step takes ", kArgs, " positional arguments, got ",
                    nargs);
   try {
-    if (at::impl::torch_function_mode_enabled()) throw NeedsTorchFunction{};
-    const at::Tensor& y = tensor_arg(args[0], 0);
-    const at::Tensor& taps = tensor_arg(args[1], 1);
+    if (at::impl::torch_function_mode_enabled()) throw UseTorchOps{};
+    const at::Tensor& y = tensor_arg(args[0]);
+    const at::Tensor& taps = tensor_arg(args[1]);
     c10::SmallVector<at::Tensor, 8> inputs, downs;
-    tensor_list_arg(args[2], 2, inputs);
-    tensor_list_arg(args[3], 3, downs);
-    const int64_t first_col = int_arg(args[4], 4);
-    const at::Tensor& ups = tensor_arg(args[5], 5);
+    tensor_list_arg(args[2], inputs);
+    tensor_list_arg(args[3], downs);
+    const int64_t first_col = int_arg(args[4]);
+    const at::Tensor& ups = tensor_arg(args[5]);
     std::optional<at::Tensor> conv;
-    if (args[6] != Py_None) conv = tensor_arg(args[6], 6);
-    const int64_t grid_h = int_arg(args[7], 7), grid_w = int_arg(args[8], 8);
-    const int64_t num_prefix = int_arg(args[9], 9);
-    const double beta = float_arg(args[10], 10);
-    const int64_t kernel = int_arg(args[11], 11);
+    if (args[6] != Py_None) conv = tensor_arg(args[6]);
+    const int64_t grid_h = int_arg(args[7]), grid_w = int_arg(args[8]);
+    const int64_t num_prefix = int_arg(args[9]);
+    const double beta = float_arg(args[10]);
+    const int64_t kernel = int_arg(args[11]);
     std::optional<at::ScalarType> save_dtype;
     if (args[12] != Py_None) {
-      TORCH_CHECK_TYPE(THPDtype_Check(args[12]),
-                       "side_step: save_dtype must be a torch.dtype or None, not ",
-                       Py_TYPE(args[12])->tp_name);
+      if (!THPDtype_Check(args[12])) throw UseTorchOps{};
       save_dtype = reinterpret_cast<THPDtype*>(args[12])->scalar_type;
     }
     std::tuple<at::Tensor, at::Tensor> got;
@@ -111,12 +107,15 @@ PyObject* side_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
       got = step_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
                            num_prefix, beta, kernel, save_dtype);
     }
-    PyObject* out = PyTuple_New(2);
-    if (out == nullptr) throw python_error();
-    PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(std::get<0>(got))));
-    PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(std::get<1>(got))));
-    return out;
-  } catch (const NeedsTorchFunction&) {
+    THPObjectPtr out(PyTuple_New(2));
+    if (!out) throw python_error();
+    for (int j = 0; j < 2; ++j) {
+      PyObject* t = THPVariable_Wrap(std::move(j == 0 ? std::get<0>(got) : std::get<1>(got)));
+      if (t == nullptr) throw python_error();
+      PyTuple_SET_ITEM(out.get(), j, t);  // steals the reference
+    }
+    return out.release();
+  } catch (const UseTorchOps&) {
     Py_RETURN_NOTIMPLEMENTED;
   }
   END_HANDLE_TH_ERRORS
@@ -125,7 +124,7 @@ PyObject* side_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
 PyMethodDef kMethods[] = {
     {"side_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&side_step)),
      METH_FASTCALL, "dtl_kernels::side_step's thirteen arguments, positionally; "
-                    "NotImplemented when an argument needs __torch_function__."},
+                    "NotImplemented unless every argument is plainly typed."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -99,10 +99,11 @@ CUDA_ERROR = (
 def _import_binding():
     """``dtl_kernels._C_bind`` (a direct entry to ``side_step``, ``csrc/bind``), or None
     with the reason: without it every call goes through ``torch.ops``, only slower.
-    ``DTL_KERNELS_DIRECT=0`` leaves it out (to compare, or to rule it out)."""
+    ``DTL_KERNELS_DIRECT=0`` (or ``false`` / ``no`` / ``off``), read at import, leaves it
+    out (to compare, or to rule it out)."""
     if CPU_ERROR:
         return None, "the CPU extension is missing"
-    if os.environ.get("DTL_KERNELS_DIRECT", "1").strip() == "0":
+    if os.environ.get("DTL_KERNELS_DIRECT", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "left out (DTL_KERNELS_DIRECT=0)"
     err = _try_import("dtl_kernels._C_bind")
     return (None, err) if err else (importlib.import_module("dtl_kernels._C_bind"), None)
