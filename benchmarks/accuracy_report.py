@@ -25,7 +25,7 @@ RUN_FIELDS = [
     "backbone", "dataset", "variant", "method", "phase", "lr", "drop_path", "seed", "epochs",
     "acc", "loss", "evaluated_on", "diverged", "trainable_params", "peak_memory_mib",
     "images_per_s", "wall_s", "train_images", "eval_images", "precision", "device",
-    "peak_memory_method", "torch_threads",
+    "peak_memory_method", "torch_threads", "options_sha",
 ]  # fmt: skip
 
 
@@ -72,11 +72,10 @@ def run_row(run: Run, s: dict) -> dict:
         backbone=run.backbone, dataset=run.dataset, variant=run.variant,
         method=VARIANTS[run.variant][0], phase=run.phase, lr=run.lr, drop_path=run.drop_path,
         seed=run.seed, epochs=run.epochs, diverged=bool(s.get("diverged")),
+        options_sha=run.record_key(),  # so that the row can stand for the run (recorded_runs)
     )  # fmt: skip
-    key = run.record_key()
-    if s.get("diverged"):  # what identifies the run, so that the row can stand for it
-        return {**row, "precision": run.precision, "train_images": key[-1] if key else "",
-                **s.get("recorded", {})}  # fmt: skip
+    if s.get("diverged"):
+        return {**row, "precision": run.precision, **s.get("recorded", {})}
     row.update(
         acc=round(100 * s["test_acc"], 2),
         loss=None if s.get("test_loss") is None else round(s["test_loss"], 4),
@@ -92,14 +91,16 @@ def run_row(run: Run, s: dict) -> dict:
     return row
 
 
-PROVENANCE = ("torch", "triton", "date", "git_rev")  # a row's own env columns
+PROVENANCE = ("device", "torch", "triton", "date", "git_rev")  # a row's own env columns
 
 
-def recorded_runs(path: Path) -> dict[tuple, dict]:
-    """The finished runs a runs CSV records, as summaries keyed by :meth:`Run.record_key`:
-    a fresh clone (no run folders) goes on from the committed study instead of training
-    its runs again. The file is untrusted: a row that does not read back as a run (a
-    missing or malformed field, an accuracy outside 0-100) is left out, and said so."""
+def recorded_runs(path: Path) -> dict[str, dict]:
+    """The finished runs a runs CSV records, as summaries keyed by :meth:`Run.record_key`
+    (the digest of every option the run was trained with): a fresh clone (no run folders)
+    goes on from the committed study instead of training its runs again. The file is
+    untrusted: a row that does not read back as a run (a missing or malformed field, no
+    options digest, an accuracy outside 0-100, a count or time that is negative or not
+    finite) is left out, and said so."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -118,12 +119,21 @@ def recorded_runs(path: Path) -> dict[tuple, dict]:
     return out
 
 
-def _row_key(row: dict) -> tuple:
+def _row_key(row: dict) -> str:
+    key = row["options_sha"]
+    if len(key) != 16 or any(c not in "0123456789abcdef" for c in key):
+        raise ValueError(f"not an options digest: {key!r}")
     if row["variant"] not in VARIANTS or row["phase"] not in ("select", "test"):
         raise ValueError(f"not a study run: {row['variant']} / {row['phase']}")
-    return (row["backbone"], row["dataset"], row["variant"], row["phase"], float(row["lr"]),
-            float(row["drop_path"]), int(row["seed"]), int(row["epochs"]), row["precision"],
-            int(row["train_images"]))  # fmt: skip
+    return key
+
+
+def _count(text: str, kind=float):
+    """A finite, non-negative number from the file."""
+    value = kind(text)
+    if not 0 <= value < float("inf"):  # also rules out nan
+        raise ValueError(f"{text!r} is not a finite non-negative number")
+    return value
 
 
 def _row_summary(row: dict) -> dict:
@@ -133,15 +143,17 @@ def _row_summary(row: dict) -> dict:
     acc = float(row["acc"])
     if not 0.0 <= acc <= 100.0:  # also rules out nan
         raise ValueError(f"accuracy {acc} is not a percentage")
+    if (row["phase"] == "test") != (row["evaluated_on"] == "test"):
+        raise ValueError(f"a {row['phase']} run evaluated on {row['evaluated_on']!r}")
     return dict(
-        test_acc=acc / 100, test_loss=float(row["loss"]) if row["loss"] else None,
-        evaluated_on=row["evaluated_on"], trainable_params=int(row["trainable_params"]),
-        peak_memory_bytes=float(row["peak_memory_mib"]) * 2**20,
-        images_per_s=float(row["images_per_s"]), wall_time_s=float(row["wall_s"]),
-        train_images=int(row["train_images"]), test_images=int(row["eval_images"]),
+        test_acc=acc / 100, test_loss=_count(row["loss"]) if row["loss"] else None,
+        evaluated_on=row["evaluated_on"], trainable_params=_count(row["trainable_params"], int),
+        peak_memory_bytes=_count(row["peak_memory_mib"]) * 2**20,
+        images_per_s=_count(row["images_per_s"]), wall_time_s=_count(row["wall_s"]),
+        train_images=_count(row["train_images"], int), test_images=_count(row["eval_images"], int),
         precision=row["precision"], device=row["device"],
         peak_memory_method=row["peak_memory_method"], torch_threads=row["torch_threads"],
-        epochs=int(row["epochs"]), recorded=recorded,
+        epochs=_count(row["epochs"], int), recorded=recorded,
     )  # fmt: skip
 
 

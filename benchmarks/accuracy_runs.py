@@ -11,6 +11,7 @@ finished epoch with ``dtl-train --resume``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -78,17 +79,12 @@ class Run:
         )  # fmt: skip
         return opts
 
-    def record_key(self) -> tuple | None:
-        """What a row of the runs CSV records of this run (``accuracy_report.run_row``), so
-        that a committed row can stand for a finished run in a fresh clone; ``None`` when a
-        row could not tell this run from another (an uncapped training split, another
-        warm-up share, extra options)."""
-        opts = self.options()
-        if self.extra or self.warmup_share != Run.warmup_share or "max_train" not in opts:
-            return None
-        images = opts["max_train"] - opts.get("val_split", 0)
-        return (self.backbone, self.dataset, self.variant, self.phase, float(self.lr),
-                float(self.drop_path), self.seed, self.epochs, self.precision, images)  # fmt: skip
+    def record_key(self) -> str:
+        """A digest of every ``dtl-train`` option of this run (:meth:`options`): what a row
+        of the runs CSV records as ``options_sha``, so that a committed row stands for
+        exactly this run in a fresh clone (``accuracy_report.recorded_runs``)."""
+        text = json.dumps(self.options(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def folder(self, root: Path) -> Path:
         name = f"{self.phase}-lr{self.lr:g}-s{self.seed}-e{self.epochs}"

@@ -121,12 +121,15 @@ def executing(args):
     """Evaluate runs by running them (or reading an identical earlier run: a committed
     row of the runs CSV, or a run folder)."""
     recorded = recorded_of(args)
-    return lambda runs: {
-        r: recorded.get(r.record_key()) or execute(r, args.out, args.reuse_only) for r in runs
-    }
+
+    def one(r: Run) -> dict | None:
+        done = finished(r, args.out) or recorded.get(r.record_key())  # a local folder first
+        return done if done is not None else execute(r, args.out, args.reuse_only)
+
+    return lambda runs: {r: one(r) for r in runs}
 
 
-def recorded_of(args) -> dict[tuple, dict]:
+def recorded_of(args) -> dict[str, dict]:
     """The runs the committed runs CSV records (none for ``--quick`` or ``--fresh``)."""
     if args.quick or args.fresh:
         return {}
@@ -163,7 +166,8 @@ def write_outputs(args, cells: list[Cell]) -> list[dict]:
         f"Accuracy study ({'quick' if args.quick else 'main'}; {args.epochs} epochs, {warmup} % "
         f"warm-up, batch 32, {args.precision}"
         + (f", training split capped at {args.max_train}" if args.max_train else "")
-        + f"; {env['device']}; torch {env['torch']}; {env['date']}; rev {env['git_rev']})"
+        + f"; tables written on {env['device']}, torch {env['torch']}, {env['date']}, rev "
+        f"{env['git_rev']}; where, when and at which revision each run trained: the runs CSV)"
     )
     return write_all(cells, args.results, args.quick, header, env, device, args.replace_results)
 
@@ -179,7 +183,7 @@ class Planner:
     def __call__(self, runs: list[Run]) -> dict[Run, dict | None]:
         out = {}
         for r in runs:
-            out[r] = self.recorded.get(r.record_key()) or finished(r, self.root)
+            out[r] = finished(r, self.root) or self.recorded.get(r.record_key())
             if out[r] is None:
                 self.todo.append(r)
             else:

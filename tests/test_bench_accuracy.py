@@ -295,7 +295,7 @@ def test_fewer_test_runs_never_replace_the_committed_tables(tmp_path, monkeypatc
     committed = {n: (results / n).read_bytes() for n in STUDY}
     assert study("--variants", "dtl", "--seeds", "2") == 0  # 2 test runs
     assert {n: (results / n).read_bytes() for n in STUDY} == committed
-    assert study("--reuse-only", "--variants", "dtl", out="empty") == 1  # nothing finished
+    assert study("--reuse-only", "--fresh", "--variants", "dtl", out="empty") == 1  # no folders
     assert {n: (results / n).read_bytes() for n in STUDY} == committed
     assert study("--variants", "dtl", "--seeds", "2", "--replace-results") == 0
     assert R.committed_test_runs(results / "accuracy_study_runs.csv") == 2
@@ -442,31 +442,44 @@ def test_recorded_rows_are_matched_exactly_and_read_as_untrusted(tmp_path, capsy
     diverged = AR.Run("dinov2", "elpv", "lora-r1", "select", 1e-2, 0, 30, max_train=1000)
     rows = [R.run_row(run, summary(0.775)), R.run_row(diverged, dict(AR.DIVERGED))]
     bad = [dict(rows[0], seed=s, acc=acc) for s, acc in ((5, "nan"), (6, "150"), (7, "x"))]
-    bad.append({**rows[0], "seed": 8, "epochs": ""})
+    bad += [{**rows[0], "seed": 8, "epochs": ""}, {**rows[0], "options_sha": "not-a-digest"},
+            {**rows[0], "wall_s": "-1"}, {**rows[0], "images_per_s": "inf"},
+            {**rows[0], "evaluated_on": "test"}, {**rows[0], "options_sha": ""}]  # fmt: skip
     from accuracy_tables import write_csv
 
     write_csv(tmp_path / "runs.csv", R.RUN_FIELDS, rows + bad, {"date": "d"})
     got = R.recorded_runs(tmp_path / "runs.csv")
-    assert "4 row(s) that do not read back as runs were left out" in capsys.readouterr().out
+    assert "9 row(s) that do not read back as runs were left out" in capsys.readouterr().out
     assert got[run.record_key()]["test_acc"] == pytest.approx(0.775)
     assert got[diverged.record_key()]["diverged"] is True
     assert len(got) == 2
-    for other in (  # any option that differs: not the recorded run
-        AR.Run("dinov2", "elpv", "lora-r1", "select", 1e-3, 0, 30, max_train=1000),
-        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 30, 0.1, max_train=1000),
-        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 10, max_train=1000),
-        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 30, max_train=500),
-        AR.Run("dinov2", "elpv", "lora-r1", "test", 3e-3, 0, 30, max_train=1000),
-        AR.Run("dinov2", "elpv", "lora", "select", 3e-3, 0, 30, max_train=1000),
-        AR.Run("dinov2", "elpv", "lora-r1", "select", 3e-3, 0, 30, max_train=1000,
-               precision="fp32"),
-    ):  # fmt: skip
-        assert other.record_key() not in got
-    # a run a row cannot tell from another is never matched: an uncapped split, another
-    # warm-up share
-    assert AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 0, 30).record_key() is None
-    assert AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 0, 30, max_train=1000,
-                  warmup_share=0.2).record_key() is None  # fmt: skip
+    # every option of the run is in its key: changing any one is another run
+    base = dict(backbone="dinov2", dataset="elpv", variant="lora-r1", phase="select", lr=3e-3,
+                seed=0, epochs=30, max_train=1000)  # fmt: skip
+    for change in (dict(lr=1e-3), dict(drop_path=0.1), dict(epochs=10), dict(max_train=999),
+                   dict(max_train=None), dict(phase="test"), dict(variant="lora"),
+                   dict(precision="fp32"), dict(warmup_share=0.2), dict(seed=1),
+                   dict(extra={"weight_decay": 0.1}), dict(dataset="fashion-mnist")):  # fmt: skip
+        other = AR.Run(**{**base, **change})
+        assert other.options() != run.options(), change
+        assert other.record_key() not in got, change
     assert R.recorded_runs(tmp_path / "missing.csv") == {}
     (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00garbage")
     assert R.recorded_runs(tmp_path / "binary.csv") == {}
+
+
+def test_a_run_folder_wins_over_a_recorded_row(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "execute", fake_execute([]))
+    results, root = tmp_path / "results", tmp_path / "runs"
+    run = AR.Run("dinov2", "elpv", "dtl", "select", 1e-2, 0, 30, max_train=1000)
+    from accuracy_tables import write_csv
+
+    results.mkdir()
+    write_csv(results / "accuracy_study_runs.csv", R.RUN_FIELDS,
+              [R.run_row(run, summary(0.5))], {})  # fmt: skip
+    finish(root, run, summary(0.9))
+    args = B.parse_args(["--results", str(results), "--out", str(root), "--max-train", "1000"])
+    assert B.executing(args)([run])[run]["test_acc"] == 0.9
+    assert B.Planner(root, B.recorded_of(args))([run])[run]["test_acc"] == 0.9
+    (run.folder(root) / "summary.json").unlink()
+    assert B.executing(args)([run])[run]["test_acc"] == 0.5
