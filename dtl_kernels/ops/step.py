@@ -56,7 +56,7 @@ def side_step(
             STEP_KERNELS[backend], save_dtype)  # fmt: skip
     if _ext.BINDING is not None and not torch.compiler.is_compiling():
         got = _ext.BINDING.side_step(*args)  # the same op, without torch.ops' converter
-        if got is not NotImplemented:  # NotImplemented: an argument needs __torch_function__
+        if got is not NotImplemented:  # NotImplemented: not the plain case (csrc/bind)
             return got
     return torch.ops.dtl_kernels.side_step.default(*args)
 
