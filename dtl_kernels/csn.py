@@ -163,6 +163,16 @@ class CompactSideNetwork(nn.Module):
     def is_tapped(self, i: int) -> bool:
         return self._tapped[i]
 
+    @property
+    def tapped_blocks(self) -> list[bool]:
+        """Per block, :meth:`is_tapped` (read-only: for a walk that asks for every block)."""
+        return self._tapped
+
+    @property
+    def adapted_blocks(self) -> list[bool]:
+        """Per block, :meth:`is_adapted` (read-only)."""
+        return self._adapted
+
     def is_adapted(self, i: int) -> bool:
         return self._adapted[i]
 

@@ -94,8 +94,8 @@ class DTLViT(DTLModel):
             )
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
-        pe = self.backbone.patch_embed
-        channels = pe.proj.in_channels
+        pe = self._backbone_part("patch_embed")
+        channels = pe._modules["proj"].in_channels
         if images.shape[1] != channels:
             raise ValueError(
                 f"images have {images.shape[1]} channels, the backbone expects {channels}"
@@ -121,6 +121,8 @@ class DTLViT(DTLModel):
         )
 
     # -- the block walk (see DTLModel.run_blocks) ----------------------------------------
+    features_are_tokens = True  # tokens() and untokens() below are the identity
+
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """``(batch, 3, H, W)`` → tokens ``(batch, prefix + H'·W', width)`` before block 0."""
         grid = self.patch_grid(images)
@@ -133,7 +135,14 @@ class DTLViT(DTLModel):
 
     @property
     def blocks(self) -> list[nn.Module]:
-        return memory.with_tail(list(self.backbone.blocks), self._tail)
+        blocks = self._backbone_part("blocks")._modules.values()  # Sequential or ModuleList
+        return memory.with_tail(list(blocks), self._tail)
+
+    def _backbone_part(self, name: str) -> nn.Module:
+        """``self.backbone.<name>`` by plain dict lookups: ``nn.Module.__getattr__`` costs
+        about 1 µs a step, and the walk asks for the blocks and the patch embedding at
+        every forward."""
+        return self._modules["backbone"]._modules[name]
 
     def tokens(self, x: torch.Tensor, ctx: dict):
         return x, ctx["grid"], self.num_prefix

@@ -22,6 +22,13 @@ class BlockWalk:
         return self.forward_head(self.forward_features(images))
 
     # -- what a wrapper says about its backbone ---------------------------------------
+    #: set by a wrapper whose features already are the CSN's tokens: ``tokens(x, ctx)`` is
+    #: ``(x, ctx["grid"], self.num_prefix)`` and ``untokens`` returns ``t`` (timm's ViT).
+    #: With the default ``block_input`` and ``call_block`` too, the walk skips those four
+    #: calls per block (:func:`_run_plain`): at batch sizes where the GPU waits for the
+    #: host, they cost about a third of the side network's host time.
+    features_are_tokens = False
+
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
@@ -49,7 +56,8 @@ class BlockWalk:
         """Images → features after the last block (before the final norm)."""
         x, ctx = self.embed(self.backbone_images(images))
         state = self.csn.start() if self.csn is not None else None
-        return self.run_blocks(x, ctx, state, 0, len(self.blocks))
+        blocks = self.blocks
+        return self._walk(blocks, x, ctx, state, 0, len(blocks))
 
     def run_blocks(self, x: torch.Tensor, ctx: dict, state, start: int, stop: int) -> torch.Tensor:
         """Run blocks ``start … stop-1`` (0-based) with taps and add-backs.
@@ -57,7 +65,13 @@ class BlockWalk:
         ``state`` is the CSN's side state (``None`` without a CSN); it is updated in place,
         so a walk can be split (shared trunk, cached trunk) and resumed.
         """
-        csn, blocks = self.csn, self.blocks
+        return self._walk(self.blocks, x, ctx, state, start, stop)
+
+    def _walk(self, blocks: list[nn.Module], x, ctx: dict, state, start: int, stop: int):
+        """:meth:`run_blocks` over ``blocks`` (``self.blocks``, which builds a list)."""
+        csn = self.csn
+        if _plain_walk(type(self)):
+            return _run_plain(blocks, csn, x, ctx["grid"], self.num_prefix, state, start, stop)
         for i in range(start, stop):
             x = self.block_input(i, x)
             if csn is not None and csn.is_tapped(i):
@@ -122,3 +136,36 @@ class BlockWalk:
                 y = self.untokens(csn.add_back(state, depth - 1, t, grid, num_prefix), y)
         x = self.run_blocks(y, ctx, state, depth, len(self.blocks))
         return self.forward_head(x)
+
+
+_PLAIN: dict[type, bool] = {}
+
+
+def _plain_walk(cls: type) -> bool:
+    """Whether ``cls``'s walk is the plain one (``features_are_tokens`` and the default
+    ``block_input`` / ``call_block``); decided once per class, so that a subclass overriding
+    either (EVA's rotary ``call_block``) keeps the general walk."""
+    plain = _PLAIN.get(cls)
+    if plain is None:
+        plain = _PLAIN[cls] = bool(
+            cls.features_are_tokens
+            and cls.block_input is BlockWalk.block_input
+            and cls.call_block is BlockWalk.call_block
+        )
+    return plain
+
+
+def _run_plain(blocks, csn, x, grid, num_prefix, state, start, stop) -> torch.Tensor:
+    """:meth:`BlockWalk.run_blocks` where features are tokens and blocks take only them."""
+    if csn is None:
+        for i in range(start, stop):
+            x = blocks[i](x)
+        return x
+    tapped, adapted = csn.tapped_blocks, csn.adapted_blocks
+    for i in range(start, stop):
+        if tapped[i]:
+            csn.tap(state, i, x)
+        x = blocks[i](x)
+        if adapted[i]:
+            x = csn.add_back(state, i, x, grid, num_prefix)
+    return x
