@@ -144,6 +144,7 @@ class CompactSideNetwork(nn.Module):
         # what _select_backend and _start_stage_kernel decided, per tensors' kind
         self._selected: dict[tuple, str] = {}
         self._kernels: dict[tuple, str] = {}
+        self._zeros: dict[tuple, torch.Tensor] = {}  # see _stage_buffers
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -186,14 +187,15 @@ class CompactSideNetwork(nn.Module):
         stage = self.block_stages[i]
         if stage != state.stage:  # h restarts at every stage
             self._start_stage(state, stage, z)
-        down = self._param("down", self._keys[i])
+        down = self._modules["down"]._parameters[self._keys[i]]  # see _param
         if state.backend != "reference":
-            if not state.inputs:
+            inputs = state.inputs
+            if not inputs:
                 state.first_col = self._columns[i][0]
-            state.inputs.append(z)
+            inputs.append(z)
             state.downs.append(down)
             if not torch.is_grad_enabled():
-                state.pending_bytes += z.numel() * z.element_size()
+                state.pending_bytes += z.nbytes
                 if state.pending_bytes > PENDING_BYTES:
                     self._flush_taps(state)
             return
@@ -217,19 +219,40 @@ class CompactSideNetwork(nn.Module):
             state.backend = self._select_backend(z)
         if state.backend == "reference":
             return
+        state.taps, state.ups = self._stage_buffers(stage, z)
+
+    def _stage_buffers(self, stage: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage's zero taps ``(*z.shape[:-1], K_stage)`` and its ups side by side
+        ``(d, K_stage)``, both in the taps' dtype.
+
+        In plain eager runs the zeros are kept between forward passes (making them is a
+        dispatched call per pass): ``side_step`` never writes its ``taps`` argument, and
+        :meth:`_flush_taps` copies before it writes. The ups are concatenated at every
+        pass: a parameter can change without its version counter knowing
+        (``p.data.copy_``), so a kept copy could go stale.
+        """
         dtype = _tap_dtype(z)
-        state.taps = z.new_zeros((*z.shape[:-1], self._stage_width[stage]), dtype=dtype)
+        shape = (*z.shape[:-1], self._stage_width[stage])
+        if not _plain_eager(z):  # a graph, fake tensors, a transform: made anew, seen by it
+            zeros = z.new_zeros(shape, dtype=dtype)
+        else:
+            key = (shape, dtype, z.device, torch.is_inference_mode_enabled())
+            zeros = self._zeros.get(key)
+            if zeros is None:
+                zeros = z.new_zeros(shape, dtype=dtype)
+                self._zeros = _bounded(self._zeros, 8)
+                self._zeros[key] = zeros
         up = self._modules["up"]._parameters
         ups = torch.cat([up[key] for key in self._stage_keys[stage]], dim=-1)
-        state.ups = ups if ups.dtype == dtype else ups.to(dtype)  # as autocast would
+        return zeros, ups if ups.dtype == dtype else ups.to(dtype)  # as autocast would
 
     def _select_backend(self, z: torch.Tensor) -> str:
-        """:func:`side.select` for tensors like ``z``, remembered per device, dtype, request
-        and export state: selecting costs more host time than a tap (every forward pass)."""
-        if torch.compiler.is_compiling():  # traced once; no cache for the graph to guard on
+        """:func:`side.select` for tensors like ``z``, remembered per device, dtype, request:
+        selecting costs more host time than a tap (every forward pass). Compiling,
+        exporting and tracing select anew (export picks the reference formulation)."""
+        if _tracing():  # traced once; no cache for the graph to guard on
             return side.select(z, self.backend, conv_weight=self._any_conv())
-        key = (z.device, z.dtype, self.backend, os.environ.get(side.BACKEND_ENV),
-               side.exporting())  # fmt: skip
+        key = (z.device, z.dtype, self.backend, os.environ.get(side.BACKEND_ENV))
         name = self._selected.get(key)
         if name is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
             name = side.select(z, self.backend, conv_weight=self._any_conv())
@@ -250,6 +273,7 @@ class CompactSideNetwork(nn.Module):
     def _flush_taps(self, state: SideState) -> None:
         """Without autograd: the pending taps now, into the stage's taps (frees the inputs)."""
         col = state.first_col
+        state.taps = state.taps.clone()  # it may be the kept zeros (_stage_buffers)
         for z, down in zip(state.inputs, state.downs, strict=True):
             r = down.shape[0]
             state.taps[..., col : col + r] = torch.matmul(
@@ -405,6 +429,24 @@ def _validate(
 def _bounded(cache: dict, size: int = 64) -> dict:
     """``cache``, emptied once it holds ``size`` entries (shapes vary with the batch)."""
     return cache if len(cache) < size else {}
+
+
+def _tracing() -> bool:
+    """Is this forward being compiled, exported or traced (``torch.jit.trace``, the
+    TorchScript ONNX exporter)? Then nothing is taken from or put into a cache."""
+    return torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+
+
+def _plain_eager(z: torch.Tensor) -> bool:
+    """Does this pass run plain eager PyTorch on ordinary tensors like ``z``: no tracing,
+    no functorch transform (``vmap``, ``grad``), no dispatch mode, no tensor subclass (fake
+    tensors)? Only then may a tensor be kept from one pass for the next."""
+    return (
+        type(z) is torch.Tensor
+        and not _tracing()
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+    )
 
 
 def _tap_dtype(z: torch.Tensor) -> torch.dtype:
