@@ -24,15 +24,32 @@ def _vit(conv_kernel: int = 0, adapt_from: int = 3) -> DTLViT:
 
 
 def test_which_wrappers_take_the_plain_walk():
-    assert walk._plain_walk(DTLViT)
-    assert not walk._plain_walk(DTLEva)  # its call_block hands every block the rotary embedding
-    assert not walk._plain_walk(DTLSwin)  # tokens are not its features
+    def bare(cls):  # an instance without __init__: the check reads the class and __dict__
+        return cls.__new__(cls)
+
+    assert walk._plain_walk(bare(DTLViT))
+    assert not walk._plain_walk(bare(DTLEva))  # its call_block passes the rotary embedding
+    assert not walk._plain_walk(bare(DTLSwin))  # tokens are not its features
 
     class Overrides(DTLViT):
         def call_block(self, block, i, x, ctx):
             return block(x)
 
-    assert not walk._plain_walk(Overrides)
+    assert not walk._plain_walk(bare(Overrides))
+
+
+def test_an_instance_s_own_call_block_is_called():
+    model = _vit()
+    calls = []
+    plain = model.call_block
+
+    def call_block(block, i, x, ctx):
+        calls.append(i)
+        return plain(block, i, x, ctx)
+
+    model.call_block = call_block
+    model(torch.randn(1, 3, 32, 32))
+    assert calls == list(range(5))
 
 
 @pytest.mark.parametrize("conv_kernel", [0, 3])

@@ -70,7 +70,7 @@ class BlockWalk:
     def _walk(self, blocks: list[nn.Module], x, ctx: dict, state, start: int, stop: int):
         """:meth:`run_blocks` over ``blocks`` (``self.blocks``, which builds a list)."""
         csn = self.csn
-        if _plain_walk(type(self)):
+        if _plain_walk(self):
             return _run_plain(blocks, csn, x, ctx["grid"], self.num_prefix, state, start, stop)
         for i in range(start, stop):
             x = self.block_input(i, x)
@@ -141,11 +141,15 @@ class BlockWalk:
 _PLAIN: dict[type, bool] = {}
 
 
-def _plain_walk(cls: type) -> bool:
-    """Whether ``cls``'s walk is the plain one (``features_are_tokens`` and the default
-    ``block_input`` / ``call_block``); decided once per class, so that a subclass overriding
-    either (EVA's rotary ``call_block``) keeps the general walk."""
-    plain = _PLAIN.get(cls)
+def _plain_walk(model: BlockWalk) -> bool:
+    """Whether ``model``'s walk is the plain one: ``features_are_tokens`` and the default
+    ``block_input`` / ``call_block``. A subclass overriding either (EVA's rotary
+    ``call_block``) or an instance given its own keeps the general walk."""
+    own = model.__dict__
+    if "call_block" in own or "block_input" in own or "tokens" in own or "untokens" in own:
+        return False
+    cls = type(model)
+    plain = _PLAIN.get(cls)  # decided once per class
     if plain is None:
         plain = _PLAIN[cls] = bool(
             cls.features_are_tokens
