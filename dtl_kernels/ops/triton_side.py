@@ -1173,7 +1173,7 @@ def side_fwd(
     )
     bsz, n, d = y.shape
     kw = taps.shape[2]
-    out = torch.empty((bsz, n, d), dtype=y.dtype, device=y.device)
+    out = torch.empty_like(y, memory_format=torch.contiguous_format)  # (B, N, d): no shape to parse
     if out.numel() == 0:
         return out
     ups_c = ups.contiguous()
@@ -1249,12 +1249,12 @@ def side_bwd(
     # ∂T: written once per row tile, or (d split over programs) added up by atomics: into
     # the zeroed output when it is ACC, else into the tail of the buffer (cast at the end)
     if split > 1 and taps.dtype == acc:
-        grad_taps = torch.zeros((bsz, n, kw), dtype=taps.dtype, device=dev)
+        grad_taps = torch.zeros_like(taps, memory_format=torch.contiguous_format)
     else:
-        grad_taps = torch.empty((bsz, n, kw), dtype=taps.dtype, device=dev)
-    grad_ups = torch.empty((d, kw), dtype=ups.dtype, device=dev)
+        grad_taps = torch.empty_like(taps, memory_format=torch.contiguous_format)
+    grad_ups = torch.empty_like(ups, memory_format=torch.contiguous_format)
     grad_conv = (
-        torch.empty((d, 1, k, k), dtype=conv_weight.dtype, device=dev)
+        torch.empty_like(conv_weight, memory_format=torch.contiguous_format)
         if k
         else grad_out.new_empty((0,))
     )
