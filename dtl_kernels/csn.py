@@ -195,7 +195,7 @@ class CompactSideNetwork(nn.Module):
             inputs.append(z)
             state.downs.append(down)
             if not torch.is_grad_enabled():
-                state.pending_bytes += z.nbytes
+                state.pending_bytes += z.numel() * z.element_size()  # (nbytes: no dynamic batch)
                 if state.pending_bytes > PENDING_BYTES:
                     self._flush_taps(state)
             return

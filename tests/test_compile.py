@@ -67,6 +67,19 @@ def test_inference_compiles_with_inductor():
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
 
 
+def test_inference_compiles_for_a_second_batch_size():
+    """The evaluation's last, smaller batch recompiles with a dynamic batch size: every
+    size the side network reads from its tensors must trace symbolically (``nbytes`` does
+    not)."""
+    torch._dynamo.reset()
+    model = _model(0).eval()
+    net = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for batch in (4, 3, 5):
+            x = torch.randn(batch, 3, 32, 32)
+            torch.testing.assert_close(net(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_dtl_train_compile_trains_the_compiled_model(tmp_path, monkeypatch):
     torch._dynamo.reset()
     calls = []

@@ -37,6 +37,12 @@ def test_which_wrappers_take_the_plain_walk():
 
     assert not walk._plain_walk(bare(Overrides))
 
+    class OwnTokens(DTLViT):
+        def tokens(self, x, ctx):
+            return x * 1, ctx["grid"], self.num_prefix
+
+    assert not walk._plain_walk(bare(OwnTokens))
+
 
 def test_an_instance_s_own_call_block_is_called():
     model = _vit()

@@ -144,15 +144,20 @@ _PLAIN: dict[type, bool] = {}
 def _plain_walk(model: BlockWalk) -> bool:
     """Whether ``model``'s walk is the plain one: ``features_are_tokens`` and the default
     ``block_input`` / ``call_block``. A subclass overriding either (EVA's rotary
-    ``call_block``) or an instance given its own keeps the general walk."""
+    ``call_block``) or ``tokens`` / ``untokens``, or an instance given its own, keeps the
+    general walk."""
     own = model.__dict__
     if "call_block" in own or "block_input" in own or "tokens" in own or "untokens" in own:
         return False
     cls = type(model)
     plain = _PLAIN.get(cls)  # decided once per class
     if plain is None:
+        # the class that declared features_are_tokens vouches for its tokens / untokens only
+        owner = next(c for c in cls.__mro__ if "features_are_tokens" in c.__dict__)
         plain = _PLAIN[cls] = bool(
             cls.features_are_tokens
+            and cls.tokens is owner.tokens
+            and cls.untokens is owner.untokens
             and cls.block_input is BlockWalk.block_input
             and cls.call_block is BlockWalk.call_block
         )
