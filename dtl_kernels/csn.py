@@ -440,12 +440,14 @@ def _tracing() -> bool:
 def _plain_eager(z: torch.Tensor) -> bool:
     """Does this pass run plain eager PyTorch on ordinary tensors like ``z``: no tracing,
     no functorch transform (``vmap``, ``grad``), no dispatch mode, no tensor subclass (fake
-    tensors)? Only then may a tensor be kept from one pass for the next."""
+    tensors), no CUDA-graph capture (its kernels do not run: zeros made there are never
+    filled)? Only then may a tensor be kept from one pass for the next."""
     return (
         type(z) is torch.Tensor
         and not _tracing()
         and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
+        and not (z.is_cuda and torch.cuda.is_current_stream_capturing())
     )
 
 

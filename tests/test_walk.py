@@ -129,3 +129,19 @@ def test_nothing_is_kept_under_a_dispatch_mode():
             csn._stage_buffers(0, torch.randn(2, 5, 32))
         assert "aten.new_zeros" in spy.names
     assert not csn._zeros
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_nothing_is_kept_from_a_cuda_graph_capture():
+    """Kernels captured into a CUDA graph do not run: zeros made there are never filled."""
+    csn = _vit().cuda().csn
+    z = torch.randn(2, 5, 32, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            csn._stage_buffers(0, z)
+    torch.cuda.synchronize()
+    assert not csn._zeros
+    zeros, _ = csn._stage_buffers(0, z)  # an eager pass keeps real zeros
+    assert list(csn._zeros.values()) == [zeros] and not zeros.any()
