@@ -102,6 +102,7 @@ Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, no
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -1090,13 +1091,16 @@ def _acc_torch(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _device_of(x: torch.Tensor):
-    """Launch on the tensors' device, whatever the current device is."""
-    if x.is_cuda:
-        return torch.cuda.device(x.device)
-    import contextlib
+_NO_DEVICE_SWITCH = contextlib.nullcontext()  # reusable: holds no state
 
-    return contextlib.nullcontext()
+
+def _device_of(x: torch.Tensor):
+    """Launch on the tensors' device, whatever the current device is. The switch (a
+    ``torch.cuda.device`` guard: two device exchanges per launch) only where the tensors
+    are not on the current device."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return _NO_DEVICE_SWITCH
 
 
 def _launch(cfg: dict, *args, **consts) -> None:
