@@ -91,15 +91,26 @@ write_taps_op() {
 }
 
 // write_taps_ for every device (CPU has its own loop, cpu/taps.cpp): a matmul in the taps'
-// dtype per block, copied into its columns.
+// dtype per block. Into contiguous taps the matmul writes the block's columns in place: they
+// are a (B·N, r) matrix with row stride K, which a GEMM takes as its output as it is (one
+// launch per tap, not a matmul and a copy: the host issues twelve per ViT forward).
 void write_taps_generic(at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
                         int64_t first_col) {
   check_taps_inputs(taps, inputs, downs, first_col);
   const at::ScalarType tdt = taps.scalar_type();
+  const bool in_place = taps.is_contiguous() && taps.numel() > 0;
   int64_t col = first_col;
   for (size_t j = 0; j < inputs.size(); ++j) {
     const int64_t r = downs[j].size(0);
-    taps.narrow(2, col, r).copy_(at::matmul(as_dtype(inputs[j], tdt), as_dtype(downs[j], tdt).t()));
+    const at::Tensor z = as_dtype(inputs[j], tdt);
+    const at::Tensor a_t = as_dtype(downs[j], tdt).t();
+    at::Tensor cols = taps.narrow(2, col, r);
+    if (in_place) {
+      at::Tensor out = cols.view({-1, r});  // (B·N, r), strides (K, 1)
+      at::mm_out(out, z.reshape({-1, z.size(2)}), a_t);
+    } else {
+      cols.copy_(at::matmul(z, a_t));
+    }
     col += r;
   }
 }

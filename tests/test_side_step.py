@@ -94,6 +94,31 @@ def test_write_taps_cpu_matches_a_matmul_in_the_taps_dtype(dtype, strided, downs
     assert taps[..., 0].abs().max() == 0 and taps[..., 8].abs().max() == 0  # untouched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("taps_layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("batch", [3, 0])
+def test_write_taps_generic_matches_a_matmul_in_the_taps_dtype(dtype, taps_layout, batch):
+    """The version every other device runs (step.cpp; CUDA), called on CPU tensors by
+    redispatch: into contiguous taps its matmuls write the columns in place, into strided
+    taps they are copied; float32 and channel-strided inputs, transposed downs."""
+    g = torch.Generator().manual_seed(2)
+    b, n, k_cols = batch, 11, 9
+    zs = [torch.randn(b, n, 37, generator=g), torch.randn(b, 37, n, generator=g).transpose(1, 2)]
+    downs = [torch.randn(2, 37, generator=g), torch.randn(37, 3, generator=g).t()]
+    if taps_layout == "contiguous":
+        taps = torch.full((b, n, k_cols), 7.0, dtype=dtype)
+    else:  # (B, N, K) seen through a transpose: not contiguous
+        taps = torch.full((b, k_cols, n), 7.0, dtype=dtype).transpose(1, 2)
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    torch.ops.dtl_kernels.write_taps_.default.redispatch(keys, taps, zs, downs, 2)
+    want = torch.full((b, n, k_cols), 7.0, dtype=dtype)
+    col = 2
+    for z, a in zip(zs, downs, strict=True):
+        want[..., col : col + a.shape[0]] = torch.matmul(z.to(dtype), a.to(dtype).t())
+        col += a.shape[0]
+    torch.testing.assert_close(taps, want, rtol=0, atol=0)  # the same matmul, the same bits
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
