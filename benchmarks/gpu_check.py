@@ -348,6 +348,8 @@ def main() -> int:
                     *xdist,
                     "tests/test_side_cuda.py",
                     "tests/test_side_triton.py",
+                    "tests/test_side_step.py",
+                    "tests/test_walk.py",
                 ],
                 box,
             )

@@ -65,6 +65,32 @@ def test_step_without_autograd_and_in_inference_mode():
         torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("conv", [False, True], ids=["dtl", "dtl+"])
+def test_step_on_cuda_equals_spec_and_gradcheck(conv):
+    """The step on CUDA tensors: the generic write_taps_ (in-place matmuls into the taps'
+    columns) and the CUDA kernels, float64 values and gradients against the reference."""
+    host = _step_inputs(conv)
+    y, taps, zs, downs, ups, w = [
+        [t.cuda() for t in a] if isinstance(a, list) else (None if a is None else a.cuda())
+        for a in host
+    ]
+    grid, prefix = ((2, 3), 1) if conv else (None, 0)
+
+    def ours(y, taps, z0, z1, a0, a1, ups, *w):
+        return step.side_step(y, taps, [z0, z1], [a0, a1], 2, ups, w[0] if w else None, grid,
+                              prefix, 3.0, "cuda")  # fmt: skip
+
+    args = [y, taps, *zs, *downs, ups] + ([w] if conv else [])
+    out, new_taps = ours(*args)
+    want_out, want_taps = _spec(*host)
+    torch.testing.assert_close(out.cpu(), want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(new_taps.cpu(), want_taps, rtol=1e-12, atol=1e-12)
+    leaves = [t.clone().requires_grad_() for t in args]
+    assert torch.autograd.gradcheck(ours, leaves)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("downs_kind", ["float32", "transposed", "float64", "bfloat16"])

@@ -131,6 +131,7 @@ def test_nothing_is_kept_under_a_dispatch_mode():
     assert not csn._zeros
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 def test_nothing_is_kept_from_a_cuda_graph_capture():
     """Kernels captured into a CUDA graph do not run: zeros made there are never filled."""
