@@ -13,8 +13,9 @@ p25–p75 per variant:
 
 * ``timm``: the plain timm forward;
 * ``dtl``: the DTL forward as it is;
-* ``dtl_step_twice``: every side step (``ops.step.side_step``) called twice, the second call
-  right after the first (hot); the extra time over ``dtl`` is what the steps cost hot;
+* ``dtl_step_twice``: every side step (``ops.step.side_step`` / ``side_step_``) called
+  twice, the second call right after the first (hot); the extra time over ``dtl`` is what
+  the steps cost hot;
 * ``dtl_no_step``: the side network's Python runs, the step returns ``y`` unchanged;
 * ``dtl_walk_only``: ``tap`` and ``add_back`` are no-ops (the wrapper's walk alone).
 
@@ -45,22 +46,32 @@ VARIANTS = ("timm", "dtl", "dtl_step_twice", "dtl_no_step", "dtl_walk_only")
 
 
 def _setter(model: torch.nn.Module):
-    """``set(variant)``: patch the DTL model (and the step its CSN calls) for ``variant``."""
+    """``set(variant)``: patch the DTL model (and the steps its CSN calls: ``side_step``,
+    and ``side_step_`` in no-grad passes) for ``variant``."""
     csn = model.csn
     step = csn_module.step
-    real = step.side_step
+    real, real_ = step.side_step, step.side_step_
 
-    def twice(*args, **kwargs):
-        real(*args, **kwargs)
-        return real(*args, **kwargs)
+    def twice(fn):
+        def call(*args, **kwargs):
+            fn(*args, **kwargs)  # side_step_ writes the same taps again: the same values
+            return fn(*args, **kwargs)
+
+        return call
 
     def no_step(y, taps, *args, **kwargs):
         return y, taps
 
+    def no_step_(y, taps, *args, **kwargs):
+        return y
+
     def set_variant(variant: str) -> None:
         csn.__dict__.pop("tap", None)
         csn.__dict__.pop("add_back", None)
-        step.side_step = {"dtl_step_twice": twice, "dtl_no_step": no_step}.get(variant, real)
+        step.side_step = {"dtl_step_twice": twice(real), "dtl_no_step": no_step}.get(variant, real)
+        step.side_step_ = {"dtl_step_twice": twice(real_), "dtl_no_step": no_step_}.get(
+            variant, real_
+        )
         if variant == "dtl_walk_only":
             csn.tap = lambda state, i, z: None
             csn.add_back = lambda state, i, y, grid, num_prefix=0: y

@@ -123,6 +123,19 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
                                                              : y.scalar_type();
 }
 
+// The taps written into `taps` (contiguous), then the side op on them: what both steps share.
+at::Tensor step_into(const char* op, const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
+                     at::TensorList downs, int64_t first_col, const at::Tensor& ups,
+                     const std::optional<at::Tensor>& conv, int64_t grid_h, int64_t grid_w,
+                     int64_t num_prefix, double beta, int64_t kernel) {
+  TORCH_CHECK(kernel == 0 || kernel == 1, msg(op, ": kernel must be 0 or 1, got ", kernel));
+  if (!inputs.empty()) write_taps_op().call(taps, inputs, downs, first_col);
+  const at::ScalarType sdt = side_dtype(y, taps, kernel);
+  return forward_op(kernel).call(y, as_dtype(taps, sdt), as_dtype(ups, sdt),
+                                 as_dtype(conv, y.scalar_type()), grid_h, grid_w, num_prefix,
+                                 beta);
+}
+
 // The forward, without autograd (every device: it only calls other ops).
 std::tuple<at::Tensor, at::Tensor> side_step_impl(
     const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
@@ -130,15 +143,47 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
     int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
     std::optional<at::ScalarType> save_dtype) {
   (void)save_dtype;  // what autograd keeps; no effect on values
-  TORCH_CHECK(kernel == 0 || kernel == 1,
-              msg("dtl_kernels::side_step: kernel must be 0 or 1, got ", kernel));
   at::Tensor taps_out = taps.clone(at::MemoryFormat::Contiguous);
-  if (!inputs.empty()) write_taps_op().call(taps_out, inputs, downs, first_col);
-  const at::ScalarType sdt = side_dtype(y, taps_out, kernel);
-  at::Tensor out = forward_op(kernel).call(y, as_dtype(taps_out, sdt), as_dtype(ups, sdt),
-                                           as_dtype(conv, y.scalar_type()), grid_h, grid_w,
-                                           num_prefix, beta);
+  at::Tensor out = step_into("dtl_kernels::side_step", y, taps_out, inputs, downs, first_col,
+                             ups, conv, grid_h, grid_w, num_prefix, beta, kernel);
   return {out, taps_out};
+}
+
+// side_step_: the same step into the caller's taps, for passes that record no gradient (a
+// no-grad forward pass copies the stage's taps once, not at every add-back).
+at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
+                                  at::TensorList downs, int64_t first_col, const at::Tensor& ups,
+                                  const std::optional<at::Tensor>& conv, int64_t grid_h,
+                                  int64_t grid_w, int64_t num_prefix, double beta,
+                                  int64_t kernel) {
+  TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::side_step_: taps must be contiguous");
+  return step_into("dtl_kernels::side_step_", y, taps, inputs, downs, first_col, ups, conv,
+                   grid_h, grid_w, num_prefix, beta, kernel);
+}
+
+// No gradient flows through side_step_: refused where autograd would record it.
+at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
+                                      at::TensorList inputs, at::TensorList downs,
+                                      int64_t first_col, const at::Tensor& ups,
+                                      const std::optional<at::Tensor>& conv, int64_t grid_h,
+                                      int64_t grid_w, int64_t num_prefix, double beta,
+                                      int64_t kernel) {
+  if (at::GradMode::is_enabled()) {
+    bool needs = y.requires_grad() || taps.requires_grad() || ups.requires_grad() ||
+                 (conv.has_value() && conv->requires_grad());
+    for (const at::Tensor& t : inputs) needs = needs || t.requires_grad();
+    for (const at::Tensor& t : downs) needs = needs || t.requires_grad();
+    TORCH_CHECK(!needs, "dtl_kernels::side_step_ records no gradient: call it under no_grad / "
+                        "inference_mode, or use side_step");
+  }
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = side_step_inplace_impl(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
+                                 num_prefix, beta, kernel);
+  }
+  taps.unsafeGetTensorImpl()->bump_version();  // what ADInplaceOrView does for an in-place op
+  return out;
 }
 
 // Positions in SideStep's saved "ints": n, first_col, grid, prefix, kernel, dtypes, then
@@ -272,9 +317,11 @@ std::tuple<at::Tensor, at::Tensor> side_step_autograd(
 
 TORCH_LIBRARY_IMPL(dtl_kernels, CompositeExplicitAutograd, m) {
   m.impl("side_step", &dtl::side_step_impl);
+  m.impl("side_step_", &dtl::side_step_inplace_impl);
   m.impl("write_taps_", &dtl::write_taps_generic);
 }
 
 TORCH_LIBRARY_IMPL(dtl_kernels, Autograd, m) {
   m.impl("side_step", &dtl::side_step_autograd);
+  m.impl("side_step_", &dtl::side_step_inplace_autograd);
 }

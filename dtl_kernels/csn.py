@@ -69,6 +69,8 @@ class SideState:
     pending_bytes: int = 0
     ups: torch.Tensor | None = None  # fused: (d, K_stage) the stage's B_i side by side
     kernel: str | None = None  # fused: the backend running this stage's side op
+    plain: bool = False  # fused: a plain eager pass (_plain_eager), decided per stage
+    own_taps: bool = False  # fused, no grad: `taps` is this pass's copy, written in place
     h: torch.Tensor | None = None  # reference: the running side state
 
 
@@ -219,21 +221,27 @@ class CompactSideNetwork(nn.Module):
             state.backend = self._select_backend(z)
         if state.backend == "reference":
             return
-        state.taps, state.ups = self._stage_buffers(stage, z)
+        state.plain, state.own_taps = _plain_eager(z), False
+        state.taps, state.ups = self._stage_buffers(stage, z, state.plain)
 
-    def _stage_buffers(self, stage: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stage_buffers(
+        self, stage: int, z: torch.Tensor, plain: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The stage's zero taps ``(*z.shape[:-1], K_stage)`` and its ups side by side
         ``(d, K_stage)``, both in the taps' dtype.
 
-        In plain eager runs the zeros are kept between forward passes (making them is a
-        dispatched call per pass): ``side_step`` never writes its ``taps`` argument, and
-        :meth:`_flush_taps` copies before it writes. The ups are concatenated at every
-        pass: a parameter can change without its version counter knowing
+        In plain eager runs (``plain``: :func:`_plain_eager`, worked out if not given) the
+        zeros are kept between forward passes (making them is a dispatched call per pass):
+        ``side_step`` never writes its ``taps`` argument, and :meth:`_flush_taps` and a
+        no-grad pass's first ``side_step_`` write into a copy. The ups are concatenated at
+        every pass: a parameter can change without its version counter knowing
         (``p.data.copy_``), so a kept copy could go stale.
         """
         dtype = _tap_dtype(z)
         shape = (*z.shape[:-1], self._stage_width[stage])
-        if not _plain_eager(z):  # a graph, fake tensors, a transform: made anew, seen by it
+        if plain is None:
+            plain = _plain_eager(z)
+        if not plain:  # a graph, fake tensors, a transform: made anew, seen by it
             zeros = z.new_zeros(shape, dtype=dtype)
         else:
             key = (shape, dtype, z.device, torch.is_inference_mode_enabled())
@@ -274,6 +282,7 @@ class CompactSideNetwork(nn.Module):
         """Without autograd: the pending taps now, into the stage's taps (frees the inputs)."""
         col = state.first_col
         state.taps = state.taps.clone()  # it may be the kept zeros (_stage_buffers)
+        state.own_taps = state.plain  # this pass's copy: a later no-grad step may write it
         for z, down in zip(state.inputs, state.downs, strict=True):
             r = down.shape[0]
             state.taps[..., col : col + r] = torch.matmul(
@@ -306,11 +315,20 @@ class CompactSideNetwork(nn.Module):
             return reference.add_back(y, state.h, beta, conv, grid, num_prefix)
         if state.kernel is None:
             self._start_stage_kernel(state, stage, y, conv, grid, num_prefix)
-        if state.kernel in step.STEP_KERNELS:
+        if state.kernel in step.STEP_KERNELS and state.plain and not torch.is_grad_enabled():
+            if not state.own_taps:  # the kept zeros: one copy per stage, not one per step
+                state.taps = state.taps.clone(memory_format=torch.contiguous_format)
+                state.own_taps = True
+            out = step.side_step_(
+                y, state.taps, state.inputs, state.downs, state.first_col, state.ups, conv, grid,
+                num_prefix, beta, state.kernel,
+            )  # fmt: skip
+        elif state.kernel in step.STEP_KERNELS:
             out, state.taps = step.side_step(
                 y, state.taps, state.inputs, state.downs, state.first_col, state.ups, conv, grid,
                 num_prefix, beta, state.kernel, self.trunk_dtype,
             )  # fmt: skip
+            state.own_taps = False  # autograd may keep these taps: never written in place
         else:  # a kernel without the one-call step (the reference, as a fallback)
             out = self._step_in_python(state, y, conv, grid, num_prefix)
         state.first_col = self._columns[i][1]  # block i was the last pending tap

@@ -343,3 +343,42 @@ def test_a_kernel_without_the_one_call_step_runs_the_same_step(monkeypatch):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     for u, v in zip(gb, ga, strict=True):
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-6)
+
+
+def _count_steps(monkeypatch):
+    calls = {"side_step": 0, "side_step_": 0}
+    for name in calls:
+        real = getattr(step, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(step, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3], ids=["dtl", "dtl+"])
+def test_no_grad_passes_write_one_copy_of_the_taps_in_place(monkeypatch, conv_kernel):
+    """Without autograd the steps write the stage's taps in place (side_step_, one copy of
+    the kept zeros per pass): the same logits as the recorded pass, the kept zeros stay
+    zero, and a recorded pass after it still takes the functional step."""
+    m = DTLViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                 num_classes=3), adapt_from=7, conv_kernel=conv_kernel)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.csn.up.values():
+            p.normal_()
+    m.eval()
+    x = torch.randn(2, 3, 32, 32)
+    want = m(x)
+    calls = _count_steps(monkeypatch)
+    for ctx in (torch.no_grad, torch.inference_mode, torch.no_grad):
+        with ctx():
+            torch.testing.assert_close(m(x), want, rtol=1e-6, atol=1e-6)
+    assert calls == {"side_step": 0, "side_step_": 18}
+    assert m.csn._zeros and all(not z.any() for z in m.csn._zeros.values())
+    got = m(x)
+    got.sum().backward()  # a recorded pass: the functional step, gradients as before
+    assert calls == {"side_step": 6, "side_step_": 18}
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -223,3 +223,44 @@ def test_the_direct_entry_can_be_left_out():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, check=True).stdout  # fmt: skip
     assert out.strip() == "None left out (DTL_KERNELS_DIRECT=0)"
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["dtl", "dtl+"])
+def test_the_in_place_step_equals_the_step(conv):
+    """side_step_ (direct entry and torch.ops): side_step's out, its taps written in place."""
+    args = _args(conv)
+    want_out, want_taps = OP(*args)
+    for call in (_ext.BINDING.side_step_, torch.ops.dtl_kernels.side_step_.default):
+        taps = args[1].clone()
+        with torch.no_grad():
+            out = call(args[0], taps, *args[2:12])
+        torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+        torch.testing.assert_close(taps, want_taps, rtol=0, atol=0)
+
+
+def test_the_in_place_step_refuses_what_autograd_would_record_and_strided_taps():
+    args = _args(False)
+    leaf = args[5].clone().requires_grad_()  # ups
+    with pytest.raises(RuntimeError, match="records no gradient"):
+        _ext.BINDING.side_step_(*args[:5], leaf, *args[6:12])
+    with torch.no_grad():
+        _ext.BINDING.side_step_(*args[:5], leaf, *args[6:12])  # no_grad: allowed
+    strided = args[1].transpose(0, 1).contiguous().transpose(0, 1)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="taps must be contiguous"):
+        _ext.BINDING.side_step_(args[0], strided, *args[2:12])
+
+
+def test_the_in_place_step_falls_back_to_torch_ops_and_bumps_the_version():
+    class Tagged(torch.Tensor):
+        pass
+
+    args = _args(False)
+    taps = args[1].clone()
+    before = taps._version
+    with torch.no_grad():
+        assert _ext.BINDING.side_step_(args[0].as_subclass(Tagged), taps, *args[2:12]) is (
+            NotImplemented
+        )
+        out = step.side_step_(args[0].as_subclass(Tagged), taps, *args[2:6], args[6], None, 0,
+                              2.5, "cpu")  # fmt: skip
+    assert isinstance(out, torch.Tensor) and taps._version > before

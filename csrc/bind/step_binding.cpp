@@ -1,4 +1,5 @@
-// dtl_kernels._C_bind: a direct Python entry to the dispatcher op dtl_kernels::side_step.
+// dtl_kernels._C_bind: direct Python entries to the dispatcher ops dtl_kernels::side_step and
+// side_step_ (its no-grad, in-place form).
 //
 // Why: `torch.ops.dtl_kernels.side_step.default(...)` matches its arguments against the op's
 // schema through the JIT's generic converter (every list element, every optional, boxed into
@@ -30,15 +31,25 @@ using StepSignature = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, at::TensorList, at::TensorList, int64_t,
     const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t, int64_t, double,
     int64_t, std::optional<at::ScalarType>);
+using InPlaceSignature = at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList,
+                                    at::TensorList, int64_t, const at::Tensor&,
+                                    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                                    double, int64_t);
 
-constexpr Py_ssize_t kArgs = 13;  // y, taps, inputs, downs, first_col, ups, conv_weight,
-                                  // grid_h, grid_w, num_prefix, beta, kernel, save_dtype
+constexpr Py_ssize_t kShared = 12;  // y, taps, inputs, downs, first_col, ups, conv_weight,
+                                    // grid_h, grid_w, num_prefix, beta, kernel (+ save_dtype)
 
-// The op's typed handle, looked up once (the CPU extension registers the schema at import).
+// The ops' typed handles, looked up once (the CPU extension registers the schemas at import).
 const c10::TypedOperatorHandle<StepSignature>& step_op() {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("dtl_kernels::side_step", "")
                              .typed<StepSignature>();
+  return op;
+}
+const c10::TypedOperatorHandle<InPlaceSignature>& inplace_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("dtl_kernels::side_step_", "")
+                             .typed<InPlaceSignature>();
   return op;
 }
 
@@ -77,35 +88,52 @@ double float_arg(PyObject* obj) {
   return v;
 }
 
+// The twelve arguments both ops share, converted (UseTorchOps where one is not plain).
+struct SharedArgs {
+  const at::Tensor* y;
+  const at::Tensor* taps;
+  c10::SmallVector<at::Tensor, 8> inputs, downs;
+  int64_t first_col;
+  const at::Tensor* ups;
+  std::optional<at::Tensor> conv;
+  int64_t grid_h, grid_w, num_prefix;
+  double beta;
+  int64_t kernel;
+};
+
+void shared_args(PyObject* const* args, SharedArgs& a) {
+  if (at::impl::torch_function_mode_enabled()) throw UseTorchOps{};
+  a.y = &tensor_arg(args[0]);
+  a.taps = &tensor_arg(args[1]);
+  tensor_list_arg(args[2], a.inputs);
+  tensor_list_arg(args[3], a.downs);
+  a.first_col = int_arg(args[4]);
+  a.ups = &tensor_arg(args[5]);
+  if (args[6] != Py_None) a.conv = tensor_arg(args[6]);
+  a.grid_h = int_arg(args[7]);
+  a.grid_w = int_arg(args[8]);
+  a.num_prefix = int_arg(args[9]);
+  a.beta = float_arg(args[10]);
+  a.kernel = int_arg(args[11]);
+}
+
 PyObject* side_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == kArgs, "side_step takes ", kArgs, " positional arguments, got ",
-                   nargs);
+  TORCH_CHECK_TYPE(nargs == kShared + 1, "side_step takes ", kShared + 1,
+                   " positional arguments, got ", nargs);
   try {
-    if (at::impl::torch_function_mode_enabled()) throw UseTorchOps{};
-    const at::Tensor& y = tensor_arg(args[0]);
-    const at::Tensor& taps = tensor_arg(args[1]);
-    c10::SmallVector<at::Tensor, 8> inputs, downs;
-    tensor_list_arg(args[2], inputs);
-    tensor_list_arg(args[3], downs);
-    const int64_t first_col = int_arg(args[4]);
-    const at::Tensor& ups = tensor_arg(args[5]);
-    std::optional<at::Tensor> conv;
-    if (args[6] != Py_None) conv = tensor_arg(args[6]);
-    const int64_t grid_h = int_arg(args[7]), grid_w = int_arg(args[8]);
-    const int64_t num_prefix = int_arg(args[9]);
-    const double beta = float_arg(args[10]);
-    const int64_t kernel = int_arg(args[11]);
+    SharedArgs a;
+    shared_args(args, a);
     std::optional<at::ScalarType> save_dtype;
-    if (args[12] != Py_None) {
-      if (!THPDtype_Check(args[12])) throw UseTorchOps{};
-      save_dtype = reinterpret_cast<THPDtype*>(args[12])->scalar_type;
+    if (args[kShared] != Py_None) {
+      if (!THPDtype_Check(args[kShared])) throw UseTorchOps{};
+      save_dtype = reinterpret_cast<THPDtype*>(args[kShared])->scalar_type;
     }
     std::tuple<at::Tensor, at::Tensor> got;
     {
       pybind11::gil_scoped_release no_gil;  // as torch.ops does; Python callbacks retake it
-      got = step_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
-                           num_prefix, beta, kernel, save_dtype);
+      got = step_op().call(*a.y, *a.taps, a.inputs, a.downs, a.first_col, *a.ups, a.conv,
+                           a.grid_h, a.grid_w, a.num_prefix, a.beta, a.kernel, save_dtype);
     }
     THPObjectPtr out(PyTuple_New(2));
     if (!out) throw python_error();
@@ -121,9 +149,34 @@ PyObject* side_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* side_step_inplace(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == kShared, "side_step_ takes ", kShared, " positional arguments, got ",
+                   nargs);
+  try {
+    SharedArgs a;
+    shared_args(args, a);
+    at::Tensor taps = *a.taps;  // the same tensor (a handle): written in place
+    at::Tensor got;
+    {
+      pybind11::gil_scoped_release no_gil;
+      got = inplace_op().call(*a.y, taps, a.inputs, a.downs, a.first_col, *a.ups, a.conv,
+                              a.grid_h, a.grid_w, a.num_prefix, a.beta, a.kernel);
+    }
+    return THPVariable_Wrap(std::move(got));
+  } catch (const UseTorchOps&) {
+    Py_RETURN_NOTIMPLEMENTED;
+  }
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef kMethods[] = {
     {"side_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&side_step)),
      METH_FASTCALL, "dtl_kernels::side_step's thirteen arguments, positionally; "
+                    "NotImplemented unless every argument is plainly typed."},
+    {"side_step_",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&side_step_inplace)),
+     METH_FASTCALL, "dtl_kernels::side_step_'s twelve arguments, positionally; "
                     "NotImplemented unless every argument is plainly typed."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -61,6 +61,35 @@ def side_step(
     return torch.ops.dtl_kernels.side_step.default(*args)
 
 
+def side_step_(
+    y: torch.Tensor,
+    taps: torch.Tensor,
+    inputs: list[torch.Tensor],
+    downs: list[torch.Tensor],
+    first_col: int,
+    ups: torch.Tensor,
+    conv_weight: torch.Tensor | None,
+    grid: tuple[int, int] | None,
+    num_prefix: int,
+    beta: float,
+    backend: str,
+) -> torch.Tensor:
+    """:func:`side_step` for a pass that records no gradient: the new taps are written into
+    ``taps`` itself (contiguous, the caller's own buffer, never one it shares), and ``out``
+    is returned. Refused where autograd would record it (``no_grad`` / ``inference_mode``
+    only). One copy of the stage's taps per pass instead of one per add-back."""
+    gh, gw = grid if conv_weight is not None else (0, 0)
+    if backend == "triton":
+        from . import triton_side  # noqa: F401
+    args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
+            STEP_KERNELS[backend])  # fmt: skip
+    if _ext.BINDING is not None and not torch.compiler.is_compiling():
+        got = _ext.BINDING.side_step_(*args)
+        if got is not NotImplemented:
+            return got
+    return torch.ops.dtl_kernels.side_step_.default(*args)
+
+
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                     num_prefix, beta, kernel, save_dtype=None):  # fmt: skip
     if len(inputs) != len(downs) or taps.dim() != 3 or y.dim() != 3:
@@ -71,10 +100,18 @@ def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h,
     )
 
 
+def _fake_side_step_(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
+                     num_prefix, beta, kernel):  # fmt: skip
+    _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
+                    num_prefix, beta, kernel)  # fmt: skip
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
 def _fake_write_taps(taps, inputs, downs, first_col):
     return None
 
 
 if _ext.cpu_built():
     torch.library.register_fake("dtl_kernels::side_step")(_fake_side_step)
+    torch.library.register_fake("dtl_kernels::side_step_")(_fake_side_step_)
     torch.library.register_fake("dtl_kernels::write_taps_")(_fake_write_taps)
