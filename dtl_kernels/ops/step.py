@@ -49,16 +49,9 @@ def side_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, taps_out)`` of one add-back step (module docstring); differentiable in every
     tensor. ``grid``: the patch grid ``(H, W)`` for DTL+, else ignored."""
-    gh, gw = grid if conv_weight is not None else (0, 0)
-    if backend == "triton":
-        from . import triton_side  # noqa: F401  (registers the kernels side_step calls)
-    args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
-            STEP_KERNELS[backend], save_dtype)  # fmt: skip
-    if _ext.BINDING is not None and not torch.compiler.is_compiling():
-        got = _ext.BINDING.side_step(*args)  # the same op, without torch.ops' converter
-        if got is not NotImplemented:  # NotImplemented: not the plain case (csrc/bind)
-            return got
-    return torch.ops.dtl_kernels.side_step.default(*args)
+    args = _op_args(y, taps, inputs, downs, first_col, ups, conv_weight, grid, num_prefix, beta,
+                    backend)  # fmt: skip
+    return _call("side_step", (*args, save_dtype))
 
 
 def side_step_(
@@ -78,16 +71,29 @@ def side_step_(
     ``taps`` itself (contiguous, the caller's own buffer, never one it shares), and ``out``
     is returned. Refused where autograd would record it (``no_grad`` / ``inference_mode``
     only). One copy of the stage's taps per pass instead of one per add-back."""
+    args = _op_args(y, taps, inputs, downs, first_col, ups, conv_weight, grid, num_prefix, beta,
+                    backend)  # fmt: skip
+    return _call("side_step_", args)
+
+
+def _op_args(y, taps, inputs, downs, first_col, ups, conv_weight, grid, num_prefix, beta,
+             backend) -> tuple:  # fmt: skip
+    """The twelve arguments both ops share, positionally."""
     gh, gw = grid if conv_weight is not None else (0, 0)
     if backend == "triton":
-        from . import triton_side  # noqa: F401
-    args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
+        from . import triton_side  # noqa: F401  (registers the kernels the steps call)
+    return (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
             STEP_KERNELS[backend])  # fmt: skip
+
+
+def _call(name: str, args: tuple):
+    """The op ``name`` through the direct entry where it takes these arguments (without
+    torch.ops' converter; NotImplemented: not the plain case, csrc/bind), else torch.ops."""
     if _ext.BINDING is not None and not torch.compiler.is_compiling():
-        got = _ext.BINDING.side_step_(*args)
+        got = getattr(_ext.BINDING, name)(*args)
         if got is not NotImplemented:
             return got
-    return torch.ops.dtl_kernels.side_step_.default(*args)
+    return getattr(torch.ops.dtl_kernels, name).default(*args)
 
 
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
