@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -99,17 +100,20 @@ void write_taps_generic(at::Tensor& taps, at::TensorList inputs, at::TensorList 
   check_taps_inputs(taps, inputs, downs, first_col);
   const at::ScalarType tdt = taps.scalar_type();
   const bool in_place = taps.is_contiguous() && taps.numel() > 0;
+  const int64_t rows = taps.size(0) * taps.size(1);  // checked: every input is (B, N, d_j)
   int64_t col = first_col;
   for (size_t j = 0; j < inputs.size(); ++j) {
     const int64_t r = downs[j].size(0);
-    const at::Tensor z = as_dtype(inputs[j], tdt);
+    const at::Tensor z = as_dtype(inputs[j], tdt).reshape({rows, inputs[j].size(2)});
     const at::Tensor a_t = as_dtype(downs[j], tdt).t();
     at::Tensor cols = taps.narrow(2, col, r);
     if (in_place) {
-      at::Tensor out = cols.view({-1, r});  // (B·N, r), strides (K, 1)
-      at::mm_out(out, z.reshape({-1, z.size(2)}), a_t);
-    } else {
-      cols.copy_(at::matmul(z, a_t));
+      at::Tensor out = cols.view({rows, r});  // strides (K, 1)
+      at::mm_out(out, z, a_t);
+    } else {  // the same product (mm_out: in the taps' dtype under autocast too), then copied
+      at::Tensor out = at::empty({rows, r}, taps.options());
+      at::mm_out(out, z, a_t);
+      cols.copy_(out.view(cols.sizes()));
     }
     col += r;
   }
@@ -161,6 +165,20 @@ at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::Ten
                    grid_h, grid_w, num_prefix, beta, kernel);
 }
 
+c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList,
+                                    at::TensorList, int64_t, const at::Tensor&,
+                                    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
+                                    double, int64_t)>
+inplace_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("dtl_kernels::side_step_", "")
+          .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList, at::TensorList,
+                            int64_t, const at::Tensor&, const std::optional<at::Tensor>&,
+                            int64_t, int64_t, int64_t, double, int64_t)>();
+  return op;
+}
+
 // No gradient flows through side_step_: refused where autograd would record it.
 at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       at::TensorList inputs, at::TensorList downs,
@@ -176,14 +194,23 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
     TORCH_CHECK(!needs, "dtl_kernels::side_step_ records no gradient: call it under no_grad / "
                         "inference_mode, or use side_step");
   }
-  at::Tensor out;
-  {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    out = side_step_inplace_impl(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
-                                 num_prefix, beta, kernel);
-  }
-  taps.unsafeGetTensorImpl()->bump_version();  // what ADInplaceOrView does for an in-place op
-  return out;
+  at::AutoDispatchBelowAutograd guard;  // next: ADInplaceOrView (the version counter)
+  return inplace_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
+                           num_prefix, beta, kernel);
+}
+
+// What ADInplaceOrView does for every in-place op: the written tensor's version counter is
+// bumped, before the write, so that an inference tensor outside inference mode is refused
+// untouched and autograd sees a tensor it saved change (also under inference_mode).
+at::Tensor side_step_inplace_view(const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
+                                  at::TensorList downs, int64_t first_col, const at::Tensor& ups,
+                                  const std::optional<at::Tensor>& conv, int64_t grid_h,
+                                  int64_t grid_w, int64_t num_prefix, double beta,
+                                  int64_t kernel) {
+  torch::autograd::impl::bump_version(taps);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return inplace_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
+                           num_prefix, beta, kernel);
 }
 
 // Positions in SideStep's saved "ints": n, first_col, grid, prefix, kernel, dtypes, then
@@ -324,4 +351,8 @@ TORCH_LIBRARY_IMPL(dtl_kernels, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(dtl_kernels, Autograd, m) {
   m.impl("side_step", &dtl::side_step_autograd);
   m.impl("side_step_", &dtl::side_step_inplace_autograd);
+}
+
+TORCH_LIBRARY_IMPL(dtl_kernels, ADInplaceOrView, m) {
+  m.impl("side_step_", &dtl::side_step_inplace_view);
 }

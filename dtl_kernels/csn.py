@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -72,6 +72,12 @@ class SideState:
     plain: bool = False  # fused: a plain eager pass (_plain_eager), decided per stage
     own_taps: bool = False  # fused, no grad: `taps` is this pass's copy, written in place
     h: torch.Tensor | None = None  # reference: the running side state
+
+    def fork(self) -> SideState:
+        """A copy to resume a split walk from more than once (``run_blocks`` updates a
+        state in place, and no-grad add-backs write its taps in place): the lists are
+        copied, and the first no-grad add-back of the fork copies the taps first."""
+        return replace(self, inputs=list(self.inputs), downs=list(self.downs), own_taps=False)
 
 
 #: without autograd (which keeps tap inputs anyway), pending tap inputs are computed at once
@@ -316,7 +322,11 @@ class CompactSideNetwork(nn.Module):
         if state.kernel is None:
             self._start_stage_kernel(state, stage, y, conv, grid, num_prefix)
         if state.kernel in step.STEP_KERNELS and state.plain and not torch.is_grad_enabled():
-            if not state.own_taps:  # the kept zeros: one copy per stage, not one per step
+            # the kept zeros (or a copy made in inference mode, read-only outside it): one
+            # copy per stage, not one per step
+            if not state.own_taps or (
+                state.taps.is_inference() and not torch.is_inference_mode_enabled()
+            ):
                 state.taps = state.taps.clone(memory_format=torch.contiguous_format)
                 state.own_taps = True
             out = step.side_step_(

@@ -382,3 +382,81 @@ def test_no_grad_passes_write_one_copy_of_the_taps_in_place(monkeypatch, conv_ke
     got.sum().backward()  # a recorded pass: the functional step, gradients as before
     assert calls == {"side_step": 6, "side_step_": 18}
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _small_csn():
+    from dtl_kernels.csn import CompactSideNetwork, CSNConfig
+
+    torch.manual_seed(0)
+    csn = CompactSideNetwork([16] * 4, [0] * 4, CSNConfig(rank=2, tap_from=1, adapt_from=2))
+    with torch.no_grad():
+        for p in csn.up.values():
+            p.normal_()
+    csn.backend = "cpu"
+    return csn
+
+
+def _walk(csn, state, lo, hi, x):
+    for i in range(lo, hi):
+        csn.tap(state, i, x)
+        x = x * 1.1 + 0.1
+        if csn.is_adapted(i):
+            x = csn.add_back(state, i, x, (2, 2), 1)
+    return x
+
+
+def test_a_pass_may_leave_inference_mode_mid_stage():
+    """A stage's copy made under inference_mode is an inference tensor: a later no_grad
+    add-back of the same pass copies it again instead of failing to write it."""
+    csn, x0 = _small_csn(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = _walk(csn, csn.start(), 0, 4, x0)
+        s = csn.start()
+        with torch.inference_mode():
+            h = _walk(csn, s, 0, 2, x0)
+        got = _walk(csn, s, 2, 4, h.clone())
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_a_forked_state_resumes_as_often_as_it_is_forked():
+    csn, x0 = _small_csn(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        s = csn.start()
+        h = _walk(csn, s, 0, 2, x0)
+        first = _walk(csn, s.fork(), 2, 4, h)
+        second = _walk(csn, s.fork(), 2, 4, h)
+        want = _walk(csn, csn.start(), 0, 4, x0)
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+
+
+def test_the_in_place_step_bumps_the_version_first():
+    """Under inference_mode a normal tensor's version still moves (autograd then refuses a
+    saved tensor that changed), and an inference tensor outside inference mode is refused
+    before anything is written."""
+    g = torch.Generator().manual_seed(4)
+    y, z = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    a, ups = torch.randn(2, 5, generator=g), torch.randn(5, 4, generator=g)
+    leaf = torch.randn(2, 3, 4, generator=g, requires_grad=True)
+    taps = leaf.clone()
+    loss = (taps * taps).sum()  # saves taps
+    with torch.inference_mode():
+        step.side_step_(y, taps, [z], [a], 0, ups, None, None, 0, 2.0, "cpu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    with torch.inference_mode():
+        frozen = torch.zeros(2, 3, 4)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        step.side_step_(y, frozen, [z], [a], 0, ups, None, None, 0, 2.0, "cpu")
+    assert not frozen.any()  # refused untouched
+
+
+@pytest.mark.parametrize("d", [0, 3])
+def test_write_taps_generic_takes_an_input_width_of_zero(d):
+    """A (B, N, 0) input gives zero taps (what the CPU kernel and a matmul give)."""
+    taps = torch.full((2, 3, 4), 7.0)
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
+    z, a = torch.randn(2, 3, d), torch.randn(2, d)
+    torch.ops.dtl_kernels.write_taps_.default.redispatch(keys, taps, [z], [a], 1)
+    torch.testing.assert_close(taps[..., 1:3], z @ a.t(), rtol=0, atol=0)
+    assert (taps[..., 0] == 7).all() and (taps[..., 3] == 7).all()

@@ -63,7 +63,8 @@ class BlockWalk:
         """Run blocks ``start … stop-1`` (0-based) with taps and add-backs.
 
         ``state`` is the CSN's side state (``None`` without a CSN); it is updated in place,
-        so a walk can be split (shared trunk, cached trunk) and resumed.
+        so a walk can be split (shared trunk, cached trunk) and resumed, once: to resume it
+        more often, give each resumption ``state.fork()``.
         """
         return self._walk(self.blocks, x, ctx, state, start, stop)
 

@@ -110,6 +110,8 @@ def _fake_side_step_(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h
                      num_prefix, beta, kernel):  # fmt: skip
     _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                     num_prefix, beta, kernel)  # fmt: skip
+    if not taps.is_contiguous():
+        raise ValueError("side_step_: taps must be contiguous")
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
