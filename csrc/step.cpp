@@ -127,6 +127,17 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
                                                              : y.scalar_type();
 }
 
+// Forward-mode AD has no formula here: a tangent on any argument is refused, not dropped.
+void refuse_forward_ad(const char* op, const at::Tensor& y, const at::Tensor& taps,
+                       at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
+                       const std::optional<at::Tensor>& conv) {
+  bool dual = y._fw_grad(0).defined() || taps._fw_grad(0).defined() ||
+              ups._fw_grad(0).defined() || (conv.has_value() && conv->_fw_grad(0).defined());
+  for (const at::Tensor& t : inputs) dual = dual || t._fw_grad(0).defined();
+  for (const at::Tensor& t : downs) dual = dual || t._fw_grad(0).defined();
+  TORCH_CHECK(!dual, op, ": forward-mode AD (a dual tensor) is not supported");
+}
+
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
 at::Tensor step_into(const char* op, const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
                      at::TensorList downs, int64_t first_col, const at::Tensor& ups,
@@ -186,6 +197,7 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       const std::optional<at::Tensor>& conv, int64_t grid_h,
                                       int64_t grid_w, int64_t num_prefix, double beta,
                                       int64_t kernel) {
+  refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv);
   if (at::GradMode::is_enabled()) {
     bool needs = y.requires_grad() || taps.requires_grad() || ups.requires_grad() ||
                  (conv.has_value() && conv->requires_grad());
@@ -327,6 +339,7 @@ std::tuple<at::Tensor, at::Tensor> side_step_autograd(
     int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
     int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
     std::optional<at::ScalarType> save_dtype) {
+  refuse_forward_ad("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv);
   // apply() runs forward with grad mode off: whether autograd records is decided here
   const bool recording = at::GradMode::is_enabled();
   if (!recording) {  // nothing to record: skip the autograd node's set-up (host time)

@@ -76,8 +76,10 @@ class SideState:
     def fork(self) -> SideState:
         """A copy to resume a split walk from more than once (``run_blocks`` updates a
         state in place, and no-grad add-backs write its taps in place): the lists are
-        copied, and the first no-grad add-back of the fork copies the taps first."""
-        return replace(self, inputs=list(self.inputs), downs=list(self.downs), own_taps=False)
+        copied, and the next no-grad add-back of either copies the taps first (the original
+        may be resumed too)."""
+        self.own_taps = False
+        return replace(self, inputs=list(self.inputs), downs=list(self.downs))
 
 
 #: without autograd (which keeps tap inputs anyway), pending tap inputs are computed at once

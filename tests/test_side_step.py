@@ -419,15 +419,35 @@ def test_a_pass_may_leave_inference_mode_mid_stage():
 
 
 def test_a_forked_state_resumes_as_often_as_it_is_forked():
+    """Forks resume alike, and so does the original after a fork was taken from it."""
     csn, x0 = _small_csn(), torch.randn(2, 5, 16)
     with torch.no_grad():
+        want = _walk(csn, csn.start(), 0, 4, x0)
         s = csn.start()
         h = _walk(csn, s, 0, 2, x0)
-        first = _walk(csn, s.fork(), 2, 4, h)
-        second = _walk(csn, s.fork(), 2, 4, h)
-        want = _walk(csn, csn.start(), 0, 4, x0)
-    torch.testing.assert_close(first, want, rtol=0, atol=0)
-    torch.testing.assert_close(second, want, rtol=0, atol=0)
+        forks = [s.fork(), s.fork()]
+        got = [_walk(csn, f, 2, 4, h) for f in forks]
+        s = csn.start()
+        h = _walk(csn, s, 0, 2, x0)
+        fork = s.fork()
+        got.append(_walk(csn, s, 2, 4, h))  # the original first
+        got.append(_walk(csn, fork, 2, 4, h))
+    for g in got:
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_forward_mode_ad_is_refused_not_dropped(in_place):
+    import torch.autograd.forward_ad as fwad
+
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    with fwad.dual_level(), torch.no_grad():
+        dual = fwad.make_dual(y, torch.ones_like(y))
+        with pytest.raises(RuntimeError, match="forward-mode AD"):
+            if in_place:
+                step.side_step_(dual, taps.clone(), zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
+            else:
+                step.side_step(dual, taps, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
 
 
 def test_the_in_place_step_bumps_the_version_first():
