@@ -127,14 +127,25 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
                                                              : y.scalar_type();
 }
 
+// Does `pred` hold for any tensor argument of a step?
+template <class Pred>
+bool any_argument(const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs,
+                  at::TensorList downs, const at::Tensor& ups,
+                  const std::optional<at::Tensor>& conv, Pred pred) {
+  if (pred(y) || pred(taps) || pred(ups) || (conv.has_value() && pred(*conv))) return true;
+  for (const at::Tensor& t : inputs)
+    if (pred(t)) return true;
+  for (const at::Tensor& t : downs)
+    if (pred(t)) return true;
+  return false;
+}
+
 // Forward-mode AD has no formula here: a tangent on any argument is refused, not dropped.
 void refuse_forward_ad(const char* op, const at::Tensor& y, const at::Tensor& taps,
                        at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
                        const std::optional<at::Tensor>& conv) {
-  bool dual = y._fw_grad(0).defined() || taps._fw_grad(0).defined() ||
-              ups._fw_grad(0).defined() || (conv.has_value() && conv->_fw_grad(0).defined());
-  for (const at::Tensor& t : inputs) dual = dual || t._fw_grad(0).defined();
-  for (const at::Tensor& t : downs) dual = dual || t._fw_grad(0).defined();
+  const bool dual = any_argument(y, taps, inputs, downs, ups, conv,
+                                 [](const at::Tensor& t) { return t._fw_grad(0).defined(); });
   TORCH_CHECK(!dual, op, ": forward-mode AD (a dual tensor) is not supported");
 }
 
@@ -176,17 +187,11 @@ at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::Ten
                    grid_h, grid_w, num_prefix, beta, kernel);
 }
 
-c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList,
-                                    at::TensorList, int64_t, const at::Tensor&,
-                                    const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
-                                    double, int64_t)>
-inplace_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("dtl_kernels::side_step_", "")
-          .typed<at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList, at::TensorList,
-                            int64_t, const at::Tensor&, const std::optional<at::Tensor>&,
-                            int64_t, int64_t, int64_t, double, int64_t)>();
+using InPlaceSig = at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList, at::TensorList,
+                              int64_t, const at::Tensor&, const std::optional<at::Tensor>&,
+                              int64_t, int64_t, int64_t, double, int64_t);
+c10::TypedOperatorHandle<InPlaceSig> inplace_op() {
+  static const auto op = find_op<InPlaceSig>("dtl_kernels::side_step_");
   return op;
 }
 
@@ -198,14 +203,11 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       int64_t grid_w, int64_t num_prefix, double beta,
                                       int64_t kernel) {
   refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv);
-  if (at::GradMode::is_enabled()) {
-    bool needs = y.requires_grad() || taps.requires_grad() || ups.requires_grad() ||
-                 (conv.has_value() && conv->requires_grad());
-    for (const at::Tensor& t : inputs) needs = needs || t.requires_grad();
-    for (const at::Tensor& t : downs) needs = needs || t.requires_grad();
-    TORCH_CHECK(!needs, "dtl_kernels::side_step_ records no gradient: call it under no_grad / "
-                        "inference_mode, or use side_step");
-  }
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !any_argument(y, taps, inputs, downs, ups, conv,
+                                [](const at::Tensor& t) { return t.requires_grad(); }),
+              "dtl_kernels::side_step_ records no gradient: call it under no_grad / "
+              "inference_mode, or use side_step");
   at::AutoDispatchBelowAutograd guard;  // next: ADInplaceOrView (the version counter)
   return inplace_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
                            num_prefix, beta, kernel);
