@@ -7,11 +7,14 @@ them, so the host time per step *is* the step time there. This benchmark measure
 host time without a GPU: every provider runs the same walk, with the tensors so small that
 what is left is Python, autograd and the dispatcher.
 
-Providers: ``timm`` (the plain timm model), ``linear`` (head only), ``full`` (everything
-trains), ``lora`` (PEFT LoRA r = 8 on every ``qkv``), ``dtl_ref`` (DTL on the eager
-published formulation), ``dtl`` / ``dtl+`` on the compiled C++ kernels (``cpu``) and on the
-Triton launchers with the kernel launch replaced by a no-op (``triton*``: everything the
-Triton path does on the host, nothing on a device). ``tail_floor`` is the host work every DTL
+Providers: ``timm`` (the plain timm model; its inference forward runs a frozen copy, as
+every DTL model's backbone is frozen: under autocast each weight that requires grad goes
+through autocast's cast cache, ~10 % of this forward, which a frozen one skips),
+``linear`` (head only), ``full`` (everything trains), ``lora`` (PEFT LoRA r = 8 on every
+``qkv``), ``dtl_ref`` (DTL on the eager published formulation), ``dtl`` / ``dtl+`` on the
+compiled C++ kernels (``cpu``) and on the Triton launchers with the kernel launch replaced
+by a no-op (``triton*``: everything the Triton path does on the host, nothing on a
+device). ``tail_floor`` is the host work every DTL
 step does whatever its side network costs: the linear probe's step plus the input-gradient
 backward through the frozen blocks after ``M`` (8–12), with no side network at all; a DTL
 step's ratio to full fine-tuning cannot go below ``tail_floor``'s.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import os
 import statistics
@@ -150,6 +154,10 @@ class Provider:
     def __init__(self, name: str, amp: bool = False):
         self.name = name
         self.model = build(name)
+        # what infer() runs: timm's frozen copy (module docstring), else the model itself
+        self.infer_model = self.model
+        if name == "timm":
+            self.infer_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.amp = amp
         gen = torch.Generator().manual_seed(0)
         self.x = torch.randn(1, 3, TINY["img_size"], TINY["img_size"], generator=gen)
@@ -164,7 +172,7 @@ class Provider:
     def infer(self) -> None:
         """An eval forward (call ``model.eval()`` first: switching modes is not timed)."""
         with torch.no_grad(), self.autocast():
-            self.model(self.x)
+            self.infer_model(self.x)
 
     def loss(self) -> torch.Tensor:
         """The training forward and loss (``model.train()`` first)."""
