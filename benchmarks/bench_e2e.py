@@ -240,9 +240,11 @@ def measure_infer(
     warmup: int = 2,
     amp: torch.dtype | None = None,
 ) -> tuple:
-    """Images/s (median, p20, p80) of an eval forward under no_grad."""
+    """Images/s (median, p20, p80) of an eval forward under no_grad, every model frozen (as a
+    DTL backbone is: under autocast a weight that requires grad goes through autocast's cast
+    cache, host time a frozen model does not pay; bench_host.py)."""
     torch.manual_seed(0)
-    model = build(name, provider, device).to(device).eval()
+    model = build(name, provider, device).to(device).eval().requires_grad_(False)
     x = torch.randn(batch, 3, img, img, device=device)
 
     def fwd():

@@ -148,7 +148,9 @@ def infer_calls(name, providers, device, batch, img, amp, graphs: bool) -> dict[
     x = torch.randn(batch, 3, img, img, device=device)
     calls = {}
     for provider in providers:
-        model = build(name, provider, device, img).eval()
+        # frozen, every provider: under autocast a weight that requires grad goes through
+        # autocast's cast cache (host time a frozen DTL backbone does not pay; bench_host.py)
+        model = build(name, provider, device, img).eval().requires_grad_(False)
 
         def fwd(model=model):
             with torch.no_grad(), torch.autocast(device, dtype=amp, enabled=amp is not None):
