@@ -47,14 +47,17 @@ VARIANTS = ("timm", "dtl", "dtl_step_twice", "dtl_no_step", "dtl_walk_only")
 
 def _setter(model: torch.nn.Module):
     """``set(variant)``: patch the DTL model (and the steps its CSN calls: ``side_step``,
-    and ``side_step_`` in no-grad passes) for ``variant``."""
+    and in no-grad passes the runners ``bind_side_step_`` makes) for ``variant``."""
     csn = model.csn
     step = csn_module.step
-    real, real_ = step.side_step, step.side_step_
+    real, real_bind = step.side_step, step.bind_side_step_
 
-    def twice(fn):
+    def twice(fn, first_args: int | None = None):
         def call(*args, **kwargs):
-            fn(*args, **kwargs)  # side_step_ writes the same taps again: the same values
+            # side_step_ writes the same taps again (the same values); its first call leaves
+            # out the next block's tap (next_down, after the 5 others), which the side op
+            # must not see yet
+            fn(*args[:first_args], **kwargs)
             return fn(*args, **kwargs)
 
         return call
@@ -65,16 +68,22 @@ def _setter(model: torch.nn.Module):
     def no_step_(y, taps, *args, **kwargs):
         return y
 
+    def bind(variant: str):
+        def bind_side_step_(*args, **kwargs):
+            run = real_bind(*args, **kwargs)
+            return {"dtl_step_twice": twice(run, 5), "dtl_no_step": no_step_}.get(variant, run)
+
+        return bind_side_step_
+
     def set_variant(variant: str) -> None:
         csn.__dict__.pop("tap", None)
         csn.__dict__.pop("add_back", None)
         step.side_step = {"dtl_step_twice": twice(real), "dtl_no_step": no_step}.get(variant, real)
-        step.side_step_ = {"dtl_step_twice": twice(real_), "dtl_no_step": no_step_}.get(
-            variant, real_
-        )
+        patched = variant in ("dtl_step_twice", "dtl_no_step")
+        step.bind_side_step_ = bind(variant) if patched else real_bind
         if variant == "dtl_walk_only":
             csn.tap = lambda state, i, z: None
-            csn.add_back = lambda state, i, y, grid, num_prefix=0: y
+            csn.add_back = lambda state, i, y, grid, num_prefix=0, tap_next=False: y
 
     return set_variant, lambda: set_variant("dtl")
 

@@ -26,11 +26,12 @@ TORCH_LIBRARY(dtl_kernels, m) {
       "int kernel, ScalarType? save_dtype=None) -> (Tensor, Tensor)");
   // side_step without autograd, writing the new taps into `taps` itself (contiguous; the
   // caller's own per-pass buffer) instead of a copy: the step of a no-grad forward pass.
-  // Returns out.
+  // With next_down (r', d), also the next block's tap on the result: out · next_down^T
+  // into the r' columns after the ones just written (out is that block's input). Returns out.
   m.def(
       "side_step_(Tensor y, Tensor(a!) taps, Tensor[] inputs, Tensor[] downs, int first_col, "
       "Tensor ups, Tensor? conv_weight, int grid_h, int grid_w, int num_prefix, float beta, "
-      "int kernel) -> Tensor");
+      "int kernel, Tensor? next_down=None) -> Tensor");
   // taps[:, :, c_j : c_j + r_j] = inputs[j] @ downs[j]^T in the taps' dtype, c_0 = first_col
   // (step.cpp for every device, cpu/taps.cpp for CPU tensors).
   m.def("write_taps_(Tensor(a!) taps, Tensor[] inputs, Tensor[] downs, int first_col) -> ()");

@@ -131,8 +131,10 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
 template <class Pred>
 bool any_argument(const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs,
                   at::TensorList downs, const at::Tensor& ups,
-                  const std::optional<at::Tensor>& conv, Pred pred) {
+                  const std::optional<at::Tensor>& conv,
+                  const std::optional<at::Tensor>& next_down, Pred pred) {
   if (pred(y) || pred(taps) || pred(ups) || (conv.has_value() && pred(*conv))) return true;
+  if (next_down.has_value() && pred(*next_down)) return true;
   for (const at::Tensor& t : inputs)
     if (pred(t)) return true;
   for (const at::Tensor& t : downs)
@@ -143,23 +145,38 @@ bool any_argument(const at::Tensor& y, const at::Tensor& taps, at::TensorList in
 // Forward-mode AD has no formula here: a tangent on any argument is refused, not dropped.
 void refuse_forward_ad(const char* op, const at::Tensor& y, const at::Tensor& taps,
                        at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
-                       const std::optional<at::Tensor>& conv) {
-  const bool dual = any_argument(y, taps, inputs, downs, ups, conv,
+                       const std::optional<at::Tensor>& conv,
+                       const std::optional<at::Tensor>& next_down) {
+  const bool dual = any_argument(y, taps, inputs, downs, ups, conv, next_down,
                                  [](const at::Tensor& t) { return t._fw_grad(0).defined(); });
   TORCH_CHECK(!dual, op, ": forward-mode AD (a dual tensor) is not supported");
 }
 
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
+// With next_down, the next block's tap on `out` (its input) too, into the columns after them:
+// the no-grad step then saves the next block its own tap call and taps write (host time).
 at::Tensor step_into(const char* op, const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
                      at::TensorList downs, int64_t first_col, const at::Tensor& ups,
                      const std::optional<at::Tensor>& conv, int64_t grid_h, int64_t grid_w,
-                     int64_t num_prefix, double beta, int64_t kernel) {
+                     int64_t num_prefix, double beta, int64_t kernel,
+                     const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(kernel == 0 || kernel == 1, msg(op, ": kernel must be 0 or 1, got ", kernel));
   if (!inputs.empty()) write_taps_op().call(taps, inputs, downs, first_col);
   const at::ScalarType sdt = side_dtype(y, taps, kernel);
-  return forward_op(kernel).call(y, as_dtype(taps, sdt), as_dtype(ups, sdt),
-                                 as_dtype(conv, y.scalar_type()), grid_h, grid_w, num_prefix,
-                                 beta);
+  at::Tensor out = forward_op(kernel).call(y, as_dtype(taps, sdt), as_dtype(ups, sdt),
+                                           as_dtype(conv, y.scalar_type()), grid_h, grid_w,
+                                           num_prefix, beta);
+  if (next_down.has_value()) {
+    int64_t next_col = first_col;  // write_taps_ checked first_col and each r ≤ K: no overflow
+    for (const at::Tensor& a : downs) next_col += a.size(0);
+    const at::Tensor& a = *next_down;
+    TORCH_CHECK(a.dim() == 2 && a.size(0) >= 1 && a.size(1) == out.size(2) &&
+                    a.size(0) <= taps.size(2) - next_col,
+                msg(op, ": next_down must be (r, d) with d = ", out.size(2), " and r ≤ ",
+                    taps.size(2) - next_col, " (the taps' columns left), got ", a.sizes()));
+    write_taps_op().call(taps, at::TensorList(out), at::TensorList(a), next_col);
+  }
+  return out;
 }
 
 // The forward, without autograd (every device: it only calls other ops).
@@ -171,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
   (void)save_dtype;  // what autograd keeps; no effect on values
   at::Tensor taps_out = taps.clone(at::MemoryFormat::Contiguous);
   at::Tensor out = step_into("dtl_kernels::side_step", y, taps_out, inputs, downs, first_col,
-                             ups, conv, grid_h, grid_w, num_prefix, beta, kernel);
+                             ups, conv, grid_h, grid_w, num_prefix, beta, kernel, std::nullopt);
   return {out, taps_out};
 }
 
@@ -180,16 +197,17 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
 at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
                                   at::TensorList downs, int64_t first_col, const at::Tensor& ups,
                                   const std::optional<at::Tensor>& conv, int64_t grid_h,
-                                  int64_t grid_w, int64_t num_prefix, double beta,
-                                  int64_t kernel) {
+                                  int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
+                                  const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::side_step_: taps must be contiguous");
   return step_into("dtl_kernels::side_step_", y, taps, inputs, downs, first_col, ups, conv,
-                   grid_h, grid_w, num_prefix, beta, kernel);
+                   grid_h, grid_w, num_prefix, beta, kernel, next_down);
 }
 
 using InPlaceSig = at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList, at::TensorList,
                               int64_t, const at::Tensor&, const std::optional<at::Tensor>&,
-                              int64_t, int64_t, int64_t, double, int64_t);
+                              int64_t, int64_t, int64_t, double, int64_t,
+                              const std::optional<at::Tensor>&);
 c10::TypedOperatorHandle<InPlaceSig> inplace_op() {
   static const auto op = find_op<InPlaceSig>("dtl_kernels::side_step_");
   return op;
@@ -201,16 +219,16 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       int64_t first_col, const at::Tensor& ups,
                                       const std::optional<at::Tensor>& conv, int64_t grid_h,
                                       int64_t grid_w, int64_t num_prefix, double beta,
-                                      int64_t kernel) {
-  refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv);
+                                      int64_t kernel, const std::optional<at::Tensor>& next_down) {
+  refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
   TORCH_CHECK(!at::GradMode::is_enabled() ||
-                  !any_argument(y, taps, inputs, downs, ups, conv,
+                  !any_argument(y, taps, inputs, downs, ups, conv, next_down,
                                 [](const at::Tensor& t) { return t.requires_grad(); }),
               "dtl_kernels::side_step_ records no gradient: call it under no_grad / "
               "inference_mode, or use side_step");
   at::AutoDispatchBelowAutograd guard;  // next: ADInplaceOrView (the version counter)
   return inplace_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
-                           num_prefix, beta, kernel);
+                           num_prefix, beta, kernel, next_down);
 }
 
 // What ADInplaceOrView does for every in-place op: the written tensor's version counter is
@@ -219,12 +237,12 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
 at::Tensor side_step_inplace_view(const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
                                   at::TensorList downs, int64_t first_col, const at::Tensor& ups,
                                   const std::optional<at::Tensor>& conv, int64_t grid_h,
-                                  int64_t grid_w, int64_t num_prefix, double beta,
-                                  int64_t kernel) {
+                                  int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
+                                  const std::optional<at::Tensor>& next_down) {
   torch::autograd::impl::bump_version(taps);
   at::AutoDispatchBelowADInplaceOrView guard;
   return inplace_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
-                           num_prefix, beta, kernel);
+                           num_prefix, beta, kernel, next_down);
 }
 
 // Positions in SideStep's saved "ints": n, first_col, grid, prefix, kernel, dtypes, then
@@ -341,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor> side_step_autograd(
     int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
     int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
     std::optional<at::ScalarType> save_dtype) {
-  refuse_forward_ad("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv);
+  refuse_forward_ad("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   // apply() runs forward with grad mode off: whether autograd records is decided here
   const bool recording = at::GradMode::is_enabled();
   if (!recording) {  // nothing to record: skip the autograd node's set-up (host time)

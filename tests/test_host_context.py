@@ -26,7 +26,7 @@ def test_variants_change_only_what_they_name():
     with torch.no_grad():
         for up in p.model.csn.up.values():
             up.normal_()  # B = 0 at init would make every variant's logits equal
-    real, real_ = csn_module.step.side_step, csn_module.step.side_step_
+    real, real_ = csn_module.step.side_step, csn_module.step.bind_side_step_
     set_variant, restore = H._setter(p.model)
     got = {}
     try:
@@ -38,7 +38,7 @@ def test_variants_change_only_what_they_name():
     assert not torch.allclose(got["dtl"], got["dtl_walk_only"])
     torch.testing.assert_close(got["dtl_step_twice"], got["dtl"])
     torch.testing.assert_close(got["dtl_no_step"], got["dtl_walk_only"])
-    assert csn_module.step.side_step is real and csn_module.step.side_step_ is real_
+    assert csn_module.step.side_step is real and csn_module.step.bind_side_step_ is real_
     assert "tap" not in p.model.csn.__dict__ and "add_back" not in p.model.csn.__dict__
     torch.testing.assert_close(_logits(p), got["dtl"])
 

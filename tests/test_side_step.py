@@ -346,15 +346,20 @@ def test_a_kernel_without_the_one_call_step_runs_the_same_step(monkeypatch):
 
 
 def _count_steps(monkeypatch):
+    """Counts side_step calls and side_step_ calls (through the runners the CSN binds)."""
     calls = {"side_step": 0, "side_step_": 0}
-    for name in calls:
-        real = getattr(step, name)
 
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
+    def count(name, fn):
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
 
-        monkeypatch.setattr(step, name, spy)
+        return spy
+
+    real_bind = step.bind_side_step_
+    monkeypatch.setattr(step, "side_step", count("side_step", step.side_step))
+    monkeypatch.setattr(step, "bind_side_step_",
+                        lambda *a, **k: count("side_step_", real_bind(*a, **k)))  # fmt: skip
     return calls
 
 
@@ -480,3 +485,102 @@ def test_write_taps_generic_takes_an_input_width_of_zero(d):
     torch.ops.dtl_kernels.write_taps_.default.redispatch(keys, taps, [z], [a], 1)
     torch.testing.assert_close(taps[..., 1:3], z @ a.t(), rtol=0, atol=0)
     assert (taps[..., 0] == 7).all() and (taps[..., 3] == 7).all()
+
+
+# -- the next block's tap folded into the add-back (add_back(tap_next=True), side_step_'s
+# next_down): the same taps, one tap call and one taps write fewer per tail block
+
+
+def test_next_down_writes_the_next_blocks_tap_on_the_output():
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    nxt = torch.randn(2, y.shape[-1], dtype=DT)
+    with torch.no_grad():
+        mine = taps.clone()
+        out = step.side_step_(y, mine, zs, downs, 2, ups, None, None, 0, 3.0, "cpu", nxt)
+        want_out, want_taps = _spec(y, taps, zs, downs, ups, None)
+        want_taps[..., 6:8] = reference.tap(want_out, nxt)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mine, want_taps, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no pending inputs: the next tap goes at first_col itself
+        mine = taps.clone()
+        out = step.side_step_(y, mine, [], [], 4, ups, None, None, 0, 3.0, "cpu", nxt)
+    torch.testing.assert_close(mine[..., 4:6], reference.tap(out, nxt), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "bad,first_col",
+    [((2, 5), 2), ((3, 6), 2), ((2,), 2), ((0, 6), 2)],
+    ids=["width", "past-the-columns", "1-d", "rank-0"],
+)
+def test_a_bad_next_down_is_refused_by_name(bad, first_col):
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="next_down must be"):
+        step.side_step_(y, taps.clone(), zs, downs, first_col, ups, None, None, 0, 3.0, "cpu",
+                        torch.randn(bad, dtype=DT))  # fmt: skip
+
+
+def _vit(conv_kernel: int):
+    m = DTLViT(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                                 num_classes=3), adapt_from=7, conv_kernel=conv_kernel)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in m.csn.up.values():
+            p.normal_()
+    return m.eval()
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3], ids=["dtl", "dtl+"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_folded_taps_give_the_unfolded_logits_bit_for_bit(monkeypatch, conv_kernel, amp):
+    """ViT's walk lets each tail add-back take the next block's tap: 7 tap calls instead of
+    12, the same logits to the bit (no grad) and the same gradients (recorded)."""
+    m = _vit(conv_kernel)
+    x = torch.randn(2, 3, 32, 32)
+    taps = []
+    real_tap = type(m.csn).tap
+    monkeypatch.setattr(type(m.csn), "tap", lambda s, *a: taps.append(a[1]) or real_tap(s, *a))
+    assert m.csn.fold_blocks == [False] * 6 + [True] * 5 + [False]
+    got = {}
+    for fold in (True, False):
+        if not fold:
+            monkeypatch.setattr(m.csn, "_folds", [False] * m.csn.depth)
+        taps.clear()
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            with torch.no_grad():
+                logits = m(x)
+            calls = len(taps)
+            m.zero_grad(set_to_none=True)
+            m(x).float().square().sum().backward()
+        grads = [p.grad.clone() for p in m.csn.parameters()]
+        got[fold] = (logits, calls, grads)
+    assert got[True][1] == 7 and got[False][1] == 12
+    torch.testing.assert_close(got[True][0], got[False][0], rtol=0, atol=0)
+    for a, b in zip(got[True][2], got[False][2], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_split_walk_does_not_fold_across_its_seam():
+    """run_blocks(…, stop) leaves block stop's tap to the walk that resumes there."""
+    m = _vit(0)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = m(x)
+        h, ctx = m.embed(m.backbone_images(x))
+        state = m.csn.start()
+        for lo, hi in ((0, 8), (8, 10), (10, 12)):
+            h = m.run_blocks(h, ctx, state, lo, hi)
+        got = m.forward_head(h)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_tap_next_where_the_next_block_cannot_be_tapped_is_refused():
+    csn = _small_csn()  # blocks 0-3, all tapped, adapted from block 1
+    with torch.no_grad():
+        s = csn.start()
+        x = torch.randn(2, 5, 16)
+        csn.tap(s, 0, x)
+        with pytest.raises(ValueError, match="block 1 cannot be tapped"):
+            csn.add_back(s, 0, x, (2, 2), 1, tap_next=True)
+        csn.tap(s, 1, x)
+        csn.add_back(s, 1, x, (2, 2), 1, tap_next=True)
+    assert csn.fold_blocks == [False, True, True, False]

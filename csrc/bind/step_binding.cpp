@@ -34,10 +34,11 @@ using StepSignature = std::tuple<at::Tensor, at::Tensor>(
 using InPlaceSignature = at::Tensor(const at::Tensor&, at::Tensor&, at::TensorList,
                                     at::TensorList, int64_t, const at::Tensor&,
                                     const std::optional<at::Tensor>&, int64_t, int64_t, int64_t,
-                                    double, int64_t);
+                                    double, int64_t, const std::optional<at::Tensor>&);
 
 constexpr Py_ssize_t kShared = 12;  // y, taps, inputs, downs, first_col, ups, conv_weight,
-                                    // grid_h, grid_w, num_prefix, beta, kernel (+ save_dtype)
+                                    // grid_h, grid_w, num_prefix, beta, kernel (+ side_step's
+                                    // save_dtype, or side_step_'s optional next_down)
 
 // The ops' typed handles, looked up once (the CPU extension registers the schemas at import).
 const c10::TypedOperatorHandle<StepSignature>& step_op() {
@@ -151,17 +152,19 @@ PyObject* side_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t narg
 
 PyObject* side_step_inplace(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == kShared, "side_step_ takes ", kShared, " positional arguments, got ",
-                   nargs);
+  TORCH_CHECK_TYPE(nargs == kShared || nargs == kShared + 1, "side_step_ takes ", kShared,
+                   " or ", kShared + 1, " positional arguments, got ", nargs);
   try {
     SharedArgs a;
     shared_args(args, a);
+    std::optional<at::Tensor> next_down;
+    if (nargs > kShared && args[kShared] != Py_None) next_down = tensor_arg(args[kShared]);
     at::Tensor taps = *a.taps;  // the same tensor (a handle): written in place
     at::Tensor got;
     {
       pybind11::gil_scoped_release no_gil;
       got = inplace_op().call(*a.y, taps, a.inputs, a.downs, a.first_col, *a.ups, a.conv,
-                              a.grid_h, a.grid_w, a.num_prefix, a.beta, a.kernel);
+                              a.grid_h, a.grid_w, a.num_prefix, a.beta, a.kernel, next_down);
     }
     return THPVariable_Wrap(std::move(got));
   } catch (const UseTorchOps&) {
@@ -176,7 +179,7 @@ PyMethodDef kMethods[] = {
                     "NotImplemented unless every argument is plainly typed."},
     {"side_step_",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&side_step_inplace)),
-     METH_FASTCALL, "dtl_kernels::side_step_'s twelve arguments, positionally; "
+     METH_FASTCALL, "dtl_kernels::side_step_'s twelve or thirteen arguments, positionally; "
                     "NotImplemented unless every argument is plainly typed."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -171,11 +171,13 @@ def _run_plain(blocks, csn, x, grid, num_prefix, state, start, stop) -> torch.Te
         for i in range(start, stop):
             x = blocks[i](x)
         return x
-    tapped, adapted = csn.tapped_blocks, csn.adapted_blocks
+    tapped, adapted, folds = csn.tapped_blocks, csn.adapted_blocks, csn.fold_blocks
+    taken = False  # block i's tap was recorded by add-back i-1 (its output is i's input)
     for i in range(start, stop):
-        if tapped[i]:
+        if tapped[i] and not taken:
             csn.tap(state, i, x)
         x = blocks[i](x)
+        taken = folds[i] and i + 1 < stop  # a split walk's next part taps its first block
         if adapted[i]:
-            x = csn.add_back(state, i, x, grid, num_prefix)
+            x = csn.add_back(state, i, x, grid, num_prefix, taken)
     return x

@@ -49,9 +49,14 @@ def side_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, taps_out)`` of one add-back step (module docstring); differentiable in every
     tensor. ``grid``: the patch grid ``(H, W)`` for DTL+, else ignored."""
-    args = _op_args(y, taps, inputs, downs, first_col, ups, conv_weight, grid, num_prefix, beta,
-                    backend)  # fmt: skip
-    return _call("side_step", (*args, save_dtype))
+    gh, gw = grid if conv_weight is not None else (0, 0)
+    args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
+            _kernel_id(backend), save_dtype)  # fmt: skip
+    if _direct():  # the direct entry (not torch.ops' converter); NotImplemented: csrc/bind
+        got = _ext.BINDING.side_step(*args)
+        if got is not NotImplemented:
+            return got
+    return torch.ops.dtl_kernels.side_step.default(*args)
 
 
 def side_step_(
@@ -66,34 +71,56 @@ def side_step_(
     num_prefix: int,
     beta: float,
     backend: str,
+    next_down: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`side_step` for a pass that records no gradient: the new taps are written into
     ``taps`` itself (contiguous, the caller's own buffer, never one it shares), and ``out``
     is returned. Refused where autograd would record it (``no_grad`` / ``inference_mode``
-    only). One copy of the stage's taps per pass instead of one per add-back."""
-    args = _op_args(y, taps, inputs, downs, first_col, ups, conv_weight, grid, num_prefix, beta,
-                    backend)  # fmt: skip
-    return _call("side_step_", args)
+    only). One copy of the stage's taps per pass instead of one per add-back.
+
+    ``next_down`` ``(r', d)``: also the next block's tap, ``out · next_downᵀ``, into the
+    ``r'`` columns after those just written (``out`` is that block's input), so that block
+    needs no tap call of its own."""
+    run = bind_side_step_(ups, conv_weight, grid, num_prefix, beta, backend)
+    return run(y, taps, inputs, downs, first_col, next_down)
 
 
-def _op_args(y, taps, inputs, downs, first_col, ups, conv_weight, grid, num_prefix, beta,
-             backend) -> tuple:  # fmt: skip
-    """The twelve arguments both ops share, positionally."""
+def bind_side_step_(
+    ups: torch.Tensor,
+    conv_weight: torch.Tensor | None,
+    grid: tuple[int, int] | None,
+    num_prefix: int,
+    beta: float,
+    backend: str,
+):
+    """:func:`side_step_` with the arguments that stay the same over a stage bound:
+    ``run(y, taps, inputs, downs, first_col, next_down=None) -> out``. What a no-grad pass
+    calls at each add-back (the argument handling is done once per stage, not per step)."""
     gh, gw = grid if conv_weight is not None else (0, 0)
+    kernel = _kernel_id(backend)
+    direct = _ext.BINDING.side_step_ if _direct() else None
+
+    def run(y, taps, inputs, downs, first_col, next_down=None):
+        args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
+                kernel, next_down)  # fmt: skip
+        if direct is not None:
+            got = direct(*args)
+            if got is not NotImplemented:
+                return got
+        return torch.ops.dtl_kernels.side_step_.default(*args)
+
+    return run
+
+
+def _kernel_id(backend: str) -> int:
     if backend == "triton":
         from . import triton_side  # noqa: F401  (registers the kernels the steps call)
-    return (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
-            STEP_KERNELS[backend])  # fmt: skip
+    return STEP_KERNELS[backend]
 
 
-def _call(name: str, args: tuple):
-    """The op ``name`` through the direct entry where it takes these arguments (without
-    torch.ops' converter; NotImplemented: not the plain case, csrc/bind), else torch.ops."""
-    if _ext.BINDING is not None and not torch.compiler.is_compiling():
-        got = getattr(_ext.BINDING, name)(*args)
-        if got is not NotImplemented:
-            return got
-    return getattr(torch.ops.dtl_kernels, name).default(*args)
+def _direct() -> bool:
+    """Whether the direct entry may be tried (torch.compile cannot trace into it)."""
+    return _ext.BINDING is not None and not torch.compiler.is_compiling()
 
 
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
@@ -107,7 +134,7 @@ def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h,
 
 
 def _fake_side_step_(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
-                     num_prefix, beta, kernel):  # fmt: skip
+                     num_prefix, beta, kernel, next_down=None):  # fmt: skip
     _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                     num_prefix, beta, kernel)  # fmt: skip
     if not taps.is_contiguous():
