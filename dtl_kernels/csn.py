@@ -73,6 +73,7 @@ class SideState:
     step_key: tuple | None = None  # … bound for this (grid, num_prefix)
     plain: bool = False  # fused: a plain eager pass (_plain_eager), decided per stage
     own_taps: bool = False  # fused, no grad: `taps` is this pass's copy, written in place
+    fold: bool = False  # plain no-grad stage: a walk may let add-backs take the next tap
     h: torch.Tensor | None = None  # reference: the running side state
 
     def fork(self) -> SideState:
@@ -202,7 +203,9 @@ class CompactSideNetwork(nn.Module):
     @property
     def fold_blocks(self) -> list[bool]:
         """Per block ``i``, whether :meth:`add_back` may take block ``i+1``'s tap too
-        (``tap_next``): ``i`` is adapted, ``i+1`` tapped in the same stage (read-only)."""
+        (``tap_next``): ``i`` is adapted, ``i+1`` tapped in the same stage (read-only).
+        Worth it where ``state.fold`` is set (a plain no-grad pass: the step computes the
+        tap); elsewhere ``add_back`` would only call :meth:`tap` itself."""
         return self._folds
 
     # -- forward ---------------------------------------------------------------------
@@ -249,6 +252,7 @@ class CompactSideNetwork(nn.Module):
         if state.backend == "reference":
             return
         state.plain, state.own_taps = _plain_eager(z), False
+        state.fold = state.plain and not torch.is_grad_enabled()
         state.taps, state.ups = self._stage_buffers(stage, z, state.plain)
 
     def _stage_buffers(

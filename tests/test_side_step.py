@@ -532,8 +532,9 @@ def _vit(conv_kernel: int):
 @pytest.mark.parametrize("conv_kernel", [0, 3], ids=["dtl", "dtl+"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 def test_folded_taps_give_the_unfolded_logits_bit_for_bit(monkeypatch, conv_kernel, amp):
-    """ViT's walk lets each tail add-back take the next block's tap: 7 tap calls instead of
-    12, the same logits to the bit (no grad) and the same gradients (recorded)."""
+    """In a no-grad pass ViT's walk lets each tail add-back take the next block's tap: 7
+    tap calls instead of 12, the same logits to the bit. A recorded pass does not fold
+    (nothing to save there): 12 tap calls, gradients as before."""
     m = _vit(conv_kernel)
     x = torch.randn(2, 3, 32, 32)
     taps = []
@@ -552,10 +553,32 @@ def test_folded_taps_give_the_unfolded_logits_bit_for_bit(monkeypatch, conv_kern
             m.zero_grad(set_to_none=True)
             m(x).float().square().sum().backward()
         grads = [p.grad.clone() for p in m.csn.parameters()]
-        got[fold] = (logits, calls, grads)
-    assert got[True][1] == 7 and got[False][1] == 12
+        got[fold] = (logits, calls, len(taps) - calls, grads)
+    assert got[True][1:3] == (7, 12) and got[False][1:3] == (12, 12)
     torch.testing.assert_close(got[True][0], got[False][0], rtol=0, atol=0)
-    for a, b in zip(got[True][2], got[False][2], strict=True):
+    for a, b in zip(got[True][3], got[False][3], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_tap_next_in_a_recorded_pass_taps_the_next_block_itself():
+    """add_back(tap_next=True) under autograd (any caller may ask): the next block's tap is
+    recorded as tap() would, with the same gradients."""
+    csn = _small_csn()
+    x0 = torch.randn(2, 5, 16)
+    grads = []
+    for fold in (True, False):
+        csn.zero_grad(set_to_none=True)
+        s, x = csn.start(), x0
+        for i in range(4):
+            if not (fold and i >= 2):  # blocks 2 and 3: taken by add-backs 1 and 2
+                csn.tap(s, i, x)
+            x = x * 1.1 + 0.1
+            if csn.is_adapted(i):
+                x = csn.add_back(s, i, x, (2, 2), 1, tap_next=fold and csn.fold_blocks[i])
+        x.square().sum().backward()
+        grads.append((x.detach(), [p.grad.clone() for p in csn.parameters()]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=0, atol=0)
+    for a, b in zip(grads[0][1], grads[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 

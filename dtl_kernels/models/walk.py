@@ -177,7 +177,8 @@ def _run_plain(blocks, csn, x, grid, num_prefix, state, start, stop) -> torch.Te
         if tapped[i] and not taken:
             csn.tap(state, i, x)
         x = blocks[i](x)
-        taken = folds[i] and i + 1 < stop  # a split walk's next part taps its first block
+        # (a split walk's next part taps its own first block)
+        taken = folds[i] and i + 1 < stop and state.fold
         if adapted[i]:
             x = csn.add_back(state, i, x, grid, num_prefix, taken)
     return x
