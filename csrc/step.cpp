@@ -152,6 +152,34 @@ void refuse_forward_ad(const char* op, const at::Tensor& y, const at::Tensor& ta
   TORCH_CHECK(!dual, op, ": forward-mode AD (a dual tensor) is not supported");
 }
 
+// Where side_step_'s next tap goes: the column after the pending taps' ones. Everything it
+// depends on is checked here, before anything is written (write_taps_ checks the pending
+// taps only when there are some) and before any sum that could overflow.
+int64_t next_tap_column(const char* op, const at::Tensor& y, const at::Tensor& taps,
+                        at::TensorList inputs, at::TensorList downs, int64_t first_col,
+                        const at::Tensor& next_down) {
+  TORCH_CHECK(taps.dim() == 3 && y.dim() == 3,
+              msg(op, ": y and taps must be 3-D, got ", y.sizes(), " and ", taps.sizes()));
+  TORCH_CHECK(inputs.size() == downs.size(),
+              msg(op, ": ", inputs.size(), " inputs but ", downs.size(), " downs"));
+  const int64_t k_cols = taps.size(2);
+  TORCH_CHECK(first_col >= 0 && first_col <= k_cols,
+              msg(op, ": first_col must be in 0..", k_cols, ", got ", first_col));
+  int64_t col = first_col;
+  for (size_t j = 0; j < downs.size(); ++j) {
+    const at::Tensor& a = downs[j];
+    TORCH_CHECK(a.dim() == 2 && a.size(0) <= k_cols - col,
+                msg(op, ": downs[", j, "] must be (r, d) with r ≤ ", k_cols - col,
+                    " (the taps' columns left), got ", a.sizes()));
+    col += a.size(0);
+  }
+  TORCH_CHECK(next_down.dim() == 2 && next_down.size(0) >= 1 &&
+                  next_down.size(1) == y.size(2) && next_down.size(0) <= k_cols - col,
+              msg(op, ": next_down must be (r, d) with d = ", y.size(2), " and 1 ≤ r ≤ ",
+                  k_cols - col, " (the taps' columns left), got ", next_down.sizes()));
+  return col;
+}
+
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
 // With next_down, the next block's tap on `out` (its input) too, into the columns after them:
 // the no-grad step then saves the next block its own tap call and taps write (host time).
@@ -161,21 +189,16 @@ at::Tensor step_into(const char* op, const at::Tensor& y, at::Tensor& taps, at::
                      int64_t num_prefix, double beta, int64_t kernel,
                      const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(kernel == 0 || kernel == 1, msg(op, ": kernel must be 0 or 1, got ", kernel));
+  int64_t next_col = 0;
+  if (next_down.has_value())
+    next_col = next_tap_column(op, y, taps, inputs, downs, first_col, *next_down);
   if (!inputs.empty()) write_taps_op().call(taps, inputs, downs, first_col);
   const at::ScalarType sdt = side_dtype(y, taps, kernel);
   at::Tensor out = forward_op(kernel).call(y, as_dtype(taps, sdt), as_dtype(ups, sdt),
                                            as_dtype(conv, y.scalar_type()), grid_h, grid_w,
                                            num_prefix, beta);
-  if (next_down.has_value()) {
-    int64_t next_col = first_col;  // write_taps_ checked first_col and each r ≤ K: no overflow
-    for (const at::Tensor& a : downs) next_col += a.size(0);
-    const at::Tensor& a = *next_down;
-    TORCH_CHECK(a.dim() == 2 && a.size(0) >= 1 && a.size(1) == out.size(2) &&
-                    a.size(0) <= taps.size(2) - next_col,
-                msg(op, ": next_down must be (r, d) with d = ", out.size(2), " and r ≤ ",
-                    taps.size(2) - next_col, " (the taps' columns left), got ", a.sizes()));
-    write_taps_op().call(taps, at::TensorList(out), at::TensorList(a), next_col);
-  }
+  if (next_down.has_value())
+    write_taps_op().call(taps, at::TensorList(out), at::TensorList(*next_down), next_col);
   return out;
 }
 

@@ -74,6 +74,7 @@ class SideState:
     plain: bool = False  # fused: a plain eager pass (_plain_eager), decided per stage
     own_taps: bool = False  # fused, no grad: `taps` is this pass's copy, written in place
     fold: bool = False  # plain no-grad stage: a walk may let add-backs take the next tap
+    folded: torch.Tensor | None = None  # the input of the block whose tap the last add-back took
     h: torch.Tensor | None = None  # reference: the running side state
 
     def fork(self) -> SideState:
@@ -246,7 +247,7 @@ class CompactSideNetwork(nn.Module):
         stage's buffers (taps, and its ups side by side in the taps' dtype)."""
         state.stage, state.kernel, state.h, state.taps, state.ups = stage, None, None, None, None
         state.inputs, state.downs, state.pending_bytes = [], [], 0
-        state.step_key = None
+        state.step_key, state.folded = None, None
         if state.backend is None:  # the first tap of the forward pass
             state.backend = self._select_backend(z)
         if state.backend == "reference":
@@ -346,10 +347,16 @@ class CompactSideNetwork(nn.Module):
             raise RuntimeError(f"block {i} is adapted but its stage has no tap before it")
         if tap_next and not self._folds[i]:
             raise ValueError(f"add_back(tap_next=True): block {i + 1} cannot be tapped here")
-        if state.kernel is None or not state.plain or torch.is_grad_enabled():
-            return self._add_back(state, i, y, grid, num_prefix, tap_next)
-        # A plain no-grad pass (most inference): side_step_ into the pass's own taps, with the
-        # stage's arguments bound once per stage; the host time of every forward (bench_host)
+        if state.kernel is not None and state.plain and not torch.is_grad_enabled():
+            return self._step_in_place(state, i, y, grid, num_prefix, tap_next)
+        if state.folded is not None:  # block i's tap was taken without autograd: again
+            self._unfold(state, i)
+        return self._add_back(state, i, y, grid, num_prefix, tap_next)
+
+    def _step_in_place(self, state: SideState, i: int, y, grid, num_prefix: int, tap_next: bool):
+        """A plain no-grad pass's add-back (most inference): ``side_step_`` into the pass's
+        own taps, with the stage's arguments bound once per stage (host time of every
+        forward, bench_host.py)."""
         if not state.own_taps or (
             state.taps.is_inference() and not torch.is_inference_mode_enabled()
         ):
@@ -366,9 +373,17 @@ class CompactSideNetwork(nn.Module):
                           self._param("down", self._keys[i + 1]) if tap_next else None)  # fmt: skip
         # blocks up to i (i+1 with tap_next) are tapped, none pending
         state.first_col = self._columns[i + 1 if tap_next else i][1]
+        state.folded = out if tap_next else None
         if state.inputs:
             state.inputs, state.downs, state.pending_bytes = [], [], 0
         return out
+
+    def _unfold(self, state: SideState, i: int) -> None:
+        """Block ``i``'s tap, taken by the previous add-back without autograd, pending again:
+        grad mode came on between the two (inside block ``i``), and autograd must see it."""
+        state.inputs = [state.folded, *state.inputs]
+        state.downs = [self._param("down", self._keys[i]), *state.downs]
+        state.first_col, state.folded = self._columns[i][0], None
 
     def _bind_step(self, state: SideState, grid, num_prefix: int):
         """The stage's in-place step with its constant arguments bound."""
@@ -389,7 +404,7 @@ class CompactSideNetwork(nn.Module):
         if state.kernel is None:
             self._start_stage_kernel(state, stage, y, conv, grid, num_prefix)
             if state.plain and not torch.is_grad_enabled():
-                return self.add_back(state, i, y, grid, num_prefix, tap_next)
+                return self._step_in_place(state, i, y, grid, num_prefix, tap_next)
         if state.kernel in step.STEP_KERNELS:
             out, state.taps = step.side_step(
                 y, state.taps, state.inputs, state.downs, state.first_col, state.ups, conv, grid,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtl_kernels import DTLViT
@@ -512,11 +513,33 @@ def test_next_down_writes_the_next_blocks_tap_on_the_output():
     [((2, 5), 2), ((3, 6), 2), ((2,), 2), ((0, 6), 2)],
     ids=["width", "past-the-columns", "1-d", "rank-0"],
 )
-def test_a_bad_next_down_is_refused_by_name(bad, first_col):
+def test_a_bad_next_down_is_refused_by_name_before_anything_is_written(bad, first_col):
     y, taps, zs, downs, ups, _ = _step_inputs(False)
+    mine = taps.clone()
     with torch.no_grad(), pytest.raises(RuntimeError, match="next_down must be"):
-        step.side_step_(y, taps.clone(), zs, downs, first_col, ups, None, None, 0, 3.0, "cpu",
+        step.side_step_(y, mine, zs, downs, first_col, ups, None, None, 0, 3.0, "cpu",
                         torch.randn(bad, dtype=DT))  # fmt: skip
+    torch.testing.assert_close(mine, taps, rtol=0, atol=0)  # the pending taps not written
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="next_down must"):
+        fake = [mode.from_tensor(t) for t in (y, taps, *zs, *downs, ups)]
+        step.side_step_(fake[0], fake[1], fake[2:4], fake[4:6], first_col, fake[6], None, None,
+                        0, 3.0, "cpu", mode.from_tensor(torch.randn(bad, dtype=DT)))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "inputs,first_col,match",
+    [(0, 2, "0 inputs but 2 downs"), (2, -(2**63), "first_col must be in"),
+     (2, 7, "downs\\[0\\] must be \\(r, d\\) with r ≤ 1")],
+    ids=["unpaired-downs", "first-col-min", "first-col-late"],
+)  # fmt: skip
+def test_the_next_taps_column_is_checked_before_it_is_summed(inputs, first_col, match):
+    """With next_down the op works out the next tap's column itself: what that sum uses
+    is checked first, also without pending inputs (write_taps_ checks only those)."""
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    nxt = torch.randn(2, y.shape[-1], dtype=DT)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=match):
+        step.side_step_(y, taps.clone(), zs[:inputs], downs, first_col, ups, None, None, 0, 3.0,
+                        "cpu", nxt)  # fmt: skip
 
 
 def _vit(conv_kernel: int):
@@ -582,18 +605,55 @@ def test_tap_next_in_a_recorded_pass_taps_the_next_block_itself():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_a_split_walk_does_not_fold_across_its_seam():
-    """run_blocks(…, stop) leaves block stop's tap to the walk that resumes there."""
+def test_a_split_walk_does_not_fold_across_its_seam(monkeypatch):
+    """run_blocks(…, stop) leaves block stop's tap to the walk that resumes there: taps of
+    blocks 1-7, 9 and 11 (0-based 0-6, 8, 10), those of 8, 10 and 12 taken by add-backs 7, 9
+    and 11; add-backs 8 and 10 end a part and take none."""
     m = _vit(0)
     x = torch.randn(2, 3, 32, 32)
+    tapped, taking = [], []
+    real_tap, real_add_back = type(m.csn).tap, type(m.csn).add_back
+
+    def add_back(s, state, i, *args):
+        taking.append(i) if args[-1] is True else None
+        return real_add_back(s, state, i, *args)
+
+    monkeypatch.setattr(type(m.csn), "tap", lambda s, *a: tapped.append(a[1]) or real_tap(s, *a))
+    monkeypatch.setattr(type(m.csn), "add_back", add_back)
     with torch.no_grad():
         want = m(x)
+        tapped.clear(), taking.clear()
         h, ctx = m.embed(m.backbone_images(x))
         state = m.csn.start()
         for lo, hi in ((0, 8), (8, 10), (10, 12)):
             h = m.run_blocks(h, ctx, state, lo, hi)
         got = m.forward_head(h)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert tapped == [0, 1, 2, 3, 4, 5, 6, 8, 10] and taking == [6, 8, 10]
+
+
+def test_grad_turned_on_after_a_folded_tap_still_reaches_that_tap():
+    """A no-grad add-back took the next block's tap; grad mode comes on before that block's
+    add-back (inside the block): the tap is taken again, recorded, and A gets its gradient
+    as without the fold."""
+    csn = _small_csn()
+    x0 = torch.randn(2, 5, 16)
+    got = []
+    for fold in (True, False):
+        csn.zero_grad(set_to_none=True)
+        s = csn.start()
+        with torch.no_grad():
+            csn.tap(s, 0, x0)
+            csn.tap(s, 1, x0 * 1.1)
+            x = csn.add_back(s, 1, x0 * 1.2, (2, 2), 1, tap_next=fold)
+            if not fold:
+                csn.tap(s, 2, x)
+        out = csn.add_back(s, 2, x * 1.3, (2, 2), 1)  # grad mode on again
+        out.square().sum().backward()
+        got.append((out.detach(), csn.down["2"].grad))
+    assert got[0][1] is not None and got[0][1].abs().sum() > 0
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)
+    torch.testing.assert_close(got[0][1], got[1][1], rtol=0, atol=0)
 
 
 def test_tap_next_where_the_next_block_cannot_be_tapped_is_refused():

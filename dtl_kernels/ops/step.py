@@ -139,6 +139,12 @@ def _fake_side_step_(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h
                     num_prefix, beta, kernel)  # fmt: skip
     if not taps.is_contiguous():
         raise ValueError("side_step_: taps must be contiguous")
+    if next_down is not None:  # as csrc/step.cpp's next_tap_column
+        left = taps.shape[2] - first_col - sum(a.shape[0] for a in downs)
+        if next_down.dim() != 2 or next_down.shape[1] != y.shape[2]:
+            raise ValueError(f"side_step_: next_down must be (r, d) with d = {y.shape[2]}")
+        if not 1 <= next_down.shape[0] <= left:
+            raise ValueError(f"side_step_: next_down must have 1 ≤ r ≤ {left} rows")
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
