@@ -282,9 +282,14 @@ class CompactSideNetwork(nn.Module):
                 zeros = z.new_zeros(shape, dtype=dtype)
                 self._zeros = _bounded(self._zeros, 8)
                 self._zeros[key] = zeros
+        return zeros, self._stage_ups(stage, dtype)
+
+    def _stage_ups(self, stage: int, dtype: torch.dtype) -> torch.Tensor:
+        """The stage's ``B_i`` side by side ``(d, K_stage)`` in ``dtype`` (as autocast would
+        cast them)."""
         up = self._modules["up"]._parameters
         ups = torch.cat([up[key] for key in self._stage_keys[stage]], dim=-1)
-        return zeros, ups if ups.dtype == dtype else ups.to(dtype)  # as autocast would
+        return ups if ups.dtype == dtype else ups.to(dtype)
 
     def _select_backend(self, z: torch.Tensor) -> str:
         """:func:`side.select` for tensors like ``z``, remembered per device, dtype, request:
@@ -405,6 +410,11 @@ class CompactSideNetwork(nn.Module):
             self._start_stage_kernel(state, stage, y, conv, grid, num_prefix)
             if state.plain and not torch.is_grad_enabled():
                 return self._step_in_place(state, i, y, grid, num_prefix, tap_next)
+        if state.fold and torch.is_grad_enabled():
+            # the stage began without autograd (its ups made without it, add-backs taking the
+            # next taps): grad mode came on since, and autograd must see the ups
+            state.ups = self._stage_ups(stage, state.taps.dtype)
+            state.fold = False
         if state.kernel in step.STEP_KERNELS:
             out, state.taps = step.side_step(
                 y, state.taps, state.inputs, state.downs, state.first_col, state.ups, conv, grid,

@@ -667,3 +667,23 @@ def test_tap_next_where_the_next_block_cannot_be_tapped_is_refused():
         csn.tap(s, 1, x)
         csn.add_back(s, 1, x, (2, 2), 1, tap_next=True)
     assert csn.fold_blocks == [False, True, True, False]
+
+
+def test_grad_turned_on_mid_stage_reaches_the_ups_too():
+    """A stage begun without autograd made its ups without it; grad mode comes on before an
+    add-back: the ups are made again, and B gets its gradient."""
+    csn = _small_csn()
+    x0 = torch.randn(2, 5, 16)
+    got = []
+    for late in (True, False):
+        csn.zero_grad(set_to_none=True)
+        s = csn.start()
+        with torch.no_grad() if late else torch.enable_grad():
+            csn.tap(s, 0, x0)
+            csn.tap(s, 1, x0 * 1.1)
+        out = csn.add_back(s, 1, x0 * 1.2, (2, 2), 1)
+        out.square().sum().backward()
+        got.append([csn.up[k].grad for k in ("0", "1")])
+    assert all(g is not None for g in got[0])
+    for a, b in zip(got[0], got[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
