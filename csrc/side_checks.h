@@ -152,9 +152,10 @@ inline int64_t check_side_inputs(const char* op, c10::DeviceType device, const S
 
 // write_taps_ / side_step: taps (B, N, K) floating; inputs[j] (B, N, d_j) and downs[j] (r_j, d_j)
 // on its device, floating; their columns first_col … first_col + Σ r_j inside K.
-inline void check_taps_inputs(const at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
-                              int64_t first_col) {
-  const char* op = "dtl_kernels::write_taps_";
+// write_taps_'s arguments (and side_step_'s, `op`); returns the column after the last tap.
+inline int64_t check_taps_inputs(const at::Tensor& taps, at::TensorList inputs,
+                                 at::TensorList downs, int64_t first_col,
+                                 const char* op = "dtl_kernels::write_taps_") {
   TORCH_CHECK(taps.dim() == 3, msg(op, ": taps must be (B, N, K), got shape ", taps.sizes()));
   const auto tdt = taps.scalar_type();
   TORCH_CHECK(tdt == at::kFloat || tdt == at::kHalf || tdt == at::kBFloat16 || tdt == at::kDouble,
@@ -188,6 +189,7 @@ inline void check_taps_inputs(const at::Tensor& taps, at::TensorList inputs, at:
                     " of ", k_cols));
     col += a.size(0);
   }
+  return col;
 }
 
 }  // namespace dtl

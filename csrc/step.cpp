@@ -158,25 +158,13 @@ void refuse_forward_ad(const char* op, const at::Tensor& y, const at::Tensor& ta
 int64_t next_tap_column(const char* op, const at::Tensor& y, const at::Tensor& taps,
                         at::TensorList inputs, at::TensorList downs, int64_t first_col,
                         const at::Tensor& next_down) {
-  TORCH_CHECK(taps.dim() == 3 && y.dim() == 3,
-              msg(op, ": y and taps must be 3-D, got ", y.sizes(), " and ", taps.sizes()));
-  TORCH_CHECK(inputs.size() == downs.size(),
-              msg(op, ": ", inputs.size(), " inputs but ", downs.size(), " downs"));
-  const int64_t k_cols = taps.size(2);
-  TORCH_CHECK(first_col >= 0 && first_col <= k_cols,
-              msg(op, ": first_col must be in 0..", k_cols, ", got ", first_col));
-  int64_t col = first_col;
-  for (size_t j = 0; j < downs.size(); ++j) {
-    const at::Tensor& a = downs[j];
-    TORCH_CHECK(a.dim() == 2 && a.size(0) <= k_cols - col,
-                msg(op, ": downs[", j, "] must be (r, d) with r ≤ ", k_cols - col,
-                    " (the taps' columns left), got ", a.sizes()));
-    col += a.size(0);
-  }
+  TORCH_CHECK(y.dim() == 3, msg(op, ": y must be (B, N, d), got shape ", y.sizes()));
+  const int64_t col = check_taps_inputs(taps, inputs, downs, first_col, op);
+  const int64_t left = taps.size(2) - col;
   TORCH_CHECK(next_down.dim() == 2 && next_down.size(0) >= 1 &&
-                  next_down.size(1) == y.size(2) && next_down.size(0) <= k_cols - col,
-              msg(op, ": next_down must be (r, d) with d = ", y.size(2), " and 1 ≤ r ≤ ",
-                  k_cols - col, " (the taps' columns left), got ", next_down.sizes()));
+                  next_down.size(1) == y.size(2) && next_down.size(0) <= left,
+              msg(op, ": next_down must be (r, d) with d = ", y.size(2), " and 1 ≤ r ≤ ", left,
+                  " (the taps' columns left), got ", next_down.sizes()));
   return col;
 }
 

@@ -52,11 +52,7 @@ def side_step(
     gh, gw = grid if conv_weight is not None else (0, 0)
     args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
             _kernel_id(backend), save_dtype)  # fmt: skip
-    if _direct():  # the direct entry (not torch.ops' converter); NotImplemented: csrc/bind
-        got = _ext.BINDING.side_step(*args)
-        if got is not NotImplemented:
-            return got
-    return torch.ops.dtl_kernels.side_step.default(*args)
+    return _call(_ext.BINDING.side_step if _direct() else None, "side_step", args)
 
 
 def side_step_(
@@ -103,11 +99,7 @@ def bind_side_step_(
     def run(y, taps, inputs, downs, first_col, next_down=None):
         args = (y, taps, inputs, downs, first_col, ups, conv_weight, gh, gw, num_prefix, beta,
                 kernel, next_down)  # fmt: skip
-        if direct is not None:
-            got = direct(*args)
-            if got is not NotImplemented:
-                return got
-        return torch.ops.dtl_kernels.side_step_.default(*args)
+        return _call(direct, "side_step_", args)
 
     return run
 
@@ -121,6 +113,17 @@ def _kernel_id(backend: str) -> int:
 def _direct() -> bool:
     """Whether the direct entry may be tried (torch.compile cannot trace into it)."""
     return _ext.BINDING is not None and not torch.compiler.is_compiling()
+
+
+def _call(direct, name: str, args: tuple):
+    """The op ``name`` through its direct entry ``direct`` (not torch.ops' argument
+    converter) where given and it takes these arguments (NotImplemented: not the plain
+    case, csrc/bind), else through torch.ops."""
+    if direct is not None:
+        got = direct(*args)
+        if got is not NotImplemented:
+            return got
+    return getattr(torch.ops.dtl_kernels, name).default(*args)
 
 
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
