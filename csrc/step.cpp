@@ -170,7 +170,7 @@ int64_t next_tap_column(const char* op, const at::Tensor& y, const at::Tensor& t
 
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
 // With next_down, the next block's tap on `out` (its input) too, into the columns after them:
-// the no-grad step then saves the next block its own tap call and taps write (host time).
+// the no-grad step then saves the next block its own tap call (host time; the write moves here).
 at::Tensor step_into(const char* op, const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
                      at::TensorList downs, int64_t first_col, const at::Tensor& ups,
                      const std::optional<at::Tensor>& conv, int64_t grid_h, int64_t grid_w,
