@@ -493,12 +493,13 @@ def test_write_taps_generic_takes_an_input_width_of_zero(d):
 
 
 # -- the next block's tap folded into the add-back (add_back(tap_next=True), side_step_'s
-# next_down): the same taps, one tap call and one taps write fewer per tail block
+# next_down): the same taps, one tap call fewer per tail block
 
 
 def test_next_down_writes_the_next_blocks_tap_on_the_output():
+    """Against the reference: the next tap from `out`, a strided next_down and y too."""
     y, taps, zs, downs, ups, _ = _step_inputs(False)
-    nxt = torch.randn(2, y.shape[-1], dtype=DT)
+    nxt = torch.randn(y.shape[-1], 2, dtype=DT).t()  # (2, d), not contiguous
     with torch.no_grad():
         mine = taps.clone()
         out = step.side_step_(y, mine, zs, downs, 2, ups, None, None, 0, 3.0, "cpu", nxt)
@@ -506,6 +507,7 @@ def test_next_down_writes_the_next_blocks_tap_on_the_output():
         want_taps[..., 6:8] = reference.tap(want_out, nxt)
     torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(mine, want_taps, rtol=1e-12, atol=1e-12)
+    y = y.transpose(0, 1).contiguous().transpose(0, 1)  # the same values, strided
     with torch.no_grad():  # no pending inputs: the next tap goes at first_col itself
         mine = taps.clone()
         out = step.side_step_(y, mine, [], [], 4, ups, None, None, 0, 3.0, "cpu", nxt)
