@@ -83,9 +83,29 @@ class SideForward : public torch::autograd::Function<SideForward> {
   }
 };
 
+// Does `pred` hold for any tensor argument?
+template <class Pred>
+bool any_input(const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
+               const std::optional<at::Tensor>& conv, Pred pred) {
+  return pred(y) || pred(taps) || pred(ups) || (conv.has_value() && pred(*conv));
+}
+
 at::Tensor side_forward_autograd(const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
                                  const std::optional<at::Tensor>& conv, int64_t grid_h,
                                  int64_t grid_w, int64_t num_prefix, double beta) {
+  // Nothing to record (no grad mode, or no input that requires grad) and no forward-mode
+  // tangent: the kernel itself, without the autograd node that apply() would set up and drop
+  // (host time of every no-grad call). A tangent still goes to apply(), which refuses it.
+  const bool record = at::GradMode::is_enabled() &&
+                      any_input(y, taps, ups, conv, [](const at::Tensor& t) {
+                        return t.requires_grad();
+                      });
+  if (!record && !any_input(y, taps, ups, conv, [](const at::Tensor& t) {
+        return t._fw_grad(0).defined();
+      })) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_forward(y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
+  }
   return SideForward::apply(y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
 }
 

@@ -236,3 +236,36 @@ def test_raw_op_errors_name_the_numbers_without_overflow():
         OP.side_forward(z(1, 4, 8), z(1, 3, 1), z(8, 1), None, 0, 0, 0, 100.0)
     with pytest.raises(RuntimeError, match=r"got 1e\+39"):
         OP.side_forward(z(1, 4, 8), z(1, 4, 1), z(8, 1), None, 0, 0, 0, 1e39)
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_no_grad_calls_skip_autograd_and_agree(k):
+    """Without anything to record (no grad mode, or no input requiring grad) the op's
+    autograd kernel calls the kernel directly (csrc/autograd.cpp): same values as a
+    recorded call, no graph; a recorded call still records; a forward-mode tangent is
+    still refused, with or without grad mode."""
+    import torch.autograd.forward_ad as fwad
+
+    gen = torch.Generator().manual_seed(3)
+    y = torch.randn(2, 5, 8, generator=gen)
+    taps = torch.randn(2, 5, 3, generator=gen)
+    ups = torch.randn(8, 3, generator=gen, requires_grad=True)
+    conv = torch.randn(8, 1, k, k, generator=gen) if k else None
+    grid = (2, 2) if k else (0, 0)
+    op = torch.ops.dtl_kernels.side_forward.default
+    args = (y, taps, ups, conv, *grid, 1, 3.0)
+    recorded = op(*args)
+    assert recorded.grad_fn is not None
+    with torch.no_grad():
+        plain = op(*args)
+    frozen = op(y, taps, ups.detach(), conv, *grid, 1, 3.0)
+    for out in (plain, frozen):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, recorded.detach())
+    with torch.inference_mode():
+        assert torch.equal(op(*args), plain)
+    for grad_mode in (False, True):
+        with fwad.dual_level(), torch.set_grad_enabled(grad_mode):
+            dual = fwad.make_dual(y, torch.ones_like(y))
+            with pytest.raises(RuntimeError, match="jvp is not implemented"):
+                op(dual, taps, ups.detach(), conv, *grid, 1, 3.0)
