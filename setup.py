@@ -117,11 +117,12 @@ def _extensions():
         )
         for name, flags in variants.items()
     ]
-    # one direct Python entry to the ops (any variant's; it only calls the dispatcher)
+    # the direct Python entries to the ops and the launcher bridge (any variant's: they only
+    # call the dispatcher)
     exts.append(
         cpp_extension.CppExtension(
             "dtl_kernels._C_bind",
-            ["csrc/bind/step_binding.cpp"],
+            [f"csrc/bind/{name}.cpp" for name in ("module", "step_binding", "launcher_bridge")],
             extra_compile_args={"cxx": ["-O2", "-std=c++20"]},
         )
     )

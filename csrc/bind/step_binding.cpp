@@ -1,5 +1,5 @@
-// dtl_kernels._C_bind: direct Python entries to the dispatcher ops dtl_kernels::side_step and
-// side_step_ (its no-grad, in-place form).
+// Direct Python entries to the dispatcher ops dtl_kernels::side_step and side_step_ (its
+// no-grad, in-place form); part of dtl_kernels._C_bind (module.cpp).
 //
 // Why: `torch.ops.dtl_kernels.side_step.default(...)` matches its arguments against the op's
 // schema through the JIT's generic converter (every list element, every optional, boxed into
@@ -24,6 +24,8 @@
 
 #include <optional>
 #include <tuple>
+
+#include "bind.h"
 
 namespace {
 
@@ -118,6 +120,10 @@ void shared_args(PyObject* const* args, SharedArgs& a) {
   a.kernel = int_arg(args[11]);
 }
 
+}  // namespace
+
+namespace dtl_bind {
+
 PyObject* side_step(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(nargs == kShared + 1, "side_step takes ", kShared + 1,
@@ -173,21 +179,4 @@ PyObject* side_step_inplace(PyObject* /*module*/, PyObject* const* args, Py_ssiz
   END_HANDLE_TH_ERRORS
 }
 
-PyMethodDef kMethods[] = {
-    {"side_step", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&side_step)),
-     METH_FASTCALL, "dtl_kernels::side_step's thirteen arguments, positionally; "
-                    "NotImplemented unless every argument is plainly typed."},
-    {"side_step_",
-     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&side_step_inplace)),
-     METH_FASTCALL, "dtl_kernels::side_step_'s twelve or thirteen arguments, positionally; "
-                    "NotImplemented unless every argument is plainly typed."},
-    {nullptr, nullptr, 0, nullptr}};
-
-}  // namespace
-
-extern "C" PyMODINIT_FUNC PyInit__C_bind(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_bind",
-                                   "dtl_kernels: direct entries to the compiled ops", -1,
-                                   kMethods};
-  return PyModule_Create(&def);
-}
+}  // namespace dtl_bind

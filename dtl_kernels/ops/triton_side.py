@@ -1306,8 +1306,10 @@ def side_bwd(
 
 # Defined with torch.library.Library rather than custom_op: the dispatcher then calls the
 # launchers directly, without custom_op's per-call wrapper and output-aliasing checks (host
-# time that every add-back paid twice). CPU tensors run the same kernels through Triton's
-# interpreter (TRITON_INTERPRET=1).
+# time that every add-back paid twice). The launchers are the CPU / CUDA kernels through
+# _C_bind's bridge where it is built (csrc/bind/launcher_bridge.cpp: the arguments wrapped by
+# hand, not boxed), else through torch.library's Python kernels. CPU tensors run the same
+# kernels through Triton's interpreter (TRITON_INTERPRET=1).
 _LIB = torch.library.Library("dtl_kernels", "FRAGMENT")
 _SCHEMA = (
     "(Tensor y, Tensor taps, Tensor ups, Tensor? conv_weight, int grid_h, int grid_w, "
@@ -1316,9 +1318,15 @@ _SCHEMA = (
 _LIB.define(f"triton_side_forward{_SCHEMA} -> Tensor")
 _LIB.define(f"triton_side_backward{_SCHEMA.replace('Tensor y', 'Tensor grad_out')} "
             "-> (Tensor, Tensor, Tensor)")  # fmt: skip
-for _key in ("CUDA", "CPU"):
-    _LIB.impl("triton_side_forward", side_fwd, _key)
-    _LIB.impl("triton_side_backward", side_bwd, _key)
+#: how the launchers are registered: "bridge" (_C_bind) or "torch.library"
+LAUNCHER_PATH = "bridge" if hasattr(_ext.BINDING, "register_launchers") else "torch.library"
+if LAUNCHER_PATH == "bridge":
+    _ext.BINDING.register_launchers("triton_side_forward", side_fwd, "triton_side_backward",
+                                    side_bwd)  # fmt: skip
+else:
+    for _key in ("CUDA", "CPU"):
+        _LIB.impl("triton_side_forward", side_fwd, _key)
+        _LIB.impl("triton_side_backward", side_bwd, _key)
 _forward_op = torch.ops.dtl_kernels.triton_side_forward.default
 _backward_op = torch.ops.dtl_kernels.triton_side_backward.default
 

@@ -1,0 +1,146 @@
+// The CPU / CUDA kernels of ops whose implementation is a Python launcher (Triton's:
+// dtl_kernels/ops/triton_side.py), as a lean bridge from the dispatcher to Python.
+//
+// Why: a Python function registered with torch.library is called through the boxed path —
+// every argument boxed into an IValue, converted to a Python object by the JIT's generic
+// converter, the result parsed back — about 6–8 µs of host time per call here, paid by every
+// add-back of the Triton backend (side_step calls its forward, side_step's backward its
+// backward; benchmarks/bench_host.py). This bridge wraps the eight arguments of the side-op
+// schema by hand and calls the launcher with one vectorcall.
+//
+// Same semantics: the launcher gets what torch.library would hand it (tensors, None or a
+// tensor, three ints, a float), its Python exception reaches the caller unchanged (persisted:
+// a backward may run on another thread), and a result of the wrong type is refused by name.
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/object_ptr.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <tuple>
+
+#include "bind.h"
+
+namespace {
+
+[[noreturn]] void throw_python_error() {
+  python_error err;
+  err.persist();  // the exception set by the failed call, kept for whichever thread rethrows
+  throw err;
+}
+
+PyObject* checked(PyObject* obj) {
+  if (obj == nullptr) throw_python_error();
+  return obj;
+}
+
+// launcher(first, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta), the GIL held.
+THPObjectPtr call_launcher(PyObject* launcher, const at::Tensor& first, const at::Tensor& taps,
+                           const at::Tensor& ups, const std::optional<at::Tensor>& conv,
+                           int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta) {
+  constexpr size_t kArgs = 8;
+  THPObjectPtr owned[kArgs];
+  owned[0] = checked(THPVariable_Wrap(first));
+  owned[1] = checked(THPVariable_Wrap(taps));
+  owned[2] = checked(THPVariable_Wrap(ups));
+  if (conv.has_value()) {
+    owned[3] = checked(THPVariable_Wrap(*conv));
+  } else {
+    Py_INCREF(Py_None);
+    owned[3] = Py_None;
+  }
+  owned[4] = checked(PyLong_FromLongLong(grid_h));
+  owned[5] = checked(PyLong_FromLongLong(grid_w));
+  owned[6] = checked(PyLong_FromLongLong(num_prefix));
+  owned[7] = checked(PyFloat_FromDouble(beta));
+  PyObject* args[kArgs];
+  for (size_t j = 0; j < kArgs; ++j) args[j] = owned[j].get();
+  return THPObjectPtr(checked(PyObject_Vectorcall(launcher, args, kArgs, nullptr)));
+}
+
+at::Tensor tensor_result(PyObject* obj, const std::string& op, const char* what) {
+  TORCH_CHECK_TYPE(THPVariable_Check(obj), "dtl_kernels::", op, ": its launcher returned ",
+                   Py_TYPE(obj)->tp_name, " for ", what, ", not a Tensor");
+  return THPVariable_Unpack(obj);
+}
+
+// The launchers hold a reference that is never released: their kernels stay registered for
+// the life of the process (the Library below is never destroyed either).
+auto forward_kernel(PyObject* launcher, std::string op) {
+  return [launcher, op](const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
+                        const std::optional<at::Tensor>& conv, int64_t grid_h, int64_t grid_w,
+                        int64_t num_prefix, double beta) -> at::Tensor {
+    pybind11::gil_scoped_acquire gil;
+    THPObjectPtr out =
+        call_launcher(launcher, y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
+    return tensor_result(out.get(), op, "the output");
+  };
+}
+
+auto backward_kernel(PyObject* launcher, std::string op) {
+  return [launcher, op](const at::Tensor& grad_out, const at::Tensor& taps,
+                        const at::Tensor& ups, const std::optional<at::Tensor>& conv,
+                        int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta)
+             -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    pybind11::gil_scoped_acquire gil;
+    THPObjectPtr out =
+        call_launcher(launcher, grad_out, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
+    TORCH_CHECK_TYPE(PyTuple_Check(out.get()) && PyTuple_GET_SIZE(out.get()) == 3,
+                     "dtl_kernels::", op, ": its launcher must return a tuple of three tensors, "
+                     "got ", Py_TYPE(out.get())->tp_name);
+    return {tensor_result(PyTuple_GET_ITEM(out.get(), 0), op, "grad_taps"),
+            tensor_result(PyTuple_GET_ITEM(out.get(), 1), op, "grad_ups"),
+            tensor_result(PyTuple_GET_ITEM(out.get(), 2), op, "grad_conv")};
+  };
+}
+
+// An op name of the dtl_kernels namespace, unqualified.
+std::string op_name(PyObject* obj) {
+  TORCH_CHECK_TYPE(PyUnicode_Check(obj), "register_launchers: op names must be str");
+  const char* s = PyUnicode_AsUTF8(obj);
+  if (s == nullptr) throw_python_error();
+  const std::string name(s);
+  TORCH_CHECK_VALUE(!name.empty() && name.find(':') == std::string::npos &&
+                        name.find('.') == std::string::npos,
+                    "register_launchers: expected an unqualified op name, got '", name, "'");
+  return name;
+}
+
+}  // namespace
+
+namespace dtl_bind {
+
+PyObject* register_launchers(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 4,
+                   "register_launchers(forward_op, forward, backward_op, backward) takes 4 "
+                   "arguments, got ", nargs);
+  const std::string fwd_op = op_name(args[0]), bwd_op = op_name(args[2]);
+  TORCH_CHECK_TYPE(PyCallable_Check(args[1]) && PyCallable_Check(args[3]),
+                   "register_launchers: the launchers must be callable");
+  static std::mutex mutex;
+  static std::set<std::string> done;
+  std::lock_guard<std::mutex> lock(mutex);
+  TORCH_CHECK(!done.count(fwd_op) && !done.count(bwd_op) && fwd_op != bwd_op,
+              "register_launchers: ", fwd_op, " / ", bwd_op, " already have launchers");
+  // never destroyed: the registrations (and the launchers' references) last as long as the
+  // process, as a TORCH_LIBRARY_IMPL block's do
+  auto* lib = new torch::Library(torch::Library::IMPL, "dtl_kernels", std::nullopt, __FILE__,
+                                 __LINE__);
+  Py_INCREF(args[1]);
+  Py_INCREF(args[3]);
+  for (const c10::DispatchKey key : {c10::DispatchKey::CPU, c10::DispatchKey::CUDA}) {
+    lib->impl(fwd_op.c_str(), torch::dispatch(key, forward_kernel(args[1], fwd_op)));
+    lib->impl(bwd_op.c_str(), torch::dispatch(key, backward_kernel(args[3], bwd_op)));
+  }
+  done.insert(fwd_op);
+  done.insert(bwd_op);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace dtl_bind

@@ -1,0 +1,32 @@
+// dtl_kernels._C_bind: direct Python entries to the compiled ops (step_binding.cpp) and the
+// bridge from the dispatcher to Python kernel launchers (launcher_bridge.cpp). Links Python;
+// the kernels' own extensions (_C*, _C_cuda) do not.
+#include "bind.h"
+
+namespace {
+
+template <class F>
+PyCFunction fastcall(F f) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(f));
+}
+
+PyMethodDef kMethods[] = {
+    {"side_step", fastcall(&dtl_bind::side_step), METH_FASTCALL,
+     "dtl_kernels::side_step's thirteen arguments, positionally; "
+     "NotImplemented unless every argument is plainly typed."},
+    {"side_step_", fastcall(&dtl_bind::side_step_inplace), METH_FASTCALL,
+     "dtl_kernels::side_step_'s twelve or thirteen arguments, positionally; "
+     "NotImplemented unless every argument is plainly typed."},
+    {"register_launchers", fastcall(&dtl_bind::register_launchers), METH_FASTCALL,
+     "register_launchers(forward_op, forward, backward_op, backward): the Python launchers "
+     "become the CPU and CUDA kernels of two ops with the side-op schema (once per op)."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C_bind(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C_bind",
+                                   "dtl_kernels: direct entries to the compiled ops", -1,
+                                   kMethods};
+  return PyModule_Create(&def);
+}

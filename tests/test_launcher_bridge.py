@@ -1,0 +1,144 @@
+"""``dtl_kernels._C_bind.register_launchers`` (csrc/bind/launcher_bridge.cpp): Python launchers
+as the CPU / CUDA kernels of ops with the side-op schema, called without torch.library's
+boxing. Probed with ops of its own (the Triton ops are covered in test_side_triton.py):
+what the launcher receives, what comes back, errors and refusals."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from dtl_kernels.ops import _ext
+
+pytestmark = pytest.mark.skipif(_ext.BINDING is None, reason=f"no _C_bind: {_ext.BINDING_ERROR}")
+
+SCHEMA = (
+    "(Tensor y, Tensor taps, Tensor ups, Tensor? conv_weight, int grid_h, int grid_w, "
+    "int num_prefix, float beta)"
+)
+_LIB = torch.library.Library("dtl_kernels", "FRAGMENT")  # kept alive: the ops stay defined
+_defined: dict[str, dict] = {}
+
+
+def probe(name: str, forward, backward) -> dict:
+    """Defines ``dtl_kernels::<name>_fwd`` / ``_bwd`` with the side-op schema and registers
+    ``forward`` / ``backward`` as their launchers; returns the ops."""
+    if name not in _defined:
+        _LIB.define(f"{name}_fwd{SCHEMA} -> Tensor")
+        _LIB.define(f"{name}_bwd{SCHEMA} -> (Tensor, Tensor, Tensor)")
+        _ext.BINDING.register_launchers(f"{name}_fwd", forward, f"{name}_bwd", backward)
+        ns = torch.ops.dtl_kernels
+        _defined[name] = dict(fwd=getattr(ns, f"{name}_fwd").default,
+                              bwd=getattr(ns, f"{name}_bwd").default)  # fmt: skip
+    return _defined[name]
+
+
+seen: list[tuple] = []
+
+
+def _fwd(*args):
+    seen.append(args)
+    y, taps, ups, conv, gh, gw, npre, beta = args
+    return y + (taps @ ups.t()) * beta
+
+
+def _bwd(*args):
+    seen.append(args)
+    g, taps, ups, conv, gh, gw, npre, beta = args
+    return g @ ups, g.flatten(0, 1).t() @ taps.flatten(0, 1), g.new_empty((0,))
+
+
+def _tensors(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 5, generator=gen),
+            torch.randn(4, 5, generator=gen))  # fmt: skip
+
+
+def test_launcher_gets_the_arguments_and_its_result_comes_back():
+    ops = probe("bridge_probe", _fwd, _bwd)
+    y, taps, ups = _tensors()
+    conv = torch.ones(4, 1, 3, 3)
+    seen.clear()
+    out = ops["fwd"](y, taps, ups, None, 7, 8, 9, 0.5)
+    assert torch.equal(out, y + (taps @ ups.t()) * 0.5)
+    got = seen[-1]
+    assert got[0] is y and got[1] is taps and got[2] is ups  # the same Python objects
+    assert got[3] is None and got[4:7] == (7, 8, 9) and got[7] == 0.5
+    assert [type(v) for v in got[4:]] == [int, int, int, float]
+    ops["fwd"](y, taps, ups, conv, 1, 2, 3, 4.0)
+    assert seen[-1][3] is conv and seen[-1][7] == 4.0
+    g = torch.randn(2, 3, 4)
+    gt, gu, gw = ops["bwd"](g, taps, ups, None, 0, 0, 1, 1.0)
+    assert torch.equal(gt, g @ ups) and gu.shape == (4, 5) and gw.numel() == 0
+
+
+def test_launcher_exceptions_reach_the_caller_unchanged():
+    def fwd_raises(*args):
+        raise KeyError("launcher said no")
+
+    def bwd_raises(*args):
+        raise ZeroDivisionError("backward launcher said no")
+
+    ops = probe("bridge_raises", fwd_raises, bwd_raises)
+    y, taps, ups = _tensors()
+    with pytest.raises(KeyError, match="launcher said no"):
+        ops["fwd"](y, taps, ups, None, 0, 0, 1, 1.0)
+    with pytest.raises(ZeroDivisionError, match="backward launcher said no"):
+        ops["bwd"](y, taps, ups, None, 0, 0, 1, 1.0)
+    # from another thread too (a backward may run on the autograd engine's device threads)
+    caught = []
+
+    def run():
+        try:
+            ops["bwd"](y, taps, ups, None, 0, 0, 1, 1.0)
+        except ZeroDivisionError as e:
+            caught.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout=60)
+    assert len(caught) == 1 and "backward launcher said no" in str(caught[0])
+    # and the interpreter is fine afterwards
+    fwd = probe("bridge_probe", _fwd, _bwd)["fwd"]
+    assert torch.equal(fwd(y, taps, ups, None, 0, 0, 1, 0.0), y)
+
+
+def test_results_of_the_wrong_type_are_refused_by_name():
+    ops = probe("bridge_wrong", lambda *a: 3, lambda *a: [a[0], a[1], a[2]])
+    y, taps, ups = _tensors()
+    with pytest.raises(TypeError, match=r"bridge_wrong_fwd.*returned int for the output"):
+        ops["fwd"](y, taps, ups, None, 0, 0, 1, 1.0)
+    with pytest.raises(TypeError, match=r"bridge_wrong_bwd.*tuple of three tensors, got list"):
+        ops["bwd"](y, taps, ups, None, 0, 0, 1, 1.0)
+    ops = probe("bridge_wrong2", _fwd, lambda *a: (a[0], None, a[1]))
+    with pytest.raises(TypeError, match=r"bridge_wrong2_bwd.*NoneType for grad_ups"):
+        ops["bwd"](y, taps, ups, None, 0, 0, 1, 1.0)
+
+
+def test_registration_is_checked():
+    register = _ext.BINDING.register_launchers
+    probe("bridge_probe", _fwd, _bwd)
+    with pytest.raises(RuntimeError, match="already have launchers"):
+        register("bridge_probe_fwd", _fwd, "bridge_probe_bwd", _bwd)
+    with pytest.raises(ValueError, match="unqualified op name"):
+        register("dtl_kernels::x_fwd", _fwd, "x_bwd", _bwd)
+    with pytest.raises(ValueError, match="unqualified op name"):
+        register("", _fwd, "x_bwd", _bwd)
+    with pytest.raises(TypeError, match="must be str"):
+        register(3, _fwd, "x_bwd", _bwd)
+    with pytest.raises(TypeError, match="must be callable"):
+        register("x_fwd", None, "x_bwd", _bwd)
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        register("x_fwd", _fwd)
+
+
+def test_triton_ops_use_the_bridge():
+    pytest.importorskip("triton")
+    from dtl_kernels.ops import triton_side
+
+    assert triton_side.LAUNCHER_PATH == "bridge"
+    for op in ("triton_side_forward", "triton_side_backward"):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", key)
