@@ -120,8 +120,12 @@ def test_results_of_the_wrong_type_are_refused_by_name():
 def test_registration_is_checked():
     register = _ext.BINDING.register_launchers
     probe("bridge_probe", _fwd, _bwd)
-    with pytest.raises(RuntimeError, match="already have launchers"):
-        register("bridge_probe_fwd", _fwd, "bridge_probe_bwd", _bwd)
+    with pytest.raises(RuntimeError, match=r"bridge_probe_bwd already has a launcher"):
+        register("other_fwd", _fwd, "bridge_probe_bwd", _bwd)
+    with pytest.raises(RuntimeError, match=r"bridge_probe_bwd already has a launcher"):
+        register("bridge_probe_bwd", _fwd, "bridge_probe_fwd", _bwd)
+    with pytest.raises(ValueError, match="must differ"):
+        register("x_fwd", _fwd, "x_fwd", _bwd)
     with pytest.raises(ValueError, match="unqualified op name"):
         register("dtl_kernels::x_fwd", _fwd, "x_bwd", _bwd)
     with pytest.raises(ValueError, match="unqualified op name"):
@@ -142,3 +146,25 @@ def test_triton_ops_use_the_bridge():
     for op in ("triton_side_forward", "triton_side_backward"):
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", key)
+
+
+def test_registering_a_pair_again_replaces_its_launchers():
+    """What a reloaded module does: the pair's kernels go, the new launchers are called."""
+    ops = probe("bridge_again", _fwd, _bwd)
+    y, taps, ups = _tensors()
+    assert torch.equal(ops["fwd"](y, taps, ups, None, 0, 0, 1, 0.0), y)
+    _ext.BINDING.register_launchers(
+        "bridge_again_fwd", lambda *a: a[0] * 2, "bridge_again_bwd", lambda *a: (a[0],) * 3
+    )
+    assert torch.equal(ops["fwd"](y, taps, ups, None, 0, 0, 1, 0.0), y * 2)
+    assert all(t is y for t in ops["bwd"](y, taps, ups, None, 0, 0, 1, 0.0))
+
+
+def test_a_failed_registration_leaves_nothing_registered():
+    _LIB.define(f"bridge_half_fwd{SCHEMA} -> Tensor")
+    _LIB.define(f"bridge_half_bwd{SCHEMA} -> Tensor")  # not the backward's three tensors
+    with pytest.raises(RuntimeError, match="schema"):
+        _ext.BINDING.register_launchers("bridge_half_fwd", _fwd, "bridge_half_bwd", _bwd)
+    for op in ("bridge_half_fwd", "bridge_half_bwd"):
+        for key in ("CPU", "CUDA"):
+            assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", key)

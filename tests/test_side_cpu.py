@@ -262,8 +262,6 @@ def test_no_grad_calls_skip_autograd_and_agree(k):
     for out in (plain, frozen):
         assert out.grad_fn is None and not out.requires_grad
         assert torch.equal(out, recorded.detach())
-    with torch.inference_mode():
-        assert torch.equal(op(*args), plain)
     for grad_mode in (False, True):
         with fwad.dual_level(), torch.set_grad_enabled(grad_mode):
             dual = fwad.make_dual(y, torch.ones_like(y))

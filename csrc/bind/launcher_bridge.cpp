@@ -8,18 +8,20 @@
 // backward; benchmarks/bench_host.py). This bridge wraps the eight arguments of the side-op
 // schema by hand and calls the launcher with one vectorcall.
 //
-// Same semantics: the launcher gets what torch.library would hand it (tensors, None or a
-// tensor, three ints, a float), its Python exception reaches the caller unchanged (persisted:
-// a backward may run on another thread), and a result of the wrong type is refused by name.
+// The launcher gets what torch.library would hand it (tensors, None or a tensor, three ints,
+// a float) and its Python exception reaches the caller unchanged (persisted, so that a C++
+// caller on another thread can rethrow it). Stricter on results than torch.library: anything
+// but a Tensor (forward) or a tuple of three Tensors (backward) is refused by name.
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <map>
+#include <memory>
 #include <mutex>
 #include <optional>
-#include <set>
 #include <string>
 #include <tuple>
 
@@ -68,8 +70,8 @@ at::Tensor tensor_result(PyObject* obj, const std::string& op, const char* what)
   return THPVariable_Unpack(obj);
 }
 
-// The launchers hold a reference that is never released: their kernels stay registered for
-// the life of the process (the Library below is never destroyed either).
+// The kernels keep a reference to their launcher that is never released: a call may be in
+// flight (its launcher running, the GIL let go) when the launchers are registered again.
 auto forward_kernel(PyObject* launcher, std::string op) {
   return [launcher, op](const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
                         const std::optional<at::Tensor>& conv, int64_t grid_h, int64_t grid_w,
@@ -120,25 +122,40 @@ PyObject* register_launchers(PyObject* /*module*/, PyObject* const* args, Py_ssi
                    "register_launchers(forward_op, forward, backward_op, backward) takes 4 "
                    "arguments, got ", nargs);
   const std::string fwd_op = op_name(args[0]), bwd_op = op_name(args[2]);
+  TORCH_CHECK_VALUE(fwd_op != bwd_op, "register_launchers: the forward and backward ops must "
+                    "differ, got '", fwd_op, "' twice");
   TORCH_CHECK_TYPE(PyCallable_Check(args[1]) && PyCallable_Check(args[3]),
                    "register_launchers: the launchers must be callable");
+  // One Library per (forward, backward) pair, never destroyed but to register the same pair
+  // again (a reloaded module): its kernels go, the new ones come.
   static std::mutex mutex;
-  static std::set<std::string> done;
+  static std::map<std::string, std::pair<std::string, std::unique_ptr<torch::Library>>> pairs;
   std::lock_guard<std::mutex> lock(mutex);
-  TORCH_CHECK(!done.count(fwd_op) && !done.count(bwd_op) && fwd_op != bwd_op,
-              "register_launchers: ", fwd_op, " / ", bwd_op, " already have launchers");
-  // never destroyed: the registrations (and the launchers' references) last as long as the
-  // process, as a TORCH_LIBRARY_IMPL block's do
-  auto* lib = new torch::Library(torch::Library::IMPL, "dtl_kernels", std::nullopt, __FILE__,
-                                 __LINE__);
-  Py_INCREF(args[1]);
-  Py_INCREF(args[3]);
+  for (const std::string* op : {&fwd_op, &bwd_op}) {
+    const auto it = pairs.find(*op);
+    TORCH_CHECK(it == pairs.end() || it->second.first == fwd_op + "/" + bwd_op,
+                "register_launchers: ", *op, " already has a launcher (registered as part of ",
+                it == pairs.end() ? "" : it->second.first, ")");
+  }
+  const auto old = pairs.find(fwd_op);
+  if (old != pairs.end()) {
+    old->second.second.reset();  // its kernels deregistered
+    pairs.erase(bwd_op);
+    pairs.erase(old);
+  }
+  // All or nothing: a registration that throws (e.g. a schema that does not match the
+  // kernels' signature) takes the ones before it with it, as the Library is destroyed.
+  auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "dtl_kernels", std::nullopt,
+                                              __FILE__, __LINE__);
   for (const c10::DispatchKey key : {c10::DispatchKey::CPU, c10::DispatchKey::CUDA}) {
     lib->impl(fwd_op.c_str(), torch::dispatch(key, forward_kernel(args[1], fwd_op)));
     lib->impl(bwd_op.c_str(), torch::dispatch(key, backward_kernel(args[3], bwd_op)));
   }
-  done.insert(fwd_op);
-  done.insert(bwd_op);
+  Py_INCREF(args[1]);
+  Py_INCREF(args[3]);
+  const std::string pair = fwd_op + "/" + bwd_op;
+  pairs.emplace(bwd_op, std::make_pair(pair, nullptr));
+  pairs.emplace(fwd_op, std::make_pair(pair, std::move(lib)));
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }
