@@ -14,7 +14,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accuracy_runs import DIVERGED, VARIANTS, Run
+from accuracy_runs import DIVERGED, PROVENANCE, VARIANTS, Run
 from accuracy_search import DROP_PATH, LR_GRIDS, MAX_EXTENSIONS, Selection
 from accuracy_stats import RESAMPLES, bootstrap_ci, mean_std, paired_bootstrap_ci
 from accuracy_tables import COLORS, write_csv, write_text
@@ -89,9 +89,6 @@ def run_row(run: Run, s: dict) -> dict:
     )  # fmt: skip
     row.update(s.get("recorded", {}))  # a reused row keeps where and when it was measured
     return row
-
-
-PROVENANCE = ("device", "torch", "triton", "date", "git_rev")  # a row's own env columns
 
 
 def recorded_runs(path: Path) -> dict[str, dict]:

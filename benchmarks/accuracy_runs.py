@@ -134,13 +134,49 @@ def interrupted(run: Run, root: Path) -> bool:
     return isinstance(config, dict) and all(config.get(k) == v for k, v in opts.items())
 
 
+#: where, when and at which revision a run trained: a row's own env columns
+PROVENANCE = ("device", "torch", "triton", "date", "git_rev")
+#: what a run folder keeps of them (common.code_columns; its summary has the device)
+_FOLDER_PROVENANCE = ("torch", "triton", "date", "git_rev")
+_PROVENANCE_FILE = "provenance.json"
+
+
 def finished(run: Run, root: Path) -> dict | None:
     """The summary of an identical earlier run (:data:`DIVERGED` if it diverged), else
-    ``None``. Reads only: runs nothing, writes nothing."""
+    ``None``, with its provenance as ``"recorded"`` where the folder keeps it. Reads only:
+    runs nothing, writes nothing."""
     folder, opts = run.folder(root), run.options()
     if _same_run(folder, opts):
-        return json.loads((folder / "summary.json").read_text())
-    return dict(DIVERGED) if _same_divergence(folder, opts) else None
+        summary = json.loads((folder / "summary.json").read_text())
+    elif _same_divergence(folder, opts):
+        summary = dict(DIVERGED)
+    else:
+        return None
+    recorded = _read_provenance(folder)
+    return summary if recorded is None else {**summary, "recorded": recorded}
+
+
+def _write_provenance(folder: Path) -> None:
+    """What trained the run in ``folder`` (this process's code, torch, machine, date), kept
+    beside it: a report written later, from other code, still says where it came from."""
+    from common import code_columns
+
+    kept = code_columns()
+    write_text(folder / _PROVENANCE_FILE, json.dumps(kept))
+
+
+def _read_provenance(folder: Path) -> dict | None:
+    """The folder's provenance, or None where it has none that reads back (untrusted: only
+    the known keys, short strings)."""
+    try:
+        data = json.loads((folder / _PROVENANCE_FILE).read_text()[:4096])
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or set(data) != set(_FOLDER_PROVENANCE):
+        return None
+    if not all(isinstance(v, str) and len(v) <= 200 for v in data.values()):
+        return None
+    return data
 
 
 def execute(run: Run, root: Path, reuse_only: bool = False) -> dict | None:
@@ -166,8 +202,10 @@ def execute(run: Run, root: Path, reuse_only: bool = False) -> dict | None:
         print(f"  diverged: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / "diverged.json", json.dumps({"options": opts}, indent=1))
-        return dict(DIVERGED)
+        _write_provenance(folder)
+        return finished(run, root)
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
         raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}")
-    return json.loads((folder / "summary.json").read_text())
+    _write_provenance(folder)
+    return finished(run, root)

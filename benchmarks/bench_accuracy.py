@@ -123,10 +123,22 @@ def executing(args):
     recorded = recorded_of(args)
 
     def one(r: Run) -> dict | None:
-        done = finished(r, args.out) or recorded.get(r.record_key())  # a local folder first
+        done = reused(r, args.out, recorded)
         return done if done is not None else execute(r, args.out, args.reuse_only)
 
     return lambda runs: {r: one(r) for r in runs}
+
+
+def reused(r: Run, root: Path, recorded: dict[str, dict]) -> dict | None:
+    """An identical earlier run's summary, or None: a local run folder first, else the
+    committed runs CSV's row. A folder that does not keep its provenance (trained before
+    folders did) takes the one the CSV recorded for it, not this process's."""
+    done, record = finished(r, root), recorded.get(r.record_key())
+    if done is None:
+        return record
+    if "recorded" not in done and record is not None:
+        done = {**done, "recorded": record["recorded"]}
+    return done
 
 
 def recorded_of(args) -> dict[str, dict]:
@@ -183,7 +195,7 @@ class Planner:
     def __call__(self, runs: list[Run]) -> dict[Run, dict | None]:
         out = {}
         for r in runs:
-            out[r] = finished(r, self.root) or self.recorded.get(r.record_key())
+            out[r] = reused(r, self.root, self.recorded)
             if out[r] is None:
                 self.todo.append(r)
             else:

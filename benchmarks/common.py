@@ -73,19 +73,20 @@ def env_columns(device: str = "cpu") -> dict[str, str]:
     """Where and when a result was measured: device name, torch / triton versions, date, rev.
 
     ``device`` ``"cuda"`` names the current GPU (CUDA is touched only then)."""
+    name = torch.cuda.get_device_name() if device == "cuda" else machine()
+    return dict(device=name, **code_columns())
+
+
+def code_columns() -> dict[str, str]:
+    """What measured it and when: torch / triton versions, date, rev."""
     try:
         import triton
 
         triton_version = triton.__version__
     except ImportError:
         triton_version = "-"
-    return dict(
-        device=torch.cuda.get_device_name() if device == "cuda" else machine(),
-        torch=torch.__version__,
-        triton=triton_version,
-        date=time.strftime("%Y-%m-%d"),
-        git_rev=git_rev(),
-    )
+    return dict(torch=torch.__version__, triton=triton_version, date=time.strftime("%Y-%m-%d"),
+                git_rev=git_rev())  # fmt: skip
 
 
 def package_version() -> str:

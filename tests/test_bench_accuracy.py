@@ -340,6 +340,7 @@ def test_an_interrupted_run_resumes_and_one_of_other_options_starts_afresh(tmp_p
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(AR.subprocess, "run", train)
+    monkeypatch.setenv("DTL_GIT_REV", "abc")  # the provenance written after a run: no git call
     run = AR.Run("dinov2", "elpv", "dtl", "test", 1e-2, 2, 30)
     assert not AR.interrupted(run, tmp_path)  # no folder yet
     interrupt(tmp_path, run, run.options())
@@ -380,6 +381,7 @@ def test_a_diverged_run_is_recorded_once_and_ranks_last(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 3, "", "dtl-train: error: non-finite loss")
 
     monkeypatch.setattr(AR.subprocess, "run", diverging)
+    monkeypatch.setenv("DTL_GIT_REV", "abc")  # the provenance written after a run: no git call
     run = AR.Run("dinov2", "elpv", "linear", "select", 1e-1, 0, 30)
     assert AR.execute(run, tmp_path)["diverged"] and len(calls) == 1
     assert AR.execute(run, tmp_path)["diverged"] and len(calls) == 1  # not tried again
@@ -483,3 +485,47 @@ def test_a_run_folder_wins_over_a_recorded_row(tmp_path, monkeypatch):
     assert B.Planner(root, B.recorded_of(args))([run])[run]["test_acc"] == 0.9
     (run.folder(root) / "summary.json").unlink()
     assert B.executing(args)([run])[run]["test_acc"] == 0.5
+
+
+def test_a_run_folder_keeps_where_and_at_which_revision_it_trained(tmp_path, monkeypatch):
+    """A report written later, from other code, does not stamp its own revision on runs
+    trained before: a folder's provenance.json (written after its run) wins, a folder
+    without one takes the committed row's, and only a run known nowhere else gets this
+    process's. The file is untrusted."""
+    import subprocess
+
+    results, root = tmp_path / "results", tmp_path / "runs"
+    run = AR.Run("dinov2", "elpv", "dtl", "select", 1e-2, 0, 30, max_train=1000)
+    trained = dict(device="gpu box", torch="1.0", triton="-", date="2026-01-01", git_rev="aaa")
+    from accuracy_tables import write_csv
+
+    results.mkdir()
+    write_csv(results / "accuracy_study_runs.csv", R.RUN_FIELDS,
+              [R.run_row(run, summary(0.5))], trained)  # fmt: skip
+    finish(root, run, summary(0.9))
+    args = B.parse_args(["--results", str(results), "--out", str(root), "--max-train", "1000"])
+    trained["device"] = "cpu"  # a row's device column is the summary's (cpu / cuda)
+    got = B.executing(args)([run])[run]
+    assert got["test_acc"] == 0.9 and got["recorded"] == trained  # the folder's numbers
+    assert B.Planner(root, B.recorded_of(args))([run])[run]["recorded"] == trained
+    own = dict(torch="2.0", triton="3.0", date="2026-02-02", git_rev="bbb")
+    (run.folder(root) / "provenance.json").write_text(json.dumps(own))
+    assert B.executing(args)([run])[run]["recorded"] == own
+    row = R.run_row(run, B.executing(args)([run])[run])
+    assert (row["device"], row["git_rev"], row["torch"]) == ("cpu", "bbb", "2.0")
+    for bad in ("{not json", json.dumps(dict(own, extra="x")), json.dumps(dict(own, torch=3)),
+                json.dumps(dict(own, date="x" * 500)), json.dumps([1, 2])):  # fmt: skip
+        (run.folder(root) / "provenance.json").write_text(bad)
+        assert B.executing(args)([run])[run]["recorded"] == trained, bad
+    # execute writes it after the run, from this process's environment
+    other = AR.Run("dinov2", "elpv", "dtl", "select", 3e-2, 0, 30, max_train=1000)
+
+    def fake_run(cmd, **kwargs):
+        finish(root, other, summary(0.7))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(AR.subprocess, "run", fake_run)
+    monkeypatch.setenv("DTL_GIT_REV", "ccc")
+    got = AR.execute(other, root)
+    assert got["test_acc"] == 0.7 and got["recorded"]["git_rev"] == "ccc"
+    assert set(got["recorded"]) == {"torch", "triton", "date", "git_rev"}
