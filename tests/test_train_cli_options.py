@@ -61,6 +61,40 @@ def test_grad_accum_takes_the_step_of_the_whole_batch():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_skips_the_step_whatever_the_dtypes(bad):
+    """A finite loss whose gradient is not (one gradient poisoned by a hook): no update, the
+    streak counted; the fused check (one per device, every dtype together) also passes
+    finite gradients of mixed dtypes. Loss and hits as read back one by one."""
+    cfg = make_config({"model": VIT, "lr": 1e-2})
+    torch.manual_seed(0)
+    model = create_model(VIT, "dtl", 3, img_size=32, adapt_from=11).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    before = copy.deepcopy(model.state_dict())
+    step = _stepper(model, cfg)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    hook = trained[0].register_hook(lambda g: g * bad)
+    assert step([(x, y)]) is None and step.bad_streak == 1
+    for name, t in model.state_dict().items():
+        assert torch.equal(t, before[name]), name
+    hook.remove()
+    trained[1].data = trained[1].data.double()  # gradients of three dtypes in one check
+    trained[2].data = trained[2].data.bfloat16()
+    hooks = [p.register_hook(lambda g, p=p: g.to(p.dtype)) for p in trained[1:3]]
+    with torch.no_grad():
+        logits = model(x)
+    loss, hits = step([(x, y)])
+    assert step.bad_streak == 0 and trained[1].grad.dtype == torch.float64
+    assert loss == torch.nn.functional.cross_entropy(logits.float(), y).item()
+    assert hits == int((logits.argmax(-1) == y).sum())
+    after = model.state_dict()
+    assert any(not torch.equal(after[n], before[n]) for n, p in model.named_parameters()
+               if p.requires_grad)  # fmt: skip
+    for h in hooks:
+        h.remove()
+
+
 def test_memory_flags_train_and_print_nothing_when_quiet(toy, tmp_path, capsys):
     out, weights = tmp_path / "run", tmp_path / "backbone.pth"
     torch.save(create_model(VIT, "linear", 3, img_size=32).backbone.state_dict(), weights)

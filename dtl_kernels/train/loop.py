@@ -245,6 +245,7 @@ def _feed(cfg: TrainConfig, d: Dist, s: setup.Setup, say) -> Feed:
         generator=torch.Generator().manual_seed(cfg.seed),
         persistent_workers=False,
         drop_last=bool(cfg.mixup or cfg.cutmix),  # timm's Mixup pairs images: even batches
+        pin_memory=d.device.type == "cuda",  # pinned batches: the non-blocking copies overlap
     )
     return Feed(cache, train_net, sampler, loader, eval_net, test_data, eval_workers)
 
@@ -360,7 +361,8 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
     loss_sum = correct = seen = skipped = 0.0
     bar = _progress(feed.loader, cfg, d, epoch)
     for group in micro_batches(bar, cfg.grad_accum):
-        group = [(to_device(x, d.device, s.channels_last), y.to(d.device)) for x, y in group]
+        group = [(to_device(x, d.device, s.channels_last), y.to(d.device, non_blocking=True))
+                 for x, y in group]  # fmt: skip
         result = step(group)
         if result is None:
             skipped += 1
