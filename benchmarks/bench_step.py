@@ -15,9 +15,10 @@ Protocol (the same on every device):
   r = 8 on every ``qkv``, when ``peft`` is there) / dtl_ref (the eager published
   formulation) / dtl / dtl+ (k = 3 ViT, 5 Swin);
 * inference: eval forward under ``torch.no_grad`` at each ``--infer-batches``, plain timm /
-  dtl / dtl+, eager and (on a GPU) replayed from a captured CUDA graph, which removes the
-  host from the measurement; one ``torch.compile(mode="reduce-overhead")`` DTL point shows
-  the compiled path.
+  dtl / dtl+ (and ``dtl_cuda``, DTL on the CUDA C++ kernels, where they run: ``auto`` puts
+  Triton first, whose launches cost Python per add-back), eager and (on a GPU) replayed
+  from a captured CUDA graph, which removes the host from the measurement; one
+  ``torch.compile(mode="reduce-overhead")`` DTL point shows the compiled path.
 
 Rows (``--out``.csv, the columns of ``common.COLUMNS``): ``step_ms`` / ``step_busy_ms``,
 ``infer_ms`` / ``infer_graph_ms`` / ``infer_busy_ms`` / ``infer_compiled_ms`` (median, p25,
@@ -46,6 +47,9 @@ from dtl_kernels.optim import adamw  # noqa: E402
 NUM_CLASSES = 10
 TRAIN = ("full", "linear", "lora", "dtl_ref", "dtl", "dtl+")
 INFER = ("timm", "dtl", "dtl+")
+#: inference beside ``dtl`` (``auto``: Triton first on CUDA) where the CUDA C++ kernels run:
+#: DTL on them, no Python per add-back — which backend small batches should take
+INFER_CUDA = ("dtl_cuda",)
 
 
 def build(name: str, provider: str, device: str, img: int) -> torch.nn.Module:
@@ -62,10 +66,10 @@ def build(name: str, provider: str, device: str, img: int) -> torch.nn.Module:
                 cfg = peft.LoraConfig(r=8, target_modules=["qkv"], modules_to_save=["head"])
                 model = peft.get_peft_model(model, cfg)
             return model
-        method = {"dtl_ref": "dtl", "dtl": "dtl"}.get(provider, provider)
+        method = {"dtl_ref": "dtl", "dtl": "dtl", "dtl_cuda": "dtl"}.get(provider, provider)
         model = create_model(name, method=method, num_classes=NUM_CLASSES, **kw)
     if model.csn is not None:
-        model.csn.backend = "reference" if provider == "dtl_ref" else "auto"
+        model.csn.backend = {"dtl_ref": "reference", "dtl_cuda": "cuda"}.get(provider, "auto")
         with torch.no_grad():  # B ≠ 0: nothing short-circuits on zeros
             for p in model.csn.up.values():
                 p.normal_(0, 0.02)
@@ -162,6 +166,13 @@ def infer_calls(name, providers, device, batch, img, amp, graphs: bool) -> dict[
     return calls
 
 
+def _cuda_kernels_run(device: str) -> bool:
+    """Whether the CUDA C++ backend runs tensors on ``device`` (built and a GPU there)."""
+    from dtl_kernels.ops import side
+
+    return device == "cuda" and side.BACKENDS["cuda"].runs(torch.zeros(1, device=device))
+
+
 def cuda_graph(fn: Callable[[], object]) -> Callable[[], object]:
     """``fn`` captured once into a CUDA graph (static input and output), replayed per call."""
     stream = torch.cuda.Stream()
@@ -227,8 +238,9 @@ def main() -> int:
             print(f"[{name} b={args.batch}] {p:8s} step {med[p]:8.2f} ms "
                   f"(IQR {stats(s)[1]:.2f}–{stats(s)[2]:.2f}){gpu_busy}", flush=True)  # fmt: skip
         del calls
+        infer = INFER + (INFER_CUDA if _cuda_kernels_run(args.device) else ())
         for batch in args.infer_batches:
-            calls = infer_calls(name, INFER, args.device, batch, args.img, amp, graphs=gpu)
+            calls = infer_calls(name, infer, args.device, batch, args.img, amp, graphs=gpu)
             samples = round_robin(calls, timer, args.reps, args.warmup)
             med = {p: statistics.median(s) for p, s in samples.items()}
             for p, s in samples.items():
