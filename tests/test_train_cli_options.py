@@ -93,6 +93,10 @@ def test_a_non_finite_gradient_skips_the_step_whatever_the_dtypes(bad):
                if p.requires_grad)  # fmt: skip
     for h in hooks:
         h.remove()
+    for poisoned in trained[1:3]:  # the float64 and the bfloat16 group: each flags the step
+        hook = poisoned.register_hook(lambda g, p=poisoned: (g * bad).to(p.dtype))
+        assert step([(x, y)]) is None
+        hook.remove()
 
 
 def test_memory_flags_train_and_print_nothing_when_quiet(toy, tmp_path, capsys):

@@ -213,15 +213,15 @@ class Stepper:
         if any(type(g) is not torch.Tensor or g.layout != torch.strided for g in grads):
             # a DTensor, a sparse gradient: checked one by one
             return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        groups: dict[tuple, list[torch.Tensor]] = {}  # one multi-tensor launch per dtype
         for g in grads:
-            by_device.setdefault(g.device, []).append(g)
-        flags = []
-        for device, group in by_device.items():
-            found, one = torch.zeros(1, device=device), torch.ones(1, device=device)
-            torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
-            flags.append(found)
-        return not any(f.item() for f in flags)
+            groups.setdefault((g.device, g.dtype), []).append(g)
+        found: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        for (device, _), group in groups.items():
+            if device not in found:  # set to 1 by any group of the device, never reset
+                found[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+            torch._amp_foreach_non_finite_check_and_unscale_(group, *found[device])
+        return not any(flag.item() for flag, _ in found.values())
 
 
 def check_weights_finite(model: nn.Module, cfg: TrainConfig, epoch: int, out: Path) -> None:
