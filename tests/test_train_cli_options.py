@@ -193,3 +193,51 @@ def test_help_shows_every_option_with_its_default(capsys):
     from dtl_kernels import __version__
 
     assert capsys.readouterr().out.strip() == f"dtl-train (dtl_kernels) {__version__}"
+
+
+def _first(t: torch.Tensor, value: float) -> torch.Tensor:
+    """``t`` with its first stored element set to ``value``."""
+    t.view(-1)[0] = value
+    return t
+
+
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks")
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda v: _first(torch.randn(3, 4), v),
+        lambda v: _first(torch.randn(3, 4, dtype=torch.float64), v),
+        lambda v: _first(torch.randn(3, 4).bfloat16(), v),
+        lambda v: _first(torch.randn(3, 4).half(), v),
+        lambda v: _first(torch.randn(4, 3), v).t(),  # transposed: checked on its own
+        lambda v: _first(torch.randn(2, 5, 4, 3), v).permute(0, 3, 1, 2),  # channels_last
+        lambda v: _first(torch.randn(3, dtype=torch.complex64), v),
+        lambda v: _first(torch.randn(1, 4), v).expand(3, 4),  # one element seen three times
+        lambda v: torch.sparse_coo_tensor([[0, 2]], [v, 1.0], (3,)),
+    ],
+)
+def test_the_gradient_check_takes_every_kind_of_gradient(make):
+    """Stepper's finiteness check agrees with the per-tensor ``isfinite(g).all()`` for every
+    layout and dtype a gradient can have (the fused kernel takes the dense real ones, the
+    rest is checked one by one), beside another gradient, also with float64 as the default
+    dtype; an empty gradient is finite."""
+    cfg = make_config({"model": VIT, "lr": 1e-2})
+    other = torch.nn.Parameter(torch.zeros(2))
+    other.grad = torch.ones(2)
+    for value, expected in ((0.5, True), (float("nan"), False), (float("inf"), False)):
+        g = make(value)
+        p = torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype))
+        p.grad = g
+        step = _stepper(torch.nn.Linear(1, 1), cfg)
+        step.params = [other, p]
+        assert step._grads_finite() is expected, (g.dtype, g.layout, value)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            assert step._grads_finite() is expected
+        finally:
+            torch.set_default_dtype(previous)
+    empty = torch.nn.Parameter(torch.zeros(0))
+    empty.grad = torch.zeros(0)
+    step.params = [empty]
+    assert step._grads_finite() is True

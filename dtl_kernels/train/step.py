@@ -203,25 +203,46 @@ class Stepper:
         return self.d.all_true(finite and self.scaler.get_scale() >= scale)
 
     def _grads_finite(self) -> bool:
-        """Whether every gradient is finite: one fused check per device (what GradScaler
-        runs: a multi-tensor kernel that multiplies by 1.0, bit-identical, and flags any
-        inf / NaN) and one read-back, instead of two kernels per gradient — DTL trains
-        two tensors per adapted block, each a launch of host time on a GPU."""
+        """Whether every gradient is finite: one fused check per (device, dtype) (what
+        GradScaler runs: a multi-tensor kernel that multiplies by 1.0, bit-identical, and
+        flags any inf / NaN) and one read-back per device, instead of two kernels per
+        gradient — DTL trains two tensors per adapted block, each a launch of host time on
+        a GPU. Gradients that kernel does not take are checked one by one."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return True
-        if any(type(g) is not torch.Tensor or g.layout != torch.strided for g in grads):
-            # a DTensor, a sparse gradient: checked one by one
-            return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
-        groups: dict[tuple, list[torch.Tensor]] = {}  # one multi-tensor launch per dtype
+        fused, single = [], []
         for g in grads:
+            (fused if _fused_checkable(g) else single).append(g)
+        groups: dict[tuple, list[torch.Tensor]] = {}  # one multi-tensor launch per dtype
+        for g in fused:
             groups.setdefault((g.device, g.dtype), []).append(g)
         found: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for (device, _), group in groups.items():
             if device not in found:  # set to 1 by any group of the device, never reset
-                found[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+                found[device] = (torch.zeros(1, dtype=torch.float32, device=device),
+                                 torch.ones(1, dtype=torch.float32, device=device))  # fmt: skip
             torch._amp_foreach_non_finite_check_and_unscale_(group, *found[device])
-        return not any(flag.item() for flag, _ in found.values())
+        ok = not any(flag.item() for flag, _ in found.values())
+        return ok and all(bool(torch.isfinite(_values(g)).all()) for g in single)
+
+
+def _fused_checkable(g: torch.Tensor) -> bool:
+    """Whether the fused finiteness check takes ``g``: a plain real floating tensor laid out
+    densely as autograd accumulates gradients (no expanded or overlapping elements, not a
+    DTensor or a sparse tensor). Anything else is checked on its own."""
+    if type(g) is not torch.Tensor or g.layout != torch.strided:
+        return False
+    if g.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return False
+    dense = g.is_contiguous()
+    if not dense and g.dim() in (4, 5):
+        fmt = torch.channels_last if g.dim() == 4 else torch.channels_last_3d
+        dense = g.is_contiguous(memory_format=fmt)
+    return dense
+
+
+def _values(g: torch.Tensor) -> torch.Tensor:
+    """The stored values of a gradient (a sparse one's, coalesced)."""
+    return g.coalesce().values() if g.layout == torch.sparse_coo else g
 
 
 def check_weights_finite(model: nn.Module, cfg: TrainConfig, epoch: int, out: Path) -> None:
