@@ -136,9 +136,8 @@ def interrupted(run: Run, root: Path) -> bool:
 
 #: where, when and at which revision a run trained: a row's own env columns
 PROVENANCE = ("device", "torch", "triton", "date", "git_rev")
-#: what a run folder keeps of them (common.code_columns; its summary has the device)
-_FOLDER_PROVENANCE = ("torch", "triton", "date", "git_rev")
 _PROVENANCE_FILE = "provenance.json"
+_PROVENANCE_MAX_BYTES = 4096
 
 
 def finished(run: Run, root: Path) -> dict | None:
@@ -152,27 +151,32 @@ def finished(run: Run, root: Path) -> dict | None:
         summary = dict(DIVERGED)
     else:
         return None
-    recorded = _read_provenance(folder)
+    recorded = read_provenance(folder)
     return summary if recorded is None else {**summary, "recorded": recorded}
 
 
-def _write_provenance(folder: Path) -> None:
-    """What trained the run in ``folder`` (this process's code, torch, machine, date), kept
-    beside it: a report written later, from other code, still says where it came from."""
+def launch_provenance() -> dict[str, str]:
+    """What is about to train a run: this process's code (revision), torch, triton, date,
+    and the device dtl-train will pick (``cuda`` where a GPU is visible, as its ``Dist``)."""
+    import torch
     from common import code_columns
 
-    kept = code_columns()
-    write_text(folder / _PROVENANCE_FILE, json.dumps(kept))
+    return dict(device="cuda" if torch.cuda.is_available() else "cpu", **code_columns())
 
 
-def _read_provenance(folder: Path) -> dict | None:
-    """The folder's provenance, or None where it has none that reads back (untrusted: only
-    the known keys, short strings)."""
+def read_provenance(folder: Path) -> dict | None:
+    """The folder's provenance, or None where it has none that reads back (untrusted: a
+    regular file of at most 4 KiB, exactly the known keys, short strings)."""
+    path = folder / _PROVENANCE_FILE
     try:
-        data = json.loads((folder / _PROVENANCE_FILE).read_text()[:4096])
+        if not path.is_file():  # not a FIFO or a device: nothing that blocks or never ends
+            return None
+        with open(path, "rb") as f:
+            raw = f.read(_PROVENANCE_MAX_BYTES + 1)
+        data = json.loads(raw) if len(raw) <= _PROVENANCE_MAX_BYTES else None
     except (OSError, ValueError):
         return None
-    if not isinstance(data, dict) or set(data) != set(_FOLDER_PROVENANCE):
+    if not isinstance(data, dict) or set(data) != set(PROVENANCE):
         return None
     if not all(isinstance(v, str) and len(v) <= 200 for v in data.values()):
         return None
@@ -196,16 +200,24 @@ def execute(run: Run, root: Path, reuse_only: bool = False) -> dict | None:
         cmd += [f"--{key.replace('_', '-')}", f"{value:g}" if isinstance(value, float)
                 else str(value)]  # fmt: skip
     print("$", " ".join(cmd), flush=True)
+    # what trains it, kept from its start (the tree may move on while it trains): a resumed
+    # run keeps the provenance of its first start, a fresh one replaces any older file
+    if start == "--overwrite" or read_provenance(folder) is None:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text(folder / _PROVENANCE_FILE, json.dumps(launch_provenance()))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode == _EXIT_DIVERGED:
         print(f"  diverged: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
         folder.mkdir(parents=True, exist_ok=True)
         write_text(folder / "diverged.json", json.dumps({"options": opts}, indent=1))
-        _write_provenance(folder)
-        return finished(run, root)
+        return {**DIVERGED, **_recorded(folder)}
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-3000:], file=sys.stderr)
         raise RuntimeError(f"run failed ({proc.returncode}): {' '.join(cmd)}")
-    _write_provenance(folder)
-    return finished(run, root)
+    return {**json.loads((folder / "summary.json").read_text()), **_recorded(folder)}
+
+
+def _recorded(folder: Path) -> dict:
+    recorded = read_provenance(folder)
+    return {} if recorded is None else {"recorded": recorded}

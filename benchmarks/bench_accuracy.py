@@ -51,6 +51,7 @@ import json
 import statistics
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -131,14 +132,43 @@ def executing(args):
 
 def reused(r: Run, root: Path, recorded: dict[str, dict]) -> dict | None:
     """An identical earlier run's summary, or None: a local run folder first, else the
-    committed runs CSV's row. A folder that does not keep its provenance (trained before
-    folders did) takes the one the CSV recorded for it, not this process's."""
+    committed runs CSV's row. A folder that keeps no provenance (trained before folders
+    did) takes the CSV row's where the row is this folder's run (the same numbers, as the
+    CSV rounds them; never its device: the folder's summary has its own), else what the
+    folder itself says (:func:`folder_provenance`) — never this process's."""
     done, record = finished(r, root), recorded.get(r.record_key())
     if done is None:
         return record
-    if "recorded" not in done and record is not None:
-        done = {**done, "recorded": record["recorded"]}
-    return done
+    if "recorded" in done:
+        return done
+    if record is not None and _same_numbers(done, record):
+        kept = {k: v for k, v in record["recorded"].items() if k != "device"}
+        if done.get("diverged"):
+            kept["device"] = record["recorded"].get("device", "")
+        return {**done, "recorded": {**folder_provenance(r.folder(root), done), **kept}}
+    return {**done, "recorded": folder_provenance(r.folder(root), done)}
+
+
+def _same_numbers(summary: dict, record: dict) -> bool:
+    """Whether a CSV row records this summary's run (the CSV's rounding)."""
+    if summary.get("diverged") or record.get("diverged"):
+        return bool(summary.get("diverged")) and bool(record.get("diverged"))
+    return (round(100 * summary["test_acc"], 2) == round(100 * record["test_acc"], 2)
+            and round(summary["wall_time_s"], 1) == round(record["wall_time_s"], 1)
+            and summary["trainable_params"] == record["trainable_params"])  # fmt: skip
+
+
+def folder_provenance(folder: Path, summary: dict) -> dict[str, str]:
+    """What a folder without a provenance file says of its run: the device and torch of
+    its summary, the date its summary was written; the revision and triton unknown."""
+    done = folder / ("diverged.json" if summary.get("diverged") else "summary.json")
+    try:
+        date = time.strftime("%Y-%m-%d", time.gmtime(done.stat().st_mtime))
+    except OSError:
+        date = "unknown"
+    return dict(device=str(summary.get("device", "unknown")),
+                torch=str(summary.get("torch_version", "unknown")), triton="unknown",
+                date=date, git_rev="unknown")  # fmt: skip
 
 
 def recorded_of(args) -> dict[str, dict]:

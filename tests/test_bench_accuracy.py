@@ -229,7 +229,7 @@ def test_no_mode_can_name_another_modes_files(tmp_path):
 def finish(root: Path, run: AR.Run, s: dict) -> None:
     """Lay out a finished run's folder as dtl-train leaves it."""
     folder = run.folder(root)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # execute writes its provenance first
     (folder / "config.json").write_text(json.dumps(run.options()))
     (folder / "summary.json").write_text(json.dumps(s))
 
@@ -488,44 +488,76 @@ def test_a_run_folder_wins_over_a_recorded_row(tmp_path, monkeypatch):
 
 
 def test_a_run_folder_keeps_where_and_at_which_revision_it_trained(tmp_path, monkeypatch):
-    """A report written later, from other code, does not stamp its own revision on runs
-    trained before: a folder's provenance.json (written after its run) wins, a folder
-    without one takes the committed row's, and only a run known nowhere else gets this
-    process's. The file is untrusted."""
+    """A report written later, from other code, never stamps its own revision on runs it
+    reads from folders: a folder's provenance.json (written when its run starts) wins; a
+    folder without one takes the committed row's only where that row is this folder's run
+    (same numbers; never the row's device), else what the folder says (revision unknown).
+    The file is untrusted."""
+    import os
     import subprocess
 
     results, root = tmp_path / "results", tmp_path / "runs"
     run = AR.Run("dinov2", "elpv", "dtl", "select", 1e-2, 0, 30, max_train=1000)
-    trained = dict(device="gpu box", torch="1.0", triton="-", date="2026-01-01", git_rev="aaa")
+    trained = dict(device="cuda:0", torch="1.0", triton="3.0", date="2026-01-01", git_rev="aaa")
     from accuracy_tables import write_csv
 
     results.mkdir()
-    write_csv(results / "accuracy_study_runs.csv", R.RUN_FIELDS,
-              [R.run_row(run, summary(0.5))], trained)  # fmt: skip
-    finish(root, run, summary(0.9))
+    csv_path = results / "accuracy_study_runs.csv"
+    write_csv(csv_path, R.RUN_FIELDS, [R.run_row(run, summary(0.9))], trained)
+    finish(root, run, summary(0.9, torch_version="1.0"))  # the row's run: same numbers
     args = B.parse_args(["--results", str(results), "--out", str(root), "--max-train", "1000"])
-    trained["device"] = "cpu"  # a row's device column is the summary's (cpu / cuda)
     got = B.executing(args)([run])[run]
-    assert got["test_acc"] == 0.9 and got["recorded"] == trained  # the folder's numbers
-    assert B.Planner(root, B.recorded_of(args))([run])[run]["recorded"] == trained
-    own = dict(torch="2.0", triton="3.0", date="2026-02-02", git_rev="bbb")
-    (run.folder(root) / "provenance.json").write_text(json.dumps(own))
+    assert got["test_acc"] == 0.9 and got["recorded"]["git_rev"] == "aaa"
+    assert got["recorded"]["date"] == "2026-01-01" and got["recorded"]["device"] == "cpu"
+    assert R.run_row(run, got)["device"] == "cpu"  # the folder's own, not the row's cuda:0
+    assert B.Planner(root, B.recorded_of(args))([run])[run]["recorded"] == got["recorded"]
+    # a row of another run (other numbers): the folder's own account, revision unknown
+    write_csv(csv_path, R.RUN_FIELDS, [R.run_row(run, summary(0.5))], trained)
+    got = B.executing(args)([run])[run]
+    assert got["recorded"]["git_rev"] == "unknown" and got["recorded"]["torch"] == "1.0"
+    own = dict(device="cpu", torch="2.0", triton="3.0", date="2026-02-02", git_rev="bbb")
+    prov = run.folder(root) / "provenance.json"
+    prov.write_text(json.dumps(own))
     assert B.executing(args)([run])[run]["recorded"] == own
-    row = R.run_row(run, B.executing(args)([run])[run])
-    assert (row["device"], row["git_rev"], row["torch"]) == ("cpu", "bbb", "2.0")
     for bad in ("{not json", json.dumps(dict(own, extra="x")), json.dumps(dict(own, torch=3)),
-                json.dumps(dict(own, date="x" * 500)), json.dumps([1, 2])):  # fmt: skip
-        (run.folder(root) / "provenance.json").write_text(bad)
-        assert B.executing(args)([run])[run]["recorded"] == trained, bad
-    # execute writes it after the run, from this process's environment
+                json.dumps(dict(own, date="x" * 500)), json.dumps([1, 2]),
+                json.dumps(own) + " " * 5000):  # fmt: skip
+        prov.write_text(bad)
+        assert B.executing(args)([run])[run]["recorded"]["git_rev"] == "unknown", bad
+    prov.unlink()
+    os.mkfifo(prov)  # never opened: a FIFO would block the read
+    assert AR.read_provenance(run.folder(root)) is None
+    prov.unlink()
+
+    # execute: the provenance of the run's start, kept across a resume
     other = AR.Run("dinov2", "elpv", "dtl", "select", 3e-2, 0, 30, max_train=1000)
+    monkeypatch.setenv("DTL_GIT_REV", "at-launch")
 
     def fake_run(cmd, **kwargs):
-        finish(root, other, summary(0.7))
+        os.environ["DTL_GIT_REV"] = "committed-while-it-trained"
+        if not other.folder(root).joinpath("summary.json").exists():
+            finish(root, other, summary(0.7))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(AR.subprocess, "run", fake_run)
-    monkeypatch.setenv("DTL_GIT_REV", "ccc")
     got = AR.execute(other, root)
-    assert got["test_acc"] == 0.7 and got["recorded"]["git_rev"] == "ccc"
-    assert set(got["recorded"]) == {"torch", "triton", "date", "git_rev"}
+    assert got["test_acc"] == 0.7 and got["recorded"]["git_rev"] == "at-launch"
+    assert set(got["recorded"]) == set(AR.PROVENANCE) and got["recorded"]["device"] == "cpu"
+    monkeypatch.setattr(AR, "interrupted", lambda run, root: True)
+    (other.folder(root) / "summary.json").unlink()  # as if interrupted: --resume
+    assert AR.execute(other, root)["recorded"]["git_rev"] == "at-launch"  # its first start
+    monkeypatch.setattr(AR, "interrupted", lambda run, root: False)
+    (other.folder(root) / "summary.json").unlink()  # started afresh: --overwrite
+    assert AR.execute(other, root)["recorded"]["git_rev"] == "committed-while-it-trained"
+
+    # a diverged run: its row says where it ran too
+    diverging = AR.Run("dinov2", "elpv", "dtl", "select", 1e-1, 0, 30, max_train=1000)
+
+    def diverges(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 3, "", "non-finite")
+
+    monkeypatch.setattr(AR.subprocess, "run", diverges)
+    got = AR.execute(diverging, root)
+    assert got["diverged"] and got["recorded"]["device"] == "cpu"
+    row = R.run_row(diverging, AR.finished(diverging, root))
+    assert row["device"] == "cpu" and row["git_rev"] == "committed-while-it-trained"
