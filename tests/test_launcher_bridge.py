@@ -168,3 +168,37 @@ def test_a_failed_registration_leaves_nothing_registered():
     for op in ("bridge_half_fwd", "bridge_half_bwd"):
         for key in ("CPU", "CUDA"):
             assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", key)
+
+
+def test_triton_ops_agree_through_the_bridge_and_torch_library():
+    """The Triton ops (interpreted on CPU tensors) give the same forward and backward
+    through the bridge and through torch.library's Python kernels (``DTL_KERNELS_DIRECT=0``
+    leaves ``_C_bind``, and with it the bridge, out)."""
+    pytest.importorskip("triton")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, torch\n"
+        "from dtl_kernels.ops import triton_side as ts\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "y, t, u = (torch.randn(2, 5, 16, generator=g), torch.randn(2, 5, 4, generator=g),\n"
+        "           torch.randn(16, 4, generator=g))\n"
+        "w = torch.randn(16, 1, 3, 3, generator=g)\n"
+        "out = torch.ops.dtl_kernels.triton_side_forward(y, t, u, w, 2, 2, 1, 3.0)\n"
+        "grads = torch.ops.dtl_kernels.triton_side_backward(out, t, u, w, 2, 2, 1, 3.0)\n"
+        "print(json.dumps([ts.LAUNCHER_PATH] + [x.flatten().tolist() for x in (out, *grads)]))\n"
+    )
+    got = {}
+    for direct in ("1", "0"):
+        env = {**os.environ, "TRITON_INTERPRET": "1", "DTL_KERNELS_DIRECT": direct,
+               "PYTHONWARNINGS": "ignore"}  # fmt: skip
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        path, *values = json.loads(run.stdout.strip().splitlines()[-1])
+        got[path] = values
+    assert set(got) == {"bridge", "torch.library"}
+    assert got["bridge"] == got["torch.library"]
