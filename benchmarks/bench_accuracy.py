@@ -141,12 +141,13 @@ def reused(r: Run, root: Path, recorded: dict[str, dict]) -> dict | None:
         return record
     if "recorded" in done:
         return done
+    own = folder_provenance(r.folder(root), done)
     if record is not None and _same_numbers(done, record):
-        kept = {k: v for k, v in record["recorded"].items() if k != "device"}
-        if done.get("diverged"):
-            kept["device"] = record["recorded"].get("device", "")
-        return {**done, "recorded": {**folder_provenance(r.folder(root), done), **kept}}
-    return {**done, "recorded": folder_provenance(r.folder(root), done)}
+        kept = dict(record["recorded"])
+        if not done.get("diverged"):  # the summary has its own device; a divergence has none
+            kept.pop("device", None)
+        own.update(kept)
+    return {**done, "recorded": own}
 
 
 def _same_numbers(summary: dict, record: dict) -> bool:

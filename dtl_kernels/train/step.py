@@ -208,13 +208,13 @@ class Stepper:
         flags any inf / NaN) and one read-back per device, instead of two kernels per
         gradient — DTL trains two tensors per adapted block, each a launch of host time on
         a GPU. Gradients that kernel does not take are checked one by one."""
-        grads = [p.grad for p in self.params if p.grad is not None]
-        fused, single = [], []
-        for g in grads:
-            (fused if _fused_checkable(g) else single).append(g)
         groups: dict[tuple, list[torch.Tensor]] = {}  # one multi-tensor launch per dtype
-        for g in fused:
-            groups.setdefault((g.device, g.dtype), []).append(g)
+        single = []
+        for g in (p.grad for p in self.params if p.grad is not None):
+            if _fused_checkable(g):
+                groups.setdefault((g.device, g.dtype), []).append(g)
+            else:
+                single.append(g)
         found: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for (device, _), group in groups.items():
             if device not in found:  # set to 1 by any group of the device, never reset
