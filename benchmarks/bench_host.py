@@ -12,9 +12,9 @@ every DTL model's backbone is frozen: under autocast each weight that requires g
 through autocast's cast cache, ~10 % of this forward, which a frozen one skips),
 ``linear`` (head only), ``full`` (everything trains), ``lora`` (PEFT LoRA r = 8 on every
 ``qkv``), ``dtl_ref`` (DTL on the eager published formulation), ``dtl`` / ``dtl+`` on the
-compiled C++ kernels (``cpu``) and on the Triton launchers with the kernel launch replaced
-by a no-op (``triton*``: everything the Triton path does on the host, nothing on a
-device). ``tail_floor`` is the host work every DTL
+compiled C++ kernels (``cpu``) and on the Triton launchers with Triton's driver replaced
+by a recorder (``triton*``: everything the Triton path does on the host, Triton's own launch
+path included, up to the driver's launch call; nothing runs on a device). ``tail_floor`` is the host work every DTL
 step does whatever its side network costs: the linear probe's step plus the input-gradient
 backward through the frozen blocks after ``M`` (8–12), with no side network at all; a DTL
 step's ratio to full fine-tuning cannot go below ``tail_floor``'s.
@@ -115,20 +115,23 @@ def _gradient_from(model, first: int):
 
 
 @contextlib.contextmanager
-def triton_without_launches():
-    """The Triton path on CPU tensors with every kernel launch a no-op: its host work only
-    (planning, checks, temporaries, the custom-op glue). Outputs are uninitialised."""
-    from dtl_kernels.ops import side, triton_side
+def triton_launches_recorded():
+    """The Triton path on CPU tensors with Triton's driver replaced by a recorder
+    (``triton_fake_driver.py``): all of its host work -- planning, checks, temporaries, the
+    op glue and Triton's own launch path (the JIT's first launch, then direct launches) --
+    up to ``cuLaunchKernel``, which is never called. Kernels compile for sm_90 on first use
+    (about a second each). Outputs are uninitialised."""
+    from triton_fake_driver import fake_cuda_driver
 
-    saved = (triton_side._launch, triton_side._require_launchable, side.BACKENDS["triton"])
-    triton_side._launch = lambda *args, **kwargs: None
-    triton_side._require_launchable = lambda x: None
-    side.BACKENDS["triton"] = dataclasses.replace(saved[2], runs=lambda x: True)
+    from dtl_kernels.ops import side
+
+    saved = side.BACKENDS["triton"]
+    side.BACKENDS["triton"] = dataclasses.replace(saved, runs=lambda x: True)
     try:
-        yield
+        with fake_cuda_driver(keep_calls=False):
+            yield
     finally:
-        triton_side._launch, triton_side._require_launchable = saved[:2]
-        side.BACKENDS["triton"] = saved[2]
+        side.BACKENDS["triton"] = saved
 
 
 # -- measurements --------------------------------------------------------------------------
@@ -255,7 +258,7 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 def measure(names: list[str], amp: bool, reps: int) -> dict:
     """Every measurement of the providers ``names`` in one precision."""
-    with triton_without_launches():
+    with triton_launches_recorded():
         providers = [Provider(n, amp) for n in names]
         infer = round_robin(providers, "infer", reps, warmup=5)
         step = round_robin(providers, "step", reps, warmup=5)

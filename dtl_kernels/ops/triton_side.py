@@ -107,7 +107,7 @@ import os
 
 import torch
 
-from . import _ext, contract
+from . import _ext, contract, triton_launch
 
 try:
     import triton
@@ -1104,8 +1104,8 @@ def _device_of(x: torch.Tensor):
 
 
 def _launch(cfg: dict, *args, **consts) -> None:
-    kernel = globals()[cfg["kernel"]]
-    kernel[cfg["grid"]](*args, *cfg["args"], **{**cfg["meta"], **consts})
+    # through Triton's JIT the first time per plan and alignment, then directly
+    triton_launch.launch(globals()[cfg["kernel"]], cfg, args, consts)
 
 
 def _consts(x: torch.Tensor, taps: torch.Tensor, row_tensors: tuple) -> dict:
@@ -1152,6 +1152,9 @@ def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
         return k, None, None  # nothing to launch (and not stored: no plan for empty shapes)
     _require_launchable(y)
     p = _plan_for(y, taps, k, grid_h, grid_w, det)
+    if triton_launch.ENABLED and not _interpreted():
+        for launch in ("fwd", "bwd", "finish"):  # each keeps its compiled kernels
+            p[launch][triton_launch.CACHE_KEY] = triton_launch.CompiledLaunches()
     consts = _consts(y, taps, (y, taps))  # the outputs are contiguous: FLAT as for y
     if op == "triton_side_backward":
         consts["SGN"] = y.stride(1) if k else 0

@@ -1,0 +1,245 @@
+"""Direct Triton launches (``dtl_kernels.ops.triton_launch``) pass what Triton's JIT passes.
+
+No GPU: a worker process runs the Triton launchers on CPU tensors with Triton's driver
+replaced by a recorder (``benchmarks/triton_fake_driver.py``): every kernel compiles for
+sm_90 for real, and each launch's arguments (grid, stream, kernel handle, metadata, bound
+arguments) are recorded instead of launched. Run with the venv's Triton; also with the GPU
+machine's pinned Triton where ``DTL_CODEGEN_TRITON`` names it (as ``test_codegen.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------
+# The worker (a subprocess: Triton's driver is swapped for the whole process)
+# --------------------------------------------------------------------------------------
+
+
+def _via(call) -> str:
+    """``jit`` when Triton's JIT made the launch (it passes its hook chains), else ``direct``."""
+    return "jit" if call[1][7] is not None else "direct"
+
+
+def _same_bound_args(a, b) -> bool:
+    """The arguments after the launcher's nine header items: the same objects / values."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=False):
+        if x is y:
+            continue
+        if type(x) is not type(y) or hasattr(x, "data_ptr") or x != y:
+            return False
+    return True
+
+
+def _same_structure(a, b) -> bool:
+    """Two launches of one spec: equal values, tensors of equal shape / stride / dtype /
+    alignment (fresh outputs are other tensors)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=False):
+        if hasattr(x, "data_ptr"):
+            if (x.shape, x.stride(), x.dtype, x.data_ptr() % 16) != (
+                y.shape, y.stride(), y.dtype, y.data_ptr() % 16
+            ):  # fmt: skip
+                return False
+        elif type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+def _worker() -> dict:
+    import torch
+    import triton
+    from triton import knobs
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from triton_fake_driver import FakeCudaDriver, fake_cuda_driver
+
+    from dtl_kernels.ops import triton_launch
+    from dtl_kernels.ops import triton_side as ts
+
+    torch.manual_seed(0)
+    report = {"triton": triton.__version__, "enabled": triton_launch.ENABLED}
+    if not triton_launch.ENABLED:
+        return report
+    y, taps, ups = torch.randn(2, 5, 16), torch.randn(2, 5, 4), torch.randn(16, 4)
+    with fake_cuda_driver() as fake:
+        # 1. A direct launch passes exactly what the JIT passed for the same launch
+        seen = []
+        real_launch = ts._launch
+
+        def spy(cfg, *args, **consts):
+            seen.append((cfg, args, consts))
+            real_launch(cfg, *args, **consts)
+
+        ts._launch = spy
+        ts._SPECS.clear()
+        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        ts._launch = real_launch
+        cfg, args, consts = seen[0]
+        jit_call = fake.calls[-1]
+        triton_launch.launch(getattr(ts, cfg["kernel"]), cfg, args, consts)
+        direct = fake.calls[-1]
+        head_j, head_d = jit_call[1][:9], direct[1][:9]
+        report["replay"] = {
+            "vias": [_via(jit_call), _via(direct)],
+            "header equal": head_j[:6] == head_d[:6],
+            "stream": head_d[3],
+            "direct metadata and hooks": list(head_d[6:]),
+            "jit hooks idle": all(getattr(h, "calls", None) == [] for h in head_j[7:]),
+            "bound args identical": _same_bound_args(jit_call[1][9:], direct[1][9:]),
+            "bound args": len(direct[1]) - 9,
+            "kernel params": len(getattr(ts, cfg["kernel"]).params),
+        }
+
+        # 2. Forward and backward twice, DTL in float32 and DTL+ k = 3 in the autocast mix
+        cases = {
+            "dtl fp32": (y, taps, ups, None, 0, 0, 0),
+            "dtl+ k3 mix": (
+                torch.randn(2, 5, 16),
+                torch.randn(2, 5, 4).bfloat16(),
+                torch.randn(16, 4).bfloat16(),
+                torch.randn(16, 1, 3, 3),
+                2,
+                2,
+                1,
+            ),  # fmt: skip
+        }
+        for name, (yy, tt, uu, w, gh, gw, npre) in cases.items():
+            ts._SPECS.clear()
+            fake.calls.clear()
+            for _ in range(2):
+                ts.side_fwd(yy, tt, uu, w, gh, gw, npre, 100.0)
+                ts.side_bwd(yy, tt, uu, w, gh, gw, npre, 100.0)
+            calls = fake.calls
+            half = len(calls) // 2
+            report[name] = {
+                "launches": [f"{c[0]}:{_via(c)}" for c in calls],
+                "second pass as the first": all(
+                    a[0] == b[0] and a[1][:6] == b[1][:6] and _same_structure(a[1][9:], b[1][9:])
+                    for a, b in zip(calls[:half], calls[half:], strict=False)
+                ),
+            }
+
+        # 3. Another alignment of an input: the JIT specialises again, then direct
+        ts._SPECS.clear()
+        fake.calls.clear()
+        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        flat = torch.empty(y.numel() + 1)
+        shifted = flat[1:].view(y.shape)  # 4 bytes off: not 16-byte aligned
+        shifted.copy_(y)
+        ts.side_fwd(shifted, taps, ups, None, 0, 0, 0, 100.0)
+        ts.side_fwd(shifted, taps, ups, None, 0, 0, 0, 100.0)
+        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        calls = fake.calls
+        report["alignment"] = {
+            "vias": [_via(c) for c in calls],
+            "other kernel for the shifted input": calls[1][1][4] != calls[0][1][4],
+            "same kernel again": calls[2][1][4] == calls[1][1][4]
+            and calls[3][1][4] == calls[0][1][4],
+        }
+
+        # 4. A launch hook (a profiler) is handed every launch: the JIT makes them all
+        ts._SPECS.clear()
+        fake.calls.clear()
+        hooked, handed = [], 0
+        knobs.runtime.launch_enter_hook.add(hooked.append)
+        try:
+            for _ in range(3):
+                ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+                enter = fake.calls[-1][1][7]
+                handed += enter is not None and hooked.append in enter.calls
+        finally:
+            knobs.runtime.launch_enter_hook.remove(hooked.append)
+        for _ in range(2):
+            ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        report["hook"] = {"vias": [_via(c) for c in fake.calls], "hook handed": handed}
+
+        # 5. Switched off: the JIT every time
+        ts._SPECS.clear()
+        fake.calls.clear()
+        triton_launch.ENABLED = False
+        try:
+            for _ in range(2):
+                ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        finally:
+            triton_launch.ENABLED = True
+        report["disabled"] = {"vias": [_via(c) for c in fake.calls]}
+    report["fake stream"] = FakeCudaDriver.STREAM
+    return report
+
+
+# --------------------------------------------------------------------------------------
+# pytest side
+# --------------------------------------------------------------------------------------
+
+
+def _run_worker(pythonpath: list[str], tmp_path) -> dict:
+    pytest.importorskip("triton")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath), PYTHONWARNINGS="ignore")
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("DTL_KERNELS_TRITON_DIRECT", None)
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check(report: dict) -> None:
+    if not report["enabled"]:
+        pytest.skip(f"direct launches are not checked for Triton {report['triton']}")
+    replay = report["replay"]
+    assert replay["vias"] == ["jit", "direct"]
+    assert replay["header equal"] and replay["jit hooks idle"]
+    assert replay["stream"] == report["fake stream"]
+    assert replay["direct metadata and hooks"] == [None, None, None]
+    assert replay["bound args identical"]
+    assert replay["bound args"] == replay["kernel params"]  # every parameter, constexprs too
+    fwd, bwd, finish = "_fwd_kernel", "_bwd_kernel", "_bwd_finish_kernel"
+    dtl = report["dtl fp32"]
+    assert dtl["launches"] == [f"{fwd}:jit", f"{bwd}:jit", f"{finish}:jit",
+                               f"{fwd}:direct", f"{bwd}:direct", f"{finish}:direct"]  # fmt: skip
+    assert dtl["second pass as the first"]
+    mix = report["dtl+ k3 mix"]
+    assert mix["launches"] == ["_fwd_conv_kernel:jit", f"{bwd}:jit", f"{finish}:jit",
+                               "_fwd_conv_kernel:direct", f"{bwd}:direct",
+                               f"{finish}:direct"]  # fmt: skip
+    assert mix["second pass as the first"]
+    align = report["alignment"]
+    assert align["vias"] == ["jit", "jit", "direct", "direct"]
+    assert align["other kernel for the shifted input"] and align["same kernel again"]
+    # with the hook gone, the next launch goes through the JIT once more (nothing was kept
+    # while the hook was there), then directly
+    assert report["hook"] == {"vias": ["jit"] * 4 + ["direct"], "hook handed": 3}
+    assert report["disabled"]["vias"] == ["jit", "jit"]
+
+
+def test_direct_launches_pass_what_the_jit_passes(tmp_path):
+    _check(_run_worker([str(ROOT)], tmp_path))
+
+
+def test_direct_launches_with_the_gpu_machines_triton(tmp_path):
+    folder = os.environ.get("DTL_CODEGEN_TRITON")
+    if not folder:
+        pytest.skip("set DTL_CODEGEN_TRITON to a `pip install --target DIR triton==3.6.0`")
+    report = _run_worker([folder, str(ROOT)], tmp_path)
+    assert report["triton"].startswith("3.6")
+    _check(report)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    print(json.dumps(_worker()))
