@@ -14,10 +14,10 @@ through autocast's cast cache, ~10 % of this forward, which a frozen one skips),
 ``qkv``), ``dtl_ref`` (DTL on the eager published formulation), ``dtl`` / ``dtl+`` on the
 compiled C++ kernels (``cpu``) and on the Triton launchers with Triton's driver replaced
 by a recorder (``triton*``: everything the Triton path does on the host, Triton's own launch
-path included, up to the driver's launch call; nothing runs on a device). ``tail_floor`` is the host work every DTL
-step does whatever its side network costs: the linear probe's step plus the input-gradient
-backward through the frozen blocks after ``M`` (8–12), with no side network at all; a DTL
-step's ratio to full fine-tuning cannot go below ``tail_floor``'s.
+path included, up to the driver's launch call; nothing runs on a device). ``tail_floor``
+is the host work every DTL step does whatever its side network costs: the linear probe's
+step plus the input-gradient backward through the frozen blocks after ``M`` (8–12), with
+no side network at all; a DTL step's ratio to full fine-tuning cannot go below ``tail_floor``'s.
 
 Measured (``bench_host.csv``, ``bench_host.png``):
 

@@ -16,7 +16,8 @@ Protocol (the same on every device):
   formulation) / dtl / dtl+ (k = 3 ViT, 5 Swin);
 * inference: eval forward under ``torch.no_grad`` at each ``--infer-batches``, plain timm /
   dtl / dtl+ (and ``dtl_cuda``, DTL on the CUDA C++ kernels, where they run: ``auto`` puts
-  Triton first, whose launches cost Python per add-back), eager and (on a GPU) replayed
+  Triton first, whose launches cost Python per add-back; and ``dtl_jit``, ``dtl`` with
+  every Triton launch through Triton's JIT, on a GPU), eager and (on a GPU) replayed
   from a captured CUDA graph, which removes the host from the measurement; one
   ``torch.compile(mode="reduce-overhead")`` DTL point shows the compiled path.
 
@@ -42,7 +43,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results  # noqa: E402
 
 from dtl_kernels import create_model  # noqa: E402
+from dtl_kernels.ops import triton_launch  # noqa: E402
 from dtl_kernels.optim import adamw  # noqa: E402
+
+_DIRECT = triton_launch.ENABLED  # as this process found it (DTL_KERNELS_TRITON_DIRECT)
 
 NUM_CLASSES = 10
 TRAIN = ("full", "linear", "lora", "dtl_ref", "dtl", "dtl+")
@@ -50,6 +54,9 @@ INFER = ("timm", "dtl", "dtl+")
 #: inference beside ``dtl`` (``auto``: Triton first on CUDA) where the CUDA C++ kernels run:
 #: DTL on them, no Python per add-back — which backend small batches should take
 INFER_CUDA = ("dtl_cuda",)
+#: ``dtl`` with every Triton launch through Triton's JIT (``triton_launch.ENABLED`` off
+#: during its calls): what the direct launches save on the GPU, where Triton runs
+INFER_TRITON_JIT = ("dtl_jit",)
 
 
 def build(name: str, provider: str, device: str, img: int) -> torch.nn.Module:
@@ -66,7 +73,7 @@ def build(name: str, provider: str, device: str, img: int) -> torch.nn.Module:
                 cfg = peft.LoraConfig(r=8, target_modules=["qkv"], modules_to_save=["head"])
                 model = peft.get_peft_model(model, cfg)
             return model
-        method = {"dtl_ref": "dtl", "dtl": "dtl", "dtl_cuda": "dtl"}.get(provider, provider)
+        method = {"dtl_ref": "dtl", "dtl_cuda": "dtl", "dtl_jit": "dtl"}.get(provider, provider)
         model = create_model(name, method=method, num_classes=NUM_CLASSES, **kw)
     if model.csn is not None:
         model.csn.backend = {"dtl_ref": "reference", "dtl_cuda": "cuda"}.get(provider, "auto")
@@ -156,9 +163,15 @@ def infer_calls(name, providers, device, batch, img, amp, graphs: bool) -> dict[
         # autocast's cast cache (host time a frozen DTL backbone does not pay; bench_host.py)
         model = build(name, provider, device, img).eval().requires_grad_(False)
 
-        def fwd(model=model):
+        def fwd(model=model, direct=provider != "dtl_jit"):
             with torch.no_grad(), torch.autocast(device, dtype=amp, enabled=amp is not None):
-                return model(x)
+                if direct:
+                    return model(x)
+                triton_launch.ENABLED = False
+                try:
+                    return model(x)
+                finally:
+                    triton_launch.ENABLED = _DIRECT
 
         calls[provider] = fwd
         if graphs:
@@ -239,6 +252,7 @@ def main() -> int:
                   f"(IQR {stats(s)[1]:.2f}–{stats(s)[2]:.2f}){gpu_busy}", flush=True)  # fmt: skip
         del calls
         infer = INFER + (INFER_CUDA if _cuda_kernels_run(args.device) else ())
+        infer += INFER_TRITON_JIT if gpu and _DIRECT else ()
         for batch in args.infer_batches:
             calls = infer_calls(name, infer, args.device, batch, args.img, amp, graphs=gpu)
             samples = round_robin(calls, timer, args.reps, args.warmup)
