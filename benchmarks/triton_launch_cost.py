@@ -12,8 +12,9 @@ quartiles; the output states the machine's load.
 
     python benchmarks/triton_launch_cost.py [--reps 2000] [--out benchmarks/results]
 
-Writes ``triton_launch_cost.csv`` / ``.md``. Run it with the GPU machine's Triton too:
-``PYTHONPATH=build/triton-3.6.0:. python benchmarks/triton_launch_cost.py``.
+Writes ``triton_launch_cost-triton<version>.csv`` / ``.md``. Run it with the GPU machine's
+Triton too: ``PYTHONPATH=build/triton-3.6.0:. python benchmarks/triton_launch_cost.py``
+(``make codegen-check`` installs that Triton there).
 """
 
 from __future__ import annotations
@@ -107,7 +108,8 @@ def main(argv=None) -> None:
             w.writeheader()
             w.writerows({**r, **env} for r in rows)
 
-    atomic_write(a.out / "triton_launch_cost.csv", write_csv)
+    stem = f"triton_launch_cost-triton{triton.__version__}"
+    atomic_write(a.out / f"{stem}.csv", write_csv)
     md = [
         f"Triton {triton.__version__}, {machine()}, load {env['load']}, {a.reps} rounds, "
         "thread CPU time per call (µs, median [p25, p75]); launch recorded, not made.",
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
                       f"{d['median_us']} [{d['p25_us']}, {d['p75_us']}] | "
                       f"{j['median_us'] - d['median_us']:.1f} |")  # fmt: skip
     text = "\n".join(md) + "\n"
-    atomic_write(a.out / "triton_launch_cost.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(a.out / f"{stem}.md", lambda tmp: Path(tmp).write_text(text))
     print("\n".join(md))
 
 
