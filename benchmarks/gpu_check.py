@@ -348,6 +348,7 @@ def main() -> int:
                     *xdist,
                     "tests/test_side_cuda.py",
                     "tests/test_side_triton.py",
+                    "tests/test_triton_launch.py",
                     "tests/test_side_step.py",
                     "tests/test_walk.py",
                 ],

@@ -241,5 +241,105 @@ def test_direct_launches_with_the_gpu_machines_triton(tmp_path):
     _check(report)
 
 
+# --------------------------------------------------------------------------------------
+# On a GPU (make gpu-check's pytest stage): the direct launches give the JIT's bits
+# --------------------------------------------------------------------------------------
+
+
+def _need_gpu():
+    pytest.importorskip("triton")
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("this process runs Triton interpreted")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (none visible): the direct launches are not run here")
+    from dtl_kernels.ops import triton_launch
+
+    if not triton_launch.ENABLED:
+        pytest.skip("direct launches are off (Triton version or DTL_KERNELS_TRITON_DIRECT)")
+
+
+def _gpu_case(k: int, y_dtype, side_dtype, shifted: bool = False):
+    """ViT-B/16-like rows at batch 2: y (2, 197, 768), K = 24; DTL+ on the 14×14 grid."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (2, 197, 768)
+    if shifted:  # y one element past an aligned start: another specialisation
+        y = torch.empty(2 * 197 * 768 + 1, device="cuda", dtype=y_dtype)[1:].view(shape)
+        y.copy_(torch.randn(shape, generator=g, device="cuda"))
+    else:
+        y = torch.randn(shape, generator=g, device="cuda").to(y_dtype)
+    taps = torch.randn(2, 197, 24, generator=g, device="cuda").to(side_dtype)
+    ups = (0.1 * torch.randn(768, 24, generator=g, device="cuda")).to(side_dtype)
+    w = (0.2 * torch.randn(768, 1, k, k, generator=g, device="cuda")).to(y_dtype) if k else None
+    return (y, taps, ups, w, 14, 14, 1, 100.0) if k else (y, taps, ups, None, 0, 0, 0, 100.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "k,y_dtype,side_dtype,shifted",
+    [
+        (0, "float32", "float32", False),
+        (0, "float32", "bfloat16", False),
+        (0, "bfloat16", "bfloat16", True),
+        (3, "float32", "bfloat16", False),
+        (5, "bfloat16", "bfloat16", True),
+    ],
+)
+def test_gpu_direct_launches_give_the_jits_bits(k, y_dtype, side_dtype, shifted, monkeypatch):
+    """Forward and (deterministic) backward through the JIT, then the same calls launched
+    directly (the first call of the spec fills, the next two are direct): the same bits."""
+    _need_gpu()
+    import torch
+
+    from dtl_kernels.ops import triton_launch
+    from dtl_kernels.ops import triton_side as ts
+
+    monkeypatch.setenv("DTL_KERNELS_DETERMINISTIC", "1")  # a backward with fixed order
+    args = _gpu_case(k, getattr(torch, y_dtype), getattr(torch, side_dtype), shifted)
+    ts._SPECS.clear()
+    monkeypatch.setattr(triton_launch, "ENABLED", False)
+    want = (ts.side_fwd(*args), *ts.side_bwd(*args))
+    monkeypatch.setattr(triton_launch, "ENABLED", True)
+    ts._SPECS.clear()
+    runs = [(ts.side_fwd(*args), *ts.side_bwd(*args)) for _ in range(3)]
+    torch.cuda.synchronize()
+    spec = ts._launch_spec("triton_side_forward", *args)
+    assert len(spec[1]["fwd"][triton_launch.CACHE_KEY].kernels) == 1  # it did launch directly
+    for got in runs:
+        assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+@pytest.mark.gpu
+def test_gpu_direct_launches_on_a_side_stream_and_in_a_cuda_graph():
+    """A direct launch goes to the current stream: on a side stream, and captured into a
+    CUDA graph whose replay then follows new input values."""
+    _need_gpu()
+    import torch
+
+    from dtl_kernels.ops import triton_side as ts
+
+    args = _gpu_case(3, torch.float32, torch.bfloat16)
+    ts._SPECS.clear()
+    want = ts.side_fwd(*args)  # through the JIT: fills
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        on_side = ts.side_fwd(*args)  # direct, on the side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(on_side, want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ts.side_fwd(*args)
+    y = args[0]
+    y.mul_(0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, ts.side_fwd(*args))
+    assert not torch.equal(captured, want)
+
+
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
     print(json.dumps(_worker()))
