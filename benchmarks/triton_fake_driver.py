@@ -41,13 +41,19 @@ class FakeCudaDriver:
         self.target = GPUTarget("cuda", arch, 32)
         self.keep_calls = keep_calls
         self.calls: list = []  # (kernel name, launcher arguments) per launch
+        self.unloaded: list = []  # module handles Triton unloaded (3.8: a kernel collected)
         handles = itertools.count(1000)
+        unloaded = self.unloaded
 
         class Utils:
             @staticmethod
             def load_binary(name, kernel, shared, device):
                 # (module, function, registers, spills, max threads per block)
                 return next(handles), next(handles), 64, 0, 1024
+
+            @staticmethod
+            def unload_module(module):
+                unloaded.append(module)
 
             @staticmethod
             def get_device_properties(device):
@@ -78,7 +84,9 @@ class FakeCudaDriver:
 def fake_cuda_driver(arch: int = 90, keep_calls: bool = True):
     """Make Triton's JIT compile for sm_``arch`` and record its launches (yields the driver;
     ``keep_calls=False``: forget them); ``triton_side``'s launchers accept CPU tensors
-    meanwhile."""
+    meanwhile. On exit the kernels compiled meanwhile are forgotten (the JIT's caches and
+    ``triton_side``'s launch specs): a real launch later in the process never reaches a
+    recorder."""
     from triton.runtime import driver
 
     from dtl_kernels.ops import triton_side as ts
@@ -91,3 +99,8 @@ def fake_cuda_driver(arch: int = 90, keep_calls: bool = True):
         yield fake
     finally:
         ts._require_launchable, driver._active = saved
+        ts._SPECS.clear()
+        for value in vars(ts).values():
+            caches = getattr(value, "device_caches", None)
+            if caches is not None:
+                caches.clear()

@@ -166,7 +166,49 @@ def _worker() -> dict:
             ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
         report["hook"] = {"vias": [_via(c) for c in fake.calls], "hook handed": handed}
 
-        # 5. Switched off: the JIT every time
+        # 5. TRITON_DEBUG on: the JIT every time (it compiles with debug); an instrumentation
+        # mode (the JIT's compile key) makes the settings non-default too
+        ts._SPECS.clear()
+        fake.calls.clear()
+        knobs.runtime.debug = True
+        try:
+            for _ in range(2):
+                ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        finally:
+            knobs.runtime.debug = False
+        saved_mode = knobs.compilation.instrumentation_mode
+        knobs.compilation.instrumentation_mode = "consan"
+        instrumented_default = triton_launch._jit_settings_default()
+        knobs.compilation.instrumentation_mode = saved_mode
+        report["debug"] = {
+            "vias": [_via(c) for c in fake.calls],
+            "instrumented counts as default": instrumented_default,
+            "default again": triton_launch._jit_settings_default(),
+        }
+
+        # 6. The JIT's cache dropped: a remembered kernel stays loaded (Triton 3.8 unloads a
+        # collected kernel's module), and launches go on with the same handle
+        import gc
+
+        ts._SPECS.clear()
+        fake.calls.clear()
+        fake.unloaded.clear()
+        for _ in range(2):
+            ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        spec = ts._launch_spec("triton_side_forward", y, taps, ups, None, 0, 0, 0, 100.0)
+        (kept,) = spec[1]["fwd"][triton_launch.CACHE_KEY].kernels.values()
+        module = kept[-1].module
+        ts._fwd_kernel.device_caches.clear()
+        gc.collect()
+        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+        calls = fake.calls
+        report["cache dropped"] = {
+            "vias": [_via(c) for c in calls],
+            "same handle": calls[2][1][4] == calls[1][1][4],
+            "its module unloaded": module in fake.unloaded,
+        }
+
+        # 7. Switched off: the JIT every time
         ts._SPECS.clear()
         fake.calls.clear()
         triton_launch.ENABLED = False
@@ -177,6 +219,13 @@ def _worker() -> dict:
             triton_launch.ENABLED = True
         report["disabled"] = {"vias": [_via(c) for c in fake.calls]}
     report["fake stream"] = FakeCudaDriver.STREAM
+    # nothing compiled under the fake driver is left for a real launch to find
+    report["left behind"] = {
+        "specs": len(ts._SPECS),
+        "jit caches": sum(
+            len(v.device_caches) for v in vars(ts).values() if hasattr(v, "device_caches")
+        ),  # fmt: skip
+    }
     return report
 
 
@@ -226,6 +275,11 @@ def _check(report: dict) -> None:
     # while the hook was there), then directly
     assert report["hook"] == {"vias": ["jit"] * 4 + ["direct"], "hook handed": 3}
     assert report["disabled"]["vias"] == ["jit", "jit"]
+    assert report["debug"] == {"vias": ["jit", "jit"], "instrumented counts as default": False,
+                               "default again": True}  # fmt: skip
+    assert report["cache dropped"] == {"vias": ["jit", "direct", "direct"], "same handle": True,
+                                       "its module unloaded": False}  # fmt: skip
+    assert report["left behind"] == {"specs": 0, "jit caches": 0}
 
 
 def test_direct_launches_pass_what_the_jit_passes(tmp_path):

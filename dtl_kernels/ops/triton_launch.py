@@ -12,9 +12,12 @@ afterwards calls that compiled kernel's launcher with the arguments the JIT woul
 (``tests/test_triton_launch.py`` compares them, argument by argument).
 
 The JIT keeps every launch whenever a direct call could differ from it: launch hooks
-registered (profilers such as proton read them), ``TRITON_DEBUG``, a Triton whose launcher
-convention was not checked here (:data:`CHECKED_TRITON`), Triton's interpreter, or
-``DTL_KERNELS_TRITON_DIRECT=0`` (read once, at import).
+registered (profilers such as proton read them), ``TRITON_DEBUG``, an instrumentation mode,
+pre-run hooks, a Triton whose launcher convention was not checked here
+(:data:`CHECKED_TRITON`), Triton's interpreter, or ``DTL_KERNELS_TRITON_DIRECT=0`` (read
+once, at import). Skipped per launch, as for any launch of an already compiled kernel: the
+JIT's check that the module globals a kernel read have not changed since it compiled
+(this package's kernels read none that change).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ except ImportError:  # triton_side reports the missing backend
 #: Triton versions whose ``CompiledKernel.run(gridX, gridY, gridZ, stream, function,
 #: packed_metadata, launch_metadata, enter_hook, exit_hook, *bound_args)`` convention was
 #: checked against ``JITFunction.run`` (3.6: the GPU machine's; 3.8: this venv's).
-CHECKED_TRITON = ((3, 6), (3, 7), (3, 8))
+CHECKED_TRITON = ((3, 6), (3, 8))
 
 #: the key of a planned launch's :class:`CompiledLaunches` (owned by the plan)
 CACHE_KEY = "compiled"
@@ -64,13 +67,22 @@ ENABLED = (
 )
 
 
-def _hooks_idle() -> bool:
-    """No launch hook registered (Triton 3.x keeps them in ``HookChain``s)."""
+def _jit_settings_default() -> bool:
+    """Nothing that the JIT reads per launch is set: no launch hook (Triton 3.x keeps them
+    in ``HookChain``s; profilers such as proton register one), no ``TRITON_DEBUG``, no
+    instrumentation mode, no stage-inspection hook (3.8). These enter the JIT's compile key
+    or its launch, so while any is set every launch goes through the JIT -- and since
+    kernels are only remembered while none is, a remembered kernel is the one the JIT
+    would pick now."""
     rt = knobs.runtime
     for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
         if hook is not None and getattr(hook, "calls", None) != []:
             return False
-    return not rt.debug
+    return (
+        not rt.debug
+        and not knobs.compilation.instrumentation_mode
+        and getattr(rt, "add_stages_inspection_hook", None) is None
+    )
 
 
 def _alignment(args: tuple, positions: tuple) -> int:
@@ -90,19 +102,18 @@ def launch(kernel, cfg: dict, args: tuple, consts: dict) -> None:
     Where ``cfg`` holds a :class:`CompiledLaunches` under :data:`CACHE_KEY`, the compiled
     kernels are kept there (they live as long as the plan: one per device and spec)."""
     known = cfg.get(CACHE_KEY) if ENABLED else None
-    if known is not None and _hooks_idle():
+    if known is not None and _jit_settings_default():
         if known.positions is not None:
             entry = known.kernels.get(_alignment(args, known.positions))
             if entry is not None:
-                run, function, packed, grid, tail, current_device, current_stream = entry
+                run, function, packed, grid, tail, current_device, current_stream, _ = entry
                 stream = current_stream(current_device())
                 run(*grid, stream, function, packed, None, None, None, *args, *tail)
                 return
         full = (*args, *cfg["args"])
         keywords = {**cfg["meta"], **consts}
-        _remember(
-            known, kernel, cfg["grid"], args, full, keywords, kernel[cfg["grid"]](*full, **keywords)
-        )
+        compiled = kernel[cfg["grid"]](*full, **keywords)
+        _remember(known, kernel, cfg["grid"], args, full, keywords, compiled)
         return
     kernel[cfg["grid"]](*args, *cfg["args"], **{**cfg["meta"], **consts})
 
@@ -112,6 +123,8 @@ def _remember(known: CompiledLaunches, kernel, grid, args, full, keywords, compi
     trailing arguments, then the constexprs and defaults in the kernel's parameter order,
     as the JIT binds them."""
     try:
+        if kernel.pre_run_hooks or kernel.debug:
+            return  # the JIT runs or reads these per launch: keep it
         run = compiled.run  # the launcher (its handles were loaded by the launch just made)
         function, packed = compiled.function, compiled.packed_metadata
         rest = kernel.params[len(full) :]
@@ -128,4 +141,7 @@ def _remember(known: CompiledLaunches, kernel, grid, args, full, keywords, compi
     elif known.positions != positions:
         return  # not the same launch after all: keep the JIT
     grid3 = (*grid, 1, 1)[:3]
-    known.kernels[_alignment(args, positions)] = (run, function, packed, grid3, tail, *current)
+    # the compiled kernel itself too: it owns the loaded module (Triton 3.8 unloads it when
+    # the kernel is collected, e.g. after the JIT's cache is cleared)
+    entry = (run, function, packed, grid3, tail, *current, compiled)
+    known.kernels[_alignment(args, positions)] = entry

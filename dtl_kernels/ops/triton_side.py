@@ -1152,7 +1152,7 @@ def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
         return k, None, None  # nothing to launch (and not stored: no plan for empty shapes)
     _require_launchable(y)
     p = _plan_for(y, taps, k, grid_h, grid_w, det)
-    if triton_launch.ENABLED and not _interpreted():
+    if not _interpreted():  # (launch() checks triton_launch.ENABLED per call)
         for launch in ("fwd", "bwd", "finish"):  # each keeps its compiled kernels
             p[launch][triton_launch.CACHE_KEY] = triton_launch.CompiledLaunches()
     consts = _consts(y, taps, (y, taps))  # the outputs are contiguous: FLAT as for y
