@@ -94,6 +94,7 @@ $(VENV)/.bench-stamp: requirements-bench.txt $(VENV)/.deps-stamp
 
 bench: build bench-deps
 	$(BIN)/python benchmarks/bench_host.py
+	$(BIN)/python benchmarks/triton_launch_cost.py --reps 500
 	$(BIN)/python benchmarks/bench_side_op.py --reps 5
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_e2e.py --quick
@@ -102,6 +103,7 @@ bench: build bench-deps
 
 bench-full: build bench-deps
 	$(BIN)/python benchmarks/bench_host.py --reps 200
+	$(BIN)/python benchmarks/triton_launch_cost.py
 	$(BIN)/python benchmarks/bench_side_op.py
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_e2e.py

@@ -92,8 +92,16 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=2000)
     ap.add_argument("--out", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
-    import triton
+    try:
+        import triton
+    except ImportError:
+        print("triton_launch_cost: Triton is not installed: nothing to measure")
+        return
+    from dtl_kernels.ops import triton_launch
 
+    if not triton_launch.ENABLED:  # a Triton not checked, or DTL_KERNELS_TRITON_DIRECT=0
+        print(f"triton_launch_cost: direct launches are off here (Triton {triton.__version__})")
+        return
     load = os.getloadavg()[0]
     rows = measure(a.reps)
     load_after = os.getloadavg()[0]
