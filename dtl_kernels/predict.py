@@ -77,7 +77,6 @@ class Predictor:
         except Exception as exc:  # PIL raises several types for corrupt files
             raise DataError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
 
-    @torch.no_grad()
     def probabilities(self, images: Sequence) -> torch.Tensor:
         """``(len(images), num_classes)`` float32 class probabilities (softmax), on the CPU."""
         out = []
@@ -85,8 +84,11 @@ class Predictor:
             batch = torch.stack(
                 [self.image_tensor(i) for i in images[start : start + self.batch_size]]
             )
-            logits = self.model(batch.to(self.device)).float()
-            out.append(logits.softmax(-1).cpu())
+            # inference mode: less host time per forward than no_grad (no version counters,
+            # no autograd keys); the result is concatenated outside it, an ordinary tensor
+            with torch.inference_mode():
+                logits = self.model(batch.to(self.device)).float()
+                out.append(logits.softmax(-1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def predict(self, images: Sequence, top_k: int = 1) -> list[list[tuple[str, float]]]:

@@ -172,6 +172,11 @@ def test_dtl_predict_gives_the_trainers_predictions(trained, toy, tmp_path, caps
     assert (
         Predictor.from_adapter(trained["adapter"]).predict(files[:1])[0][0][0] == rows[0]["class_1"]
     )
+    # computed in inference mode, returned as an ordinary tensor (in-place edits allowed)
+    got = Predictor.from_adapter(trained["adapter"], batch_size=3).probabilities(files[:5])
+    assert not got.is_inference() and got.shape == (5, len(model.class_names))
+    torch.testing.assert_close(got, probs[[order[str(f)] for f in files[:5]]], rtol=0, atol=2e-6)
+    got.mul_(1.0)
     capsys.readouterr()
     assert predict([str(files[0]), "--adapter", str(trained["adapter"])]) == 0
     assert capsys.readouterr().out.splitlines()[1].startswith(str(files[0]) + ",")
