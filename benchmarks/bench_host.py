@@ -21,7 +21,8 @@ no side network at all; a DTL step's ratio to full fine-tuning cannot go below `
 
 Measured (``bench_host.csv``, ``bench_host.png``):
 
-* ``infer_us``: an eval forward under ``torch.no_grad``; ``step_us``: forward +
+* ``infer_us``: an eval forward under ``torch.no_grad`` (``infer_im_us``: the same in
+  inference mode, as ``Predictor`` runs it); ``step_us``: forward +
   cross-entropy + backward + AdamW step (``dtl_kernels.optim.adamw``, fused, as dtl-train
   builds it), also split into ``fwd_us``, ``bwd_us`` and ``opt_us``. The providers run
   interleaved round-robin (one call each per round, ``--reps`` rounds after a warm-up), so
@@ -177,6 +178,11 @@ class Provider:
         with torch.no_grad(), self.autocast():
             self.infer_model(self.x)
 
+    def infer_im(self) -> None:
+        """:meth:`infer` in inference mode (what ``Predictor`` / ``dtl-predict`` run)."""
+        with torch.inference_mode(), self.autocast():
+            self.infer_model(self.x)
+
     def loss(self) -> torch.Tensor:
         """The training forward and loss (``model.train()`` first)."""
         with self.autocast():
@@ -239,7 +245,7 @@ def round_robin(providers: list[Provider], call: str, reps: int, warmup: int) ->
     """``{name: [µs, …]}``: ``reps`` rounds, each calling every provider once, in turn."""
     samples = {p.name: [] for p in providers}
     for p in providers:
-        p.model.train(call != "infer")
+        p.model.train(call not in ("infer", "infer_im"))
     for r in range(warmup + reps):
         for p in providers:
             fn = getattr(p, call)
@@ -261,13 +267,14 @@ def measure(names: list[str], amp: bool, reps: int) -> dict:
     with triton_launches_recorded():
         providers = [Provider(n, amp) for n in names]
         infer = round_robin(providers, "infer", reps, warmup=5)
+        infer_im = round_robin(providers, "infer_im", reps, warmup=5)
         step = round_robin(providers, "step", reps, warmup=5)
         for p in providers:
             p.model.train()
         counts = {p.name: p.op_counts() for p in providers}
         adds = {p.name: p.add_backs(reps) for p in providers}
     parts = {p.name: [list(col) for col in zip(*p.parts[-reps:], strict=True)] for p in providers}
-    return dict(infer=infer, step=step, counts=counts, adds=adds, parts=parts)
+    return dict(infer=infer, infer_im=infer_im, step=step, counts=counts, adds=adds, parts=parts)
 
 
 def record(res: Results, m: dict, names: list[str], dtype: str) -> None:
@@ -279,6 +286,7 @@ def record(res: Results, m: dict, names: list[str], dtype: str) -> None:
 
     for name in names:
         add(name, "infer_us", quartiles(m["infer"][name]), "us")
+        add(name, "infer_im_us", quartiles(m["infer_im"][name]), "us")
         add(name, "step_us", quartiles(m["step"][name]), "us")
         for part, samples in zip(("fwd_us", "bwd_us", "opt_us"), m["parts"][name], strict=True):
             add(name, part, quartiles(samples), "us")
@@ -292,12 +300,14 @@ def record(res: Results, m: dict, names: list[str], dtype: str) -> None:
 
 
 def summary_lines(m: dict, names: list[str], dtype: str) -> list[str]:
-    med = {n: (statistics.median(m["infer"][n]), statistics.median(m["step"][n])) for n in names}
+    med = {n: (statistics.median(m["infer"][n]), statistics.median(m["step"][n]),
+               statistics.median(m["infer_im"][n])) for n in names}  # fmt: skip
     lines = [f"{dtype}:"]
     for n in names:
         line = f"  {n:12s} infer {med[n][0]:7.0f} µs"
         if "timm" in med:
-            line += f" ({med[n][0] / med['timm'][0]:.2f}× timm)"
+            line += f" ({med[n][0] / med['timm'][0]:.2f}× timm"
+            line += f"; inference mode {med[n][2]:.0f} µs, {med[n][2] / med['timm'][2]:.2f}×)"
         line += f"   step {med[n][1]:7.0f} µs"
         if "full" in med:
             line += f" ({med[n][1] / med['full'][1]:.2f}× full"
