@@ -264,7 +264,8 @@ def quartiles(xs: list[float]) -> tuple[float, float, float]:
 
 def measure(names: list[str], amp: bool, reps: int) -> dict:
     """Every measurement of the providers ``names`` in one precision."""
-    with triton_launches_recorded():
+    recorded = any(n.startswith("triton") for n in names)
+    with triton_launches_recorded() if recorded else contextlib.nullcontext():
         providers = [Provider(n, amp) for n in names]
         infer = round_robin(providers, "infer", reps, warmup=5)
         infer_im = round_robin(providers, "infer_im", reps, warmup=5)
@@ -358,6 +359,9 @@ def main() -> int:
     reps = 20 if args.quick else args.reps
     torch.set_num_threads(1)
     names = [p for p in args.providers if p != "lora" or _has_peft()]
+    if not _has("triton"):
+        print("bench_host: Triton is not installed: the triton_* providers are left out")
+        names = [p for p in names if not p.startswith("triton")]
     load_before = os.getloadavg()[0]
     precisions = {"float32": False} if args.quick else {"float32": False, "bf16-autocast": True}
     all_m = {dtype: measure(names, amp, reps) for dtype, amp in precisions.items()}
@@ -374,11 +378,13 @@ def main() -> int:
 
 
 def _has_peft() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _has("peft")
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 if __name__ == "__main__":

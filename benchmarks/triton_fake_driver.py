@@ -12,6 +12,7 @@ and dtypes are read.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 
 import torch
@@ -42,14 +43,17 @@ class FakeCudaDriver:
         self.keep_calls = keep_calls
         self.calls: list = []  # (kernel name, launcher arguments) per launch
         self.unloaded: list = []  # module handles Triton unloaded (3.8: a kernel collected)
+        self.loaded: set = set()  # module handles given out
         handles = itertools.count(1000)
-        unloaded = self.unloaded
+        unloaded, loaded = self.unloaded, self.loaded
 
         class Utils:
             @staticmethod
             def load_binary(name, kernel, shared, device):
                 # (module, function, registers, spills, max threads per block)
-                return next(handles), next(handles), 64, 0, 1024
+                module = next(handles)
+                loaded.add(module)
+                return module, next(handles), 64, 0, 1024
 
             @staticmethod
             def unload_module(module):
@@ -98,9 +102,20 @@ def fake_cuda_driver(arch: int = 90, keep_calls: bool = True):
     try:
         yield fake
     finally:
-        ts._require_launchable, driver._active = saved
+        # forget the kernels compiled meanwhile while the fake driver is still active, and
+        # mark every kernel it loaded as unloaded first (wherever it is still held): Triton
+        # 3.8 unloads a collected kernel's module through the driver active then, which
+        # must never get these made-up handles
+        for obj in gc.get_objects():
+            if (
+                type(obj).__name__ == "CompiledKernel"
+                and getattr(obj, "module", None) in fake.loaded
+            ):
+                obj.module = None
         ts._SPECS.clear()
         for value in vars(ts).values():
             caches = getattr(value, "device_caches", None)
             if caches is not None:
                 caches.clear()
+        gc.collect()
+        ts._require_launchable, driver._active = saved

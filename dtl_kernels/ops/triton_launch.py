@@ -1,7 +1,7 @@
 """Triton launches that skip ``JITFunction.run`` once a launch's kernel is known.
 
 ``kernel[grid](*args, **constexprs)`` binds and specialises every argument, builds a cache
-key and looks the compiled kernel up on every call: 11-16 µs of host time per launch for
+key and looks the compiled kernel up on every call: 11-14 µs of host time per launch for
 this package's 11-21-argument kernels (Triton 3.6 and 3.8, on the CPU with the launch
 itself stubbed: ``benchmarks/triton_launch_cost.py``) -- about as much as the rest of an
 add-back's launcher. But ``triton_side`` plans every launch per launch spec (shapes,
@@ -100,7 +100,9 @@ def launch(kernel, cfg: dict, args: tuple, consts: dict) -> None:
     options), ``consts`` the launcher's constexprs (they override the plan's).
 
     Where ``cfg`` holds a :class:`CompiledLaunches` under :data:`CACHE_KEY`, the compiled
-    kernels are kept there (they live as long as the plan: one per device and spec)."""
+    kernels are kept there (they live as long as the plan: one per device and spec), and
+    launches after the first reuse its ``cfg["args"]`` and ``consts`` as bound then: both
+    must be fixed per ``cfg`` (in ``triton_side`` they follow from the launch spec)."""
     known = cfg.get(CACHE_KEY) if ENABLED else None
     if known is not None and _jit_settings_default():
         if known.positions is not None:
