@@ -31,7 +31,10 @@ Measured (``bench_host.csv``, ``bench_host.png``):
   processes on the machine do not add to it (they can still slow it through shared caches).
   Both in float32 and under bfloat16 autocast (``dtype`` column).
 * ``fwd_ops`` / ``bwd_ops``: operations dispatched (a ``TorchDispatchMode`` counter) in the
-  training forward (with the loss) and in the backward (+ AdamW is not counted).
+  training forward (with the loss) and in the backward (+ AdamW is not counted). Under a
+  dispatch mode the side network does not run its plain-eager path (it cannot keep tensors
+  across passes a mode might see): the forward count includes the stage's zero taps made
+  anew (one operation per stage), which the timed passes take from their cache.
 * ``addback_us`` / ``addback_ops`` at block 7 and block 12 (the first and last add-back):
   host time and dispatched operations of one ``add_back`` call in a training forward.
 
