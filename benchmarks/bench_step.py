@@ -46,16 +46,14 @@ from dtl_kernels import create_model  # noqa: E402
 from dtl_kernels.ops import triton_launch  # noqa: E402
 from dtl_kernels.optim import adamw  # noqa: E402
 
-_DIRECT = triton_launch.ENABLED  # as this process found it (DTL_KERNELS_TRITON_DIRECT)
-
 NUM_CLASSES = 10
 TRAIN = ("full", "linear", "lora", "dtl_ref", "dtl", "dtl+")
 INFER = ("timm", "dtl", "dtl+")
 #: inference beside ``dtl`` (``auto``: Triton first on CUDA) where the CUDA C++ kernels run:
 #: DTL on them, no Python per add-back — which backend small batches should take
 INFER_CUDA = ("dtl_cuda",)
-#: ``dtl`` with every Triton launch through Triton's JIT (``triton_launch.ENABLED`` off
-#: during its calls): what the direct launches save on the GPU, where Triton runs
+#: ``dtl`` with every Triton launch through Triton's JIT (``triton_launch.jit_only()``
+#: around its calls): what the direct launches save on the GPU, where Triton runs
 INFER_TRITON_JIT = ("dtl_jit",)
 
 
@@ -163,15 +161,13 @@ def infer_calls(name, providers, device, batch, img, amp, graphs: bool) -> dict[
         # autocast's cast cache (host time a frozen DTL backbone does not pay; bench_host.py)
         model = build(name, provider, device, img).eval().requires_grad_(False)
 
-        def fwd(model=model, direct=provider != "dtl_jit"):
-            with torch.no_grad(), torch.autocast(device, dtype=amp, enabled=amp is not None):
-                if direct:
-                    return model(x)
-                triton_launch.ENABLED = False
-                try:
-                    return model(x)
-                finally:
-                    triton_launch.ENABLED = _DIRECT
+        def fwd(model=model, jit=provider == "dtl_jit"):
+            with (
+                torch.no_grad(),
+                torch.autocast(device, dtype=amp, enabled=amp is not None),
+                triton_launch.jit_only() if jit else contextlib.nullcontext(),
+            ):
+                return model(x)
 
         calls[provider] = fwd
         if graphs:
@@ -252,7 +248,7 @@ def main() -> int:
                   f"(IQR {stats(s)[1]:.2f}–{stats(s)[2]:.2f}){gpu_busy}", flush=True)  # fmt: skip
         del calls
         infer = INFER + (INFER_CUDA if _cuda_kernels_run(args.device) else ())
-        infer += INFER_TRITON_JIT if gpu and _DIRECT else ()
+        infer += INFER_TRITON_JIT if gpu and triton_launch.ENABLED else ()
         for batch in args.infer_batches:
             calls = infer_calls(name, infer, args.device, batch, args.img, amp, graphs=gpu)
             samples = round_robin(calls, timer, args.reps, args.warmup)

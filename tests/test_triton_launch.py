@@ -211,12 +211,10 @@ def _worker() -> dict:
         # 7. Switched off: the JIT every time
         ts._SPECS.clear()
         fake.calls.clear()
-        triton_launch.ENABLED = False
-        try:
+        with triton_launch.jit_only():
             for _ in range(2):
                 ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        finally:
-            triton_launch.ENABLED = True
+        report["enabled after"] = triton_launch.ENABLED
         report["disabled"] = {"vias": [_via(c) for c in fake.calls]}
     report["fake stream"] = FakeCudaDriver.STREAM
     # nothing compiled under the fake driver is left for a real launch to find
@@ -277,7 +275,7 @@ def _check(report: dict) -> None:
     # with the hook gone, the next launch goes through the JIT once more (nothing was kept
     # while the hook was there), then directly
     assert report["hook"] == {"vias": ["jit"] * 4 + ["direct"], "hook handed": 3}
-    assert report["disabled"]["vias"] == ["jit", "jit"]
+    assert report["disabled"]["vias"] == ["jit", "jit"] and report["enabled after"]
     assert report["debug"] == {"vias": ["jit", "jit"], "instrumented counts as default": False,
                                "default again": True}  # fmt: skip
     assert report["cache dropped"] == {"vias": ["jit", "direct", "direct"], "same handle": True,
@@ -357,9 +355,8 @@ def test_gpu_direct_launches_give_the_jits_bits(k, y_dtype, side_dtype, shifted,
     monkeypatch.setenv("DTL_KERNELS_DETERMINISTIC", "1")  # a backward with fixed order
     args = _gpu_case(k, getattr(torch, y_dtype), getattr(torch, side_dtype), shifted)
     ts._SPECS.clear()
-    monkeypatch.setattr(triton_launch, "ENABLED", False)
-    want = (ts.side_fwd(*args), *ts.side_bwd(*args))
-    monkeypatch.setattr(triton_launch, "ENABLED", True)
+    with triton_launch.jit_only():
+        want = (ts.side_fwd(*args), *ts.side_bwd(*args))
     ts._SPECS.clear()
     runs = [(ts.side_fwd(*args), *ts.side_bwd(*args)) for _ in range(3)]
     torch.cuda.synchronize()

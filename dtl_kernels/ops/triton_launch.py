@@ -22,6 +22,7 @@ JIT's check that the module globals a kernel read have not changed since it comp
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -65,6 +66,18 @@ ENABLED = (
     and _version(triton.__version__) in CHECKED_TRITON
     and os.environ.get("DTL_KERNELS_TRITON_DIRECT", "1") not in ("", "0")
 )
+
+
+@contextlib.contextmanager
+def jit_only():
+    """Every launch inside goes through Triton's JIT (to compare with the direct launches:
+    ``benchmarks/bench_step.py``'s ``dtl_jit``, the tests); :data:`ENABLED` is restored."""
+    global ENABLED
+    saved, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = saved
 
 
 def _jit_settings_default() -> bool:
