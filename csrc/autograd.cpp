@@ -13,6 +13,8 @@
 
 #include <optional>
 
+#include "any_tensor.h"
+
 namespace dtl {
 namespace {
 
@@ -83,26 +85,18 @@ class SideForward : public torch::autograd::Function<SideForward> {
   }
 };
 
-// Does `pred` hold for any tensor argument?
-template <class Pred>
-bool any_input(const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
-               const std::optional<at::Tensor>& conv, Pred pred) {
-  return pred(y) || pred(taps) || pred(ups) || (conv.has_value() && pred(*conv));
-}
-
 at::Tensor side_forward_autograd(const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
                                  const std::optional<at::Tensor>& conv, int64_t grid_h,
                                  int64_t grid_w, int64_t num_prefix, double beta) {
   // Nothing to record (no grad mode, or no input that requires grad) and no forward-mode
   // tangent: the kernel itself, without the autograd node that apply() would set up and drop
   // (host time of every no-grad call). A tangent still goes to apply(), which refuses it.
-  const bool record = at::GradMode::is_enabled() &&
-                      any_input(y, taps, ups, conv, [](const at::Tensor& t) {
-                        return t.requires_grad();
-                      });
-  if (!record && !any_input(y, taps, ups, conv, [](const at::Tensor& t) {
-        return t._fw_grad(0).defined();
-      })) {
+  const bool record =
+      at::GradMode::is_enabled() &&
+      any_tensor([](const at::Tensor& t) { return t.requires_grad(); }, y, taps, ups, conv);
+  if (!record &&
+      !any_tensor([](const at::Tensor& t) { return t._fw_grad(0).defined(); }, y, taps, ups,
+                  conv)) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return call_forward(y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
   }

@@ -25,6 +25,7 @@
 #include <optional>
 #include <vector>
 
+#include "any_tensor.h"
 #include "side_checks.h"
 
 namespace dtl {
@@ -127,28 +128,13 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
                                                              : y.scalar_type();
 }
 
-// Does `pred` hold for any tensor argument of a step?
-template <class Pred>
-bool any_argument(const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs,
-                  at::TensorList downs, const at::Tensor& ups,
-                  const std::optional<at::Tensor>& conv,
-                  const std::optional<at::Tensor>& next_down, Pred pred) {
-  if (pred(y) || pred(taps) || pred(ups) || (conv.has_value() && pred(*conv))) return true;
-  if (next_down.has_value() && pred(*next_down)) return true;
-  for (const at::Tensor& t : inputs)
-    if (pred(t)) return true;
-  for (const at::Tensor& t : downs)
-    if (pred(t)) return true;
-  return false;
-}
-
 // Forward-mode AD has no formula here: a tangent on any argument is refused, not dropped.
 void refuse_forward_ad(const char* op, const at::Tensor& y, const at::Tensor& taps,
                        at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
                        const std::optional<at::Tensor>& conv,
                        const std::optional<at::Tensor>& next_down) {
-  const bool dual = any_argument(y, taps, inputs, downs, ups, conv, next_down,
-                                 [](const at::Tensor& t) { return t._fw_grad(0).defined(); });
+  const bool dual = any_tensor([](const at::Tensor& t) { return t._fw_grad(0).defined(); }, y,
+                               taps, inputs, downs, ups, conv, next_down);
   TORCH_CHECK(!dual, op, ": forward-mode AD (a dual tensor) is not supported");
 }
 
@@ -233,8 +219,8 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       int64_t kernel, const std::optional<at::Tensor>& next_down) {
   refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
   TORCH_CHECK(!at::GradMode::is_enabled() ||
-                  !any_argument(y, taps, inputs, downs, ups, conv, next_down,
-                                [](const at::Tensor& t) { return t.requires_grad(); }),
+                  !any_tensor([](const at::Tensor& t) { return t.requires_grad(); }, y, taps,
+                              inputs, downs, ups, conv, next_down),
               "dtl_kernels::side_step_ records no gradient: call it under no_grad / "
               "inference_mode, or use side_step");
   at::AutoDispatchBelowAutograd guard;  // next: ADInplaceOrView (the version counter)
