@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,6 +154,25 @@ def finished(run: Run, root: Path) -> dict | None:
         return None
     recorded = read_provenance(folder)
     return summary if recorded is None else {**summary, "recorded": recorded}
+
+
+def folder_provenance(folder: Path, summary: dict) -> dict[str, str]:
+    """What a folder without a provenance file says of its run: the device and torch of
+    its summary, the date its summary was written; the revision and triton unknown."""
+    done = folder / ("diverged.json" if summary.get("diverged") else "summary.json")
+    try:
+        date = time.strftime("%Y-%m-%d", time.gmtime(done.stat().st_mtime))
+    except OSError:
+        date = "unknown"
+    return dict(device=str(summary.get("device", "unknown")),
+                torch=str(summary.get("torch_version", "unknown")), triton="unknown",
+                date=date, git_rev="unknown")  # fmt: skip
+
+
+def run_provenance(folder: Path, summary: dict) -> dict[str, str]:
+    """Where, when and at which revision a finished run trained: the folder's provenance
+    file as :func:`finished` / :func:`execute` returned it, else :func:`folder_provenance`."""
+    return summary.get("recorded") or folder_provenance(folder, summary)
 
 
 def launch_provenance() -> dict[str, str]:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from accuracy_runs import Run, execute  # noqa: E402
+from accuracy_runs import PROVENANCE, Run, execute, run_provenance  # noqa: E402
 from accuracy_tables import COLORS, write_csv, write_text  # noqa: E402
-from common import RESULTS, env_columns  # noqa: E402
+from common import RESULTS  # noqa: E402
 
 # The 3-epoch study's choices (benchmarks/results/accuracy*.csv, validation split).
 BEST_LR = {
@@ -32,7 +32,7 @@ BEST_LR = {
 }  # fmt: skip
 FIELDS = ["dataset", "variant", "epochs", "lr", "seed", "acc", "test_loss", "trainable_params",
           "peak_memory_mib", "images_per_s", "wall_s", "train_images", "eval_images",
-          "torch_threads"]  # fmt: skip
+          "torch_threads", *PROVENANCE]  # fmt: skip
 
 
 def sweep(args) -> list[dict]:
@@ -53,11 +53,11 @@ def sweep(args) -> list[dict]:
                     images_per_s=round(s["images_per_s"], 1), wall_s=round(s["wall_time_s"], 1),
                     train_images=s["train_images"], eval_images=s["test_images"],
                     torch_threads=s.get("torch_threads", ""),
+                    # where, when and at which revision this run trained (not this report)
+                    **run_provenance(run.folder(args.out), s),
                 ))  # fmt: skip
                 print(f"  {dataset} {variant} {epochs} epochs: {rows[-1]['acc']:.2f}%", flush=True)
-                write_csv(
-                    args.results / "accuracy_sweep_runs.csv", FIELDS, rows, env_columns("cpu")
-                )
+                write_csv(args.results / "accuracy_sweep_runs.csv", FIELDS, rows, {})
     return rows
 
 

@@ -51,7 +51,6 @@ import json
 import statistics
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -59,7 +58,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from accuracy_report import Cell, fmt_lr, output_paths, recorded_runs, write_all  # noqa: E402
-from accuracy_runs import BACKBONES, DATASETS, VARIANTS, Run, execute, finished  # noqa: E402
+from accuracy_runs import (  # noqa: E402
+    BACKBONES,
+    DATASETS,
+    VARIANTS,
+    Run,
+    execute,
+    finished,
+    folder_provenance,
+)
 from accuracy_search import select  # noqa: E402
 from common import RESULTS, env_columns  # noqa: E402
 
@@ -157,19 +164,6 @@ def _same_numbers(summary: dict, record: dict) -> bool:
     return (round(100 * summary["test_acc"], 2) == round(100 * record["test_acc"], 2)
             and round(summary["wall_time_s"], 1) == round(record["wall_time_s"], 1)
             and summary["trainable_params"] == record["trainable_params"])  # fmt: skip
-
-
-def folder_provenance(folder: Path, summary: dict) -> dict[str, str]:
-    """What a folder without a provenance file says of its run: the device and torch of
-    its summary, the date its summary was written; the revision and triton unknown."""
-    done = folder / ("diverged.json" if summary.get("diverged") else "summary.json")
-    try:
-        date = time.strftime("%Y-%m-%d", time.gmtime(done.stat().st_mtime))
-    except OSError:
-        date = "unknown"
-    return dict(device=str(summary.get("device", "unknown")),
-                torch=str(summary.get("torch_version", "unknown")), triton="unknown",
-                date=date, git_rev="unknown")  # fmt: skip
 
 
 def recorded_of(args) -> dict[str, dict]:

@@ -561,3 +561,40 @@ def test_a_run_folder_keeps_where_and_at_which_revision_it_trained(tmp_path, mon
     assert got["diverged"] and got["recorded"]["device"] == "cpu"
     row = R.run_row(diverging, AR.finished(diverging, root))
     assert row["device"] == "cpu" and row["git_rev"] == "committed-while-it-trained"
+
+
+def test_the_epoch_sweep_rows_carry_each_runs_own_provenance(tmp_path, monkeypatch):
+    """accuracy_sweep.py: each row says where, when and at which revision its run trained
+    (the folder's provenance file, else what the folder itself says), never the report's
+    machine or revision; a run not trained yet is left out under --reuse-only."""
+    import argparse
+    import csv
+
+    import accuracy_sweep as SW
+
+    monkeypatch.setenv("DTL_GIT_REV", "report-rev")  # what this process would stamp
+    root, results = tmp_path / "runs", tmp_path / "results"
+    results.mkdir()
+    lr = SW.BEST_LR["elpv", "dtl"]
+    runs = {e: AR.Run("dinov2", "elpv", "dtl", "sweep", lr, 0, e, max_train=1000) for e in (3, 10)}
+    own = dict(device="cuda", torch="2.0", triton="3.6", date="2026-01-02", git_rev="run-rev")
+    finish(root, runs[3], summary(0.81))
+    (runs[3].folder(root) / "provenance.json").write_text(json.dumps(own))
+    finish(root, runs[10], summary(0.83, torch_version="1.9"))  # no provenance file
+    args = argparse.Namespace(
+        datasets=["elpv"],
+        variants=["dtl"],
+        epochs=[3, 10, 30],
+        max_train=1000,
+        out=root,
+        reuse_only=True,
+        results=results,
+    )
+    rows = SW.sweep(args)
+    assert [r["epochs"] for r in rows] == [3, 10]  # 30 epochs never ran
+    with open(results / "accuracy_sweep_runs.csv", newline="") as f:
+        written = list(csv.DictReader(f))
+    assert {k: written[0][k] for k in own} == own
+    assert written[1]["git_rev"] == "unknown" and written[1]["torch"] == "1.9"
+    assert written[1]["device"] == "cpu"  # the summary's own device
+    assert all(r["git_rev"] != "report-rev" for r in written)
