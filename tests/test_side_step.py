@@ -9,10 +9,11 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from tiny_models import SWIN
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dtl_kernels import DTLViT
+from dtl_kernels import DTLViT, create_model
 from dtl_kernels.ops import reference, step
 
 DT = torch.float64
@@ -577,6 +578,69 @@ def test_folded_taps_give_the_unfolded_logits_bit_for_bit(monkeypatch, conv_kern
     torch.testing.assert_close(got[True][0], got[False][0], rtol=0, atol=0)
     for a, b in zip(got[True][3], got[False][3], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _general_walk_models():
+    """Wrappers on the general walk (block_input / tokens / untokens per block): Swin
+    (four tail blocks in one stage, patch merging before the stages) and a CNN."""
+    swin = create_model(SWIN, method="dtl+", num_classes=3, img_size=64, window_size=4,
+                        depths=(1, 1, 4, 2), embed_dim=24, num_heads=(1, 1, 2, 2), tap_from=1,
+                        adapt_from=3)  # fmt: skip
+    cnn = create_model("convnext_atto", method="dtl", num_classes=3, depths=(1, 2, 3, 1),
+                       dims=(16, 24, 32, 40))  # fmt: skip
+    for m in (swin, cnn):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in m.csn.up.values():
+                p.normal_()
+    return {"swin": (swin.eval(), 64), "cnn": (cnn.eval(), 64)}
+
+
+def _tap_calls(monkeypatch, m) -> list[int]:
+    calls = []
+    real_tap = type(m.csn).tap
+    monkeypatch.setattr(type(m.csn), "tap", lambda s, *a: calls.append(a[1]) or real_tap(s, *a))
+    return calls
+
+
+@pytest.mark.parametrize("family", ["swin", "cnn"])
+def test_the_general_walk_folds_taps_and_gives_the_same_logits(monkeypatch, family):
+    """Swin's and a CNN's walks let a no-grad add-back take the next block's tap where that
+    block's input is the add-back's output (same stage, no patch merging between): fewer
+    tap calls, the same logits to the bit."""
+    m, size = _general_walk_models()[family]
+    x = torch.randn(2, 3, size, size)
+    calls = _tap_calls(monkeypatch, m)
+    folds = list(m.csn.fold_blocks)
+    assert any(folds)
+    with torch.no_grad():
+        folded = m(x)
+        n_folded = len(calls)
+        calls.clear()
+        monkeypatch.setattr(m.csn, "_folds", [False] * m.csn.depth)
+        plain = m(x)
+    assert n_folded == len(calls) - sum(folds) and n_folded < len(calls)
+    torch.testing.assert_close(folded, plain, rtol=0, atol=0)
+
+
+def test_no_fold_where_a_wrappers_block_input_changes_the_features(monkeypatch):
+    """A block_input that changes the features between two blocks of one stage: the tap of
+    the second is of its real input, not of the add-back's output (no fold there)."""
+    m, size = _general_walk_models()["swin"]
+    x = torch.randn(2, 3, size, size)
+    real = m.block_input
+
+    def block_input(i, feats):  # the second block of the stage with the tail
+        return real(i, feats) * (1.5 if i == 4 else 1.0)
+
+    m.block_input = block_input
+    with torch.no_grad():
+        got = m(x)
+        monkeypatch.setattr(m.csn, "_folds", [False] * m.csn.depth)
+        want = m(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    del m.block_input
+    assert m.input_is_output(4) and not m.input_is_output(2)  # block 3 (0-based 2) merges
 
 
 def test_tap_next_in_a_recorded_pass_taps_the_next_block_itself():

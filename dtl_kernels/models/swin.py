@@ -132,6 +132,14 @@ class DTLSwin(DTLModel):
         stage = self._stage_starts.get(i)
         return x if stage is None else self.backbone.layers[stage].downsample(x)
 
+    def input_is_output(self, i: int) -> bool:
+        # patch merging only at a stage's first block (DTLSwin's own block_input)
+        return (
+            "block_input" not in self.__dict__
+            and type(self).block_input is DTLSwin.block_input
+            and i not in self._stage_starts
+        )
+
     def tokens(self, x: torch.Tensor, ctx: dict):
         b, h, w, c = x.shape
         return x.reshape(b, h * w, c), (h, w), 0

@@ -51,6 +51,14 @@ class BlockWalk:
         (EVA's rotary embedding) passes it from ``ctx`` here."""
         return block(x)
 
+    def input_is_output(self, i: int) -> bool:
+        """Whether block ``i``'s input is block ``i-1``'s output as it is (``block_input(i,
+        x)`` returns ``x``): only then may add-back ``i-1`` take block ``i``'s tap from its
+        own output (``add_back(tap_next=True)``). A wrapper that overrides ``block_input``
+        says at which blocks; the default holds where ``block_input`` is the identity."""
+        own = "block_input" in self.__dict__
+        return not own and type(self).block_input is BlockWalk.block_input
+
     # -- the walk ------------------------------------------------------------------------
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images → features after the last block (before the final norm)."""
@@ -73,14 +81,19 @@ class BlockWalk:
         csn = self.csn
         if _plain_walk(self):
             return _run_plain(blocks, csn, x, ctx["grid"], self.num_prefix, state, start, stop)
+        taken = False  # block i's tap was taken by add-back i-1 (as in _run_plain)
         for i in range(start, stop):
             x = self.block_input(i, x)
-            if csn is not None and csn.is_tapped(i):
+            if csn is not None and csn.is_tapped(i) and not taken:
                 csn.tap(state, i, self.tokens(x, ctx)[0])
             y = self.call_block(blocks[i], i, x, ctx)
+            taken = False
             if csn is not None and csn.is_adapted(i):
                 t, grid, num_prefix = self.tokens(y, ctx)
-                y = self.untokens(csn.add_back(state, i, t, grid, num_prefix), y)
+                # the next block's input is these tokens (tokens ∘ untokens keeps the values)
+                taken = (csn.fold_blocks[i] and i + 1 < stop and state.fold
+                         and self.input_is_output(i + 1))  # fmt: skip
+                y = self.untokens(csn.add_back(state, i, t, grid, num_prefix, taken), y)
             x = y
         return x
 
