@@ -37,10 +37,17 @@ class Predictor:
 
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
+        n = model.num_classes
+        if not n:
+            raise ValueError("the model has no classifier head (num_classes=0): nothing to "
+                             "predict (its features: model.forward_features)")  # fmt: skip
         self.model = model.eval()
         self.data_config = resolve_model_data_config(model)
+        channels = self.data_config["input_size"][0]
+        if channels != 3:
+            raise ValueError(f"the model's preprocessing takes {channels}-channel inputs; "
+                             "images are read as RGB (3 channels)")  # fmt: skip
         self.transform = create_transform(**self.data_config)
-        n = model.num_classes
         self.classes = list(model.class_names or [str(i) for i in range(n)])
         self.batch_size = batch_size
 
@@ -88,7 +95,15 @@ class Predictor:
             # no autograd keys); the result is concatenated outside it, an ordinary tensor
             with torch.inference_mode():
                 logits = self.model(batch.to(self.device)).float()
+                finite = torch.isfinite(logits).all(-1).cpu()
                 out.append(logits.softmax(-1).cpu())
+            if not finite.all():  # a probability of NaN is no prediction
+                names = [str(images[start + int(i)]) for i in (~finite).nonzero().flatten()[:3]]
+                raise ValueError(
+                    f"{int((~finite).sum())} of {len(finite)} images got non-finite outputs "
+                    f"(e.g. {', '.join(names)}): the backbone weights or the adapter hold "
+                    "values this model cannot compute with"
+                )
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
     def predict(self, images: Sequence, top_k: int = 1) -> list[list[tuple[str, float]]]:

@@ -4,8 +4,12 @@
                 --output predictions.csv
 
 Writes one CSV row per image: ``path,class_1,prob_1,…,class_K,prob_K`` (most probable
-first), to ``--output`` or the standard output. Exit status: 0 done; 2 bad options; 1 an
-error (adapter, weights, an unreadable image…), as one ``dtl-predict: error:`` line.
+first), in UTF-8 (a file name's undecodable bytes kept as they are), to ``--output`` or the
+standard output. Every image's header is read before the model is built, so an unreadable
+file costs nothing; an existing ``--output`` is replaced only with ``--overwrite``, and
+never when it is the adapter, the backbone weights or one of the images. Exit status: 0
+done; 2 bad options; 1 an error (adapter, weights, an unreadable image, an output that
+cannot be written…), as one ``dtl-predict: error:`` line.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import csv
 import io
 import sys
+from pathlib import Path
 
 EXIT_OPTIONS, EXIT_RUN = 2, 1
 
@@ -41,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", default="-",
                    help="CSV file to write (default: -, the standard output)")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output file (never the adapter, the weights or "
+                   "an image)")  # fmt: skip
     p.add_argument("--allow-backbone-mismatch", action="store_true",
                    help="load an adapter trained on other backbone weights (a warning instead "
                    "of an error)")  # fmt: skip
@@ -63,28 +71,61 @@ def main(argv: list[str] | None = None) -> int:
     log = configure(quiet=args.quiet or args.output == "-")
     try:
         rows = _predict(args)
+        data = _csv(rows, args.top_k).encode("utf-8", "surrogateescape")
+        if args.output == "-":
+            _write_stdout(data)
+        else:
+            from ._io import atomic_write
+
+            atomic_write(args.output, lambda tmp: Path(tmp).write_bytes(data))
+            log.info(f"wrote {len(rows)} predictions to {args.output}")
     except (ValueError, OSError, RuntimeError, ImportError) as exc:
         return _error(str(exc), EXIT_RUN)
-    text = _csv(rows, args.top_k)
-    if args.output == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    else:
-        from pathlib import Path
-
-        from ._io import atomic_write
-
-        atomic_write(args.output, lambda tmp: Path(tmp).write_text(text))
-        log.info(f"wrote {len(rows)} predictions to {args.output}")
     return 0
+
+
+def _write_stdout(data: bytes) -> None:
+    """The CSV's bytes to the standard output (a text stream without a byte buffer, e.g.
+    a caller's ``io.StringIO``, gets them decoded, undecodable bytes replaced)."""
+    sys.stdout.flush()
+    raw = getattr(sys.stdout, "buffer", None)
+    if raw is None:
+        sys.stdout.write(data.decode("utf-8", "replace"))
+    else:
+        raw.write(data)
+        raw.flush()
+
+
+def _check_output(args, files: list[Path]) -> None:
+    """Refuse, before anything runs, an ``--output`` that would replace the adapter, the
+    weights or an image, that is a folder, or that exists without ``--overwrite``."""
+    if args.output == "-":
+        return
+    out = Path(args.output)
+    if out.is_dir():
+        raise ValueError(f"--output {out} is a folder: name the CSV file to write")
+    if not out.exists():
+        return
+    protected = [Path(args.adapter), *files]
+    if args.pretrained is not None and Path(args.pretrained).exists():
+        protected.append(Path(args.pretrained))
+    if any(out.samefile(p) for p in protected if p.exists()):
+        raise ValueError(f"--output {out} is the adapter, the backbone weights or an image: "
+                         "name another file")  # fmt: skip
+    if not args.overwrite:
+        raise ValueError(f"--output {out} exists: pass --overwrite to replace it")
 
 
 def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
     import torch
 
     from .predict import Predictor, image_files
+    from .train.data import check_image_header
 
     files = image_files(args.inputs)  # before the model: a wrong path costs nothing
+    _check_output(args, files)
+    for f in files:  # every header first: a bad image found after an hour of work is no use
+        check_image_header(f)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

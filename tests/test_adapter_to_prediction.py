@@ -199,3 +199,117 @@ def test_moved_backbone_weights_are_asked_for(trained, tmp_path, capsys):
     assert train(argv) == 1
     assert "which are not there now: pass --pretrained PATH" in capsys.readouterr().err
     assert train(argv + ["--pretrained", str(trained["weights"])]) == 0
+
+
+def _with_metadata(src: Path, dst: Path, **changes) -> Path:
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update({k: json.dumps(v) for k, v in changes.items()})
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_dtl_predict_never_writes_over_what_it_reads_and_fails_in_one_line(
+    trained, toy, tmp_path, capsys
+):
+    """--output: an existing file only with --overwrite; never the adapter, the weights or
+    an image (even with it); a folder or an unwritable place: one error line, no traceback,
+    the earlier file untouched."""
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(trained["adapter"].read_bytes())
+    image = sorted((toy / "test").rglob("*.png"))[0]
+    base = [str(image), "--adapter", str(adapter), "--pretrained", str(trained["weights"])]
+    out = tmp_path / "p.csv"
+    out.write_text("earlier")
+    assert predict(base + ["--output", str(out)]) == 1
+    assert out.read_text() == "earlier"
+    assert predict(base + ["--output", str(out), "--overwrite"]) == 0
+    assert out.read_text().startswith("path,class_1,prob_1\n")
+    kept = {p: p.read_bytes() for p in (adapter, image, trained["weights"])}
+    for target in kept:
+        assert predict(base + ["--output", str(target), "--overwrite"]) == 1
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    assert predict(base + ["--output", str(tmp_path)]) == 1
+    assert predict(base + ["--output", "/proc/dtl-predict.csv"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 6 and all(line.startswith("dtl-predict: error: ") for line in err)
+    assert f"--output {out} exists: pass --overwrite" in err[0]
+    assert "is the adapter, the backbone weights or an image" in err[1]
+    assert f"--output {tmp_path} is a folder" in err[4]
+
+
+def test_dtl_predict_keeps_undecodable_file_names_as_bytes(trained, toy, tmp_path, capsysbinary):
+    """A file name that is not UTF-8 (Linux allows any bytes) comes out as its own bytes,
+    on the standard output and in a file, instead of an encoding error."""
+    import os
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    src = sorted((toy / "test").rglob("*.png"))[0]
+    odd = os.path.join(os.fsencode(folder), b"bad\xff.png")
+    with open(odd, "wb") as f:
+        f.write(src.read_bytes())
+    argv = [str(folder), "--adapter", str(trained["adapter"])]
+    assert predict(argv) == 0
+    assert b"bad\xff.png," in capsysbinary.readouterr().out
+    assert predict(argv + ["--output", str(tmp_path / "p.csv")]) == 0
+    assert b"bad\xff.png," in (tmp_path / "p.csv").read_bytes()
+
+
+def test_dtl_predict_reads_every_image_header_before_the_model(
+    trained, toy, tmp_path, capsys, monkeypatch
+):
+    """A truncated image among good ones is named before the model is built."""
+    from dtl_kernels import predict as predict_module
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, src in enumerate(sorted((toy / "test").rglob("*.png"))[:3]):
+        (folder / f"{i}.png").write_bytes(src.read_bytes())
+    (folder / "3.png").write_bytes(b"\x89PNG\r\n")  # truncated
+    monkeypatch.setattr(predict_module.Predictor, "from_adapter",
+                        lambda *a, **k: pytest.fail("the model was built"))  # fmt: skip
+    assert predict([str(folder), "--adapter", str(trained["adapter"])]) == 1
+    assert f"cannot read image {folder / '3.png'}" in capsys.readouterr().err
+
+
+def test_predictor_refuses_what_is_no_prediction(trained):
+    """No head (features only): refused when the Predictor is made; non-finite outputs
+    (weights that overflow): refused, naming images, not written as probabilities."""
+    model = from_pretrained(trained["adapter"])
+    files = sorted(Path(json.loads(read_adapter(trained["adapter"])[1]["training"])["data_root"])
+                   .joinpath("test").rglob("*.png"))[:4]  # fmt: skip
+    with torch.no_grad():
+        model.head.weight.fill_(3e38)  # finite, but the logits overflow
+    with pytest.raises(ValueError, match=r"4 of 4 images got non-finite outputs \(e\.g\. "):
+        Predictor(model).probabilities(files)
+    features = create_model(VIT, "dtl", num_classes=0, img_size=32)
+    with pytest.raises(ValueError, match="no classifier head"):
+        Predictor(features)
+
+
+def test_a_hostile_model_record_is_refused_before_it_is_built(trained, tmp_path, monkeypatch):
+    """The adapter's model record is checked against the backbone it records on the meta
+    device: another size or another model is refused before any real build; options the
+    architecture does not take are an AdapterError naming them."""
+    from dtl_kernels.models import pretrained as P
+
+    monkeypatch.setattr(P, "timm_backbone", lambda *a, **k: pytest.fail("built for real"))
+    model = json.loads(read_adapter(trained["adapter"])[1]["model"])
+    cases = [
+        ({**model, "options": {"img_size": 8192}}, "backbone.grid: file has"),
+        ({**model, "name": "vit_base_patch16_224"}, "does not build the backbone"),
+        ({**model, "name": "resnet18"}, "cannot be built: TypeError.*img_size"),
+        ({**model, "name": "resnet18", "options": {}}, "does not fit this ResNet"),
+    ]
+    for i, (record, match) in enumerate(cases):
+        path = _with_metadata(trained["adapter"], tmp_path / f"h{i}.safetensors", model=record)
+        with pytest.raises(ValueError, match=match):
+            from_pretrained(path)
+
+
+def test_an_adapter_without_preprocessing_warns(trained, tmp_path):
+    old = _as_schema_2(trained["adapter"], tmp_path / "old.safetensors")
+    with pytest.warns(UserWarning, match="records no preprocessing"):
+        from_pretrained(old, trained["weights"])

@@ -734,3 +734,25 @@ def test_adapter_with_non_finite_values_is_refused(tmp_path):
     path = save_adapter(model, tmp_path / "inf.safetensors")
     with pytest.raises(ValueError, match=r"NaN or infinite values in \['head\.weight'\]"):
         load_adapter(_vit_model(), path)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int32, torch.float64])
+def test_adapter_tensors_of_a_wrong_dtype_or_beyond_the_models_range_are_refused(tmp_path, dtype):
+    """A complex head would lose its imaginary part, a bool / integer one pass for weights,
+    a float64 value beyond float32's range become inf when loaded: each is refused by name
+    and nothing is loaded."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = save_adapter(_vit_model(), tmp_path / "ok.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    w = tensors["head.weight"]
+    tensors["head.weight"] = (w * 1e300).to(dtype) if dtype == torch.float64 else w.to(dtype)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=meta)
+    model = _vit_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    match = "NaN or infinite values in \\['head" if dtype == torch.float64 else "non-float dtype"
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, tmp_path / "bad.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

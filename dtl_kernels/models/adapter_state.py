@@ -107,11 +107,24 @@ class AdapterState:
                 f"adapter {source} has missing keys {missing}, unexpected keys {unexpected}, "
                 f"mis-shaped keys {misshaped}"
             )
+        # a real floating dtype where the model's is one (a complex tensor would lose its
+        # imaginary part, a bool or integer one pass for weights), finite in the model's dtype
+        wrong = sorted(
+            f"{k}: {v.dtype}"
+            for k, v in tensors.items()
+            if own[k].is_floating_point() and (not v.is_floating_point() or v.is_complex())
+        )
+        if wrong:
+            raise AdapterError(f"adapter {source} holds tensors of a non-float dtype: {wrong[:8]}")
         bad = sorted(
-            k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()
+            k
+            for k, v in tensors.items()
+            if v.is_floating_point() and not torch.isfinite(v.to(own[k].dtype)).all()
         )
         if bad:
-            raise AdapterError(f"adapter {source} holds NaN or infinite values in {bad[:8]}")
+            raise AdapterError(
+                f"adapter {source} holds NaN or infinite values in {bad[:8]} (in the model's dtype)"
+            )
 
     def _check_backbone_fingerprint(self, theirs: str | None, source: str, on_mismatch: str):
         ours = self.backbone_fingerprint()
@@ -127,6 +140,12 @@ class AdapterState:
         if on_mismatch == "error":
             raise AdapterError(message)
         warnings.warn(message, stacklevel=4)
+
+
+def backbone_differences(theirs: dict | None, ours: dict | None) -> list[str]:
+    """``"backbone.<field>: file has …, model has …"`` for each field where an adapter's
+    backbone identity (``theirs``) and a model's differ."""
+    return _diff("backbone", theirs, ours)
 
 
 def _diff(what: str, theirs: dict | None, ours: dict | None) -> list[str]:

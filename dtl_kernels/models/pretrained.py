@@ -5,15 +5,16 @@ wrappers and beside the factory: this is where an adapter's metadata becomes a m
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import offline_weights
-from .adapter_state import AdapterError
+from .adapter_state import AdapterError, backbone_differences
 from .adapters import adapter_info, describe, read_adapter, wrapper_options
-from .build import add_lora, pretrained_record, timm_backbone, wrapper_for
+from .build import add_lora, meta_timm_backbone, pretrained_record, timm_backbone, wrapper_for
 from .hf import LAYOUTS as HF_LAYOUTS
 
 # timm backbones whose identity (older adapters) names their timm architecture
@@ -45,6 +46,15 @@ def from_pretrained(
     tensors, metadata = read_adapter(path)  # schema, limits and tensor shapes checked
     info = adapter_info(metadata, path)
     origin = info["model"] or _origin_from_identity(info, path)
+    if origin["library"] == "timm":
+        _check_timm_origin(origin, info, path)  # before any memory is spent on it
+    if info["preprocessing"] is None:
+        warnings.warn(
+            f"adapter {path} (schema {info['format']}) records no preprocessing: the model "
+            "gets timm's default data config for its architecture, which may differ from "
+            "what it was trained with (dtl-train crops nothing: crop_pct 1.0, squash)",
+            stacklevel=2,
+        )
     weights = _weights(pretrained, origin, path)
     backbone = _backbone(origin, weights, info, path)
     model = _wrap(backbone, info["config"], path)
@@ -86,6 +96,28 @@ def _wrap(backbone: nn.Module, config: dict, path) -> nn.Module:
             f"adapter {path}: its config does not fit this {type(backbone).__name__}: {exc}"
         ) from exc
     return model
+
+
+def _check_timm_origin(origin: dict, info: dict, path) -> None:
+    """The adapter's model record, built on the meta device (no memory, no initialisation),
+    against the backbone identity it records: a record that names another model, or the
+    same at another size, is refused before the real one is built (a file of a few
+    kilobytes must not make this process build a giant)."""
+    try:
+        meta = meta_timm_backbone(origin["name"], dict(origin["options"]))
+    except Exception as exc:  # timm raises TypeError / ValueError / AssertionError alike
+        raise AdapterError(
+            f"adapter {path}: its model {origin['name']!r} with options "
+            f"{str(origin['options'])[:200]} cannot be built: {type(exc).__name__}: {exc}"
+        ) from exc
+    diffs = backbone_differences(
+        info["backbone"], _wrap(meta, info["config"], path).backbone_identity()
+    )
+    if diffs:
+        raise AdapterError(
+            f"adapter {path}: its model record does not build the backbone it was trained "
+            "on: " + "; ".join(diffs[:4])
+        )
 
 
 def _origin_from_identity(info: dict, path) -> dict:
