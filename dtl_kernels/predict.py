@@ -86,6 +86,7 @@ class Predictor:
 
     def probabilities(self, images: Sequence) -> torch.Tensor:
         """``(len(images), num_classes)`` float32 class probabilities (softmax), on the CPU."""
+        _check_sequence(images)
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack(
@@ -108,15 +109,25 @@ class Predictor:
 
     def predict(self, images: Sequence, top_k: int = 1) -> list[list[tuple[str, float]]]:
         """For each image, its ``top_k`` most probable ``(class name, probability)``."""
-        k = min(int(top_k), len(self.classes))
-        if k < 1:
-            raise ValueError(f"top_k must be ≥ 1, got {top_k}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a whole number ≥ 1, got {top_k!r}")
+        k = min(top_k, len(self.classes))
         probs = self.probabilities(images)
         values, index = probs.topk(k, dim=-1)
         return [
             [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist(), strict=True)]
             for v, ix in zip(values, index, strict=True)
         ]
+
+
+def _check_sequence(images) -> None:
+    """A sequence of images, not one (a path string would be read letter by letter)."""
+    from PIL import Image
+
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
+        raise TypeError(f"images must be a list of paths or PIL images, got one: [{images!r}]")
+    if not isinstance(images, Sequence):
+        raise TypeError(f"images must be a list (a sequence), got {type(images).__name__}")
 
 
 def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -284,6 +284,13 @@ def test_predictor_refuses_what_is_no_prediction(trained):
         model.head.weight.fill_(3e38)  # finite, but the logits overflow
     with pytest.raises(ValueError, match=r"4 of 4 images got non-finite outputs \(e\.g\. "):
         Predictor(model).probabilities(files)
+    good = Predictor(from_pretrained(trained["adapter"]))
+    for one in (str(files[0]), files[0]):  # one image, not a list: not read letter by letter
+        with pytest.raises(TypeError, match="a list of paths or PIL images, got one"):
+            good.predict(one)
+    for k in (0, 2.7, "2", True):
+        with pytest.raises(ValueError, match="top_k must be a whole number"):
+            good.predict(files[:1], top_k=k)
     features = create_model(VIT, "dtl", num_classes=0, img_size=32)
     with pytest.raises(ValueError, match="no classifier head"):
         Predictor(features)
