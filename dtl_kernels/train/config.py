@@ -373,16 +373,20 @@ _HELP = {
     "(once per epoch, constant within it: timm's CosineLRScheduler stepped per epoch as the "
     "published loop does; its cosine runs from epoch 0, so it starts below --lr after the "
     "warm-up)",
-    "rank": "rank r of the side network",
-    "adapt_from": "M: first adapted block (1-based)",
-    "tap_from": "first tapped block (1-based)",
+    "rank": "rank r of the side network (default: the model's: 2 for ViTs, 4 for Swin and "
+    "CNNs, as published)",
+    "adapt_from": "M: first adapted block (1-based; default: the model's: 7 for ViTs as "
+    "published, the published share of the blocks for Swin (15 of Swin-B's 24), a CNN's "
+    "last stages)",
+    "tap_from": "first tapped block (1-based; default: the model's: 1 for ViTs, the third "
+    "stage's first block for Swin)",
     "conv_kernel": "k of the DTL+ depthwise conv (default: the model's, 3; 5 for Swin). In the "
     "README's study k = 5 was the most accurate DTL variant on both datasets, at its own "
     "searched lr and drop path",
-    "beta": "beta of theta (fixed)",
+    "beta": "beta of theta (fixed; default: 100, as published)",
     "dataset": "elpv | elpv-binary | fashion-mnist | vtab:NAME | fewshot:NAME | folder "
-    "(default: folder when --data-root holds train/<class>/ and test/ or val/, else elpv; "
-    "--eval-only: the adapter's)",
+    "(default: folder when --data-root is given (it must hold train/<class>/ and test/ or "
+    "val/), elpv without --data-root; --eval-only: the adapter's)",
     "data_root": "root folder of file-based datasets",
     "num_classes": "number of classes (default: inferred from the labels)",
     "max_train": "use only N training samples, a fixed random subset (seed 0; quick runs)",
