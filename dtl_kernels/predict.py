@@ -48,6 +48,10 @@ class Predictor:
             raise ValueError(f"the model's preprocessing takes {channels}-channel inputs; "
                              "images are read as RGB (3 channels)")  # fmt: skip
         self.transform = create_transform(**self.data_config)
+        # a model cast whole (model.to(torch.bfloat16), .double()) takes its images in its
+        # dtype; one of mixed dtypes (backbone_dtype) casts them itself
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        self.input_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         self.classes = list(model.class_names or [str(i) for i in range(n)])
         self.batch_size = batch_size
 
@@ -95,7 +99,7 @@ class Predictor:
             # inference mode: less host time per forward than no_grad (no version counters,
             # no autograd keys); the result is concatenated outside it, an ordinary tensor
             with torch.inference_mode():
-                logits = self.model(batch.to(self.device)).float()
+                logits = self.model(batch.to(self.device, self.input_dtype)).float()
                 finite = torch.isfinite(logits).all(-1).cpu()
                 out.append(logits.softmax(-1).cpu())
             if not finite.all():  # a probability of NaN is no prediction

@@ -96,9 +96,10 @@ def _write_stdout(data: bytes) -> None:
         raw.flush()
 
 
-def _check_output(args, files: list[Path]) -> None:
+def _check_output(args, files: list[Path], weights: str | None = None) -> None:
     """Refuse, before anything runs, an ``--output`` that would replace the adapter, the
-    weights or an image, that is a folder, or that exists without ``--overwrite``."""
+    weights (``--pretrained``, or ``weights``: those the adapter records) or an image, that
+    is a folder, or that exists without ``--overwrite``."""
     if args.output == "-":
         return
     out = Path(args.output)
@@ -107,8 +108,7 @@ def _check_output(args, files: list[Path]) -> None:
     if not out.exists():
         return
     protected = [Path(args.adapter), *files]
-    if args.pretrained is not None and Path(args.pretrained).exists():
-        protected.append(Path(args.pretrained))
+    protected += [Path(w) for w in (args.pretrained, weights) if isinstance(w, str)]
     if any(out.samefile(p) for p in protected if p.exists()):
         raise ValueError(f"--output {out} is the adapter, the backbone weights or an image: "
                          "name another file")  # fmt: skip
@@ -117,23 +117,44 @@ def _check_output(args, files: list[Path]) -> None:
 
 
 def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
-    import torch
-
     from .predict import Predictor, image_files
     from .train.data import check_image_header
 
+    adapter = Path(args.adapter)
+    if adapter.is_dir() and (adapter / "adapter.safetensors").is_file():
+        args.adapter = str(adapter / "adapter.safetensors")  # a dtl-train run folder
+    device = _device(args.device)
     files = image_files(args.inputs)  # before the model: a wrong path costs nothing
     _check_output(args, files)
     for f in files:  # every header first: a bad image found after an hour of work is no use
         check_image_header(f)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     mismatch = "warn" if args.allow_backbone_mismatch else "error"
-    predictor = Predictor.from_adapter(args.adapter, args.pretrained, torch.device(device),
-                                       args.batch_size, mismatch)  # fmt: skip
+    predictor = Predictor.from_adapter(args.adapter, args.pretrained, device, args.batch_size,
+                                       mismatch)  # fmt: skip
+    origin = getattr(predictor.model, "origin", None) or {}
+    _check_output(args, files, origin.get("pretrained"))  # the weights the adapter records
     tops = predictor.predict(files, args.top_k)
     return [(str(f), top) for f, top in zip(files, tops, strict=True)]
+
+
+def _device(name: str):
+    """``--device`` as a torch device, checked before anything is read: ``auto`` (CUDA when
+    available), ``cpu``, ``cuda`` or ``cuda:N`` of a GPU that is there."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"--device {name!r}: {exc}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise ValueError(f"--device {name}: no such CUDA device ({count} visible)")
+    return device
 
 
 def _csv(rows, top_k: int) -> str:

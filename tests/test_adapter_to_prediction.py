@@ -291,6 +291,10 @@ def test_predictor_refuses_what_is_no_prediction(trained):
     for k in (0, 2.7, "2", True):
         with pytest.raises(ValueError, match="top_k must be a whole number"):
             good.predict(files[:1], top_k=k)
+    want = good.probabilities(files)
+    for dtype, tol in ((torch.float64, 1e-5), (torch.bfloat16, 0.05)):  # a model cast whole
+        cast = Predictor(from_pretrained(trained["adapter"]).to(dtype))
+        torch.testing.assert_close(cast.probabilities(files), want, rtol=0, atol=tol)
     features = create_model(VIT, "dtl", num_classes=0, img_size=32)
     with pytest.raises(ValueError, match="no classifier head"):
         Predictor(features)
@@ -320,3 +324,38 @@ def test_an_adapter_without_preprocessing_warns(trained, tmp_path):
     old = _as_schema_2(trained["adapter"], tmp_path / "old.safetensors")
     with pytest.warns(UserWarning, match="records no preprocessing"):
         from_pretrained(old, trained["weights"])
+
+
+def test_dtl_predict_takes_a_run_folder_and_checks_the_device_first(trained, toy, capsys):
+    image = str(sorted((toy / "test").rglob("*.png"))[0])
+    assert predict([image, "--adapter", str(trained["adapter"].parent)]) == 0
+    capsys.readouterr()
+    for bad in ("meta", "mps", "cuda:99", "nonsense"):
+        assert predict([image, "--adapter", str(trained["adapter"]), "--device", bad]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("dtl-predict: error: --device") for line in err)
+
+
+def test_class_names_an_adapter_cannot_record_are_refused_on_both_sides(trained, tmp_path):
+    """Class names with control characters (terminal escapes through dtl-predict) or named
+    twice: refused when an adapter is read, and by dtl-train before it trains."""
+    for names, match in ((["a", "x\x1b[31mRED", "c"], "holds a control character"),
+                         (["a", "b", "a"], "'a' is named twice")):  # fmt: skip
+        path = _with_metadata(trained["adapter"], tmp_path / "c.safetensors", classes=names)
+        with pytest.raises(ValueError, match=match):
+            read_adapter(path)
+
+
+def test_dtl_train_refuses_class_folders_it_could_not_record(toy, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(toy, root)
+    for split in ("train", "test"):
+        (root / split / "class1").rename(root / split / "class\x1b1")
+    argv = ["--model", VIT, "--pretrained", "none", "--img-size", "32", "--data-root", str(root),
+            "--epochs", "1", "--output", str(tmp_path / "run"), "--cache-trunk", "off"]  # fmt: skip
+    assert train(argv) == 1
+    assert "holds a control character" in capsys.readouterr().err
+    run = tmp_path / "run"
+    assert not (run / "adapter.safetensors").exists() and not (run / "metrics.csv").exists()

@@ -24,6 +24,8 @@ MAX_CHANNELS = 16
 MAX_TEXT = 4096  # a path or a model name
 MAX_CLASS_NAME = 256
 _NAME = re.compile(r"[^\x00-\x1f\x7f]+")  # a timm name, a hub id or a local path: no controls
+# a class name: printable as it is (no C0 / C1 control characters: terminal escapes)
+_CLASS_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
 
 
 def check_description(fields: dict, num_classes: int, fail) -> dict:
@@ -131,10 +133,27 @@ def _classes(value, num_classes: int, fail) -> list[str] | None:
     if not isinstance(value, list) or len(value) != num_classes:
         fail(f"metadata 'classes' is {_short(value)}, expected the names of the "
              f"{num_classes} classes")  # fmt: skip
-    if not all(_text(c, MAX_CLASS_NAME) for c in value):
-        fail(f"metadata 'classes' holds {_short(value)}: each name is text of 1…"
-             f"{MAX_CLASS_NAME} characters")  # fmt: skip
+    problem = class_names_problem(value)
+    if problem is not None:
+        fail(f"metadata 'classes' holds {_short(value)}: {problem}")
     return list(value)
+
+
+def class_names_problem(names: list) -> str | None:
+    """What makes ``names`` no list of class names an adapter can record (``None``: fine):
+    each text of 1…256 characters without control characters (they would reach a terminal
+    as escapes through ``dtl-predict``), no name twice (a prediction would be ambiguous).
+    Checked when an adapter is read and when a run starts (``dtl-train``)."""
+    if not all(_text(c, MAX_CLASS_NAME) for c in names):
+        return f"each name is text of 1…{MAX_CLASS_NAME} characters"
+    bad = [c for c in names if not _CLASS_NAME.fullmatch(c)]
+    if bad:
+        return f"{bad[0]!r} holds a control character"
+    seen: set[str] = set()
+    twice = [c for c in names if c in seen or seen.add(c)]
+    if twice:
+        return f"{twice[0]!r} is named twice"
+    return None
 
 
 def _training(value, fail) -> dict | None:

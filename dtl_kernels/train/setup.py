@@ -18,10 +18,11 @@ from torch.utils.data import Dataset
 
 from .. import create_model
 from ..models import giants, lora, offline_weights
+from ..models.adapter_description import class_names_problem
 from ..models.adapters import adapter_info, read_adapter
 from .adapter_options import adapter_into_config
 from .config import TrainConfig
-from .data import build_datasets
+from .data import DataError, build_datasets
 from .dist import Dist
 from .log import LOGGER
 from .transforms import NAMED, Augmentation, Preprocessing
@@ -118,6 +119,10 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     classes = getattr(test_set, "classes", None)
     if pre.adapter is not None:
         classes = _adapter_classes(cfg, pre.adapter, classes)
+    problem = None if classes is None else class_names_problem(list(classes))
+    if problem is not None:  # before training, not when its adapter is written at the end
+        raise DataError(f"the class names of --dataset {cfg.dataset} cannot be recorded in an "
+                        f"adapter: {problem}; rename the class folders")  # fmt: skip
     # only rank 0 warns about a random backbone
     pretrained = resolve_pretrained(cfg, pre.family) if d.main else _quiet_pretrained(cfg)
     seed_everything(cfg.seed)  # the initial weights do not depend on what the data drew
