@@ -328,8 +328,7 @@ def _check_against_shapes(config: dict, shapes: dict[str, tuple[int, ...]], fail
         if not down:
             fail("the file holds no side-network tensors (csn.down.*) for its config 'csn'")
         for name, shape in (down | up).items():
-            r = shape[0] if name.startswith("csn.down.") else shape[-1]
-            if len(shape) != 2 or r != csn["rank"]:
+            if len(shape) != 2 or shape[0 if name.startswith("csn.down.") else 1] != csn["rank"]:
                 fail(f"config 'csn.rank' is {csn['rank']}, but the file's {name} has shape "
                      f"{shape}")  # fmt: skip
         k = csn["conv_kernel"]

@@ -228,3 +228,17 @@ def test_fuzzed_descriptions_load_or_fail_cleanly(good, tmp_path):
         rewrite_field(good, path, field, json.dumps(value))
         _check(path, outcome)
     assert outcome["loaded"] >= 6 and outcome["refused"] > 40, outcome
+
+
+@pytest.mark.parametrize("shape", [(), (2,), (2, 3, 4)], ids=["0-d", "1-d", "3-d"])
+def test_a_side_network_tensor_of_the_wrong_rank_is_named(good, tmp_path, shape):
+    """A csn.down / csn.up tensor that is not a matrix: the error names the rank field and
+    the tensor (a 0-d one was reported as an unreadable file, 'tuple index out of range')."""
+    with safe_open(str(good), framework="pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(k for k in tensors if k.startswith("csn.down."))[0]
+    tensors[name] = torch.zeros(shape)
+    path = tmp_path / "rank.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(AdapterError, match=f"'csn.rank'.*{name}"):
+        model_from_adapter(path, small_backbone())
