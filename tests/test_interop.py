@@ -92,3 +92,37 @@ def test_hf_trainer_checkpoints_hold_only_the_adapter(model, tmp_path):
     load_adapter(fresh, tmp_path / "hf" / "checkpoint-2" / "adapter.safetensors")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fresh.eval()(x), model.eval()(x))
+
+
+def test_hf_trainer_unwraps_what_it_saves_and_loads_and_refuses_other_models(model, tmp_path):
+    """A DataParallel-wrapped DTL model: checkpoints written and read back (resume) through
+    the model inside (a torch.compile'd one takes the same path, keep_torch_compile=False:
+    checked by hand, ~40 s of compiling here); a model that is no DTL model: refused at
+    once, not at the first checkpoint."""
+    pytest.importorskip("transformers")
+    import timm
+    from transformers import TrainingArguments
+
+    from dtl_kernels.integrations.hf_trainer import AdapterTrainer
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 32, 32, generator=g), "labels": i % 3}
+            for i in range(8)]  # fmt: skip
+
+    def args(name, steps):
+        return TrainingArguments(
+            output_dir=str(tmp_path / name), max_steps=steps, save_steps=1,
+            per_device_train_batch_size=4, learning_rate=1e-2, report_to=[], use_cpu=True,
+            disable_tqdm=True, logging_strategy="no", save_strategy="steps",
+            dataloader_num_workers=0,
+        )  # fmt: skip
+
+    for name, wrap in (("dp", torch.nn.DataParallel),):
+        wrapped = wrap(model.train())
+        AdapterTrainer(model=wrapped, args=args(name, 1), train_dataset=data).train()
+        resumed = AdapterTrainer(model=wrapped, args=args(name, 2), train_dataset=data)
+        resumed.train(resume_from_checkpoint=str(tmp_path / name / "checkpoint-1"))
+        assert (tmp_path / name / "checkpoint-2" / "adapter.safetensors").is_file()
+    plain = timm.create_model(VIT, pretrained=False, img_size=32, num_classes=3)
+    with pytest.raises(TypeError, match="AdapterTrainer trains DTL models"):
+        AdapterTrainer(model=plain, args=args("plain", 1), train_dataset=data)

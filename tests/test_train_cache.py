@@ -106,7 +106,7 @@ def test_disk_cache_is_atomic_reused_and_rebuilt(tmp_path, monkeypatch):
     assert c.load_disk(tmp_path) == "no cache file yet"
     c.build_disk(tmp_path)
     data, key = c.files(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin", "train.key.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trunk-train.bin", "trunk-train.key.json"]
     meta = json.loads(key.read_text())
     assert meta["key_sha256"] == c.key_hash and meta["bytes"] == data.stat().st_size
 
@@ -134,7 +134,7 @@ def test_disk_cache_is_atomic_reused_and_rebuilt(tmp_path, monkeypatch):
     other.batch_size = 2
     with pytest.raises(RuntimeError, match="power cut"):
         other.build_disk(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin"]  # key file gone first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trunk-train.bin"]  # key file gone first
     assert data.stat().st_size == c.estimate()  # the old data file is untouched
     assert tc.TrunkCache(vit(), ds, "train", IDENT).load_disk(tmp_path) == "no cache file yet"
     monkeypatch.undo()
@@ -337,7 +337,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_old_cache(tmp_path, monkeypatc
 
     c = tc.TrunkCache(vit(), images(), "train", IDENT)
     c.build_disk(tmp_path)
-    old = (tmp_path / "train.bin").read_bytes()
+    old = (tmp_path / "trunk-train.bin").read_bytes()
 
     def full(fd, offset, size):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -346,8 +346,8 @@ def test_full_disk_is_a_clear_error_and_keeps_the_old_cache(tmp_path, monkeypatc
     other = tc.TrunkCache(vit(adapt_from=5), images(), "train", IDENT)
     with pytest.raises(tc.CacheRefused, match=r"no room for .*train\.bin .*No space left"):
         other.build_disk(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin"]  # no temp file
-    assert (tmp_path / "train.bin").read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trunk-train.bin"]  # no temp file
+    assert (tmp_path / "trunk-train.bin").read_bytes() == old
 
 
 def test_free_space_check_does_not_count_the_old_file(toy, tmp_path, monkeypatch):
@@ -355,13 +355,15 @@ def test_free_space_check_does_not_count_the_old_file(toy, tmp_path, monkeypatch
 
     opts = dict(cache_trunk="disk", cache_dir=str(tmp_path / "cache"), epochs=1)
     run(make_config(options(toy, tmp_path / "a", **opts)))
-    old = (tmp_path / "cache" / "train.bin").stat().st_size
+    old = (tmp_path / "cache" / "trunk-train.bin").stat().st_size
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(tc.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     # another normalisation: a new key, the same size; the old file lives until the rename
-    with pytest.raises(tc.CacheRefused, match=r"only 1000 B free .*old train\.bin .*delete it"):
+    with pytest.raises(
+        tc.CacheRefused, match=r"only 1000 B free .*old trunk-train\.bin .*delete it"
+    ):
         run(make_config(options(toy, tmp_path / "b", normalize="imagenet", **opts)))
-    assert (tmp_path / "cache" / "train.bin").stat().st_size == old
+    assert (tmp_path / "cache" / "trunk-train.bin").stat().st_size == old
 
 
 class OneProcess:
@@ -402,3 +404,60 @@ def test_ddp_wait_for_the_disk_build_is_sized_to_the_work(toy, tmp_path, monkeyp
     assert what == "building the disk trunk cache"
     small = tc.TrunkCache(vit(), images(n=6), "train", IDENT)
     assert wait >= 6 * small.probe_seconds and wait > small.build_seconds() / 2
+
+
+# -- disk: what shares the folder --------------------------------------------------------------
+def test_a_file_renamed_over_the_cache_while_it_is_checked_is_never_mapped(tmp_path, monkeypatch):
+    """Another run renaming its own file over ours between the hash and the map: the data
+    mapped is the data hashed (one open handle), not the newcomer's."""
+    ds = images()
+    c = tc.TrunkCache(vit(), ds, "train", IDENT)
+    c.build_disk(tmp_path)
+    data_path, _ = c.files(tmp_path)
+    want = c.sample(3)
+    other = tmp_path / "other.bin"
+    other.write_bytes(bytes(data_path.stat().st_size))  # zeros: another run's cache
+    real = cache_store._handle_sha256
+
+    def hash_then_swap(f, *a):
+        digest = real(f, *a)
+        os.replace(other, data_path)  # lands after the check, before the map
+        return digest
+
+    monkeypatch.setattr(cache_store, "_handle_sha256", hash_then_swap)
+    again = tc.TrunkCache(vit(), ds, "train", IDENT)
+    assert again.load_disk(tmp_path) is None
+    for a, b in zip(again.sample(3), want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_users_own_files_in_the_cache_folder_are_left_alone(tmp_path):
+    mine = {"train.bin": b"my tokenised corpus", "test.key.json": b"{}"}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    tc.TrunkCache(vit(), images(), "train", IDENT).build_disk(tmp_path)
+    assert all((tmp_path / n).read_bytes() == d for n, d in mine.items())
+
+
+def test_the_key_names_the_code_and_only_its_own_fields(tmp_path):
+    """timm's and this package's versions are in the key (a forward change that keeps the
+    weights); a key file's own field names (untrusted text) are never echoed."""
+    c = tc.TrunkCache(vit(), images(), "train", IDENT)
+    assert c.key["timm"] and c.key["dtl_kernels"] and c.key["transformers"] is None
+    c.build_disk(tmp_path)
+    _, key_path = c.files(tmp_path)
+    meta = json.loads(key_path.read_text())
+    meta["key"] = {**meta["key"], "timm": "0.0.1", "\x1b[2Jfake": 1}
+    meta["key_sha256"] = "0" * 64
+    key_path.write_text(json.dumps(meta))
+    reason = tc.TrunkCache(vit(), images(), "train", IDENT).load_disk(tmp_path)
+    assert reason == "the key changed: timm"
+
+
+def test_an_fp16_cache_that_would_overflow_is_refused():
+    m = vit()
+    with torch.no_grad():
+        m.backbone.patch_embed.proj.weight.mul_(1e5)  # finite in fp32, beyond fp16's range
+    c = tc.TrunkCache(m, images(), "train", IDENT, dtype="fp16")
+    with pytest.raises(tc.CacheRefused, match="exceed float16's range"):
+        c.build_ram()

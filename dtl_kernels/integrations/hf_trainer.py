@@ -32,6 +32,13 @@ class AdapterTrainer(Trainer):
     """``transformers.Trainer`` whose checkpoints and ``save_model`` hold only the adapter."""
 
     def __init__(self, *args, **kwargs) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        inner = getattr(model, "_orig_mod", getattr(model, "module", model))  # compiled / DP
+        if model is not None and not hasattr(inner, "adapter_state_dict"):
+            raise TypeError(
+                f"AdapterTrainer trains DTL models (dtl_kernels.create_model), got "
+                f"{type(inner).__name__}: its checkpoints would hold no adapter"
+            )
         super().__init__(*args, **kwargs)
         if not self.args.label_names:  # a DTL model's forward takes images only
             self.label_names = ["labels"]
@@ -47,10 +54,16 @@ class AdapterTrainer(Trainer):
         output_dir = Path(output_dir or self.args.output_dir)
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            save_adapter(self.accelerator.unwrap_model(self.model), output_dir / ADAPTER_FILE)
+            save_adapter(self._dtl_model(self.model), output_dir / ADAPTER_FILE)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        load_adapter(model or self.model, Path(resume_from_checkpoint) / ADAPTER_FILE)
+        path = Path(resume_from_checkpoint) / ADAPTER_FILE
+        load_adapter(self._dtl_model(model or self.model), path)
 
     def _load_best_model(self) -> None:
-        load_adapter(self.model, Path(self.state.best_model_checkpoint) / ADAPTER_FILE)
+        path = Path(self.state.best_model_checkpoint) / ADAPTER_FILE
+        load_adapter(self._dtl_model(self.model), path)
+
+    def _dtl_model(self, model):
+        """The DTL model inside ``model`` (DataParallel / DDP / a ``torch.compile``d one)."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)

@@ -57,8 +57,25 @@ def cache_key(model: nn.Module, dataset: Dataset, identity: dict, dtype: str, se
         "input_shape": list(x0.shape),
         "cache_dtype": dtype,
         **setup,
+        # the code that computes the trunk (a forward change that keeps the weights)
         "torch": torch.__version__.split("+")[0],
+        "timm": _version("timm"),
+        "transformers": _version("transformers") if _is_hf(model) else None,
+        "dtl_kernels": _version("dtl_kernels"),
     }
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return type(model.backbone).__module__.startswith("transformers.")
 
 
 def _trainable(module: nn.Module) -> frozenset[str]:

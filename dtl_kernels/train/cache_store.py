@@ -1,14 +1,17 @@
 """Trunk cache storage: :class:`TrunkCache` computes and holds the trunk outputs of one
 dataset split, in RAM or in a disk file, and reads them back.
 
-Disk format: one raw file per split, ``<split>.bin`` (``samples × elements`` in the cache
-dtype, read back through a copy-on-write memory map), written to a temporary file and
-renamed (:func:`dtl_kernels._io.atomic_write`), with ``<split>.key.json`` beside it (the
-key, layout and the SHA-256 of the data computed while writing it; deleted before a
-rebuild, written after the data): a key file always describes a complete data file. On
-load the whole data file is hashed and compared (a key file without the digest is an older
-cache), so a damaged or altered file is rebuilt, never used; a key or digest mismatch
-means a rebuild, and sample 0 is recomputed and compared as a last check.
+Disk format: one raw file per split, ``trunk-<split>.bin`` (``samples × elements`` in the
+cache dtype, read back through a copy-on-write memory map; the prefix: a ``--cache-dir``
+may hold a user's own ``train.bin``), written to a temporary file and renamed
+(:func:`dtl_kernels._io.atomic_write`), with ``trunk-<split>.key.json`` beside it (the key,
+layout and the SHA-256 of the data computed while writing it; deleted before a rebuild,
+written after the data): a key file always describes a complete data file. On load the
+data file is opened once, hashed whole and mapped through that same handle (another run
+renaming its own file over it in between cannot swap in data that was not checked), and
+the digest compared with the key file's (a key file without one is an older cache): a
+damaged or altered file is rebuilt, never used; a key or digest mismatch means a rebuild,
+and sample 0 is recomputed and compared as a last check.
 
 Disk space: the build needs the whole file's size free besides the old file, which lives
 until the new one is renamed over it. The bytes are reserved first (``posix_fallocate``)
@@ -132,7 +135,15 @@ class TrunkCache:
 
     def _rows(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         b = tensors[0].shape[0]
-        return torch.cat([t.reshape(b, -1).to(self.dtype) for t in tensors], dim=1).cpu()
+        rows = torch.cat([t.reshape(b, -1).to(self.dtype) for t in tensors], dim=1).cpu()
+        if self.dtype == torch.float16 and not torch.isfinite(rows).all():
+            finite = all(torch.isfinite(t).all() for t in tensors)
+            if finite:  # a value beyond float16's range (65504) became inf
+                raise CacheRefused(
+                    f"trunk cache {self.name}: the trunk's outputs exceed float16's range "
+                    "(65504): use --cache-dtype bf16 or fp32"
+                )
+        return rows
 
     @torch.no_grad()
     def _batches(self):
@@ -172,7 +183,7 @@ class TrunkCache:
 
     def files(self, folder: str | os.PathLike) -> tuple[Path, Path]:
         folder = Path(folder)
-        return folder / f"{self.name}.bin", folder / f"{self.name}.key.json"
+        return folder / f"trunk-{self.name}.bin", folder / f"trunk-{self.name}.key.json"
 
     def _write_file(self, tmp: str) -> None:
         """Reserve the file's bytes, then write every row with ``write()``."""
@@ -189,8 +200,8 @@ class TrunkCache:
                                    f"expected {self.estimate()}")  # fmt: skip
 
     def build_disk(self, folder: str | os.PathLike) -> Path:
-        """Write ``<split>.bin`` atomically (space reserved first), then
-        ``<split>.key.json``; map it. :class:`CacheRefused` when the disk is full."""
+        """Write ``trunk-<split>.bin`` atomically (space reserved first), then
+        ``trunk-<split>.key.json``; map it. :class:`CacheRefused` when the disk is full."""
         data_path, key_path = self.files(folder)
         data_path.parent.mkdir(parents=True, exist_ok=True)
         key_path.unlink(missing_ok=True)  # no key file may describe a half-replaced cache
@@ -225,7 +236,7 @@ class TrunkCache:
         return data_path
 
     def load_disk(self, folder: str | os.PathLike) -> str | None:
-        """Map ``<split>.bin`` if its key file matches; ``None`` on success, else why not."""
+        """Map ``trunk-<split>.bin`` if its key file matches; ``None`` on success, else why not."""
         data_path, key_path = self.files(folder)
         if not key_path.is_file() or not data_path.is_file():
             return "no cache file yet"
@@ -236,20 +247,23 @@ class TrunkCache:
         if not isinstance(meta, dict):
             return f"unreadable key file {key_path}"
         if meta.get("key_sha256") != self.key_hash:
+            # only our own fields are named (the file's are untrusted text)
             ours = json.loads(json.dumps(self.key, default=str))
             theirs = meta["key"] if isinstance(meta.get("key"), dict) else {}
-            changed = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+            changed = sorted(k for k in ours if ours[k] != theirs.get(k))
             return "the key changed: " + ", ".join(changed or ["format"])
         if meta.get("row_elements") != self.row or meta.get("samples") != len(self.dataset):
             return "the layout changed"
-        if data_path.stat().st_size != self.estimate():
-            return f"{data_path} has {data_path.stat().st_size} bytes, expected {self.estimate()}"
         if not isinstance(meta.get("sha256"), str):
             return f"{key_path} has no digest of the data (an older cache)"
-        if file_sha256(data_path) != meta["sha256"]:
-            return f"{data_path} is damaged (its SHA-256 differs from the key file's)"
-        mm = np.memmap(data_path, dtype=_NUMPY[self.dtype], mode="c",
-                       shape=(len(self.dataset), self.row))  # fmt: skip
+        with open(data_path, "rb") as f:  # hashed and mapped through one handle
+            size = os.fstat(f.fileno()).st_size
+            if size != self.estimate():
+                return f"{data_path} has {size} bytes, expected {self.estimate()}"
+            if _handle_sha256(f) != meta["sha256"]:
+                return f"{data_path} is damaged (its SHA-256 differs from the key file's)"
+            mm = np.memmap(f, dtype=_NUMPY[self.dtype], mode="c",
+                           shape=(len(self.dataset), self.row))  # fmt: skip
         data = torch.from_numpy(mm).view(self.dtype)
         fresh = self._rows(self.probe).float()[0]
         stored = data[0].float()
@@ -299,10 +313,16 @@ def _labels(dataset: Dataset) -> torch.Tensor:
 
 def file_sha256(path: Path, chunk: int = 16 * 2**20) -> str:
     """SHA-256 of a whole file, read in chunks (the key file stores the data file's)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+        return _handle_sha256(f, chunk)
+
+
+def _handle_sha256(f, chunk: int = 16 * 2**20) -> str:
+    """SHA-256 of an open file from its start."""
+    digest = hashlib.sha256()
+    f.seek(0)
+    while block := f.read(chunk):
+        digest.update(block)
     return digest.hexdigest()
 
 

@@ -223,9 +223,11 @@ class FileImages(Dataset):
 
     def fingerprint(self) -> str:
         """sha256 over every file's path, size, modification time, label and a sampled
-        hash of its bytes (:func:`sampled_file_hash`): a replaced or edited file changes
-        it, even one of the same size whose modification time was put back, without
-        decoding anything."""
+        hash of its bytes (:func:`sampled_file_hash`), without decoding anything: a
+        replaced or edited file changes it, also one of the same size whose modification
+        time was put back if the edit reaches the sampled 4 KiB at its start, middle or
+        end (an edit elsewhere that keeps size and time is not seen: whole files are not
+        read, as a large dataset would cost a full read per run)."""
         import hashlib
 
         h = hashlib.sha256(f"{self.size}|{self.mean.flatten().tolist()}|"

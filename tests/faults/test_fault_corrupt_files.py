@@ -91,14 +91,14 @@ def test_damaged_disk_cache_is_rebuilt(toy, tmp_path, capsys):
     cache = tmp_path / "cache"
     opts = dict(cache_trunk="disk", cache_dir=str(cache), epochs=1)
     run(make_config(options(toy, tmp_path / "a", **opts)))
-    data = bytearray((cache / "train.bin").read_bytes())
+    data = bytearray((cache / "trunk-train.bin").read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = b"\xff" * 64  # NaNs in a middle sample
-    (cache / "train.bin").write_bytes(bytes(data))
-    (cache / "test.key.json").write_text("{ not json")
+    (cache / "trunk-train.bin").write_bytes(bytes(data))
+    (cache / "trunk-test.key.json").write_text("{ not json")
     capsys.readouterr()
     run(make_config(options(toy, tmp_path / "b", **opts)))
     out = capsys.readouterr().out
-    assert "train.bin is damaged" in out and "unreadable key file" in out
+    assert "trunk-train.bin is damaged" in out and "unreadable key file" in out
     assert_same_adapter(tmp_path / "a", tmp_path / "b")
 
 

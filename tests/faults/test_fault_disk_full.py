@@ -55,8 +55,8 @@ def test_trunk_cache_beyond_the_file_size_limit(toy, tmp_path, capsys):
         code = main(flags(options(toy, out, cache_trunk="disk")))
     assert code == 1
     line = one_error_line(capsys.readouterr().err)
-    assert "no room for" in line and "train.bin" in line and "File too large" in line
-    assert temp_files(out) == [] and not (out / "trunk-cache" / "train.bin").exists()
+    assert "no room for" in line and "trunk-train.bin" in line and "File too large" in line
+    assert temp_files(out) == [] and not (out / "trunk-cache" / "trunk-train.bin").exists()
 
 
 def test_checkpoint_write_out_of_space(toy, tmp_path, reference, monkeypatch, capsys):

@@ -59,11 +59,11 @@ def test_kill_during_cache_build_then_resume(toy, tmp_path, reference):
     child = run_child(KILL_IN_CACHE_BUILD, options(toy, out, cache_trunk="disk"))
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     cache_dir = out / "trunk-cache"
-    assert temp_files(cache_dir) and not (cache_dir / "train.key.json").exists()
+    assert temp_files(cache_dir) and not (cache_dir / "trunk-train.key.json").exists()
 
     run(make_config(options(toy, out, cache_trunk="disk", resume=True)))
     assert temp_files(out) == []
     assert sorted(p.name for p in cache_dir.iterdir()) == [
-        "test.bin", "test.key.json", "train.bin", "train.key.json",
+        "trunk-test.bin", "trunk-test.key.json", "trunk-train.bin", "trunk-train.key.json",
     ]  # fmt: skip
     assert_same_adapter(reference, out)
