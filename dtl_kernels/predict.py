@@ -43,15 +43,11 @@ class Predictor:
                              "predict (its features: model.forward_features)")  # fmt: skip
         self.model = model.eval()
         self.data_config = resolve_model_data_config(model)
-        channels = self.data_config["input_size"][0]
-        if channels != 3:
-            raise ValueError(f"the model's preprocessing takes {channels}-channel inputs; "
-                             "images are read as RGB (3 channels)")  # fmt: skip
+        channels = _input_channels(model)
+        if channels not in (None, 3):  # (a model's pretrained_cfg says 3 whatever in_chans is)
+            raise ValueError(f"the model takes {channels}-channel images; Predictor reads "
+                             "images as RGB (3 channels)")  # fmt: skip
         self.transform = create_transform(**self.data_config)
-        # a model cast whole (model.to(torch.bfloat16), .double()) takes its images in its
-        # dtype; one of mixed dtypes (backbone_dtype) casts them itself
-        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-        self.input_dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
         self.classes = list(model.class_names or [str(i) for i in range(n)])
         self.batch_size = batch_size
 
@@ -90,7 +86,8 @@ class Predictor:
 
     def probabilities(self, images: Sequence) -> torch.Tensor:
         """``(len(images), num_classes)`` float32 class probabilities (softmax), on the CPU."""
-        _check_sequence(images)
+        images = _as_list(images)
+        dtype = _input_dtype(self.model)
         out = []
         for start in range(0, len(images), self.batch_size):
             batch = torch.stack(
@@ -99,7 +96,7 @@ class Predictor:
             # inference mode: less host time per forward than no_grad (no version counters,
             # no autograd keys); the result is concatenated outside it, an ordinary tensor
             with torch.inference_mode():
-                logits = self.model(batch.to(self.device, self.input_dtype)).float()
+                logits = self.model(batch.to(self.device, dtype)).float()
                 finite = torch.isfinite(logits).all(-1).cpu()
                 out.append(logits.softmax(-1).cpu())
             if not finite.all():  # a probability of NaN is no prediction
@@ -124,14 +121,33 @@ class Predictor:
         ]
 
 
-def _check_sequence(images) -> None:
-    """A sequence of images, not one (a path string would be read letter by letter)."""
+def _as_list(images) -> list:
+    """The images as a list: a list, tuple, NumPy array… of paths or PIL images; one image
+    alone is refused (a path string would be read letter by letter)."""
     from PIL import Image
 
     if isinstance(images, (str, bytes, os.PathLike, Image.Image)):
         raise TypeError(f"images must be a list of paths or PIL images, got one: [{images!r}]")
-    if not isinstance(images, Sequence):
-        raise TypeError(f"images must be a list (a sequence), got {type(images).__name__}")
+    if not hasattr(images, "__len__") or not hasattr(images, "__iter__"):
+        raise TypeError(
+            f"images must be a list of paths or PIL images, got {type(images).__name__}"
+        )
+    return list(images)
+
+
+def _input_dtype(model: nn.Module) -> torch.dtype:
+    """The images' dtype: a model cast whole (``model.to(torch.bfloat16)``, ``.double()``)
+    takes them in its own; one of mixed dtypes (``backbone_dtype``) casts them itself."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    """The channels of the images the model takes: its first convolution's (the patch
+    embedding or a CNN's stem); ``None`` without one."""
+    backbone = getattr(model, "backbone", model)
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
 
 
 def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     log = configure(quiet=args.quiet or args.output == "-")
     try:
         rows = _predict(args)
-        data = _csv(rows, args.top_k).encode("utf-8", "surrogateescape")
+        # on a terminal, a control character in a file name would act as an escape
+        escape = args.output == "-" and sys.stdout.isatty()
+        data = _csv(rows, args.top_k, escape).encode("utf-8", "surrogateescape")
         if args.output == "-":
             _write_stdout(data)
         else:
@@ -105,7 +108,13 @@ def _check_output(args, files: list[Path], weights: str | None = None) -> None:
     out = Path(args.output)
     if out.is_dir():
         raise ValueError(f"--output {out} is a folder: name the CSV file to write")
-    if not out.exists():
+    if not out.exists():  # where it will be made: a folder this process may write into
+        base = out.absolute().parent
+        while not base.exists():
+            base = base.parent
+        if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+            raise ValueError(f"--output {out} cannot be written: {base} is not a folder "
+                             "this process may write into")  # fmt: skip
         return
     protected = [Path(args.adapter), *files]
     protected += [Path(w) for w in (args.pretrained, weights) if isinstance(w, str)]
@@ -157,7 +166,10 @@ def _device(name: str):
     return device
 
 
-def _csv(rows, top_k: int) -> str:
+def _csv(rows, top_k: int, escape: bool = False) -> str:
+    """The CSV text; ``escape``: control characters in paths written as escape sequences."""
+    if escape:
+        rows = [(_printable(path), top) for path, top in rows]
     k = min(top_k, max((len(top) for _, top in rows), default=top_k))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -167,6 +179,13 @@ def _csv(rows, top_k: int) -> str:
     for path, top in rows:
         writer.writerow([path] + [v for name, p in top for v in (name, f"{p:.6f}")])
     return out.getvalue()
+
+
+def _printable(text: str) -> str:
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode()
+        for c in text
+    )
 
 
 def _error(message: str, code: int) -> int:

@@ -295,6 +295,11 @@ def test_predictor_refuses_what_is_no_prediction(trained):
     for dtype, tol in ((torch.float64, 1e-5), (torch.bfloat16, 0.05)):  # a model cast whole
         cast = Predictor(from_pretrained(trained["adapter"]).to(dtype))
         torch.testing.assert_close(cast.probabilities(files), want, rtol=0, atol=tol)
+    import numpy as np
+
+    assert good.predict(np.array([str(f) for f in files[:2]])) == good.predict(files[:2])
+    with pytest.raises(ValueError, match="takes 1-channel images"):
+        Predictor(create_model(VIT, "dtl", num_classes=3, img_size=32, in_chans=1))
     features = create_model(VIT, "dtl", num_classes=0, img_size=32)
     with pytest.raises(ValueError, match="no classifier head"):
         Predictor(features)
@@ -336,14 +341,25 @@ def test_dtl_predict_takes_a_run_folder_and_checks_the_device_first(trained, toy
     assert len(err) == 4 and all(line.startswith("dtl-predict: error: --device") for line in err)
 
 
-def test_class_names_an_adapter_cannot_record_are_refused_on_both_sides(trained, tmp_path):
-    """Class names with control characters (terminal escapes through dtl-predict) or named
-    twice: refused when an adapter is read, and by dtl-train before it trains."""
-    for names, match in ((["a", "x\x1b[31mRED", "c"], "holds a control character"),
-                         (["a", "b", "a"], "'a' is named twice")):  # fmt: skip
-        path = _with_metadata(trained["adapter"], tmp_path / "c.safetensors", classes=names)
-        with pytest.raises(ValueError, match=match):
-            read_adapter(path)
+def test_class_names_with_control_characters_are_never_written_and_read_escaped(trained, tmp_path):
+    """A control character in a class name (a terminal escape through dtl-predict): an
+    adapter is never written with one, and one read from someone else's file comes back
+    as its escape sequence. Names may repeat (ImageNet's labels do), on both sides."""
+    names = ["a", "x\x1b[31mRED", "a"]
+    path = _with_metadata(trained["adapter"], tmp_path / "c.safetensors", classes=names)
+    model = from_pretrained(path)
+    assert model.class_names == ["a", "x\\x1b[31mRED", "a"]
+    with pytest.raises(ValueError, match="holds a control character"):
+        save_adapter(model_with(model, names), tmp_path / "w.safetensors")
+    repeated = model_with(model, ["crane", "crane", "maillot"])
+    assert from_pretrained(save_adapter(repeated, tmp_path / "r.safetensors")).class_names == [
+        "crane", "crane", "maillot"
+    ]  # fmt: skip
+
+
+def model_with(model, names):
+    model.class_names = list(names)
+    return model
 
 
 def test_dtl_train_refuses_class_folders_it_could_not_record(toy, tmp_path, capsys):
@@ -359,3 +375,22 @@ def test_dtl_train_refuses_class_folders_it_could_not_record(toy, tmp_path, caps
     assert "holds a control character" in capsys.readouterr().err
     run = tmp_path / "run"
     assert not (run / "adapter.safetensors").exists() and not (run / "metrics.csv").exists()
+
+
+def test_dtl_predict_checks_where_the_output_goes_before_it_predicts(
+    trained, toy, tmp_path, capsys, monkeypatch
+):
+    from dtl_kernels import predict as predict_module
+    from dtl_kernels.predict_cli import _csv
+
+    image = str(sorted((toy / "test").rglob("*.png"))[0])
+    (tmp_path / "blocker").write_text("a file")
+    monkeypatch.setattr(predict_module.Predictor, "from_adapter",
+                        lambda *a, **k: pytest.fail("the model was built"))  # fmt: skip
+    argv = [image, "--adapter", str(trained["adapter"]), "--output"]
+    assert predict(argv + [str(tmp_path / "blocker" / "sub" / "p.csv")]) == 1
+    assert "cannot be written" in capsys.readouterr().err
+    # a file name's control characters: escaped on a terminal, kept in a file
+    rows = [("x\x1b[31m.png", [("a", 0.5)])]
+    assert "x\\x1b[31m.png" in _csv(rows, 1, escape=True)
+    assert "x\x1b[31m.png" in _csv(rows, 1)

@@ -133,27 +133,31 @@ def _classes(value, num_classes: int, fail) -> list[str] | None:
     if not isinstance(value, list) or len(value) != num_classes:
         fail(f"metadata 'classes' is {_short(value)}, expected the names of the "
              f"{num_classes} classes")  # fmt: skip
-    problem = class_names_problem(value)
-    if problem is not None:
-        fail(f"metadata 'classes' holds {_short(value)}: {problem}")
-    return list(value)
+    if not all(_text(c, MAX_CLASS_NAME) for c in value):
+        fail(f"metadata 'classes' holds {_short(value)}: each name is text of 1…"
+             f"{MAX_CLASS_NAME} characters")  # fmt: skip
+    # a control character (written before names were checked, or by someone else) would
+    # reach a terminal as an escape through dtl-predict: read as its escape sequence
+    return [c if _CLASS_NAME.fullmatch(c) else _escaped(c) for c in value]
 
 
 def class_names_problem(names: list) -> str | None:
-    """What makes ``names`` no list of class names an adapter can record (``None``: fine):
-    each text of 1…256 characters without control characters (they would reach a terminal
-    as escapes through ``dtl-predict``), no name twice (a prediction would be ambiguous).
-    Checked when an adapter is read and when a run starts (``dtl-train``)."""
+    """What keeps ``names`` from being recorded as an adapter's class names (``None``:
+    nothing): each text of 1…256 characters without control characters (they would reach
+    a terminal as escapes through ``dtl-predict``). Names may repeat (ImageNet's do).
+    Checked by ``save_adapter`` and by ``dtl-train`` before it trains."""
     if not all(_text(c, MAX_CLASS_NAME) for c in names):
         return f"each name is text of 1…{MAX_CLASS_NAME} characters"
     bad = [c for c in names if not _CLASS_NAME.fullmatch(c)]
     if bad:
         return f"{bad[0]!r} holds a control character"
-    seen: set[str] = set()
-    twice = [c for c in names if c in seen or seen.add(c)]
-    if twice:
-        return f"{twice[0]!r} is named twice"
     return None
+
+
+def _escaped(text: str) -> str:
+    """``text`` with each control character as its escape (``\\x1b``)."""
+    return "".join(ch if _CLASS_NAME.fullmatch(ch) else ch.encode("unicode_escape").decode()
+                   for ch in text)  # fmt: skip
 
 
 def _training(value, fail) -> dict | None:

@@ -22,7 +22,7 @@ from torch import nn
 from .._io import atomic_write
 from .._untrusted import parse_json
 from .._version import __version__
-from .adapter_description import check_description
+from .adapter_description import check_description, class_names_problem
 from .adapter_state import AdapterError
 from .choices import HEAD_MODES, METHODS
 
@@ -63,6 +63,9 @@ def save_adapter(
         "preprocessing": json.dumps(data_config(model), sort_keys=True),
     }
     if model.class_names is not None:
+        problem = class_names_problem(list(model.class_names))
+        if problem is not None:
+            raise AdapterError(f"cannot write adapter {path}: class names: {problem}")
         metadata["classes"] = json.dumps(list(model.class_names))
     if training is not None:
         metadata["training"] = json.dumps(training, sort_keys=True)

@@ -116,7 +116,8 @@ def _check_timm_origin(origin: dict, info: dict, path) -> None:
     if diffs:
         raise AdapterError(
             f"adapter {path}: its model record does not build the backbone it was trained "
-            "on: " + "; ".join(diffs[:4])
+            "on: " + "; ".join(diffs[:4]) + " (a backbone built with options the adapter "
+            "does not record: build it yourself and use model_from_adapter(path, backbone))"
         )
 
 

@@ -375,11 +375,11 @@ _HELP = {
     "warm-up)",
     "rank": "rank r of the side network (default: the model's: 2 for ViTs, 4 for Swin and "
     "CNNs, as published)",
-    "adapt_from": "M: first adapted block (1-based; default: the model's: 7 for ViTs as "
-    "published, the published share of the blocks for Swin (15 of Swin-B's 24), a CNN's "
-    "last stages)",
+    "adapt_from": "M: first adapted block (1-based; default: the model's: 7 for timm ViTs "
+    "as published, half the depth + 1 for Hugging Face ViTs, the published share of the "
+    "blocks for Swin (15 of Swin-B's 24), a CNN's last stages)",
     "tap_from": "first tapped block (1-based; default: the model's: 1 for ViTs, the third "
-    "stage's first block for Swin)",
+    "stage's first block for Swin, --adapt-from's block for CNNs)",
     "conv_kernel": "k of the DTL+ depthwise conv (default: the model's, 3; 5 for Swin). In the "
     "README's study k = 5 was the most accurate DTL variant on both datasets, at its own "
     "searched lr and drop path",
