@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "any_tensor.h"
+#include "side_checks.h"
 
 namespace dtl {
 namespace {
@@ -60,6 +61,7 @@ class SideForward : public torch::autograd::Function<SideForward> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("dtl_kernels::side_forward");
     const at::Tensor& g = grads[0];
     const variable_list saved = ctx->get_saved_variables();
     const bool has_conv = saved[2].defined();

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/Device.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
@@ -20,6 +21,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace dtl {
 
@@ -153,6 +155,21 @@ inline int64_t check_side_inputs(const char* op, c10::DeviceType device, const S
 // write_taps_ / side_step: taps (B, N, K) floating; inputs[j] (B, N, d_j) and downs[j] (r_j, d_j)
 // on its device, floating; their columns first_col … first_col + Σ r_j inside K.
 // write_taps_'s arguments (and side_step_'s, `op`); returns the column after the last tap.
+// A floating dtype (float32/16, bfloat16, float64): what the kernels compute in.
+inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
+              msg(op, ": ", name, " must be float32, float16, bfloat16 or float64, got ", dt));
+}
+
+// The op's backward is not differentiable itself: with create_graph=True its gradients
+// would carry no graph and a second derivative would silently miss its terms.
+inline void refuse_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              msg(op, ": double backward (create_graph=True) is not supported: its gradients "
+                      "are not differentiable"));
+}
+
 inline int64_t check_taps_inputs(const at::Tensor& taps, at::TensorList inputs,
                                  at::TensorList downs, int64_t first_col,
                                  const char* op = "dtl_kernels::write_taps_") {
@@ -190,6 +207,39 @@ inline int64_t check_taps_inputs(const at::Tensor& taps, at::TensorList inputs,
     col += a.size(0);
   }
   return col;
+}
+
+// The bytes a tensor's elements can reach: [first, last] of its storage.
+inline std::pair<int64_t, int64_t> byte_span(const at::Tensor& t) {
+  int64_t lo = t.storage_offset(), hi = t.storage_offset();
+  for (int64_t i = 0; i < t.dim(); ++i) {  // sizes ≥ 1 here (no empty tensor)
+    const int64_t reach = (t.size(i) - 1) * t.stride(i);
+    (reach < 0 ? lo : hi) += reach;
+  }
+  const int64_t item = static_cast<int64_t>(t.element_size());
+  return {lo * item, (hi + 1) * item - 1};
+}
+
+// Refuse `other` where it may share memory with `written` (the same storage, overlapping
+// spans: conservative, where at::assert_no_overlap gives up on strided / expanded views).
+inline void check_not_sharing(const char* op, const char* name, const at::Tensor& written,
+                              const at::Tensor& other) {
+  if (written.numel() == 0 || other.numel() == 0 || !written.has_storage() ||
+      !other.has_storage() || !written.storage().is_alias_of(other.storage()))
+    return;
+  const auto [a0, a1] = byte_span(written);
+  const auto [b0, b1] = byte_span(other);
+  TORCH_CHECK(a1 < b0 || b1 < a0,
+              msg(op, ": ", name, " shares memory with the taps it writes (they are written "
+                  "before it is read): pass a copy"));
+}
+
+// write_taps_ reads inputs and downs while it writes taps: none may share taps' memory.
+inline void check_no_overlap(const at::Tensor& taps, at::TensorList inputs,
+                             at::TensorList downs,
+                             const char* op = "dtl_kernels::write_taps_") {
+  for (const at::Tensor& t : inputs) check_not_sharing(op, "an input", taps, t);
+  for (const at::Tensor& t : downs) check_not_sharing(op, "a down", taps, t);
 }
 
 }  // namespace dtl

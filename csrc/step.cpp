@@ -99,6 +99,7 @@ write_taps_op() {
 void write_taps_generic(at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
                         int64_t first_col) {
   check_taps_inputs(taps, inputs, downs, first_col);
+  check_no_overlap(taps, inputs, downs);
   const at::ScalarType tdt = taps.scalar_type();
   const bool in_place = taps.is_contiguous() && taps.numel() > 0;
   const int64_t rows = taps.size(0) * taps.size(1);  // checked: every input is (B, N, d_j)
@@ -163,6 +164,12 @@ at::Tensor step_into(const char* op, const at::Tensor& y, at::Tensor& taps, at::
                      int64_t num_prefix, double beta, int64_t kernel,
                      const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(kernel == 0 || kernel == 1, msg(op, ": kernel must be 0 or 1, got ", kernel));
+  // every argument's pairing, columns, device and dtype, also with no pending taps (then
+  // nothing else reads downs / first_col); ups and conv before they are cast to the
+  // kernels' dtype (a complex or integer one would be cast silently)
+  check_taps_inputs(taps, inputs, downs, first_col, op);
+  check_floating(op, "ups", ups);
+  if (conv.has_value()) check_floating(op, "conv_weight", *conv);
   int64_t next_col = 0;
   if (next_down.has_value())
     next_col = next_tap_column(op, y, taps, inputs, downs, first_col, *next_down);
@@ -182,7 +189,11 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
     int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
     int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
     std::optional<at::ScalarType> save_dtype) {
-  (void)save_dtype;  // what autograd keeps; no effect on values
+  // what autograd keeps for ∂downs (no effect on values): a floating dtype, or ∂downs
+  // would be computed from inputs rounded to integers
+  TORCH_CHECK(!save_dtype.has_value() || at::isFloatingType(*save_dtype),
+              msg("dtl_kernels::side_step: save_dtype must be a floating dtype, got ",
+                  save_dtype.value_or(at::kFloat)));
   at::Tensor taps_out = taps.clone(at::MemoryFormat::Contiguous);
   at::Tensor out = step_into("dtl_kernels::side_step", y, taps_out, inputs, downs, first_col,
                              ups, conv, grid_h, grid_w, num_prefix, beta, kernel, std::nullopt);
@@ -197,6 +208,13 @@ at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::Ten
                                   int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
                                   const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::side_step_: taps must be contiguous");
+  // taps is written before y, ups and the rest are read: none may share its memory
+  const char* op = "dtl_kernels::side_step_";
+  check_not_sharing(op, "y", taps, y);
+  check_not_sharing(op, "ups", taps, ups);
+  if (conv.has_value()) check_not_sharing(op, "conv_weight", taps, *conv);
+  if (next_down.has_value()) check_not_sharing(op, "next_down", taps, *next_down);
+  check_no_overlap(taps, inputs, downs, op);
   return step_into("dtl_kernels::side_step_", y, taps, inputs, downs, first_col, ups, conv,
                    grid_h, grid_w, num_prefix, beta, kernel, next_down);
 }
@@ -283,6 +301,7 @@ class SideStep : public torch::autograd::Function<SideStep> {
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward("dtl_kernels::side_step");
     // below autograd: the kernels' backward ops have no autograd of their own to run (no
     // double backward through the side op), and Triton's would cost Python glue per call
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -369,6 +388,29 @@ std::tuple<at::Tensor, at::Tensor> side_step_autograd(
   return {r[0], r[1]};
 }
 
+// write_taps_ records no gradient either: refused where autograd would record it (the
+// written taps would have no grad_fn, a saved one would change unseen).
+void write_taps_autograd(at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+                         int64_t first_col) {
+  const bool dual = any_tensor([](const at::Tensor& t) { return t._fw_grad(0).defined(); },
+                               taps, inputs, downs);
+  TORCH_CHECK(!dual, "dtl_kernels::write_taps_: forward-mode AD (a dual tensor) is not supported");
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !any_tensor([](const at::Tensor& t) { return t.requires_grad(); }, taps,
+                              inputs, downs),
+              "dtl_kernels::write_taps_ records no gradient: call it under no_grad / "
+              "inference_mode (side_step computes taps with their gradients)");
+  at::AutoDispatchBelowAutograd guard;  // next: ADInplaceOrView (the version counter)
+  write_taps_op().call(taps, inputs, downs, first_col);
+}
+
+void write_taps_view(at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+                     int64_t first_col) {
+  torch::autograd::impl::bump_version(taps);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  write_taps_op().call(taps, inputs, downs, first_col);
+}
+
 }  // namespace
 }  // namespace dtl
 
@@ -381,8 +423,10 @@ TORCH_LIBRARY_IMPL(dtl_kernels, CompositeExplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(dtl_kernels, Autograd, m) {
   m.impl("side_step", &dtl::side_step_autograd);
   m.impl("side_step_", &dtl::side_step_inplace_autograd);
+  m.impl("write_taps_", &dtl::write_taps_autograd);
 }
 
 TORCH_LIBRARY_IMPL(dtl_kernels, ADInplaceOrView, m) {
   m.impl("side_step_", &dtl::side_step_inplace_view);
+  m.impl("write_taps_", &dtl::write_taps_view);
 }

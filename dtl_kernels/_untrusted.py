@@ -55,6 +55,29 @@ def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH):
     return value
 
 
+# An .npz may be compressed (np.savez_compressed): its members may hold more than the file,
+# but not by more than float weights compress.
+_NPZ_EXPANSION = 4
+
+
+def check_npz_archive(path: str | os.PathLike) -> None:
+    """``ValueError`` unless ``path`` is a zip archive whose members declare at most
+    4 × the file's size (+ 1 MiB) in all: a compressed member that would expand into
+    gigabytes (zipfile never reads past a member's declared size) is refused unread."""
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(m.file_size for m in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"{path} is not an .npz (zip) archive ({exc})") from None
+    if declared > _NPZ_EXPANSION * size + 2**20:
+        raise ValueError(
+            f"{path}: its arrays declare {declared} bytes, more than {_NPZ_EXPANSION} x "
+            f"the file's {size}: refusing to expand it"
+        )
+
+
 def check_torch_archive(path: str | os.PathLike) -> None:
     """``ValueError`` unless ``path`` is a zip archive (``torch.save``'s format) whose
     members are stored uncompressed and together fit inside the file."""

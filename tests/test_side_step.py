@@ -747,3 +747,78 @@ def test_grad_turned_on_mid_stage_reaches_the_ups_too():
     assert all(g is not None for g in got[0])
     for a, b in zip(got[0], got[1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- bad arguments found by fuzzing the ops: refused by name, never a silent wrong answer
+OP = torch.ops.dtl_kernels
+
+
+def test_a_meta_tensor_among_cpu_ones_is_refused_not_answered_with_garbage():
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    with torch.no_grad(), pytest.raises(ValueError, match="on one device"):
+        step.side_step_(y, taps.clone(), zs, downs, 2, ups.to("meta"), None, None, 0, 3.0, "cpu")
+    with pytest.raises(ValueError, match="on one device"):
+        OP.write_taps_(taps.clone(), [zs[0].to("meta")], downs[:1], 2)
+    with pytest.raises((ValueError, RuntimeError), match="on one device|are on meta"):
+        step.side_step(y, taps, [zs[0].to("meta")], downs[:1], 2, ups, None, None, 0, 3.0, "cpu")
+
+
+def test_write_taps_records_no_gradient_and_bumps_the_version():
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    t = taps.clone().requires_grad_()
+    with pytest.raises(RuntimeError, match="write_taps_ records no gradient"):
+        OP.write_taps_(t * 1.0, zs, downs, 2)
+    plain = taps.clone()
+    OP.write_taps_(plain, zs, downs, 2)  # nothing requires grad: allowed
+    assert plain._version == 1
+    with torch.no_grad():
+        OP.write_taps_(t, zs, downs, 2)
+
+
+@pytest.mark.parametrize("conv", [False, True], ids=["dtl", "dtl+"])
+def test_double_backward_is_refused_not_silently_incomplete(conv):
+    y, taps, zs, downs, ups, w = _step_inputs(conv)
+    ups.requires_grad_()
+    grid = (2, 3) if conv else None
+    out, _ = step.side_step(y, taps, zs, downs, 2, ups, w, grid, 1 if conv else 0, 3.0, "cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), ups, create_graph=True)
+    from dtl_kernels.ops.side import side_add
+
+    full = side_add(y, taps, ups, 3.0, w, grid, 1 if conv else 0, backend="cpu")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(full.square().sum(), ups, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(save_dtype=torch.int32), "save_dtype must be a floating dtype"),
+        (dict(ups=lambda u: u.to(torch.complex128)), "ups must be float32"),
+        (dict(ups=lambda u: u.to(torch.int64)), "ups must be float32"),
+        (dict(inputs=[]), "0 inputs but 2 downs"),
+        (dict(inputs=[], downs=[], first_col=99), "first_col must be in 0..8"),
+        (dict(backend="auto"), "backend must be one of"),
+    ],
+    ids=["save-int", "ups-complex", "ups-int", "unpaired", "first-col", "backend"],
+)  # fmt: skip
+def test_step_arguments_are_checked_before_they_are_cast(change, match):
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    args = dict(y=y, taps=taps, inputs=zs, downs=downs, first_col=2, ups=ups,
+                conv_weight=None, grid=None, num_prefix=0, beta=3.0, backend="cpu")  # fmt: skip
+    for k, v in change.items():
+        args[k] = v(args[k]) if callable(v) else v
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        step.side_step(**args)
+
+
+def test_arguments_that_share_the_written_taps_memory_are_refused():
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    buf = torch.zeros(2, 7, 8, dtype=DT)
+    with pytest.raises(RuntimeError, match="an input shares memory with the taps"):
+        OP.write_taps_(buf, [buf[..., :6]], downs[:1], 2)
+    with pytest.raises(RuntimeError, match="an input shares memory with the taps"):
+        OP.write_taps_(buf, [buf[:, :1, :6].expand(2, 7, 6)], downs[:1], 2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="y shares memory with the taps"):
+        step.side_step_(buf[..., :6], buf, [], [], 2, ups, None, None, 0, 3.0, "cpu")
+    OP.write_taps_(buf[0:1], [buf[1:2, :, :6].clone()], downs[:1], 2)  # another part: fine

@@ -16,6 +16,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include <c10/util/safe_numerics.h>
+
 #include <vector>
 
 #include "../side_checks.h"
@@ -35,7 +37,11 @@ void taps_of_block(at::Tensor& taps, const at::Tensor& z, const at::Tensor& a_in
   const int64_t d = z.size(2), r = a_in.size(0), dp = (d + V - 1) / V * V;
   // a rounded to the taps' dtype, as acc_t rows zero-padded to a whole number of vectors;
   // read in its own dtype and strides (no conversion op per block: host time, see above)
-  std::vector<acc_t> packed(r * dp, acc_t(0));
+  int64_t packed_size = 0;  // r · dp, checked: an expanded (stride-0) down can be huge
+  TORCH_CHECK(!c10::mul_overflows(r, dp, &packed_size) &&
+                  packed_size <= (int64_t{1} << 40),
+              msg("dtl_kernels::write_taps_: a down of ", r, " x ", d, " is too large"));
+  std::vector<acc_t> packed(packed_size, acc_t(0));
   const int64_t sk = a_in.stride(0), sd = a_in.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a_in.scalar_type(), "write_taps_a", [&] {
     const scalar_t* ap = a_in.const_data_ptr<scalar_t>();
@@ -73,6 +79,8 @@ void write_taps_cpu(at::Tensor& taps, at::TensorList inputs, at::TensorList down
                     int64_t first_col) {
   check_taps_inputs(taps, inputs, downs, first_col);
   TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::write_taps_: taps must be contiguous");
+  check_no_overlap(taps, inputs, downs);
+  if (taps.numel() == 0) return;  // no rows to write: nothing packed either
   int64_t col = first_col;
   for (size_t j = 0; j < inputs.size(); ++j) {
     const at::Tensor& z = inputs[j];

@@ -35,13 +35,19 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     if suffix == ".npz":
         if not hasattr(backbone, "load_pretrained"):
             raise ValueError(f"{path}: .npz checkpoints are only supported for ViT backbones")
+        from .._untrusted import check_npz_archive
+
+        check_npz_archive(path)
         try:
             backbone.load_pretrained(str(path))
         except Exception as exc:
             raise ValueError(f"could not load Google ViT checkpoint {path}: {exc}") from exc
         return
-    state = read_state_dict(path)
-    backbone.load_state_dict(fitted_state(state, backbone, path), strict=False)
+    state = fitted_state(read_state_dict(path), backbone, path)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} holds NaN or infinite values in {bad[:8]}")
+    backbone.load_state_dict(state, strict=False)
 
 
 def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> dict:
@@ -57,10 +63,17 @@ def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> d
         if not any(k.startswith(classifier) for k in own):  # a wrapper removed it
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
         return map_positional_efficientnet(state, backbone)
+    _check_before_filter(state, path)
     module = sys.modules.get(type(backbone).__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
-        state = filter_fn(state, backbone)
+        try:  # timm's resamplers run on the file's shapes: an error names the file
+            state = filter_fn(state, backbone)
+        except Exception as exc:
+            raise ValueError(
+                f"{path} does not fit {type(backbone).__name__}: timm's checkpoint filter "
+                f"failed ({type(exc).__name__}: {exc})"
+            ) from exc
     for key in [k for k in state if k.startswith(classifier)]:
         if key not in own or state[key].shape != own[key].shape:
             del state[key]
@@ -76,7 +89,35 @@ def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> d
             f"{path} does not fit {type(backbone).__name__}: missing {missing[:20]}, "
             f"unexpected {unexpected[:20]}, mis-shaped {misshaped[:20]}"
         )
+    # a real floating tensor where the backbone's is one (an integer, bool or complex one
+    # would be cast silently)
+    wrong = [
+        f"{k}: {v.dtype}"
+        for k, v in state.items()
+        if own[k].is_floating_point() and (not v.is_floating_point() or v.is_complex())
+    ]
+    if wrong:
+        raise ValueError(f"{path}: tensors of a non-float dtype for float weights: {wrong[:8]}")
     return state
+
+
+# The largest patch-embedding kernel area timm's resampler is let loose on: it builds an
+# (area x area) matrix (64² → 64 MB); real patch sizes are 8…32.
+_MAX_KERNEL_AREA = 64 * 64
+
+
+def _check_before_filter(state: dict[str, torch.Tensor], path) -> None:
+    """What timm's key filter would trust: no expanded (stride-0) tensor, which lets a
+    file of a few bytes stand for a huge tensor, and no patch-embedding kernel large enough
+    for its resampler to build a matrix of gigabytes."""
+    for k, v in state.items():
+        if v.numel() > 1 and 0 in v.stride():
+            raise ValueError(f"{path}: {k} is an expanded tensor (stride 0), not weights")
+        if k.endswith("patch_embed.proj.weight") and (
+            v.dim() != 4 or v.shape[-1] * v.shape[-2] > _MAX_KERNEL_AREA
+        ):
+            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, not a patch kernel "
+                             f"of at most {_MAX_KERNEL_AREA} pixels")  # fmt: skip
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -84,9 +125,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     (``timm.models.load_state_dict``: any suffix, safetensors or a torch archive loaded
     with ``weights_only``; the EMA / ``state_dict`` / ``model`` entry of a training
     checkpoint; ``module.`` prefixes removed). ``ValueError`` naming the file."""
+    import zipfile
+
     from timm.models import load_state_dict
 
+    from .._untrusted import check_torch_archive
+
     path = Path(path)
+    if zipfile.is_zipfile(path):  # torch.save's format: no member may expand beyond the file
+        check_torch_archive(path)
     try:
         state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
     except Exception as exc:  # torch / safetensors raise several types for bad files

@@ -168,6 +168,9 @@ def _load(backbone: nn.Module, dtype, device, path) -> None:
         target = own[name]
         batch[name] = src.to(device=device, dtype=_target_dtype(target, dtype), copy=True)
         weights.release(src)
+        if batch[name].is_floating_point() and not torch.isfinite(batch[name]).all():
+            raise ValueError(f"{path}: {name} holds NaN or infinite values (in "
+                             f"{batch[name].dtype}: beyond its range?)")  # fmt: skip
         size += batch[name].nbytes
         del src
         if size >= _BATCH_BYTES:

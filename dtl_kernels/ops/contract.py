@@ -268,6 +268,12 @@ def register_python_autograd(
         ctx.args = (grid_h, grid_w, num_prefix, beta)
 
     def autograd_backward(ctx, grad_out):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: these gradients carry no graph (the backward op has none)
+            raise RuntimeError(
+                "dtl_kernels side op: double backward (create_graph=True) is not supported: "
+                "its gradients are not differentiable"
+            )
         taps, ups, conv_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         grad_taps = grad_ups = grad_conv = None

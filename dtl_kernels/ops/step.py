@@ -105,6 +105,9 @@ def bind_side_step_(
 
 
 def _kernel_id(backend: str) -> int:
+    if backend not in STEP_KERNELS:
+        raise ValueError(f"backend must be one of {tuple(STEP_KERNELS)} (a step's kernels), "
+                         f"got {backend!r}")  # fmt: skip
     if backend == "triton":
         from . import triton_side  # noqa: F401  (registers the kernels the steps call)
     return STEP_KERNELS[backend]
@@ -126,10 +129,28 @@ def _call(direct, name: str, args: tuple):
     return getattr(torch.ops.dtl_kernels, name).default(*args)
 
 
+def _check_fake_step(op: str, taps, inputs, downs, first_col: int, others) -> None:
+    """What the kernels check before they write (csrc/side_checks.h's check_taps_inputs),
+    for the fake (and Meta) kernels: one meta tensor among CPU ones sends a CPU call here,
+    where returning empty tensors would be a silently wrong result."""
+    if len(inputs) != len(downs) or taps.dim() != 3:
+        raise ValueError(f"{op}: inputs and downs must pair up; taps must be 3-D")
+    devices = {str(t.device) for t in (taps, *inputs, *downs, *others) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: every tensor must be on one device, got {sorted(devices)}")
+    end = first_col + sum(a.shape[0] for a in downs if a.dim() == 2)
+    if not 0 <= first_col <= end <= taps.shape[2]:
+        raise ValueError(f"{op}: the taps' columns {first_col}..{end} are not inside "
+                         f"0..{taps.shape[2]}")  # fmt: skip
+
+
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                     num_prefix, beta, kernel, save_dtype=None):  # fmt: skip
-    if len(inputs) != len(downs) or taps.dim() != 3 or y.dim() != 3:
-        raise ValueError("side_step: inputs and downs must pair up; y and taps must be 3-D")
+    if y.dim() != 3:
+        raise ValueError("side_step: y must be 3-D")
+    if kernel not in (0, 1):
+        raise ValueError(f"side_step: kernel must be 0 or 1, got {kernel}")
+    _check_fake_step("side_step", taps, inputs, downs, first_col, (y, ups, conv_weight))
     return (
         torch.empty_like(y, memory_format=torch.contiguous_format),
         torch.empty_like(taps, memory_format=torch.contiguous_format),
@@ -140,6 +161,9 @@ def _fake_side_step_(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h
                      num_prefix, beta, kernel, next_down=None):  # fmt: skip
     _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                     num_prefix, beta, kernel)  # fmt: skip
+    if next_down is not None and next_down.device != y.device:
+        raise ValueError(f"side_step_: every tensor must be on one device, got "
+                         f"{next_down.device} and {y.device}")  # fmt: skip
     if not taps.is_contiguous():
         raise ValueError("side_step_: taps must be contiguous")
     if next_down is not None:  # as csrc/step.cpp's next_tap_column
@@ -152,7 +176,7 @@ def _fake_side_step_(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h
 
 
 def _fake_write_taps(taps, inputs, downs, first_col):
-    return None
+    _check_fake_step("write_taps_", taps, inputs, downs, first_col, ())
 
 
 if _ext.cpu_built():

@@ -1,0 +1,80 @@
+"""Backbone weights from someone else's file (``create_model(..., pretrained=PATH)``, the
+classic path, and with ``backbone_dtype``, the lean one): a small file never expands into
+gigabytes, and weights that are no float weights are refused by name, not loaded."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from dtl_kernels import create_model
+
+VIT = "vit_tiny_patch16_224"
+OPTS = dict(num_classes=3, img_size=32)
+
+
+def _state():
+    return create_model(VIT, "linear", **OPTS).backbone.state_dict()
+
+
+def _build(path, lean: bool):
+    extra = {"backbone_dtype": torch.bfloat16} if lean else {}
+    return create_model(VIT, "dtl", pretrained=str(path), **OPTS, **extra)
+
+
+def _deflated(src, dst):
+    """The same torch.save archive with its members compressed (a zip bomb's shape)."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as b:
+        for m in a.infolist():
+            b.writestr(m.filename, a.read(m.filename))
+    return dst
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+def test_a_compressed_archive_is_refused_unread(tmp_path, lean):
+    torch.save(_state(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="compressed"):
+        _build(_deflated(tmp_path / "w.pth", tmp_path / "z.pth"), lean)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda s: s.update({"patch_embed.proj.weight": torch.zeros(1).expand(1, 1, 128, 128)}),
+         "expanded tensor"),
+        (lambda s: s.update({"patch_embed.proj.weight": torch.zeros(1, 1, 128, 128)}),
+         "not a patch kernel"),
+        (lambda s: s.update({"pos_embed": torch.zeros(5)}), "checkpoint filter failed"),
+        (lambda s: s.update({"norm.weight": s["norm.weight"].to(torch.int64)}), "non-float"),
+        (lambda s: s.update({"norm.weight": s["norm.weight"].to(torch.complex64)}),
+         "non-float"),
+        (lambda s: s["norm.weight"].__setitem__(0, float("nan")), "NaN or infinite"),
+    ],
+    ids=["stride-0", "huge-kernel", "1-d-pos-embed", "int", "complex", "nan"],
+)  # fmt: skip
+def test_weights_that_are_no_weights_are_refused_by_name(tmp_path, lean, edit, match):
+    state = _state()
+    edit(state)
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=match) as info:
+        _build(tmp_path / "w.pth", lean)
+    assert str(tmp_path / "w.pth") in str(info.value)
+
+
+def test_a_value_beyond_the_backbone_dtype_is_refused(tmp_path):
+    state = _state()
+    state["norm.weight"][0] = 1e6  # finite in float32, inf in float16
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        create_model(VIT, "dtl", pretrained=str(tmp_path / "w.pth"), backbone_dtype=torch.float16,
+                     **OPTS)  # fmt: skip
+
+
+def test_an_npz_that_would_expand_is_refused(tmp_path):
+    np.savez_compressed(tmp_path / "bomb.npz", x=np.zeros(2**26, dtype=np.float32))
+    with pytest.raises(ValueError, match="refusing to expand"):
+        create_model(VIT, "dtl", pretrained=str(tmp_path / "bomb.npz"), **OPTS)
