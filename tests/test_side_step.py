@@ -822,3 +822,19 @@ def test_arguments_that_share_the_written_taps_memory_are_refused():
     with torch.no_grad(), pytest.raises(RuntimeError, match="y shares memory with the taps"):
         step.side_step_(buf[..., :6], buf, [], [], 2, ups, None, None, 0, 3.0, "cpu")
     OP.write_taps_(buf[0:1], [buf[1:2, :, :6].clone()], downs[:1], 2)  # another part: fine
+
+
+def test_side_add_takes_a_grid_of_whole_numbers_only():
+    """A float grid was truncated (2.5 x 2.4 read as 2 x 2) and a string read digit by
+    digit; a NumPy integer is a whole number."""
+    import numpy as np
+
+    from dtl_kernels.ops.side import side_add
+
+    y, taps, ups = torch.randn(1, 6, 4), torch.randn(1, 6, 2), torch.randn(4, 2)
+    w = torch.randn(4, 1, 3, 3)
+    for grid in [(2.5, 2.4), "ab", (2, True), None]:
+        with pytest.raises(ValueError, match="two whole numbers"):
+            side_add(y, taps, ups, 3.0, w, grid, 0)
+    torch.testing.assert_close(side_add(y, taps, ups, 3.0, w, (np.int64(2), 3), 0),
+                               side_add(y, taps, ups, 3.0, w, (2, 3), 0))  # fmt: skip

@@ -21,6 +21,7 @@ Shapes: ``y`` ``(B, N, d)``; ``taps`` ``(B, N, K)``; ``ups`` ``(d, K)``; ``conv_
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -114,8 +115,12 @@ def _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix) -> Non
             f"side_add: taps have dtype {taps.dtype} but y has {y.dtype} (taps take y's dtype, "
             "or bfloat16 / float16 beside a float32 y)"
         )
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
-        raise TypeError(f"side_add: beta must be a finite number, got {beta!r}")
+    if (
+        isinstance(beta, bool)
+        or not isinstance(beta, (int, float))
+        or not math.isfinite(float(beta) if abs(beta) < 1e308 else math.inf)
+    ):
+        raise TypeError(f"side_add: beta must be a finite number, got {beta!r:.40}")
     if abs(beta) > _beta_limit(y.dtype):
         raise ValueError(
             f"side_add: |beta| must be <= {_beta_limit(y.dtype):.3g} for {y.dtype} inputs, "
@@ -141,8 +146,13 @@ def _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix) -> Non
             f"side_add: conv_weight must be a depthwise (d, 1, k, k) = ({d}, 1, k, k) kernel, "
             f"got {tuple(w.shape)}"
         )
-    if grid is None or len(grid) != 2 or any(int(g) < 1 for g in grid):
-        raise ValueError(f"side_add: DTL+ needs a positive patch grid (H, W), got {grid!r}")
+    if (
+        not isinstance(grid, (tuple, list))
+        or len(grid) != 2
+        or any(not _whole_number(g) or g < 1 for g in grid)
+    ):
+        raise ValueError(f"side_add: DTL+ needs a patch grid of two whole numbers ≥ 1 (H, W), "
+                         f"got {grid!r}")  # fmt: skip
     if grid[0] * grid[1] != n - num_prefix:
         raise ValueError(
             f"side_add: {n} tokens do not hold {num_prefix} prefix tokens plus a "
@@ -252,6 +262,17 @@ def register_fakes(op_name: str, forward, backward) -> None:
 
     torch.library.register_fake(forward)(fake_forward)
     torch.library.register_fake(backward)(fake_backward)
+
+
+def _whole_number(g) -> bool:
+    """An int (also a NumPy or symbolic one), not a bool or a float."""
+    if isinstance(g, bool):
+        return False
+    try:
+        operator.index(g)
+    except TypeError:
+        return False
+    return True
 
 
 def register_python_autograd(
