@@ -58,7 +58,7 @@ def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> d
     ``path``) lists missing / unexpected / mis-shaped keys. Shapes only are compared, so
     ``backbone`` may live on the meta device."""
     own = backbone.state_dict()
-    classifier = ("head", _classifier(backbone))  # DTL trains a new one
+    classifier = _classifiers(backbone)  # DTL trains a new one
     if is_positional_efficientnet_checkpoint(state):  # EfficientNet-PyTorch names
         if not any(k.startswith(classifier) for k in own):  # a wrapper removed it
             state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
@@ -145,10 +145,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def _classifier(backbone: nn.Module) -> str:
-    """The key prefix of a timm backbone's classifier (``head``, ``classifier``, ``fc``…)."""
+def _classifiers(backbone: nn.Module) -> tuple[str, ...]:
+    """The key prefixes of a timm backbone's classifier(s) (``head.``, ``head.fc.``,
+    ``classifier.``, ``fc.``; DeiT's ``head.`` and ``head_dist.``): only these may be
+    missing from a checkpoint or differ in shape (a new head is trained). Not every
+    ``head*`` key: ConvNeXt's ``head.norm`` is a pretrained layer."""
     name = (getattr(backbone, "pretrained_cfg", None) or {}).get("classifier")
-    return f"{name}." if isinstance(name, str) and name else "head"
+    names = [name] if isinstance(name, str) else list(name or [])
+    names = [n for n in names if isinstance(n, str) and n] or ["head"]
+    return tuple(f"{n}." for n in names)
 
 
 def is_positional_efficientnet_checkpoint(state: dict) -> bool:

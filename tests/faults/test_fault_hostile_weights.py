@@ -78,3 +78,19 @@ def test_an_npz_that_would_expand_is_refused(tmp_path):
     np.savez_compressed(tmp_path / "bomb.npz", x=np.zeros(2**26, dtype=np.float32))
     with pytest.raises(ValueError, match="refusing to expand"):
         create_model(VIT, "dtl", pretrained=str(tmp_path / "bomb.npz"), **OPTS)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+def test_a_pretrained_layer_named_head_must_be_in_the_checkpoint(tmp_path, lean):
+    """Only the classifier (ConvNeXt's head.fc) may be missing: head.norm is a pretrained
+    layer the published head uses, not to be left at its initial values."""
+    kw = dict(num_classes=3, depths=(1, 1, 1, 1), dims=(8, 16, 24, 32))
+    state = create_model("convnext_atto", "linear", **kw).backbone.state_dict()
+    torch.save(state, tmp_path / "ok.pth")
+    torch.save({k: v for k, v in state.items() if not k.startswith("head.norm")},
+               tmp_path / "no-norm.pth")  # fmt: skip
+    extra = {"backbone_dtype": torch.bfloat16} if lean else {}
+    create_model("convnext_atto", "dtl", pretrained=str(tmp_path / "ok.pth"), **kw, **extra)
+    with pytest.raises(ValueError, match=r"missing \['head\.norm"):
+        create_model("convnext_atto", "dtl", pretrained=str(tmp_path / "no-norm.pth"), **kw,
+                     **extra)  # fmt: skip
