@@ -217,6 +217,8 @@ def read_onnx(path: str | Path) -> OnnxGraph:
             counts[key] += 1
             if key == "initializer":
                 name, tensor = _tensor(value, where, reasons)
+                if name in out.initializers or name in out.skipped:  # which one is meant?
+                    raise _Malformed(f"{where}: a second initializer named {name[:80]!r}")
                 if isinstance(tensor, str):
                     out.skipped[name] = tensor
                 else:

@@ -45,6 +45,10 @@ HOSTILE = {
     ),
     "a node name that is not UTF-8": (_field(7, _field(1, _field(3, b"\xff\xfe"))), "not UTF-8"),
     "two graphs": (_field(7, b"") + _field(7, b""), "2 graphs"),
+    "two initializers of one name": (
+        _field(7, _field(5, _field(8, b"w") + _field(2, 1) + _field(9, b"\x00" * 4)) * 2),
+        "a second initializer named 'w'",
+    ),
 }
 
 
