@@ -152,14 +152,14 @@ inline int64_t check_side_inputs(const char* op, c10::DeviceType device, const S
   return k;
 }
 
-// write_taps_ / side_step: taps (B, N, K) floating; inputs[j] (B, N, d_j) and downs[j] (r_j, d_j)
-// on its device, floating; their columns first_col … first_col + Σ r_j inside K.
-// write_taps_'s arguments (and side_step_'s, `op`); returns the column after the last tap.
 // A floating dtype (float32/16, bfloat16, float64): what the kernels compute in.
+inline bool is_kernel_float(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble;
+}
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
-  const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-              msg(op, ": ", name, " must be float32, float16, bfloat16 or float64, got ", dt));
+  TORCH_CHECK(is_kernel_float(t.scalar_type()),
+              msg(op, ": ", name, " must be float32, float16, bfloat16 or float64, got ",
+                  t.scalar_type()));
 }
 
 // The op's backward is not differentiable itself: with create_graph=True its gradients
@@ -170,13 +170,14 @@ inline void refuse_double_backward(const char* op) {
                       "are not differentiable"));
 }
 
+// write_taps_ / side_step: taps (B, N, K) floating; inputs[j] (B, N, d_j) and downs[j] (r_j, d_j)
+// on its device, floating; their columns first_col … first_col + Σ r_j inside K.
+// write_taps_'s arguments (and side_step_'s, `op`); returns the column after the last tap.
 inline int64_t check_taps_inputs(const at::Tensor& taps, at::TensorList inputs,
                                  at::TensorList downs, int64_t first_col,
                                  const char* op = "dtl_kernels::write_taps_") {
   TORCH_CHECK(taps.dim() == 3, msg(op, ": taps must be (B, N, K), got shape ", taps.sizes()));
-  const auto tdt = taps.scalar_type();
-  TORCH_CHECK(tdt == at::kFloat || tdt == at::kHalf || tdt == at::kBFloat16 || tdt == at::kDouble,
-              msg(op, ": taps must be float32, float16, bfloat16 or float64, got ", tdt));
+  check_floating(op, "taps", taps);
   TORCH_CHECK(inputs.size() == downs.size(),
               msg(op, ": ", inputs.size(), " inputs but ", downs.size(), " downs"));
   const int64_t k_cols = taps.size(2);
@@ -193,9 +194,9 @@ inline int64_t check_taps_inputs(const at::Tensor& taps, at::TensorList inputs,
                 msg(op, ": downs[", j, "] must be (r, d) with d = ", z.size(2), ", got ",
                     a.sizes()));
     for (const at::Tensor* t : {&z, &a}) {
-      const auto dt = t->scalar_type();
-      TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16 || dt == at::kDouble,
-                  msg(op, ": inputs[", j, "] and downs[", j, "] must be floating point, got ", dt));
+      TORCH_CHECK(is_kernel_float(t->scalar_type()),
+                  msg(op, ": inputs[", j, "] and downs[", j, "] must be floating point, got ",
+                      t->scalar_type()));
       TORCH_CHECK(t->device() == taps.device(),
                   msg(op, ": inputs[", j, "] / downs[", j, "] are on ", t->device(),
                       ", the taps on ", taps.device()));

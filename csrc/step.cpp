@@ -164,10 +164,10 @@ at::Tensor step_into(const char* op, const at::Tensor& y, at::Tensor& taps, at::
                      int64_t num_prefix, double beta, int64_t kernel,
                      const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(kernel == 0 || kernel == 1, msg(op, ": kernel must be 0 or 1, got ", kernel));
-  // every argument's pairing, columns, device and dtype, also with no pending taps (then
-  // nothing else reads downs / first_col); ups and conv before they are cast to the
+  // the taps' arguments also with no pending taps (write_taps_ checks them otherwise, and
+  // nothing else would read downs / first_col); ups and conv before they are cast to the
   // kernels' dtype (a complex or integer one would be cast silently)
-  check_taps_inputs(taps, inputs, downs, first_col, op);
+  if (inputs.empty()) check_taps_inputs(taps, inputs, downs, first_col, op);
   check_floating(op, "ups", ups);
   if (conv.has_value()) check_floating(op, "conv_weight", *conv);
   int64_t next_col = 0;
@@ -209,12 +209,12 @@ at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::Ten
                                   const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::side_step_: taps must be contiguous");
   // taps is written before y, ups and the rest are read: none may share its memory
+  // (inputs and downs: write_taps_ checks them)
   const char* op = "dtl_kernels::side_step_";
   check_not_sharing(op, "y", taps, y);
   check_not_sharing(op, "ups", taps, ups);
   if (conv.has_value()) check_not_sharing(op, "conv_weight", taps, *conv);
   if (next_down.has_value()) check_not_sharing(op, "next_down", taps, *next_down);
-  check_no_overlap(taps, inputs, downs, op);
   return step_into("dtl_kernels::side_step_", y, taps, inputs, downs, first_col, ups, conv,
                    grid_h, grid_w, num_prefix, beta, kernel, next_down);
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -53,6 +54,31 @@ def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH):
     if json_depth(value) > max_depth:
         raise ValueError(f"{what} is nested too deeply (over {max_depth} levels)")
     return value
+
+
+# C0 / C1 control characters: a terminal takes them as escape sequences
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def has_control(text: str) -> bool:
+    return _CONTROL.search(text) is not None
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character written as its escape (``\\x1b``): a name read
+    from someone's file, printed as it is, could drive the terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+def non_float_for_float(tensors: dict, like: dict) -> list[str]:
+    """``"name: dtype"`` of each tensor that is no real floating one where ``like[name]``
+    is floating: a complex tensor copied into float weights loses its imaginary part, a
+    bool or integer one passes for weights."""
+    return [
+        f"{k}: {v.dtype}"
+        for k, v in tensors.items()
+        if like[k].is_floating_point() and (not v.is_floating_point() or v.is_complex())
+    ]
 
 
 # An .npz may be compressed (np.savez_compressed): its members may hold more than the file,

@@ -169,7 +169,9 @@ def _device(name: str):
 def _csv(rows, top_k: int, escape: bool = False) -> str:
     """The CSV text; ``escape``: control characters in paths written as escape sequences."""
     if escape:
-        rows = [(_printable(path), top) for path, top in rows]
+        from ._untrusted import escape_controls
+
+        rows = [(escape_controls(path), top) for path, top in rows]
     k = min(top_k, max((len(top) for _, top in rows), default=top_k))
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
@@ -179,13 +181,6 @@ def _csv(rows, top_k: int, escape: bool = False) -> str:
     for path, top in rows:
         writer.writerow([path] + [v for name, p in top for v in (name, f"{p:.6f}")])
     return out.getvalue()
-
-
-def _printable(text: str) -> str:
-    return "".join(
-        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode()
-        for c in text
-    )
 
 
 def _error(message: str, code: int) -> int:

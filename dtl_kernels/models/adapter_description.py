@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import re
 
+from .._untrusted import escape_controls, has_control
+
 # timm's interpolation and crop names (timm.data.transforms: str_to_interp_mode, crop modes)
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 CROP_MODES = ("center", "squash", "border")
@@ -24,8 +26,6 @@ MAX_CHANNELS = 16
 MAX_TEXT = 4096  # a path or a model name
 MAX_CLASS_NAME = 256
 _NAME = re.compile(r"[^\x00-\x1f\x7f]+")  # a timm name, a hub id or a local path: no controls
-# a class name: printable as it is (no C0 / C1 control characters: terminal escapes)
-_CLASS_NAME = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
 
 
 def check_description(fields: dict, num_classes: int, fail) -> dict:
@@ -138,7 +138,7 @@ def _classes(value, num_classes: int, fail) -> list[str] | None:
              f"{MAX_CLASS_NAME} characters")  # fmt: skip
     # a control character (written before names were checked, or by someone else) would
     # reach a terminal as an escape through dtl-predict: read as its escape sequence
-    return [c if _CLASS_NAME.fullmatch(c) else _escaped(c) for c in value]
+    return [escape_controls(c) for c in value]
 
 
 def class_names_problem(names: list) -> str | None:
@@ -148,16 +148,10 @@ def class_names_problem(names: list) -> str | None:
     Checked by ``save_adapter`` and by ``dtl-train`` before it trains."""
     if not all(_text(c, MAX_CLASS_NAME) for c in names):
         return f"each name is text of 1…{MAX_CLASS_NAME} characters"
-    bad = [c for c in names if not _CLASS_NAME.fullmatch(c)]
+    bad = [c for c in names if has_control(c)]
     if bad:
         return f"{bad[0]!r} holds a control character"
     return None
-
-
-def _escaped(text: str) -> str:
-    """``text`` with each control character as its escape (``\\x1b``)."""
-    return "".join(ch if _CLASS_NAME.fullmatch(ch) else ch.encode("unicode_escape").decode()
-                   for ch in text)  # fmt: skip
 
 
 def _training(value, fail) -> dict | None:

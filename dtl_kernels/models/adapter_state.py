@@ -10,6 +10,8 @@ import warnings
 
 import torch
 
+from .._untrusted import non_float_for_float
+
 BACKBONE_MISMATCH = ("error", "warn")
 
 
@@ -109,11 +111,7 @@ class AdapterState:
             )
         # a real floating dtype where the model's is one (a complex tensor would lose its
         # imaginary part, a bool or integer one pass for weights), finite in the model's dtype
-        wrong = sorted(
-            f"{k}: {v.dtype}"
-            for k, v in tensors.items()
-            if own[k].is_floating_point() and (not v.is_floating_point() or v.is_complex())
-        )
+        wrong = sorted(non_float_for_float(tensors, own))
         if wrong:
             raise AdapterError(f"adapter {source} holds tensors of a non-float dtype: {wrong[:8]}")
         bad = sorted(

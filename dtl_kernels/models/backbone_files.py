@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._untrusted import check_npz_archive, check_torch_archive, non_float_for_float
 from .weight_files import open_weights
 
 
@@ -35,8 +36,6 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     if suffix == ".npz":
         if not hasattr(backbone, "load_pretrained"):
             raise ValueError(f"{path}: .npz checkpoints are only supported for ViT backbones")
-        from .._untrusted import check_npz_archive
-
         check_npz_archive(path)
         try:
             backbone.load_pretrained(str(path))
@@ -91,11 +90,7 @@ def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> d
         )
     # a real floating tensor where the backbone's is one (an integer, bool or complex one
     # would be cast silently)
-    wrong = [
-        f"{k}: {v.dtype}"
-        for k, v in state.items()
-        if own[k].is_floating_point() and (not v.is_floating_point() or v.is_complex())
-    ]
+    wrong = non_float_for_float(state, own)
     if wrong:
         raise ValueError(f"{path}: tensors of a non-float dtype for float weights: {wrong[:8]}")
     return state
@@ -128,8 +123,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     import zipfile
 
     from timm.models import load_state_dict
-
-    from .._untrusted import check_torch_archive
 
     path = Path(path)
     if zipfile.is_zipfile(path):  # torch.save's format: no member may expand beyond the file

@@ -115,11 +115,7 @@ def _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix) -> Non
             f"side_add: taps have dtype {taps.dtype} but y has {y.dtype} (taps take y's dtype, "
             "or bfloat16 / float16 beside a float32 y)"
         )
-    if (
-        isinstance(beta, bool)
-        or not isinstance(beta, (int, float))
-        or not math.isfinite(float(beta) if abs(beta) < 1e308 else math.inf)
-    ):
+    if not _finite_number(beta):
         raise TypeError(f"side_add: beta must be a finite number, got {beta!r:.40}")
     if abs(beta) > _beta_limit(y.dtype):
         raise ValueError(
@@ -262,6 +258,16 @@ def register_fakes(op_name: str, forward, backward) -> None:
 
     torch.library.register_fake(forward)(fake_forward)
     torch.library.register_fake(backward)(fake_backward)
+
+
+def _finite_number(x) -> bool:
+    """An int or a float (not a bool) that is finite as a float (a huge int is not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
 
 
 def _whole_number(g) -> bool:
