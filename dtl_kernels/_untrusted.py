@@ -7,7 +7,8 @@ file costs at most a small multiple of its own size in memory and time, and a ba
 in one error that names the file and the field.
 
 * :func:`parse_json` — JSON text with bounded nesting (``ValueError``, never a
-  ``RecursionError``).
+  ``RecursionError``) and no key given twice in one object (which ``json`` resolves
+  silently: the last one wins).
 * :func:`check_torch_archive` — a ``torch.save`` file before ``torch.load`` reads it: a zip
   archive whose members are stored uncompressed and fit inside the file (a deflated member
   could expand a small file into gigabytes; the legacy non-zip format allocates what its
@@ -41,12 +42,21 @@ def json_depth(value) -> int:
     return deepest
 
 
+def _unique_keys(pairs: list) -> dict:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {escape_controls(twice[:80])!r} is given twice")
+    return value
+
+
 def parse_json(text: str | bytes, what: str, max_depth: int = MAX_JSON_DEPTH):
     """``json.loads(text)`` for text from a file; ``ValueError`` starting with ``what``
-    (which names the file and the field) for text that is not JSON or nests deeper than
-    ``max_depth``."""
+    (which names the file and the field) for text that is not JSON, nests deeper than
+    ``max_depth`` or gives one key twice in an object."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique_keys)
     except RecursionError:
         raise ValueError(f"{what} is nested too deeply (over {max_depth} levels)") from None
     except (TypeError, ValueError) as exc:

@@ -316,6 +316,7 @@ def _write_google_npz(model, path):
             w[p + f"MlpBlock_3/Dense_{r}/kernel"] = sd[b + f"mlp.fc{r + 1}.weight"].T
             w[p + f"MlpBlock_3/Dense_{r}/bias"] = sd[b + f"mlp.fc{r + 1}.bias"]
     np.savez(path, **w)
+    return w
 
 
 def test_pretrained_path_google_npz(tmp_path):
@@ -327,6 +328,31 @@ def test_pretrained_path_google_npz(tmp_path):
     for k, v in source.state_dict().items():
         if not k.startswith("head."):
             torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize(
+    "edit,match,depth",
+    [
+        (lambda w: w.update({"embedding/bias": np.zeros(1, np.float32)}),
+         r"shape \(1,\) for a weight of shape \(192,\)", 3),
+        (lambda w: w.update({"Transformer/encoder_norm/scale": np.ones(192, np.int64)}),
+         "dtype torch.int64 for float weights", 3),
+        (lambda w: w["Transformer/encoderblock_1/LayerNorm_0/bias"].__setitem__(0, np.nan),
+         "NaN or infinite", 3),
+        (lambda w: None, "holds 3 encoder blocks, the model has 2", 2),
+    ],
+    ids=["broadcast-bias", "int-scale", "nan", "deeper-file"],
+)  # fmt: skip
+def test_a_google_npz_timm_would_take_silently_is_refused(tmp_path, edit, match, depth):
+    """timm copies each array with ``copy_``, which broadcasts and casts, and stops at the
+    model's last block: a wrong file would load as other weights without a word."""
+    w = _write_google_npz(_vit_backbone(depth=3), tmp_path / "ok.npz")
+    edit(w)
+    np.savez(tmp_path / "bad.npz", **w)
+    with pytest.raises(ValueError, match=match) as info:
+        create_model(VIT, num_classes=5, pretrained=tmp_path / "bad.npz", depth=depth,
+                     adapt_from=1, **SMALL_VIT)  # fmt: skip
+    assert "bad.npz" in str(info.value)
 
 
 def test_pretrained_path_errors(tmp_path):
@@ -756,3 +782,18 @@ def test_adapter_tensors_of_a_wrong_dtype_or_beyond_the_models_range_are_refused
     with pytest.raises(ValueError, match=match):
         load_adapter(model, tmp_path / "bad.safetensors")
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_the_block_count_of_a_stacked_big_vision_npz_is_read_from_array_headers(tmp_path):
+    from dtl_kernels.models.npz_weights import _file_depth
+
+    stacked = "params/img/Transformer/encoderblock/"
+    np.savez(tmp_path / "a.npz", **{stacked + "LayerNorm_0/scale": np.ones((4, 8)),
+                                   stacked + "MlpBlock_0/bias": np.ones((4, 16))})  # fmt: skip
+    assert _file_depth(tmp_path / "a.npz") == 4
+    np.savez(tmp_path / "b.npz", **{stacked + "LayerNorm_0/scale": np.ones((4, 8)),
+                                   stacked + "LayerNorm_1/scale": np.ones((5, 8))})  # fmt: skip
+    with pytest.raises(ValueError, match="disagree on the block count"):
+        _file_depth(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", **{"embedding/kernel": np.ones((2, 2, 3, 8))})
+    assert _file_depth(tmp_path / "c.npz") is None

@@ -1,10 +1,11 @@
 """Backbone files: a local checkpoint (timm ``.safetensors`` / ``.pth`` / ``.pth.tar`` /
-``.bin``…, Google's ViT ``.npz``, an EfficientNet-PyTorch ``.pth`` mapped by position)
-loaded into a timm backbone before it is wrapped. Checkpoints are read with timm's own
-``load_state_dict`` (its semantics: ``state_dict_ema`` / ``model_ema`` / ``state_dict`` /
-``model`` keys, ``module.`` and ``_orig_mod.`` prefixes removed, weights only); what this
-module adds is the classifier skip, the position mapping and one error listing every
-mismatch."""
+``.bin``…, a Hugging Face sharded checkpoint, Google's ViT ``.npz``, an
+EfficientNet-PyTorch ``.pth`` mapped by position) loaded into a timm backbone before it is
+wrapped. Checkpoints are read as timm's ``load_state_dict`` reads them (its semantics:
+``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model`` keys, ``module.`` and
+``_orig_mod.`` prefixes removed, weights only), through the checked, memory-mapped readers
+of :mod:`.weight_files`; what this module adds is the classifier skip, the position mapping
+and one error listing every mismatch."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._untrusted import check_npz_archive, check_torch_archive, non_float_for_float
+from .._untrusted import non_float_for_float
+from .npz_weights import load_google_npz
 from .weight_files import open_weights
 
 
@@ -23,26 +25,14 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike) -> None:
     """Load a local checkpoint into a timm backbone, through timm's own key filter
     (old names, resized position embeddings). A classifier head whose class count differs,
     or that the backbone does not have, is skipped (DTL trains a new one). ``ValueError``
-    lists missing / unexpected keys. A Hugging Face sharded checkpoint (its index, or its
-    folder) is read through its memory maps (:func:`.weight_files.open_weights`)."""
+    lists missing / unexpected keys, or names the tensors that hold NaN or infinities.
+    The file is read through its memory map (:func:`.weight_files.open_weights`): only the
+    backbone's own copy of the weights is ever whole in memory."""
     path = Path(path)
-    if path.is_dir() or path.name.endswith(".index.json"):
-        state = open_weights(path).tensors
-        backbone.load_state_dict(fitted_state(state, backbone, path), strict=False)
+    if path.suffix.lower() == ".npz" and path.is_file():
+        load_google_npz(backbone, path)
         return
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained checkpoint not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
-        if not hasattr(backbone, "load_pretrained"):
-            raise ValueError(f"{path}: .npz checkpoints are only supported for ViT backbones")
-        check_npz_archive(path)
-        try:
-            backbone.load_pretrained(str(path))
-        except Exception as exc:
-            raise ValueError(f"could not load Google ViT checkpoint {path}: {exc}") from exc
-        return
-    state = fitted_state(read_state_dict(path), backbone, path)
+    state = fitted_state(open_weights(path).tensors, backbone, path)
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise ValueError(f"{path} holds NaN or infinite values in {bad[:8]}")
@@ -113,29 +103,6 @@ def _check_before_filter(state: dict[str, torch.Tensor], path) -> None:
         ):
             raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, not a patch kernel "
                              f"of at most {_MAX_KERNEL_AREA} pixels")  # fmt: skip
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A checkpoint's state dict, read as ``timm.models.load_checkpoint`` reads it
-    (``timm.models.load_state_dict``: any suffix, safetensors or a torch archive loaded
-    with ``weights_only``; the EMA / ``state_dict`` / ``model`` entry of a training
-    checkpoint; ``module.`` prefixes removed). ``ValueError`` naming the file."""
-    import zipfile
-
-    from timm.models import load_state_dict
-
-    path = Path(path)
-    if zipfile.is_zipfile(path):  # torch.save's format: no member may expand beyond the file
-        check_torch_archive(path)
-    try:
-        state = load_state_dict(str(path), use_ema=True, device="cpu", weights_only=True)
-    except Exception as exc:  # torch / safetensors raise several types for bad files
-        raise ValueError(f"could not read checkpoint {path}: {exc}") from exc
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-    ):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
-    return dict(state)
 
 
 def _classifiers(backbone: nn.Module) -> tuple[str, ...]:

@@ -16,7 +16,8 @@ for the caller to raise on if it needs one of them.
 Every byte is untrusted: each known field must arrive in its wire type, fixed-width values
 and declared lengths are checked against the bytes that remain before anything is read or
 allocated, and nothing is allocated beyond a small multiple of the file's size (tensor data
-is at most the file's bytes; a shape has at most :data:`MAX_DIMS` entries). A malformed
+is at most the file's bytes; a shape has at most :data:`MAX_DIMS` entries; past
+:data:`ENTRY_ALLOWANCE`, one node or initializer per :data:`BYTES_PER_ENTRY` bytes). A malformed
 file is one ``ValueError`` naming the file and the field.
 """
 
@@ -32,6 +33,10 @@ import torch
 _FLOAT = 1  # TensorProto.DataType.FLOAT
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 MAX_DIMS = 32  # ONNX tensors have a handful of dimensions; more is a malformed file
+# Each node or initializer kept costs a few hundred bytes of Python objects; one of a few
+# bytes in the file could make a small file cost 50 × its size. Real entries take tens of
+# bytes or more (names, data): past a flat allowance, one entry per 32 bytes of file.
+ENTRY_ALLOWANCE, BYTES_PER_ENTRY = 10_000, 32
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
 _WIRE_NAMES = {_VARINT: "varint", _FIXED64: "fixed64", _BYTES: "bytes", _FIXED32: "fixed32"}
@@ -210,11 +215,15 @@ def read_onnx(path: str | Path) -> OnnxGraph:
             raise _Malformed(f"model.graph: {len(graphs)} graphs, expected one")
         out = OnnxGraph({}, [])
         counts, reasons = {"node": 0, "initializer": 0}, {}
+        most = ENTRY_ALLOWANCE + len(data) // BYTES_PER_ENTRY
         for key, _, value in _fields(graphs[0], "model.graph", _GRAPH):
             if key not in counts:
                 continue
             where = f"model.graph.{key}[{counts[key]}]"
             counts[key] += 1
+            if counts["node"] + counts["initializer"] > most:
+                raise _Malformed(f"{where}: more than {most} nodes and initializers for a "
+                                 f"file of {len(data)} bytes")  # fmt: skip
             if key == "initializer":
                 name, tensor = _tensor(value, where, reasons)
                 if name in out.initializers or name in out.skipped:  # which one is meant?

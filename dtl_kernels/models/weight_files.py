@@ -5,14 +5,17 @@ a checkpoint never holds a second copy of the weights (issue 21).
 :func:`open_weights` takes a ``.safetensors`` file, a Hugging Face sharded checkpoint (its
 ``*.index.json``, or a folder holding ``model.safetensors[.index.json]`` /
 ``pytorch_model.bin[.index.json]``) or a ``torch.save`` archive (``.pth``, ``.pth.tar``,
-``.bin``, ``.pt``; read with ``torch.load(mmap=True, weights_only=True)``, the entry timm's
-``load_checkpoint`` would take: ``state_dict_ema`` / ``model_ema`` / ``state_dict`` /
-``model``, ``module.`` prefixes removed; a legacy non-zip file is read whole). The tensors it
-returns are views of the files' memory maps; only what a conversion touches is paged in.
+``.bin``, ``.pt``; mapped by :mod:`.torch_archive` with torch's weights-only unpickler; the
+entry timm's ``load_checkpoint`` would take: ``state_dict_ema`` / ``model_ema`` /
+``state_dict`` / ``model``, ``module.`` / ``_orig_mod.`` prefixes removed; a legacy non-zip
+file is read whole). The tensors it returns are views of the files' memory maps; only what
+a conversion touches is paged in.
 
 Every byte is untrusted (:mod:`dtl_kernels._untrusted`): a safetensors header's dtypes,
-shapes and offsets are checked against the file before any tensor is made; an index may
-only name files beside it; a torch archive is checked before ``torch.load`` sees it.
+shapes and offsets are checked against the file before any tensor is made (the tensors
+must tile its data, as the format requires); an index may only name files beside it; a
+torch archive's storages must match their records; two tensors may not end up under one
+name.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .._untrusted import check_torch_archive, parse_json
+from .._untrusted import parse_json
+from .torch_archive import read_mapped
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -45,14 +49,14 @@ class MappedWeights:
     def __init__(self, source: Path):
         self.source = source
         self.tensors: dict[str, torch.Tensor] = {}
-        self._ranges: dict[int, tuple[mmap.mmap, int, int]] = {}  # id(tensor) → its bytes
+        self._ranges: dict[int, tuple[mmap.mmap, int, int]] = {}  # storage pointer → bytes
         self._files: dict[Path, dict[str, torch.Tensor]] = {}  # each file mapped once
 
     def release(self, tensor: torch.Tensor) -> None:
         """Drop the pages ``tensor`` (one of :attr:`tensors`) was read from: the mapping is
         private and never written, so a later read pages them in from the file again."""
-        where = self._ranges.pop(id(tensor), None)
-        if where is None:  # a torch archive (torch maps it) or a tensor a filter made
+        where = self._ranges.pop(tensor.untyped_storage().data_ptr(), None)
+        if where is None:  # a tensor a filter made, or a storage already released
             return
         mm, start, stop = where
         start -= start % _PAGE
@@ -104,9 +108,8 @@ def _add(weights: MappedWeights, file: Path, only: set[str] | None = None) -> No
     if file not in opened:
         if not file.is_file():
             raise FileNotFoundError(f"checkpoint shard not found: {file}")
-        opened[file] = (
-            _safetensors(file, weights) if file.suffix == ".safetensors" else _torch_archive(file)
-        )
+        read = _safetensors if file.suffix == ".safetensors" else _torch_archive
+        opened[file] = read(file, weights)
     tensors = opened[file]
     names = tensors.keys() if only is None else only
     missing = [n for n in names if n not in tensors]
@@ -130,11 +133,14 @@ def _safetensors(file: Path, weights: MappedWeights) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise ValueError(f"{file}: safetensors header is not a mapping")
     base, data = 8 + n, size - 8 - n
+    entries = {
+        name: _entry(file, name, info, data)
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    _check_tiling(file, entries, data)
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, (start, stop) = _entry(file, name, info, data)
+    for name, (dtype, shape, (start, stop)) in entries.items():
         numel = math.prod(shape)
         if numel * dtype.itemsize != stop - start:
             raise ValueError(f"{file}: {name!r} has {stop - start} bytes for shape {shape}")
@@ -142,9 +148,25 @@ def _safetensors(file: Path, weights: MappedWeights) -> dict[str, torch.Tensor]:
             out[name] = torch.empty(shape, dtype=dtype)
             continue
         t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=base + start).view(shape)
-        weights._ranges[id(t)] = (mm, base + start, base + stop)
+        weights._ranges[t.untyped_storage().data_ptr()] = (mm, base + start, base + stop)
         out[name] = t
     return out
+
+
+def _check_tiling(file: Path, entries: dict, data: int) -> None:
+    """The format's rule: the tensors' byte ranges, in order, cover the data exactly once
+    (a range shared by two tensors, or bytes no tensor owns, mark a file written by
+    something else)."""
+    end = 0
+    for name, (_, _, (start, stop)) in sorted(entries.items(), key=lambda e: e[1][2]):
+        if start != end:
+            what = (
+                "overlaps another tensor" if start < end else f"leaves bytes {end}..{start} unowned"
+            )
+            raise ValueError(f"{file}: {name!r} (bytes {start}..{stop}) {what}")
+        end = stop
+    if end != data:
+        raise ValueError(f"{file}: its tensors end at byte {end} of {data} data bytes")
 
 
 def _entry(file: Path, name: str, info, data: int):
@@ -167,30 +189,47 @@ def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
 
 
-def _torch_archive(file: Path) -> dict[str, torch.Tensor]:
-    """A ``torch.save`` archive's state dict, memory-mapped, with timm's entry selection
-    (a file in torch's legacy, non-zip format cannot be mapped: it is read whole, as timm
-    reads it)."""
-    from timm.models import clean_state_dict, load_state_dict
-
+def _torch_archive(file: Path, weights: MappedWeights) -> dict[str, torch.Tensor]:
+    """A ``torch.save`` archive's state dict, memory-mapped (:mod:`.torch_archive`), with
+    timm's entry selection (a file in torch's legacy, non-zip format cannot be mapped: it
+    is read whole, as timm reads it)."""
+    if zipfile.is_zipfile(file):
+        archive = read_mapped(file)
+        for ptr, (start, stop) in archive.ranges.items():
+            weights._ranges[ptr] = (archive.mm, start, stop)
+        return state_dict_of(archive.value, file)
     try:
-        if zipfile.is_zipfile(file):
-            check_torch_archive(file)
-            ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            if isinstance(ckpt, dict):
-                for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
-                    if ckpt.get(key) is not None:
-                        ckpt = ckpt[key]
-                        break
-            state = clean_state_dict(ckpt) if isinstance(ckpt, dict) else ckpt
-        else:
-            state = load_state_dict(str(file), use_ema=True, device="cpu", weights_only=True)
-    except ValueError:
-        raise
+        value = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad files
         raise ValueError(f"could not read checkpoint {file}: {exc}") from exc
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    return state_dict_of(value, file)
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")  # compile, DDP, either order
+
+
+def state_dict_of(value, file) -> dict[str, torch.Tensor]:
+    """The state dict a checkpoint holds, picked as timm's ``load_state_dict`` picks it
+    (``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model``) with the wrapper
+    prefixes removed as timm's ``clean_state_dict`` removes them; ``ValueError`` when it is
+    no mapping of names to tensors or two of its tensors would get one name (timm keeps
+    the last one silently)."""
+    if isinstance(value, dict):
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+            if value.get(key) is not None:
+                value = value[key]
+                break
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
     ):
         raise ValueError(f"{file} does not hold a state dict of tensors")
-    return dict(state)
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in value.items():
+        name = key
+        for prefix in _WRAPPER_PREFIXES:
+            name = name.removeprefix(prefix)
+        if name in state:
+            raise ValueError(f"{file}: two tensors are named {name!r} once the wrapper "
+                             f"prefixes {sorted(set(_WRAPPER_PREFIXES))} are removed")  # fmt: skip
+        state[name] = tensor
+    return state

@@ -9,7 +9,7 @@ import pytest
 from fuzz_kit import mutants, python_peak
 from onnx_writer import _field, _key, _model, _node, _tensor, _varint
 
-from dtl_kernels.models.onnx_reader import MAX_DIMS, read_onnx
+from dtl_kernels.models.onnx_reader import ENTRY_ALLOWANCE, MAX_DIMS, read_onnx
 
 MIB = 2**20
 
@@ -61,6 +61,20 @@ def test_hostile_fields_are_one_error_naming_file_and_field(tmp_path, case):
     assert isinstance(result, ValueError), result
     assert str(path) in str(result) and field in str(result), str(result)
     assert peak < MIB, f"{len(data)}-byte file cost {peak} bytes"
+
+
+def test_a_million_tiny_nodes_are_refused_before_they_cost_fifty_times_the_file(tmp_path):
+    """A node of five bytes costs a few hundred as Python objects: past a flat allowance,
+    one entry per BYTES_PER_ENTRY bytes of file (the allowance itself always reads)."""
+    tiny = _field(1, _field(4, b"A"))  # a node with only an op_type: 5 bytes
+    data = _field(7, tiny * 200_000)
+    path = tmp_path / "tiny-nodes.onnx"
+    path.write_bytes(data)
+    result, peak = python_peak(lambda: read_onnx(path))
+    assert isinstance(result, ValueError) and "nodes and initializers for a file of" in str(result)
+    assert peak < 16 * len(data), f"{len(data)}-byte file cost {peak} bytes"
+    path.write_bytes(_field(7, tiny * ENTRY_ALLOWANCE))
+    assert len(read_onnx(path).nodes) == ENTRY_ALLOWANCE
 
 
 def _valid_model() -> bytes:

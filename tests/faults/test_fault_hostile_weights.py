@@ -4,6 +4,8 @@ gigabytes, and weights that are no float weights are refused by name, not loaded
 
 from __future__ import annotations
 
+import json
+import pickletools
 import zipfile
 
 import numpy as np
@@ -94,3 +96,100 @@ def test_a_pretrained_layer_named_head_must_be_in_the_checkpoint(tmp_path, lean)
     with pytest.raises(ValueError, match=r"missing \['head\.norm"):
         create_model("convnext_atto", "dtl", pretrained=str(tmp_path / "no-norm.pth"), **kw,
                      **extra)  # fmt: skip
+
+
+def _rewrite_pickle(src, dst, edit):
+    """The torch.save archive ``src`` with its ``data.pkl`` passed through ``edit``."""
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as b:
+        for m in a.infolist():
+            data = a.read(m.filename)
+            b.writestr(m, edit(data) if m.filename.endswith("/data.pkl") else data)
+    return dst
+
+
+def _one_more_element(pkl: bytes) -> bytes:
+    """The first storage declares one element more than its record holds (the tensor on
+    it keeps its shape): the integer right before the first persistent id's tuple."""
+    ops = list(pickletools.genops(pkl))
+    at = next(i for i, (op, _, _) in enumerate(ops) if op.name == "BINPERSID")
+    at = max(i for i in range(at) if ops[i][0].name == "TUPLE")  # (…, key, location, numel)
+    op, value, pos = ops[at - 1]
+    assert op.name in ("BININT1", "BININT2", "BININT")
+    width = {"BININT1": 1, "BININT2": 2, "BININT": 4}[op.name]
+    signed = op.name == "BININT"
+    return (
+        pkl[: pos + 1]
+        + (value + 1).to_bytes(width, "little", signed=signed)
+        + pkl[pos + 1 + width :]
+    )
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+def test_a_storage_larger_than_its_record_is_refused(tmp_path, lean):
+    """torch.load(mmap=True) would slice the file by the declared size and read the next
+    record's bytes; the mapped reader compares it with the record."""
+    torch.save(_state(), tmp_path / "w.pth")
+    bad = _rewrite_pickle(tmp_path / "w.pth", tmp_path / "bad.pth", _one_more_element)
+    with pytest.raises(ValueError, match=r"declares \d+ bytes, its record holds \d+") as info:
+        _build(bad, lean)
+    assert str(bad) in str(info.value)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+def test_two_tensors_of_one_name_after_the_ddp_prefix_are_refused(tmp_path, lean):
+    state = _state()
+    state["module.norm.weight"] = torch.zeros_like(state["norm.weight"])
+    torch.save(state, tmp_path / "w.pth")
+    with pytest.raises(ValueError, match="two tensors are named 'norm.weight'"):
+        _build(tmp_path / "w.pth", lean)
+
+
+def _safetensors_with_header(path, edit_header, extra: bytes = b""):
+    """Rewrite a safetensors file's JSON header (as text) and append ``extra`` bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = edit_header(raw[8 : 8 + n].decode()).encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :] + extra)
+    return path
+
+
+def _same_bytes_twice(text: str) -> str:
+    """norm.bias's entry points at norm.weight's bytes (both 192 float32)."""
+    header = json.loads(text)
+    header["norm.bias"]["data_offsets"] = header["norm.weight"]["data_offsets"]
+    return json.dumps(header)
+
+
+def _a_key_twice(text: str) -> str:
+    """norm.weight's entry written a second time at the header's end."""
+    again = json.dumps(json.loads(text)["norm.weight"])
+    return text.rstrip()[:-1] + f', "norm.weight": {again}}}'
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+@pytest.mark.parametrize(
+    "edit,extra,match",
+    [
+        (_same_bytes_twice, b"", "overlaps another tensor|unowned"),
+        (lambda t: t, b"\0" * 64, r"end at byte \d+ of \d+ data bytes"),
+        (_a_key_twice, b"", "'norm.weight' is given twice"),
+    ],
+    ids=["shared-bytes", "trailing-bytes", "duplicate-key"],
+)  # fmt: skip
+def test_a_safetensors_file_the_format_forbids_is_refused(tmp_path, lean, edit, extra, match):
+    from safetensors.torch import save_file
+
+    save_file(_state(), str(tmp_path / "w.safetensors"))
+    path = _safetensors_with_header(tmp_path / "w.safetensors", edit, extra)
+    with pytest.raises(ValueError, match=match):
+        _build(path, lean)
+
+
+def test_a_sharded_folder_is_checked_for_nan_as_a_single_file_is(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _state()
+    state["norm.weight"][3] = float("inf")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"NaN or infinite values in \['norm.weight'\]"):
+        _build(tmp_path, lean=False)
