@@ -116,7 +116,7 @@ def check_npz_archive(path: str | os.PathLike) -> None:
 
 def check_torch_archive(path: str | os.PathLike) -> None:
     """``ValueError`` unless ``path`` is a zip archive (``torch.save``'s format) whose
-    members are stored uncompressed and together fit inside the file."""
+    members are stored uncompressed, together fit inside the file and have one name each."""
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -124,6 +124,10 @@ def check_torch_archive(path: str | os.PathLike) -> None:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{path} is not a torch.save zip archive ({exc})") from None
+    names = [m.filename for m in members]
+    if len(set(names)) != len(names):
+        twice = next(n for i, n in enumerate(names) if n in names[:i])
+        raise ValueError(f"{path}: member {twice!r} is in the archive twice (which one is meant?)")
     total = 0
     for m in members:
         if m.compress_type != zipfile.ZIP_STORED:

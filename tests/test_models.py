@@ -330,6 +330,15 @@ def test_pretrained_path_google_npz(tmp_path):
             torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
 
 
+def _wider_query(w):
+    """Block 0's query kernel twice as wide and its key kernel empty: joined, the three
+    still have the (3D, D) shape timm copies into."""
+    mha = "Transformer/encoderblock_0/MultiHeadDotProductAttention_1/"
+    q = w[mha + "query/kernel"]
+    w[mha + "query/kernel"] = np.concatenate([q, q[:, ::-1]], axis=1)
+    w[mha + "key/kernel"] = np.zeros((q.shape[0], 0, q.shape[2]), np.float32)
+
+
 @pytest.mark.parametrize(
     "edit,match,depth",
     [
@@ -340,8 +349,11 @@ def test_pretrained_path_google_npz(tmp_path):
         (lambda w: w["Transformer/encoderblock_1/LayerNorm_0/bias"].__setitem__(0, np.nan),
          "NaN or infinite", 3),
         (lambda w: None, "holds 3 encoder blocks, the model has 2", 2),
+        (lambda w: w.update({"embedding/kernel": np.zeros((128, 128, 3, 1), np.float32)}),
+         "not a patch kernel of at most 4096 pixels", 3),
+        (_wider_query, "query, key and value kernels differ in shape", 3),
     ],
-    ids=["broadcast-bias", "int-scale", "nan", "deeper-file"],
+    ids=["broadcast-bias", "int-scale", "nan", "deeper-file", "huge-kernel", "qkv-shapes"],
 )  # fmt: skip
 def test_a_google_npz_timm_would_take_silently_is_refused(tmp_path, edit, match, depth):
     """timm copies each array with ``copy_``, which broadcasts and casts, and stops at the
@@ -785,15 +797,18 @@ def test_adapter_tensors_of_a_wrong_dtype_or_beyond_the_models_range_are_refused
 
 
 def test_the_block_count_of_a_stacked_big_vision_npz_is_read_from_array_headers(tmp_path):
-    from dtl_kernels.models.npz_weights import _file_depth
+    from dtl_kernels.models.npz_weights import _array_shapes, _file_depth
+
+    def depth(p):
+        return _file_depth(p, _array_shapes(p))
 
     stacked = "params/img/Transformer/encoderblock/"
     np.savez(tmp_path / "a.npz", **{stacked + "LayerNorm_0/scale": np.ones((4, 8)),
                                    stacked + "MlpBlock_0/bias": np.ones((4, 16))})  # fmt: skip
-    assert _file_depth(tmp_path / "a.npz") == 4
+    assert depth(tmp_path / "a.npz") == 4
     np.savez(tmp_path / "b.npz", **{stacked + "LayerNorm_0/scale": np.ones((4, 8)),
                                    stacked + "LayerNorm_1/scale": np.ones((5, 8))})  # fmt: skip
     with pytest.raises(ValueError, match="disagree on the block count"):
-        _file_depth(tmp_path / "b.npz")
+        depth(tmp_path / "b.npz")
     np.savez(tmp_path / "c.npz", **{"embedding/kernel": np.ones((2, 2, 3, 8))})
-    assert _file_depth(tmp_path / "c.npz") is None
+    assert depth(tmp_path / "c.npz") is None

@@ -92,12 +92,16 @@ _MAX_KERNEL_AREA = 64 * 64
 
 
 def _check_before_filter(state: dict[str, torch.Tensor], path) -> None:
-    """What timm's key filter would trust: no expanded (stride-0) tensor, which lets a
-    file of a few bytes stand for a huge tensor, and no patch-embedding kernel large enough
-    for its resampler to build a matrix of gigabytes."""
+    """What timm's key filter would trust: no expanded (stride-0) or otherwise overlapping
+    tensor with more elements than its storage holds, which lets a file of a few bytes
+    stand for a huge tensor, and no patch-embedding kernel large enough for its resampler
+    to build a matrix of gigabytes."""
     for k, v in state.items():
         if v.numel() > 1 and 0 in v.stride():
             raise ValueError(f"{path}: {k} is an expanded tensor (stride 0), not weights")
+        if v.numel() * v.element_size() > v.untyped_storage().nbytes():
+            raise ValueError(f"{path}: {k} overlaps itself ({v.numel()} elements on a storage "
+                             f"of {v.untyped_storage().nbytes()} bytes), not weights")  # fmt: skip
         if k.endswith("patch_embed.proj.weight") and (
             v.dim() != 4 or v.shape[-1] * v.shape[-2] > _MAX_KERNEL_AREA
         ):

@@ -6,7 +6,10 @@ array of the wrong shape (a ``(1,)`` bias, a ``(D,)`` row for a matrix) is sprea
 parameter silently, and an integer, complex or NaN array is taken as weights. A file with
 more encoder blocks than the model is loaded block by block until the model's run out,
 the rest ignored. Here every copy timm makes must have the parameter's own shape and a
-finite real value, and the file's block count must be the model's.
+finite real value, and, read from the arrays' headers before timm runs: the file's block
+count must be the model's, the query, key and value arrays of a block one shape (timm
+joins them before its copy), and the patch kernel at most 64 × 64 (timm's resampler
+builds a matrix of its area squared).
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from torch.overrides import TorchFunctionMode
 from .._untrusted import check_npz_archive
 
 _BLOCK = re.compile(r"(?:^|/)Transformer/encoderblock_(\d+)/")
-_STACKED = re.compile(r"(?:^|/)Transformer/encoderblock/.+\.npy$")  # big_vision: one array per kind
+_STACKED = re.compile(r"(?:^|/)Transformer/encoderblock/")  # big_vision: one array per kind
+_QKV = re.compile(r"^(.*)/(?:query|key|value)/(kernel|bias)$")
+_MAX_KERNEL_AREA = 64 * 64  # the .pth path's bound (backbone_files)
 
 
 def load_google_npz(backbone: nn.Module, path: Path) -> None:
@@ -32,7 +37,9 @@ def load_google_npz(backbone: nn.Module, path: Path) -> None:
     if not hasattr(backbone, "load_pretrained"):
         raise ValueError(f"{path}: .npz checkpoints are only supported for ViT backbones")
     check_npz_archive(path)
-    depth = _file_depth(path)
+    shapes = _array_shapes(path)
+    _check_shapes(path, shapes)
+    depth = _file_depth(path, shapes)
     blocks = getattr(backbone, "blocks", None)
     if depth is not None and blocks is not None and depth != len(blocks):
         raise ValueError(f"{path} holds {depth} encoder blocks, the model has {len(blocks)}")
@@ -71,32 +78,50 @@ class _StrictCopies(TorchFunctionMode):
                 raise ValueError(f"{self.path} holds NaN or infinite values")
 
 
-def _file_depth(path: Path) -> int | None:
-    """How many encoder blocks the file holds (``None``: it names none): the count of
-    ``encoderblock_<i>`` folders, or the leading dimension of big_vision's stacked
-    arrays (read from their headers, not loaded)."""
+def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each array's shape, read from its ``.npy`` header (the data is not read)."""
+    shapes = {}
     with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-        numbered = {int(m.group(1)) for n in names if (m := _BLOCK.search(n))}
-        if numbered:
-            return max(numbered) + 1
-        stacked = [n for n in names if _STACKED.search(n)]
-        depths = {_leading_dim(archive, n) for n in stacked}
+        for name in archive.namelist():
+            if not name.endswith(".npy"):
+                continue
+            with archive.open(name) as f:
+                try:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if major == 1
+                            else np.lib.format.read_array_header_2_0)  # fmt: skip
+                    shape, _, _ = read(f, max_header_size=10_000)
+                except ValueError as exc:
+                    raise ValueError(f"{path}: {name} is not a .npy array ({exc})") from None
+            shapes[name[: -len(".npy")]] = tuple(shape)
+    return shapes
+
+
+def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """A patch kernel timm's resampler can take; one shape for a block's q, k and v."""
+    for name, shape in shapes.items():
+        if name.endswith("embedding/kernel") and (
+            len(shape) != 4 or shape[0] * shape[1] > _MAX_KERNEL_AREA
+        ):
+            raise ValueError(f"{path}: {name} has shape {shape}, not a patch kernel of at most "
+                             f"{_MAX_KERNEL_AREA} pixels")  # fmt: skip
+    groups: dict[tuple[str, str], set] = {}
+    for name, shape in shapes.items():
+        if m := _QKV.match(name):
+            groups.setdefault((m.group(1), m.group(2)), set()).add(shape)
+    for (where, part), found in groups.items():
+        if len(found) > 1:
+            raise ValueError(f"{path}: {where}'s query, key and value {part}s differ in shape "
+                             f"({sorted(found)})")  # fmt: skip
+
+
+def _file_depth(path: Path, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    """How many encoder blocks the file holds (``None``: it names none): the count of
+    ``encoderblock_<i>`` folders, or the leading dimension of big_vision's stacked arrays."""
+    numbered = {int(m.group(1)) for n in shapes if (m := _BLOCK.search(n))}
+    if numbered:
+        return max(numbered) + 1
+    depths = {shape[0] if shape else None for n, shape in shapes.items() if _STACKED.search(n)}
     if len(depths) > 1:
         raise ValueError(f"{path}: its stacked encoder arrays disagree on the block count")
     return depths.pop() if depths else None
-
-
-def _leading_dim(archive: zipfile.ZipFile, name: str) -> int | None:
-    with archive.open(name) as f:
-        try:
-            major, _ = np.lib.format.read_magic(f)
-            read = (
-                np.lib.format.read_array_header_1_0
-                if major == 1
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, _, _ = read(f, max_header_size=10_000)
-        except ValueError as exc:
-            raise ValueError(f"{archive.filename}: {name} is not a .npy array ({exc})") from None
-    return shape[0] if shape else None

@@ -17,7 +17,8 @@ Every byte is untrusted: each known field must arrive in its wire type, fixed-wi
 and declared lengths are checked against the bytes that remain before anything is read or
 allocated, and nothing is allocated beyond a small multiple of the file's size (tensor data
 is at most the file's bytes; a shape has at most :data:`MAX_DIMS` entries; past
-:data:`ENTRY_ALLOWANCE`, one node or initializer per :data:`BYTES_PER_ENTRY` bytes). A malformed
+:data:`ENTRY_ALLOWANCE`, one node, initializer or node name per :data:`BYTES_PER_ENTRY`
+bytes). A malformed
 file is one ``ValueError`` naming the file and the field.
 """
 
@@ -33,9 +34,9 @@ import torch
 _FLOAT = 1  # TensorProto.DataType.FLOAT
 _EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
 MAX_DIMS = 32  # ONNX tensors have a handful of dimensions; more is a malformed file
-# Each node or initializer kept costs a few hundred bytes of Python objects; one of a few
-# bytes in the file could make a small file cost 50 × its size. Real entries take tens of
-# bytes or more (names, data): past a flat allowance, one entry per 32 bytes of file.
+# Each node, initializer or node input/output name kept costs ~100 bytes or more of Python
+# objects; one of a few bytes in the file could make a small file cost 50 × its size. Real
+# entries take tens of bytes or more: past a flat allowance, one per 32 bytes of file.
 ENTRY_ALLOWANCE, BYTES_PER_ENTRY = 10_000, 32
 
 _VARINT, _FIXED64, _BYTES, _FIXED32 = 0, 1, 2, 5
@@ -190,11 +191,26 @@ def _tensor(buf: memoryview, where: str, reasons: dict) -> tuple[str, torch.Tens
     return name, torch.from_numpy(values.reshape(dims))
 
 
-def _node(buf: memoryview, where: str) -> OnnxNode | None:
+class _Budget:
+    """How many more entries (nodes, initializers, names of a node) a file may hold."""
+
+    def __init__(self, size: int):
+        self.most = self.left = ENTRY_ALLOWANCE + size // BYTES_PER_ENTRY
+        self.size = size
+
+    def take(self, where: str) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _Malformed(f"{where}: more than {self.most} nodes, initializers and node "
+                             f"names for a file of {self.size} bytes")  # fmt: skip
+
+
+def _node(buf: memoryview, where: str, budget: _Budget) -> OnnxNode | None:
     """The node, or ``None`` when it has none of the fields read here."""
     found: dict[str, list[str]] = {"input": [], "output": [], "name": [], "op_type": []}
     for key, _, value in _fields(buf, where, _NODE):
         if key in found:  # attributes, domain, doc string: not needed
+            budget.take(f"{where}.{key}")
             found[key].append(_text(value, f"{where}.{key}"))
     if not any(found.values()):
         return None
@@ -214,16 +230,13 @@ def read_onnx(path: str | Path) -> OnnxGraph:
         if len(graphs) > 1:
             raise _Malformed(f"model.graph: {len(graphs)} graphs, expected one")
         out = OnnxGraph({}, [])
-        counts, reasons = {"node": 0, "initializer": 0}, {}
-        most = ENTRY_ALLOWANCE + len(data) // BYTES_PER_ENTRY
+        counts, reasons, budget = {"node": 0, "initializer": 0}, {}, _Budget(len(data))
         for key, _, value in _fields(graphs[0], "model.graph", _GRAPH):
             if key not in counts:
                 continue
             where = f"model.graph.{key}[{counts[key]}]"
             counts[key] += 1
-            if counts["node"] + counts["initializer"] > most:
-                raise _Malformed(f"{where}: more than {most} nodes and initializers for a "
-                                 f"file of {len(data)} bytes")  # fmt: skip
+            budget.take(where)
             if key == "initializer":
                 name, tensor = _tensor(value, where, reasons)
                 if name in out.initializers or name in out.skipped:  # which one is meant?
@@ -232,7 +245,7 @@ def read_onnx(path: str | Path) -> OnnxGraph:
                     out.skipped[name] = tensor
                 else:
                     out.initializers[name] = tensor
-            elif (node := _node(value, where)) is not None:
+            elif (node := _node(value, where, budget)) is not None:
                 out.nodes.append(node)
     except _Malformed as exc:
         raise ValueError(f"{path}: malformed ONNX file: {exc}") from None

@@ -7,9 +7,10 @@ a checkpoint never holds a second copy of the weights (issue 21).
 ``pytorch_model.bin[.index.json]``) or a ``torch.save`` archive (``.pth``, ``.pth.tar``,
 ``.bin``, ``.pt``; mapped by :mod:`.torch_archive` with torch's weights-only unpickler; the
 entry timm's ``load_checkpoint`` would take: ``state_dict_ema`` / ``model_ema`` /
-``state_dict`` / ``model``, ``module.`` / ``_orig_mod.`` prefixes removed; a legacy non-zip
-file is read whole). The tensors it returns are views of the files' memory maps; only what
-a conversion touches is paged in.
+``state_dict`` / ``model``; a legacy non-zip file is read whole). Names lose the wrapper
+prefixes ``module.`` / ``_orig_mod.`` as timm's ``clean_state_dict`` removes them. The
+tensors it returns are views of the files' memory maps; only what a conversion touches is
+paged in.
 
 Every byte is untrusted (:mod:`dtl_kernels._untrusted`): a safetensors header's dtypes,
 shapes and offsets are checked against the file before any tensor is made (the tensors
@@ -32,10 +33,23 @@ from .._untrusted import parse_json
 from .torch_archive import read_mapped
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip  (the safetensors names; a non-float one for float weights is refused later)
 _MAX_HEADER = 100 * 2**20  # a header is JSON names and offsets: far below this
 _INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _SINGLE = ("model.safetensors", "pytorch_model.bin")
@@ -82,6 +96,7 @@ def open_weights(path: str | os.PathLike) -> MappedWeights:
             _add(weights, path.parent / file, only={name})
     else:
         _add(weights, path)
+    weights.tensors = without_wrapper_prefixes(weights.tensors, path)
     return weights
 
 
@@ -210,10 +225,8 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")  # compile, DDP, eit
 
 def state_dict_of(value, file) -> dict[str, torch.Tensor]:
     """The state dict a checkpoint holds, picked as timm's ``load_state_dict`` picks it
-    (``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model``) with the wrapper
-    prefixes removed as timm's ``clean_state_dict`` removes them; ``ValueError`` when it is
-    no mapping of names to tensors or two of its tensors would get one name (timm keeps
-    the last one silently)."""
+    (``state_dict_ema`` / ``model_ema`` / ``state_dict`` / ``model``); ``ValueError`` when
+    it is no mapping of names to tensors."""
     if isinstance(value, dict):
         for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
             if value.get(key) is not None:
@@ -223,8 +236,15 @@ def state_dict_of(value, file) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items()
     ):
         raise ValueError(f"{file} does not hold a state dict of tensors")
+    return value
+
+
+def without_wrapper_prefixes(tensors: dict[str, torch.Tensor], file) -> dict[str, torch.Tensor]:
+    """``tensors`` with the wrapper prefixes removed as timm's ``clean_state_dict`` removes
+    them (from any checkpoint format); ``ValueError`` when two would get one name (timm
+    keeps the last one silently)."""
     state: dict[str, torch.Tensor] = {}
-    for key, tensor in value.items():
+    for key, tensor in tensors.items():
         name = key
         for prefix in _WRAPPER_PREFIXES:
             name = name.removeprefix(prefix)

@@ -71,10 +71,17 @@ def test_a_million_tiny_nodes_are_refused_before_they_cost_fifty_times_the_file(
     path = tmp_path / "tiny-nodes.onnx"
     path.write_bytes(data)
     result, peak = python_peak(lambda: read_onnx(path))
-    assert isinstance(result, ValueError) and "nodes and initializers for a file of" in str(result)
+    assert isinstance(
+        result, ValueError
+    ) and "nodes, initializers and node names for a file of" in str(result)
     assert peak < 16 * len(data), f"{len(data)}-byte file cost {peak} bytes"
-    path.write_bytes(_field(7, tiny * ENTRY_ALLOWANCE))
-    assert len(read_onnx(path).nodes) == ENTRY_ALLOWANCE
+    path.write_bytes(_field(7, tiny * (ENTRY_ALLOWANCE // 2)))  # a node and its op_type
+    assert len(read_onnx(path).nodes) == ENTRY_ALLOWANCE // 2
+    many_inputs = _field(7, _field(1, _field(1, b"x") * 400_000))  # one node, 400 k names
+    path.write_bytes(many_inputs)
+    result, peak = python_peak(lambda: read_onnx(path))
+    assert isinstance(result, ValueError) and "node names for a file of" in str(result)
+    assert peak < 16 * len(many_inputs), f"{len(many_inputs)}-byte file cost {peak} bytes"
 
 
 def _valid_model() -> bytes:

@@ -5,7 +5,9 @@ gigabytes, and weights that are no float weights are refused by name, not loaded
 from __future__ import annotations
 
 import json
+import pickle
 import pickletools
+import warnings
 import zipfile
 
 import numpy as np
@@ -193,3 +195,100 @@ def test_a_sharded_folder_is_checked_for_nan_as_a_single_file_is(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"NaN or infinite values in \['norm.weight'\]"):
         _build(tmp_path, lean=False)
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+def test_ddp_prefixes_are_removed_from_a_safetensors_file_as_timm_removes_them(tmp_path, lean):
+    from safetensors.torch import save_file
+
+    state = _state()
+    save_file({f"module.{k}": v for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    got = _build(tmp_path / "w.safetensors", lean).backbone.state_dict()
+    cast = torch.bfloat16 if lean else torch.float32
+    for k in ("norm.weight", "blocks.0.attn.qkv.weight"):
+        torch.testing.assert_close(got[k], state[k].to(cast), rtol=0, atol=0)
+
+
+def _saved(tmp_path, obj, name="w.pth", **kw):
+    torch.save(obj, tmp_path / name, **kw)
+    return tmp_path / name
+
+
+def _grown_empty_tensor(pkl: bytes) -> bytes:
+    """The first tensor, on an empty storage, given shape (4,) instead of (0,): torch's
+    rebuild would grow the storage (uninitialised memory as weights)."""
+    ops = list(pickletools.genops(pkl))
+    at = next(i for i, (op, _, _) in enumerate(ops) if op.name == "BINPERSID")
+    ints = [(v, pos) for op, v, pos in ops[at:] if op.name == "BININT1"]
+    (offset, _), (size, pos) = ints[0], ints[1]
+    assert offset == 0 and size == 0
+    return pkl[: pos + 1] + bytes([4]) + pkl[pos + 2 :]
+
+
+@pytest.mark.parametrize("lean", [False, True], ids=["classic", "lean"])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ("bytearray", "names builtins.bytearray, which a checkpoint of weights does not need"),
+        ("grown-empty", "is not on a storage read from the file's records"),
+        ("huge-ints", "more than 1000 integers beyond 2"),
+        ("member-twice", "is in the archive twice"),
+        ("self-overlap", "overlaps itself"),
+    ],
+)
+def test_a_torch_archive_that_needs_more_than_weights_is_refused(tmp_path, lean, case, match):
+    """What torch's weights-only load would run or build: a huge allocation from a few
+    bytes, weights of uninitialised memory, a dict whose keys all hash alike (quadratic),
+    a record given twice, a view standing for far more elements than its storage."""
+    ok = _saved(tmp_path, {"x": torch.empty(0)}, "ok.pth")
+    bad = tmp_path / "bad.pth"
+    if case == "bytearray":  # bytearray(10**9): on torch's list, 1 GB from 40 bytes
+        bomb = b"\x80\x02cbuiltins\nbytearray\nJ\x00\xca\x9a;\x85R."
+        _rewrite_pickle(ok, bad, lambda _: bomb)
+    elif case == "grown-empty":
+        _rewrite_pickle(ok, bad, _grown_empty_tensor)
+    elif case == "huge-ints":
+        keys = {k * (2**61 - 1): 0 for k in range(1, 1002)}
+        _rewrite_pickle(ok, bad, lambda _: pickle.dumps(keys, protocol=2))
+    elif case == "member-twice":
+        with zipfile.ZipFile(ok) as a, zipfile.ZipFile(bad, "w") as b, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zipfile's "Duplicate name"
+            for m in [*a.infolist(), a.infolist()[-1]]:
+                b.writestr(zipfile.ZipInfo(m.filename), a.read(m.filename))
+    else:
+        state = _state()
+        state["pos_embed"] = torch.zeros(196).as_strided((1, 5, 192), (1, 1, 1))  # 960 on 196
+        torch.save(state, bad)
+    with pytest.raises(ValueError, match=match) as info:
+        _build(bad, lean)
+    assert str(bad) in str(info.value)
+
+
+def test_a_torch_archive_loads_as_torch_loads_it(tmp_path):
+    from dtl_kernels.models.torch_archive import read_mapped
+
+    state = _state()
+    state["tied"] = state["norm.weight"][2:10]  # a view of another tensor's storage
+    state["bf16"] = state["norm.bias"].to(torch.bfloat16)
+    state["u16"] = torch.tensor([1, 2, 3]).to(torch.uint16)  # an untyped storage (v3 rebuild)
+    state["param"] = torch.nn.Parameter(torch.ones(2))
+    path = _saved(tmp_path, {"state_dict": state, "epoch": 3, "dev": torch.device("cpu")})
+    got = read_mapped(path).value["state_dict"]
+    want = torch.load(path, weights_only=True)["state_dict"]
+    assert list(got) == list(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert (
+        got["tied"].untyped_storage().data_ptr() == got["norm.weight"].untyped_storage().data_ptr()
+    )
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_a_protocol_4_archive_is_one_error_naming_the_file(tmp_path):
+    """torch's weights-only unpickler reads no FRAME (pickle protocol 4): neither can this."""
+    from dtl_kernels.models.torch_archive import read_mapped
+
+    path = _saved(tmp_path, {"w": torch.ones(2)}, pickle_protocol=4)
+    with pytest.raises(ValueError, match="could not read checkpoint") as info:
+        read_mapped(path)
+    assert str(path) in str(info.value)
