@@ -12,13 +12,15 @@ in one error that names the file and the field.
 * :func:`check_torch_archive` — a ``torch.save`` file before ``torch.load`` reads it: a zip
   archive whose members are stored uncompressed and fit inside the file (a deflated member
   could expand a small file into gigabytes; the legacy non-zip format allocates what its
-  pickle declares before reading).
+  pickle declares before reading), and whose pickle names only what weights need
+  (:func:`check_torch_pickle`, scanned without running it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickletools
 import re
 import zipfile
 from pathlib import Path
@@ -116,7 +118,8 @@ def check_npz_archive(path: str | os.PathLike) -> None:
 
 def check_torch_archive(path: str | os.PathLike) -> None:
     """``ValueError`` unless ``path`` is a zip archive (``torch.save``'s format) whose
-    members are stored uncompressed, together fit inside the file and have one name each."""
+    members are stored uncompressed, together fit inside the file and have one name each,
+    and whose pickle needs nothing beyond weights (:func:`check_torch_pickle`)."""
     path = Path(path)
     size = path.stat().st_size
     try:
@@ -138,3 +141,61 @@ def check_torch_archive(path: str | os.PathLike) -> None:
         total += m.file_size
         if m.file_size != m.compress_size or total > size:
             raise ValueError(f"{path}: member {m.filename!r} declares more bytes than the file has")
+    with zipfile.ZipFile(path) as archive:
+        for m in members:
+            if m.filename.count("/") == 1 and m.filename.endswith("/data.pkl"):
+                check_torch_pickle(path, archive.read(m))
+
+
+# What torch.save writes for tensors, parameters, dtypes, sizes and devices ("module name";
+# torch's storage classes and dtypes by rule). torch's weights-only list also lets
+# bytearray(10**9) or torch.FloatTensor(n) run: gigabytes, or uninitialised memory, from a
+# few hundred bytes.
+_TORCH_GLOBALS = {
+    "collections OrderedDict", "torch Size", "torch device", "torch.storage UntypedStorage",
+    "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_tensor_v3",
+    "torch._utils _rebuild_parameter", "torch._utils _rebuild_parameter_with_state",
+}  # fmt: skip
+# ints equal modulo 2^61 - 1 hash alike: a dict of many such keys unpickles in quadratic time
+MAX_HUGE_INTS = 1000
+_HASH_MODULUS = 2**61 - 1
+
+
+def check_torch_pickle(file, pickled: bytes) -> None:
+    """``ValueError`` naming ``file`` unless the pickle of a ``torch.save`` archive, scanned
+    op by op without running it, names only globals :data:`_TORCH_GLOBALS` allows (and
+    torch's storage classes and dtypes), by ``GLOBAL`` (protocol 2, what ``torch.save``
+    writes; torch's weights-only unpickler reads no protocol-4 frames), and holds at most
+    :data:`MAX_HUGE_INTS` integers of magnitude 2^61 − 1 or more."""
+    huge = 0
+    try:
+        for op, arg, _ in pickletools.genops(pickled):
+            if op.name == "GLOBAL":
+                _check_global(file, *str(arg).split(" ", 1))
+            elif op.name in ("STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"):
+                raise ValueError(
+                    f"{file}: its pickle uses {op.name}, which torch.save never writes"
+                )
+            elif isinstance(arg, int) and abs(arg) >= _HASH_MODULUS:
+                huge += 1
+                if huge > MAX_HUGE_INTS:
+                    raise ValueError(f"{file}: more than {MAX_HUGE_INTS} integers beyond 2^61")
+    except ValueError as exc:
+        if str(file) in str(exc):
+            raise
+        raise ValueError(f"{file}: its pickle is malformed ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 — genops raises what its readers raise
+        raise ValueError(f"{file}: its pickle is malformed ({type(exc).__name__})") from None
+
+
+def _check_global(file, module: str, name: str = "") -> None:
+    import torch
+
+    if f"{module} {name}" in _TORCH_GLOBALS:
+        return
+    if module == "torch" and (
+        name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
+    ):
+        return
+    raise ValueError(f"{file}: the pickle names {module[:60]}.{name[:60]}, which a checkpoint "
+                     "of weights does not need")  # fmt: skip

@@ -8,20 +8,17 @@ file. This reader keeps the map (a checkpoint is never held twice) and the refus
 pickle is read by torch's own weights-only unpickler, and each storage it names must be a
 record ``data/<key>`` stored in the file with exactly the bytes it declares.
 
-It is stricter than ``weights_only`` where weights need no more: the pickle may name only
-what ``torch.save`` writes for tensors, parameters, dtypes, sizes and devices (torch's list
-also lets ``bytearray(10**9)`` or ``torch.FloatTensor(n)`` run: gigabytes, or weights of
-uninitialised memory, from a few hundred bytes); it may hold at most
-:data:`MAX_HUGE_INTS` integers beyond 2^61 (ints equal modulo 2^61 − 1 hash alike: a dict
-of many makes unpickling quadratic); every tensor must be dense, on the CPU and on a
-storage read from its record; records may not overlap one another.
+The archive is checked first (:func:`dtl_kernels._untrusted.check_torch_archive`: its
+pickle names nothing beyond what ``torch.save`` writes for weights); then every tensor
+must be dense, on the CPU and on a storage read from its record (a storage of an empty
+record would otherwise grow under a tensor: weights of uninitialised memory), and records
+may not overlap one another.
 """
 
 from __future__ import annotations
 
 import io
 import mmap
-import pickletools
 import struct
 import zipfile
 from pathlib import Path
@@ -32,15 +29,6 @@ from .._untrusted import check_torch_archive
 
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, …, name length, extra length
 _LOCAL_SIGNATURE = b"PK\x03\x04"
-# the globals torch.save writes for weights ("module name"; also torch's storage classes
-# and dtypes, by rule in _check_global)
-_GLOBALS = {
-    "collections OrderedDict", "torch Size", "torch device", "torch.storage UntypedStorage",
-    "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_tensor_v3",
-    "torch._utils _rebuild_parameter", "torch._utils _rebuild_parameter_with_state",
-}  # fmt: skip
-MAX_HUGE_INTS = 1000
-_HASH_MODULUS = 2**61 - 1
 
 
 class MappedArchive:
@@ -79,8 +67,7 @@ def read_mapped(file: Path) -> MappedArchive:
     records = {name[len(prefix) + 5 :]: span for name, span in spans.items()
                if name.startswith(prefix + "data/")}  # fmt: skip
     pkl = spans[pickles[0].filename]
-    pickled = bytes(mm[pkl[0] : pkl[1]])
-    _check_pickle(file, pickled)
+    pickled = bytes(mm[pkl[0] : pkl[1]])  # scanned by check_torch_archive
     ranges: dict[int, tuple[int, int]] = {}
     storages: dict[str, torch.storage.TypedStorage] = {}
 
@@ -151,55 +138,6 @@ def _check_apart(file: Path, members: list, spans: dict) -> None:
         if m.header_offset < end:
             raise ValueError(f"{file}: member {m.filename!r} lies inside the one before it")
         end = spans[m.filename][1]
-
-
-def _check_pickle(file: Path, pickled: bytes) -> None:
-    """The pickle, scanned without running it: every global it names is one a checkpoint
-    of weights needs (:func:`_check_global`), at most :data:`MAX_HUGE_INTS` integers of
-    magnitude 2^61 − 1 or more."""
-    memo: dict[int, object] = {}
-    recent: list[object] = []  # what the last two ops pushed, where a scan can tell
-    huge = 0
-    try:
-        for op, arg, _ in pickletools.genops(pickled):
-            name = op.name
-            if name == "GLOBAL":
-                _check_global(file, *str(arg).split(" ", 1))
-            elif name == "STACK_GLOBAL":  # protocol 4: module and name pushed before it
-                if len(recent) < 2 or not all(isinstance(v, str) for v in recent):
-                    raise ValueError(f"{file}: the pickle builds a global's name by other means")
-                _check_global(file, *recent)
-            elif name in ("INST", "OBJ", "EXT1", "EXT2", "EXT4"):
-                raise ValueError(f"{file}: the pickle uses {name}, which torch.save never writes")
-            if isinstance(arg, int) and abs(arg) >= _HASH_MODULUS:
-                huge += 1
-                if huge > MAX_HUGE_INTS:
-                    raise ValueError(f"{file}: more than {MAX_HUGE_INTS} integers beyond 2^61")
-            if name in ("PROTO", "FRAME"):
-                continue
-            if name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
-                memo[len(memo) if name == "MEMOIZE" else int(arg)] = recent[-1] if recent else None
-                continue  # pushes nothing
-            if name in ("BINGET", "LONG_BINGET", "GET"):
-                recent.append(memo.get(int(arg)))
-            else:
-                recent.append(arg if isinstance(arg, str) and "UNICODE" in name else None)
-            del recent[:-2]
-    except ValueError as exc:
-        if str(file) in str(exc):
-            raise
-        raise ValueError(f"{file}: its pickle is malformed ({exc})") from None
-
-
-def _check_global(file: Path, module: str, name: str = "") -> None:
-    if f"{module} {name}" in _GLOBALS:
-        return
-    if module == "torch" and (
-        name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
-    ):
-        return
-    raise ValueError(f"{file}: the pickle names {module[:60]}.{name[:60]}, which a checkpoint "
-                     "of weights does not need")  # fmt: skip
 
 
 def _check_tensors(file: Path, value, sizes: dict[int, int]) -> None:

@@ -70,6 +70,18 @@ def test_compressed_checkpoint_member_is_refused_before_loading(saved, tmp_path)
     _expect_refused(out, "is compressed")
 
 
+def test_a_checkpoint_whose_pickle_would_allocate_is_refused_unread(saved, tmp_path):
+    """``bytearray(10**9)`` is on torch's weights-only list: 1 GB from 40 bytes of pickle."""
+    out = tmp_path / "run" / "checkpoints" / saved.name
+    out.parent.mkdir(parents=True)
+    bomb = b"\x80\x02cbuiltins\nbytearray\nJ\x00\xca\x9a;\x85R."
+    with zipfile.ZipFile(saved) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            data = bomb if info.filename.endswith("/data.pkl") else src.read(info)
+            dst.writestr(info.filename, data)
+    _expect_refused(out, "names builtins.bytearray")
+
+
 def _key(node, part: str):
     """A path part as the key ``node`` uses (list indices and optimizer states are ints)."""
     if part.isdigit() and (isinstance(node, list) or int(part) in node):
