@@ -161,12 +161,23 @@ MAX_HUGE_INTS = 1000
 _HASH_MODULUS = 2**61 - 1
 
 
-def check_torch_pickle(file, pickled: bytes) -> None:
-    """``ValueError`` naming ``file`` unless the pickle of a ``torch.save`` archive, scanned
-    op by op without running it, names only globals :data:`_TORCH_GLOBALS` allows (and
-    torch's storage classes and dtypes), by ``GLOBAL`` (protocol 2, what ``torch.save``
-    writes; torch's weights-only unpickler reads no protocol-4 frames), and holds at most
-    :data:`MAX_HUGE_INTS` integers of magnitude 2^61 − 1 or more."""
+def check_legacy_torch_file(path: str | os.PathLike) -> None:
+    """:func:`check_torch_pickle` for each of the five pickles a legacy (pre-1.6, non-zip)
+    ``torch.save`` file starts with (magic number, protocol, system info, the object, its
+    storage keys). Its storages are allocated at the sizes the object declares before
+    their data is read; that stays as torch does it."""
+    with open(path, "rb") as f:
+        for _ in range(5):
+            check_torch_pickle(path, f)
+
+
+def check_torch_pickle(file, pickled) -> None:
+    """``ValueError`` naming ``file`` unless the pickle of a ``torch.save`` archive (bytes,
+    or a file read up to its STOP), scanned op by op without running it, names only
+    globals :data:`_TORCH_GLOBALS` allows (and torch's storage classes and dtypes), by
+    ``GLOBAL`` (protocol 2, what ``torch.save`` writes; torch's weights-only unpickler
+    reads no protocol-4 frames), and holds at most :data:`MAX_HUGE_INTS` integers of
+    magnitude 2^61 − 1 or more."""
     huge = 0
     try:
         for op, arg, _ in pickletools.genops(pickled):

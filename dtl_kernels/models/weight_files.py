@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from .._untrusted import parse_json
+from .._untrusted import check_legacy_torch_file, parse_json
 from .torch_archive import read_mapped
 
 _SAFETENSORS_DTYPES = {
@@ -213,6 +213,7 @@ def _torch_archive(file: Path, weights: MappedWeights) -> dict[str, torch.Tensor
         for ptr, (start, stop) in archive.ranges.items():
             weights._ranges[ptr] = (archive.mm, start, stop)
         return state_dict_of(archive.value, file)
+    check_legacy_torch_file(file)
     try:
         value = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for bad files

@@ -291,3 +291,19 @@ def test_a_protocol_4_archive_is_one_error_naming_the_file(tmp_path):
     with pytest.raises(ValueError, match="STACK_GLOBAL, which torch.save never writes") as info:
         read_mapped(path)
     assert str(path) in str(info.value)
+
+
+def test_a_legacy_torch_file_is_scanned_as_an_archive_is(tmp_path):
+    """A pre-1.6 (non-zip) file: the same pickle scan before torch.load runs it."""
+    state = _state()
+    torch.save(state, tmp_path / "ok.pth", _use_new_zipfile_serialization=False)
+    got = create_model(VIT, "dtl", pretrained=str(tmp_path / "ok.pth"), **OPTS).backbone
+    torch.testing.assert_close(got.state_dict()["norm.weight"], state["norm.weight"])
+    raw = (tmp_path / "ok.pth").read_bytes()
+    first = len(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2))  # the magic number's pickle
+    bomb = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + (
+        b"\x80\x02cbuiltins\nbytearray\nJ\x00\xca\x9a;\x85R."
+    )
+    (tmp_path / "bad.pth").write_bytes(bomb + raw[first:])
+    with pytest.raises(ValueError, match="names builtins.bytearray"):
+        _build(tmp_path / "bad.pth", lean=False)
