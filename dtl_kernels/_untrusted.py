@@ -205,7 +205,7 @@ def _check_global(file, module: str, name: str = "") -> None:
     if f"{module} {name}" in _TORCH_GLOBALS:
         return
     if module == "torch" and (
-        name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)
+        name.endswith("Storage") or isinstance(vars(torch).get(name), torch.dtype)  # no lazy import
     ):
         return
     raise ValueError(f"{file}: the pickle names {module[:60]}.{name[:60]}, which a checkpoint "
