@@ -44,11 +44,17 @@ def json_depth(value) -> int:
     return deepest
 
 
+def first_repeat(items):
+    """The first item that comes a second time (``None``: none does), in linear time: a
+    hostile file may hold a hundred thousand names."""
+    seen = set()
+    return next((x for x in items if x in seen or seen.add(x)), None)
+
+
 def _unique_keys(pairs: list) -> dict:
     value = dict(pairs)
     if len(value) != len(pairs):
-        seen = set()
-        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        twice = first_repeat(k for k, _ in pairs)
         raise ValueError(f"key {escape_controls(twice[:80])!r} is given twice")
     return value
 
@@ -98,6 +104,11 @@ def non_float_for_float(tensors: dict, like: dict) -> list[str]:
 _NPZ_EXPANSION = 4
 
 
+# The largest patch-embedding kernel area timm's resampler is let loose on (a .pth's or an
+# .npz's): it builds an (area x area) matrix (64² → 64 MB); real patch sizes are 8…32.
+MAX_PATCH_KERNEL_AREA = 64 * 64
+
+
 def check_npz_archive(path: str | os.PathLike) -> None:
     """``ValueError`` unless ``path`` is a zip archive whose members declare at most
     4 × the file's size (+ 1 MiB) in all: a compressed member that would expand into
@@ -127,9 +138,8 @@ def check_torch_archive(path: str | os.PathLike) -> None:
             members = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ValueError(f"{path} is not a torch.save zip archive ({exc})") from None
-    names = [m.filename for m in members]
-    if len(set(names)) != len(names):
-        twice = next(n for i, n in enumerate(names) if n in names[:i])
+    twice = first_repeat(m.filename for m in members)
+    if twice is not None:
         raise ValueError(f"{path}: member {twice!r} is in the archive twice (which one is meant?)")
     total = 0
     for m in members:

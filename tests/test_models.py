@@ -812,3 +812,11 @@ def test_the_block_count_of_a_stacked_big_vision_npz_is_read_from_array_headers(
         depth(tmp_path / "b.npz")
     np.savez(tmp_path / "c.npz", **{"embedding/kernel": np.ones((2, 2, 3, 8))})
     assert depth(tmp_path / "c.npz") is None
+
+
+def test_the_npz_patch_kernel_bound_takes_conv_and_naflex_dense_kernels():
+    from dtl_kernels.models.npz_weights import _kernel_too_big
+
+    assert not _kernel_too_big((16, 16, 3, 192)) and _kernel_too_big((128, 128, 3, 1))
+    assert not _kernel_too_big((16 * 16 * 3, 192)) and _kernel_too_big((128 * 128 * 3, 8))
+    assert _kernel_too_big((3,))

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._untrusted import non_float_for_float
+from .._untrusted import MAX_PATCH_KERNEL_AREA, non_float_for_float
 from .npz_weights import load_google_npz
 from .weight_files import open_weights
 
@@ -86,11 +86,6 @@ def fitted_state(state: dict[str, torch.Tensor], backbone: nn.Module, path) -> d
     return state
 
 
-# The largest patch-embedding kernel area timm's resampler is let loose on: it builds an
-# (area x area) matrix (64² → 64 MB); real patch sizes are 8…32.
-_MAX_KERNEL_AREA = 64 * 64
-
-
 def _check_before_filter(state: dict[str, torch.Tensor], path) -> None:
     """What timm's key filter would trust: no expanded (stride-0) or otherwise overlapping
     tensor with more elements than its storage holds, which lets a file of a few bytes
@@ -103,10 +98,10 @@ def _check_before_filter(state: dict[str, torch.Tensor], path) -> None:
             raise ValueError(f"{path}: {k} overlaps itself ({v.numel()} elements on a storage "
                              f"of {v.untyped_storage().nbytes()} bytes), not weights")  # fmt: skip
         if k.endswith("patch_embed.proj.weight") and (
-            v.dim() != 4 or v.shape[-1] * v.shape[-2] > _MAX_KERNEL_AREA
+            v.dim() != 4 or v.shape[-1] * v.shape[-2] > MAX_PATCH_KERNEL_AREA
         ):
             raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, not a patch kernel "
-                             f"of at most {_MAX_KERNEL_AREA} pixels")  # fmt: skip
+                             f"of at most {MAX_PATCH_KERNEL_AREA} pixels")  # fmt: skip
 
 
 def _classifiers(backbone: nn.Module) -> tuple[str, ...]:

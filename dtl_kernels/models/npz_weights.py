@@ -23,12 +23,11 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._untrusted import check_npz_archive
+from .._untrusted import MAX_PATCH_KERNEL_AREA, check_npz_archive
 
 _BLOCK = re.compile(r"(?:^|/)Transformer/encoderblock_(\d+)/")
 _STACKED = re.compile(r"(?:^|/)Transformer/encoderblock/")  # big_vision: one array per kind
 _QKV = re.compile(r"^(.*)/(?:query|key|value)/(kernel|bias)$")
-_MAX_KERNEL_AREA = 64 * 64  # the .pth path's bound (backbone_files)
 
 
 def load_google_npz(backbone: nn.Module, path: Path) -> None:
@@ -100,11 +99,9 @@ def _array_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
     """A patch kernel timm's resampler can take; one shape for a block's q, k and v."""
     for name, shape in shapes.items():
-        if name.endswith("embedding/kernel") and (
-            len(shape) != 4 or shape[0] * shape[1] > _MAX_KERNEL_AREA
-        ):
+        if name.endswith("embedding/kernel") and _kernel_too_big(shape):
             raise ValueError(f"{path}: {name} has shape {shape}, not a patch kernel of at most "
-                             f"{_MAX_KERNEL_AREA} pixels")  # fmt: skip
+                             f"{MAX_PATCH_KERNEL_AREA} pixels")  # fmt: skip
     groups: dict[tuple[str, str], set] = {}
     for name, shape in shapes.items():
         if m := _QKV.match(name):
@@ -113,6 +110,14 @@ def _check_shapes(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
         if len(found) > 1:
             raise ValueError(f"{path}: {where}'s query, key and value {part}s differ in shape "
                              f"({sorted(found)})")  # fmt: skip
+
+
+def _kernel_too_big(shape: tuple[int, ...]) -> bool:
+    """A conv kernel (h, w, in, out) of more than the bound's pixels; a NaFlex dense one
+    (h·w·in, out) of more than the bound's pixels in up to four channels."""
+    if len(shape) == 4:
+        return shape[0] * shape[1] > MAX_PATCH_KERNEL_AREA
+    return len(shape) != 2 or shape[0] > 4 * MAX_PATCH_KERNEL_AREA
 
 
 def _file_depth(path: Path, shapes: dict[str, tuple[int, ...]]) -> int | None:

@@ -45,7 +45,7 @@ def read_mapped(file: Path) -> MappedArchive:
     (whatever device it was saved from); ``ValueError`` naming the file and the part for
     an archive that is not torch's, a storage without its record or of another size, or a
     tensor outside its storage."""
-    check_torch_archive(file)  # stored members that fit in the file
+    check_torch_archive(file)  # members stored, within the file, named once; the pickle scanned
     with zipfile.ZipFile(file) as archive:
         members = archive.infolist()
     size = file.stat().st_size
