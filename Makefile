@@ -100,6 +100,7 @@ bench: build bench-deps
 	$(BIN)/python benchmarks/bench_e2e.py --quick
 	$(BIN)/python benchmarks/bench_multitask.py --quick
 	$(BIN)/python benchmarks/bench_accuracy.py --quick
+	$(BIN)/python benchmarks/bench_predict.py --quick
 
 bench-full: build bench-deps
 	$(BIN)/python benchmarks/bench_host.py --reps 200
@@ -108,6 +109,7 @@ bench-full: build bench-deps
 	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_e2e.py
 	$(BIN)/python benchmarks/bench_multitask.py
+	$(BIN)/python benchmarks/bench_predict.py
 
 # On a GPU machine (its own python3 + torch; no venv): build in place for that GPU, check
 # correctness (+ compute-sanitizer), time the kernels and the end-to-end steps. ≤ 8 min.

@@ -351,6 +351,7 @@ def main() -> int:
                     "tests/test_triton_launch.py",
                     "tests/test_side_step.py",
                     "tests/test_walk.py",
+                    "tests/test_adapter_to_prediction.py",
                 ],
                 box,
             )

@@ -11,8 +11,10 @@ so a prediction sees exactly what the trainer's evaluation saw.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -30,13 +32,29 @@ class Predictor:
             :func:`~dtl_kernels.from_pretrained` sets it) and ``class_names`` its classes
             (``"0"``, ``"1"``… when it has none).
         batch_size: images per forward pass.
+        workers: processes that decode images while the model runs (a ``DataLoader``'s
+            workers); ``0``: decoded in this process, between forward passes.
+        compile: run the model through ``torch.compile`` (compiled at the first batch:
+            seconds to a minute), under CUDA graphs on a GPU (``mode="reduce-overhead"``:
+            the host launches one graph per batch instead of every kernel). The last batch
+            is padded to ``batch_size``, so one compiled graph serves every batch.
+        progress: a progress bar over the batches on the standard error (``None``: only
+            when it is a terminal).
     """
 
-    def __init__(self, model: nn.Module, batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        batch_size: int = 32,
+        workers: int = 0,
+        compile: bool = False,
+        progress: bool | None = None,
+    ) -> None:
         from timm.data import create_transform, resolve_model_data_config
 
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a whole number ≥ 1, got {batch_size!r}")
+        for name, value, low in (("batch_size", batch_size, 1), ("workers", workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be a whole number ≥ {low}, got {value!r}")
         n = model.num_classes
         if not n:
             raise ValueError("the model has no classifier head (num_classes=0): nothing to "
@@ -49,7 +67,9 @@ class Predictor:
                              "images as RGB (3 channels)")  # fmt: skip
         self.transform = create_transform(**self.data_config)
         self.classes = list(model.class_names or [str(i) for i in range(n)])
-        self.batch_size = batch_size
+        self.batch_size, self.workers = batch_size, workers
+        self.compile, self.progress = bool(compile), progress
+        self._compiled = None  # the compiled model, made at the first batch
 
     @classmethod
     def from_adapter(
@@ -59,11 +79,13 @@ class Predictor:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         backbone_mismatch: str = "error",
+        **options,
     ) -> Predictor:
-        """The predictor of an adapter file (``pretrained``: as :func:`from_pretrained`)."""
+        """The predictor of an adapter file (``pretrained``: as :func:`from_pretrained`;
+        ``options``: ``workers``, ``compile``, ``progress`` as for :class:`Predictor`)."""
         model = from_pretrained(path, pretrained, backbone_mismatch=backbone_mismatch,
                                 device=device)  # fmt: skip
-        return cls(model, batch_size)
+        return cls(model, batch_size, **options)
 
     @property
     def device(self) -> torch.device:
@@ -72,41 +94,71 @@ class Predictor:
     def image_tensor(self, image) -> torch.Tensor:
         """One image (a path or a PIL image) → ``(3, H, W)`` float32 model input;
         :class:`DataError` naming an unreadable file."""
-        from PIL import Image
-
-        if isinstance(image, Image.Image):
-            return self.transform(eight_bit(image))
-        try:
-            with Image.open(image) as img:
-                return self.transform(eight_bit(img))
-        except FileNotFoundError:
-            raise DataError(f"image file not found: {image}") from None
-        except Exception as exc:  # PIL raises several types for corrupt files
-            raise DataError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
+        return _decode(image, self.transform)
 
     def probabilities(self, images: Sequence) -> torch.Tensor:
         """``(len(images), num_classes)`` float32 class probabilities (softmax), on the CPU."""
         images = _as_list(images)
-        dtype = _input_dtype(self.model)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            batch = torch.stack(
-                [self.image_tensor(i) for i in images[start : start + self.batch_size]]
-            )
-            # inference mode: less host time per forward than no_grad (no version counters,
-            # no autograd keys); the result is concatenated outside it, an ordinary tensor
-            with torch.inference_mode():
-                logits = self.model(batch.to(self.device, dtype)).float()
-                finite = torch.isfinite(logits).all(-1).cpu()
-                out.append(logits.softmax(-1).cpu())
-            if not finite.all():  # a probability of NaN is no prediction
-                names = [str(images[start + int(i)]) for i in (~finite).nonzero().flatten()[:3]]
-                raise ValueError(
-                    f"{int((~finite).sum())} of {len(finite)} images got non-finite outputs "
-                    f"(e.g. {', '.join(names)}): the backbone weights or the adapter hold "
-                    "values this model cannot compute with"
-                )
+        dtype, device, out = _input_dtype(self.model), self.device, []
+        # closed on any error: the decoding workers stop now, not at a garbage collection
+        with contextlib.closing(self._batches(images, device)) as batches:
+            for start, batch in batches:
+                # inference mode: less host time per forward than no_grad (no version
+                # counters, no autograd keys); the result is concatenated outside it
+                with torch.inference_mode():
+                    logits = self._logits(batch.to(device, dtype, non_blocking=True))
+                    finite = torch.isfinite(logits).all(-1).cpu()
+                    out.append(logits.softmax(-1).cpu())
+                if not finite.all():  # a probability of NaN is no prediction
+                    bad = (~finite).nonzero().flatten()[:3]
+                    names = [str(images[start + int(i)]) for i in bad]
+                    raise ValueError(
+                        f"{int((~finite).sum())} of {len(finite)} images got non-finite "
+                        f"outputs (e.g. {', '.join(names)}): the backbone weights or the "
+                        "adapter hold values this model cannot compute with"
+                    )
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
+
+    def _batches(self, images: list, device) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(index of the first image, (n, 3, H, W) float32 batch)``, in order: decoded here,
+        or by ``workers`` processes while the model runs (a decoding error is raised here,
+        as :class:`DataError`, naming the file)."""
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(_Decoded(images, self.transform), batch_size=self.batch_size,
+                            num_workers=self.workers, collate_fn=_stack,
+                            pin_memory=device.type == "cuda")  # fmt: skip
+        batches = enumerate(loader)
+        wanted = self.progress if self.progress is not None else sys.stderr.isatty()
+        if wanted and len(loader) > 1:
+            from tqdm import tqdm
+
+            batches = tqdm(batches, total=len(loader), desc="predict", unit="batch",
+                           leave=False, dynamic_ncols=True)  # fmt: skip
+        try:
+            for j, batch in batches:
+                if isinstance(batch, DataError):
+                    raise batch
+                yield j * self.batch_size, batch
+        finally:
+            # the loader's iterator stops its workers when its last reference goes; a
+            # traceback keeps this frame (and so it) alive until a garbage collection,
+            # whose shutdown waits ~5 s a worker
+            del batches
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's float32 logits ``(n, num_classes)`` for the images ``x`` ``(n, 3, H,
+        W)`` (on the model's device, in its input dtype)."""
+        if not self.compile:
+            return self.model(x).float()
+        n = x.shape[0]
+        if n < self.batch_size:  # one shape for every batch: no second compilation
+            x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
+        if self._compiled is None:
+            mode = "reduce-overhead" if x.is_cuda else None
+            self._compiled = torch.compile(self.model, mode=mode, dynamic=False)
+        # a copy: a CUDA graph's output is overwritten by its next replay
+        return self._compiled(x)[:n].float().clone()
 
     def predict(self, images: Sequence, top_k: int = 1) -> list[list[tuple[str, float]]]:
         """For each image, its ``top_k`` most probable ``(class name, probability)``."""
@@ -119,6 +171,45 @@ class Predictor:
             [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist(), strict=True)]
             for v, ix in zip(values, index, strict=True)
         ]
+
+
+class _Decoded(torch.utils.data.Dataset):
+    """The images, decoded on request (in a ``DataLoader`` worker, or in this process)."""
+
+    def __init__(self, images: list, transform) -> None:
+        self.images, self.transform = images, transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor | DataError:
+        try:
+            return _decode(self.images[i], self.transform)
+        except DataError as exc:  # returned: a worker's raise reaches the caller re-wrapped
+            return exc
+
+
+def _stack(items: list) -> torch.Tensor | DataError:
+    """A batch of decoded images, or the first decoding error in it (raised by the caller,
+    in its own process)."""
+    error = next((i for i in items if isinstance(i, DataError)), None)
+    return error if error is not None else torch.stack(items)
+
+
+def _decode(image, transform) -> torch.Tensor:
+    """One image (a path or a PIL image) → the model input; :class:`DataError` naming an
+    unreadable file."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return transform(eight_bit(image))
+    try:
+        with Image.open(image) as img:
+            return transform(eight_bit(img))
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {image}") from None
+    except Exception as exc:  # PIL raises several types for corrupt files
+        raise DataError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
 
 
 def _as_list(images) -> list:

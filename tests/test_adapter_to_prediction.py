@@ -394,3 +394,118 @@ def test_dtl_predict_checks_where_the_output_goes_before_it_predicts(
     rows = [("x\x1b[31m.png", [("a", 0.5)])]
     assert "x\\x1b[31m.png" in _csv(rows, 1, escape=True)
     assert "x\x1b[31m.png" in _csv(rows, 1)
+
+
+def test_predictor_workers_give_the_same_probabilities_and_name_a_bad_image(trained, toy, tmp_path):
+    """Images decoded by worker processes: the same batches, so the same probabilities
+    bit for bit; an image that fails to decode in a worker is raised here as DataError,
+    naming the file, not wrapped in the worker's traceback; the workers stop with any error."""
+    import multiprocessing
+
+    from dtl_kernels.train.data import DataError
+
+    files = sorted((toy / "test").rglob("*.png"))
+    here = Predictor.from_adapter(trained["adapter"], batch_size=4).probabilities(files)
+    workers = Predictor.from_adapter(trained["adapter"], batch_size=4, workers=2)
+    assert torch.equal(workers.probabilities(files), here)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(files[0].read_bytes()[:60])  # a header, then nothing to decode
+    with pytest.raises(DataError, match=r"^cannot read image .*bad\.png: ") as got:
+        workers.probabilities([*files[:5], bad, *files[5:]])
+    assert "Traceback" not in str(got.value)
+    # stopped at once, not when the traceback is collected (~5 s a worker then)
+    assert multiprocessing.active_children() == []
+    with torch.no_grad():
+        workers.model.head.weight.fill_(3e38)  # an error after a batch, in the caller's loop
+    with pytest.raises(ValueError, match="non-finite outputs"):
+        workers.probabilities(files)
+    assert multiprocessing.active_children() == []
+    for bad_count in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="workers must be a whole number ≥ 0"):
+            Predictor(workers.model, workers=bad_count)
+
+
+def test_predictor_compile_pads_the_last_batch_to_one_shape(trained, toy, monkeypatch):
+    """compile=True: the model goes through torch.compile once, at the first batch, in the
+    device's mode (CUDA graphs on a GPU), and every batch it sees has ``batch_size`` images
+    (the last one padded, its padding dropped): one compiled graph, no recompilation."""
+    files = sorted((toy / "test").rglob("*.png"))
+    assert len(files) % 4  # a partial last batch
+    want = Predictor.from_adapter(trained["adapter"], batch_size=4).probabilities(files)
+    calls, seen = [], []
+
+    def fake_compile(model, **options):
+        calls.append(options)
+        return lambda x: (seen.append(tuple(x.shape)), model(x))[1]
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    p = Predictor.from_adapter(trained["adapter"], batch_size=4, compile=True)
+    got = p.probabilities(files)
+    assert calls == [{"mode": None, "dynamic": False}]
+    assert seen == [(4, 3, 32, 32)] * -(-len(files) // 4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert p.probabilities(files[:1]).shape == (1, 3) and len(calls) == 1
+
+
+def _tiny_dtl_plus(device: str = "cpu"):
+    """A 2-block DTL+ ViT whose side network changes the logits (B ≠ 0), and 5 images."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = create_model(VIT, "dtl+", num_classes=3, img_size=32, depth=2, adapt_from=1)
+    with torch.no_grad():
+        for p in model.csn.up.values():
+            p.normal_(0, 0.5)
+    images = [Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()) for _ in range(5)]
+    return model.to(device), images
+
+
+def test_predictor_compile_runs_the_compiled_model():
+    """compile=True for real (inductor on the CPU): the probabilities of the eager model,
+    a partial last batch included."""
+    model, images = _tiny_dtl_plus()
+    want = Predictor(model, batch_size=3).probabilities(images)
+    got = Predictor(model, batch_size=3, compile=True).probabilities(images)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_predictor_compile_under_cuda_graphs():
+    """compile=True on a GPU (mode="reduce-overhead": CUDA graphs): the eager model's
+    probabilities, again on a second call (graph replays: every output copied out before
+    the next replay overwrites it), the padded last batch included."""
+    model, images = _tiny_dtl_plus("cuda")
+    want = Predictor(model, batch_size=2).probabilities(images)
+    p = Predictor(model, batch_size=2, compile=True)
+    first = p.probabilities(images)
+    torch.testing.assert_close(first, want, rtol=0, atol=1e-4)
+    assert torch.equal(p.probabilities(images), first)
+
+
+def test_predictor_progress_bar_goes_to_stderr(trained, toy, capsys):
+    files = sorted((toy / "test").rglob("*.png"))
+    Predictor.from_adapter(trained["adapter"], batch_size=4, progress=True).probabilities(files)
+    assert "predict" in capsys.readouterr().err
+    Predictor.from_adapter(trained["adapter"], batch_size=4, progress=False).probabilities(files)
+    assert capsys.readouterr().err == ""
+
+
+def test_dtl_predict_passes_workers_and_compile(trained, toy, capsys, monkeypatch):
+    from dtl_kernels import predict as predict_module
+
+    image = str(sorted((toy / "test").rglob("*.png"))[0])
+    made = {}
+    real = predict_module.Predictor.from_adapter
+
+    def spy(*args, **kwargs):
+        made.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_module.Predictor, "from_adapter", spy)
+    monkeypatch.setattr(torch, "compile", lambda model, **options: model)
+    argv = [image, "--adapter", str(trained["adapter"]), "--workers", "1", "--compile"]
+    assert predict(argv) == 0
+    assert made == {"workers": 1, "compile": True, "progress": None}
+    assert predict([image, "--adapter", str(trained["adapter"]), "--workers", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "dtl-predict: error: --workers must be ≥ 0"
