@@ -14,7 +14,10 @@ by ``--workers`` processes while the model runs), ``compiled`` and ``compiled+wo
 
 * ``images_per_s``: images over the wall time of ``probabilities(files)``, median of
   ``--reps`` passes after a first pass;
-* ``first_pass_s``: the first pass over one batch (for ``compiled``: the compilation).
+* ``first_pass_s``: the first pass over one batch, with the compilation for ``compiled*``
+  (dynamo reset before each provider; inductor's on-disk cache in a fresh folder per run):
+  ``compiled`` compiles with nothing cached, what the first ``--compile`` run on a machine
+  pays; ``compiled+workers`` then reads what it cached, as every later run does.
 
 Providers run one after another (each pass is seconds long); the machine's load average is
 printed with the results.
@@ -76,6 +79,7 @@ def build(name: str) -> torch.nn.Module:
 
 def measure(model, files: list[Path], provider: str, batch: int, workers: int, reps: int):
     """``(images per second over each pass, seconds of the first pass)``."""
+    torch._dynamo.reset()  # no compiled code kept from the previous provider
     p = Predictor(model, batch_size=batch, workers=workers if "workers" in provider else 0,
                   compile=provider.startswith("compiled"), progress=False)  # fmt: skip
     t0 = time.perf_counter()
@@ -106,6 +110,7 @@ def main() -> None:
     load = [os.getloadavg()[0]]
     summary = []
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # a cold cache
         files = write_images(Path(tmp), args.images)
         for name in args.models:
             model = build(name).eval()
