@@ -54,7 +54,7 @@ def capture_launches(case: dict, y_dtype: torch.dtype, side_dtype: torch.dtype) 
 
     launches: list[Launch] = []
 
-    def record(cfg, *args, **consts):
+    def record(cfg, args, consts):
         # what ts._launch passes: kernel[grid](*args, *cfg["args"], **meta, **consts)
         full = (*args, *cfg["args"])
         launches.append(Launch(cfg["kernel"], tuple(cfg["grid"]), full, {**cfg["meta"], **consts}))

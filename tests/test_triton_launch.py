@@ -79,9 +79,9 @@ def _worker() -> dict:
         seen = []
         real_launch = ts._launch
 
-        def spy(cfg, *args, **consts):
+        def spy(cfg, args, consts):
             seen.append((cfg, args, consts))
-            real_launch(cfg, *args, **consts)
+            real_launch(cfg, args, consts)
 
         ts._launch = spy
         ts._SPECS.clear()

@@ -1103,8 +1103,9 @@ def _device_of(x: torch.Tensor):
     return _NO_DEVICE_SWITCH
 
 
-def _launch(cfg: dict, *args, **consts) -> None:
-    # through Triton's JIT the first time per plan and alignment, then directly
+def _launch(cfg: dict, args: tuple, consts: dict) -> None:
+    # through Triton's JIT the first time per plan and alignment, then directly (the
+    # arguments as one tuple and one dict: nothing packed again per launch)
     triton_launch.launch(globals()[cfg["kernel"]], cfg, args, consts)
 
 
@@ -1187,42 +1188,13 @@ def side_fwd(
     rows = bsz * n
     with _device_of(y):
         if k == 0:
-            _launch(
-                p["fwd"],
-                y,
-                *y.stride(),
-                taps,
-                *taps.stride(),
-                ups_c,
-                out,
-                *out.stride(),
-                rows,
-                n,
-                d,
-                kw,
-                float(beta),
-                **consts,
-            )
+            _launch(p["fwd"], (y, *y.stride(), taps, *taps.stride(), ups_c, out,
+                               *out.stride(), rows, n, d, kw, float(beta)), consts)  # fmt: skip
         else:
             w = conv_weight.contiguous()  # read as (d, k²) in place: no per-call transposed copy
             scratch = torch.empty(p["fwd_scratch"], dtype=_acc_torch(y.dtype), device=y.device)
-            _launch(
-                p["fwd"],
-                y,
-                *y.stride(),
-                taps,
-                *taps.stride(),
-                ups_c,
-                w,
-                out,
-                *out.stride(),
-                scratch,
-                rows,
-                d,
-                kw,
-                float(beta),
-                **consts,
-            )
+            _launch(p["fwd"], (y, *y.stride(), taps, *taps.stride(), ups_c, w, out, *out.stride(),
+                               scratch, rows, d, kw, float(beta)), consts)  # fmt: skip
     return out
 
 
@@ -1268,37 +1240,12 @@ def side_bwd(
     buf = torch.zeros(p["bwd_buffer"], dtype=acc, device=dev)
     tbuf = buf[p["bwd_slots"] * d * (kw + k * k) :] if p["bwd_tbuf"] else buf
     with _device_of(grad_out):
-        _launch(
-            p["bwd"],
-            grad_out,
-            *grad_out.stride(),
-            taps,
-            *taps.stride(),
-            ups_c,
-            w,
-            tbuf if p["bwd_tbuf"] else grad_taps,
-            buf,
-            bsz * n,
-            n,
-            d,
-            kw,
-            float(beta),
-            **consts,
-        )
-        _launch(
-            p["finish"],
-            buf,
-            grad_ups,
-            grad_conv if k else grad_ups,
-            tbuf,
-            grad_taps,
-            p["bwd_slots"],
-            d,
-            kw,
-            k * k,
-            bsz * n * kw if p["bwd_tbuf"] else 0,
-            ACC=_acc_dtype(grad_out.dtype),
-        )
+        _launch(p["bwd"], (grad_out, *grad_out.stride(), taps, *taps.stride(), ups_c, w,
+                           tbuf if p["bwd_tbuf"] else grad_taps, buf, bsz * n, n, d, kw,
+                           float(beta)), consts)  # fmt: skip
+        _launch(p["finish"], (buf, grad_ups, grad_conv if k else grad_ups, tbuf, grad_taps,
+                              p["bwd_slots"], d, kw, k * k, bsz * n * kw if p["bwd_tbuf"] else 0),
+                {"ACC": _acc_dtype(grad_out.dtype)})  # fmt: skip
     return grad_taps, grad_ups, grad_conv
 
 
