@@ -37,7 +37,9 @@ class Predictor:
         compile: run the model through ``torch.compile`` (compiled at the first batch:
             seconds to a minute), under CUDA graphs on a GPU (``mode="reduce-overhead"``:
             the host launches one graph per batch instead of every kernel). The last batch
-            is padded to ``batch_size``, so one compiled graph serves every batch.
+            is padded to ``batch_size`` (one compiled graph serves every batch; a call with
+            fewer images still computes a whole batch). Compiled anew when ``model`` or
+            its device changes.
         progress: a progress bar over the batches on the standard error (``None``: only
             when it is a terminal).
     """
@@ -69,7 +71,7 @@ class Predictor:
         self.classes = list(model.class_names or [str(i) for i in range(n)])
         self.batch_size, self.workers = batch_size, workers
         self.compile, self.progress = bool(compile), progress
-        self._compiled = None  # the compiled model, made at the first batch
+        self._compiled = None  # (model, device type, compiled model), made at a first batch
 
     @classmethod
     def from_adapter(
@@ -79,13 +81,15 @@ class Predictor:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         backbone_mismatch: str = "error",
-        **options,
+        workers: int = 0,
+        compile: bool = False,
+        progress: bool | None = None,
     ) -> Predictor:
-        """The predictor of an adapter file (``pretrained``: as :func:`from_pretrained`;
-        ``options``: ``workers``, ``compile``, ``progress`` as for :class:`Predictor`)."""
+        """The predictor of an adapter file (``pretrained``: as :func:`from_pretrained`; the
+        other options as for :class:`Predictor`)."""
         model = from_pretrained(path, pretrained, backbone_mismatch=backbone_mismatch,
                                 device=device)  # fmt: skip
-        return cls(model, batch_size, **options)
+        return cls(model, batch_size, workers, compile, progress)
 
     @property
     def device(self) -> torch.device:
@@ -125,15 +129,19 @@ class Predictor:
         as :class:`DataError`, naming the file)."""
         from torch.utils.data import DataLoader
 
+        count = -(-len(images) // self.batch_size)
         loader = DataLoader(_Decoded(images, self.transform), batch_size=self.batch_size,
-                            num_workers=self.workers, collate_fn=_stack,
+                            num_workers=min(self.workers, count), collate_fn=_stack,
                             pin_memory=device.type == "cuda")  # fmt: skip
-        batches = enumerate(loader)
-        wanted = self.progress if self.progress is not None else sys.stderr.isatty()
-        if wanted and len(loader) > 1:
+        it = iter(loader)
+        batches = enumerate(it)
+        wanted = self.progress
+        if wanted is None:  # a terminal (no stderr at all under pythonw)
+            wanted = bool(getattr(sys.stderr, "isatty", lambda: False)())
+        if wanted and count > 1:
             from tqdm import tqdm
 
-            batches = tqdm(batches, total=len(loader), desc="predict", unit="batch",
+            batches = tqdm(batches, total=count, desc="predict", unit="batch",
                            leave=False, dynamic_ncols=True)  # fmt: skip
         try:
             for j, batch in batches:
@@ -141,10 +149,12 @@ class Predictor:
                     raise batch
                 yield j * self.batch_size, batch
         finally:
-            # the loader's iterator stops its workers when its last reference goes; a
-            # traceback keeps this frame (and so it) alive until a garbage collection,
-            # whose shutdown waits ~5 s a worker
-            del batches
+            # the workers stopped now: the iterator would stop them when its last reference
+            # goes, but an error's traceback (the loader's own frames, or this one) keeps it
+            # until a garbage collection, whose shutdown then waits ~5 s a worker
+            shutdown = getattr(it, "_shutdown_workers", None)  # (none without workers)
+            if shutdown is not None:
+                shutdown()
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """The model's float32 logits ``(n, num_classes)`` for the images ``x`` ``(n, 3, H,
@@ -154,11 +164,12 @@ class Predictor:
         n = x.shape[0]
         if n < self.batch_size:  # one shape for every batch: no second compilation
             x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
-        if self._compiled is None:
-            mode = "reduce-overhead" if x.is_cuda else None
-            self._compiled = torch.compile(self.model, mode=mode, dynamic=False)
+        if self._compiled is None or self._compiled[:2] != (self.model, x.device.type):
+            mode = "reduce-overhead" if x.is_cuda else None  # CUDA graphs
+            compiled = torch.compile(self.model, mode=mode, dynamic=False)
+            self._compiled = (self.model, x.device.type, compiled)
         # a copy: a CUDA graph's output is overwritten by its next replay
-        return self._compiled(x)[:n].float().clone()
+        return self._compiled[2](x)[:n].to(torch.float32, copy=True)
 
     def predict(self, images: Sequence, top_k: int = 1) -> list[list[tuple[str, float]]]:
         """For each image, its ``top_k`` most probable ``(class name, probability)``."""
@@ -202,7 +213,11 @@ def _decode(image, transform) -> torch.Tensor:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return transform(eight_bit(image))
+        try:
+            return transform(eight_bit(image))
+        except Exception as exc:  # e.g. NaN pixels; named, and not wrapped by a worker
+            raise DataError(f"cannot convert image {image!r}: {type(exc).__name__}: "
+                            f"{exc}") from exc  # fmt: skip
     try:
         with Image.open(image) as img:
             return transform(eight_bit(img))

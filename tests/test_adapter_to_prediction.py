@@ -402,6 +402,9 @@ def test_predictor_workers_give_the_same_probabilities_and_name_a_bad_image(trai
     naming the file, not wrapped in the worker's traceback; the workers stop with any error."""
     import multiprocessing
 
+    import numpy as np
+    from PIL import Image
+
     from dtl_kernels.train.data import DataError
 
     files = sorted((toy / "test").rglob("*.png"))
@@ -414,6 +417,18 @@ def test_predictor_workers_give_the_same_probabilities_and_name_a_bad_image(trai
         workers.probabilities([*files[:5], bad, *files[5:]])
     assert "Traceback" not in str(got.value)
     # stopped at once, not when the traceback is collected (~5 s a worker then)
+    assert multiprocessing.active_children() == []
+    # a PIL image that cannot be converted: named as a file is, not wrapped by the worker
+    nan_image = Image.fromarray(np.full((32, 32), np.nan, dtype=np.float32))
+    with pytest.raises(DataError, match=r"^cannot convert image <PIL.*NaN") as got:
+        workers.probabilities([*files[:3], nan_image])
+    assert "Traceback" not in str(got.value) and multiprocessing.active_children() == []
+    # an error raised inside the loader (its own frames in the traceback): images of two
+    # sizes that cannot be stacked into one batch
+    uneven = Predictor(workers.model, batch_size=4, workers=2)
+    uneven.transform = lambda im: torch.zeros(3, im.height, im.width)
+    with pytest.raises(RuntimeError, match="stack"):
+        uneven.probabilities([Image.new("RGB", (8 + i % 2, 8)) for i in range(8)])
     assert multiprocessing.active_children() == []
     with torch.no_grad():
         workers.model.head.weight.fill_(3e38)  # an error after a batch, in the caller's loop
@@ -445,6 +460,12 @@ def test_predictor_compile_pads_the_last_batch_to_one_shape(trained, toy, monkey
     assert seen == [(4, 3, 32, 32)] * -(-len(files) // 4)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert p.probabilities(files[:1]).shape == (1, 3) and len(calls) == 1
+    p.model = from_pretrained(trained["adapter"])  # another model: compiled anew, never stale
+    with torch.no_grad():
+        p.model.head.bias.add_(1.0)
+    torch.testing.assert_close(p.probabilities(files), Predictor(p.model).probabilities(files),
+                               rtol=0, atol=1e-6)  # fmt: skip
+    assert len(calls) == 2
 
 
 def _tiny_dtl_plus(device: str = "cpu"):

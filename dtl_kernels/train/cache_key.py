@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from .._version import __version__
 from .cache_policy import sample_tensor
 from .data import data_fingerprint as dataset_fingerprint  # the data's one fingerprint
 
@@ -61,7 +62,7 @@ def cache_key(model: nn.Module, dataset: Dataset, identity: dict, dtype: str, se
         "torch": torch.__version__.split("+")[0],
         "timm": _version("timm"),
         "transformers": _version("transformers") if _is_hf(model) else None,
-        "dtl_kernels": _version("dtl_kernels"),
+        "dtl_kernels": __version__,  # (also where it runs from a checkout, not installed)
     }
 
 
