@@ -10,7 +10,9 @@ at 128 px (``make demo``'s) and the DINOv2 ViT-S/14 at 112 px (``make demo-vit``
 
 Providers: ``eager`` (decoded in this process between batches), ``eager+workers`` (decoded
 by ``--workers`` processes while the model runs), ``compiled`` and ``compiled+workers``
-(``Predictor(compile=True)``: inductor on the CPU, CUDA graphs on a GPU). Measured:
+(``Predictor(compile=True)``: inductor on the CPU, CUDA graphs on a GPU), ``bf16`` and
+``compiled+bf16`` (``precision="bf16"``: bf16 autocast, AMX / AVX-512-BF16 matrix units on
+this CPU). Measured:
 
 * ``images_per_s``: images over the wall time of ``probabilities(files)``, median of
   ``--reps`` passes after a first pass;
@@ -46,7 +48,7 @@ MODELS = {  # name → (timm name, offline weights, image size, create_model opt
     "dinov2-vits14": ("vit_small_patch14_dinov2", "dinov2-vits14-imgfocus", 112,
                       {"img_size": 112}),
 }  # fmt: skip
-PROVIDERS = ("eager", "eager+workers", "compiled", "compiled+workers")
+PROVIDERS = ("eager", "eager+workers", "compiled", "compiled+workers", "bf16", "compiled+bf16")
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
@@ -81,7 +83,8 @@ def measure(model, files: list[Path], provider: str, batch: int, workers: int, r
     """``(images per second over each pass, seconds of the first pass)``."""
     torch._dynamo.reset()  # no compiled code kept from the previous provider
     p = Predictor(model, batch_size=batch, workers=workers if "workers" in provider else 0,
-                  compile=provider.startswith("compiled"), progress=False)  # fmt: skip
+                  compile=provider.startswith("compiled"), progress=False,
+                  precision="bf16" if provider.endswith("bf16") else "fp32")  # fmt: skip
     t0 = time.perf_counter()
     p.probabilities(files[:batch])
     first = time.perf_counter() - t0
@@ -122,9 +125,10 @@ def main() -> None:
                                      args.reps)  # fmt: skip
                 rates[provider] = statistics.median(got)
                 stats = (rates[provider], min(got), max(got))
-                res.add(provider, "images_per_s", name, args.batch_size, "float32", shape,
+                dtype = "bf16-autocast" if provider.endswith("bf16") else "float32"
+                res.add(provider, "images_per_s", name, args.batch_size, dtype, shape,
                         stats, "images/s")  # fmt: skip
-                res.add(provider, "first_pass_s", name, args.batch_size, "float32", shape,
+                res.add(provider, "first_pass_s", name, args.batch_size, dtype, shape,
                         first, "s")  # fmt: skip
             summary.append((name, rates))
     load.append(os.getloadavg()[0])

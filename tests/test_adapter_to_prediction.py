@@ -527,6 +527,22 @@ def test_dtl_predict_passes_workers_and_compile(trained, toy, capsys, monkeypatc
     monkeypatch.setattr(torch, "compile", lambda model, **options: model)
     argv = [image, "--adapter", str(trained["adapter"]), "--workers", "1", "--compile"]
     assert predict(argv) == 0
-    assert made == {"workers": 1, "compile": True, "progress": None}
+    assert made == {"workers": 1, "compile": True, "progress": None, "precision": "fp32"}
+    assert predict([image, "--adapter", str(trained["adapter"]), "--precision", "bf16"]) == 0
+    assert made["precision"] == "bf16"
     assert predict([image, "--adapter", str(trained["adapter"]), "--workers", "-1"]) == 2
     assert capsys.readouterr().err.strip() == "dtl-predict: error: --workers must be ≥ 0"
+
+
+def test_predictor_bf16_autocast_is_close_and_fp16_needs_cuda(trained, toy):
+    """precision="bf16" runs the model under bf16 autocast (other numbers than float32's,
+    within bf16's error); fp16 is refused on the CPU before any image is read."""
+    files = sorted((toy / "test").rglob("*.png"))
+    want = Predictor.from_adapter(trained["adapter"]).probabilities(files)
+    got = Predictor.from_adapter(trained["adapter"], precision="bf16").probabilities(files)
+    assert not torch.equal(got, want) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0.03)
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        Predictor.from_adapter(trained["adapter"], precision="fp16").probabilities(files)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16, fp16"):
+        Predictor.from_adapter(trained["adapter"], precision="int8")
