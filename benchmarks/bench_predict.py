@@ -23,6 +23,11 @@ this CPU). Measured:
 
 Providers run one after another (each pass is seconds long); the machine's load average is
 printed with the results.
+
+On a GPU machine (``--device cuda``; it has neither the elpv nor the weights packages):
+``--synthetic`` writes 300×300 gray noise PNGs instead of elpv's and builds the backbones
+with random weights (throughput depends on neither), e.g.
+``python3 benchmarks/bench_predict.py --device cuda --synthetic --workers 8``.
 """
 
 from __future__ import annotations
@@ -51,13 +56,18 @@ MODELS = {  # name → (timm name, offline weights, image size, create_model opt
 PROVIDERS = ("eager", "eager+workers", "compiled", "compiled+workers", "bf16", "compiled+bf16")
 
 
-def write_images(folder: Path, count: int) -> list[Path]:
-    """The first ``count`` elpv images as PNG files in ``folder``."""
+def write_images(folder: Path, count: int, synthetic: bool = False) -> list[Path]:
+    """The first ``count`` elpv images (``synthetic``: 300×300 gray noise) as PNG files in
+    ``folder``."""
+    import numpy as np
     from PIL import Image
 
-    from dtl_kernels.train.data import elpv_arrays
+    if synthetic:
+        images = np.random.default_rng(0).integers(0, 256, (count, 300, 300), dtype=np.uint8)
+    else:
+        from dtl_kernels.train.data import elpv_arrays
 
-    images, _ = elpv_arrays()
+        images, _ = elpv_arrays()
     files = []
     for i in range(min(count, len(images))):
         path = folder / f"cell_{i:04d}.png"
@@ -66,9 +76,10 @@ def write_images(folder: Path, count: int) -> list[Path]:
     return files
 
 
-def build(name: str) -> torch.nn.Module:
+def build(name: str, random_weights: bool = False) -> torch.nn.Module:
     arch, weights, size, options = MODELS[name]
     torch.manual_seed(0)
+    weights = None if random_weights else weights
     model = create_model(arch, "dtl+", num_classes=4, pretrained=weights, **options)
     with torch.no_grad():  # B ≠ 0: nothing short-circuits on zeros
         for p in model.csn.up.values():
@@ -105,20 +116,26 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="decoding workers (default 2)")
     ap.add_argument("--reps", type=int, default=3, help="timed passes (default 3)")
     ap.add_argument("--quick", action="store_true", help="128 images, 2 passes")
+    ap.add_argument("--device", default="cpu", help="cpu (default) | cuda | cuda:N")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="noise images and random backbone weights (no elpv / weights "
+                    "packages needed)")  # fmt: skip
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     if args.quick:
         args.images, args.reps = 128, 2
-    res = Results("bench_predict")
+    device = torch.device(args.device)
+    res = Results("bench_predict", device.type)
     load = [os.getloadavg()[0]]
     summary = []
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")  # a cold cache
-        files = write_images(Path(tmp), args.images)
+        files = write_images(Path(tmp), args.images, args.synthetic)
         for name in args.models:
-            model = build(name).eval()
+            model = build(name, args.synthetic).eval().to(device)
             size = MODELS[name][2]
-            shape = f"elpv 300x300 PNG -> {size} px, {len(files)} images"
+            source = "noise" if args.synthetic else "elpv"
+            shape = f"{source} 300x300 PNG -> {size} px, {len(files)} images"
             rates = {}
             for provider in args.providers:
                 got, first = measure(model, files, provider, args.batch_size, args.workers,
@@ -132,7 +149,7 @@ def main() -> None:
                         first, "s")  # fmt: skip
             summary.append((name, rates))
     load.append(os.getloadavg()[0])
-    res.write(directory=args.results)
+    res.write("bench_predict" if device.type == "cpu" else "bench_predict_cuda", args.results)
     print(f"\nload average {load[0]:.2f} → {load[1]:.2f} ({os.cpu_count()} cores), "
           f"{torch.get_num_threads()} threads, {args.workers} decoding workers")  # fmt: skip
     for name, rates in summary:
