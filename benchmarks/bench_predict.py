@@ -15,7 +15,8 @@ by ``--workers`` processes while the model runs), ``compiled`` and ``compiled+wo
 this CPU). Measured:
 
 * ``images_per_s``: images over the wall time of ``probabilities(files)``, median of
-  ``--reps`` passes after a first pass;
+  ``--reps`` passes after a first pass (the ``p20`` / ``p80`` columns: the slowest and the
+  fastest pass);
 * ``first_pass_s``: the first pass over one batch, with the compilation for ``compiled*``
   (dynamo reset before each provider; inductor's on-disk cache in a fresh folder per run):
   ``compiled`` compiles with nothing cached, what the first ``--compile`` run on a machine
@@ -149,7 +150,8 @@ def main() -> None:
                         first, "s")  # fmt: skip
             summary.append((name, rates))
     load.append(os.getloadavg()[0])
-    res.write("bench_predict" if device.type == "cpu" else "bench_predict_cuda", args.results)
+    name = "bench_predict" + ("_cuda" if device.type == "cuda" else "")
+    res.write(name + ("_synthetic" if args.synthetic else ""), args.results)
     print(f"\nload average {load[0]:.2f} → {load[1]:.2f} ({os.cpu_count()} cores), "
           f"{torch.get_num_threads()} threads, {args.workers} decoding workers")  # fmt: skip
     for name, rates in summary:

@@ -43,9 +43,10 @@ class Predictor:
             its device changes.
         progress: a progress bar over the batches on the standard error (``None``: only
             when it is a terminal).
-        precision: ``"fp32"``; ``"bf16"`` (autocast: on CPUs with AMX / AVX-512-BF16 and on
-            GPUs several times faster, probabilities off by ~1e-2); ``"fp16"`` (autocast,
-            CUDA only). A model cast whole (``model.to(torch.bfloat16)``) runs in its dtype.
+        precision: ``"fp32"``; ``"bf16"`` (autocast: 1.4–2.2× faster on a CPU with AMX in
+            ``benchmarks/bench_predict.py``, probabilities off by up to ~0.07); ``"fp16"``
+            (autocast, CUDA only). A model cast whole (``model.to(torch.bfloat16)``) runs in
+            its dtype.
     """
 
     def __init__(

@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes that decode images while the model runs (default: 0, "
                    "decoded between batches)")  # fmt: skip
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="fp32 (default) | bf16: autocast, several times faster on CPUs with "
-                   "AMX / AVX-512-BF16 and on GPUs, probabilities off by ~1e-2 | fp16: "
-                   "autocast, CUDA only")  # fmt: skip
+                   help="fp32 (default) | bf16: autocast, faster where the hardware has "
+                   "bf16 matrix units (1.4-2.2x on a CPU with AMX), probabilities off by up "
+                   "to ~0.07 | fp16: autocast, CUDA only")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model first (seconds to a minute; on a GPU under "
                    "CUDA graphs): worth it for many images")  # fmt: skip

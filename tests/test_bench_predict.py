@@ -17,7 +17,7 @@ def test_synthetic_run_writes_a_row_per_provider_and_measure(tmp_path):
            "--providers", "eager", "eager+workers", "bf16", "--results", str(tmp_path)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = list(csv.DictReader((tmp_path / "bench_predict.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "bench_predict_synthetic.csv").open()))
     got = {(r["provider"], r["mode"], r["dtype"]) for r in rows}
     assert got == {(p, m, "bf16-autocast" if p == "bf16" else "float32")
                    for p in ("eager", "eager+workers", "bf16")
