@@ -17,7 +17,8 @@ p25–p75 per variant:
   twice, the second call right after the first (hot); the extra time over ``dtl`` is what
   the steps cost hot;
 * ``dtl_no_step``: the side network's Python runs, the step returns ``y`` unchanged;
-* ``dtl_walk_only``: ``tap`` and ``add_back`` are no-ops (the wrapper's walk alone).
+* ``dtl_walk_only``: ``tap`` and ``add_back`` are no-ops and the no-grad plan is off (the
+  wrapper's walk alone).
 
 Derived (``host_context.csv``, per forward, 6 add-backs): ``side_us`` = dtl − walk_only;
 ``step_in_context_us`` = dtl − no_step; ``step_hot_us`` = step_twice − dtl;
@@ -76,14 +77,15 @@ def _setter(model: torch.nn.Module):
         return bind_side_step_
 
     def set_variant(variant: str) -> None:
-        csn.__dict__.pop("tap", None)
-        csn.__dict__.pop("add_back", None)
+        for name in ("tap", "add_back", "no_grad_plan"):
+            csn.__dict__.pop(name, None)
         step.side_step = {"dtl_step_twice": twice(real), "dtl_no_step": no_step}.get(variant, real)
         patched = variant in ("dtl_step_twice", "dtl_no_step")
         step.bind_side_step_ = bind(variant) if patched else real_bind
         if variant == "dtl_walk_only":
             csn.tap = lambda state, i, z: None
             csn.add_back = lambda state, i, y, grid, num_prefix=0, tap_next=False: y
+            csn.no_grad_plan = lambda x, grid, num_prefix: None  # the walk calls them
 
     return set_variant, lambda: set_variant("dtl")
 

@@ -86,6 +86,62 @@ class SideState:
         return replace(self, inputs=list(self.inputs), downs=list(self.downs))
 
 
+@dataclass(frozen=True)
+class NoGradPlan:
+    """What every block of a plain no-grad walk does on the side, worked out once per kind
+    of input (:meth:`CompactSideNetwork.no_grad_plan`) instead of at each tap and add-back.
+
+    ``rows[i]`` for block ``i``: ``(collect, step)``. ``collect``: the walk keeps the block's
+    input for the next step (its tap); ``step``: ``None``, or after the block the in-place
+    step ``(pending down keys, first column, next block's down key or None)``. Parameters
+    are named by key, looked up at every pass (a parameter may be replaced)."""
+
+    stage: int
+    backend: str
+    kernel: str
+    zeros: torch.Tensor
+    conv_key: str | None
+    grid: tuple[int, int]
+    num_prefix: int
+    inference: bool
+    rows: tuple
+
+
+class NoGradPass:
+    """One pass of a :class:`NoGradPlan`: the stage's own taps (one copy of the kept
+    zeros), its ups and the bound step (:func:`dtl_kernels.ops.step.bind_side_step_`)."""
+
+    __slots__ = ("csn", "plan", "taps", "ups", "run", "down")
+
+    def __init__(self, csn: CompactSideNetwork, plan: NoGradPlan):
+        self.csn, self.plan = csn, plan
+        self.taps = plan.zeros.clone()
+        self.ups = csn._stage_ups(plan.stage, plan.zeros.dtype)
+        conv = csn._param("convs", plan.conv_key) if plan.conv_key is not None else None
+        self.run = step.bind_side_step_(self.ups, conv, plan.grid, plan.num_prefix,
+                                        csn.config.beta, plan.kernel)  # fmt: skip
+        self.down = csn._modules["down"]._parameters
+
+    def step(self, y: torch.Tensor, pending: list, row: tuple) -> torch.Tensor:
+        """Block ``i``'s add-back (``row``: its ``step`` entry): ``y`` + the side output, the
+        pending taps (inputs ``pending``) and, where the row says, the next block's tap."""
+        keys, first_col, next_key = row
+        down = self.down
+        return self.run(y, self.taps, pending, [down[k] for k in keys], first_col,
+                        None if next_key is None else down[next_key])  # fmt: skip
+
+    def hand_off(self, pending: list, row: tuple, folded: torch.Tensor | None) -> SideState:
+        """The :class:`SideState` the general walk would hold at this step (grad mode came
+        on, or inference mode went off, inside the block before it): the walk goes on with
+        it from here. ``folded``: this block's input where the last step took its tap."""
+        plan, keys = self.plan, row[0]
+        return SideState(
+            backend=plan.backend, stage=plan.stage, taps=self.taps, ups=self.ups,
+            inputs=list(pending), downs=[self.down[k] for k in keys], first_col=row[1],
+            kernel=plan.kernel, plain=True, own_taps=True, fold=True, folded=folded,
+        )  # fmt: skip
+
+
 #: without autograd (which keeps tap inputs anyway), pending tap inputs are computed at once
 #: rather than held for the next add-back once they hold more than this many bytes
 PENDING_BYTES = 64 * 2**20
@@ -169,6 +225,7 @@ class CompactSideNetwork(nn.Module):
         self._selected: dict[tuple, str] = {}
         self._kernels: dict[tuple, str] = {}
         self._zeros: dict[tuple, torch.Tensor] = {}  # see _stage_buffers
+        self._plans: dict[tuple, NoGradPlan | None] = {}  # see no_grad_plan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -465,6 +522,77 @@ class CompactSideNetwork(nn.Module):
         args = SideArgs.of(y, taps, state.ups, self.config.beta, conv, grid, num_prefix,
                            check=False)  # fmt: skip
         return side.BACKENDS[state.kernel.removeprefix("python:")].run(args)
+
+    # -- a plain no-grad walk, planned once per kind of input ------------------------------
+    def no_grad_plan(
+        self, x: torch.Tensor, grid: tuple[int, int], num_prefix: int
+    ) -> NoGradPlan | None:
+        """The plan of a whole plain walk (every block, features are the tokens, blocks keep
+        their shape) without autograd, from block 0's input ``x`` ``(batch, tokens, d)``;
+        ``None`` where :meth:`tap` / :meth:`add_back` must run instead: autograd on, not a
+        plain eager pass (:func:`_plain_eager`), the reference formulation or a kernel
+        without the one-call step, more than one stage, pending taps beyond
+        :data:`PENDING_BYTES`.
+
+        Why: at the batch sizes where a GPU waits for its host, the Python of a tap and an
+        add-back (backend and stage look-ups, the state's bookkeeping, four calls deep per
+        step) cost more host time than the steps themselves (``benchmarks/host_context.py``).
+        A pass of the plan runs one call per step (:class:`NoGradPass`)."""
+        if torch.is_grad_enabled() or not _plain_eager(x):
+            return None
+        device = x.device
+        amp = torch.is_autocast_enabled(device.type)
+        key = (x.shape, x.dtype, device, torch.is_inference_mode_enabled(),
+               torch.get_autocast_dtype(device.type) if amp else None, self.backend,
+               os.environ.get(side.BACKEND_ENV), grid, num_prefix, PENDING_BYTES)  # fmt: skip
+        try:
+            return self._plans[key]
+        except KeyError:
+            pass
+        plan = self._make_no_grad_plan(x, grid, num_prefix, key[3])
+        self._plans = _bounded(self._plans, 16)
+        self._plans[key] = plan
+        return plan
+
+    def begin_no_grad(self, plan: NoGradPlan) -> NoGradPass:
+        """A pass of ``plan`` (its taps, ups and bound step)."""
+        return NoGradPass(self, plan)
+
+    def _make_no_grad_plan(self, x, grid, num_prefix: int, inference: bool) -> NoGradPlan | None:
+        """:meth:`no_grad_plan` worked out: the choices :meth:`tap` and :meth:`add_back` make
+        for these tensors (backend, kernel, kept zeros), and each block's row."""
+        stages = {self.block_stages[i] for i in range(self.depth) if self._tapped[i]}
+        if len(stages) != 1 or not any(self._adapted):
+            return None
+        stage = stages.pop()
+        state = SideState()
+        self._start_stage(state, stage, x)
+        if state.backend == "reference" or not state.plain:
+            return None
+        conv_key = self._conv_keys.get(stage)
+        conv = self._param("convs", conv_key) if conv_key is not None else None
+        self._start_stage_kernel(state, stage, x, conv, grid, num_prefix)  # y has x's shape
+        if state.kernel not in step.STEP_KERNELS:
+            return None
+        rows, pending, first_col, taken, tapped = [], [], 0, False, False
+        for i in range(self.depth):  # as _run_plain walks, tap and add_back count
+            collect = self._tapped[i] and not taken
+            tapped = tapped or collect
+            if collect:
+                if not pending:
+                    first_col = self._columns[i][0]
+                pending.append(self._keys[i])
+                if len(pending) * x.numel() * x.element_size() > PENDING_BYTES:
+                    return None  # tap() would compute them early: its path, not this one
+            taken, row = self._folds[i] and i + 1 < self.depth, None
+            if self._adapted[i]:
+                if not tapped:
+                    return None  # no tap before it: add_back says so
+                row = (tuple(pending), first_col, self._keys[i + 1] if taken else None)
+                first_col, pending = self._columns[i + 1 if taken else i][1], []
+            rows.append((collect, row))
+        return NoGradPlan(stage, state.backend, state.kernel, state.taps, conv_key,
+                          tuple(grid), num_prefix, inference, tuple(rows))  # fmt: skip
 
     # -- published checkpoint names (SPEC §6) ---------------------------------------------
     def official_state_dict(self, per_stage_convs: bool) -> dict[str, torch.Tensor]:

@@ -146,3 +146,172 @@ def test_nothing_is_kept_from_a_cuda_graph_capture():
     assert not csn._zeros
     zeros, _ = csn._stage_buffers(0, z)  # an eager pass keeps real zeros
     assert list(csn._zeros.values()) == [zeros] and not zeros.any()
+
+
+# -- the no-grad plan (CompactSideNetwork.no_grad_plan): one call per add-back ------------
+def _logits_both_ways(model, x, run=None):
+    """Logits of a no-grad pass with the plan and with the general tap / add_back path."""
+    run = run or (lambda: model(x))
+    with torch.no_grad():
+        planned = run()
+    model.csn.no_grad_plan = lambda *a: None
+    try:
+        with torch.no_grad():
+            general = run()
+    finally:
+        del model.csn.no_grad_plan
+    return planned, general
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3], ids=["dtl", "dtl+"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_the_no_grad_plan_gives_the_general_walks_logits_bit_for_bit(monkeypatch, conv_kernel,
+                                                                        amp, mode):  # fmt: skip
+    model = _vit(conv_kernel, adapt_from=2).eval()
+    x = torch.randn(3, 3, 32, 32)
+    calls = []
+    real_tap, real_add_back = type(model.csn).tap, type(model.csn).add_back
+    cls = type(model.csn)
+    monkeypatch.setattr(cls, "tap", lambda s, *a: calls.append("tap") or real_tap(s, *a))
+    monkeypatch.setattr(cls, "add_back", lambda s, *a: calls.append("add") or real_add_back(s, *a))
+    ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    out = {}
+    for planned in (True, False, True):
+        if not planned:
+            model.csn.no_grad_plan = lambda *a: None
+        calls.clear()
+        with ctx(), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            out[planned] = model(x)
+        model.csn.__dict__.pop("no_grad_plan", None)
+        assert calls == ([] if planned else ["tap"] * 2 + ["add"] * 4)  # 5 blocks, M = 2
+    torch.testing.assert_close(out[True], out[False], rtol=0, atol=0)
+    assert len(model.csn._plans) == 1  # the second planned pass took the kept plan
+
+
+def test_the_plan_calls_one_step_per_add_back(monkeypatch):
+    model = _vit(adapt_from=3).eval()
+    steps = []
+    real = csn_module.step.bind_side_step_
+
+    def bind(*args, **kwargs):
+        run = real(*args, **kwargs)
+        return lambda *a: steps.append((len(a[2]), a[4], a[5] is not None)) or run(*a)
+
+    monkeypatch.setattr(csn_module.step, "bind_side_step_", bind)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    # (pending inputs, first column, takes the next tap): blocks 0-2 at the first add-back
+    r = model.csn.config.rank
+    assert steps == [(3, 0, True), (0, 4 * r, True), (0, 5 * r, False)]
+
+
+def test_a_replaced_parameter_is_used_by_the_next_planned_pass():
+    model = _vit(conv_kernel=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    csn = model.csn
+    csn.down["1"] = torch.nn.Parameter(torch.randn_like(csn.down["1"]))
+    csn.up["4"] = torch.nn.Parameter(torch.randn_like(csn.up["4"]))
+    csn.convs["0"] = torch.nn.Parameter(torch.randn_like(csn.convs["0"]))
+    planned, general = _logits_both_ways(model, x)
+    torch.testing.assert_close(planned, general, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("at", [2, 3, 4])
+def test_grad_mode_turned_on_inside_a_block_hands_the_pass_to_the_general_walk(at):
+    """A block that turns autograd on (and leaves it on): the plan's pass hands its state to
+    the general walk, which records the rest; logits and gradients as without the plan."""
+    model = _vit(conv_kernel=3, adapt_from=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    hook = model.blocks[at].register_forward_pre_hook(lambda m, a: torch._C._set_grad_enabled(True))
+    got = []
+    try:
+        for planned in (True, False):
+            if not planned:
+                model.csn.no_grad_plan = lambda *a: None
+            model.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                out = model(x)
+            assert torch.is_grad_enabled()  # (the hook left it on)
+            out.square().sum().backward()
+            got.append((out.detach(), [p.grad for p in model.csn.parameters()]))
+    finally:
+        hook.remove()
+        model.csn.__dict__.pop("no_grad_plan", None)
+        torch.set_grad_enabled(True)
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)
+    for a, b in zip(got[0][1], got[1][1], strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(g is not None for g in got[0][1])
+
+
+def test_inference_mode_left_inside_a_block_hands_the_pass_on():
+    model = _vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    left = []
+
+    def leave(module, args):  # the pass's taps copy is an inference tensor from here on
+        modes = (torch.inference_mode(False), torch.no_grad())  # (the first turns grad on)
+        for mode in modes:
+            mode.__enter__()
+        left.extend(modes)
+
+    hook = model.blocks[3].register_forward_pre_hook(leave)
+    try:
+        out = []
+        for planned in (True, False):
+            if not planned:
+                model.csn.no_grad_plan = lambda *a: None
+            with torch.inference_mode():
+                try:
+                    out.append(model(x))
+                    assert not torch.is_inference_mode_enabled()
+                finally:
+                    while left:
+                        left.pop().__exit__(None, None, None)
+    finally:
+        hook.remove()
+        model.csn.__dict__.pop("no_grad_plan", None)
+    torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
+
+
+def test_no_plan_where_tap_and_add_back_must_run(monkeypatch):
+    """The reference formulation, a recorded pass, pending taps beyond PENDING_BYTES and a
+    pass under a dispatch mode go the general way (and the plan is never kept for them)."""
+    model = _vit().eval()
+    csn, x = model.csn, torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert csn.no_grad_plan(x, (2, 2), 1) is not None
+        monkeypatch.setattr(csn_module, "PENDING_BYTES", 2 * x.numel() * x.element_size())
+        assert csn.no_grad_plan(x, (2, 2), 1) is None  # three block inputs before block 3
+        monkeypatch.undo()
+        csn.backend = "reference"
+        assert csn.no_grad_plan(x, (2, 2), 1) is None
+        csn.backend = "cpu"
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Watch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        n = len(csn._plans)
+        with Watch():
+            assert csn.no_grad_plan(x, (2, 2), 1) is None
+        assert len(csn._plans) == n
+    assert csn.no_grad_plan(x, (2, 2), 1) is None  # autograd on
+
+
+def test_a_changed_backend_request_gets_its_own_plan(monkeypatch):
+    model = _vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+        monkeypatch.setenv("DTL_KERNELS_BACKEND", "reference")
+        model.csn.backend = "auto"
+        planned, general = _logits_both_ways(model, x)
+    torch.testing.assert_close(planned, general, rtol=0, atol=0)
+    assert None in model.csn._plans.values()  # the reference request: no plan

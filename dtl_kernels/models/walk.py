@@ -63,8 +63,12 @@ class BlockWalk:
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Images → features after the last block (before the final norm)."""
         x, ctx = self.embed(self.backbone_images(images))
-        state = self.csn.start() if self.csn is not None else None
-        blocks = self.blocks
+        csn, blocks = self.csn, self.blocks
+        if csn is not None and not torch.is_grad_enabled() and _plain_walk(self):
+            plan = csn.no_grad_plan(x, ctx["grid"], self.num_prefix)
+            if plan is not None and len(plan.rows) == len(blocks):
+                return _run_no_grad(blocks, csn, plan, x)
+        state = csn.start() if csn is not None else None
         return self._walk(blocks, x, ctx, state, 0, len(blocks))
 
     def run_blocks(self, x: torch.Tensor, ctx: dict, state, start: int, stop: int) -> torch.Tensor:
@@ -194,4 +198,26 @@ def _run_plain(blocks, csn, x, grid, num_prefix, state, start, stop) -> torch.Te
         taken = folds[i] and i + 1 < stop and state.fold
         if adapted[i]:
             x = csn.add_back(state, i, x, grid, num_prefix, taken)
+    return x
+
+
+def _run_no_grad(blocks, csn, plan, x) -> torch.Tensor:
+    """The plain walk of every block without autograd, from the CSN's plan (one call per
+    add-back: :meth:`~dtl_kernels.csn.CompactSideNetwork.no_grad_plan`). Should grad mode
+    come on inside a block (or inference mode go off), the walk goes on from there as
+    :func:`_run_plain`, with the side state the plan's pass hands it."""
+    run = csn.begin_no_grad(plan)
+    pending, folded = [], None
+    for i, (collect, row) in enumerate(plan.rows):
+        if collect:
+            pending.append(x)
+        x = blocks[i](x)
+        if row is None:
+            continue
+        if torch.is_grad_enabled() or (plan.inference and not torch.is_inference_mode_enabled()):
+            state = run.hand_off(pending, row, folded)
+            x = csn.add_back(state, i, x, plan.grid, plan.num_prefix)
+            return _run_plain(blocks, csn, x, plan.grid, plan.num_prefix, state, i + 1, len(blocks))
+        x = run.step(x, pending, row)
+        pending, folded = [], x if row[2] is not None else None
     return x
