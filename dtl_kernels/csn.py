@@ -13,13 +13,12 @@ paper's 1-based numbers.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from . import memory
+from . import _env, memory
 from .ops import reference, side, step
 from .ops.contract import SideArgs
 
@@ -354,7 +353,7 @@ class CompactSideNetwork(nn.Module):
         exporting and tracing select anew (export picks the reference formulation)."""
         if _tracing():  # traced once; no cache for the graph to guard on
             return side.select(z, self.backend, conv_weight=self._any_conv())
-        key = (z.device, z.dtype, self.backend, os.environ.get(side.BACKEND_ENV))
+        key = (z.device, z.dtype, self.backend, _env.get(side.BACKEND_ENV))
         name = self._selected.get(key)
         if name is None:  # the conv (DTL+) and dtype decide auto's order on CUDA
             name = side.select(z, self.backend, conv_weight=self._any_conv())
@@ -544,7 +543,7 @@ class CompactSideNetwork(nn.Module):
         amp = torch.is_autocast_enabled(device.type)
         key = (x.shape, x.dtype, device, torch.is_inference_mode_enabled(),
                torch.get_autocast_dtype(device.type) if amp else None, self.backend,
-               os.environ.get(side.BACKEND_ENV), grid, num_prefix, PENDING_BYTES)  # fmt: skip
+               _env.get(side.BACKEND_ENV), grid, num_prefix, PENDING_BYTES)  # fmt: skip
         try:
             return self._plans[key]
         except KeyError:

@@ -25,12 +25,12 @@ float32. Every kernel takes the mix as it is (16-bit products, float32 accumulat
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from .. import _env
 from . import _ext, reference, step
 from .contract import SideArgs
 
@@ -187,7 +187,7 @@ def select(
     it. Under ``auto``, ``args`` (when given) must fit the backend too, and the conv
     (``args``' or ``conv_weight``, DTL+ or not) picks the measured-faster order on CUDA.
     """
-    name = requested if requested != "auto" else os.environ.get(BACKEND_ENV, "auto")
+    name = requested if requested != "auto" else _env.get(BACKEND_ENV, "auto")
     if name == "auto" and exporting():  # ONNX / torch.export know no custom op: plain aten
         return "reference"
     if name == "auto":

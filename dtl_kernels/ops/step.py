@@ -108,12 +108,18 @@ def bind_side_step_(
     return run
 
 
+_triton_registered = False  # triton_side imported (an import statement per step: ~1 µs)
+
+
 def _kernel_id(backend: str) -> int:
+    global _triton_registered
     if backend not in STEP_KERNELS:
         raise ValueError(f"backend must be one of {tuple(STEP_KERNELS)} (a step's kernels), "
                          f"got {backend!r}")  # fmt: skip
-    if backend == "triton":
+    if backend == "triton" and not _triton_registered:
         from . import triton_side  # noqa: F401  (registers the kernels the steps call)
+
+        _triton_registered = True
     return STEP_KERNELS[backend]
 
 

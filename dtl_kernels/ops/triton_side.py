@@ -103,10 +103,10 @@ Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, no
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
+from .. import _env
 from . import _ext, contract, triton_launch
 
 try:
@@ -1071,7 +1071,7 @@ def deterministic_mode() -> bool:
     """Whether the backward runs without atomics (bit-identical runs):
     ``torch.use_deterministic_algorithms(True)`` or ``DTL_KERNELS_DETERMINISTIC=1``."""
     return torch.are_deterministic_algorithms_enabled() or (
-        os.environ.get("DTL_KERNELS_DETERMINISTIC", "0") not in ("", "0")
+        _env.get("DTL_KERNELS_DETERMINISTIC", "0") not in ("", "0")
     )
 
 
