@@ -18,7 +18,8 @@ p25–p75 per variant:
   the steps cost hot;
 * ``dtl_no_step``: the side network's Python runs, the step returns ``y`` unchanged;
 * ``dtl_walk_only``: ``tap`` and ``add_back`` are no-ops and the no-grad plan is off (the
-  wrapper's walk alone).
+  wrapper's walk alone: :func:`~dtl_kernels.models.walk._run_plain`'s loop, where ``dtl``
+  runs the plan's, so ``side_us`` also holds the difference of the two loops).
 
 Derived (``host_context.csv``, per forward, 6 add-backs): ``side_us`` = dtl − walk_only;
 ``step_in_context_us`` = dtl − no_step; ``step_hot_us`` = step_twice − dtl;

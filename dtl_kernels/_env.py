@@ -12,18 +12,17 @@ from __future__ import annotations
 
 import os
 
-_DATA = getattr(os.environ, "_data", None)
-_ENCODE = getattr(os.environ, "encodekey", None)
-_DECODE = getattr(os.environ, "decodevalue", None)
 _KEYS: dict[str, object] = {}  # name → os.environ's key for it (names are few and fixed)
 
 
 def get(name: str, default: str | None = None) -> str | None:
-    """``os.environ.get(name, default)``."""
-    if _DATA is None or _ENCODE is None or _DECODE is None:
-        return os.environ.get(name, default)
+    """``os.environ.get(name, default)`` (also after ``os.environ`` is rebound)."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None or not hasattr(environ, "decodevalue"):
+        return environ.get(name, default)
     key = _KEYS.get(name)
     if key is None:
-        key = _KEYS[name] = _ENCODE(name)
-    value = _DATA.get(key)
-    return default if value is None else _DECODE(value)
+        key = _KEYS[name] = environ.encodekey(name)
+    value = data.get(key)
+    return default if value is None else environ.decodevalue(value)

@@ -93,8 +93,10 @@ class NoGradPlan:
     ``rows[i]`` for block ``i``: ``(collect, step)``. ``collect``: the walk keeps the block's
     input for the next step (its tap); ``step``: ``None``, or after the block the in-place
     step ``(pending down keys, first column, next block's down key or None)``. Parameters
-    are named by key, looked up at every pass (a parameter may be replaced)."""
+    are named by key, looked up at every pass (a parameter may be replaced). ``first``: the
+    first tapped block (the plan is made from its input, where ``tap`` decides)."""
 
+    first: int
     stage: int
     backend: str
     kernel: str
@@ -110,10 +112,10 @@ class NoGradPass:
     """One pass of a :class:`NoGradPlan`: the stage's own taps (one copy of the kept
     zeros), its ups and the bound step (:func:`dtl_kernels.ops.step.bind_side_step_`)."""
 
-    __slots__ = ("csn", "plan", "taps", "ups", "run", "down")
+    __slots__ = ("plan", "taps", "ups", "run", "down")
 
     def __init__(self, csn: CompactSideNetwork, plan: NoGradPlan):
-        self.csn, self.plan = csn, plan
+        self.plan = plan
         self.taps = plan.zeros.clone()
         self.ups = csn._stage_ups(plan.stage, plan.zeros.dtype)
         conv = csn._param("convs", plan.conv_key) if plan.conv_key is not None else None
@@ -189,6 +191,7 @@ class CompactSideNetwork(nn.Module):
             self.up[str(i)] = nn.Parameter(torch.empty(block_widths[i], r))
         # per block (the walk asks for every block of every forward)
         self._tapped = [i >= config.tap_from - 1 and tappable[i] for i in range(depth)]
+        self._first_tap = self._tapped.index(True)  # (_validate: some block is tapped)
         self._adapted = [i >= config.adapt_from - 1 and tappable[i] for i in range(depth)]
         self._keys = [str(i) for i in range(depth)]
         # fused backends: each tapped block's columns in its stage's taps, the stage's blocks
@@ -523,32 +526,42 @@ class CompactSideNetwork(nn.Module):
         return side.BACKENDS[state.kernel.removeprefix("python:")].run(args)
 
     # -- a plain no-grad walk, planned once per kind of input ------------------------------
+    @property
+    def first_tapped(self) -> int:
+        """The first tapped block (0-based)."""
+        return self._first_tap
+
     def no_grad_plan(
-        self, x: torch.Tensor, grid: tuple[int, int], num_prefix: int
+        self, z: torch.Tensor, grid: tuple[int, int], num_prefix: int
     ) -> NoGradPlan | None:
         """The plan of a whole plain walk (every block, features are the tokens, blocks keep
-        their shape) without autograd, from block 0's input ``x`` ``(batch, tokens, d)``;
-        ``None`` where :meth:`tap` / :meth:`add_back` must run instead: autograd on, not a
-        plain eager pass (:func:`_plain_eager`), the reference formulation or a kernel
-        without the one-call step, more than one stage, pending taps beyond
-        :data:`PENDING_BYTES`.
+        their shape and dtype) without autograd, from the input ``z`` ``(batch, tokens, d)``
+        of block :attr:`first_tapped`, where :meth:`tap` would decide the pass's backend and
+        buffers; ``None`` where :meth:`tap` / :meth:`add_back` must run instead: autograd on,
+        not a plain eager pass (:func:`_plain_eager`), a device without fused kernels, the
+        reference formulation or a kernel without the one-call step, more than one stage,
+        pending taps beyond :data:`PENDING_BYTES`.
 
         Why: at the batch sizes where a GPU waits for its host, the Python of a tap and an
         add-back (backend and stage look-ups, the state's bookkeeping, four calls deep per
         step) cost more host time than the steps themselves (``benchmarks/host_context.py``).
         A pass of the plan runs one call per step (:class:`NoGradPass`)."""
-        if torch.is_grad_enabled() or not _plain_eager(x):
+        if torch.is_grad_enabled() or not _plain_eager(z):
             return None
-        device = x.device
+        device = z.device
+        if device.type not in ("cpu", "cuda"):  # (meta: the reference; autocast knows neither)
+            return None
         amp = torch.is_autocast_enabled(device.type)
-        key = (x.shape, x.dtype, device, torch.is_inference_mode_enabled(),
+        convs = self._modules["convs"]._parameters.values()  # a replaced one may change kernel
+        key = (z.shape, z.dtype, device, torch.is_inference_mode_enabled(),
                torch.get_autocast_dtype(device.type) if amp else None, self.backend,
-               _env.get(side.BACKEND_ENV), grid, num_prefix, PENDING_BYTES)  # fmt: skip
+               _env.get(side.BACKEND_ENV), grid, num_prefix, PENDING_BYTES,
+               tuple(w.shape for w in convs))  # fmt: skip
         try:
             return self._plans[key]
         except KeyError:
             pass
-        plan = self._make_no_grad_plan(x, grid, num_prefix, key[3])
+        plan = self._make_no_grad_plan(z, grid, num_prefix, key[3])
         self._plans = _bounded(self._plans, 16)
         self._plans[key] = plan
         return plan
@@ -573,25 +586,23 @@ class CompactSideNetwork(nn.Module):
         self._start_stage_kernel(state, stage, x, conv, grid, num_prefix)  # y has x's shape
         if state.kernel not in step.STEP_KERNELS:
             return None
-        rows, pending, first_col, taken, tapped = [], [], 0, False, False
-        for i in range(self.depth):  # as _run_plain walks, tap and add_back count
+        # what _run_plain's walk makes tap() and add_back() do, block by block
+        rows, pending, first_col, taken = [], [], 0, False
+        for i in range(self.depth):
             collect = self._tapped[i] and not taken
-            tapped = tapped or collect
             if collect:
                 if not pending:
                     first_col = self._columns[i][0]
                 pending.append(self._keys[i])
                 if len(pending) * x.numel() * x.element_size() > PENDING_BYTES:
                     return None  # tap() would compute them early: its path, not this one
-            taken, row = self._folds[i] and i + 1 < self.depth, None
+            taken, row = self._folds[i], None  # the add-back takes the next block's tap
             if self._adapted[i]:
-                if not tapped:
-                    return None  # no tap before it: add_back says so
                 row = (tuple(pending), first_col, self._keys[i + 1] if taken else None)
                 first_col, pending = self._columns[i + 1 if taken else i][1], []
             rows.append((collect, row))
-        return NoGradPlan(stage, state.backend, state.kernel, state.taps, conv_key,
-                          tuple(grid), num_prefix, inference, tuple(rows))  # fmt: skip
+        return NoGradPlan(self._first_tap, stage, state.backend, state.kernel, state.taps,
+                          conv_key, tuple(grid), num_prefix, inference, tuple(rows))  # fmt: skip
 
     # -- published checkpoint names (SPEC §6) ---------------------------------------------
     def official_state_dict(self, per_stage_convs: bool) -> dict[str, torch.Tensor]:

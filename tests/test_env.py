@@ -19,10 +19,9 @@ def test_get_follows_os_environ(monkeypatch):
     assert _env.get(name, "auto") == "auto"
 
 
-def test_get_without_os_environs_mapping_falls_back(monkeypatch):
+def test_get_follows_a_rebound_os_environ(monkeypatch):
+    """``os.environ`` replaced by a plain dict (no ``_data``): its answers, not the old one's."""
     name = "DTL_KERNELS_TEST_ENV_NAME"
-    monkeypatch.setattr(_env, "_DATA", None)
     monkeypatch.setenv(name, "x")
-    assert _env.get(name) == "x"
-    monkeypatch.delenv(name)
-    assert _env.get(name, "y") == "y"
+    monkeypatch.setattr(os, "environ", {name: "y"})
+    assert _env.get(name) == "y" and _env.get("DTL_KERNELS_TEST_UNSET", "d") == "d"

@@ -315,3 +315,58 @@ def test_a_changed_backend_request_gets_its_own_plan(monkeypatch):
         planned, general = _logits_both_ways(model, x)
     torch.testing.assert_close(planned, general, rtol=0, atol=0)
     assert None in model.csn._plans.values()  # the reference request: no plan
+
+
+def test_a_meta_model_runs_the_general_walk():
+    """Autocast knows no meta device: the plan is not asked there (auto picks the reference)."""
+    model = _vit().to("meta")
+    model.csn.backend = "auto"
+    with torch.no_grad():
+        out = model(torch.empty(2, 3, 32, 32, device="meta"))
+    assert out.shape == (2, 3) and not model.csn._plans
+
+
+def test_the_plan_is_made_where_the_first_tap_decides():
+    """tap_from > 1 and autocast entered inside a block before the first tapped one: the
+    taps take autocast's dtype as the general walk's first tap does."""
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "vit_base_patch16_224", img_size=32, embed_dim=32, depth=5, num_heads=2, num_classes=0
+    )
+    model = DTLViT(backbone, tap_from=3, adapt_from=3, conv_kernel=3, num_classes=3).eval()
+    for up in model.csn.up.values():
+        torch.nn.init.normal_(up, std=0.5)
+    entered = []
+
+    def enter(module, args):
+        entered.append(torch.autocast("cpu", torch.bfloat16))
+        entered[-1].__enter__()
+
+    hook = model.blocks[0].register_forward_pre_hook(enter)
+    x = torch.randn(2, 3, 32, 32)
+
+    def run():
+        try:
+            return model(x)
+        finally:
+            while entered:
+                entered.pop().__exit__(None, None, None)
+
+    try:
+        planned, general = _logits_both_ways(model, x, run)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(planned, general, rtol=0, atol=0)
+    (plan,) = model.csn._plans.values()
+    assert plan is not None and plan.zeros.dtype == torch.bfloat16 and plan.first == 2
+
+
+def test_a_conv_of_another_size_gets_its_own_plan():
+    model = _vit(conv_kernel=3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(x)
+    model.csn.convs["0"] = torch.nn.Parameter(torch.randn(32, 1, 5, 5))
+    planned, general = _logits_both_ways(model, x)
+    torch.testing.assert_close(planned, general, rtol=0, atol=0)
+    assert len(model.csn._plans) == 2

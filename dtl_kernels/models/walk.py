@@ -64,10 +64,9 @@ class BlockWalk:
         """Images → features after the last block (before the final norm)."""
         x, ctx = self.embed(self.backbone_images(images))
         csn, blocks = self.csn, self.blocks
-        if csn is not None and not torch.is_grad_enabled() and _plain_walk(self):
-            plan = csn.no_grad_plan(x, ctx["grid"], self.num_prefix)
-            if plan is not None and len(plan.rows) == len(blocks):
-                return _run_no_grad(blocks, csn, plan, x)
+        if (csn is not None and not torch.is_grad_enabled() and csn.depth == len(blocks)
+                and _plain_walk(self)):  # fmt: skip
+            return _run_no_grad(blocks, csn, x, ctx["grid"], self.num_prefix)
         state = csn.start() if csn is not None else None
         return self._walk(blocks, x, ctx, state, 0, len(blocks))
 
@@ -201,14 +200,23 @@ def _run_plain(blocks, csn, x, grid, num_prefix, state, start, stop) -> torch.Te
     return x
 
 
-def _run_no_grad(blocks, csn, plan, x) -> torch.Tensor:
-    """The plain walk of every block without autograd, from the CSN's plan (one call per
-    add-back: :meth:`~dtl_kernels.csn.CompactSideNetwork.no_grad_plan`). Should grad mode
-    come on inside a block (or inference mode go off), the walk goes on from there as
-    :func:`_run_plain`, with the side state the plan's pass hands it."""
+def _run_no_grad(blocks, csn, x, grid, num_prefix: int) -> torch.Tensor:
+    """The plain walk of every block, begun without autograd: from the first tapped block
+    on as the CSN's plan says (one call per add-back:
+    :meth:`~dtl_kernels.csn.CompactSideNetwork.no_grad_plan`, made there, where ``tap``
+    would decide), else as :func:`_run_plain`. Should grad mode come on inside a block (or
+    inference mode go off), the walk goes on from there as :func:`_run_plain`, with the
+    side state the plan's pass hands it."""
+    first, stop = csn.first_tapped, len(blocks)
+    for i in range(first):
+        x = blocks[i](x)
+    plan = csn.no_grad_plan(x, grid, num_prefix)
+    if plan is None:
+        return _run_plain(blocks, csn, x, grid, num_prefix, csn.start(), first, stop)
     run = csn.begin_no_grad(plan)
-    pending, folded = [], None
-    for i, (collect, row) in enumerate(plan.rows):
+    pending, folded, rows = [], None, plan.rows
+    for i in range(first, stop):
+        collect, row = rows[i]
         if collect:
             pending.append(x)
         x = blocks[i](x)
@@ -216,8 +224,8 @@ def _run_no_grad(blocks, csn, plan, x) -> torch.Tensor:
             continue
         if torch.is_grad_enabled() or (plan.inference and not torch.is_inference_mode_enabled()):
             state = run.hand_off(pending, row, folded)
-            x = csn.add_back(state, i, x, plan.grid, plan.num_prefix)
-            return _run_plain(blocks, csn, x, plan.grid, plan.num_prefix, state, i + 1, len(blocks))
+            x = csn.add_back(state, i, x, grid, num_prefix)
+            return _run_plain(blocks, csn, x, grid, num_prefix, state, i + 1, stop)
         x = run.step(x, pending, row)
         pending, folded = [], x if row[2] is not None else None
     return x
