@@ -370,3 +370,40 @@ def test_a_conv_of_another_size_gets_its_own_plan():
     planned, general = _logits_both_ways(model, x)
     torch.testing.assert_close(planned, general, rtol=0, atol=0)
     assert len(model.csn._plans) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_the_no_grad_plan_on_cuda_gives_the_general_walks_logits(backend, amp):
+    """On the GPU's kernels too, planned and general passes agree bit for bit (every
+    kernel the plan may pick), in no_grad and inference mode; a CUDA-graph capture of the
+    forward never takes the plan (its kernels do not run while it is captured)."""
+    from dtl_kernels.ops import side
+
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    if backend != "auto" and not side.BACKENDS[backend].runs(x):
+        pytest.skip(side.BACKENDS[backend].why_not(x))
+    model = _vit(conv_kernel=3).cuda().eval()
+    model.csn.backend = backend
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode(), torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            planned, general = _logits_both_ways(model, x)
+        torch.testing.assert_close(planned, general, rtol=0, atol=0)
+    assert len(model.csn._plans) == 2
+    with torch.no_grad():
+        want = model(x)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        model(x)  # a warm-up outside the capture, as CUDA graphs need
+        model.csn._plans.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not model.csn._plans
+    torch.testing.assert_close(captured, want, rtol=0, atol=0)
