@@ -63,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Results  # noqa: E402
 
 from dtl_kernels import DTLViT  # noqa: E402
+from dtl_kernels import csn as csn_module  # noqa: E402
 from dtl_kernels.optim import adamw  # noqa: E402
 
 NUM_CLASSES = 10
@@ -213,34 +214,47 @@ class Provider:
 
     def add_backs(self, reps: int) -> dict[int, tuple[float, int]]:
         """Per adapted block (0-based): median host µs and dispatched ops of one add-back
-        in a training forward."""
+        in a training forward: ``add_back`` where the walk calls it, else the step of the
+        walk's plan (``PlannedPass.recorded_step``; its k-th call in a forward is the k-th
+        adapted block's)."""
         csn = getattr(self.model, "csn", None)
         if csn is None:
             return {}
         times: dict[int, list[float]] = {}
         ops: dict[int, int] = {}
-        original = csn.add_back
+        adapted = [i for i, a in enumerate(csn.adapted_blocks) if a]
+        original, planned = csn.add_back, csn_module.PlannedPass.recorded_step
+        calls = []  # planned steps of this forward
 
-        def timed(state, i, *args, **kwargs):
-            t0 = time.thread_time()
-            out = original(state, i, *args, **kwargs)
-            times.setdefault(i, []).append((time.thread_time() - t0) * 1e6)
-            return out
+        def measured(fn, block_of):
+            def call(*args, **kwargs):
+                i = block_of(args)
+                if counting:
+                    with OpCounter() as c:
+                        out = fn(*args, **kwargs)
+                    ops[i] = c.total
+                    return out
+                t0 = time.thread_time()
+                out = fn(*args, **kwargs)
+                times.setdefault(i, []).append((time.thread_time() - t0) * 1e6)
+                return out
 
-        def counted(state, i, *args, **kwargs):
-            with OpCounter() as c:
-                out = original(state, i, *args, **kwargs)
-            ops[i] = c.total
-            return out
+            return call
 
+        def planned_block(args):
+            calls.append(None)
+            return adapted[len(calls) - 1]
+
+        csn.add_back = measured(original, lambda args: args[1])
+        csn_module.PlannedPass.recorded_step = measured(planned, planned_block)
         try:
-            csn.add_back = counted
-            self.loss()
-            csn.add_back = timed
-            for _ in range(reps):
+            for r in range(reps + 1):
+                counting = r == 0
+                calls.clear()
                 self.loss()
         finally:
             del csn.add_back  # the instance attribute; the method is back
+            csn_module.PlannedPass.recorded_step = planned
         return {i: (statistics.median(t), ops[i]) for i, t in times.items()}
 
 

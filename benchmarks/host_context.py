@@ -78,7 +78,7 @@ def _setter(model: torch.nn.Module):
         return bind_side_step_
 
     def set_variant(variant: str) -> None:
-        for name in ("tap", "add_back", "no_grad_plan"):
+        for name in ("tap", "add_back", "walk_plan"):
             csn.__dict__.pop(name, None)
         step.side_step = {"dtl_step_twice": twice(real), "dtl_no_step": no_step}.get(variant, real)
         patched = variant in ("dtl_step_twice", "dtl_no_step")
@@ -86,7 +86,7 @@ def _setter(model: torch.nn.Module):
         if variant == "dtl_walk_only":
             csn.tap = lambda state, i, z: None
             csn.add_back = lambda state, i, y, grid, num_prefix=0, tap_next=False: y
-            csn.no_grad_plan = lambda x, grid, num_prefix: None  # the walk calls them
+            csn.walk_plan = lambda x, grid, num_prefix: None  # the walk calls them
 
     return set_variant, lambda: set_variant("dtl")
 

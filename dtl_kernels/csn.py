@@ -86,15 +86,17 @@ class SideState:
 
 
 @dataclass(frozen=True)
-class NoGradPlan:
-    """What every block of a plain no-grad walk does on the side, worked out once per kind
-    of input (:meth:`CompactSideNetwork.no_grad_plan`) instead of at each tap and add-back.
+class WalkPlan:
+    """What every block of a plain walk does on the side, worked out once per kind of input
+    (:meth:`CompactSideNetwork.walk_plan`) instead of at each tap and add-back.
 
     ``rows[i]`` for block ``i``: ``(collect, step)``. ``collect``: the walk keeps the block's
-    input for the next step (its tap); ``step``: ``None``, or after the block the in-place
-    step ``(pending down keys, first column, next block's down key or None)``. Parameters
-    are named by key, looked up at every pass (a parameter may be replaced). ``first``: the
-    first tapped block (the plan is made from its input, where ``tap`` decides)."""
+    input for the next step (its tap); ``step``: ``None``, or after the block the step
+    ``(pending down keys, first column, next block's down key or None)`` -- without
+    autograd (``grad`` false) the in-place step, which may also take the next block's tap;
+    with it, the recorded one. Parameters are named by key, looked up at every pass (a
+    parameter may be replaced). ``first``: the first tapped block (the plan is made from its
+    input, where ``tap`` decides)."""
 
     first: int
     stage: int
@@ -104,37 +106,55 @@ class NoGradPlan:
     conv_key: str | None
     grid: tuple[int, int]
     num_prefix: int
+    grad: bool
     inference: bool
     rows: tuple
 
 
-class NoGradPass:
-    """One pass of a :class:`NoGradPlan`: the stage's own taps (one copy of the kept
-    zeros), its ups and the bound step (:func:`dtl_kernels.ops.step.bind_side_step_`)."""
+class PlannedPass:
+    """One pass of a :class:`WalkPlan`: the stage's taps (without autograd, this pass's copy
+    of the kept zeros, written in place), its ups and conv, and the step."""
 
-    __slots__ = ("plan", "taps", "ups", "run", "down")
+    __slots__ = ("plan", "taps", "ups", "conv", "run", "down", "beta", "save_dtype")
 
-    def __init__(self, csn: CompactSideNetwork, plan: NoGradPlan):
+    def __init__(self, csn: CompactSideNetwork, plan: WalkPlan):
         self.plan = plan
-        self.taps = plan.zeros.clone()
+        # (side_step never writes its taps: a recorded pass starts from the kept zeros)
+        self.taps = plan.zeros if plan.grad else plan.zeros.clone()
         self.ups = csn._stage_ups(plan.stage, plan.zeros.dtype)
-        conv = csn._param("convs", plan.conv_key) if plan.conv_key is not None else None
-        self.run = step.bind_side_step_(self.ups, conv, plan.grid, plan.num_prefix,
-                                        csn.config.beta, plan.kernel)  # fmt: skip
+        self.conv = csn._param("convs", plan.conv_key) if plan.conv_key is not None else None
+        self.beta, self.save_dtype = csn.config.beta, csn.trunk_dtype
         self.down = csn._modules["down"]._parameters
+        if not plan.grad:
+            self.run = step.bind_side_step_(self.ups, self.conv, plan.grid, plan.num_prefix,
+                                            self.beta, plan.kernel)  # fmt: skip
 
     def step(self, y: torch.Tensor, pending: list, row: tuple) -> torch.Tensor:
-        """Block ``i``'s add-back (``row``: its ``step`` entry): ``y`` + the side output, the
-        pending taps (inputs ``pending``) and, where the row says, the next block's tap."""
+        """Block ``i``'s add-back without autograd (``row``: its ``step`` entry): ``y`` + the
+        side output, the pending taps (inputs ``pending``) and, where the row says, the next
+        block's tap, into this pass's taps."""
         keys, first_col, next_key = row
         down = self.down
         return self.run(y, self.taps, pending, [down[k] for k in keys], first_col,
                         None if next_key is None else down[next_key])  # fmt: skip
 
+    def recorded_step(self, y: torch.Tensor, pending: list, row: tuple) -> torch.Tensor:
+        """Block ``i``'s add-back as autograd records it (:func:`~dtl_kernels.ops.step.
+        side_step`, as :meth:`CompactSideNetwork.add_back` calls it); the new taps are kept
+        for the next step."""
+        keys, first_col, _ = row
+        down, plan = self.down, self.plan
+        out, self.taps = step.side_step(
+            y, self.taps, pending, [down[k] for k in keys], first_col, self.ups, self.conv,
+            plan.grid, plan.num_prefix, self.beta, plan.kernel, self.save_dtype,
+        )  # fmt: skip
+        return out
+
     def hand_off(self, pending: list, row: tuple, folded: torch.Tensor | None) -> SideState:
-        """The :class:`SideState` the general walk would hold at this step (grad mode came
-        on, or inference mode went off, inside the block before it): the walk goes on with
-        it from here. ``folded``: this block's input where the last step took its tap."""
+        """The :class:`SideState` the general walk would hold at this step of a pass begun
+        without autograd (grad mode came on, or inference mode went off, inside the block
+        before it): the walk goes on with it from here. ``folded``: this block's input where
+        the last step took its tap."""
         plan, keys = self.plan, row[0]
         return SideState(
             backend=plan.backend, stage=plan.stage, taps=self.taps, ups=self.ups,
@@ -227,7 +247,7 @@ class CompactSideNetwork(nn.Module):
         self._selected: dict[tuple, str] = {}
         self._kernels: dict[tuple, str] = {}
         self._zeros: dict[tuple, torch.Tensor] = {}  # see _stage_buffers
-        self._plans: dict[tuple, NoGradPlan | None] = {}  # see no_grad_plan
+        self._plans: dict[tuple, WalkPlan | None] = {}  # see walk_plan
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -525,35 +545,35 @@ class CompactSideNetwork(nn.Module):
                            check=False)  # fmt: skip
         return side.BACKENDS[state.kernel.removeprefix("python:")].run(args)
 
-    # -- a plain no-grad walk, planned once per kind of input ------------------------------
+    # -- a plain walk, planned once per kind of input -------------------------------------
     @property
     def first_tapped(self) -> int:
         """The first tapped block (0-based)."""
         return self._first_tap
 
-    def no_grad_plan(
-        self, z: torch.Tensor, grid: tuple[int, int], num_prefix: int
-    ) -> NoGradPlan | None:
+    def walk_plan(self, z: torch.Tensor, grid: tuple[int, int], num_prefix: int) -> WalkPlan | None:
         """The plan of a whole plain walk (every block, features are the tokens, blocks keep
-        their shape and dtype) without autograd, from the input ``z`` ``(batch, tokens, d)``
-        of block :attr:`first_tapped`, where :meth:`tap` would decide the pass's backend and
-        buffers; ``None`` where :meth:`tap` / :meth:`add_back` must run instead: autograd on,
-        not a plain eager pass (:func:`_plain_eager`), a device without fused kernels, the
-        reference formulation or a kernel without the one-call step, more than one stage,
-        pending taps beyond :data:`PENDING_BYTES`.
+        their shape and dtype), from the input ``z`` ``(batch, tokens, d)`` of block
+        :attr:`first_tapped`, where :meth:`tap` would decide the pass's backend and buffers;
+        for autograd's present mode (a pass begun without it, or recorded). ``None`` where
+        :meth:`tap` / :meth:`add_back` must run instead: not a plain eager pass
+        (:func:`_plain_eager`), a device without fused kernels, the reference formulation
+        or a kernel without the one-call step, more than one stage, pending taps beyond
+        :data:`PENDING_BYTES` (without autograd).
 
         Why: at the batch sizes where a GPU waits for its host, the Python of a tap and an
         add-back (backend and stage look-ups, the state's bookkeeping, four calls deep per
         step) cost more host time than the steps themselves (``benchmarks/host_context.py``).
-        A pass of the plan runs one call per step (:class:`NoGradPass`)."""
-        if torch.is_grad_enabled() or not _plain_eager(z):
+        A pass of the plan runs one call per step (:class:`PlannedPass`)."""
+        if not _plain_eager(z):
             return None
         device = z.device
         if device.type not in ("cpu", "cuda"):  # (meta: the reference; autocast knows neither)
             return None
         amp = torch.is_autocast_enabled(device.type)
         convs = self._modules["convs"]._parameters.values()  # a replaced one may change kernel
-        key = (z.shape, z.dtype, device, torch.is_inference_mode_enabled(),
+        key = (z.shape, z.dtype, device, torch.is_grad_enabled(),
+               torch.is_inference_mode_enabled(),
                torch.get_autocast_dtype(device.type) if amp else None, self.backend,
                _env.get(side.BACKEND_ENV), grid, num_prefix, PENDING_BYTES,
                tuple(w.shape for w in convs))  # fmt: skip
@@ -561,17 +581,19 @@ class CompactSideNetwork(nn.Module):
             return self._plans[key]
         except KeyError:
             pass
-        plan = self._make_no_grad_plan(z, grid, num_prefix, key[3])
+        plan = self._make_walk_plan(z, grid, num_prefix, grad=key[3], inference=key[4])
         self._plans = _bounded(self._plans, 16)
         self._plans[key] = plan
         return plan
 
-    def begin_no_grad(self, plan: NoGradPlan) -> NoGradPass:
-        """A pass of ``plan`` (its taps, ups and bound step)."""
-        return NoGradPass(self, plan)
+    def begin_pass(self, plan: WalkPlan) -> PlannedPass:
+        """A pass of ``plan`` (its taps, ups and step)."""
+        return PlannedPass(self, plan)
 
-    def _make_no_grad_plan(self, x, grid, num_prefix: int, inference: bool) -> NoGradPlan | None:
-        """:meth:`no_grad_plan` worked out: the choices :meth:`tap` and :meth:`add_back` make
+    def _make_walk_plan(
+        self, x, grid, num_prefix: int, grad: bool, inference: bool
+    ) -> WalkPlan | None:
+        """:meth:`walk_plan` worked out: the choices :meth:`tap` and :meth:`add_back` make
         for these tensors (backend, kernel, kept zeros), and each block's row."""
         stages = {self.block_stages[i] for i in range(self.depth) if self._tapped[i]}
         if len(stages) != 1 or not any(self._adapted):
@@ -586,7 +608,8 @@ class CompactSideNetwork(nn.Module):
         self._start_stage_kernel(state, stage, x, conv, grid, num_prefix)  # y has x's shape
         if state.kernel not in step.STEP_KERNELS:
             return None
-        # what _run_plain's walk makes tap() and add_back() do, block by block
+        # what _run_plain's walk makes tap() and add_back() do, block by block (a recorded
+        # pass takes no next tap: autograd keeps each block's input anyway)
         rows, pending, first_col, taken = [], [], 0, False
         for i in range(self.depth):
             collect = self._tapped[i] and not taken
@@ -594,15 +617,16 @@ class CompactSideNetwork(nn.Module):
                 if not pending:
                     first_col = self._columns[i][0]
                 pending.append(self._keys[i])
-                if len(pending) * x.numel() * x.element_size() > PENDING_BYTES:
+                if not grad and len(pending) * x.numel() * x.element_size() > PENDING_BYTES:
                     return None  # tap() would compute them early: its path, not this one
-            taken, row = self._folds[i], None  # the add-back takes the next block's tap
+            taken, row = self._folds[i] and not grad, None
             if self._adapted[i]:
                 row = (tuple(pending), first_col, self._keys[i + 1] if taken else None)
                 first_col, pending = self._columns[i + 1 if taken else i][1], []
             rows.append((collect, row))
-        return NoGradPlan(self._first_tap, stage, state.backend, state.kernel, state.taps,
-                          conv_key, tuple(grid), num_prefix, inference, tuple(rows))  # fmt: skip
+        return WalkPlan(self._first_tap, stage, state.backend, state.kernel, state.taps,
+                        conv_key, tuple(grid), num_prefix, grad, inference,
+                        tuple(rows))  # fmt: skip
 
     # -- published checkpoint names (SPEC §6) ---------------------------------------------
     def official_state_dict(self, per_stage_convs: bool) -> dict[str, torch.Tensor]:

@@ -39,7 +39,7 @@ def test_variants_change_only_what_they_name():
     torch.testing.assert_close(got["dtl_step_twice"], got["dtl"])
     torch.testing.assert_close(got["dtl_no_step"], got["dtl_walk_only"])
     assert csn_module.step.side_step is real and csn_module.step.bind_side_step_ is real_
-    assert not {"tap", "add_back", "no_grad_plan"} & set(p.model.csn.__dict__)
+    assert not {"tap", "add_back", "walk_plan"} & set(p.model.csn.__dict__)
     torch.testing.assert_close(_logits(p), got["dtl"])
 
 

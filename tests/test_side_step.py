@@ -14,6 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtl_kernels import DTLViT, create_model
+from dtl_kernels import csn as csn_module
 from dtl_kernels.ops import reference, step
 
 DT = torch.float64
@@ -190,25 +191,34 @@ def _model(adapt_from: int, conv_kernel: int = 0) -> DTLViT:
 
 
 @pytest.mark.parametrize("conv_kernel", [0, 3])
-def test_every_add_back_dispatches_the_same_operations(conv_kernel):
+@pytest.mark.parametrize("planned", [False, True], ids=["add_back", "planned"])
+def test_every_add_back_dispatches_the_same_operations(monkeypatch, conv_kernel, planned):
     """Block 7's add-back (which also computes the trunk's 7 taps) and block 12's dispatch
     the same operations: the taps are one buffer, not a growing concatenation (the stage's
-    buffers are made once per pass, at its first tap)."""
+    buffers are made once per pass, at its first tap) -- through add_back and through a
+    planned pass's recorded steps."""
     model = _model(7, conv_kernel)
-    counts = {}
-    original = model.csn.add_back
+    counts = []
 
-    def counted(state, i, *args, **kwargs):
-        with _Count() as c:
-            out = original(state, i, *args, **kwargs)
-        counts[i] = c.n
-        return out
+    def counting(original):
+        def counted(*args, **kwargs):
+            with _Count() as c:
+                out = original(*args, **kwargs)
+            counts.append(c.n)
+            return out
 
-    model.csn.add_back = counted
+        return counted
+
+    if planned:  # (a counting mode turns the plan off: count inside its steps)
+        pass_type = csn_module.PlannedPass
+        monkeypatch.setattr(pass_type, "recorded_step", counting(pass_type.recorded_step))
+    else:
+        model.csn.walk_plan = lambda *a: None
+        model.csn.add_back = counting(model.csn.add_back)
     model(torch.randn(1, 3, 32, 32))
-    assert sorted(counts) == list(range(6, 12))
-    assert len(set(counts.values())) == 1, counts
-    assert counts[7] <= 4, counts  # the taps' copy, write_taps_, the kernel, a detach (autograd)
+    assert len(counts) == 6
+    assert len(set(counts)) == 1, counts
+    assert counts[0] <= 4, counts  # the taps' copy, write_taps_, the kernel, a detach (autograd)
 
 
 class _Names(TorchDispatchMode):
@@ -556,7 +566,7 @@ def test_folded_taps_give_the_unfolded_logits_bit_for_bit(monkeypatch, conv_kern
     tap calls instead of 12, the same logits to the bit. A recorded pass does not fold
     (nothing to save there): 12 tap calls, gradients as before."""
     m = _vit(conv_kernel)
-    monkeypatch.setattr(m.csn, "no_grad_plan", lambda *a: None)  # tap / add_back, not the plan
+    monkeypatch.setattr(m.csn, "walk_plan", lambda *a: None)  # tap / add_back, not the plan
     x = torch.randn(2, 3, 32, 32)
     taps = []
     real_tap = type(m.csn).tap

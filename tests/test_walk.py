@@ -148,25 +148,25 @@ def test_nothing_is_kept_from_a_cuda_graph_capture():
     assert list(csn._zeros.values()) == [zeros] and not zeros.any()
 
 
-# -- the no-grad plan (CompactSideNetwork.no_grad_plan): one call per add-back ------------
+# -- the no-grad plan (CompactSideNetwork.walk_plan): one call per add-back ------------
 def _logits_both_ways(model, x, run=None):
     """Logits of a no-grad pass with the plan and with the general tap / add_back path."""
     run = run or (lambda: model(x))
     with torch.no_grad():
         planned = run()
-    model.csn.no_grad_plan = lambda *a: None
+    model.csn.walk_plan = lambda *a: None
     try:
         with torch.no_grad():
             general = run()
     finally:
-        del model.csn.no_grad_plan
+        del model.csn.walk_plan
     return planned, general
 
 
 @pytest.mark.parametrize("conv_kernel", [0, 3], ids=["dtl", "dtl+"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_the_no_grad_plan_gives_the_general_walks_logits_bit_for_bit(monkeypatch, conv_kernel,
+def test_the_walk_plan_gives_the_general_walks_logits_bit_for_bit(monkeypatch, conv_kernel,
                                                                         amp, mode):  # fmt: skip
     model = _vit(conv_kernel, adapt_from=2).eval()
     x = torch.randn(3, 3, 32, 32)
@@ -179,11 +179,11 @@ def test_the_no_grad_plan_gives_the_general_walks_logits_bit_for_bit(monkeypatch
     out = {}
     for planned in (True, False, True):
         if not planned:
-            model.csn.no_grad_plan = lambda *a: None
+            model.csn.walk_plan = lambda *a: None
         calls.clear()
         with ctx(), torch.autocast("cpu", torch.bfloat16, enabled=amp):
             out[planned] = model(x)
-        model.csn.__dict__.pop("no_grad_plan", None)
+        model.csn.__dict__.pop("walk_plan", None)
         assert calls == ([] if planned else ["tap"] * 2 + ["add"] * 4)  # 5 blocks, M = 2
     torch.testing.assert_close(out[True], out[False], rtol=0, atol=0)
     assert len(model.csn._plans) == 1  # the second planned pass took the kept plan
@@ -230,7 +230,7 @@ def test_grad_mode_turned_on_inside_a_block_hands_the_pass_to_the_general_walk(a
     try:
         for planned in (True, False):
             if not planned:
-                model.csn.no_grad_plan = lambda *a: None
+                model.csn.walk_plan = lambda *a: None
             model.zero_grad(set_to_none=True)
             with torch.no_grad():
                 out = model(x)
@@ -239,7 +239,7 @@ def test_grad_mode_turned_on_inside_a_block_hands_the_pass_to_the_general_walk(a
             got.append((out.detach(), [p.grad for p in model.csn.parameters()]))
     finally:
         hook.remove()
-        model.csn.__dict__.pop("no_grad_plan", None)
+        model.csn.__dict__.pop("walk_plan", None)
         torch.set_grad_enabled(True)
     torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=0)
     for a, b in zip(got[0][1], got[1][1], strict=True):
@@ -265,7 +265,7 @@ def test_inference_mode_left_inside_a_block_hands_the_pass_on():
         out = []
         for planned in (True, False):
             if not planned:
-                model.csn.no_grad_plan = lambda *a: None
+                model.csn.walk_plan = lambda *a: None
             with torch.inference_mode():
                 try:
                     out.append(model(x))
@@ -275,22 +275,22 @@ def test_inference_mode_left_inside_a_block_hands_the_pass_on():
                         left.pop().__exit__(None, None, None)
     finally:
         hook.remove()
-        model.csn.__dict__.pop("no_grad_plan", None)
+        model.csn.__dict__.pop("walk_plan", None)
     torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)
 
 
 def test_no_plan_where_tap_and_add_back_must_run(monkeypatch):
-    """The reference formulation, a recorded pass, pending taps beyond PENDING_BYTES and a
+    """The reference formulation, pending taps beyond PENDING_BYTES (without autograd) and a
     pass under a dispatch mode go the general way (and the plan is never kept for them)."""
     model = _vit().eval()
     csn, x = model.csn, torch.randn(2, 5, 32)
     with torch.no_grad():
-        assert csn.no_grad_plan(x, (2, 2), 1) is not None
+        assert csn.walk_plan(x, (2, 2), 1) is not None
         monkeypatch.setattr(csn_module, "PENDING_BYTES", 2 * x.numel() * x.element_size())
-        assert csn.no_grad_plan(x, (2, 2), 1) is None  # three block inputs before block 3
+        assert csn.walk_plan(x, (2, 2), 1) is None  # three block inputs before block 3
         monkeypatch.undo()
         csn.backend = "reference"
-        assert csn.no_grad_plan(x, (2, 2), 1) is None
+        assert csn.walk_plan(x, (2, 2), 1) is None
         csn.backend = "cpu"
         from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -300,9 +300,10 @@ def test_no_plan_where_tap_and_add_back_must_run(monkeypatch):
 
         n = len(csn._plans)
         with Watch():
-            assert csn.no_grad_plan(x, (2, 2), 1) is None
+            assert csn.walk_plan(x, (2, 2), 1) is None
         assert len(csn._plans) == n
-    assert csn.no_grad_plan(x, (2, 2), 1) is None  # autograd on
+    recorded = csn.walk_plan(x, (2, 2), 1)  # autograd on: a plan of recorded steps
+    assert recorded.grad and all(row is None or row[2] is None for _, row in recorded.rows)
 
 
 def test_a_changed_backend_request_gets_its_own_plan(monkeypatch):
@@ -376,7 +377,7 @@ def test_a_conv_of_another_size_gets_its_own_plan():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 @pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
-def test_the_no_grad_plan_on_cuda_gives_the_general_walks_logits(backend, amp):
+def test_the_walk_plan_on_cuda_gives_the_general_walks_logits(backend, amp):
     """On the GPU's kernels too, planned and general passes agree bit for bit (every
     kernel the plan may pick), in no_grad and inference mode; a CUDA-graph capture of the
     forward never takes the plan (its kernels do not run while it is captured)."""
@@ -407,3 +408,62 @@ def test_the_no_grad_plan_on_cuda_gives_the_general_walks_logits(backend, amp):
     torch.cuda.synchronize()
     assert not model.csn._plans
     torch.testing.assert_close(captured, want, rtol=0, atol=0)
+
+
+# -- a recorded pass's plan -----------------------------------------------------------------
+def _step_both_ways(model, x, amp=False):
+    """Logits and the side network's gradients of a training step, planned and general."""
+    got = []
+    for planned in (True, False):
+        if not planned:
+            model.csn.walk_plan = lambda *a: None
+        try:
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+                out = model(x)
+            out.float().square().sum().backward()
+            got.append((out.detach(), [p.grad for p in model.csn.parameters()]))
+        finally:
+            model.csn.__dict__.pop("walk_plan", None)
+    return got
+
+
+@pytest.mark.parametrize("conv_kernel", [0, 3], ids=["dtl", "dtl+"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("trunk_dtype", [None, torch.bfloat16])
+def test_a_planned_training_step_equals_the_general_one_bit_for_bit(conv_kernel, amp,
+                                                                     trunk_dtype):  # fmt: skip
+    """Logits and every gradient of the side network, with the memory option that keeps the
+    trunk's tap inputs in 16 bits (the step's save_dtype) on and off."""
+    model = _vit(conv_kernel, adapt_from=3).train()
+    model.csn.trunk_dtype = trunk_dtype
+    x = torch.randn(3, 3, 32, 32)
+    (planned, planned_grads), (general, general_grads) = _step_both_ways(model, x, amp)
+    torch.testing.assert_close(planned, general, rtol=0, atol=0)
+    for a, b in zip(planned_grads, general_grads, strict=True):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    (plan,) = [p for p in model.csn._plans.values() if p is not None]
+    assert plan.grad and not any(row and row[2] for _, row in plan.rows)  # no next taps
+
+
+def test_grad_mode_turned_off_inside_a_recorded_pass_gives_the_general_logits():
+    """A block that turns autograd off (and leaves it off) in a recorded pass: the general
+    walk takes its in-place step from there, the plan steps on as recorded -- the values
+    are the same."""
+    model = _vit(conv_kernel=3, adapt_from=2)
+    x = torch.randn(2, 3, 32, 32)
+    hook = model.blocks[3].register_forward_pre_hook(lambda m, a: torch._C._set_grad_enabled(False))
+    got = []
+    try:
+        for planned in (True, False):
+            if not planned:
+                model.csn.walk_plan = lambda *a: None
+            got.append(model(x))
+            torch.set_grad_enabled(True)
+    finally:
+        hook.remove()
+        model.csn.__dict__.pop("walk_plan", None)
+        torch.set_grad_enabled(True)
+    torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
+    assert not got[0].requires_grad

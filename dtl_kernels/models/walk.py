@@ -64,9 +64,8 @@ class BlockWalk:
         """Images → features after the last block (before the final norm)."""
         x, ctx = self.embed(self.backbone_images(images))
         csn, blocks = self.csn, self.blocks
-        if (csn is not None and not torch.is_grad_enabled() and csn.depth == len(blocks)
-                and _plain_walk(self)):  # fmt: skip
-            return _run_no_grad(blocks, csn, x, ctx["grid"], self.num_prefix)
+        if csn is not None and csn.depth == len(blocks) and _plain_walk(self):
+            return _run_planned(blocks, csn, x, ctx["grid"], self.num_prefix)
         state = csn.start() if csn is not None else None
         return self._walk(blocks, x, ctx, state, 0, len(blocks))
 
@@ -200,21 +199,33 @@ def _run_plain(blocks, csn, x, grid, num_prefix, state, start, stop) -> torch.Te
     return x
 
 
-def _run_no_grad(blocks, csn, x, grid, num_prefix: int) -> torch.Tensor:
-    """The plain walk of every block, begun without autograd: from the first tapped block
-    on as the CSN's plan says (one call per add-back:
-    :meth:`~dtl_kernels.csn.CompactSideNetwork.no_grad_plan`, made there, where ``tap``
-    would decide), else as :func:`_run_plain`. Should grad mode come on inside a block (or
-    inference mode go off), the walk goes on from there as :func:`_run_plain`, with the
-    side state the plan's pass hands it."""
+def _run_planned(blocks, csn, x, grid, num_prefix: int) -> torch.Tensor:
+    """The plain walk of every block: from the first tapped block on as the CSN's plan says
+    (one call per add-back: :meth:`~dtl_kernels.csn.CompactSideNetwork.walk_plan`, made
+    there, where ``tap`` would decide), else as :func:`_run_plain`. Should grad mode come on
+    inside a block of a pass begun without it (or inference mode go off), the walk goes on
+    from there as :func:`_run_plain`, with the side state the plan's pass hands it. (A
+    recorded pass whose grad mode goes off steps on as recorded: the in-place step the
+    general walk would take then computes the same values.)"""
     first, stop = csn.first_tapped, len(blocks)
     for i in range(first):
         x = blocks[i](x)
-    plan = csn.no_grad_plan(x, grid, num_prefix)
+    plan = csn.walk_plan(x, grid, num_prefix)
     if plan is None:
         return _run_plain(blocks, csn, x, grid, num_prefix, csn.start(), first, stop)
-    run = csn.begin_no_grad(plan)
-    pending, folded, rows = [], None, plan.rows
+    run = csn.begin_pass(plan)
+    pending, rows = [], plan.rows
+    if plan.grad:
+        for i in range(first, stop):
+            collect, row = rows[i]
+            if collect:
+                pending.append(x)
+            x = blocks[i](x)
+            if row is not None:
+                x = run.recorded_step(x, pending, row)
+                pending = []
+        return x
+    folded = None
     for i in range(first, stop):
         collect, row = rows[i]
         if collect:
