@@ -36,7 +36,9 @@ Measured (``bench_host.csv``, ``bench_host.png``):
   across passes a mode might see): the forward count includes the stage's zero taps made
   anew (one operation per stage), which the timed passes take from their cache.
 * ``addback_us`` / ``addback_ops`` at block 7 and block 12 (the first and last add-back):
-  host time and dispatched operations of one ``add_back`` call in a training forward.
+  host time and dispatched operations of one add-back in a training forward: the step of
+  the walk's plan where the walk takes one (``PlannedPass.recorded_step``), else the
+  ``add_back`` call.
 
 Operation counts are deterministic; times depend on the machine's load, which the output
 states (``os.getloadavg``).

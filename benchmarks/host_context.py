@@ -17,7 +17,7 @@ p25–p75 per variant:
   twice, the second call right after the first (hot); the extra time over ``dtl`` is what
   the steps cost hot;
 * ``dtl_no_step``: the side network's Python runs, the step returns ``y`` unchanged;
-* ``dtl_walk_only``: ``tap`` and ``add_back`` are no-ops and the no-grad plan is off (the
+* ``dtl_walk_only``: ``tap`` and ``add_back`` are no-ops and the walk's plan is off (the
   wrapper's walk alone: :func:`~dtl_kernels.models.walk._run_plain`'s loop, where ``dtl``
   runs the plan's, so ``side_us`` also holds the difference of the two loops).
 
