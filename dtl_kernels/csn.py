@@ -115,7 +115,7 @@ class PlannedPass:
     """One pass of a :class:`WalkPlan`: the stage's taps (without autograd, this pass's copy
     of the kept zeros, written in place), its ups and conv, and the step."""
 
-    __slots__ = ("plan", "taps", "ups", "conv", "run", "down", "beta", "save_dtype")
+    __slots__ = ("plan", "taps", "ups", "conv", "run", "down", "convs", "beta", "save_dtype")
 
     def __init__(self, csn: CompactSideNetwork, plan: WalkPlan):
         self.plan = plan
@@ -124,7 +124,7 @@ class PlannedPass:
         self.ups = csn._stage_ups(plan.stage, plan.zeros.dtype)
         self.conv = csn._param("convs", plan.conv_key) if plan.conv_key is not None else None
         self.beta, self.save_dtype = csn.config.beta, csn.trunk_dtype
-        self.down = csn._modules["down"]._parameters
+        self.down, self.convs = csn._modules["down"]._parameters, csn._modules["convs"]._parameters
         if not plan.grad:
             self.run = step.bind_side_step_(self.ups, self.conv, plan.grid, plan.num_prefix,
                                             self.beta, plan.kernel)  # fmt: skip
@@ -140,15 +140,33 @@ class PlannedPass:
 
     def recorded_step(self, y: torch.Tensor, pending: list, row: tuple) -> torch.Tensor:
         """Block ``i``'s add-back as autograd records it (:func:`~dtl_kernels.ops.step.
-        side_step`, as :meth:`CompactSideNetwork.add_back` calls it); the new taps are kept
-        for the next step."""
+        side_step`, called as :meth:`CompactSideNetwork.add_back` calls it, the conv looked
+        up at each step as there); the new taps are kept for the next step."""
         keys, first_col, _ = row
         down, plan = self.down, self.plan
+        conv = None if plan.conv_key is None else self.convs[plan.conv_key]
         out, self.taps = step.side_step(
-            y, self.taps, pending, [down[k] for k in keys], first_col, self.ups, self.conv,
+            y, self.taps, pending, [down[k] for k in keys], first_col, self.ups, conv,
             plan.grid, plan.num_prefix, self.beta, plan.kernel, self.save_dtype,
         )  # fmt: skip
         return out
+
+    def hand_off_recorded(self, i: int, pending: list) -> SideState:
+        """The :class:`SideState` the general walk would hold after block ``i`` of a
+        recorded pass whose grad mode went off inside that block (from there on the general
+        walk takes no-grad steps, and counts pending taps against :data:`PENDING_BYTES`):
+        ``pending`` holds the inputs collected since the last step, all under autograd."""
+        plan, rows = self.plan, self.plan.rows
+        keys, first_col = (), 0
+        for j in range(i, len(rows)):  # the step these inputs wait for: i's, or a later one
+            if rows[j][1] is not None:
+                keys, first_col = rows[j][1][0][: len(pending)], rows[j][1][1]
+                break
+        return SideState(
+            backend=plan.backend, stage=plan.stage, taps=self.taps, ups=self.ups,
+            inputs=list(pending), downs=[self.down[k] for k in keys], first_col=first_col,
+            kernel=plan.kernel, plain=True,
+        )  # fmt: skip
 
     def hand_off(self, pending: list, row: tuple, folded: torch.Tensor | None) -> SideState:
         """The :class:`SideState` the general walk would hold at this step of a pass begun

@@ -167,7 +167,7 @@ def _logits_both_ways(model, x, run=None):
 @pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_the_walk_plan_gives_the_general_walks_logits_bit_for_bit(monkeypatch, conv_kernel,
-                                                                        amp, mode):  # fmt: skip
+                                                                     amp, mode):  # fmt: skip
     model = _vit(conv_kernel, adapt_from=2).eval()
     x = torch.randn(3, 3, 32, 32)
     calls = []
@@ -467,3 +467,55 @@ def test_grad_mode_turned_off_inside_a_recorded_pass_gives_the_general_logits():
         torch.set_grad_enabled(True)
     torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
     assert not got[0].requires_grad
+
+
+@pytest.mark.parametrize("at", [0, 2, 3])
+def test_grad_mode_turned_off_with_taps_pending_hands_the_recorded_pass_on(monkeypatch, at):
+    """Grad mode goes off inside block ``at`` of a recorded pass while taps wait for the
+    next step (adapt_from = depth): from there the general walk counts them against
+    PENDING_BYTES and computes them early (here at every tap), as a walk begun there would;
+    the plan's pass hands it its state."""
+    monkeypatch.setattr(csn_module, "PENDING_BYTES", 1)
+    model = _vit(conv_kernel=3, adapt_from=5)
+    x = torch.randn(2, 3, 32, 32)
+    hook = model.blocks[at].register_forward_hook(
+        lambda m, a, out: torch._C._set_grad_enabled(False)
+    )
+    got = []
+    try:
+        for planned in (True, False):
+            if not planned:
+                model.csn.walk_plan = lambda *a: None
+            got.append(model(x))
+            torch.set_grad_enabled(True)
+    finally:
+        hook.remove()
+        model.csn.__dict__.pop("walk_plan", None)
+        torch.set_grad_enabled(True)
+    assert torch.equal(got[0], got[1])
+
+
+def test_a_conv_replaced_inside_a_recorded_pass_is_used_by_its_next_steps():
+    model = _vit(conv_kernel=3, adapt_from=2)
+    x = torch.randn(2, 3, 32, 32)
+    got, first = [], model.csn.convs["0"]
+    for planned in (True, False):
+        model.csn.convs["0"] = first
+        torch.manual_seed(1)
+        new = torch.nn.Parameter(torch.randn(32, 1, 3, 3))
+
+        def swap(module, args, new=new):
+            model.csn.convs["0"] = new
+
+        hook = model.blocks[3].register_forward_pre_hook(swap)
+        if not planned:
+            model.csn.walk_plan = lambda *a: None
+        try:
+            out = model(x)
+            out.square().sum().backward()
+            got.append((out.detach(), new.grad))
+        finally:
+            hook.remove()
+            model.csn.__dict__.pop("walk_plan", None)
+    assert got[0][1] is not None
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])

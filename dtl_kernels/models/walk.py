@@ -203,10 +203,9 @@ def _run_planned(blocks, csn, x, grid, num_prefix: int) -> torch.Tensor:
     """The plain walk of every block: from the first tapped block on as the CSN's plan says
     (one call per add-back: :meth:`~dtl_kernels.csn.CompactSideNetwork.walk_plan`, made
     there, where ``tap`` would decide), else as :func:`_run_plain`. Should grad mode come on
-    inside a block of a pass begun without it (or inference mode go off), the walk goes on
-    from there as :func:`_run_plain`, with the side state the plan's pass hands it. (A
-    recorded pass whose grad mode goes off steps on as recorded: the in-place step the
-    general walk would take then computes the same values.)"""
+    inside a block of a pass begun without it (or inference mode go off), or go off inside
+    a block of a recorded pass, the walk goes on from there as :func:`_run_plain`, with the
+    side state the plan's pass hands it."""
     first, stop = csn.first_tapped, len(blocks)
     for i in range(first):
         x = blocks[i](x)
@@ -221,6 +220,11 @@ def _run_planned(blocks, csn, x, grid, num_prefix: int) -> torch.Tensor:
             if collect:
                 pending.append(x)
             x = blocks[i](x)
+            if not torch.is_grad_enabled():
+                state = run.hand_off_recorded(i, pending)
+                if row is not None:
+                    x = csn.add_back(state, i, x, grid, num_prefix)
+                return _run_plain(blocks, csn, x, grid, num_prefix, state, i + 1, stop)
             if row is not None:
                 x = run.recorded_step(x, pending, row)
                 pending = []
