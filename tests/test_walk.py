@@ -447,38 +447,10 @@ def test_a_planned_training_step_equals_the_general_one_bit_for_bit(conv_kernel,
     assert plan.grad and not any(row and row[2] for _, row in plan.rows)  # no next taps
 
 
-def test_grad_mode_turned_off_inside_a_recorded_pass_gives_the_general_logits():
-    """A block that turns autograd off (and leaves it off) in a recorded pass: the general
-    walk takes its in-place step from there, the plan steps on as recorded -- the values
-    are the same."""
-    model = _vit(conv_kernel=3, adapt_from=2)
-    x = torch.randn(2, 3, 32, 32)
-    hook = model.blocks[3].register_forward_pre_hook(lambda m, a: torch._C._set_grad_enabled(False))
-    got = []
-    try:
-        for planned in (True, False):
-            if not planned:
-                model.csn.walk_plan = lambda *a: None
-            got.append(model(x))
-            torch.set_grad_enabled(True)
-    finally:
-        hook.remove()
-        model.csn.__dict__.pop("walk_plan", None)
-        torch.set_grad_enabled(True)
-    torch.testing.assert_close(got[0], got[1], rtol=0, atol=0)
-    assert not got[0].requires_grad
-
-
-@pytest.mark.parametrize("at", [0, 2, 3])
-def test_grad_mode_turned_off_with_taps_pending_hands_the_recorded_pass_on(monkeypatch, at):
-    """Grad mode goes off inside block ``at`` of a recorded pass while taps wait for the
-    next step (adapt_from = depth): from there the general walk counts them against
-    PENDING_BYTES and computes them early (here at every tap), as a walk begun there would;
-    the plan's pass hands it its state."""
-    monkeypatch.setattr(csn_module, "PENDING_BYTES", 1)
-    model = _vit(conv_kernel=3, adapt_from=5)
-    x = torch.randn(2, 3, 32, 32)
-    hook = model.blocks[at].register_forward_hook(
+def _logits_with_grad_turned_off(model, x, block: int) -> list[torch.Tensor]:
+    """Logits of a recorded pass, planned and general, whose block ``block`` turns autograd
+    off (and leaves it off)."""
+    off = model.blocks[block].register_forward_hook(
         lambda m, a, out: torch._C._set_grad_enabled(False)
     )
     got = []
@@ -489,9 +461,32 @@ def test_grad_mode_turned_off_with_taps_pending_hands_the_recorded_pass_on(monke
             got.append(model(x))
             torch.set_grad_enabled(True)
     finally:
-        hook.remove()
+        off.remove()
         model.csn.__dict__.pop("walk_plan", None)
         torch.set_grad_enabled(True)
+    return got
+
+
+@pytest.mark.parametrize("at", [2, 3])
+def test_grad_mode_turned_off_inside_a_recorded_pass_gives_the_general_logits(at):
+    """From there the general walk takes its in-place steps: the plan's pass hands it its
+    state, and the values are the general walk's."""
+    got = _logits_with_grad_turned_off(
+        _vit(conv_kernel=3, adapt_from=2), torch.randn(2, 3, 32, 32), at
+    )
+    assert torch.equal(got[0], got[1]) and not got[0].requires_grad
+
+
+@pytest.mark.parametrize("at", [0, 2, 3])
+def test_grad_mode_turned_off_with_taps_pending_hands_the_recorded_pass_on(monkeypatch, at):
+    """Grad mode goes off inside block ``at`` of a recorded pass while taps wait for the
+    next step (adapt_from = depth): from there the general walk counts them against
+    PENDING_BYTES and computes them early (here at every tap), as a walk begun there would;
+    the plan's pass hands it its state."""
+    monkeypatch.setattr(csn_module, "PENDING_BYTES", 1)
+    got = _logits_with_grad_turned_off(
+        _vit(conv_kernel=3, adapt_from=5), torch.randn(2, 3, 32, 32), at
+    )
     assert torch.equal(got[0], got[1])
 
 
