@@ -514,3 +514,34 @@ def test_a_conv_replaced_inside_a_recorded_pass_is_used_by_its_next_steps():
             model.csn.__dict__.pop("walk_plan", None)
     assert got[0][1] is not None
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16-autocast"])
+def test_a_planned_training_step_on_cuda_equals_the_general_one(backend, amp):
+    """A recorded pass's plan on the GPU's kernels: the general walk's logits bit for bit,
+    and its gradients (to rounding: the backward through the backbone's attention and the
+    Triton backward's fp32 atomics need not add up in the same order twice)."""
+    from dtl_kernels.ops import side
+
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    if backend != "auto" and not side.BACKENDS[backend].runs(x):
+        pytest.skip(side.BACKENDS[backend].why_not(x))
+    model = _vit(conv_kernel=3, adapt_from=3).cuda().train()
+    model.csn.backend = backend
+    got = []
+    for planned in (True, False):
+        if not planned:
+            model.csn.walk_plan = lambda *a: None
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16, enabled=amp):
+            out = model(x)
+        out.float().square().sum().backward()
+        got.append((out.detach(), [p.grad for p in model.csn.parameters()]))
+        model.csn.__dict__.pop("walk_plan", None)
+    assert torch.equal(got[0][0], got[1][0])
+    for a, b in zip(got[0][1], got[1][1], strict=True):
+        torch.testing.assert_close(a, b)
+    assert any(plan and plan.grad for plan in model.csn._plans.values())  # it was planned
