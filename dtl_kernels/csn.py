@@ -115,18 +115,18 @@ class PlannedPass:
     """One pass of a :class:`WalkPlan`: the stage's taps (without autograd, this pass's copy
     of the kept zeros, written in place), its ups and conv, and the step."""
 
-    __slots__ = ("plan", "taps", "ups", "conv", "run", "down", "convs", "beta", "save_dtype")
+    __slots__ = ("plan", "taps", "ups", "run", "down", "convs", "beta", "save_dtype")
 
     def __init__(self, csn: CompactSideNetwork, plan: WalkPlan):
         self.plan = plan
         # (side_step never writes its taps: a recorded pass starts from the kept zeros)
         self.taps = plan.zeros if plan.grad else plan.zeros.clone()
         self.ups = csn._stage_ups(plan.stage, plan.zeros.dtype)
-        self.conv = csn._param("convs", plan.conv_key) if plan.conv_key is not None else None
         self.beta, self.save_dtype = csn.config.beta, csn.trunk_dtype
         self.down, self.convs = csn._modules["down"]._parameters, csn._modules["convs"]._parameters
-        if not plan.grad:
-            self.run = step.bind_side_step_(self.ups, self.conv, plan.grid, plan.num_prefix,
+        if not plan.grad:  # (the conv bound once per pass, as the general no-grad walk does)
+            conv = None if plan.conv_key is None else self.convs[plan.conv_key]
+            self.run = step.bind_side_step_(self.ups, conv, plan.grid, plan.num_prefix,
                                             self.beta, plan.kernel)  # fmt: skip
 
     def step(self, y: torch.Tensor, pending: list, row: tuple) -> torch.Tensor:
@@ -151,33 +151,24 @@ class PlannedPass:
         )  # fmt: skip
         return out
 
-    def hand_off_recorded(self, i: int, pending: list) -> SideState:
-        """The :class:`SideState` the general walk would hold after block ``i`` of a
-        recorded pass whose grad mode went off inside that block (from there on the general
-        walk takes no-grad steps, and counts pending taps against :data:`PENDING_BYTES`):
-        ``pending`` holds the inputs collected since the last step, all under autograd."""
-        plan, rows = self.plan, self.plan.rows
+    def hand_off(self, i: int, pending: list, folded: torch.Tensor | None = None) -> SideState:
+        """The :class:`SideState` the general walk would hold after block ``i``, from where it
+        goes on: in a pass begun without autograd, at block ``i``'s step, grad mode having
+        come on (or inference mode gone off) inside the block (``folded``: its input where
+        the last step took its tap); in a recorded pass, grad mode having gone off inside
+        it (the general walk then takes no-grad steps and counts pending taps against
+        :data:`PENDING_BYTES`). ``pending``: the inputs collected since the last step."""
+        plan = self.plan
         keys, first_col = (), 0
-        for j in range(i, len(rows)):  # the step these inputs wait for: i's, or a later one
-            if rows[j][1] is not None:
-                keys, first_col = rows[j][1][0][: len(pending)], rows[j][1][1]
+        for _, row in plan.rows[i:]:  # the step these inputs wait for: i's, or a later one
+            if row is not None:
+                keys, first_col = row[0][: len(pending)], row[1]
                 break
+        no_grad = not plan.grad  # its taps are this pass's copy; its add-backs fold taps
         return SideState(
             backend=plan.backend, stage=plan.stage, taps=self.taps, ups=self.ups,
             inputs=list(pending), downs=[self.down[k] for k in keys], first_col=first_col,
-            kernel=plan.kernel, plain=True,
-        )  # fmt: skip
-
-    def hand_off(self, pending: list, row: tuple, folded: torch.Tensor | None) -> SideState:
-        """The :class:`SideState` the general walk would hold at this step of a pass begun
-        without autograd (grad mode came on, or inference mode went off, inside the block
-        before it): the walk goes on with it from here. ``folded``: this block's input where
-        the last step took its tap."""
-        plan, keys = self.plan, row[0]
-        return SideState(
-            backend=plan.backend, stage=plan.stage, taps=self.taps, ups=self.ups,
-            inputs=list(pending), downs=[self.down[k] for k in keys], first_col=row[1],
-            kernel=plan.kernel, plain=True, own_taps=True, fold=True, folded=folded,
+            kernel=plan.kernel, plain=True, own_taps=no_grad, fold=no_grad, folded=folded,
         )  # fmt: skip
 
 

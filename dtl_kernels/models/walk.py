@@ -221,7 +221,7 @@ def _run_planned(blocks, csn, x, grid, num_prefix: int) -> torch.Tensor:
                 pending.append(x)
             x = blocks[i](x)
             if not torch.is_grad_enabled():
-                state = run.hand_off_recorded(i, pending)
+                state = run.hand_off(i, pending)
                 if row is not None:
                     x = csn.add_back(state, i, x, grid, num_prefix)
                 return _run_plain(blocks, csn, x, grid, num_prefix, state, i + 1, stop)
@@ -238,7 +238,7 @@ def _run_planned(blocks, csn, x, grid, num_prefix: int) -> torch.Tensor:
         if row is None:
             continue
         if torch.is_grad_enabled() or (plan.inference and not torch.is_inference_mode_enabled()):
-            state = run.hand_off(pending, row, folded)
+            state = run.hand_off(i, pending, folded)
             x = csn.add_back(state, i, x, grid, num_prefix)
             return _run_plain(blocks, csn, x, grid, num_prefix, state, i + 1, stop)
         x = run.step(x, pending, row)
