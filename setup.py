@@ -117,12 +117,15 @@ def _extensions():
         )
         for name, flags in variants.items()
     ]
-    # the direct Python entries to the ops and the launcher bridge (any variant's: they only
-    # call the dispatcher)
+    # the direct Python entries to the ops, the launcher bridge and the launchers' allocations
+    # (any variant's: they only call the dispatcher)
     exts.append(
         cpp_extension.CppExtension(
             "dtl_kernels._C_bind",
-            [f"csrc/bind/{name}.cpp" for name in ("module", "step_binding", "launcher_bridge")],
+            [
+                f"csrc/bind/{name}.cpp"
+                for name in ("module", "step_binding", "launcher_bridge", "launch_buffers")
+            ],
             extra_compile_args={"cxx": ["-O2", "-std=c++20"]},
         )
     )

@@ -1,7 +1,8 @@
 """``dtl_kernels._C_bind.register_launchers`` (csrc/bind/launcher_bridge.cpp): Python launchers
 as the CPU / CUDA kernels of ops with the side-op schema, called without torch.library's
 boxing. Probed with ops of its own (the Triton ops are covered in test_side_triton.py):
-what the launcher receives, what comes back, errors and refusals."""
+what the launcher receives (the call's key among it), what comes back, errors and
+refusals."""
 
 from __future__ import annotations
 
@@ -40,13 +41,13 @@ seen: list[tuple] = []
 
 def _fwd(*args):
     seen.append(args)
-    y, taps, ups, conv, gh, gw, npre, beta = args
+    y, taps, ups, conv, gh, gw, npre, beta, key = args
     return y + (taps @ ups.t()) * beta
 
 
 def _bwd(*args):
     seen.append(args)
-    g, taps, ups, conv, gh, gw, npre, beta = args
+    g, taps, ups, conv, gh, gw, npre, beta, key = args
     return g @ ups, g.flatten(0, 1).t() @ taps.flatten(0, 1), g.new_empty((0,))
 
 
@@ -66,7 +67,7 @@ def test_launcher_gets_the_arguments_and_its_result_comes_back():
     got = seen[-1]
     assert got[0] is y and got[1] is taps and got[2] is ups  # the same Python objects
     assert got[3] is None and got[4:7] == (7, 8, 9) and got[7] == 0.5
-    assert [type(v) for v in got[4:]] == [int, int, int, float]
+    assert [type(v) for v in got[4:]] == [int, int, int, float, bytes]  # the last: the key
     ops["fwd"](y, taps, ups, conv, 1, 2, 3, 4.0)
     assert seen[-1][3] is conv and seen[-1][7] == 4.0
     g = torch.randn(2, 3, 4)
@@ -136,6 +137,49 @@ def test_registration_is_checked():
         register("x_fwd", None, "x_bwd", _bwd)
     with pytest.raises(TypeError, match="takes 4 arguments"):
         register("x_fwd", _fwd)
+
+
+def _key_of(op: str, *args) -> bytes:
+    seen.clear()
+    probe("bridge_probe", _fwd, _bwd)[op](*args)
+    return seen[-1][8]
+
+
+def test_the_key_tells_calls_apart_by_everything_but_the_data():
+    """Two calls get equal keys exactly when they differ in the tensors' data alone: every
+    size, stride, dtype, the conv's presence and shape, each int and β change the key, and
+    the forward's key is never the backward's."""
+    y, taps, ups = _tensors()
+    conv = torch.ones(4, 1, 3, 3)
+    call = (y, taps, ups, None, 2, 3, 1, 0.5)
+    key = _key_of("fwd", *call)
+    y2, taps2, ups2 = _tensors(seed=1)  # other data, the same metadata
+    assert _key_of("fwd", y2, taps2, ups2, None, 2, 3, 1, 0.5) == key
+    assert _key_of("fwd", *call) == key
+    wide = torch.randn(2, 3, 8)
+    changed = {
+        "y's size": (torch.randn(2, 4, 4), torch.randn(2, 4, 5), *call[2:]),
+        "y's strides": (y.transpose(0, 1).contiguous().transpose(0, 1), *call[1:]),
+        "y's dtype": (y.double(), *call[1:]),
+        "taps' strides": (y, wide[..., :5], *call[2:]),
+        "taps' dtype": (y, taps.bfloat16(), ups.bfloat16(), *call[3:]),
+        "ups' size": (y, torch.randn(2, 3, 6), torch.randn(4, 6), *call[3:]),
+        "ups' strides": (y, taps, torch.randn(5, 4).t(), *call[3:]),
+        "a conv": (*call[:3], conv, *call[4:]),
+        "grid_h": (*call[:4], 3, 3, 1, 0.5),
+        "grid_w": (*call[:4], 2, 4, 1, 0.5),
+        "num_prefix": (*call[:4], 2, 3, 2, 0.5),
+        "beta": (*call[:7], 0.25),
+        "beta's sign": (*call[:7], -0.5),
+    }
+    keys = {name: _key_of("fwd", *args) for name, args in changed.items()}
+    keys["the backward"] = _key_of("bwd", *call)
+    for name, other in keys.items():
+        assert other != key, f"{name} left the key unchanged"
+    assert len(set(keys.values())) == len(keys)  # and every change gives its own key
+    with_conv = _key_of("fwd", *call[:3], conv, *call[4:])
+    assert _key_of("fwd", *call[:3], torch.ones(4, 1, 5, 5), *call[4:]) != with_conv
+    assert _key_of("fwd", *call[:3], conv.double(), *call[4:]) != with_conv
 
 
 def test_triton_ops_use_the_bridge():

@@ -14,4 +14,8 @@ PyObject* side_step_inplace(PyObject* module, PyObject* const* args, Py_ssize_t 
 // side-op schema, called through a lean C++ bridge instead of torch.library's boxed one.
 PyObject* register_launchers(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
 
+// launch_buffers.cpp: the Triton launchers' outputs and temporaries, one call per launcher.
+PyObject* forward_buffers(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
+PyObject* backward_buffers(PyObject* module, PyObject* const* args, Py_ssize_t nargs);
+
 }  // namespace dtl_bind

@@ -9,15 +9,21 @@
 // schema by hand and calls the launcher with one vectorcall.
 //
 // The launcher gets what torch.library would hand it (tensors, None or a tensor, three ints,
-// a float) and its Python exception reaches the caller unchanged (persisted, so that a C++
-// caller on another thread can rethrow it). Stricter on results than torch.library: anything
-// but a Tensor (forward) or a tuple of three Tensors (backward) is refused by name.
+// a float), then a ninth argument torch.library does not give: `key`, a bytes object that
+// holds everything of the call but the tensors' data -- each tensor's sizes, strides, dtype,
+// layout and device, the conv's presence, the ints, β's bits -- so that two calls with equal
+// keys differ only in their data. The launcher caches what it plans per key (a bytes
+// lookup instead of building a key from a dozen tensor attributes in Python). Its Python
+// exception reaches the caller unchanged (persisted, so that a C++ caller on another
+// thread can rethrow it). Stricter on results than torch.library: anything but a Tensor
+// (forward) or a tuple of three Tensors (backward) is refused by name.
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -40,11 +46,57 @@ PyObject* checked(PyObject* obj) {
   return obj;
 }
 
-// launcher(first, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta), the GIL held.
-THPObjectPtr call_launcher(PyObject* launcher, const at::Tensor& first, const at::Tensor& taps,
-                           const at::Tensor& ups, const std::optional<at::Tensor>& conv,
-                           int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta) {
-  constexpr size_t kArgs = 8;
+// The call's key (see the top of the file). Fixed-width fields in a fixed order, so that
+// equal bytes mean equal calls: a tag of the op (forward / backward), per tensor its rank,
+// sizes, strides, dtype, layout and device, then the conv's (or a marker for None), the
+// ints and β's bit pattern.
+class KeyWriter {
+ public:
+  void put(int64_t v) { bytes_.append(reinterpret_cast<const char*>(&v), sizeof v); }
+  void put(const at::Tensor& t) {
+    put(t.dim());
+    for (const int64_t s : t.sizes()) put(s);
+    if (t.layout() == c10::kStrided) {
+      for (const int64_t s : t.strides()) put(s);
+    }
+    put(static_cast<int64_t>(t.scalar_type()));
+    put(static_cast<int64_t>(t.layout()));
+    put(static_cast<int64_t>(t.device().type()));
+    put(static_cast<int64_t>(t.device().index()));
+  }
+  PyObject* bytes() const { return PyBytes_FromStringAndSize(bytes_.data(), bytes_.size()); }
+
+ private:
+  std::string bytes_;
+};
+
+PyObject* call_key(bool forward, const at::Tensor& first, const at::Tensor& taps,
+                   const at::Tensor& ups, const std::optional<at::Tensor>& conv, int64_t grid_h,
+                   int64_t grid_w, int64_t num_prefix, double beta) {
+  KeyWriter key;
+  key.put(forward ? 1 : 2);
+  key.put(first);
+  key.put(taps);
+  key.put(ups);
+  key.put(conv.has_value() ? 1 : 0);
+  if (conv.has_value()) key.put(*conv);
+  key.put(grid_h);
+  key.put(grid_w);
+  key.put(num_prefix);
+  int64_t beta_bits = 0;
+  static_assert(sizeof beta_bits == sizeof beta, "β is a 64-bit double");
+  std::memcpy(&beta_bits, &beta, sizeof beta);
+  key.put(beta_bits);
+  return key.bytes();
+}
+
+// launcher(first, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta, key), the GIL
+// held.
+THPObjectPtr call_launcher(PyObject* launcher, bool forward, const at::Tensor& first,
+                           const at::Tensor& taps, const at::Tensor& ups,
+                           const std::optional<at::Tensor>& conv, int64_t grid_h,
+                           int64_t grid_w, int64_t num_prefix, double beta) {
+  constexpr size_t kArgs = 9;
   THPObjectPtr owned[kArgs];
   owned[0] = checked(THPVariable_Wrap(first));
   owned[1] = checked(THPVariable_Wrap(taps));
@@ -59,6 +111,7 @@ THPObjectPtr call_launcher(PyObject* launcher, const at::Tensor& first, const at
   owned[5] = checked(PyLong_FromLongLong(grid_w));
   owned[6] = checked(PyLong_FromLongLong(num_prefix));
   owned[7] = checked(PyFloat_FromDouble(beta));
+  owned[8] = checked(call_key(forward, first, taps, ups, conv, grid_h, grid_w, num_prefix, beta));
   PyObject* args[kArgs];
   for (size_t j = 0; j < kArgs; ++j) args[j] = owned[j].get();
   return THPObjectPtr(checked(PyObject_Vectorcall(launcher, args, kArgs, nullptr)));
@@ -78,7 +131,7 @@ auto forward_kernel(PyObject* launcher, std::string op) {
                         int64_t num_prefix, double beta) -> at::Tensor {
     pybind11::gil_scoped_acquire gil;
     THPObjectPtr out =
-        call_launcher(launcher, y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
+        call_launcher(launcher, true, y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
     return tensor_result(out.get(), op, "the output");
   };
 }
@@ -89,8 +142,8 @@ auto backward_kernel(PyObject* launcher, std::string op) {
                         int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta)
              -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
     pybind11::gil_scoped_acquire gil;
-    THPObjectPtr out =
-        call_launcher(launcher, grad_out, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
+    THPObjectPtr out = call_launcher(launcher, false, grad_out, taps, ups, conv, grid_h, grid_w,
+                                     num_prefix, beta);
     TORCH_CHECK_TYPE(PyTuple_Check(out.get()) && PyTuple_GET_SIZE(out.get()) == 3,
                      "dtl_kernels::", op, ": its launcher must return a tuple of three tensors, "
                      "got ", Py_TYPE(out.get())->tp_name);

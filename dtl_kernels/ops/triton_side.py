@@ -103,6 +103,7 @@ Only ``taps``, ``ups`` and ``conv_weight`` are saved for backward (not ``h``, no
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -1129,20 +1130,28 @@ def _t_vec(taps: torch.Tensor) -> int:
 
 
 # What a launch needs besides the tensors' data (the contract's checks, the plan, the launch
-# constants) depends only on shapes, strides, dtypes, devices and the scalars: worked out once
-# per such key (~20 µs of host time per call otherwise). A key that fails the checks raises
-# and is never stored; a NaN β never equals itself, so it is checked (and refused) each time.
+# constants, the sizes of the temporaries) depends only on shapes, strides, dtypes, devices
+# and the scalars: worked out once per such key (~20 µs of host time per call otherwise). A
+# key that fails the checks raises and is never stored; a NaN β never equals itself, so it
+# is checked (and refused) each time. Through _C_bind's bridge the key comes with the call
+# (``key``: bytes that hold all of the above, csrc/bind/launcher_bridge.cpp), which saves
+# building it here from a dozen tensor attributes at every launch.
 _SPECS: dict = {}
 _MAX_SPECS = 4096
 
 
-def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta, det=False):
+def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta, det=False,
+                 key=None):  # fmt: skip
     """``(k, plan, consts)`` for ``op`` on these inputs (``plan`` / ``consts`` ``None`` when
-    ``y`` is empty); ``y`` may be ``grad_out``."""
-    w = None if conv_weight is None else (conv_weight.shape, conv_weight.dtype, conv_weight.device)
-    key = (op, y.shape, y.stride(), y.dtype, y.device, taps.shape, taps.stride(), taps.dtype,
-           taps.device, ups.shape, ups.dtype, ups.device, w, grid_h, grid_w, num_prefix, beta,
-           det)  # fmt: skip
+    ``y`` is empty); ``y`` may be ``grad_out``; ``key``: the bridge's key of this call."""
+    if key is None:
+        w = None if conv_weight is None else (conv_weight.shape, conv_weight.dtype,
+                                              conv_weight.device)  # fmt: skip
+        key = (op, y.shape, y.stride(), y.dtype, y.device, taps.shape, taps.stride(),
+               taps.dtype, taps.device, ups.shape, ups.dtype, ups.device, w, grid_h, grid_w,
+               num_prefix, beta, det)  # fmt: skip
+    else:
+        key = (key, det)
     spec = _SPECS.get(key)
     if spec is not None:
         return spec
@@ -1159,10 +1168,57 @@ def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
     consts = _consts(y, taps, (y, taps))  # the outputs are contiguous: FLAT as for y
     if op == "triton_side_backward":
         consts["SGN"] = y.stride(1) if k else 0
+    # what the launchers pass besides the tensors, fixed by the key: the arguments of
+    # _forward_buffers / _backward_buffers, the strides of y (or grad_out), taps and the
+    # contiguous outputs, the launches' sizes and β
+    bsz, n, d = y.shape
+    kw = taps.shape[2]
+    rows = bsz * n
+    acc = _acc_torch(y.dtype)
+    p["fwd_buffers"] = (math.prod(p["fwd_scratch"]) if p["fwd_scratch"] else 0, acc)
+    zero_taps = p["bwd"]["meta"]["SPLIT"] > 1 and taps.dtype == acc  # ∂T added up in place
+    tbuf_start = p["bwd_slots"] * d * (kw + k * k) if p["bwd_tbuf"] else 0
+    p["bwd_buffers"] = (zero_taps, p["bwd_buffer"][0], tbuf_start, acc)
+    p["strides"] = (y.stride(), taps.stride(), (n * d, d, 1))
+    p["fwd_ints"] = (rows, n, d, kw, float(beta)) if k == 0 else (rows, d, kw, float(beta))
+    p["bwd_ints"] = (rows, n, d, kw, float(beta))
+    p["finish_ints"] = (p["bwd_slots"], d, kw, k * k, rows * kw if p["bwd_tbuf"] else 0)
+    p["finish_consts"] = {"ACC": _acc_dtype(y.dtype)}
     if len(_SPECS) >= _MAX_SPECS:
         _SPECS.clear()
     _SPECS[key] = spec = (k, p, consts)
     return spec
+
+
+def _forward_buffers_py(y, scratch_numel, acc):
+    """``(out, scratch)``: ``out`` like ``y``, contiguous; ``scratch`` ``acc`` elements."""
+    return (
+        torch.empty_like(y, memory_format=torch.contiguous_format),
+        torch.empty(scratch_numel, dtype=acc, device=y.device),
+    )
+
+
+def _backward_buffers_py(grad_out, taps, ups, conv_weight, zero_taps, buf_numel, tbuf_start,
+                         acc):  # fmt: skip
+    """``(grad_taps, grad_ups, grad_conv, buf, tbuf)``: the gradients like ``taps`` /
+    ``ups`` / ``conv_weight``, contiguous (``grad_taps`` zeroed if ``zero_taps``;
+    ``grad_conv`` empty for DTL); ``buf`` zeroed ``acc`` elements, ``tbuf`` its tail from
+    ``tbuf_start`` (``buf`` itself at 0)."""
+    new = torch.zeros_like if zero_taps else torch.empty_like
+    grad_taps = new(taps, memory_format=torch.contiguous_format)
+    grad_ups = torch.empty_like(ups, memory_format=torch.contiguous_format)
+    if conv_weight is not None:
+        grad_conv = torch.empty_like(conv_weight, memory_format=torch.contiguous_format)
+    else:
+        grad_conv = grad_out.new_empty((0,))
+    buf = torch.zeros(buf_numel, dtype=acc, device=grad_out.device)
+    return grad_taps, grad_ups, grad_conv, buf, (buf[tbuf_start:] if tbuf_start else buf)
+
+
+# The same allocations in one C++ call each where _C_bind is built (csrc/bind/
+# launch_buffers.cpp: ~1 µs of torch's Python argument parsing saved per tensor)
+_forward_buffers = getattr(_ext.BINDING, "forward_buffers", _forward_buffers_py)
+_backward_buffers = getattr(_ext.BINDING, "backward_buffers", _backward_buffers_py)
 
 
 def side_fwd(
@@ -1174,27 +1230,26 @@ def side_fwd(
     grid_w: int,
     num_prefix: int,
     beta: float,
+    key: bytes | None = None,
 ) -> torch.Tensor:
-    """Launch the forward kernel; returns ``out`` ``(B, N, d)`` in ``y``'s dtype."""
+    """Launch the forward kernel; returns ``out`` ``(B, N, d)`` in ``y``'s dtype. ``key``:
+    the bridge's key of this call (the launch spec's cache key), else built here."""
     k, p, consts = _launch_spec(
-        "triton_side_forward", y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
-    )
-    bsz, n, d = y.shape
-    kw = taps.shape[2]
-    out = torch.empty_like(y, memory_format=torch.contiguous_format)  # (B, N, d): no shape to parse
-    if out.numel() == 0:
-        return out
+        "triton_side_forward", y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta,
+        key=key,
+    )  # fmt: skip
+    if p is None:  # y is empty: nothing to launch
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+    out, scratch = _forward_buffers(y, *p["fwd_buffers"])  # (B, N, d) contiguous; ACC scratch
     ups_c = ups.contiguous()
-    rows = bsz * n
+    ys, ts, outs = p["strides"]
     with _device_of(y):
         if k == 0:
-            _launch(p["fwd"], (y, *y.stride(), taps, *taps.stride(), ups_c, out,
-                               *out.stride(), rows, n, d, kw, float(beta)), consts)  # fmt: skip
+            _launch(p["fwd"], (y, *ys, taps, *ts, ups_c, out, *outs, *p["fwd_ints"]), consts)
         else:
             w = conv_weight.contiguous()  # read as (d, k²) in place: no per-call transposed copy
-            scratch = torch.empty(p["fwd_scratch"], dtype=_acc_torch(y.dtype), device=y.device)
-            _launch(p["fwd"], (y, *y.stride(), taps, *taps.stride(), ups_c, w, out, *out.stride(),
-                               scratch, rows, d, kw, float(beta)), consts)  # fmt: skip
+            _launch(p["fwd"], (y, *ys, taps, *ts, ups_c, w, out, *outs, scratch,
+                               *p["fwd_ints"]), consts)  # fmt: skip
     return out
 
 
@@ -1207,45 +1262,33 @@ def side_bwd(
     grid_w: int,
     num_prefix: int,
     beta: float,
+    key: bytes | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels; returns ``(grad_taps, grad_ups, grad_conv)`` in the
     dtypes of ``taps``, ``ups`` and ``conv_weight`` (``grad_conv`` empty for DTL).
-    Bit-identical runs in :func:`deterministic_mode`, else fp32 atomics."""
+    Bit-identical runs in :func:`deterministic_mode`, else fp32 atomics. ``key``: as for
+    :func:`side_fwd`."""
     k, p, consts = _launch_spec(
         "triton_side_backward", grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix,
-        beta, deterministic_mode(),
+        beta, deterministic_mode(), key,
     )  # fmt: skip
-    bsz, n, d = grad_out.shape
-    kw = taps.shape[2]
-    dev = grad_out.device
-    if grad_out.numel() == 0:
+    if p is None:  # grad_out is empty
         grad_conv = conv_weight.new_zeros(conv_weight.shape) if k else grad_out.new_empty((0,))
         return taps.new_zeros(taps.shape), ups.new_zeros(ups.shape), grad_conv
-    acc = _acc_torch(grad_out.dtype)
     ups_c = ups.contiguous()
     w = conv_weight.contiguous() if k else ups_c  # read as (d, k²) in place (DTL: a dummy)
-    split = p["bwd"]["meta"]["SPLIT"]
     # ∂T: written once per row tile, or (d split over programs) added up by atomics: into
     # the zeroed output when it is ACC, else into the tail of the buffer (cast at the end)
-    if split > 1 and taps.dtype == acc:
-        grad_taps = torch.zeros_like(taps, memory_format=torch.contiguous_format)
-    else:
-        grad_taps = torch.empty_like(taps, memory_format=torch.contiguous_format)
-    grad_ups = torch.empty_like(ups, memory_format=torch.contiguous_format)
-    grad_conv = (
-        torch.empty_like(conv_weight, memory_format=torch.contiguous_format)
-        if k
-        else grad_out.new_empty((0,))
+    grad_taps, grad_ups, grad_conv, buf, tbuf = _backward_buffers(
+        grad_out, taps, ups, conv_weight if k else None, *p["bwd_buffers"]
     )
-    buf = torch.zeros(p["bwd_buffer"], dtype=acc, device=dev)
-    tbuf = buf[p["bwd_slots"] * d * (kw + k * k) :] if p["bwd_tbuf"] else buf
+    gs, ts, _ = p["strides"]
     with _device_of(grad_out):
-        _launch(p["bwd"], (grad_out, *grad_out.stride(), taps, *taps.stride(), ups_c, w,
-                           tbuf if p["bwd_tbuf"] else grad_taps, buf, bsz * n, n, d, kw,
-                           float(beta)), consts)  # fmt: skip
+        _launch(p["bwd"], (grad_out, *gs, taps, *ts, ups_c, w,
+                           tbuf if p["bwd_tbuf"] else grad_taps, buf, *p["bwd_ints"]),
+                consts)  # fmt: skip
         _launch(p["finish"], (buf, grad_ups, grad_conv if k else grad_ups, tbuf, grad_taps,
-                              p["bwd_slots"], d, kw, k * k, bsz * n * kw if p["bwd_tbuf"] else 0),
-                {"ACC": _acc_dtype(grad_out.dtype)})  # fmt: skip
+                              *p["finish_ints"]), p["finish_consts"])  # fmt: skip
     return grad_taps, grad_ups, grad_conv
 
 
