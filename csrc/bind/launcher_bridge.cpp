@@ -46,21 +46,22 @@ PyObject* checked(PyObject* obj) {
   return obj;
 }
 
-// The call's key (see the top of the file). Fixed-width fields in a fixed order, so that
-// equal bytes mean equal calls: a tag of the op (forward / backward), per tensor its rank,
-// sizes, strides, dtype, layout and device, then the conv's (or a marker for None), the
-// ints and β's bit pattern.
+// The call's key (see the top of the file). 64-bit fields in a fixed order, each count
+// before what it counts, so that equal bytes mean equal calls: a tag of the op (forward /
+// backward), per tensor its layout, rank, sizes, strides (strided tensors), dtype and
+// device, then the conv's (after a marker for None or not), the ints and β's bit
+// pattern.
 class KeyWriter {
  public:
   void put(int64_t v) { bytes_.append(reinterpret_cast<const char*>(&v), sizeof v); }
-  void put(const at::Tensor& t) {
+  void put(const at::Tensor& t) {  // the layout first: it says whether strides follow
+    put(static_cast<int64_t>(t.layout()));
     put(t.dim());
     for (const int64_t s : t.sizes()) put(s);
     if (t.layout() == c10::kStrided) {
       for (const int64_t s : t.strides()) put(s);
     }
     put(static_cast<int64_t>(t.scalar_type()));
-    put(static_cast<int64_t>(t.layout()));
     put(static_cast<int64_t>(t.device().type()));
     put(static_cast<int64_t>(t.device().index()));
   }
