@@ -170,11 +170,20 @@ def _check_launch_spec_cache(op, y, taps, ups, w):
             except ValueError:
                 refused[what] = True
         report["refused after a cached call"] = refused
+        # the spec keeps β as the float the launches get: a 0-dim tensor β changed in place
+        # (a direct call; the op takes floats only) is read anew, not served from the spec
+        beta = torch.tensor(2.0)
+        at_2 = triton_side.side_fwd(y, taps, ups, w, 4, 8, 5, beta)
+        beta.fill_(5.0)
+        at_5 = triton_side.side_fwd(y, taps, ups, w, 4, 8, 5, beta)
+        report["tensor beta read anew"] = torch.equal(
+            at_5, triton_side.side_fwd(y, taps, ups, w, 4, 8, 5, 5.0)
+        ) and not torch.equal(at_2, at_5)
     finally:
         contract.check_kernel_inputs = real
     ok = (report["repeat: checks run"] == 1 and report["repeat: same bits"]
           and report["strided: same values"] and report["strided: checks run"] == 2
-          and all(refused.values()))  # fmt: skip
+          and all(refused.values()) and report["tensor beta read anew"])  # fmt: skip
     return ok, report
 
 

@@ -7,7 +7,7 @@
 // tensors come from at::empty / at::zeros behind one METH_FASTCALL entry. What is allocated
 // (shapes, dtypes, which buffers are zeroed) is decided by the launcher; these functions
 // only carry it out, so the Python fallback (triton_side._*_buffers_py, used where _C_bind
-// is not built) and this file allocate the same tensors (tests/test_side_triton.py).
+// is not built) and this file allocate the same tensors (tests/test_launch_buffers.py).
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>

@@ -10,10 +10,11 @@
 //
 // The launcher gets what torch.library would hand it (tensors, None or a tensor, three ints,
 // a float), then a ninth argument torch.library does not give: `key`, a bytes object that
-// holds everything of the call but the tensors' data -- each tensor's sizes, strides, dtype,
-// layout and device, the conv's presence, the ints, β's bits -- so that two calls with equal
-// keys differ only in their data. The launcher caches what it plans per key (a bytes
-// lookup instead of building a key from a dozen tensor attributes in Python). Its Python
+// holds each tensor's layout, sizes, strides, dtype and device, the conv's presence, the
+// ints and β's bits -- so that two calls with equal keys differ only in what a launch plan
+// does not depend on (the data, where it lies, requires_grad). The launcher caches what it
+// plans per key (a bytes lookup instead of a key built from a dozen tensor attributes in
+// Python); a launcher registered here takes nine arguments. Its Python
 // exception reaches the caller unchanged (persisted, so that a C++ caller on another
 // thread can rethrow it). Stricter on results than torch.library: anything but a Tensor
 // (forward) or a tuple of three Tensors (backward) is refused by name.
@@ -79,8 +80,9 @@ PyObject* call_key(bool forward, const at::Tensor& first, const at::Tensor& taps
   key.put(first);
   key.put(taps);
   key.put(ups);
-  key.put(conv.has_value() ? 1 : 0);
-  if (conv.has_value()) key.put(*conv);
+  const bool has_conv = conv.has_value() && conv->defined();  // undefined: None, as wrapped
+  key.put(has_conv ? 1 : 0);
+  if (has_conv) key.put(*conv);
   key.put(grid_h);
   key.put(grid_w);
   key.put(num_prefix);

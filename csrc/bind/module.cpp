@@ -20,7 +20,8 @@ PyMethodDef kMethods[] = {
      "NotImplemented unless every argument is plainly typed."},
     {"register_launchers", fastcall(&dtl_bind::register_launchers), METH_FASTCALL,
      "register_launchers(forward_op, forward, backward_op, backward): the Python launchers "
-     "become the CPU and CUDA kernels of two ops with the side-op schema (once per op)."},
+     "become the CPU and CUDA kernels of two ops with the side-op schema (once per op); "
+     "each is called with the op's eight arguments and the call's key (bytes)."},
     {"forward_buffers", fastcall(&dtl_bind::forward_buffers), METH_FASTCALL,
      "forward_buffers(y, scratch_numel, acc_dtype) -> (out, scratch): a Triton forward "
      "launcher's output and scratch in one call."},

@@ -1132,10 +1132,11 @@ def _t_vec(taps: torch.Tensor) -> int:
 # What a launch needs besides the tensors' data (the contract's checks, the plan, the launch
 # constants, the sizes of the temporaries) depends only on shapes, strides, dtypes, devices
 # and the scalars: worked out once per such key (~20 µs of host time per call otherwise). A
-# key that fails the checks raises and is never stored; a NaN β never equals itself, so it
-# is checked (and refused) each time. Through _C_bind's bridge the key comes with the call
-# (``key``: bytes that hold all of the above, csrc/bind/launcher_bridge.cpp), which saves
-# building it here from a dozen tensor attributes at every launch.
+# key that fails the checks raises and is never stored (so a NaN β is refused each time).
+# Through _C_bind's bridge the key comes with the call (``key``: bytes that hold all of the
+# above, csrc/bind/launcher_bridge.cpp), which saves building it here from a dozen tensor
+# attributes at every launch. β enters the key as the float the launches are given (the
+# spec keeps it): a β that is not a float (a 0-dim tensor, changed in place) is read anew.
 _SPECS: dict = {}
 _MAX_SPECS = 4096
 
@@ -1149,7 +1150,7 @@ def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
                                               conv_weight.device)  # fmt: skip
         key = (op, y.shape, y.stride(), y.dtype, y.device, taps.shape, taps.stride(),
                taps.dtype, taps.device, ups.shape, ups.dtype, ups.device, w, grid_h, grid_w,
-               num_prefix, beta, det)  # fmt: skip
+               num_prefix, float(beta), det)  # fmt: skip
     else:
         key = (key, det)
     spec = _SPECS.get(key)
@@ -1179,7 +1180,7 @@ def _launch_spec(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
     zero_taps = p["bwd"]["meta"]["SPLIT"] > 1 and taps.dtype == acc  # ∂T added up in place
     tbuf_start = p["bwd_slots"] * d * (kw + k * k) if p["bwd_tbuf"] else 0
     p["bwd_buffers"] = (zero_taps, p["bwd_buffer"][0], tbuf_start, acc)
-    p["strides"] = (y.stride(), taps.stride(), (n * d, d, 1))
+    p["strides"] = (y.stride(), taps.stride(), (n * d, d, 1))  # y / grad_out, taps, out
     p["fwd_ints"] = (rows, n, d, kw, float(beta)) if k == 0 else (rows, d, kw, float(beta))
     p["bwd_ints"] = (rows, n, d, kw, float(beta))
     p["finish_ints"] = (p["bwd_slots"], d, kw, k * k, rows * kw if p["bwd_tbuf"] else 0)
