@@ -10,6 +10,8 @@ Environment switches:
                                 baseline, AVX2 and AVX-512 — and pick the widest this CPU
                                 runs at import (as ATen does); 1: one build with
                                 -march=native for this machine only (refused elsewhere).
+                                Only the kernels are built per variant: the op schemas,
+                                autograd and step (dispatcher calls only) are built once.
     TORCH_CUDA_ARCH_LIST        CUDA archs; defaults to "8.0;9.0+PTX" (no GPU is queried; the
                                 PTX lets newer GPUs compile the kernels at load time).
     CUDA_HOME                   toolkit root; defaults to /usr/local/cuda when it exists.
@@ -65,9 +67,9 @@ def _nvidia_wheel_includes() -> list[str]:
 # their at::vec width from these flags; dtl_kernels/ops/_ext.py imports the widest one this
 # CPU runs (torch's own CPU capability, checked against /proc/cpuinfo).
 CPU_VARIANTS = {
-    "_C": [],
-    "_C_avx2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
-    "_C_avx512": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mavx512f", "-mavx512bw",
+    "_C_cpu": [],
+    "_C_cpu_avx2": ["-mavx2", "-mfma", "-mf16c", "-mbmi2"],
+    "_C_cpu_avx512": ["-mavx2", "-mfma", "-mf16c", "-mbmi2", "-mavx512f", "-mavx512bw",
                   "-mavx512dq", "-mavx512vl", "-mavx512cd"],
 }  # fmt: skip
 
@@ -79,7 +81,7 @@ def _native() -> bool:
 def _variant_sources(name: str, sources: list[str]) -> list[str]:
     """Per-variant copies of the CPU sources' names (one-line files that #include the real
     ones), so that each variant's objects get their own paths and flags."""
-    if name == "_C":
+    if name == "_C_cpu":
         return sources
     folder = ROOT / "build" / "cpu_variants" / name
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,18 +103,31 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
-    cpu_sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/step.cpp", "csrc/cpu/module.cpp"] + sorted(
+    # -g0: Python's own CFLAGS carry -g, and torch's templates' debug information made every
+    # object ~25x larger and its compilation ~1.7x slower (the build is most of `make test`)
+    cxx_flags = ["-O3", "-std=c++20", "-g0"]
+    # the op schemas, their autograd and the step (dispatcher calls only): built once
+    exts = [
+        cpp_extension.CppExtension(
+            "dtl_kernels._C",
+            ["csrc/module.cpp", "csrc/ops.cpp", "csrc/autograd.cpp", "csrc/step.cpp"],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+    # the CPU kernels, once per instruction-set variant
+    cpu_sources = ["csrc/cpu/module.cpp"] + sorted(
         str(p.relative_to(ROOT))
         for p in (ROOT / "csrc" / "cpu").glob("*.cpp")
         if p.name != "module.cpp"
     )
-    variants = {"_C": ["-march=native"]} if _native() else CPU_VARIANTS
-    exts = [
+    variants = {"_C_cpu": ["-march=native"]} if _native() else CPU_VARIANTS
+    exts += [
         cpp_extension.CppExtension(
             f"dtl_kernels.{name}",
             _variant_sources(name, cpu_sources),
-            extra_compile_args={"cxx": cxx_flags + flags + [f"-DDTL_CPU_MODULE={name}"]},
+            extra_compile_args={
+                "cxx": cxx_flags + ["-fopenmp"] + flags + [f"-DDTL_CPU_MODULE={name}"]
+            },
             extra_link_args=["-fopenmp"],
         )
         for name, flags in variants.items()
@@ -126,7 +141,7 @@ def _extensions():
                 f"csrc/bind/{name}.cpp"
                 for name in ("module", "step_binding", "launcher_bridge", "launch_buffers")
             ],
-            extra_compile_args={"cxx": ["-O2", "-std=c++20"]},
+            extra_compile_args={"cxx": ["-O2", "-std=c++20", "-g0"]},
         )
     )
     cuda_home = cpp_extension.CUDA_HOME
@@ -148,7 +163,7 @@ def _extensions():
                 cuda_sources,
                 include_dirs=_nvidia_wheel_includes(),
                 extra_compile_args={
-                    "cxx": ["-O3", "-std=c++20"],
+                    "cxx": ["-O3", "-std=c++20", "-g0"],
                     # no --use_fast_math: exact expf / division keep the CUDA results within
                     # rounding of the CPU kernels (the same side_math.h)
                     "nvcc": ["-O3", "-std=c++20", "-lineinfo"],

@@ -61,7 +61,7 @@ print(_ext.CPU_VARIANT)
 """
 
 
-@pytest.mark.parametrize("variant, module", [("avx2", "_C_avx2"), ("default", "_C")])
+@pytest.mark.parametrize("variant, module", [("avx2", "_C_cpu_avx2"), ("default", "_C_cpu")])
 def test_every_cpu_kernel_variant_matches_the_reference(variant, module):
     """The portable build carries the CPU kernels per instruction set (setup.py); capped by
     DTL_KERNELS_CPU_VARIANT, a narrower one is loaded and must compute the same (the
@@ -93,12 +93,12 @@ def test_variant_order_follows_the_cpu_and_the_caps(monkeypatch):
     avx512 = avx2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
     monkeypatch.delenv("DTL_KERNELS_CPU_VARIANT", raising=False)
     for flags, capability, env, want in [
-        (avx512, "AVX512", None, ["_C_avx512", "_C_avx2", "_C"]),
-        (avx2, "AVX2", None, ["_C_avx2", "_C"]),
-        (avx512, "AVX2", None, ["_C_avx2", "_C"]),  # torch capped (ATEN_CPU_CAPABILITY)
-        (avx512, "AVX512", "avx2", ["_C_avx2", "_C"]),
-        (avx512, "AVX512", "default", ["_C"]),
-        (None, "AVX512", None, ["_C"]),  # flags unknown: only the baseline is safe
+        (avx512, "AVX512", None, ["_C_cpu_avx512", "_C_cpu_avx2", "_C_cpu"]),
+        (avx2, "AVX2", None, ["_C_cpu_avx2", "_C_cpu"]),
+        (avx512, "AVX2", None, ["_C_cpu_avx2", "_C_cpu"]),  # torch capped (ATEN_CPU_CAPABILITY)
+        (avx512, "AVX512", "avx2", ["_C_cpu_avx2", "_C_cpu"]),
+        (avx512, "AVX512", "default", ["_C_cpu"]),
+        (None, "AVX512", None, ["_C_cpu"]),  # flags unknown: only the baseline is safe
     ]:
         monkeypatch.setattr(_ext._build_check, "cpu_flags", lambda f=flags: f)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)

@@ -14,8 +14,9 @@ from wheel_check import DROPPED, ROOT, check, source_modules, without
 
 from dtl_kernels import __version__
 
-VARIANTS = ("_C", "_C_avx2", "_C_avx512")
-COMPILED = (*VARIANTS, "_C_bind")  # the kernel variants and the direct entry (csrc/bind)
+VARIANTS = ("_C_cpu", "_C_cpu_avx2", "_C_cpu_avx512")
+# the op schemas, the kernel variants and the direct entry (csrc/bind)
+COMPILED = ("_C", *VARIANTS, "_C_bind")
 
 
 def _wheel(out: Path) -> Path:

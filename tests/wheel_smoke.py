@@ -33,8 +33,9 @@ for name in modules:  # and found there by the import system
     assert origin is not None and site in origin.parents, f"the wheel lacks {name} ({origin})"
 assert _ext.cpu_built(), f"the wheel's CPU kernels do not load: {_ext.CPU_ERROR}"
 modules_so = {p.name.split(".")[0] for p in where.parent.glob("_C*.so")}
-variants = sorted(modules_so - {"_C_bind", "_C_cuda"})
-assert {"_C", "_C_avx2", "_C_avx512"} <= set(variants), f"the wheel carries {variants}"
+assert "_C" in modules_so, f"the wheel lacks the op schemas' module _C ({sorted(modules_so)})"
+variants = sorted(modules_so - {"_C", "_C_bind", "_C_cuda"})
+assert {"_C_cpu", "_C_cpu_avx2", "_C_cpu_avx512"} <= set(variants), f"the wheel carries {variants}"
 assert _ext.BINDING is not None, f"the wheel's direct entry does not load: {_ext.BINDING_ERROR}"
 recipes = [p.name for p in (where.parent / "train" / "recipes").glob("*.yaml")]
 assert "published.yaml" in recipes, f"the wheel carries the recipes {recipes}"  # --recipe

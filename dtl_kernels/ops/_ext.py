@@ -1,7 +1,8 @@
 """Loading of the compiled extensions and what each backend needs to run.
 
-Importing ``dtl_kernels._C`` runs its ``TORCH_LIBRARY`` registrations (the op schemas
-and the CPU kernels); ``dtl_kernels._C_cuda`` adds the CUDA kernels. Neither touches a
+Importing ``dtl_kernels._C`` runs its ``TORCH_LIBRARY`` registrations (the op schemas,
+their autograd and the step); one of ``dtl_kernels._C_cpu*`` (the widest instruction-set
+variant this CPU runs) adds the CPU kernels, ``dtl_kernels._C_cuda`` the CUDA kernels. Neither touches a
 GPU at import. A missing extension is recorded, not raised: the reference backend
 always works, and asking for a missing backend raises :class:`BackendUnavailable`.
 """
@@ -54,9 +55,9 @@ def _warn(reason: str | None) -> str | None:
 
 # CPU kernel variants, widest first: (module, instructions it needs as /proc/cpuinfo names them)
 CPU_VARIANTS = (
-    ("_C_avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2", "fma"}),
-    ("_C_avx2", {"avx2", "fma", "f16c", "bmi2"}),
-    ("_C", set()),
+    ("_C_cpu_avx512", {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx2", "fma"}),
+    ("_C_cpu_avx2", {"avx2", "fma", "f16c", "bmi2"}),
+    ("_C_cpu", set()),
 )
 
 
@@ -78,8 +79,11 @@ def cpu_variant_order() -> list[str]:
 
 
 def _import_cpu() -> tuple[str | None, str | None]:
-    """(the imported variant, None) or (None, why none could be imported). Exactly one
-    variant is imported: each registers the same ops."""
+    """(the imported variant, None) or (None, why none could be imported). The op schemas
+    (``_C``) first, then exactly one kernel variant: each registers the same kernels."""
+    core = _try_import("dtl_kernels._C")
+    if core is not None:
+        return None, _warn(core)
     reasons = []
     for name in cpu_variant_order():
         err = _try_import(f"dtl_kernels.{name}")
@@ -87,7 +91,7 @@ def _import_cpu() -> tuple[str | None, str | None]:
             return name, None
         reasons.append(err)
     unusable = [r for r in reasons if "cannot be used" in r]
-    return None, _warn(unusable[0] if unusable else "dtl_kernels._C is not built")
+    return None, _warn(unusable[0] if unusable else "dtl_kernels._C_cpu is not built")
 
 
 CPU_VARIANT, CPU_ERROR = _import_cpu()
