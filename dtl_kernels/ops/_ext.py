@@ -2,8 +2,8 @@
 
 Importing ``dtl_kernels._C`` runs its ``TORCH_LIBRARY`` registrations (the op schemas,
 their autograd and the step); one of ``dtl_kernels._C_cpu*`` (the widest instruction-set
-variant this CPU runs) adds the CPU kernels, ``dtl_kernels._C_cuda`` the CUDA kernels. Neither touches a
-GPU at import. A missing extension is recorded, not raised: the reference backend
+variant this CPU runs) adds the CPU kernels, ``dtl_kernels._C_cuda`` the CUDA kernels. None
+touches a GPU at import. A missing extension is recorded, not raised: the reference backend
 always works, and asking for a missing backend raises :class:`BackendUnavailable`.
 """
 
