@@ -104,7 +104,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     # -g0: Python's own CFLAGS carry -g, and torch's templates' debug information made every
-    # object ~25x larger and its compilation ~1.7x slower (the build is most of `make test`)
+    # object 27-33x larger and its compilation 1.6-1.7x slower (the build is most of `make test`)
     cxx_flags = ["-O3", "-std=c++20", "-g0"]
     # the op schemas, their autograd and the step (dispatcher calls only): built once
     exts = [
