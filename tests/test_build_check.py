@@ -92,6 +92,7 @@ def test_variant_order_follows_the_cpu_and_the_caps(monkeypatch):
     avx2 = {"avx2", "fma", "f16c", "bmi2", "sse4_2"}
     avx512 = avx2 | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"}
     monkeypatch.delenv("DTL_KERNELS_CPU_VARIANT", raising=False)
+    monkeypatch.setattr(_ext._build_check, "build_info", lambda: {"native_isa": []})  # portable
     for flags, capability, env, want in [
         (avx512, "AVX512", None, ["_C_cpu_avx512", "_C_cpu_avx2", "_C_cpu"]),
         (avx2, "AVX2", None, ["_C_cpu_avx2", "_C_cpu"]),
@@ -107,3 +108,22 @@ def test_variant_order_follows_the_cpu_and_the_caps(monkeypatch):
         else:
             monkeypatch.delenv("DTL_KERNELS_CPU_VARIANT", raising=False)
         assert _ext.cpu_variant_order() == want, (flags, capability, env)
+
+
+def test_a_native_build_imports_its_one_variant_only(monkeypatch):
+    """After a portable build, `DTL_KERNELS_NATIVE=1` builds `_C` and `_C_cpu` anew but
+    leaves the portable `_C_cpu_avx2` / `_C_cpu_avx512` in the folder: built beside another
+    `_C`, they must not be preferred to the native `_C_cpu`."""
+    import torch
+
+    from dtl_kernels.ops import _ext
+
+    avx512 = {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq", "avx512vl",
+              "avx512cd"}  # fmt: skip
+    monkeypatch.delenv("DTL_KERNELS_CPU_VARIANT", raising=False)
+    monkeypatch.setattr(_ext._build_check, "cpu_flags", lambda: avx512)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(_ext._build_check, "build_info", lambda: {"native_isa": ["avx2"]})
+    assert _ext.cpu_variant_order() == ["_C_cpu"]
+    monkeypatch.setattr(_ext._build_check, "build_info", lambda: None)  # no record: portable
+    assert _ext.cpu_variant_order()[0] == "_C_cpu_avx512"

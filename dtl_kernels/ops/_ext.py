@@ -64,7 +64,11 @@ CPU_VARIANTS = (
 def cpu_variant_order() -> list[str]:
     """The CPU variants this machine can run, widest first. ``DTL_KERNELS_CPU_VARIANT``
     (``avx512`` / ``avx2`` / ``default``) caps the choice, as ``ATEN_CPU_CAPABILITY`` does
-    for torch; torch's own capability caps it too (so both use the same vector width)."""
+    for torch; torch's own capability caps it too (so both use the same vector width).
+    A ``-march=native`` build has one, ``_C_cpu``: wider ones left in the folder by an
+    earlier portable build are stale (built beside another ``_C``), never imported."""
+    if (_build_check.build_info() or {}).get("native_isa"):
+        return ["_C_cpu"]
     flags = _build_check.cpu_flags()
     capability = torch.backends.cpu.get_cpu_capability().upper()
     cap = os.environ.get("DTL_KERNELS_CPU_VARIANT", "").strip().lower()
@@ -95,6 +99,8 @@ def _import_cpu() -> tuple[str | None, str | None]:
 
 
 CPU_VARIANT, CPU_ERROR = _import_cpu()
+# Everything compiled counts on the CPU extension (the schemas and one kernel variant): the
+# fakes, the step and the CUDA op's availability are keyed on cpu_built()
 CUDA_ERROR = (
     "the CPU extension is missing" if CPU_ERROR else _warn(_try_import("dtl_kernels._C_cuda"))
 )
