@@ -24,7 +24,8 @@ CUDA_DIR = ROOT / "csrc" / "cuda"
 # the translation unit that instantiates the kernels for each dtype
 TU = {"fp32": "side_f32.cu", "bf16": "side_bf16.cu", "fp16": "side_f16.cu", "fp64": "side_f64.cu"}
 LAUNCH_DTYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "fp64": "f64"}
-# setup.py's nvcc flags, plus what torch's CUDAExtension adds (COMMON_NVCC_FLAGS, names)
+# setup.py's nvcc flags (less -Xfatbin=-compress-all: a cubin is no fat binary), plus what
+# torch's CUDAExtension adds (COMMON_NVCC_FLAGS, names)
 NVCC_FLAGS = ["-O3", "-std=c++20", "-lineinfo"]
 EXT_DEFINES = ["-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C_cuda"]
 # (marker, …) of the per-shift code in side_kernels.cuh: each marker's brace block
