@@ -164,7 +164,7 @@ def _extensions():
                 cuda_sources,
                 include_dirs=_nvidia_wheel_includes(),
                 extra_compile_args={
-                    "cxx": ["-O3", "-std=c++20", "-g0"],
+                    "cxx": cxx_flags,
                     # no --use_fast_math: exact expf / division keep the CUDA results within
                     # rounding of the CPU kernels (the same side_math.h). -compress-all: nvcc
                     # compressed only the largest objects' cubins by itself (one dtype
