@@ -1,7 +1,7 @@
 """Code-generation gates without a GPU (issue 19, item 3): ``make codegen-check``.
 
 Compiles ahead of time for sm_90a (H100 / H200)
-  * every Triton kernel of ``dtl_kernels/ops/triton_side.py``, as its launchers call it for
+  * every Triton kernel of ``dtl_kernels/ops/triton_kernels.py``, as its launchers call it for
     each shape × dtype of ``CASES`` × ``DTYPES`` (``codegen_triton.py``), with the Triton
     the GPU machine runs (3.6.0; put a ``pip install --target DIR triton==3.6.0`` first on
     PYTHONPATH, the Makefile does), and
@@ -99,9 +99,9 @@ def _grid_ctas(grid) -> int:
 def triton_rows(cases, dtypes, arch, workdir, kernels=None, log=print):
     """Rows of the Triton kernels; also returns the (case, dtype, reason) skipped."""
     rows, skipped, gpu = [], [], f"sm_{arch}a"
-    from dtl_kernels.ops import triton_side
+    from dtl_kernels.ops import triton_kernels
 
-    regions = codegen_triton.shift_regions(Path(triton_side.__file__))  # the source compiled
+    regions = codegen_triton.shift_regions(Path(triton_kernels.__file__))  # the source compiled
     for case in cases:
         for dt in dtypes:
             y_dtype, side_dtype = DTYPES[dt]

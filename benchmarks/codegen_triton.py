@@ -150,9 +150,9 @@ def compile_launch(launch: Launch, arch: int, workdir: Path) -> Compiled:
     from triton.compiler import ASTSource
     from triton.compiler.compiler import make_backend
 
-    from dtl_kernels.ops import triton_side as ts
+    from dtl_kernels.ops import triton_kernels
 
-    fn = getattr(ts, launch.kernel)
+    fn = getattr(triton_kernels, launch.kernel)
     target = GPUTarget("cuda", arch, 32)
     sig, consts, attrs, options = specialise(fn, launch, make_backend(target))
     c = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=options)

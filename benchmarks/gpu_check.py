@@ -6,7 +6,8 @@ Stages (each a subprocess with a timeout, so one CUDA fault cannot poison the re
 output goes to ``DIR/log.txt``):
 
 1. ``build``: the extension in place against this machine's torch, for this GPU's arch
-   only, all cores (``setup.py build_ext --inplace``), then ``python -m dtl_kernels.info``.
+   only and this host's CPU only (``DTL_KERNELS_NATIVE=1``), all cores (``setup.py
+   build_ext --inplace``), then ``python -m dtl_kernels.info``.
 2. At once, as they only check: ``correct`` (``gpu_correct.py`` for ``cuda`` and ``triton``:
    float64 reference, forward and every gradient, ViT-B / Swin-B shapes, fp32 / bf16 / fp16,
    strided, bit-identical repeats), ``pytest`` (the suite's GPU-marked tests),
@@ -286,8 +287,13 @@ def main() -> int:
         if arch is None:
             log.say("no CUDA GPU visible to torch: nothing to check on a GPU (use --dry-run)")
             return 2
+        # the CPU kernels once, for this host (-march=native), not in three ISA variants:
+        # each variant is a build of its own, one after another (device time)
         benv = dict(
-            TORCH_CUDA_ARCH_LIST=arch, MAX_JOBS=str(os.cpu_count() or 4), DTL_KERNELS_CUDA="1"
+            TORCH_CUDA_ARCH_LIST=arch,
+            MAX_JOBS=str(os.cpu_count() or 4),
+            DTL_KERNELS_CUDA="1",
+            DTL_KERNELS_NATIVE="1",
         )
         if runner.run("build", [py, "setup.py", "build_ext", "--inplace"], 300, benv) != 0:
             log.say("build failed: see log.txt")

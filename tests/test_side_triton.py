@@ -468,7 +468,7 @@ def test_triton_kernels_compile_for_gpu(launch, dtype, k, arch, shape, strided, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from dtl_kernels.ops import triton_side
+    from dtl_kernels.ops import triton_kernels, triton_side
 
     geo = AOT_SHAPES[shape]
     y_dtype, side_dtype = _AOT_DTYPES[dtype]
@@ -479,7 +479,7 @@ def test_triton_kernels_compile_for_gpu(launch, dtype, k, arch, shape, strided, 
         geo["B"], n, geo["d"], geo["K"], k, grid, y_dtype, "cuda", 132, side_dtype, det
     )
     cfg = plan[launch]
-    fn = getattr(triton_side, cfg["kernel"])
+    fn = getattr(triton_kernels, cfg["kernel"])
     consts = dict(cfg["meta"])
     options = dict(num_warps=consts.pop("num_warps"), num_stages=consts.pop("num_stages", 3))
     acc = "fp64" if y_name == "fp64" else "fp32"

@@ -66,7 +66,7 @@ def _worker() -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from triton_fake_driver import FakeCudaDriver, fake_cuda_driver
 
-    from dtl_kernels.ops import triton_launch
+    from dtl_kernels.ops import triton_kernels, triton_launch
     from dtl_kernels.ops import triton_side as ts
 
     torch.manual_seed(0)
@@ -89,7 +89,7 @@ def _worker() -> dict:
         ts._launch = real_launch
         cfg, args, consts = seen[0]
         jit_call = fake.calls[-1]
-        triton_launch.launch(getattr(ts, cfg["kernel"]), cfg, args, consts)
+        triton_launch.launch(getattr(triton_kernels, cfg["kernel"]), cfg, args, consts)
         direct = fake.calls[-1]
         head_j, head_d = jit_call[1][:9], direct[1][:9]
         report["replay"] = {
@@ -100,7 +100,7 @@ def _worker() -> dict:
             "jit hooks idle": all(getattr(h, "calls", None) == [] for h in head_j[7:]),
             "bound args identical": _same_bound_args(jit_call[1][9:], direct[1][9:]),
             "bound args": len(direct[1]) - 9,
-            "kernel params": len(getattr(ts, cfg["kernel"]).params),
+            "kernel params": len(getattr(triton_kernels, cfg["kernel"]).params),
         }
 
         # 2. Forward and backward twice, DTL in float32 and DTL+ k = 3 in the autocast mix
@@ -198,7 +198,7 @@ def _worker() -> dict:
         spec = ts._launch_spec("triton_side_forward", y, taps, ups, None, 0, 0, 0, 100.0)
         (kept,) = spec[1]["fwd"][triton_launch.CACHE_KEY].kernels.values()
         module = kept[-1].module
-        ts._fwd_kernel.device_caches.clear()
+        triton_kernels._fwd_kernel.device_caches.clear()
         gc.collect()
         ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
         calls = fake.calls
