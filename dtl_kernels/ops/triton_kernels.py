@@ -2,13 +2,7 @@
 :mod:`dtl_kernels.ops.triton_side`, with the tiles and grids of
 :mod:`dtl_kernels.ops.triton_plan`.
 
-Shapes (as every backend, see :mod:`dtl_kernels.ops.side`): ``y`` ``(B, N, d)`` block
-output; ``taps`` ``T`` ``(B, N, K)`` concatenated rank-r taps (``K = i·r``, a few dozen at
-most); ``ups`` ``U`` ``(d, K)``; ``conv_weight`` ``w`` ``(d, 1, k, k)`` or ``None`` (DTL);
-``grid = (H, W)`` with ``H·W = N − num_prefix`` for DTL+. ``y`` (``grad_out``) and
-``conv_weight`` share one floating dtype (float32, float16, bfloat16; float64 computes in
-float64, for ``gradcheck``); ``taps`` and ``ups`` share ``y``'s dtype or, beside a float32
-``y``, bfloat16 / float16 (the autocast mix, :func:`contract.side_dtypes_ok`). Math in fp32
+Shapes and dtypes: those of the op (:mod:`dtl_kernels.ops.triton_side`). Math in fp32
 (fp64 for fp64), stores in each output's own dtype.
 
 Math. ``h = T·Uᵀ`` (never stored), ``A = θ(h)``, ``θ(x) = x·σ(βx)``. DTL: ``out = y + A``.
