@@ -88,11 +88,12 @@ class FakeCudaDriver:
 def fake_cuda_driver(arch: int = 90, keep_calls: bool = True):
     """Make Triton's JIT compile for sm_``arch`` and record its launches (yields the driver;
     ``keep_calls=False``: forget them); ``triton_side``'s launchers accept CPU tensors
-    meanwhile. On exit the kernels compiled meanwhile are forgotten (the JIT's caches and
-    ``triton_side``'s launch specs): a real launch later in the process never reaches a
-    recorder."""
+    meanwhile. On exit the kernels compiled meanwhile are forgotten (the JIT caches of
+    ``triton_kernels`` and ``triton_side``'s launch specs): a real launch later in the
+    process never reaches a recorder."""
     from triton.runtime import driver
 
+    from dtl_kernels.ops import triton_kernels
     from dtl_kernels.ops import triton_side as ts
 
     fake = FakeCudaDriver(arch, keep_calls)
@@ -113,7 +114,7 @@ def fake_cuda_driver(arch: int = 90, keep_calls: bool = True):
             ):
                 obj.module = None
         ts._SPECS.clear()
-        for value in vars(ts).values():
+        for value in vars(triton_kernels).values():  # the kernels' JIT caches
             caches = getattr(value, "device_caches", None)
             if caches is not None:
                 caches.clear()

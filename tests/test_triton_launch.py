@@ -221,7 +221,9 @@ def _worker() -> dict:
     report["left behind"] = {
         "specs": len(ts._SPECS),
         "jit caches": sum(
-            len(v.device_caches) for v in vars(ts).values() if hasattr(v, "device_caches")
+            len(v.device_caches)
+            for v in vars(triton_kernels).values()
+            if hasattr(v, "device_caches")
         ),  # fmt: skip
     }
     return report

@@ -99,7 +99,7 @@ def _triton_why_not(x: torch.Tensor) -> str:
         return "the triton backend needs `pip install triton`"
     return (
         "the triton backend runs CUDA tensors (CPU tensors only when TRITON_INTERPRET=1 "
-        "was set before dtl_kernels.ops.triton_side was imported)"
+        "was set before dtl_kernels.ops.triton_kernels was imported)"
     )
 
 

@@ -59,7 +59,7 @@ def _require_launchable(x: torch.Tensor) -> None:
     if not x.is_cuda and not _interpreted():
         raise _ext.BackendUnavailable(
             "the triton backend runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1, "
-            "set before dtl_kernels.ops.triton_side is first imported)"
+            "set before dtl_kernels.ops.triton_kernels is first imported)"
         )
 
 
