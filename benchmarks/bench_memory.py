@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results  # noqa: E402
 
 from dtl_kernels import create_model  # noqa: E402
-from dtl_kernels.csn import CompactSideNetwork  # noqa: E402
+from dtl_kernels.csn import CompactSideNetwork, PlannedPass  # noqa: E402
 
 
 class SavedBytes:
@@ -61,14 +61,27 @@ class SavedBytes:
     def csn_only(self) -> int:
         return sum(self.storages[p] for p in self.by_csn - self.by_backbone)
 
+    #: every way the CSN enters a forward: the general walk's tap / add_back, and a planned
+    #: pass's begin and steps (models/walk.py runs a plain walk from the CSN's plan)
+    CSN_ENTRIES = (
+        (CompactSideNetwork, "tap"),
+        (CompactSideNetwork, "add_back"),
+        (CompactSideNetwork, "begin_pass"),
+        (PlannedPass, "step"),
+        (PlannedPass, "recorded_step"),
+    )
+
     @contextlib.contextmanager
     def csn_calls(self):
-        """Flag the CSN's tap / add_back while they run."""
-        originals = CompactSideNetwork.tap, CompactSideNetwork.add_back
+        """Flag the CSN's calls (:data:`CSN_ENTRIES`) while they run; ``self.csn_entered``
+        counts them."""
+        originals = [(cls, name, getattr(cls, name)) for cls, name in self.CSN_ENTRIES]
+        self.csn_entered = 0
 
         def wrap(fn):
             def inner(*args, **kwargs):
                 self.in_csn = True
+                self.csn_entered += 1
                 try:
                     return fn(*args, **kwargs)
                 finally:
@@ -76,11 +89,13 @@ class SavedBytes:
 
             return inner
 
-        CompactSideNetwork.tap, CompactSideNetwork.add_back = wrap(originals[0]), wrap(originals[1])
+        for cls, name, fn in originals:
+            setattr(cls, name, wrap(fn))
         try:
             yield
         finally:
-            CompactSideNetwork.tap, CompactSideNetwork.add_back = originals
+            for cls, name, fn in originals:
+                setattr(cls, name, fn)
 
 
 def measure(model: torch.nn.Module, images: torch.Tensor) -> SavedBytes:
@@ -88,6 +103,10 @@ def measure(model: torch.nn.Module, images: torch.Tensor) -> SavedBytes:
     model.train()
     with rec.csn_calls(), torch.autograd.graph.saved_tensors_hooks(rec.pack, lambda t: t):
         loss = model(images).float().square().mean()
+    if rec.csn_entered == 0 and any(isinstance(m, CompactSideNetwork) for m in model.modules()):
+        # the CSN ran through a way CSN_ENTRIES does not list: its bytes would read as 0
+        raise RuntimeError("bench_memory: the side network ran, but through none of "
+                           f"SavedBytes.CSN_ENTRIES {SavedBytes.CSN_ENTRIES}")  # fmt: skip
     loss.backward()
     return rec
 
