@@ -17,11 +17,15 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdint>
+#include <new>
 #include <cstdio>
 #include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
+
+#include "cuda/side_plan.h"  // the CUDA kernels' limits (plain C++)
 
 namespace dtl {
 
@@ -66,6 +70,13 @@ struct SideLimits {
   bool mixed;         // they take 16-bit taps / ups beside a float32 y (the autocast mix)
 };
 
+// Each backend's limits, here so that the step (step.cpp) checks a side op before it writes
+// the caller's taps with the limits that op's kernels check. CPU: what its packed copies
+// allow; CUDA: its plan's (cuda/side_plan.h); Triton: none (its tiles follow K and k).
+constexpr SideLimits kCpuSideLimits{int64_t(1) << 30, int64_t(1) << 15, true};
+constexpr SideLimits kCudaSideLimits{cuda_side::kMaxK, cuda_side::kMaxKS, true};
+constexpr SideLimits kTritonSideLimits{INT64_MAX, INT64_MAX, true};
+
 // The dtypes of the side op: y (and grad_out, out, conv_weight) in one floating dtype; taps
 // and ups in one dtype, y's or — beside a float32 y — bfloat16 / float16 (autocast keeps the
 // residual stream float32 while the taps, a matmul's output, are 16-bit).
@@ -83,6 +94,47 @@ void with_side_type(at::ScalarType s, F&& f) {
     if (s == at::kHalf) return f(c10::Half{});
   }
   f(scalar_t{});
+}
+
+// The shapes, the sizes within `lim`, β, the prefix and the grid (`where`: the kernel, for
+// the messages). Returns k (0 for DTL).
+inline int64_t check_side_shapes(const char* op, const char* where, const SideLimits& lim,
+                                 const at::Tensor& y, const at::Tensor& taps, const at::Tensor& ups,
+                                 const std::optional<at::Tensor>& conv_weight, int64_t grid_h,
+                                 int64_t grid_w, int64_t num_prefix, double beta) {
+  const auto dt = y.scalar_type();
+  TORCH_CHECK(y.dim() == 3, msg(op, ": y/grad_out must be (B, N, d), got shape ", y.sizes()));
+  TORCH_CHECK(taps.dim() == 3, msg(op, ": taps must be (B, N, K), got shape ", taps.sizes()));
+  TORCH_CHECK(ups.dim() == 2, msg(op, ": ups must be (d, K), got shape ", ups.sizes()));
+  TORCH_CHECK(taps.size(0) == y.size(0) && taps.size(1) == y.size(1),
+              msg(op, ": taps ", taps.sizes(), " do not match y ", y.sizes(), " in (B, N)"));
+  TORCH_CHECK(ups.size(0) == y.size(2),
+              msg(op, ": ups has ", ups.size(0), " rows but d = ", y.size(2)));
+  TORCH_CHECK(ups.size(1) == taps.size(2),
+              msg(op, ": ups has ", ups.size(1), " columns but taps have K = ", taps.size(2)));
+  TORCH_CHECK(taps.size(2) >= 1 && taps.size(2) <= lim.max_k,
+              msg(op, where, ": taps need 1 <= K <= ", lim.max_k, " columns, got ", taps.size(2)));
+  // β is used in the compute type (float; double for float64 I/O): it must be finite there
+  TORCH_CHECK(std::isfinite(beta) && (dt == at::kDouble || std::isfinite(static_cast<float>(beta))),
+              msg(op, ": beta must be a finite number of the compute type (|beta| <= ",
+                  dt == at::kDouble ? "1.8e308" : "3.4e38", "), got ", beta));
+  TORCH_CHECK(num_prefix >= 0 && num_prefix <= y.size(1),
+              msg(op, ": num_prefix must be in 0..", y.size(1), ", got ", num_prefix));
+  if (!conv_weight) return 0;
+  const at::Tensor& w = *conv_weight;
+  const int64_t k = w.dim() == 4 ? w.size(3) : -1;
+  TORCH_CHECK(
+      w.dim() == 4 && w.size(0) == y.size(2) && w.size(1) == 1 && w.size(2) == k,
+      msg(op, ": conv_weight must be (d, 1, k, k) with d = ", y.size(2), ", got ", w.sizes()));
+  TORCH_CHECK(k >= 1 && k <= lim.max_ksize,
+              msg(op, where, ": conv size must be 1..", lim.max_ksize, ", got ", k));
+  const int64_t patches = y.size(1) - num_prefix;
+  // bounds first, then the product: grid_h, grid_w <= patches keeps grid_h * grid_w exact
+  TORCH_CHECK(grid_h >= 1 && grid_w >= 1 && grid_h <= patches && grid_w <= patches &&
+                  grid_h * grid_w == patches,
+              msg(op, ": ", y.size(1), " tokens do not hold ", num_prefix, " prefix tokens plus a ",
+                  grid_h, "x", grid_w, " patch grid"));
+  return k;
 }
 
 // Checks y/grad_out (B, N, d), taps (B, N, K), ups (d, K), conv_weight (d, 1, k, k) or none,
@@ -118,38 +170,8 @@ inline int64_t check_side_inputs(const char* op, c10::DeviceType device, const S
   TORCH_CHECK(!conv_weight || conv_weight->scalar_type() == dt,
               msg(op, ": conv_weight has dtype ", conv_weight ? conv_weight->scalar_type() : dt,
                   " but y/grad_out has ", dt, " (the conv runs in y's dtype)"));
-  TORCH_CHECK(y.dim() == 3, msg(op, ": y/grad_out must be (B, N, d), got shape ", y.sizes()));
-  TORCH_CHECK(taps.dim() == 3, msg(op, ": taps must be (B, N, K), got shape ", taps.sizes()));
-  TORCH_CHECK(ups.dim() == 2, msg(op, ": ups must be (d, K), got shape ", ups.sizes()));
-  TORCH_CHECK(taps.size(0) == y.size(0) && taps.size(1) == y.size(1),
-              msg(op, ": taps ", taps.sizes(), " do not match y ", y.sizes(), " in (B, N)"));
-  TORCH_CHECK(ups.size(0) == y.size(2),
-              msg(op, ": ups has ", ups.size(0), " rows but d = ", y.size(2)));
-  TORCH_CHECK(ups.size(1) == taps.size(2),
-              msg(op, ": ups has ", ups.size(1), " columns but taps have K = ", taps.size(2)));
-  TORCH_CHECK(taps.size(2) >= 1 && taps.size(2) <= lim.max_k,
-              msg(op, where, ": taps need 1 <= K <= ", lim.max_k, " columns, got ", taps.size(2)));
-  // β is used in the compute type (float; double for float64 I/O): it must be finite there
-  TORCH_CHECK(std::isfinite(beta) && (dt == at::kDouble || std::isfinite(static_cast<float>(beta))),
-              msg(op, ": beta must be a finite number of the compute type (|beta| <= ",
-                  dt == at::kDouble ? "1.8e308" : "3.4e38", "), got ", beta));
-  TORCH_CHECK(num_prefix >= 0 && num_prefix <= y.size(1),
-              msg(op, ": num_prefix must be in 0..", y.size(1), ", got ", num_prefix));
-  if (!conv_weight) return 0;
-  const at::Tensor& w = *conv_weight;
-  const int64_t k = w.dim() == 4 ? w.size(3) : -1;
-  TORCH_CHECK(
-      w.dim() == 4 && w.size(0) == y.size(2) && w.size(1) == 1 && w.size(2) == k,
-      msg(op, ": conv_weight must be (d, 1, k, k) with d = ", y.size(2), ", got ", w.sizes()));
-  TORCH_CHECK(k >= 1 && k <= lim.max_ksize,
-              msg(op, where, ": conv size must be 1..", lim.max_ksize, ", got ", k));
-  const int64_t patches = y.size(1) - num_prefix;
-  // bounds first, then the product: grid_h, grid_w <= patches keeps grid_h * grid_w exact
-  TORCH_CHECK(grid_h >= 1 && grid_w >= 1 && grid_h <= patches && grid_w <= patches &&
-                  grid_h * grid_w == patches,
-              msg(op, ": ", y.size(1), " tokens do not hold ", num_prefix, " prefix tokens plus a ",
-                  grid_h, "x", grid_w, " patch grid"));
-  return k;
+  return check_side_shapes(op, where, lim, y, taps, ups, conv_weight, grid_h, grid_w,
+                           num_prefix, beta);
 }
 
 // A floating dtype (float32/16, bfloat16, float64): what the kernels compute in.
@@ -160,6 +182,34 @@ inline void check_floating(const char* op, const char* name, const at::Tensor& t
   TORCH_CHECK(is_kernel_float(t.scalar_type()),
               msg(op, ": ", name, " must be float32, float16, bfloat16 or float64, got ",
                   t.scalar_type()));
+}
+
+// A dense strided tensor (not sparse, nested, mkldnn): what the kernels and the step's
+// views take; anything else would fail deep inside ATen with a message naming nothing here.
+// `index` ≥ 0: the name is a list's (inputs[index]).
+inline void check_strided(const char* op, const char* name, const at::Tensor& t,
+                          int64_t index = -1) {
+  if (t.layout() == at::kStrided && !t.is_nested()) return;
+  const char* got = t.is_nested()                  ? "a nested tensor"
+                    : t.layout() == at::kSparse    ? "a sparse (COO) tensor"
+                    : t.layout() == at::kMkldnn    ? "an mkldnn tensor"
+                                                   : "a sparse compressed tensor";
+  TORCH_CHECK(false, index < 0 ? msg(op, ": ", name, " must be a dense (strided) tensor, got ", got)
+                               : msg(op, ": ", name, "[", index,
+                                     "] must be a dense (strided) tensor, got ", got));
+}
+
+// f() with a host allocation it cannot make (the CPU kernels' packed copies and per-task
+// partials, std::vector) refused by name instead of a bare std::bad_alloc: sizes within the
+// limits can still be more than the machine holds (an expanded input, a very wide K).
+template <typename F>
+decltype(auto) with_host_alloc_named(const char* op, F&& f) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    TORCH_CHECK(false, msg(op, ": out of host memory for the kernel's working copies (sized by "
+                           "d, K, k and the rows: an expanded or very wide input?)"));
+  }
 }
 
 // The op's backward is not differentiable itself: with create_graph=True its gradients
@@ -176,6 +226,7 @@ inline void refuse_double_backward(const char* op) {
 inline int64_t check_taps_inputs(const at::Tensor& taps, at::TensorList inputs,
                                  at::TensorList downs, int64_t first_col,
                                  const char* op = "dtl_kernels::write_taps_") {
+  check_strided(op, "taps", taps);
   TORCH_CHECK(taps.dim() == 3, msg(op, ": taps must be (B, N, K), got shape ", taps.sizes()));
   check_floating(op, "taps", taps);
   TORCH_CHECK(inputs.size() == downs.size(),
@@ -187,6 +238,8 @@ inline int64_t check_taps_inputs(const at::Tensor& taps, at::TensorList inputs,
   for (size_t j = 0; j < inputs.size(); ++j) {
     const at::Tensor& z = inputs[j];
     const at::Tensor& a = downs[j];
+    check_strided(op, "inputs", z, static_cast<int64_t>(j));
+    check_strided(op, "downs", a, static_cast<int64_t>(j));
     TORCH_CHECK(z.dim() == 3 && z.size(0) == taps.size(0) && z.size(1) == taps.size(1),
                 msg(op, ": inputs[", j, "] must be (B, N, d) with (B, N) = (", taps.size(0), ", ",
                     taps.size(1), "), got ", z.sizes()));

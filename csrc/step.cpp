@@ -129,6 +129,24 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
                                                              : y.scalar_type();
 }
 
+// Every tensor dense and strided: a sparse or nested one would fail inside ATen (or in
+// autograd's set-up, before any check of ours) with a message that names nothing here.
+// Checked first, in the autograd kernels every call goes through.
+void check_all_strided(const char* op, const at::Tensor& y, const at::Tensor& taps,
+                       at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
+                       const std::optional<at::Tensor>& conv,
+                       const std::optional<at::Tensor>& next_down) {
+  check_strided(op, "y", y);
+  check_strided(op, "taps", taps);
+  for (size_t j = 0; j < inputs.size(); ++j)
+    check_strided(op, "inputs", inputs[j], static_cast<int64_t>(j));
+  for (size_t j = 0; j < downs.size(); ++j)
+    check_strided(op, "downs", downs[j], static_cast<int64_t>(j));
+  check_strided(op, "ups", ups);
+  if (conv.has_value()) check_strided(op, "conv_weight", *conv);
+  if (next_down.has_value()) check_strided(op, "next_down", *next_down);
+}
+
 // Forward-mode AD has no formula here: a tangent on any argument is refused, not dropped.
 void refuse_forward_ad(const char* op, const at::Tensor& y, const at::Tensor& taps,
                        at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
@@ -152,7 +170,36 @@ int64_t next_tap_column(const char* op, const at::Tensor& y, const at::Tensor& t
                   next_down.size(1) == y.size(2) && next_down.size(0) <= left,
               msg(op, ": next_down must be (r, d) with d = ", y.size(2), " and 1 ≤ r ≤ ", left,
                   " (the taps' columns left), got ", next_down.sizes()));
+  check_floating(op, "next_down", next_down);
+  TORCH_CHECK(next_down.device() == taps.device(),
+              msg(op, ": next_down is on ", next_down.device(), ", the taps on ", taps.device()));
   return col;
+}
+
+// side_step_ writes the caller's taps before its side op runs: what that op would refuse is
+// refused first, so that a refused step leaves them as they were. Its checks (dtypes aside:
+// the step hands it taps and ups in one dtype, the conv in y's) with the limits of the
+// kernels it runs, and Triton's op registered. The op checks again (a few hundred ns).
+// Triton's launchability (CPU tensors only under its interpreter) is checked in Python
+// where the step is bound (dtl_kernels/ops/step.py).
+void check_side_op_first(const char* op, const at::Tensor& y, const at::Tensor& taps,
+                         const at::Tensor& ups, const std::optional<at::Tensor>& conv,
+                         int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta,
+                         int64_t kernel) {
+  TORCH_CHECK(kernel == 0 || kernel == 1, msg(op, ": kernel must be 0 or 1, got ", kernel));
+  check_floating(op, "y", y);
+  for (const at::Tensor* t : {&taps, &ups, conv.has_value() ? &*conv : nullptr}) {
+    if (t == nullptr) continue;
+    TORCH_CHECK(t->device() == y.device(),
+                msg(op, ": taps, ups and conv_weight must be on y's device ", y.device(),
+                    ", got ", t->device()));
+  }
+  const SideLimits& lim = kernel == 1                         ? kTritonSideLimits
+                          : y.device().type() == c10::kCUDA ? kCudaSideLimits
+                                                              : kCpuSideLimits;
+  check_side_shapes(op, kernel == 1 ? " (Triton kernel)" : "", lim, y, taps, ups, conv, grid_h,
+                    grid_w, num_prefix, beta);
+  (void)forward_op(kernel);  // throws where Triton's op is not registered yet
 }
 
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
@@ -207,14 +254,15 @@ at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::Ten
                                   const std::optional<at::Tensor>& conv, int64_t grid_h,
                                   int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
                                   const std::optional<at::Tensor>& next_down) {
+  const char* op = "dtl_kernels::side_step_";
   TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::side_step_: taps must be contiguous");
   // taps is written before y, ups and the rest are read: none may share its memory
   // (inputs and downs: write_taps_ checks them)
-  const char* op = "dtl_kernels::side_step_";
   check_not_sharing(op, "y", taps, y);
   check_not_sharing(op, "ups", taps, ups);
   if (conv.has_value()) check_not_sharing(op, "conv_weight", taps, *conv);
   if (next_down.has_value()) check_not_sharing(op, "next_down", taps, *next_down);
+  check_side_op_first(op, y, taps, ups, conv, grid_h, grid_w, num_prefix, beta, kernel);
   return step_into("dtl_kernels::side_step_", y, taps, inputs, downs, first_col, ups, conv,
                    grid_h, grid_w, num_prefix, beta, kernel, next_down);
 }
@@ -235,7 +283,13 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       const std::optional<at::Tensor>& conv, int64_t grid_h,
                                       int64_t grid_w, int64_t num_prefix, double beta,
                                       int64_t kernel, const std::optional<at::Tensor>& next_down) {
+  check_all_strided("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
   refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
+  // a negative or conjugate view is written through a copy by PyTorch's math-bit fallback,
+  // which then fails an internal assert on this op's schema (taps mutated, out returned)
+  TORCH_CHECK(!taps.is_neg() && !taps.is_conj(),
+              "dtl_kernels::side_step_: taps must not be a negative or conjugate view "
+              "(it is written in place): pass a plain tensor");
   TORCH_CHECK(!at::GradMode::is_enabled() ||
                   !any_tensor([](const at::Tensor& t) { return t.requires_grad(); }, y, taps,
                               inputs, downs, ups, conv, next_down),
@@ -375,6 +429,7 @@ std::tuple<at::Tensor, at::Tensor> side_step_autograd(
     int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
     int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
     std::optional<at::ScalarType> save_dtype) {
+  check_all_strided("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   refuse_forward_ad("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   // apply() runs forward with grad mode off: whether autograd records is decided here
   const bool recording = at::GradMode::is_enabled();

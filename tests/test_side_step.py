@@ -849,3 +849,114 @@ def test_side_add_takes_a_grid_of_whole_numbers_only():
             side_add(y, taps, ups, 3.0, w, grid, 0)
     torch.testing.assert_close(side_add(y, taps, ups, 3.0, w, (np.int64(2), 3), 0),
                                side_add(y, taps, ups, 3.0, w, (2, 3), 0))  # fmt: skip
+
+
+# -- side_step_ refuses before it writes: the caller's taps stay as they were --------------
+def _refused_untouched(match, **change):
+    """side_step_ on `_step_inputs` with `change` applied: refused with `match`, and the
+    caller's taps not written (they are written before the side op runs)."""
+    y, taps, zs, downs, ups, w = _step_inputs(True)
+    args = dict(y=y, zs=zs, downs=downs, ups=ups, w=w, grid=(2, 3), prefix=1, beta=3.0,
+                backend="cpu", next_down=None)  # fmt: skip
+    args.update(change)
+    mine = taps.clone()
+    with torch.no_grad(), pytest.raises((RuntimeError, ValueError), match=match):
+        step.side_step_(args["y"], mine, args["zs"], args["downs"], 2, args["ups"], args["w"],
+                        args["grid"], args["prefix"], args["beta"], args["backend"],
+                        args["next_down"])  # fmt: skip
+    torch.testing.assert_close(mine, taps, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(beta=float("nan")), "beta must be a finite number"),
+        (dict(beta=1e39), "beta must be a finite number"),  # finite in float64, not in float32
+        (dict(ups=torch.randn(5, 8, dtype=DT)), "ups has 5 rows but d = 6"),
+        (dict(prefix=9), "num_prefix must be in 0..7"),
+        (dict(grid=(3, 3)), "do not hold 1 prefix tokens plus a 3x3 patch grid"),
+        (dict(w=torch.randn(6, 1, 3, 2, dtype=DT)), r"conv_weight must be \(d, 1, k, k\)"),
+        (dict(y=torch.randn(2, 7, 6).long()), "y must be float32"),
+        (dict(ups=torch.randn(6, 8, dtype=DT, device="meta")), "must be on one device"),
+    ],
+    ids=["beta-nan", "beta-past-float32", "ups-rows", "prefix", "grid", "conv-shape",
+         "integer-y", "ups-elsewhere"],
+)  # fmt: skip
+def test_the_in_place_step_checks_its_side_op_before_it_writes_the_taps(change, match):
+    if "beta" in change and change["beta"] == 1e39:
+        change["y"] = _step_inputs(True)[0].float()  # float32 y: β must fit a float
+        change["ups"] = _step_inputs(True)[4].float()
+        change["w"] = _step_inputs(True)[5].float()
+    _refused_untouched(match, **change)
+
+
+@pytest.mark.parametrize("where", ["y", "next_down", "inputs", "downs", "ups", "w"])
+def test_sparse_tensors_are_refused_by_name(where):
+    y, taps, zs, downs, ups, w = _step_inputs(True)
+    dense = dict(y=y, next_down=torch.randn(2, 6, dtype=DT), inputs=zs[0], downs=downs[0],
+                 ups=ups, w=w)[where]  # fmt: skip
+    name = {"inputs": r"inputs\[0\]", "downs": r"downs\[0\]", "w": "conv_weight"}.get(where, where)
+    odd = dense.to_sparse()
+    change = {"zs": [odd, zs[1]]} if where == "inputs" else {
+        "downs": [odd, downs[1]]} if where == "downs" else {where: odd}  # fmt: skip
+    _refused_untouched(f"{name} must be a dense \\(strided\\) tensor, got a sparse", **change)
+
+
+@pytest.mark.parametrize("where", ["y", "inputs"])
+def test_a_nested_tensor_in_the_recorded_step_is_refused_by_name(where):
+    """side_step (autograd's kernel takes nested tensors too): refused before autograd's
+    set-up reads the tensors' sizes (a nested tensor has none)."""
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    dense = y if where == "y" else zs[0]
+    nested = torch.nested.nested_tensor([dense[0], dense[1]])
+    args = (nested, taps, zs, downs) if where == "y" else (y, taps, [nested, zs[1]], downs)
+    name = "y" if where == "y" else r"inputs\[0\]"
+    with pytest.raises(RuntimeError, match=f"{name} must be a dense \\(strided\\) tensor"):
+        step.side_step(*args, 2, ups, None, None, 0, 3.0, "cpu")
+
+
+def test_triton_on_cpu_without_its_interpreter_is_refused_before_the_taps_are_written():
+    pytest.importorskip("triton")
+    from dtl_kernels.ops import triton_side
+
+    if triton_side._interpreted():
+        pytest.skip("this process runs Triton interpreted: CPU tensors are launchable")
+    _refused_untouched("the triton backend runs CUDA tensors", backend="triton")
+
+
+def test_a_negative_or_conjugate_view_as_taps_is_refused():
+    """A negative view (the imaginary part of a conjugate) as the written taps: PyTorch's
+    math-bit fallback would write it through a copy and fail an internal assert."""
+    y, _, zs, downs, ups, _ = _step_inputs(False)
+    taps = torch.randn(2, 7, 8, dtype=torch.complex128).conj().imag
+    assert taps.is_neg()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="negative or conjugate view"):
+        step.side_step_(y, taps, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
+
+
+def test_write_taps_refuses_a_width_whose_padding_would_overflow():
+    """d near 2^63 through expand(): refused by size before d is rounded up to whole
+    vectors (that sum would overflow)."""
+    d = 2**63 - 1
+    z = torch.randn(1, 1, 1).expand(1, 1, d)
+    a = torch.randn(1, 1).expand(1, d)
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.ops.dtl_kernels.write_taps_(torch.zeros(1, 1, 1), [z], [a], 0)
+
+
+def test_the_side_ops_fakes_come_with_the_package():
+    """`import dtl_kernels` alone registers the compiled side op's fake kernels, which a
+    traced step reaches (they once came only with ops.compiled_side)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, dtl_kernels\n"
+        "m = dict(device='meta')\n"
+        "out = torch.ops.dtl_kernels.side_forward(torch.empty(2, 5, 4, **m),"
+        " torch.empty(2, 5, 6, **m), torch.empty(4, 6, **m), None, 0, 0, 0, 3.0)\n"
+        "assert out.shape == (2, 5, 4), out.shape\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -608,32 +608,29 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
   }
 }
 
-// ---------------------------------------------------------------------------------------
-// Checks and entry points
-// ---------------------------------------------------------------------------------------
-// The CPU kernels take any K and conv size, and 16-bit taps / ups beside float32 y.
-constexpr SideLimits kCpuLimits{int64_t(1) << 30, int64_t(1) << 15, true};
 
 at::Tensor side_forward_cpu(const at::Tensor& y_in, const at::Tensor& taps_in,
                             const at::Tensor& ups_in, const std::optional<at::Tensor>& conv_in,
                             int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta) {
-  check_side_inputs("dtl_kernels::side_forward", c10::DeviceType::CPU, kCpuLimits, y_in, taps_in,
-                    ups_in, conv_in, grid_h, grid_w, num_prefix, beta);
+  check_side_inputs("dtl_kernels::side_forward", c10::DeviceType::CPU, kCpuSideLimits, y_in,
+                    taps_in, ups_in, conv_in, grid_h, grid_w, num_prefix, beta);
   const at::Tensor y = y_in.contiguous(), taps = taps_in.contiguous(), ups = ups_in.contiguous();
   std::optional<at::Tensor> conv;
   if (conv_in.has_value()) conv = conv_in->contiguous();
   at::Tensor out = at::empty(y.sizes(), y.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "side_forward_cpu",
-                                  [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    const Plan p = make_plan<acc_t>(y, taps, conv, grid_h, grid_w,
-                                                                    num_prefix, false);
-                                    with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
-                                      side_forward_impl<scalar_t, decltype(tag)>(y, taps, ups, conv,
-                                                                                 p, beta, out);
+  with_host_alloc_named("dtl_kernels::side_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, y.scalar_type(), "side_forward_cpu",
+                                    [&] {
+                                      using acc_t = at::opmath_type<scalar_t>;
+                                      const Plan p = make_plan<acc_t>(y, taps, conv, grid_h,
+                                                                      grid_w, num_prefix, false);
+                                      with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
+                                        side_forward_impl<scalar_t, decltype(tag)>(
+                                            y, taps, ups, conv, p, beta, out);
+                                      });
                                     });
-                                  });
+  });
   return out;
 }
 
@@ -641,7 +638,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& taps_in, const at::Tensor& ups_in,
     const std::optional<at::Tensor>& conv_in, int64_t grid_h, int64_t grid_w, int64_t num_prefix,
     double beta) {
-  check_side_inputs("dtl_kernels::side_backward", c10::DeviceType::CPU, kCpuLimits, grad_in,
+  check_side_inputs("dtl_kernels::side_backward", c10::DeviceType::CPU, kCpuSideLimits, grad_in,
                     taps_in, ups_in, conv_in, grid_h, grid_w, num_prefix, beta);
   const at::Tensor g = grad_in.contiguous(), taps = taps_in.contiguous(),
                    ups = ups_in.contiguous();
@@ -653,17 +650,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cpu(
   at::Tensor grad_conv =
       conv.has_value() ? at::empty(conv->sizes(), conv->options()) : at::empty({0}, ups.options());
   if (g.numel() == 0) return {grad_taps.zero_(), grad_ups.zero_(), grad_conv.zero_()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "side_backward_cpu",
-                                  [&] {
-                                    using acc_t = at::opmath_type<scalar_t>;
-                                    const Plan p = make_plan<acc_t>(g, taps, conv, grid_h, grid_w,
-                                                                    num_prefix, true);
-                                    with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
-                                      side_backward_impl<scalar_t, decltype(tag)>(
-                                          g, taps, ups, conv, p, beta, grad_taps, grad_ups,
-                                          grad_conv);
+  with_host_alloc_named("dtl_kernels::side_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "side_backward_cpu",
+                                    [&] {
+                                      using acc_t = at::opmath_type<scalar_t>;
+                                      const Plan p = make_plan<acc_t>(g, taps, conv, grid_h,
+                                                                      grid_w, num_prefix, true);
+                                      with_side_type<scalar_t>(taps.scalar_type(), [&](auto tag) {
+                                        side_backward_impl<scalar_t, decltype(tag)>(
+                                            g, taps, ups, conv, p, beta, grad_taps, grad_ups,
+                                            grad_conv);
+                                      });
                                     });
-                                  });
+  });
   return {grad_taps, grad_ups, grad_conv};
 }
 

@@ -34,10 +34,14 @@ void taps_of_block(at::Tensor& taps, const at::Tensor& z, const at::Tensor& a_in
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
   const int64_t n_tok = taps.size(1), k_cols = taps.size(2), rows = taps.size(0) * n_tok;
-  const int64_t d = z.size(2), r = a_in.size(0), dp = (d + V - 1) / V * V;
+  const int64_t d = z.size(2), r = a_in.size(0);
   // a rounded to the taps' dtype, as acc_t rows zero-padded to a whole number of vectors;
   // read in its own dtype and strides (no conversion op per block: host time, see above)
-  int64_t packed_size = 0;  // r · dp, checked: an expanded (stride-0) down can be huge
+  int64_t packed_size = 0;  // r · dp, checked: an expanded (stride-0) down can be huge (d
+  // first: d + V - 1 overflows for d near 2^63)
+  TORCH_CHECK(d <= (int64_t{1} << 40),
+              msg("dtl_kernels::write_taps_: a down of ", r, " x ", d, " is too large"));
+  const int64_t dp = (d + V - 1) / V * V;
   TORCH_CHECK(!c10::mul_overflows(r, dp, &packed_size) &&
                   packed_size <= (int64_t{1} << 40),
               msg("dtl_kernels::write_taps_: a down of ", r, " x ", d, " is too large"));
@@ -84,10 +88,12 @@ void write_taps_cpu(at::Tensor& taps, at::TensorList inputs, at::TensorList down
   int64_t col = first_col;
   for (size_t j = 0; j < inputs.size(); ++j) {
     const at::Tensor& z = inputs[j];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, taps.scalar_type(), "write_taps", [&] {
-      using t_t = scalar_t;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "write_taps_z", [&] {
-        taps_of_block<t_t, scalar_t>(taps, z, downs[j], col);
+    with_host_alloc_named("dtl_kernels::write_taps_", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, taps.scalar_type(), "write_taps",
+                                      [&] {
+        using t_t = scalar_t;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, z.scalar_type(), "write_taps_z",
+                                        [&] { taps_of_block<t_t, scalar_t>(taps, z, downs[j], col); });
       });
     });
     col += downs[j].size(0);

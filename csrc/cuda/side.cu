@@ -37,7 +37,6 @@ namespace {
 
 using namespace cuda_side;
 
-constexpr SideLimits kLimits{kMaxK, kMaxKS, true};
 
 // A view with unit stride in the last dimension (copies only when it has another one).
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -97,8 +96,8 @@ at::Tensor side_forward_cuda(const at::Tensor& y_in, const at::Tensor& taps_in,
                              const at::Tensor& ups_in, const std::optional<at::Tensor>& conv_weight,
                              int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta) {
   const char* op = "dtl_kernels::side_forward";
-  const int64_t ks = check_side_inputs(op, c10::DeviceType::CUDA, kLimits, y_in, taps_in, ups_in,
-                                       conv_weight, grid_h, grid_w, num_prefix, beta);
+  const int64_t ks = check_side_inputs(op, c10::DeviceType::CUDA, kCudaSideLimits, y_in, taps_in,
+                                       ups_in, conv_weight, grid_h, grid_w, num_prefix, beta);
   const c10::cuda::CUDAGuard guard(y_in.device());
   const Problem q{y_in.size(0), y_in.size(1), y_in.size(2), taps_in.size(2), ks};
   at::Tensor out = at::empty({q.B, q.N, q.D}, y_in.options().memory_format(at::MemoryFormat::Contiguous));
@@ -126,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_cuda(
     const std::optional<at::Tensor>& conv_weight, int64_t grid_h, int64_t grid_w,
     int64_t num_prefix, double beta) {
   const char* op = "dtl_kernels::side_backward";
-  const int64_t ks = check_side_inputs(op, c10::DeviceType::CUDA, kLimits, grad_in, taps_in,
+  const int64_t ks = check_side_inputs(op, c10::DeviceType::CUDA, kCudaSideLimits, grad_in, taps_in,
                                        ups_in, conv_weight, grid_h, grid_w, num_prefix, beta);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const Problem q{grad_in.size(0), grad_in.size(1), grad_in.size(2), taps_in.size(2), ks};

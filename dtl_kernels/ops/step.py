@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext
+from . import _ext, compiled_side  # noqa: F401 (the side op's fakes: a traced step reaches it)
 
 #: backend name → the kernel id of ``side_step`` (0: the compiled ops, 1: Triton's)
 STEP_KERNELS = {"cpu": 0, "cuda": 0, "triton": 1}
@@ -94,6 +94,10 @@ def bind_side_step_(
     calls at each add-back (the argument handling is done once per stage, not per step)."""
     gh, gw = grid if conv_weight is not None else (0, 0)
     kernel = _kernel_id(backend)
+    if kernel == 1 and ups.device.type == "cpu":  # refused before a step writes the taps
+        from . import triton_side
+
+        triton_side._require_launchable(ups)
     direct = _ext.BINDING.side_step_ if _direct() else None
 
     def run(y, taps, inputs, downs, first_col, next_down=None):
