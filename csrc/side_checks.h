@@ -16,6 +16,7 @@
 #include <c10/util/Half.h>
 #include <c10/util/Exception.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <new>
@@ -68,14 +69,20 @@ struct SideLimits {
   int64_t max_k;      // widest taps (K) the kernels take
   int64_t max_ksize;  // largest conv the kernels take
   bool mixed;         // they take 16-bit taps / ups beside a float32 y (the autocast mix)
+  int64_t max_rows;   // most rows (B·N) they index
+  int64_t max_d;      // widest y (d)
 };
 
 // Each backend's limits, here so that the step (step.cpp) checks a side op before it writes
 // the caller's taps with the limits that op's kernels check. CPU: what its packed copies
-// allow; CUDA: its plan's (cuda/side_plan.h); Triton: none (its tiles follow K and k).
-constexpr SideLimits kCpuSideLimits{int64_t(1) << 30, int64_t(1) << 15, true};
-constexpr SideLimits kCudaSideLimits{cuda_side::kMaxK, cuda_side::kMaxKS, true};
-constexpr SideLimits kTritonSideLimits{INT64_MAX, INT64_MAX, true};
+// allow; CUDA: its plan's (cuda/side_plan.h), rows counted in 32-bit ints with a tile's
+// headroom, d over at most 65535 grid blocks of 32 channels; Triton: none (its tiles follow
+// K and k, its offsets are 64-bit).
+constexpr SideLimits kCpuSideLimits{int64_t(1) << 30, int64_t(1) << 15, true, INT64_MAX,
+                                    INT64_MAX};
+constexpr SideLimits kCudaSideLimits{cuda_side::kMaxK, cuda_side::kMaxKS, true,
+                                     (int64_t(1) << 31) - 1 - 4096, int64_t(65535) * 32};
+constexpr SideLimits kTritonSideLimits{INT64_MAX, INT64_MAX, true, INT64_MAX, INT64_MAX};
 
 // The dtypes of the side op: y (and grad_out, out, conv_weight) in one floating dtype; taps
 // and ups in one dtype, y's or — beside a float32 y — bfloat16 / float16 (autocast keeps the
@@ -114,8 +121,17 @@ inline int64_t check_side_shapes(const char* op, const char* where, const SideLi
               msg(op, ": ups has ", ups.size(1), " columns but taps have K = ", taps.size(2)));
   TORCH_CHECK(taps.size(2) >= 1 && taps.size(2) <= lim.max_k,
               msg(op, where, ": taps need 1 <= K <= ", lim.max_k, " columns, got ", taps.size(2)));
-  // β is used in the compute type (float; double for float64 I/O): it must be finite there
-  TORCH_CHECK(std::isfinite(beta) && (dt == at::kDouble || std::isfinite(static_cast<float>(beta))),
+  // bounds before the product (N ≤ max_rows, then B ≤ max_rows / N): it cannot overflow
+  TORCH_CHECK(y.size(1) <= lim.max_rows &&
+                  (y.size(1) == 0 || y.size(0) <= lim.max_rows / y.size(1)),
+              msg(op, where, ": ", y.size(0), " x ", y.size(1), " rows are more than the ",
+                  "kernels index (", lim.max_rows, ")"));
+  TORCH_CHECK(y.size(2) <= lim.max_d,
+              msg(op, where, ": d = ", y.size(2), " is too large (at most ", lim.max_d, ")"));
+  // β is used in the compute type (float; double for float64 I/O): within its range (a β
+  // just past FLT_MAX would round to it; contract.py's twin refuses it too)
+  TORCH_CHECK(std::isfinite(beta) &&
+                  (dt == at::kDouble || std::fabs(beta) <= double(FLT_MAX)),
               msg(op, ": beta must be a finite number of the compute type (|beta| <= ",
                   dt == at::kDouble ? "1.8e308" : "3.4e38", "), got ", beta));
   TORCH_CHECK(num_prefix >= 0 && num_prefix <= y.size(1),

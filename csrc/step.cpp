@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <optional>
 #include <vector>
 
@@ -131,7 +132,8 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
 
 // Every tensor dense and strided: a sparse or nested one would fail inside ATen (or in
 // autograd's set-up, before any check of ours) with a message that names nothing here.
-// Checked first, in the autograd kernels every call goes through.
+// Checked first in the autograd kernels and again in the ops themselves (inference_mode
+// skips the autograd kernels): a few key-bit reads.
 void check_all_strided(const char* op, const at::Tensor& y, const at::Tensor& taps,
                        at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
                        const std::optional<at::Tensor>& conv,
@@ -176,6 +178,16 @@ int64_t next_tap_column(const char* op, const at::Tensor& y, const at::Tensor& t
   return col;
 }
 
+// Whether Triton's side op is registered (Python registers it once, for good): looked up
+// until it is, then remembered (a lookup per step would be host time).
+bool triton_registered() {
+  static std::atomic<bool> found{false};
+  if (found.load(std::memory_order_relaxed)) return true;
+  if (!c10::Dispatcher::singleton().findSchema({forward_name(1), ""})) return false;
+  found.store(true, std::memory_order_relaxed);
+  return true;
+}
+
 // side_step_ writes the caller's taps before its side op runs: what that op would refuse is
 // refused first, so that a refused step leaves them as they were. Its checks (dtypes aside:
 // the step hands it taps and ups in one dtype, the conv in y's) with the limits of the
@@ -194,12 +206,22 @@ void check_side_op_first(const char* op, const at::Tensor& y, const at::Tensor& 
                 msg(op, ": taps, ups and conv_weight must be on y's device ", y.device(),
                     ", got ", t->device()));
   }
-  const SideLimits& lim = kernel == 1                         ? kTritonSideLimits
-                          : y.device().type() == c10::kCUDA ? kCudaSideLimits
-                                                              : kCpuSideLimits;
-  check_side_shapes(op, kernel == 1 ? " (Triton kernel)" : "", lim, y, taps, ups, conv, grid_h,
-                    grid_w, num_prefix, beta);
-  (void)forward_op(kernel);  // throws where Triton's op is not registered yet
+  const bool cuda = y.device().type() == c10::kCUDA;
+  if (kernel == 0) {  // the compiled kernels: built for this device?
+    const c10::DispatchKey key = cuda ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
+    TORCH_CHECK((cuda || y.device().type() == c10::kCPU) &&
+                    forward_op(0).hasKernelForDispatchKey(key),
+                msg(op, ": no compiled side-op kernel for ", y.device(),
+                    " tensors in this build (CUDA needs the CUDA extension)"));
+  }
+  const SideLimits& lim = kernel == 1 ? kTritonSideLimits
+                          : cuda      ? kCudaSideLimits
+                                      : kCpuSideLimits;
+  const char* where = kernel == 1 ? " (Triton kernel)" : cuda ? " (CUDA kernel)" : " (CPU kernel)";
+  check_side_shapes(op, where, lim, y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
+  TORCH_CHECK(kernel == 0 || triton_registered(),
+              msg(op, ": kernel 1 runs Triton's side op, which is registered when "
+                      "dtl_kernels.ops.triton_side is imported (it is not)"));
 }
 
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
@@ -241,6 +263,8 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
   TORCH_CHECK(!save_dtype.has_value() || at::isFloatingType(*save_dtype),
               msg("dtl_kernels::side_step: save_dtype must be a floating dtype, got ",
                   save_dtype.value_or(at::kFloat)));
+  // also here: inference_mode skips the autograd kernel, which checks this first
+  check_all_strided("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   at::Tensor taps_out = taps.clone(at::MemoryFormat::Contiguous);
   at::Tensor out = step_into("dtl_kernels::side_step", y, taps_out, inputs, downs, first_col,
                              ups, conv, grid_h, grid_w, num_prefix, beta, kernel, std::nullopt);
@@ -255,6 +279,7 @@ at::Tensor side_step_inplace_impl(const at::Tensor& y, at::Tensor& taps, at::Ten
                                   int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
                                   const std::optional<at::Tensor>& next_down) {
   const char* op = "dtl_kernels::side_step_";
+  check_all_strided(op, y, taps, inputs, downs, ups, conv, next_down);  // (inference_mode)
   TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::side_step_: taps must be contiguous");
   // taps is written before y, ups and the rest are read: none may share its memory
   // (inputs and downs: write_taps_ checks them)
@@ -298,6 +323,33 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
   at::AutoDispatchBelowAutograd guard;  // next: ADInplaceOrView (the version counter)
   return inplace_op().call(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
                            num_prefix, beta, kernel, next_down);
+}
+
+// A tensor with the negative bit (a view such as a conjugate's imaginary part) reaches this
+// kernel before PyTorch's math-bit fallback, which would write the taps through a copy and
+// then fail an internal assert on this schema (taps mutated, out returned; under
+// inference_mode the autograd kernel's check is skipped). Negative taps are refused by name;
+// the other arguments are read through their resolved values.
+at::Tensor side_step_inplace_negative(const at::Tensor& y, at::Tensor& taps,
+                                      at::TensorList inputs, at::TensorList downs,
+                                      int64_t first_col, const at::Tensor& ups,
+                                      const std::optional<at::Tensor>& conv, int64_t grid_h,
+                                      int64_t grid_w, int64_t num_prefix, double beta,
+                                      int64_t kernel,
+                                      const std::optional<at::Tensor>& next_down) {
+  TORCH_CHECK(!taps.is_neg(), "dtl_kernels::side_step_: taps must not be a negative view (it "
+                              "is written in place): pass a plain tensor");
+  auto plain = [](const at::Tensor& t) { return t.is_neg() ? t.resolve_neg() : t; };
+  auto plain_opt = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t.has_value()) return t;
+    return plain(*t);
+  };
+  std::vector<at::Tensor> ins, dns;
+  for (const at::Tensor& t : inputs) ins.push_back(plain(t));
+  for (const at::Tensor& t : downs) dns.push_back(plain(t));
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::Negative);
+  return inplace_op().call(plain(y), taps, ins, dns, first_col, plain(ups), plain_opt(conv),
+                           grid_h, grid_w, num_prefix, beta, kernel, plain_opt(next_down));
 }
 
 // What ADInplaceOrView does for every in-place op: the written tensor's version counter is
@@ -479,6 +531,10 @@ TORCH_LIBRARY_IMPL(dtl_kernels, Autograd, m) {
   m.impl("side_step", &dtl::side_step_autograd);
   m.impl("side_step_", &dtl::side_step_inplace_autograd);
   m.impl("write_taps_", &dtl::write_taps_autograd);
+}
+
+TORCH_LIBRARY_IMPL(dtl_kernels, Negative, m) {
+  m.impl("side_step_", &dtl::side_step_inplace_negative);
 }
 
 TORCH_LIBRARY_IMPL(dtl_kernels, ADInplaceOrView, m) {

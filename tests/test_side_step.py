@@ -852,15 +852,16 @@ def test_side_add_takes_a_grid_of_whole_numbers_only():
 
 
 # -- side_step_ refuses before it writes: the caller's taps stay as they were --------------
-def _refused_untouched(match, **change):
+def _refused_untouched(match, mode=torch.no_grad, **change):
     """side_step_ on `_step_inputs` with `change` applied: refused with `match`, and the
-    caller's taps not written (they are written before the side op runs)."""
+    caller's taps not written (they are written before the side op runs). `mode`:
+    no_grad, or inference_mode (which skips the autograd kernels)."""
     y, taps, zs, downs, ups, w = _step_inputs(True)
     args = dict(y=y, zs=zs, downs=downs, ups=ups, w=w, grid=(2, 3), prefix=1, beta=3.0,
                 backend="cpu", next_down=None)  # fmt: skip
     args.update(change)
     mine = taps.clone()
-    with torch.no_grad(), pytest.raises((RuntimeError, ValueError), match=match):
+    with mode(), pytest.raises((RuntimeError, ValueError), match=match):
         step.side_step_(args["y"], mine, args["zs"], args["downs"], 2, args["ups"], args["w"],
                         args["grid"], args["prefix"], args["beta"], args["backend"],
                         args["next_down"])  # fmt: skip
@@ -872,6 +873,7 @@ def _refused_untouched(match, **change):
     [
         (dict(beta=float("nan")), "beta must be a finite number"),
         (dict(beta=1e39), "beta must be a finite number"),  # finite in float64, not in float32
+        (dict(beta=3.4028235e38), "beta must be a finite number"),  # past FLT_MAX, rounds to it
         (dict(ups=torch.randn(5, 8, dtype=DT)), "ups has 5 rows but d = 6"),
         (dict(prefix=9), "num_prefix must be in 0..7"),
         (dict(grid=(3, 3)), "do not hold 1 prefix tokens plus a 3x3 patch grid"),
@@ -879,19 +881,20 @@ def _refused_untouched(match, **change):
         (dict(y=torch.randn(2, 7, 6).long()), "y must be float32"),
         (dict(ups=torch.randn(6, 8, dtype=DT, device="meta")), "must be on one device"),
     ],
-    ids=["beta-nan", "beta-past-float32", "ups-rows", "prefix", "grid", "conv-shape",
-         "integer-y", "ups-elsewhere"],
+    ids=["beta-nan", "beta-past-float32", "beta-rounds-to-flt-max", "ups-rows", "prefix",
+         "grid", "conv-shape", "integer-y", "ups-elsewhere"],
 )  # fmt: skip
 def test_the_in_place_step_checks_its_side_op_before_it_writes_the_taps(change, match):
-    if "beta" in change and change["beta"] == 1e39:
+    if change.get("beta", 0) > 3e38:
         change["y"] = _step_inputs(True)[0].float()  # float32 y: β must fit a float
         change["ups"] = _step_inputs(True)[4].float()
         change["w"] = _step_inputs(True)[5].float()
     _refused_untouched(match, **change)
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
 @pytest.mark.parametrize("where", ["y", "next_down", "inputs", "downs", "ups", "w"])
-def test_sparse_tensors_are_refused_by_name(where):
+def test_sparse_tensors_are_refused_by_name(where, mode):
     y, taps, zs, downs, ups, w = _step_inputs(True)
     dense = dict(y=y, next_down=torch.randn(2, 6, dtype=DT), inputs=zs[0], downs=downs[0],
                  ups=ups, w=w)[where]  # fmt: skip
@@ -899,7 +902,8 @@ def test_sparse_tensors_are_refused_by_name(where):
     odd = dense.to_sparse()
     change = {"zs": [odd, zs[1]]} if where == "inputs" else {
         "downs": [odd, downs[1]]} if where == "downs" else {where: odd}  # fmt: skip
-    _refused_untouched(f"{name} must be a dense \\(strided\\) tensor, got a sparse", **change)
+    _refused_untouched(f"{name} must be a dense \\(strided\\) tensor, got a sparse", mode,
+                       **change)  # fmt: skip
 
 
 @pytest.mark.parametrize("where", ["y", "inputs"])
@@ -924,14 +928,65 @@ def test_triton_on_cpu_without_its_interpreter_is_refused_before_the_taps_are_wr
     _refused_untouched("the triton backend runs CUDA tensors", backend="triton")
 
 
-def test_a_negative_or_conjugate_view_as_taps_is_refused():
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_a_negative_view_as_taps_is_refused_and_read_only_ones_are_read(mode):
     """A negative view (the imaginary part of a conjugate) as the written taps: PyTorch's
-    math-bit fallback would write it through a copy and fail an internal assert."""
-    y, _, zs, downs, ups, _ = _step_inputs(False)
-    taps = torch.randn(2, 7, 8, dtype=torch.complex128).conj().imag
-    assert taps.is_neg()
-    with torch.no_grad(), pytest.raises(RuntimeError, match="negative or conjugate view"):
-        step.side_step_(y, taps, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
+    math-bit fallback would write it through a copy and fail an internal assert; refused by
+    name. As y (read only) it gives the step of its values."""
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    neg = torch.randn(2, 7, 8, dtype=torch.complex128).conj().imag
+    assert neg.is_neg()
+    with mode(), pytest.raises(RuntimeError, match="must not be a negative"):
+        step.side_step_(y, neg, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
+    neg_y = torch.randn(*y.shape, dtype=torch.complex128).conj().imag
+    got, want = taps.clone(), taps.clone()
+    with mode():
+        out = step.side_step_(neg_y, got, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
+        ref = step.side_step_(neg_y.resolve_neg(), want, zs, downs, 2, ups, None, None, 0, 3.0,
+                              "cpu")  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_write_taps_checks_every_blocks_size_before_it_writes_the_first():
+    """The second block's down is too large (expanded): refused, the first block's columns
+    not written."""
+    taps = torch.zeros(2, 5, 4)
+    z, a = torch.randn(2, 5, 3), torch.randn(2, 3)
+    huge = 2**41
+    with pytest.raises(RuntimeError, match="too large"):
+        torch.ops.dtl_kernels.write_taps_(
+            taps,
+            [z, torch.randn(2, 5, 1).expand(2, 5, huge)],
+            [a, torch.randn(1, 1).expand(1, huge)],
+            0,
+        )
+    assert taps.abs().sum() == 0
+
+
+def test_kernel_1_before_tritons_op_is_registered_is_refused_untouched():
+    """torch.ops with kernel 1 in a process that never imported triton_side: refused by
+    name, the taps not written."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, dtl_kernels, sys\n"
+        "assert 'dtl_kernels.ops.triton_side' not in sys.modules\n"
+        "y, taps = torch.randn(2, 5, 4), torch.zeros(2, 5, 6)\n"
+        "try:\n"
+        "    with torch.no_grad():\n"
+        "        torch.ops.dtl_kernels.side_step_(y, taps, [torch.randn(2, 5, 3)],"
+        " [torch.randn(2, 3)], 1, torch.randn(4, 6), None, 0, 0, 0, 3.0, 1, None)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'registered when dtl_kernels.ops.triton_side is imported' in str(e), e\n"
+        "else:\n"
+        "    raise SystemExit('not refused')\n"
+        "assert taps.abs().sum() == 0\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_write_taps_refuses_a_width_whose_padding_would_overflow():

@@ -27,6 +27,18 @@ namespace {
 
 using at::vec::Vectorized;
 
+// r · dp, dp = d rounded up to whole vectors of v: what one block's packed copy of its down
+// holds, checked (an expanded, stride-0 down can be huge; d first: d + v - 1 overflows for d
+// near 2^63). write_taps_cpu checks every block with the widest v before the first is written.
+int64_t check_packed_size(int64_t r, int64_t d, int64_t v) {
+  int64_t packed = 0;
+  TORCH_CHECK(d <= (int64_t{1} << 40) && r >= 1 &&
+                  !c10::mul_overflows(r, (d + v - 1) / v * v, &packed) &&
+                  packed <= (int64_t{1} << 40),
+              msg("dtl_kernels::write_taps_: a down of ", r, " x ", d, " is too large"));
+  return packed;
+}
+
 // One block's taps: rows of z (any strides) times the r rows of a, into r columns of taps.
 template <typename t_t, typename z_t>
 void taps_of_block(at::Tensor& taps, const at::Tensor& z, const at::Tensor& a_in, int64_t col) {
@@ -37,14 +49,7 @@ void taps_of_block(at::Tensor& taps, const at::Tensor& z, const at::Tensor& a_in
   const int64_t d = z.size(2), r = a_in.size(0);
   // a rounded to the taps' dtype, as acc_t rows zero-padded to a whole number of vectors;
   // read in its own dtype and strides (no conversion op per block: host time, see above)
-  int64_t packed_size = 0;  // r · dp, checked: an expanded (stride-0) down can be huge (d
-  // first: d + V - 1 overflows for d near 2^63)
-  TORCH_CHECK(d <= (int64_t{1} << 40),
-              msg("dtl_kernels::write_taps_: a down of ", r, " x ", d, " is too large"));
-  const int64_t dp = (d + V - 1) / V * V;
-  TORCH_CHECK(!c10::mul_overflows(r, dp, &packed_size) &&
-                  packed_size <= (int64_t{1} << 40),
-              msg("dtl_kernels::write_taps_: a down of ", r, " x ", d, " is too large"));
+  const int64_t packed_size = check_packed_size(r, d, V), dp = packed_size / r;
   std::vector<acc_t> packed(packed_size, acc_t(0));
   const int64_t sk = a_in.stride(0), sd = a_in.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a_in.scalar_type(), "write_taps_a", [&] {
@@ -85,6 +90,8 @@ void write_taps_cpu(at::Tensor& taps, at::TensorList inputs, at::TensorList down
   TORCH_CHECK(taps.is_contiguous(), "dtl_kernels::write_taps_: taps must be contiguous");
   check_no_overlap(taps, inputs, downs);
   if (taps.numel() == 0) return;  // no rows to write: nothing packed either
+  for (size_t j = 0; j < downs.size(); ++j)  // every block's before the first is written
+    check_packed_size(downs[j].size(0), downs[j].size(1), 16);  // 16: the widest vector
   int64_t col = first_col;
   for (size_t j = 0; j < inputs.size(); ++j) {
     const at::Tensor& z = inputs[j];

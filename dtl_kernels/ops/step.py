@@ -94,8 +94,8 @@ def bind_side_step_(
     calls at each add-back (the argument handling is done once per stage, not per step)."""
     gh, gw = grid if conv_weight is not None else (0, 0)
     kernel = _kernel_id(backend)
-    if kernel == 1 and ups.device.type == "cpu":  # refused before a step writes the taps
-        from . import triton_side
+    if kernel == 1 and ups.device.type in ("cpu", "cuda"):  # before a step writes the taps:
+        from . import triton_side  # Triton installed, CPU tensors only under its interpreter
 
         triton_side._require_launchable(ups)
     direct = _ext.BINDING.side_step_ if _direct() else None
