@@ -132,8 +132,8 @@ at::ScalarType side_dtype(const at::Tensor& y, const at::Tensor& taps, int64_t k
 
 // Every tensor dense and strided: a sparse or nested one would fail inside ATen (or in
 // autograd's set-up, before any check of ours) with a message that names nothing here.
-// Checked first in the autograd kernels and again in the ops themselves (inference_mode
-// skips the autograd kernels): a few key-bit reads.
+// Checked in the ops themselves (inference_mode skips the autograd kernels) and, before
+// autograd's set-up, in side_step's recording path: a few key-bit reads.
 void check_all_strided(const char* op, const at::Tensor& y, const at::Tensor& taps,
                        at::TensorList inputs, at::TensorList downs, const at::Tensor& ups,
                        const std::optional<at::Tensor>& conv,
@@ -188,6 +188,18 @@ bool triton_registered() {
   return true;
 }
 
+// Whether the compiled side op has a CPU / CUDA kernel (its modules register them once they
+// load, for good): looked up until found, then remembered.
+bool compiled_kernel_for(bool cuda) {
+  static std::atomic<bool> found[2] = {false, false};
+  if (found[cuda].load(std::memory_order_relaxed)) return true;
+  if (!forward_op(0).hasKernelForDispatchKey(cuda ? c10::DispatchKey::CUDA
+                                                  : c10::DispatchKey::CPU))
+    return false;
+  found[cuda].store(true, std::memory_order_relaxed);
+  return true;
+}
+
 // side_step_ writes the caller's taps before its side op runs: what that op would refuse is
 // refused first, so that a refused step leaves them as they were. Its checks (dtypes aside:
 // the step hands it taps and ups in one dtype, the conv in y's) with the limits of the
@@ -208,9 +220,7 @@ void check_side_op_first(const char* op, const at::Tensor& y, const at::Tensor& 
   }
   const bool cuda = y.device().type() == c10::kCUDA;
   if (kernel == 0) {  // the compiled kernels: built for this device?
-    const c10::DispatchKey key = cuda ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU;
-    TORCH_CHECK((cuda || y.device().type() == c10::kCPU) &&
-                    forward_op(0).hasKernelForDispatchKey(key),
+    TORCH_CHECK((cuda || y.device().type() == c10::kCPU) && compiled_kernel_for(cuda),
                 msg(op, ": no compiled side-op kernel for ", y.device(),
                     " tensors in this build (CUDA needs the CUDA extension)"));
   }
@@ -308,7 +318,6 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       const std::optional<at::Tensor>& conv, int64_t grid_h,
                                       int64_t grid_w, int64_t num_prefix, double beta,
                                       int64_t kernel, const std::optional<at::Tensor>& next_down) {
-  check_all_strided("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
   refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
   // a negative or conjugate view is written through a copy by PyTorch's math-bit fallback,
   // which then fails an internal assert on this op's schema (taps mutated, out returned)
@@ -481,7 +490,6 @@ std::tuple<at::Tensor, at::Tensor> side_step_autograd(
     int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
     int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
     std::optional<at::ScalarType> save_dtype) {
-  check_all_strided("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   refuse_forward_ad("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   // apply() runs forward with grad mode off: whether autograd records is decided here
   const bool recording = at::GradMode::is_enabled();
@@ -490,6 +498,9 @@ std::tuple<at::Tensor, at::Tensor> side_step_autograd(
     return side_step_impl(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w, num_prefix,
                           beta, kernel, save_dtype);
   }
+  // before apply(), whose set-up reads sizes a nested tensor does not have (the op checks
+  // again: inference_mode skips this kernel)
+  check_all_strided("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   variable_list r = SideStep::apply(y, taps, inputs, downs, first_col, ups, conv, grid_h, grid_w,
                                     num_prefix, beta, kernel, save_dtype, recording);
   return {r[0], r[1]};
