@@ -232,6 +232,9 @@ void check_side_op_first(const char* op, const at::Tensor& y, const at::Tensor& 
   TORCH_CHECK(kernel == 0 || triton_registered(),
               msg(op, ": kernel 1 runs Triton's side op, which is registered when "
                       "dtl_kernels.ops.triton_side is imported (it is not)"));
+  TORCH_CHECK(kernel == 0 || cuda || y.device().type() == c10::kCPU,
+              msg(op, ": Triton's side op runs CUDA tensors (CPU ones under its interpreter), "
+                      "got ", y.device()));
 }
 
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
@@ -359,6 +362,20 @@ at::Tensor side_step_inplace_negative(const at::Tensor& y, at::Tensor& taps,
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::Negative);
   return inplace_op().call(plain(y), taps, ins, dns, first_col, plain(ups), plain_opt(conv),
                            grid_h, grid_w, num_prefix, beta, kernel, plain_opt(next_down));
+}
+
+// write_taps_ the same way: PyTorch's math-bit fallback handles a mutable argument only for
+// an op that returns it (this one returns nothing: the fallback would read a return that
+// is not there). Negative taps refused; negative inputs and downs read resolved.
+void write_taps_negative(at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+                         int64_t first_col) {
+  TORCH_CHECK(!taps.is_neg(), "dtl_kernels::write_taps_: taps must not be a negative view (it "
+                              "is written in place): pass a plain tensor");
+  std::vector<at::Tensor> ins, dns;
+  for (const at::Tensor& t : inputs) ins.push_back(t.is_neg() ? t.resolve_neg() : t);
+  for (const at::Tensor& t : downs) dns.push_back(t.is_neg() ? t.resolve_neg() : t);
+  c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::Negative);
+  write_taps_op().call(taps, ins, dns, first_col);
 }
 
 // What ADInplaceOrView does for every in-place op: the written tensor's version counter is
@@ -546,6 +563,7 @@ TORCH_LIBRARY_IMPL(dtl_kernels, Autograd, m) {
 
 TORCH_LIBRARY_IMPL(dtl_kernels, Negative, m) {
   m.impl("side_step_", &dtl::side_step_inplace_negative);
+  m.impl("write_taps_", &dtl::write_taps_negative);
 }
 
 TORCH_LIBRARY_IMPL(dtl_kernels, ADInplaceOrView, m) {

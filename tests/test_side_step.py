@@ -928,24 +928,57 @@ def test_triton_on_cpu_without_its_interpreter_is_refused_before_the_taps_are_wr
     _refused_untouched("the triton backend runs CUDA tensors", backend="triton")
 
 
+def _negative(t: torch.Tensor) -> torch.Tensor:
+    """A negative view holding t's values (the negative bit set: math-bit dispatch)."""
+    out = torch._neg_view(-t)
+    assert out.is_neg()
+    return out
+
+
 @pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
-def test_a_negative_view_as_taps_is_refused_and_read_only_ones_are_read(mode):
-    """A negative view (the imaginary part of a conjugate) as the written taps: PyTorch's
-    math-bit fallback would write it through a copy and fail an internal assert; refused by
-    name. As y (read only) it gives the step of its values."""
+def test_a_negative_view_as_written_taps_is_refused(mode):
+    """PyTorch's math-bit fallback would write it through a copy and fail an internal
+    assert (side_step_ returns out, not the taps) or read a return that write_taps_ does
+    not have: refused by name."""
     y, taps, zs, downs, ups, _ = _step_inputs(False)
-    neg = torch.randn(2, 7, 8, dtype=torch.complex128).conj().imag
-    assert neg.is_neg()
+    neg = _negative(taps)
     with mode(), pytest.raises(RuntimeError, match="must not be a negative"):
         step.side_step_(y, neg, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
-    neg_y = torch.randn(*y.shape, dtype=torch.complex128).conj().imag
-    got, want = taps.clone(), taps.clone()
-    with mode():
-        out = step.side_step_(neg_y, got, zs, downs, 2, ups, None, None, 0, 3.0, "cpu")
-        ref = step.side_step_(neg_y.resolve_neg(), want, zs, downs, 2, ups, None, None, 0, 3.0,
-                              "cpu")  # fmt: skip
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with mode(), pytest.raises(RuntimeError, match="must not be a negative"):
+        torch.ops.dtl_kernels.write_taps_(neg, zs, downs, 2)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("which", ["y", "input", "down", "ups", "conv", "next_down"])
+def test_negative_views_among_the_read_arguments_give_their_values(which, mode):
+    """A read-only argument as a negative view is read by its values (with the Negative
+    key excluded, one left unresolved would be read with the wrong sign)."""
+    y, taps, zs, downs, ups, w = _step_inputs(True)
+    nxt = torch.randn(2, 6, dtype=DT)
+    args = dict(y=y, zs=list(zs), downs=list(downs), ups=ups, w=w, nxt=nxt)
+    odd = dict(args)
+    if which == "input":
+        odd["zs"] = [_negative(zs[0]), zs[1]]
+    elif which == "down":
+        odd["downs"] = [downs[0], _negative(downs[1])]
+    else:
+        key = {"conv": "w", "next_down": "nxt"}.get(which, which)
+        odd[key] = _negative(args[key])
+    results = []
+    for a in (args, odd):
+        mine = taps.clone()
+        with mode():
+            out = step.side_step_(a["y"], mine, a["zs"], a["downs"], 2, a["ups"], a["w"], (2, 3),
+                                  1, 3.0, "cpu", a["nxt"])  # fmt: skip
+        results.append((out, mine))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
+    if which in ("input", "down"):  # write_taps_ alone too
+        got, want = taps.clone(), taps.clone()
+        with mode():
+            torch.ops.dtl_kernels.write_taps_(got, odd["zs"], odd["downs"], 2)
+            torch.ops.dtl_kernels.write_taps_(want, zs, downs, 2)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_write_taps_checks_every_blocks_size_before_it_writes_the_first():
