@@ -928,6 +928,16 @@ def test_triton_on_cpu_without_its_interpreter_is_refused_before_the_taps_are_wr
     _refused_untouched("the triton backend runs CUDA tensors", backend="triton")
 
 
+def _run_fresh(code: str) -> None:
+    """`code` in a new Python process (what a process has imported matters here)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def _negative(t: torch.Tensor) -> torch.Tensor:
     """A negative view holding t's values (the negative bit set: math-bit dispatch)."""
     out = torch._neg_view(-t)
@@ -1000,9 +1010,6 @@ def test_write_taps_checks_every_blocks_size_before_it_writes_the_first():
 def test_kernel_1_before_tritons_op_is_registered_is_refused_untouched():
     """torch.ops with kernel 1 in a process that never imported triton_side: refused by
     name, the taps not written."""
-    import subprocess
-    import sys
-
     code = (
         "import torch, dtl_kernels, sys\n"
         "assert 'dtl_kernels.ops.triton_side' not in sys.modules\n"
@@ -1017,9 +1024,7 @@ def test_kernel_1_before_tritons_op_is_registered_is_refused_untouched():
         "    raise SystemExit('not refused')\n"
         "assert taps.abs().sum() == 0\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_fresh(code)
 
 
 def test_write_taps_refuses_a_width_whose_padding_would_overflow():
@@ -1035,9 +1040,6 @@ def test_write_taps_refuses_a_width_whose_padding_would_overflow():
 def test_the_side_ops_fakes_come_with_the_package():
     """`import dtl_kernels` alone registers the compiled side op's fake kernels, which a
     traced step reaches (they once came only with ops.compiled_side)."""
-    import subprocess
-    import sys
-
     code = (
         "import torch, dtl_kernels\n"
         "m = dict(device='meta')\n"
@@ -1045,6 +1047,4 @@ def test_the_side_ops_fakes_come_with_the_package():
         " torch.empty(2, 5, 6, **m), torch.empty(4, 6, **m), None, 0, 0, 0, 3.0)\n"
         "assert out.shape == (2, 5, 4), out.shape\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=120)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    _run_fresh(code)
