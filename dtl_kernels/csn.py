@@ -45,6 +45,35 @@ class CSNConfig:
         return asdict(self)
 
 
+class ShapedParameters(nn.ParameterDict):
+    """The CSN's ``down`` / ``up`` projections, which keep the shapes the config gave
+    them: assigning one of another shape is refused, naming it. Used as it is, it would
+    shift the taps' columns and change the answer without an error (the kernels see shapes
+    consistent with each other; a conv of another ``k``, by contrast, is taken as it is).
+    Checked where a parameter is assigned, not at every pass (host time); a ``.data`` of
+    another shape escapes it."""
+
+    def __init__(self, group: str):
+        super().__init__()
+        self.__dict__["_group"] = group
+        self.__dict__["_shapes"] = None
+
+    def keep_shapes(self) -> None:
+        """From now on, every parameter keeps its present shape."""
+        self.__dict__["_shapes"] = {k: p.shape for k, p in self._parameters.items()}
+
+    def register_parameter(self, name: str, param) -> None:
+        shapes = self.__dict__.get("_shapes")
+        if shapes is not None and param is not None and name in shapes:
+            if param.shape != shapes[name]:
+                raise ValueError(
+                    f"CompactSideNetwork: csn.{self._group}.{name} must keep its shape "
+                    f"{tuple(shapes[name])} (from the side network's config), got "
+                    f"{tuple(param.shape)}: build a model with the other config instead"
+                )
+        super().register_parameter(name, param)
+
+
 @dataclass
 class SideState:
     """What one forward pass carries from block to block (never a parameter).
@@ -211,8 +240,8 @@ class CompactSideNetwork(nn.Module):
         # need no gradient) keep z_i for ∂A_i; None keeps z_i as it is.
         self.trunk_dtype: torch.dtype | None = None
         r, k = config.rank, config.conv_kernel
-        self.down = nn.ParameterDict()
-        self.up = nn.ParameterDict()
+        self.down = ShapedParameters("down")
+        self.up = ShapedParameters("up")
         for i in range(config.tap_from - 1, depth):
             if not tappable[i]:
                 continue
@@ -244,7 +273,7 @@ class CompactSideNetwork(nn.Module):
             and self._columns[i + 1][0] == self._columns[i][1]
             for i in range(depth)
         ]
-        self.convs = nn.ParameterDict()
+        self.convs = nn.ParameterDict()  # any k: the kernels take it from the conv itself
         if k > 0:
             for i in range(config.adapt_from - 1, depth):
                 s = str(block_stages[i])
@@ -252,6 +281,8 @@ class CompactSideNetwork(nn.Module):
                     self.convs[s] = nn.Parameter(torch.empty(block_widths[i], 1, k, k))
         # stage → its conv's key (DTL+), for the add-back's lookup
         self._conv_keys = {int(s): s for s in self.convs}
+        for group in (self.down, self.up):
+            group.keep_shapes()
         # what _select_backend and _start_stage_kernel decided, per tensors' kind
         self._selected: dict[tuple, str] = {}
         self._kernels: dict[tuple, str] = {}
