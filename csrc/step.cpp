@@ -322,11 +322,6 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                                       int64_t grid_w, int64_t num_prefix, double beta,
                                       int64_t kernel, const std::optional<at::Tensor>& next_down) {
   refuse_forward_ad("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
-  // a negative or conjugate view is written through a copy by PyTorch's math-bit fallback,
-  // which then fails an internal assert on this op's schema (taps mutated, out returned)
-  TORCH_CHECK(!taps.is_neg() && !taps.is_conj(),
-              "dtl_kernels::side_step_: taps must not be a negative or conjugate view "
-              "(it is written in place): pass a plain tensor");
   TORCH_CHECK(!at::GradMode::is_enabled() ||
                   !any_tensor([](const at::Tensor& t) { return t.requires_grad(); }, y, taps,
                               inputs, downs, ups, conv, next_down),
@@ -337,11 +332,25 @@ at::Tensor side_step_inplace_autograd(const at::Tensor& y, at::Tensor& taps,
                            num_prefix, beta, kernel, next_down);
 }
 
+// A read-only argument's values where it is a negative view (the Negative-key kernels
+// below read every argument through this before they redispatch without that key).
+at::Tensor resolved(const at::Tensor& t) { return t.is_neg() ? t.resolve_neg() : t; }
+std::optional<at::Tensor> resolved(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(resolved(*t)) : t;
+}
+std::vector<at::Tensor> resolved(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const at::Tensor& t : ts) out.push_back(resolved(t));
+  return out;
+}
+
 // A tensor with the negative bit (a view such as a conjugate's imaginary part) reaches this
 // kernel before PyTorch's math-bit fallback, which would write the taps through a copy and
-// then fail an internal assert on this schema (taps mutated, out returned; under
-// inference_mode the autograd kernel's check is skipped). Negative taps are refused by name;
-// the other arguments are read through their resolved values.
+// then fail an internal assert on this schema (taps mutated, out returned), in every grad
+// mode (the autograd kernels redispatch to it). Negative taps are refused by name; the
+// other arguments are read through their resolved values. (A conjugate bit needs a complex
+// tensor, which the dtype checks refuse.)
 at::Tensor side_step_inplace_negative(const at::Tensor& y, at::Tensor& taps,
                                       at::TensorList inputs, at::TensorList downs,
                                       int64_t first_col, const at::Tensor& ups,
@@ -351,17 +360,10 @@ at::Tensor side_step_inplace_negative(const at::Tensor& y, at::Tensor& taps,
                                       const std::optional<at::Tensor>& next_down) {
   TORCH_CHECK(!taps.is_neg(), "dtl_kernels::side_step_: taps must not be a negative view (it "
                               "is written in place): pass a plain tensor");
-  auto plain = [](const at::Tensor& t) { return t.is_neg() ? t.resolve_neg() : t; };
-  auto plain_opt = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    if (!t.has_value()) return t;
-    return plain(*t);
-  };
-  std::vector<at::Tensor> ins, dns;
-  for (const at::Tensor& t : inputs) ins.push_back(plain(t));
-  for (const at::Tensor& t : downs) dns.push_back(plain(t));
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::Negative);
-  return inplace_op().call(plain(y), taps, ins, dns, first_col, plain(ups), plain_opt(conv),
-                           grid_h, grid_w, num_prefix, beta, kernel, plain_opt(next_down));
+  return inplace_op().call(resolved(y), taps, resolved(inputs), resolved(downs), first_col,
+                           resolved(ups), resolved(conv), grid_h, grid_w, num_prefix, beta,
+                           kernel, resolved(next_down));
 }
 
 // write_taps_ the same way: PyTorch's math-bit fallback handles a mutable argument only for
@@ -371,11 +373,8 @@ void write_taps_negative(at::Tensor& taps, at::TensorList inputs, at::TensorList
                          int64_t first_col) {
   TORCH_CHECK(!taps.is_neg(), "dtl_kernels::write_taps_: taps must not be a negative view (it "
                               "is written in place): pass a plain tensor");
-  std::vector<at::Tensor> ins, dns;
-  for (const at::Tensor& t : inputs) ins.push_back(t.is_neg() ? t.resolve_neg() : t);
-  for (const at::Tensor& t : downs) dns.push_back(t.is_neg() ? t.resolve_neg() : t);
   c10::impl::ExcludeDispatchKeyGuard guard(c10::DispatchKey::Negative);
-  write_taps_op().call(taps, ins, dns, first_col);
+  write_taps_op().call(taps, resolved(inputs), resolved(downs), first_col);
 }
 
 // What ADInplaceOrView does for every in-place op: the written tensor's version counter is
