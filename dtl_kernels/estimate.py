@@ -220,6 +220,11 @@ def estimate_memory(
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     channels = in_channels or _in_channels(model)
+    if batch_size * channels * h * w > MAX_IMAGE_ELEMENTS:  # Python ints: no overflow here
+        raise ValueError(
+            f"a ({batch_size}, {channels}, {h}, {w}) image batch has more than "
+            f"{MAX_IMAGE_ELEMENTS:.3g} elements: too large for a tensor's sizes"
+        )
     layout = torch.channels_last if channels_last else torch.contiguous_format
     with mode:
         images = torch.randn(batch_size, channels, h, w, device=device)
@@ -243,7 +248,7 @@ def estimate_memory(
             )
             for _ in range(grad_accum):  # as dtl-train's Stepper: one backward each
                 with ctx:
-                    logits = fake(images)
+                    logits = _logits(fake, images)
                     classes = logits.shape[-1] if num_classes is None else num_classes
                     target = torch.zeros(batch_size, dtype=torch.long, device=device) % classes
                     loss = F.cross_entropy(logits.float(), target)
@@ -263,6 +268,28 @@ def estimate_memory(
         precision=precision,
         details={"trainable_parameters": sum(p.numel() for p in trainable)},
     )
+
+
+#: the most elements the simulated image batch may have (its bytes must fit an int64)
+MAX_IMAGE_ELEMENTS = 2**58
+
+
+def _logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``model(images)``, a ``(batch, classes)`` tensor, or a ``ValueError`` saying the model
+    is not one that maps images to logits (the error it raised chained)."""
+    shape = tuple(images.shape)
+    try:
+        logits = model(images)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(
+            f"estimate_memory: the model's forward failed on a {shape} image batch "
+            f"({type(e).__name__}: {e}); it takes a model that maps images to logits"
+        ) from e
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != shape[0]:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"estimate_memory: the model must map {shape} images to "
+                         f"({shape[0]}, classes) logits, got {got}")  # fmt: skip
+    return logits
 
 
 def _in_channels(model: nn.Module) -> int:

@@ -82,6 +82,10 @@ def test_bad_arguments():
         estimate_memory(model, 0, 112)
     with pytest.raises(ValueError, match="precision"):
         estimate_memory(model, 2, 112, "fp8")
+    with pytest.raises(ValueError, match="too large"):  # no int64 overflow inside torch
+        estimate_memory(model, 10**30, 112)
+    with pytest.raises(ValueError, match="maps images to logits"):  # not an image model
+        estimate_memory(torch.nn.Linear(3, 3), 2, 112)
 
 
 def test_dtl_train_estimate_memory(capsys):

@@ -220,6 +220,11 @@ def test_bad_images(family):
         model(torch.zeros(1, 3, size, size, dtype=torch.uint8))
     with pytest.raises(ValueError, match="batch, channels, H, W"):
         model(_images(3, size, size))
+    if family == "swin":  # timm's window attention cannot run an empty batch
+        with pytest.raises(ValueError, match="empty batch"):
+            model(_images(0, 3, size, size))
+    else:
+        assert model(_images(0, 3, size, size)).shape == (0, 3)
     assert model(_images(1, 3, size, size)).shape == (1, 3)
 
 

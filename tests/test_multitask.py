@@ -78,6 +78,8 @@ def test_bad_tasks_are_clear_errors(tmp_path):
         MultiTaskDTL(bb, {})
     with pytest.raises(TypeError, match="adapter path or a DTL model"):
         MultiTaskDTL(bb, {"x": 3})
+    with pytest.raises(TypeError, match="map task names .* got a list"):
+        MultiTaskDTL(bb, list(tasks.values()))
     other = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).eval()
     foreign = DTLViT(other, num_classes=3)
     with pytest.raises(ValueError, match="differs from the shared one"):

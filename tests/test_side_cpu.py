@@ -140,7 +140,22 @@ BAD = [
     ("ups", lambda a: a["ups"].tolist(), TypeError, "tensor"),
     ("beta", lambda a: float("nan"), TypeError, "beta"),
     ("ups", lambda a: a["ups"].to("meta"), ValueError, "device"),
+    ("y", lambda a: a["y"].to(torch.float8_e4m3fn), TypeError, "float32, float16"),  # no kernel
+    ("y", lambda a: a["y"].to_sparse(), TypeError, "dense"),
+    ("taps", lambda a: a["taps"].to_sparse(), TypeError, "dense"),
 ]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_width_dtl_plus_gives_the_empty_result(backend):
+    """d = 0 (no channels to convolve): every backend returns y's empty shape (the
+    reference's conv2d refuses zero groups, so it skips the convolution)."""
+    y, taps = torch.randn(2, 5, 0), torch.randn(2, 5, 3, requires_grad=True)
+    ups, conv = torch.randn(0, 3), torch.randn(0, 1, 3, 3)
+    out = side.side_add(y, taps, ups, 100.0, conv, (2, 2), 1, backend=backend)
+    assert out.shape == (2, 5, 0)
+    out.sum().backward()
+    assert taps.grad.shape == taps.shape and not taps.grad.any()
 
 
 @pytest.mark.parametrize("name,make,exc,match", BAD)

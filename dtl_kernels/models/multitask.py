@@ -48,6 +48,9 @@ class MultiTaskDTL(nn.Module):
         batch_tails: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(tasks, Mapping):
+            raise TypeError(f"tasks must map task names to adapter paths or DTL models, got a "
+                            f"{type(tasks).__name__}")  # fmt: skip
         if not tasks:
             raise ValueError("MultiTaskDTL needs at least one task")
         self.backbone = backbone

@@ -102,6 +102,8 @@ class DTLSwin(DTLModel):
             raise ValueError("images must be a (batch, channels, H, W) tensor")
         if not images.is_floating_point():
             raise TypeError(f"images must be floating point, got {images.dtype}")
+        if images.shape[0] == 0:  # timm's window attention cannot reshape an empty batch
+            raise ValueError("images: an empty batch (0 images); Swin needs at least one")
         pe = self.backbone.patch_embed
         if images.shape[1] != pe.proj.in_channels:
             raise ValueError(

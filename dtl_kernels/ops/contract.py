@@ -108,6 +108,11 @@ def _check_user_inputs(y, taps, ups, beta, conv_weight, grid, num_prefix) -> Non
             raise TypeError(f"side_add: {name} must be a tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"side_add: {name} must be floating point, got {t.dtype}")
+        if t.dtype not in KERNEL_DTYPES:  # float8: floating point, but no kernel computes in it
+            raise TypeError(f"side_add: {name} must be float32, float16, bfloat16 or float64, "
+                            f"got {t.dtype}")  # fmt: skip
+        if t.layout != torch.strided:
+            raise TypeError(f"side_add: {name} must be a dense (strided) tensor, got {t.layout}")
         if t.device != y.device:
             raise ValueError(f"side_add: {name} is on device {t.device} but y is on {y.device}")
     if not side_dtypes_ok(y.dtype, taps.dtype):
