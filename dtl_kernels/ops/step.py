@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext, compiled_side  # noqa: F401 (the side op's fakes: a traced step reaches it)
+from .contract import check_kernel_inputs, side_dtypes_ok
 
 #: backend name → the kernel id of ``side_step`` (0: the compiled ops, 1: Triton's)
 STEP_KERNELS = {"cpu": 0, "cuda": 0, "triton": 1}
@@ -158,6 +159,18 @@ def _check_fake_step(op: str, taps, inputs, downs, first_col: int, others) -> No
                          f"0..{taps.shape[2]}")  # fmt: skip
 
 
+def _check_fake_side_op(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta) -> None:
+    """The step's side op's checks (β, grid, shapes), on its arguments in the dtypes the
+    step hands them over in (csrc/step.cpp's side_dtype): what the run would refuse."""
+    for name, t in (("y", y), ("ups", ups), ("conv_weight", conv_weight)):
+        if t is not None and not t.is_floating_point():  # cast silently below otherwise
+            raise TypeError(f"side_step: {name} must be floating point, got {t.dtype}")
+    side = taps.dtype if side_dtypes_ok(y.dtype, taps.dtype) else y.dtype
+    conv = None if conv_weight is None else conv_weight.to(y.dtype)
+    check_kernel_inputs("side_step", y, taps.to(side), ups.to(side), conv, grid_h, grid_w,
+                        num_prefix, beta)  # fmt: skip
+
+
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                     num_prefix, beta, kernel, save_dtype=None):  # fmt: skip
     if y.dim() != 3:
@@ -165,6 +178,7 @@ def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h,
     if kernel not in (0, 1):
         raise ValueError(f"side_step: kernel must be 0 or 1, got {kernel}")
     _check_fake_step("side_step", taps, inputs, downs, first_col, (y, ups, conv_weight))
+    _check_fake_side_op(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
     return (
         torch.empty_like(y, memory_format=torch.contiguous_format),
         torch.empty_like(taps, memory_format=torch.contiguous_format),
