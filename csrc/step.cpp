@@ -545,8 +545,54 @@ void write_taps_view(at::Tensor& taps, at::TensorList inputs, at::TensorList dow
   write_taps_op().call(taps, inputs, downs, first_col);
 }
 
+// Nested tensors dispatch to keys of their own, where the composite kernels above are not
+// registered: these name the argument instead of the dispatcher's "Could not run" (a
+// nested one reaches them under no_grad / inference_mode, past the autograd kernels).
+[[noreturn]] void refuse_nested(const char* op) {
+  TORCH_CHECK(false, op, ": nested tensors are not supported (every tensor must be dense)");
+}
+
+std::tuple<at::Tensor, at::Tensor> side_step_nested(
+    const at::Tensor& y, const at::Tensor& taps, at::TensorList inputs, at::TensorList downs,
+    int64_t, const at::Tensor& ups, const std::optional<at::Tensor>& conv, int64_t, int64_t,
+    int64_t, double, int64_t, std::optional<at::ScalarType>) {
+  check_all_strided("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
+  refuse_nested("dtl_kernels::side_step");
+}
+
+at::Tensor side_step_inplace_nested(const at::Tensor& y, at::Tensor& taps, at::TensorList inputs,
+                                    at::TensorList downs, int64_t, const at::Tensor& ups,
+                                    const std::optional<at::Tensor>& conv, int64_t, int64_t,
+                                    int64_t, double, int64_t,
+                                    const std::optional<at::Tensor>& next_down) {
+  check_all_strided("dtl_kernels::side_step_", y, taps, inputs, downs, ups, conv, next_down);
+  refuse_nested("dtl_kernels::side_step_");
+}
+
+void write_taps_nested(at::Tensor& taps, at::TensorList inputs, at::TensorList downs, int64_t) {
+  const char* op = "dtl_kernels::write_taps_";
+  check_strided(op, "taps", taps);
+  for (size_t j = 0; j < inputs.size(); ++j)
+    check_strided(op, "inputs", inputs[j], static_cast<int64_t>(j));
+  for (size_t j = 0; j < downs.size(); ++j)
+    check_strided(op, "downs", downs[j], static_cast<int64_t>(j));
+  refuse_nested(op);
+}
+
 }  // namespace
 }  // namespace dtl
+
+TORCH_LIBRARY_IMPL(dtl_kernels, NestedTensorCPU, m) {
+  m.impl("side_step", &dtl::side_step_nested);
+  m.impl("side_step_", &dtl::side_step_inplace_nested);
+  m.impl("write_taps_", &dtl::write_taps_nested);
+}
+
+TORCH_LIBRARY_IMPL(dtl_kernels, NestedTensorCUDA, m) {
+  m.impl("side_step", &dtl::side_step_nested);
+  m.impl("side_step_", &dtl::side_step_inplace_nested);
+  m.impl("write_taps_", &dtl::write_taps_nested);
+}
 
 TORCH_LIBRARY_IMPL(dtl_kernels, CompositeExplicitAutograd, m) {
   m.impl("side_step", &dtl::side_step_impl);

@@ -940,6 +940,27 @@ def test_a_nested_tensor_in_the_recorded_step_is_refused_by_name(where):
         step.side_step(*args, 2, ups, None, None, 0, 3.0, "cpu")
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("op", ["side_step", "side_step_", "write_taps_"])
+@pytest.mark.parametrize("where", ["taps", "inputs"])
+def test_a_nested_tensor_without_autograd_is_refused_by_name(where, op, mode):
+    """Past the autograd kernels (no_grad, inference_mode) a nested tensor reaches its own
+    dispatch key, where the ops' kernels name it (the dispatcher's "Could not run … with
+    arguments from the 'NestedTensorCPU' backend" before); the taps stay as they were."""
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    dense = taps if where == "taps" else zs[0]
+    nested = torch.nested.nested_tensor([dense[0], dense[1]])
+    mine = taps.clone()
+    t, inputs = (nested, zs) if where == "taps" else (mine, [nested, zs[1]])
+    name = "taps" if where == "taps" else r"inputs\[0\]"
+    with mode(), pytest.raises(RuntimeError, match=f"{op}: {name} must be a dense .* nested"):
+        if op == "write_taps_":
+            OP.write_taps_(t, inputs, downs, 2)
+        else:
+            getattr(step, op)(y, t, inputs, downs, 2, ups, None, None, 0, 3.0, "cpu")
+    torch.testing.assert_close(mine, taps, rtol=0, atol=0)
+
+
 def test_triton_on_cpu_without_its_interpreter_is_refused_before_the_taps_are_written():
     pytest.importorskip("triton")
     from dtl_kernels.ops import triton_side
