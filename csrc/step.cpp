@@ -579,20 +579,17 @@ void write_taps_nested(at::Tensor& taps, at::TensorList inputs, at::TensorList d
   refuse_nested(op);
 }
 
+void register_nested_refusals(torch::Library& m) {
+  m.impl("side_step", &side_step_nested);
+  m.impl("side_step_", &side_step_inplace_nested);
+  m.impl("write_taps_", &write_taps_nested);
+}
+
 }  // namespace
 }  // namespace dtl
 
-TORCH_LIBRARY_IMPL(dtl_kernels, NestedTensorCPU, m) {
-  m.impl("side_step", &dtl::side_step_nested);
-  m.impl("side_step_", &dtl::side_step_inplace_nested);
-  m.impl("write_taps_", &dtl::write_taps_nested);
-}
-
-TORCH_LIBRARY_IMPL(dtl_kernels, NestedTensorCUDA, m) {
-  m.impl("side_step", &dtl::side_step_nested);
-  m.impl("side_step_", &dtl::side_step_inplace_nested);
-  m.impl("write_taps_", &dtl::write_taps_nested);
-}
+TORCH_LIBRARY_IMPL(dtl_kernels, NestedTensorCPU, m) { dtl::register_nested_refusals(m); }
+TORCH_LIBRARY_IMPL(dtl_kernels, NestedTensorCUDA, m) { dtl::register_nested_refusals(m); }
 
 TORCH_LIBRARY_IMPL(dtl_kernels, CompositeExplicitAutograd, m) {
   m.impl("side_step", &dtl::side_step_impl);

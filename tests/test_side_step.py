@@ -546,16 +546,18 @@ def test_a_bad_next_down_is_refused_by_name_before_anything_is_written(bad, firs
 @pytest.mark.parametrize("op", ["side_step", "side_step_"])
 @pytest.mark.parametrize(
     "change,match",
-    [(dict(beta=float("inf")), "beta"), (dict(grid=(3, 3)), "patch grid"),
-     (dict(prefix=8), "num_prefix")],
+    [
+        (dict(beta=float("inf")), "beta"),
+        (dict(grid=(3, 3)), "patch grid"),
+        (dict(prefix=8), "num_prefix"),
+    ],
     ids=["beta-inf", "grid", "prefix"],
 )
 def test_a_traced_step_refuses_what_its_side_op_would(op, change, match):
     """The fake kernels run the side op's own checks (β, grid, prefix), as the run does:
     tracing refuses what the kernels would refuse, not only the taps' arguments."""
     y, taps, zs, downs, ups, w = _step_inputs(True)
-    beta, grid, prefix = change.get("beta", 3.0), change.get("grid", (2, 3)), change.get("prefix", 1)
-    args = (grid, prefix, beta, "cpu")
+    args = (change.get("grid", (2, 3)), change.get("prefix", 1), change.get("beta", 3.0), "cpu")
     fn = getattr(step, op)
     with torch.no_grad(), pytest.raises(RuntimeError, match=match):  # the run refuses it
         fn(y, taps.clone(), zs, downs, 2, ups, w, *args)
