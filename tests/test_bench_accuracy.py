@@ -598,3 +598,45 @@ def test_the_epoch_sweep_rows_carry_each_runs_own_provenance(tmp_path, monkeypat
     assert written[1]["git_rev"] == "unknown" and written[1]["torch"] == "1.9"
     assert written[1]["device"] == "cpu"  # the summary's own device
     assert all(r["git_rev"] != "report-rev" for r in written)
+
+
+# -- accuracy_pairs: two variants on every common test seed --------------------------------
+def _test_rows(variant: str, accs: dict[int, float], lr: float = 1e-2) -> list[dict]:
+    runs = [AR.Run("dinov2", "elpv", variant, "test", lr, seed, 30) for seed in accs]
+    return [R.run_row(run, summary(accs[run.seed], evaluated_on="test")) for run in runs]
+
+
+def test_accuracy_pairs_compares_on_common_seeds_once_each(tmp_path, capsys):
+    import accuracy_pairs as P
+    from accuracy_tables import write_csv
+
+    study, extra = tmp_path / "study.csv", tmp_path / "extra.csv"
+    a3 = {0: 0.80, 1: 0.78, 2: 0.79}
+    write_csv(study, R.RUN_FIELDS, _test_rows("dtl+k5", a3) + _test_rows("lora-tail", {
+        0: 0.77, 1: 0.77, 2: 0.78}), {})  # fmt: skip
+    # the extra file repeats seed 2 of A (counted once) and adds seeds 3, 4; B gets seed 3 only
+    more = _test_rows("dtl+k5", {2: 0.79, 3: 0.81, 4: 0.70}) + _test_rows("lora-tail", {3: 0.80})
+    bad = dict(more[0], acc="101")  # not a percentage: left out, and said so
+    write_csv(extra, R.RUN_FIELDS, more + [bad], {})
+    out, runs_out = tmp_path / "pairs.md", tmp_path / "pairs_runs.csv"
+    assert P.main(["--runs", str(study), str(extra), "--pair", "dtl+k5", "lora-tail", "--out",
+                   str(out), "--runs-out", str(runs_out)]) == 0  # fmt: skip
+    text = out.read_text()
+    assert "(1 row(s) left out)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| dinov2 | elpv |"))
+    # A: 5 seeds (80, 78, 79, 81, 70); B: 4; Δ over the 4 common seeds: +3, +1, +1, +1 → +1.50
+    assert "(5)" in row and "(4)" in row and "+1.50" in row and row.endswith("(4) |")
+    assert len(runs_out.read_text().splitlines()) == 1 + 5 + 4
+
+
+def test_accuracy_pairs_refuses_a_cell_tested_at_two_settings(tmp_path):
+    import accuracy_pairs as P
+    from accuracy_tables import write_csv
+
+    path = tmp_path / "runs.csv"
+    rows = _test_rows("dtl", {0: 0.7}) + _test_rows("dtl", {1: 0.7}, lr=3e-3)
+    write_csv(path, R.RUN_FIELDS, rows + _test_rows("dtl+k5", {0: 0.8, 1: 0.8}), {})
+    with pytest.raises(SystemExit, match="2 settings"):
+        P.main(["--runs", str(path), "--pair", "dtl+k5", "dtl"])
+    with pytest.raises(SystemExit):  # argparse: an unknown variant
+        P.main(["--runs", str(path), "--pair", "dtl+k5", "nope"])
