@@ -251,21 +251,34 @@ def restore(
     at that step (for an unchanged configuration that is the value the uninterrupted run
     had, bit for bit).
     """
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    params = dict(model.named_parameters())
+    # what save_checkpoint writes: the trained parameters (and, with buffers, the buffers);
+    # never a frozen parameter (it would change the backbone the run was fingerprinted on)
+    own = {n: p for n, p in params.items() if p.requires_grad} | dict(model.named_buffers())
     trained = payload["trained"]
-    missing = sorted(n for n, p in model.named_parameters() if p.requires_grad and n not in trained)
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in trained)
     unknown = sorted(set(trained) - set(own))
     misshaped = [n for n, t in trained.items() if n in own and own[n].shape != t.shape]
-    if missing or unknown or misshaped:
+    retyped = [n for n, t in trained.items() if n in own and own[n].dtype != t.dtype]
+    if missing or unknown or misshaped or retyped:
         raise CheckpointError(
             f"checkpoint {path} does not fit this model (same --model/--method/--dataset?): "
-            f"missing {missing[:8]}, unknown {unknown[:8]}, mis-shaped {misshaped[:8]}"
+            f"missing {missing[:8]}, unknown or frozen {unknown[:8]}, mis-shaped "
+            f"{misshaped[:8]}, of another dtype {retyped[:8]}"
         )
+    # the optimizer's settings are the current configuration's (compared with the saved one
+    # by resume_plan); the file gives the per-parameter state only
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    raw = _raw_state_misfit(payload["optimizer"])  # load_state_dict casts what it finds
+    if raw:
+        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({raw})")
     try:
         optimizer.load_state_dict(payload["optimizer"])
         step = int(payload["scheduler"]["last_epoch"]) if step is None else step
     except Exception as exc:  # noqa: BLE001 — any failure on untrusted state: it does not fit
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from exc
+    for group, own_settings in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own_settings)
     misfit = _optimizer_state_misfit(optimizer)
     if misfit:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({misfit})")
@@ -279,14 +292,67 @@ def restore(
         raise CheckpointError(f"checkpoint {path} is damaged: 'rng' ({exc})") from exc
 
 
+#: AdamW's per-parameter state (amsgrad off, as the optimizer is built): the moments
+#: shaped and typed as their parameter, the step a count
+_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _raw_state_misfit(state_dict: dict) -> str | None:
+    """The file's per-parameter state before ``load_state_dict`` casts it to the
+    parameters' dtype (an integer moment would become a float one silently): AdamW's
+    moments floating-point tensors, its step a number or a floating-point tensor."""
+    state = state_dict.get("state")
+    if not isinstance(state, dict):
+        return "'state' is not a mapping"
+    for index, entry in state.items():
+        if not isinstance(entry, dict):
+            return f"the state of parameter {str(index)[:20]} is not a mapping"
+        for key in _MOMENTS:
+            value = entry.get(key)
+            if value is not None and not (isinstance(value, torch.Tensor)
+                                          and value.is_floating_point()):  # fmt: skip
+                got = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+                return f"'{key}' of parameter {str(index)[:20]} is {got}, not a float tensor"
+        count = entry.get("step")
+        number = isinstance(count, (int, float)) and not isinstance(count, bool)
+        if (
+            count is not None
+            and not number
+            and not (isinstance(count, torch.Tensor) and count.is_floating_point())
+        ):
+            got = count.dtype if isinstance(count, torch.Tensor) else type(count).__name__
+            return f"'step' of parameter {str(index)[:20]} is {got}, expected a count"
+    return None
+
+
 def _optimizer_state_misfit(optimizer) -> str | None:
-    """A per-parameter optimizer state tensor (AdamW's moments) whose shape is not its
-    parameter's (``load_state_dict`` does not check; the next step would fail)."""
+    """What is wrong with the per-parameter optimizer state ``load_state_dict`` took as it
+    was (it checks none of it; the fused kernel reads it unchecked, and crashed on a 0-dim
+    moment): each parameter's state is AdamW's moments, shaped and typed as the parameter,
+    finite (``exp_avg_sq`` ≥ 0), and a step count ≥ 1 (bias correction divides by
+    ``1 − β^step``)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
-                    return f"'{key}' of shape {tuple(value.shape)} for a {tuple(p.shape)} parameter"
+            state = optimizer.state.get(p)
+            if not state:
+                continue  # no step taken for it yet: the optimizer makes its state
+            for key in (*_MOMENTS, "step"):
+                if not isinstance(state.get(key), torch.Tensor):
+                    return f"no '{key}' tensor for a {tuple(p.shape)} parameter"
+            for key in _MOMENTS:
+                value = state[key]
+                if value.shape != p.shape or value.dtype != p.dtype:
+                    return (f"'{key}' of shape {tuple(value.shape)} and {value.dtype} for a "
+                            f"{tuple(p.shape)} {p.dtype} parameter")  # fmt: skip
+                negative = key == "exp_avg_sq" and bool((value < 0).any())
+                if negative or not bool(value.isfinite().all()):
+                    return f"'{key}' of a {tuple(p.shape)} parameter holds non-finite or < 0 values"
+            count = state["step"]
+            if count.numel() != 1 or not count.is_floating_point():
+                return f"'step' is a {tuple(count.shape)} {count.dtype} tensor, expected a count"
+            n = float(count)
+            if not (1 <= n <= 2**53 and n == int(n)):
+                return f"'step' is {n!r}, expected a whole number of steps >= 1"
     return None
 
 
