@@ -36,12 +36,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     The temporary file lives in the destination folder so the rename is atomic; on any
     error (or ``KeyboardInterrupt``) it is removed and ``path`` keeps its previous content.
+    Only a regular file (or nothing) is replaced: a ``path`` that is a directory, a
+    symbolic link, a FIFO or a device raises ``FileExistsError`` (the rename would put a
+    file in the place of ``/dev/null`` itself, or of the link instead of its target).
     """
     path = Path(path)
+    refuse_special(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent
-    )
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent
+        )
+    except OSError as exc:  # named after the file asked for, not the temporary one
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
     try:
         write(tmp)
@@ -54,6 +61,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+
+
+def refuse_special(path: Path) -> None:
+    """``FileExistsError`` unless ``path`` is a regular file or does not exist."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError:
+        return  # e.g. a parent that is not a folder: the write itself says so
+    if stat.S_ISREG(mode):
+        return
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    raise FileExistsError(f"refusing to replace {path}: it is {kind} (only a regular file "
+                          "is written over; choose another path)")  # fmt: skip
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -46,6 +46,33 @@ def test_atomic_write_gives_normal_file_modes(tmp_path):
         os.umask(umask)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+def test_atomic_write_replaces_only_a_regular_file(tmp_path, kind):
+    """The rename would put a regular file in the place of a FIFO, a device (`/dev/null`
+    itself, written as root) or a symbolic link: refused by name, nothing changed."""
+    target, path = tmp_path / "target.csv", tmp_path / "out.csv"
+    target.write_text("keep")
+    {"fifo": os.mkfifo, "symlink": lambda p: p.symlink_to(target), "directory": os.mkdir}[kind](
+        path
+    )
+    kinds = {"fifo": "a FIFO", "symlink": "a symbolic link", "directory": "a directory"}
+    with pytest.raises(
+        FileExistsError, match=f"refusing to replace .*out.csv: it is {kinds[kind]}"
+    ):
+        _io.atomic_write(path, lambda tmp: Path(tmp).write_text("new"))
+    assert target.read_text() == "keep" and os.path.islink(path) == (kind == "symlink")
+    assert path.is_dir() == (kind == "directory") and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_atomic_write_names_the_file_it_cannot_write():
+    """An error making the temporary file names the file asked for, not the temporary one
+    (/proc takes no new files, even from root)."""
+    with pytest.raises(OSError, match="dtl-out.csv") as info:
+        _io.atomic_write("/proc/self/dtl-out.csv", lambda tmp: Path(tmp).write_text("x"))
+    assert ".tmp" not in str(info.value)
+
+
 def test_stale_temp_files_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
