@@ -80,6 +80,16 @@ def test_negative_label_is_an_error(tmp_path):
         build(dataset="vtab:toy", data_root=str(root))
 
 
+@pytest.mark.parametrize("label", [2**24, 3_000_000_000, 10**20])
+def test_a_label_past_the_class_limit_is_an_error_naming_the_line(tmp_path, label):
+    """The class count is the largest label + 1: a label of 3e9 built a 2.3 TB head (a
+    raw allocation error), 2e7 was killed for memory, 1e20 overflowed a C long; refused
+    with the file and line, before any image is read."""
+    root = vtab_tree(tmp_path, labels_train=(0, 1, label, 1))
+    with pytest.raises(D.DataError, match=rf"train800val200.txt:3: label {label} is not in 0…"):
+        build(dataset="vtab:toy", data_root=str(root))
+
+
 def test_missing_list_file(tmp_path):
     root = vtab_tree(tmp_path)
     (root / "toy" / "test.txt").unlink()

@@ -311,6 +311,10 @@ def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=N
     return FileImages(samples, size, mean, std, classes, prep, augment)
 
 
+#: labels a list file may give: as many classes as ``--num-classes`` allows
+MAX_CLASSES = 2**24
+
+
 def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
     """Lines ``<relative path> <label>`` → samples; ``DataError`` for a missing file or a
     malformed line (with its number)."""
@@ -326,9 +330,12 @@ def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
             continue
         parts = line.rsplit(maxsplit=1)
         try:
-            samples.append((base / parts[0], int(parts[1])))
+            label = int(parts[1])
         except (IndexError, ValueError) as exc:
-            raise DataError(f"{path}:{n}: expected '<path> <label>', got {line!r}") from exc
+            raise DataError(f"{path}:{n}: expected '<path> <label>', got {line[:200]!r}") from exc
+        if not 0 <= label < MAX_CLASSES:  # the class count is the largest label + 1
+            raise DataError(f"{path}:{n}: label {parts[1][:40]} is not in 0…{MAX_CLASSES - 1}")
+        samples.append((base / parts[0], label))
     if not samples:
         raise DataError(f"list file {path} is empty")
     return samples
