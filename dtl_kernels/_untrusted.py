@@ -109,11 +109,22 @@ _NPZ_EXPANSION = 4
 MAX_PATCH_KERNEL_AREA = 64 * 64
 
 
+def regular_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a regular file (or a link to one), else ``ValueError``: opening a
+    FIFO named like a checkpoint blocks until something writes to it; a directory or a
+    device is not a file to read weights from either."""
+    path = Path(path)
+    if not path.is_file():
+        what = "does not exist" if not path.exists() else "is not a regular file"
+        raise ValueError(f"{path} {what}")
+    return path
+
+
 def check_npz_archive(path: str | os.PathLike) -> None:
     """``ValueError`` unless ``path`` is a zip archive whose members declare at most
     4 × the file's size (+ 1 MiB) in all: a compressed member that would expand into
     gigabytes (zipfile never reads past a member's declared size) is refused unread."""
-    path = Path(path)
+    path = regular_file(path)
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
@@ -131,7 +142,7 @@ def check_torch_archive(path: str | os.PathLike) -> None:
     """``ValueError`` unless ``path`` is a zip archive (``torch.save``'s format) whose
     members are stored uncompressed, together fit inside the file and have one name each,
     and whose pickle needs nothing beyond weights (:func:`check_torch_pickle`)."""
-    path = Path(path)
+    path = regular_file(path)
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
@@ -176,7 +187,7 @@ def check_legacy_torch_file(path: str | os.PathLike) -> None:
     ``torch.save`` file starts with (magic number, protocol, system info, the object, its
     storage keys). Its storages are allocated at the sizes the object declares before
     their data is read; that stays as torch does it."""
-    with open(path, "rb") as f:
+    with open(regular_file(path), "rb") as f:
         for _ in range(5):
             check_torch_pickle(path, f)
 

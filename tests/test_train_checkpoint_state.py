@@ -93,3 +93,19 @@ def test_the_optimizer_settings_are_the_configurations(tmp_path):
         results.append([t.detach().clone() for t in fresh.parameters()])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_fifo_named_like_the_newest_checkpoint_is_refused_not_waited_on(tmp_path):
+    """Opening a FIFO blocks until something writes to it: ``--resume`` hung."""
+    import os
+    import signal
+
+    _trained(tmp_path)
+    os.mkfifo(ckpt.checkpoint_path(tmp_path, 2))
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked on the FIFO"))
+    signal.alarm(30)
+    try:
+        with pytest.raises(ckpt.CheckpointError, match="epoch_0002.pt is not a regular file"):
+            ckpt.load_latest(tmp_path)
+    finally:
+        signal.alarm(0)
