@@ -22,10 +22,25 @@ import json
 import os
 import pickletools
 import re
+import reprlib
 import zipfile
 from pathlib import Path
 
 MAX_JSON_DEPTH = 16  # the package's own JSON is at most 4 levels deep
+
+
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 2, 60, 60, 40
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 4
+
+
+def shown(value) -> str:
+    """A short ``repr`` of an untrusted value for an error message, in bounded time and
+    memory (``repr`` of a YAML anchor bomb is gigabytes; of a 5,000-digit int, an error)."""
+    try:
+        return _SHOWN.repr(value)
+    except (ValueError, RecursionError):
+        return f"a {type(value).__name__} too large to show"
 
 
 def json_depth(value) -> int:

@@ -74,3 +74,24 @@ def test_errors_come_before_any_work(tmp_path, monkeypatch, capsys):
     assert any("checkpoint not found: " + missing in x for x in lines)
     assert any("'no_such_model' is not a timm model name" in x for x in lines)
     assert "argument --epochs: expected a whole number, got 'ten'" in err
+
+
+def test_an_aliased_yaml_value_is_shown_short_in_its_error(tmp_path):
+    """A value built from YAML aliases (10^8 elements from a few hundred bytes) is named by
+    a bounded repr: the full one took 10 GB and printed a 580 MB error line."""
+    anchors, prev = [], "[x, x, x, x, x, x, x, x, x, x]"
+    for i in range(8):
+        anchors.append(f"&a{i} {prev}")
+        prev = "[" + ", ".join([f"*a{i}"] * 10) + "]"
+    path = tmp_path / "bomb.yaml"
+    path.write_text("scale: [" + ", ".join(anchors) + "]\n")
+    with pytest.raises(ValueError, match="--scale: expected two numbers") as info:
+        C.load_config(["--config", str(path), "--dataset", "elpv"])
+    assert len(str(info.value)) < 1000
+
+
+def test_a_number_too_long_to_read_names_the_config_file(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("epochs: 1" + "0" * 5000 + "\n")
+    with pytest.raises(ValueError, match=r"config file .*long\.yaml: .*digits"):
+        C.load_config(["--config", str(path), "--dataset", "elpv"])

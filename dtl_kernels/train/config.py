@@ -24,6 +24,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .._untrusted import shown
 from ..models import METHODS, lora
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -192,7 +193,9 @@ def _check_choices(c: TrainConfig) -> None:
     for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
             allowed = tuple(a for a in allowed if a is not None)
-            raise ValueError(f"{_flag(name)} must be one of {allowed}, got {getattr(c, name)!r}")
+            raise ValueError(
+                f"{_flag(name)} must be one of {allowed}, got {shown(getattr(c, name))}"
+            )
 
 
 def _infer_dataset(root: str | None) -> str:
@@ -219,7 +222,7 @@ def _check_lora_blocks(c: TrainConfig) -> None:
     if c.lora_blocks is None:
         return
     if c.method != "lora":
-        raise ValueError(f"--lora-blocks is an option of --method lora, not {c.method!r}")
+        raise ValueError(f"--lora-blocks is an option of --method lora, not {shown(c.method)}")
     try:
         c.lora_blocks = lora.format_blocks(lora.parse_blocks(c.lora_blocks))
     except ValueError as exc:
@@ -306,7 +309,7 @@ def _check_augmentation(c: TrainConfig) -> None:
             create_transform(32, is_training=True, auto_augment=c.aa)
         except Exception as exc:  # noqa: BLE001 — timm raises several types for a bad name
             raise ValueError(
-                f"--aa {c.aa!r} is not a timm auto-augment policy (e.g. "
+                f"--aa {shown(c.aa)} is not a timm auto-augment policy (e.g. "
                 f"rand-m9-mstd0.5, augmix-m5-w4-d2, v0, original): {exc}"
             ) from None
 
@@ -317,7 +320,7 @@ def _scale_text(value) -> str:
     try:
         low, high = (float(v) for v in parts)
     except (TypeError, ValueError):
-        raise ValueError(f"--scale: expected two numbers LO,HI, got {value!r}") from None
+        raise ValueError(f"--scale: expected two numbers LO,HI, got {shown(value)}") from None
     if not (0 < low <= high <= 1):
         raise ValueError(f"--scale: expected 0 < LO ≤ HI ≤ 1, got {low:g},{high:g}")
     return f"{low:g},{high:g}"
@@ -336,7 +339,9 @@ def _check_cache(c: TrainConfig) -> None:
 
     resolve_mode(c.cache_trunk)
     if c.cache_dtype not in DTYPES:
-        raise ValueError(f"--cache-dtype must be one of {tuple(DTYPES)}, got {c.cache_dtype!r}")
+        raise ValueError(
+            f"--cache-dtype must be one of {tuple(DTYPES)}, got {shown(c.cache_dtype)}"
+        )
     if (parse_bytes(c.cache_max_bytes) or 0) < 0:
         raise ValueError("--cache-max-bytes must be ≥ 0")
 
@@ -350,7 +355,7 @@ def _check_fsdp(c: TrainConfig) -> None:
 
     if c.method not in METHODS:
         raise ValueError(f"--fsdp shards the frozen backbone: --method one of {METHODS}, "
-                         f"not {c.method!r}")  # fmt: skip
+                         f"not {shown(c.method)}")  # fmt: skip
     if c.cache_trunk in ("ram", "disk", "on"):
         raise ValueError(
             f"--cache-trunk {c.cache_trunk} with --fsdp: the trunk cache is built by one "
@@ -548,7 +553,8 @@ def make_config(values: dict) -> TrainConfig:
 
 def _unknown_keys(unknown: list[str]) -> str:
     hints = [
-        f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, _TYPES, 1))
+        f"{shown(k)} (did you mean {shown(m[0])}?)"
+        if (m := difflib.get_close_matches(k, _TYPES, 1))
         else repr(k)
         for k in unknown
     ]  # fmt: skip
@@ -589,7 +595,7 @@ def _as_bool(name: str, value) -> bool:
     text = str(value).strip().lower()
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
-    raise ValueError(f"{_flag(name)}: expected true or false, got {value!r}")
+    raise ValueError(f"{_flag(name)}: expected true or false, got {shown(value)}")
 
 
 def _number_text(value) -> str:
@@ -598,18 +604,18 @@ def _number_text(value) -> str:
 
 def _as_float(name: str, value) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{_flag(name)}: expected a number, got {value!r}")
+        raise ValueError(f"{_flag(name)}: expected a number, got {shown(value)}")
     if isinstance(value, (int, float)):
         return float(value)
     try:
         return float(_number_text(value))
     except ValueError:
-        raise ValueError(f"{_flag(name)}: expected a number, got {value!r}") from None
+        raise ValueError(f"{_flag(name)}: expected a number, got {shown(value)}") from None
 
 
 def _as_int(name: str, value) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"{_flag(name)}: expected a whole number, got {value!r}")
+        raise ValueError(f"{_flag(name)}: expected a whole number, got {shown(value)}")
     if isinstance(value, int):
         return value
     if isinstance(value, str):
@@ -622,19 +628,19 @@ def _as_int(name: str, value) -> int:
     except ValueError:
         number = math.nan
     if not math.isfinite(number) or number != int(number):
-        raise ValueError(f"{_flag(name)}: expected a whole number, got {value!r}")
+        raise ValueError(f"{_flag(name)}: expected a whole number, got {shown(value)}")
     return int(number)
 
 
 def _as_str(name: str, value) -> str:
     if isinstance(value, bool):
-        raise ValueError(f"{_flag(name)}: expected a name, got {value!r}")
+        raise ValueError(f"{_flag(name)}: expected a name, got {shown(value)}")
     return value if isinstance(value, str) else str(value)
 
 
 def _as_bytes(name: str, value) -> int | str:
     if isinstance(value, bool):
-        raise ValueError(f"{_flag(name)}: expected a size such as 6GiB, got {value!r}")
+        raise ValueError(f"{_flag(name)}: expected a size such as 6GiB, got {shown(value)}")
     if isinstance(value, float):
         return _as_int(name, value)
     return value
@@ -655,7 +661,7 @@ def read_yaml(path: str | Path) -> dict:
         raise ValueError(f"config file {path} is not UTF-8 text") from None
     except RecursionError:
         raise ValueError(f"config file {path} is nested too deeply") from None
-    except _DuplicateKey as exc:
+    except ValueError as exc:  # a key given twice (_DuplicateKey), a 5,000-digit number
         raise ValueError(f"config file {path}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -669,14 +675,15 @@ def read_yaml(path: str | Path) -> dict:
                          f"{type(data).__name__}")  # fmt: skip
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise ValueError(f"config file {path}: option names must be text, got {bad[0]!r}")
+        raise ValueError(f"config file {path}: option names must be text, got {shown(bad[0])}")
     out, spelled = {}, {}
     for key, value in data.items():
         name = key.strip().replace("-", "_")
         if name in spelled:
             raise ValueError(
-                f"config file {path}: option {_flag(name)} is given twice ({spelled[name]!r} "
-                f"and {key!r}); keep one"
+                f"config file {path}: option {_flag(name)} is given twice "
+                f"({shown(spelled[name])} "
+                f"and {shown(key)}); keep one"
             )
         spelled[name] = key
         try:
@@ -706,7 +713,7 @@ def _unique_key_loader():
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, str) and key in seen:
                     raise _DuplicateKey(
-                        f"option {key!r} is given twice (lines {seen[key] + 1} and "
+                        f"option {shown(key)} is given twice (lines {seen[key] + 1} and "
                         f"{key_node.start_mark.line + 1}); keep one"
                     )
                 if isinstance(key, str):
@@ -727,7 +734,7 @@ def recipe_names() -> list[str]:
 def recipe_path(name: str) -> Path:
     path = RECIPES / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"--recipe must be one of {recipe_names()}, got {name!r}")
+        raise ValueError(f"--recipe must be one of {recipe_names()}, got {shown(name)}")
     return path
 
 
