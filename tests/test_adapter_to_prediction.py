@@ -331,6 +331,25 @@ def test_an_adapter_without_preprocessing_warns(trained, tmp_path):
         from_pretrained(old, trained["weights"])
 
 
+@pytest.mark.parametrize(
+    "size,named",
+    [([3, 16384, 16384], "is 16384x16384, the backbone is fixed to 32x32"),
+     ([4, 32, 32], "has 4 channels, the model takes 3")],
+    ids=["size", "channels"],
+)  # fmt: skip
+def test_a_recorded_input_size_the_model_cannot_take_is_refused_at_load(
+    trained, tmp_path, size, named
+):
+    """Before the fix each image was resized to 16384² px (3.2 GB) before the model refused
+    it, and a 4-channel size was reported as an unreadable image."""
+    with safe_open(str(trained["adapter"]), framework="pt") as f:
+        prep = json.loads(f.metadata()["preprocessing"])
+    prep.update(input_size=size, mean=[0.5] * size[0], std=[0.5] * size[0])
+    bad = _with_metadata(trained["adapter"], tmp_path / "bad.safetensors", preprocessing=prep)
+    with pytest.raises(ValueError, match=named):
+        from_pretrained(bad, trained["weights"])
+
+
 def test_dtl_predict_takes_a_run_folder_and_checks_the_device_first(trained, toy, capsys):
     image = str(sorted((toy / "test").rglob("*.png"))[0])
     assert predict([image, "--adapter", str(trained["adapter"].parent)]) == 0

@@ -60,6 +60,25 @@ class AdapterState:
                 h.update(t.reshape(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()
 
+    def _check_input_size(self, preprocessing: dict | None, source: str) -> None:
+        """The recorded ``input_size`` must be one this model takes: its channels, and the
+        backbone's own size where that is fixed (else every image is resized to it --
+        16384² px, 3.2 GB each -- before the model refuses it, and a wrong channel count
+        was reported as an unreadable image)."""
+        if preprocessing is None:
+            return
+        channels, height, width = preprocessing["input_size"]
+        native = self.native_input_size()
+        if channels != native[0]:
+            raise AdapterError(f"adapter {source}: 'preprocessing.input_size' has {channels} "
+                               f"channels, the model takes {native[0]}")  # fmt: skip
+        patch_embed = getattr(self.backbone, "patch_embed", None)
+        if getattr(patch_embed, "strict_img_size", False) and (height, width) != native[1:]:
+            raise AdapterError(
+                f"adapter {source}: 'preprocessing.input_size' is {height}x{width}, the "
+                f"backbone is fixed to {native[1]}x{native[2]}"
+            )
+
     def load_adapter_state(
         self,
         tensors: dict[str, torch.Tensor],
@@ -87,6 +106,7 @@ class AdapterState:
         diffs += _diff("config", info["config"], self.adapter_config())
         if diffs:
             raise AdapterError(f"adapter {source} does not fit this model: " + "; ".join(diffs))
+        self._check_input_size(info.get("preprocessing"), source)
         self._check_adapter_tensors(tensors, source)
         self._check_backbone_fingerprint(info.get("backbone_sha256"), source, backbone_mismatch)
         own = self.state_dict()
