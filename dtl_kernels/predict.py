@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .models.pretrained import from_pretrained
-from .train.data import IMAGE_EXTENSIONS, DataError, eight_bit
+from .train.data import IMAGE_EXTENSIONS, DataError, check_aspect, eight_bit
 from .train.setup import autocast_for
 
 
@@ -227,12 +227,14 @@ def _decode(image, transform) -> torch.Tensor:
 
     if isinstance(image, Image.Image):
         try:
+            check_aspect(image)
             return transform(eight_bit(image))
         except Exception as exc:  # e.g. NaN pixels; named, and not wrapped by a worker
             raise DataError(f"cannot convert image {image!r}: {type(exc).__name__}: "
                             f"{exc}") from exc  # fmt: skip
     try:
         with Image.open(image) as img:
+            check_aspect(img)
             return transform(eight_bit(img))
     except FileNotFoundError:
         raise DataError(f"image file not found: {image}") from None

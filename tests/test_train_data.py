@@ -112,6 +112,20 @@ def test_corrupt_image_names_the_file(tmp_path):
         build(dataset="folder", data_root=str(root))
 
 
+def test_a_strip_image_is_refused_by_its_header_naming_the_file(tmp_path):
+    """A 274-byte 200000×1 PNG decoded to 1.3 GB through an aspect-keeping resize: refused
+    when the headers are read, before any image is decoded; 64:1 is still read."""
+    root = folder_tree(tmp_path)
+    ok = root / "train" / "b" / "1.png"
+    Image.new("L", (64, 1)).save(ok)
+    assert D.load_image(ok, 16).shape == (3, 16, 16)
+    Image.new("L", (200_000, 1)).save(ok)
+    with pytest.raises(D.DataError, match=r"train/b/1\.png: ValueError: 200000x1 pixels: more "):
+        build(dataset="folder", data_root=str(root))
+    with pytest.raises(D.DataError, match="more than 64 times"):
+        D.load_image(ok, 16)
+
+
 def test_missing_image_names_the_file(tmp_path):
     root = vtab_tree(tmp_path)
     (root / "toy" / "images" / "test" / "1.jpg").unlink()

@@ -125,6 +125,21 @@ def resize_uint8(images: torch.Tensor, size: int, resize=None) -> torch.Tensor:
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
+#: how many times longer than its short side an image's long side may be: a resize that
+#: keeps the aspect (timm's center crop) makes the long side that many times the model's
+#: input (a 274-byte 200000×1 PNG took 1.3 GB), and no model here was trained on such strips
+MAX_ASPECT = 64
+
+
+def check_aspect(img) -> None:
+    """``ValueError`` for an image past :data:`MAX_ASPECT` (or with no pixels)."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError(f"{w}x{h} pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ValueError(f"{w}x{h} pixels: more than {MAX_ASPECT} times as long as it is wide")
+
+
 def eight_bit(img):
     """A PIL image as 8-bit ``RGB``: 16-bit gray scaled by 255/65535, float gray from
     [0, 1] (or from its own min…max when outside), 32-bit integer gray beyond the 16-bit
@@ -156,6 +171,7 @@ def load_image(path: Path, size: int, resize=None) -> torch.Tensor:
 
     try:
         with Image.open(path) as img:
+            check_aspect(img)
             img = eight_bit(img)
             img = resize(img) if resize is not None else img.resize((size, size), Image.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8).copy()
@@ -172,8 +188,7 @@ def check_image_header(path: Path) -> None:
 
     try:
         with Image.open(path) as img:
-            if img.width < 1 or img.height < 1:
-                raise ValueError(f"{img.width}x{img.height} pixels")
+            check_aspect(img)
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
     except Exception as exc:
