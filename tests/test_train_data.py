@@ -257,6 +257,27 @@ def test_damaged_idx_files_name_the_file(tmp_path, damage, message):
         build(dataset="fashion-mnist", data_root=str(root))
 
 
+def test_an_idx_file_is_read_no_further_than_its_header_says(tmp_path):
+    """A small .gz that expands into 64 MB past its declared 10 images: refused after
+    reading what the header declares plus one byte (it was read whole first)."""
+    import gzip
+    import tracemalloc
+
+    root = idx_tree(tmp_path / "fm", n_train=10)
+    (root / "train-images-idx3-ubyte").unlink()
+    with gzip.open(root / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (10, 28, 28)))
+        for _ in range(64):
+            f.write(bytes(2**20))
+    tracemalloc.start()
+    try:
+        with pytest.raises(D.DataError, match="longer than its header says: 7857\\+ bytes"):
+            D.read_idx(root / "train-images-idx3-ubyte.gz", 3)
+        assert tracemalloc.get_traced_memory()[1] < 8 * 2**20
+    finally:
+        tracemalloc.stop()
+
+
 # -- image depth ------------------------------------------------------------------------------
 def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     gray16 = np.array([[0, 1000, 32768, 65535]], dtype=np.uint16).repeat(4, 0)

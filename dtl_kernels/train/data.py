@@ -444,33 +444,46 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}  # fmt: skip
 
 
+#: the largest idx payload read (Fashion-MNIST's training images are 47 MB)
+MAX_IDX_BYTES = 2**32
+
+
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """An idx file (``.gz`` or raw) → array of ``ndim`` dimensions; ``DataError`` naming the
-    file for a missing, unreadable, truncated or over-long file or a bad magic number."""
+    file for a missing, unreadable, truncated or over-long file or a bad magic number. The
+    header is read first: no more is read than it declares, plus one byte (a 300 KB
+    ``.gz`` could otherwise expand into gigabytes before the size check)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES:
+                raise DataError(f"{path} is not an idx file (bad magic number "
+                                f"{head.hex() or '∅'})")  # fmt: skip
+            if head[3] != ndim:
+                raise DataError(f"{path}: idx file of {head[3]} dimensions, expected {ndim}")
+            header = 4 + 4 * ndim
+            sizes = f.read(4 * ndim)
+            if len(sizes) < 4 * ndim:
+                raise DataError(f"{path} is truncated: {4 + len(sizes)} bytes, the header "
+                                f"alone needs {header}")  # fmt: skip
+            dims = [int.from_bytes(sizes[4 * i : 4 + 4 * i], "big") for i in range(ndim)]
+            dtype = np.dtype(_IDX_DTYPES[head[2]])
+            payload = math.prod(dims) * dtype.itemsize
+            if payload > MAX_IDX_BYTES:
+                raise DataError(f"{path}: its header declares shape {tuple(dims)}, "
+                                f"{payload} bytes (at most {MAX_IDX_BYTES} are read)")  # fmt: skip
+            data = f.read(payload + 1)
     except FileNotFoundError:
         raise DataError(f"idx file not found: {path}") from None
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read idx file {path}: {type(exc).__name__}: {exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataError(f"{path} is not an idx file (bad magic number {data[:4].hex() or '∅'})")
-    if data[3] != ndim:
-        raise DataError(f"{path}: idx file of {data[3]} dimensions, expected {ndim}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path} is truncated: {len(data)} bytes, the header alone needs {header}")
-    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = header + math.prod(dims) * dtype.itemsize
-    if len(data) != expected:
-        what = "truncated" if len(data) < expected else "longer than its header says"
-        raise DataError(
-            f"{path} is {what}: {len(data)} bytes, expected {expected} for shape {tuple(dims)}"
-        )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    if len(data) != payload:
+        what = "truncated" if len(data) < payload else "longer than its header says"
+        got = f"{header + len(data)}{'+' if len(data) > payload else ''}"
+        raise DataError(f"{path} is {what}: {got} bytes, expected {header + payload} for "
+                        f"shape {tuple(dims)}")  # fmt: skip
+    return np.frombuffer(data, dtype=dtype).reshape(dims)
 
 
 def _idx_file(folder: Path, stem: str) -> Path:
