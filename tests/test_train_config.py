@@ -95,3 +95,18 @@ def test_a_number_too_long_to_read_names_the_config_file(tmp_path):
     path.write_text("epochs: 1" + "0" * 5000 + "\n")
     with pytest.raises(ValueError, match=r"config file .*long\.yaml: .*digits"):
         C.load_config(["--config", str(path), "--dataset", "elpv"])
+
+
+@pytest.mark.parametrize(
+    "text,named",
+    [("base: &b\n  lr: 0.01\n<<: *b\n", r"merge keys \('<<', line 3\) are not supported"),
+     ("output: !!binary aGVsbG8=\n", "--output: expected a name, got b'hello'"),
+     ("model: [vit]\n", "--model: expected one value, got a list")],
+    ids=["merge-key", "binary", "list"],
+)  # fmt: skip
+def test_yaml_values_that_are_no_option_value_are_named(tmp_path, text, named):
+    """A merge key was "not valid YAML"; !!binary bytes named the output folder "b'hello'"."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=named):
+        C.load_config(["--config", str(path), "--dataset", "elpv"])

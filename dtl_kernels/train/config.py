@@ -633,7 +633,9 @@ def _as_int(name: str, value) -> int:
 
 
 def _as_str(name: str, value) -> str:
-    if isinstance(value, bool):
+    # a number or a date is text YAML read as something else; bytes (!!binary) or a
+    # collection is not (str() would name a folder "b'hello'")
+    if isinstance(value, (bool, bytes, bytearray, list, tuple, dict, set)):
         raise ValueError(f"{_flag(name)}: expected a name, got {shown(value)}")
     return value if isinstance(value, str) else str(value)
 
@@ -710,6 +712,11 @@ def _unique_key_loader():
         def construct_mapping(self, node, deep=False):
             seen = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise _DuplicateKey(
+                        f"merge keys ('<<', line {key_node.start_mark.line + 1}) are not "
+                        "supported: write the options out"
+                    )
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, str) and key in seen:
                     raise _DuplicateKey(
