@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .models.pretrained import from_pretrained
-from .train.data import IMAGE_EXTENSIONS, DataError, check_aspect, eight_bit
+from .train.data import IMAGE_EXTENSIONS, DataError, check_aspect, eight_bit, images_under
 from .train.setup import autocast_for
 
 
@@ -278,8 +278,7 @@ def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)  # fmt: skip
+            found = images_under(path)
             if not found:
                 raise DataError(f"no images under {path} ({', '.join(IMAGE_EXTENSIONS)})")
             files += found

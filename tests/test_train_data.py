@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,24 @@ def test_a_strip_image_is_refused_by_its_header_naming_the_file(tmp_path):
         build(dataset="folder", data_root=str(root))
     with pytest.raises(D.DataError, match="more than 64 times"):
         D.load_image(ok, 16)
+
+
+@pytest.mark.parametrize("kind", ["dangling-link", "fifo"])
+def test_an_image_name_that_is_no_file_is_named_not_skipped(tmp_path, kind):
+    """A dangling link or a FIFO named like an image was left out without a word (one
+    sample fewer, silently); dtl-predict's folder listing is the same function."""
+    root = folder_tree(tmp_path)
+    odd = root / "train" / "b" / "9.png"
+    if kind == "fifo":
+        os.mkfifo(odd)
+    else:
+        odd.symlink_to(root / "gone.png")
+    with pytest.raises(D.DataError, match=r"train/b/9\.png has an image's name but is not"):
+        build(dataset="folder", data_root=str(root))
+    from dtl_kernels.predict import image_files
+
+    with pytest.raises(D.DataError, match="9.png has an image's name"):
+        image_files([root / "train"])
 
 
 def test_missing_image_names_the_file(tmp_path):

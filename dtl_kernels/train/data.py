@@ -356,15 +356,28 @@ def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
     return samples
 
 
+def images_under(folder: Path) -> list[Path]:
+    """The files with an image's suffix under ``folder`` (recursively, sorted); one that is
+    not a readable file (a dangling link, a FIFO, a device) is a ``DataError``, not a
+    sample left out without a word."""
+    found = []
+    for f in sorted(folder.rglob("*")):
+        if f.suffix.lower() not in IMAGE_EXTENSIONS or f.is_dir():
+            continue
+        if not f.is_file():
+            raise DataError(
+                f"{f} has an image's name but is not a readable file (a dangling link, a "
+                "FIFO or a device?): remove or restore it"
+            )
+        found.append(f)
+    return found
+
+
 def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    found = {
-        name: [f for f in sorted((root / name).rglob("*"))
-               if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()]
-        for name in classes
-    }  # fmt: skip
+    found = {name: images_under(root / name) for name in classes}
     if not any(found.values()):
         raise DataError(f"no images under {root} (expected {root}/<class>/<image>)")
     for name in classes:  # an empty class's label would shift every later class's
