@@ -20,10 +20,11 @@ import argparse
 import csv
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
-from accuracy_report import RUN_FIELDS, _row_key, _row_summary, fmt_lr
-from accuracy_runs import PROVENANCE, VARIANTS
+from accuracy_report import RUN_FIELDS, _row_key, _row_summary, fmt_lr, run_row
+from accuracy_runs import PROVENANCE, VARIANTS, Run, finished
 from accuracy_stats import mean_std, paired_bootstrap_ci
 from accuracy_tables import write_csv, write_text
 
@@ -58,6 +59,44 @@ def read_test_runs(paths: list[Path]) -> tuple[dict[Cell, list[dict]], int]:
             acc = 100 * summary["test_acc"]
             runs[cell].append(dict(seed=seed, lr=lr, drop_path=dp, acc=acc, row=row))
     return runs, left_out
+
+
+def study_run(row: dict) -> Run | None:
+    """The study's :class:`Run` a runs-CSV row records: the one whose options digest is the
+    row's (``max_train`` is not a column: tried as none and as the training count)."""
+    base = dict(backbone=row["backbone"], dataset=row["dataset"], variant=row["variant"],
+                phase=row["phase"], lr=float(row["lr"]), seed=int(row["seed"]),
+                epochs=int(row["epochs"]), drop_path=float(row["drop_path"]),
+                precision=row["precision"])  # fmt: skip
+    for max_train in (None, int(row["train_images"])):
+        run = Run(**base, max_train=max_train)
+        if run.record_key() == row["options_sha"]:
+            return run
+    return None
+
+
+def add_folder_runs(runs: dict[Cell, list[dict]], root: Path, seeds: int, variants) -> int:
+    """Test seeds ``0 … seeds − 1`` the files lack, of the cells of ``variants``, from the
+    finished run folders under ``root`` (``bench_accuracy.py``'s ``--out``) at the cell's
+    test setting; returns how many were added."""
+    added = 0
+    for cell, found in runs.items():
+        if cell[2] not in variants or not found:
+            continue
+        template = study_run(found[0]["row"])
+        if template is None:
+            continue
+        have = {r["seed"] for r in found}
+        for seed in sorted(set(range(seeds)) - have):
+            run = replace(template, seed=seed)
+            summary = finished(run, root)
+            if summary is None or summary.get("diverged"):
+                continue
+            row = run_row(run, summary)
+            found.append(dict(seed=seed, lr=run.lr, drop_path=run.drop_path, acc=row["acc"],
+                              row=row))  # fmt: skip
+            added += 1
+    return added
 
 
 def test_setting(cell: Cell, runs: list[dict]) -> tuple[float, float, dict[int, float]]:
@@ -131,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"), required=True,
                     help="two variants to compare (repeatable)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="write the Markdown table here (else print it)")
+    ap.add_argument("--folders", type=Path,
+                    help="also read test seeds the files lack from these finished run folders "
+                         "(bench_accuracy.py's --out, e.g. runs/accuracy)")  # fmt: skip
+    ap.add_argument("--seeds", type=int, default=5,
+                    help="with --folders: look for test seeds 0…N-1 (default 5)")  # fmt: skip
     ap.add_argument("--runs-out", type=Path,
                     help="also write the test runs the pairs used, as a runs CSV")  # fmt: skip
     args = ap.parse_args(argv)
@@ -142,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--pair {a} {b}: two different variants")
     runs, left_out = read_test_runs(args.runs)
     pairs = [tuple(p) for p in args.pair]
+    if args.folders is not None:
+        added = add_folder_runs(runs, args.folders, args.seeds, {v for p in pairs for v in p})
+        print(f"{added} test run(s) read from run folders under {args.folders}")
     rows = compare(runs, pairs)
     text = markdown(rows, args.runs, left_out)
     if args.out:

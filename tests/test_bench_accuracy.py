@@ -640,3 +640,29 @@ def test_accuracy_pairs_refuses_a_cell_tested_at_two_settings(tmp_path):
         P.main(["--runs", str(path), "--pair", "dtl+k5", "dtl"])
     with pytest.raises(SystemExit):  # argparse: an unknown variant
         P.main(["--runs", str(path), "--pair", "dtl+k5", "nope"])
+
+
+def test_accuracy_pairs_reads_the_seeds_the_files_lack_from_run_folders(tmp_path):
+    """``--folders``: seeds 3 and 4 trained by ``bench_accuracy.py --seeds 5`` at the
+    cell's test setting (its Run found by the row's options digest) join the comparison;
+    a folder trained with other options does not."""
+    import accuracy_pairs as P
+    from accuracy_tables import write_csv
+
+    study, root = tmp_path / "study.csv", tmp_path / "runs"
+    rows = _test_rows("dtl+k5", {0: 0.8, 1: 0.8, 2: 0.8}) + _test_rows(
+        "lora-tail", {0: 0.7, 1: 0.7, 2: 0.7}, lr=3e-3)  # fmt: skip
+    write_csv(study, R.RUN_FIELDS, rows, {})
+    for variant, lr, seed, acc in (
+        ("dtl+k5", 1e-2, 3, 0.9),
+        ("lora-tail", 3e-3, 3, 0.6),
+        ("lora-tail", 1e-3, 4, 0.1),
+    ):  # the last: another lr
+        run = AR.Run("dinov2", "elpv", variant, "test", lr, seed, 30)
+        finish(root, run, summary(acc, evaluated_on="test"))
+    out = tmp_path / "pairs.md"
+    assert P.main(["--runs", str(study), "--folders", str(root), "--pair", "dtl+k5",
+                   "lora-tail", "--out", str(out)]) == 0  # fmt: skip
+    row = next(line for line in out.read_text().splitlines() if "| elpv |" in line)
+    # seeds 0-3 on both: Δ = 10, 10, 10, 30 → +15.00; A has 4 seeds, B 4 (seed 4 unmatched)
+    assert "+15.00" in row and row.count("(4)") == 3
