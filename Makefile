@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-sweep lint clean info gpu-check codegen-check
+.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-pairs bench-accuracy-sweep lint clean info gpu-check codegen-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -73,6 +73,18 @@ demo-vit: build
 ACCURACY_ARGS ?=
 bench-accuracy: build bench-deps
 	$(BIN)/python benchmarks/bench_accuracy.py $(ACCURACY_ARGS)
+
+# The closest comparisons at DTL's memory on every test seed there is: the study's 3, and
+# seeds 3-4 of DTL+ k = 5 and the memory-matched LoRA (trained at the study's picks with
+# `bench_accuracy.py --seeds 5 --max-train 1000 --variants dtl+k5 lora-tail` and the study's
+# --lrs; read from runs/accuracy where present, else from the committed runs CSVs)
+# → benchmarks/results/accuracy_pairs.md, accuracy_pairs_runs.csv
+RESULTS := benchmarks/results
+bench-accuracy-pairs: build bench-deps
+	$(BIN)/python benchmarks/accuracy_pairs.py --folders runs/accuracy --seeds 5 \
+		--runs $(RESULTS)/accuracy_study_runs.csv $(RESULTS)/accuracy_pairs_runs.csv \
+		--pair dtl+k5 lora-tail --pair dtl+k5 dtl --pair lora-tail dtl \
+		--out $(RESULTS)/accuracy_pairs.md --runs-out $(RESULTS)/accuracy_pairs_runs.csv
 
 # DTL / DTL+ / LoRA at 3, 10, 30 epochs (one seed): does the gap close with training?
 # → benchmarks/results/accuracy_sweep.{md,png}, accuracy_sweep_runs.csv

@@ -37,6 +37,9 @@ def read_test_runs(paths: list[Path]) -> tuple[dict[Cell, list[dict]], int]:
     runs: dict[Cell, list[dict]] = defaultdict(list)
     seen, left_out = set(), 0
     for path in paths:
+        if not path.exists():  # e.g. the pairs' own runs CSV before it is first written
+            print(f"({path} not found: skipped)")
+            continue
         try:
             with open(path, newline="") as f:
                 rows = list(csv.DictReader(f))
