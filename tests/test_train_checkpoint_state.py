@@ -53,7 +53,7 @@ BAD = {
     "moment-nan": (_set_all("exp_avg", lambda t: t * float("nan")), "non-finite"),
     "square-negative": (_set_all("exp_avg_sq", lambda t: -t - 1), "< 0"),
     "moment-missing": (lambda p: [s.pop("exp_avg_sq") for s in _states(p)], "no 'exp_avg_sq'"),
-    "step-0": (_set_all("step", torch.tensor(0.0)), "whole number of steps >= 1"),
+    "step-negative": (_set_all("step", torch.tensor(-1.0)), "whole number of steps >= 0"),
     "step-fraction": (_set_all("step", torch.tensor(1.5)), "whole number of steps"),
     "step-str": (_set_all("step", "x"), "'step' of parameter 0 is str"),
     "trained-int": (
@@ -109,3 +109,43 @@ def test_a_fifo_named_like_the_newest_checkpoint_is_refused_not_waited_on(tmp_pa
             ckpt.load_latest(tmp_path)
     finally:
         signal.alarm(0)
+
+
+def test_a_step_count_of_zero_resumes(tmp_path):
+    """fp16's GradScaler skips a step whose gradients overflowed after the fused kernel
+    made the state: every step skipped so far leaves step 0, a checkpoint that resumes."""
+    model, _, _, path, payload = _trained(tmp_path)
+    for s in _states(payload):
+        s["step"] = torch.tensor(0.0)
+        s["exp_avg"].zero_()
+        s["exp_avg_sq"].zero_()
+    fresh, opt, sched = _fresh(model)
+    ckpt.restore(payload, path, fresh, opt, sched)
+    fresh(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    assert all(p.isfinite().all() for p in fresh.parameters())
+
+
+def test_a_non_fused_optimizers_checkpoint_resumes_on_the_fused_one(tmp_path):
+    """A file written by torch's non-fused AdamW (older versions, the fallback): its
+    groups' flags are replaced by the current optimizer's before load_state_dict places
+    the steps, so the fused kernel gets them where it needs them."""
+    model, _, _, _, _ = _trained(tmp_path / "a")
+    plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2,
+                              weight_decay=0.05, foreach=False)  # fmt: skip
+    sched = torch.optim.lr_scheduler.LambdaLR(plain, lambda s: 1.0)
+    model(torch.randn(5, 4)).sum().backward()
+    plain.step()
+    sched.step()
+    path = ckpt.save_checkpoint(tmp_path / "b", 1, model, plain, sched, [dict(loss=1.0)],
+                                dict(lr=1e-2))  # fmt: skip
+    payload = ckpt.load_latest(tmp_path / "b")[1]
+    assert not payload["optimizer"]["param_groups"][0].get("fused")
+    fresh, opt, sched2 = _fresh(model)
+    ckpt.restore(payload, path, fresh, opt, sched2)
+    assert opt.param_groups[0]["fused"] and opt.param_groups[0]["weight_decay"] == 0.05
+    for p in opt.param_groups[0]["params"]:
+        step = opt.state[p]["step"]
+        assert step.dtype == torch.float32 and step.device == p.device and float(step) == 1
+    fresh(torch.ones(2, 4)).sum().backward()
+    opt.step()

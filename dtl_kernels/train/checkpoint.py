@@ -268,17 +268,14 @@ def restore(
         )
     # the optimizer's settings are the current configuration's (compared with the saved one
     # by resume_plan); the file gives the per-parameter state only
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     raw = _raw_state_misfit(payload["optimizer"])  # load_state_dict casts what it finds
     if raw:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({raw})")
     try:
-        optimizer.load_state_dict(payload["optimizer"])
+        optimizer.load_state_dict(_with_own_settings(payload["optimizer"], optimizer))
         step = int(payload["scheduler"]["last_epoch"]) if step is None else step
     except Exception as exc:  # noqa: BLE001 — any failure on untrusted state: it does not fit
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({exc})") from exc
-    for group, own_settings in zip(optimizer.param_groups, settings, strict=True):
-        group.update(own_settings)
     misfit = _optimizer_state_misfit(optimizer)
     if misfit:
         raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({misfit})")
@@ -295,6 +292,20 @@ def restore(
 #: AdamW's per-parameter state (amsgrad off, as the optimizer is built): the moments
 #: shaped and typed as their parameter, the step a count
 _MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _with_own_settings(state_dict: dict, optimizer) -> dict:
+    """The file's optimizer state with the current optimizer's settings in its groups
+    (``weight_decay``, ``betas``, ``fused`` …: the configuration's, compared with the
+    saved one by :func:`resume_plan`), put there *before* ``load_state_dict``, which
+    places each ``step`` by the groups' flags (a non-fused file's CPU steps would reach
+    the fused kernel beside CUDA parameters). Each group keeps its own ``params``."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return state_dict  # load_state_dict refuses it, naming the mismatch
+    own = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    merged = [{**g, **o} if isinstance(g, dict) else g for g, o in zip(groups, own, strict=True)]
+    return {**state_dict, "param_groups": merged}
 
 
 def _raw_state_misfit(state_dict: dict) -> str | None:
@@ -329,8 +340,8 @@ def _optimizer_state_misfit(optimizer) -> str | None:
     """What is wrong with the per-parameter optimizer state ``load_state_dict`` took as it
     was (it checks none of it; the fused kernel reads it unchecked, and crashed on a 0-dim
     moment): each parameter's state is AdamW's moments, shaped and typed as the parameter,
-    finite (``exp_avg_sq`` ≥ 0), and a step count ≥ 1 (bias correction divides by
-    ``1 − β^step``)."""
+    finite (``exp_avg_sq`` ≥ 0), and a whole step count ≥ 0 (the fused kernel adds one
+    before its bias correction; a GradScaler that skipped every step leaves 0)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
             state = optimizer.state.get(p)
@@ -351,8 +362,8 @@ def _optimizer_state_misfit(optimizer) -> str | None:
             if count.numel() != 1 or not count.is_floating_point():
                 return f"'step' is a {tuple(count.shape)} {count.dtype} tensor, expected a count"
             n = float(count)
-            if not (1 <= n <= 2**53 and n == int(n)):
-                return f"'step' is {n!r}, expected a whole number of steps >= 1"
+            if not (0 <= n <= 2**53 and n == int(n)):  # 0: fp16 steps all skipped so far
+                return f"'step' is {n!r}, expected a whole number of steps >= 0"
     return None
 
 
