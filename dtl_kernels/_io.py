@@ -36,12 +36,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
     The temporary file lives in the destination folder so the rename is atomic; on any
     error (or ``KeyboardInterrupt``) it is removed and ``path`` keeps its previous content.
-    Only a regular file (or nothing) is replaced: a ``path`` that is a directory, a
-    symbolic link, a FIFO or a device raises ``FileExistsError`` (the rename would put a
-    file in the place of ``/dev/null`` itself, or of the link instead of its target).
+    Only a regular file (or nothing) is replaced, through a symbolic link at its target:
+    a ``path`` that is (or links to) a directory, a FIFO or a device raises
+    ``FileExistsError`` (the rename would put a file in the place of ``/dev/null`` itself,
+    or of the link instead of writing its target). Returns the path written.
     """
-    path = Path(path)
-    refuse_special(path)
+    path = write_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(
@@ -63,24 +63,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symbolic link"),
-          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))  # fmt: skip
 
 
-def refuse_special(path: Path) -> None:
-    """``FileExistsError`` unless ``path`` is a regular file or does not exist."""
+def write_target(path: Path) -> Path:
+    """Where a write to ``path`` goes: ``path``, or the file a symbolic link names (even
+    one not made yet); ``FileExistsError`` naming it where that is not a regular file (a
+    directory, a FIFO, a device, a socket)."""
+    target = Path(os.path.realpath(path)) if os.path.islink(path) else path
     try:
-        mode = os.lstat(path).st_mode
+        mode = os.stat(target).st_mode
     except FileNotFoundError:
-        return
+        return target
     except OSError:
-        return  # e.g. a parent that is not a folder: the write itself says so
+        return target  # e.g. a parent that is not a folder: the write itself says so
     if stat.S_ISREG(mode):
-        return
+        return target
     kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
-    raise FileExistsError(f"refusing to replace {path}: it is {kind} (only a regular file "
-                          "is written over; choose another path)")  # fmt: skip
+    via = f" (where the link {path} points)" if target != path else ""
+    raise FileExistsError(f"refusing to replace {target}{via}: it is {kind} (only a regular "
+                          "file is written over; choose another path)")  # fmt: skip
 
 
 def fsync_file(path: str | os.PathLike) -> None:

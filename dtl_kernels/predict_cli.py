@@ -120,6 +120,9 @@ def _check_output(args, files: list[Path], weights: str | None = None) -> None:
     out = Path(args.output)
     if out.is_dir():
         raise ValueError(f"--output {out} is a folder: name the CSV file to write")
+    from ._io import write_target
+
+    out = write_target(out)  # a FIFO or a device refused now, not after predicting
     if not out.exists():  # where it will be made: a folder this process may write into
         base = out.absolute().parent
         while not base.exists():

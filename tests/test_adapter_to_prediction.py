@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -409,6 +410,9 @@ def test_dtl_predict_checks_where_the_output_goes_before_it_predicts(
     argv = [image, "--adapter", str(trained["adapter"]), "--output"]
     assert predict(argv + [str(tmp_path / "blocker" / "sub" / "p.csv")]) == 1
     assert "cannot be written" in capsys.readouterr().err
+    os.mkfifo(tmp_path / "pipe.csv")  # refused now, not after predicting (review)
+    assert predict(argv + [str(tmp_path / "pipe.csv"), "--overwrite"]) == 1
+    assert "pipe.csv: it is a FIFO" in capsys.readouterr().err
     # a file name's control characters: escaped on a terminal, kept in a file
     rows = [("x\x1b[31m.png", [("a", 0.5)])]
     assert "x\\x1b[31m.png" in _csv(rows, 1, escape=True)

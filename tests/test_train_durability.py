@@ -46,22 +46,31 @@ def test_atomic_write_gives_normal_file_modes(tmp_path):
         os.umask(umask)
 
 
-@pytest.mark.parametrize("kind", ["fifo", "symlink", "directory"])
+@pytest.mark.parametrize("kind", ["fifo", "directory", "link-to-fifo"])
 def test_atomic_write_replaces_only_a_regular_file(tmp_path, kind):
-    """The rename would put a regular file in the place of a FIFO, a device (`/dev/null`
-    itself, written as root) or a symbolic link: refused by name, nothing changed."""
-    target, path = tmp_path / "target.csv", tmp_path / "out.csv"
-    target.write_text("keep")
-    {"fifo": os.mkfifo, "symlink": lambda p: p.symlink_to(target), "directory": os.mkdir}[kind](
-        path
-    )
-    kinds = {"fifo": "a FIFO", "symlink": "a symbolic link", "directory": "a directory"}
-    with pytest.raises(
-        FileExistsError, match=f"refusing to replace .*out.csv: it is {kinds[kind]}"
-    ):
+    """The rename would put a regular file in the place of a FIFO or a device (`/dev/null`
+    itself, written as root): refused by name, nothing changed."""
+    path, fifo = tmp_path / "out.csv", tmp_path / "pipe"
+    if kind == "directory":
+        path.mkdir()
+    else:
+        os.mkfifo(fifo if kind == "link-to-fifo" else path)
+    if kind == "link-to-fifo":
+        path.symlink_to(fifo)
+    what = {"fifo": "a FIFO", "directory": "a directory", "link-to-fifo": "a FIFO"}[kind]
+    with pytest.raises(FileExistsError, match=f"refusing to replace .*: it is {what}"):
         _io.atomic_write(path, lambda tmp: Path(tmp).write_text("new"))
-    assert target.read_text() == "keep" and os.path.islink(path) == (kind == "symlink")
-    assert path.is_dir() == (kind == "directory") and not list(tmp_path.glob(".*.tmp"))
+    assert os.path.islink(path) == (kind == "link-to-fifo") and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_atomic_write_through_a_symbolic_link_writes_its_target(tmp_path):
+    """The link stays; the file it names is replaced atomically (made if it is missing)."""
+    target, link = tmp_path / "data" / "target.csv", tmp_path / "out.csv"
+    target.parent.mkdir()
+    link.symlink_to(target)
+    assert _io.atomic_write(link, lambda tmp: Path(tmp).write_text("one")) == target
+    _io.atomic_write(link, lambda tmp: Path(tmp).write_text("two"))
+    assert link.is_symlink() and target.read_text() == "two"
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
