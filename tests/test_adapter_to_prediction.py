@@ -351,6 +351,22 @@ def test_a_recorded_input_size_the_model_cannot_take_is_refused_at_load(
         from_pretrained(bad, trained["weights"])
 
 
+def test_a_one_channel_models_adapter_loads(tmp_path):
+    """timm's pretrained_cfg says 3 channels whatever in_chans is: the stem's own count is
+    accepted beside it (review: a [1, H, W] record was refused)."""
+    from dtl_kernels import load_adapter
+
+    torch.manual_seed(0)
+    model = create_model(VIT, "dtl", num_classes=3, img_size=32, in_chans=1)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (1, 32, 32),
+                            "mean": (0.5,), "std": (0.5,)}  # fmt: skip
+    save_adapter(model, tmp_path / "one.safetensors")
+    torch.manual_seed(0)
+    again = create_model(VIT, "dtl", num_classes=3, img_size=32, in_chans=1)
+    load_adapter(again, tmp_path / "one.safetensors")
+    assert again.pretrained_cfg["input_size"] == (1, 32, 32)
+
+
 def test_dtl_predict_takes_a_run_folder_and_checks_the_device_first(trained, toy, capsys):
     image = str(sorted((toy / "test").rglob("*.png"))[0])
     assert predict([image, "--adapter", str(trained["adapter"].parent)]) == 0
