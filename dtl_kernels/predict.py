@@ -79,6 +79,7 @@ class Predictor:
             raise ValueError(f"the model takes {channels}-channel images; Predictor reads "
                              "images as RGB (3 channels)")  # fmt: skip
         self.transform = create_transform(**self.data_config)
+        self.keeps_aspect = self.data_config.get("crop_mode", "center") != "squash"
         self.classes = list(model.class_names or [str(i) for i in range(n)])
         self.batch_size, self.workers = batch_size, workers
         self.compile, self.progress, self.precision = bool(compile), progress, precision
@@ -110,7 +111,7 @@ class Predictor:
     def image_tensor(self, image) -> torch.Tensor:
         """One image (a path or a PIL image) → ``(3, H, W)`` float32 model input;
         :class:`DataError` naming an unreadable file."""
-        return _decode(image, self.transform)
+        return _decode(image, self.transform, self.keeps_aspect)
 
     def probabilities(self, images: Sequence) -> torch.Tensor:
         """``(len(images), num_classes)`` float32 class probabilities (softmax), on the CPU."""
@@ -143,7 +144,8 @@ class Predictor:
         from torch.utils.data import DataLoader
 
         count = -(-len(images) // self.batch_size)
-        loader = DataLoader(_Decoded(images, self.transform), batch_size=self.batch_size,
+        decoded = _Decoded(images, self.transform, self.keeps_aspect)
+        loader = DataLoader(decoded, batch_size=self.batch_size,
                             num_workers=min(self.workers, count), collate_fn=_stack,
                             pin_memory=device.type == "cuda")  # fmt: skip
         it = iter(loader)
@@ -200,15 +202,15 @@ class Predictor:
 class _Decoded(torch.utils.data.Dataset):
     """The images, decoded on request (in a ``DataLoader`` worker, or in this process)."""
 
-    def __init__(self, images: list, transform) -> None:
-        self.images, self.transform = images, transform
+    def __init__(self, images: list, transform, keeps_aspect: bool) -> None:
+        self.images, self.transform, self.keeps_aspect = images, transform, keeps_aspect
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor | DataError:
         try:
-            return _decode(self.images[i], self.transform)
+            return _decode(self.images[i], self.transform, self.keeps_aspect)
         except DataError as exc:  # returned: a worker's raise reaches the caller re-wrapped
             return exc
 
@@ -220,21 +222,21 @@ def _stack(items: list) -> torch.Tensor | DataError:
     return error if error is not None else torch.stack(items)
 
 
-def _decode(image, transform) -> torch.Tensor:
+def _decode(image, transform, keeps_aspect: bool) -> torch.Tensor:
     """One image (a path or a PIL image) → the model input; :class:`DataError` naming an
-    unreadable file."""
+    unreadable file, or one too long for a resize that ``keeps_aspect``."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
         try:
-            check_aspect(image)
+            check_aspect(image, keeps_aspect)
             return transform(eight_bit(image))
         except Exception as exc:  # e.g. NaN pixels; named, and not wrapped by a worker
             raise DataError(f"cannot convert image {image!r}: {type(exc).__name__}: "
                             f"{exc}") from exc  # fmt: skip
     try:
         with Image.open(image) as img:
-            check_aspect(img)
+            check_aspect(img, keeps_aspect)
             return transform(eight_bit(img))
     except FileNotFoundError:
         raise DataError(f"image file not found: {image}") from None

@@ -113,18 +113,21 @@ def test_corrupt_image_names_the_file(tmp_path):
         build(dataset="folder", data_root=str(root))
 
 
-def test_a_strip_image_is_refused_by_its_header_naming_the_file(tmp_path):
-    """A 274-byte 200000×1 PNG decoded to 1.3 GB through an aspect-keeping resize: refused
-    when the headers are read, before any image is decoded; 64:1 is still read."""
-    root = folder_tree(tmp_path)
-    ok = root / "train" / "b" / "1.png"
+def test_a_strip_image_is_refused_where_the_resize_keeps_its_aspect(tmp_path):
+    """A 274-byte 200000×1 PNG decoded to 1.3 GB through timm's aspect-keeping center
+    crop: refused when the headers are read, before any image is decoded, and at decoding;
+    a squashing resize (dtl-train's default) takes it, and 64:1 is read in every mode."""
+    strip, ok = tmp_path / "strip.png", tmp_path / "ok.png"
+    Image.new("L", (200_000, 1)).save(strip)
     Image.new("L", (64, 1)).save(ok)
-    assert D.load_image(ok, 16).shape == (3, 16, 16)
-    Image.new("L", (200_000, 1)).save(ok)
-    with pytest.raises(D.DataError, match=r"train/b/1\.png: ValueError: 200000x1 pixels: more "):
-        build(dataset="folder", data_root=str(root))
+    assert D.load_image(strip, 16).shape == (3, 16, 16)  # squash
+    center = Preprocessing(16, *HALF, crop_pct=0.875, crop_mode="center")
+    assert center.keeps_aspect() and not Preprocessing(16, *HALF).keeps_aspect()
+    assert D.load_image(ok, 16, center.resize(), True).shape == (3, 16, 16)
+    with pytest.raises(D.DataError, match=r"strip\.png: ValueError: 200000x1 pixels: more "):
+        D.file_images([(ok, 0), (strip, 1)], 16, *HALF, prep=center)
     with pytest.raises(D.DataError, match="more than 64 times"):
-        D.load_image(ok, 16)
+        D.load_image(strip, 16, center.resize(), True)
 
 
 @pytest.mark.parametrize("kind", ["dangling-link", "fifo"])

@@ -125,18 +125,19 @@ def resize_uint8(images: torch.Tensor, size: int, resize=None) -> torch.Tensor:
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
-#: how many times longer than its short side an image's long side may be: a resize that
-#: keeps the aspect (timm's center crop) makes the long side that many times the model's
-#: input (a 274-byte 200000×1 PNG took 1.3 GB), and no model here was trained on such strips
+#: how many times longer than its short side an image's long side may be where the resize
+#: keeps the aspect (timm's center / border crop): it makes the long side that many times
+#: the model's input (a 274-byte 200000×1 PNG took 1.3 GB); a squashing resize has no limit
 MAX_ASPECT = 64
 
 
-def check_aspect(img) -> None:
-    """``ValueError`` for an image past :data:`MAX_ASPECT` (or with no pixels)."""
+def check_aspect(img, keeps_aspect: bool) -> None:
+    """``ValueError`` for an image with no pixels, or past :data:`MAX_ASPECT` when its resize
+    ``keeps_aspect`` (:meth:`Preprocessing.keeps_aspect`)."""
     w, h = img.size
     if w < 1 or h < 1:
         raise ValueError(f"{w}x{h} pixels")
-    if max(w, h) > MAX_ASPECT * min(w, h):
+    if keeps_aspect and max(w, h) > MAX_ASPECT * min(w, h):
         raise ValueError(f"{w}x{h} pixels: more than {MAX_ASPECT} times as long as it is wide")
 
 
@@ -163,15 +164,15 @@ def eight_bit(img):
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def load_image(path: Path, size: int, resize=None) -> torch.Tensor:
+def load_image(path: Path, size: int, resize=None, keeps_aspect: bool = False) -> torch.Tensor:
     """Read one image file → ``(3, size, size)`` uint8, resized by ``resize`` (a PIL
-    transform, :meth:`Preprocessing.resize`; default: the whole image, bicubic);
-    ``DataError`` naming the file."""
+    transform, :meth:`Preprocessing.resize`; default: the whole image, bicubic; whether it
+    ``keeps_aspect``: :func:`check_aspect`); ``DataError`` naming the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            check_aspect(img)
+            check_aspect(img, keeps_aspect)
             img = eight_bit(img)
             img = resize(img) if resize is not None else img.resize((size, size), Image.BICUBIC)
             arr = np.asarray(img, dtype=np.uint8).copy()
@@ -182,13 +183,14 @@ def load_image(path: Path, size: int, resize=None) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def check_image_header(path: Path) -> None:
-    """Open ``path`` far enough to know it is an image (no decoding); ``DataError``."""
+def check_image_header(path: Path, keeps_aspect: bool = False) -> None:
+    """Open ``path`` far enough to know it is an image (no decoding) and its size one the
+    resize takes (:func:`check_aspect`); ``DataError``."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            check_aspect(img)
+            check_aspect(img, keeps_aspect)
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
     except Exception as exc:
@@ -215,6 +217,7 @@ class FileImages(Dataset):
         # the resize of ``prep`` (None: the whole image, bicubic); named in the fingerprint
         # only when it is another (earlier fingerprints stay valid)
         self.resize = prep.resize() if prep is not None else None
+        self.keeps_aspect = prep is not None and prep.keeps_aspect()
         default = prep is None or (prep.whole_image() and prep.interpolation == "bicubic")
         self.resize_id = "" if default else repr(prep.identity().get("resize"))
         self.augment = augment
@@ -231,7 +234,7 @@ class FileImages(Dataset):
         return out
 
     def __getitem__(self, i: int):
-        image = load_image(self.paths[i], self.size, self.resize)
+        image = load_image(self.paths[i], self.size, self.resize, self.keeps_aspect)
         if self.augment is not None:
             return self.augment(_pil_rgb(image)), int(self.labels[i])
         return to_tensor(image, self.mean, self.std), int(self.labels[i])
@@ -321,8 +324,9 @@ def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=N
     stops the run before training, naming the file) → a streaming :class:`FileImages`."""
     if not samples:
         raise DataError("empty split")
+    keeps = prep is not None and prep.keeps_aspect()
     for p, _ in samples:
-        check_image_header(p)
+        check_image_header(p, keeps)
     return FileImages(samples, size, mean, std, classes, prep, augment)
 
 

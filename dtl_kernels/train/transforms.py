@@ -75,6 +75,11 @@ class Preprocessing:
         cut = next(i for i, t in enumerate(steps) if "ToTensor" in type(t).__name__)
         return transforms.Compose(steps[:cut])
 
+    def keeps_aspect(self) -> bool:
+        """Whether the resize keeps the image's aspect (then crops): timm's center and
+        border crops; ``squash`` resizes straight to ``size × size``."""
+        return self.crop_mode != "squash"
+
     def whole_image(self) -> bool:
         return self.crop_pct == 1.0 and self.crop_mode == "squash"
 
