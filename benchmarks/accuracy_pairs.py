@@ -33,7 +33,8 @@ Cell = tuple[str, str, str]  # backbone, dataset, variant
 
 def read_test_runs(paths: list[Path]) -> tuple[dict[Cell, list[dict]], int]:
     """Every finished test run the files hold, per cell, once each; and the number of rows
-    left out (unreadable, not a study run, diverged, or not a test run)."""
+    left out (unreadable, not a study run, or a diverged test run; selection runs are
+    simply not read)."""
     runs: dict[Cell, list[dict]] = defaultdict(list)
     seen, left_out = set(), 0
     for path in paths:

@@ -40,7 +40,7 @@ def shown(value) -> str:
     try:
         return _SHOWN.repr(value)
     except (ValueError, RecursionError):
-        return f"a {type(value).__name__} too large to show"
+        return f"a value of type {type(value).__name__} too large to show"
 
 
 def json_depth(value) -> int:

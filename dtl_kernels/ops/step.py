@@ -159,26 +159,33 @@ def _check_fake_step(op: str, taps, inputs, downs, first_col: int, others) -> No
                          f"0..{taps.shape[2]}")  # fmt: skip
 
 
-def _check_fake_side_op(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta) -> None:
+def _check_fake_side_op(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta) -> None:
     """The step's side op's checks (β, grid, shapes), on its arguments in the dtypes the
     step hands them over in (csrc/step.cpp's side_dtype): what the run would refuse."""
     for name, t in (("y", y), ("ups", ups), ("conv_weight", conv_weight)):
         if t is not None and not t.is_floating_point():  # cast silently below otherwise
-            raise TypeError(f"side_step: {name} must be floating point, got {t.dtype}")
+            raise TypeError(f"{op}: {name} must be floating point, got {t.dtype}")
     side = taps.dtype if side_dtypes_ok(y.dtype, taps.dtype) else y.dtype
     conv = None if conv_weight is None else conv_weight.to(y.dtype)
-    check_kernel_inputs("side_step", y, taps.to(side), ups.to(side), conv, grid_h, grid_w,
-                        num_prefix, beta)  # fmt: skip
+    check_kernel_inputs(op, y, taps.to(side), ups.to(side), conv, grid_h, grid_w, num_prefix,
+                        beta)  # fmt: skip
+
+
+def _check_fake_step_op(op, y, taps, inputs, downs, first_col, ups, conv_weight, grid_h,
+                        grid_w, num_prefix, beta, kernel) -> None:  # fmt: skip
+    """What both step ops' kernels refuse, named after ``op``."""
+    if y.dim() != 3:
+        raise ValueError(f"{op}: y must be 3-D")
+    if kernel not in (0, 1):
+        raise ValueError(f"{op}: kernel must be 0 or 1, got {kernel}")
+    _check_fake_step(op, taps, inputs, downs, first_col, (y, ups, conv_weight))
+    _check_fake_side_op(op, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
 
 
 def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                     num_prefix, beta, kernel, save_dtype=None):  # fmt: skip
-    if y.dim() != 3:
-        raise ValueError("side_step: y must be 3-D")
-    if kernel not in (0, 1):
-        raise ValueError(f"side_step: kernel must be 0 or 1, got {kernel}")
-    _check_fake_step("side_step", taps, inputs, downs, first_col, (y, ups, conv_weight))
-    _check_fake_side_op(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
+    _check_fake_step_op("side_step", y, taps, inputs, downs, first_col, ups, conv_weight,
+                        grid_h, grid_w, num_prefix, beta, kernel)  # fmt: skip
     return (
         torch.empty_like(y, memory_format=torch.contiguous_format),
         torch.empty_like(taps, memory_format=torch.contiguous_format),
@@ -187,8 +194,8 @@ def _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h,
 
 def _fake_side_step_(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
                      num_prefix, beta, kernel, next_down=None):  # fmt: skip
-    _fake_side_step(y, taps, inputs, downs, first_col, ups, conv_weight, grid_h, grid_w,
-                    num_prefix, beta, kernel)  # fmt: skip
+    _check_fake_step_op("side_step_", y, taps, inputs, downs, first_col, ups, conv_weight,
+                        grid_h, grid_w, num_prefix, beta, kernel)  # fmt: skip
     if next_down is not None and next_down.device != y.device:
         raise ValueError(f"side_step_: every tensor must be on one device, got "
                          f"{next_down.device} and {y.device}")  # fmt: skip

@@ -555,7 +555,7 @@ def _unknown_keys(unknown: list[str]) -> str:
     hints = [
         f"{shown(k)} (did you mean {shown(m[0])}?)"
         if (m := difflib.get_close_matches(k, _TYPES, 1))
-        else repr(k)
+        else shown(k)
         for k in unknown
     ]  # fmt: skip
     return f"unknown config keys: {', '.join(hints)}"
@@ -633,9 +633,9 @@ def _as_int(name: str, value) -> int:
 
 
 def _as_str(name: str, value) -> str:
-    # a number or a date is text YAML read as something else; bytes (!!binary) or a
-    # collection is not (str() would name a folder "b'hello'")
-    if isinstance(value, (bool, bytes, bytearray, list, tuple, dict, set)):
+    # a number or a date is text YAML read as something else; bytes (!!binary) are not
+    # (str() would name a folder "b'hello'"; collections are refused before, coerce_value)
+    if isinstance(value, (bool, bytes, bytearray)):
         raise ValueError(f"{_flag(name)}: expected a name, got {shown(value)}")
     return value if isinstance(value, str) else str(value)
 
