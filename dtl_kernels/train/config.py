@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .._untrusted import shown
 from ..models import METHODS, lora
+from ..models.adapters import LIMITS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_STEPS = ("step", "epoch")
@@ -244,7 +245,8 @@ _INT_MAXIMUM = {
     "epochs": 10**6, "batch_size": 2**24, "img_size": 2**14, "workers": 1024,
     "keep_checkpoints": 10**6, "seed": 2**63 - 1, "shot_seed": 2**63 - 1, "rank": 2**16,
     "lora_rank": 2**16,
-    "adapt_from": 2**16, "tap_from": 2**16, "conv_kernel": 2**10, "num_classes": 2**24,
+    "adapt_from": 2**16, "tap_from": 2**16, "conv_kernel": 2**10,
+    "num_classes": LIMITS["num_classes"],  # an adapter's limit, so that every run saves one
     "grad_accum": 2**16,
 }  # fmt: skip
 _FP32_MAX = 3.4028234663852886e38

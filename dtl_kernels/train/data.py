@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..models.adapters import LIMITS
 from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET
@@ -330,8 +331,8 @@ def file_images(samples: list[tuple[Path, int]], size: int, mean, std, classes=N
     return FileImages(samples, size, mean, std, classes, prep, augment)
 
 
-#: labels a list file may give: as many classes as ``--num-classes`` allows
-MAX_CLASSES = 2**24
+#: labels a list file may give: as many classes as ``--num-classes`` (and an adapter) allows
+MAX_CLASSES = LIMITS["num_classes"]
 
 
 def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
