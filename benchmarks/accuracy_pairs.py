@@ -65,18 +65,16 @@ def read_test_runs(paths: list[Path]) -> tuple[dict[Cell, list[dict]], int]:
     return runs, left_out
 
 
-def study_run(row: dict) -> Run | None:
-    """The study's :class:`Run` a runs-CSV row records: the one whose options digest is the
-    row's (``max_train`` is not a column: tried as none and as the training count)."""
+def study_runs(row: dict) -> list[Run]:
+    """The study's :class:`Run` s a runs-CSV row records: those whose options digest is the
+    row's (``max_train`` is not a column: tried as none and as the training count; both
+    match where the dataset caps itself, and their folders differ)."""
     base = dict(backbone=row["backbone"], dataset=row["dataset"], variant=row["variant"],
                 phase=row["phase"], lr=float(row["lr"]), seed=int(row["seed"]),
                 epochs=int(row["epochs"]), drop_path=float(row["drop_path"]),
                 precision=row["precision"])  # fmt: skip
-    for max_train in (None, int(row["train_images"])):
-        run = Run(**base, max_train=max_train)
-        if run.record_key() == row["options_sha"]:
-            return run
-    return None
+    runs = [Run(**base, max_train=n) for n in (None, int(row["train_images"]))]
+    return [run for run in runs if run.record_key() == row["options_sha"]]
 
 
 def add_folder_runs(runs: dict[Cell, list[dict]], root: Path, seeds: int, variants) -> int:
@@ -87,13 +85,12 @@ def add_folder_runs(runs: dict[Cell, list[dict]], root: Path, seeds: int, varian
     for cell, found in runs.items():
         if cell[2] not in variants or not found:
             continue
-        template = study_run(found[0]["row"])
-        if template is None:
-            continue
+        templates = study_runs(found[0]["row"])
         have = {r["seed"] for r in found}
-        for seed in sorted(set(range(seeds)) - have):
-            run = replace(template, seed=seed)
-            summary = finished(run, root)
+        for seed in sorted(set(range(seeds)) - have) if templates else ():
+            tried = [(run, finished(run, root)) for run in
+                     (replace(t, seed=seed) for t in templates)]  # fmt: skip
+            run, summary = next(((r, s) for r, s in tried if s is not None), (None, None))
             if summary is None or summary.get("diverged"):
                 continue
             row = run_row(run, summary)
