@@ -666,3 +666,29 @@ def test_accuracy_pairs_reads_the_seeds_the_files_lack_from_run_folders(tmp_path
     row = next(line for line in out.read_text().splitlines() if "| elpv |" in line)
     # seeds 0-3 on both: Δ = 10, 10, 10, 30 → +15.00; A has 4 seeds, B 4 (seed 4 unmatched)
     assert "+15.00" in row and row.count("(4)") == 3
+
+
+def test_accuracy_pairs_finds_the_folder_of_a_self_capped_dataset(tmp_path):
+    """Fashion-MNIST caps itself at 1000 training images: a run with --max-train 1000 has
+    the same options (digest) as one without, but its own folder (``-n1000``); the study's
+    runs are in those folders."""
+    import accuracy_pairs as P
+    from accuracy_tables import write_csv
+
+    def rows(variant, lr, accs):
+        runs = [AR.Run("dinov2", "fashion-mnist", variant, "test", lr, s, 30) for s in accs]
+        return [R.run_row(r, summary(accs[r.seed], evaluated_on="test", train_images=1000))
+                for r in runs]  # fmt: skip
+
+    study, root = tmp_path / "study.csv", tmp_path / "runs"
+    write_csv(study, R.RUN_FIELDS, rows("dtl+k5", 1e-2, {0: 0.8}) + rows("lora-tail", 3e-3, {
+        0: 0.7}), {})  # fmt: skip
+    for variant, lr, acc in (("dtl+k5", 1e-2, 0.9), ("lora-tail", 3e-3, 0.6)):
+        run = AR.Run("dinov2", "fashion-mnist", variant, "test", lr, 1, 30, max_train=1000)
+        assert "-n1000" in run.folder(root).name
+        finish(root, run, summary(acc, evaluated_on="test", train_images=1000))
+    out = tmp_path / "pairs.md"
+    assert P.main(["--runs", str(study), "--folders", str(root), "--pair", "dtl+k5",
+                   "lora-tail", "--out", str(out)]) == 0  # fmt: skip
+    row = next(line for line in out.read_text().splitlines() if "| fashion-mnist |" in line)
+    assert "+20.00" in row and row.endswith("(2) |")  # seeds 0 and 1: Δ 10 and 30
