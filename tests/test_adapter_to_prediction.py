@@ -351,6 +351,33 @@ def test_a_recorded_input_size_the_model_cannot_take_is_refused_at_load(
         from_pretrained(bad, trained["weights"])
 
 
+def test_a_float16_backbones_adapter_loads_on_the_float32_weights(tmp_path):
+    """--backbone-dtype fp16: the fingerprint rounds to bfloat16, and float16 weights round
+    otherwise than their float32 source for ~6 % of values; from_pretrained / dtl-predict
+    rebuild the backbone in float32 and refused the adapter as "other backbone weights"."""
+    from dtl_kernels import load_adapter
+
+    weights = tmp_path / "backbone.pth"
+    torch.manual_seed(0)
+    source = create_model(VIT, "linear", num_classes=3, img_size=32).backbone
+    torch.save({"state_dict": source.state_dict()}, weights)
+
+    def build(**kw):
+        torch.manual_seed(0)
+        return create_model(VIT, "dtl", num_classes=3, img_size=32, pretrained=str(weights), **kw)
+
+    half = build(backbone_dtype=torch.float16)
+    save_adapter(half, tmp_path / "half.safetensors")
+    full = build()
+    assert full.backbone_fingerprint() != half.backbone_fingerprint()
+    load_adapter(full, tmp_path / "half.safetensors")  # the float32 source of those weights
+    other = build()
+    with torch.no_grad():
+        next(other.backbone.parameters()).add_(1.0)
+    with pytest.raises(ValueError, match="trained on other backbone weights"):
+        load_adapter(other, tmp_path / "half.safetensors")
+
+
 def test_a_one_channel_models_adapter_loads(tmp_path):
     """timm's pretrained_cfg says 3 channels whatever in_chans is: the stem's own count is
     accepted beside it (review: a [1, H, W] record was refused)."""

@@ -45,17 +45,21 @@ class AdapterState:
             if p.requires_grad or n.startswith("csn.")
         }
 
-    def backbone_fingerprint(self) -> str | None:
+    def backbone_fingerprint(self, via: torch.dtype | None = None) -> str | None:
         """sha256 of the frozen backbone parameters (name, shape and value rounded to
         bfloat16, so a bf16 copy of the same weights matches); ``None`` when nothing in the
-        backbone is frozen (``full``: the adapter carries the whole backbone)."""
+        backbone is frozen (``full``: the adapter carries the whole backbone). ``via``: round
+        to that dtype first (``float16``: what a float16 copy of these weights gives, whose
+        bfloat16 rounding differs from float32's for ~6 % of values)."""
         frozen = sorted((n, p) for n, p in self.backbone.named_parameters() if not p.requires_grad)
         if not frozen:
             return None
         h = hashlib.sha256()
         for name, p in frozen:
             t = p.detach().to("cpu")
-            t = (t.to(torch.bfloat16) if t.is_floating_point() else t).contiguous()
+            if t.is_floating_point():
+                t = (t.to(via) if via is not None else t).to(torch.bfloat16)
+            t = t.contiguous()
             h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
             if t.numel():
                 h.update(t.reshape(-1).view(torch.uint8).numpy().data)
@@ -159,12 +163,15 @@ class AdapterState:
         ours = self.backbone_fingerprint()
         if theirs is None or ours is None or theirs == ours:
             return
+        if theirs == self.backbone_fingerprint(via=torch.float16):
+            return  # saved from a float16 copy of these weights (--backbone-dtype fp16)
         message = (
             f"adapter {source} was trained on other backbone weights (fingerprint "
             f"{theirs[:12]}…, this backbone {ours[:12]}…): same architecture, different "
             "pretrained weights? Load the backbone it was trained on (dtl-train / dtl-predict: "
             "--pretrained), or pass backbone_mismatch='warn' (--allow-backbone-mismatch) to "
-            "load it anyway"
+            "load it anyway (a float16 backbone's adapter matches float16 / float32 copies of "
+            "its weights, not bfloat16 ones)"
         )
         if on_mismatch == "error":
             raise AdapterError(message)
