@@ -378,6 +378,27 @@ def test_a_float16_backbones_adapter_loads_on_the_float32_weights(tmp_path):
         load_adapter(other, tmp_path / "half.safetensors")
 
 
+def test_save_adapter_refuses_what_would_not_read_back(tmp_path):
+    """The adapter's tensors are the trainable ones: a head frozen by hand was left out of
+    the file without a word (the trained head lost, found only at load); a swapped head
+    of another size, a NaN, too."""
+    torch.manual_seed(0)
+    model = create_model(VIT, "dtl", num_classes=3, img_size=32)
+    model.head.requires_grad_(False)
+    with pytest.raises(ValueError, match="cannot write adapter .*the file's head is"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    model.head.requires_grad_(True)
+    model.head = torch.nn.Linear(model.head.in_features, 7)
+    with pytest.raises(ValueError, match="cannot write adapter .*'num_classes' is 3"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    model.head = torch.nn.Linear(model.head.in_features, 3)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in \['head.weight'\]"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    assert not (tmp_path / "a.safetensors").exists()
+
+
 def test_a_one_channel_models_adapter_loads(tmp_path):
     """timm's pretrained_cfg says 3 channels whatever in_chans is: the stem's own count is
     accepted beside it (review: a [1, H, W] record was refused)."""

@@ -771,12 +771,21 @@ def test_adapter_backbone_fingerprint(tmp_path):
 
 
 def test_adapter_with_non_finite_values_is_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     model = _vit_model()
-    with torch.no_grad():
-        model.head.weight[0, 0] = float("inf")
     path = save_adapter(model, tmp_path / "inf.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors["head.weight"][0, 0] = float("inf")
+    save_file(tensors, str(path), metadata=meta)  # as another writer could
     with pytest.raises(ValueError, match=r"NaN or infinite values in \['head\.weight'\]"):
         load_adapter(_vit_model(), path)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="cannot write adapter"):  # nor is one written here
+        save_adapter(model, tmp_path / "again.safetensors")
 
 
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.bool, torch.int32, torch.float64])

@@ -72,8 +72,17 @@ def save_adapter(
     fingerprint = model.backbone_fingerprint()
     if fingerprint is not None:
         metadata["backbone_sha256"] = fingerprint
-    adapter_info(metadata, path)  # what we write, we can read back
     tensors = model.adapter_state_dict()
+    # what we write, we can read back: the metadata against the tensors' shapes, as
+    # read_adapter checks them (a head frozen by hand would be left out of the file)
+    try:
+        adapter_info(metadata, path, {k: tuple(v.shape) for k, v in tensors.items()})
+    except AdapterError as exc:
+        raise AdapterError(f"cannot write adapter {path}: the model's trainable tensors do not "
+                           f"match its adapter config ({exc})") from None  # fmt: skip
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all())
+    if bad:
+        raise AdapterError(f"cannot write adapter {path}: NaN or infinite values in {bad[:8]}")
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
