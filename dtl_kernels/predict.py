@@ -80,6 +80,8 @@ class Predictor:
                              "images as RGB (3 channels)")  # fmt: skip
         self.transform = create_transform(**self.data_config)
         self.keeps_aspect = self.data_config.get("crop_mode", "center") != "squash"
+        if isinstance(model.class_names, (str, bytes)):  # list() would split it into letters
+            raise TypeError("model.class_names must be a list of names, got one string")
         self.classes = list(model.class_names or [str(i) for i in range(n)])
         self.batch_size, self.workers = batch_size, workers
         self.compile, self.progress, self.precision = bool(compile), progress, precision
@@ -116,6 +118,7 @@ class Predictor:
     def probabilities(self, images: Sequence) -> torch.Tensor:
         """``(len(images), num_classes)`` float32 class probabilities (softmax), on the CPU."""
         images = _as_list(images)
+        self.model.eval()  # a model put back in training mode would predict with drop path
         dtype, device, out = _input_dtype(self.model), self.device, []
         autocast = autocast_for(self.precision, device)  # (fp16 on a CPU: refused here)
         # closed on any error: the decoding workers stop now, not at a garbage collection
@@ -190,8 +193,12 @@ class Predictor:
         """For each image, its ``top_k`` most probable ``(class name, probability)``."""
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k must be a whole number ≥ 1, got {top_k!r}")
-        k = min(top_k, len(self.classes))
         probs = self.probabilities(images)
+        if len(self.classes) != probs.shape[-1]:  # e.g. class_names set or the head reset since
+            raise ValueError(f"{len(self.classes)} class names for a model of "
+                             f"{probs.shape[-1]} outputs: set model.class_names to match the "
+                             "head and make the Predictor again")  # fmt: skip
+        k = min(top_k, len(self.classes))
         values, index = probs.topk(k, dim=-1)
         return [
             [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist(), strict=True)]

@@ -304,6 +304,20 @@ def test_predictor_refuses_what_is_no_prediction(trained):
     features = create_model(VIT, "dtl", num_classes=0, img_size=32)
     with pytest.raises(ValueError, match="no classifier head"):
         Predictor(features)
+    # class names out of step with the head: named, not an IndexError (helper 4)
+    model = from_pretrained(trained["adapter"])
+    model.class_names = ["a", "b"]
+    with pytest.raises(ValueError, match="2 class names for a model of 3 outputs"):
+        Predictor(model).predict(files[:1])
+    model.class_names = "abc"
+    with pytest.raises(TypeError, match="a list of names, got one string"):
+        Predictor(model)
+    # a model put back in training mode after the Predictor was made still predicts in eval
+    model.class_names = None
+    again = Predictor(model)
+    model.train()
+    torch.testing.assert_close(again.probabilities(files), want, rtol=0, atol=1e-6)
+    assert not model.training  # (with drop path, training mode would randomise the outputs)
 
 
 def test_a_hostile_model_record_is_refused_before_it_is_built(trained, tmp_path, monkeypatch):
