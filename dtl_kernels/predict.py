@@ -262,7 +262,12 @@ def _as_list(images) -> list:
         raise TypeError(
             f"images must be a list of paths or PIL images, got {type(images).__name__}"
         )
-    return list(images)
+    items = list(images)
+    odd = [type(x).__name__ for x in items
+           if not isinstance(x, (str, bytes, os.PathLike, Image.Image))]  # fmt: skip
+    if odd:  # (named by type: the repr of an array is the whole array)
+        raise TypeError(f"images must be paths or PIL images, got {odd[0]} among them")
+    return items
 
 
 def _input_dtype(model: nn.Module) -> torch.dtype:

@@ -304,6 +304,11 @@ def test_predictor_refuses_what_is_no_prediction(trained):
     features = create_model(VIT, "dtl", num_classes=0, img_size=32)
     with pytest.raises(ValueError, match="no classifier head"):
         Predictor(features)
+    for odd, named in ((np.zeros((64, 64)), "ndarray"), (None, "NoneType"), (3, "int")):
+        with pytest.raises(TypeError, match=f"paths or PIL images, got {named} among them"):
+            good.predict([files[0], odd])
+    with pytest.raises(TypeError, match="conv_kernel must be an int, got str"):
+        create_model(VIT, "dtl+", num_classes=3, img_size=32, conv_kernel="3")
     # class names out of step with the head: named, not an IndexError (helper 4)
     model = from_pretrained(trained["adapter"])
     model.class_names = ["a", "b"]

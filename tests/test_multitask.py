@@ -80,6 +80,10 @@ def test_bad_tasks_are_clear_errors(tmp_path):
         MultiTaskDTL(bb, {"x": 3})
     with pytest.raises(TypeError, match="map task names .* got a list"):
         MultiTaskDTL(bb, list(tasks.values()))
+    one = next(iter(tasks.values()))
+    for name in (1, "", "a.b"):  # torch's ModuleDict refused these with its own messages
+        with pytest.raises(ValueError, match="task names must be non-empty text without"):
+            MultiTaskDTL(bb, {name: one})
     other = timm.create_model("vit_tiny_patch16_224", img_size=64, num_classes=0).eval()
     foreign = DTLViT(other, num_classes=3)
     with pytest.raises(ValueError, match="differs from the shared one"):

@@ -120,6 +120,8 @@ def apply_method(cls: type, method: str, kw: dict) -> None:
     """The wrapper options ``method`` implies, set in ``kw`` (``ValueError`` for options
     the method does not take)."""
     conv = kw.get("conv_kernel")
+    if conv is not None and (isinstance(conv, bool) or not isinstance(conv, int)):
+        raise TypeError(f"conv_kernel must be an int, got {type(conv).__name__}")
     if method == "dtl":
         if conv:
             raise ValueError("method='dtl' has no convolution; use method='dtl+' with conv_kernel")

@@ -58,6 +58,8 @@ class MultiTaskDTL(nn.Module):
         self.batch_tails = batch_tails
         self.tasks = nn.ModuleDict()
         for name, task in tasks.items():
+            if not isinstance(name, str) or not name or "." in name:  # ModuleDict's key rules
+                raise ValueError(f"task names must be non-empty text without '.', got {name!r:.60}")
             if isinstance(task, (str, os.PathLike)):
                 config = adapter_info(read_adapter(task)[1], task)["config"]
                 if config.get("head_mode") != "published":
