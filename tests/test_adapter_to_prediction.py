@@ -309,6 +309,10 @@ def test_predictor_refuses_what_is_no_prediction(trained):
             good.predict([files[0], odd])
     with pytest.raises(TypeError, match="conv_kernel must be an int, got str"):
         create_model(VIT, "dtl+", num_classes=3, img_size=32, conv_kernel="3")
+    for name, value in (("num_classes", 10**12), ("conv_kernel", 10**6), ("rank", 10**7)):
+        kw = {"num_classes": 3, name: value}  # refused before a byte is allocated
+        with pytest.raises(ValueError, match=f"{name} must be ≤ "):
+            create_model(VIT, "dtl+", img_size=32, device="meta", **kw)
     # class names out of step with the head: named, not an IndexError (helper 4)
     model = from_pretrained(trained["adapter"])
     model.class_names = ["a", "b"]

@@ -24,7 +24,7 @@ from .._untrusted import parse_json
 from .._version import __version__
 from .adapter_description import check_description, class_names_problem
 from .adapter_state import AdapterError
-from .choices import HEAD_MODES, METHODS
+from .choices import HEAD_MODES, LIMITS, METHODS
 
 # Adapter metadata schema: /2 adds ``backbone_sha256`` (AdapterState.backbone_fingerprint);
 # /3 adds ``model``, ``preprocessing``, ``classes`` and ``training`` (.adapter_description).
@@ -160,10 +160,6 @@ def _as_timm(preprocessing: dict) -> dict:
     return out
 
 
-# Sane limits of adapter metadata (those of dtl-train's options): far beyond any real model,
-# they keep every product of sizes sane before the file's tensors are consulted.
-LIMITS = {"num_classes": 2**24, "rank": 2**16, "tap_from": 2**16, "adapt_from": 2**16,
-          "conv_kernel": 2**10, "lora.rank": 2**16, "lora.blocks": 2**16}  # fmt: skip
 CSN_FIELDS = ("rank", "beta", "tap_from", "adapt_from", "conv_kernel")  # CSNConfig's
 _FP32_MAX = 3.4028234663852886e38
 _MAX_LORA_TARGETS, _MAX_NAME = 64, 256

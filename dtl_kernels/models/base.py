@@ -15,7 +15,7 @@ from torch import nn
 from .. import memory
 from ..csn import CompactSideNetwork, CSNConfig
 from .adapter_state import AdapterState
-from .choices import HEAD_MODES
+from .choices import HEAD_MODES, LIMITS
 from .published import PublishedCheckpoint
 from .walk import BlockWalk
 
@@ -111,6 +111,8 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterState, nn.Module):
             isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0
         ):  # 0 is timm's "features, no head"; a negative count is a mistake, not that
             raise ValueError(f"num_classes must be a whole number ≥ 0, got {num_classes!r}")
+        if num_classes is not None and num_classes > LIMITS["num_classes"]:
+            raise ValueError(f"num_classes must be ≤ {LIMITS['num_classes']}, got {num_classes}")
         self.num_classes = backbone.num_classes if num_classes is None else int(num_classes)
         if default_blocks is not None:
             tap_from = default_blocks[0] if tap_from is None else tap_from
@@ -280,6 +282,9 @@ def new_head(width: int, num_classes: int) -> nn.Module:
 
 
 def csn_config(rank, beta, tap_from, adapt_from, conv_kernel) -> CSNConfig:
+    for name, value in (("rank", rank), ("conv_kernel", conv_kernel)):  # before allocating
+        if isinstance(value, int) and value > LIMITS[name]:
+            raise ValueError(f"{name} must be ≤ {LIMITS[name]}, got {value}")
     return CSNConfig(
         rank=rank,
         beta=float(beta) if isinstance(beta, int) and not isinstance(beta, bool) else beta,

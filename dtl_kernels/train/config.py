@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .._untrusted import shown
 from ..models import METHODS, lora
-from ..models.adapters import LIMITS
+from ..models.choices import LIMITS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_STEPS = ("step", "epoch")

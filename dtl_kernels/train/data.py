@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..models.adapters import LIMITS
+from ..models.choices import LIMITS
 from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET
