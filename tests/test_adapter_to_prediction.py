@@ -309,6 +309,9 @@ def test_predictor_refuses_what_is_no_prediction(trained):
             good.predict([files[0], odd])
     with pytest.raises(TypeError, match="conv_kernel must be an int, got str"):
         create_model(VIT, "dtl+", num_classes=3, img_size=32, conv_kernel="3")
+    for value in ("no", -1, None):  # truthy text or numbers switched the option on
+        with pytest.raises(TypeError, match="checkpoint_tail must be True or False"):
+            create_model(VIT, "dtl", num_classes=3, img_size=32, checkpoint_tail=value)
     for name, value in (("num_classes", 10**12), ("conv_kernel", 10**6), ("rank", 10**7)):
         kw = {"num_classes": 3, name: value}  # refused before a byte is allocated
         with pytest.raises(ValueError, match=f"{name} must be ≤ "):

@@ -102,6 +102,10 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterState, nn.Module):
         A backbone without a classifier of its own (no ``reset_classifier``: Hugging Face
         encoders) always gets a new head; ``num_classes`` must then be given.
         """
+        for name, flag in (("side", side), ("train_backbone", train_backbone),
+                           ("checkpoint_tail", checkpoint_tail)):  # fmt: skip
+            if not isinstance(flag, bool):  # a truthy "no" or -1 would switch it on
+                raise TypeError(f"{name} must be True or False, got {flag!r:.40}")
         self.backbone = backbone
         self.head_mode = validate_head_mode(head)
         own = callable(getattr(backbone, "reset_classifier", None))

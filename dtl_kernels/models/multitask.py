@@ -55,6 +55,8 @@ class MultiTaskDTL(nn.Module):
             raise ValueError("MultiTaskDTL needs at least one task")
         self.backbone = backbone
         walker_cls = wrapper_for(backbone)
+        if not isinstance(batch_tails, bool):
+            raise TypeError(f"batch_tails must be True or False, got {batch_tails!r:.40}")
         self.batch_tails = batch_tails
         self.tasks = nn.ModuleDict()
         for name, task in tasks.items():
