@@ -74,7 +74,7 @@ class Predictor:
                              "predict (its features: model.forward_features)")  # fmt: skip
         self.model = model.eval()
         self.data_config = resolve_model_data_config(model)
-        channels = _input_channels(model)
+        channels = model.input_channels()
         if channels not in (None, 3):  # (a model's pretrained_cfg says 3 whatever in_chans is)
             raise ValueError(f"the model takes {channels}-channel images; Predictor reads "
                              "images as RGB (3 channels)")  # fmt: skip
@@ -275,14 +275,6 @@ def _input_dtype(model: nn.Module) -> torch.dtype:
     takes them in its own; one of mixed dtypes (``backbone_dtype``) casts them itself."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
-
-
-def _input_channels(model: nn.Module) -> int | None:
-    """The channels of the images the model takes: its first convolution's (the patch
-    embedding or a CNN's stem); ``None`` without one."""
-    backbone = getattr(model, "backbone", model)
-    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
-    return None if first is None else first.in_channels
 
 
 def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:

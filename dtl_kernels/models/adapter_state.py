@@ -9,7 +9,6 @@ import hashlib
 import warnings
 
 import torch
-from torch import nn
 
 from .._untrusted import non_float_for_float
 
@@ -65,13 +64,6 @@ class AdapterState:
                 h.update(t.reshape(-1).view(torch.uint8).numpy().data)
         return h.hexdigest()
 
-    def _stem_channels(self) -> int | None:
-        """Input channels of the backbone's first convolution (its patch embedding's)."""
-        conv = getattr(getattr(self.backbone, "patch_embed", None), "proj", None)
-        if not isinstance(conv, nn.Conv2d):
-            conv = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
-        return None if conv is None else conv.in_channels
-
     def _check_input_size(self, preprocessing: dict | None, source: str) -> None:
         """The recorded ``input_size`` must be one this model takes: its channels, and the
         backbone's own size where that is fixed (else every image is resized to it --
@@ -83,7 +75,7 @@ class AdapterState:
         native = self.native_input_size()
         # timm's pretrained_cfg says 3 whatever in_chans is (and adapters record it): the
         # stem convolution's count is accepted beside it, and named
-        stem = self._stem_channels()
+        stem = self.input_channels()
         if channels not in (native[0], stem):
             raise AdapterError(f"adapter {source}: 'preprocessing.input_size' has {channels} "
                                f"channels, the model takes {stem or native[0]}")  # fmt: skip

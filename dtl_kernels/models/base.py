@@ -152,6 +152,13 @@ class DTLModel(BlockWalk, PublishedCheckpoint, AdapterState, nn.Module):
         return "head."
 
     # -- timm's model conventions -------------------------------------------------------
+    def input_channels(self) -> int | None:
+        """Channels of the images the backbone takes: its first convolution's (the patch
+        embedding or a CNN's stem); ``None`` without one. (timm's ``pretrained_cfg`` says 3
+        whatever ``in_chans`` is.)"""
+        first = next((m for m in self.backbone.modules() if isinstance(m, nn.Conv2d)), None)
+        return None if first is None else first.in_channels
+
     def native_input_size(self) -> tuple[int, int, int]:
         """``(channels, H, W)`` the backbone is built for: a patch embedding's fixed image
         size, else the input size of its timm pretrained config (224 px when none)."""
