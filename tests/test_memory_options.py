@@ -125,6 +125,14 @@ def test_bad_trunk_dtype():
         build("vit", trunk_dtype="bfloat17")
 
 
+@pytest.mark.parametrize("option", [{"checkpoint_tail": True}, {"trunk_dtype": torch.bfloat16}])
+def test_memory_options_of_transformers_only_are_named_on_a_cnn(option):
+    """A CNN's wrapper has no per-block memory options: the option is named (a
+    ``TypeError`` from the constructor before), also for a shapes-only build."""
+    with pytest.raises(ValueError, match=f"{next(iter(option))} is not an option of DTLConvNet"):
+        create_model("tf_efficientnet_lite0", num_classes=3, device="meta", **option)
+
+
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_trunk_dtype_makes_no_copy_without_autograd(backend):
     """Inference (no_grad) never saves z, so no low-precision copy of it is made; a training

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -124,6 +125,7 @@ def create_model(
             "pretrained": pretrained_record(pretrained),
         }
     cls = wrapper_for(backbone)
+    _check_wrapper_options(cls, wrapper_kwargs)
     apply_method(cls, method, wrapper_kwargs)
     model = cls(backbone, num_classes=num_classes, **wrapper_kwargs)
     model.origin = origin
@@ -139,6 +141,20 @@ def create_model(
     if dtype is not None:
         memory.set_backbone_dtype(model, dtype)
     return model
+
+
+def _check_wrapper_options(cls: type, given: dict) -> None:
+    """An option the chosen wrapper has no parameter for (``checkpoint_tail`` on a CNN)
+    is named here, not reported as a ``TypeError`` from its constructor."""
+    takes = inspect.signature(cls.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        return
+    for key in given:
+        if key not in takes:
+            raise ValueError(
+                f"{key} is not an option of {cls.__name__} (the wrapper of this backbone); "
+                f"it takes {sorted(k for k in takes if k not in ('self', 'backbone'))}"
+            )
 
 
 def _backbone(name: str, method: str, pretrained, options: dict, dtype, device):

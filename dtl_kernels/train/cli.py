@@ -31,8 +31,12 @@ def main(argv: list[str] | None = None) -> int:
             return _estimate(cfg)
         except (ValueError, OSError) as exc:
             return _error(exc, EXIT_OPTIONS)
+    from .setup import OptionsError
+
     try:
         summary = run(cfg)
+    except OptionsError as exc:  # found by the checks before any work
+        return _error(exc, EXIT_OPTIONS)
     except KeyboardInterrupt:
         print("dtl-train: interrupted (completed epochs are checkpointed: --resume continues)",
               file=sys.stderr, flush=True)  # fmt: skip

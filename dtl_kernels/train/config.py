@@ -440,9 +440,10 @@ _HELP = {
     "drop_path": "drop-path rate of the frozen backbone (a random trunk: no trunk cache)",
     "img_size": "input image size in pixels (default: the model's; --eval-only: the adapter's)",
     "checkpoint_tail": "memory: recompute the frozen blocks after M in backward instead of "
-    "storing their activations (exact gradients, about one more forward of the tail)",
+    "storing their activations (exact gradients, about one more forward of the tail; ViT "
+    "and Swin)",
     "trunk_dtype": "memory: keep the trunk taps' inputs (only needed for the gradient of A_i) "
-    "in fp32 | bf16 | fp16 (default: as computed)",
+    "in fp32 | bf16 | fp16 (default: as computed; ViT and Swin)",
     "backbone_dtype": "memory: keep the frozen backbone's weights in bf16 | fp16 | fp32 (the "
     "side network and head stay fp32; default: as loaded)",
     "grad_accum": "split each --batch-size batch into N micro-batches whose gradients add up "

@@ -43,16 +43,38 @@ class Preflight:
 def preflight(cfg: TrainConfig) -> Preflight:
     """Checks that need no data: for ``--eval-only`` the adapter (whose model, weights,
     preprocessing and data fill what the flags leave open), the model name, the pretrained
-    weights, LoRA's library, the world size."""
+    weights, LoRA's library, then :func:`check_options`. What the options alone make wrong
+    is an :class:`OptionsError`."""
     info = None
     if cfg.eval_only:
         _, meta = read_adapter(cfg.adapter)
         info = adapter_info(meta, cfg.adapter)
         adapter_into_config(cfg, info)
-    family = backbone_family(cfg.model)
+    family = _option_checked(backbone_family, cfg.model)
     check_pretrained(cfg)
     if cfg.method == "lora":
         lora.check_peft()
+    _option_checked(check_options, cfg)
+    return Preflight(family, info)
+
+
+class OptionsError(ValueError):
+    """An option combination found wrong before any work (``dtl-train`` exits 2)."""
+
+
+def _option_checked(fn, *args):
+    try:
+        return fn(*args)
+    except ValueError as exc:
+        raise OptionsError(str(exc)) from exc
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """What the options can be judged wrong by without data: the precision for this
+    machine, the batch split, and the model the options describe — built on the meta
+    device (no weights, no memory), so that what the constructors refuse (a DTL+ kernel
+    wider than the token grids, a memory option the wrapper lacks) is refused before any
+    data is read."""
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--precision fp16 needs CUDA; use bf16 (or fp32) on CPU")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -61,7 +83,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
             f"--batch-size {cfg.batch_size} is not divisible by {world} process(es) × "
             f"--grad-accum {cfg.grad_accum}"
         )
-    return Preflight(family, info)
+    build_model(cfg, cfg.num_classes or 2, False, device="meta")
 
 
 def check_pretrained(cfg: TrainConfig) -> None:

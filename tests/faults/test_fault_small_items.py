@@ -40,9 +40,9 @@ def test_cache_budget_that_is_no_byte_count_is_an_option_error(toy, tmp_path, ca
 
 def test_conv_kernel_wider_than_the_token_grid_is_refused_before_it_is_built(toy, tmp_path, capsys):
     with AllocationGuard(256 * MIB):  # main built a 770 MB kernel, then ran 160 s a step
-        line = error_line(flags(options(toy, tmp_path / "a", conv_kernel=1001)), capsys, 1)
+        line = error_line(flags(options(toy, tmp_path / "a", conv_kernel=1001)), capsys, 2)
     assert "--conv-kernel 1001 is wider than the token grids" in line
-    line = error_line(flags(options(toy, tmp_path / "b", conv_kernel=5)), capsys, 1)
+    line = error_line(flags(options(toy, tmp_path / "b", conv_kernel=5)), capsys, 2)
     assert "largest token grid of an adapted block is 2×2" in line and "≤ 3" in line
 
 
