@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-pairs bench-accuracy-sweep lint clean info gpu-check codegen-check
+.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-pairs bench-accuracy-sweep lint clean info gpu-check codegen-check compat-check
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -146,5 +146,10 @@ CODEGEN_ARGS   ?=
 $(CODEGEN_TRITON)/.stamp:
 	$(BIN)/python -m pip install -q --no-deps --target $(CODEGEN_TRITON) triton==$(CODEGEN_TRITON_VERSION)
 	touch $@
+# The committed HEAD built and tested on the CPU against the GPU machine's torch 2.11 /
+# Triton 3.6 (benchmarks/compat_check.sh) → benchmarks/results/compat-torch2.11.0.md; ~12 min.
+compat-check: build
+	bash benchmarks/compat_check.sh
+
 codegen-check: build $(CODEGEN_TRITON)/.stamp
 	PYTHONPATH=$(abspath $(CODEGEN_TRITON)):$(CURDIR) $(BIN)/python benchmarks/codegen_check.py $(CODEGEN_ARGS)

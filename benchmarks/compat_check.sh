@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# `make compat-check`: the committed HEAD built and tested here, on the CPU, against the
+# PyTorch / torchvision / Triton the GPU machine runs (device tool's KINDS.md: torch 2.11,
+# Triton 3.6), so that a lent GPU's few minutes are not spent finding that the extension
+# no longer compiles against its torch. Everything else (timm, pytest, the CUDA wheels'
+# libraries) comes from this project's .venv through a .pth file; the check's own venv,
+# wheels and clone live under build/compat-torch$TORCH. ~12 min on 2 cores (build ~5).
+# Result: benchmarks/results/compat-torch$TORCH.md (versions, build, the suite's summary).
+set -euo pipefail
+
+TORCH=${COMPAT_TORCH:-2.11.0}
+VISION=${COMPAT_VISION:-0.26.0}
+TRITON=${COMPAT_TRITON:-3.6.0}
+# Triton 3.6's interpreter calls int() on a 1-element array, an error from NumPy 2.4 on
+# (a 5-line kernel with range(program_id, n, num_programs) fails the same way)
+NUMPY=${COMPAT_NUMPY:-2.3.5}
+
+ROOT=$(pwd)
+MAIN_PY=$ROOT/.venv/bin/python
+DIR=$ROOT/build/compat-torch$TORCH
+OUT=$ROOT/benchmarks/results/compat-torch$TORCH.md
+test -x "$MAIN_PY" || { echo "compat-check: run 'make build' first (no .venv)" >&2; exit 2; }
+
+mkdir -p "$DIR/whl"
+"$MAIN_PY" -m pip download -q --no-deps -d "$DIR/whl" "torch==$TORCH" "torchvision==$VISION"
+if [ ! -x "$DIR/venv/bin/python" ]; then
+    "$("$MAIN_PY" -c 'import sys; print(sys._base_executable)')" -m venv "$DIR/venv"
+fi
+"$DIR/venv/bin/python" -m pip install -q --no-deps "$DIR"/whl/torch-"$TORCH"-*.whl \
+    "$DIR"/whl/torchvision-"$VISION"-*.whl "triton==$TRITON" "numpy==$NUMPY"
+SITE=$("$DIR/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+"$MAIN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$SITE/zz_main_venv.pth"
+
+rm -rf "$DIR/repo"
+git clone -q "$ROOT" "$DIR/repo"
+REV=$(git -C "$DIR/repo" rev-parse --short HEAD)
+cd "$DIR/repo"
+VERSIONS=$("$DIR/venv/bin/python" -c \
+    'import numpy, torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}, NumPy {numpy.__version__}")')
+
+start=$(date +%s)
+build_ok=yes
+CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-2} \
+    "$DIR/venv/bin/python" setup.py -q build_ext --inplace > "$DIR/build.log" 2>&1 || build_ok=no
+build_s=$(( $(date +%s) - start ))
+built=$(cd "$DIR/repo" && ls dtl_kernels/*.so 2>/dev/null | xargs -n1 basename | cut -d. -f1 | tr '\n' ' ')
+
+summary="not run (the build failed: $DIR/build.log)"
+if [ "$build_ok" = yes ]; then
+    start=$(date +%s)
+    # test_wheel_check builds fresh venvs, which do not see the .pth above
+    PYTHONPATH=$DIR/repo "$DIR/venv/bin/python" -m pytest -q -n 2 --dist loadfile \
+        -p no:cacheprovider tests --deselect tests/test_wheel_check.py > "$DIR/tests.log" 2>&1 || true
+    summary="$(tail -n 1 "$DIR/tests.log") ($(( $(date +%s) - start )) s)"
+fi
+
+cat > "$OUT.tmp" <<EOF
+# The GPU machine's PyTorch, built and tested on the CPU (\`make compat-check\`)
+
+$(date -u +%Y-%m-%d), rev $REV, $(uname -m), $(nproc) cores: $VERSIONS (this project's
+.venv supplies everything else; \`benchmarks/compat_check.sh\`).
+
+- build (\`setup.py build_ext --inplace\`, CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}): **$build_ok**
+  in $build_s s; extensions: $built
+- test suite (\`tests/\` but \`test_wheel_check.py\`, CPU): $summary
+
+EOF
+if [ -f "$DIR/tests.log" ] && grep -q "^FAILED\|^ERROR" "$DIR/tests.log"; then
+    { echo; echo "Failed (the first 30; all in \`build/compat-torch$TORCH/tests.log\`):"; echo
+      grep "^FAILED\|^ERROR" "$DIR/tests.log" | head -n 30 | sed 's/^/    /'; } >> "$OUT.tmp"
+fi
+mv "$OUT.tmp" "$OUT"
+cat "$OUT"
+[ "$build_ok" = yes ] && grep -q " passed" <<< "$summary" && ! grep -q -E "[0-9]+ (failed|error)" <<< "$summary"
