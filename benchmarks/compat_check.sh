@@ -6,6 +6,7 @@
 # libraries) comes from this project's .venv through a .pth file; the check's own venv,
 # wheels and clone live under build/compat-torch$TORCH. ~12 min on 2 cores (build ~5).
 # Result: benchmarks/results/compat-torch$TORCH.md (versions, build, the suite's summary).
+# COMPAT_PYTHON=python3.12: the same on another Python (…-py3.12.md).
 set -euo pipefail
 
 TORCH=${COMPAT_TORCH:-2.11.0}
@@ -17,26 +18,41 @@ NUMPY=${COMPAT_NUMPY:-2.3.5}
 
 ROOT=$(pwd)
 MAIN_PY=$ROOT/.venv/bin/python
-DIR=$ROOT/build/compat-torch$TORCH
-OUT=$ROOT/benchmarks/results/compat-torch$TORCH.md
 test -x "$MAIN_PY" || { echo "compat-check: run 'make build' first (no .venv)" >&2; exit 2; }
+# COMPAT_PYTHON=python3.12: another interpreter (the GPU machine's is 3.12); its venv then
+# gets the requirements itself, and only the CUDA wheels' libraries from .venv
+BASE_PY=${COMPAT_PYTHON:-$("$MAIN_PY" -c 'import sys; print(sys._base_executable)')}
+minor() { "$1" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")'; }
+PYVER=$(minor "$BASE_PY")
+TAG=torch$TORCH$([ "$PYVER" = "$(minor "$MAIN_PY")" ] || echo "-py$PYVER")
+DIR=$ROOT/build/compat-$TAG
+OUT=$ROOT/benchmarks/results/compat-$TAG.md
 
 mkdir -p "$DIR/whl"
-"$MAIN_PY" -m pip download -q --no-deps -d "$DIR/whl" "torch==$TORCH" "torchvision==$VISION"
-if [ ! -x "$DIR/venv/bin/python" ]; then
-    "$("$MAIN_PY" -c 'import sys; print(sys._base_executable)')" -m venv "$DIR/venv"
-fi
-"$DIR/venv/bin/python" -m pip install -q --no-deps "$DIR"/whl/torch-"$TORCH"-*.whl \
-    "$DIR"/whl/torchvision-"$VISION"-*.whl "triton==$TRITON" "numpy==$NUMPY"
+"$MAIN_PY" -m pip download -q --no-deps --python-version "$PYVER" --only-binary=:all: \
+    -d "$DIR/whl" "torch==$TORCH" "torchvision==$VISION"
+test -x "$DIR/venv/bin/python" || "$BASE_PY" -m venv "$DIR/venv"
+PIP=("$DIR/venv/bin/python" -m pip install -q)
+"${PIP[@]}" --no-deps "$DIR"/whl/torch-"$TORCH"-*.whl "$DIR"/whl/torchvision-"$VISION"-*.whl \
+    "triton==$TRITON" "numpy==$NUMPY"
 SITE=$("$DIR/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-"$MAIN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$SITE/zz_main_venv.pth"
+MAIN_SITE=$("$MAIN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+if [ "$TAG" = "torch$TORCH" ]; then
+    echo "$MAIN_SITE" > "$SITE/zz_main_venv.pth"
+else  # torch is installed, so the requirements keep it; NumPy stays the pinned one
+    grep -v -E "^(torch|torchvision|numpy)\b" "$ROOT/requirements.txt" > "$DIR/requirements.txt"
+    "${PIP[@]}" -r "$DIR/requirements.txt" "numpy==$NUMPY"
+    "${PIP[@]}" --no-deps -r "$ROOT/requirements-nodeps.txt"
+    mkdir -p "$DIR/cuda-libs" && ln -sfn "$MAIN_SITE/nvidia" "$DIR/cuda-libs/nvidia"
+    echo "$DIR/cuda-libs" > "$SITE/zz_cuda_libs.pth"
+fi
 
 rm -rf "$DIR/repo"
 git clone -q "$ROOT" "$DIR/repo"
 REV=$(git -C "$DIR/repo" rev-parse --short HEAD)
 cd "$DIR/repo"
-VERSIONS=$("$DIR/venv/bin/python" -c \
-    'import numpy, torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}, NumPy {numpy.__version__}")')
+VERSIONS=$("$DIR/venv/bin/python" -c 'import platform, numpy, torch, triton
+print(f"Python {platform.python_version()}, torch {torch.__version__}, Triton {triton.__version__}, NumPy {numpy.__version__}")')
 
 start=$(date +%s)
 build_ok=yes
@@ -66,7 +82,7 @@ $(date -u +%Y-%m-%d), rev $REV, $(uname -m), $(nproc) cores: $VERSIONS (this pro
 
 EOF
 if [ -f "$DIR/tests.log" ] && grep -q "^FAILED\|^ERROR" "$DIR/tests.log"; then
-    { echo; echo "Failed (the first 30; all in \`build/compat-torch$TORCH/tests.log\`):"; echo
+    { echo; echo "Failed (the first 30; all in \`build/compat-$TAG/tests.log\`):"; echo
       grep "^FAILED\|^ERROR" "$DIR/tests.log" | head -n 30 | sed 's/^/    /'; } >> "$OUT.tmp"
 fi
 mv "$OUT.tmp" "$OUT"
