@@ -37,6 +37,7 @@ PIP=("$DIR/venv/bin/python" -m pip install -q)
     "triton==$TRITON" "numpy==$NUMPY"
 SITE=$("$DIR/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 MAIN_SITE=$("$MAIN_PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+REST="the other packages and the CUDA wheels' libraries from this project's .venv"
 if [ "$TAG" = "torch$TORCH" ]; then
     echo "$MAIN_SITE" > "$SITE/zz_main_venv.pth"
 else  # torch is installed, so the requirements keep it; NumPy stays the pinned one
@@ -45,6 +46,7 @@ else  # torch is installed, so the requirements keep it; NumPy stays the pinned 
     "${PIP[@]}" --no-deps -r "$ROOT/requirements-nodeps.txt"
     mkdir -p "$DIR/cuda-libs" && ln -sfn "$MAIN_SITE/nvidia" "$DIR/cuda-libs/nvidia"
     echo "$DIR/cuda-libs" > "$SITE/zz_cuda_libs.pth"
+    REST="requirements*.txt installed for it, the CUDA wheels' libraries from this project's .venv"
 fi
 
 rm -rf "$DIR/repo"
@@ -73,8 +75,8 @@ fi
 cat > "$OUT.tmp" <<EOF
 # The GPU machine's PyTorch, built and tested on the CPU (\`make compat-check\`)
 
-$(date -u +%Y-%m-%d), rev $REV, $(uname -m), $(nproc) cores: $VERSIONS (this project's
-.venv supplies everything else; \`benchmarks/compat_check.sh\`).
+$(date -u +%Y-%m-%d), rev $REV, $(uname -m), $(nproc) cores: $VERSIONS; $REST
+(\`benchmarks/compat_check.sh\`).
 
 - build (\`setup.py build_ext --inplace\`, CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}): **$build_ok**
   in $build_s s; extensions: $built
