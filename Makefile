@@ -71,7 +71,8 @@ demo-vit: build
 # split → benchmarks/results/accuracy_study.{csv,md,png}, accuracy_study_runs.csv. Hours of
 # CPU; resumable. ACCURACY_STUDY: the committed study's options (DINOv2, 1000 training
 # images, its lr grids), so its runs are read from accuracy_study_runs.csv, none trained
-# again; ACCURACY_ARGS are added, e.g. "--plan", "--reuse-only", "--jobs 2"
+# again; ACCURACY_ARGS are added, e.g. "--plan", "--reuse-only", "--jobs 2" (an option given
+# there again, such as --lrs, replaces the study's; ACCURACY_STUDY= for the script's defaults)
 ACCURACY_STUDY ?= --backbones dinov2 --max-train 1000 --lrs dtl=3e-3,1e-2,3e-2 \
 	dtl+=3e-3,1e-2,3e-2 lora=1e-3,3e-3,1e-2 lora-tail=1e-3,3e-3,1e-2 lora-r1=1e-3,3e-3,1e-2
 ACCURACY_ARGS ?=
@@ -148,7 +149,8 @@ $(CODEGEN_TRITON)/.stamp:
 	touch $@
 # The committed HEAD built and tested on the CPU against the GPU machine's torch 2.11 /
 # Triton 3.6 (benchmarks/compat_check.sh) → benchmarks/results/compat-torch2.11.0.md; ~12 min.
-compat-check: build
+# COMPAT_PYTHON=python3.12 for the GPU machine's Python (→ compat-torch2.11.0-py3.12.md).
+compat-check: venv
 	bash benchmarks/compat_check.sh
 
 codegen-check: build $(CODEGEN_TRITON)/.stamp

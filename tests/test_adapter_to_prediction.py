@@ -91,7 +91,7 @@ def test_eval_only_needs_only_the_adapter(trained, tmp_path, capsys, monkeypatch
 )
 def test_eval_only_mismatch_names_the_flag(trained, tmp_path, capsys, flags, named):
     argv = ["--eval-only", "--adapter", str(trained["adapter"]), "--output", str(tmp_path / "e")]
-    assert train(argv + flags) == 1
+    assert train(argv + flags) == 2  # an option error: nothing was started
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("dtl-train: error:"), err
     assert re.search(named, err[0]), err[0]
@@ -113,7 +113,7 @@ def test_older_adapters_load_and_ask_for_what_they_lack(trained, toy, tmp_path, 
     old = _as_schema_2(trained["adapter"], tmp_path / "old.safetensors")
     argv = ["--eval-only", "--adapter", str(old), "--output", str(tmp_path / "e1"),
             "--pretrained", str(trained["weights"])]  # fmt: skip
-    assert train(argv) == 1  # the ViT's size comes from its grid; the data is not recorded
+    assert train(argv) == 2  # the ViT's size comes from its grid; the data is not recorded
     assert "does not record its dataset: pass --dataset" in capsys.readouterr().err
     ok = argv + ["--dataset", "folder", "--data-root", str(toy)]
     assert train(ok) == 0  # model from the backbone's identity, size from its token grid
@@ -123,7 +123,7 @@ def test_older_adapters_load_and_ask_for_what_they_lack(trained, toy, tmp_path, 
     path = _as_schema_2(save_adapter(cnn, tmp_path / "cnn.safetensors"), tmp_path / "c.safetensors")
     argv = ["--eval-only", "--adapter", str(path), "--dataset", "folder", "--data-root", str(toy),
             "--pretrained", "none", "--output", str(tmp_path / "e2")]  # fmt: skip
-    assert train(argv) == 1
+    assert train(argv) == 2
     assert "does not record its image size (schema dtl_kernels.adapter/2): pass --img-size" in (
         capsys.readouterr().err
     )
@@ -197,7 +197,7 @@ def test_moved_backbone_weights_are_asked_for(trained, tmp_path, capsys):
     moved = tmp_path / "moved.safetensors"
     save_file(tensors, str(moved), metadata=meta)
     argv = ["--eval-only", "--adapter", str(moved), "--output", str(tmp_path / "e")]
-    assert train(argv) == 1
+    assert train(argv) == 2
     assert "which are not there now: pass --pretrained PATH" in capsys.readouterr().err
     assert train(argv + ["--pretrained", str(trained["weights"])]) == 0
 

@@ -131,6 +131,8 @@ def test_memory_options_of_transformers_only_are_named_on_a_cnn(option):
     ``TypeError`` from the constructor before), also for a shapes-only build."""
     with pytest.raises(ValueError, match=f"{next(iter(option))} is not an option of DTLConvNet"):
         create_model("tf_efficientnet_lite0", num_classes=3, device="meta", **option)
+    off = {next(iter(option)): None}  # left off: nothing to refuse
+    assert create_model("tf_efficientnet_lite0", num_classes=3, device="meta", **off) is not None
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

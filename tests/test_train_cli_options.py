@@ -143,7 +143,7 @@ def test_a_random_backbone_must_be_asked_for(toy, tmp_path, capsys, monkeypatch)
 
     monkeypatch.setattr(train_setup, "build_datasets", no_work)
     argv = ["--model", VIT, "--data-root", str(toy), "--output", str(tmp_path / "o")]
-    assert main(argv) == 1
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no weights that install offline" in err[0]
     assert (

@@ -69,11 +69,13 @@ def test_errors_come_before_any_work(tmp_path, monkeypatch, capsys):
     assert main(["--model", "no_such_model", "--output", out]) == 2
     # what the model's constructor refuses, found by a build on the meta device
     assert main(["--checkpoint-tail", "--pretrained", "none", "--output", out]) == 2
+    assert main(["--model", "vit_tiny_patch16_224", "--output", out]) == 2  # no weights named
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = [x for x in err.splitlines() if x.startswith("dtl-train: error:")]
-    assert len(lines) == 5  # one each (argparse writes the one for --epochs ten)
+    assert len(lines) == 6  # one each (argparse writes the one for --epochs ten)
     assert any("checkpoint_tail is not an option of DTLConvNet" in x for x in lines)
+    assert any("has no weights that install offline" in x for x in lines)
     assert any("checkpoint not found: " + missing in x for x in lines)
     assert any("'no_such_model' is not a timm model name" in x for x in lines)
     assert "argument --epochs: expected a whole number, got 'ten'" in err

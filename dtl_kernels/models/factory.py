@@ -145,16 +145,19 @@ def create_model(
 
 def _check_wrapper_options(cls: type, given: dict) -> None:
     """An option the chosen wrapper has no parameter for (``checkpoint_tail`` on a CNN)
-    is named here, not reported as a ``TypeError`` from its constructor."""
+    is named here, not reported as a ``TypeError`` from its constructor; left off
+    (``None`` / ``False``), it is dropped from ``given``."""
     takes = inspect.signature(cls.__init__).parameters
     if any(p.kind is p.VAR_KEYWORD for p in takes.values()):
         return
-    for key in given:
-        if key not in takes:
-            raise ValueError(
-                f"{key} is not an option of {cls.__name__} (the wrapper of this backbone); "
-                f"it takes {sorted(k for k in takes if k not in ('self', 'backbone'))}"
-            )
+    for key in [k for k in given if k not in takes]:
+        if given[key] is None or given[key] is False:
+            del given[key]
+            continue
+        raise ValueError(
+            f"{key} is not an option of {cls.__name__} (the wrapper of this backbone); "
+            f"its options: {[k for k in _WRAPPER_OPTIONS if k in takes]}"
+        )
 
 
 def _backbone(name: str, method: str, pretrained, options: dict, dtype, device):

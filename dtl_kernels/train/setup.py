@@ -49,9 +49,9 @@ def preflight(cfg: TrainConfig) -> Preflight:
     if cfg.eval_only:
         _, meta = read_adapter(cfg.adapter)
         info = adapter_info(meta, cfg.adapter)
-        adapter_into_config(cfg, info)
+        _option_checked(adapter_into_config, cfg, info)
     family = _option_checked(backbone_family, cfg.model)
-    check_pretrained(cfg)
+    _option_checked(check_pretrained, cfg)  # a missing file stays an OSError (exit 1)
     if cfg.method == "lora":
         lora.check_peft()
     _option_checked(check_options, cfg)
@@ -142,9 +142,13 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     if pre.adapter is not None:
         classes = _adapter_classes(cfg, pre.adapter, classes)
     problem = None if classes is None else class_names_problem(list(classes))
+    if problem is None and classes is not None and len(classes) != num_classes:
+        problem = f"{len(classes)} names for a head of --num-classes {num_classes}"
     if problem is not None:  # before training, not when its adapter is written at the end
-        raise DataError(f"the class names of --dataset {cfg.dataset} cannot be recorded in an "
-                        f"adapter: {problem}; rename the class folders")  # fmt: skip
+        raise DataError(
+            f"the class names of --dataset {cfg.dataset} cannot be recorded in an adapter: "
+            f"{problem}; rename the class folders or drop --num-classes"
+        )
     # only rank 0 warns about a random backbone
     pretrained = resolve_pretrained(cfg, pre.family) if d.main else _quiet_pretrained(cfg)
     seed_everything(cfg.seed)  # the initial weights do not depend on what the data drew

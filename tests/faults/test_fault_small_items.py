@@ -46,6 +46,32 @@ def test_conv_kernel_wider_than_the_token_grid_is_refused_before_it_is_built(toy
     assert "largest token grid of an adapted block is 2×2" in line and "≤ 3" in line
 
 
+def test_class_count_other_than_the_named_classes_is_refused_before_training(toy, tmp_path, capsys):
+    """Three class folders and --num-classes 5: the adapter could not record the names for
+    the head (found when it was written, after the whole run, before)."""
+    out = tmp_path / "run"
+    line = error_line(flags(options(toy, out, num_classes=5)), capsys, 1)
+    assert "3 names for a head of --num-classes 5" in line and "drop --num-classes" in line
+    assert not (out / "checkpoints").exists()
+
+
+def test_capped_splits_keep_every_named_class(toy, tmp_path, monkeypatch):
+    """--max-train / --max-test keeping only the first class's images: the head still has
+    one output per class folder ("one class only" was refused before; with the last
+    classes missing, a head too small for the class names failed at the adapter)."""
+    from dtl_kernels.train import data
+    from dtl_kernels.train.config import make_config
+    from dtl_kernels.train.setup import backbone_family, preprocessing
+    from dtl_kernels.train.transforms import Augmentation
+
+    monkeypatch.setattr(data, "_keep", lambda length, n: torch.arange(n))  # the first n
+    cfg = make_config(options(toy, tmp_path / "o", max_train=2, max_test=2))
+    prep = preprocessing(cfg, backbone_family(cfg.model), None)
+    train, test, n = data.build_datasets(cfg, prep, Augmentation.from_config(cfg))
+    assert int(train.labels.max()) == int(test.labels.max()) == 0  # what the caps kept
+    assert len(test.classes) == 3 and n == 3
+
+
 def test_negative_class_count_is_refused():
     torch.manual_seed(0)
     backbone = VisionTransformer(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2)
