@@ -80,9 +80,9 @@ bench-accuracy: build bench-deps
 	$(BIN)/python benchmarks/bench_accuracy.py $(ACCURACY_STUDY) $(ACCURACY_ARGS)
 
 # The closest comparisons at DTL's memory on every test seed there is: the study's 3, and
-# seeds 3-4 of DTL+ k = 5 and the memory-matched LoRA (trained at the study's picks with
-# `bench_accuracy.py --seeds 5 --max-train 1000 --variants dtl+k5 lora-tail` and the study's
-# --lrs; read from runs/accuracy where present, else from the committed runs CSVs)
+# seeds 3-4 of DTL+ k = 5, the memory-matched LoRA and DTL (trained at the study's picks
+# with `make bench-accuracy ACCURACY_ARGS="--seeds 5 --variants dtl+k5 lora-tail dtl"`; read
+# from runs/accuracy where present, else from the committed runs CSVs)
 # → benchmarks/results/accuracy_pairs.md, accuracy_pairs_runs.csv
 RESULTS := benchmarks/results
 bench-accuracy-pairs: build bench-deps
