@@ -8,7 +8,7 @@ export CUDA_HOME
 
 CSRC := $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-pairs bench-accuracy-sweep lint clean info gpu-check codegen-check compat-check
+.PHONY: venv build test wheel-check demo demo-vit bench bench-full bench-deps bench-accuracy bench-accuracy-pairs bench-accuracy-sweep lint clean info gpu-check codegen-check compat-check gpu-wheels
 
 venv: $(VENV)/.deps-stamp
 $(VENV)/.deps-stamp: requirements.txt requirements-nodeps.txt
@@ -147,6 +147,15 @@ CODEGEN_ARGS   ?=
 $(CODEGEN_TRITON)/.stamp:
 	$(BIN)/python -m pip install -q --no-deps --target $(CODEGEN_TRITON) triton==$(CODEGEN_TRITON_VERSION)
 	touch $@
+# Wheels a lent GPU's run carries (.whl/, git-ignored; the device tool's `carry`): timm
+# 1.0.31, this venv's, whose meta-device init the giants need (the GPU image's version is
+# not known). There: pip install --no-index --no-deps --target /tmp/site .whl/*.whl, then
+# PYTHONPATH=/tmp/site (README, "GPU results").
+GPU_WHEELS := timm==1.0.31
+gpu-wheels:
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp -d .whl $(GPU_WHEELS)
+
 # The committed HEAD built and tested on the CPU against the GPU machine's torch 2.11 /
 # Triton 3.6 (benchmarks/compat_check.sh) → benchmarks/results/compat-torch2.11.0.md; ~12 min.
 # COMPAT_PYTHON=python3.12 for the GPU machine's Python (→ compat-torch2.11.0-py3.12.md).
