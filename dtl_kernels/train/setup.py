@@ -142,12 +142,14 @@ def build(cfg: TrainConfig, d: Dist, pre: Preflight, say: Callable[[str], None])
     if pre.adapter is not None:
         classes = _adapter_classes(cfg, pre.adapter, classes)
     problem = None if classes is None else class_names_problem(list(classes))
+    remedy = "rename the class folders"
     if problem is None and classes is not None and len(classes) != num_classes:
         problem = f"{len(classes)} names for a head of --num-classes {num_classes}"
+        remedy = "drop --num-classes"
     if problem is not None:  # before training, not when its adapter is written at the end
         raise DataError(
             f"the class names of --dataset {cfg.dataset} cannot be recorded in an adapter: "
-            f"{problem}; rename the class folders or drop --num-classes"
+            f"{problem}; {remedy}"
         )
     # only rank 0 warns about a random backbone
     pretrained = resolve_pretrained(cfg, pre.family) if d.main else _quiet_pretrained(cfg)
