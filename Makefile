@@ -150,7 +150,7 @@ $(CODEGEN_TRITON)/.stamp:
 # Wheels a lent GPU's run carries (.whl/, git-ignored; the device tool's `carry`): timm
 # 1.0.31, this venv's, whose meta-device init the giants need (the GPU image's version is
 # not known). There: pip install --no-index --no-deps --target /tmp/site .whl/*.whl, then
-# PYTHONPATH=/tmp/site (README, "GPU results").
+# PYTHONPATH=/tmp/site (DEVELOPERS.md, "A lent GPU").
 GPU_WHEELS := timm==1.0.31
 gpu-wheels:
 	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

@@ -306,7 +306,7 @@ def fit_giant(out: Path, name: str, dry_run: bool, tag: str = "0") -> None:
     size = model.native_input_size()[1]
     est = estimate_memory(model, batch, size, "bf16")  # simulated with this device's kernels
     meta = create_model(arch, "dtl+", device="meta", **options)
-    est_cpu = estimate_memory(meta, batch, size, "bf16", device="cpu")  # as the README's table
+    est_cpu = estimate_memory(meta, batch, size, "bf16", device="cpu")  # as RESULTS.md's table
     del meta
     opt = adamw([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     x = torch.randn(batch, 3, size, size, device=device)

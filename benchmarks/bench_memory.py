@@ -15,7 +15,7 @@ fractions as 32. Run: ``python benchmarks/bench_memory.py [--batch 4]``.
 
 ``--backbones NAME …``: instead, every wrapped backbone family at its default ``M`` and its
 timm input size — full fine-tuning, PEFT LoRA (transformers), DTL, DTL+ — into
-``memory_backbones.csv`` (the README's per-family rows).
+``memory_backbones.csv`` (per backbone family).
 """
 
 from __future__ import annotations

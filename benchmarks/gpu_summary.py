@@ -222,7 +222,8 @@ ESTIMATE_WITHIN = 0.10  # issue 21: the prediction within 10 % of max_memory_all
 
 def giant_targets(rows: list[dict]) -> list[str]:
     """Issue 21, item 4: each giant's peak against its goal, the prediction against the
-    measured peak (both the one simulated here and the README's, simulated on a CPU)."""
+    measured peak (both the one simulated here and the committed table's, simulated on a CPU:
+    benchmarks/RESULTS.md)."""
     out = ["giants (DTL+, bf16 weights, checkpoint_tail, bf16 autocast; fit_giants.csv):"]
     for r in rows:
         name = r["model"] + (f" (as {r['run_as']})" if r["run_as"] != r["model"] else "")
@@ -235,7 +236,7 @@ def giant_targets(rows: list[dict]) -> list[str]:
             "    peak (GB)            " + verdict(float(r["peak_gb"]), float(r["goal_gb"]), "<=")
         )
         for col, what in (("estimate_over_measured", "estimate/measured"),
-                          ("estimate_cpu_over_measured", "README's/measured")):  # fmt: skip
+                          ("estimate_cpu_over_measured", "table's/measured")):  # fmt: skip
             off = abs(float(r[col]) - 1)
             out.append(f"    {what:20s} " + verdict(off, ESTIMATE_WITHIN, "<=")
                        + f" (ratio {r[col]})")  # fmt: skip

@@ -1,5 +1,7 @@
 """The README (issue 20, item 8): its Python examples import the modules they use, and the
-figures it quotes from the demo and the memory benchmark are those of the committed files."""
+figures it quotes from the demo and the memory benchmark are those of the committed files;
+the same for the giants' table in benchmarks/RESULTS.md; every relative link between the
+project's documents reaches a file and, where it names one, a heading."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 RESULTS = ROOT / "benchmarks" / "results"
+RESULTS_MD = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+DOCS = ("README.md", "DEVELOPERS.md", "benchmarks/RESULTS.md", "benchmarks/README.md")
 MODULES = {"torch", "timm", "dtl_kernels", "np", "numpy", "PIL", "transformers"}
 
 
@@ -69,7 +73,7 @@ def test_giant_predictions_are_the_committed_ones():
     """Issue 21: every predicted peak of the giants' table is the committed CSV's."""
     rows = list(csv.DictReader((RESULTS / "estimate_giants.csv").open()))
     assert len(rows) == 24
-    table = README.split("**Giants, predicted**")[1].split("What fits where")[0]
+    table = RESULTS_MD.split("**Giants, predicted**")[1].split("What fits where")[0]
     for r in rows:
         peak = f"{float(r['peak_gib']):.2f}"
         line = next(ln for ln in table.splitlines() if f"| {r['config']} |" in ln and (
@@ -79,3 +83,27 @@ def test_giant_predictions_are_the_committed_ones():
 
 _GIANT_LABELS = {"vit_giant_patch14_dinov2": "ViT-g/14", "vit_pe_core_gigantic_patch14_448":
                  "PE-G/14", "vit_22b_patch14_224": "ViT-22B shape"}  # fmt: skip
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces → -."""
+    text = heading.lstrip("#").strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def test_relative_links_reach_their_files_and_headings():
+    broken = []
+    for doc in DOCS:
+        path = ROOT / doc
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text()):
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            file, _, anchor = target.partition("#")
+            dest = (path.parent / file).resolve() if file else path
+            if not dest.exists():
+                broken.append(f"{doc}: {target} (no such file)")
+            elif anchor and dest.suffix == ".md":
+                headings = re.findall(r"^#+ .*$", dest.read_text(), flags=re.M)
+                if anchor not in {_anchor(h) for h in headings}:
+                    broken.append(f"{doc}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
