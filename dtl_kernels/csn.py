@@ -218,6 +218,13 @@ class CompactSideNetwork(nn.Module):
             Blocks whose input and output shapes differ (a CNN block with a stride or a
             channel change) are not tappable: they get no ``A``/``B``, no tap and no
             add-back, whatever ``tap_from`` / ``adapt_from`` say.
+
+    Parameters (``down``, ``up``, ``convs``) and ``config`` may be changed in place or
+    replaced between forward passes: the next pass uses them, planned or not (tested).
+    Replacing one *during* a pass (from a block's hook) is not supported: which of the
+    old and new tensors that pass uses depends on the walk (the stage's ups are joined at
+    its first tap; a planned pass binds the conv and ``β`` where it begins and looks each
+    ``A`` up at its step), so such a pass can differ from the reference formulation.
     """
 
     def __init__(

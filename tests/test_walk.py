@@ -44,6 +44,34 @@ def test_which_wrappers_take_the_plain_walk():
     assert not walk._plain_walk(bare(OwnTokens))
 
 
+def test_a_method_patched_on_the_class_after_a_forward_is_called():
+    class Patched(DTLViT):
+        pass
+
+    torch.manual_seed(0)
+    backbone = timm.create_model(
+        "vit_base_patch16_224", img_size=32, embed_dim=32, depth=5, num_heads=2, num_classes=0
+    )
+    model = Patched(backbone, adapt_from=3, num_classes=3)
+    model.csn.backend = "cpu"
+    x = torch.randn(1, 3, 32, 32)
+    before = model(x)
+    assert walk._plain_walk(model)  # decided for the class by this first forward
+    calls = []
+
+    def call_block(self, block, i, x, ctx):
+        calls.append(i)
+        return block(x)
+
+    Patched.call_block = call_block
+    try:
+        assert torch.equal(model(x), before)  # the same blocks, now called through the patch
+        assert calls == list(range(5)) and not walk._plain_walk(model)
+    finally:
+        del Patched.call_block
+    assert walk._plain_walk(model)
+
+
 def test_an_instance_s_own_call_block_is_called():
     model = _vit()
     calls = []
@@ -72,7 +100,7 @@ def test_the_plain_walk_equals_the_general_walk(monkeypatch, conv_kernel, backen
         return out.detach(), [p.grad.clone() for p in model.trainable_parameters()]
 
     plain, plain_grads = run()
-    monkeypatch.setitem(walk._PLAIN, DTLViT, False)
+    monkeypatch.setattr(walk, "_plain_walk", lambda model: False)
     general, general_grads = run()
     torch.testing.assert_close(plain, general, rtol=0, atol=0)
     for a, b in zip(plain_grads, general_grads, strict=True):
@@ -217,6 +245,30 @@ def test_a_replaced_parameter_is_used_by_the_next_planned_pass():
     csn.convs["0"] = torch.nn.Parameter(torch.randn_like(csn.convs["0"]))
     planned, general = _logits_both_ways(model, x)
     torch.testing.assert_close(planned, general, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "recorded"])
+def test_parameters_changed_in_place_and_a_new_config_are_used_by_the_next_pass(grad):
+    """The CSN's contract (its docstring): what changed between passes is used by the next,
+    planned or not; the reference formulation reads everything afresh, so it is the truth."""
+    import dataclasses
+
+    model = _vit(conv_kernel=3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.set_grad_enabled(grad):
+        model(x)  # the plan and the kept buffers are made
+    csn = model.csn
+    with torch.no_grad():
+        csn.down["2"].mul_(-2)
+        csn.up["3"].add_(1)
+        csn.convs["0"].mul_(3)
+    csn.config = dataclasses.replace(csn.config, beta=7.0)
+    with torch.set_grad_enabled(grad):
+        fused = model(x)
+        csn.backend = "reference"
+        reference = model(x)
+    torch.testing.assert_close(fused, reference)
+    assert not torch.allclose(fused, _vit(conv_kernel=3)(x))  # the changes did change it
 
 
 @pytest.mark.parametrize("at", [2, 3, 4])

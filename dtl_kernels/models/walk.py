@@ -154,7 +154,9 @@ class BlockWalk:
         return self.forward_head(x)
 
 
-_PLAIN: dict[type, bool] = {}
+# per class: (what decides it, whether its walk is plain); re-decided when a class attribute
+# it rests on is replaced (a method patched on the class after its first forward)
+_PLAIN: dict[type, tuple[tuple, bool]] = {}
 
 
 def _plain_walk(model: BlockWalk) -> bool:
@@ -166,17 +168,20 @@ def _plain_walk(model: BlockWalk) -> bool:
     if "call_block" in own or "block_input" in own or "tokens" in own or "untokens" in own:
         return False
     cls = type(model)
-    plain = _PLAIN.get(cls)  # decided once per class
-    if plain is None:
-        # the class that declared features_are_tokens vouches for its tokens / untokens only
-        owner = next(c for c in cls.__mro__ if "features_are_tokens" in c.__dict__)
-        plain = _PLAIN[cls] = bool(
-            cls.features_are_tokens
-            and cls.tokens is owner.tokens
-            and cls.untokens is owner.untokens
-            and cls.block_input is BlockWalk.block_input
-            and cls.call_block is BlockWalk.call_block
-        )
+    basis = (cls.features_are_tokens, cls.tokens, cls.untokens, cls.block_input, cls.call_block)
+    known = _PLAIN.get(cls)
+    if known is not None and known[0] == basis:
+        return known[1]
+    # the class that declared features_are_tokens vouches for its tokens / untokens only
+    owner = next(c for c in cls.__mro__ if "features_are_tokens" in c.__dict__)
+    plain = bool(
+        cls.features_are_tokens
+        and cls.tokens is owner.tokens
+        and cls.untokens is owner.untokens
+        and cls.block_input is BlockWalk.block_input
+        and cls.call_block is BlockWalk.call_block
+    )
+    _PLAIN[cls] = (basis, plain)
     return plain
 
 
