@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.data import resolve_model_data_config
 
-from dtl_kernels import create_model, from_pretrained, read_adapter, save_adapter
+from dtl_kernels import AdapterError, create_model, from_pretrained, read_adapter, save_adapter
 from dtl_kernels.predict import Predictor
 from dtl_kernels.predict_cli import main as predict
 from dtl_kernels.train.cli import main as train
@@ -375,6 +375,24 @@ def test_a_recorded_input_size_the_model_cannot_take_is_refused_at_load(
     bad = _with_metadata(trained["adapter"], tmp_path / "bad.safetensors", preprocessing=prep)
     with pytest.raises(ValueError, match=named):
         from_pretrained(bad, trained["weights"])
+
+
+def test_a_recorded_resize_beyond_the_size_limit_is_refused_at_load(tmp_path):
+    """input_size and crop_pct were bounded each alone: a backbone of any input size (here
+    a ViT with dynamic_img_size) loaded a record that resizes each image to 32768 px a side
+    (3.2 GB, then the crop); the limit is the resize's side, and a record at it loads."""
+    torch.manual_seed(0)
+    model = create_model(VIT, "dtl", num_classes=3, img_size=32, dynamic_img_size=True)
+    path = save_adapter(model, tmp_path / "dynamic.safetensors")
+    prep = json.loads(read_adapter(path)[1]["preprocessing"])
+    at_limit = {**prep, "input_size": [3, 8192, 8192], "crop_pct": 0.5}
+    ok = _with_metadata(path, tmp_path / "ok.safetensors", preprocessing=at_limit)
+    with pytest.warns(UserWarning, match="other backbone weights"):  # (a random backbone)
+        assert from_pretrained(ok, backbone_mismatch="warn").pretrained_cfg["crop_pct"] == 0.5
+    over = {**prep, "input_size": [3, 8192, 8192], "crop_pct": 0.25}
+    bad = _with_metadata(path, tmp_path / "bad.safetensors", preprocessing=over)
+    with pytest.raises(AdapterError, match="'preprocessing' resizes images to 32768 px a side"):
+        from_pretrained(bad)
 
 
 def test_a_float16_backbones_adapter_loads_on_the_float32_weights(tmp_path):

@@ -49,6 +49,8 @@ def test_flags_and_python_values_are_coerced_too():
         ({"dataset": "vtab:"}, "unknown dataset"),
         ({"resume": "maybe"}, "--resume: expected true or false"),
         ({"epochs": [1, 2]}, "--epochs: expected one value"),
+        # each within its limit, together a resize to 32768 px a side no adapter may record
+        ({"img_size": 8192, "crop_pct": 0.25}, "resizes images to 32768 px a side, more than"),
     ],
 )
 def test_every_option_is_validated(values, message):

@@ -21,7 +21,7 @@ CROP_MODES = ("center", "squash", "border")
 LIBRARIES = ("timm", "transformers")
 # The backbone options an adapter may record: what changes the backbone's shape.
 MODEL_OPTIONS = ("img_size", "dynamic_img_size", "in_chans")
-MAX_SIZE = 2**14  # --img-size's limit
+MAX_SIZE = 2**14  # --img-size's limit, and of the side images are resized to before a crop
 MAX_CHANNELS = 16
 MAX_TEXT = 4096  # a path or a model name
 MAX_CLASS_NAME = 256
@@ -37,6 +37,12 @@ def check_description(fields: dict, num_classes: int, fail) -> dict:
         "classes": _classes(fields.get("classes"), num_classes, fail),
         "training": _training(fields.get("training"), fail),
     }
+
+
+def resize_side(side: int, crop_pct: float) -> int:
+    """The side an image is resized to before timm's evaluation transform crops ``side``
+    out of it (``timm.data.transforms_factory``: ``floor(side / crop_pct)``)."""
+    return math.floor(side / crop_pct)
 
 
 def _text(value, limit: int = MAX_TEXT) -> bool:
@@ -112,6 +118,11 @@ def _preprocessing(value, fail) -> dict | None:
              f"of {INTERPOLATIONS}")  # fmt: skip
     if not (_number(p.get("crop_pct")) and 0.05 <= p["crop_pct"] <= 1.0):
         fail(f"'preprocessing.crop_pct' is {_short(p.get('crop_pct'))}, expected 0.05…1")
+    # each bounded alone, together they reached 327680 px a side (hundreds of GB an image)
+    resized = resize_side(max(size[1:]), p["crop_pct"])
+    if resized > MAX_SIZE:
+        fail(f"'preprocessing' resizes images to {resized} px a side (input_size "
+             f"{max(size[1:])} / crop_pct {p['crop_pct']:g}), more than {MAX_SIZE}")  # fmt: skip
     if p.get("crop_mode") not in CROP_MODES:
         fail(f"'preprocessing.crop_mode' is {_short(p.get('crop_mode'))}, expected one of "
              f"{CROP_MODES}")  # fmt: skip

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .._untrusted import shown
 from ..models import METHODS, lora
+from ..models.adapter_description import MAX_SIZE, resize_side
 from ..models.choices import LIMITS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -296,6 +297,11 @@ def _check_rates(c: TrainConfig) -> None:
 def _check_augmentation(c: TrainConfig) -> None:
     if c.crop_pct is not None and not 0.05 <= c.crop_pct <= 1:
         raise ValueError(f"--crop-pct must be in [0.05, 1], got {c.crop_pct}")
+    if c.crop_pct is not None and c.img_size is not None:  # else the adapter would not load
+        resized = resize_side(c.img_size, c.crop_pct)
+        if resized > MAX_SIZE:
+            raise ValueError(f"--img-size {c.img_size} with --crop-pct {c.crop_pct:g} resizes "
+                             f"images to {resized} px a side, more than {MAX_SIZE}")  # fmt: skip
     if not 0 <= c.hflip <= 1:
         raise ValueError(f"--hflip must be a probability in [0, 1], got {c.hflip}")
     for name in ("mixup", "cutmix"):

@@ -189,6 +189,8 @@ HOSTILE_DESCRIPTION = {
     "a NaN mean": (PREP, _prep(mean=[float("nan")] * 3), "'preprocessing.mean'"),
     "a zero std": (PREP, _prep(std=[0, 1, 1]), "'preprocessing.std'"),
     "a crop of nothing": (PREP, _prep(crop_pct=0.0), "'preprocessing.crop_pct'"),
+    "a resize to 327680 px a side": (PREP, _prep(input_size=[3, 2**14, 2**14], crop_pct=0.05),
+                                     "'preprocessing' resizes images to 327680 px a side"),
     "an unknown filter": (PREP, _prep(interpolation="evil"), "'preprocessing.interpolation'"),
     "an unknown preprocessing field": (PREP, _prep(extra=1), "unknown fields"),
     "preprocessing nested deeply": (PREP, "[" * 100_000 + "]" * 100_000, "nested too deeply"),
