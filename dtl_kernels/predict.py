@@ -21,7 +21,14 @@ import torch
 from torch import nn
 
 from .models.pretrained import from_pretrained
-from .train.data import IMAGE_EXTENSIONS, DataError, check_aspect, eight_bit, images_under
+from .train.data import (
+    IMAGE_EXTENSIONS,
+    DataError,
+    check_aspect,
+    eight_bit,
+    images_under,
+    opened_image,
+)
 from .train.setup import autocast_for
 
 
@@ -241,14 +248,9 @@ def _decode(image, transform, keeps_aspect: bool) -> torch.Tensor:
         except Exception as exc:  # e.g. NaN pixels; named, and not wrapped by a worker
             raise DataError(f"cannot convert image {image!r}: {type(exc).__name__}: "
                             f"{exc}") from exc  # fmt: skip
-    try:
-        with Image.open(image) as img:
-            check_aspect(img, keeps_aspect)
-            return transform(eight_bit(img))
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {image}") from None
-    except Exception as exc:  # PIL raises several types for corrupt files
-        raise DataError(f"cannot read image {image}: {type(exc).__name__}: {exc}") from exc
+    with opened_image(image) as img:
+        check_aspect(img, keeps_aspect)
+        return transform(eight_bit(img))
 
 
 def _as_list(images) -> list:
@@ -290,6 +292,8 @@ def image_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
             files += found
         elif path.is_file():
             files.append(path)
+        elif path.exists():  # a FIFO would block the first read forever
+            raise DataError(f"not a regular file or folder: {path}")
         else:
             raise DataError(f"no such image or folder: {path}")
     return files

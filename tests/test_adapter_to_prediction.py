@@ -6,6 +6,7 @@ the trainer's own predictions."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -273,6 +274,48 @@ def test_dtl_predict_reads_every_image_header_before_the_model(
                         lambda *a, **k: pytest.fail("the model was built"))  # fmt: skip
     assert predict([str(folder), "--adapter", str(trained["adapter"])]) == 1
     assert f"cannot read image {folder / '3.png'}" in capsys.readouterr().err
+
+
+def _outcome_unblocked(call, fifo: Path, seconds: float = 60.0):
+    """``call()``'s result or exception, run in a thread; a failure if it is still running
+    after ``seconds`` (blocked opening ``fifo``: a writer that closes at once ends the
+    wait, so the test fails instead of hanging)."""
+    import threading
+
+    box = []
+
+    def run():
+        try:
+            box.append(call())
+        except Exception as exc:  # noqa: BLE001 — the outcome is what is tested
+            box.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(seconds)
+        pytest.fail(f"still running after {seconds:g} s: it opened the FIFO {fifo} to read")
+    return box[0]
+
+
+def test_a_fifo_named_like_an_image_is_refused_not_read(trained, toy, tmp_path, capsys):
+    """Predictor.predict blocked forever opening a FIFO given as an image (as did training's
+    header check of a listed file); dtl-predict called an existing FIFO 'no such image'."""
+    from dtl_kernels.train.data import DataError, check_image_header
+
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    ok = sorted((toy / "test").rglob("*.png"))[0]
+    predictor = Predictor.from_adapter(trained["adapter"])
+    for call in (lambda: predictor.predict([ok, pipe]), lambda: check_image_header(pipe)):
+        got = _outcome_unblocked(call, pipe)
+        assert isinstance(got, DataError), got
+        assert f"{pipe} is not a regular file" in str(got)
+    assert predict([str(ok), str(pipe), "--adapter", str(trained["adapter"])]) == 1
+    assert f"error: not a regular file or folder: {pipe}" in capsys.readouterr().err
 
 
 def test_predictor_refuses_what_is_no_prediction(trained):

@@ -28,6 +28,7 @@ a bad idx file) is raised before training starts, naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import math
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._untrusted import regular_file
 from ..models.choices import LIMITS
 from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
@@ -171,30 +173,42 @@ def load_image(path: Path, size: int, resize=None, keeps_aspect: bool = False) -
     ``keeps_aspect``: :func:`check_aspect`); ``DataError`` naming the file."""
     from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            check_aspect(img, keeps_aspect)
-            img = eight_bit(img)
-            img = resize(img) if resize is not None else img.resize((size, size), Image.BICUBIC)
-            arr = np.asarray(img, dtype=np.uint8).copy()
-    except FileNotFoundError as exc:
-        raise DataError(f"image file not found: {path}") from exc
-    except Exception as exc:  # PIL raises several types for corrupt files
-        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    with opened_image(path) as img:
+        check_aspect(img, keeps_aspect)
+        img = eight_bit(img)
+        img = resize(img) if resize is not None else img.resize((size, size), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.uint8).copy()
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def check_image_header(path: Path, keeps_aspect: bool = False) -> None:
     """Open ``path`` far enough to know it is an image (no decoding) and its size one the
     resize takes (:func:`check_aspect`); ``DataError``."""
+    with opened_image(path) as img:
+        check_aspect(img, keeps_aspect)
+
+
+@contextlib.contextmanager
+def opened_image(path: str | bytes | os.PathLike):
+    """``Image.open(path)`` of an image file from a user, for every reader of one
+    (training, ``dtl-predict``): any failure, also one in the ``with`` block (a corrupt
+    body found while decoding), is a ``DataError`` naming the file. Only a regular file is
+    opened: opening a FIFO blocks until something writes to it, i.e. forever."""
     from PIL import Image
 
+    if os.path.exists(path):  # (a missing one: the open below says so)
+        try:
+            regular_file(os.fsdecode(path))
+        except ValueError as exc:
+            raise DataError(f"cannot read image: {exc} (a FIFO, a device, a folder?)") from None
     try:
         with Image.open(path) as img:
-            check_aspect(img, keeps_aspect)
+            yield img
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
-    except Exception as exc:
+    except DataError:
+        raise
+    except Exception as exc:  # PIL raises several types for corrupt files
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
 
 
