@@ -148,6 +148,39 @@ def test_an_image_name_that_is_no_file_is_named_not_skipped(tmp_path, kind):
         image_files([root / "train"])
 
 
+def test_linked_subfolders_are_followed_once_and_loops_not_re_entered(tmp_path):
+    """rglob skipped a linked subfolder without a word (its images were neither trained on
+    nor predicted, exit 0); a linked class folder was read. Now every linked folder is
+    followed, each real folder once: a loop adds nothing, a folder reached without a link
+    keeps that path, and the order stays sorted."""
+    root = folder_tree(tmp_path / "data")
+    extra = tmp_path / "extra"
+    write_image(extra / "e.png")
+    write_image(extra / "deep" / "d.png")
+    (extra / "deep" / "loop").symlink_to(extra)  # a loop through the linked folder
+    (root / "train" / "a" / "more").symlink_to(extra)
+    (root / "train" / "a" / "again").symlink_to(root / "train" / "a")  # a loop to itself
+    (root / "train" / "b" / "z").symlink_to(root / "train" / "b" / "0.png")  # no image name
+    a = root / "train" / "a"
+    want = [a / "0.png", a / "1.png", a / "2.png", a / "more" / "deep" / "d.png",
+            a / "more" / "e.png"]  # fmt: skip
+    assert D.images_under(a) == want
+    train, _, _ = build(dataset="folder", data_root=str(root))
+    assert train.paths[:5] == want and train.labels.tolist() == [0] * 5 + [1] * 3
+    from dtl_kernels.predict import image_files
+
+    assert image_files([a]) == want
+    # a folder reached both ways is listed once, under its own path
+    (root / "train" / "b" / "0_via_link").symlink_to(extra)
+    (root / "train" / "b" / "real").mkdir()
+    write_image(root / "train" / "b" / "real" / "r.png")
+    (root / "train" / "b" / "a_link").symlink_to(root / "train" / "b" / "real")
+    got = D.images_under(root / "train" / "b")
+    assert [p.relative_to(root / "train" / "b").as_posix() for p in got] == [
+        "0.png", "0_via_link/deep/d.png", "0_via_link/e.png", "1.png", "2.png", "real/r.png"
+    ]  # fmt: skip
+
+
 def test_missing_image_names_the_file(tmp_path):
     root = vtab_tree(tmp_path)
     (root / "toy" / "images" / "test" / "1.jpg").unlink()

@@ -378,18 +378,38 @@ def read_list(path: Path, base: Path) -> list[tuple[Path, int]]:
 def images_under(folder: Path) -> list[Path]:
     """The files with an image's suffix under ``folder`` (recursively, sorted); one that is
     not a readable file (a dangling link, a FIFO, a device) is a ``DataError``, not a
-    sample left out without a word."""
-    found = []
-    for f in sorted(folder.rglob("*")):
-        if f.suffix.lower() not in IMAGE_EXTENSIONS or f.is_dir():
+    sample left out without a word. Linked subfolders are followed (``rglob`` skipped them
+    without a word), each real folder once: one reached without a link keeps that path, a
+    link into a folder already listed (a loop) adds nothing."""
+    found, seen = [], set()
+    tops = [folder]  # the folder, then, round by round, the linked folders met on the way
+    while tops:
+        links = []
+        for top in tops:
+            # os.walk enters no link; the links to folders are kept for the next round
+            for where, subfolders, files in os.walk(top):
+                real = os.path.realpath(where)
+                if real in seen:
+                    subfolders.clear()
+                    continue
+                seen.add(real)
+                links += [os.path.join(where, d) for d in subfolders
+                          if os.path.islink(os.path.join(where, d))]  # fmt: skip
+                subfolders[:] = sorted(d for d in subfolders
+                                       if not os.path.islink(os.path.join(where, d)))  # fmt: skip
+                found += [Path(where, f) for f in files]
+        tops = sorted(links)
+    images = []
+    for f in sorted(found):
+        if f.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         if not f.is_file():
             raise DataError(
                 f"{f} has an image's name but is not a readable file (a dangling link, a "
                 "FIFO or a device?): remove or restore it"
             )
-        found.append(f)
-    return found
+        images.append(f)
+    return images
 
 
 def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
