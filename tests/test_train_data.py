@@ -181,6 +181,49 @@ def test_linked_subfolders_are_followed_once_and_loops_not_re_entered(tmp_path):
     ]  # fmt: skip
 
 
+def test_every_image_suffix_names_pillows_format_for_it(tmp_path):
+    """IMAGE_FORMATS agrees with Pillow's own table, and a file of each suffix reads."""
+    Image.init()
+    assert D.IMAGE_FORMATS == {e: Image.registered_extensions()[e] for e in D.IMAGE_EXTENSIONS}
+    for suffix in D.IMAGE_EXTENSIONS:
+        write_image(tmp_path / f"x{suffix}", size=8)
+        assert D.load_image(tmp_path / f"x{suffix}", 4).shape == (3, 4, 4), suffix
+
+
+@pytest.mark.parametrize(
+    "name,real,found",
+    [("tga.png", "TGA", "CUR"), ("ico.jpg", "ICO", "ICO"), ("png.jpg", "PNG", "PNG"),
+     ("eps.png", None, "EPS"), ("tga_any_suffix.img", "TGA", "CUR")],
+)  # fmt: skip
+def test_an_image_is_read_only_in_the_format_its_suffix_names(
+    tmp_path, monkeypatch, name, real, found
+):
+    """Any Pillow plugin read a file with an image's suffix: an EPS named .png went to
+    Ghostscript, a TGA or an ICO was decoded. Now it is refused, naming the format its
+    first bytes show and the one its suffix names (TGA has no signature: its bytes match
+    CUR's), by every reader of a user's image; the EPS plugin never sees it."""
+    from PIL import EpsImagePlugin
+
+    from dtl_kernels.predict import _decode
+
+    path = tmp_path / name
+    if real is None:
+        path.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    else:
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format=real)
+    suffix = path.suffix
+    expected = {".png": "PNG", ".jpg": "JPEG"}.get(suffix)
+    allowed = (f"not {expected}, the format of its suffix {suffix}" if expected
+               else "not one of BMP, JPEG, PNG, PPM, TIFF, WEBP, the formats read")  # fmt: skip
+    message = f"{name}: its first bytes are those of the {found} format, {allowed}"
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open",
+                        lambda self: pytest.fail("the EPS plugin read it"))  # fmt: skip
+    for read in (lambda: D.check_image_header(path), lambda: D.load_image(path, 4),
+                 lambda: _decode(path, lambda img: img, False)):  # fmt: skip
+        with pytest.raises(D.DataError, match=message):
+            read()
+
+
 def test_missing_image_names_the_file(tmp_path):
     root = vtab_tree(tmp_path)
     (root / "toy" / "images" / "test" / "1.jpg").unlink()

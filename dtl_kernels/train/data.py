@@ -45,7 +45,12 @@ from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET
 HALF = (0.5, 0.5, 0.5)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+# Pillow's format for each image suffix read: a file is decoded only as the format of its
+# suffix (with another suffix, as one of these), so no other Pillow plugin parses a
+# user's file (EPS runs Ghostscript on it; ICO, TGA… are read by any suffix otherwise)
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".ppm": "PPM",
+                 ".pgm": "PPM", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}  # fmt: skip
+IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
 ELPV_TEST_FRACTION = 0.25
 ELPV_SPLIT_SEED = 0
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
@@ -193,23 +198,57 @@ def opened_image(path: str | bytes | os.PathLike):
     """``Image.open(path)`` of an image file from a user, for every reader of one
     (training, ``dtl-predict``): any failure, also one in the ``with`` block (a corrupt
     body found while decoding), is a ``DataError`` naming the file. Only a regular file is
-    opened: opening a FIFO blocks until something writes to it, i.e. forever."""
-    from PIL import Image
+    opened: opening a FIFO blocks until something writes to it, i.e. forever. It is read
+    only as the format its suffix names (:data:`IMAGE_FORMATS`; another suffix: any of
+    them), a file of another format is refused naming the format it holds."""
+    from PIL import Image, UnidentifiedImageError
 
-    if os.path.exists(path):  # (a missing one: the open below says so)
+    name = os.fsdecode(path)
+    if os.path.exists(name):  # (a missing one: the open below says so)
         try:
-            regular_file(os.fsdecode(path))
+            regular_file(name)
         except ValueError as exc:
             raise DataError(f"cannot read image: {exc} (a FIFO, a device, a folder?)") from None
+    suffix = os.path.splitext(name)[1].lower()
+    expected = [IMAGE_FORMATS[suffix]] if suffix in IMAGE_FORMATS else sorted(
+        set(IMAGE_FORMATS.values())
+    )  # fmt: skip
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=expected) as img:
             yield img
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
     except DataError:
         raise
+    except UnidentifiedImageError as exc:
+        allowed = f"{expected[0]}, the format of its suffix {suffix}" if len(expected) == 1 else (
+            f"one of {', '.join(expected)}, the formats read"
+        )  # fmt: skip
+        found = _format_by_signature(name)
+        if found is None or found in expected:  # no known format, or a corrupt one
+            raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc} (read as "
+                            f"{allowed})") from exc  # fmt: skip
+        raise DataError(f"cannot read image {path}: its first bytes are those of the {found} "
+                        f"format, not {allowed}") from None  # fmt: skip
     except Exception as exc:  # PIL raises several types for corrupt files
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _format_by_signature(path: str) -> str | None:
+    """The Pillow format whose signature starts the file (its plugins' checks of the first
+    16 bytes, as ``Image.open`` makes them: nothing is parsed); ``None``: none matches."""
+    from PIL import Image
+
+    Image.init()
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(16)
+    except OSError:
+        return None
+    for name, (_, accept) in Image.OPEN.items():
+        if accept is not None and accept(prefix) is True:
+            return name
+    return None
 
 
 class FileImages(Dataset):
