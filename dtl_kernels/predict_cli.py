@@ -141,7 +141,8 @@ def _check_output(args, files: list[Path], weights: str | None = None) -> None:
 
 
 def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
-    from .predict import Predictor, image_files
+    from .models.adapters import read_adapter_info
+    from .predict import Predictor, image_files, resize_keeps_aspect
     from .train.data import check_image_header
 
     adapter = Path(args.adapter)
@@ -150,13 +151,19 @@ def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
     device = _device(args.device)
     files = image_files(args.inputs)  # before the model: a wrong path costs nothing
     _check_output(args, files)
+    # the recorded crop decides whether a long strip is refused (its metadata only)
+    recorded = read_adapter_info(args.adapter)["preprocessing"]
+    keeps_aspect = recorded is not None and resize_keeps_aspect(recorded)
     for f in files:  # every header first: a bad image found after an hour of work is no use
-        check_image_header(f)
+        check_image_header(f, keeps_aspect)
     mismatch = "warn" if args.allow_backbone_mismatch else "error"
     progress = False if args.quiet else None  # None: a bar on a terminal
     predictor = Predictor.from_adapter(args.adapter, args.pretrained, device, args.batch_size,
                                        mismatch, workers=args.workers, compile=args.compile,
                                        progress=progress, precision=args.precision)  # fmt: skip
+    if predictor.keeps_aspect and not keeps_aspect:  # none recorded: timm's default crop
+        for f in files:  # still before any image is predicted
+            check_image_header(f, True)
     origin = getattr(predictor.model, "origin", None) or {}
     _check_output(args, files, origin.get("pretrained"))  # the weights the adapter records
     tops = predictor.predict(files, args.top_k)

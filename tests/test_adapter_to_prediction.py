@@ -318,6 +318,45 @@ def test_a_fifo_named_like_an_image_is_refused_not_read(trained, toy, tmp_path, 
     assert f"error: not a regular file or folder: {pipe}" in capsys.readouterr().err
 
 
+def test_dtl_predict_refuses_a_strip_before_the_model_where_the_crop_keeps_aspect(
+    trained, toy, tmp_path, capsys, monkeypatch
+):
+    """The header pre-check ignored the crop mode: with a center crop (aspect kept) a
+    6500x100 image was refused only after the model was built and earlier batches were
+    predicted. Now by the recorded crop before the model; for an adapter recording none,
+    by timm's default once the model is built, before any image is predicted."""
+    from PIL import Image
+
+    from dtl_kernels import predict as predict_module
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "0.png").write_bytes(sorted((toy / "test").rglob("*.png"))[0].read_bytes())
+    Image.new("RGB", (6500, 100)).save(folder / "1_strip.png")
+    prep = json.loads(read_adapter(trained["adapter"])[1]["preprocessing"])
+    center = _with_metadata(trained["adapter"], tmp_path / "center.safetensors",
+                            preprocessing={**prep, "crop_mode": "center"})  # fmt: skip
+    real = predict_module.Predictor.from_adapter
+    monkeypatch.setattr(predict_module.Predictor, "from_adapter",
+                        lambda *a, **k: pytest.fail("the model was built"))  # fmt: skip
+    argv = [str(folder), "--pretrained", str(trained["weights"]), "--adapter"]
+    assert predict(argv + [str(center)]) == 1
+    assert "1_strip.png: ValueError: 6500x100 pixels: more than 64 times" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setattr(predict_module.Predictor, "from_adapter", real)
+    monkeypatch.setattr(predict_module.Predictor, "probabilities",
+                        lambda *a, **k: pytest.fail("images were predicted"))  # fmt: skip
+    old = _as_schema_2(trained["adapter"], tmp_path / "old.safetensors")  # timm's: center
+    with pytest.warns(UserWarning, match="records no preprocessing"):
+        assert predict(argv + [str(old)]) == 1
+    assert "1_strip.png: ValueError: 6500x100 pixels: more than 64 times" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.undo()
+    assert predict(argv + [str(trained["adapter"])]) == 0  # squash: the strip is read
+
+
 def test_predictor_refuses_what_is_no_prediction(trained):
     """No head (features only): refused when the Predictor is made; non-finite outputs
     (weights that overflow): refused, naming images, not written as probabilities."""

@@ -169,6 +169,18 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     """Read an adapter file: ``(tensors, metadata)``. The metadata passed the schema check
     of :func:`adapter_info`, against the file's own tensor shapes, before any tensor is
     read. :class:`AdapterError` naming the file (and the field) for anything else."""
+    tensors, metadata, _ = _read_checked(path, with_tensors=True)
+    return tensors, metadata
+
+
+def read_adapter_info(path: str | os.PathLike) -> dict:
+    """:func:`adapter_info` of an adapter file, checked as :func:`read_adapter` checks it,
+    without reading its tensors (e.g. its preprocessing, before a model is built)."""
+    return _read_checked(path, with_tensors=False)[2]
+
+
+def _read_checked(path, with_tensors: bool) -> tuple[dict, dict[str, str], dict]:
+    """``(tensors or {}, metadata, adapter_info)`` of an adapter file."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -184,13 +196,13 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
                     f"{ADAPTER_FORMATS})"
                 )
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            adapter_info(metadata, path, shapes)
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            info = adapter_info(metadata, path, shapes)
+            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
     except AdapterError:
         raise
     except Exception as exc:  # safetensors raises its own error types for bad files
         raise AdapterError(f"{path} is not a readable safetensors adapter file ({exc})") from exc
-    return tensors, metadata
+    return tensors, metadata, info
 
 
 def adapter_info(
