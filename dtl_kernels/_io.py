@@ -4,8 +4,9 @@
   gives it the mode a normal ``open()`` would (``0o666 & ~umask``, or the replaced
   file's mode), renames it onto the final name and fsyncs the folder, so the rename
   itself survives a power cut.
-* Temporary files are named ``.<name>.<pid>.<random>.tmp``. A process killed during a
-  write leaves one behind; :func:`remove_stale_temps` deletes those whose writer is gone.
+* Temporary files are named ``.<name>.<pid>.<random>.tmp`` (``<name>`` cut short where
+  the whole would pass the folder's file-name limit). A process killed during a write
+  leaves one behind; :func:`remove_stale_temps` deletes those whose writer is gone.
 * :func:`reserve_space` allocates a file's blocks before it is filled, so a full disk is
   an ``OSError`` up front instead of a ``SIGBUS`` in a memory map or a half-written file.
 * :func:`json_text` writes strict JSON: NaN and ±inf become ``null``.
@@ -27,6 +28,8 @@ TEMP_SUFFIX = ".tmp"
 # .<name>.<pid>.<random>.tmp (this module) and .<name>.<random>.tmp (versions before the pid)
 _TEMP_WITH_PID = re.compile(r"\..+\.(\d+)\.[A-Za-z0-9_]{8}\.tmp")
 _TEMP_WITHOUT_PID = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+_RANDOM_CHARS = 8  # of mkstemp's names (the {8} above)
+_NAME_MAX = 255  # bytes of a file name (Linux, macOS) where the filesystem does not say
 # errors of fsync / fallocate that only mean "this filesystem does not do that"
 _UNSUPPORTED = {errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}
 
@@ -44,9 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     path = write_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=path.parent
-        )
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_SUFFIX, dir=path.parent)
     except OSError as exc:  # named after the file asked for, not the temporary one
         raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
     os.close(fd)
@@ -61,6 +62,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def _name_max(folder: str | os.PathLike) -> int:
+    """The longest file name, in bytes, that ``folder``'s filesystem takes."""
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return _NAME_MAX
+    return limit if limit > 0 else _NAME_MAX
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.<pid>.``, ``<name>`` cut by whole characters so that the temporary name
+    fits the folder's limit (a valid 236-character name + ``.csv`` made one too long);
+    one character at least, so that :func:`stale_temps` still recognises it."""
+    fixed = len(f"..{os.getpid()}.") + _RANDOM_CHARS + len(TEMP_SUFFIX)
+    room, name = _name_max(path.parent) - fixed, path.name
+    while len(os.fsencode(name)) > room and len(name) > 1:
+        name = name[:-1]
+    return f".{name}.{os.getpid()}."
 
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),

@@ -228,6 +228,10 @@ def test_dtl_predict_never_writes_over_what_it_reads_and_fails_in_one_line(
     assert out.read_text() == "earlier"
     assert predict(base + ["--output", str(out), "--overwrite"]) == 0
     assert out.read_text().startswith("path,class_1,prob_1\n")
+    longest = tmp_path / ("p" * 251 + ".csv")  # 255 bytes: its temporary name was too long
+    assert predict(base + ["--output", str(longest)]) == 0 and longest.read_text() == (
+        out.read_text()
+    )
     kept = {p: p.read_bytes() for p in (adapter, image, trained["weights"])}
     for target in kept:
         assert predict(base + ["--output", str(target), "--overwrite"]) == 1
@@ -600,6 +604,9 @@ def test_dtl_predict_checks_where_the_output_goes_before_it_predicts(
     argv = [image, "--adapter", str(trained["adapter"]), "--output"]
     assert predict(argv + [str(tmp_path / "blocker" / "sub" / "p.csv")]) == 1
     assert "cannot be written" in capsys.readouterr().err
+    long_name = tmp_path / ("p" * 300 + ".csv")  # past the file-name limit: refused now
+    assert predict(argv + [str(long_name)]) == 1
+    assert "File name too long" in capsys.readouterr().err
     os.mkfifo(tmp_path / "pipe.csv")  # refused now, not after predicting (review)
     assert predict(argv + [str(tmp_path / "pipe.csv"), "--overwrite"]) == 1
     assert "pipe.csv: it is a FIFO" in capsys.readouterr().err

@@ -82,6 +82,29 @@ def test_atomic_write_names_the_file_it_cannot_write():
     assert ".tmp" not in str(info.value)
 
 
+@pytest.mark.parametrize("stem", ["x" * 236, "é" * 118], ids=["ascii", "two-byte"])
+def test_atomic_write_takes_a_name_at_the_length_limit(tmp_path, stem, monkeypatch):
+    """A valid name of 240 bytes made a temporary name ``.<name>.<pid>.<random>.tmp`` past
+    the 255-byte limit: the write failed (after all the work, blaming the final name). The
+    name part of the temporary name is cut to fit, and a stale one is still recognised."""
+    path = tmp_path / f"{stem}.csv"
+    temps = []
+
+    def write(tmp):
+        temps.append(Path(tmp).name)
+        Path(tmp).write_text("x")
+
+    assert _io.atomic_write(path, write) == path and path.read_text() == "x"
+    assert len(os.fsencode(temps[0])) <= 255 and temps[0].startswith(f".{stem[:100]}")
+    # left by a writer that is gone: removed like any other
+    with monkeypatch.context() as m:
+        m.setattr(os, "getpid", lambda: 4_194_304)  # the longest pid Linux gives
+        stale = tmp_path / (_io._temp_prefix(path) + "ab12cd34" + _io.TEMP_SUFFIX)
+    stale.write_text("partial")  # (a name past 255 bytes could not be made)
+    monkeypatch.setattr(_io, "process_alive", lambda pid: False)
+    assert _io.remove_stale_temps(tmp_path) == [stale] and path.exists()
+
+
 def test_stale_temp_files_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
