@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -390,6 +391,95 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     wide = np.array([[-2.0, 0.0, 2.0, 6.0]], dtype=np.float32).repeat(4, 0)
     Image.fromarray(wide).save(tmp_path / "w.tiff")  # outside [0, 1]: its own min…max
     assert D.load_image(tmp_path / "w.tiff", 4)[0, 0].tolist() == [0, 64, 128, 255]
+
+
+def _eight_bit_before(img):
+    """``data.eight_bit`` as it was (float64 copies of the whole image, ~32 bytes a pixel):
+    the reference the rewrite must equal bit for bit."""
+    if img.mode not in D._HIGH_BIT_MODES:
+        return img.convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("the image holds NaN or infinite values")
+    if img.mode == "F":
+        low, high = (0.0, 1.0) if arr.min() >= 0 and arr.max() <= 1 else (arr.min(), arr.max())
+    elif img.mode == "I" and (arr.min() < 0 or arr.max() > 65535):  # 32-bit integers
+        low, high = arr.min(), arr.max()
+    else:  # 16-bit (PNG / TIFF open as I;16 or I)
+        low, high = 0.0, 65535.0
+    scaled = (arr - low) * (255.0 / max(high - low, 1e-12))
+    gray = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray, mode="L").convert("RGB")
+
+
+def _high_bit_images():
+    """Images of every high-bit mode: all 65536 16-bit values in each 16-bit layout,
+    32-bit integers and floats at their edges, constant images, NaN and ±inf."""
+    every = np.arange(65536).reshape(256, 256)
+    for mode, dtype in (("I;16", "<u2"), ("I;16B", ">u2"), ("I;16L", "<u2"), ("I;16N", "=u2")):
+        yield Image.frombytes(mode, (256, 256), every.astype(dtype).tobytes())
+    yield Image.fromarray(every.astype(np.int32))  # I, within 16 bits
+    rng = np.random.default_rng(7)
+    i32 = np.iinfo(np.int32)
+    for values in ([-1, 0, 65535], [0, 65536], [i32.min, 0, i32.max], [70000] * 3, [-5] * 3,
+                   rng.integers(i32.min, i32.max, 999, endpoint=True),
+                   rng.integers(-300, 70000, 1001)):  # fmt: skip
+        yield Image.fromarray(np.array(values, dtype=np.int32).reshape(1, -1))
+    f32 = np.finfo(np.float32)
+    halves = (np.arange(255) + 0.5) / 255  # where rounding to 0…255 turns
+    around = np.concatenate([halves, np.nextafter(halves, 0), np.nextafter(halves, 1)])
+    nan, inf = float("nan"), float("inf")
+    for values in (around, [0.0, -0.0, 1.0, f32.smallest_subnormal], [0.0, np.nextafter(1, 2)],
+                   [-2.0, 0.0, 2.0, 6.0], [-f32.max, 0.0, f32.max], [5.0] * 3, [0.25] * 3,
+                   [-f32.smallest_subnormal, 0.5], rng.normal(0, 1000, 1003),
+                   rng.random(1005), [0.5, nan], [inf, 0.5], [-inf, 0.5]):  # fmt: skip
+        yield Image.fromarray(np.array(values, dtype=np.float32).reshape(1, -1))
+    for mode in D._HIGH_BIT_MODES:  # no pixels at all (check_aspect refuses them first)
+        yield Image.new(mode, (0, 0))
+
+
+@pytest.mark.parametrize("block", [None, 100], ids=["one-block", "many-blocks"])
+def test_eight_bit_equals_the_float64_version_bit_for_bit(monkeypatch, block):
+    """The rewrite (a lookup table for 16-bit values, float64 a block at a time for the
+    rest) gives what the float64 version gave, pixel for pixel, or the same error."""
+    if block is not None:
+        monkeypatch.setattr(D, "_SCALE_BLOCK", block, raising=False)
+    for img in _high_bit_images():
+        try:
+            want = _eight_bit_before(img)
+        except ValueError as exc:
+            with pytest.raises(ValueError, match=re.escape(str(exc))):
+                D.eight_bit(img)
+            continue
+        got = D.eight_bit(img)
+        assert (got.mode, got.size) == (want.mode, want.size)
+        assert np.array_equal(np.asarray(got), np.asarray(want)), (img.mode, img.size)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_eight_bit_needs_a_few_bytes_a_pixel(mode, monkeypatch):
+    """A 6000x6000 16-bit PNG took 1.1 GB (float64 copies: 32 bytes a pixel traced here);
+    now NumPy's copy of the pixels (made through a bytes object: twice their size, for a
+    moment) and the 8-bit result: 4 bytes a 16-bit pixel, 8 a 32-bit one, and a float64
+    block of a size of its own (made small here)."""
+    import tracemalloc
+
+    monkeypatch.setattr(D, "_SCALE_BLOCK", 2**14, raising=False)
+
+    rng = np.random.default_rng(0)
+    arr = {"I;16": rng.integers(0, 65536, (1000, 1000), dtype=np.uint16),
+           "I": rng.integers(-5, 70000, (1000, 1000)).astype(np.int32),
+           "F": rng.normal(0, 3, (1000, 1000)).astype(np.float32)}[mode]  # fmt: skip
+    img = Image.fromarray(arr)
+    assert img.mode == mode
+    D.eight_bit(img)  # (the lookup table, made once)
+    tracemalloc.start()
+    try:
+        D.eight_bit(img)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 12 * arr.size, peak / arr.size
 
 
 # -- streaming --------------------------------------------------------------------------------
