@@ -45,12 +45,13 @@ from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET
 HALF = (0.5, 0.5, 0.5)
-# Pillow's format for each image suffix read: a file is decoded only as the format of its
-# suffix (with another suffix, as one of these), so no other Pillow plugin parses a
-# user's file (EPS runs Ghostscript on it; ICO, TGA… are read by any suffix otherwise)
+# The suffixes of image files, and Pillow's format for each. A file is decoded only as one
+# of these formats, so no other Pillow plugin parses a user's file (EPS runs Ghostscript
+# on it; ICO, TGA… would be read under any image suffix otherwise)
 IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".ppm": "PPM",
                  ".pgm": "PPM", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}  # fmt: skip
 IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
+READ_FORMATS = sorted(set(IMAGE_FORMATS.values()))
 ELPV_TEST_FRACTION = 0.25
 ELPV_SPLIT_SEED = 0
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
@@ -233,8 +234,9 @@ def opened_image(path: str | bytes | os.PathLike):
     (training, ``dtl-predict``): any failure, also one in the ``with`` block (a corrupt
     body found while decoding), is a ``DataError`` naming the file. Only a regular file is
     opened: opening a FIFO blocks until something writes to it, i.e. forever. It is read
-    only as the format its suffix names (:data:`IMAGE_FORMATS`; another suffix: any of
-    them), a file of another format is refused naming the format it holds."""
+    only as one of the formats of :data:`IMAGE_FORMATS` (whatever its suffix: a PNG saved
+    as ``.jpg`` is common and harmless), so that no other Pillow plugin parses a user's
+    file; a file of another format is refused naming the format it holds."""
     from PIL import Image, UnidentifiedImageError
 
     name = os.fsdecode(path)
@@ -243,23 +245,17 @@ def opened_image(path: str | bytes | os.PathLike):
             regular_file(name)
         except ValueError as exc:
             raise DataError(f"cannot read image: {exc} (a FIFO, a device, a folder?)") from None
-    suffix = os.path.splitext(name)[1].lower()
-    expected = [IMAGE_FORMATS[suffix]] if suffix in IMAGE_FORMATS else sorted(
-        set(IMAGE_FORMATS.values())
-    )  # fmt: skip
     try:
-        with Image.open(path, formats=expected) as img:
+        with Image.open(path, formats=READ_FORMATS) as img:
             yield img
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
     except DataError:
         raise
     except UnidentifiedImageError as exc:
-        allowed = f"{expected[0]}, the format of its suffix {suffix}" if len(expected) == 1 else (
-            f"one of {', '.join(expected)}, the formats read"
-        )  # fmt: skip
+        allowed = f"one of {', '.join(READ_FORMATS)}, the formats read"
         found = _format_by_signature(name)
-        if found is None or found in expected:  # no known format, or a corrupt one
+        if found is None or found in READ_FORMATS:  # no known format, or a corrupt one
             raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc} (read as "
                             f"{allowed})") from exc  # fmt: skip
         raise DataError(f"cannot read image {path}: its first bytes are those of the {found} "
