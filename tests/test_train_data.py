@@ -182,6 +182,25 @@ def test_linked_subfolders_are_followed_once_and_loops_not_re_entered(tmp_path):
     ]  # fmt: skip
 
 
+def test_a_folder_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch):
+    """os.walk leaves a folder it cannot list out without a word (its images neither
+    trained on nor predicted); here that is a DataError naming it. (Permissions do not
+    stop root, so the listing fails by a patch.)"""
+    root = folder_tree(tmp_path / "data")
+    locked = root / "train" / "a" / "locked"
+    write_image(locked / "x.png")
+    listing = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(D.DataError, match=r"cannot list the folder .*a/locked: Permission"):
+        D.images_under(root / "train" / "a")
+
+
 def test_every_image_suffix_names_pillows_format_for_it(tmp_path):
     """IMAGE_FORMATS agrees with Pillow's own table, and a file of each suffix reads."""
     Image.init()

@@ -456,7 +456,7 @@ def images_under(folder: Path) -> list[Path]:
         links = []
         for top in tops:
             # os.walk enters no link; the links to folders are kept for the next round
-            for where, subfolders, files in os.walk(top):
+            for where, subfolders, files in os.walk(top, onerror=_unreadable_folder):
                 real = os.path.realpath(where)
                 if real in seen:
                     subfolders.clear()
@@ -479,6 +479,11 @@ def images_under(folder: Path) -> list[Path]:
             )
         images.append(f)
     return images
+
+
+def _unreadable_folder(exc: OSError) -> None:
+    """os.walk's error hook: a folder it cannot list would be left out without a word."""
+    raise DataError(f"cannot list the folder {exc.filename}: {exc.strerror or exc}") from exc
 
 
 def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
