@@ -105,9 +105,30 @@ at::Tensor side_forward_autograd(const at::Tensor& y, const at::Tensor& taps, co
   return SideForward::apply(y, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
 }
 
+// side_backward is side_forward's gradient, not differentiable itself: without this kernel
+// the dispatcher's fallthrough let autograd see no node (a derivative through it came out
+// None, with a warning) and forward-mode AD a zero tangent. Refused by name instead, as
+// side_forward's double backward is.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> side_backward_autograd(
+    const at::Tensor& grad, const at::Tensor& taps, const at::Tensor& ups,
+    const std::optional<at::Tensor>& conv, int64_t grid_h, int64_t grid_w, int64_t num_prefix,
+    double beta) {
+  const auto dual = [](const at::Tensor& t) { return t._fw_grad(0).defined(); };
+  TORCH_CHECK(!any_tensor(dual, grad, taps, ups, conv),
+              "dtl_kernels::side_backward: forward-mode AD (a dual tensor) is not supported");
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !any_tensor([](const at::Tensor& t) { return t.requires_grad(); }, grad,
+                              taps, ups, conv),
+              "dtl_kernels::side_backward: its gradients are not differentiable (call it under "
+              "no_grad, or differentiate side_forward once)");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_backward(grad, taps, ups, conv, grid_h, grid_w, num_prefix, beta);
+}
+
 }  // namespace
 }  // namespace dtl
 
 TORCH_LIBRARY_IMPL(dtl_kernels, Autograd, m) {
   m.impl("side_forward", &dtl::side_forward_autograd);
+  m.impl("side_backward", &dtl::side_backward_autograd);
 }

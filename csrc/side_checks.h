@@ -290,16 +290,26 @@ inline std::pair<int64_t, int64_t> byte_span(const at::Tensor& t) {
   return {lo * item, (hi + 1) * item - 1};
 }
 
-// Refuse `other` where it may share memory with `written` (the same storage, overlapping
-// spans: conservative, where at::assert_no_overlap gives up on strided / expanded views).
+// Refuse `other` where it may share memory with `written`: their byte spans overlap in the
+// address space (conservative, where at::assert_no_overlap gives up on strided / expanded
+// views). Addresses, not storages: two storages may hold the same memory (from_dlpack,
+// frombuffer, from_numpy of a tensor's array), and one storage is only one way to share.
 inline void check_not_sharing(const char* op, const char* name, const at::Tensor& written,
                               const at::Tensor& other) {
   if (written.numel() == 0 || other.numel() == 0 || !written.has_storage() ||
-      !other.has_storage() || !written.storage().is_alias_of(other.storage()))
+      !other.has_storage() || written.device() != other.device())
     return;
-  const auto [a0, a1] = byte_span(written);
+  // data_ptr() of the const storage: no copy-on-write storage is materialised to read it
+  const auto base = [](const at::Tensor& t) {
+    return reinterpret_cast<uintptr_t>(t.storage().data_ptr().get());
+  };
+  const uintptr_t wb = base(written), ob = base(other);
+  if (wb == 0 || ob == 0) return;  // no memory (meta, fake): nothing to share
+  const auto [a0, a1] = byte_span(written);  // ≥ 0: offsets inside each storage
   const auto [b0, b1] = byte_span(other);
-  TORCH_CHECK(a1 < b0 || b1 < a0,
+  const uintptr_t w0 = wb + static_cast<uintptr_t>(a0), w1 = wb + static_cast<uintptr_t>(a1);
+  const uintptr_t o0 = ob + static_cast<uintptr_t>(b0), o1 = ob + static_cast<uintptr_t>(b1);
+  TORCH_CHECK(w1 < o0 || o1 < w0,
               msg(op, ": ", name, " shares memory with the taps it writes (they are written "
                   "before it is read): pass a copy"));
 }

@@ -204,8 +204,9 @@ bool compiled_kernel_for(bool cuda) {
 // refused first, so that a refused step leaves them as they were. Its checks (dtypes aside:
 // the step hands it taps and ups in one dtype, the conv in y's) with the limits of the
 // kernels it runs, and Triton's op registered. The op checks again (a few hundred ns).
-// Triton's launchability (CPU tensors only under its interpreter) is checked in Python
-// where the step is bound (dtl_kernels/ops/step.py).
+// Triton's launchability (CPU tensors only under its interpreter) is checked here too,
+// for callers of the op itself (Python checks it where the step is bound, dtl_kernels/ops/
+// step.py).
 void check_side_op_first(const char* op, const at::Tensor& y, const at::Tensor& taps,
                          const at::Tensor& ups, const std::optional<at::Tensor>& conv,
                          int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta,
@@ -232,9 +233,14 @@ void check_side_op_first(const char* op, const at::Tensor& y, const at::Tensor& 
   TORCH_CHECK(kernel == 0 || triton_registered(),
               msg(op, ": kernel 1 runs Triton's side op, which is registered when "
                       "dtl_kernels.ops.triton_side is imported (it is not)"));
-  TORCH_CHECK(kernel == 0 || cuda || y.device().type() == c10::kCPU,
-              msg(op, ": Triton's side op runs CUDA tensors (CPU ones under its interpreter), "
-                      "got ", y.device()));
+  // CPU tensors: only where Triton's interpreter defined the kernels, and then Python
+  // registered the op's CPU kernel too (dtl_kernels/ops/triton_side.py)
+  TORCH_CHECK(kernel == 0 || cuda ||
+                  (y.device().type() == c10::kCPU &&
+                   forward_op(1).hasKernelForDispatchKey(c10::DispatchKey::CPU)),
+              msg(op, ": Triton's side op runs CUDA tensors (CPU ones only under its "
+                      "interpreter: TRITON_INTERPRET=1 set before dtl_kernels.ops."
+                      "triton_kernels is first imported), got ", y.device()));
 }
 
 // The taps written into `taps` (contiguous), then the side op on them: what both steps share.
@@ -271,11 +277,13 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
     int64_t first_col, const at::Tensor& ups, const std::optional<at::Tensor>& conv,
     int64_t grid_h, int64_t grid_w, int64_t num_prefix, double beta, int64_t kernel,
     std::optional<at::ScalarType> save_dtype) {
-  // what autograd keeps for ∂downs (no effect on values): a floating dtype, or ∂downs
-  // would be computed from inputs rounded to integers
-  TORCH_CHECK(!save_dtype.has_value() || at::isFloatingType(*save_dtype),
-              msg("dtl_kernels::side_step: save_dtype must be a floating dtype, got ",
-                  save_dtype.value_or(at::kFloat)));
+  // what autograd keeps for ∂downs (no effect on values): a floating dtype the kernels
+  // compute in, or ∂downs would come from inputs rounded to integers (or to float8's 3 bits)
+  const auto saved = save_dtype.value_or(at::kFloat);
+  TORCH_CHECK(saved == at::kFloat || saved == at::kDouble || saved == at::kHalf ||
+                  saved == at::kBFloat16,
+              msg("dtl_kernels::side_step: save_dtype must be a floating dtype (float32, "
+                  "float64, float16 or bfloat16), got ", saved));
   // also here: inference_mode skips the autograd kernel, which checks this first
   check_all_strided("dtl_kernels::side_step", y, taps, inputs, downs, ups, conv, std::nullopt);
   at::Tensor taps_out = taps.clone(at::MemoryFormat::Contiguous);

@@ -135,8 +135,13 @@ def test_registration_is_checked():
         register(3, _fwd, "x_bwd", _bwd)
     with pytest.raises(TypeError, match="must be callable"):
         register("x_fwd", None, "x_bwd", _bwd)
-    with pytest.raises(TypeError, match="takes 4 arguments"):
+    with pytest.raises(TypeError, match="takes 4 or 5 arguments"):
         register("x_fwd", _fwd)
+    with pytest.raises(TypeError, match="cpu must be a bool"):
+        register("x_fwd", _fwd, "x_bwd", _bwd, 1)
+    # an op with kernels of its own keeps them (a review's fuzzing replaced side_forward's)
+    with pytest.raises(RuntimeError, match="side_forward already has a kernel of its own"):
+        register("side_forward", _fwd, "side_backward", _bwd)
 
 
 def _key_of(op: str, *args) -> bytes:
@@ -187,9 +192,12 @@ def test_triton_ops_use_the_bridge():
     from dtl_kernels.ops import triton_side
 
     assert triton_side.LAUNCHER_PATH == "bridge"
+    # CPU tensors only where Triton's interpreter defined the kernels
+    cpu = triton_side._interpreted()
     for op in ("triton_side_forward", "triton_side_backward"):
-        for key in ("CPU", "CUDA"):
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", key)
+        for key, registered in (("CPU", cpu), ("CUDA", True)):
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"dtl_kernels::{op}", key)
+            assert has == registered, (op, key)
 
 
 def test_registering_a_pair_again_replaces_its_launchers():

@@ -828,13 +828,15 @@ def test_double_backward_is_refused_not_silently_incomplete(conv):
     "change,match",
     [
         (dict(save_dtype=torch.int32), "save_dtype must be a floating dtype"),
+        (dict(save_dtype=torch.float8_e4m3fn), "save_dtype must be a floating dtype"),
         (dict(ups=lambda u: u.to(torch.complex128)), "ups must be float32"),
         (dict(ups=lambda u: u.to(torch.int64)), "ups must be float32"),
         (dict(inputs=[]), "0 inputs but 2 downs"),
         (dict(inputs=[], downs=[], first_col=99), "first_col must be in 0..8"),
         (dict(backend="auto"), "backend must be one of"),
     ],
-    ids=["save-int", "ups-complex", "ups-int", "unpaired", "first-col", "backend"],
+    ids=["save-int", "save-float8", "ups-complex", "ups-int", "unpaired", "first-col",
+         "backend"],
 )  # fmt: skip
 def test_step_arguments_are_checked_before_they_are_cast(change, match):
     y, taps, zs, downs, ups, _ = _step_inputs(False)
@@ -856,6 +858,42 @@ def test_arguments_that_share_the_written_taps_memory_are_refused():
     with torch.no_grad(), pytest.raises(RuntimeError, match="y shares memory with the taps"):
         step.side_step_(buf[..., :6], buf, [], [], 2, ups, None, None, 0, 3.0, "cpu")
     OP.write_taps_(buf[0:1], [buf[1:2, :, :6].clone()], downs[:1], 2)  # another part: fine
+
+
+def test_memory_shared_through_another_storage_is_refused_too():
+    """Two storages can hold the same memory (from_dlpack, frombuffer, from_numpy of a
+    tensor's array): the check compared storages and let these through, and the taps came
+    out wrong (a review's fuzzing)."""
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    base = torch.zeros(3 * 7 * 8, dtype=DT)
+    buf = base[8 : 8 + 112].view(2, 7, 8)
+    other = torch.from_dlpack(base)  # a storage of its own over the same memory
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match="an input shares memory with the taps"):
+            OP.write_taps_(buf, [other[:112].view(2, 7, 8)[..., :6]], downs[:1], 0)
+        with pytest.raises(RuntimeError, match="y shares memory with the taps"):
+            OP.side_step_(torch.from_dlpack(buf)[..., :6], buf, zs, downs, 2, ups, None, 0, 0,
+                          0, 3.0, 0, None)  # fmt: skip
+        shared_ups = torch.from_dlpack(buf).reshape(-1)[: ups.numel()].view_as(ups)
+        with pytest.raises(RuntimeError, match="ups shares memory with the taps"):
+            OP.side_step_(y, buf, zs, downs, 2, shared_ups, None, 0, 0, 0, 3.0, 0, None)
+        apart = torch.from_dlpack(base)[:8].view(1, 1, 8).expand(2, 7, 8)[..., :6]
+        OP.write_taps_(buf, [apart], downs[:1], 0)  # the memory before the taps: fine
+
+
+def test_side_backward_is_not_differentiable_and_says_so():
+    """Without an autograd kernel of its own, a derivative through side_backward came out
+    None (with a warning) and forward-mode AD a zero tangent (a review's fuzzing)."""
+    g, t, u = torch.randn(2, 7, 6), torch.randn(2, 7, 8), torch.randn(6, 8)
+    with pytest.raises(RuntimeError, match="side_backward: forward-mode AD"):
+        torch.func.jvp(lambda tt: OP.side_backward(g, tt, u, None, 0, 0, 0, 3.0)[1], (t,),
+                       (torch.ones_like(t),))  # fmt: skip
+    t.requires_grad_()
+    with pytest.raises(RuntimeError, match="side_backward: its gradients are not differentiable"):
+        OP.side_backward(g, t, u, None, 0, 0, 0, 3.0)
+    with torch.no_grad():
+        got = OP.side_backward(g, t, u, None, 0, 0, 0, 3.0)
+    assert torch.equal(got[0], OP.side_backward(g, t.detach(), u, None, 0, 0, 0, 3.0)[0])
 
 
 def test_side_add_takes_a_grid_of_whole_numbers_only():
@@ -970,6 +1008,12 @@ def test_triton_on_cpu_without_its_interpreter_is_refused_before_the_taps_are_wr
     if triton_side._interpreted():
         pytest.skip("this process runs Triton interpreted: CPU tensors are launchable")
     _refused_untouched("the triton backend runs CUDA tensors", backend="triton")
+    # the op itself too (a review's fuzzing: it wrote the taps, then the launcher refused)
+    y, taps, zs, downs, ups, _ = _step_inputs(False)
+    mine = taps.clone()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="CPU ones only under its interp"):
+        OP.side_step_(y, mine, zs, downs, 2, ups, None, 0, 0, 0, 3.0, 1, None)
+    torch.testing.assert_close(mine, taps, rtol=0, atol=0)
 
 
 def _run_fresh(code: str) -> None:

@@ -22,6 +22,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/utils/pybind.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -174,9 +175,14 @@ namespace dtl_bind {
 
 PyObject* register_launchers(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 4,
-                   "register_launchers(forward_op, forward, backward_op, backward) takes 4 "
-                   "arguments, got ", nargs);
+  TORCH_CHECK_TYPE(nargs == 4 || nargs == 5,
+                   "register_launchers(forward_op, forward, backward_op, backward, cpu=True) "
+                   "takes 4 or 5 arguments, got ", nargs);
+  TORCH_CHECK_TYPE(nargs == 4 || PyBool_Check(args[4]),
+                   "register_launchers: cpu must be a bool");
+  // cpu: the launchers also take CPU tensors (Triton's interpreter); else CUDA only, and a
+  // CPU call is refused by the dispatcher (and by side_step_ before it writes the taps)
+  const bool cpu = nargs == 4 || args[4] == Py_True;
   const std::string fwd_op = op_name(args[0]), bwd_op = op_name(args[2]);
   TORCH_CHECK_VALUE(fwd_op != bwd_op, "register_launchers: the forward and backward ops must "
                     "differ, got '", fwd_op, "' twice");
@@ -193,6 +199,14 @@ PyObject* register_launchers(PyObject* /*module*/, PyObject* const* args, Py_ssi
                 "register_launchers: ", *op, " already has a launcher (registered as part of ",
                 it == pairs.end() ? "" : it->second.first, ")");
   }
+  for (const std::string* op : {&fwd_op, &bwd_op}) {  // a kernel from elsewhere stays
+    if (pairs.count(*op)) continue;
+    const auto handle = c10::Dispatcher::singleton().findSchema({"dtl_kernels::" + *op, ""});
+    TORCH_CHECK(!handle || !(handle->hasKernelForDispatchKey(c10::DispatchKey::CPU) ||
+                             handle->hasKernelForDispatchKey(c10::DispatchKey::CUDA)),
+                "register_launchers: dtl_kernels::", *op, " already has a kernel of its own "
+                "(a launcher is registered for an op that has none)");
+  }
   const auto old = pairs.find(fwd_op);
   if (old != pairs.end()) {
     old->second.second.reset();  // its kernels deregistered
@@ -204,6 +218,7 @@ PyObject* register_launchers(PyObject* /*module*/, PyObject* const* args, Py_ssi
   auto lib = std::make_unique<torch::Library>(torch::Library::IMPL, "dtl_kernels", std::nullopt,
                                               __FILE__, __LINE__);
   for (const c10::DispatchKey key : {c10::DispatchKey::CPU, c10::DispatchKey::CUDA}) {
+    if (key == c10::DispatchKey::CPU && !cpu) continue;
     lib->impl(fwd_op.c_str(), torch::dispatch(key, forward_kernel(args[1], fwd_op)));
     lib->impl(bwd_op.c_str(), torch::dispatch(key, backward_kernel(args[3], bwd_op)));
   }

@@ -57,7 +57,7 @@ def available(device_type: str) -> bool:
 
 
 if _ext.cpu_built():  # autograd: csrc/autograd.cpp
-    contract.register_fakes("side_forward", _OP, "dtl_kernels::side_backward")
+    contract.register_fakes("side_forward", _OP, "side_backward", "dtl_kernels::side_backward")
 
 
 def forward(args: contract.SideArgs) -> torch.Tensor:

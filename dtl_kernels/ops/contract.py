@@ -236,20 +236,23 @@ def check_kernel_inputs(
     return k
 
 
-def register_fakes(op_name: str, forward, backward) -> None:
+def register_fakes(forward_name: str, forward, backward_name: str, backward) -> None:
     """Fake (meta) kernels for a forward / backward op pair with the side-op schema: they
-    run :func:`check_kernel_inputs`, so tracing refuses what the kernels refuse.
+    run :func:`check_kernel_inputs`, so tracing refuses what the kernels refuse, naming
+    the op (``forward_name`` / ``backward_name``).
 
     ``forward`` / ``backward``: the ops (qualified names or ``torch.library.custom_op``
     objects)."""
 
     def fake_forward(y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta):
-        check_kernel_inputs(op_name, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta)
+        check_kernel_inputs(
+            forward_name, y, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
+        )
         return torch.empty_like(y, memory_format=torch.contiguous_format)
 
     def fake_backward(grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta):
         check_kernel_inputs(
-            op_name, grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
+            backward_name, grad_out, taps, ups, conv_weight, grid_h, grid_w, num_prefix, beta
         )
         grad_taps = torch.empty_like(taps, memory_format=torch.contiguous_format)
         grad_ups = torch.empty_like(ups, memory_format=torch.contiguous_format)

@@ -334,15 +334,18 @@ _LIB.define(f"triton_side_backward{_SCHEMA.replace('Tensor y', 'Tensor grad_out'
             "-> (Tensor, Tensor, Tensor)")  # fmt: skip
 #: how the launchers are registered: "bridge" (_C_bind) or "torch.library"
 LAUNCHER_PATH = "bridge" if hasattr(_ext.BINDING, "register_launchers") else "torch.library"
+# CPU tensors only where the interpreter defined the kernels: a CPU call is refused before
+# a step writes its taps (csrc/step.cpp), and by the dispatcher for a direct call
+_CPU = triton is not None and _interpreted()
 if LAUNCHER_PATH == "bridge":
     _ext.BINDING.register_launchers("triton_side_forward", side_fwd, "triton_side_backward",
-                                    side_bwd)  # fmt: skip
+                                    side_bwd, _CPU)  # fmt: skip
 else:
-    for _key in ("CUDA", "CPU"):
+    for _key in ("CUDA", "CPU") if _CPU else ("CUDA",):
         _LIB.impl("triton_side_forward", side_fwd, _key)
         _LIB.impl("triton_side_backward", side_bwd, _key)
 _forward_op = torch.ops.dtl_kernels.triton_side_forward.default
 _backward_op = torch.ops.dtl_kernels.triton_side_backward.default
 
-contract.register_fakes("triton_side", OP_FORWARD, OP_BACKWARD)
+contract.register_fakes("triton_side_forward", OP_FORWARD, "triton_side_backward", OP_BACKWARD)
 contract.register_python_autograd(OP_FORWARD, _backward_op)
