@@ -81,12 +81,13 @@ bench-accuracy: build bench-deps
 
 # The closest comparisons at DTL's memory on every test seed there is: the study's 3, and
 # seeds 3-4 of DTL+ k = 5, the memory-matched LoRA and DTL (trained at the study's picks
-# with `make bench-accuracy ACCURACY_ARGS="--seeds 5 --variants dtl+k5 lora-tail dtl"`; read
-# from runs/accuracy where present, else from the committed runs CSVs)
+# with `make bench-accuracy ACCURACY_ARGS="--seeds 5 --variants dtl+k5 lora-tail dtl"`),
+# seeds 5-6 of the three on elpv (the same with "--seeds 7 --datasets elpv"); read from
+# runs/accuracy where present, else from the committed runs CSVs
 # → benchmarks/results/accuracy_pairs.md, accuracy_pairs_runs.csv
 RESULTS := benchmarks/results
 bench-accuracy-pairs: build bench-deps
-	$(BIN)/python benchmarks/accuracy_pairs.py --folders runs/accuracy --seeds 5 \
+	$(BIN)/python benchmarks/accuracy_pairs.py --folders runs/accuracy --seeds 7 \
 		--runs $(RESULTS)/accuracy_study_runs.csv $(RESULTS)/accuracy_pairs_runs.csv \
 		--pair dtl+k5 lora-tail --pair dtl+k5 dtl --pair lora-tail dtl \
 		--out $(RESULTS)/accuracy_pairs.md --runs-out $(RESULTS)/accuracy_pairs_runs.csv
