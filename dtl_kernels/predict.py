@@ -30,6 +30,7 @@ from .train.data import (
     opened_image,
 )
 from .train.setup import autocast_for
+from .train.transforms import resize_keeps_aspect
 
 
 class Predictor:
@@ -86,7 +87,7 @@ class Predictor:
             raise ValueError(f"the model takes {channels}-channel images; Predictor reads "
                              "images as RGB (3 channels)")  # fmt: skip
         self.transform = create_transform(**self.data_config)
-        self.keeps_aspect = resize_keeps_aspect(self.data_config)
+        self.keeps_aspect = resize_keeps_aspect(self.data_config.get("crop_mode"))
         if isinstance(model.class_names, (str, bytes)):  # list() would split it into letters
             raise TypeError("model.class_names must be a list of names, got one string")
         self.classes = list(model.class_names or [str(i) for i in range(n)])
@@ -211,13 +212,6 @@ class Predictor:
             [(self.classes[i], float(p)) for p, i in zip(v.tolist(), ix.tolist(), strict=True)]
             for v, ix in zip(values, index, strict=True)
         ]
-
-
-def resize_keeps_aspect(data_config: dict) -> bool:
-    """Whether timm's evaluation transform of ``data_config`` keeps an image's aspect
-    (its center and border crops; timm's default is center), so that a long strip would
-    become a huge image (:func:`~dtl_kernels.train.data.check_aspect`)."""
-    return data_config.get("crop_mode", "center") != "squash"
 
 
 class _Decoded(torch.utils.data.Dataset):

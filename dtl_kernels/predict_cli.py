@@ -142,8 +142,9 @@ def _check_output(args, files: list[Path], weights: str | None = None) -> None:
 
 def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
     from .models.adapters import read_adapter_info
-    from .predict import Predictor, image_files, resize_keeps_aspect
+    from .predict import Predictor, image_files
     from .train.data import check_image_header
+    from .train.transforms import resize_keeps_aspect
 
     adapter = Path(args.adapter)
     if adapter.is_dir() and (adapter / "adapter.safetensors").is_file():
@@ -153,7 +154,7 @@ def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
     _check_output(args, files)
     # the recorded crop decides whether a long strip is refused (its metadata only)
     recorded = read_adapter_info(args.adapter)["preprocessing"]
-    keeps_aspect = recorded is not None and resize_keeps_aspect(recorded)
+    keeps_aspect = recorded is not None and resize_keeps_aspect(recorded.get("crop_mode"))
     for f in files:  # every header first: a bad image found after an hour of work is no use
         check_image_header(f, keeps_aspect)
     mismatch = "warn" if args.allow_backbone_mismatch else "error"

@@ -182,6 +182,23 @@ def test_linked_subfolders_are_followed_once_and_loops_not_re_entered(tmp_path):
     ]  # fmt: skip
 
 
+def test_a_link_that_would_mix_classes_is_refused(tmp_path):
+    """Following links (above) must not put one class's images under another's label: a
+    link to a folder that holds the listed one (its parent, /) would list everything
+    beside it; a folder reached from two classes would be trained under both labels."""
+    root = folder_tree(tmp_path / "data")
+    train = root / "train"
+    for target in (train, Path("/")):
+        up = train / "a" / "up"
+        up.symlink_to(target)
+        with pytest.raises(D.DataError, match=r"a/up links to .*, which holds .*a itself"):
+            D.images_under(train / "a")
+        up.unlink()
+    (train / "b" / "more_a").symlink_to(train / "a")
+    with pytest.raises(D.DataError, match=r"listed for class 'a' and for class 'b'"):
+        build(dataset="folder", data_root=str(root))
+
+
 def test_a_folder_that_cannot_be_listed_is_an_error(tmp_path, monkeypatch):
     """os.walk leaves a folder it cannot list out without a word (its images neither
     trained on nor predicted); here that is a DataError naming it. (Permissions do not
@@ -232,7 +249,7 @@ def test_an_image_is_read_only_in_the_formats_of_image_suffixes(
     else:
         Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format=real)
     message = (f"{name}: its first bytes are those of the {found} format, not one of BMP, "
-               "JPEG, PNG, PPM, TIFF, WEBP, the formats read")  # fmt: skip
+               "GIF, JPEG, PNG, PPM, TIFF, WEBP, the formats read")  # fmt: skip
     monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open",
                         lambda self: pytest.fail("the EPS plugin read it"))  # fmt: skip
     for read in (lambda: D.check_image_header(path), lambda: D.load_image(path, 4),
@@ -241,15 +258,30 @@ def test_an_image_is_read_only_in_the_formats_of_image_suffixes(
             read()
 
 
-def test_an_image_of_another_read_format_than_its_suffix_is_read(tmp_path):
-    """A PNG saved as .jpg (common in collected datasets) is read as the PNG it is."""
+@pytest.mark.parametrize("name,real", [("png.jpg", "PNG"), ("gif.jpg", "GIF"), ("gif.png", "GIF")])
+def test_an_image_of_another_read_format_than_its_suffix_is_read(tmp_path, name, real):
+    """A PNG or a GIF saved as .jpg (common in collected datasets) is read as what it is."""
     from dtl_kernels.predict import _decode
 
-    path = tmp_path / "png.jpg"
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format="PNG")
+    path = tmp_path / name
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format=real)
     D.check_image_header(path)
     assert D.load_image(path, 4).shape == (3, 4, 4)
     assert _decode(path, lambda img: img.size, False) == (8, 8)
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 15])
+def test_a_short_file_is_a_data_error_naming_it(tmp_path, size):
+    """A zero-byte image (a failed download) made a format's signature check fail on the
+    missing bytes (struct.error, no file named) while the refusal was being worded."""
+    from dtl_kernels.predict import _decode
+
+    path = tmp_path / "short.jpg"
+    path.write_bytes(b"\x00" * size)
+    for read in (lambda: D.check_image_header(path), lambda: D.load_image(path, 4),
+                 lambda: _decode(path, lambda img: img, False)):  # fmt: skip
+        with pytest.raises(D.DataError, match="cannot read image .*short.jpg"):
+            read()
 
 
 def test_missing_image_names_the_file(tmp_path):

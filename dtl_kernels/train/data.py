@@ -51,7 +51,8 @@ HALF = (0.5, 0.5, 0.5)
 IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP", ".ppm": "PPM",
                  ".pgm": "PPM", ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}  # fmt: skip
 IMAGE_EXTENSIONS = tuple(IMAGE_FORMATS)
-READ_FORMATS = sorted(set(IMAGE_FORMATS.values()))
+# and GIF, a suffix not listed but a format often found behind .jpg / .png in collected data
+READ_FORMATS = sorted({*IMAGE_FORMATS.values(), "GIF"})
 ELPV_TEST_FRACTION = 0.25
 ELPV_SPLIT_SEED = 0
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist", "/usr/share/dataset-fashion-mnist")
@@ -276,8 +277,11 @@ def _format_by_signature(path: str) -> str | None:
     except OSError:
         return None
     for name, (_, accept) in Image.OPEN.items():
-        if accept is not None and accept(prefix) is True:
-            return name
+        try:  # a plugin's check may assume more bytes than a short file has (DIB's: 4)
+            if accept is not None and accept(prefix) is True:
+                return name
+        except Exception:
+            continue
     return None
 
 
@@ -449,8 +453,16 @@ def images_under(folder: Path) -> list[Path]:
     not a readable file (a dangling link, a FIFO, a device) is a ``DataError``, not a
     sample left out without a word. Linked subfolders are followed (``rglob`` skipped them
     without a word), each real folder once: one reached without a link keeps that path, a
-    link into a folder already listed (a loop) adds nothing."""
+    link into a folder already listed (a loop) adds nothing, and a link to a folder that
+    holds ``folder`` itself (its parent, ``/``) is a ``DataError``: it would list what is
+    beside ``folder`` too (another class's images, under this class's label)."""
+    return _images_and_folders(folder)[0]
+
+
+def _images_and_folders(folder: Path) -> tuple[list[Path], set[str]]:
+    """:func:`images_under`, and the real paths of the folders it listed."""
     found, seen = [], set()
+    inside = Path(os.path.realpath(folder))
     tops = [folder]  # the folder, then, round by round, the linked folders met on the way
     while tops:
         links = []
@@ -462,8 +474,16 @@ def images_under(folder: Path) -> list[Path]:
                     subfolders.clear()
                     continue
                 seen.add(real)
-                links += [os.path.join(where, d) for d in subfolders
-                          if os.path.islink(os.path.join(where, d))]  # fmt: skip
+                for d in subfolders:
+                    link = os.path.join(where, d)
+                    if not os.path.islink(link):
+                        continue
+                    target = Path(os.path.realpath(link))
+                    if inside != target and inside.is_relative_to(target):
+                        raise DataError(f"{link} links to {target}, which holds {folder} "
+                                        "itself: its other images would be listed too "
+                                        "(remove the link)")  # fmt: skip
+                    links.append(link)
                 subfolders[:] = sorted(d for d in subfolders
                                        if not os.path.islink(os.path.join(where, d)))  # fmt: skip
                 found += [Path(where, f) for f in files]
@@ -478,19 +498,30 @@ def images_under(folder: Path) -> list[Path]:
                 "FIFO or a device?): remove or restore it"
             )
         images.append(f)
-    return images
+    return images, seen
 
 
 def _unreadable_folder(exc: OSError) -> None:
     """os.walk's error hook: a folder it cannot list would be left out without a word."""
-    raise DataError(f"cannot list the folder {exc.filename}: {exc.strerror or exc}") from exc
+    raise DataError(
+        f"cannot list the folder {exc.filename}: {exc.strerror or exc} (its images "
+        "would be left out: fix its permissions, or move it out of the image "
+        "folder)"
+    ) from exc
 
 
 def scan_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    found = {name: images_under(root / name) for name in classes}
+    found, owner = {}, {}  # owner: the class each real folder was listed for
+    for name in classes:
+        found[name], folders = _images_and_folders(root / name)
+        for real in folders:
+            other = owner.setdefault(real, name)
+            if other != name:  # a link: its images would be trained under both labels
+                raise DataError(f"the folder {real} is listed for class '{other}' and for "
+                                f"class '{name}' (through a link): remove the link")  # fmt: skip
     if not any(found.values()):
         raise DataError(f"no images under {root} (expected {root}/<class>/<image>)")
     for name in classes:  # an empty class's label would shift every later class's

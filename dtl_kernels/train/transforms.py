@@ -76,9 +76,7 @@ class Preprocessing:
         return transforms.Compose(steps[:cut])
 
     def keeps_aspect(self) -> bool:
-        """Whether the resize keeps the image's aspect (then crops): timm's center and
-        border crops; ``squash`` resizes straight to ``size × size``."""
-        return self.crop_mode != "squash"
+        return resize_keeps_aspect(self.crop_mode)
 
     def whole_image(self) -> bool:
         return self.crop_pct == 1.0 and self.crop_mode == "squash"
@@ -165,3 +163,11 @@ def to_tensor(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor)
     if x.shape[0] == 1:
         x = x.expand(3, -1, -1)
     return (x - mean) / std
+
+
+def resize_keeps_aspect(crop_mode: str | None) -> bool:
+    """Whether timm's evaluation transform keeps an image's aspect (then crops): its center
+    and border crops, and center where no mode is given (timm's default); ``squash``
+    resizes straight to ``size × size``. Where it keeps the aspect a long strip becomes a
+    huge image (:func:`dtl_kernels.train.data.check_aspect`)."""
+    return (crop_mode or "center") != "squash"
