@@ -294,14 +294,20 @@ def _check_rates(c: TrainConfig) -> None:
         raise ValueError(f"--beta must fit the kernels' float32 (|beta| ≤ 3.4e38), got {c.beta}")
 
 
+def check_crop_resize(img_size: int, crop_pct: float) -> None:
+    """The side timm's evaluation transform resizes to before its crop, bounded as an
+    adapter's preprocessing is (else the run would write an adapter that does not load)."""
+    resized = resize_side(img_size, crop_pct)
+    if resized > MAX_SIZE:
+        raise ValueError(f"--img-size {img_size} with --crop-pct {crop_pct:g} resizes images to "
+                         f"{resized} px a side, more than {MAX_SIZE}")  # fmt: skip
+
+
 def _check_augmentation(c: TrainConfig) -> None:
     if c.crop_pct is not None and not 0.05 <= c.crop_pct <= 1:
         raise ValueError(f"--crop-pct must be in [0.05, 1], got {c.crop_pct}")
-    if c.crop_pct is not None and c.img_size is not None:  # else the adapter would not load
-        resized = resize_side(c.img_size, c.crop_pct)
-        if resized > MAX_SIZE:
-            raise ValueError(f"--img-size {c.img_size} with --crop-pct {c.crop_pct:g} resizes "
-                             f"images to {resized} px a side, more than {MAX_SIZE}")  # fmt: skip
+    if c.crop_pct is not None and c.img_size is not None:  # (the model's own size: preflight)
+        check_crop_resize(c.img_size, c.crop_pct)
     if not 0 <= c.hflip <= 1:
         raise ValueError(f"--hflip must be a probability in [0, 1], got {c.hflip}")
     for name in ("mixup", "cutmix"):

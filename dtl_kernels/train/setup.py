@@ -21,7 +21,7 @@ from ..models import giants, lora, offline_weights
 from ..models.adapter_description import class_names_problem
 from ..models.adapters import adapter_info, read_adapter
 from .adapter_options import adapter_into_config
-from .config import TrainConfig
+from .config import TrainConfig, check_crop_resize
 from .data import DataError, build_datasets
 from .dist import Dist
 from .log import LOGGER
@@ -83,6 +83,8 @@ def check_options(cfg: TrainConfig) -> None:
             f"--batch-size {cfg.batch_size} is not divisible by {world} process(es) × "
             f"--grad-accum {cfg.grad_accum}"
         )
+    if cfg.crop_pct is not None and not cfg.img_size:  # the model's own size (the flag: config)
+        check_crop_resize(input_size(cfg), cfg.crop_pct)
     build_model(cfg, cfg.num_classes or 2, False, device="meta")
 
 

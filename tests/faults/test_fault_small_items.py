@@ -46,6 +46,21 @@ def test_conv_kernel_wider_than_the_token_grid_is_refused_before_it_is_built(toy
     assert "largest token grid of an adapted block is 2×2" in line and "≤ 3" in line
 
 
+def test_crop_pct_past_the_resize_limit_at_the_model_s_own_size_is_an_option_error(
+    toy, tmp_path, capsys, monkeypatch
+):
+    """Without --img-size the model's own size counts: a run would otherwise write an
+    adapter whose preprocessing no longer loads (timm's resize side past 16384 px)."""
+    from dtl_kernels.train import setup
+
+    monkeypatch.setattr(setup, "input_size", lambda cfg: 8192)  # a model of that size
+    opts = {k: v for k, v in options(toy, tmp_path / "run", crop_pct=0.25).items()
+            if k != "img_size"}  # fmt: skip
+    assert "--img-size 8192 with --crop-pct 0.25 resizes images to 32768" in error_line(
+        flags(opts), capsys, 2
+    )
+
+
 def test_class_count_other_than_the_named_classes_is_refused_before_training(toy, tmp_path, capsys):
     """Three class folders and --num-classes 5: the adapter could not record the names for
     the head (found when it was written, after the whole run, before)."""
