@@ -204,6 +204,7 @@ class PlannedPass:
 #: without autograd (which keeps tap inputs anyway), pending tap inputs are computed at once
 #: rather than held for the next add-back once they hold more than this many bytes
 PENDING_BYTES = 64 * 2**20
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 class CompactSideNetwork(nn.Module):
@@ -722,8 +723,13 @@ def _validate(
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not isinstance(config.beta, (int, float)) or not math.isfinite(config.beta):
-        raise TypeError(f"beta must be a finite number, got {config.beta!r}")
+    if isinstance(config.beta, bool) or not isinstance(config.beta, (int, float)):
+        raise TypeError(f"beta must be a Python int or float, got {type(config.beta).__name__} "
+                        "(float(beta) converts a NumPy or tensor scalar)")  # fmt: skip
+    # the kernels compute in float32 at least, and an adapter records β as a float32 number
+    if not math.isfinite(config.beta) or abs(config.beta) > FLOAT32_MAX:
+        raise ValueError(f"beta must be a finite number of float32's range (|β| ≤ "
+                         f"{FLOAT32_MAX:.4g}), got {config.beta!r}")  # fmt: skip
     if not 1 <= config.tap_from <= depth:
         raise ValueError(f"tap_from={config.tap_from} is outside 1…{depth} (the block count)")
     if not 1 <= config.adapt_from <= depth:

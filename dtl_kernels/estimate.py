@@ -180,7 +180,8 @@ def estimate_memory(
             its shapes are read; its weights are not copied (fake tensors).
         image_size: ``H`` (square) or ``(H, W)``.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast, as ``--precision``).
-        num_classes: the logits' width for the loss (default: read from the model).
+        num_classes: the logits' width (default: read from the model; given, it must be
+            the model's).
         in_channels: image channels (default: read from the model's patch / stem
             convolution or its config, else 3).
         channels_last: feed the images in channels-last layout (as ``dtl-train`` does for
@@ -246,11 +247,13 @@ def estimate_memory(
                 if dtype
                 else torch.autocast(device.type, enabled=False)
             )
-            for _ in range(grad_accum):  # as dtl-train's Stepper: one backward each
+            # as dtl-train's Stepper: one backward each; a third micro-batch holds what the
+            # second held (gradients allocated), so two give the peak of any number
+            for _ in range(min(grad_accum, 2)):
                 with ctx:
                     logits = _logits(fake, images)
-                    classes = logits.shape[-1] if num_classes is None else num_classes
-                    target = torch.zeros(batch_size, dtype=torch.long, device=device) % classes
+                    _check_width(logits, num_classes)
+                    target = torch.zeros(batch_size, dtype=torch.long, device=device)
                     loss = F.cross_entropy(logits.float(), target)
                 loss.backward()
             optimizer.step()
@@ -308,3 +311,10 @@ def _in_channels(model: nn.Module) -> int:
             return conv.in_channels
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return first.in_channels if first is not None else 3
+
+
+def _check_width(logits: torch.Tensor, num_classes: int | None) -> None:
+    """A ``num_classes`` the model does not output would be ignored: refused instead."""
+    if num_classes is not None and logits.shape[-1] != num_classes:
+        raise ValueError(f"num_classes={num_classes}, but the model outputs "
+                         f"{logits.shape[-1]} logits")  # fmt: skip

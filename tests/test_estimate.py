@@ -86,6 +86,22 @@ def test_bad_arguments():
         estimate_memory(model, 10**30, 112)
     with pytest.raises(ValueError, match="maps images to logits"):  # not an image model
         estimate_memory(torch.nn.Linear(3, 3), 2, 112)
+    with pytest.raises(ValueError, match="num_classes=1000, but the model outputs 3"):
+        estimate_memory(model, 2, 112, num_classes=1000)  # was ignored
+
+
+def test_many_micro_batches_cost_two_and_give_their_peak(one_thread, monkeypatch):
+    """grad_accum=10**6 simulated a million micro-batches a step (days); the peak is
+    reached by the second, so two a step give it for any number."""
+    from dtl_kernels import estimate
+
+    model = create_model("vit_tiny_patch16_224", "dtl", num_classes=3, img_size=32)
+    two = estimate_memory(model, 2, 32, grad_accum=2)
+    forwards = []
+    counted = estimate._logits
+    monkeypatch.setattr(estimate, "_logits", lambda *a: forwards.append(1) or counted(*a))
+    assert estimate_memory(model, 2, 32, grad_accum=50) == two
+    assert len(forwards) == 4  # two steps of two micro-batches (100 before)
 
 
 def test_dtl_train_estimate_memory(capsys):

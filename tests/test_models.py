@@ -175,6 +175,10 @@ def test_unsupported_backbones():
         (dict(rank=2.5), TypeError, "rank"),
         (dict(adapt_from="7"), TypeError, "adapt_from"),
         (dict(beta=float("nan")), (TypeError, ValueError), "beta"),
+        # finite in float64 but not in the kernels' float32: refused at the first forward
+        # and by save_adapter (blaming the tensors) before
+        (dict(beta=1e39), ValueError, r"beta must be a finite number of float32's range"),
+        (dict(beta=True), TypeError, "beta must be a Python int or float, got bool"),
         (dict(head="bogus"), ValueError, "head"),
     ],
 )

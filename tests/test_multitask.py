@@ -98,6 +98,34 @@ def test_bad_tasks_are_clear_errors(tmp_path):
         MultiTaskDTL(bb, {"full": full})
 
 
+def test_a_backbone_kept_in_bf16_takes_float32_images():
+    """backbone_dtype: the single model casts the images to the backbone's dtype; the
+    shared trunk did not ("Input type (float) and bias type (BFloat16)" at the stem)."""
+    from dtl_kernels import create_model
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", "dtl+", num_classes=3, img_size=32,
+                         backbone_dtype=torch.bfloat16).eval()  # fmt: skip
+    for p in model.csn.up.values():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(MultiTaskDTL(model.backbone, {"a": model}).eval()(x)["a"],
+                                   model(x), rtol=0, atol=0)  # fmt: skip
+
+
+def test_reserved_names_and_no_task_left_are_named():
+    bb, tasks = _vit_tasks(torch.float32)
+    one = next(iter(tasks.values()))
+    for name in ("training", "keys", "forward"):  # torch's KeyError("attribute … exists")
+        with pytest.raises(ValueError, match=f"task name '{name}' is reserved"):
+            MultiTaskDTL(bb, {name: one})
+    multi = MultiTaskDTL(bb, {"a": one}).eval()
+    del multi.tasks["a"]
+    with pytest.raises(ValueError, match="no task left"):  # a bare StopIteration before
+        multi(torch.randn(1, 3, 64, 64))
+
+
 def test_backbone_head_tasks_are_refused(tmp_path):
     bb, _ = _vit_tasks(torch.float32)
     own_head = DTLViT(bb, head="backbone", num_classes=4)

@@ -62,6 +62,8 @@ class MultiTaskDTL(nn.Module):
         for name, task in tasks.items():
             if not isinstance(name, str) or not name or "." in name:  # ModuleDict's key rules
                 raise ValueError(f"task names must be non-empty text without '.', got {name!r:.60}")
+            if hasattr(self.tasks, name):  # an attribute of the dict itself: 'training', 'keys'
+                raise ValueError(f"task name {name!r} is reserved (an attribute of nn.ModuleDict)")
             if isinstance(task, (str, os.PathLike)):
                 config = adapter_info(read_adapter(task)[1], task)["config"]
                 if config.get("head_mode") != "published":
@@ -88,7 +90,9 @@ class MultiTaskDTL(nn.Module):
     @property
     def _walker(self) -> DTLModel:
         """Any task model can walk the shared backbone (embed / blocks / tokens)."""
-        return next(iter(self.tasks.values()))
+        for model in self.tasks.values():
+            return model
+        raise ValueError("MultiTaskDTL has no task left (all were removed from .tasks)")
 
     def _check_same_backbone(self, name: str, model: DTLModel) -> None:
         if model.backbone is self.backbone:
@@ -116,7 +120,7 @@ class MultiTaskDTL(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         walker = self._walker
         blocks = walker.blocks
-        x, ctx = walker.embed(images)
+        x, ctx = walker.embed(walker.backbone_images(images))  # its dtype (backbone_dtype)
         batch = images.shape[0]
         states = {n: m.csn.start() for n, m in self.tasks.items() if m.csn is not None}
         branch_at = {n: self._branch_block(m) for n, m in self.tasks.items()}
