@@ -1,5 +1,7 @@
 """MultiTaskDTL: one shared trunk, outputs equal to the separate task models."""
 
+import copy
+
 import pytest
 import timm
 import torch
@@ -96,6 +98,34 @@ def test_bad_tasks_are_clear_errors(tmp_path):
     full = DTLViT(bb, side=False, train_backbone=True, num_classes=3)
     with pytest.raises(ValueError, match="whole backbone"):
         MultiTaskDTL(bb, {"full": full})
+
+
+def test_a_refused_adapter_leaves_the_backbone_as_it_was(tmp_path):
+    """The fingerprint is checked on the wrapped model, and wrapping removed the caller's
+    classifier and froze the backbone: a refusal left it so (a review's finding). Also
+    when an earlier task of the same MultiTaskDTL had loaded."""
+    from dtl_kernels.models.pretrained import model_from_adapter
+
+    torch.manual_seed(0)
+    make = lambda classes: timm.create_model(  # noqa: E731
+        "vit_tiny_patch16_224", img_size=32, num_classes=classes
+    )
+    foreign = tmp_path / "foreign.safetensors"
+    save_adapter(DTLViT(make(0), num_classes=3), foreign)  # other random weights
+    bb = make(10)
+    own = tmp_path / "own.safetensors"
+    save_adapter(DTLViT(copy.deepcopy(bb), num_classes=3), own)  # bb's weights; bb untouched
+    flags = [p.requires_grad for p in bb.parameters()]
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        logits = bb(x)
+    for refused in (lambda: model_from_adapter(foreign, bb),
+                    lambda: MultiTaskDTL(bb, {"own": own, "foreign": foreign})):  # fmt: skip
+        with pytest.raises(ValueError, match="trained on other backbone weights"):
+            refused()
+        assert bb.num_classes == 10 and [p.requires_grad for p in bb.parameters()] == flags
+        with torch.no_grad():
+            assert torch.equal(bb(x), logits)
 
 
 def test_a_backbone_kept_in_bf16_takes_float32_images():

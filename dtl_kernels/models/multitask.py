@@ -18,7 +18,7 @@ from torch import nn
 from .adapters import adapter_info, read_adapter
 from .base import DTLModel
 from .build import wrapper_for
-from .pretrained import model_from_adapter
+from .pretrained import model_from_adapter, restored_if_refused
 
 # A backbone-head task trains the backbone's own classifier, which every task shares.
 _OWN_HEAD = (
@@ -59,6 +59,11 @@ class MultiTaskDTL(nn.Module):
             raise TypeError(f"batch_tails must be True or False, got {batch_tails!r:.40}")
         self.batch_tails = batch_tails
         self.tasks = nn.ModuleDict()
+        # a task refused after others were loaded leaves the backbone as it was given
+        with restored_if_refused(backbone):
+            self._add_tasks(tasks, walker_cls)
+
+    def _add_tasks(self, tasks: Mapping, walker_cls: type) -> None:
         for name, task in tasks.items():
             if not isinstance(name, str) or not name or "." in name:  # ModuleDict's key rules
                 raise ValueError(f"task names must be non-empty text without '.', got {name!r:.60}")
@@ -69,7 +74,7 @@ class MultiTaskDTL(nn.Module):
                 if config.get("head_mode") != "published":
                     raise ValueError(_OWN_HEAD.format(name=name))
                 _check_shares_trunk(name, config.get("method"))  # before it touches backbone
-                model = model_from_adapter(task, backbone)
+                model = model_from_adapter(task, self.backbone)
             elif isinstance(task, DTLModel):
                 model = task
                 self._check_same_backbone(name, model)

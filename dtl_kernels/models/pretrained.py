@@ -4,6 +4,8 @@ wrappers and beside the factory: this is where an adapter's metadata becomes a m
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -74,15 +76,40 @@ def model_from_adapter(
 
     The backbone must be the one the adapter was trained on (checked, naming any
     difference; ``backbone_mismatch="warn"`` accepts other weights of the same
-    architecture with a warning)."""
+    architecture with a warning). Wrapping removes the backbone's classifier and freezes
+    it; a refused adapter leaves ``backbone`` as it was."""
     tensors, metadata = read_adapter(path)  # schema, limits and the file's tensor shapes checked
     info = adapter_info(metadata, path)
-    model = _wrap(backbone, info["config"], path)
-    ref = next(backbone.parameters())
-    model.to(device=ref.device, dtype=ref.dtype)  # the new CSN / head follow the backbone
-    model.load_adapter_state(tensors, info, str(path), backbone_mismatch)
+    with restored_if_refused(backbone):
+        model = _wrap(backbone, info["config"], path)
+        ref = next(backbone.parameters())
+        model.to(device=ref.device, dtype=ref.dtype)  # the new CSN / head follow the backbone
+        model.load_adapter_state(tensors, info, str(path), backbone_mismatch)
     describe(model, info)
     return model
+
+
+@contextlib.contextmanager
+def restored_if_refused(backbone: nn.Module):
+    """Put ``backbone`` back as it was (its modules, attributes and parameters'
+    ``requires_grad``) when the block raises: the identity and fingerprint checks need the
+    wrapped model, and wrapping changes the backbone (``reset_classifier(0)``, frozen
+    parameters). The copy kept shares every parameter and buffer: no tensor is copied."""
+    shared = {id(t): t for t in (*backbone.parameters(), *backbone.buffers())}
+    try:
+        kept = copy.deepcopy(backbone, memo=shared)
+    except Exception:  # a module that cannot be copied: checked as before, not restored
+        kept = None
+    flags = [(p, p.requires_grad) for p in backbone.parameters()]
+    try:
+        yield
+    except BaseException:
+        if kept is not None:
+            backbone.__dict__.clear()
+            backbone.__dict__.update(kept.__dict__)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        raise
 
 
 def _wrap(backbone: nn.Module, config: dict, path) -> nn.Module:
