@@ -39,6 +39,9 @@ class MultiTaskDTL(nn.Module):
 
     ``forward(images)`` returns ``{name: logits (batch, num_classes_of_task)}``. Inference
     only: call ``.eval()`` (dropout/drop-path would differ between tasks otherwise).
+    Tasks are checked here (same backbone weights, the published head, a side network
+    that leaves the trunk): build a new ``MultiTaskDTL`` to add one; a model put into
+    ``.tasks`` afterwards is not checked.
     """
 
     def __init__(
