@@ -202,6 +202,8 @@ def estimate_memory(
                         ("grad_accum", grad_accum)):  # fmt: skip
         if value is not None and not _positive_int(value):
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(channels_last, bool):  # "no" would read as True
+        raise TypeError(f"channels_last must be True or False, got {channels_last!r:.40}")
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in autocast:
         raise ValueError(f"precision must be one of {list(autocast)}, got {precision!r}")

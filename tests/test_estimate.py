@@ -86,6 +86,8 @@ def test_bad_arguments():
         estimate_memory(model, 10**30, 112)
     with pytest.raises(ValueError, match="maps images to logits"):  # not an image model
         estimate_memory(torch.nn.Linear(3, 3), 2, 112)
+    with pytest.raises(TypeError, match="channels_last must be True or False, got 'no'"):
+        estimate_memory(model, 2, 112, channels_last="no")  # was taken as True
     with pytest.raises(ValueError, match="num_classes=1000, but the model outputs 3"):
         estimate_memory(model, 2, 112, num_classes=1000)  # was ignored
 
