@@ -143,7 +143,7 @@ def _check_output(args, files: list[Path], weights: str | None = None) -> None:
 def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
     from .models.adapters import read_adapter_info
     from .predict import Predictor, image_files
-    from .train.data import check_image_header
+    from .train.data import DataError, check_aspect_of_size, check_image_header
     from .train.transforms import resize_keeps_aspect
 
     adapter = Path(args.adapter)
@@ -155,16 +155,19 @@ def _predict(args) -> list[tuple[str, list[tuple[str, float]]]]:
     # the recorded crop decides whether a long strip is refused (its metadata only)
     recorded = read_adapter_info(args.adapter)["preprocessing"]
     keeps_aspect = recorded is not None and resize_keeps_aspect(recorded.get("crop_mode"))
-    for f in files:  # every header first: a bad image found after an hour of work is no use
-        check_image_header(f, keeps_aspect)
+    # every header first: a bad image found after an hour of work is no use
+    sizes = [check_image_header(f, keeps_aspect) for f in files]
     mismatch = "warn" if args.allow_backbone_mismatch else "error"
     progress = False if args.quiet else None  # None: a bar on a terminal
     predictor = Predictor.from_adapter(args.adapter, args.pretrained, device, args.batch_size,
                                        mismatch, workers=args.workers, compile=args.compile,
                                        progress=progress, precision=args.precision)  # fmt: skip
     if predictor.keeps_aspect and not keeps_aspect:  # none recorded: timm's default crop
-        for f in files:  # still before any image is predicted
-            check_image_header(f, True)
+        for f, size in zip(files, sizes, strict=True):  # the sizes read: no file opened again
+            try:
+                check_aspect_of_size(size, True)
+            except ValueError as exc:  # worded as opened_image words a refused image
+                raise DataError(f"cannot read image {f}: ValueError: {exc}") from None
     origin = getattr(predictor.model, "origin", None) or {}
     _check_output(args, files, origin.get("pretrained"))  # the weights the adapter records
     tops = predictor.predict(files, args.top_k)

@@ -352,8 +352,13 @@ def test_dtl_predict_refuses_a_strip_before_the_model_where_the_crop_keeps_aspec
     monkeypatch.setattr(predict_module.Predictor, "probabilities",
                         lambda *a, **k: pytest.fail("images were predicted"))  # fmt: skip
     old = _as_schema_2(trained["adapter"], tmp_path / "old.safetensors")  # timm's: center
+    from dtl_kernels.train import data as data_module
+
+    opened, opener = [], data_module.opened_image
+    monkeypatch.setattr(data_module, "opened_image", lambda p: opened.append(p) or opener(p))
     with pytest.warns(UserWarning, match="records no preprocessing"):
         assert predict(argv + [str(old)]) == 1
+    assert len(opened) == 2  # each header read once: the strip judged from its size
     assert "1_strip.png: ValueError: 6500x100 pixels: more than 64 times" in (
         capsys.readouterr().err
     )

@@ -144,7 +144,12 @@ MAX_ASPECT = 64
 def check_aspect(img, keeps_aspect: bool) -> None:
     """``ValueError`` for an image with no pixels, or past :data:`MAX_ASPECT` when its resize
     ``keeps_aspect`` (:meth:`Preprocessing.keeps_aspect`)."""
-    w, h = img.size
+    check_aspect_of_size(img.size, keeps_aspect)
+
+
+def check_aspect_of_size(size: tuple[int, int], keeps_aspect: bool) -> None:
+    """:func:`check_aspect` of an image ``size`` ``(w, h)`` read before."""
+    w, h = size
     if w < 1 or h < 1:
         raise ValueError(f"{w}x{h} pixels")
     if keeps_aspect and max(w, h) > MAX_ASPECT * min(w, h):
@@ -222,11 +227,12 @@ def load_image(path: Path, size: int, resize=None, keeps_aspect: bool = False) -
     return torch.from_numpy(arr).permute(2, 0, 1)
 
 
-def check_image_header(path: Path, keeps_aspect: bool = False) -> None:
+def check_image_header(path: Path, keeps_aspect: bool = False) -> tuple[int, int]:
     """Open ``path`` far enough to know it is an image (no decoding) and its size one the
-    resize takes (:func:`check_aspect`); ``DataError``."""
+    resize takes (:func:`check_aspect`); ``DataError``. Returns its size ``(w, h)``."""
     with opened_image(path) as img:
         check_aspect(img, keeps_aspect)
+        return img.size
 
 
 @contextlib.contextmanager
