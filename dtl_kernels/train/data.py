@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._untrusted import regular_file
 from ..models.choices import LIMITS
 from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
@@ -247,11 +246,10 @@ def opened_image(path: str | bytes | os.PathLike):
     from PIL import Image, UnidentifiedImageError
 
     name = os.fsdecode(path)
-    if os.path.exists(name):  # (a missing one: the open below says so)
-        try:
-            regular_file(name)
-        except ValueError as exc:
-            raise DataError(f"cannot read image: {exc} (a FIFO, a device, a folder?)") from None
+    # one stat for a regular file; a missing one: the open below says so
+    if not os.path.isfile(name) and os.path.exists(name):
+        raise DataError(f"cannot read image: {name} is not a regular file (a FIFO, a device, "
+                        "a folder?)")  # fmt: skip
     try:
         with Image.open(path, formats=READ_FORMATS) as img:
             yield img
@@ -480,9 +478,11 @@ def _images_and_folders(folder: Path) -> tuple[list[Path], set[str]]:
                     subfolders.clear()
                     continue
                 seen.add(real)
-                for d in subfolders:
+                entered = []  # the subfolders os.walk goes on into: those not linked
+                for d in sorted(subfolders):
                     link = os.path.join(where, d)
                     if not os.path.islink(link):
+                        entered.append(d)
                         continue
                     target = Path(os.path.realpath(link))
                     if inside != target and inside.is_relative_to(target):
@@ -490,8 +490,7 @@ def _images_and_folders(folder: Path) -> tuple[list[Path], set[str]]:
                                         "itself: its other images would be listed too "
                                         "(remove the link)")  # fmt: skip
                     links.append(link)
-                subfolders[:] = sorted(d for d in subfolders
-                                       if not os.path.islink(os.path.join(where, d)))  # fmt: skip
+                subfolders[:] = entered
                 found += [Path(where, f) for f in files]
         tops = sorted(links)
     images = []
