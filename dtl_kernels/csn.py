@@ -204,7 +204,8 @@ class PlannedPass:
 #: without autograd (which keeps tap inputs anyway), pending tap inputs are computed at once
 #: rather than held for the next add-back once they hold more than this many bytes
 PENDING_BYTES = 64 * 2**20
-FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+#: β's bound (the kernels compute in float32 at least; adapters and --beta share it)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class CompactSideNetwork(nn.Module):

@@ -22,6 +22,7 @@ from torch import nn
 from .._io import atomic_write
 from .._untrusted import parse_json
 from .._version import __version__
+from ..csn import FLOAT32_MAX
 from .adapter_description import check_description, class_names_problem
 from .adapter_state import AdapterError
 from .choices import HEAD_MODES, LIMITS, METHODS
@@ -161,7 +162,6 @@ def _as_timm(preprocessing: dict) -> dict:
 
 
 CSN_FIELDS = ("rank", "beta", "tap_from", "adapt_from", "conv_kernel")  # CSNConfig's
-_FP32_MAX = 3.4028234663852886e38
 _MAX_LORA_TARGETS, _MAX_NAME = 64, 256
 
 
@@ -305,7 +305,7 @@ def _check_csn_fields(method: str, csn: dict | None, fail) -> None:
                 f"{low}…{LIMITS[key]}"
             )
     beta = csn.get("beta")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not abs(beta) <= _FP32_MAX:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not abs(beta) <= FLOAT32_MAX:
         fail(f"config 'csn.beta' is {_short(beta)}, expected a finite float32 number")
     if (csn["conv_kernel"] == 0) != (method == "dtl"):
         fail(f"config 'csn.conv_kernel' is {csn['conv_kernel']} for method {method!r}")

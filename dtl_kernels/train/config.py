@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .._untrusted import shown
+from ..csn import FLOAT32_MAX
 from ..models import METHODS, lora
 from ..models.adapter_description import MAX_SIZE, resize_side
 from ..models.choices import LIMITS
@@ -250,7 +251,6 @@ _INT_MAXIMUM = {
     "num_classes": LIMITS["num_classes"],  # an adapter's limit, so that every run saves one
     "grad_accum": 2**16,
 }  # fmt: skip
-_FP32_MAX = 3.4028234663852886e38
 # option → largest allowed value of floats the optimiser applies in float32 arithmetic (AdamW's
 # step is lr / (1 - β₁) and its decay factor 1 - lr·weight_decay: both must stay finite)
 _FLOAT_MAXIMUM = {"lr": 1e30, "weight_decay": 1e6, "ddp_timeout": 1e9}
@@ -290,7 +290,7 @@ def _check_rates(c: TrainConfig) -> None:
             raise ValueError(f"{_flag(name)} must be in [0, 1), got {getattr(c, name)}")
     if c.ddp_timeout <= 0:
         raise ValueError(f"--ddp-timeout must be > 0 seconds, got {c.ddp_timeout}")
-    if c.beta is not None and abs(c.beta) > _FP32_MAX:
+    if c.beta is not None and abs(c.beta) > FLOAT32_MAX:
         raise ValueError(f"--beta must fit the kernels' float32 (|beta| ≤ 3.4e38), got {c.beta}")
 
 
