@@ -280,8 +280,7 @@ std::tuple<at::Tensor, at::Tensor> side_step_impl(
   // what autograd keeps for ∂downs (no effect on values): a floating dtype the kernels
   // compute in, or ∂downs would come from inputs rounded to integers (or to float8's 3 bits)
   const auto saved = save_dtype.value_or(at::kFloat);
-  TORCH_CHECK(saved == at::kFloat || saved == at::kDouble || saved == at::kHalf ||
-                  saved == at::kBFloat16,
+  TORCH_CHECK(is_kernel_float(saved),
               msg("dtl_kernels::side_step: save_dtype must be a floating dtype (float32, "
                   "float64, float16 or bfloat16), got ", saved));
   // also here: inference_mode skips the autograd kernel, which checks this first
