@@ -100,9 +100,11 @@ def fake_cuda_driver(arch: int = 90, keep_calls: bool = True):
     saved = ts._require_launchable, driver._active  # reset_active() would look for a GPU
     driver.set_active(fake)
     ts._require_launchable = lambda x: None
+    ts._register_launchers(cpu=True)  # the ops take CPU tensors meanwhile
     try:
         yield fake
     finally:
+        ts._register_launchers(cpu=ts._CPU)
         # forget the kernels compiled meanwhile while the fake driver is still active, and
         # mark every kernel it loaded as unloaded first (wherever it is still held): Triton
         # 3.8 unloads a collected kernel's module through the driver active then, which

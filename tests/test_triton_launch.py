@@ -66,11 +66,12 @@ def _worker() -> dict:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from triton_fake_driver import FakeCudaDriver, fake_cuda_driver
 
-    from dtl_kernels.ops import triton_kernels, triton_launch
+    from dtl_kernels.ops import step, triton_kernels, triton_launch
     from dtl_kernels.ops import triton_side as ts
 
     torch.manual_seed(0)
-    report = {"triton": triton.__version__, "enabled": triton_launch.ENABLED}
+    report = {"triton": triton.__version__, "enabled": triton_launch.ENABLED,
+              "launcher path": ts.LAUNCHER_PATH}  # fmt: skip
     if not triton_launch.ENABLED:
         return report
     y, taps, ups = torch.randn(2, 5, 16), torch.randn(2, 5, 4), torch.randn(16, 4)
@@ -216,7 +217,26 @@ def _worker() -> dict:
                 ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
         report["enabled after"] = triton_launch.ENABLED
         report["disabled"] = {"vias": [_via(c) for c in fake.calls]}
+
+        # 8. Through the ops, as a model's walk calls them (bench_host.py's Triton
+        # providers): the recorder registers the launchers as the ops' CPU kernels too
+        ts._SPECS.clear()
+        fake.calls.clear()
+        yy, uu = y.clone().requires_grad_(), ups.clone().requires_grad_()
+        out, _ = step.side_step(yy, torch.zeros_like(taps), [], [], 0, uu, None, None, 0,
+                                100.0, "triton")  # fmt: skip
+        out.sum().backward()
+        with torch.no_grad():
+            step.side_step_(y, taps.clone(), [], [], 0, ups, None, None, 0, 100.0, "triton")
+        report["ops"] = {"launches": [c[0] for c in fake.calls],
+                         "grads": [yy.grad is not None, uu.grad is not None]}  # fmt: skip
     report["fake stream"] = FakeCudaDriver.STREAM
+    # and afterwards CPU tensors are refused again (no interpreter in this process)
+    try:
+        step.side_step_(y, taps.clone(), [], [], 0, ups, None, None, 0, 100.0, "triton")
+        report["refused after"] = "not refused"
+    except RuntimeError as e:
+        report["refused after"] = "CUDA tensors" in str(e)
     # nothing compiled under the fake driver is left for a real launch to find
     report["left behind"] = {
         "specs": len(ts._SPECS),
@@ -234,11 +254,13 @@ def _worker() -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def _run_worker(pythonpath: list[str], tmp_path) -> dict:
+def _run_worker(pythonpath: list[str], tmp_path, **extra_env: str) -> dict:
     pytest.importorskip("triton")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath), PYTHONWARNINGS="ignore")
     env.pop("TRITON_INTERPRET", None)
     env.pop("DTL_KERNELS_TRITON_DIRECT", None)
+    env.pop("DTL_KERNELS_DIRECT", None)
+    env.update(extra_env)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     proc = subprocess.run(
         [sys.executable, __file__, "--worker"], env=env, capture_output=True, text=True,
@@ -278,6 +300,8 @@ def _check(report: dict) -> None:
     # while the hook was there), then directly
     assert report["hook"] == {"vias": ["jit"] * 4 + ["direct"], "hook handed": 3}
     assert report["disabled"]["vias"] == ["jit", "jit"] and report["enabled after"]
+    assert report["ops"] == {"launches": [fwd, bwd, finish, fwd], "grads": [True, True]}
+    assert report["refused after"] is True
     assert report["debug"] == {"vias": ["jit", "jit"], "instrumented counts as default": False,
                                "default again": True}  # fmt: skip
     assert report["cache dropped"] == {"vias": ["jit", "direct", "direct"], "same handle": True,
@@ -287,6 +311,14 @@ def _check(report: dict) -> None:
 
 def test_direct_launches_pass_what_the_jit_passes(tmp_path):
     _check(_run_worker([str(ROOT)], tmp_path))
+
+
+def test_the_same_without_the_bridge(tmp_path):
+    """The launchers registered through torch.library (``_C_bind`` left out) instead of the
+    bridge: the same launches, and the recorder's CPU kernels come and go the same way."""
+    report = _run_worker([str(ROOT)], tmp_path, DTL_KERNELS_DIRECT="0")
+    assert report["launcher path"] == "torch.library"
+    _check(report)
 
 
 def test_direct_launches_with_the_gpu_machines_triton(tmp_path):

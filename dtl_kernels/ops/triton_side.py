@@ -334,16 +334,35 @@ _LIB.define(f"triton_side_backward{_SCHEMA.replace('Tensor y', 'Tensor grad_out'
             "-> (Tensor, Tensor, Tensor)")  # fmt: skip
 #: how the launchers are registered: "bridge" (_C_bind) or "torch.library"
 LAUNCHER_PATH = "bridge" if hasattr(_ext.BINDING, "register_launchers") else "torch.library"
-# CPU tensors only where the interpreter defined the kernels: a CPU call is refused before
-# a step writes its taps (csrc/step.cpp), and by the dispatcher for a direct call
+_CPU_LIB: torch.library.Library | None = None  # torch.library path: the CPU kernels
+
+
+def _register_launchers(cpu: bool) -> None:
+    """The launchers as the ops' CUDA kernels, and as their CPU kernels with ``cpu``: where
+    the interpreter defined the kernels (else a CPU call is refused before a step writes its
+    taps, csrc/step.cpp, and by the dispatcher for a direct call), or while the benchmarks'
+    recording driver stands in for a GPU (``benchmarks/triton_fake_driver.py``). Called
+    again, it replaces what the last call registered."""
+    global _CPU_LIB
+    if LAUNCHER_PATH == "bridge":  # (the bridge replaces a pair it registered before)
+        _ext.BINDING.register_launchers("triton_side_forward", side_fwd,
+                                        "triton_side_backward", side_bwd, cpu)  # fmt: skip
+        return
+    if _CPU_LIB is not None:
+        _CPU_LIB._destroy()
+        _CPU_LIB = None
+    if cpu:
+        _CPU_LIB = torch.library.Library("dtl_kernels", "IMPL")
+        _CPU_LIB.impl("triton_side_forward", side_fwd, "CPU")
+        _CPU_LIB.impl("triton_side_backward", side_bwd, "CPU")
+
+
+if LAUNCHER_PATH == "torch.library":  # the CUDA kernels, once (the CPU ones just above)
+    _LIB.impl("triton_side_forward", side_fwd, "CUDA")
+    _LIB.impl("triton_side_backward", side_bwd, "CUDA")
+#: whether the launchers are the ops' CPU kernels too (as imported: under the interpreter)
 _CPU = triton is not None and _interpreted()
-if LAUNCHER_PATH == "bridge":
-    _ext.BINDING.register_launchers("triton_side_forward", side_fwd, "triton_side_backward",
-                                    side_bwd, _CPU)  # fmt: skip
-else:
-    for _key in ("CUDA", "CPU") if _CPU else ("CUDA",):
-        _LIB.impl("triton_side_forward", side_fwd, _key)
-        _LIB.impl("triton_side_backward", side_bwd, _key)
+_register_launchers(_CPU)
 _forward_op = torch.ops.dtl_kernels.triton_side_forward.default
 _backward_op = torch.ops.dtl_kernels.triton_side_backward.default
 
