@@ -121,6 +121,33 @@ class _LiveBytes(TorchDispatchMode):
         return out
 
 
+def _step_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    """The device the simulated step runs on: ``device`` (``cpu:0`` is the CPU: CPU tensors
+    carry no index), else the model's; a model with real tensors must be on it (``cuda``
+    names the device of a model on ``cuda:1``), one built on meta goes anywhere (default:
+    the CPU)."""
+    want = None if device is None else torch.device(device)
+    if want is not None and want.type == "meta":
+        raise ValueError("device: the simulated step needs a real device type (cpu, cuda)")
+    if want is not None and want.type == "cpu":
+        want = torch.device("cpu")
+    tensors = (*model.parameters(), *model.buffers())
+    real = {t.device for t in tensors if not t.is_meta}
+    if not real:
+        return want or torch.device("cpu")
+    if len(real) > 1:
+        names = ", ".join(sorted(str(d) for d in real))
+        raise ValueError(f"the model's tensors are on several devices ({names}): "
+                         "estimate_memory simulates a step on one")  # fmt: skip
+    (have,) = real
+    if want is not None and (
+        want.type != have.type or (want.index is not None and want.index != have.index)
+    ):
+        raise ValueError(f"the model's tensors are on {have}, not on device={want}: build it "
+                         "there or on 'meta'")  # fmt: skip
+    return have
+
+
 def _fake_copy(model: nn.Module, device: torch.device):
     """``(mode, fake)``: a copy of ``model`` whose tensors are fake (shapes, dtypes, no
     data). Tensors on the meta device (a model built with ``device="meta"``) become fake
@@ -210,12 +237,7 @@ def estimate_memory(
     param = next(model.parameters(), None)
     if param is None:
         raise ValueError("the model has no parameters: nothing to train")
-    on = param.device if param.device.type != "meta" else torch.device("cpu")
-    device = torch.device(device) if device is not None else on
-    if device.type == "meta":
-        raise ValueError("device: the simulated step needs a real device type (cpu, cuda)")
-    if any(t.device.type != device.type and not t.is_meta for t in model.parameters()):
-        raise ValueError(f"the model has tensors off {device}: build it there or on 'meta'")
+    device = _step_device(model, device)
     mode, fake = _fake_copy(model, device)
     fake.train()
     params = list(fake.parameters())

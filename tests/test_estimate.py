@@ -92,6 +92,18 @@ def test_bad_arguments():
         estimate_memory(model, 2, 112, num_classes=1000)  # was ignored
 
 
+def test_the_device_argument_names_the_models_device_or_says_where_it_is(one_thread):
+    """``cpu:0`` / ``cpu:1`` are the CPU (CPU tensors carry no index: both failed inside
+    the simulation with a message that blamed the model); another device type is refused
+    naming where the model's tensors are."""
+    model = create_model("vit_small_patch16_224", "dtl", num_classes=3, img_size=112)
+    base = estimate_memory(model, 2, 112)
+    for device in ("cpu", "cpu:0", "cpu:1", torch.device("cpu", 1)):
+        assert estimate_memory(model, 2, 112, device=device) == base
+    with pytest.raises(ValueError, match=r"on cpu, not on device=cuda"):
+        estimate_memory(model, 2, 112, device="cuda")
+
+
 def test_many_micro_batches_cost_two_and_give_their_peak(one_thread, monkeypatch):
     """grad_accum=10**6 simulated a million micro-batches a step (days); the peak is
     reached by the second, so two a step give it for any number."""
