@@ -78,6 +78,11 @@ def test_bad_arguments_are_refused_by_name():
         fwd(y, 1 << 70, torch.float32)
     with pytest.raises(TypeError, match="accumulator dtype must be a torch.dtype"):
         fwd(y, 0, "float32")
+    for acc in (torch.uint8, torch.bfloat16, torch.complex64):  # no accumulator of theirs
+        with pytest.raises(ValueError, match="must be torch.float32 or torch.float64, got"):
+            fwd(y, 4, acc)
+        with pytest.raises(ValueError, match="must be torch.float32 or torch.float64, got"):
+            bwd(y, taps, ups, None, False, 10, 0, acc)
     good = (y, taps, ups, None, False, 10, 0, torch.float32)
     with pytest.raises(TypeError, match="takes 8 arguments"):
         bwd(*good[:7])

@@ -39,9 +39,14 @@ int64_t size_at(PyObject* const* args, Py_ssize_t j, const char* fn, const char*
   return static_cast<int64_t>(v);
 }
 
+// The launchers accumulate in float32 (float64 for float64 tensors): nothing else is an
+// accumulator (a uint8 or complex one would allocate a buffer the kernels misread).
 at::ScalarType dtype_at(PyObject* const* args, Py_ssize_t j, const char* fn) {
   TORCH_CHECK_TYPE(THPDtype_Check(args[j]), fn, ": the accumulator dtype must be a torch.dtype");
-  return reinterpret_cast<THPDtype*>(args[j])->scalar_type;
+  const at::ScalarType acc = reinterpret_cast<THPDtype*>(args[j])->scalar_type;
+  TORCH_CHECK_VALUE(acc == at::kFloat || acc == at::kDouble, fn,
+                    ": the accumulator dtype must be torch.float32 or torch.float64, got ", acc);
+  return acc;
 }
 
 at::Tensor empty_contiguous(const at::Tensor& like) {
