@@ -774,6 +774,23 @@ def test_adapter_backbone_fingerprint(tmp_path):
     load_adapter(other, old_format)  # written before fingerprints: nothing to compare
 
 
+def test_a_random_backbones_adapter_says_what_rebuilds_it(tmp_path):
+    """An adapter trained on random backbone weights (pretrained "none") is refused by a
+    model whose random weights differ -- a bf16 backbone's random init runs in bf16, so
+    float32 with the same seed differs -- and the message says what rebuilds them."""
+    kw = dict(num_classes=3, pretrained=False, img_size=32)
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", "dtl", backbone_dtype=torch.bfloat16, **kw)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    load_adapter(create_model("vit_tiny_patch16_224", "dtl", backbone_dtype=torch.bfloat16,
+                              **kw), path)  # fmt: skip
+    torch.manual_seed(0)
+    fp32 = create_model("vit_tiny_patch16_224", "dtl", **kw)
+    with pytest.raises(ValueError, match="RANDOM backbone: only the same seed and backbone "):
+        load_adapter(fp32, path)
+
+
 def test_adapter_with_non_finite_values_is_refused(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file

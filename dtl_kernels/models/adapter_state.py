@@ -115,7 +115,10 @@ class AdapterState:
             raise AdapterError(f"adapter {source} does not fit this model: " + "; ".join(diffs))
         self._check_input_size(info.get("preprocessing"), source)
         self._check_adapter_tensors(tensors, source)
-        self._check_backbone_fingerprint(info.get("backbone_sha256"), source, backbone_mismatch)
+        origin = info.get("model")
+        random = isinstance(origin, dict) and origin.get("pretrained") == "none"
+        self._check_backbone_fingerprint(info.get("backbone_sha256"), source, backbone_mismatch,
+                                         random)  # fmt: skip
         own = self.state_dict()
         with torch.no_grad():
             for k, v in tensors.items():
@@ -151,7 +154,10 @@ class AdapterState:
                 f"adapter {source} holds NaN or infinite values in {bad[:8]} (in the model's dtype)"
             )
 
-    def _check_backbone_fingerprint(self, theirs: str | None, source: str, on_mismatch: str):
+    def _check_backbone_fingerprint(self, theirs: str | None, source: str, on_mismatch: str,
+                                    random: bool = False):  # fmt: skip
+        """``random``: the adapter says its backbone had random weights (pretrained
+        "none"), which only the same seed and build reproduce."""
         ours = self.backbone_fingerprint()
         if theirs is None or ours is None or theirs == ours:
             return
@@ -165,6 +171,11 @@ class AdapterState:
             "load it anyway (a float16 backbone's adapter matches float16 / float32 copies of "
             "its weights, not bfloat16 ones)"
         )
+        if random:  # timm's init runs in the kept dtype there (models/materialize.py)
+            message += (
+                ". It was trained on a RANDOM backbone: only the same seed and backbone "
+                "dtype rebuild it (dtl-train: --seed, --backbone-dtype)"
+            )
         if on_mismatch == "error":
             raise AdapterError(message)
         warnings.warn(message, stacklevel=4)
