@@ -422,8 +422,9 @@ class CompactSideNetwork(nn.Module):
     def _select_backend(self, z: torch.Tensor) -> str:
         """:func:`side.select` for tensors like ``z``, remembered per device, dtype, request:
         selecting costs more host time than a tap (every forward pass). Compiling,
-        exporting and tracing select anew (export picks the reference formulation)."""
-        if _tracing():  # traced once; no cache for the graph to guard on
+        exporting and tracing select anew (export picks the reference formulation), and so
+        do functorch transforms (``vmap``, ``grad``: ``auto`` picks it there too)."""
+        if _tracing() or side.transformed():  # (traced once: no cache for a graph to guard)
             return side.select(z, self.backend, conv_weight=self._any_conv())
         key = (z.device, z.dtype, self.backend, _env.get(side.BACKEND_ENV))
         name = self._selected.get(key)

@@ -63,6 +63,39 @@ def test_auto_picks_the_reference_while_exporting(monkeypatch, exporter):
     assert side.select(x, "cpu") == "cpu"  # a backend asked for by name stays asked for
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, for timm's SDPA
+@pytest.mark.parametrize("method", ["dtl", "dtl+"])
+def test_functorch_transforms_run_the_reference_formulation(method):
+    """``torch.func.vmap`` / ``grad`` (per-sample gradients): ``auto`` takes the reference
+    formulation there (the fused ops have no batching rule, and a C++ autograd function
+    cannot run under these transforms: both raised); the eager model keeps its fused
+    backend after (the selection under a transform is not remembered)."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    m = create_model(VIT, method, 3, img_size=32, adapt_from=10).eval()
+    for p in m.csn.parameters():  # B = 0 at init: make the side network count
+        torch.nn.init.normal_(p, std=0.05)
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        eager = m(x)
+        mapped = vmap(lambda xi: m(xi[None])[0])(x)
+    torch.testing.assert_close(mapped, eager, rtol=1e-5, atol=1e-6)
+    params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+
+    def loss(p, xi, yi):
+        return torch.nn.functional.cross_entropy(functional_call(m, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(len(x)):  # each against the fused backward of that image alone
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(x[i : i + 1]), y[i : i + 1]).backward()
+        for name, p in m.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(per_sample[name][i], p.grad, rtol=1e-4, atol=1e-6)
+    assert m.csn._select_backend(x) == side.select(x) != "reference"  # fused, plain eager
+
+
 def test_hf_trainer_checkpoints_hold_only_the_adapter(model, tmp_path):
     pytest.importorskip("transformers")
     from transformers import TrainingArguments

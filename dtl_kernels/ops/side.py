@@ -190,6 +190,8 @@ def select(
     name = requested if requested != "auto" else _env.get(BACKEND_ENV, "auto")
     if name == "auto" and exporting():  # ONNX / torch.export know no custom op: plain aten
         return "reference"
+    if name == "auto" and transformed():  # the fused ops cannot run there: plain aten
+        return "reference"
     if name == "auto":
         conv = args.conv_weight if args is not None else conv_weight
         for candidate in _auto_order(x, conv):
@@ -202,6 +204,13 @@ def select(
     if not BACKENDS[name].runs(x):
         raise _ext.BackendUnavailable(BACKENDS[name].why_not(x))
     return name
+
+
+def transformed() -> bool:
+    """Is a functorch transform active (``torch.func.vmap``, ``grad``, ``jacrev``: e.g.
+    per-sample gradients)? The fused ops have no batching rule, and autograd functions
+    written in C++ cannot run under these transforms; the reference formulation can."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def exporting() -> bool:
