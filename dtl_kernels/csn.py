@@ -361,14 +361,19 @@ class CompactSideNetwork(nn.Module):
             return
         if down.dtype != z.dtype and not torch.is_autocast_enabled(z.device.type):
             down = down.to(z.dtype)  # a low-precision frozen backbone (backbone_dtype)
-        keeps_z = torch.is_grad_enabled() and down.requires_grad  # only ∂A needs z
-        low = self.trunk_dtype
-        if low is not None and keeps_z and not z.requires_grad and z.dtype != low:
-            t = memory.low_precision_tap(z, down, low)
-        else:
-            t = reference.tap(z, down)
+        t = self._tap_value(z, down)
         up = self._param("up", self._keys[i])
         state.h = reference.accumulate(state.h, t, up if up.dtype == t.dtype else up.to(t.dtype))
+
+    def _tap_value(self, z: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """``z · downᵀ`` as separate PyTorch calls, keeping ``z`` in :attr:`trunk_dtype` for
+        ``∂A`` where autograd keeps it for nothing else (the memory option; the one-call
+        step does the same through its ``save_dtype``)."""
+        low = self.trunk_dtype
+        keeps_z = torch.is_grad_enabled() and down.requires_grad  # only ∂A needs z
+        if low is not None and keeps_z and not z.requires_grad and z.dtype != low:
+            return memory.low_precision_tap(z, down, low)
+        return reference.tap(z, down)
 
     def _start_stage(self, state: SideState, stage: int, z: torch.Tensor) -> None:
         """At a stage's first tap: a fresh side state for it and, on a fused backend, the
@@ -586,7 +591,7 @@ class CompactSideNetwork(nn.Module):
         :func:`~dtl_kernels.ops.step.side_step` does in one call)."""
         col = state.first_col
         for z, down in zip(state.inputs, state.downs, strict=True):
-            t = reference.tap(z.to(state.taps.dtype), down.to(state.taps.dtype))
+            t = self._tap_value(z.to(state.taps.dtype), down.to(state.taps.dtype))
             end = col + t.shape[-1]
             state.taps = torch.slice_scatter(state.taps, t, dim=-1, start=col, end=end)
             col = end

@@ -183,6 +183,37 @@ def test_matches_reference_forward_backward(family, opts):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
 
 
+@pytest.mark.parametrize("family, k", [("efficientnet", 3), ("efficientnet", 5), ("convnext", 3)])
+def test_channels_last_and_eval_passes_match_the_reference(family, k):
+    """What dtl-train runs on a CNN by default (``make demo``: EfficientNet DTL+ in
+    channels_last) and what prediction runs: a training pass with gradients, and
+    ``no_grad`` / ``inference_mode`` passes at batch 2 and 1, against SPEC's formulation."""
+    torch.manual_seed(0)
+    m = tiny_cnn(family, num_classes=3, conv_kernel=k).double()
+    with torch.no_grad():
+        for b in m.csn.up.values():
+            b.normal_(0, 0.5)  # B != 0 so the side network matters
+    m = m.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64).to(memory_format=torch.channels_last)
+    target = torch.tensor([0, 2])
+    params = [p for p in m.parameters() if p.requires_grad]
+    m.train()
+    out = m(x)
+    grads = torch.autograd.grad(F.cross_entropy(out, target), params)
+    ref = reference_forward(m, x)
+    ref_grads = torch.autograd.grad(F.cross_entropy(ref, target), params)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
+    m.eval()
+    for images in (x, x[:1]):
+        with torch.no_grad():
+            ref = reference_forward(m, images)
+            torch.testing.assert_close(m(images), ref, rtol=1e-9, atol=1e-10)
+        with torch.inference_mode():
+            torch.testing.assert_close(m(images), ref, rtol=1e-9, atol=1e-10)
+
+
 def reference_forward_without_side(m: DTLConvNet, x: torch.Tensor) -> torch.Tensor:
     stem, stages, head = _reference_parts(m)
     z = stem(x)

@@ -12,6 +12,7 @@ import torch
 from tiny_models import SWIN, TINY_SWIN
 
 from dtl_kernels import create_model
+from dtl_kernels.ops import side
 
 
 @pytest.fixture(autouse=True)
@@ -115,6 +116,18 @@ def test_options_save_memory(family):
     images = torch.randn(2, 3, 64, 64)
     plain = saved_bytes(build(family), images)
     assert saved_bytes(build(family, checkpoint_tail=True), images) < plain
+    assert saved_bytes(build(family, trunk_dtype="bfloat16"), images) < plain
+
+
+def test_trunk_dtype_applies_on_the_python_step_too(family, monkeypatch):
+    """A backend without the one-call step (``side.has_step`` false: an install without
+    the CPU extension's step, or shapes a kernel does not take) runs the step as separate
+    calls; ``trunk_dtype`` keeps the trunk taps' inputs in bf16 there too (it was ignored:
+    the same bytes saved as without it)."""
+    monkeypatch.setattr(side, "has_step", lambda name: False)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 64, 64)
+    plain = saved_bytes(build(family), images)
     assert saved_bytes(build(family, trunk_dtype="bfloat16"), images) < plain
 
 
