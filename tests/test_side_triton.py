@@ -36,7 +36,7 @@ from side_cases import BY_NAME, CASES, compare, inputs, references, run_autograd
 INTERPRETED = [c.name for c in CASES if not c.big]
 # Extra checks of the worker, beyond accuracy.
 EXTRA = ("deterministic", "opcheck-dtl", "opcheck-dtl+", "bad-inputs", "k-zero-refused",
-         "launch-spec-cache", "temporaries", "model-dtl", "model-dtl+",
+         "launch-spec-cache", "temporaries", "model-dtl", "model-dtl+", "model-swin-dtl+",
          "step-gradcheck")  # fmt: skip
 
 
@@ -107,22 +107,28 @@ def _check_extra(name):
     if name == "temporaries":  # the backward allocates exactly what plan() reports
         return _check_temporaries()
     if name.startswith("model-"):  # a whole model on Triton (one side_step per add-back)
-        return _check_model(conv_kernel=3 if name.endswith("+") else 0)
+        return _check_model(conv_kernel=3 if name.endswith("+") else 0, swin="swin" in name)
     if name == "step-gradcheck":  # side_step with the Triton kernels, float64
         return _check_step_gradcheck()
     raise KeyError(name)
 
 
-def _check_model(conv_kernel: int):
-    """A tiny DTLViT (DTL / DTL+) with the Triton kernels equals the reference backend:
-    logits and every trainable gradient, float32."""
-    import timm
-
-    from dtl_kernels import DTLViT
+def _check_model(conv_kernel: int, swin: bool = False):
+    """A tiny DTLViT (DTL / DTL+; or DTLSwin, DTL+ over several stages) with the Triton
+    kernels equals the reference backend, float32: logits and every trainable gradient of
+    a training pass, and the logits of a ``no_grad`` pass (batch 2) and an
+    ``inference_mode`` one (batch 1): the in-place step, the next block's tap folded in."""
+    from dtl_kernels import create_model
 
     torch.manual_seed(0)
-    backbone = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=0)
-    model = DTLViT(backbone, conv_kernel=conv_kernel, adapt_from=3, num_classes=4)
+    if swin:
+        model = create_model("swin_tiny_patch4_window7_224", "dtl+", 4, img_size=32,
+                             window_size=2, depths=(1, 1, 2, 1), embed_dim=8,
+                             num_heads=(1, 1, 2, 2), tap_from=1, adapt_from=3,
+                             drop_path_rate=0.0, conv_kernel=conv_kernel)  # fmt: skip
+    else:
+        model = create_model("vit_tiny_patch16_224", "dtl+" if conv_kernel else "dtl", 4,
+                             img_size=32, adapt_from=3, conv_kernel=conv_kernel)  # fmt: skip
     with torch.no_grad():
         for p in model.csn.up.values():
             p.normal_(0, 0.05)
@@ -130,15 +136,26 @@ def _check_model(conv_kernel: int):
     results = {}
     for backend in ("reference", "triton"):
         model.csn.backend = backend
+        model.train()
         model.zero_grad(set_to_none=True)
         logits = model(x)
         logits.square().sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[backend] = (logits.detach(), grads)
-    (ref_out, ref_g), (tri_out, tri_g) = results["reference"], results["triton"]
-    worst = {"logits": (tri_out - ref_out).abs().max().item() / ref_out.abs().max().item()}
-    for n, g in ref_g.items():
-        worst[n] = (tri_g[n] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+        model.eval()
+        evals = {}
+        with torch.no_grad():
+            evals["no_grad b2"] = model(x)
+        with torch.inference_mode():
+            evals["inference_mode b1"] = model(x[:1]).clone()
+        results[backend] = (logits.detach(), grads, evals)
+    (ref_out, ref_g, ref_e), (tri_out, tri_g, tri_e) = results["reference"], results["triton"]
+
+    def rel(a, b):
+        return (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12)
+
+    worst = {"logits": rel(tri_out, ref_out)}
+    worst.update({n: rel(tri_g[n], g) for n, g in ref_g.items()})
+    worst.update({n: rel(tri_e[n], e) for n, e in ref_e.items()})
     ok = set(ref_g) == set(tri_g) and max(worst.values()) < 1e-4
     return ok, {"worst relative error": max(worst.values()), "grads": len(ref_g)}
 
