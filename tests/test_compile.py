@@ -57,6 +57,27 @@ def test_training_step_compiles_to_one_graph(conv_kernel, autocast):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["efficientnet", "convnext"])
+def test_cnn_training_step_in_channels_last_compiles_to_one_graph(family):
+    """What ``dtl-train --compile`` runs on a CNN (channels_last, DTL+): one graph, equal to
+    eager (which tests/test_convnet.py holds to SPEC's formulation)."""
+    from test_convnet import tiny_cnn
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = tiny_cnn(family, num_classes=3, conv_kernel=3)
+    with torch.no_grad():
+        for p in model.csn.up.values():
+            p.normal_(0, 0.5)
+    model = model.to(memory_format=torch.channels_last).train()
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    eager = _step(model, model, x)
+    compiled = _step(torch.compile(model, fullgraph=True, backend="aot_eager"), model, x)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_inference_compiles_with_inductor():
     torch._dynamo.reset()
     model = _model(3, depth=3).eval()
