@@ -86,7 +86,7 @@ def list_checkpoints(output: str | Path) -> list[Path]:
     folder = checkpoint_dir(output)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.fullmatch(p.name))]
+    found = [(n, p) for p in folder.iterdir() if (n := epoch_of(p)) is not None]
     return [p for _, p in sorted(found)]
 
 
@@ -164,9 +164,25 @@ def save_checkpoint(
         _read(Path(tmp))  # never publish a file that does not read back
 
     atomic_write(path, write)
-    for old in list_checkpoints(output)[:-keep]:
-        old.unlink(missing_ok=True)
+    # the newest checkpoint of an epoch without skipped (non-finite) steps is never rotated
+    # out: a later one may hold weights that are finite yet diverge on every batch
+    files = list_checkpoints(output)
+    vouched = [f for f in files if epoch_of(f) in clean_epochs(metrics)]
+    for old in files[:-keep]:
+        if not vouched or old != vouched[-1]:
+            old.unlink(missing_ok=True)
     return path
+
+
+def clean_epochs(rows: list[dict]) -> set[int]:
+    """The epochs of ``rows`` (metrics rows) that skipped no step as non-finite."""
+    return {r.get("epoch") for r in rows if not r.get("skipped_steps")}
+
+
+def epoch_of(path: Path) -> int | None:
+    """The epoch a checkpoint's file name says (``None``: not a checkpoint's name)."""
+    m = _NAME.fullmatch(path.name)
+    return int(m.group(1)) if m else None
 
 
 def _read(path: Path) -> dict:
@@ -187,6 +203,10 @@ def _read(path: Path) -> dict:
     problem = _payload_problem(payload)
     if problem:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    named = epoch_of(path)
+    if named is not None and named != payload["epoch"]:  # (a copy renamed: not this run's)
+        raise CheckpointError(f"checkpoint {path} holds epoch {payload['epoch']}, not the "
+                              f"epoch {named} its name says; remove or rename it")  # fmt: skip
     return payload
 
 

@@ -331,7 +331,7 @@ def _epochs(
             say(f"epoch {epoch + 1}: skipped {row['skipped_steps']} step(s) with a non-finite "
                 "loss or gradient")  # fmt: skip
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            done.test_loss, done.test_acc = _evaluate(cfg, d, s, feed)
+            done.test_loss, done.test_acc = _evaluate(cfg, d, s, feed, opt.log.rows)
             row.update(test_loss=done.test_loss, test_acc=done.test_acc)
         opt.log.append(row)
         say(_epoch_line(cfg, epoch, row, row["images_per_s"]))
@@ -367,7 +367,9 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
         if result is None:
             skipped += 1
             if step.bad_streak > cfg.max_nonfinite_steps:
-                raise DivergenceError(divergence_message(cfg, epoch, step, Path(cfg.output)))
+                raise DivergenceError(
+                    divergence_message(cfg, epoch, step, Path(cfg.output), opt.log.rows)
+                )
             continue
         loss, hits = result
         n = sum(len(y) for _, y in group)
@@ -383,8 +385,9 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
             )
     train_time = time.time() - t0
     loss_sum, correct, seen = d.sum(loss_sum, correct, seen)
-    check_epoch_had_a_finite_step(cfg, epoch, seen, int(skipped), Path(cfg.output))
-    check_weights_finite(s.model, cfg, epoch, Path(cfg.output))
+    check_epoch_had_a_finite_step(cfg, epoch, seen, int(skipped), Path(cfg.output),
+                                  opt.log.rows)  # fmt: skip
+    check_weights_finite(s.model, cfg, epoch, Path(cfg.output), opt.log.rows)
     return {
         "epoch": epoch + 1,
         "lr": opt.optimizer.param_groups[0]["lr"],
@@ -398,15 +401,18 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
     }
 
 
-def _evaluate(cfg: TrainConfig, d: Dist, s: setup.Setup, feed: Feed) -> tuple[float, float]:
-    """The test metrics of the model now; non-finite outputs stop the run (diverged)."""
+def _evaluate(
+    cfg: TrainConfig, d: Dist, s: setup.Setup, feed: Feed, rows: list[dict] = ()
+) -> tuple[float, float]:
+    """The test metrics of the model now; non-finite outputs stop the run (diverged).
+    ``rows``: the metrics rows so far (for the note on where to resume)."""
     try:
         return evaluate(feed.eval_net, feed.test_data, s.local_batch, d, s.autocast,
                         s.channels_last, feed.eval_workers)  # fmt: skip
     except DivergenceError as exc:
         raise DivergenceError(
             f"training diverged: {exc}. No adapter was written; "
-            f"{outputs.last_checkpoint_note(Path(cfg.output))}. Lower --lr (now {cfg.lr})"
+            f"{outputs.last_checkpoint_note(Path(cfg.output), rows)}. Lower --lr (now {cfg.lr})"
         ) from None
 
 

@@ -116,12 +116,22 @@ def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg, da
     log.write()
 
 
-def last_checkpoint_note(out: Path) -> str:
-    """Where a stopped run can ``--resume`` from (for the divergence errors)."""
+def last_checkpoint_note(out: Path, rows: list[dict] = ()) -> str:
+    """Where a stopped run can ``--resume`` from (for the divergence errors); ``rows``: the
+    metrics rows so far (which epochs skipped non-finite steps)."""
     files = ckpt.list_checkpoints(out)
     if not files:
         return "no checkpoint was written before"
-    return f"the last finite checkpoint is {files[-1]} (--resume continues from it)"
+    clean = [f for f in files if ckpt.epoch_of(f) in ckpt.clean_epochs(rows)]
+    newest = files[-1]
+    if not clean or clean[-1] == newest:
+        return f"the last finite checkpoint is {newest} (--resume continues from it)"
+    return (
+        f"--resume continues from the newest checkpoint, {newest}, but its epoch skipped "
+        f"steps with a non-finite loss or gradient: should it diverge again, delete the "
+        f"checkpoints after {clean[-1]} (the newest of an epoch without skipped steps) to "
+        "resume from that one"
+    )
 
 
 # -- at the end --------------------------------------------------------------------------------

@@ -245,10 +245,13 @@ def _values(g: torch.Tensor) -> torch.Tensor:
     return g.coalesce().values() if g.layout == torch.sparse_coo else g
 
 
-def check_weights_finite(model: nn.Module, cfg: TrainConfig, epoch: int, out: Path) -> None:
+def check_weights_finite(
+    model: nn.Module, cfg: TrainConfig, epoch: int, out: Path, rows: list[dict] = ()
+) -> None:
     """After an epoch: trained weights that became non-finite, or exploded beyond
     ±:data:`EXPLODED_WEIGHT`, stop the run (a step with finite gradients can still overflow
-    them); the last checkpoint stays the last good one."""
+    them); the last checkpoint stays the last good one. ``rows``: the metrics rows so
+    far (for :func:`last_checkpoint_note`)."""
     trained = [p.detach() for p in model.parameters() if p.requires_grad]
     if not all(bool(torch.isfinite(p).all()) for p in trained):
         what = "became non-finite"
@@ -258,30 +261,33 @@ def check_weights_finite(model: nn.Module, cfg: TrainConfig, epoch: int, out: Pa
         return
     raise DivergenceError(
         f"training diverged: the trained weights {what} in epoch {epoch + 1}. No adapter was "
-        f"written; {last_checkpoint_note(out)}. Lower --lr (now {cfg.lr})"
+        f"written; {last_checkpoint_note(out, rows)}. Lower --lr (now {cfg.lr})"
     )
 
 
 def check_epoch_had_a_finite_step(
-    cfg: TrainConfig, epoch: int, seen: float, skipped: int, out: Path
+    cfg: TrainConfig, epoch: int, seen: float, skipped: int, out: Path, rows: list[dict] = ()
 ) -> None:
     """An epoch whose every step was skipped as non-finite (on all processes: ``seen`` is
     the total of trained samples) stops the run, whatever ``--max-nonfinite-steps`` says."""
     if skipped and not seen:
         raise DivergenceError(
             f"training diverged: no step of epoch {epoch + 1} had a finite loss and gradient "
-            f"({skipped} skipped here). No adapter was written; {last_checkpoint_note(out)}. "
+            f"({skipped} skipped here). No adapter was written; "
+            f"{last_checkpoint_note(out, rows)}. "
             f"Lower --lr (now {cfg.lr}) or check the data"
         )
 
 
-def divergence_message(cfg: TrainConfig, epoch: int, step: Stepper, out: Path) -> str:
+def divergence_message(
+    cfg: TrainConfig, epoch: int, step: Stepper, out: Path, rows: list[dict] = ()
+) -> str:
     """Why the run stopped after more than ``--max-nonfinite-steps`` skipped steps in a row."""
     return (
         f"training diverged: {step.bad_streak} consecutive steps with a non-finite loss or "
         f"gradient (epoch {epoch + 1}, step {step.steps} of this process; "
         f"--max-nonfinite-steps {cfg.max_nonfinite_steps}). No adapter was written; "
-        f"{last_checkpoint_note(out)}. Lower --lr (now {cfg.lr}) or check the data"
+        f"{last_checkpoint_note(out, rows)}. Lower --lr (now {cfg.lr}) or check the data"
     )
 
 

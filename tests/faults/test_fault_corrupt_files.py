@@ -46,6 +46,18 @@ def test_damaged_checkpoints(toy, tmp_path, capsys):
     assert main(resume) == 0  # falls back to epoch 1 once the bad file is gone
 
 
+def test_a_checkpoint_renamed_to_a_later_epoch_is_refused(toy, tmp_path, capsys):
+    """A copy of epoch 1's checkpoint named epoch 9: --resume took it (over the real newer
+    epoch 2) and rotation then deleted epoch 2."""
+    out = tmp_path / "run"
+    run(make_config(options(toy, out, stop_after=2)))
+    first, second = ckpt.list_checkpoints(out)
+    shutil.copy(first, first.with_name("epoch_0009.pt"))
+    line = error_of(flags(options(toy, out, resume=True)), capsys)
+    assert "epoch_0009.pt holds epoch 1, not the epoch 9 its name says" in line
+    assert second.is_file() and "delete it to resume from" in line
+
+
 # -- adapter -----------------------------------------------------------------------------------
 def rewrite_adapter(src: Path, dst: Path, edit_config=None, edit_tensors=None) -> Path:
     from safetensors import safe_open

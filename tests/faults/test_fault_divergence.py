@@ -74,6 +74,36 @@ def test_an_epoch_without_a_finite_step_stops_the_run(toy, tmp_path, monkeypatch
     assert_last_good_checkpoint_kept(out, [1])
 
 
+class NaNInSteps(NaNInEpoch):
+    """``torch.nn.functional`` whose training loss is NaN in the given steps (1-based)."""
+
+    def __init__(self, steps):
+        self.bad, self.step = set(steps), 0
+
+
+def test_a_checkpoint_of_an_epoch_that_skipped_steps_never_rotates_the_last_clean_one_out(
+    toy, tmp_path, monkeypatch, capsys
+):
+    """Epoch 2 skips one step (its weights stay finite: it is checkpointed), epoch 3 none
+    finite. With ``--keep-checkpoints 1`` epoch 2's checkpoint had deleted epoch 1's, the
+    only one to resume from when epoch 2's weights diverge on every batch."""
+    out = tmp_path / "run"
+    epoch = STEPS_PER_EPOCH
+    monkeypatch.setattr(
+        train_step, "F", NaNInSteps([epoch + 1, *range(2 * epoch + 1, 3 * epoch + 1)])
+    )
+    line = diverged(flags(options(toy, out, max_nonfinite_steps=100, keep_checkpoints=1)), capsys)
+    assert "no step of epoch 3 had a finite loss" in line
+    assert "newest checkpoint" in line and "epoch_0002.pt" in line and "skipped steps" in line
+    assert "delete the checkpoints after" in line and "epoch_0001.pt" in line
+    assert_last_good_checkpoint_kept(out, [1, 2])
+    # the next clean epoch lets the older one go as --keep-checkpoints says
+    monkeypatch.setattr(train_step, "F", F)
+    (out / "checkpoints" / "epoch_0002.pt").unlink()
+    assert main(flags(options(toy, out, resume=True, keep_checkpoints=1))) == 0
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["epoch_0003.pt"]
+
+
 @pytest.fixture
 def nan_outputs_in_eval(monkeypatch):
     """The model's outputs are NaN in evaluation (eval mode) only."""
