@@ -26,8 +26,8 @@ from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
 # .<name>.<pid>.<random>.tmp (this module) and .<name>.<random>.tmp (versions before the pid)
-_TEMP_WITH_PID = re.compile(r"\..+\.(\d+)\.[A-Za-z0-9_]{8}\.tmp")
-_TEMP_WITHOUT_PID = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+_TEMP_WITH_PID = re.compile(r"\.(.+)\.(\d+)\.[A-Za-z0-9_]{8}\.tmp")
+_TEMP_WITHOUT_PID = re.compile(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp")
 _RANDOM_CHARS = 8  # of mkstemp's names (the {8} above)
 _NAME_MAX = 255  # bytes of a file name (Linux, macOS) where the filesystem does not say
 # errors of fsync / fallocate that only mean "this filesystem does not do that"
@@ -162,9 +162,11 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def stale_temps(folder: str | os.PathLike) -> list[Path]:
+def stale_temps(folder: str | os.PathLike, owned: Callable[[str], bool]) -> list[Path]:
     """Temporary files of :func:`atomic_write` in ``folder`` whose writer process is gone
-    (or that predate the pid in the name)."""
+    (or that predate the pid in the name), of files the caller writes: ``owned(name)``
+    for the name of the file each was to become. Any other hidden ``.tmp`` file (another
+    program's, one that looks like ours) is never touched."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -174,19 +176,19 @@ def stale_temps(folder: str | os.PathLike) -> list[Path]:
             continue
         m = _TEMP_WITH_PID.fullmatch(p.name)
         if m is not None:
-            pid = int(m.group(1))
-            if pid != os.getpid() and not process_alive(pid):
+            pid = int(m.group(2))
+            if owned(m.group(1)) and pid != os.getpid() and not process_alive(pid):
                 found.append(p)
-        elif _TEMP_WITHOUT_PID.fullmatch(p.name):
+        elif (m := _TEMP_WITHOUT_PID.fullmatch(p.name)) is not None and owned(m.group(1)):
             found.append(p)
     return found
 
 
-def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
+def remove_stale_temps(*folders: str | os.PathLike, owned: Callable[[str], bool]) -> list[Path]:
     """Delete the stale temporary files (see :func:`stale_temps`) of ``folders``."""
     removed = []
     for folder in folders:
-        found = stale_temps(folder)
+        found = stale_temps(folder, owned)
         for p in found:
             p.unlink(missing_ok=True)
         if found:

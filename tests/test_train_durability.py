@@ -102,7 +102,8 @@ def test_atomic_write_takes_a_name_at_the_length_limit(tmp_path, stem, monkeypat
         stale = tmp_path / (_io._temp_prefix(path) + "ab12cd34" + _io.TEMP_SUFFIX)
     stale.write_text("partial")  # (a name past 255 bytes could not be made)
     monkeypatch.setattr(_io, "process_alive", lambda pid: False)
-    assert _io.remove_stale_temps(tmp_path) == [stale] and path.exists()
+    assert _io.remove_stale_temps(tmp_path, owned=lambda name: True) == [stale]
+    assert path.exists()
 
 
 def test_stale_temp_files_are_removed(tmp_path):
@@ -116,13 +117,17 @@ def test_stale_temp_files_are_removed(tmp_path):
             "alive": f".metrics.jsonl.{alive.pid}.ab12cd34.tmp",
             "own": f".config.json.{os.getpid()}.ab12cd34.tmp",
             "user": "notes.tmp",
+            # another program's hidden temporary files, named like ours (both were deleted)
+            "theirs": f".results.{dead}.20241207.tmp",
+            "theirs, no pid": ".draft.backup_1.tmp",
         }
         for name in names.values():
             (tmp_path / name).write_text("partial")
-        removed = _io.remove_stale_temps(tmp_path)
+        ours = {"epoch_0002.pt", "summary.json", "metrics.jsonl", "config.json"}
+        removed = _io.remove_stale_temps(tmp_path, owned=ours.__contains__)
         assert sorted(p.name for p in removed) == sorted([names["dead"], names["old"]])
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [names["alive"], names["own"], names["user"]]
+            [names[k] for k in ("alive", "own", "user", "theirs", "theirs, no pid")]
         )
     finally:
         alive.kill()
@@ -152,6 +157,9 @@ def test_a_fresh_run_never_replaces_a_finished_one(toy, tmp_path, capsys, one_th
     before = {n: (out / n).read_bytes() for n in outputs}
     stale = out / f".summary.json.{2**22 + 12345}.ab12cd34.tmp"  # a pid that cannot exist
     stale.write_text("{")
+    foreign = [out / f".results.{2**22 + 12345}.20241207.tmp", out / ".draft.backup_1.tmp"]
+    for p in foreign:  # another program's, named like an interrupted write: never ours
+        p.write_text("precious")
     capsys.readouterr()
 
     assert main(argv(options(toy, out, seed=7))) == 0  # a fresh run in the same folder
@@ -159,6 +167,7 @@ def test_a_fresh_run_never_replaces_a_finished_one(toy, tmp_path, capsys, one_th
     kept = out / "checkpoints.old-1"
     assert {n: (kept / n).read_bytes() for n in outputs} == before
     assert (kept / "epoch_0001.pt").is_file() and not stale.exists()
+    assert all(p.read_text() == "precious" for p in foreign)
     assert json.loads((out / "summary.json").read_text())["seed"] == 7
 
     second = (out / "summary.json").read_bytes()

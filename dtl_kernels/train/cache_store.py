@@ -185,6 +185,11 @@ class TrunkCache:
         folder = Path(folder)
         return folder / f"trunk-{self.name}.bin", folder / f"trunk-{self.name}.key.json"
 
+    @staticmethod
+    def is_file_name(name: str) -> bool:
+        """Whether ``name`` is one :meth:`files` gives (for some split)."""
+        return name.startswith("trunk-") and name.endswith((".bin", ".key.json"))
+
     def _write_file(self, tmp: str) -> None:
         """Reserve the file's bytes, then write every row with ``write()``."""
         digest = hashlib.sha256()

@@ -53,7 +53,7 @@ def prepare_output(cfg: TrainConfig, resumed: bool, say) -> None:
     """
     out = Path(cfg.output)
     folders = [out, ckpt.checkpoint_dir(out), trunk_cache.cache_folder(cfg)]
-    for p in remove_stale_temps(*folders):
+    for p in remove_stale_temps(*folders, owned=_written_by_runs):
         say(f"removed {p} (left by an interrupted write)")
     if resumed:
         return
@@ -91,6 +91,18 @@ def _delete_recorded(out: Path, earlier: list[Path], say) -> list[Path]:
         say(f"--overwrite: deleted {', '.join(_names(out, mine))} in {out} (the earlier run's "
             "own files, as its manifest records)")  # fmt: skip
     return [p for p in earlier if p not in mine]
+
+
+def _written_by_runs(name: str) -> bool:
+    """Whether dtl-train writes files named ``name`` (its outputs, manifest, checkpoints,
+    disk trunk cache): only their interrupted writes' temporary files are removed (a
+    folder may be shared: ``--output .``, ``--cache-dir ~/.cache``)."""
+    return (
+        name in RUN_OUTPUTS
+        or name == manifest.MANIFEST_NAME
+        or ckpt.epoch_of(Path(name)) is not None
+        or trunk_cache.TrunkCache.is_file_name(name)
+    )
 
 
 def _keep_earlier_summary(out: Path, overwrite: bool, say) -> None:
