@@ -89,20 +89,27 @@ _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
           (stat.S_ISSOCK, "a socket"))  # fmt: skip
 
 
+def unwritable_kind(path: Path) -> str | None:
+    """What stands at ``path`` (through a symbolic link, at its target) that a write must
+    not replace: ``"a directory"``, ``"a FIFO"``, …; ``None`` for a regular file or
+    nothing (or a path the write itself will refuse)."""
+    try:
+        mode = os.stat(path).st_mode  # (follows links)
+    except OSError:
+        return None  # not there, or e.g. a parent that is not a folder: the write says so
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
 def write_target(path: Path) -> Path:
     """Where a write to ``path`` goes: ``path``, or the file a symbolic link names (even
     one not made yet); ``FileExistsError`` naming it where that is not a regular file (a
     directory, a FIFO, a device, a socket)."""
     target = Path(os.path.realpath(path)) if os.path.islink(path) else path
-    try:
-        mode = os.stat(target).st_mode
-    except FileNotFoundError:
+    kind = unwritable_kind(target)
+    if kind is None:
         return target
-    except OSError:
-        return target  # e.g. a parent that is not a folder: the write itself says so
-    if stat.S_ISREG(mode):
-        return target
-    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
     via = f" (where the link {path} points)" if target != path else ""
     raise FileExistsError(f"refusing to replace {target}{via}: it is {kind} (only a regular "
                           "file is written over; choose another path)")  # fmt: skip

@@ -23,6 +23,7 @@ import os
 import pickletools
 import re
 import reprlib
+import stat
 import zipfile
 from pathlib import Path
 
@@ -122,6 +123,30 @@ _NPZ_EXPANSION = 4
 # The largest patch-embedding kernel area timm's resampler is let loose on (a .pth's or an
 # .npz's): it builds an (area x area) matrix (64² → 64 MB); real patch sizes are 8…32.
 MAX_PATCH_KERNEL_AREA = 64 * 64
+
+
+def read_regular_bytes(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, else
+    ``ValueError`` (an ``OSError`` from the open itself passes). Opened without blocking
+    and checked on the descriptor: a FIFO named like the file, even one swapped in after a
+    check by name, would block a plain open or read forever."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path} holds {info.st_size} bytes, more than {limit}")
+        chunks, size = [], 0
+        while size <= limit and (chunk := os.read(fd, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:  # grew since the fstat
+        raise ValueError(f"{path} holds more than {limit} bytes")
+    return b"".join(chunks)
 
 
 def regular_file(path: str | os.PathLike) -> Path:

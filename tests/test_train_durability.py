@@ -179,3 +179,67 @@ def test_a_fresh_run_never_replaces_a_finished_one(toy, tmp_path, capsys, one_th
     assert not (out / "checkpoints.old-2").exists()
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["epoch_0001.pt"]
     assert json.loads((out / "summary.json").read_text())["seed"] == 8
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _folder(path: Path) -> None:
+    path.mkdir()
+
+
+def _file(path: Path) -> None:
+    path.write_text("x")
+
+
+@pytest.mark.parametrize(
+    "name, make",
+    [("adapter.safetensors", _folder), ("checkpoints", _file),
+     (".dtl-train-manifest.json", _fifo), (".dtl-train.lock", _fifo)],
+)  # fmt: skip
+def test_an_output_name_taken_by_what_cannot_be_written_is_refused_first(
+    toy, tmp_path, capsys, name, make
+):
+    """Found after the last epoch (a folder named like the adapter), after the first (a
+    file named ``checkpoints``), as a hang (a FIFO manifest) or "Invalid argument" (a FIFO
+    lock): now refused before any work, exit 2, naming the path."""
+    out = tmp_path / "run"
+    out.mkdir()
+    make(out / name)
+    assert main(argv(options(toy, out))) == 2
+    err = capsys.readouterr().err
+    assert str(out / name) in err and "remove it or choose another --output" in err
+    assert not ckpt.list_checkpoints(out)
+    regular = tmp_path / "a-file"
+    regular.write_text("x")
+    assert main(argv(options(toy, regular))) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_a_fifo_manifest_reads_as_nothing_recorded_without_blocking(tmp_path):
+    import threading
+
+    from dtl_kernels.train import manifest
+
+    os.mkfifo(tmp_path / manifest.MANIFEST_NAME)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(manifest.recorded(tmp_path)), daemon=True)
+    reader.start()
+    reader.join(timeout=20)
+    assert got == [set()]
+
+
+def test_checkpoints_linked_to_another_disk(toy, tmp_path, one_thread):
+    """``OUTPUT/checkpoints`` a symbolic link to a folder elsewhere: the manifest records
+    names inside OUTPUT as they are (resolving the link put them outside: the run failed
+    when it recorded its first checkpoint)."""
+    from dtl_kernels.train import manifest
+
+    out, elsewhere = tmp_path / "run", tmp_path / "big-disk"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    run(make_config(options(toy, out, epochs=2)))
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
+    assert {"checkpoints/epoch_0002.pt", "adapter.safetensors"} <= manifest.recorded(out)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, fsync_dir, json_text, remove_stale_temps
+from .._io import atomic_write, fsync_dir, json_text, remove_stale_temps, unwritable_kind
 from .._version import __version__
 from ..models.adapters import save_adapter
 from . import cache as trunk_cache
@@ -17,6 +17,7 @@ from . import checkpoint as ckpt
 from . import manifest
 from .config import TrainConfig
 from .metrics import MetricsLog
+from .output_lock import LOCK_NAME
 
 #: What a run writes in OUTPUT; a fresh run moves an earlier run's aside (never deletes
 #: them unless --overwrite).
@@ -38,6 +39,30 @@ def resume_point(cfg: TrainConfig) -> tuple[Path, dict, list[str]] | None:
     path, payload = found
     notes = ckpt.resume_plan(payload["config"], cfg.to_dict(), payload["epoch"], cfg.force_resume)
     return path, payload, notes
+
+
+def check_output_folder(cfg: TrainConfig) -> None:
+    """Before any work: ``--output`` is a folder (or not there yet), and nothing in it
+    stands under a name the run writes that it could not write (a folder named
+    ``adapter.safetensors`` failed the run after its last epoch, a file named
+    ``checkpoints`` after its first, a FIFO lock file with "Invalid argument");
+    ``ValueError`` naming the path."""
+    out = Path(cfg.output)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--output {out} exists and is not a folder: remove it or choose "
+                         "another --output")  # fmt: skip
+    names = ("summary.json",) if cfg.eval_only else (*RUN_OUTPUTS, manifest.MANIFEST_NAME)
+    for name in (*names, LOCK_NAME):
+        kind = unwritable_kind(out / name)
+        if kind is not None:
+            raise ValueError(f"--output {out}: {out / name} is {kind}, where dtl-train writes "
+                             f"its {name}; remove it or choose another --output")  # fmt: skip
+    folder = ckpt.checkpoint_dir(out)
+    if not cfg.eval_only and folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {out}: dtl-train keeps its checkpoints in {folder}, which "
+                         "is not a folder; remove it or choose another --output")  # fmt: skip
 
 
 def prepare_output(cfg: TrainConfig, resumed: bool, say) -> None:

@@ -25,6 +25,7 @@ from .config import TrainConfig, check_crop_resize
 from .data import DataError, build_datasets
 from .dist import Dist
 from .log import LOGGER
+from .outputs import check_output_folder
 from .transforms import NAMED, Augmentation, Preprocessing
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,6 +56,7 @@ def preflight(cfg: TrainConfig) -> Preflight:
     if cfg.method == "lora":
         lora.check_peft()
     _option_checked(check_options, cfg)
+    _option_checked(check_output_folder, cfg)
     return Preflight(family, info)
 
 
