@@ -80,14 +80,19 @@ def test_run_writes_everything(toy, tmp_path, capsys):
     assert json.loads((ev / "summary.json").read_text())["test_acc"] == pytest.approx(s["test_acc"])
 
 
-@pytest.mark.parametrize("cache", ["on", "off"])
+@pytest.mark.parametrize("cache", ["on", "off", "off, flips in a worker"])
 def test_resume_is_bit_identical(toy, tmp_path, cache):
+    """Also with random augmentations drawn in a loader worker, whose seed comes from the
+    loader's generator each epoch (it was seeded once per process: a resumed epoch 2 drew
+    epoch 1's flips)."""
+    extra = dict(hflip=0.5, workers=1) if "worker" in cache else {}
+    cache = cache.split(",")[0]
     full, part = tmp_path / "full", tmp_path / "part"
-    run(make_config(options(toy, full, cache_trunk=cache, drop_path=0.0)))
-    stopped = run(make_config(options(toy, part, cache_trunk=cache, stop_after=1)))
+    run(make_config(options(toy, full, cache_trunk=cache, drop_path=0.0, **extra)))
+    stopped = run(make_config(options(toy, part, cache_trunk=cache, stop_after=1, **extra)))
     assert stopped == {"stopped_after_epoch": 1}
     assert not (part / "adapter.safetensors").exists()
-    run(make_config(options(toy, part, cache_trunk=cache, resume=True)))
+    run(make_config(options(toy, part, cache_trunk=cache, resume=True, **extra)))
     a, b = adapter(full), adapter(part)
     assert a.keys() == b.keys()
     for k in a:

@@ -356,6 +356,10 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
     """One pass over this process's shard of the train data; returns the epoch's metrics
     row (totals over every process; no test metrics yet)."""
     feed.sampler.set_epoch(epoch)
+    # the loader's workers draw their seeds from its generator once per epoch: seeded by
+    # the epoch, not once per process, or a resumed run's epochs would repeat the first
+    # ones' augmentations (a resume was not bit-identical with --workers and random ones)
+    feed.loader.generator.manual_seed(epoch_seed(cfg.seed, epoch))
     feed.train_net.train()
     t0 = time.time()
     loss_sum = correct = seen = skipped = 0.0
@@ -399,6 +403,12 @@ def _train_epoch(cfg, d: Dist, s: setup.Setup, feed: Feed, opt: Optimisation, st
         "epoch_time_s": train_time,
         "skipped_steps": int(skipped),
     }
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The train loader's generator seed in ``epoch`` (0-based) of a run with ``seed``:
+    distinct for every (seed, epoch) pair of sane sizes."""
+    return (seed * 1_000_003 + epoch) % 2**63
 
 
 def _evaluate(
