@@ -57,6 +57,17 @@ def test_more_epochs_and_a_new_lr_extend_the_schedule(toy, tmp_path, capsys):
     assert got[2] > 1e-3  # not the old schedule's floor (1e-8)
 
 
+def test_a_new_lr_step_is_said(toy, tmp_path, one_epoch, capsys):
+    """``--lr-step`` changed on ``--resume``: the schedule is recomputed (as it was), and
+    now said so like a new ``--lr`` or ``--epochs`` (it was taken without a word)."""
+    out = Path(shutil.copytree(one_epoch, tmp_path / "run"))
+    capsys.readouterr()
+    run(make_config(options(toy, out, resume=True, lr_step="epoch")))
+    assert "--lr-step step → epoch: the warm-up/cosine schedule is recomputed" in (
+        capsys.readouterr().out
+    )
+
+
 @pytest.mark.parametrize(
     "change,flag",
     [(dict(batch_size=6), "--batch-size"), (dict(max_train=9), "--max-train"),

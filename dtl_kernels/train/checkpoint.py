@@ -42,7 +42,7 @@ RUN_OPTIONS = (
     "label_smoothing", "cache_dtype", "interpolation", "crop_pct", "crop_mode", "hflip", "aa",
     "scale", "mixup", "cutmix", "trunk_dtype", "backbone_dtype", "grad_accum",
 )  # fmt: skip
-SCHEDULE_OPTIONS = ("lr", "epochs")
+SCHEDULE_OPTIONS = ("lr", "epochs", "lr_step")
 MAX_EPOCHS = 10**6  # --epochs' limit
 _PAYLOAD = {"epoch": int, "trained": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
             "metrics": list, "config": dict}  # fmt: skip
