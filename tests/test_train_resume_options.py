@@ -57,6 +57,34 @@ def test_more_epochs_and_a_new_lr_extend_the_schedule(toy, tmp_path, capsys):
     assert got[2] > 1e-3  # not the old schedule's floor (1e-8)
 
 
+def test_other_backbone_weights_under_the_same_path_are_refused(toy, tmp_path, capsys):
+    """``--pretrained PATH`` whose file was replaced by other weights: the checkpoint
+    keeps the frozen backbone's fingerprint, and ``--resume`` refuses (it continued on
+    the new weights without a word); ``--force-resume`` continues, saying so."""
+    import torch
+
+    from dtl_kernels import create_model
+
+    weights = tmp_path / "backbone.pth"
+
+    def write_weights(seed: int) -> None:
+        torch.manual_seed(seed)
+        backbone = create_model("vit_tiny_patch16_224", "linear", num_classes=3,
+                                img_size=32).backbone  # fmt: skip
+        torch.save({"state_dict": backbone.state_dict()}, weights)
+
+    write_weights(0)
+    out = tmp_path / "run"
+    run(make_config(options(toy, out, pretrained=str(weights), stop_after=1)))
+    assert len(torch.load(ckpt.list_checkpoints(out)[-1])["backbone_sha256"]) == 64
+    write_weights(1)
+    with pytest.raises(ckpt.CheckpointError, match="frozen backbone weights differ"):
+        run(make_config(options(toy, out, pretrained=str(weights), resume=True)))
+    capsys.readouterr()
+    run(make_config(options(toy, out, pretrained=str(weights), resume=True, force_resume=True)))
+    assert "--force-resume: continuing on other backbone weights" in capsys.readouterr().out
+
+
 def test_a_new_lr_step_is_said(toy, tmp_path, one_epoch, capsys):
     """``--lr-step`` changed on ``--resume``: the schedule is recomputed (as it was), and
     now said so like a new ``--lr`` or ``--epochs`` (it was taken without a word)."""

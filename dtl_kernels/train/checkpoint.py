@@ -31,6 +31,7 @@ from .._untrusted import check_torch_archive
 
 FORMAT = "dtl_kernels.train-checkpoint/1"
 _NAME = re.compile(r"epoch_(\d{4,})\.pt")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # What a resumed run may not change without --force-resume: everything that changes which
 # model is trained, on which data, or how (lr and epochs are applied instead).
 RUN_OPTIONS = (
@@ -133,10 +134,12 @@ def save_checkpoint(
     with_buffers: bool = False,
     keep: int = 2,
     data: dict | None = None,
+    backbone: str | None = None,
 ) -> Path:
     """Write ``epoch_<epoch>.pt`` atomically (verified by reading it back), then delete
     all but the newest ``keep`` checkpoints. ``data``: the fingerprint of each split the
-    run trains and evaluates on (compared on ``--resume``: :func:`data_plan`).
+    run trains and evaluates on (compared on ``--resume``: :func:`data_plan`);
+    ``backbone``: the frozen backbone weights' (:func:`backbone_plan`).
     ``CheckpointError`` (nothing written, nothing deleted) when a trained tensor holds NaN
     or inf."""
     trained = trained_state(model, with_buffers)
@@ -156,6 +159,7 @@ def save_checkpoint(
         "metrics": metrics,
         "config": config,
         **({"data": data} if data is not None else {}),
+        **({"backbone_sha256": backbone} if backbone is not None else {}),
     }
     path = checkpoint_path(output, epoch)
 
@@ -226,6 +230,9 @@ def _payload_problem(payload: dict) -> str | None:
     step = payload["scheduler"].get("last_epoch")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= 2**62:
         return f"'scheduler.last_epoch' is {str(step)[:40]}, expected a step count"
+    backbone = payload.get("backbone_sha256")
+    if backbone is not None and not (isinstance(backbone, str) and _SHA256.fullmatch(backbone)):
+        return "'backbone_sha256' is not a SHA-256 in hex"
     data = payload.get("data")
     if data is not None and not (
         isinstance(data, dict) and all(_flat_record(v) for v in data.values())
@@ -469,6 +476,23 @@ def data_plan(path: Path, saved: dict | None, current: dict, force: bool) -> lis
             "continue on the new data (the schedule is then rebuilt for it)"
         )
     return [f"--force-resume: continuing on changed data ({described})"]
+
+
+def backbone_plan(path: Path, saved: str | None, current: str | None, force: bool) -> list[str]:
+    """Compare the frozen backbone weights' fingerprint a checkpoint stored (``saved``;
+    ``None``: an older version, or a run whose whole backbone trains) with the model's.
+    ``CheckpointError`` when they differ (the same ``--pretrained`` path may hold other
+    weights now) unless ``force``; returns the lines to print."""
+    if saved is None or current is None or saved == current:
+        return []
+    if not force:
+        raise CheckpointError(
+            f"--resume: the frozen backbone weights differ from those {path} was trained on "
+            f"(fingerprint {saved[:12]}…, now {current[:12]}…): --pretrained names other "
+            "weights than it did. Load the weights the run started with, start a fresh run "
+            "(another --output), or pass --force-resume to continue on these"
+        )
+    return [f"--force-resume: continuing on other backbone weights than {path} was trained on"]
 
 
 def schedule_step(payload: dict, steps_per_epoch: int) -> tuple[int, str | None]:

@@ -135,9 +135,10 @@ def _run(cfg: TrainConfig, d: Dist, t_start: float, held: ExitStack) -> dict:
     s = setup.build(cfg, d, pre, say)
     if cfg.eval_only:
         return _eval_only(cfg, d, s, t_start)
+    backbone = _backbone(cfg, d, s, found, say)
     data = _data(cfg, d, s, found, say)
     feed = _feed(cfg, d, s, say)
-    opt = _optimisation(cfg, d, s, len(feed.loader), found, data, say)
+    opt = _optimisation(cfg, d, s, len(feed.loader), found, data, backbone, say)
     done = _epochs(cfg, d, s, feed, opt, say)
     if done.stopped_after is not None:  # --stop-after: no final evaluation, no outputs
         return {"stopped_after_epoch": done.stopped_after}
@@ -260,6 +261,21 @@ class Optimisation:
     log: MetricsLog
     start_epoch: int  # epochs already done (--resume)
     data: dict  # split → fingerprint of the data (saved with each checkpoint)
+    backbone: str | None  # the frozen backbone's fingerprint (saved with each checkpoint)
+
+
+def _backbone(cfg: TrainConfig, d: Dist, s: setup.Setup, found, say) -> str | None:
+    """The fingerprint of the frozen backbone weights (saved with every checkpoint; ``None``
+    when the whole backbone trains); on ``--resume`` compared with the checkpoint's: the
+    same ``--pretrained`` may name other weights now (a replaced file)."""
+    fingerprint = s.model.backbone_fingerprint()
+    if found is not None:
+        path, payload, _ = found
+        for note in d.run_agreed("comparing the backbone", ckpt.backbone_plan, path,
+                                 payload.get("backbone_sha256"), fingerprint,
+                                 cfg.force_resume):  # fmt: skip
+            say(note)
+    return fingerprint
 
 
 def _data(cfg: TrainConfig, d: Dist, s: setup.Setup, found, say) -> dict:
@@ -276,7 +292,14 @@ def _data(cfg: TrainConfig, d: Dist, s: setup.Setup, found, say) -> dict:
 
 
 def _optimisation(
-    cfg: TrainConfig, d: Dist, s: setup.Setup, steps: int, found, data: dict, say
+    cfg: TrainConfig,
+    d: Dist,
+    s: setup.Setup,
+    steps: int,
+    found,
+    data: dict,
+    backbone: str | None,
+    say,
 ) -> Optimisation:
     """AdamW with the warm-up + cosine schedule over ``steps`` per epoch; on ``--resume``
     the model, optimiser, schedule and metrics are restored from the checkpoint."""
@@ -296,7 +319,7 @@ def _optimisation(
                      optimizer, scheduler, step)  # fmt: skip
         start_epoch, log.rows = payload["epoch"], list(payload["metrics"])
         say(f"resumed from {path} (epoch {start_epoch} done)")
-    return Optimisation(optimizer, scheduler, scaler, log, start_epoch, data)
+    return Optimisation(optimizer, scheduler, scaler, log, start_epoch, data, backbone)
 
 
 # -- the epochs --------------------------------------------------------------------------------
@@ -337,7 +360,7 @@ def _epochs(
         say(_epoch_line(cfg, epoch, row, row["images_per_s"]))
         d.main_then_agree(
             "saving the checkpoint", outputs.save_epoch, out, epoch + 1, s.model, opt.optimizer,
-            opt.scheduler, opt.log, cfg, opt.data,
+            opt.scheduler, opt.log, cfg, opt.data, opt.backbone,
         )  # fmt: skip
         if (
             cfg.stop_after is not None

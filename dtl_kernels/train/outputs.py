@@ -142,13 +142,15 @@ def _keep_earlier_summary(out: Path, overwrite: bool, say) -> None:
 
 
 # -- while training ----------------------------------------------------------------------------
-def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg, data=None) -> None:
+def save_epoch(out, epoch, model, optimizer, scheduler, log: MetricsLog, cfg, data=None,
+               backbone=None) -> None:  # fmt: skip
     """Rank 0, after each epoch: the checkpoint (the newest ``--keep-checkpoints`` kept,
-    with the ``data`` fingerprints), then the metrics so far."""
+    with the ``data`` fingerprints and the ``backbone``'s), then the metrics so far."""
     manifest.record(out, ckpt.checkpoint_path(out, epoch), *log.paths())
     ckpt.save_checkpoint(
         out, epoch, model, optimizer, scheduler, log.rows, cfg.to_dict(),
         with_buffers=cfg.method == "full", keep=cfg.keep_checkpoints, data=data,
+        backbone=backbone,
     )  # fmt: skip
     log.write()
 
