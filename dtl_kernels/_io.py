@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable
@@ -56,12 +57,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
         fsync_file(tmp)
         os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename in (None, tmp):
+            # named after the file asked for (a write through a file object names none)
+            why = exc.strerror or os.strerror(exc.errno)
+            if is_out_of_space(exc):
+                why = f"{why} ({space_note(path.parent)})"
+            raise type(exc)(exc.errno, why, str(path)) from exc
         raise
     fsync_dir(path.parent)
     return path
+
+
+def space_note(folder: str | os.PathLike) -> str:
+    """The room a write in ``folder`` had, for the message of one that failed: the free
+    bytes of its disk, and this process's file-size limit where one is set."""
+    parts = []
+    try:
+        parts.append(f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on its disk")
+    except OSError:
+        pass
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            parts.append(f"a file-size limit of {limit / 2**20:,.1f} MiB (ulimit -f)")
+    except (ImportError, OSError, ValueError):
+        pass
+    return ", ".join(parts) or "the room left is unknown"
 
 
 def _name_max(folder: str | os.PathLike) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_write, fsync_dir
+from .._io import atomic_write, fsync_dir, space_note
 from .._untrusted import check_torch_archive
 
 FORMAT = "dtl_kernels.train-checkpoint/1"
@@ -164,7 +164,13 @@ def save_checkpoint(
     path = checkpoint_path(output, epoch)
 
     def write(tmp: str) -> None:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # a short write (full disk, file-size limit): torch's
+            first = (str(exc).strip() or "failed").splitlines()[0]
+            room = space_note(Path(tmp).parent)
+            raise CheckpointError(f"could not write checkpoint {path}: torch.save: {first} "
+                                  f"({room}; is the disk full?)") from exc  # fmt: skip
         _read(Path(tmp))  # never publish a file that does not read back
 
     atomic_write(path, write)

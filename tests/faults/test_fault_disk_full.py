@@ -94,3 +94,31 @@ def test_adapter_write_out_of_space(toy, tmp_path, reference, monkeypatch, capsy
     run(make_config(options(toy, out, resume=True)))  # evaluates the last checkpoint
     assert_same_adapter(reference, out)
     assert strict_json((out / "summary.json").read_text())["epochs"] == 3
+
+
+def test_checkpoint_beyond_the_file_size_limit(toy, tmp_path, reference, capsys):
+    """A real short write: torch.save reports it as an internal error ("unexpected pos"),
+    which came out as a traceback; now one line naming the checkpoint and the room."""
+    out = tmp_path / "run"
+    with file_size_limit(60_000):  # below one checkpoint
+        code = main(flags(options(toy, out)))
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "could not write checkpoint" in line and "epoch_0001.pt" in line
+    assert "file-size limit" in line and "is the disk full?" in line
+    assert temp_files(out) == [] and ckpt.list_checkpoints(out) == []
+
+
+def test_curves_beyond_the_file_size_limit_name_the_file(toy, tmp_path, capsys):
+    """A write through a file object (matplotlib's) fails with an error that names no
+    file: it is named now ("[Errno 27] File too large" alone before)."""
+    out = tmp_path / "run"
+    run(make_config(options(toy, out, method="linear", stop_after=2)))
+    capsys.readouterr()
+    written = max(p.stat().st_size for p in ckpt.list_checkpoints(out))
+    with file_size_limit(written + 4096):  # room for the checkpoints, not the plot
+        code = main(flags(options(toy, out, method="linear", resume=True)))
+    assert code == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "File too large" in line and "curves.png" in line and "file-size limit" in line
+    assert temp_files(out) == []
