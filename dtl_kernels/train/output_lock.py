@@ -18,11 +18,28 @@ import sys
 import time
 from pathlib import Path
 
-from .._io import json_text
+from .._io import json_text, process_alive
 from .._untrusted import parse_json
 
 LOCK_NAME = ".dtl-train.lock"
 _MAX_HOLDER_BYTES = 4096  # what a lock file's description may take
+# The descriptors of the locks this process holds. A forked child (a data loader's worker)
+# closes its copies at once: a flock lasts while any copy is open, so a run killed with
+# kill -9 held its folder until its orphaned workers ended, seconds later.
+_HELD: set[int] = set()
+
+
+def _close_inherited() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)  # (only the child's copy: the parent keeps the lock)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited)
 
 
 class OutputInUse(OSError):
@@ -67,6 +84,7 @@ class OutputLock:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json_text(me) + "\n").encode(), 0)
+        _HELD.add(fd)
         return cls(fd, path)
 
     def release(self) -> None:
@@ -76,6 +94,7 @@ class OutputLock:
         import fcntl
 
         fcntl.flock(self.fd, fcntl.LOCK_UN)
+        _HELD.discard(self.fd)
         os.close(self.fd)
         self.fd = -1
 
@@ -88,10 +107,17 @@ def _describe(raw: bytes) -> str:
         info = None
     if not isinstance(info, dict):
         return "a process that has not described itself yet"
+    pid = info.get("pid")
+    pid = pid if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
     parts = [
-        f"pid {info.get('pid')}" if isinstance(info.get("pid"), int) else "",
+        f"pid {pid}" if pid is not None else "",
         f"on {str(info.get('host'))[:100]}" if info.get("host") else "",
         f"started {str(info.get('started'))[:40]}" if info.get("started") else "",
         f"running {str(info.get('command'))[:200]!r}" if info.get("command") else "",
     ]
-    return ", ".join(p for p in parts if p) or "an unknown process"
+    said = ", ".join(p for p in parts if p) or "an unknown process"
+    if pid is not None and info.get("host") == socket.gethostname() and not process_alive(pid):
+        # its children (data loader workers) inherited the lock and end a moment later
+        said += ("; that process has ended, and what it started still holds the lock: "
+                 "retry in a few seconds")  # fmt: skip
+    return said

@@ -100,3 +100,53 @@ def test_fuzzed_manifests_never_name_a_file_outside_the_folder(tmp_path):
         for name in manifest.recorded(out):  # never raises; only plain names inside OUTPUT
             p = PurePosixPath(name)
             assert not p.is_absolute() and ".." not in p.parts, name
+
+
+HOLD_WITH_A_FORKED_CHILD = """
+import multiprocessing, os, sys, time
+from dtl_kernels.train.output_lock import OutputLock
+lock = OutputLock.acquire(sys.argv[1])
+child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+child.start()  # as a data loader's worker is forked
+print(child.pid, flush=True)
+time.sleep(0.5)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_killed_runs_forked_workers_do_not_hold_its_folder(tmp_path):
+    """``kill -9`` of a run whose loader workers are still alive: the folder is free at
+    once (each forked child closes its copy of the lock; a flock lasts while any copy is
+    open: the next run was refused for seconds, naming a dead pid)."""
+    import subprocess
+    import sys
+
+    from dtl_kernels.train.output_lock import OutputLock
+
+    command = [sys.executable, "-c", HOLD_WITH_A_FORKED_CHILD, str(tmp_path)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    child = int(proc.stdout.readline())  # (the orphan keeps the pipe open: no EOF to wait for)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    try:
+        os.kill(child, 0)  # the orphaned worker still runs
+        lock = OutputLock.acquire(tmp_path)
+        assert lock is not None
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_a_holder_that_has_ended_is_said_so():
+    import json
+    import subprocess
+    import sys
+
+    from dtl_kernels.train.output_lock import _describe
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)  # fmt: skip
+    said = _describe(json.dumps({"pid": dead, "host": socket.gethostname()}).encode())
+    assert f"pid {dead}" in said and "has ended" in said and "retry in a few seconds" in said
+    alive = _describe(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+    assert "has ended" not in alive
