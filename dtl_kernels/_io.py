@@ -71,6 +71,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     return path
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict) -> None:
+    """``safetensors.torch.save_file``, whose I/O errors come as its own exception type
+    ("I/O error: File too large (os error 27)"): raised as the ``OSError`` they are, so
+    that a full disk is one, named, error line like any other write's."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        if type(exc).__name__ != "SafetensorError" or code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from exc
+
+
 def space_note(folder: str | os.PathLike) -> str:
     """The room a write in ``folder`` had, for the message of one that failed: the free
     bytes of its disk, and this process's file-size limit where one is set."""

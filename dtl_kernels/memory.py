@@ -46,12 +46,20 @@ class _LowPrecisionTap(torch.autograd.Function):
 
     Gradients: ``∂L/∂A = Σ_rows (∂L/∂t)ᵀ z_low`` (in ∂t's dtype), ``∂L/∂z = (∂L/∂t) · A``
     (exact; only when ``z`` needs it, which the CSN avoids by using this for trunk taps).
+    Written with ``setup_context`` and a generated vmap rule: ``torch.func`` transforms
+    (``vmap``, ``grad``: per-sample gradients) take it as it is.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, z, down, dtype):
-        ctx.save_for_backward(z.to(dtype), down)
+    def forward(z, down, dtype):
         return torch.matmul(z, down.t())
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        z, down, dtype = inputs
+        ctx.save_for_backward(z.to(dtype), down)
 
     @staticmethod
     def backward(ctx, grad_t):

@@ -64,16 +64,19 @@ def test_auto_picks_the_reference_while_exporting(monkeypatch, exporter):
 
 
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's, for timm's SDPA
-@pytest.mark.parametrize("method", ["dtl", "dtl+"])
-def test_functorch_transforms_run_the_reference_formulation(method):
+@pytest.mark.parametrize("method, trunk_dtype", [("dtl", None), ("dtl+", None),
+                                                 ("dtl+", "bfloat16")])  # fmt: skip
+def test_functorch_transforms_run_the_reference_formulation(method, trunk_dtype):
     """``torch.func.vmap`` / ``grad`` (per-sample gradients): ``auto`` takes the reference
     formulation there (the fused ops have no batching rule, and a C++ autograd function
     cannot run under these transforms: both raised); the eager model keeps its fused
-    backend after (the selection under a transform is not remembered)."""
+    backend after (the selection under a transform is not remembered). With bf16 trunk
+    taps too (their autograd function raised under the transforms)."""
     from torch.func import functional_call, grad, vmap
 
     torch.manual_seed(0)
-    m = create_model(VIT, method, 3, img_size=32, adapt_from=10).eval()
+    m = create_model(VIT, method, 3, img_size=32, adapt_from=10, trunk_dtype=trunk_dtype)
+    m.eval()
     for p in m.csn.parameters():  # B = 0 at init: make the side network count
         torch.nn.init.normal_(p, std=0.05)
     x, y = torch.randn(3, 3, 32, 32), torch.tensor([0, 1, 2])

@@ -243,3 +243,19 @@ def test_checkpoints_linked_to_another_disk(toy, tmp_path, one_thread):
     run(make_config(options(toy, out, epochs=2)))
     assert sorted(p.name for p in elsewhere.iterdir()) == ["epoch_0001.pt", "epoch_0002.pt"]
     assert {"checkpoints/epoch_0002.pt", "adapter.safetensors"} <= manifest.recorded(out)
+
+
+def test_eval_only_checks_the_names_it_writes_first(toy, tmp_path, capsys, one_thread):
+    """``--eval-only`` writes its summary and the manifest: a folder under the manifest's
+    name failed it after the evaluation."""
+    from dtl_kernels.train import manifest
+
+    run(make_config(options(toy, tmp_path / "run")))
+    out = tmp_path / "eval"
+    (out / manifest.MANIFEST_NAME).mkdir(parents=True)
+    adapter = str(tmp_path / "run" / "adapter.safetensors")
+    capsys.readouterr()
+    assert main(argv(options(toy, out, eval_only=True, adapter=adapter))) == 2
+    err = capsys.readouterr().err
+    assert manifest.MANIFEST_NAME in err and "is a directory" in err
+    assert "test accuracy" not in err

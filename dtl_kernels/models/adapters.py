@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._io import atomic_write
+from .._io import atomic_write, save_safetensors
 from .._untrusted import parse_json
 from .._version import __version__
 from ..csn import FLOAT32_MAX
@@ -53,8 +53,6 @@ def save_adapter(
     Returns the path. :class:`AdapterError` when a field breaks the schema (e.g. a class
     name over 256 characters): the file would not load.
     """
-    from safetensors.torch import save_file
-
     metadata = {
         "format": ADAPTER_FORMAT,
         "dtl_kernels_version": __version__,
@@ -84,7 +82,7 @@ def save_adapter(
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not v.isfinite().all())
     if bad:
         raise AdapterError(f"cannot write adapter {path}: NaN or infinite values in {bad[:8]}")
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
 
 
 def load_adapter(

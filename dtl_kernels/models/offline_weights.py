@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write, process_alive
+from .._io import atomic_write, process_alive, save_safetensors
 
 
 @dataclass(frozen=True)
@@ -219,8 +219,6 @@ def _dinov2_imgfocus() -> Path:
             "verified on; converting it since its tensors map one to one, but check its outputs",
             stacklevel=3,
         )
-    from safetensors.torch import save_file
-
     state = dinov2_state_from_onnx(src)
     meta = {
         "source": str(src),
@@ -230,7 +228,7 @@ def _dinov2_imgfocus() -> Path:
         "content_sha256": content_digest(state),
     }
     try:
-        atomic_write(dest, lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(dest, lambda tmp: save_safetensors(state, tmp, meta))
     except OSError as exc:  # a read-only or full cache folder: convert again next time
         dest = _process_temp_dir() / name
         warnings.warn(
@@ -239,7 +237,7 @@ def _dinov2_imgfocus() -> Path:
             "folder)",
             stacklevel=3,
         )
-        save_file(state, str(dest), metadata=meta)
+        save_safetensors(state, dest, meta)
     return dest
 
 

@@ -53,8 +53,8 @@ def check_output_folder(cfg: TrainConfig) -> None:
     if not out.is_dir():
         raise ValueError(f"--output {out} exists and is not a folder: remove it or choose "
                          "another --output")  # fmt: skip
-    names = ("summary.json",) if cfg.eval_only else (*RUN_OUTPUTS, manifest.MANIFEST_NAME)
-    for name in (*names, LOCK_NAME):
+    names = ("summary.json",) if cfg.eval_only else RUN_OUTPUTS
+    for name in (*names, manifest.MANIFEST_NAME, LOCK_NAME):
         kind = unwritable_kind(out / name)
         if kind is not None:
             raise ValueError(f"--output {out}: {out / name} is {kind}, where dtl-train writes "

@@ -122,3 +122,22 @@ def test_curves_beyond_the_file_size_limit_name_the_file(toy, tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert "File too large" in line and "curves.png" in line and "file-size limit" in line
     assert temp_files(out) == []
+
+
+def test_adapter_beyond_the_file_size_limit(toy, tmp_path, monkeypatch, capsys):
+    """A real short write of the adapter: safetensors raises its own error type ("I/O
+    error: File too large (os error 27)"), which came out as a traceback."""
+    from dtl_kernels.train import outputs
+
+    real = outputs.save_adapter
+
+    def limited(*args, **kwargs):  # as if the disk filled up just now
+        with file_size_limit(4096):
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(outputs, "save_adapter", limited)
+    out = tmp_path / "run"
+    assert main(flags(options(toy, out))) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert "File too large" in line and "adapter.safetensors" in line
+    assert "file-size limit" in line and temp_files(out) == []
