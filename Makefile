@@ -87,7 +87,7 @@ bench-accuracy: build bench-deps
 # → benchmarks/results/accuracy_pairs.md, accuracy_pairs_runs.csv
 RESULTS := benchmarks/results
 bench-accuracy-pairs: build bench-deps
-	$(BIN)/python benchmarks/accuracy_pairs.py --folders runs/accuracy --seeds 7 \
+	$(BIN)/python benchmarks/accuracy_pairs.py --folders runs/accuracy --seeds 14 \
 		--runs $(RESULTS)/accuracy_study_runs.csv $(RESULTS)/accuracy_pairs_runs.csv \
 		--pair dtl+k5 lora-tail --pair dtl+k5 dtl --pair lora-tail dtl \
 		--out $(RESULTS)/accuracy_pairs.md --runs-out $(RESULTS)/accuracy_pairs_runs.csv
