@@ -72,151 +72,155 @@ def _worker() -> dict:
     torch.manual_seed(0)
     report = {"triton": triton.__version__, "enabled": triton_launch.ENABLED,
               "launcher path": ts.LAUNCHER_PATH}  # fmt: skip
+    ops_only = os.environ.get("DTL_TEST_OPS_ONLY") == "1"  # section 8 alone
     if not triton_launch.ENABLED:
         return report
     y, taps, ups = torch.randn(2, 5, 16), torch.randn(2, 5, 4), torch.randn(16, 4)
     with fake_cuda_driver() as fake:
-        # 1. A direct launch passes exactly what the JIT passed for the same launch
-        seen = []
-        real_launch = ts._launch
+        if not ops_only:  # (the launches do not depend on how the ops are registered)
+            # 1. A direct launch passes exactly what the JIT passed for the same launch
+            seen = []
+            real_launch = ts._launch
 
-        def spy(cfg, args, consts):
-            seen.append((cfg, args, consts))
-            real_launch(cfg, args, consts)
+            def spy(cfg, args, consts):
+                seen.append((cfg, args, consts))
+                real_launch(cfg, args, consts)
 
-        ts._launch = spy
-        ts._SPECS.clear()
-        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        ts._launch = real_launch
-        cfg, args, consts = seen[0]
-        jit_call = fake.calls[-1]
-        triton_launch.launch(getattr(triton_kernels, cfg["kernel"]), cfg, args, consts)
-        direct = fake.calls[-1]
-        head_j, head_d = jit_call[1][:9], direct[1][:9]
-        report["replay"] = {
-            "vias": [_via(jit_call), _via(direct)],
-            "header equal": head_j[:6] == head_d[:6],
-            "stream": head_d[3],
-            "direct metadata and hooks": list(head_d[6:]),
-            "jit hooks idle": all(getattr(h, "calls", None) == [] for h in head_j[7:]),
-            "bound args identical": _same_bound_args(jit_call[1][9:], direct[1][9:]),
-            "bound args": len(direct[1]) - 9,
-            "kernel params": len(getattr(triton_kernels, cfg["kernel"]).params),
-        }
-
-        # 2. Forward and backward twice, DTL in float32 and DTL+ k = 3 in the autocast mix
-        cases = {
-            "dtl fp32": (y, taps, ups, None, 0, 0, 0),
-            "dtl+ k3 mix": (
-                torch.randn(2, 5, 16),
-                torch.randn(2, 5, 4).bfloat16(),
-                torch.randn(16, 4).bfloat16(),
-                torch.randn(16, 1, 3, 3),
-                2,
-                2,
-                1,
-            ),  # fmt: skip
-        }
-        for name, (yy, tt, uu, w, gh, gw, npre) in cases.items():
+            ts._launch = spy
             ts._SPECS.clear()
-            fake.calls.clear()
-            for _ in range(2):
-                ts.side_fwd(yy, tt, uu, w, gh, gw, npre, 100.0)
-                ts.side_bwd(yy, tt, uu, w, gh, gw, npre, 100.0)
-            calls = fake.calls
-            half = len(calls) // 2
-            report[name] = {
-                "launches": [f"{c[0]}:{_via(c)}" for c in calls],
-                "second pass as the first": all(
-                    a[0] == b[0] and a[1][:6] == b[1][:6] and _same_structure(a[1][9:], b[1][9:])
-                    for a, b in zip(calls[:half], calls[half:], strict=False)
-                ),
+            ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+            ts._launch = real_launch
+            cfg, args, consts = seen[0]
+            jit_call = fake.calls[-1]
+            triton_launch.launch(getattr(triton_kernels, cfg["kernel"]), cfg, args, consts)
+            direct = fake.calls[-1]
+            head_j, head_d = jit_call[1][:9], direct[1][:9]
+            report["replay"] = {
+                "vias": [_via(jit_call), _via(direct)],
+                "header equal": head_j[:6] == head_d[:6],
+                "stream": head_d[3],
+                "direct metadata and hooks": list(head_d[6:]),
+                "jit hooks idle": all(getattr(h, "calls", None) == [] for h in head_j[7:]),
+                "bound args identical": _same_bound_args(jit_call[1][9:], direct[1][9:]),
+                "bound args": len(direct[1]) - 9,
+                "kernel params": len(getattr(triton_kernels, cfg["kernel"]).params),
             }
 
-        # 3. Another alignment of an input: the JIT specialises again, then direct
-        ts._SPECS.clear()
-        fake.calls.clear()
-        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        flat = torch.empty(y.numel() + 1)
-        shifted = flat[1:].view(y.shape)  # 4 bytes off: not 16-byte aligned
-        shifted.copy_(y)
-        ts.side_fwd(shifted, taps, ups, None, 0, 0, 0, 100.0)
-        ts.side_fwd(shifted, taps, ups, None, 0, 0, 0, 100.0)
-        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        calls = fake.calls
-        report["alignment"] = {
-            "vias": [_via(c) for c in calls],
-            "other kernel for the shifted input": calls[1][1][4] != calls[0][1][4],
-            "same kernel again": calls[2][1][4] == calls[1][1][4]
-            and calls[3][1][4] == calls[0][1][4],
-        }
+            # 2. Forward and backward twice, DTL in float32 and DTL+ k = 3 in the autocast mix
+            cases = {
+                "dtl fp32": (y, taps, ups, None, 0, 0, 0),
+                "dtl+ k3 mix": (
+                    torch.randn(2, 5, 16),
+                    torch.randn(2, 5, 4).bfloat16(),
+                    torch.randn(16, 4).bfloat16(),
+                    torch.randn(16, 1, 3, 3),
+                    2,
+                    2,
+                    1,
+                ),  # fmt: skip
+            }
+            for name, (yy, tt, uu, w, gh, gw, npre) in cases.items():
+                ts._SPECS.clear()
+                fake.calls.clear()
+                for _ in range(2):
+                    ts.side_fwd(yy, tt, uu, w, gh, gw, npre, 100.0)
+                    ts.side_bwd(yy, tt, uu, w, gh, gw, npre, 100.0)
+                calls = fake.calls
+                half = len(calls) // 2
+                report[name] = {
+                    "launches": [f"{c[0]}:{_via(c)}" for c in calls],
+                    "second pass as the first": all(
+                        a[0] == b[0]
+                        and a[1][:6] == b[1][:6]
+                        and _same_structure(a[1][9:], b[1][9:])
+                        for a, b in zip(calls[:half], calls[half:], strict=False)
+                    ),
+                }
 
-        # 4. A launch hook (a profiler) is handed every launch: the JIT makes them all
-        ts._SPECS.clear()
-        fake.calls.clear()
-        hooked, handed = [], 0
-        knobs.runtime.launch_enter_hook.add(hooked.append)
-        try:
-            for _ in range(3):
-                ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-                enter = fake.calls[-1][1][7]
-                handed += enter is not None and hooked.append in enter.calls
-        finally:
-            knobs.runtime.launch_enter_hook.remove(hooked.append)
-        for _ in range(2):
+            # 3. Another alignment of an input: the JIT specialises again, then direct
+            ts._SPECS.clear()
+            fake.calls.clear()
             ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        report["hook"] = {"vias": [_via(c) for c in fake.calls], "hook handed": handed}
+            flat = torch.empty(y.numel() + 1)
+            shifted = flat[1:].view(y.shape)  # 4 bytes off: not 16-byte aligned
+            shifted.copy_(y)
+            ts.side_fwd(shifted, taps, ups, None, 0, 0, 0, 100.0)
+            ts.side_fwd(shifted, taps, ups, None, 0, 0, 0, 100.0)
+            ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+            calls = fake.calls
+            report["alignment"] = {
+                "vias": [_via(c) for c in calls],
+                "other kernel for the shifted input": calls[1][1][4] != calls[0][1][4],
+                "same kernel again": calls[2][1][4] == calls[1][1][4]
+                and calls[3][1][4] == calls[0][1][4],
+            }
 
-        # 5. TRITON_DEBUG on: the JIT every time (it compiles with debug); an instrumentation
-        # mode (the JIT's compile key) makes the settings non-default too
-        ts._SPECS.clear()
-        fake.calls.clear()
-        knobs.runtime.debug = True
-        try:
+            # 4. A launch hook (a profiler) is handed every launch: the JIT makes them all
+            ts._SPECS.clear()
+            fake.calls.clear()
+            hooked, handed = [], 0
+            knobs.runtime.launch_enter_hook.add(hooked.append)
+            try:
+                for _ in range(3):
+                    ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+                    enter = fake.calls[-1][1][7]
+                    handed += enter is not None and hooked.append in enter.calls
+            finally:
+                knobs.runtime.launch_enter_hook.remove(hooked.append)
             for _ in range(2):
                 ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        finally:
-            knobs.runtime.debug = False
-        saved_mode = knobs.compilation.instrumentation_mode
-        knobs.compilation.instrumentation_mode = "consan"
-        instrumented_default = triton_launch._jit_settings_default()
-        knobs.compilation.instrumentation_mode = saved_mode
-        report["debug"] = {
-            "vias": [_via(c) for c in fake.calls],
-            "instrumented counts as default": instrumented_default,
-            "default again": triton_launch._jit_settings_default(),
-        }
+            report["hook"] = {"vias": [_via(c) for c in fake.calls], "hook handed": handed}
 
-        # 6. The JIT's cache dropped: a remembered kernel stays loaded (Triton 3.8 unloads a
-        # collected kernel's module), and launches go on with the same handle
-        import gc
+            # 5. TRITON_DEBUG on: the JIT every time (it compiles with debug); an instrumentation
+            # mode (the JIT's compile key) makes the settings non-default too
+            ts._SPECS.clear()
+            fake.calls.clear()
+            knobs.runtime.debug = True
+            try:
+                for _ in range(2):
+                    ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+            finally:
+                knobs.runtime.debug = False
+            saved_mode = knobs.compilation.instrumentation_mode
+            knobs.compilation.instrumentation_mode = "consan"
+            instrumented_default = triton_launch._jit_settings_default()
+            knobs.compilation.instrumentation_mode = saved_mode
+            report["debug"] = {
+                "vias": [_via(c) for c in fake.calls],
+                "instrumented counts as default": instrumented_default,
+                "default again": triton_launch._jit_settings_default(),
+            }
 
-        ts._SPECS.clear()
-        fake.calls.clear()
-        fake.unloaded.clear()
-        for _ in range(2):
-            ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        spec = ts._launch_spec("triton_side_forward", y, taps, ups, None, 0, 0, 0, 100.0)
-        (kept,) = spec[1]["fwd"][triton_launch.CACHE_KEY].kernels.values()
-        module = kept[-1].module
-        triton_kernels._fwd_kernel.device_caches.clear()
-        gc.collect()
-        ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        calls = fake.calls
-        report["cache dropped"] = {
-            "vias": [_via(c) for c in calls],
-            "same handle": calls[2][1][4] == calls[1][1][4],
-            "its module unloaded": module in fake.unloaded,
-        }
+            # 6. The JIT's cache dropped: a remembered kernel stays loaded (Triton 3.8 unloads a
+            # collected kernel's module), and launches go on with the same handle
+            import gc
 
-        # 7. Switched off: the JIT every time
-        ts._SPECS.clear()
-        fake.calls.clear()
-        with triton_launch.jit_only():
+            ts._SPECS.clear()
+            fake.calls.clear()
+            fake.unloaded.clear()
             for _ in range(2):
                 ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
-        report["enabled after"] = triton_launch.ENABLED
-        report["disabled"] = {"vias": [_via(c) for c in fake.calls]}
+            spec = ts._launch_spec("triton_side_forward", y, taps, ups, None, 0, 0, 0, 100.0)
+            (kept,) = spec[1]["fwd"][triton_launch.CACHE_KEY].kernels.values()
+            module = kept[-1].module
+            triton_kernels._fwd_kernel.device_caches.clear()
+            gc.collect()
+            ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+            calls = fake.calls
+            report["cache dropped"] = {
+                "vias": [_via(c) for c in calls],
+                "same handle": calls[2][1][4] == calls[1][1][4],
+                "its module unloaded": module in fake.unloaded,
+            }
+
+            # 7. Switched off: the JIT every time
+            ts._SPECS.clear()
+            fake.calls.clear()
+            with triton_launch.jit_only():
+                for _ in range(2):
+                    ts.side_fwd(y, taps, ups, None, 0, 0, 0, 100.0)
+            report["enabled after"] = triton_launch.ENABLED
+            report["disabled"] = {"vias": [_via(c) for c in fake.calls]}
 
         # 8. Through the ops, as a model's walk calls them (bench_host.py's Triton
         # providers): the recorder registers the launchers as the ops' CPU kernels too
@@ -315,10 +319,15 @@ def test_direct_launches_pass_what_the_jit_passes(tmp_path):
 
 def test_the_same_without_the_bridge(tmp_path):
     """The launchers registered through torch.library (``_C_bind`` left out) instead of the
-    bridge: the same launches, and the recorder's CPU kernels come and go the same way."""
-    report = _run_worker([str(ROOT)], tmp_path, DTL_KERNELS_DIRECT="0")
+    bridge: the recorder's CPU kernels come and go the same way (the launches themselves
+    do not depend on the registration: the first test checks them)."""
+    report = _run_worker([str(ROOT)], tmp_path, DTL_KERNELS_DIRECT="0", DTL_TEST_OPS_ONLY="1")
     assert report["launcher path"] == "torch.library"
-    _check(report)
+    if not report["enabled"]:
+        pytest.skip(f"direct launches are not checked for Triton {report['triton']}")
+    fwd, bwd, finish = "_fwd_kernel", "_bwd_kernel", "_bwd_finish_kernel"
+    assert report["ops"] == {"launches": [fwd, bwd, finish, fwd], "grads": [True, True]}
+    assert report["refused after"] is True
 
 
 def test_direct_launches_with_the_gpu_machines_triton(tmp_path):
