@@ -177,16 +177,18 @@ def save_checkpoint(
     # the newest checkpoint of an epoch without skipped (non-finite) steps is never rotated
     # out: a later one may hold weights that are finite yet diverge on every batch
     files = list_checkpoints(output)
-    vouched = [f for f in files if epoch_of(f) in clean_epochs(metrics)]
+    vouched = newest_clean(files, metrics)
     for old in files[:-keep]:
-        if not vouched or old != vouched[-1]:
+        if old != vouched:
             old.unlink(missing_ok=True)
     return path
 
 
-def clean_epochs(rows: list[dict]) -> set[int]:
-    """The epochs of ``rows`` (metrics rows) that skipped no step as non-finite."""
-    return {r.get("epoch") for r in rows if not r.get("skipped_steps")}
+def newest_clean(files: list[Path], rows: list[dict]) -> Path | None:
+    """The newest of ``files`` (checkpoints, oldest first) whose epoch skipped no step as
+    non-finite, by the metrics ``rows``; ``None`` if none did."""
+    clean = {r.get("epoch") for r in rows if not r.get("skipped_steps")}
+    return next((f for f in reversed(files) if epoch_of(f) in clean), None)
 
 
 def epoch_of(path: Path) -> int | None:

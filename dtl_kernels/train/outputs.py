@@ -161,14 +161,13 @@ def last_checkpoint_note(out: Path, rows: list[dict] = ()) -> str:
     files = ckpt.list_checkpoints(out)
     if not files:
         return "no checkpoint was written before"
-    clean = [f for f in files if ckpt.epoch_of(f) in ckpt.clean_epochs(rows)]
-    newest = files[-1]
-    if not clean or clean[-1] == newest:
+    clean, newest = ckpt.newest_clean(files, rows), files[-1]
+    if clean is None or clean == newest:
         return f"the last finite checkpoint is {newest} (--resume continues from it)"
     return (
         f"--resume continues from the newest checkpoint, {newest}, but its epoch skipped "
         f"steps with a non-finite loss or gradient: should it diverge again, delete the "
-        f"checkpoints after {clean[-1]} (the newest of an epoch without skipped steps) to "
+        f"checkpoints after {clean} (the newest of an epoch without skipped steps) to "
         "resume from that one"
     )
 
