@@ -127,8 +127,10 @@ def _check_model(conv_kernel: int, swin: bool = False):
                              num_heads=(1, 1, 2, 2), tap_from=1, adapt_from=3,
                              drop_path_rate=0.0, conv_kernel=conv_kernel)  # fmt: skip
     else:
+        # width 48 (d over two of the interpreter's 32-column chunks), 9 add-backs
         model = create_model("vit_tiny_patch16_224", "dtl+" if conv_kernel else "dtl", 4,
-                             img_size=32, adapt_from=3, conv_kernel=conv_kernel)  # fmt: skip
+                             img_size=32, embed_dim=48, num_heads=3, adapt_from=3,
+                             conv_kernel=conv_kernel)  # fmt: skip
     with torch.no_grad():
         for p in model.csn.up.values():
             p.normal_(0, 0.05)
