@@ -125,17 +125,40 @@ _NPZ_EXPANSION = 4
 MAX_PATCH_KERNEL_AREA = 64 * 64
 
 
-def read_regular_bytes(path: str | os.PathLike, limit: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, else
+def _open_regular_fd(path: str | bytes | os.PathLike) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of ``path`` and its ``fstat`` if it is a regular file, else
     ``ValueError`` (an ``OSError`` from the open itself passes). Opened without blocking
-    and checked on the descriptor: a FIFO named like the file, even one swapped in after a
-    check by name, would block a plain open or read forever."""
+    and checked on the descriptor, not by name: a FIFO named like the file, even one
+    swapped in after a check by name, would block a plain open or read forever."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     fd = os.open(path, flags)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path} is not a regular file")
+            raise ValueError(f"{os.fsdecode(path)} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, info
+
+
+def open_regular(path: str | bytes | os.PathLike):
+    """``path`` opened to read bytes (a binary file object, the caller closes it) if it is a
+    regular file, else ``ValueError``; as :func:`_open_regular_fd`. (A regular file's reads
+    never wait, so the descriptor's non-blocking flag changes nothing for the reader.)"""
+    fd, _ = _open_regular_fd(path)
+    try:
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_bytes(path: str | os.PathLike, limit: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, else
+    ``ValueError``; opened as :func:`_open_regular_fd` does."""
+    fd, info = _open_regular_fd(path)
+    try:
         if info.st_size > limit:
             raise ValueError(f"{path} holds {info.st_size} bytes, more than {limit}")
         chunks, size = [], 0

@@ -322,6 +322,21 @@ def test_a_fifo_named_like_an_image_is_refused_not_read(trained, toy, tmp_path, 
     assert f"error: not a regular file or folder: {pipe}" in capsys.readouterr().err
 
 
+def test_a_fifo_swapped_in_after_the_check_by_name_is_refused_not_read(tmp_path, monkeypatch):
+    """opened_image asked the name whether it was a regular file and then opened it: a FIFO
+    put in its place between the two blocked the open forever. The open descriptor is
+    checked now (the check by name is made to pass here, as if the swap came after it)."""
+    from dtl_kernels.train import data
+
+    pipe = tmp_path / "swapped.png"
+    os.mkfifo(pipe)
+    monkeypatch.setattr(data.os.path, "isfile", lambda _: True)
+    for call in (lambda: data.check_image_header(pipe), lambda: data.load_image(pipe, 16)):
+        got = _outcome_unblocked(call, pipe)
+        assert isinstance(got, data.DataError), got
+        assert f"{pipe} is not a regular file" in str(got)
+
+
 def test_dtl_predict_refuses_a_strip_before_the_model_where_the_crop_keeps_aspect(
     trained, toy, tmp_path, capsys, monkeypatch
 ):

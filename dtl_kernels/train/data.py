@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._untrusted import open_regular
 from ..models.choices import LIMITS
 from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
@@ -246,23 +247,27 @@ def opened_image(path: str | bytes | os.PathLike):
     from PIL import Image, UnidentifiedImageError
 
     name = os.fsdecode(path)
-    # one stat for a regular file; a missing one: the open below says so
-    if not os.path.isfile(name) and os.path.exists(name):
-        raise DataError(f"cannot read image: {name} is not a regular file (a FIFO, a device, "
-                        "a folder?)")  # fmt: skip
-    try:
-        with Image.open(path, formats=READ_FORMATS) as img:
-            yield img
+    try:  # checked on the open descriptor: a FIFO swapped in after a check by name blocks
+        file = open_regular(path)
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
+    except ValueError:
+        raise DataError(f"cannot read image: {name} is not a regular file (a FIFO, a device, "
+                        "a folder?)") from None  # fmt: skip
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+    try:
+        with file, Image.open(file, formats=READ_FORMATS) as img:
+            yield img
     except DataError:
         raise
     except UnidentifiedImageError as exc:
         allowed = f"one of {', '.join(READ_FORMATS)}, the formats read"
         found = _format_by_signature(name)
         if found is None or found in READ_FORMATS:  # no known format, or a corrupt one
-            raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc} (read as "
-                            f"{allowed})") from exc  # fmt: skip
+            # (Pillow's own message names the open file object, not the path)
+            raise DataError(f"cannot read image {path}: {type(exc).__name__}: not an image "
+                            f"Pillow identifies (read as {allowed})") from exc  # fmt: skip
         raise DataError(f"cannot read image {path}: its first bytes are those of the {found} "
                         f"format, not {allowed}") from None  # fmt: skip
     except Exception as exc:  # PIL raises several types for corrupt files
@@ -276,9 +281,9 @@ def _format_by_signature(path: str) -> str | None:
 
     Image.init()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             prefix = f.read(16)
-    except OSError:
+    except (OSError, ValueError):
         return None
     for name, (_, accept) in Image.OPEN.items():
         try:  # a plugin's check may assume more bytes than a short file has (DIB's: 4)
