@@ -171,7 +171,12 @@ def infer_calls(name, providers, device, batch, img, amp, graphs: bool) -> dict[
 
         calls[provider] = fwd
         if graphs:
-            calls[f"{provider}@graph"] = cuda_graph(fwd)
+            try:
+                calls[f"{provider}@graph"] = cuda_graph(fwd)
+            except Exception as exc:  # noqa: BLE001 — its eager row and the others still run
+                print(f"[{name} b={batch}] {provider}: no CUDA graph ({type(exc).__name__}: "
+                      f"{str(exc)[:200]})", flush=True)  # fmt: skip
+                torch.cuda.synchronize()
     return calls
 
 
@@ -211,6 +216,9 @@ def main() -> int:
     ap.add_argument("--providers", nargs="+", default=list(TRAIN), choices=TRAIN)
     ap.add_argument("--infer-batches", nargs="*", type=int, default=[1, 4, 16])
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile point")
+    ap.add_argument(
+        "--no-diagnostics", action="store_true", help="inference without dtl_cuda / dtl_jit"
+    )
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny ViT, 2 rounds")
     ap.add_argument("--out", default="step", help="CSV name stem")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -247,8 +255,11 @@ def main() -> int:
             print(f"[{name} b={args.batch}] {p:8s} step {med[p]:8.2f} ms "
                   f"(IQR {stats(s)[1]:.2f}–{stats(s)[2]:.2f}){gpu_busy}", flush=True)  # fmt: skip
         del calls
-        infer = INFER + (INFER_CUDA if _cuda_kernels_run(args.device) else ())
-        infer += INFER_TRITON_JIT if gpu and triton_launch.ENABLED else ()
+        res.write(args.out, args.results_dir, show=False)  # a later stop keeps these rows
+        infer = INFER
+        if not args.no_diagnostics:
+            infer += INFER_CUDA if _cuda_kernels_run(args.device) else ()
+            infer += INFER_TRITON_JIT if gpu and triton_launch.ENABLED else ()
         for batch in args.infer_batches:
             calls = infer_calls(name, infer, args.device, batch, args.img, amp, graphs=gpu)
             samples = round_robin(calls, timer, args.reps, args.warmup)
@@ -257,7 +268,7 @@ def main() -> int:
                 base, graph = p.removesuffix("@graph"), p.endswith("@graph")
                 add(base, "infer_graph_ms" if graph else "infer_ms", batch, stats(s))
                 ref = "timm@graph" if graph else "timm"
-                if base != "timm":
+                if base != "timm" and ref in med:  # (timm's graph may have failed)
                     add(base, "infer_graph_x_timm" if graph else "infer_x_timm", batch,
                         med[ref] / med[p], "x")  # fmt: skip
                 if gpu and not graph:
@@ -265,6 +276,7 @@ def main() -> int:
             print(f"[{name} infer b={batch}] "
                   + "  ".join(f"{p} {m:.2f} ms" for p, m in med.items()), flush=True)  # fmt: skip
             del calls
+            res.write(args.out, args.results_dir, show=False)
         if gpu and not args.no_compile:
             compiled_point(name, args, amp, timer, add)
     res.write(args.out, args.results_dir)

@@ -95,13 +95,15 @@ def package_version() -> str:
     return __version__
 
 
-def op_bytes(rows: int, d: int, k_cols: int, mode: str, elem: int) -> int:
+def op_bytes(rows: int, d: int, k_cols: int, mode: str, elem: int, side_elem: int = 0) -> int:
     """Fewest bytes one side-op call must move through memory: forward reads y and T and
     writes out; backward reads G and T and writes ∂T (∂y is G itself, no copy). The
     parameters (d·K, d·k²) are left out: < 0.5 % at the benchmark shapes. ``mode``:
-    ``"fwd"`` or ``"full"`` (forward + backward)."""
-    fwd = (2 * rows * d + rows * k_cols) * elem
-    bwd = (rows * d + 2 * rows * k_cols) * elem
+    ``"fwd"`` or ``"full"`` (forward + backward); ``elem``: bytes per element of y, out
+    and G; ``side_elem``: of T and ∂T where they differ (autocast's mix), else ``elem``."""
+    side_elem = side_elem or elem
+    fwd = 2 * rows * d * elem + rows * k_cols * side_elem
+    bwd = rows * d * elem + 2 * rows * k_cols * side_elem
     return fwd if mode == "fwd" else fwd + bwd
 
 
@@ -179,7 +181,10 @@ class Results:
         self.rows.append(row)
         return row
 
-    def write(self, name: str | None = None, directory: Path | None = None) -> Path:
+    def write(self, name: str | None = None, directory: Path | None = None,
+              show: bool = True) -> Path:  # fmt: skip
+        """Save the rows (atomically: a crash leaves the previous CSV); ``show``: print
+        the table too (a script that saves as it goes prints it once, at the end)."""
         directory = Path(directory) if directory is not None else RESULTS
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{name or self.benchmark}.csv"
@@ -190,6 +195,8 @@ class Results:
             for row in self.rows:
                 writer.writerow({k: _fmt(row[k]) for k in COLUMNS})
         os.replace(tmp, path)  # a crash leaves the previous CSV, never half of one
+        if not show:
+            return path
         self.print_table()
         print(f"\n{len(self.rows)} rows -> {os.path.relpath(path)}  [{self.env['machine']}]")
         return path

@@ -9,7 +9,12 @@ with the pure-PyTorch reference run in float64. The tolerance is the rule of the
     max |ours − exact| ≤ 4 · max |torch_at_dtype − exact| + floor(dtype) · max(1, max |exact|)
 
 (``torch_at_dtype``: the same reference run in the case's dtype; TF32 off). Each case also
-runs twice and must be bit-identical (deterministic reductions), and non-finite values fail.
+runs twice and must be bit-identical, and non-finite values fail. The CUDA C++ kernels
+reduce in a fixed order always; Triton's backward adds its partial sums with atomics by
+default, so on Triton the default run is checked for accuracy and the repeats are those
+of its deterministic mode (``DTL_KERNELS_DETERMINISTIC=1``), checked for accuracy too.
+A case with ``side`` set feeds autocast's mix: ``y`` / ``conv_weight`` / the gradient in
+``dtype`` (float32), ``taps`` / ``ups`` in ``side`` (bfloat16 / float16).
 
 Shapes: the ViT-B/16 training shape (B=32, N=197, d=768, K=24, several row tiles per CTA /
 program), Swin-B stage 3 (14×14, d=512, K=72) and stage 4 (7×7, d=1024), register tokens,
@@ -21,7 +26,9 @@ interpreter), to check this script without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -51,6 +58,7 @@ class Case:
     strided: bool = False
     beta: float = 100.0
     scale: float = 0.3
+    side: torch.dtype | None = None  # taps / ups dtype when it differs from ``dtype``
 
     @property
     def tokens(self) -> int:
@@ -58,6 +66,8 @@ class Case:
 
     def label(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
+        if self.side is not None:
+            dt += "+" + str(self.side).replace("torch.", "")
         extra = "-strided" if self.strided else ""
         extra += "-saturated" if self.scale > 1 else ""
         return (
@@ -83,6 +93,11 @@ def gpu_cases() -> list[Case]:
         Case("odd", 3, 2, (5, 7), 100, 6, 3, F16),
         Case("fp64", 2, 1, (14, 14), 100, 6, 3, F64),
         Case("fp64", 2, 1, (14, 14), 100, 6, 0, F64, beta=1.0),
+        # autocast's mix: float32 y with 16-bit taps / ups
+        Case("vitb", ksize=0, dtype=F32, side=BF16, **vit),
+        Case("vitb", ksize=3, dtype=F32, side=BF16, **vit),
+        Case("vitb", ksize=5, dtype=F32, side=F16, **vit),
+        Case("swinb-s3", 32, 0, (14, 14), 512, 72, 5, F32, side=BF16),
     ]
     return cases
 
@@ -97,6 +112,7 @@ def sanitize_cases() -> list[Case]:
         Case("sanitize", 8, 1, (14, 14), 768, 24, 3, BF16),
         Case("sanitize", 8, 1, (14, 14), 768, 24, 0, BF16),
         Case("sanitize", 2, 0, (14, 14), 512, 72, 5, BF16),
+        Case("sanitize", 8, 1, (14, 14), 768, 24, 3, F32, side=BF16),  # autocast's mix
     ]
 
 
@@ -105,6 +121,7 @@ def dry_cases(backend: str) -> list[Case]:
         Case("tiny", 2, 1, (4, 5), 40, 6, 3, F32),
         Case("tiny", 2, 1, (4, 5), 40, 6, 0, BF16),
         Case("tiny", 2, 0, (3, 3), 24, 4, 5, F32, strided=True),
+        Case("tiny", 2, 1, (4, 5), 40, 6, 3, F32, side=BF16),
     ]
     return cases if backend != "triton" else cases[:2]
 
@@ -134,10 +151,12 @@ def strided_view(t: torch.Tensor, how: int) -> torch.Tensor:
     return t.t().contiguous().t()  # (d, K) stored column-major
 
 
-def run_reference(case: Case, inputs, dtype):
+def run_reference(case: Case, inputs, dtype, side_dtype=None):
     y, taps, ups, w, grad = inputs
+    dtypes = (dtype, side_dtype or dtype, side_dtype or dtype, dtype)
     leaves = [
-        t.detach().to(dtype).requires_grad_() if t is not None else None for t in (y, taps, ups, w)
+        t.detach().to(dt).requires_grad_() if t is not None else None
+        for t, dt in zip((y, taps, ups, w), dtypes, strict=True)
     ]
     grid = case.grid if w is not None else None
     out = reference.side_add(*leaves[:3], case.beta, leaves[3], grid, case.prefix)
@@ -147,6 +166,8 @@ def run_reference(case: Case, inputs, dtype):
 
 def run_backend(case: Case, inputs, backend: str):
     y, taps, ups, w, grad = (t.to(case.dtype) if t is not None else None for t in inputs)
+    if case.side is not None:
+        taps, ups = taps.to(case.side), ups.to(case.side)
     if case.strided:
         y, taps, ups, grad = (
             strided_view(y, 0),
@@ -165,20 +186,44 @@ def run_backend(case: Case, inputs, backend: str):
 NAMES = ["out", "grad_y", "grad_taps", "grad_ups", "grad_conv"]
 
 
+@contextlib.contextmanager
+def deterministic_mode():
+    """The fused ops' deterministic mode (Triton's backward without atomics)."""
+    saved = os.environ.get("DTL_KERNELS_DETERMINISTIC")
+    os.environ["DTL_KERNELS_DETERMINISTIC"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("DTL_KERNELS_DETERMINISTIC", None)
+        else:
+            os.environ["DTL_KERNELS_DETERMINISTIC"] = saved
+
+
 def check_case(case: Case, backend: str, device: str) -> list[dict]:
     inputs = make_inputs(case, device)
     exact = run_reference(case, inputs, F64)
-    at_dtype = run_reference(case, inputs, case.dtype)
-    first = run_backend(case, inputs, backend)
-    second = run_backend(case, inputs, backend)
+    at_dtype = run_reference(case, inputs, case.dtype, case.side)
+    runs = [run_backend(case, inputs, backend)]  # the default mode
+    if backend == "triton":  # atomics by default: the repeats are the deterministic mode's
+        with deterministic_mode():
+            runs += [run_backend(case, inputs, backend) for _ in range(2)]
+    else:
+        runs.append(run_backend(case, inputs, backend))
+    # the dtype each result must have: taps / ups (and their gradients) in the side dtype
+    side = case.side or case.dtype
+    dtypes = [case.dtype, case.dtype, side, side, case.dtype]
+    floor = max(FLOOR[case.dtype], FLOOR[side])
     rows = []
-    for name, e, t, o, o2 in zip(NAMES, exact, at_dtype, first, second, strict=False):
-        err = (o.double() - e).abs().max().item()
+    for i, (name, e, t) in enumerate(zip(NAMES, exact, at_dtype, strict=False)):
+        mine = [r[i] for r in runs]
+        o = mine[0]
+        err = max((x.double() - e).abs().max().item() for x in mine)
         err_torch = (t.double() - e).abs().max().item()
-        tol = 4 * err_torch + FLOOR[case.dtype] * max(1.0, e.abs().max().item())
-        finite = bool(torch.isfinite(o).all())
-        repeat = torch.equal(o, o2)
-        ok = finite and repeat and err <= tol and o.dtype == case.dtype and o.shape == e.shape
+        tol = 4 * err_torch + floor * max(1.0, e.abs().max().item())
+        finite = all(bool(torch.isfinite(x).all()) for x in mine)
+        repeat = torch.equal(mine[-2], mine[-1])
+        ok = finite and repeat and err <= tol and o.dtype == dtypes[i] and o.shape == e.shape
         rows.append(
             dict(
                 backend=backend,

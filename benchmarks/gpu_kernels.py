@@ -4,8 +4,10 @@
 Providers: ``eager`` (the pure-PyTorch reference), ``compile`` (``torch.compile`` of it),
 ``cuda`` (our CUDA C++) and ``triton`` (our Triton); modes ``fwd`` (forward under no_grad)
 and ``full`` (forward + backward: ``torch.autograd.grad`` for y, T, U and w); DTL (k=0) and
-DTL+ (k=3, 5) at the ViT-B/16 training shape (B=32, N=197, d=768, K=24), float32 and
-bfloat16, and Swin-B stage 3 (B=32, 14×14, d=512, K=72, k=5) in bfloat16.
+DTL+ (k=3, 5) at the ViT-B/16 training shape (B=32, N=197, d=768, K=24) and Swin-B stage 3
+(B=32, 14×14, d=512, K=72, k=5), each in both dtype mixes: all-bfloat16, and autocast's
+float32 ``y`` (and gradient, conv weight) with bfloat16 taps and ups (dtype column
+``float32+bfloat16``), the mix training feeds.
 
 How it is timed: 100 calls are captured in one CUDA graph (launch overhead out of the
 picture) and the graph is replayed 5 times (CUDA events; median per call). The calls cycle
@@ -14,11 +16,13 @@ reads its inputs from device memory ("L2 flushed"). A provider whose calls canno
 captured is timed as 100 back-to-back calls between two events instead (column
 ``method``). The plain device copy of ``y`` is timed the same way in the same run.
 
-Bytes a call must move (one formula, :func:`op_bytes`): forward y, T in, out; backward G, T
-in, ∂T out (the gradients of U and w are tiny). GB/s = those bytes / time; ``x_copy`` = that
-over the copy's GB/s. ``temp`` (:func:`temp_bytes`) = the scratch memory of the forward
-(``fwd`` rows) or of the backward alone (``full`` rows), and ``temp_x_y`` that over ``y``'s
-bytes.
+Bytes a call must move (one formula, :func:`op_bytes`, each tensor in its own dtype):
+forward y, T in, out; backward G, T in, ∂T out (the gradients of U and w are tiny). GB/s =
+those bytes / time; ``x_copy`` = that over the GB/s of a copy of ``y`` (``1 / x_copy``: how
+far the call is from its lower bound, the time those bytes take at the copy's rate).
+``temp`` (:func:`temp_bytes`) = the scratch memory of the forward (``fwd`` rows) or of the
+backward alone (``full`` rows); ``temp_x_y`` that over ``y``'s bytes and ``temp_x_limit``
+over the limit max(4 MB, 0.25 × bytes of y) (``triton_plan.TEMP_FLOOR`` / ``TEMP_SHARE``).
 
 ``kernel_profile.csv``: torch.profiler's breakdown of our fused fwd+bwd (``cuda``, ``triton``)
 into its kernels, µs and launches per op (the shape column ends in ``| kernel``): where the
@@ -41,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, op_bytes, quantiles, side_kernel  # noqa: E402
 
 from dtl_kernels.ops import reference  # noqa: E402
+from dtl_kernels.ops.triton_plan import TEMP_FLOOR, TEMP_SHARE  # noqa: E402
 
 CALLS, REPLAYS = 100, 5
 
@@ -71,19 +76,21 @@ def providers(device: str, dry_run: bool, want: list[str]) -> dict:
 
 # -- inputs ------------------------------------------------------------------------------
 class Inputs:
-    """``sets`` independent (y, taps, G) triples (plus shared U, w) of one config."""
+    """``sets`` independent (y, taps, G) triples (plus shared U, w) of one config: y, G and
+    w in ``dtype``, taps and U in ``side`` (autocast's mix) or ``dtype``."""
 
-    def __init__(self, b, prefix, grid, d, k_cols, ksize, dtype, device, sets):
+    def __init__(self, b, prefix, grid, d, k_cols, ksize, dtype, device, sets, side=None):
         n = prefix + grid[0] * grid[1]
         gen = torch.Generator(device=device).manual_seed(0)
 
-        def rnd(*s, scale=1.0):
-            return (torch.randn(*s, generator=gen, device=device) * scale).to(dtype)
+        def rnd(*s, scale=1.0, dt=dtype):
+            return (torch.randn(*s, generator=gen, device=device) * scale).to(dt)
 
+        side = side or dtype
         self.ys = [rnd(b, n, d) for _ in range(sets)]
-        self.taps = [rnd(b, n, k_cols, scale=0.3) for _ in range(sets)]
+        self.taps = [rnd(b, n, k_cols, scale=0.3, dt=side) for _ in range(sets)]
         self.gs = [rnd(b, n, d) for _ in range(sets)]
-        self.ups = rnd(d, k_cols, scale=0.3 / math.sqrt(k_cols / 6))
+        self.ups = rnd(d, k_cols, scale=0.3 / math.sqrt(k_cols / 6), dt=side)
         self.w = rnd(d, 1, ksize, ksize, scale=1 / ksize) if ksize else None
         self.grid = grid if ksize else None
         self.prefix = prefix
@@ -216,16 +223,39 @@ def kernel_breakdown(call, device: str, reps: int = 10, top: int = 8) -> list[tu
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
+#: the dtype mixes timed (y's dtype, taps' / ups' dtype): all-bf16 and autocast's
+MIXES = ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
+
+
 def configs(dry_run: bool):
-    """(label, B, prefix, grid, d, K, k, dtype)."""
+    """(label, B, prefix, grid, d, K, k, dtype, side dtype)."""
+    f32, bf16 = torch.float32, torch.bfloat16
     if dry_run:
-        return [("tiny", 2, 1, (4, 5), 40, 6, k, torch.float32) for k in (0, 3)]
-    vit = [
-        ("vitb", 32, 1, (14, 14), 768, 24, k, dt)
-        for dt in (torch.bfloat16, torch.float32)
-        for k in (0, 3, 5)
-    ]
-    return vit + [("swinb-s3", 32, 0, (14, 14), 512, 72, 5, torch.bfloat16)]
+        tiny = ("tiny", 2, 1, (4, 5), 40, 6)
+        return [(*tiny, 0, f32, f32), (*tiny, 3, f32, f32), (*tiny, 3, f32, bf16)]
+    vit = [("vitb", 32, 1, (14, 14), 768, 24, k, dt, side) for dt, side in MIXES
+           for k in (0, 3, 5)]  # fmt: skip
+    return vit + [("swinb-s3", 32, 0, (14, 14), 512, 72, 5, dt, side) for dt, side in MIXES]
+
+
+def dtype_label(dtype: torch.dtype, side: torch.dtype) -> str:
+    """The CSV's dtype column: ``bfloat16``, or ``float32+bfloat16`` for a mix."""
+    name = str(dtype).removeprefix("torch.")
+    return name if side == dtype else f"{name}+{str(side).removeprefix('torch.')}"
+
+
+def model_label(ksize: int) -> str:
+    return "DTL" if ksize == 0 else f"DTL+k{ksize}"
+
+
+def shape_label(label: str, b: int, prefix: int, grid, d: int, k_cols: int) -> str:
+    return f"{label}:B{b},N={prefix + grid[0] * grid[1]},d={d},K={k_cols}"
+
+
+def expected(dry_run: bool) -> list[tuple[str, str, str]]:
+    """(shape, model, dtype label) of every config a run times (the summary's checklist)."""
+    return [(shape_label(label, b, p, g, d, kc), model_label(k), dtype_label(dt, side))
+            for label, b, p, g, d, kc, k, dt, side in configs(dry_run)]  # fmt: skip
 
 
 def main() -> int:
@@ -253,20 +283,24 @@ def main() -> int:
     res = Results("kernels", device=device)
     prof = Results("kernel_profile", device=device)  # shape column: "<shape> | <kernel>"
     copy_gbs_of: dict = {}
-    for label, b, prefix, grid, d, k_cols, ksize, dtype in configs(args.dry_run):
+    for label, b, prefix, grid, d, k_cols, ksize, dtype, side in configs(args.dry_run):
         rows = b * (prefix + grid[0] * grid[1])
         elem = torch.empty((), dtype=dtype).element_size()
-        set_bytes = (2 * rows * d + rows * k_cols) * elem
+        side_elem = torch.empty((), dtype=side).element_size()
+        set_bytes = 2 * rows * d * elem + rows * k_cols * side_elem
         sets = max(2, math.ceil(2 * l2 / set_bytes)) if l2 else 2
-        inp = Inputs(b, prefix, grid, d, k_cols, ksize, dtype, device, sets)
-        model = "DTL" if ksize == 0 else f"DTL+k{ksize}"
-        shape = f"{label}:B{b},N={rows // b},d={d},K={k_cols}"
+        inp = Inputs(b, prefix, grid, d, k_cols, ksize, dtype, device, sets, side)
+        model = model_label(ksize)
+        shape = shape_label(label, b, prefix, grid, d, k_cols)
+        y_bytes = inp.ys[0].nbytes
+        temp_limit = max(TEMP_FLOOR, TEMP_SHARE * y_bytes)
+        dt_label = dtype_label(dtype, side)
         if args.warm_only:
             for fn in provs.values():
                 for mode in ("fwd", "full"):
                     inp.call(fn, 0, mode)
             torch.cuda.synchronize()
-            print(f"warmed {shape} {model} {dtype}", flush=True)
+            print(f"warmed {shape} {model} {dt_label}", flush=True)
             continue
         if (shape, dtype) not in copy_gbs_of:  # the copy baseline, once per shape and dtype
             dst = torch.empty_like(inp.ys[0])
@@ -278,7 +312,7 @@ def main() -> int:
         copy_gbs = copy_gbs_of[shape, dtype]
         times = {}
         for mode in ("fwd", "full"):
-            nbytes = op_bytes(rows, d, k_cols, mode, elem)
+            nbytes = op_bytes(rows, d, k_cols, mode, elem, side_elem)
             for name, fn in provs.items():
                 t0 = time.perf_counter()
 
@@ -293,15 +327,20 @@ def main() -> int:
                     continue
                 times[name, mode] = us[0]
                 gbs = nbytes / (us[0] * 1e-6) / 1e9
-                res.add(name, mode, model, b, dtype, shape, us, "us")
-                res.add(name, mode, model, b, dtype, shape, gbs, "GB/s")
-                res.add(name, mode, model, b, dtype, shape, gbs / copy_gbs, "x_copy")
-                res.add(name, mode, model, b, dtype, shape, method, "method")
+
+                def add(value, unit, row=(name, mode, model, b, dt_label, shape)):
+                    res.add(*row, value, unit)
+
+                add(us, "us")
+                add(gbs, "GB/s")
+                add(gbs / copy_gbs, "x_copy")
+                add(method, "method")
                 if temp is not None:
-                    res.add(name, mode, model, b, dtype, shape, temp / 2**20, "temp_MB")
-                    res.add(name, mode, model, b, dtype, shape, temp / inp.ys[0].nbytes, "temp_x_y")
+                    add(temp / 2**20, "temp_MB")
+                    add(temp / y_bytes, "temp_x_y")
+                    add(temp / temp_limit, "temp_x_limit")
                 print(
-                    f"  {shape} {model:7s} {str(dtype)[6:]:8s} {mode:4s} {name:7s} "
+                    f"  {shape} {model:7s} {dt_label:16s} {mode:4s} {name:7s} "
                     f"{us[0]:9.1f} us  {gbs:7.0f} GB/s  {gbs / copy_gbs:5.2f}x copy  "
                     f"({method}, {time.perf_counter() - t0:.0f}s)",
                     flush=True,
@@ -309,16 +348,8 @@ def main() -> int:
             for name in provs:
                 for ref in ("eager", "compile"):
                     if name != ref and (name, mode) in times and (ref, mode) in times:
-                        res.add(
-                            name,
-                            mode,
-                            model,
-                            b,
-                            dtype,
-                            shape,
-                            times[ref, mode] / times[name, mode],
-                            f"speedup_vs_{ref}",
-                        )
+                        ratio = times[ref, mode] / times[name, mode]
+                        res.add(name, mode, model, b, dt_label, shape, ratio, f"speedup_vs_{ref}")
         for name, fn in provs.items():
             if name in ("cuda", "triton", "cpu"):  # our kernels, fwd + bwd: who costs what
                 try:
@@ -329,12 +360,11 @@ def main() -> int:
                     print(f"  (no profile of {name}: {type(exc).__name__}: {exc})")
                     continue
                 for kernel, launches, us in parts:
-                    prof.add(name, "full", model, b, dtype, f"{shape} | {kernel}", us, "us")
-                    prof.add(
-                        name, "full", model, b, dtype, f"{shape} | {kernel}", launches, "launches"
-                    )
+                    prof.add(name, "full", model, b, dt_label, f"{shape} | {kernel}", us, "us")
+                    prof.add(name, "full", model, b, dt_label, f"{shape} | {kernel}", launches,
+                             "launches")  # fmt: skip
                 print(
-                    f"  profile {name} {model} {str(dtype)[6:]}: "
+                    f"  profile {name} {model} {dt_label}: "
                     + ", ".join(f"{k} {us:.1f}us" for k, _, us in parts[:6]),
                     flush=True,
                 )
