@@ -9,14 +9,16 @@ output goes to ``DIR/log.txt``):
    only and this host's CPU only (``DTL_KERNELS_NATIVE=1``), all cores (``setup.py
    build_ext --inplace``), then ``python -m dtl_kernels.info``.
 2. At once, as they only check: ``correct`` (``gpu_correct.py`` for ``cuda`` and ``triton``:
-   float64 reference, forward and every gradient, ViT-B / Swin-B shapes, fp32 / bf16 / fp16,
-   strided, bit-identical repeats), ``pytest`` (the suite's GPU-marked tests),
-   ``sanitize`` (compute-sanitizer memcheck on both backends, racecheck on the CUDA C++,
-   a ViT-B shape with several row tiles per CTA / program) and a warm-up that fills the
+   float64 reference, forward and every gradient, ViT-B / Swin-B shapes, fp32 / bf16 / fp16
+   and autocast's float32 y + 16-bit taps, strided, bit-identical repeats: Triton's in its
+   deterministic mode), ``pytest`` (the suite's GPU-marked tests), ``sanitize``
+   (compute-sanitizer memcheck and racecheck on both backends, ViT-B shapes with several
+   row tiles per CTA / program, Swin-B's K = 72, the mix) and a warm-up that fills the
    compile caches for the timing stage.
 3. ``kernels``: ``gpu_kernels.py`` (eager, torch.compile, cuda, triton; fwd and fwd+bwd;
-   CUDA graphs of 100 calls, L2 flushed; plain copy beside), then a profiler breakdown of
-   our fwd+bwd into its kernels (``kernel_profile.csv``).
+   ViT-B DTL / DTL+ k3 / k5 and Swin-B stage 3, all-bf16 and the autocast mix; CUDA graphs
+   of 100 calls, L2 flushed; plain copy beside), then a profiler breakdown of our fwd+bwd
+   into its kernels (``kernel_profile.csv``).
 4. ``step``: ``bench_step.py`` on ViT-B/16 and Swin-B, batch 32, bf16 autocast: step time of
    full / linear / LoRA / DTL (eager reference and fused) / DTL+ interleaved round-robin,
    ≥ 30 rounds, median and IQR, GPU-busy time from the profiler; inference at batch 1 / 4 /
