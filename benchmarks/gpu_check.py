@@ -319,8 +319,9 @@ def main() -> int:
         backends = ["cpu", "triton"] if args.dry_run else args.correct_backends
         for b in backends:
             extra = {"TRITON_INTERPRET": "1"} if args.dry_run and b == "triton" else None
-            # Triton compiles a kernel per dtype / k / grid: two shards halve the wait
-            shards = 2 if b == "triton" and not args.dry_run else 1
+            # Triton compiles a kernel per dtype / k / grid / mode (its deterministic mode
+            # too): three shards, a third of the wait each
+            shards = 3 if b == "triton" and not args.dry_run else 1
             for i in range(shards):
                 cmd = [
                     py,
