@@ -212,8 +212,16 @@ def test_sanitizers_check_the_triton_kernels_too(monkeypatch):
     jobs = dict(gpu_check.sanitizer_jobs("python3"))
     assert {"sanitize-memcheck-triton", "sanitize-racecheck-triton-0",
             "sanitize-racecheck-triton-1", "sanitize-memcheck-cuda"} <= set(jobs)  # fmt: skip
+    import re
+
+    names = ("_fwd_kernel", "_fwd_conv_kernel", "_bwd_kernel", "_bwd_finish_kernel")
     for name, cmd in jobs.items():
-        assert ("--kernel-name" in cmd) == ("-cuda" in name), name
+        kind, pattern = cmd[cmd.index("--kernel-name") + 1].split("=", 1)
+        if "-triton" in name:  # the regex matches each Triton kernel, no CUDA C++ one
+            assert kind == "regex" and all(re.search(pattern, k) for k in names)
+            assert not re.search(pattern, "_ZN3dtl9cuda_side10fwd_kernelIfEEvv")
+        else:
+            assert (kind, pattern) == ("kns", "side"), name
 
 
 def test_triton_repeats_run_in_its_deterministic_mode(monkeypatch):
