@@ -168,9 +168,10 @@ def sanitizer_jobs(py: str) -> list[tuple]:
     # racecheck: one process per case on the CUDA C++ kernels (run 2's second case in the
     # same process met a sanitizer-internal error after the first had passed); Triton's in
     # two, for time
+    # (Triton's racecheck before the CUDA shards: it never ran, the CUDA one did)
     runs = [("memcheck", "cuda", "0/1"), ("memcheck", "triton", "0/1")]
-    runs += [("racecheck", "cuda", f"{i}/{SANITIZE_CASES}") for i in range(SANITIZE_CASES)]
     runs += [("racecheck", "triton", f"{i}/2") for i in range(2)]
+    runs += [("racecheck", "cuda", f"{i}/{SANITIZE_CASES}") for i in range(SANITIZE_CASES)]
     for tool_name, backend, shard in runs:
         # only our kernels (racecheck of cuBLAS's would take minutes): the CUDA C++ ones by
         # their namespace (dtl::cuda_side), Triton's by their names (_fwd_kernel,
@@ -192,8 +193,11 @@ def run_sanitizers(runner: Runner, jobs: list[tuple], box: float) -> None:
     for name, cmd in jobs:  # one after another: each instruments its own process
         rc = runner.run(name, cmd, end - time.monotonic(), env)
         if rc not in (0, 9, None) and "SUMMARY" not in runner.outputs.get(name, ""):
-            # an older compute-sanitizer without --kernel-name: check every kernel instead
+            # a compute-sanitizer without this --kernel-name key: check every kernel instead,
+            # the rerun's record and section replacing the first's (the summary reads the last)
             i = cmd.index("--kernel-name")
+            with runner.lock:
+                runner.records = [r for r in runner.records if r[0] != name]
             runner.run(name, cmd[:i] + cmd[i + 2 :], end - time.monotonic(), env)
 
 
@@ -395,7 +399,8 @@ def main() -> int:
                    "--out", f"step_{i}"] + dry  # fmt: skip
             if i > 0:
                 cmd += ["--no-compile", "--no-diagnostics"]
-            runner.run(f"step-{model}", cmd, 170, min_time=30)
+            share = runner.left() / (len(models) - i)  # what the first leaves, the next gets
+            runner.run(f"step-{model}", cmd, min(170, share), min_time=30)
         merge_csvs([out / f"step_{i}.csv" for i in range(len(models))], out / "step.csv")
 
     # end to end memory, one model per process (a model cut off by the deadline loses only itself)

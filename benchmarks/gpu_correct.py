@@ -137,6 +137,8 @@ def make_inputs(case: Case, device: str, seed: int = 0):
     y = rnd(b, n, d)
     taps = rnd(b, n, kc) * case.scale
     ups = rnd(d, kc) * 0.3 / (kc / 6) ** 0.5
+    if case.side is not None:  # values the 16-bit taps / ups hold exactly, the exact run's too
+        taps, ups = taps.to(case.side).double(), ups.to(case.side).double()
     w = rnd(d, 1, k, k) / k if k else None
     grad = rnd(b, n, d)
     return [t.to(device) if t is not None else None for t in (y, taps, ups, w, grad)]
@@ -203,7 +205,10 @@ def deterministic_mode():
 def check_case(case: Case, backend: str, device: str) -> list[dict]:
     inputs = make_inputs(case, device)
     exact = run_reference(case, inputs, F64)
-    at_dtype = run_reference(case, inputs, case.dtype, case.side)
+    # the yardstick of a mix: float32 math on its 16-bit values (what the kernels promise:
+    # 16-bit products, fp32 accumulation, h kept in fp32); torch's own mix rounds h to
+    # 16 bits, a yardstick loose enough to pass y itself rounded through bf16
+    at_dtype = run_reference(case, inputs, case.dtype)
     runs = [run_backend(case, inputs, backend)]  # the default mode
     if backend == "triton":  # atomics by default: the repeats are the deterministic mode's
         with deterministic_mode():
@@ -213,14 +218,14 @@ def check_case(case: Case, backend: str, device: str) -> list[dict]:
     # the dtype each result must have: taps / ups (and their gradients) in the side dtype
     side = case.side or case.dtype
     dtypes = [case.dtype, case.dtype, side, side, case.dtype]
-    floor = max(FLOOR[case.dtype], FLOOR[side])
     rows = []
     for i, (name, e, t) in enumerate(zip(NAMES, exact, at_dtype, strict=False)):
         mine = [r[i] for r in runs]
         o = mine[0]
         err = max((x.double() - e).abs().max().item() for x in mine)
         err_torch = (t.double() - e).abs().max().item()
-        tol = 4 * err_torch + floor * max(1.0, e.abs().max().item())
+        # the test suite's rule (tests/side_cases.py): the floor of the output's own dtype
+        tol = 4 * err_torch + FLOOR[dtypes[i]] * max(1.0, e.abs().max().item())
         finite = all(bool(torch.isfinite(x).all()) for x in mine)
         repeat = torch.equal(mine[-2], mine[-1])
         ok = finite and repeat and err <= tol and o.dtype == dtypes[i] and o.shape == e.shape

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Results, op_bytes, quantiles, side_kernel  # noqa: E402
+from kernel_configs import configs, dtype_label, model_label, shape_label  # noqa: E402
 
 from dtl_kernels.ops import reference  # noqa: E402
 from dtl_kernels.ops.triton_plan import TEMP_FLOOR, TEMP_SHARE  # noqa: E402
@@ -223,41 +224,6 @@ def kernel_breakdown(call, device: str, reps: int = 10, top: int = 8) -> list[tu
     return sorted(rows, key=lambda r: -r[2])[:top]
 
 
-#: the dtype mixes timed (y's dtype, taps' / ups' dtype): all-bf16 and autocast's
-MIXES = ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16))
-
-
-def configs(dry_run: bool):
-    """(label, B, prefix, grid, d, K, k, dtype, side dtype)."""
-    f32, bf16 = torch.float32, torch.bfloat16
-    if dry_run:
-        tiny = ("tiny", 2, 1, (4, 5), 40, 6)
-        return [(*tiny, 0, f32, f32), (*tiny, 3, f32, f32), (*tiny, 3, f32, bf16)]
-    vit = [("vitb", 32, 1, (14, 14), 768, 24, k, dt, side) for dt, side in MIXES
-           for k in (0, 3, 5)]  # fmt: skip
-    return vit + [("swinb-s3", 32, 0, (14, 14), 512, 72, 5, dt, side) for dt, side in MIXES]
-
-
-def dtype_label(dtype: torch.dtype, side: torch.dtype) -> str:
-    """The CSV's dtype column: ``bfloat16``, or ``float32+bfloat16`` for a mix."""
-    name = str(dtype).removeprefix("torch.")
-    return name if side == dtype else f"{name}+{str(side).removeprefix('torch.')}"
-
-
-def model_label(ksize: int) -> str:
-    return "DTL" if ksize == 0 else f"DTL+k{ksize}"
-
-
-def shape_label(label: str, b: int, prefix: int, grid, d: int, k_cols: int) -> str:
-    return f"{label}:B{b},N={prefix + grid[0] * grid[1]},d={d},K={k_cols}"
-
-
-def expected(dry_run: bool) -> list[tuple[str, str, str]]:
-    """(shape, model, dtype label) of every config a run times (the summary's checklist)."""
-    return [(shape_label(label, b, p, g, d, kc), model_label(k), dtype_label(dt, side))
-            for label, b, p, g, d, kc, k, dt, side in configs(dry_run)]  # fmt: skip
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -283,7 +249,8 @@ def main() -> int:
     res = Results("kernels", device=device)
     prof = Results("kernel_profile", device=device)  # shape column: "<shape> | <kernel>"
     copy_gbs_of: dict = {}
-    for label, b, prefix, grid, d, k_cols, ksize, dtype, side in configs(args.dry_run):
+    for label, b, prefix, grid, d, k_cols, ksize, dt_name, side_name in configs(args.dry_run):
+        dtype, side = getattr(torch, dt_name), getattr(torch, side_name)
         rows = b * (prefix + grid[0] * grid[1])
         elem = torch.empty((), dtype=dtype).element_size()
         side_elem = torch.empty((), dtype=side).element_size()
@@ -294,7 +261,7 @@ def main() -> int:
         shape = shape_label(label, b, prefix, grid, d, k_cols)
         y_bytes = inp.ys[0].nbytes
         temp_limit = max(TEMP_FLOOR, TEMP_SHARE * y_bytes)
-        dt_label = dtype_label(dtype, side)
+        dt_label = dtype_label(dt_name, side_name)
         if args.warm_only:
             for fn in provs.values():
                 for mode in ("fwd", "full"):
@@ -371,6 +338,8 @@ def main() -> int:
         del inp
         if device == "cuda":
             torch.cuda.empty_cache()
+        if not args.warm_only:  # saved per config: a stage cut off keeps what it measured
+            res.write("kernels", directory=args.out, show=False)
     if not args.warm_only:
         res.write("kernels", directory=args.out)
         prof.write("kernel_profile", directory=args.out)

@@ -13,6 +13,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from kernel_configs import expected
+
 # Issue 19 item 6, every shape (ViT-B DTL / DTL+ k3 / k5, Swin-B stage 3) and dtype mix:
 # (mode, unit, target, op, which models); x_copy = bandwidth / a plain copy's, so DTL's
 # fwd + bwd within 2x of its lower bound (those bytes at the copy's rate) is x_copy >= 0.5
@@ -52,9 +54,14 @@ def dry_run_log(log: str) -> bool:
     return "gpu_check: dry run" in log
 
 
+def skipped_stages(log: str) -> list[str]:
+    """The stages the runner skipped (the deadline): they leave a status line, no section."""
+    return re.findall(r"^\[[\d:]+\] (\S+)\s+SKIPPED", log, re.M)
+
+
 def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     lines, ok = [], True
-    dry = dry_run_log(log)
+    dry, skipped = dry_run_log(log), skipped_stages(log)
     lines.append("=" * 78)
     lines.append("gpu_check summary")
     lines.append("stages:")
@@ -106,9 +113,11 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
         clean = bool(found) and all(re.search(r": 0 ", f) for f in found)
         lines.append(f"{name}: {'; '.join(found) if found else 'no sanitizer summary'}")
         ok = ok and clean
+    for name in dict.fromkeys(s for s in skipped if s.startswith("sanitize-")):
+        lines.append(f"{name}: NOT RUN (skipped: no time left in the checks' box)")
 
     kernels = read_csv(out / "kernels.csv")
-    if kernels or "===== kernels " in log:
+    if kernels or "===== kernels " in log or "kernels" in skipped:
         lines += kernel_table(kernels, dry)
     rows = read_csv(out / "e2e.csv")
     if rows:
@@ -124,14 +133,23 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
         lines.append("end-to-end targets (bench_e2e: 3 reps, not interleaved; the step "
                      "targets below decide):")  # fmt: skip
         lines += [f"  {t}" for t in targets]
-    step_models = list(dict.fromkeys(re.findall(r"===== step-(\S+) ", log)))
+    step_models = re.findall(r"===== step-(\S+) ", log)
+    step_models = list(dict.fromkeys(step_models + [s[5:] for s in skipped
+                                                    if s.startswith("step-")]))  # fmt: skip
     rows = read_csv(out / "step.csv")
     if rows or step_models:
         lines += step_targets(rows, step_models, dry)
     rows = read_csv(out / "fit_giants.csv")
     if rows:
         lines += giant_targets(rows)
-    lines.append(f"overall: {'OK' if ok else 'PROBLEMS (see above and log.txt)'}")
+    missing = sum("NOT MEASURED" in ln or "NOT RUN" in ln for ln in lines)
+    if not ok:
+        lines.append("overall: PROBLEMS (see above and log.txt)")
+    elif missing:
+        lines.append(f"overall: INCOMPLETE ({missing} targets or checks NOT MEASURED / NOT RUN; "
+                     "nothing that ran failed)")  # fmt: skip
+    else:
+        lines.append("overall: OK")
     return "\n".join(lines) + "\n", ok
 
 
@@ -228,8 +246,6 @@ def kernel_table(rows: list[dict], dry: bool = False) -> list[str]:
     if dry:  # the CPU's kernels: no targets, the lines only show the summary works
         fused, checklist = ("cpu",), [(s, m, d) for s, m, d, _ in configs]
     else:
-        from gpu_kernels import expected  # noqa: PLC0415 (imports torch)
-
         fused, checklist = FUSED, expected(dry_run=False)
     units = {"x_copy": "bandwidth/copy", "speedup_vs_eager": "x eager",
              "speedup_vs_compile": "x compile", "temp_x_limit": "temp/limit"}  # fmt: skip

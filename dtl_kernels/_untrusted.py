@@ -125,9 +125,14 @@ _NPZ_EXPANSION = 4
 MAX_PATCH_KERNEL_AREA = 64 * 64
 
 
+class NotRegularFile(ValueError):
+    """What was opened is a FIFO, a device, a folder…: nothing to read a file's bytes from."""
+
+
 def _open_regular_fd(path: str | bytes | os.PathLike) -> tuple[int, os.stat_result]:
     """A read-only descriptor of ``path`` and its ``fstat`` if it is a regular file, else
-    ``ValueError`` (an ``OSError`` from the open itself passes). Opened without blocking
+    :class:`NotRegularFile` (an ``OSError`` from the open itself passes, as does the
+    ``ValueError`` of a path with a NUL byte in it). Opened without blocking
     and checked on the descriptor, not by name: a FIFO named like the file, even one
     swapped in after a check by name, would block a plain open or read forever."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -135,7 +140,7 @@ def _open_regular_fd(path: str | bytes | os.PathLike) -> tuple[int, os.stat_resu
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{os.fsdecode(path)} is not a regular file")
+            raise NotRegularFile(f"{os.fsdecode(path)} is not a regular file")
     except BaseException:
         os.close(fd)
         raise

@@ -337,6 +337,13 @@ def test_a_fifo_swapped_in_after_the_check_by_name_is_refused_not_read(tmp_path,
         assert f"{pipe} is not a regular file" in str(got)
 
 
+def test_an_image_path_with_a_nul_byte_is_not_called_a_fifo():
+    from dtl_kernels.train import data
+
+    with pytest.raises(data.DataError, match="ValueError: embedded null byte"):
+        data.check_image_header("bad\0name.png")
+
+
 def test_dtl_predict_refuses_a_strip_before_the_model_where_the_crop_keeps_aspect(
     trained, toy, tmp_path, capsys, monkeypatch
 ):

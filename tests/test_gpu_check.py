@@ -162,8 +162,8 @@ def test_every_kernel_target_of_issue_19_is_judged_or_named_missing():
     within 2x of its lower bound -- for DTL, DTL+ k3, k5 and Swin-B stage 3, both dtype
     mixes. (The summary judged the forward only on ViT-B, at older thresholds in float32,
     never Swin-B, never the mix, and left out a target nobody measured without a word.)"""
-    from gpu_kernels import expected
     from gpu_summary import kernel_table
+    from kernel_configs import expected
 
     configs = expected(dry_run=False)
     names = {(s.split(":")[0], m, d) for s, m, d in configs}
@@ -214,7 +214,10 @@ def test_sanitizers_check_the_triton_kernels_too(monkeypatch):
             "sanitize-racecheck-triton-1", "sanitize-memcheck-cuda"} <= set(jobs)  # fmt: skip
     import re
 
-    names = ("_fwd_kernel", "_fwd_conv_kernel", "_bwd_kernel", "_bwd_finish_kernel")
+    triton_kernels = pytest.importorskip("dtl_kernels.ops.triton_kernels")
+    names = [n for n, f in vars(triton_kernels).items()  # the kernels as Triton names them
+             if n.endswith("_kernel") and type(f).__name__.endswith("Function")]  # fmt: skip
+    assert len(names) >= 4, names
     for name, cmd in jobs.items():
         kind, pattern = cmd[cmd.index("--kernel-name") + 1].split("=", 1)
         if "-triton" in name:  # the regex matches each Triton kernel, no CUDA C++ one
@@ -267,3 +270,53 @@ def test_a_step_stage_cut_off_keeps_the_training_rows(tmp_path, monkeypatch):
         bench_step.main()
     modes = {(r["provider"], r["mode"]) for r in read(tmp_path / "step_0.csv")}
     assert {("dtl", "step_ms"), ("dtl", "step_x_full"), ("dtl+", "step_x_full")} <= modes
+
+
+def test_the_summary_needs_neither_torch_nor_the_package(tmp_path):
+    """The orchestrator that writes the summary runs with the GPU machine's PYTHONPATH, on
+    which the package is not: its checklist imported gpu_kernels (torch, dtl_kernels) and
+    the summary of a GPU run ended in ModuleNotFoundError, no summary.txt. Run without the
+    site packages here (no torch at all), on a GPU run's log whose kernels were cut off."""
+    (tmp_path / "log.txt").write_text("gpu_check: GPU; stages [...]\n===== kernels (240s, "
+                                      "rc=-9, TIMED OUT): cmd\n")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-S", str(ROOT / "benchmarks" / "gpu_summary.py"),
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    words = " ".join(proc.stdout.split())
+    assert "- swinb-s3 DTL+k5 float32+bfloat16 fwd bandwidth/copy NOT MEASURED" in words
+
+
+def test_stages_the_deadline_skipped_are_named_missing(tmp_path):
+    """A stage skipped for lack of time leaves only its status line: its targets vanished
+    and the run read OK. They are NOT MEASURED / NOT RUN now, and the run INCOMPLETE."""
+    from gpu_summary import summary
+
+    log = ("gpu_check: GPU; stages [...]\n"
+           "[12:00:01] kernels                ok          40s  rc=0\n"
+           "[12:00:02] step-swin_base_patch4_window7_224 SKIPPED      0s  deadline: 20s\n"
+           "[12:00:03] sanitize-racecheck-triton-1 SKIPPED   0s  deadline: 5s\n")  # fmt: skip
+    text, ok = summary(tmp_path, [], log)
+    assert "swin_base_patch4_window7_224 dtl b(training batch) step_x_full" in text
+    assert "sanitize-racecheck-triton-1: NOT RUN" in text
+    assert "overall: INCOMPLETE" in text and ok
+
+
+def test_a_mix_whose_y_went_through_bf16_fails_the_check(monkeypatch):
+    """The autocast mix's yardstick was torch's own mix, which rounds h to bf16: loose
+    enough to pass a kernel that rounded y itself through bf16. It is float32 math on the
+    mix's 16-bit values now (16-bit products, fp32 accumulation, as the kernels promise)."""
+    import gpu_correct
+    import torch
+
+    case = gpu_correct.dry_cases("cpu")[-1]
+    assert case.side == torch.bfloat16 and case.dtype == torch.float32
+    assert all(r["passed"] for r in gpu_correct.check_case(case, "cpu", "cpu"))
+    real = gpu_correct.run_backend
+
+    def y_through_bf16(case, inputs, backend):
+        y, *rest = inputs
+        return real(case, [y.to(torch.bfloat16).double(), *rest], backend)
+
+    monkeypatch.setattr(gpu_correct, "run_backend", y_through_bf16)
+    rows = {r["tensor"]: r["passed"] for r in gpu_correct.check_case(case, "cpu", "cpu")}
+    assert rows["out"] is False

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .._untrusted import open_regular
+from .._untrusted import NotRegularFile, open_regular
 from ..models.choices import LIMITS
 from .transforms import IMAGENET, Augmentation, Preprocessing, to_tensor
 
@@ -251,10 +251,10 @@ def opened_image(path: str | bytes | os.PathLike):
         file = open_regular(path)
     except FileNotFoundError as exc:
         raise DataError(f"image file not found: {path}") from exc
-    except ValueError:
+    except NotRegularFile:
         raise DataError(f"cannot read image: {name} is not a regular file (a FIFO, a device, "
                         "a folder?)") from None  # fmt: skip
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
     try:
         with file, Image.open(file, formats=READ_FORMATS) as img:
