@@ -220,6 +220,12 @@ def main() -> int:
         "--no-diagnostics", action="store_true", help="inference without dtl_cuda / dtl_jit"
     )
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny ViT, 2 rounds")
+    ap.add_argument(
+        "--warm-only",
+        action="store_true",
+        help="fill the compile caches (Triton's kernels at every add-back's width, the first "
+        "model's compiled point) without timing or writing anything",
+    )
     ap.add_argument("--out", default="step", help="CSV name stem")
     ap.add_argument("--results-dir", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -230,6 +236,9 @@ def main() -> int:
         sys.exit("bench_step: no CUDA GPU (use --device cpu or --dry-run)")
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     providers = [p for p in args.providers if p != "lora" or _has_peft()]
+    if args.warm_only:
+        warm(args, amp)
+        return 0
     timer = Timer(args.device)
     res = Results("step", device=args.device)
     dtype = args.amp if amp else "float32"
@@ -281,6 +290,25 @@ def main() -> int:
             compiled_point(name, args, amp, timer, add)
     res.write(args.out, args.results_dir)
     return 0
+
+
+def warm(args, amp) -> None:
+    """One training step and one forward per inference batch of the fused providers of each
+    model (their kernels compile on the first call, one per add-back width and dtype), and
+    the compiled point of the first model: what the timed run would otherwise compile
+    inside its own time box (``gpu_check.py`` runs this beside its checks)."""
+    fused = ("dtl", "dtl+")
+    for i, name in enumerate(args.models):
+        t0 = time.perf_counter()
+        for step in train_calls(name, fused, args.device, args.batch, args.img, amp).values():
+            step()
+        for batch in args.infer_batches:
+            for fwd in infer_calls(name, fused, args.device, batch, args.img, amp,
+                                   graphs=False).values():  # fmt: skip
+                fwd()
+        if i == 0 and args.device == "cuda" and not args.no_compile:
+            compiled_point(name, args, amp, Timer(args.device), lambda *a, **k: None)
+        print(f"[{name}] warmed in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def compiled_point(name, args, amp, timer, add) -> None:

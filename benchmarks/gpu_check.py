@@ -13,8 +13,9 @@ output goes to ``DIR/log.txt``):
    and autocast's float32 y + 16-bit taps, strided, bit-identical repeats: Triton's in its
    deterministic mode), ``pytest`` (the suite's GPU-marked tests), ``sanitize``
    (compute-sanitizer memcheck and racecheck on both backends, ViT-B shapes with several
-   row tiles per CTA / program, Swin-B's K = 72, the mix) and a warm-up that fills the
-   compile caches for the timing stage.
+   row tiles per CTA / program, Swin-B's K = 72, the mix) and two warm-ups that fill the
+   compile caches for the timing stages (the side op's configurations; the models'
+   fused kernels at every add-back width and the compiled point).
 3. ``kernels``: ``gpu_kernels.py`` (eager, torch.compile, cuda, triton; fwd and fwd+bwd;
    ViT-B DTL / DTL+ k3 / k5 and Swin-B stage 3, all-bf16 and the autocast mix; CUDA graphs
    of 100 calls, L2 flushed; plain copy beside), then a profiler breakdown of our fwd+bwd
@@ -371,6 +372,9 @@ def main() -> int:
                 box,
             )
         )
+    if "step" in stages and not args.dry_run:  # the models' kernels and compiled point
+        cmd = [py, "benchmarks/bench_step.py", "--models", *args.e2e_models, "--warm-only"]
+        jobs.append(("warm-step", cmd, box))
     san = sanitizer_jobs(py) if "sanitize" in stages and not args.dry_run else []
     threads = [threading.Thread(target=runner.parallel, args=(jobs,))]
     if san:

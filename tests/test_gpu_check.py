@@ -320,3 +320,22 @@ def test_a_mix_whose_y_went_through_bf16_fails_the_check(monkeypatch):
     monkeypatch.setattr(gpu_correct, "run_backend", y_through_bf16)
     rows = {r["tensor"]: r["passed"] for r in gpu_correct.check_case(case, "cpu", "cpu")}
     assert rows["out"] is False
+
+
+def test_warming_the_step_runs_the_fused_providers_and_writes_nothing(tmp_path, monkeypatch):
+    """gpu_check warms the step stage's compile caches beside its checks (the fused
+    kernels at every add-back width would otherwise compile inside the timed stage)."""
+    import bench_step
+
+    called = []
+    real = bench_step.train_calls
+
+    def spy(name, providers, *a):
+        called.append(tuple(providers))
+        return real(name, providers, *a)
+
+    monkeypatch.setattr(bench_step, "train_calls", spy)
+    monkeypatch.setattr(sys, "argv", ["bench_step.py", "--dry-run", "--warm-only",
+                                      "--results-dir", str(tmp_path)])  # fmt: skip
+    assert bench_step.main() == 0
+    assert called == [("dtl", "dtl+")] and not list(tmp_path.iterdir())
