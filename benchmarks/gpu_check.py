@@ -51,6 +51,7 @@ import argparse
 import csv
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -178,7 +179,7 @@ def sanitizer_jobs(py: str) -> list[tuple]:
         # their namespace (dtl::cuda_side), Triton's by their names (_fwd_kernel,
         # _fwd_conv_kernel, _bwd_kernel, _bwd_finish_kernel: unmangled), which "side"
         # matched none of; a sanitizer without the regex key reruns unfiltered (below)
-        only = "kns=side" if backend == "cuda" else "regex=^_(fwd|bwd)_"
+        only = "kns=side" if backend == "cuda" else "regex=^_(fwd|bwd)_.*$"  # (search or match)
         cmd = [tool, "--tool", tool_name, "--error-exitcode", "9", "--kernel-name", only,
                "--print-limit", "20", *case, "--backend", backend, "--shard", shard]  # fmt: skip
         part = "" if shard == "0/1" else "-" + shard.split("/")[0]
@@ -193,7 +194,12 @@ def run_sanitizers(runner: Runner, jobs: list[tuple], box: float) -> None:
     env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     for name, cmd in jobs:  # one after another: each instruments its own process
         rc = runner.run(name, cmd, end - time.monotonic(), env)
-        if rc not in (0, 9, None) and "SUMMARY" not in runner.outputs.get(name, ""):
+        said = runner.outputs.get(name, "")
+        if (
+            rc not in (0, 9, None)
+            and "SUMMARY" not in said
+            and re.search(r"kernel.name|regex|invalid|unrecogni[sz]ed|unknown", said, re.I)
+        ):
             # a compute-sanitizer without this --kernel-name key: check every kernel instead,
             # the rerun's record and section replacing the first's (the summary reads the last)
             i = cmd.index("--kernel-name")
@@ -374,7 +380,8 @@ def main() -> int:
         )
     if "step" in stages and not args.dry_run:  # the models' kernels and compiled point
         cmd = [py, "benchmarks/bench_step.py", "--models", *args.e2e_models, "--warm-only"]
-        jobs.append(("warm-step", cmd, box))
+        # inductor's compile workers would take every core from the checks beside it
+        jobs.append(("warm-step", cmd, box, {"TORCHINDUCTOR_COMPILE_THREADS": "4"}))
     san = sanitizer_jobs(py) if "sanitize" in stages and not args.dry_run else []
     threads = [threading.Thread(target=runner.parallel, args=(jobs,))]
     if san:
@@ -403,7 +410,11 @@ def main() -> int:
                    "--out", f"step_{i}"] + dry  # fmt: skip
             if i > 0:
                 cmd += ["--no-compile", "--no-diagnostics"]
-            share = runner.left() / (len(models) - i)  # what the first leaves, the next gets
+            # the time left, shared by weight among the models still to run: the first
+            # carries the diagnostics and the compiled point (1.5 : 1); what one leaves
+            # unused goes to the next
+            weights = [1.5] + [1.0] * (len(models) - 1)
+            share = runner.left() * weights[i] / sum(weights[i:])
             runner.run(f"step-{model}", cmd, min(170, share), min_time=30)
         merge_csvs([out / f"step_{i}.csv" for i in range(len(models))], out / "step.csv")
 

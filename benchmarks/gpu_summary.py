@@ -54,20 +54,21 @@ def dry_run_log(log: str) -> bool:
     return "gpu_check: dry run" in log
 
 
-def skipped_stages(log: str) -> list[str]:
-    """The stages the runner skipped (the deadline): they leave a status line, no section."""
-    return re.findall(r"^\[[\d:]+\] (\S+)\s+SKIPPED", log, re.M)
+def stages_with(status: str, log: str) -> list[str]:
+    """The stages whose status line in the log reads ``status``: ``SKIPPED`` (no time left,
+    or no tool: a status line, no section) or ``TIMEOUT`` (killed at its time limit)."""
+    return list(dict.fromkeys(re.findall(rf"^\[[\d:]+\] (\S+)\s+{status}\b", log, re.M)))
 
 
 def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     lines, ok = [], True
-    dry, skipped = dry_run_log(log), skipped_stages(log)
+    dry, skipped = dry_run_log(log), stages_with("SKIPPED", log)
     lines.append("=" * 78)
     lines.append("gpu_check summary")
     lines.append("stages:")
     for name, status, secs, note in records:
         lines.append(f"  {name:24s} {status:8s} {secs:5.0f}s  {note}")
-        if status in ("FAILED", "TIMEOUT"):
+        if status == "FAILED":  # (a stage cut at its time limit: incomplete, below)
             ok = False
 
     correct = read_csv(out / "correctness.csv")
@@ -113,8 +114,6 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
         clean = bool(found) and all(re.search(r": 0 ", f) for f in found)
         lines.append(f"{name}: {'; '.join(found) if found else 'no sanitizer summary'}")
         ok = ok and clean
-    for name in dict.fromkeys(s for s in skipped if s.startswith("sanitize-")):
-        lines.append(f"{name}: NOT RUN (skipped: no time left in the checks' box)")
 
     kernels = read_csv(out / "kernels.csv")
     if kernels or "===== kernels " in log or "kernels" in skipped:
@@ -142,7 +141,15 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     rows = read_csv(out / "fit_giants.csv")
     if rows:
         lines += giant_targets(rows)
-    missing = sum("NOT MEASURED" in ln or "NOT RUN" in ln for ln in lines)
+    # what did not run or did not finish: incomplete, not failed (a warm-up cut short only
+    # leaves some compiling to the stage after it); in a dry run the sanitizers never run
+    not_run = [s for s in skipped if not (dry and s == "sanitize")]
+    cut = [s for s in stages_with("TIMEOUT", log) if not s.startswith("warm-")]
+    if not_run:
+        lines.append(f"not run (no time left, or no tool): {', '.join(not_run)}")
+    if cut:
+        lines.append(f"cut at their time limit (what they saved is above): {', '.join(cut)}")
+    missing = sum("NOT MEASURED" in ln for ln in lines) + len(not_run) + len(cut)
     if not ok:
         lines.append("overall: PROBLEMS (see above and log.txt)")
     elif missing:

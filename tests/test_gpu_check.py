@@ -297,8 +297,32 @@ def test_stages_the_deadline_skipped_are_named_missing(tmp_path):
            "[12:00:03] sanitize-racecheck-triton-1 SKIPPED   0s  deadline: 5s\n")  # fmt: skip
     text, ok = summary(tmp_path, [], log)
     assert "swin_base_patch4_window7_224 dtl b(training batch) step_x_full" in text
-    assert "sanitize-racecheck-triton-1: NOT RUN" in text
+    assert (
+        "not run (no time left, or no tool): step-swin_base_patch4_window7_224, "
+        "sanitize-racecheck-triton-1" in text
+    )
     assert "overall: INCOMPLETE" in text and ok
+
+
+def test_a_stage_cut_at_its_time_limit_is_incomplete_not_a_failure(tmp_path):
+    """A stage killed at its time limit made the whole run read PROBLEMS although nothing
+    that ran failed (a warm-up cut short, a step stage that had saved its target rows)."""
+    from gpu_summary import summary
+
+    log = ("gpu_check: GPU; stages [...]\n"
+           "[12:00:01] warm-step              TIMEOUT    160s  rc=-9\n"
+           "[12:00:02] step-vit_base_patch16_224 TIMEOUT    120s  rc=-9\n")  # fmt: skip
+    records = [("warm-step", "TIMEOUT", 160.0, "rc=-9"),
+               ("step-vit_base_patch16_224", "TIMEOUT", 120.0, "rc=-9")]  # fmt: skip
+    text, ok = summary(tmp_path, records, log)
+    assert (
+        ok
+        and "cut at their time limit (what they saved is above): step-vit_base_patch16_224\n"
+        in text
+        and "overall: INCOMPLETE" in text
+    )
+    text, ok = summary(tmp_path, [*records, ("kernels", "FAILED", 3.0, "rc=1")], log)
+    assert not ok and "overall: PROBLEMS" in text
 
 
 def test_a_mix_whose_y_went_through_bf16_fails_the_check(monkeypatch):
