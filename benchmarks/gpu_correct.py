@@ -153,12 +153,10 @@ def strided_view(t: torch.Tensor, how: int) -> torch.Tensor:
     return t.t().contiguous().t()  # (d, K) stored column-major
 
 
-def run_reference(case: Case, inputs, dtype, side_dtype=None):
+def run_reference(case: Case, inputs, dtype):
     y, taps, ups, w, grad = inputs
-    dtypes = (dtype, side_dtype or dtype, side_dtype or dtype, dtype)
     leaves = [
-        t.detach().to(dt).requires_grad_() if t is not None else None
-        for t, dt in zip((y, taps, ups, w), dtypes, strict=True)
+        t.detach().to(dtype).requires_grad_() if t is not None else None for t in (y, taps, ups, w)
     ]
     grid = case.grid if w is not None else None
     out = reference.side_add(*leaves[:3], case.beta, leaves[3], grid, case.prefix)

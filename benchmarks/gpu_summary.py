@@ -62,7 +62,11 @@ def stages_with(status: str, log: str) -> list[str]:
 
 def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     lines, ok = [], True
-    dry, skipped = dry_run_log(log), stages_with("SKIPPED", log)
+    dry, skipped, timed_out = (
+        dry_run_log(log),
+        stages_with("SKIPPED", log),
+        stages_with("TIMEOUT", log),
+    )
     lines.append("=" * 78)
     lines.append("gpu_check summary")
     lines.append("stages:")
@@ -78,13 +82,11 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
             f"device: {env.get('device')}; torch {env.get('torch')}; "
             f"triton {env.get('triton')}; {env.get('date')}; rev {env.get('git_rev')}"
         )
-        cases = defaultdict(lambda: True)
+        cases, same = defaultdict(lambda: True), defaultdict(lambda: True)
         for r in correct:
             key = (r["backend"], r["case"])
-            cases[key] = cases[key] and r["passed"] == "True"
-        same = defaultdict(lambda: True)
-        for r in correct:
-            same[r["backend"], r["case"]] &= r["bit_identical"] == "True"
+            cases[key] &= r["passed"] == "True"
+            same[key] &= r["bit_identical"] == "True"
         lines.append(
             "correctness vs the float64 reference (every output and gradient; repeats "
             "bit-identical: Triton's in its deterministic mode):"
@@ -111,6 +113,9 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
         found = re.findall(
             r"(ERROR SUMMARY: \d+ errors?|RACECHECK SUMMARY: \d+ hazards?[^\n]*)", text
         )
+        if not found and name in timed_out:  # the box closed on it: incomplete (below)
+            lines.append(f"{name}: cut at its time limit before its summary")
+            continue
         clean = bool(found) and all(re.search(r": 0 ", f) for f in found)
         lines.append(f"{name}: {'; '.join(found) if found else 'no sanitizer summary'}")
         ok = ok and clean
@@ -144,7 +149,7 @@ def summary(out: Path, records: list, log: str) -> tuple[str, bool]:
     # what did not run or did not finish: incomplete, not failed (a warm-up cut short only
     # leaves some compiling to the stage after it); in a dry run the sanitizers never run
     not_run = [s for s in skipped if not (dry and s == "sanitize")]
-    cut = [s for s in stages_with("TIMEOUT", log) if not s.startswith("warm-")]
+    cut = [s for s in timed_out if not s.startswith("warm-")]
     if not_run:
         lines.append(f"not run (no time left, or no tool): {', '.join(not_run)}")
     if cut:

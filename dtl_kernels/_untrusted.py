@@ -149,7 +149,7 @@ def _open_regular_fd(path: str | bytes | os.PathLike) -> tuple[int, os.stat_resu
 
 def open_regular(path: str | bytes | os.PathLike):
     """``path`` opened to read bytes (a binary file object, the caller closes it) if it is a
-    regular file, else ``ValueError``; as :func:`_open_regular_fd`. (A regular file's reads
+    regular file, else :class:`NotRegularFile`; as :func:`_open_regular_fd`. (A regular file's reads
     never wait, so the descriptor's non-blocking flag changes nothing for the reader.)"""
     fd, _ = _open_regular_fd(path)
     try:
@@ -161,7 +161,8 @@ def open_regular(path: str | bytes | os.PathLike):
 
 def read_regular_bytes(path: str | os.PathLike, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes, else
-    ``ValueError``; opened as :func:`_open_regular_fd` does."""
+    ``ValueError`` (:class:`NotRegularFile` for what is no file); opened as
+    :func:`_open_regular_fd` does."""
     fd, info = _open_regular_fd(path)
     try:
         if info.st_size > limit:

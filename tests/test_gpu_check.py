@@ -363,3 +363,17 @@ def test_warming_the_step_runs_the_fused_providers_and_writes_nothing(tmp_path, 
                                       "--results-dir", str(tmp_path)])  # fmt: skip
     assert bench_step.main() == 0
     assert called == [("dtl", "dtl+")] and not list(tmp_path.iterdir())
+
+
+def test_a_sanitizer_job_the_box_closed_on_is_incomplete_not_dirty(tmp_path):
+    """The checks' box closing on a sanitizer job left a section with no summary, read as
+    an unclean sanitizer (PROBLEMS); it is a cut stage like any other now."""
+    from gpu_summary import summary
+
+    log = ("gpu_check: GPU; stages [...]\n"
+           "\n===== sanitize-racecheck-cuda-4 (30s, rc=-9, TIMED OUT): cmd\n"
+           "========= COMPUTE-SANITIZER\n"
+           "[12:00:05] sanitize-racecheck-cuda-4 TIMEOUT     30s  rc=-9\n")  # fmt: skip
+    text, ok = summary(tmp_path, [("sanitize-racecheck-cuda-4", "TIMEOUT", 30.0, "rc=-9")], log)
+    assert ok and "sanitize-racecheck-cuda-4: cut at its time limit" in text
+    assert "overall: INCOMPLETE" in text
