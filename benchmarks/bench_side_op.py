@@ -3,21 +3,36 @@
 
 ViT-B/16 shapes: rows = 32·197, d = 768, r = 2 at the last adapted block (K = 12·2 = 24).
 Effective bandwidth = bytes the op must move / time, next to a plain copy measured in the
-same run. Run: ``python benchmarks/bench_side_op.py [--batch 32] [--reps 15]``.
+same run. The providers run in turn, round after round (a shared machine's load changes
+hit them alike). Run: ``python benchmarks/bench_side_op.py [--batch 32] [--reps 15]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, op_bytes, side_kernel, time_fn  # noqa: E402
+from common import Results, op_bytes, quantiles, side_kernel, time_fn  # noqa: E402
 
 from dtl_kernels.ops import compiled_side, reference  # noqa: E402
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 3) -> dict:
+    """``{name: (median, p20, p80)}`` ms of each ``fns[name]()``, called in turn for
+    ``warmup + reps`` rounds."""
+    samples = {name: [] for name in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: quantiles(xs) for name, xs in samples.items()}
 
 
 def main() -> None:
@@ -76,7 +91,7 @@ def main() -> None:
         providers = {"ours": ours_fn, "torch": ref_fn}
         if not args.no_compile:
             providers["torch_compile"] = torch.compile(ref_fn, fullgraph=True)
-        times = {}
+        calls = {}
         for name, fn in providers.items():
             leaves = [t.clone().requires_grad_() for t in (y, taps, ups)]
             w = conv.clone().requires_grad_() if k else None
@@ -86,14 +101,24 @@ def main() -> None:
                     return fn(y, taps, ups, conv)
 
             def full(fn=fn, leaves=leaves, w=w):
+                # as a training step: no gradient kept from the last call (y is a block's
+                # output in a model, never a leaf whose .grad a 19 MB add would grow)
+                for t in (*leaves, w):
+                    if t is not None:
+                        t.grad = None
                 out = fn(*leaves, w)
                 out.backward(grad)
 
-            for mode, f in (("fwd", fwd), ("full", full)):
-                stats = time_fn(f, warmup=3, reps=args.reps)
-                times[(name, mode)] = stats[0]
-                res.add(name, mode, model, b, dtype, shape, stats, "ms")
-                gbs = op_bytes(rows, d, kc, mode, 4) / (stats[0] * 1e-3) / 1e9
+            calls[(name, "fwd")], calls[(name, "full")] = fwd, full
+        times = {}
+        for mode in ("fwd", "full"):
+            # the providers in turn, round after round: a change of the machine's load (a
+            # shared host's neighbours) hits them alike
+            stats = interleaved({name: calls[(name, mode)] for name in providers}, args.reps)
+            for name in providers:
+                times[(name, mode)] = stats[name][0]
+                res.add(name, mode, model, b, dtype, shape, stats[name], "ms")
+                gbs = op_bytes(rows, d, kc, mode, 4) / (stats[name][0] * 1e-3) / 1e9
                 res.add(name, mode, model, b, dtype, shape, gbs, "GB/s")
                 res.add(name, mode, model, b, dtype, shape, gbs / copy_gbs, "x_copy_bw")
         for mode in ("fwd", "full"):

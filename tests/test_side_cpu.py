@@ -54,12 +54,14 @@ def run_fused(y, taps, ups, beta, conv, grid, prefix, grad):
     return [out.detach()] + list(grads[1:])
 
 
-GRADCHECK_CASES = [(0, 0, (2, 3)), (3, 1, (3, 3)), (4, 0, (2, 5)), (5, 2, (3, 2))]
+# d = 16: whole float64 vectors, where DTL's kernels skip the tile (y / G read in place)
+GRADCHECK_CASES = [(0, 0, (2, 3), 11), (0, 0, (3, 5), 16), (3, 1, (3, 3), 11), (4, 0, (2, 5), 11),
+                   (5, 2, (3, 2), 11)]  # fmt: skip
 
 
-@pytest.mark.parametrize("k,prefix,grid", GRADCHECK_CASES)
-def test_gradcheck_float64(k, prefix, grid):
-    y, taps, ups, conv = make_inputs(2, prefix, grid, 11, 4, k, torch.float64, h_scale=0.5)
+@pytest.mark.parametrize("k,prefix,grid,d", GRADCHECK_CASES)
+def test_gradcheck_float64(k, prefix, grid, d):
+    y, taps, ups, conv = make_inputs(2, prefix, grid, d, 4, k, torch.float64, h_scale=0.5)
     gh, gw = grid
 
     def f(y, taps, ups, *w):
@@ -88,13 +90,14 @@ def test_opcheck(k, dtype):
 
 
 @pytest.mark.parametrize(
-    "batch,prefix,grid,k",
-    [(1, 0, (31, 33), 0), (1, 3, (30, 34), 4), (6, 1, (14, 14), 3)],
-)
-def test_backward_is_deterministic(batch, prefix, grid, k):
+    "batch,prefix,grid,k,d",
+    [(1, 0, (31, 33), 0, 72), (2, 0, (17, 19), 0, 64), (1, 3, (30, 34), 4, 72),
+     (6, 1, (14, 14), 3, 72)],
+)  # fmt: skip
+def test_backward_is_deterministic(batch, prefix, grid, k, d):
     """Bit-identical gradients from run to run, and with 1 or 2 threads (set here: the
-    suite's workers run one thread each)."""
-    y, taps, ups, conv = make_inputs(batch, prefix, grid, 72, 12, k, torch.float32, h_scale=1.0)
+    suite's workers run one thread each). d = 64: DTL reads G in place (whole vectors)."""
+    y, taps, ups, conv = make_inputs(batch, prefix, grid, d, 12, k, torch.float32, h_scale=1.0)
     grad = torch.randn(y.shape)
     threads = torch.get_num_threads()
     try:

@@ -1,0 +1,173 @@
+"""The CPU side-op kernels of two commits, timed side by side in one process.
+
+Why: on a shared machine the side op's time moves by ±30 % between runs of
+``bench_side_op.py`` (other tenants share the memory bus), which hides a kernel change of
+that size. Here the kernel file of each commit (``csrc/cpu/side.cpp`` and the headers it
+includes) is compiled the same way, with the AVX-512 variant's flags of ``setup.py``, into
+a library of its own (its ops under a namespace of their own), and the two are called in
+turn, forward then backward, round after round: whatever the machine does meanwhile hits
+both alike. Outputs are compared too (forward: max |difference|; gradients: bit for bit
+is expected where only the order of independent work changed).
+
+    python benchmarks/cpu_kernel_ab.py --base 3306329 [--head WORKTREE] [--reps 25]
+        [--side-dtype bfloat16] [--out benchmarks/results/cpu_kernel_ab.csv]
+
+``--head`` is a commit or ``WORKTREE`` (the files as they are). ViT-B/16's shape: rows =
+32·197, d = 768, K = 24, float32 y, β = 100. Needs a C++ compiler (about 30 s per build).
+Not in ``make bench`` (a diagnostic for changes to the CPU kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = ("csrc/cpu/side.cpp", "csrc/cpu/vec_capability.h", "csrc/side_checks.h",
+           "csrc/side_math.h", "csrc/cuda/side_plan.h")  # fmt: skip
+SCHEMAS = (
+    "side_forward(Tensor y, Tensor taps, Tensor ups, Tensor? conv_weight, int grid_h, "
+    "int grid_w, int num_prefix, float beta) -> Tensor",
+    "side_backward(Tensor grad_out, Tensor taps, Tensor ups, Tensor? conv_weight, int grid_h, "
+    "int grid_w, int num_prefix, float beta) -> (Tensor, Tensor, Tensor)",
+)
+REGISTRATION = "TORCH_LIBRARY_IMPL(dtl_kernels, CPU, m) {"
+
+
+def variant_flags(name: str = "_C_cpu_avx512") -> list[str]:
+    """The compiler flags ``setup.py`` builds the CPU kernel variant ``name`` with."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "CPU_VARIANTS":
+            return ast.literal_eval(node.value)[name]
+    raise SystemExit("cpu_kernel_ab: setup.py has no CPU_VARIANTS")
+
+
+def source_of(rev: str, path: str) -> str:
+    if rev == "WORKTREE":
+        return (ROOT / path).read_text()
+    out = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"],
+                         capture_output=True, text=True)  # fmt: skip
+    if out.returncode != 0:
+        raise SystemExit(f"cpu_kernel_ab: cannot read {path} at {rev}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def build(rev: str, namespace: str, workdir: Path):
+    """Compile ``rev``'s kernel file with its ops registered under ``namespace``; returns
+    ``torch.ops.<namespace>``."""
+    from torch.utils import cpp_extension
+
+    tree = workdir / namespace
+    for path in SOURCES:
+        dest = tree / path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        text = source_of(rev, path)
+        if path.endswith("side.cpp"):
+            if REGISTRATION not in text:
+                raise SystemExit(f"cpu_kernel_ab: {path} at {rev} registers its kernels "
+                                 "differently; this script cannot rename them")  # fmt: skip
+            defs = "".join(f'  m.def("{s}");\n' for s in SCHEMAS)
+            text = text.replace(
+                REGISTRATION,
+                f"TORCH_LIBRARY({namespace}, m) {{\n{defs}}}\n"
+                f"TORCH_LIBRARY_IMPL({namespace}, CPU, m) {{",
+            )
+        dest.write_text(text)
+    flags = ["-O3", "-std=c++20", "-g0", "-fopenmp", *variant_flags()]
+    build_dir = workdir / f"build_{namespace}"
+    build_dir.mkdir(exist_ok=True)
+    cpp_extension.load(name=namespace, sources=[str(tree / SOURCES[0])], extra_cflags=flags,
+                       extra_ldflags=["-fopenmp"], build_directory=str(build_dir),
+                       is_python_module=False, verbose=False)  # fmt: skip
+    return getattr(torch.ops, namespace)
+
+
+def inputs(side_dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(0)
+    b, n, d, k = 32, 197, 768, 24
+    y = torch.randn(b, n, d, generator=gen)
+    taps = torch.randn(b, n, k, generator=gen).to(side_dtype)
+    ups = (torch.randn(d, k, generator=gen) * 0.02).to(side_dtype)
+    grad = torch.randn(b, n, d, generator=gen)
+    return y, taps, ups, grad
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    ap.add_argument("--base", required=True, help="the commit to compare against")
+    ap.add_argument("--head", default="WORKTREE", help="a commit, or WORKTREE (default)")
+    ap.add_argument("--reps", type=int, default=25, help="rounds (default 25)")
+    ap.add_argument(
+        "--side-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="taps / ups dtype (bfloat16: autocast's mix beside a float32 y)",
+    )
+    ap.add_argument(
+        "--out", type=Path, default=None, help="CSV (default: results/cpu_kernel_ab.csv)"
+    )
+    args = ap.parse_args()
+    side_dtype = getattr(torch, args.side_dtype)
+    with tempfile.TemporaryDirectory(prefix="dtl_kernel_ab_") as tmp:
+        ops = {}
+        for label, rev in (("base", args.base), ("head", args.head)):
+            ns = "dtl_ab_" + re.sub(r"\W", "_", f"{label}_{rev}")[:40]
+            t0 = time.monotonic()
+            ops[label] = build(rev, ns, Path(tmp))
+            print(f"built {label} ({rev}) in {time.monotonic() - t0:.0f} s")
+        y, taps, ups, grad = inputs(side_dtype)
+        call = (None, 0, 0, 0, 100.0)
+        got = {k: (op.side_forward(y, taps, ups, *call), op.side_backward(grad, taps, ups, *call))
+               for k, op in ops.items()}  # fmt: skip
+        fwd_diff = (got["head"][0] - got["base"][0]).abs().max().item()
+        same_grads = all(torch.equal(a, b) for a, b in zip(got["head"][1], got["base"][1],
+                                                           strict=True))  # fmt: skip
+        times = {(k, m): [] for k in ops for m in ("fwd", "bwd")}
+        load = os.getloadavg()[0]
+        for r in range(args.reps + 3):
+            for label, op in ops.items():
+                t0 = time.perf_counter()
+                op.side_forward(y, taps, ups, *call)
+                t1 = time.perf_counter()
+                op.side_backward(grad, taps, ups, *call)
+                t2 = time.perf_counter()
+                if r >= 3:
+                    times[(label, "fwd")].append((t1 - t0) * 1e3)
+                    times[(label, "bwd")].append((t2 - t1) * 1e3)
+    res = Results("cpu_kernel_ab")
+    shape = f"rows=6304,d=768,K=24,y float32,taps {args.side_dtype}"
+    lines = []
+    for mode in ("fwd", "bwd"):
+        med = {k: statistics.median(times[(k, mode)]) for k in ops}
+        for k, rev in (("base", args.base), ("head", args.head)):
+            xs = sorted(times[(k, mode)])
+            res.add(f"{k} {rev}", mode, "dtl", 32, args.side_dtype, shape,
+                    (med[k], xs[len(xs) // 5], xs[(4 * len(xs)) // 5]), "ms")  # fmt: skip
+        lines.append(f"{mode}: base {med['base']:.2f} ms, head {med['head']:.2f} ms "
+                     f"(head / base {med['head'] / med['base']:.3f})")  # fmt: skip
+    res.write(directory=args.out.parent if args.out else None,
+              name=args.out.stem if args.out else None)  # fmt: skip
+    print(f"\nload average {load:.2f} → {os.getloadavg()[0]:.2f}; {torch.get_num_threads()} "
+          f"threads; {args.reps} rounds, interleaved")  # fmt: skip
+    print("\n".join(lines))
+    print(f"forward: max |head − base| = {fwd_diff:.3g}; gradients bit for bit: {same_grads}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
