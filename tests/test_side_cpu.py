@@ -96,7 +96,7 @@ def test_opcheck(k, dtype):
 )  # fmt: skip
 def test_backward_is_deterministic(batch, prefix, grid, k, d):
     """Bit-identical gradients from run to run, and with 1 or 2 threads (set here: the
-    suite's workers run one thread each). d = 64: DTL reads G in place (whole vectors)."""
+    suite's workers run one thread each). d = 64: DTL reads G in place (full-width chunks)."""
     y, taps, ups, conv = make_inputs(batch, prefix, grid, d, 12, k, torch.float32, h_scale=1.0)
     grad = torch.randn(y.shape)
     threads = torch.get_num_threads()

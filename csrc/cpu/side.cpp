@@ -6,12 +6,12 @@
 //
 // Work is split into tasks (unit, channel chunk). A unit is one image for DTL+ (the conv
 // needs the image's whole grid) and a block of rows for DTL. A task rebuilds h for the
-// unit's rows × a chunk of CH channels in a thread-local tile (≤ ~64 KiB) and finishes
+// unit's rows × a chunk of CH channels in a thread-local tile (kTileBytes*) and finishes
 // everything there: θ, the depthwise conv, the residual add (forward), or S and its three
 // reductions (backward). DTL with y / G in the compute dtype skips the tile where it can:
 // the forward writes y + θ(h) from the registers, the backward reads G in place. Global
-// memory sees: y read once, out written once, taps read
-// (forward); G read once, grad_taps written once, taps read (backward).
+// memory sees: y read once, out written once, taps read (forward); G read once, grad_taps
+// written once, taps read (backward).
 //
 // Determinism: every task writes its own fp32 partial sums (grad_ups, grad_conv per
 // unit; grad_taps per channel group when a unit's channels are split), which are then
@@ -128,8 +128,8 @@ inline void store_add_row(const scalar_t* y, const acc_t* r, scalar_t* out, int6
 // h = T · Uᵀ for nr rows × CH channels, with a fused epilogue
 // ---------------------------------------------------------------------------------------
 enum class Epilogue {
-  kH,       // H ← h
-  kTheta,   // H ← θ(h)
+  kH,         // H ← h
+  kTheta,     // H ← θ(h)
   kSGrad,     // H ← θ'(h) ⊙ G — S of DTL
   kAddTheta,  // H ← G + θ(h) — DTL's forward, G = y and H = out in place
 };
@@ -345,7 +345,7 @@ Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<
 }
 
 // Whether every channel chunk of a DTL op reads y / G and writes out in place (no tiles):
-// y / G in the compute dtype, the chunks whole vectors (d a multiple of the chunk width).
+// y / G in the compute dtype, every chunk as wide as the plan's (d a multiple of it).
 template <typename scalar_t, typename acc_t>
 bool rows_in_place(const Plan& p) {
   return std::is_same_v<scalar_t, acc_t> && !p.conv && p.d % p.CH == 0;
@@ -417,7 +417,7 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
       const scalar_t* yu = yp + row0 * p.d + c0;
       scalar_t* ou = op + row0 * p.d + c0;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        // DTL, y in the compute dtype, whole vectors: out = y + θ(h) straight from the
+        // DTL, y in the compute dtype, a full-width chunk: out = y + θ(h) straight from the
         // registers (no θ(h) tile written and read back: a quarter of the forward's time)
         if (!p.conv && w == p.CH) {  // (always so where in_place: no tile allocated)
           rebuild_h<acc_t, Epilogue::kAddTheta>(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad,
@@ -502,9 +502,9 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
       const int64_t j1 = std::min(p.nchunks, j0 + chunks_per_group);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t c0 = j * p.CH, w = std::min(p.CH, p.d - c0);
-        // DTL reads G in place where it is in the compute dtype and the chunk is whole
-        // vectors (its tile copy was a fifth of the backward at the ViT-B shape)
-        // (always so where in_place: no G tile allocated)
+        // DTL reads G in place where it is in the compute dtype and the chunk is full-width
+        // (its tile copy was a fifth of the backward at the ViT-B shape); always so where
+        // in_place, which allocated no G tile
         const bool g_in_place = std::is_same_v<scalar_t, acc_t> && !p.conv && w == p.CH;
         const acc_t* g_rows = gb.data();
         int64_t ldg = p.CH;
