@@ -3,18 +3,22 @@
 Why: on a shared machine the side op's time moves by ±30 % between runs of
 ``bench_side_op.py`` (other tenants share the memory bus), which hides a kernel change of
 that size. Here the kernel file of each commit (``csrc/cpu/side.cpp`` and the headers it
-includes) is compiled the same way, with the AVX-512 variant's flags of ``setup.py``, into
-a library of its own (its ops under a namespace of their own), and the two are called in
-turn, forward then backward, round after round: whatever the machine does meanwhile hits
-both alike. Outputs are compared too (forward: max |difference|; gradients: bit for bit
-is expected where only the order of independent work changed).
+includes) is compiled the same way — the AVX-512 variant's ``-m`` flags from ``setup.py``
+with ``-O3 -fopenmp``, not Python's own ``CFLAGS`` that the package build adds, so absolute
+times can differ a little from the installed kernels' — into a library of its own (its ops
+under a namespace of their own), and the two are called in turn, forward then backward,
+round after round: whatever the machine does meanwhile hits both alike. Outputs are
+compared too (forward: max |difference|; gradients: bit for bit is expected where only the
+order of independent work changed).
 
     python benchmarks/cpu_kernel_ab.py --base 3306329 [--head WORKTREE] [--reps 25]
         [--side-dtype bfloat16] [--out benchmarks/results/cpu_kernel_ab.csv]
 
-``--head`` is a commit or ``WORKTREE`` (the files as they are). ViT-B/16's shape: rows =
-32·197, d = 768, K = 24, float32 y, β = 100. Needs a C++ compiler (about 30 s per build).
-Not in ``make bench`` (a diagnostic for changes to the CPU kernels).
+``--head`` is a commit or ``WORKTREE`` (the files as they are; the CSV's ``git_rev``
+column is the checkout's HEAD, the provider column names what was measured). Needs a CPU
+with AVX-512 (the variant it builds) and a C++ compiler (about 30 s per build). ViT-B/16's
+shape: rows = 32·197, d = 768, K = 24, float32 y, β = 100. Not in ``make bench`` (a
+diagnostic for changes to the CPU kernels).
 """
 
 from __future__ import annotations
@@ -123,6 +127,8 @@ def main() -> int:
     )
     args = ap.parse_args()
     side_dtype = getattr(torch, args.side_dtype)
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        raise SystemExit("cpu_kernel_ab: this CPU does not run the AVX-512 variant it builds")
     with tempfile.TemporaryDirectory(prefix="dtl_kernel_ab_") as tmp:
         ops = {}
         for label, rev in (("base", args.base), ("head", args.head)):

@@ -8,7 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from dtl_kernels.ops import compiled_side
+
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(
+    not compiled_side.available("cpu"), reason="the CPU extension is not built (make build)"
+)
 
 
 def test_every_mix_provider_and_mode_gets_its_rows(tmp_path):

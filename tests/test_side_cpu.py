@@ -91,12 +91,13 @@ def test_opcheck(k, dtype):
 
 @pytest.mark.parametrize(
     "batch,prefix,grid,k,d",
-    [(1, 0, (31, 33), 0, 72), (2, 0, (17, 19), 0, 64), (1, 3, (30, 34), 4, 72),
+    [(1, 0, (31, 33), 0, 72), (2, 0, (17, 19), 0, 192), (1, 3, (30, 34), 4, 72),
      (6, 1, (14, 14), 3, 72)],
 )  # fmt: skip
 def test_backward_is_deterministic(batch, prefix, grid, k, d):
     """Bit-identical gradients from run to run, and with 1 or 2 threads (set here: the
-    suite's workers run one thread each). d = 64: DTL reads G in place (full-width chunks)."""
+    suite's workers run one thread each). d = 192: DTL reads G in place, two full-width
+    chunks split between two channel groups (∂T's partials summed across them)."""
     y, taps, ups, conv = make_inputs(batch, prefix, grid, d, 12, k, torch.float32, h_scale=1.0)
     grad = torch.randn(y.shape)
     threads = torch.get_num_threads()
@@ -110,6 +111,19 @@ def test_backward_is_deterministic(batch, prefix, grid, k, d):
         torch.set_num_threads(threads)
     for a, b, c in zip(first, again, single, strict=True):
         assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_dtl_wider_than_one_forward_chunk_mixes_in_place_and_tile_chunks():
+    """d = 2100 > the forward's widest chunk (2048 floats): the first chunk is written in
+    place (out = y + θ(h) from the registers), the last (52 channels) through the tile; the
+    backward's chunks (512 channels here) read G in place but for the last. Against the
+    float64 reference, forward and every gradient."""
+    y, taps, ups, _ = make_inputs(1, 0, (4, 5), 2100, 6, 0, torch.float32, h_scale=1.0)
+    grad = torch.randn(y.shape)
+    ours = run_fused(y, taps, ups, 100.0, None, (4, 5), 0, grad)
+    ref = run_reference(y, taps, ups, 100.0, None, (4, 5), 0, grad, torch.float64)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
 
 
 def test_empty_batch():
