@@ -14,13 +14,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results, op_bytes, quantiles, side_kernel, time_fn  # noqa: E402
+from common import Results, interleaved, op_bytes, side_kernel, time_fn  # noqa: E402
 
 from dtl_kernels.ops import compiled_side, reference  # noqa: E402
 
@@ -32,19 +31,6 @@ PRECISIONS = {
     "float32": (torch.float32, torch.float32),
     "bfloat16": (torch.bfloat16, torch.bfloat16),
 }
-
-
-def interleaved(fns: dict, reps: int, warmup: int = 3) -> dict:
-    """``{name: (median, p20, p80)}`` ms of each ``fns[name]()``, called in turn for
-    ``warmup + reps`` rounds."""
-    samples = {name: [] for name in fns}
-    for r in range(warmup + reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            if r >= warmup:
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: quantiles(xs) for name, xs in samples.items()}
 
 
 def main() -> None:

@@ -146,6 +146,20 @@ def time_fn(
     return quantiles(samples)
 
 
+def interleaved(fns: dict, reps: int, warmup: int = 3) -> dict:
+    """``{name: (median, p20, p80)}`` ms of each ``fns[name]()``, called in turn (in the
+    dict's order) for ``warmup + reps`` rounds: a change of a shared machine's load hits
+    them alike."""
+    samples = {name: [] for name in fns}
+    for r in range(warmup + reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: quantiles(xs) for name, xs in samples.items()}
+
+
 class Results:
     """Collects rows of one benchmark; :meth:`write` saves the CSV and prints a table."""
 

@@ -27,7 +27,6 @@ import argparse
 import ast
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import Results  # noqa: E402
+from common import Results, interleaved  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("csrc/cpu/side.cpp", "csrc/cpu/vec_capability.h", "csrc/side_checks.h",
@@ -143,27 +142,19 @@ def main() -> int:
         fwd_diff = (got["head"][0] - got["base"][0]).abs().max().item()
         same_grads = all(torch.equal(a, b) for a, b in zip(got["head"][1], got["base"][1],
                                                            strict=True))  # fmt: skip
-        times = {(k, m): [] for k in ops for m in ("fwd", "bwd")}
+        calls = {}  # base forward, base backward, head forward, head backward, in turn
+        for label, op in ops.items():
+            calls[(label, "fwd")] = lambda op=op: op.side_forward(y, taps, ups, *call)
+            calls[(label, "bwd")] = lambda op=op: op.side_backward(grad, taps, ups, *call)
         load = os.getloadavg()[0]
-        for r in range(args.reps + 3):
-            for label, op in ops.items():
-                t0 = time.perf_counter()
-                op.side_forward(y, taps, ups, *call)
-                t1 = time.perf_counter()
-                op.side_backward(grad, taps, ups, *call)
-                t2 = time.perf_counter()
-                if r >= 3:
-                    times[(label, "fwd")].append((t1 - t0) * 1e3)
-                    times[(label, "bwd")].append((t2 - t1) * 1e3)
+        stats = interleaved(calls, args.reps)
     res = Results("cpu_kernel_ab")
     shape = f"rows=6304,d=768,K=24,y float32,taps {args.side_dtype}"
     lines = []
     for mode in ("fwd", "bwd"):
-        med = {k: statistics.median(times[(k, mode)]) for k in ops}
+        med = {k: stats[(k, mode)][0] for k in ops}
         for k, rev in (("base", args.base), ("head", args.head)):
-            xs = sorted(times[(k, mode)])
-            res.add(f"{k} {rev}", mode, "dtl", 32, args.side_dtype, shape,
-                    (med[k], xs[len(xs) // 5], xs[(4 * len(xs)) // 5]), "ms")  # fmt: skip
+            res.add(f"{k} {rev}", mode, "dtl", 32, args.side_dtype, shape, stats[(k, mode)], "ms")
         lines.append(f"{mode}: base {med['base']:.2f} ms, head {med['head']:.2f} ms "
                      f"(head / base {med['head'] / med['base']:.3f})")  # fmt: skip
     res.write(directory=args.out.parent if args.out else None,

@@ -344,11 +344,17 @@ Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<
   return p;
 }
 
-// Whether every channel chunk of a DTL op reads y / G and writes out in place (no tiles):
-// y / G in the compute dtype, every chunk as wide as the plan's (d a multiple of it).
+// Whether a DTL chunk `w` channels wide reads y / G and writes out in place (no tile): y / G
+// in the compute dtype and the chunk as wide as the plan's.
+template <typename scalar_t, typename acc_t>
+bool chunk_in_place(const Plan& p, int64_t w) {
+  return std::is_same_v<scalar_t, acc_t> && !p.conv && w == p.CH;
+}
+
+// Whether every chunk does (d a multiple of the chunk width): no tile is needed at all.
 template <typename scalar_t, typename acc_t>
 bool rows_in_place(const Plan& p) {
-  return std::is_same_v<scalar_t, acc_t> && !p.conv && p.d % p.CH == 0;
+  return chunk_in_place<scalar_t, acc_t>(p, p.CH) && p.d % p.CH == 0;
 }
 
 // A row-major (rows × cols) parameter in acc_t, zero-padded to a (rows_to × cols_to) layout,
@@ -419,7 +425,7 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         // DTL, y in the compute dtype, a full-width chunk: out = y + θ(h) straight from the
         // registers (no θ(h) tile written and read back: a quarter of the forward's time)
-        if (!p.conv && w == p.CH) {  // (always so where in_place: no tile allocated)
+        if (chunk_in_place<scalar_t, acc_t>(p, w)) {  // (every chunk where in_place)
           rebuild_h<acc_t, Epilogue::kAddTheta>(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad,
                                                 p.CH, ou, beta, yu, p.d);
           continue;
@@ -502,10 +508,9 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
       const int64_t j1 = std::min(p.nchunks, j0 + chunks_per_group);
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t c0 = j * p.CH, w = std::min(p.CH, p.d - c0);
-        // DTL reads G in place where it is in the compute dtype and the chunk is full-width
-        // (its tile copy was a fifth of the backward at the ViT-B shape); always so where
-        // in_place, which allocated no G tile
-        const bool g_in_place = std::is_same_v<scalar_t, acc_t> && !p.conv && w == p.CH;
+        // DTL reads G in place where it can (its tile copy was a fifth of the backward at
+        // the ViT-B shape); every chunk where in_place, which allocated no G tile
+        const bool g_in_place = chunk_in_place<scalar_t, acc_t>(p, w);
         const acc_t* g_rows = gb.data();
         int64_t ldg = p.CH;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
