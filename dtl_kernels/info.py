@@ -51,7 +51,8 @@ def report() -> str:
         "  cpu        "
         + (
             f"built (kernel variant {_ext.CPU_VARIANT}; torch CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()})"
+            f"{torch.backends.cpu.get_cpu_capability()}; bf16 taps and ups "
+            + ("with AVX512-BF16's dot product)" if _ext.cpu_bf16_dot() else "as float32)")
             if _ext.cpu_built()
             else "NOT BUILT: " + str(_ext.CPU_ERROR)
         )

@@ -138,6 +138,9 @@ CASES = [
     C("mix-bf16-k5-grid9x11-saturated", 1, 0, (9, 11), 33, 6, 5, saturated=True, side=bf16),
     C("mix-bf16-dtl-rows197-d100-K24", 2, 0, (1, 197), 100, 24, side=bf16),  # ViT's K
     C("mix-bf16-dtl-rows37-d64-noncontig", 3, 0, (1, 37), 64, 6, layout="noncontig", side=bf16),
+    # odd K: the CPU's bf16 pairs (csrc/cpu/bf16_dot.h) end in a half-empty pair
+    C("mix-bf16-dtl-K7", 2, 0, (1, 19), 40, 7, side=bf16),
+    C("k3-bf16-prefix1-K5", 1, 1, (5, 5), 24, 5, 3, dtype=bf16),
     # -- ViT-B/16 and Swin-B stage 3 sized: several tiles per program on a GPU
     C("vit-b-dtl", 4, 0, (1, 197), 768, 24, big=True),
     C("vit-b-k3", 4, 1, (14, 14), 768, 24, 3, big=True),

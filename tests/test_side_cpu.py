@@ -90,15 +90,19 @@ def test_opcheck(k, dtype):
 
 
 @pytest.mark.parametrize(
-    "batch,prefix,grid,k,d",
-    [(1, 0, (31, 33), 0, 72), (2, 0, (17, 19), 0, 192), (1, 3, (30, 34), 4, 72),
-     (6, 1, (14, 14), 3, 72)],
+    "batch,prefix,grid,k,d,side_dtype",
+    [(1, 0, (31, 33), 0, 72, None), (2, 0, (17, 19), 0, 192, None), (1, 3, (30, 34), 4, 72, None),
+     (6, 1, (14, 14), 3, 72, None), (2, 0, (17, 19), 0, 192, torch.bfloat16),
+     (1, 1, (14, 14), 3, 72, torch.bfloat16)],
 )  # fmt: skip
-def test_backward_is_deterministic(batch, prefix, grid, k, d):
+def test_backward_is_deterministic(batch, prefix, grid, k, d, side_dtype):
     """Bit-identical gradients from run to run, and with 1 or 2 threads (set here: the
     suite's workers run one thread each). d = 192: DTL reads G in place, two full-width
-    chunks split between two channel groups (∂T's partials summed across them)."""
+    chunks split between two channel groups (∂T's partials summed across them). bf16 taps
+    and ups beside a float32 y: the autocast mix (bf16 pairs where the CPU has AVX512-BF16)."""
     y, taps, ups, conv = make_inputs(batch, prefix, grid, d, 12, k, torch.float32, h_scale=1.0)
+    if side_dtype is not None:
+        taps, ups = taps.to(side_dtype), ups.to(side_dtype)
     grad = torch.randn(y.shape)
     threads = torch.get_num_threads()
     try:

@@ -40,6 +40,7 @@
 
 #include "../side_checks.h"
 #include "../side_math.h"
+#include "bf16_dot.h"
 
 namespace dtl {
 namespace {
@@ -175,46 +176,68 @@ inline void rebuild_block(const acc_t* T, int64_t ldt, int64_t K, const acc_t* u
     }
 }
 
+// Calls block.template operator()<RB, NV>(n, c) for the blocks of nr rows × CH channels:
+// channel blocks outer (4, then 2, then 1 vectors wide), so a block's slice of Uᵀ (K × NV
+// vectors) stays in L1 while all rows pass, 4 rows at a time, then single rows.
+template <int64_t V, typename Block>
+inline void for_blocks(int64_t nr, int64_t CH, const Block& block) {
+  int64_t c = 0;
+  const auto rows = [&]<int64_t NV>() {
+    int64_t n = 0;
+    for (; n + 4 <= nr; n += 4) block.template operator()<4, NV>(n, c);
+    for (; n < nr; ++n) block.template operator()<1, NV>(n, c);
+  };
+  for (; c + 4 * V <= CH; c += 4 * V) rows.template operator()<4>();  // 16 accumulators
+  for (; c + 2 * V <= CH; c += 2 * V) rows.template operator()<2>();
+  for (; c < CH; c += V) rows.template operator()<1>();
+}
+
 // T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
-// H and G (kSGrad, kAddTheta): nr × CH, rows ldh / ldg apart (default CH: a tile). Channel
-// blocks outer, so the block's slice of Uᵀ (K × 4 vectors) stays in L1 while all rows pass.
+// H and G (kSGrad, kAddTheta): nr × CH, rows ldh / ldg apart (default CH: a tile).
 template <typename acc_t, Epilogue E>
 void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
                int64_t dpad, int64_t CH, acc_t* H, acc_t beta = acc_t(0),
                const acc_t* G = nullptr, int64_t ldh = 0, int64_t ldg = 0) {
   if (ldh == 0) ldh = CH;
   if (ldg == 0) ldg = ldh;
-  constexpr int64_t V = Vectorized<acc_t>::size();
   if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
-  int64_t c = 0;
-  for (; c + 4 * V <= CH; c += 4 * V) {  // 16 accumulators: 4 loads + 4 broadcasts per 16 FMAs
-    int64_t n = 0;
-    for (; n + 4 <= nr; n += 4)
-      rebuild_block<acc_t, E, 4, 4>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
+  for_blocks<Vectorized<acc_t>::size()>(nr, CH, [&]<int64_t RB, int64_t NV>(int64_t n, int64_t c) {
+    rebuild_block<acc_t, E, RB, NV>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
                                     G + n * ldg, beta);
-    for (; n < nr; ++n)
-      rebuild_block<acc_t, E, 1, 4>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
-                                    G + n * ldg, beta);
-  }
-  for (; c + 2 * V <= CH; c += 2 * V) {
-    int64_t n = 0;
-    for (; n + 4 <= nr; n += 4)
-      rebuild_block<acc_t, E, 4, 2>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
-                                    G + n * ldg, beta);
-    for (; n < nr; ++n)
-      rebuild_block<acc_t, E, 1, 2>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
-                                    G + n * ldg, beta);
-  }
-  for (; c < CH; c += V) {
-    int64_t n = 0;
-    for (; n + 4 <= nr; n += 4)
-      rebuild_block<acc_t, E, 4, 1>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
-                                    G + n * ldg, beta);
-    for (; n < nr; ++n)
-      rebuild_block<acc_t, E, 1, 1>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
-                                    G + n * ldg, beta);
-  }
+  });
 }
+
+#if DTL_BF16_DOT
+// rebuild_block from bf16 pairs (bf16_dot.h): T2 (rows ldt2 words apart) and Uᵀ's pairs ut2
+// (kh × dpad words) hold taps / ups k = 2q and 2q + 1 in a word's low and high half; one
+// vdpbf16ps adds both products of a pair into each fp32 lane.
+template <Epilogue E, int64_t RB, int64_t NV>
+DTL_BF16_DOT_TARGET void rebuild_block_pairs(const uint32_t* T2, int64_t ldt2, int64_t kh,
+                                             const uint32_t* ut2, int64_t dpad, int64_t ldh,
+                                             int64_t ldg, int64_t c, float* H, const float* G,
+                                             float beta) {
+  using Vec = Vectorized<float>;
+  constexpr int64_t V = Vec::size();
+  __m512 a[RB][NV];
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t i = 0; i < NV; ++i) a[r][i] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < kh; ++q) {
+    __m512bh u[NV];
+    for (int64_t i = 0; i < NV; ++i)
+      u[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ut2 + q * dpad + c + i * V));
+    for (int64_t r = 0; r < RB; ++r) {
+      const auto tq = reinterpret_cast<__m512bh>(_mm512_set1_epi32(int(T2[r * ldt2 + q])));
+      for (int64_t i = 0; i < NV; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], tq, u[i]);
+    }
+  }
+  const Vec vb(beta);
+  for (int64_t r = 0; r < RB; ++r)
+    for (int64_t i = 0; i < NV; ++i) {
+      const int64_t col = c + i * V;
+      finish<float, E>(Vec(a[r][i]), vb, G + r * ldg + col).store(H + r * ldh + col);
+    }
+}
+#endif
 
 // out[0:CH] = Σ_j w_j[0:CH] * a_j[0:CH] over m (w, a) pointer pairs.
 template <typename acc_t>
@@ -293,7 +316,7 @@ struct Plan {
   bool conv;
   int64_t k, kk, gh, gw, P, pad_t, pad_l;
   int64_t rows, unit_rows, units;
-  int64_t CH, nchunks, dpad, Kp;
+  int64_t CH, nchunks, dpad, Kp, kh;  // kh: bf16 pairs of taps a row (bf16_dot.h)
 
   int64_t unit_begin(int64_t u) const { return u * unit_rows; }
   int64_t unit_size(int64_t u) const { return std::min(unit_rows, rows - u * unit_rows); }
@@ -341,6 +364,7 @@ Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<
   p.dpad = p.nchunks * p.CH;
   const int64_t kq = std::max<int64_t>(V, 8);
   p.Kp = (p.K + kq - 1) / kq * kq;
+  p.kh = (p.K + 1) / 2;
   return p;
 }
 
@@ -391,6 +415,87 @@ std::vector<acc_t> pack_conv(const at::Tensor& w, const Plan& p) {
   return pack<scalar_t, acc_t>(w, p.d, p.kk, p.dpad, p.kk, true);
 }
 
+// Whether the h rebuild takes bf16 pairs (bf16_dot.h): bf16 taps and ups, float32 math.
+template <typename side_t, typename acc_t>
+bool rebuild_pairs() {
+  return std::is_same_v<side_t, c10::BFloat16> && std::is_same_v<acc_t, float> &&
+         bf16_dot_active();
+}
+
+// Uᵀ as bf16 pairs: kh × dpad words, word (q, c) = U[c][2q] | U[c][2q + 1] << 16 (zero past
+// K and d). Only called where rebuild_pairs() (ups in bf16).
+std::vector<uint32_t> pack_pairs_t(const at::Tensor& ups, const Plan& p) {
+  std::vector<uint32_t> out(p.kh * p.dpad, 0u);
+  const c10::BFloat16* src = ups.const_data_ptr<c10::BFloat16>();
+  for (int64_t c = 0; c < p.d; ++c)
+    for (int64_t k = 0; k < p.K; ++k)
+      out[(k / 2) * p.dpad + c] |= uint32_t(src[c * p.K + k].x) << (16 * (k & 1));
+  return out;
+}
+
+// One unit's taps as a thread's h rebuild reads them, beside Uᵀ packed to match: acc_t rows
+// `ld` apart (ut: K × dpad), or, where rebuild_pairs(), bf16 pairs (kh words a row; ut2:
+// pack_pairs_t). `keep_rows`: the acc_t rows are loaded in either case (the backward's
+// ∂U reads them).
+template <typename side_t, typename acc_t>
+class TapsTile {
+ public:
+  TapsTile(const Plan& p, int64_t ld, const acc_t* ut, const uint32_t* ut2, bool keep_rows)
+      : p_(p), ld_(ld), ut_(ut), ut2_(ut2), rows_(keep_rows || ut2 == nullptr),
+        t_(rows_ ? p.unit_rows * ld : 0), t2_(ut2 != nullptr ? p.unit_rows * p.kh : 0) {}
+
+  // Rows [row0, row0 + nr) of the taps tp (B·N × K).
+  void load(const side_t* tp, int64_t row0, int64_t nr) {
+    if (rows_) load_tile(tp + row0 * p_.K, p_.K, nr, p_.K, ld_, t_.data());
+    if constexpr (std::is_same_v<side_t, c10::BFloat16>) {
+      if (ut2_ == nullptr) return;
+      for (int64_t n = 0; n < nr; ++n) {
+        const c10::BFloat16* src = tp + (row0 + n) * p_.K;
+        uint32_t* dst = t2_.data() + n * p_.kh;
+        for (int64_t q = 0; q < p_.kh; ++q) {
+          const uint32_t hi = 2 * q + 1 < p_.K ? uint32_t(src[2 * q + 1].x) : 0u;
+          dst[q] = uint32_t(src[2 * q].x) | hi << 16;
+        }
+      }
+    }
+  }
+
+  const acc_t* rows() const { return t_.data(); }
+
+  // rebuild_h for the loaded rows' first nr × the chunk at channel c0.
+  template <Epilogue E>
+  void rebuild(int64_t nr, int64_t c0, acc_t* H, acc_t beta = acc_t(0), const acc_t* G = nullptr,
+               int64_t ldh = 0, int64_t ldg = 0) const {
+#if DTL_BF16_DOT
+    if constexpr (std::is_same_v<acc_t, float>) {
+      if (ut2_ != nullptr) {
+        if (ldh == 0) ldh = p_.CH;
+        if (ldg == 0) ldg = ldh;
+        if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
+        const uint32_t *t2 = t2_.data(), *ut2 = ut2_ + c0;
+        const int64_t kh = p_.kh, dpad = p_.dpad;
+        for_blocks<Vectorized<float>::size()>(
+            nr, p_.CH, [&]<int64_t RB, int64_t NV>(int64_t n, int64_t c) {
+              rebuild_block_pairs<E, RB, NV>(t2 + n * kh, kh, kh, ut2, dpad, ldh, ldg, c,
+                                             H + n * ldh, G + n * ldg, beta);
+            });
+        return;
+      }
+    }
+#endif
+    rebuild_h<acc_t, E>(t_.data(), ld_, nr, p_.K, ut_ + c0, p_.dpad, p_.CH, H, beta, G, ldh, ldg);
+  }
+
+ private:
+  const Plan& p_;
+  int64_t ld_;
+  const acc_t* ut_;
+  const uint32_t* ut2_;  // null: the acc_t path
+  bool rows_;
+  std::vector<acc_t> t_;
+  std::vector<uint32_t> t2_;
+};
+
 // ---------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------
@@ -400,7 +505,9 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
                        at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t beta = static_cast<acc_t>(beta_in);
-  const std::vector<acc_t> ut = pack_ups_t<side_t, acc_t>(ups, p);
+  const bool pairs = rebuild_pairs<side_t, acc_t>();
+  const std::vector<acc_t> ut = pairs ? std::vector<acc_t>() : pack_ups_t<side_t, acc_t>(ups, p);
+  const std::vector<uint32_t> ut2 = pairs ? pack_pairs_t(ups, p) : std::vector<uint32_t>();
   const std::vector<acc_t> wt = p.conv ? pack_conv<scalar_t, acc_t>(*conv, p) : std::vector<acc_t>();
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const side_t* tp = taps.const_data_ptr<side_t>();
@@ -409,7 +516,8 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
 
   at::parallel_for(0, p.units * p.nchunks, 1, [&](int64_t begin, int64_t end) {
     // no θ(h) tile where every chunk takes the fused path below (0.26 MB at ViT-B's shape)
-    std::vector<acc_t> tb(p.unit_rows * p.K), act(in_place ? 0 : p.unit_rows * p.CH), tmp(p.CH);
+    TapsTile<side_t, acc_t> tb(p, p.K, ut.data(), pairs ? ut2.data() : nullptr, false);
+    std::vector<acc_t> act(in_place ? 0 : p.unit_rows * p.CH), tmp(p.CH);
     std::vector<const acc_t*> wp(p.kk), ap(p.kk);
     int64_t loaded_unit = -1;
     for (int64_t task = begin; task < end; ++task) {
@@ -417,7 +525,7 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
       const int64_t row0 = p.unit_begin(u), nr = p.unit_size(u);
       const int64_t c0 = j * p.CH, w = std::min(p.CH, p.d - c0);
       if (u != loaded_unit) {
-        load_tile(tp + row0 * p.K, p.K, nr, p.K, p.K, tb.data());
+        tb.load(tp, row0, nr);
         loaded_unit = u;
       }
       const scalar_t* yu = yp + row0 * p.d + c0;
@@ -426,13 +534,11 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
         // DTL, y in the compute dtype, a full-width chunk: out = y + θ(h) straight from the
         // registers (no θ(h) tile written and read back: a quarter of the forward's time)
         if (chunk_in_place<scalar_t, acc_t>(p, w)) {  // (every chunk where in_place)
-          rebuild_h<acc_t, Epilogue::kAddTheta>(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad,
-                                                p.CH, ou, beta, yu, p.d);
+          tb.template rebuild<Epilogue::kAddTheta>(nr, c0, ou, beta, yu, p.d);
           continue;
         }
       }
-      rebuild_h<acc_t, Epilogue::kTheta>(tb.data(), p.K, nr, p.K, ut.data() + c0, p.dpad, p.CH,
-                                         act.data(), beta);
+      tb.template rebuild<Epilogue::kTheta>(nr, c0, act.data(), beta);
       const int64_t direct = p.conv ? p.P : nr;  // rows that get θ(h) only
       for (int64_t n = 0; n < direct; ++n) {
         store_add_row(yu + n * p.d, act.data() + n * p.CH, ou + n * p.d, w);
@@ -475,7 +581,9 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
   constexpr int64_t V = Vec::size();
   const acc_t beta = static_cast<acc_t>(beta_in);
   const std::vector<acc_t> up = pack_ups<side_t, acc_t>(ups, p);
-  const std::vector<acc_t> ut = pack_ups_t<side_t, acc_t>(ups, p);
+  const bool pairs = rebuild_pairs<side_t, acc_t>();
+  const std::vector<acc_t> ut = pairs ? std::vector<acc_t>() : pack_ups_t<side_t, acc_t>(ups, p);
+  const std::vector<uint32_t> ut2 = pairs ? pack_pairs_t(ups, p) : std::vector<uint32_t>();
   const std::vector<acc_t> wt = p.conv ? pack_conv<scalar_t, acc_t>(*conv, p) : std::vector<acc_t>();
   const scalar_t* gp = g.const_data_ptr<scalar_t>();
   const side_t* tp = taps.const_data_ptr<side_t>();
@@ -495,14 +603,16 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
 
   at::parallel_for(0, p.units * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = p.unit_rows;
-    std::vector<acc_t> tb(R * p.Kp), hb(R * p.CH), gb(in_place ? 0 : R * p.CH), gt_acc(R * p.Kp);
+    // (the taps' acc_t rows, Kp apart, also for ∂U)
+    TapsTile<side_t, acc_t> tb(p, p.Kp, ut.data(), pairs ? ut2.data() : nullptr, true);
+    std::vector<acc_t> hb(R * p.CH), gb(in_place ? 0 : R * p.CH), gt_acc(R * p.Kp);
     std::vector<acc_t> tmp(p.CH);
     std::vector<acc_t> th(p.conv ? R * p.CH : 0), gtr(p.conv ? R * p.CH : 0);
     std::vector<const acc_t*> wp(p.kk), ap(p.kk);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t u = task / groups, grp = task % groups;
       const int64_t row0 = p.unit_begin(u), nr = p.unit_size(u);
-      load_tile(tp + row0 * p.K, p.K, nr, p.K, p.Kp, tb.data());
+      tb.load(tp, row0, nr);
       std::fill(gt_acc.begin(), gt_acc.end(), acc_t(0));
       const int64_t j0 = grp * chunks_per_group;
       const int64_t j1 = std::min(p.nchunks, j0 + chunks_per_group);
@@ -522,11 +632,9 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
         if (!g_in_place) load_tile(gp + row0 * p.d + c0, p.d, nr, w, p.CH, gb.data());
         if (!p.conv) {
           // DTL: S = θ'(h) ⊙ G straight from the h rebuild.
-          rebuild_h<acc_t, Epilogue::kSGrad>(tb.data(), p.Kp, nr, p.K, ut.data() + c0, p.dpad,
-                                             p.CH, hb.data(), beta, g_rows, p.CH, ldg);
+          tb.template rebuild<Epilogue::kSGrad>(nr, c0, hb.data(), beta, g_rows, p.CH, ldg);
         } else {
-          rebuild_h<acc_t, Epilogue::kH>(tb.data(), p.Kp, nr, p.K, ut.data() + c0, p.dpad, p.CH,
-                                         hb.data());
+          tb.template rebuild<Epilogue::kH>(nr, c0, hb.data());
           // hb ← θ'(h); th ← θ(h) (for grad_conv)
           theta_grad_tile(hb.data(), th.data(), nr * p.CH, beta);
         }
@@ -598,7 +706,7 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
             for (int i = 0; i < 8; ++i) a[i] = Vec(acc_t(0));
             for (int64_t n = 0; n < nr; ++n) {
               const Vec s = Vec::loadu(S + n * p.CH + c);
-              const acc_t* t = tb.data() + n * p.Kp + k;
+              const acc_t* t = tb.rows() + n * p.Kp + k;
               for (int i = 0; i < 8; ++i) a[i] = at::vec::fmadd(s, Vec(t[i]), a[i]);
             }
             for (int i = 0; i < 8; ++i) a[i].store(gu_u + (k + i) * p.dpad + c);

@@ -130,6 +130,15 @@ def cuda_built() -> bool:
     return CUDA_ERROR is None
 
 
+def cpu_bf16_dot() -> bool:
+    """Whether the CPU kernels rebuild ``h`` from bf16 taps and ups with AVX512-BF16's
+    ``vdpbf16ps`` (``csrc/cpu/bf16_dot.h``): in the AVX-512 variant, on a CPU that has it,
+    unless ``DTL_KERNELS_CPU_BF16_DOT=0`` (read by the kernels at their first such call)."""
+    if CPU_ERROR:
+        return False
+    return bool(importlib.import_module(f"dtl_kernels.{CPU_VARIANT}").bf16_dot())
+
+
 def cuda_module():
     """The imported CUDA extension module (its shape queries), or None when not built."""
     if CUDA_ERROR:
