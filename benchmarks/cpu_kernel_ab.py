@@ -12,12 +12,13 @@ compared too (forward: max |difference|; gradients: bit for bit is expected wher
 order of independent work changed).
 
     python benchmarks/cpu_kernel_ab.py --base 3306329 [--head WORKTREE] [--reps 25]
-        [--side-dtype bfloat16] [--out benchmarks/results/cpu_kernel_ab.csv]
+        [--side-dtype bfloat16] [--y-dtype bfloat16]
+        [--out benchmarks/results/cpu_kernel_ab.csv]
 
 ``--head`` is a commit or ``WORKTREE`` (the files as they are; the CSV's ``git_rev``
 column is the checkout's HEAD, the provider column names what was measured). Needs a CPU
 with AVX-512 (the variant it builds) and a C++ compiler (about 30 s per build). ViT-B/16's
-shape: rows = 32·197, d = 768, K = 24, float32 y, β = 100. Not in ``make bench`` (a
+shape: rows = 32·197, d = 768, K = 24, float32 y (or bf16), β = 100. Not in ``make bench`` (a
 diagnostic for changes to the CPU kernels).
 """
 
@@ -105,13 +106,13 @@ def build(rev: str, namespace: str, workdir: Path):
     return getattr(torch.ops, namespace)
 
 
-def inputs(side_dtype: torch.dtype):
+def inputs(side_dtype: torch.dtype, y_dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(0)
     b, n, d, k = 32, 197, 768, 24
-    y = torch.randn(b, n, d, generator=gen)
+    y = torch.randn(b, n, d, generator=gen).to(y_dtype)
     taps = torch.randn(b, n, k, generator=gen).to(side_dtype)
     ups = (torch.randn(d, k, generator=gen) * 0.02).to(side_dtype)
-    grad = torch.randn(b, n, d, generator=gen)
+    grad = torch.randn(b, n, d, generator=gen).to(y_dtype)
     return y, taps, ups, grad
 
 
@@ -128,10 +129,18 @@ def main() -> int:
         help="taps / ups dtype (bfloat16: autocast's mix beside a float32 y)",
     )
     ap.add_argument(
+        "--y-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="y / out / ∂out dtype (bfloat16 needs --side-dtype bfloat16: all-bf16)",
+    )
+    ap.add_argument(
         "--out", type=Path, default=None, help="CSV (default: results/cpu_kernel_ab.csv)"
     )
     args = ap.parse_args()
-    side_dtype = getattr(torch, args.side_dtype)
+    side_dtype, y_dtype = getattr(torch, args.side_dtype), getattr(torch, args.y_dtype)
+    if y_dtype != torch.float32 and side_dtype != y_dtype:
+        raise SystemExit("cpu_kernel_ab: a bfloat16 y takes bfloat16 taps / ups")
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         raise SystemExit("cpu_kernel_ab: this CPU does not run the AVX-512 variant it builds")
     with tempfile.TemporaryDirectory(prefix="dtl_kernel_ab_") as tmp:
@@ -141,11 +150,11 @@ def main() -> int:
             t0 = time.monotonic()
             ops[label] = build(rev, ns, Path(tmp))
             print(f"built {label} ({rev}) in {time.monotonic() - t0:.0f} s")
-        y, taps, ups, grad = inputs(side_dtype)
+        y, taps, ups, grad = inputs(side_dtype, y_dtype)
         call = (None, 0, 0, 0, 100.0)
         got = {k: (op.side_forward(y, taps, ups, *call), op.side_backward(grad, taps, ups, *call))
                for k, op in ops.items()}  # fmt: skip
-        fwd_diff = (got["head"][0] - got["base"][0]).abs().max().item()
+        fwd_diff = (got["head"][0].float() - got["base"][0].float()).abs().max().item()
         pairs = list(zip(got["head"][1], got["base"][1], strict=True))
         same_grads = all(torch.equal(a, b) for a, b in pairs)
         grad_diff = [
@@ -159,12 +168,13 @@ def main() -> int:
         load = os.getloadavg()[0]
         stats = interleaved(calls, args.reps)
     res = Results("cpu_kernel_ab")
-    shape = f"rows=6304,d=768,K=24,y float32,taps {args.side_dtype}"
+    shape = f"rows=6304,d=768,K=24,y {args.y_dtype},taps {args.side_dtype}"
     lines = []
     for mode in ("fwd", "bwd"):
         med = {k: stats[(k, mode)][0] for k in ops}
         for k, rev in (("base", args.base), ("head", args.head)):
-            res.add(f"{k} {rev}", mode, "dtl", 32, args.side_dtype, shape, stats[(k, mode)], "ms")
+            res.add(f"{k} {rev}", mode, "dtl", 32, f"y {args.y_dtype}, taps {args.side_dtype}", shape,
+                    stats[(k, mode)], "ms")  # fmt: skip
         lines.append(f"{mode}: base {med['base']:.2f} ms, head {med['head']:.2f} ms "
                      f"(head / base {med['head'] / med['base']:.3f})")  # fmt: skip
     res.write(directory=args.out.parent if args.out else None,

@@ -117,17 +117,23 @@ def test_backward_is_deterministic(batch, prefix, grid, k, d, side_dtype):
         assert torch.equal(a, b) and torch.equal(a, c)
 
 
-def test_dtl_wider_than_one_forward_chunk_mixes_in_place_and_tile_chunks():
+# (rtol, atol as a share of the largest reference value)
+@pytest.mark.parametrize(
+    "dtype, rtol, atol", [(torch.float32, 1e-4, None), (torch.bfloat16, 2e-2, 2e-2)]
+)
+def test_dtl_wider_than_one_forward_chunk_mixes_in_place_and_tile_chunks(dtype, rtol, atol):
     """d = 2100 > the forward's widest chunk (2048 floats): the first chunk is written in
-    place (out = y + θ(h) from the registers), the last (52 channels) through the tile; the
-    backward's chunks (512 channels here) read G in place but for the last. Against the
-    float64 reference, forward and every gradient."""
-    y, taps, ups, _ = make_inputs(1, 0, (4, 5), 2100, 6, 0, torch.float32, h_scale=1.0)
-    grad = torch.randn(y.shape)
+    place (out = y + θ(h) from the registers; bf16 converted there), the last (52 channels)
+    through the tile; the backward's chunks (512 channels here) read G in place but for the
+    last. Against the float64 reference on the same values, forward and every gradient."""
+    y, taps, ups, _ = make_inputs(1, 0, (4, 5), 2100, 6, 0, dtype, h_scale=1.0)
+    grad = torch.randn(y.shape).to(dtype)
     ours = run_fused(y, taps, ups, 100.0, None, (4, 5), 0, grad)
     ref = run_reference(y, taps, ups, 100.0, None, (4, 5), 0, grad, torch.float64)
     for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+        assert a.dtype == dtype
+        abs_tol = 1e-5 if atol is None else atol * b.abs().max().item()
+        torch.testing.assert_close(a.double(), b, rtol=rtol, atol=abs_tol)
 
 
 def test_empty_batch():

@@ -125,6 +125,38 @@ inline void store_add_row(const scalar_t* y, const acc_t* r, scalar_t* out, int6
   }
 }
 
+// One vector of T values at p as acc_t (16-bit ones widened, exactly).
+template <typename acc_t, typename T>
+inline Vectorized<acc_t> load_acc(const T* p) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    Vectorized<float> v;
+    at::vec::load_to_float<T>(p, v);
+    return v;
+  }
+}
+
+// v stored at p as T (16-bit: rounded to nearest even, as a scalar cast rounds).
+template <typename T, typename acc_t>
+inline void store_acc(Vectorized<acc_t> v, T* p) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    v.store(p);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m256i packed;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      packed = at::vec::cvtfp32_bf16(__m512(v));
+    } else {
+      packed = at::vec::cvtfp32_fp16(__m512(v));
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+#else
+    at::vec::convert_from_float<T>(v, v).store(p, Vectorized<acc_t>::size());
+#endif
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // h = T · Uᵀ for nr rows × CH channels, with a fused epilogue
 // ---------------------------------------------------------------------------------------
@@ -134,26 +166,27 @@ enum class Epilogue {
   kSGrad,     // H ← θ'(h) ⊙ G — S of DTL
   kAddTheta,  // H ← G + θ(h) — DTL's forward, G = y and H = out in place
 };
+// H and G are acc_t tiles, or y / out / G in place in their own dtype (kAddTheta, kSGrad).
 
-template <typename acc_t, Epilogue E>
-inline Vectorized<acc_t> finish(Vectorized<acc_t> h, Vectorized<acc_t> vb, const acc_t* g) {
+template <typename acc_t, Epilogue E, typename g_t>
+inline Vectorized<acc_t> finish(Vectorized<acc_t> h, Vectorized<acc_t> vb, const g_t* g) {
   using Vec = Vectorized<acc_t>;
   if constexpr (E == Epilogue::kH) {
     return h;
   } else if constexpr (E == Epilogue::kTheta) {
     return h * vec_sigmoid_beta(h, vb);
   } else if constexpr (E == Epilogue::kAddTheta) {
-    return Vec::loadu(g) + h * vec_sigmoid_beta(h, vb);
+    return load_acc<acc_t>(g) + h * vec_sigmoid_beta(h, vb);
   } else {
     const Vec s = vec_sigmoid_beta(h, vb);
-    return (s + vb * (h * s * (Vec(acc_t(1)) - s))) * Vec::loadu(g);  // β last
+    return (s + vb * (h * s * (Vec(acc_t(1)) - s))) * load_acc<acc_t>(g);  // β last
   }
 }
 
 // RB rows × NV vectors of channels at column c: every load of Uᵀ serves RB rows.
-template <typename acc_t, Epilogue E, int64_t RB, int64_t NV>
+template <typename acc_t, Epilogue E, int64_t RB, int64_t NV, typename h_t, typename g_t>
 inline void rebuild_block(const acc_t* T, int64_t ldt, int64_t K, const acc_t* ut, int64_t dpad,
-                          int64_t ldh, int64_t ldg, int64_t c, acc_t* H, const acc_t* G,
+                          int64_t ldh, int64_t ldg, int64_t c, h_t* H, const g_t* G,
                           acc_t beta) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t V = Vec::size();
@@ -172,7 +205,7 @@ inline void rebuild_block(const acc_t* T, int64_t ldt, int64_t K, const acc_t* u
   for (int64_t r = 0; r < RB; ++r)
     for (int64_t i = 0; i < NV; ++i) {
       const int64_t col = c + i * V;
-      finish<acc_t, E>(a[r][i], vb, G + r * ldg + col).store(H + r * ldh + col);
+      store_acc(finish<acc_t, E>(a[r][i], vb, G + r * ldg + col), H + r * ldh + col);
     }
 }
 
@@ -194,13 +227,15 @@ inline void for_blocks(int64_t nr, int64_t CH, const Block& block) {
 
 // T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
 // H and G (kSGrad, kAddTheta): nr × CH, rows ldh / ldg apart (default CH: a tile).
-template <typename acc_t, Epilogue E>
+template <typename acc_t, Epilogue E, typename h_t, typename g_t = h_t>
 void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
-               int64_t dpad, int64_t CH, acc_t* H, acc_t beta = acc_t(0),
-               const acc_t* G = nullptr, int64_t ldh = 0, int64_t ldg = 0) {
+               int64_t dpad, int64_t CH, h_t* H, acc_t beta = acc_t(0),
+               const g_t* G = nullptr, int64_t ldh = 0, int64_t ldg = 0) {
   if (ldh == 0) ldh = CH;
   if (ldg == 0) ldg = ldh;
-  if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
+  if constexpr (std::is_same_v<h_t, g_t>) {
+    if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
+  }
   for_blocks<Vectorized<acc_t>::size()>(nr, CH, [&]<int64_t RB, int64_t NV>(int64_t n, int64_t c) {
     rebuild_block<acc_t, E, RB, NV>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
                                     G + n * ldg, beta);
@@ -211,10 +246,10 @@ void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* 
 // rebuild_block from bf16 pairs (bf16_dot.h): T2 (rows ldt2 words apart) and Uᵀ's pairs ut2
 // (kh × dpad words) hold taps / ups k = 2q and 2q + 1 in a word's low and high half; one
 // vdpbf16ps adds both products of a pair into each fp32 lane.
-template <Epilogue E, int64_t RB, int64_t NV>
+template <Epilogue E, int64_t RB, int64_t NV, typename h_t, typename g_t>
 DTL_BF16_DOT_TARGET void rebuild_block_pairs(const uint32_t* T2, int64_t ldt2, int64_t kh,
                                              const uint32_t* ut2, int64_t dpad, int64_t ldh,
-                                             int64_t ldg, int64_t c, float* H, const float* G,
+                                             int64_t ldg, int64_t c, h_t* H, const g_t* G,
                                              float beta) {
   using Vec = Vectorized<float>;
   constexpr int64_t V = Vec::size();
@@ -234,7 +269,7 @@ DTL_BF16_DOT_TARGET void rebuild_block_pairs(const uint32_t* T2, int64_t ldt2, i
   for (int64_t r = 0; r < RB; ++r)
     for (int64_t i = 0; i < NV; ++i) {
       const int64_t col = c + i * V;
-      finish<float, E>(Vec(a[r][i]), vb, G + r * ldg + col).store(H + r * ldh + col);
+      store_acc(finish<float, E>(Vec(a[r][i]), vb, G + r * ldg + col), H + r * ldh + col);
     }
 }
 #endif
@@ -368,18 +403,12 @@ Plan make_plan(const at::Tensor& y, const at::Tensor& taps, const std::optional<
   return p;
 }
 
-// Whether a DTL chunk `w` channels wide reads y / G and writes out in place (no tile): y / G
-// in the compute dtype and the chunk as wide as the plan's.
-template <typename scalar_t, typename acc_t>
-bool chunk_in_place(const Plan& p, int64_t w) {
-  return std::is_same_v<scalar_t, acc_t> && !p.conv && w == p.CH;
-}
+// Whether a DTL chunk `w` channels wide reads y / G and writes out in place (no tile; 16-bit
+// values converted in the registers): the chunk as wide as the plan's.
+bool chunk_in_place(const Plan& p, int64_t w) { return !p.conv && w == p.CH; }
 
 // Whether every chunk does (d a multiple of the chunk width): no tile is needed at all.
-template <typename scalar_t, typename acc_t>
-bool rows_in_place(const Plan& p) {
-  return chunk_in_place<scalar_t, acc_t>(p, p.CH) && p.d % p.CH == 0;
-}
+bool rows_in_place(const Plan& p) { return chunk_in_place(p, p.CH) && p.d % p.CH == 0; }
 
 // A row-major (rows × cols) parameter in acc_t, zero-padded to a (rows_to × cols_to) layout,
 // transposed (cols × rows_to) when `transpose`: the layouts the tile loops read.
@@ -463,15 +492,17 @@ class TapsTile {
   const acc_t* rows() const { return t_.data(); }
 
   // rebuild_h for the loaded rows' first nr × the chunk at channel c0.
-  template <Epilogue E>
-  void rebuild(int64_t nr, int64_t c0, acc_t* H, acc_t beta = acc_t(0), const acc_t* G = nullptr,
+  template <Epilogue E, typename h_t, typename g_t = h_t>
+  void rebuild(int64_t nr, int64_t c0, h_t* H, acc_t beta = acc_t(0), const g_t* G = nullptr,
                int64_t ldh = 0, int64_t ldg = 0) const {
 #if DTL_BF16_DOT
     if constexpr (std::is_same_v<acc_t, float>) {
       if (ut2_ != nullptr) {
         if (ldh == 0) ldh = p_.CH;
         if (ldg == 0) ldg = ldh;
-        if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
+        if constexpr (std::is_same_v<h_t, g_t>) {
+          if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
+        }
         const uint32_t *t2 = t2_.data(), *ut2 = ut2_ + c0;
         const int64_t kh = p_.kh, dpad = p_.dpad;
         for_blocks<Vectorized<float>::size()>(
@@ -483,7 +514,8 @@ class TapsTile {
       }
     }
 #endif
-    rebuild_h<acc_t, E>(t_.data(), ld_, nr, p_.K, ut_ + c0, p_.dpad, p_.CH, H, beta, G, ldh, ldg);
+    rebuild_h<acc_t, E>(t_.data(), ld_, nr, p_.K, ut_ + c0, p_.dpad, p_.CH, H, beta, G, ldh,
+                        ldg);
   }
 
  private:
@@ -512,7 +544,7 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
   const scalar_t* yp = y.const_data_ptr<scalar_t>();
   const side_t* tp = taps.const_data_ptr<side_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const bool in_place = rows_in_place<scalar_t, acc_t>(p);
+  const bool in_place = rows_in_place(p);
 
   at::parallel_for(0, p.units * p.nchunks, 1, [&](int64_t begin, int64_t end) {
     // no θ(h) tile where every chunk takes the fused path below (0.26 MB at ViT-B's shape)
@@ -530,13 +562,11 @@ void side_forward_impl(const at::Tensor& y, const at::Tensor& taps, const at::Te
       }
       const scalar_t* yu = yp + row0 * p.d + c0;
       scalar_t* ou = op + row0 * p.d + c0;
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        // DTL, y in the compute dtype, a full-width chunk: out = y + θ(h) straight from the
-        // registers (no θ(h) tile written and read back: a quarter of the forward's time)
-        if (chunk_in_place<scalar_t, acc_t>(p, w)) {  // (every chunk where in_place)
-          tb.template rebuild<Epilogue::kAddTheta>(nr, c0, ou, beta, yu, p.d);
-          continue;
-        }
+      // DTL, a full-width chunk: out = y + θ(h) straight from the registers (no θ(h) tile
+      // written and read back: a quarter of the forward's time)
+      if (chunk_in_place(p, w)) {  // (every chunk where in_place)
+        tb.template rebuild<Epilogue::kAddTheta>(nr, c0, ou, beta, yu, p.d);
+        continue;
       }
       tb.template rebuild<Epilogue::kTheta>(nr, c0, act.data(), beta);
       const int64_t direct = p.conv ? p.P : nr;  // rows that get θ(h) only
@@ -599,7 +629,7 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
   std::vector<acc_t> gw_part(p.conv ? p.units * p.kk * p.dpad : 0, acc_t(0));
   std::unique_ptr<acc_t[]> gt_part(new acc_t[groups > 1 ? groups * p.rows * p.Kp : 0]);
   side_t* gtp = grad_taps.mutable_data_ptr<side_t>();
-  const bool in_place = rows_in_place<scalar_t, acc_t>(p);
+  const bool in_place = rows_in_place(p);
 
   at::parallel_for(0, p.units * groups, 1, [&](int64_t begin, int64_t end) {
     const int64_t R = p.unit_rows;
@@ -620,19 +650,16 @@ void side_backward_impl(const at::Tensor& g, const at::Tensor& taps, const at::T
         const int64_t c0 = j * p.CH, w = std::min(p.CH, p.d - c0);
         // DTL reads G in place where it can (its tile copy was a fifth of the backward at
         // the ViT-B shape); every chunk where in_place, which allocated no G tile
-        const bool g_in_place = chunk_in_place<scalar_t, acc_t>(p, w);
-        const acc_t* g_rows = gb.data();
-        int64_t ldg = p.CH;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          if (g_in_place) {
-            g_rows = gp + row0 * p.d + c0;
-            ldg = p.d;
-          }
-        }
+        const bool g_in_place = chunk_in_place(p, w);
         if (!g_in_place) load_tile(gp + row0 * p.d + c0, p.d, nr, w, p.CH, gb.data());
         if (!p.conv) {
           // DTL: S = θ'(h) ⊙ G straight from the h rebuild.
-          tb.template rebuild<Epilogue::kSGrad>(nr, c0, hb.data(), beta, g_rows, p.CH, ldg);
+          if (g_in_place) {
+            tb.template rebuild<Epilogue::kSGrad>(nr, c0, hb.data(), beta, gp + row0 * p.d + c0,
+                                                  p.CH, p.d);
+          } else {
+            tb.template rebuild<Epilogue::kSGrad>(nr, c0, hb.data(), beta, gb.data());
+          }
         } else {
           tb.template rebuild<Epilogue::kH>(nr, c0, hb.data());
           // hb ← θ'(h); th ← θ(h) (for grad_conv)
