@@ -173,8 +173,8 @@ def main() -> int:
     for mode in ("fwd", "bwd"):
         med = {k: stats[(k, mode)][0] for k in ops}
         for k, rev in (("base", args.base), ("head", args.head)):
-            res.add(f"{k} {rev}", mode, "dtl", 32, f"y {args.y_dtype}, taps {args.side_dtype}", shape,
-                    stats[(k, mode)], "ms")  # fmt: skip
+            dtypes = f"y {args.y_dtype}, taps {args.side_dtype}"
+            res.add(f"{k} {rev}", mode, "dtl", 32, dtypes, shape, stats[(k, mode)], "ms")
         lines.append(f"{mode}: base {med['base']:.2f} ms, head {med['head']:.2f} ms "
                      f"(head / base {med['head'] / med['base']:.3f})")  # fmt: skip
     res.write(directory=args.out.parent if args.out else None,
