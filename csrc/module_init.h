@@ -4,8 +4,8 @@
 
 #include <Python.h>
 
-// DTL_PYTHON_MODULE(NAME) defines PyInit_NAME; NAME may itself be a macro (the CPU
-// kernels are built once per instruction-set variant, each its own module).
+// DTL_PYTHON_MODULE(NAME) defines PyInit_NAME; NAME may itself be a macro. (The CPU
+// kernels' variant modules define their own, with a method: csrc/cpu/module.cpp.)
 #define DTL_PYTHON_MODULE(name) DTL_PYTHON_MODULE_(name)
 #define DTL_STRINGIFY_(x) #x
 #define DTL_PYTHON_MODULE_(name)                                             \

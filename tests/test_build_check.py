@@ -57,6 +57,21 @@ for k, grid, prefix in ((0, None, 0), (3, (4, 4), 1)):
     for a, b in zip(torch.autograd.grad(ours, leaves, g), torch.autograd.grad(ref, leaves, g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+# 16-bit y read and written in place (d = 64: whole chunks in every variant), and autocast's
+# mix (float32 y, bf16 taps), against float64 on the same values; K = 7 (odd)
+for y_dt, s_dt in ((torch.bfloat16,) * 2, (torch.float16,) * 2, (torch.float32, torch.bfloat16)):
+    y = torch.randn(2, 9, 64).to(y_dt).requires_grad_()
+    t = torch.randn(2, 9, 7).to(s_dt).requires_grad_()
+    u = (torch.randn(64, 7) * 0.3).to(s_dt).requires_grad_()
+    g = torch.randn(2, 9, 64).to(y_dt)
+    out = side.side_add(y, t, u, 100.0, None, None, 0, backend="cpu")
+    got = [out, *torch.autograd.grad(out, (t, u), g)]
+    leaves = [x.detach().double().requires_grad_() for x in (t, u)]
+    ref = reference.side_add(y.detach().double(), *leaves, 100.0, None, None, 0)
+    want = [ref, *torch.autograd.grad(ref, leaves, g.double())]
+    for a, b, dt in zip(got, want, (y_dt, s_dt, s_dt)):
+        assert a.dtype == dt, (a.dtype, dt)
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
 print(_ext.CPU_VARIANT)
 """
 
