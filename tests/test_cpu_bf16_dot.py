@@ -20,9 +20,12 @@ pytestmark = pytest.mark.skipif(
     not compiled_side.available("cpu"), reason="the CPU extension is not built (make build)"
 )
 
-# autocast's mix at a width with whole and partial vector blocks, odd K; DTL+ k = 3 in bf16
+# autocast's mix with odd K: d = 200 through the tiles (not a whole chunk), d = 192 in place
+# (y / G read and out written from the registers); all-bf16 in place with odd K; DTL+ k = 3
 CASES = {
-    "mix": (Case("mix-dtl", 2, 0, (1, 45), 200, 7, side=torch.bfloat16), torch.float32),
+    "mix-tiles": (Case("mix-dtl", 2, 0, (1, 45), 200, 7, side=torch.bfloat16), torch.float32),
+    "mix-in-place": (Case("mix-dtl", 2, 0, (1, 45), 192, 7, side=torch.bfloat16), torch.float32),
+    "bf16-in-place": (Case("bf16-dtl", 2, 0, (1, 29), 64, 5), torch.bfloat16),
     "bf16-k3": (Case("bf16-k3", 1, 1, (6, 5), 72, 12, 3), torch.bfloat16),
 }
 

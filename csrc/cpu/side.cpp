@@ -8,10 +8,11 @@
 // needs the image's whole grid) and a block of rows for DTL. A task rebuilds h for the
 // unit's rows × a chunk of CH channels in a thread-local tile (kTileBytes*) and finishes
 // everything there: θ, the depthwise conv, the residual add (forward), or S and its three
-// reductions (backward). DTL with y / G in the compute dtype skips the tile where it can:
-// the forward writes y + θ(h) from the registers, the backward reads G in place. Global
-// memory sees: y read once, out written once, taps read (forward); G read once, grad_taps
-// written once, taps read (backward).
+// reductions (backward). DTL skips the tile where it can (full-width chunks; 16-bit y / G
+// converted in the registers): the forward writes y + θ(h) from the registers, the
+// backward reads G in place. Where the taps and ups are bf16, h may be rebuilt from bf16
+// pairs with AVX512-BF16 (bf16_dot.h). Global memory sees: y read once, out written once,
+// taps read (forward); G read once, grad_taps written once, taps read (backward).
 //
 // Determinism: every task writes its own fp32 partial sums (grad_ups, grad_conv per
 // unit; grad_taps per channel group when a unit's channels are split), which are then
@@ -496,7 +497,7 @@ class TapsTile {
   void rebuild(int64_t nr, int64_t c0, h_t* H, acc_t beta = acc_t(0), const g_t* G = nullptr,
                int64_t ldh = 0, int64_t ldg = 0) const {
 #if DTL_BF16_DOT
-    if constexpr (std::is_same_v<acc_t, float>) {
+    if constexpr (std::is_same_v<side_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
       if (ut2_ != nullptr) {
         if (ldh == 0) ldh = p_.CH;
         if (ldg == 0) ldg = ldh;
