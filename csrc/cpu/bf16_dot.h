@@ -16,8 +16,17 @@
 #include <cstdlib>
 #include <cstring>
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && \
-    (defined(__GNUC__) || defined(__clang__))
+// Compilers known to take the intrinsics, the per-function target and the run-time check
+// (GCC 12 is what builds it here); others build the float32 path only.
+#if defined(__clang__)
+#define DTL_BF16_DOT_COMPILER (__clang_major__ >= 14)
+#elif defined(__GNUC__)
+#define DTL_BF16_DOT_COMPILER (__GNUC__ >= 12)
+#else
+#define DTL_BF16_DOT_COMPILER 0
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__x86_64__) && DTL_BF16_DOT_COMPILER
 #define DTL_BF16_DOT 1
 #define DTL_BF16_DOT_TARGET __attribute__((target("avx512bf16")))
 #include <immintrin.h>

@@ -19,7 +19,14 @@ PyObject* bf16_dot(PyObject* /*module*/, PyObject* /*unused*/) {
   return PyBool_FromLong(dtl::bf16_dot_active() ? 1 : 0);
 }
 
+PyObject* bf16_dot_built(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyBool_FromLong(DTL_BF16_DOT);
+}
+
 PyMethodDef methods[] = {
+    {"bf16_dot_built", bf16_dot_built, METH_NOARGS,
+     "Whether this variant was compiled with the AVX512-BF16 kernels (the AVX-512 variant, "
+     "by a compiler bf16_dot.h knows to take them)."},
     {"bf16_dot", bf16_dot, METH_NOARGS,
      "Whether the kernels rebuild h from bf16 taps and ups with AVX512-BF16's vdpbf16ps "
      "(csrc/cpu/bf16_dot.h): built into this variant, run by this CPU, and not turned off "

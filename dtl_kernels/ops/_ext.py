@@ -134,9 +134,19 @@ def cpu_bf16_dot() -> bool:
     """Whether the CPU kernels rebuild ``h`` from bf16 taps and ups with AVX512-BF16's
     ``vdpbf16ps`` (``csrc/cpu/bf16_dot.h``): in the AVX-512 variant, on a CPU that has it,
     unless ``DTL_KERNELS_CPU_BF16_DOT=0`` (read by the kernels at their first such call)."""
+    return _cpu_module_says("bf16_dot")
+
+
+def cpu_bf16_dot_built() -> bool:
+    """Whether the loaded CPU variant was compiled with those kernels (the AVX-512 variant,
+    by GCC ≥ 12 or clang ≥ 14), whatever this CPU runs."""
+    return _cpu_module_says("bf16_dot_built")
+
+
+def _cpu_module_says(question: str) -> bool:
     if CPU_ERROR:
         return False
-    return bool(importlib.import_module(f"dtl_kernels.{CPU_VARIANT}").bf16_dot())
+    return bool(getattr(importlib.import_module(f"dtl_kernels.{CPU_VARIANT}"), question)())
 
 
 def cuda_module():
