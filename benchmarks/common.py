@@ -40,7 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    """CPU model and thread count (or the GPU name for CUDA runs)."""
+    """CPU model, thread count and torch's CPU capability, with "+ bf16 pairs" where the CPU
+    kernels take bf16 taps and ups through AVX512-BF16 (``_ext.cpu_bf16_dot()``)."""
     name = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -49,7 +50,14 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{name}; {torch.get_num_threads()} threads; {torch.backends.cpu.get_cpu_capability()}"
+    isa = torch.backends.cpu.get_cpu_capability()
+    try:
+        from dtl_kernels.ops import _ext
+
+        isa += " + bf16 pairs" if _ext.cpu_bf16_dot() else ""
+    except ImportError:  # run from a checkout without the package on the path
+        pass
+    return f"{name}; {torch.get_num_threads()} threads; {isa}"
 
 
 def git_rev() -> str:

@@ -12,13 +12,14 @@ compared too (forward: max |difference|; gradients: bit for bit is expected wher
 order of independent work changed).
 
     python benchmarks/cpu_kernel_ab.py --base 3306329 [--head WORKTREE] [--reps 25]
-        [--side-dtype bfloat16] [--y-dtype bfloat16]
+        [--side-dtype bfloat16] [--y-dtype bfloat16] [--conv 3]
         [--out benchmarks/results/cpu_kernel_ab.csv]
 
 ``--head`` is a commit or ``WORKTREE`` (the files as they are; the CSV's ``git_rev``
 column is the checkout's HEAD, the provider column names what was measured). Needs a CPU
 with AVX-512 (the variant it builds) and a C++ compiler (about 30 s per build). ViT-B/16's
-shape: rows = 32·197, d = 768, K = 24, float32 y (or bf16), β = 100. Not in ``make bench`` (a
+shape: rows = 32·197, d = 768, K = 24, float32 y (or bf16), β = 100; DTL, or DTL+
+(``--conv k``) on the 14 × 14 grid after a class token. Not in ``make bench`` (a
 diagnostic for changes to the CPU kernels).
 """
 
@@ -134,6 +135,7 @@ def main() -> int:
         choices=["float32", "bfloat16"],
         help="y / out / ∂out dtype (bfloat16 needs --side-dtype bfloat16: all-bf16)",
     )
+    ap.add_argument("--conv", type=int, default=0, help="DTL+ conv size k (default 0: DTL)")
     ap.add_argument(
         "--out", type=Path, default=None, help="CSV (default: results/cpu_kernel_ab.csv)"
     )
@@ -151,7 +153,13 @@ def main() -> int:
             ops[label] = build(rev, ns, Path(tmp))
             print(f"built {label} ({rev}) in {time.monotonic() - t0:.0f} s")
         y, taps, ups, grad = inputs(side_dtype, y_dtype)
-        call = (None, 0, 0, 0, 100.0)
+        conv = None
+        if args.conv:  # DTL+: ViT-B's 14 × 14 grid after one class token
+            gen = torch.Generator().manual_seed(1)
+            conv = (torch.randn(768, 1, args.conv, args.conv, generator=gen) / args.conv).to(
+                y_dtype
+            )
+        call = (conv, 14, 14, 1, 100.0) if args.conv else (None, 0, 0, 0, 100.0)
         got = {k: (op.side_forward(y, taps, ups, *call), op.side_backward(grad, taps, ups, *call))
                for k, op in ops.items()}  # fmt: skip
         fwd_diff = (got["head"][0].float() - got["base"][0].float()).abs().max().item()
@@ -169,12 +177,13 @@ def main() -> int:
         stats = interleaved(calls, args.reps)
     res = Results("cpu_kernel_ab")
     shape = f"rows=6304,d=768,K=24,y {args.y_dtype},taps {args.side_dtype}"
+    model = f"dtl+k{args.conv}" if args.conv else "dtl"
     lines = []
     for mode in ("fwd", "bwd"):
         med = {k: stats[(k, mode)][0] for k in ops}
         for k, rev in (("base", args.base), ("head", args.head)):
             dtypes = f"y {args.y_dtype}, taps {args.side_dtype}"
-            res.add(f"{k} {rev}", mode, "dtl", 32, dtypes, shape, stats[(k, mode)], "ms")
+            res.add(f"{k} {rev}", mode, model, 32, dtypes, shape, stats[(k, mode)], "ms")
         lines.append(f"{mode}: base {med['base']:.2f} ms, head {med['head']:.2f} ms "
                      f"(head / base {med['head'] / med['base']:.3f})")  # fmt: skip
     res.write(directory=args.out.parent if args.out else None,
