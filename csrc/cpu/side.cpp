@@ -227,16 +227,11 @@ inline void for_blocks(int64_t nr, int64_t CH, const Block& block) {
 }
 
 // T: nr × K (row stride ldt), ut: Uᵀ at this chunk's first channel (row stride dpad),
-// H and G (kSGrad, kAddTheta): nr × CH, rows ldh / ldg apart (default CH: a tile).
-template <typename acc_t, Epilogue E, typename h_t, typename g_t = h_t>
+// H and G (G read by kSGrad, kAddTheta only): nr × CH, rows ldh / ldg apart.
+template <typename acc_t, Epilogue E, typename h_t, typename g_t>
 void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* ut,
-               int64_t dpad, int64_t CH, h_t* H, acc_t beta = acc_t(0),
-               const g_t* G = nullptr, int64_t ldh = 0, int64_t ldg = 0) {
-  if (ldh == 0) ldh = CH;
-  if (ldg == 0) ldg = ldh;
-  if constexpr (std::is_same_v<h_t, g_t>) {
-    if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
-  }
+               int64_t dpad, int64_t CH, h_t* H, acc_t beta, const g_t* G, int64_t ldh,
+               int64_t ldg) {
   for_blocks<Vectorized<acc_t>::size()>(nr, CH, [&]<int64_t RB, int64_t NV>(int64_t n, int64_t c) {
     rebuild_block<acc_t, E, RB, NV>(T + n * ldt, ldt, K, ut, dpad, ldh, ldg, c, H + n * ldh,
                                     G + n * ldg, beta);
@@ -244,11 +239,11 @@ void rebuild_h(const acc_t* T, int64_t ldt, int64_t nr, int64_t K, const acc_t* 
 }
 
 #if DTL_BF16_DOT
-// rebuild_block from bf16 pairs (bf16_dot.h): T2 (rows ldt2 words apart) and Uᵀ's pairs ut2
+// rebuild_block from bf16 pairs (bf16_dot.h): T2 (rows kh words apart) and Uᵀ's pairs ut2
 // (kh × dpad words) hold taps / ups k = 2q and 2q + 1 in a word's low and high half; one
 // vdpbf16ps adds both products of a pair into each fp32 lane.
 template <Epilogue E, int64_t RB, int64_t NV, typename h_t, typename g_t>
-DTL_BF16_DOT_TARGET void rebuild_block_pairs(const uint32_t* T2, int64_t ldt2, int64_t kh,
+DTL_BF16_DOT_TARGET void rebuild_block_pairs(const uint32_t* T2, int64_t kh,
                                              const uint32_t* ut2, int64_t dpad, int64_t ldh,
                                              int64_t ldg, int64_t c, h_t* H, const g_t* G,
                                              float beta) {
@@ -262,7 +257,7 @@ DTL_BF16_DOT_TARGET void rebuild_block_pairs(const uint32_t* T2, int64_t ldt2, i
     for (int64_t i = 0; i < NV; ++i)
       u[i] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(ut2 + q * dpad + c + i * V));
     for (int64_t r = 0; r < RB; ++r) {
-      const auto tq = reinterpret_cast<__m512bh>(_mm512_set1_epi32(int(T2[r * ldt2 + q])));
+      const auto tq = reinterpret_cast<__m512bh>(_mm512_set1_epi32(int(T2[r * kh + q])));
       for (int64_t i = 0; i < NV; ++i) a[r][i] = _mm512_dpbf16_ps(a[r][i], tq, u[i]);
     }
   }
@@ -531,23 +526,24 @@ class TapsTile {
 
   const acc_t* rows() const { return t_.data(); }
 
-  // rebuild_h for the loaded rows' first nr × the chunk at channel c0.
+  // The h rebuild (epilogue E) of the loaded rows' first nr × the chunk at channel c0, into
+  // H; G for kSGrad / kAddTheta. Rows ldh / ldg apart (default CH: a tile).
   template <Epilogue E, typename h_t, typename g_t = h_t>
   void rebuild(int64_t nr, int64_t c0, h_t* H, acc_t beta = acc_t(0), const g_t* G = nullptr,
                int64_t ldh = 0, int64_t ldg = 0) const {
+    if (ldh == 0) ldh = p_.CH;
+    if (ldg == 0) ldg = ldh;
+    if constexpr (std::is_same_v<h_t, g_t>) {
+      if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
+    }
 #if DTL_BF16_DOT
     if constexpr (std::is_same_v<side_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
       if (ut2_ != nullptr) {
-        if (ldh == 0) ldh = p_.CH;
-        if (ldg == 0) ldg = ldh;
-        if constexpr (std::is_same_v<h_t, g_t>) {
-          if (G == nullptr) G = H;  // unused by the kH / kTheta epilogues
-        }
         const uint32_t *t2 = t2_.data(), *ut2 = ut2_ + c0;
         const int64_t kh = p_.kh, dpad = p_.dpad;
         for_blocks<Vectorized<float>::size()>(
             nr, p_.CH, [&]<int64_t RB, int64_t NV>(int64_t n, int64_t c) {
-              rebuild_block_pairs<E, RB, NV>(t2 + n * kh, kh, kh, ut2, dpad, ldh, ldg, c,
+              rebuild_block_pairs<E, RB, NV>(t2 + n * kh, kh, ut2, dpad, ldh, ldg, c,
                                              H + n * ldh, G + n * ldg, beta);
             });
         return;
