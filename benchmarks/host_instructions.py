@@ -110,23 +110,31 @@ def build_shim(directory: Path) -> Path:
     return lib
 
 
-def measure(providers: list[str], call: str, reps: int, amp: bool, work: Path) -> list[dict]:
-    """Per provider, the per-call counts of ``call`` (``infer`` or ``step``)."""
-    shim = build_shim(work)
-    out = work / f"cg.{call}.{int(amp)}"
+def run_counted(child: list[str], out: Path, dumps: int) -> list[dict[str, int]]:
+    """Run ``python *child`` under callgrind, collection off until the child's shim turns it
+    on; the totals of each dump the child made, in the order it made them (``dumps`` of
+    them, else ``SystemExit``)."""
     cmd = [
         "valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no",
-        "--cache-sim=yes", f"--callgrind-out-file={out}", sys.executable, __file__, "--child",
-        str(shim), "--call", call, "--reps", str(reps), "--providers", *providers,
-    ] + (["--amp"] if amp else [])  # fmt: skip
+        "--cache-sim=yes", f"--callgrind-out-file={out}", sys.executable, *child,
+    ]  # fmt: skip
     env = dict(os.environ, PYTHONHASHSEED="0")
     run = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"valgrind failed ({run.returncode}):\n{run.stderr[-3000:]}")
-    dumps = sorted(work.glob(f"{out.name}.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
-    if len(dumps) != len(providers):
-        raise SystemExit(f"expected {len(providers)} callgrind dumps, found {len(dumps)}")
-    return [per_call(parse_dump(d.read_text()), reps) for d in dumps]
+    found = sorted(out.parent.glob(f"{out.name}.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    if len(found) != dumps:
+        raise SystemExit(f"expected {dumps} callgrind dumps, found {len(found)}")
+    return [parse_dump(d.read_text()) for d in found]
+
+
+def measure(providers: list[str], call: str, reps: int, amp: bool, work: Path) -> list[dict]:
+    """Per provider, the per-call counts of ``call`` (``infer`` or ``step``)."""
+    shim = build_shim(work)
+    child = [__file__, "--child", str(shim), "--call", call, "--reps", str(reps),
+             "--providers", *providers] + (["--amp"] if amp else [])  # fmt: skip
+    dumps = run_counted(child, work / f"cg.{call}.{int(amp)}", len(providers))
+    return [per_call(counts, reps) for counts in dumps]
 
 
 def main() -> int:
