@@ -16,6 +16,7 @@ from train_cli import train_cli
 from dtl_kernels import create_model
 from dtl_kernels.train import cache as tc
 from dtl_kernels.train import cache_store, make_config, run
+from dtl_kernels.train.cli import main
 from dtl_kernels.train.data import HALF, TensorImages
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*RANDOM backbone")
@@ -300,7 +301,7 @@ def test_ddp_disk_cache_matches_one_process(toy, tmp_path):
         "--dataset", "folder", "--data-root", str(toy), "--img-size", "32", "--epochs", "2",
         "--batch-size", "4", "--lr", "1e-2", "--no-progress",
     ]  # fmt: skip
-    train_cli([*common, "--cache-trunk", "off", "--output", str(tmp_path / "one")])
+    assert main([*common, "--cache-trunk", "off", "--output", str(tmp_path / "one")]) == 0  # here
     two = train_cli([*common, "--cache-trunk", "disk", "--output", str(tmp_path / "two")], nproc=2)
     assert two.stdout.count("trunk cache: building") == 2  # train + test, by rank 0 only
     s = json.loads((tmp_path / "two" / "summary.json").read_text())

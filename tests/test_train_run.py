@@ -160,7 +160,7 @@ def test_ddp_two_processes_match_one(toy, tmp_path):
         "--dataset", "folder", "--data-root", str(toy), "--img-size", "64", "--epochs", "2",
         "--batch-size", "8", "--lr", "1e-2", "--no-progress",
     ]  # fmt: skip
-    train_cli([*common, "--output", str(tmp_path / "one")])
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0  # one process, here
     train_cli([*common, "--output", str(tmp_path / "two")], nproc=2)
     s = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s["world_size"] == 2
