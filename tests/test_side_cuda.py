@@ -156,7 +156,7 @@ def _build_emulator(out, defines=()):
         [
             cxx,
             "-std=c++20",
-            "-O1",
+            "-O0",
             *asan,
             *(f"-D{d}" for d in defines),
             "-pthread",

@@ -1,8 +1,8 @@
 // Host emulation of the few CUDA built-ins the side-op kernels (csrc/cuda/side_kernels.cuh)
 // use, so their device code can be checked on a machine without a GPU
 // (tests/test_side_cuda.py): one std::thread per CUDA thread, std::barrier for
-// __syncthreads, a per-block buffer of poisoned bytes (NaN in every float type) for the
-// dynamic shared memory. Blocks run one after another.
+// __syncthreads, a buffer of poisoned bytes (NaN in every float type), poisoned again for
+// every block, for the dynamic shared memory. Blocks run one after another.
 #pragma once
 #include <algorithm>
 #include <barrier>
@@ -46,32 +46,36 @@ void launch(dim3 grid, dim3 block, size_t smem, F&& body) {
   gDim = grid;
   bDim = block;
   const unsigned nthreads = block.x * block.y * block.z;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        // 64-byte aligned like a GPU's shared window, exactly the bytes asked for (an
-        // AddressSanitizer build sees any access past them); 0xFF bytes read as NaN
-        const size_t bytes = smem > 0 ? smem : 1;
-        std::unique_ptr<unsigned char[], AlignedDelete> shared(
-            new (std::align_val_t(64)) unsigned char[bytes]);
-        std::memset(shared.get(), 0xFF, bytes);
-        std::barrier<> barrier(nthreads);
-        std::vector<std::unique_ptr<Warp>> warps((nthreads + 31) / 32);
-        for (auto& w : warps) w = std::make_unique<Warp>();
-        std::vector<std::thread> ts;
-        for (unsigned t = 0; t < nthreads; ++t) {
-          ts.emplace_back([&, t] {
-            tIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-            bIdx = dim3(bx, by, bz);
-            smem_ptr = shared.get();
-            bar = &barrier;
-            warp = warps[t / 32].get();
-            lane = t % 32;
-            body();
-          });
-        }
-        for (auto& th : ts) th.join();
+  const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
+  // 64-byte aligned like a GPU's shared window, exactly the bytes asked for (an
+  // AddressSanitizer build sees any access past them); 0xFF bytes read as NaN
+  const size_t bytes = smem > 0 ? smem : 1;
+  std::unique_ptr<unsigned char[], AlignedDelete> shared(
+      new (std::align_val_t(64)) unsigned char[bytes]);
+  auto poison = [&]() noexcept { std::memset(shared.get(), 0xFF, bytes); };
+  poison();
+  // The blocks run one after another on the same threads (starting threads per block cost
+  // more than the kernels): the last thread to finish a block poisons the window again.
+  std::barrier<> barrier(nthreads);
+  std::barrier<decltype(poison)> block_done(nthreads, poison);
+  std::vector<std::unique_ptr<Warp>> warps((nthreads + 31) / 32);
+  for (auto& w : warps) w = std::make_unique<Warp>();
+  std::vector<std::thread> ts;
+  for (unsigned t = 0; t < nthreads; ++t) {
+    ts.emplace_back([&, t] {
+      tIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+      smem_ptr = shared.get();
+      bar = &barrier;
+      warp = warps[t / 32].get();
+      lane = t % 32;
+      for (unsigned long long b = 0; b < blocks; ++b) {  // x fastest, as a GPU numbers them
+        bIdx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (1ull * grid.x * grid.y));
+        body();
+        block_done.arrive_and_wait();
       }
+    });
+  }
+  for (auto& th : ts) th.join();
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: d += A·B for the warp, every lane
