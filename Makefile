@@ -28,11 +28,13 @@ info: build
 	$(BIN)/python -m dtl_kernels.info
 
 # Two workers (the CI's two cores), each taking whole test files: a module's fixtures
-# (the interpreted Triton run, the GPU script's dry run) run once. TEST_WORKERS=0: one process.
+# (the interpreted Triton run, the GPU script's dry run) run once; the slowest files go out
+# first (tests/conftest.py's SLOW_FILES) so that the workers finish together.
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: build
 	$(BIN)/python -m dtl_kernels.info
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 lint: venv
 	$(BIN)/python -m pip install -q ruff==0.17.6

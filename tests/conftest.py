@@ -20,6 +20,23 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# The test files that take longest (≥ 15 s each on the 2-core CI machine, `pytest
+# --durations`), longest first. `make test` hands whole files to its two workers in
+# collection order (`--dist loadfile --no-loadscope-reorder`): these go out first, the
+# many short files fill in after them, and the workers finish close together.
+SLOW_FILES = (
+    "test_side_cuda.py", "test_side_triton.py", "test_gpu_check.py", "test_train_cache.py",
+    "test_estimate.py", "test_fidelity.py", "test_compile.py", "test_train_run.py",
+    "test_adapter_to_prediction.py", "test_triton_launch.py", "test_fault_hostile_weights.py",
+    "test_wheel_check.py", "test_models.py", "test_train_fsdp.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as found
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny tensors and models: intra-op threads only add overhead (and stall badly when the
