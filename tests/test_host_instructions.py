@@ -4,6 +4,7 @@ torch. The script's own run (torch under valgrind, ≥ 1 min) is left to benchma
 
 from __future__ import annotations
 
+import csv
 import shutil
 import sys
 from pathlib import Path
@@ -39,26 +40,68 @@ def test_a_file_that_is_not_a_dump_is_refused(text):
 
 
 def test_child_counts_each_provider_between_the_shims_calls(monkeypatch):
-    """The child (in this process, the shim recorded): warm-up calls, then one counted
-    window per provider, in order."""
+    """The child (in this process, the shim recorded): three warm-up calls, then one
+    counted window of ``reps`` calls per provider, in the order given."""
     import ctypes
 
     import bench_host
+    import torch
 
     events, calls = [], []
 
     class Shim:
         def cg_start(self):
-            events.append("start")
+            events.append(("start", len(calls)))
 
         def cg_stop(self):
             events.append(("stop", len(calls)))
 
-    real = bench_host.Provider.infer
-    monkeypatch.setattr(ctypes, "CDLL", lambda path: Shim())
-    monkeypatch.setattr(bench_host.Provider, "infer", lambda p: calls.append(p) or real(p))
-    H.child("shim.so", ["timm", "dtl"], "infer", 2, False)
-    assert events == ["start", ("stop", 5), "start", ("stop", 10)]  # 3 warm-up + 2 counted
+    real_cdll, real_infer = ctypes.CDLL, bench_host.Provider.infer
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, *a, **k: Shim() if path == "shim.so"
+                        else real_cdll(path, *a, **k))  # fmt: skip
+    monkeypatch.setattr(
+        bench_host.Provider, "infer", lambda p: calls.append(p.name) or real_infer(p)
+    )
+    threads = torch.get_num_threads()
+    try:
+        H.child("shim.so", ["timm", "dtl"], "infer", 2, False)
+    finally:
+        torch.set_num_threads(threads)
+    assert events == [("start", 3), ("stop", 5), ("start", 8), ("stop", 10)]
+    assert calls == ["timm"] * 5 + ["dtl"] * 5
+
+
+def test_main_runs_the_child_it_asks_for_and_writes_its_counts(tmp_path, monkeypatch):
+    """``main`` → ``measure``'s child command line → the child's own argument parsing, and
+    the CSV; valgrind and the shim stubbed (each dump: the totals of 2 calls)."""
+    runs, children = [], []
+
+    def run_counted(child, out, dumps):
+        runs.append(child)
+        return [{"Ir": 2000 * (i + 1), "I1mr": 20, "D1mr": 4, "D1mw": 2} for i in range(dumps)]
+
+    which = H.shutil.which
+    monkeypatch.setattr(
+        H.shutil, "which", lambda n: "/usr/bin/valgrind" if n == "valgrind" else which(n)
+    )
+    monkeypatch.setattr(H, "build_shim", lambda work: work / "libcgctl.so")
+    monkeypatch.setattr(H, "run_counted", run_counted)
+    monkeypatch.setattr(H, "child", lambda *a: children.append(a))
+    monkeypatch.setattr(sys, "argv", ["host_instructions.py", "--providers", "dtl", "--calls",
+                        "infer", "--precisions", "bf16-autocast", "--reps", "2", "--results",
+                        str(tmp_path)])  # fmt: skip
+    assert H.main() == 0
+    assert len(runs) == 1 and runs[0][0] == H.__file__
+    monkeypatch.setattr(sys, "argv", runs[0])  # what valgrind would start
+    assert H.main() == 0
+    ((shim, providers, call, reps, amp),) = children
+    assert shim.endswith("libcgctl.so") and providers == ["timm", "dtl"]  # timm: the base
+    assert (call, reps, amp) == ("infer", 2, True)
+    with open(tmp_path / "host_instructions.csv", newline="") as f:
+        ir = {
+            r["provider"]: float(r["median"]) for r in csv.DictReader(f) if r["mode"] == "infer_Ir"
+        }
+    assert ir == {"timm": 1000, "dtl": 2000}  # per call
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")

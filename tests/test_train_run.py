@@ -153,8 +153,9 @@ def test_cli_flags_and_yaml(toy, tmp_path, capsys):
     assert main(fp16_on_cpu) != 0
 
 
-def test_ddp_two_processes_match_one(toy, tmp_path):
-    """torchrun with 2 CPU processes (gloo) ≈ 1 process with the same global batch."""
+def test_ddp_two_processes_match_one(toy, tmp_path, one_thread):
+    """torchrun with 2 CPU processes (gloo) ≈ 1 process (here, one thread as the ranks run)
+    with the same global batch."""
     common = [
         "--model", MODEL, "--pretrained", "none", "--method", "dtl+",
         "--dataset", "folder", "--data-root", str(toy), "--img-size", "64", "--epochs", "2",
