@@ -3,8 +3,9 @@
     python python/multitask_serve.py --tasks 5 --model vit_tiny_patch16_224
 
 Builds a few task adapters on one backbone (random weights here; in practice each comes
-from `dtl-train` as an adapter .safetensors), saves them, then serves them all with
-`MultiTaskDTL` and checks the outputs against the separate models.
+from `dtl-train` as an adapter .safetensors), saves them (in a temporary folder, removed
+at the end), then serves them all with `MultiTaskDTL` and checks the outputs against the
+separate models.
 """
 
 import argparse
@@ -27,7 +28,11 @@ def main() -> None:
     args = parser.parse_args()
 
     backbone = timm.create_model(args.model, num_classes=0).eval()
-    folder = Path(tempfile.mkdtemp(prefix="dtl_tasks_"))
+    with tempfile.TemporaryDirectory(prefix="dtl_tasks_") as tmp:  # removed at the end
+        serve(backbone, args, Path(tmp))
+
+
+def serve(backbone: torch.nn.Module, args: argparse.Namespace, folder: Path) -> None:
     separate, files = {}, {}
     for t in range(args.tasks):
         model = DTLViT(backbone, adapt_from=args.adapt_from, conv_kernel=3, num_classes=10 + t)
@@ -51,7 +56,8 @@ def main() -> None:
     print(
         f"shared trunk: {shared_s * 1e3:.0f} ms, one model after another: {separate_s * 1e3:.0f} ms"
     )
-    print(f"adapters in {folder}")
+    sizes = sorted(Path(f).stat().st_size for f in files.values())
+    print(f"{len(files)} adapter files of {sizes[0] / 1e3:.1f}–{sizes[-1] / 1e3:.1f} kB")
 
 
 if __name__ == "__main__":
