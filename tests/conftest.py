@@ -20,10 +20,10 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
-# The test files that take longest (≥ 15 s each on the 2-core CI machine, `pytest
-# --durations`), longest first. `make test` hands whole files to its two workers in
-# collection order (`--dist loadfile --no-loadscope-reorder`): these go out first, the
-# many short files fill in after them, and the workers finish close together.
+# The test files that take longest (≥ 12 s each on the 2-core CI machine, `pytest
+# --durations` on 2026-12-07), roughly longest first. `make test` hands whole files to its
+# two workers in collection order (`--dist loadfile --no-loadscope-reorder`): these go out
+# first, the many short files fill in after them, and the workers finish close together.
 SLOW_FILES = (
     "test_side_cuda.py", "test_side_triton.py", "test_gpu_check.py", "test_train_cache.py",
     "test_estimate.py", "test_fidelity.py", "test_compile.py", "test_train_run.py",

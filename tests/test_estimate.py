@@ -39,8 +39,9 @@ def real_peak(model, batch: int, size: int, precision: str = "fp32") -> int:
     return tracker.peak
 
 
-# each family with both methods and both batch sizes, in two of the four pairings (the
-# fake-tensor simulation runs the same code at every batch size; the tests' time is short)
+# each family with both methods and both batch sizes, in two of the four pairings: the
+# fake-tensor simulation runs the same code at every batch size, and each real step of a
+# Swin costs seconds of the test run's budget
 VIT, SWIN, EFFICIENTNET = FAMILIES
 STEPS = [(*VIT, 2, "dtl+"), (*VIT, 4, "full"), (*SWIN, 4, "dtl+"), (*SWIN, 2, "full"),
          (*EFFICIENTNET, 2, "dtl+"), (*EFFICIENTNET, 4, "full")]  # fmt: skip
