@@ -28,6 +28,7 @@ Needs ``valgrind`` and a C compiler; ~6 min per precision for the default provid
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -87,16 +88,19 @@ def child(shim: str, providers: list[str], call: str, reps: int, amp: bool) -> N
 
     torch.set_num_threads(1)
     cg = ctypes.CDLL(shim)
-    for name in providers:  # one dump per provider, in this order
-        p = bench_host.Provider(name, amp)
-        p.model.train(call != "infer")
-        fn = getattr(p, call)
-        for _ in range(3):  # warm-up: first-call set-up (plans, optimizer state) not counted
-            fn()
-        cg.cg_start()
-        for _ in range(reps):
-            fn()
-        cg.cg_stop()
+    # the Triton providers' launches recorded, as bench_host.measure runs them
+    recorded = any(name.startswith("triton") for name in providers)
+    with bench_host.triton_launches_recorded() if recorded else contextlib.nullcontext():
+        for name in providers:  # one dump per provider, in this order
+            p = bench_host.Provider(name, amp)
+            p.model.train(call != "infer")
+            fn = getattr(p, call)
+            for _ in range(3):  # warm-up: first-call set-up (plans, optimizer state) not counted
+                fn()
+            cg.cg_start()
+            for _ in range(reps):
+                fn()
+            cg.cg_stop()
 
 
 # -- the parent --------------------------------------------------------------------------------

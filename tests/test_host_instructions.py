@@ -71,6 +71,54 @@ def test_child_counts_each_provider_between_the_shims_calls(monkeypatch):
     assert calls == ["timm"] * 5 + ["dtl"] * 5
 
 
+def test_child_records_the_triton_providers_launches(monkeypatch):
+    """With a ``triton*`` provider the child runs every provider inside
+    ``bench_host.triton_launches_recorded`` (as ``bench_host.measure`` does; without it a
+    Triton model on CPU tensors is refused), and without one it does not."""
+    import contextlib
+    import ctypes
+
+    import bench_host
+    import torch
+
+    log = []
+
+    @contextlib.contextmanager
+    def recorded():
+        log.append("enter")
+        yield
+        log.append("exit")
+
+    class FakeProvider:  # the calls only: no model is built
+        def __init__(self, name, amp):
+            self.name, self.model = name, torch.nn.Identity()
+
+        def infer(self):
+            log.append(self.name)
+
+    class Shim:
+        def cg_start(self):
+            log.append("start")
+
+        def cg_stop(self):
+            log.append("stop")
+
+    monkeypatch.setattr(bench_host, "triton_launches_recorded", recorded)
+    monkeypatch.setattr(bench_host, "Provider", FakeProvider)
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, *a, **k: Shim())
+    threads = torch.get_num_threads()
+    try:
+        H.child("shim.so", ["timm", "triton_dtl"], "infer", 1, False)
+        window = ["timm"] * 3 + ["start", "timm", "stop"]
+        assert log == ["enter", *window, *[w.replace("timm", "triton_dtl") for w in window],
+                       "exit"]  # fmt: skip
+        log.clear()
+        H.child("shim.so", ["timm"], "infer", 1, False)
+        assert log == window
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_main_runs_the_child_it_asks_for_and_writes_its_counts(tmp_path, monkeypatch):
     """``main`` → ``measure``'s child command line → the child's own argument parsing, and
     the CSV; valgrind and the shim stubbed (each dump: the totals of 2 calls)."""
