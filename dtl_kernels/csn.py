@@ -625,7 +625,9 @@ class CompactSideNetwork(nn.Module):
         device = z.device
         if device.type not in ("cpu", "cuda"):  # (meta: the reference; autocast knows neither)
             return None
-        amp = torch.is_autocast_enabled(device.type)
+        # (the no-argument check first: the device-type one parses its argument, which a
+        # pass without autocast need not pay for)
+        amp = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type)
         convs = self._modules["convs"]._parameters.values()  # a replaced one may change kernel
         key = (z.shape, z.dtype, device, torch.is_grad_enabled(),
                torch.is_inference_mode_enabled(),
