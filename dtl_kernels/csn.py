@@ -204,6 +204,9 @@ class PlannedPass:
 #: without autograd (which keeps tap inputs anyway), pending tap inputs are computed at once
 #: rather than held for the next add-back once they hold more than this many bytes
 PENDING_BYTES = 64 * 2**20
+#: whether autocast is on for any device, asked before the device-type check, whose
+#: argument parsing a pass without autocast need not pay for (a torch without it: ask)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 #: β's bound (the kernels compute in float32 at least; adapters and --beta share it)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -625,9 +628,7 @@ class CompactSideNetwork(nn.Module):
         device = z.device
         if device.type not in ("cpu", "cuda"):  # (meta: the reference; autocast knows neither)
             return None
-        # (the no-argument check first: the device-type one parses its argument, which a
-        # pass without autocast need not pay for)
-        amp = torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(device.type)
+        amp = _any_autocast() and torch.is_autocast_enabled(device.type)
         convs = self._modules["convs"]._parameters.values()  # a replaced one may change kernel
         key = (z.shape, z.dtype, device, torch.is_grad_enabled(),
                torch.is_inference_mode_enabled(),
