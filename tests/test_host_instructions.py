@@ -39,13 +39,13 @@ def test_a_file_that_is_not_a_dump_is_refused(text):
         H.parse_dump(text)
 
 
-def test_child_counts_each_provider_between_the_shims_calls(monkeypatch):
+def test_child_counts_each_provider_between_the_shims_calls(monkeypatch, one_thread):
     """The child (in this process, the shim recorded): three warm-up calls, then one
-    counted window of ``reps`` calls per provider, in the order given."""
+    counted window of ``reps`` calls per provider, in the order given (the child sets one
+    thread, as ``one_thread`` does, which restores the count)."""
     import ctypes
 
     import bench_host
-    import torch
 
     events, calls = [], []
 
@@ -62,16 +62,12 @@ def test_child_counts_each_provider_between_the_shims_calls(monkeypatch):
     monkeypatch.setattr(
         bench_host.Provider, "infer", lambda p: calls.append(p.name) or real_infer(p)
     )
-    threads = torch.get_num_threads()
-    try:
-        H.child("shim.so", ["timm", "dtl"], "infer", 2, False)
-    finally:
-        torch.set_num_threads(threads)
+    H.child("shim.so", ["timm", "dtl"], "infer", 2, False)
     assert events == [("start", 3), ("stop", 5), ("start", 8), ("stop", 10)]
     assert calls == ["timm"] * 5 + ["dtl"] * 5
 
 
-def test_child_records_the_triton_providers_launches(monkeypatch):
+def test_child_records_the_triton_providers_launches(monkeypatch, one_thread):
     """With a ``triton*`` provider the child runs every provider inside
     ``bench_host.triton_launches_recorded`` (as ``bench_host.measure`` does; without it a
     Triton model on CPU tensors is refused), and without one it does not."""
@@ -106,17 +102,13 @@ def test_child_records_the_triton_providers_launches(monkeypatch):
     monkeypatch.setattr(bench_host, "triton_launches_recorded", recorded)
     monkeypatch.setattr(bench_host, "Provider", FakeProvider)
     monkeypatch.setattr(ctypes, "CDLL", lambda path, *a, **k: Shim())
-    threads = torch.get_num_threads()
-    try:
-        H.child("shim.so", ["timm", "triton_dtl"], "infer", 1, False)
-        window = ["timm"] * 3 + ["start", "timm", "stop"]
-        assert log == ["enter", *window, *[w.replace("timm", "triton_dtl") for w in window],
-                       "exit"]  # fmt: skip
-        log.clear()
-        H.child("shim.so", ["timm"], "infer", 1, False)
-        assert log == window
-    finally:
-        torch.set_num_threads(threads)
+    H.child("shim.so", ["timm", "triton_dtl"], "infer", 1, False)
+    window = ["timm"] * 3 + ["start", "timm", "stop"]
+    assert log == ["enter", *window, *[w.replace("timm", "triton_dtl") for w in window],
+                   "exit"]  # fmt: skip
+    log.clear()
+    H.child("shim.so", ["timm"], "infer", 1, False)
+    assert log == window
 
 
 def test_main_runs_the_child_it_asks_for_and_writes_its_counts(tmp_path, monkeypatch):
